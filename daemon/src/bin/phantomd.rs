@@ -1,0 +1,71 @@
+//! `phantomd`: the Phantom daemon.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use phantom_daemon::{
+    config::{Config, DEFAULT_CONFIG_PATH},
+    daemon::{Options, run},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "phantomd",
+    version,
+    about = "Phantom: WireGuard VPN host daemon"
+)]
+struct Cli {
+    /// Configuration file; written with the defaults when it does not exist.
+    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Overrides `state_dir` from the configuration.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Validate the configuration file and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Print the default configuration and exit.
+    #[arg(long)]
+    print_default_config: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if cli.print_default_config {
+        return match Config::default().to_toml() {
+            Ok(text) => {
+                print!("{text}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("phantomd: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    if cli.check_config {
+        return match std::fs::read_to_string(&cli.config)
+            .map_err(|e| e.to_string())
+            .and_then(|t| Config::from_toml(&t).map_err(|e| e.to_string()))
+        {
+            Ok(_) => {
+                println!("{}: OK", cli.config.display());
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("phantomd: {}: {e}", cli.config.display());
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    match run(Options {
+        config_path: cli.config,
+        state_dir: cli.state_dir,
+    }) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("phantomd: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

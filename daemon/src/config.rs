@@ -1,0 +1,450 @@
+//! `phantom.toml`: the daemon's configuration.
+//!
+//! The key names of SPEC section 2 are the contract. Unknown keys are refused so a typo never
+//! silently falls back to a default. Sections for modules that have not landed yet are parsed
+//! and validated already; docs/configuration.md says which keys are in force.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/phantom/phantom.toml";
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Client DB, keys, journals; created 0700.
+    pub state_dir: PathBuf,
+    pub log: LogConfig,
+    pub admin: AdminConfig,
+    pub metrics: MetricsConfig,
+    pub datapath: DatapathConfig,
+    pub wireguard: WireguardConfig,
+    pub dns: DnsConfig,
+    pub blocklist: BlocklistConfig,
+    pub sentry: SentryConfig,
+    pub ghost: GhostConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/phantom"),
+            log: LogConfig::default(),
+            admin: AdminConfig::default(),
+            metrics: MetricsConfig::default(),
+            datapath: DatapathConfig::default(),
+            wireguard: WireguardConfig::default(),
+            dns: DnsConfig::default(),
+            blocklist: BlocklistConfig::default(),
+            sentry: SentryConfig::default(),
+            ghost: GhostConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter directive, e.g. `info` or `info,phantom_daemon::admin=debug`.
+    /// Reloaded on SIGHUP; `RUST_LOG` overrides it at start.
+    pub level: String,
+    /// How many recent log lines `core service_logs` can return.
+    pub keep_lines: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            keep_lines: 5_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub socket: PathBuf,
+    /// Members of this group may use the socket besides root; the socket file is chowned to it
+    /// when the group exists.
+    pub group: String,
+    /// Concurrent admin connections; more wait for a slot.
+    pub max_connections: usize,
+    /// An idle connection is closed after this many seconds.
+    pub idle_timeout_seconds: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/phantom/phantom.sock"),
+            group: "phantom".into(),
+            max_connections: 64,
+            idle_timeout_seconds: 300,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `GET /metrics`; "off" disables.
+    pub listen: String,
+    /// How many of the busiest sources are exported with a `source` label.
+    pub top_sources: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9469".into(),
+            top_sources: 10,
+        }
+    }
+}
+
+impl MetricsConfig {
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, Error> {
+        parse_listen("metrics.listen", &self.listen)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Native (driver) mode, falling back to generic when the driver has no XDP support.
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatapathConfig {
+    /// Load and attach the eBPF programs. Off only for hosts where eBPF is unavailable.
+    pub enabled: bool,
+    /// XDP guard attach point; "auto" = the interface of the default route.
+    pub uplink: String,
+    pub xdp_mode: XdpModeSetting,
+    /// bpffs directory for pinned maps and links.
+    pub bpffs: PathBuf,
+    /// Capacity of the per-source LRU map. Changing it needs the pinned map removed.
+    pub max_sources: u32,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            uplink: "auto".into(),
+            xdp_mode: XdpModeSetting::Auto,
+            bpffs: PathBuf::from("/sys/fs/bpf/phantom"),
+            max_sources: phantom_common::xdp::DEFAULT_MAX_SOURCES,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WireguardBackend {
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WireguardConfig {
+    pub interface: String,
+    pub listen_port: u16,
+    pub subnet: String,
+    pub endpoint: String,
+    pub backend: WireguardBackend,
+    pub mtu: u16,
+}
+
+impl Default for WireguardConfig {
+    fn default() -> Self {
+        Self {
+            interface: "wg_main".into(),
+            listen_port: 51820,
+            subnet: "10.8.0.0/24".into(),
+            endpoint: "auto".into(),
+            backend: WireguardBackend::Auto,
+            mtu: 1420,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    pub primary: String,
+    pub secondary: String,
+    pub listen: String,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            primary: "8.8.8.8".into(),
+            secondary: "8.8.4.4".into(),
+            listen: "auto".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlocklistConfig {
+    pub enabled: bool,
+    pub api_listen: String,
+}
+
+impl Default for BlocklistConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            api_listen: "0.0.0.0:3000".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SentryConfig {
+    pub enabled: bool,
+    pub listen: String,
+    pub upstream: String,
+    pub admin_listen: String,
+    pub redis_url: String,
+}
+
+impl Default for SentryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: "0.0.0.0:8080".into(),
+            upstream: "http://127.0.0.1:8000".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            redis_url: String::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GhostTls {
+    Acme,
+    Files,
+    SelfSigned,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GhostConfig {
+    pub port: u16,
+    pub tls: GhostTls,
+    pub cert: String,
+    pub key: String,
+    pub acme_directory: String,
+    pub acme_email: String,
+}
+
+impl Default for GhostConfig {
+    fn default() -> Self {
+        Self {
+            port: 443,
+            tls: GhostTls::Acme,
+            cert: String::new(),
+            key: String::new(),
+            acme_directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
+            acme_email: String::new(),
+        }
+    }
+}
+
+/// Parses a listen setting: "off" disables, otherwise `ip:port`.
+pub fn parse_listen(key: &str, value: &str) -> Result<Option<SocketAddr>, Error> {
+    if value.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    value
+        .parse::<SocketAddr>()
+        .map(Some)
+        .map_err(|_| Error::config(format!("{key} = {value:?} is neither \"off\" nor ip:port")))
+}
+
+fn is_ifname(name: &str) -> bool {
+    // IFNAMSIZ is 16 including the terminating NUL.
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@'))
+}
+
+impl Config {
+    /// Parses and validates a configuration text.
+    pub fn from_toml(text: &str) -> Result<Self, Error> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| Error::config(format!("invalid TOML: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads the configuration at `path`; when it does not exist, writes the defaults there
+    /// first (so an operator has a file to edit) and runs on them.
+    pub fn load_or_create(path: &Path) -> Result<(Self, bool), Error> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Ok((Self::from_toml(&text)?, false)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let config = Config::default();
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+                }
+                std::fs::write(path, config.to_toml()?).map_err(|e| Error::io(path, e))?;
+                Ok((config, true))
+            }
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
+
+    pub fn to_toml(&self) -> Result<String, Error> {
+        let body = toml::to_string_pretty(self)
+            .map_err(|e| Error::config(format!("cannot serialise config: {e}")))?;
+        Ok(format!(
+            "# Phantom configuration. Written with the defaults on first start; edit and send\n\
+             # SIGHUP (or restart) to apply. Reference: docs/configuration.md\n\n{body}"
+        ))
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        if !self.state_dir.is_absolute() {
+            return Err(Error::config("state_dir must be an absolute path"));
+        }
+        if !self.admin.socket.is_absolute() {
+            return Err(Error::config("admin.socket must be an absolute path"));
+        }
+        if self.admin.max_connections == 0 {
+            return Err(Error::config("admin.max_connections must be at least 1"));
+        }
+        if self.log.keep_lines == 0 || self.log.keep_lines > 1_000_000 {
+            return Err(Error::config(
+                "log.keep_lines must be between 1 and 1000000",
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| Error::config(format!("log.level = {:?}: {e}", self.log.level)))?;
+        self.metrics.listen_addr()?;
+        if self.metrics.top_sources > 1_000 {
+            return Err(Error::config("metrics.top_sources must be at most 1000"));
+        }
+        if self.datapath.uplink != "auto" && !is_ifname(&self.datapath.uplink) {
+            return Err(Error::config(format!(
+                "datapath.uplink = {:?} is not an interface name",
+                self.datapath.uplink
+            )));
+        }
+        if !self.datapath.bpffs.is_absolute() {
+            return Err(Error::config("datapath.bpffs must be an absolute path"));
+        }
+        if !(1..=16_777_216).contains(&self.datapath.max_sources) {
+            return Err(Error::config(
+                "datapath.max_sources must be between 1 and 16777216",
+            ));
+        }
+        if !is_ifname(&self.wireguard.interface) {
+            return Err(Error::config(format!(
+                "wireguard.interface = {:?} is not an interface name",
+                self.wireguard.interface
+            )));
+        }
+        if self.wireguard.listen_port == 0 {
+            return Err(Error::config("wireguard.listen_port must not be 0"));
+        }
+        if !(1280..=9000).contains(&self.wireguard.mtu) {
+            return Err(Error::config("wireguard.mtu must be between 1280 and 9000"));
+        }
+        validate_cidr("wireguard.subnet", &self.wireguard.subnet)?;
+        for (key, value) in [
+            ("dns.primary", &self.dns.primary),
+            ("dns.secondary", &self.dns.secondary),
+        ] {
+            value
+                .parse::<IpAddr>()
+                .map_err(|_| Error::config(format!("{key} = {value:?} is not an IP address")))?;
+        }
+        if self.dns.listen != "auto" {
+            parse_listen("dns.listen", &self.dns.listen)?;
+        }
+        parse_listen("blocklist.api_listen", &self.blocklist.api_listen)?;
+        parse_listen("sentry.listen", &self.sentry.listen)?;
+        parse_listen("sentry.admin_listen", &self.sentry.admin_listen)?;
+        Ok(())
+    }
+}
+
+fn validate_cidr(key: &str, value: &str) -> Result<(), Error> {
+    let bad = || Error::config(format!("{key} = {value:?} is not an address/prefix"));
+    let (addr, prefix) = value.split_once('/').ok_or_else(bad)?;
+    let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if prefix > max {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_validate() -> Result<(), Error> {
+        let text = Config::default().to_toml()?;
+        assert_eq!(Config::from_toml(&text)?, Config::default());
+        Ok(())
+    }
+
+    #[test]
+    fn empty_file_means_defaults() -> Result<(), Error> {
+        assert_eq!(Config::from_toml("")?, Config::default());
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::from_toml("[admin]\nsockett = \"/x\"\n");
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for text in [
+            "state_dir = \"relative\"",
+            "[metrics]\nlisten = \"nowhere\"",
+            "[datapath]\nxdp_mode = \"turbo\"",
+            "[datapath]\nuplink = \"this-name-is-far-too-long\"",
+            "[wireguard]\nsubnet = \"10.8.0.0/33\"",
+            "[dns]\nprimary = \"dns.google\"",
+            "[log]\nlevel = \"[[[\"",
+        ] {
+            assert!(Config::from_toml(text).is_err(), "accepted: {text}");
+        }
+    }
+
+    #[test]
+    fn listen_off() -> Result<(), Error> {
+        assert_eq!(parse_listen("k", "off")?, None);
+        assert!(parse_listen("k", "127.0.0.1:1")?.is_some());
+        Ok(())
+    }
+}

@@ -1,0 +1,59 @@
+//! What the modules share: the live configuration, start time, logs and the datapath.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Instant,
+};
+
+use crate::{
+    config::{Config, DatapathConfig},
+    datapath::Datapath,
+    logging::RecentLogs,
+};
+
+pub struct Context {
+    config: RwLock<Config>,
+    pub config_path: PathBuf,
+    pub started_at: time::OffsetDateTime,
+    pub started: Instant,
+    pub logs: RecentLogs,
+    pub datapath: Option<Arc<Datapath>>,
+}
+
+impl Context {
+    pub fn new(
+        config: Config,
+        config_path: PathBuf,
+        logs: RecentLogs,
+        datapath: Option<Arc<Datapath>>,
+    ) -> Self {
+        Self {
+            config: RwLock::new(config),
+            config_path,
+            started_at: time::OffsetDateTime::now_utc(),
+            started: Instant::now(),
+            logs,
+            datapath,
+        }
+    }
+
+    /// A snapshot of the live configuration.
+    pub fn config(&self) -> Config {
+        match self.config.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn datapath_config(&self) -> DatapathConfig {
+        self.config().datapath
+    }
+
+    pub fn replace_config(&self, config: Config) {
+        match self.config.write() {
+            Ok(mut c) => *c = config,
+            Err(poisoned) => *poisoned.into_inner() = config,
+        }
+    }
+}

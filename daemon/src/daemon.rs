@@ -1,0 +1,215 @@
+//! The daemon's life: start-up in a fixed order, signal handling, reload, clean shutdown.
+
+use std::{
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    admin::{Registry, server::AdminServer},
+    config::Config,
+    context::Context,
+    datapath::{self, Datapath},
+    error::Error,
+    logging::{self, LogControl},
+    metrics::{self, Metrics},
+    protocol,
+};
+
+pub struct Options {
+    pub config_path: PathBuf,
+    pub state_dir: Option<PathBuf>,
+}
+
+fn load_config(opts: &Options) -> Result<(Config, bool), Error> {
+    let (mut config, created) = Config::load_or_create(&opts.config_path)?;
+    if let Some(dir) = &opts.state_dir {
+        config.state_dir = dir.clone();
+        config.validate()?;
+    }
+    Ok((config, created))
+}
+
+/// Creates the state directory (0700) and takes an exclusive lock on it, so two daemons can
+/// never share one state directory.
+fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Error> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(dir, e))?;
+    let lock_path = dir.join("phantomd.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io(&lock_path, e))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+        Error::Other(format!(
+            "another phantomd is running with state directory {}",
+            dir.display()
+        ))
+    })
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub fn run(opts: Options) -> Result<(), Error> {
+    let (config, created) = load_config(&opts)?;
+    let logs = logging::init(&config.log.level, config.log.keep_lines)?;
+    if created {
+        info!(path = %opts.config_path.display(), "wrote the default configuration");
+    }
+    info!(version = protocol::VERSION, config = %opts.config_path.display(), "phantomd starting");
+    let _lock = lock_state_dir(&config.state_dir)?;
+
+    let datapath = if config.datapath.enabled {
+        Some(Arc::new(Datapath::start(
+            &config.datapath,
+            &config.state_dir,
+        )?))
+    } else {
+        warn!("datapath disabled by configuration: no XDP guard");
+        None
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("phantomd")
+        .build()
+        .map_err(Error::Socket)?;
+    let result = runtime.block_on(serve(opts, config, logs, datapath.clone()));
+
+    // The runtime's tasks hold clones of the datapath handle; drop them before detaching.
+    drop(runtime);
+    if let Some(dp) = datapath {
+        match Arc::try_unwrap(dp) {
+            Ok(dp) => dp.shutdown(),
+            Err(_) => error!("datapath still referenced at shutdown; leaving the XDP link pinned"),
+        }
+    }
+    info!("phantomd stopped");
+    result
+}
+
+async fn serve(
+    opts: Options,
+    config: Config,
+    logs: LogControl,
+    datapath: Option<Arc<Datapath>>,
+) -> Result<(), Error> {
+    let top_sources = Arc::new(AtomicUsize::new(config.metrics.top_sources));
+    let ctx = Arc::new(Context::new(
+        config.clone(),
+        opts.config_path.clone(),
+        logs.recent.clone(),
+        datapath.clone(),
+    ));
+
+    let mut registry = Registry::new();
+    crate::core::register(&mut registry, Arc::clone(&ctx));
+    datapath::actions::register(&mut registry, Arc::clone(&ctx));
+    let registry = Arc::new(registry);
+
+    let metrics = Arc::new(Metrics::new(datapath, Arc::clone(&top_sources)));
+    metrics.register_actions(&registry.actions());
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let admin = AdminServer::bind(
+        &config.admin.socket,
+        &config.admin.group,
+        config.admin.max_connections,
+        Duration::from_secs(config.admin.idle_timeout_seconds),
+        Arc::clone(&registry),
+        Arc::clone(&metrics),
+    )
+    .await?;
+    let admin_task = tokio::spawn(admin.serve(shutdown_rx.clone()));
+    let metrics_task = match config.metrics.listen_addr()? {
+        Some(addr) => Some(metrics::serve(addr, Arc::clone(&metrics), shutdown_rx.clone()).await?),
+        None => None,
+    };
+    info!("phantomd ready");
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Socket)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Socket)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(Error::Socket)?;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = sighup.recv() => reload(&opts, &ctx, &logs, &top_sources),
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    if let Err(e) = admin_task.await {
+        warn!(error = %e, "admin server task failed");
+    }
+    if let Some(task) = metrics_task
+        && let Err(e) = task.await
+    {
+        warn!(error = %e, "metrics task failed");
+    }
+    Ok(())
+}
+
+/// SIGHUP: re-reads the file and applies what can change live; an invalid file changes nothing.
+fn reload(opts: &Options, ctx: &Context, logs: &LogControl, top_sources: &AtomicUsize) {
+    let new = match load_config(opts) {
+        Ok((config, _)) => config,
+        Err(e) => {
+            error!(error = %e, "SIGHUP: configuration rejected, keeping the running one");
+            return;
+        }
+    };
+    let old = ctx.config();
+    if let Err(e) = logs.set_level(&new.log.level) {
+        error!(error = %e, "SIGHUP: configuration rejected, keeping the running one");
+        return;
+    }
+    logs.recent.set_capacity(new.log.keep_lines);
+    top_sources.store(new.metrics.top_sources, Ordering::Relaxed);
+
+    let mut running = old.clone();
+    running.log = new.log.clone();
+    running.metrics.top_sources = new.metrics.top_sources;
+    // Everything else needs a restart; say which sections differ.
+    let mut pending = Vec::new();
+    let mut rest = new.clone();
+    rest.log = old.log.clone();
+    rest.metrics.top_sources = old.metrics.top_sources;
+    for (name, differs) in [
+        ("state_dir", rest.state_dir != old.state_dir),
+        ("admin", rest.admin != old.admin),
+        ("metrics", rest.metrics != old.metrics),
+        ("datapath", rest.datapath != old.datapath),
+        ("wireguard", rest.wireguard != old.wireguard),
+        ("dns", rest.dns != old.dns),
+        ("blocklist", rest.blocklist != old.blocklist),
+        ("sentry", rest.sentry != old.sentry),
+        ("ghost", rest.ghost != old.ghost),
+    ] {
+        if differs {
+            pending.push(name);
+        }
+    }
+    ctx.replace_config(running);
+    if pending.is_empty() {
+        info!("SIGHUP: configuration reloaded");
+    } else {
+        warn!(sections = ?pending, "SIGHUP: configuration reloaded; these sections take effect at the next restart");
+    }
+}

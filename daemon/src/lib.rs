@@ -1,0 +1,13 @@
+//! Phantom's userspace daemon: one module per domain, each owning its state and exposing typed
+//! actions on the admin socket. See docs/architecture.md.
+
+pub mod admin;
+pub mod config;
+pub mod context;
+pub mod core;
+pub mod daemon;
+pub mod datapath;
+pub mod error;
+pub mod logging;
+pub mod metrics;
+pub mod protocol;

@@ -1,0 +1,266 @@
+//! Prometheus metrics on `[metrics] listen`. Kernel counters are read from the maps at scrape
+//! time by a collector, so the exposition is never staler than the scrape.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use axum::{Router, http::header, response::IntoResponse, routing::get};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
+    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge},
+    registry::Registry,
+};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{admin::registry::Outcome, datapath::Datapath, error::Error, protocol};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AdminLabels {
+    module: String,
+    action: String,
+    outcome: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    admin_requests: Family<AdminLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub fn new(datapath: Option<Arc<Datapath>>, top_sources: Arc<AtomicUsize>) -> Self {
+        let mut registry = Registry::default();
+        let admin_requests = Family::<AdminLabels, Counter>::default();
+        registry.register(
+            "phantom_admin_requests",
+            "Admin socket requests by module, action and outcome (unknown targets are module=\"unknown\")",
+            admin_requests.clone(),
+        );
+        registry.register_collector(Box::new(BuildInfo));
+        registry.register_collector(Box::new(DatapathCollector {
+            datapath,
+            top_sources,
+        }));
+        Self {
+            registry,
+            admin_requests,
+        }
+    }
+
+    /// Counts one admin request. Labels only ever carry registered names, so a client
+    /// cannot create series at will.
+    pub fn admin_request(&self, outcome: Outcome) {
+        let (module, action) = outcome.target.unwrap_or(("unknown", "unknown"));
+        self.admin_requests
+            .get_or_create(&AdminLabels {
+                module: module.into(),
+                action: action.into(),
+                outcome: if outcome.success { "success" } else { "error" }.into(),
+            })
+            .inc();
+    }
+
+    /// Pre-creates the success series of every action so dashboards see zeros, not gaps.
+    pub fn register_actions(&self, actions: &[(&'static str, &'static str)]) {
+        for (module, action) in actions {
+            let _ = self.admin_requests.get_or_create(&AdminLabels {
+                module: (*module).into(),
+                action: (*action).into(),
+                outcome: "success".into(),
+            });
+        }
+    }
+
+    pub fn encode(&self) -> Result<String, Error> {
+        let mut out = String::new();
+        encode(&mut out, &self.registry)
+            .map_err(|_| Error::Other("cannot encode metrics".into()))?;
+        Ok(out)
+    }
+}
+
+#[derive(Debug)]
+struct BuildInfo;
+
+impl Collector for BuildInfo {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauge = ConstGauge::new(1i64);
+        let mut metric = encoder.encode_descriptor(
+            "phantom_build_info",
+            "Build of the running daemon (value is always 1)",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric.encode_family(&[("version", protocol::VERSION)])?)
+    }
+}
+
+#[derive(Debug)]
+struct DatapathCollector {
+    datapath: Option<Arc<Datapath>>,
+    top_sources: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("attachments", &self.attachments())
+            .finish()
+    }
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(dp) = &self.datapath else {
+            return Ok(());
+        };
+        let attachments = dp.attachments();
+        {
+            let probe = ConstGauge::new(1i64);
+            let mut metric = encoder.encode_descriptor(
+                "phantom_datapath_program_attached",
+                "eBPF programs attached by this daemon (1 per program, interface and mode)",
+                None,
+                probe.metric_type(),
+            )?;
+            for a in &attachments {
+                let labels = [
+                    ("program", a.program.as_str()),
+                    ("kind", a.kind.as_str()),
+                    ("interface", a.interface.as_str()),
+                    ("mode", a.mode.as_str()),
+                ];
+                ConstGauge::new(1i64).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        match dp.verdicts() {
+            Ok(verdicts) => {
+                for (name, help, bytes) in [
+                    (
+                        "phantom_datapath_packets",
+                        "Packets seen by the XDP guard, by verdict and reason",
+                        false,
+                    ),
+                    (
+                        "phantom_datapath_bytes",
+                        "Bytes seen by the XDP guard, by verdict and reason",
+                        true,
+                    ),
+                ] {
+                    let mut metric = encoder.encode_descriptor(
+                        name,
+                        help,
+                        None,
+                        ConstCounter::new(0u64).metric_type(),
+                    )?;
+                    for v in &verdicts {
+                        let labels = [("verdict", v.verdict), ("reason", v.reason)];
+                        let value = if bytes { v.bytes } else { v.packets };
+                        ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot read the verdict map for metrics"),
+        }
+        let top = self.top_sources.load(Ordering::Relaxed);
+        match dp.sources() {
+            Ok(sources) => {
+                let gauge = ConstGauge::new(sources.len() as i64);
+                let metric = encoder.encode_descriptor(
+                    "phantom_datapath_tracked_sources",
+                    "Source addresses currently held in the XDP guard's LRU map",
+                    None,
+                    gauge.metric_type(),
+                )?;
+                gauge.encode(metric)?;
+                let sources = crate::datapath::busiest(sources, top, None);
+                for (name, help, bytes) in [
+                    (
+                        "phantom_datapath_source_packets",
+                        "Packets from the busiest sources (metrics.top_sources of them)",
+                        false,
+                    ),
+                    (
+                        "phantom_datapath_source_bytes",
+                        "Bytes from the busiest sources (metrics.top_sources of them)",
+                        true,
+                    ),
+                ] {
+                    let mut metric = encoder.encode_descriptor(
+                        name,
+                        help,
+                        None,
+                        ConstCounter::new(0u64).metric_type(),
+                    )?;
+                    for s in &sources {
+                        let addr = s.address.to_string();
+                        let value = if bytes { s.bytes } else { s.packets };
+                        ConstCounter::new(value)
+                            .encode(metric.encode_family(&[("source", addr.as_str())])?)?;
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot read the source map for metrics"),
+        }
+        Ok(())
+    }
+}
+
+/// Serves `GET /metrics` until `shutdown` turns true.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Other(format!("cannot listen for metrics on {addr}: {e}")))?;
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = Arc::clone(&metrics);
+            async move {
+                // Map reads are syscalls; keep them off the async workers.
+                match tokio::task::spawn_blocking(move || metrics.encode()).await {
+                    Ok(Ok(body)) => (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                        .into_response(),
+                    _ => (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "metrics unavailable\n",
+                    )
+                        .into_response(),
+                }
+            }
+        }),
+    );
+    info!(%addr, "metrics listening");
+    Ok(tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = shutdown.changed().await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            warn!(error = %e, "metrics server stopped");
+        }
+    }))
+}

@@ -1,0 +1,671 @@
+//! The end-to-end test harness every Phantom test builds on.
+//!
+//! - [`NetNs`], [`veth`]: network namespaces and veth pairs, removed on `Drop`. Nothing here
+//!   touches the host's own interfaces, routes or firewall: links are created directly inside
+//!   the test's namespaces.
+//! - [`BpffsDir`]: a private pin directory under /sys/fs/bpf, removed (and so every pinned
+//!   map and link released) on `Drop`.
+//! - [`Daemon`]: the real `phantomd` binary started inside a namespace on a temp state dir
+//!   with its own socket; stopped with SIGTERM or `kill -9`, always killed on `Drop`.
+//! - [`ApiClient`] and [`phantom_api`]: the admin socket, raw and through the real CLI.
+//!
+//! Tests that need root call [`require_root`] first; without root they print why and pass.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::{fd::AsFd, unix::net::UnixStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique on this host for this process: namespaces and pin paths are host-wide.
+pub fn unique_name(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// True when the test may run. Without root it prints why it is skipping.
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!(
+        "SKIP {test}: needs root for network namespaces and eBPF (run the README test command as root)"
+    );
+    false
+}
+
+/// Runs a command and panics with its output when it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A network namespace, deleted on drop.
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique_name(prefix);
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &[&str]) -> Output {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// A command that runs inside this namespace (network only; mounts stay the host's so
+    /// bpffs pins stay visible).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; sockets it creates live here.
+    pub fn run<R: Send, F: FnOnce() -> R + Send>(&self, f: F) -> R {
+        let path = self.path();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let file = fs::File::open(&path).expect("open netns");
+                nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("setns");
+                f()
+            })
+            .join()
+            .expect("namespace thread panicked")
+        })
+    }
+
+    /// The MAC address of `dev` in this namespace.
+    pub fn mac(&self, dev: &str) -> String {
+        let out = self.ip(&["-j", "link", "show", "dev", dev]);
+        let v: Value = serde_json::from_slice(&out.stdout).expect("ip -j link");
+        v[0]["address"].as_str().expect("address").to_string()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Creates a veth pair with `a_dev` in `a` and `b_dev` in `b`, both up.
+pub fn veth(a: &NetNs, a_dev: &str, b: &NetNs, b_dev: &str) {
+    a.ip(&[
+        "link",
+        "add",
+        a_dev,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_dev,
+        "netns",
+        b.name(),
+    ]);
+    a.ip(&["link", "set", a_dev, "up"]);
+    b.ip(&["link", "set", b_dev, "up"]);
+}
+
+/// Two namespaces joined by a veth pair with fixed documentation addresses and static
+/// neighbour entries (no ARP/ND noise, so per-source counts are exact):
+/// server `up0` 192.0.2.1/24, 2001:db8::1/64 — peer `peer0` 192.0.2.2/24 (+ .3), 2001:db8::2/64.
+pub struct GuardedLink {
+    pub server: NetNs,
+    pub peer: NetNs,
+}
+
+impl GuardedLink {
+    pub const SERVER_DEV: &'static str = "up0";
+    pub const PEER_DEV: &'static str = "peer0";
+    pub const SERVER_V4: &'static str = "192.0.2.1";
+    pub const PEER_V4: &'static str = "192.0.2.2";
+    pub const PEER_V4_SECOND: &'static str = "192.0.2.3";
+    pub const SERVER_V6: &'static str = "2001:db8::1";
+    pub const PEER_V6: &'static str = "2001:db8::2";
+
+    pub fn new() -> Self {
+        let server = NetNs::new("phs");
+        let peer = NetNs::new("php");
+        veth(&server, Self::SERVER_DEV, &peer, Self::PEER_DEV);
+        server.ip(&["addr", "add", "192.0.2.1/24", "dev", Self::SERVER_DEV]);
+        server.ip(&[
+            "addr",
+            "add",
+            "2001:db8::1/64",
+            "dev",
+            Self::SERVER_DEV,
+            "nodad",
+        ]);
+        peer.ip(&["addr", "add", "192.0.2.2/24", "dev", Self::PEER_DEV]);
+        peer.ip(&["addr", "add", "192.0.2.3/24", "dev", Self::PEER_DEV]);
+        peer.ip(&[
+            "addr",
+            "add",
+            "2001:db8::2/64",
+            "dev",
+            Self::PEER_DEV,
+            "nodad",
+        ]);
+        let server_mac = server.mac(Self::SERVER_DEV);
+        let peer_mac = peer.mac(Self::PEER_DEV);
+        for (ns, dev, addr, mac) in [
+            (&peer, Self::PEER_DEV, Self::SERVER_V4, &server_mac),
+            (&peer, Self::PEER_DEV, Self::SERVER_V6, &server_mac),
+            (&server, Self::SERVER_DEV, Self::PEER_V4, &peer_mac),
+            (&server, Self::SERVER_DEV, Self::PEER_V4_SECOND, &peer_mac),
+            (&server, Self::SERVER_DEV, Self::PEER_V6, &peer_mac),
+        ] {
+            ns.ip(&[
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+        Self { server, peer }
+    }
+
+    /// Sends `count` UDP datagrams of `payload` bytes from `from` (an address of the peer) to
+    /// `to` port 9 (discard), inside the peer namespace.
+    pub fn send_udp(&self, from: &str, to: &str, count: usize, payload: usize) {
+        let from: std::net::IpAddr = from.parse().unwrap();
+        let to: std::net::IpAddr = to.parse().unwrap();
+        self.peer.run(move || {
+            let sock = std::net::UdpSocket::bind(SocketAddr::new(from, 0)).expect("bind");
+            let data = vec![0x5au8; payload];
+            for _ in 0..count {
+                sock.send_to(&data, SocketAddr::new(to, 9)).expect("send");
+            }
+        });
+    }
+
+    /// `ping -c count` from the peer to `to`; returns how many replies came back.
+    pub fn ping(&self, to: &str, count: u32) -> u32 {
+        let out = self
+            .peer
+            .command("ping")
+            .args([
+                "-n",
+                "-q",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.05",
+                "-W",
+                "2",
+                to,
+            ])
+            .output()
+            .expect("ping");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split(',')
+            .find_map(|part| part.trim().strip_suffix(" received"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// XDP attachments on the server's uplink as bpftool sees them in that namespace.
+    pub fn xdp_attachments(&self) -> Vec<Value> {
+        let out = run(self.server.command("bpftool").args([
+            "-j",
+            "net",
+            "show",
+            "dev",
+            Self::SERVER_DEV,
+        ]));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|entry| entry["xdp"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+}
+
+impl Default for GuardedLink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A private directory on bpffs for pinned maps and links; removed on drop, which releases
+/// every pin in it (and so detaches a pinned XDP link a killed daemon left behind).
+pub struct BpffsDir {
+    path: PathBuf,
+}
+
+impl BpffsDir {
+    pub fn new() -> Self {
+        let root = Path::new("/sys/fs/bpf");
+        let mounted = nix::sys::statfs::statfs(root)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
+        if !mounted {
+            run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]));
+        }
+        let path = root.join(unique_name("phantom-test-"));
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Names pinned in the directory.
+    pub fn entries(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(&self.path)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
+impl Default for BpffsDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for BpffsDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Directory holding the workspace's built binaries (`phantomd`, `phantom-api`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PHANTOM_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // target/<profile>/deps/<test binary> -> target/<profile>
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("deps dir");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("profile dir")
+    } else {
+        dir
+    };
+    assert!(
+        dir.join("phantomd").exists(),
+        "phantomd not found in {}: build the workspace binaries first (cargo build --workspace --bins) or set PHANTOM_BIN_DIR",
+        dir.display()
+    );
+    dir.to_path_buf()
+}
+
+/// Settings of a test daemon; `toml()` renders the config file.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub uplink: String,
+    pub bpffs: PathBuf,
+    pub metrics_listen: String,
+    pub datapath_enabled: bool,
+    pub log_level: String,
+}
+
+impl DaemonConfig {
+    pub fn new(uplink: &str, bpffs: &Path) -> Self {
+        Self {
+            uplink: uplink.into(),
+            bpffs: bpffs.to_path_buf(),
+            metrics_listen: "127.0.0.1:9469".into(),
+            datapath_enabled: true,
+            log_level: "info".into(),
+        }
+    }
+
+    fn toml(&self, dir: &Path) -> String {
+        format!(
+            "state_dir = {state:?}\n\
+             [log]\nlevel = {level:?}\n\
+             [admin]\nsocket = {socket:?}\n\
+             [metrics]\nlisten = {metrics:?}\n\
+             [datapath]\nenabled = {enabled}\nuplink = {uplink:?}\nbpffs = {bpffs:?}\n\
+             [dns]\nlisten = \"off\"\n\
+             [blocklist]\napi_listen = \"off\"\n",
+            state = dir.join("state").display().to_string(),
+            level = self.log_level,
+            socket = dir.join("phantom.sock").display().to_string(),
+            metrics = self.metrics_listen,
+            enabled = self.datapath_enabled,
+            uplink = self.uplink,
+            bpffs = self.bpffs.display().to_string(),
+        )
+    }
+}
+
+/// The real `phantomd`, running inside a namespace. Killed on drop.
+pub struct Daemon {
+    dir: tempfile::TempDir,
+    ns_path: PathBuf,
+    child: Option<Child>,
+    log_path: PathBuf,
+    starts: u32,
+}
+
+impl Daemon {
+    /// Writes the config and starts the daemon; returns once its socket answers.
+    pub fn start(ns: &NetNs, config: &DaemonConfig) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("phantomd-test")
+            .tempdir()
+            .unwrap();
+        // Let the permission test's unprivileged user reach the socket path.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(dir.path().join("phantom.toml"), config.toml(dir.path())).unwrap();
+        let mut daemon = Self {
+            log_path: dir.path().join("phantomd.log"),
+            dir,
+            ns_path: ns.path(),
+            child: None,
+            starts: 0,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("phantom.sock")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("phantom.toml")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Everything the daemon has written to stderr, across restarts.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> ApiClient {
+        ApiClient::connect(&self.socket())
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.ns_path.display()))
+            .arg("--")
+            .arg(bin_dir().join("phantomd"))
+            .arg("--config")
+            .arg(self.config_path())
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = cmd.spawn().expect("spawn phantomd");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "phantomd exited during start-up ({status}):\n{}",
+                    self.log()
+                );
+            }
+            if let Ok(stream) = UnixStream::connect(self.socket()) {
+                let mut client = ApiClient::from_stream(stream);
+                if client
+                    .call("api", "describe", json!({}))
+                    .get("success")
+                    .and_then(Value::as_bool)
+                    == Some(true)
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "phantomd did not become ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends a signal to the daemon.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = self.pid().expect("daemon not running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let mut child = self.child.take().expect("daemon not running");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("phantomd ignored SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `kill -9`: no cleanup at all, as in a crash.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("daemon not running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Starts the daemon again on the same config and state.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the daemon first");
+        self.spawn();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A raw admin-socket client: one JSON line out, one line back.
+pub struct ApiClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl ApiClient {
+    pub fn connect(socket: &Path) -> Self {
+        Self::from_stream(UnixStream::connect(socket).expect("connect to the admin socket"))
+    }
+
+    fn from_stream(stream: UnixStream) -> Self {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let writer = stream.try_clone().unwrap();
+        Self {
+            reader: BufReader::new(stream),
+            writer,
+        }
+    }
+
+    /// Sends bytes as they are (no newline added) and reads one reply line, if any.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Option<String> {
+        self.writer.write_all(bytes).ok()?;
+        self.read_line()
+    }
+
+    pub fn read_line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line),
+        }
+    }
+
+    /// One request; returns the whole envelope.
+    pub fn call(&mut self, module: &str, action: &str, params: Value) -> Value {
+        let mut frame =
+            serde_json::to_vec(&json!({"module": module, "action": action, "params": params}))
+                .unwrap();
+        frame.push(b'\n');
+        let line = self.send_raw(&frame).expect("no reply from the daemon");
+        serde_json::from_str(&line).expect("reply is not JSON")
+    }
+
+    /// One request that must succeed; returns `data`.
+    pub fn ok(&mut self, module: &str, action: &str, params: Value) -> Value {
+        let reply = self.call(module, action, params);
+        assert_eq!(reply["success"], true, "{module} {action} failed: {reply}");
+        reply["data"].clone()
+    }
+}
+
+/// Runs the real `phantom-api` CLI against `socket`; returns the exit code and parsed stdout
+/// (`Value::Null` when stdout is not JSON, e.g. for `--help`).
+pub fn phantom_api(socket: &Path, args: &[&str]) -> (i32, Value, String) {
+    let out = Command::new(bin_dir().join("phantom-api"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run phantom-api");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let value = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), value, stdout)
+}
+
+/// `GET path` over HTTP/1.1 from inside `ns`; returns the body of a 200 answer.
+pub fn http_get(ns: &NetNs, addr: &str, path: &str) -> String {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let path = path.to_string();
+    ns.run(move || {
+        let mut stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_string()
+        }
+    })
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+    out
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition.
+pub fn metric_value(exposition: &str, name_and_labels: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(name_and_labels)?;
+        rest.strip_prefix(' ')?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
