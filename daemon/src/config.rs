@@ -442,6 +442,19 @@ mod tests {
     }
 
     #[test]
+    fn first_start_writes_the_defaults() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(Error::Socket)?;
+        let path = dir.path().join("etc/phantom.toml");
+        let (config, created) = Config::load_or_create(&path)?;
+        assert!(created);
+        assert_eq!(config, Config::default());
+        let (again, created) = Config::load_or_create(&path)?;
+        assert!(!created);
+        assert_eq!(again, config);
+        Ok(())
+    }
+
+    #[test]
     fn listen_off() -> Result<(), Error> {
         assert_eq!(parse_listen("k", "off")?, None);
         assert!(parse_listen("k", "127.0.0.1:1")?.is_some());

@@ -114,9 +114,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             // The end-to-end tests start the real binaries; build them first.
             step("build binaries", cargo().args(["build", "--bins"]))?;
+            if !is_root() {
+                eprintln!(
+                    "==> NOTE: not root: the end-to-end tests (namespaces, eBPF) skip; run as root to exercise them"
+                );
+            }
             let bin_dir = target_dir().join("debug");
-            step(
-                "tests",
+            run_tests(
                 cargo()
                     .args(["test", "--no-fail-fast"])
                     .args(&args)
@@ -137,4 +141,53 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Runs `cargo test`, echoing its output, and ends with one summary line over every test
+/// binary (cargo prints a result line per binary, the last of which is often doc-tests).
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("==> tests");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match kind {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    "ignored" => ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
 }
