@@ -98,11 +98,10 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             let bin = target_dir().join("release/phantomd");
             eprintln!("==> {} {}", bin.display(), args.join(" "));
-            let status = Command::new(&bin).args(&args).status()?;
-            if !status.success() {
-                bail!("phantomd exited with {status}");
-            }
-            Ok(())
+            // Replace this process so signals (SIGTERM, SIGHUP, Ctrl-C) reach phantomd itself.
+            use std::os::unix::process::CommandExt;
+            let err = Command::new(&bin).args(&args).exec();
+            Err(err).with_context(|| format!("cannot run {}", bin.display()))
         }
         Cmd::Test { no_lint, args } => {
             if !no_lint {
