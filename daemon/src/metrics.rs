@@ -147,30 +147,24 @@ impl Collector for DatapathCollector {
         }
         match dp.verdicts() {
             Ok(verdicts) => {
-                for (name, help, bytes) in [
-                    (
-                        "phantom_datapath_packets",
-                        "Packets seen by the XDP guard, by verdict and reason",
-                        false,
-                    ),
-                    (
-                        "phantom_datapath_bytes",
-                        "Bytes seen by the XDP guard, by verdict and reason",
-                        true,
-                    ),
-                ] {
-                    let mut metric = encoder.encode_descriptor(
-                        name,
-                        help,
-                        None,
-                        ConstCounter::new(0u64).metric_type(),
-                    )?;
-                    for v in &verdicts {
-                        let labels = [("verdict", v.verdict), ("reason", v.reason)];
-                        let value = if bytes { v.bytes } else { v.packets };
-                        ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
-                    }
-                }
+                let labels = |v: &crate::datapath::VerdictCount| {
+                    vec![
+                        ("verdict", v.verdict.to_string()),
+                        ("reason", v.reason.to_string()),
+                    ]
+                };
+                counter_family(
+                    &mut encoder,
+                    "phantom_datapath_packets",
+                    "Packets seen by the XDP guard, by verdict and reason",
+                    verdicts.iter().map(|v| (labels(v), v.packets)),
+                )?;
+                counter_family(
+                    &mut encoder,
+                    "phantom_datapath_bytes",
+                    "Bytes seen by the XDP guard, by verdict and reason",
+                    verdicts.iter().map(|v| (labels(v), v.bytes)),
+                )?;
             }
             Err(e) => warn!(error = %e, "cannot read the verdict map for metrics"),
         }
@@ -186,36 +180,40 @@ impl Collector for DatapathCollector {
                 )?;
                 gauge.encode(metric)?;
                 let sources = crate::datapath::busiest(sources, top, None);
-                for (name, help, bytes) in [
-                    (
-                        "phantom_datapath_source_packets",
-                        "Packets from the busiest sources (metrics.top_sources of them)",
-                        false,
-                    ),
-                    (
-                        "phantom_datapath_source_bytes",
-                        "Bytes from the busiest sources (metrics.top_sources of them)",
-                        true,
-                    ),
-                ] {
-                    let mut metric = encoder.encode_descriptor(
-                        name,
-                        help,
-                        None,
-                        ConstCounter::new(0u64).metric_type(),
-                    )?;
-                    for s in &sources {
-                        let addr = s.address.to_string();
-                        let value = if bytes { s.bytes } else { s.packets };
-                        ConstCounter::new(value)
-                            .encode(metric.encode_family(&[("source", addr.as_str())])?)?;
-                    }
-                }
+                let labels =
+                    |s: &crate::datapath::SourceCount| vec![("source", s.address.to_string())];
+                counter_family(
+                    &mut encoder,
+                    "phantom_datapath_source_packets",
+                    "Packets from the busiest sources (metrics.top_sources of them)",
+                    sources.iter().map(|s| (labels(s), s.packets)),
+                )?;
+                counter_family(
+                    &mut encoder,
+                    "phantom_datapath_source_bytes",
+                    "Bytes from the busiest sources (metrics.top_sources of them)",
+                    sources.iter().map(|s| (labels(s), s.bytes)),
+                )?;
             }
             Err(e) => warn!(error = %e, "cannot read the source map for metrics"),
         }
         Ok(())
     }
+}
+
+/// Encodes one counter family from (labels, value) rows.
+fn counter_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl Iterator<Item = (Vec<(&'static str, String)>, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric =
+        encoder.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
+    for (labels, value) in rows {
+        ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 /// Serves `GET /metrics` until `shutdown` turns true.

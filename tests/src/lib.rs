@@ -569,9 +569,10 @@ impl ApiClient {
         }
     }
 
-    /// Sends bytes as they are (no newline added) and reads one reply line, if any.
+    /// Sends bytes as they are (no newline added) and reads one reply line, if any. A write
+    /// that fails because the daemon answered and closed early still reads that answer.
     pub fn send_raw(&mut self, bytes: &[u8]) -> Option<String> {
-        self.writer.write_all(bytes).ok()?;
+        let _ = self.writer.write_all(bytes);
         self.read_line()
     }
 

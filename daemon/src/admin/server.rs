@@ -244,6 +244,20 @@ async fn write_reply(
     writer.flush().await
 }
 
+/// Answers once with an error that ends the connection, and counts it.
+async fn refuse(
+    metrics: &Metrics,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    code: &str,
+    message: String,
+) -> std::io::Result<()> {
+    metrics.admin_request(Outcome {
+        target: None,
+        success: false,
+    });
+    write_reply(write, &Response::fail("", "", code, message)).await
+}
+
 async fn serve_connection(
     stream: UnixStream,
     access: Access,
@@ -255,17 +269,13 @@ async fn serve_connection(
     let allowed = peer_allowed(&stream, access);
     let (read, mut write) = stream.into_split();
     if !allowed {
-        metrics.admin_request(Outcome {
-            target: None,
-            success: false,
-        });
-        let reply = Response::fail(
-            "",
-            "",
+        return refuse(
+            &metrics,
+            &mut write,
             codes::PERMISSION_DENIED,
-            "only root and members of the admin group may use this socket",
-        );
-        return write_reply(&mut write, &reply).await;
+            "only root and members of the admin group may use this socket".into(),
+        )
+        .await;
     }
     let mut reader = BufReader::with_capacity(64 * 1024, read);
     loop {
@@ -279,18 +289,13 @@ async fn serve_connection(
         let line = match frame {
             Frame::Eof => return Ok(()),
             Frame::TooLarge => {
-                metrics.admin_request(Outcome {
-                    target: None,
-                    success: false,
-                });
-                let reply = Response::fail(
-                    "",
-                    "",
+                return refuse(
+                    &metrics,
+                    &mut write,
                     codes::FRAME_TOO_LARGE,
                     format!("request exceeds {MAX_FRAME_BYTES} bytes; closing the connection"),
-                );
-                write_reply(&mut write, &reply).await?;
-                return Ok(());
+                )
+                .await;
             }
             Frame::Line(line) => line,
         };

@@ -88,15 +88,17 @@ fn call(args: &Args, request: &Request) -> Result<Response, String> {
         .map_err(|e| e.to_string())?;
     let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
     line.push(b'\n');
-    (&stream)
-        .write_all(&line)
-        .map_err(|e| format!("cannot send the request: {e}"))?;
+    // A daemon that refuses the connection (credentials, frame size) answers and closes
+    // without reading the request, so a failed write may still leave its reply to read.
+    let sent = (&stream).write_all(&line);
     let mut reply = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut reply)
-        .map_err(|e| format!("no reply from the daemon: {e}"))?;
+    let read = BufReader::new(&stream).read_line(&mut reply);
     if reply.is_empty() {
-        return Err("the daemon closed the connection without a reply".into());
+        return Err(match (sent, read) {
+            (Err(e), _) => format!("cannot send the request: {e}"),
+            (_, Err(e)) => format!("no reply from the daemon: {e}"),
+            _ => "the daemon closed the connection without a reply".into(),
+        });
     }
     serde_json::from_str(&reply).map_err(|e| format!("unreadable reply from the daemon: {e}"))
 }
