@@ -4,16 +4,40 @@
 //! daemon reads them back byte for byte, so a field added here changes both sides at once.
 #![no_std]
 
+pub mod dns;
 pub mod xdp;
 
 /// Map and program names, shared so the daemon never spells them differently from the object.
+/// BPF object names are limited to 15 characters.
 pub mod names {
-    /// Per-source packet/byte counters (LRU, per-CPU).
+    /// Per-source counters (LRU, per-CPU).
     pub const SOURCES_MAP: &str = "PH_SOURCES";
     /// Packet/byte counters by verdict and reason (per-CPU array).
     pub const VERDICTS_MAP: &str = "PH_VERDICTS";
+    /// Allow and deny entries by source.
+    pub const POLICY_MAP: &str = "PH_POLICY";
+    /// Global packets per second (per-CPU ring).
+    pub const SECONDS_MAP: &str = "PH_SECONDS";
+    /// Bitmap of protected TCP ports.
+    pub const PORTS_MAP: &str = "PH_PORTS";
+    /// Blocked domain hashes for the DNS answer filter.
+    pub const DOMAINS_MAP: &str = "PH_DOMAINS";
+    /// DNS filter verdict counters.
+    pub const DNS_VERDICTS_MAP: &str = "PH_DNS_VERDICTS";
+    /// Per-interface link-layer header length for the TC programs.
+    pub const IFACES_MAP: &str = "PH_IFACES";
+    /// Scratch space for the DNS filter (per-CPU).
+    pub const DNS_SCRATCH_MAP: &str = "PH_DNS_SCRATCH";
+    /// Multihop mark configuration.
+    pub const MULTIHOP_MAP: &str = "PH_MULTIHOP";
+    /// Multihop mark counters.
+    pub const MULTIHOP_STATS_MAP: &str = "PH_MH_STATS";
     /// The guard attached to the uplink.
     pub const XDP_GUARD: &str = "xdp_guard";
     /// An XDP program that only returns `XDP_PASS`: the baseline of the benchmark.
     pub const XDP_BASELINE: &str = "xdp_baseline";
+    /// DNS answer filter, TC egress on the VPN interface.
+    pub const TC_DNS_FILTER: &str = "tc_dns_filter";
+    /// Multihop mark, TC ingress on the VPN interface.
+    pub const TC_MULTIHOP_MARK: &str = "tc_multihop_mark";
 }

@@ -136,6 +136,19 @@ pub struct DatapathConfig {
     pub bpffs: PathBuf,
     /// Capacity of the per-source LRU map. Changing it needs the pinned map removed.
     pub max_sources: u32,
+    /// Capacity of the allow/deny map.
+    pub max_policies: u32,
+    /// Capacity of the DNS filter's blocked-domain map.
+    pub max_domains: u32,
+    /// TCP ports whose SYNs the guard counts per source as new connections.
+    pub protected_ports: Vec<u16>,
+    /// Where the TC programs go (DNS answer filter, multihop mark); "auto" = the
+    /// `[wireguard] interface`. Attached as soon as the interface exists.
+    pub vpn_interface: String,
+    /// Rewrite blocked DNS answers to NXDOMAIN on the VPN interface.
+    pub dns_filter: bool,
+    /// The skb mark the multihop program sets (matched by `ip rule fwmark`).
+    pub multihop_mark: u32,
 }
 
 impl Default for DatapathConfig {
@@ -146,6 +159,12 @@ impl Default for DatapathConfig {
             xdp_mode: XdpModeSetting::Auto,
             bpffs: PathBuf::from("/sys/fs/bpf/phantom"),
             max_sources: phantom_common::xdp::DEFAULT_MAX_SOURCES,
+            max_policies: phantom_common::xdp::DEFAULT_MAX_POLICIES,
+            max_domains: phantom_common::dns::DEFAULT_MAX_DOMAINS,
+            protected_ports: vec![80, 443],
+            vpn_interface: "auto".into(),
+            dns_filter: true,
+            multihop_mark: 0x6d68,
         }
     }
 }
@@ -290,6 +309,16 @@ fn is_ifname(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@'))
 }
 
+impl DatapathConfig {
+    /// The interface the TC programs attach to.
+    pub fn vpn_interface<'a>(&'a self, wireguard: &'a WireguardConfig) -> &'a str {
+        match self.vpn_interface.as_str() {
+            "auto" => &wireguard.interface,
+            name => name,
+        }
+    }
+}
+
 impl Config {
     /// Parses and validates a configuration text.
     pub fn from_toml(text: &str) -> Result<Self, Error> {
@@ -358,6 +387,30 @@ impl Config {
         if !(1..=16_777_216).contains(&self.datapath.max_sources) {
             return Err(Error::config(
                 "datapath.max_sources must be between 1 and 16777216",
+            ));
+        }
+        if !(1..=16_777_216).contains(&self.datapath.max_policies) {
+            return Err(Error::config(
+                "datapath.max_policies must be between 1 and 16777216",
+            ));
+        }
+        if !(1..=50_000_000).contains(&self.datapath.max_domains) {
+            return Err(Error::config(
+                "datapath.max_domains must be between 1 and 50000000",
+            ));
+        }
+        if self.datapath.protected_ports.contains(&0) {
+            return Err(Error::config("datapath.protected_ports: 0 is not a port"));
+        }
+        if self.datapath.vpn_interface != "auto" && !is_ifname(&self.datapath.vpn_interface) {
+            return Err(Error::config(format!(
+                "datapath.vpn_interface = {:?} is not an interface name",
+                self.datapath.vpn_interface
+            )));
+        }
+        if self.datapath.multihop_mark == 0 {
+            return Err(Error::config(
+                "datapath.multihop_mark must not be 0 (0 means unmarked)",
             ));
         }
         if !is_ifname(&self.wireguard.interface) {

@@ -77,8 +77,10 @@ pub fn run(opts: Options) -> Result<(), Error> {
     let _lock = lock_state_dir(&config.state_dir)?;
 
     let datapath = if config.datapath.enabled {
+        let vpn = config.datapath.vpn_interface(&config.wireguard);
         Some(Arc::new(Datapath::start(
             &config.datapath,
+            vpn,
             &config.state_dir,
         )?))
     } else {
@@ -124,7 +126,7 @@ async fn serve(
     datapath::actions::register(&mut registry, Arc::clone(&ctx));
     let registry = Arc::new(registry);
 
-    let metrics = Arc::new(Metrics::new(datapath, Arc::clone(&top_sources)));
+    let metrics = Arc::new(Metrics::new(datapath.clone(), Arc::clone(&top_sources)));
     metrics.register_actions(&registry.actions());
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -142,6 +144,9 @@ async fn serve(
         Some(addr) => Some(metrics::serve(addr, Arc::clone(&metrics), shutdown_rx.clone()).await?),
         None => None,
     };
+    if let Some(dp) = datapath.clone() {
+        tokio::spawn(datapath_housekeeping(dp, shutdown_rx.clone()));
+    }
     info!("phantomd ready");
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Socket)?;
@@ -164,6 +169,24 @@ async fn serve(
         warn!(error = %e, "metrics task failed");
     }
     Ok(())
+}
+
+/// Lapsed policies out of the kernel map, VPN-interface programs attached when the interface
+/// (re)appears.
+async fn datapath_housekeeping(dp: Arc<Datapath>, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(Duration::from_secs(2));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = every.tick() => {
+                let dp = Arc::clone(&dp);
+                if let Err(e) = tokio::task::spawn_blocking(move || dp.tick()).await {
+                    warn!(error = %e, "datapath housekeeping failed");
+                }
+            }
+        }
+    }
 }
 
 /// SIGHUP: re-reads the file and applies what can change live; an invalid file changes nothing.

@@ -11,3 +11,4 @@ pub mod error;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;
+pub mod store;

@@ -145,7 +145,7 @@ impl Collector for DatapathCollector {
                 ConstGauge::new(1i64).encode(metric.encode_family(&labels)?)?;
             }
         }
-        match dp.verdicts() {
+        match dp.guard.verdicts() {
             Ok(verdicts) => {
                 let labels = |v: &crate::datapath::VerdictCount| {
                     vec![
@@ -169,7 +169,7 @@ impl Collector for DatapathCollector {
             Err(e) => warn!(error = %e, "cannot read the verdict map for metrics"),
         }
         let top = self.top_sources.load(Ordering::Relaxed);
-        match dp.sources() {
+        match dp.guard.sources() {
             Ok(sources) => {
                 let gauge = ConstGauge::new(sources.len() as i64);
                 let metric = encoder.encode_descriptor(

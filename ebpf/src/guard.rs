@@ -1,23 +1,36 @@
 //! `xdp_guard`: the first program on the uplink. It attributes every frame to its source
-//! address and counts it; it never drops yet.
+//! address, keeps per-source and global counters, and drops sources on the deny list unless
+//! they are on the allow list.
 
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::generated::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
-    maps::{LruPerCpuHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray},
     programs::XdpContext,
 };
-use phantom_common::xdp::{DEFAULT_MAX_SOURCES, SourceKey, SourceStats, TrafficCounter, Verdict};
+use phantom_common::xdp::{
+    DEFAULT_MAX_POLICIES, DEFAULT_MAX_SOURCES, POLICY_ALLOW, POLICY_DENY, PORT_WORDS, Policy,
+    SECOND_SLOTS, SecondSlot, SourceKey, SourceStats, TrafficCounter, Verdict, WINDOW_NS,
+};
 
-// Both maps are pinned by name under the daemon's bpffs directory, so counts survive a daemon
-// restart and a second daemon start reuses them instead of creating twins.
+// All maps are pinned by name under the daemon's bpffs directory, so counts and policies
+// survive a daemon restart and a second start reuses them instead of creating twins.
 #[map(name = "PH_SOURCES")]
 static SOURCES: LruPerCpuHashMap<SourceKey, SourceStats> =
     LruPerCpuHashMap::pinned(DEFAULT_MAX_SOURCES, 0);
 
 #[map(name = "PH_VERDICTS")]
 static VERDICTS: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(Verdict::SLOTS, 0);
+
+#[map(name = "PH_POLICY")]
+static POLICY: HashMap<SourceKey, Policy> = HashMap::pinned(DEFAULT_MAX_POLICIES, 0);
+
+#[map(name = "PH_SECONDS")]
+static SECONDS: PerCpuArray<SecondSlot> = PerCpuArray::pinned(SECOND_SLOTS, 0);
+
+#[map(name = "PH_PORTS")]
+static PORTS: Array<u32> = Array::pinned(PORT_WORDS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -27,13 +40,30 @@ const ETH_P_8021AD: u16 = 0x88A8;
 const VLAN_HLEN: usize = 4;
 const IPV4_HLEN_MIN: usize = 20;
 const IPV6_HLEN: usize = 40;
+const IPPROTO_TCP: u8 = 6;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+const NS_PER_SEC: u64 = 1_000_000_000;
 
 #[xdp]
 pub fn xdp_guard(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let verdict = classify(&ctx, len);
+    // The coarse clock (tick resolution) is several times cheaper than bpf_ktime_get_ns and
+    // last-seen, windows and expiry need no better than milliseconds.
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    count_second(now, len);
+    let verdict = match parse(&ctx) {
+        Parsed::Source { key, new_tcp, ipv6 } => judge(&key, now, len, new_tcp, ipv6),
+        Parsed::NonIp => Verdict::PassNonIp,
+        Parsed::Malformed => Verdict::PassMalformed,
+    };
     count_verdict(verdict, len);
-    xdp_action::XDP_PASS
+    if verdict.is_drop() {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
 }
 
 /// The benchmark's baseline: the cheapest possible XDP program.
@@ -42,22 +72,33 @@ pub fn xdp_baseline(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+enum Parsed {
+    Source {
+        key: SourceKey,
+        /// TCP SYN without ACK to a protected port.
+        new_tcp: bool,
+        ipv6: bool,
+    },
+    NonIp,
+    Malformed,
+}
+
 #[inline(always)]
-fn classify(ctx: &XdpContext, len: u64) -> Verdict {
+fn parse(ctx: &XdpContext) -> Parsed {
     let Some(mut ethertype) = read_be16(ctx, 12) else {
-        return Verdict::PassMalformed;
+        return Parsed::Malformed;
     };
     let mut l3 = ETH_HLEN;
     // Up to two VLAN tags (802.1ad outer + 802.1Q inner); unrolled, the verifier needs bounds.
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         let Some(inner) = read_be16(ctx, l3 + 2) else {
-            return Verdict::PassMalformed;
+            return Parsed::Malformed;
         };
         ethertype = inner;
         l3 += VLAN_HLEN;
         if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
             let Some(inner) = read_be16(ctx, l3 + 2) else {
-                return Verdict::PassMalformed;
+                return Parsed::Malformed;
             };
             ethertype = inner;
             l3 += VLAN_HLEN;
@@ -65,56 +106,127 @@ fn classify(ctx: &XdpContext, len: u64) -> Verdict {
     }
     match ethertype {
         ETH_P_IP => {
-            if !has_bytes(ctx, l3, IPV4_HLEN_MIN) {
-                return Verdict::PassMalformed;
-            }
-            let Some(src) = read_array::<4>(ctx, l3 + 12) else {
-                return Verdict::PassMalformed;
+            let Some(head) = read_array::<IPV4_HLEN_MIN>(ctx, l3) else {
+                return Parsed::Malformed;
             };
-            if count_source(&SourceKey::from_ipv4(src), len) {
-                Verdict::PassIpv4
-            } else {
-                Verdict::PassUntracked
+            let ihl = ((head[0] & 0x0f) as usize) * 4;
+            // Only the first fragment carries the TCP header.
+            let first_fragment = (head[6] & 0x1f) == 0 && head[7] == 0;
+            let new_tcp = head[9] == IPPROTO_TCP
+                && first_fragment
+                && ihl >= IPV4_HLEN_MIN
+                && is_new_protected_tcp(ctx, l3 + ihl);
+            Parsed::Source {
+                key: SourceKey::from_ipv4([head[12], head[13], head[14], head[15]]),
+                new_tcp,
+                ipv6: false,
             }
         }
         ETH_P_IPV6 => {
-            if !has_bytes(ctx, l3, IPV6_HLEN) {
-                return Verdict::PassMalformed;
-            }
-            let Some(src) = read_array::<16>(ctx, l3 + 8) else {
-                return Verdict::PassMalformed;
+            let Some(head) = read_array::<IPV6_HLEN>(ctx, l3) else {
+                return Parsed::Malformed;
             };
-            if count_source(&SourceKey::from_ipv6(src), len) {
-                Verdict::PassIpv6
-            } else {
-                Verdict::PassUntracked
+            let mut src = [0u8; 16];
+            src.copy_from_slice(&head[8..24]);
+            // Extension headers before TCP are rare on SYNs; only a direct TCP header counts.
+            let new_tcp = head[6] == IPPROTO_TCP && is_new_protected_tcp(ctx, l3 + IPV6_HLEN);
+            Parsed::Source {
+                key: SourceKey::from_ipv6(src),
+                new_tcp,
+                ipv6: true,
             }
         }
-        _ => Verdict::PassNonIp,
+        _ => Parsed::NonIp,
     }
 }
 
+/// A SYN without ACK whose destination port is in the protected-ports bitmap.
 #[inline(always)]
-fn count_source(key: &SourceKey, len: u64) -> bool {
-    // The coarse clock (tick resolution) is several times cheaper than bpf_ktime_get_ns and
-    // last-seen needs no better than milliseconds.
-    // SAFETY: the helper has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+fn is_new_protected_tcp(ctx: &XdpContext, l4: usize) -> bool {
+    let Some(tcp) = read_array::<14>(ctx, l4) else {
+        return false;
+    };
+    let flags = tcp[13];
+    if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
+        return false;
+    }
+    let port = u16::from_be_bytes([tcp[2], tcp[3]]) as u32;
+    match PORTS.get(port >> 5) {
+        Some(word) => (*word >> (port & 31)) & 1 == 1,
+        None => false,
+    }
+}
+
+/// Applies the policy, then counts the packet against its source.
+#[inline(always)]
+fn judge(key: &SourceKey, now: u64, len: u64, new_tcp: bool, ipv6: bool) -> Verdict {
+    let mut verdict = if ipv6 {
+        Verdict::PassIpv6
+    } else {
+        Verdict::PassIpv4
+    };
+    if let Some(policy) = POLICY.get_ptr(key) {
+        // SAFETY: a map value pointer from a successful lookup; read-only.
+        let p = unsafe { *policy };
+        let live = |until: u64| until == 0 || now < until;
+        if p.flags & POLICY_ALLOW != 0 && live(p.allow_until_ns) {
+            verdict = Verdict::PassAllowed;
+        } else if p.flags & POLICY_DENY != 0 && live(p.deny_until_ns) {
+            verdict = Verdict::for_deny(p.deny_reason);
+        }
+    }
+    let dropped = verdict.is_drop() as u64;
+    let epoch = now / WINDOW_NS;
     if let Some(stats) = SOURCES.get_ptr_mut(key) {
         // SAFETY: per-CPU value: only this CPU writes it, and preemption is off in XDP.
         unsafe {
-            (*stats).packets += 1;
-            (*stats).bytes += len;
-            (*stats).last_seen_ns = now;
+            let s = &mut *stats;
+            s.packets += 1;
+            s.bytes += len;
+            s.drops += dropped;
+            s.new_tcp += new_tcp as u64;
+            s.last_seen_ns = now;
+            if s.window_epoch == epoch {
+                s.window_packets += 1;
+            } else {
+                s.window_epoch = epoch;
+                s.window_packets = 1;
+            }
         }
-        return true;
+        return verdict;
     }
     let fresh = SourceStats {
         packets: 1,
         bytes: len,
+        drops: dropped,
+        new_tcp: new_tcp as u64,
         last_seen_ns: now,
+        window_epoch: epoch,
+        window_packets: 1,
     };
-    SOURCES.insert(key, &fresh, 0).is_ok()
+    if SOURCES.insert(key, &fresh, 0).is_err() && !verdict.is_drop() {
+        return Verdict::PassUntracked;
+    }
+    verdict
+}
+
+#[inline(always)]
+fn count_second(now: u64, len: u64) {
+    let second = now / NS_PER_SEC;
+    if let Some(slot) = SECONDS.get_ptr_mut((second % SECOND_SLOTS as u64) as u32) {
+        // SAFETY: per-CPU slot, written only by this CPU.
+        unsafe {
+            let s = &mut *slot;
+            if s.second == second {
+                s.packets += 1;
+                s.bytes += len;
+            } else {
+                s.second = second;
+                s.packets = 1;
+                s.bytes = len;
+            }
+        }
+    }
 }
 
 #[inline(always)]
@@ -126,11 +238,6 @@ fn count_verdict(verdict: Verdict, len: u64) {
             (*counter).bytes += len;
         }
     }
-}
-
-#[inline(always)]
-fn has_bytes(ctx: &XdpContext, offset: usize, len: usize) -> bool {
-    ctx.data() + offset + len <= ctx.data_end()
 }
 
 #[inline(always)]

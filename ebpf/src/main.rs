@@ -1,7 +1,9 @@
 #![no_std]
 #![no_main]
 
+mod dns_filter;
 mod guard;
+mod multihop;
 
 #[cfg(not(test))]
 #[panic_handler]

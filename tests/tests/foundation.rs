@@ -305,7 +305,12 @@ fn restarts_keep_counts_and_exactly_one_attachment() {
         link.xdp_attachments().is_empty(),
         "guard detached on SIGTERM"
     );
-    assert_eq!(bpffs.entries(), vec!["PH_SOURCES", "PH_VERDICTS"]);
+    let pinned = bpffs.entries();
+    assert!(pinned.contains(&"PH_SOURCES".to_string()), "{pinned:?}");
+    assert!(
+        !pinned.iter().any(|e| e.starts_with("link_")),
+        "no pinned link after SIGTERM: {pinned:?}"
+    );
 
     daemon.restart();
     assert_eq!(link.xdp_attachments().len(), 1);
@@ -323,17 +328,18 @@ fn restarts_keep_counts_and_exactly_one_attachment() {
     daemon.restart();
     let attachments = link.xdp_attachments();
     assert_eq!(attachments.len(), 1, "{attachments:?}");
-    assert!(daemon.log().contains("adopted the pinned XDP guard link"));
+    assert!(daemon.log().contains("adopted the pinned link"));
     link.send_udp(GuardedLink::PEER_V4, GuardedLink::SERVER_V4, 2, UDP_PAYLOAD);
     assert_eq!(
         source_counts(&daemon, GuardedLink::PEER_V4),
         Some((20, 20 * UDP4_FRAME))
     );
-    assert_eq!(
-        bpffs.entries(),
-        vec!["PH_SOURCES", "PH_VERDICTS", "xdp_guard_link"],
-        "one pinned link"
-    );
+    let links: Vec<String> = bpffs
+        .entries()
+        .into_iter()
+        .filter(|e| e.starts_with("link_"))
+        .collect();
+    assert_eq!(links, vec!["link_xdp_guard"], "one pinned link");
 
     // The datapath reports the same single attachment.
     let status = daemon.client().ok("datapath", "status", json!({}));

@@ -155,7 +155,7 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                     SourceStats {
                         packets: 1,
                         bytes: 64,
-                        last_seen_ns: 0
+                        ..Default::default()
                     };
                     cpus
                 ])?;

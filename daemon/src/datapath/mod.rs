@@ -1,42 +1,52 @@
 //! The kernel side: loads the eBPF object, attaches the programs, and owns the maps.
 //!
-//! Maps and the XDP link are pinned under `[datapath] bpffs`, so:
-//! - a daemon restart reuses the maps (counts survive) and adopts the pinned link, replacing
-//!   the program atomically (`bpf_link_update`), never attaching a second time;
-//! - a crash (`kill -9`) leaves the guard attached and counting until the next start adopts it;
-//! - a clean shutdown unpins the link, which detaches the guard; the maps stay pinned.
+//! Maps and links are pinned under `[datapath] bpffs`, so:
+//! - a daemon restart reuses the maps (counts and policies survive) and adopts the pinned
+//!   links, replacing the programs atomically (`bpf_link_update`), never attaching twice;
+//! - a crash (`kill -9`) leaves the programs attached and working until the next start adopts
+//!   them;
+//! - a clean shutdown unpins the links, which detaches the programs; the maps stay pinned.
+//!
+//! Other modules use the typed handles: [`PolicyTable`] (allow/deny with expiry),
+//! [`DomainFilter`] (the DNS filter's domain set), [`MultihopMark`], and the guard's counters.
 
 pub mod actions;
 mod bpffs;
+pub mod domains;
+pub mod guard;
+mod links;
+pub mod multihop;
+pub mod policy;
 mod uplink;
 
 use std::{
-    ffi::CString,
-    net::{IpAddr, Ipv6Addr},
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, PerCpuHashMap},
-    programs::{
-        Xdp, XdpMode,
-        links::{FdLink, PinnedLink},
-        xdp::XdpLink,
-    },
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, Xdp},
 };
 use phantom_common::{
+    dns::{DnsVerdict, IfaceInfo},
     names,
-    xdp::{SourceKey, SourceStats, TrafficCounter, Verdict},
+    xdp::TrafficCounter,
 };
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::{
-    config::{DatapathConfig, XdpModeSetting},
-    error::Error,
+use self::links::{Hook, LinkStore};
+pub use self::{
+    domains::{DomainFilter, Owner},
+    guard::{GuardMaps, SourceCount, VerdictCount, busiest},
+    links::Attachment,
+    multihop::{MarkSettings, MultihopMark},
+    policy::{List, PolicyTable, PolicyView},
 };
+use crate::{config::DatapathConfig, error::Error};
 
 /// The compiled eBPF object, built by build.rs with the pinned nightly.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/phantom"));
@@ -44,42 +54,6 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Returns the embedded object (for benchmarks and tools that load it themselves).
 pub fn ebpf_object() -> &'static [u8] {
     EBPF_OBJECT
-}
-
-const GUARD_LINK_PIN: &str = "xdp_guard_link";
-const ATTACHMENT_RECORD: &str = "datapath-attachment.json";
-
-/// What is attached where; persisted beside the pinned link because the kernel does not report
-/// an XDP link's mode.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Attachment {
-    pub program: String,
-    pub kind: String,
-    pub interface: String,
-    pub ifindex: u32,
-    /// `native` or `generic`.
-    pub mode: String,
-    /// RFC 3339, when the link was first created (kept when a restart adopts it).
-    pub attached_since: String,
-}
-
-/// One source address and its counts, summed over CPUs.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct SourceCount {
-    pub address: IpAddr,
-    pub packets: u64,
-    pub bytes: u64,
-    /// Seconds since the last packet from this source.
-    pub last_seen_seconds_ago: f64,
-}
-
-/// Packets and bytes for one verdict/reason slot.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct VerdictCount {
-    pub verdict: &'static str,
-    pub reason: &'static str,
-    pub packets: u64,
-    pub bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -91,20 +65,91 @@ pub struct MapSummary {
     pub pinned_at: PathBuf,
 }
 
+#[derive(Clone, Debug, Serialize)]
+pub struct DnsCount {
+    pub verdict: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The TC programs that belong on the VPN interface.
+const VPN_PROGRAMS: [(&str, Hook); 2] = [
+    (names::TC_DNS_FILTER, Hook::TcEgress),
+    (names::TC_MULTIHOP_MARK, Hook::TcIngress),
+];
+
 pub struct Datapath {
-    /// Keeps the programs (and through them the attached link) alive.
     ebpf: Mutex<Ebpf>,
-    sources: Mutex<PerCpuHashMap<MapData, SourceKey, SourceStats>>,
-    verdicts: Mutex<PerCpuArray<MapData, TrafficCounter>>,
-    attachment: Attachment,
+    links: LinkStore,
+    attachments: Mutex<BTreeMap<String, Attachment>>,
+    pub guard: GuardMaps,
+    pub policy: PolicyTable,
+    pub domains: DomainFilter,
+    pub multihop: MultihopMark,
+    dns_verdicts: Mutex<PerCpuArray<MapData, TrafficCounter>>,
+    ifaces: Mutex<HashMap<MapData, u32, IfaceInfo>>,
+    vpn_interface: String,
+    dns_filter: bool,
     pin_dir: PathBuf,
-    record_path: PathBuf,
-    max_sources: u32,
+    config: DatapathConfig,
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, Error> {
+    ebpf.take_map(name)
+        .ok_or_else(|| Error::Datapath(format!("the eBPF object has no map {name}")))
+}
+
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
+    let guard: &mut Xdp = ebpf
+        .program_mut(names::XDP_GUARD)
+        .ok_or_else(|| Error::Datapath("no xdp_guard in the object".into()))?
+        .try_into()?;
+    guard.load()?;
+    for name in [names::TC_DNS_FILTER, names::TC_MULTIHOP_MARK] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| Error::Datapath(format!("no {name} in the object")))?
+            .try_into()?;
+        prog.load()?;
+    }
+    Ok(())
+}
+
+/// Link-layer header length of `interface` in this namespace: 14 for Ethernet (and loopback),
+/// 0 for L3 devices such as WireGuard and other tunnels.
+fn l2_len(interface: &str) -> Result<u32, Error> {
+    const ARPHRD_ETHER: u16 = 1;
+    const ARPHRD_LOOPBACK: u16 = 772;
+    const ARPHRD_NONE: u16 = 0xFFFE;
+    let addrs = nix::ifaddrs::getifaddrs()
+        .map_err(|e| Error::Datapath(format!("cannot list interfaces: {e}")))?;
+    for a in addrs {
+        if a.interface_name != interface {
+            continue;
+        }
+        if let Some(link) = a.address.as_ref().and_then(|s| s.as_link_addr()) {
+            return match link.hatype() {
+                ARPHRD_ETHER | ARPHRD_LOOPBACK => Ok(14),
+                ARPHRD_NONE => Ok(0),
+                other => Err(Error::Datapath(format!(
+                    "{interface}: link type {other} is not supported by the TC programs"
+                ))),
+            };
+        }
+    }
+    // Interfaces without a link address (some tunnels) carry bare IP.
+    Ok(0)
 }
 
 impl Datapath {
-    /// Loads the object, reusing pinned maps, and attaches (or adopts) the XDP guard.
-    pub fn start(config: &DatapathConfig, state_dir: &Path) -> Result<Self, Error> {
+    /// Loads the object (reusing pinned maps), attaches or adopts the XDP guard, restores the
+    /// persisted policies and domain rules, and attaches the VPN-interface programs when that
+    /// interface exists.
+    pub fn start(
+        config: &DatapathConfig,
+        vpn_interface: &str,
+        state_dir: &Path,
+    ) -> Result<Self, Error> {
         let pin_dir = config.bpffs.clone();
         bpffs::ensure(&pin_dir)?;
         let uplink = match config.uplink.as_str() {
@@ -116,69 +161,135 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
             .map_max_entries(names::SOURCES_MAP, config.max_sources)
+            .map_max_entries(names::POLICY_MAP, config.max_policies)
+            .map_max_entries(names::DOMAINS_MAP, config.max_domains)
             .load(EBPF_OBJECT)?;
+        load_programs(&mut ebpf)?;
 
-        let record_path = state_dir.join(ATTACHMENT_RECORD);
-        let attachment = attach_guard(
+        let links = LinkStore::new(&pin_dir, state_dir);
+        let guard_attachment = links.attach(
             &mut ebpf,
-            config.xdp_mode,
+            names::XDP_GUARD,
+            Hook::Xdp(config.xdp_mode),
             &uplink,
             ifindex,
-            &pin_dir,
-            &record_path,
         )?;
 
-        let sources = PerCpuHashMap::try_from(take_map(&mut ebpf, names::SOURCES_MAP)?)?;
-        let verdicts = PerCpuArray::try_from(take_map(&mut ebpf, names::VERDICTS_MAP)?)?;
-        Ok(Self {
+        let guard = GuardMaps::new(
+            take_map(&mut ebpf, names::SOURCES_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::VERDICTS_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::SECONDS_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::PORTS_MAP)?.try_into()?,
+        );
+        guard.set_protected_ports(&config.protected_ports)?;
+        let policy = PolicyTable::open(
+            take_map(&mut ebpf, names::POLICY_MAP)?.try_into()?,
+            state_dir,
+        )?;
+        let domains = DomainFilter::open(
+            take_map(&mut ebpf, names::DOMAINS_MAP)?.try_into()?,
+            state_dir,
+        )?;
+        let multihop = MultihopMark::new(
+            take_map(&mut ebpf, names::MULTIHOP_MAP)?.try_into()?,
+            take_map(&mut ebpf, "PH_MH_LOCAL")?.try_into()?,
+            take_map(&mut ebpf, names::MULTIHOP_STATS_MAP)?.try_into()?,
+        );
+        let dns_verdicts = take_map(&mut ebpf, names::DNS_VERDICTS_MAP)?.try_into()?;
+        let ifaces = take_map(&mut ebpf, names::IFACES_MAP)?.try_into()?;
+
+        let mut attachments = BTreeMap::new();
+        attachments.insert(guard_attachment.program.clone(), guard_attachment);
+        let datapath = Self {
             ebpf: Mutex::new(ebpf),
-            sources: Mutex::new(sources),
-            verdicts: Mutex::new(verdicts),
-            attachment,
+            links,
+            attachments: Mutex::new(attachments),
+            guard,
+            policy,
+            domains,
+            multihop,
+            dns_verdicts: Mutex::new(dns_verdicts),
+            ifaces: Mutex::new(ifaces),
+            vpn_interface: vpn_interface.to_string(),
+            dns_filter: config.dns_filter,
             pin_dir,
-            record_path,
-            max_sources: config.max_sources,
-        })
+            config: config.clone(),
+        };
+        datapath.reconcile_vpn()?;
+        Ok(datapath)
+    }
+
+    fn lock<'a, T>(&self, m: &'a Mutex<T>) -> Result<std::sync::MutexGuard<'a, T>, Error> {
+        m.lock()
+            .map_err(|_| Error::Datapath("datapath lock poisoned".into()))
+    }
+
+    /// The VPN interface the TC programs belong on.
+    pub fn vpn_interface(&self) -> &str {
+        &self.vpn_interface
+    }
+
+    /// Attaches the TC programs to the VPN interface when it exists (again, after it was
+    /// recreated), and forgets attachments whose interface is gone. Idempotent; run at start
+    /// and periodically.
+    pub fn reconcile_vpn(&self) -> Result<(), Error> {
+        let ifindex = nix::net::if_::if_nametoindex(self.vpn_interface.as_str()).ok();
+        let mut attachments = self.lock(&self.attachments)?;
+        for (program, hook) in VPN_PROGRAMS {
+            if program == names::TC_DNS_FILTER && !self.dns_filter {
+                continue;
+            }
+            let current = attachments.get(program).map(|a| a.ifindex);
+            match (ifindex, current) {
+                (Some(now), Some(was)) if now == was => {}
+                (None, None) => {}
+                (None, Some(_)) => {
+                    info!(program, interface = %self.vpn_interface, "VPN interface gone; link released");
+                    self.links.release(program);
+                    attachments.remove(program);
+                }
+                (Some(now), _) => {
+                    let l2 = l2_len(&self.vpn_interface)?;
+                    self.lock(&self.ifaces)?
+                        .insert(&now, &IfaceInfo { l2_len: l2 }, 0)?;
+                    let mut ebpf = self.lock(&self.ebpf)?;
+                    let a =
+                        self.links
+                            .attach(&mut ebpf, program, hook, &self.vpn_interface, now)?;
+                    attachments.insert(program.to_string(), a);
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn attachments(&self) -> Vec<Attachment> {
-        vec![self.attachment.clone()]
+        self.lock(&self.attachments)
+            .map(|a| a.values().cloned().collect())
+            .unwrap_or_default()
     }
 
-    /// Clean shutdown: unpin the link so that dropping our handle detaches the guard.
-    /// Maps stay pinned so counts survive into the next start.
+    /// Clean shutdown: unpin the links so that dropping our handles detaches the programs.
+    /// Maps stay pinned so counts and policies survive into the next start.
     pub fn shutdown(self) {
-        let link_pin = self.pin_dir.join(GUARD_LINK_PIN);
-        if let Err(e) = std::fs::remove_file(&link_pin)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            warn!(path = %link_pin.display(), error = %e, "cannot unpin the XDP link");
+        for program in self.attachments().iter().map(|a| a.program.clone()) {
+            self.links.release(&program);
         }
-        if let Err(e) = std::fs::remove_file(&self.record_path)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            warn!(path = %self.record_path.display(), error = %e, "cannot remove the attachment record");
-        }
-        info!(interface = %self.attachment.interface, "XDP guard detached");
+        info!("eBPF programs detached");
         drop(self.ebpf);
     }
 
-    /// Counters by verdict and reason, summed over CPUs.
-    pub fn verdicts(&self) -> Result<Vec<VerdictCount>, Error> {
-        let map = self
-            .verdicts
-            .lock()
-            .map_err(|_| Error::Datapath("verdict map lock poisoned".into()))?;
-        Verdict::ALL
+    pub fn dns_verdicts(&self) -> Result<Vec<DnsCount>, Error> {
+        let map = self.lock(&self.dns_verdicts)?;
+        DnsVerdict::ALL
             .iter()
             .map(|v| {
                 let per_cpu = map.get(&(*v as u32), 0)?;
                 let (packets, bytes) = per_cpu
                     .iter()
-                    .fold((0u64, 0u64), |(p, b), c| (p + c.packets, b + c.bytes));
-                Ok(VerdictCount {
-                    verdict: v.action(),
-                    reason: v.reason(),
+                    .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+                Ok(DnsCount {
+                    verdict: v.name(),
                     packets,
                     bytes,
                 })
@@ -186,218 +297,44 @@ impl Datapath {
             .collect()
     }
 
-    /// Every tracked source, summed over CPUs. Entries evicted by the LRU are gone.
-    pub fn sources(&self) -> Result<Vec<SourceCount>, Error> {
-        let now_ns = monotonic_ns();
-        let map = self
-            .sources
-            .lock()
-            .map_err(|_| Error::Datapath("source map lock poisoned".into()))?;
-        let mut out = Vec::new();
-        for item in map.iter() {
-            let (key, per_cpu) = match item {
-                Ok(kv) => kv,
-                // An entry evicted between get_next_key and lookup: skip it.
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            let mut total = SourceStats::default();
-            for c in per_cpu.iter() {
-                total.packets += c.packets;
-                total.bytes += c.bytes;
-                total.last_seen_ns = total.last_seen_ns.max(c.last_seen_ns);
-            }
-            out.push(SourceCount {
-                address: key_to_ip(&key),
-                packets: total.packets,
-                bytes: total.bytes,
-                last_seen_seconds_ago: now_ns.saturating_sub(total.last_seen_ns) as f64 / 1e9,
-            });
-        }
-        Ok(out)
-    }
-}
-
-/// The `count` busiest of `sources` by packets (then bytes); with `window_seconds`, only
-/// those seen within it.
-pub fn busiest(
-    mut sources: Vec<SourceCount>,
-    count: usize,
-    window_seconds: Option<u64>,
-) -> Vec<SourceCount> {
-    if let Some(window) = window_seconds {
-        sources.retain(|s| s.last_seen_seconds_ago <= window as f64);
-    }
-    sources.sort_by(|a, b| b.packets.cmp(&a.packets).then(b.bytes.cmp(&a.bytes)));
-    sources.truncate(count);
-    sources
-}
-
-impl Datapath {
     pub fn maps(&self) -> Result<Vec<MapSummary>, Error> {
-        let sources = self.sources()?.len();
+        let (allowed, denied) = self.policy.counts()?;
+        let summary = |name, kind, max_entries, entries| MapSummary {
+            name,
+            kind,
+            max_entries,
+            entries,
+            pinned_at: self.pin_dir.join(name),
+        };
         Ok(vec![
-            MapSummary {
-                name: names::SOURCES_MAP,
-                kind: "lru_percpu_hash",
-                max_entries: self.max_sources,
-                entries: sources,
-                pinned_at: self.pin_dir.join(names::SOURCES_MAP),
-            },
-            MapSummary {
-                name: names::VERDICTS_MAP,
-                kind: "percpu_array",
-                max_entries: Verdict::SLOTS,
-                entries: Verdict::ALL.len(),
-                pinned_at: self.pin_dir.join(names::VERDICTS_MAP),
-            },
+            summary(
+                names::SOURCES_MAP,
+                "lru_percpu_hash",
+                self.config.max_sources,
+                self.guard.sources()?.len(),
+            ),
+            summary(
+                names::POLICY_MAP,
+                "hash",
+                self.config.max_policies,
+                allowed + denied,
+            ),
+            summary(
+                names::DOMAINS_MAP,
+                "hash",
+                self.config.max_domains,
+                self.domains.kernel_len()?,
+            ),
         ])
     }
-}
 
-fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, Error> {
-    ebpf.take_map(name)
-        .ok_or_else(|| Error::Datapath(format!("the eBPF object has no map {name}")))
-}
-
-fn key_to_ip(key: &SourceKey) -> IpAddr {
-    let v6 = Ipv6Addr::from(key.addr);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
-}
-
-/// CLOCK_MONOTONIC_COARSE in nanoseconds, the clock `bpf_ktime_get_coarse_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .map(|t| (t.tv_sec() as u64).saturating_mul(1_000_000_000) + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
-
-fn mode_name(mode: XdpMode) -> &'static str {
-    match mode {
-        XdpMode::Driver => "native",
-        XdpMode::Skb => "generic",
-        XdpMode::Hardware => "offload",
-        XdpMode::Default => "default",
-    }
-}
-
-fn read_record(path: &Path) -> Option<Attachment> {
-    let text = std::fs::read_to_string(path).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
-fn write_record(path: &Path, record: &Attachment) -> Result<(), Error> {
-    let text = serde_json::to_string_pretty(record)
-        .map_err(|e| Error::Datapath(format!("cannot encode the attachment record: {e}")))?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
-fn attach_guard(
-    ebpf: &mut Ebpf,
-    setting: XdpModeSetting,
-    uplink: &str,
-    ifindex: u32,
-    pin_dir: &Path,
-    record_path: &Path,
-) -> Result<Attachment, Error> {
-    let program: &mut Xdp = ebpf
-        .program_mut(names::XDP_GUARD)
-        .ok_or_else(|| {
-            Error::Datapath(format!(
-                "the eBPF object has no program {}",
-                names::XDP_GUARD
-            ))
-        })?
-        .try_into()?;
-    program.load()?;
-
-    let link_pin = pin_dir.join(GUARD_LINK_PIN);
-    if link_pin.exists() {
-        let record = read_record(record_path);
-        let reusable = record.as_ref().is_some_and(|r| {
-            r.interface == uplink
-                && r.ifindex == ifindex
-                && match setting {
-                    XdpModeSetting::Auto => true,
-                    XdpModeSetting::Native => r.mode == "native",
-                    XdpModeSetting::Generic => r.mode == "generic",
-                }
-        });
-        let pinned = PinnedLink::from_pin(&link_pin)?;
-        match (reusable, record) {
-            (true, Some(record)) => {
-                // Atomically swap our freshly loaded program into the existing link.
-                let link = XdpLink::try_from(FdLink::from(pinned))?;
-                program.attach_to_link(link)?;
-                info!(interface = uplink, mode = %record.mode, "adopted the pinned XDP guard link");
-                return Ok(record);
-            }
-            _ => {
-                // A link for another interface or mode, or one without a record: detach it.
-                warn!(path = %link_pin.display(), "replacing a pinned XDP link that does not match the configuration");
-                drop(pinned.unpin().map_err(|e| Error::io(&link_pin, e))?);
-            }
+    /// Housekeeping run every few seconds: lapsed policies out, VPN programs in place.
+    pub fn tick(&self) {
+        if let Err(e) = self.policy.sweep() {
+            warn!(error = %e, "policy sweep failed");
+        }
+        if let Err(e) = self.reconcile_vpn() {
+            warn!(error = %e, "cannot attach the VPN-interface programs");
         }
     }
-
-    let modes: &[XdpMode] = match setting {
-        XdpModeSetting::Auto => &[XdpMode::Driver, XdpMode::Skb],
-        XdpModeSetting::Native => &[XdpMode::Driver],
-        XdpModeSetting::Generic => &[XdpMode::Skb],
-    };
-    let name = CString::new(uplink).map_err(|_| Error::config("uplink name contains NUL"))?;
-    let mut last_error = None;
-    let mut attached = None;
-    for mode in modes {
-        match program.attach(&name, *mode) {
-            Ok(id) => {
-                attached = Some((id, *mode));
-                break;
-            }
-            Err(e) => {
-                info!(interface = uplink, mode = mode_name(*mode), error = %e, "XDP attach mode refused");
-                last_error = Some(e);
-            }
-        }
-    }
-    let Some((id, mode)) = attached else {
-        return Err(match last_error {
-            Some(e) => Error::Datapath(format!(
-                "cannot attach {} to {uplink}: {e} (is another XDP program attached?)",
-                names::XDP_GUARD
-            )),
-            None => Error::Datapath("no XDP mode to try".into()),
-        });
-    };
-    let link = program.take_link(id)?;
-    match FdLink::try_from(link) {
-        Ok(fd_link) => {
-            let pinned = fd_link.pin(&link_pin)?;
-            let link = XdpLink::try_from(FdLink::from(pinned))?;
-            program.attach_to_link(link)?;
-        }
-        Err(e) => {
-            // Kernels without XDP links attach through netlink, which cannot be pinned; the
-            // program then stays attached after a crash and the next start reports EBUSY.
-            return Err(Error::Datapath(format!(
-                "XDP link cannot be pinned on this kernel: {e}"
-            )));
-        }
-    }
-    let record = Attachment {
-        program: names::XDP_GUARD.into(),
-        kind: "xdp".into(),
-        interface: uplink.into(),
-        ifindex,
-        mode: mode_name(mode).into(),
-        attached_since: crate::protocol::timestamp_now(),
-    };
-    write_record(record_path, &record)?;
-    info!(interface = uplink, mode = %record.mode, "XDP guard attached");
-    Ok(record)
 }

@@ -1,0 +1,436 @@
+//! `tc_dns_filter`: TC egress on the VPN interface. DNS answers going to VPN clients whose
+//! question is blocked are rewritten in place to NXDOMAIN, so clients that bypass Phantom's
+//! resolver are filtered too. Anything it cannot parse passes untouched.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{__sk_buff, TC_ACT_OK},
+    cty::c_void,
+    helpers::generated::{bpf_csum_diff, bpf_skb_load_bytes},
+    macros::{classifier, map},
+    maps::{HashMap, PerCpuArray},
+    programs::TcContext,
+};
+use phantom_common::{
+    dns::{
+        DEFAULT_MAX_DOMAINS, DOMAIN_SUBDOMAINS, DnsVerdict, HASH_SEED, IfaceInfo, MAX_NAME_LEN,
+        hash_step,
+    },
+    xdp::TrafficCounter,
+};
+
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Blocked domains: `domain_hash(name)` -> `DOMAIN_EXACT` | `DOMAIN_SUBDOMAINS`.
+#[map(name = "PH_DOMAINS")]
+static DOMAINS: HashMap<u64, u8> = HashMap::pinned(DEFAULT_MAX_DOMAINS, BPF_F_NO_PREALLOC);
+
+#[map(name = "PH_DNS_VERDICTS")]
+static DNS_VERDICTS: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(DnsVerdict::SLOTS, 0);
+
+/// ifindex -> link-layer header length, written by the daemon before it attaches.
+#[map(name = "PH_IFACES")]
+pub(crate) static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(256, 0);
+
+const SCRATCH_LEN: usize = 512;
+/// Where the name is copied (one wire-format name is at most 255 bytes).
+const NAME_AREA: usize = 256;
+/// Where the pseudo-header is built for the checksum.
+const PSEUDO_AT: usize = 320;
+/// Where the hash seed is parked (see `is_blocked`).
+const SEED_AT: usize = 480;
+/// Where the label counter of `normalise_name` lives.
+const REMAINING_AT: usize = 496;
+
+#[repr(C)]
+pub struct Scratch {
+    buf: [u8; SCRATCH_LEN],
+}
+
+#[map(name = "PH_DNS_SCRATCH")]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IPPROTO_UDP: u8 = 17;
+const DNS_PORT: u16 = 53;
+const DNS_HLEN: usize = 12;
+const UDP_HLEN: usize = 8;
+
+#[classifier]
+pub fn tc_dns_filter(ctx: TcContext) -> i32 {
+    let len = ctx.len() as u64;
+    if let Some(verdict) = filter(&ctx) {
+        if let Some(counter) = DNS_VERDICTS.get_ptr_mut(verdict as u32) {
+            // SAFETY: per-CPU slot, written only by this CPU.
+            unsafe {
+                (*counter).packets += 1;
+                (*counter).bytes += len;
+            }
+        }
+    }
+    TC_ACT_OK as i32
+}
+
+/// Where the headers are, once the packet is known to be UDP from port 53.
+struct Layout {
+    l3: usize,
+    l4: usize,
+    ipv6: bool,
+}
+
+/// Exactly `N` bytes at `offset`, or `None` past the end of the packet.
+#[inline(always)]
+pub(crate) fn load<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    // SAFETY: `out` is N writable bytes; the helper checks the packet bounds.
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.as_ptr(),
+            offset as u32,
+            out.as_mut_ptr() as *mut c_void,
+            N as u32,
+        )
+    };
+    (ret == 0).then_some(out)
+}
+
+/// Copies up to `max` (at most the buffer) bytes at `offset` into `buf`; returns how many.
+#[inline(always)]
+fn load_prefix(
+    ctx: &TcContext,
+    offset: usize,
+    buf: &mut [u8; SCRATCH_LEN],
+    max: usize,
+) -> Option<usize> {
+    let avail = (ctx.len() as usize).checked_sub(offset)?;
+    let mut n = if avail > max { max } else { avail };
+    if n > NAME_AREA + 64 {
+        n = NAME_AREA + 64;
+    }
+    if n == 0 {
+        return None;
+    }
+    // Spelled so that the verifier, too, sees 1 <= len <= SCRATCH_LEN (it is n itself). The
+    // volatile read keeps LLVM from folding the mask away using the range it already knows.
+    // SAFETY: reading a local.
+    let n = unsafe { core::ptr::read_volatile(&n) } as u32;
+    let len = ((n.wrapping_sub(1)) & (SCRATCH_LEN as u32 - 1)) + 1;
+    // SAFETY: 1 <= len <= SCRATCH_LEN; the helper checks the packet bounds.
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.as_ptr(),
+            offset as u32,
+            buf.as_mut_ptr() as *mut c_void,
+            len,
+        )
+    };
+    (ret == 0).then_some(n as usize)
+}
+
+/// `None` when the packet is not a UDP datagram from port 53 (not counted at all).
+#[inline(always)]
+fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
+    let layout = locate(ctx)?;
+    let dns = layout.l4 + UDP_HLEN;
+    let Some(header) = load::<DNS_HLEN>(ctx, dns) else {
+        return Some(DnsVerdict::Unparsable);
+    };
+    // QR must be set (a response) and the opcode QUERY.
+    if header[2] & 0x80 == 0 || (header[2] >> 3) & 0x0f != 0 {
+        return Some(DnsVerdict::NotResponse);
+    }
+    if header[4] != 0 || header[5] != 1 {
+        return Some(DnsVerdict::QuestionCount);
+    }
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: the per-CPU scratch value lives as long as this program run, on this CPU only.
+    let buf = unsafe { &mut (*scratch).buf };
+    let qname = dns + DNS_HLEN;
+    let Some(copied) = load_prefix(ctx, qname, buf, NAME_AREA) else {
+        return Some(DnsVerdict::Unparsable);
+    };
+    let Some(name_end) = normalise_name(buf, copied) else {
+        return Some(DnsVerdict::Unparsable);
+    };
+    // One verifier path from here on, whatever the name's length (see `launder`).
+    let name_end = launder(buf, name_end as u64) as usize;
+    if name_end == 0 || name_end >= NAME_AREA {
+        return Some(DnsVerdict::Unparsable);
+    }
+    // QTYPE and QCLASS must follow the name.
+    let dns_len = DNS_HLEN + name_end + 1 + 4;
+    if (ctx.len() as usize) < dns + dns_len {
+        return Some(DnsVerdict::Unparsable);
+    }
+    if !is_blocked(buf, name_end) {
+        return Some(DnsVerdict::Passed);
+    }
+    match rewrite(ctx, &layout, header, dns_len, buf) {
+        Some(()) => Some(DnsVerdict::Rewritten),
+        None => Some(DnsVerdict::RewriteFailed),
+    }
+}
+
+#[inline(always)]
+fn locate(ctx: &TcContext) -> Option<Layout> {
+    // SAFETY: the context pointer of a TC program is its __sk_buff.
+    let skb = unsafe { &*(ctx.as_ptr() as *const __sk_buff) };
+    // Map keys must live on the stack, not in the context.
+    let ifindex = skb.ifindex;
+    let l2 = IFACES.get_ptr(&ifindex)?;
+    // SAFETY: a value pointer from a successful lookup.
+    let l3 = unsafe { (*l2).l2_len } as usize;
+    if l3 > 64 {
+        return None;
+    }
+    let protocol = u16::from_be(skb.protocol as u16);
+    match protocol {
+        ETH_P_IP => {
+            let ip = load::<20>(ctx, l3)?;
+            if ip[0] >> 4 != 4 || ip[9] != IPPROTO_UDP {
+                return None;
+            }
+            // Fragments other than a whole datagram are left alone.
+            if (ip[6] & 0x3f) != 0 || ip[7] != 0 {
+                return None;
+            }
+            let ihl = ((ip[0] & 0x0f) as usize) * 4;
+            if ihl < 20 {
+                return None;
+            }
+            let l4 = l3 + ihl;
+            let udp = load::<4>(ctx, l4)?;
+            (u16::from_be_bytes([udp[0], udp[1]]) == DNS_PORT).then_some(Layout {
+                l3,
+                l4,
+                ipv6: false,
+            })
+        }
+        ETH_P_IPV6 => {
+            let ip = load::<8>(ctx, l3)?;
+            if ip[0] >> 4 != 6 || ip[6] != IPPROTO_UDP {
+                return None;
+            }
+            let l4 = l3 + 40;
+            let udp = load::<4>(ctx, l4)?;
+            (u16::from_be_bytes([udp[0], udp[1]]) == DNS_PORT).then_some(Layout {
+                l3,
+                l4,
+                ipv6: true,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Turns the wire-format name at the start of `buf` into text in place: the length bytes
+/// after the first become dots and letters are lowercased, so the text is
+/// `buf[1..name_end]`. Returns the index of the terminating zero, or `None` for anything
+/// unusual (compression pointers, labels over 63, names over 253, running off the copy).
+#[inline(always)]
+fn normalise_name(buf: &mut [u8; SCRATCH_LEN], copied: usize) -> Option<usize> {
+    // `remaining` (bytes left in the current label) lives in scratch memory, read and written
+    // every iteration, so the verifier sees one state per position instead of one per
+    // (position, label length) pair.
+    let remaining_at = buf[REMAINING_AT..REMAINING_AT + 1].as_mut_ptr();
+    // SAFETY: one byte inside the scratch buffer.
+    unsafe { core::ptr::write_volatile(remaining_at, 0) };
+    let mut i: usize = 0;
+    while i < NAME_AREA {
+        if i >= copied {
+            return None;
+        }
+        let idx = i & (NAME_AREA - 1);
+        let b = buf[idx];
+        // SAFETY: as above.
+        let mut remaining = unsafe { core::ptr::read_volatile(remaining_at) };
+        if remaining == 0 {
+            if b == 0 {
+                // The root name alone (i == 0) asks about nothing we block.
+                return if i == 0 || i - 1 > MAX_NAME_LEN {
+                    None
+                } else {
+                    Some(i)
+                };
+            }
+            if b > 63 {
+                return None;
+            }
+            remaining = b;
+            if i != 0 {
+                buf[idx] = b'.';
+            }
+        } else {
+            buf[idx] = if b.is_ascii_uppercase() { b + 32 } else { b };
+            remaining -= 1;
+        }
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(remaining_at, remaining) };
+        i += 1;
+    }
+    None
+}
+
+/// Walks the text backwards: at each dot the running hash is that suffix's key (a parent
+/// domain: blocked only with `DOMAIN_SUBDOMAINS`); at the start it is the whole name's.
+#[inline(always)]
+fn is_blocked(buf: &mut [u8; SCRATCH_LEN], name_end: usize) -> bool {
+    // The seed and the name's length go through map memory so the verifier treats them as
+    // unknown values: with known constants every iteration's state would differ (one per name
+    // length and hash value) and the loop could not be verified within the instruction limit.
+    let mut hash = launder(buf, HASH_SEED);
+    let mut k = name_end;
+    let mut steps = 0;
+    while steps < NAME_AREA {
+        if k <= 1 {
+            break;
+        }
+        k -= 1;
+        let b = buf[k & (NAME_AREA - 1)];
+        if b == b'.' {
+            if let Some(flags) = DOMAINS.get_ptr(&hash) {
+                // SAFETY: a value pointer from a successful lookup.
+                if unsafe { *flags } & DOMAIN_SUBDOMAINS != 0 {
+                    return true;
+                }
+            }
+        }
+        hash = hash_step(hash, b);
+        steps += 1;
+    }
+    DOMAINS.get_ptr(&hash).is_some()
+}
+
+/// Returns `v` after a round trip through the scratch map, which the verifier does not track.
+#[inline(always)]
+fn launder(buf: &mut [u8; SCRATCH_LEN], v: u64) -> u64 {
+    let slot = buf[SEED_AT..SEED_AT + 8].as_mut_ptr() as *mut u64;
+    // SAFETY: 8 bytes inside the scratch buffer; unaligned access is done bytewise by LLVM.
+    unsafe {
+        core::ptr::write_unaligned(slot, v);
+        core::ptr::read_volatile(slot as *const [u8; 8])
+            .as_ptr()
+            .cast::<u64>()
+            .read_unaligned()
+    }
+}
+
+/// Rewrites the answer in place: NXDOMAIN, no records, trimmed after the question, with
+/// lengths and checksums fixed.
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    layout: &Layout,
+    header: [u8; DNS_HLEN],
+    dns_len: usize,
+    buf: &mut [u8; SCRATCH_LEN],
+) -> Option<()> {
+    let dns = layout.l4 + UDP_HLEN;
+    let mut new_header = header;
+    // Keep QR, opcode and RD; clear AA and TC. Keep RA; clear Z/AD/CD; RCODE 3 (NXDOMAIN).
+    new_header[2] = header[2] & 0xF9;
+    new_header[3] = (header[3] & 0x80) | 0x03;
+    for b in &mut new_header[6..12] {
+        *b = 0;
+    }
+    ctx.store(dns, &new_header, 0).ok()?;
+
+    let udp_len = (UDP_HLEN + dns_len) as u16;
+    let total = dns + dns_len;
+    let old_ip = load::<4>(ctx, layout.l3)?;
+    ctx.change_tail(total as u32, 0).ok()?;
+    if layout.ipv6 {
+        ctx.store(layout.l3 + 4, &udp_len.to_be_bytes(), 0).ok()?;
+    } else {
+        let new_total = (total - layout.l3) as u16;
+        let old_total = u16::from_be_bytes([old_ip[2], old_ip[3]]);
+        ctx.store(layout.l3 + 2, &new_total.to_be_bytes(), 0).ok()?;
+        ctx.l3_csum_replace(
+            layout.l3 + 10,
+            old_total.to_be() as u64,
+            new_total.to_be() as u64,
+            2,
+        )
+        .ok()?;
+    }
+    let udp_head = load::<4>(ctx, layout.l4)?;
+    let mut udp = [0u8; UDP_HLEN];
+    udp[..4].copy_from_slice(&udp_head);
+    udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    ctx.store(layout.l4, &udp, 0).ok()?;
+    let csum = udp_checksum(ctx, layout, udp_len as usize, buf)?;
+    ctx.store(layout.l4 + 6, &csum, 0).ok()
+}
+
+/// The UDP checksum over the pseudo-header and the (rewritten, short) datagram, computed from
+/// scratch with `bpf_csum_diff`: simpler and safer than adjusting it for every change.
+#[inline(always)]
+fn udp_checksum(
+    ctx: &TcContext,
+    layout: &Layout,
+    udp_len: usize,
+    buf: &mut [u8; SCRATCH_LEN],
+) -> Option<[u8; 2]> {
+    // The segment: at most 8 + 12 + 255 + 4 bytes, zero-padded to a multiple of 4.
+    if udp_len > PSEUDO_AT - 4 {
+        return None;
+    }
+    let padded = (udp_len + 3) & !3;
+    // Up to three pad bytes; masked indices keep every write inside the buffer.
+    buf[udp_len & (SCRATCH_LEN - 1)] = 0;
+    buf[(udp_len + 1) & (SCRATCH_LEN - 1)] = 0;
+    buf[(udp_len + 2) & (SCRATCH_LEN - 1)] = 0;
+    let copied = load_prefix(ctx, layout.l4, buf, udp_len)?;
+    if copied != udp_len {
+        return None;
+    }
+    let pseudo = &mut buf[PSEUDO_AT..PSEUDO_AT + 40];
+    let pseudo_len = if layout.ipv6 {
+        let addrs = load::<32>(ctx, layout.l3 + 8)?;
+        pseudo[..32].copy_from_slice(&addrs);
+        pseudo[32..36].copy_from_slice(&(udp_len as u32).to_be_bytes());
+        pseudo[36..40].copy_from_slice(&[0, 0, 0, IPPROTO_UDP]);
+        40
+    } else {
+        let addrs = load::<8>(ctx, layout.l3 + 12)?;
+        pseudo[..8].copy_from_slice(&addrs);
+        pseudo[8..12].copy_from_slice(&[0, IPPROTO_UDP, (udp_len >> 8) as u8, udp_len as u8]);
+        12
+    };
+    // The checksum field itself counts as zero.
+    buf[6] = 0;
+    buf[7] = 0;
+    // SAFETY: both ranges lie inside the scratch buffer; sizes are multiples of 4.
+    let sum = unsafe {
+        let seg = bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            buf.as_mut_ptr() as *mut u32,
+            (padded & 0x1fc) as u32,
+            0,
+        );
+        if seg < 0 {
+            return None;
+        }
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            buf.as_mut_ptr().add(PSEUDO_AT) as *mut u32,
+            pseudo_len,
+            seg as u32,
+        )
+    };
+    if sum < 0 {
+        return None;
+    }
+    let mut folded = sum as u64;
+    folded = (folded & 0xffff) + (folded >> 16);
+    folded = (folded & 0xffff) + (folded >> 16);
+    folded = (folded & 0xffff) + (folded >> 16);
+    let mut csum = !(folded as u16);
+    if csum == 0 {
+        csum = 0xffff;
+    }
+    Some(csum.to_ne_bytes())
+}
