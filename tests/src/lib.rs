@@ -113,6 +113,56 @@ impl NetNs {
         })
     }
 
+    /// Writes a sysctl of this namespace (`net.ipv4.ip_forward` -> /proc/sys/net/ipv4/ip_forward).
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+        let value = value.to_string();
+        self.run(move || {
+            fs::write(&path, value).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        });
+    }
+
+    /// Waits up to `timeout` for one UDP datagram on `addr` inside this namespace; the socket
+    /// is bound before this returns, so traffic sent afterwards is caught.
+    pub fn udp_listener(&self, addr: &str) -> UdpListener {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let socket = self.run(move || std::net::UdpSocket::bind(addr).expect("bind listener"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        UdpListener { socket }
+    }
+
+    /// Sends one UDP datagram from `from` (an address of this namespace; port 0 = any).
+    pub fn send_udp_from(&self, from: &str, to: &str, payload: &[u8]) {
+        let from: SocketAddr = from.parse().unwrap();
+        let to: SocketAddr = to.parse().unwrap();
+        let payload = payload.to_vec();
+        self.run(move || {
+            let sock = std::net::UdpSocket::bind(from).expect("bind sender");
+            sock.send_to(&payload, to).expect("send");
+        });
+    }
+
+    /// Names of the TCX programs attached to `dev` in this namespace (`egress` or ingress),
+    /// straight from the kernel (BPF_PROG_QUERY).
+    pub fn tcx_programs(&self, dev: &str, egress: bool) -> Vec<String> {
+        let dev = std::ffi::CString::new(dev).unwrap();
+        self.run(move || {
+            let attach = if egress {
+                aya::programs::TcAttachType::Egress
+            } else {
+                aya::programs::TcAttachType::Ingress
+            };
+            let (_, programs) = aya::programs::SchedClassifier::query_tcx(dev.as_c_str(), attach)
+                .expect("query tcx");
+            programs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or("?").to_string())
+                .collect()
+        })
+    }
+
     /// The MAC address of `dev` in this namespace.
     pub fn mac(&self, dev: &str) -> String {
         let out = self.ip(&["-j", "link", "show", "dev", dev]);
@@ -127,6 +177,57 @@ impl Drop for NetNs {
             .args(["netns", "del", &self.name])
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// A bound UDP socket inside a namespace.
+pub struct UdpListener {
+    socket: std::net::UdpSocket,
+}
+
+impl UdpListener {
+    /// The next datagram and its source, or `None` after the timeout (1.5 s).
+    pub fn recv(&self) -> Option<(Vec<u8>, SocketAddr)> {
+        let mut buf = vec![0u8; 65536];
+        let (n, from) = self.socket.recv_from(&mut buf).ok()?;
+        buf.truncate(n);
+        Some((buf, from))
+    }
+}
+
+/// A background process (dnsmasq, a sender...) killed on drop.
+pub struct Process {
+    child: Child,
+    name: String,
+}
+
+impl Process {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Self {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self {
+            child,
+            name: name.into(),
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -351,6 +452,8 @@ pub struct DaemonConfig {
     pub bpffs: PathBuf,
     pub metrics_listen: String,
     pub datapath_enabled: bool,
+    /// `[datapath] vpn_interface`; `None` leaves the default (the WireGuard interface).
+    pub vpn_interface: Option<String>,
     pub log_level: String,
 }
 
@@ -361,6 +464,7 @@ impl DaemonConfig {
             bpffs: bpffs.to_path_buf(),
             metrics_listen: "127.0.0.1:9469".into(),
             datapath_enabled: true,
+            vpn_interface: None,
             log_level: "info".into(),
         }
     }
@@ -371,7 +475,7 @@ impl DaemonConfig {
              [log]\nlevel = {level:?}\n\
              [admin]\nsocket = {socket:?}\n\
              [metrics]\nlisten = {metrics:?}\n\
-             [datapath]\nenabled = {enabled}\nuplink = {uplink:?}\nbpffs = {bpffs:?}\n\
+             [datapath]\nenabled = {enabled}\nuplink = {uplink:?}\nbpffs = {bpffs:?}\n{vpn}\
              [dns]\nlisten = \"off\"\n\
              [blocklist]\napi_listen = \"off\"\n",
             state = dir.join("state").display().to_string(),
@@ -381,6 +485,11 @@ impl DaemonConfig {
             enabled = self.datapath_enabled,
             uplink = self.uplink,
             bpffs = self.bpffs.display().to_string(),
+            vpn = self
+                .vpn_interface
+                .as_ref()
+                .map(|v| format!("vpn_interface = {v:?}\n"))
+                .unwrap_or_default(),
         )
     }
 }

@@ -1,0 +1,738 @@
+//! Datapath end-to-end tests: the XDP allow/deny lists, the in-kernel DNS answer filter
+//! against a real resolver and `dig`, and the multihop mark with real policy routing.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed expectation is a failed test
+
+use std::time::Duration;
+
+use phantom_tests::{
+    BpffsDir, Daemon, DaemonConfig, GuardedLink, NetNs, Process, phantom_api, require_root, veth,
+};
+use serde_json::Value;
+
+fn api(daemon: &Daemon, args: &[&str]) -> Value {
+    let (code, reply, out) = phantom_api(&daemon.socket(), args);
+    assert_eq!(code, 0, "phantom-api {args:?}: {out}");
+    reply["data"].clone()
+}
+
+fn source(daemon: &Daemon, address: &str) -> Value {
+    let data = api(daemon, &["datapath", "top_sources", "count=100"]);
+    data["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["address"] == address)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn verdict(daemon: &Daemon, reason: &str) -> u64 {
+    let data = api(daemon, &["datapath", "counters"]);
+    data["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["reason"] == reason)
+        .map(|c| c["packets"].as_u64().unwrap())
+        .unwrap()
+}
+
+/// `ping -c count -I from to` inside the peer namespace; replies received.
+fn ping_from(link: &GuardedLink, from: &str, to: &str, count: u32) -> u32 {
+    let out = link
+        .peer
+        .command("ping")
+        .args([
+            "-n",
+            "-q",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+            "-I",
+            from,
+            to,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(',')
+        .find_map(|part| part.trim().strip_suffix(" received"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn deny_allow_unblock_and_ttl_in_xdp() {
+    if !require_root("deny_allow_unblock_and_ttl_in_xdp") {
+        return;
+    }
+    let link = GuardedLink::new();
+    let bpffs = BpffsDir::new();
+    let mut daemon = Daemon::start(
+        &link.server,
+        &DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path()),
+    );
+    let (a, b, a6) = (
+        GuardedLink::PEER_V4,
+        GuardedLink::PEER_V4_SECOND,
+        GuardedLink::PEER_V6,
+    );
+    let server = GuardedLink::SERVER_V4;
+
+    link.send_udp(a, server, 10, 64);
+    link.send_udp(b, server, 10, 64);
+    assert_eq!(source(&daemon, a)["drops"], 0);
+
+    // Deny one source: its packets are dropped and counted, the other's pass, exactly.
+    let denied = api(&daemon, &["datapath", "deny", &format!("ip={a}")]);
+    assert_eq!(denied["denied"], true);
+    assert_eq!(denied["expires_in_seconds"], Value::Null);
+    link.send_udp(a, server, 10, 64);
+    link.send_udp(b, server, 10, 64);
+    let sa = source(&daemon, a);
+    let sb = source(&daemon, b);
+    assert_eq!(
+        (sa["packets"].as_u64(), sa["drops"].as_u64()),
+        (Some(20), Some(10)),
+        "{sa}"
+    );
+    assert_eq!(
+        (sb["packets"].as_u64(), sb["drops"].as_u64()),
+        (Some(20), Some(0)),
+        "{sb}"
+    );
+    assert_eq!(verdict(&daemon, "denied_manual"), 10);
+    assert_eq!(
+        ping_from(&link, a, server, 3),
+        0,
+        "denied source gets nothing through"
+    );
+    assert_eq!(
+        ping_from(&link, b, server, 3),
+        3,
+        "the other source is untouched"
+    );
+    let list = api(&daemon, &["datapath", "list_denied"]);
+    assert_eq!(list["count"], 1);
+    assert_eq!(list["entries"][0]["address"], a);
+    assert_eq!(list["entries"][0]["reason"], "manual");
+
+    // Allow wins over deny; removing the allow restores the deny.
+    api(&daemon, &["datapath", "allow", &format!("ip={a}")]);
+    assert_eq!(ping_from(&link, a, server, 3), 3, "allow overrides deny");
+    assert!(verdict(&daemon, "allowed") >= 3);
+    assert_eq!(api(&daemon, &["datapath", "list_allowed"])["count"], 1);
+    assert_eq!(
+        api(&daemon, &["datapath", "disallow", &format!("ip={a}")])["disallowed"],
+        true
+    );
+    assert_eq!(ping_from(&link, a, server, 2), 0, "deny applies again");
+    assert_eq!(
+        api(&daemon, &["datapath", "unblock", &format!("ip={a}")])["unblocked"],
+        true
+    );
+    assert_eq!(ping_from(&link, a, server, 3), 3, "unblocked");
+    assert_eq!(
+        api(&daemon, &["datapath", "unblock", &format!("ip={a}")])["unblocked"],
+        false
+    );
+
+    // A TTL lifts the block by itself, in the kernel.
+    let timed = api(
+        &daemon,
+        &["datapath", "deny", &format!("ip={b}"), "ttl_seconds=2"],
+    );
+    assert!(
+        timed["expires_in_seconds"]
+            .as_u64()
+            .is_some_and(|s| (1..=2).contains(&s)),
+        "{timed}"
+    );
+    assert_eq!(ping_from(&link, b, server, 2), 0, "denied for now");
+    std::thread::sleep(Duration::from_millis(2600));
+    assert_eq!(ping_from(&link, b, server, 3), 3, "TTL lifted the block");
+    assert_eq!(api(&daemon, &["datapath", "list_denied"])["count"], 0);
+
+    // IPv6 works the same.
+    api(&daemon, &["datapath", "deny", &format!("ip={a6}")]);
+    link.send_udp(a6, GuardedLink::SERVER_V6, 4, 64);
+    let s6 = source(&daemon, a6);
+    assert_eq!(
+        (s6["packets"].as_u64(), s6["drops"].as_u64()),
+        (Some(4), Some(4)),
+        "{s6}"
+    );
+    assert_eq!(ping_from(&link, a6, GuardedLink::SERVER_V6, 2), 0);
+
+    // A deny survives kill -9 and restart (pinned map and the state file).
+    daemon.kill9();
+    daemon.restart();
+    assert_eq!(
+        api(&daemon, &["datapath", "list_denied"])["entries"][0]["address"],
+        a6
+    );
+    assert_eq!(ping_from(&link, a6, GuardedLink::SERVER_V6, 2), 0);
+    api(&daemon, &["datapath", "unblock", &format!("ip={a6}")]);
+    assert_eq!(ping_from(&link, a6, GuardedLink::SERVER_V6, 2), 2);
+
+    // Bad input: clear errors, no change.
+    for (args, code) in [
+        (
+            vec!["datapath", "deny", "ip=300.1.1.1"],
+            "INVALID_PARAMETER",
+        ),
+        (
+            vec!["datapath", "deny", "ip=192.0.2.9", "ttl_seconds=0"],
+            "INVALID_PARAMETER",
+        ),
+        (vec!["datapath", "deny"], "MISSING_PARAMETER"),
+        (
+            vec!["datapath", "allow", "ip=192.0.2.9", "ttl=5"],
+            "UNKNOWN_PARAMETER",
+        ),
+    ] {
+        let (exit, reply, _) = phantom_api(&daemon.socket(), &args);
+        assert_ne!(exit, 0);
+        assert_eq!(reply["code"], code, "{args:?}");
+    }
+    assert_eq!(api(&daemon, &["datapath", "list_denied"])["count"], 0);
+}
+
+/// Client, router (phantomd, the filtered `vpn0` towards the client) and upstream (dnsmasq).
+struct DnsTopology {
+    client: NetNs,
+    router: NetNs,
+    upstream: NetNs,
+}
+
+const RESOLVER_V4: &str = "203.0.113.53";
+const RESOLVER_V6: &str = "2001:db8:2::53";
+const CRAFTER_V4: &str = "203.0.113.54";
+const CLIENT_V4: &str = "198.51.100.2";
+
+impl DnsTopology {
+    fn new() -> Self {
+        let client = NetNs::new("phc");
+        let router = NetNs::new("phr");
+        let upstream = NetNs::new("phu");
+        veth(&router, "vpn0", &client, "cl0");
+        veth(&router, "up0", &upstream, "dns0");
+        router.ip(&["addr", "add", "198.51.100.1/24", "dev", "vpn0"]);
+        router.ip(&["addr", "add", "2001:db8:1::1/64", "dev", "vpn0", "nodad"]);
+        router.ip(&["addr", "add", "203.0.113.1/24", "dev", "up0"]);
+        router.ip(&["addr", "add", "2001:db8:2::1/64", "dev", "up0", "nodad"]);
+        client.ip(&["addr", "add", "198.51.100.2/24", "dev", "cl0"]);
+        client.ip(&["addr", "add", "2001:db8:1::2/64", "dev", "cl0", "nodad"]);
+        client.ip(&["route", "add", "default", "via", "198.51.100.1"]);
+        client.ip(&["-6", "route", "add", "default", "via", "2001:db8:1::1"]);
+        upstream.ip(&["addr", "add", "203.0.113.53/24", "dev", "dns0"]);
+        upstream.ip(&["addr", "add", "203.0.113.54/24", "dev", "dns0"]);
+        upstream.ip(&["addr", "add", "2001:db8:2::53/64", "dev", "dns0", "nodad"]);
+        upstream.ip(&["route", "add", "default", "via", "203.0.113.1"]);
+        upstream.ip(&["-6", "route", "add", "default", "via", "2001:db8:2::1"]);
+        router.sysctl("net.ipv4.ip_forward", "1");
+        router.sysctl("net.ipv6.conf.all.forwarding", "1");
+        Self {
+            client,
+            router,
+            upstream,
+        }
+    }
+
+    fn dnsmasq(&self) -> Process {
+        let mut cmd = self.upstream.command("dnsmasq");
+        cmd.args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=203.0.113.53",
+            "--listen-address=2001:db8:2::53",
+            "--pid-file=",
+            "--user=root",
+            "--log-facility=-",
+            "--host-record=casino.example,203.0.113.100,2001:db8:2::100",
+            "--host-record=www.casino.example,203.0.113.101,2001:db8:2::101",
+            "--host-record=deep.www.casino.example,203.0.113.102",
+            "--host-record=exact-only.example,203.0.113.103",
+            "--host-record=sub.exact-only.example,203.0.113.104",
+            "--host-record=fine.example,203.0.113.105,2001:db8:2::105",
+            "--host-record=notcasino.example,203.0.113.106",
+        ]);
+        let mut p = Process::spawn("dnsmasq", &mut cmd);
+        // Wait until it answers over both families (IPv6 neighbour discovery takes a moment).
+        for _ in 0..50 {
+            if self.dig(RESOLVER_V4, "fine.example", "A", &[]).0 == "NOERROR"
+                && self.dig(RESOLVER_V6, "fine.example", "AAAA", &[]).0 == "NOERROR"
+            {
+                return p;
+            }
+            assert!(p.is_running(), "dnsmasq exited");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("dnsmasq did not answer");
+    }
+
+    /// `dig` from the client: (status, answers).
+    fn dig(&self, server: &str, name: &str, qtype: &str, extra: &[&str]) -> (String, Vec<String>) {
+        let out = self
+            .client
+            .command("dig")
+            .arg(format!("@{server}"))
+            .args([name, qtype, "+tries=1", "+time=2", "+noedns"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let status = text
+            .lines()
+            .find_map(|l| l.split("status: ").nth(1))
+            .map(|s| s.split(',').next().unwrap_or_default().to_string())
+            .unwrap_or_else(|| format!("NO REPLY: {text}"));
+        let mut answers = Vec::new();
+        let mut in_answer = false;
+        for line in text.lines() {
+            if line.starts_with(";; ANSWER SECTION") {
+                in_answer = true;
+                continue;
+            }
+            if in_answer {
+                if line.trim().is_empty() {
+                    break;
+                }
+                if let Some(last) = line.split_whitespace().last() {
+                    answers.push(last.to_string());
+                }
+            }
+        }
+        (status, answers)
+    }
+}
+
+/// A DNS message: header fields, one or more questions as raw name bytes, and answer bytes.
+fn dns_message(
+    flags: [u8; 2],
+    qdcount: u16,
+    question: &[u8],
+    ancount: u16,
+    answers: &[u8],
+) -> Vec<u8> {
+    let mut m = vec![0x12, 0x34, flags[0], flags[1]];
+    m.extend_from_slice(&qdcount.to_be_bytes());
+    m.extend_from_slice(&ancount.to_be_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0]);
+    m.extend_from_slice(question);
+    m.extend_from_slice(answers);
+    m
+}
+
+fn wire_name(name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for label in name.split('.') {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label.as_bytes());
+    }
+    out.push(0);
+    out
+}
+
+fn question(name: &str) -> Vec<u8> {
+    let mut q = wire_name(name);
+    q.extend_from_slice(&[0, 1, 0, 1]);
+    q
+}
+
+/// One A record answer pointing back at the question name.
+const ANSWER_A: [u8; 16] = [0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 203, 0, 113, 7];
+
+#[test]
+fn dns_answers_for_blocked_names_become_nxdomain_in_the_kernel() {
+    if !require_root("dns_answers_for_blocked_names_become_nxdomain_in_the_kernel") {
+        return;
+    }
+    let topo = DnsTopology::new();
+    let bpffs = BpffsDir::new();
+    let mut config = DaemonConfig::new("up0", bpffs.path());
+    config.vpn_interface = Some("vpn0".into());
+    let mut daemon = Daemon::start(&topo.router, &config);
+    let _dnsmasq = topo.dnsmasq();
+
+    // Before any rule, the real answers.
+    assert_eq!(
+        topo.dig(RESOLVER_V4, "casino.example", "A", &[]).1,
+        vec!["203.0.113.100"]
+    );
+
+    api(
+        &daemon,
+        &["datapath", "dns_block", "domain=Casino.Example."],
+    );
+    api(
+        &daemon,
+        &[
+            "datapath",
+            "dns_block",
+            "domain=exact-only.example",
+            "subdomains=false",
+        ],
+    );
+    let rules = api(&daemon, &["datapath", "dns_rules"]);
+    assert_eq!(rules["count"], 2);
+    assert_eq!(rules["rules"][0]["domain"], "casino.example");
+
+    for (server, name, qtype) in [
+        (RESOLVER_V4, "casino.example", "A"),
+        (RESOLVER_V4, "www.casino.example", "A"),
+        (RESOLVER_V4, "deep.www.casino.example", "A"),
+        (RESOLVER_V4, "WWW.CaSiNo.example", "A"),
+        (RESOLVER_V6, "casino.example", "AAAA"),
+        (RESOLVER_V6, "www.casino.example", "A"),
+        (RESOLVER_V4, "exact-only.example", "A"),
+    ] {
+        let (status, answers) = topo.dig(server, name, qtype, &[]);
+        assert_eq!(status, "NXDOMAIN", "{name} {qtype} via {server}");
+        assert!(answers.is_empty(), "{name}: {answers:?}");
+    }
+    for (server, name, qtype, want) in [
+        (RESOLVER_V4, "fine.example", "A", "203.0.113.105"),
+        (RESOLVER_V6, "fine.example", "AAAA", "2001:db8:2::105"),
+        (RESOLVER_V4, "sub.exact-only.example", "A", "203.0.113.104"),
+        (RESOLVER_V4, "notcasino.example", "A", "203.0.113.106"),
+    ] {
+        let (status, answers) = topo.dig(server, name, qtype, &[]);
+        assert_eq!(
+            (status.as_str(), answers),
+            ("NOERROR", vec![want.to_string()]),
+            "{name}"
+        );
+    }
+    // TCP DNS is not touched by the UDP filter: the answer arrives intact.
+    let (status, answers) = topo.dig(RESOLVER_V4, "casino.example", "A", &["+tcp"]);
+    assert_eq!(
+        (status.as_str(), answers),
+        ("NOERROR", vec!["203.0.113.100".to_string()])
+    );
+
+    let counters = api(&daemon, &["datapath", "counters"]);
+    let nx = counters["dns_filter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["verdict"] == "nxdomain")
+        .unwrap()["packets"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(nx, 7, "{counters}");
+
+    // Crafted packets from port 53 towards the client: everything unusual passes untouched.
+    let listener = topo.client.udp_listener(&format!("{CLIENT_V4}:5353"));
+    let blocked_q = question("casino.example");
+    let mut long_name = String::new();
+    for i in 0..60 {
+        long_name.push_str(&format!("l{i:03}."));
+    }
+    long_name.push_str("casino.example");
+    let mut overrun = vec![40u8];
+    overrun.extend_from_slice(b"casino");
+    let corpus: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated header", vec![0x12, 0x34, 0x81, 0x80, 0, 1]),
+        ("header only", dns_message([0x81, 0x80], 1, &[], 0, &[])),
+        (
+            "query, not a response",
+            dns_message([0x01, 0x00], 1, &blocked_q, 0, &[]),
+        ),
+        (
+            "zero questions",
+            dns_message([0x81, 0x80], 0, &[], 1, &ANSWER_A),
+        ),
+        (
+            "two questions",
+            dns_message(
+                [0x81, 0x80],
+                2,
+                &[blocked_q.clone(), blocked_q.clone()].concat(),
+                0,
+                &[],
+            ),
+        ),
+        (
+            "label overruns the packet",
+            dns_message([0x81, 0x80], 1, &overrun, 0, &[]),
+        ),
+        (
+            "compression pointer in the question",
+            dns_message(
+                [0x81, 0x80],
+                1,
+                &[
+                    6, b'c', b'a', b's', b'i', b'n', b'o', 0xc0, 0x0c, 0, 1, 0, 1,
+                ],
+                0,
+                &[],
+            ),
+        ),
+        (
+            "name of 300 bytes",
+            dns_message([0x81, 0x80], 1, &question(&long_name), 0, &[]),
+        ),
+        (
+            "name without QTYPE",
+            dns_message([0x81, 0x80], 1, &wire_name("casino.example"), 0, &[]),
+        ),
+        (
+            "label over 63",
+            dns_message([0x81, 0x80], 1, &[64, b'x', 0, 0, 1, 0, 1], 0, &[]),
+        ),
+        (
+            "notify opcode",
+            dns_message([0xa0, 0x00], 1, &blocked_q, 0, &[]),
+        ),
+        (
+            "unblocked name",
+            dns_message([0x81, 0x80], 1, &question("fine.example"), 1, &ANSWER_A),
+        ),
+    ];
+    for (what, payload) in &corpus {
+        topo.upstream.send_udp_from(
+            &format!("{CRAFTER_V4}:53"),
+            &format!("{CLIENT_V4}:5353"),
+            payload,
+        );
+        let (got, from) = listener
+            .recv()
+            .unwrap_or_else(|| panic!("{what}: nothing arrived"));
+        assert_eq!(from.to_string(), format!("{CRAFTER_V4}:53"));
+        assert_eq!(&got, payload, "{what} was changed");
+    }
+    // A well-formed blocked answer is rewritten exactly: NXDOMAIN, no records, trimmed.
+    let answer = dns_message(
+        [0x85, 0x80],
+        1,
+        &question("www.casino.example"),
+        1,
+        &ANSWER_A,
+    );
+    topo.upstream.send_udp_from(
+        &format!("{CRAFTER_V4}:53"),
+        &format!("{CLIENT_V4}:5353"),
+        &answer,
+    );
+    let (got, _) = listener.recv().expect("rewritten answer");
+    let mut want = dns_message([0x81, 0x83], 1, &question("www.casino.example"), 0, &[]);
+    want[3] = 0x83;
+    assert_eq!(got, want);
+
+    // Rules are acknowledged state: they survive kill -9, and the TC links are adopted, once.
+    daemon.kill9();
+    daemon.restart();
+    assert_eq!(
+        topo.dig(RESOLVER_V4, "www.casino.example", "A", &[]).0,
+        "NXDOMAIN"
+    );
+    assert_eq!(
+        topo.router.tcx_programs("vpn0", true),
+        vec!["tc_dns_filter"]
+    );
+    // The kernel keeps 15 characters of a program's name.
+    assert_eq!(
+        topo.router.tcx_programs("vpn0", false),
+        vec!["tc_multihop_mar"]
+    );
+
+    // Removing the rule restores the real answers; bad rules are refused.
+    assert_eq!(
+        api(
+            &daemon,
+            &["datapath", "dns_unblock", "domain=casino.example"]
+        )["removed"],
+        true
+    );
+    assert_eq!(
+        topo.dig(RESOLVER_V4, "www.casino.example", "A", &[]).1,
+        vec!["203.0.113.101"]
+    );
+    for bad in [
+        "domain=com",
+        "domain=a..b",
+        "domain=bücher.example",
+        "domain=-x.example",
+    ] {
+        let (exit, reply, _) = phantom_api(&daemon.socket(), &["datapath", "dns_block", bad]);
+        assert_ne!(exit, 0);
+        assert_eq!(reply["code"], "INVALID_PARAMETER", "{bad}");
+    }
+    assert_eq!(api(&daemon, &["datapath", "dns_rules"])["count"], 1);
+}
+
+/// A VPN client behind the router's `vpn0`, a second client behind `vpn1`, the internet host
+/// behind the main route, and an exit behind table 100; both far hosts own 203.0.113.10.
+struct MultihopTopology {
+    client: NetNs,
+    other_client: NetNs,
+    router: NetNs,
+    internet: NetNs,
+    exit: NetNs,
+}
+
+const MARK: u32 = 0x6d68;
+
+impl MultihopTopology {
+    fn new() -> Self {
+        let client = NetNs::new("phc");
+        let other_client = NetNs::new("pho");
+        let router = NetNs::new("phr");
+        let internet = NetNs::new("phi");
+        let exit = NetNs::new("phe");
+        veth(&router, "vpn0", &client, "cl0");
+        veth(&router, "vpn1", &other_client, "cl0");
+        veth(&router, "up0", &internet, "in0");
+        veth(&router, "ex0", &exit, "ex0");
+        for (ns, addr) in [
+            (&client, "198.51.100.2/32"),
+            (&other_client, "198.51.100.3/32"),
+        ] {
+            ns.ip(&["addr", "add", addr, "dev", "cl0"]);
+            ns.ip(&["route", "add", "198.51.100.1", "dev", "cl0"]);
+            ns.ip(&["route", "add", "default", "via", "198.51.100.1"]);
+        }
+        router.ip(&["addr", "add", "198.51.100.1/32", "dev", "vpn0"]);
+        router.ip(&["addr", "add", "198.51.100.1/32", "dev", "vpn1"]);
+        router.ip(&["route", "add", "198.51.100.2/32", "dev", "vpn0"]);
+        router.ip(&["route", "add", "198.51.100.3/32", "dev", "vpn1"]);
+        router.ip(&["addr", "add", "203.0.113.1/24", "dev", "up0"]);
+        router.ip(&["addr", "add", "192.0.2.1/24", "dev", "ex0"]);
+        internet.ip(&["addr", "add", "203.0.113.10/24", "dev", "in0"]);
+        internet.ip(&["route", "add", "default", "via", "203.0.113.1"]);
+        exit.ip(&["addr", "add", "192.0.2.2/24", "dev", "ex0"]);
+        exit.ip(&["addr", "add", "203.0.113.10/32", "dev", "lo"]);
+        exit.ip(&["route", "add", "default", "via", "192.0.2.1"]);
+        // What the multihop module sets up: table 100 via the exit, chosen by the mark.
+        router.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.0.2.2",
+            "table",
+            "100",
+        ]);
+        router.ip(&[
+            "rule",
+            "add",
+            "fwmark",
+            &MARK.to_string(),
+            "lookup",
+            "100",
+            "priority",
+            "100",
+        ]);
+        router.sysctl("net.ipv4.ip_forward", "1");
+        for dev in ["all", "default", "vpn0", "vpn1", "up0", "ex0"] {
+            router.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0");
+        }
+        Self {
+            client,
+            other_client,
+            router,
+            internet,
+            exit,
+        }
+    }
+
+    /// Sends one datagram from the client to 203.0.113.10 and says who got it.
+    fn who_receives(&self, tag: &str) -> &'static str {
+        let via_internet = self.internet.udp_listener("203.0.113.10:7000");
+        let via_exit = self.exit.udp_listener("203.0.113.10:7000");
+        self.client
+            .send_udp_from("198.51.100.2:0", "203.0.113.10:7000", tag.as_bytes());
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| via_internet.recv());
+            let b = s.spawn(|| via_exit.recv());
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        match (a, b) {
+            (Some((p, _)), None) if p == tag.as_bytes() => "internet",
+            (None, Some((p, _))) if p == tag.as_bytes() => "exit",
+            other => panic!("unexpected delivery for {tag}: {other:?}"),
+        }
+    }
+
+    fn client_to_client_arrives(&self, tag: &str) -> bool {
+        let listener = self.other_client.udp_listener("198.51.100.3:7001");
+        self.client
+            .send_udp_from("198.51.100.2:0", "198.51.100.3:7001", tag.as_bytes());
+        listener.recv().is_some_and(|(p, _)| p == tag.as_bytes())
+    }
+}
+
+#[test]
+fn multihop_mark_routes_client_traffic_to_the_exit_only_while_on() {
+    if !require_root("multihop_mark_routes_client_traffic_to_the_exit_only_while_on") {
+        return;
+    }
+    let topo = MultihopTopology::new();
+    let bpffs = BpffsDir::new();
+    let mut config = DaemonConfig::new("up0", bpffs.path());
+    config.vpn_interface = Some("vpn0".into());
+    let daemon = Daemon::start(&topo.router, &config);
+
+    assert_eq!(topo.who_receives("off-1"), "internet");
+    assert!(topo.client_to_client_arrives("c2c-off"));
+
+    let on = api(
+        &daemon,
+        &[
+            "datapath",
+            "multihop_mark",
+            "enabled=true",
+            "subnet=198.51.100.0/24",
+            &format!("mark={MARK}"),
+        ],
+    );
+    assert_eq!(on["enabled"], true);
+    assert_eq!(on["client_subnets"][0], "198.51.100.0/24");
+    assert_eq!(topo.who_receives("on-1"), "exit");
+    assert_eq!(topo.who_receives("on-2"), "exit");
+    assert!(
+        topo.client_to_client_arrives("c2c-on"),
+        "client to client stays local"
+    );
+    let status = api(&daemon, &["datapath", "multihop_mark"]);
+    let count = |v: &str| {
+        status["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["verdict"] == v)
+            .unwrap()["packets"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(count("marked"), 2, "{status}");
+    assert_eq!(count("client_to_client"), 1, "{status}");
+
+    api(&daemon, &["datapath", "multihop_mark", "enabled=false"]);
+    assert_eq!(topo.who_receives("off-2"), "internet");
+    let status = api(&daemon, &["datapath", "multihop_mark"]);
+    assert_eq!(status["enabled"], false);
+
+    let (exit, reply, _) = phantom_api(
+        &daemon.socket(),
+        &[
+            "datapath",
+            "multihop_mark",
+            "enabled=true",
+            "subnet=198.51.100.0/33",
+        ],
+    );
+    assert_ne!(exit, 0);
+    assert_eq!(reply["code"], "INVALID_PARAMETER");
+    assert_eq!(
+        topo.who_receives("off-3"),
+        "internet",
+        "a refused change changes nothing"
+    );
+}
