@@ -190,6 +190,12 @@ impl Collector for DatapathCollector {
                 )?;
                 counter_family(
                     &mut encoder,
+                    "phantom_datapath_source_drops",
+                    "Packets dropped from the busiest sources",
+                    sources.iter().map(|s| (labels(s), s.drops)),
+                )?;
+                counter_family(
+                    &mut encoder,
                     "phantom_datapath_source_bytes",
                     "Bytes from the busiest sources (metrics.top_sources of them)",
                     sources.iter().map(|s| (labels(s), s.bytes)),
@@ -197,8 +203,96 @@ impl Collector for DatapathCollector {
             }
             Err(e) => warn!(error = %e, "cannot read the source map for metrics"),
         }
+        match dp.policy.counts() {
+            Ok((allowed, denied)) => gauge_family(
+                &mut encoder,
+                "phantom_datapath_policy_entries",
+                "Live entries of the XDP allow and deny lists",
+                [
+                    (vec![("list", "allow".to_string())], allowed as i64),
+                    (vec![("list", "deny".to_string())], denied as i64),
+                ]
+                .into_iter(),
+            )?,
+            Err(e) => warn!(error = %e, "cannot read the policy map for metrics"),
+        }
+        if let Ok(seconds) = dp.guard.per_second(1) {
+            let pps = seconds.last().map_or(0, |s| s.packets);
+            gauge(
+                &mut encoder,
+                "phantom_datapath_packets_per_second",
+                "Packets the XDP guard saw in the last complete second",
+                pps as i64,
+            )?;
+        }
+        match dp.dns_verdicts() {
+            Ok(verdicts) => counter_family(
+                &mut encoder,
+                "phantom_dns_filter_packets",
+                "DNS answers seen by the in-kernel filter on the VPN interface, by verdict",
+                verdicts
+                    .iter()
+                    .map(|v| (vec![("verdict", v.verdict.to_string())], v.packets)),
+            )?,
+            Err(e) => warn!(error = %e, "cannot read the DNS filter counters for metrics"),
+        }
+        if let Ok(n) = dp.domains.kernel_len() {
+            gauge(
+                &mut encoder,
+                "phantom_dns_filter_domains",
+                "Domains in the kernel's blocked set",
+                n as i64,
+            )?;
+        }
+        match dp.multihop.status() {
+            Ok(status) => {
+                gauge(
+                    &mut encoder,
+                    "phantom_multihop_mark_enabled",
+                    "1 while the in-kernel multihop mark is on",
+                    i64::from(status.enabled),
+                )?;
+                counter_family(
+                    &mut encoder,
+                    "phantom_multihop_mark_packets",
+                    "Packets seen by the multihop mark program, by verdict",
+                    status
+                        .counters
+                        .iter()
+                        .map(|c| (vec![("verdict", c.verdict.to_string())], c.packets)),
+                )?;
+            }
+            Err(e) => warn!(error = %e, "cannot read the multihop counters for metrics"),
+        }
         Ok(())
     }
+}
+
+/// Encodes one gauge without labels.
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(value);
+    let metric = encoder.encode_descriptor(name, help, None, g.metric_type())?;
+    g.encode(metric)
+}
+
+/// Encodes one gauge family from (labels, value) rows.
+fn gauge_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl Iterator<Item = (Vec<(&'static str, String)>, i64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric =
+        encoder.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
+    for (labels, value) in rows {
+        ConstGauge::new(value).encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 /// Encodes one counter family from (labels, value) rows.

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use phantom_tests::{
-    BpffsDir, Daemon, DaemonConfig, GuardedLink, NetNs, Process, phantom_api, require_root, veth,
+    BpffsDir, Daemon, DaemonConfig, GuardedLink, NetNs, Process, http_get, metric_value,
+    phantom_api, require_root, veth,
 };
 use serde_json::Value;
 
@@ -119,6 +120,31 @@ fn deny_allow_unblock_and_ttl_in_xdp() {
     assert_eq!(list["count"], 1);
     assert_eq!(list["entries"][0]["address"], a);
     assert_eq!(list["entries"][0]["reason"], "manual");
+    let metrics = http_get(&link.server, "127.0.0.1:9469", "/metrics");
+    assert_eq!(
+        metric_value(&metrics, "phantom_datapath_policy_entries{list=\"deny\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "phantom_datapath_packets_total{verdict=\"drop\",reason=\"denied_manual\"}"
+        ),
+        Some(13.0),
+        "10 datagrams and 3 pings"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            &format!("phantom_datapath_source_drops_total{{source=\"{a}\"}}")
+        ),
+        Some(13.0)
+    );
+    assert!(
+        metric_value(&metrics, "phantom_datapath_packets_per_second").is_some(),
+        "{metrics}"
+    );
 
     // Allow wins over deny; removing the allow restores the deny.
     api(&daemon, &["datapath", "allow", &format!("ip={a}")]);
@@ -426,6 +452,19 @@ fn dns_answers_for_blocked_names_become_nxdomain_in_the_kernel() {
         .as_u64()
         .unwrap();
     assert_eq!(nx, 7, "{counters}");
+    let metrics = http_get(&topo.router, "127.0.0.1:9469", "/metrics");
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "phantom_dns_filter_packets_total{verdict=\"nxdomain\"}"
+        ),
+        Some(7.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "phantom_dns_filter_domains"),
+        Some(2.0)
+    );
 
     // Crafted packets from port 53 towards the client: everything unusual passes untouched.
     let listener = topo.client.udp_listener(&format!("{CLIENT_V4}:5353"));
@@ -713,6 +752,19 @@ fn multihop_mark_routes_client_traffic_to_the_exit_only_while_on() {
     };
     assert_eq!(count("marked"), 2, "{status}");
     assert_eq!(count("client_to_client"), 1, "{status}");
+    let metrics = http_get(&topo.router, "127.0.0.1:9469", "/metrics");
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "phantom_multihop_mark_packets_total{verdict=\"marked\"}"
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "phantom_multihop_mark_enabled"),
+        Some(1.0)
+    );
 
     api(&daemon, &["datapath", "multihop_mark", "enabled=false"]);
     assert_eq!(topo.who_receives("off-2"), "internet");
