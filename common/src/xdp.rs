@@ -43,8 +43,6 @@ impl SourceKey {
 pub struct SourceStats {
     pub packets: u64,
     pub bytes: u64,
-    /// Packets from this source the guard dropped.
-    pub drops: u64,
     /// TCP SYNs (without ACK) to a protected port: new connection attempts.
     pub new_tcp: u64,
     pub last_seen_ns: u64,
@@ -53,7 +51,8 @@ pub struct SourceStats {
     pub window_packets: u64,
 }
 
-/// Value of the policy map: an allow entry, a deny entry, or both (allow wins).
+/// Value of the policy map (per-CPU: every CPU holds the same settings and its own drop
+/// count): an allow entry, a deny entry, or both (allow wins).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
@@ -64,6 +63,10 @@ pub struct Policy {
     pub flags: u32,
     /// A `DenyReason` discriminant.
     pub deny_reason: u32,
+    /// Packets this CPU dropped because of this entry. Denied packets are not counted in the
+    /// per-source map: the drop path stops at the policy lookup, to stay cheap under a flood.
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
 }
 
 pub const POLICY_ALLOW: u32 = 1;
@@ -217,9 +220,9 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(core::mem::size_of::<SourceKey>(), 16);
-        assert_eq!(core::mem::size_of::<SourceStats>(), 7 * 8);
+        assert_eq!(core::mem::size_of::<SourceStats>(), 6 * 8);
         assert_eq!(core::mem::size_of::<TrafficCounter>(), 16);
-        assert_eq!(core::mem::size_of::<Policy>(), 24);
+        assert_eq!(core::mem::size_of::<Policy>(), 40);
         assert_eq!(core::mem::size_of::<SecondSlot>(), 24);
     }
 

@@ -190,12 +190,6 @@ impl Collector for DatapathCollector {
                 )?;
                 counter_family(
                     &mut encoder,
-                    "phantom_datapath_source_drops",
-                    "Packets dropped from the busiest sources",
-                    sources.iter().map(|s| (labels(s), s.drops)),
-                )?;
-                counter_family(
-                    &mut encoder,
                     "phantom_datapath_source_bytes",
                     "Bytes from the busiest sources (metrics.top_sources of them)",
                     sources.iter().map(|s| (labels(s), s.bytes)),

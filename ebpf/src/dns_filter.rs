@@ -309,10 +309,7 @@ fn launder(buf: &mut [u8; SCRATCH_LEN], v: u64) -> u64 {
     // SAFETY: 8 bytes inside the scratch buffer; unaligned access is done bytewise by LLVM.
     unsafe {
         core::ptr::write_unaligned(slot, v);
-        core::ptr::read_volatile(slot as *const [u8; 8])
-            .as_ptr()
-            .cast::<u64>()
-            .read_unaligned()
+        u64::from_ne_bytes(core::ptr::read_volatile(slot as *const [u8; 8]))
     }
 }
 

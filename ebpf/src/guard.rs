@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::generated::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
-    maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray},
+    maps::{Array, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
 };
 use phantom_common::xdp::{
@@ -24,7 +24,7 @@ static SOURCES: LruPerCpuHashMap<SourceKey, SourceStats> =
 static VERDICTS: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(Verdict::SLOTS, 0);
 
 #[map(name = "PH_POLICY")]
-static POLICY: HashMap<SourceKey, Policy> = HashMap::pinned(DEFAULT_MAX_POLICIES, 0);
+static POLICY: PerCpuHashMap<SourceKey, Policy> = PerCpuHashMap::pinned(DEFAULT_MAX_POLICIES, 0);
 
 #[map(name = "PH_SECONDS")]
 static SECONDS: PerCpuArray<SecondSlot> = PerCpuArray::pinned(SECOND_SLOTS, 0);
@@ -165,17 +165,19 @@ fn judge(key: &SourceKey, now: u64, len: u64, new_tcp: bool, ipv6: bool) -> Verd
     } else {
         Verdict::PassIpv4
     };
-    if let Some(policy) = POLICY.get_ptr(key) {
-        // SAFETY: a map value pointer from a successful lookup; read-only.
-        let p = unsafe { *policy };
+    if let Some(policy) = POLICY.get_ptr_mut(key) {
+        // SAFETY: this CPU's copy of the value; only this CPU writes it.
+        let p = unsafe { &mut *policy };
         let live = |until: u64| until == 0 || now < until;
         if p.flags & POLICY_ALLOW != 0 && live(p.allow_until_ns) {
             verdict = Verdict::PassAllowed;
         } else if p.flags & POLICY_DENY != 0 && live(p.deny_until_ns) {
-            verdict = Verdict::for_deny(p.deny_reason);
+            // The flood path: count against the entry and stop here.
+            p.dropped_packets += 1;
+            p.dropped_bytes += len;
+            return Verdict::for_deny(p.deny_reason);
         }
     }
-    let dropped = verdict.is_drop() as u64;
     let epoch = now / WINDOW_NS;
     if let Some(stats) = SOURCES.get_ptr_mut(key) {
         // SAFETY: per-CPU value: only this CPU writes it, and preemption is off in XDP.
@@ -183,7 +185,6 @@ fn judge(key: &SourceKey, now: u64, len: u64, new_tcp: bool, ipv6: bool) -> Verd
             let s = &mut *stats;
             s.packets += 1;
             s.bytes += len;
-            s.drops += dropped;
             s.new_tcp += new_tcp as u64;
             s.last_seen_ns = now;
             if s.window_epoch == epoch {
@@ -198,13 +199,12 @@ fn judge(key: &SourceKey, now: u64, len: u64, new_tcp: bool, ipv6: bool) -> Verd
     let fresh = SourceStats {
         packets: 1,
         bytes: len,
-        drops: dropped,
         new_tcp: new_tcp as u64,
         last_seen_ns: now,
         window_epoch: epoch,
         window_packets: 1,
     };
-    if SOURCES.insert(key, &fresh, 0).is_err() && !verdict.is_drop() {
+    if SOURCES.insert(key, &fresh, 0).is_err() {
         return Verdict::PassUntracked;
     }
     verdict

@@ -21,7 +21,6 @@ pub struct SourceCount {
     pub address: IpAddr,
     pub packets: u64,
     pub bytes: u64,
-    pub drops: u64,
     /// TCP SYNs to protected ports (new connection attempts).
     pub new_tcp: u64,
     /// Packets in the current 5-second window.
@@ -136,7 +135,6 @@ impl GuardMaps {
                 address: key_to_ip(&key),
                 packets: 0,
                 bytes: 0,
-                drops: 0,
                 new_tcp: 0,
                 window_packets: 0,
                 last_seen_seconds_ago: 0.0,
@@ -145,7 +143,6 @@ impl GuardMaps {
             for s in per_cpu.iter() {
                 c.packets += s.packets;
                 c.bytes += s.bytes;
-                c.drops += s.drops;
                 c.new_tcp += s.new_tcp;
                 if s.window_epoch == epoch {
                     c.window_packets += s.window_packets;

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{MapData, PerCpuHashMap, PerCpuValues};
 use phantom_common::xdp::{DenyReason, POLICY_ALLOW, POLICY_DENY, Policy, SourceKey};
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +32,26 @@ pub struct PolicyView {
     pub expires_in_seconds: Option<u64>,
     /// RFC 3339; `null` = permanent.
     pub expires_at: Option<String>,
+    /// Deny entries: packets and bytes dropped because of this entry while it existed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped_packets: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped_bytes: Option<u64>,
+}
+
+type PolicyMap = PerCpuHashMap<MapData, SourceKey, Policy>;
+
+/// One entry as the CPUs hold it: settings (identical on every CPU) and summed counters.
+fn read_entry(map: &PolicyMap, key: &SourceKey) -> Option<Policy> {
+    let values = map.get(key, 0).ok()?;
+    Some(merge(&values))
+}
+
+fn merge(values: &PerCpuValues<Policy>) -> Policy {
+    let mut merged = values.first().copied().unwrap_or_default();
+    merged.dropped_packets = values.iter().map(|v| v.dropped_packets).sum();
+    merged.dropped_bytes = values.iter().map(|v| v.dropped_bytes).sum();
+    merged
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,7 +68,7 @@ struct Persisted {
 }
 
 pub struct PolicyTable {
-    map: Mutex<HashMap<MapData, SourceKey, Policy>>,
+    map: Mutex<PolicyMap>,
     path: PathBuf,
     /// Serialises read-modify-write of the file and the map.
     persisted: Mutex<Persisted>,
@@ -68,7 +88,7 @@ fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, Error> {
 
 impl PolicyTable {
     /// Restores operator entries from the state directory into the (possibly pinned) map.
-    pub fn open(map: HashMap<MapData, SourceKey, Policy>, state_dir: &Path) -> Result<Self, Error> {
+    pub fn open(map: PolicyMap, state_dir: &Path) -> Result<Self, Error> {
         let path = state_dir.join("datapath-policy.json");
         let mut persisted: Persisted = store::read_json(&path)?;
         let now = unix_now();
@@ -88,7 +108,7 @@ impl PolicyTable {
             // Operator entries come from the file alone; penalty denies stay as they are.
             let keys: Vec<SourceKey> = map.keys().filter_map(Result::ok).collect();
             for key in keys {
-                let Ok(mut p) = map.get(&key, 0) else {
+                let Some(mut p) = read_entry(&map, &key) else {
                     continue;
                 };
                 p.flags &= !POLICY_ALLOW;
@@ -105,14 +125,14 @@ impl PolicyTable {
             };
             for (ip, until) in &persisted.allow {
                 let key = ip_to_key(*ip);
-                let mut p = map.get(&key, 0).unwrap_or_default();
+                let mut p = read_entry(&map, &key).unwrap_or_default();
                 p.flags |= POLICY_ALLOW;
                 p.allow_until_ns = to_mono(*until);
                 write_entry(&mut map, &key, p)?;
             }
             for (ip, until) in &persisted.deny {
                 let key = ip_to_key(*ip);
-                let mut p = map.get(&key, 0).unwrap_or_default();
+                let mut p = read_entry(&map, &key).unwrap_or_default();
                 p.flags |= POLICY_DENY;
                 p.deny_until_ns = to_mono(*until);
                 p.deny_reason = DenyReason::Manual as u32;
@@ -145,7 +165,7 @@ impl PolicyTable {
         let key = ip_to_key(ip);
         let until_ns = ttl.map_or(0, |t| monotonic_ns() + t.as_secs().max(1) * 1_000_000_000);
         let mut map = lock(&self.map)?;
-        let mut p = map.get(&key, 0).unwrap_or_default();
+        let mut p = read_entry(&map, &key).unwrap_or_default();
         match list {
             List::Allow => {
                 p.flags |= POLICY_ALLOW;
@@ -163,6 +183,8 @@ impl PolicyTable {
             reason: None,
             expires_in_seconds: None,
             expires_at: None,
+            dropped_packets: None,
+            dropped_bytes: None,
         }))
     }
 
@@ -178,7 +200,7 @@ impl PolicyTable {
         }
         let key = ip_to_key(ip);
         let mut map = lock(&self.map)?;
-        let Ok(mut p) = map.get(&key, 0) else {
+        let Some(mut p) = read_entry(&map, &key) else {
             return Ok(false);
         };
         let live = view(&key, &p, list, monotonic_ns()).is_some();
@@ -197,7 +219,7 @@ impl PolicyTable {
         let mut out: Vec<PolicyView> = map
             .iter()
             .filter_map(Result::ok)
-            .filter_map(|(key, p)| view(&key, &p, list, now))
+            .filter_map(|(key, values)| view(&key, &merge(&values), list, now))
             .collect();
         out.sort_by_key(|a| a.address);
         Ok(out)
@@ -220,7 +242,11 @@ impl PolicyTable {
         }
         let now = monotonic_ns();
         let mut map = lock(&self.map)?;
-        let entries: Vec<(SourceKey, Policy)> = map.iter().filter_map(Result::ok).collect();
+        let entries: Vec<(SourceKey, Policy)> = map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, merge(&v)))
+            .collect();
         let mut cleared = 0;
         for (key, mut p) in entries {
             let lapsed = |until: u64| until != 0 && until <= now;
@@ -240,21 +266,34 @@ impl PolicyTable {
     }
 }
 
-/// Writes an entry, or deletes it when neither list holds the source any more.
-fn write_entry(
-    map: &mut HashMap<MapData, SourceKey, Policy>,
-    key: &SourceKey,
-    p: Policy,
-) -> Result<(), Error> {
+/// Writes an entry's settings to every CPU, keeping each CPU's counters, or deletes the entry
+/// when neither list holds the source any more.
+fn write_entry(map: &mut PolicyMap, key: &SourceKey, p: Policy) -> Result<(), Error> {
     if p.flags & (POLICY_ALLOW | POLICY_DENY) == 0 {
-        match map.remove(key) {
+        return match map.remove(key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e.into()),
-        }
-    } else {
-        map.insert(key, &p, 0)
-            .map_err(|e| Error::Datapath(format!("cannot update the policy map (full?): {e}")))
+        };
     }
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(what, e)| Error::Datapath(format!("{what}: {e}")))?
+        .get() as usize;
+    let current: Vec<Policy> = map
+        .get(key, 0)
+        .map(|v| v.to_vec())
+        .unwrap_or_else(|_| vec![Policy::default(); cpus]);
+    let values: Vec<Policy> = current
+        .iter()
+        .map(|c| Policy {
+            dropped_packets: c.dropped_packets,
+            dropped_bytes: c.dropped_bytes,
+            ..p
+        })
+        .collect();
+    let values = PerCpuValues::try_from(values)
+        .map_err(|e| Error::Datapath(format!("per-CPU policy value: {e}")))?;
+    map.insert(key, values, 0)
+        .map_err(|e| Error::Datapath(format!("cannot update the policy map (full?): {e}")))
 }
 
 fn view(key: &SourceKey, p: &Policy, list: List, now: u64) -> Option<PolicyView> {
@@ -282,5 +321,7 @@ fn view(key: &SourceKey, p: &Policy, list: List, now: u64) -> Option<PolicyView>
                 .ok()
                 .map(crate::protocol::rfc3339)
         }),
+        dropped_packets: (list == List::Deny).then_some(p.dropped_packets),
+        dropped_bytes: (list == List::Deny).then_some(p.dropped_bytes),
     })
 }
