@@ -65,6 +65,12 @@ struct DomainParams {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct DomainOnlyParams {
+    domain: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct MarkParams {
     enabled: Option<bool>,
     subnet: Option<String>,
@@ -389,15 +395,9 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         "dns_unblock",
         "remove a kernel DNS rule",
         vec![DOMAIN],
-        move |p: DomainParams| {
+        move |p: DomainOnlyParams| {
             let c = Arc::clone(&c);
             async move {
-                if p.subdomains.is_some() {
-                    return Err(ApiError::new(
-                        codes::UNKNOWN_PARAMETER,
-                        "dns_unblock takes only domain",
-                    ));
-                }
                 let name = kernel_domain(&p.domain)?;
                 let n = name.clone();
                 let report =

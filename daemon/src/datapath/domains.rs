@@ -187,6 +187,38 @@ impl DomainFilter {
         Ok(report)
     }
 
+    /// Applies a change set to `owner`'s rules (the blocklist's journal deltas): cost follows
+    /// the size of the change, not of the set. Not for `Owner::Operator`, whose rules are
+    /// persisted one by one through `add`/`remove`.
+    pub fn update(
+        &self,
+        owner: Owner,
+        added: &[(String, bool)],
+        removed: &[String],
+    ) -> Result<SyncReport, Error> {
+        if owner == Owner::Operator {
+            return Err(Error::Datapath(
+                "operator rules change through add/remove".into(),
+            ));
+        }
+        let mut state = self.lock()?;
+        let rules = state.owners.entry(owner).or_default();
+        let mut touched = Vec::with_capacity(added.len() + removed.len());
+        for name in removed {
+            let hash = domain_hash(name.as_bytes());
+            rules.remove(&hash);
+            touched.push(hash);
+        }
+        for (name, subdomains) in added {
+            let hash = domain_hash(name.as_bytes());
+            rules.insert(hash, flags_for(*subdomains));
+            touched.push(hash);
+        }
+        let mut report = SyncReport::default();
+        state.apply(touched, &mut report)?;
+        Ok(report)
+    }
+
     /// Adds or updates one of `owner`'s rules.
     pub fn add(&self, owner: Owner, name: &str, subdomains: bool) -> Result<SyncReport, Error> {
         let mut state = self.lock()?;

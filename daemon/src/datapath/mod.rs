@@ -92,6 +92,7 @@ pub struct Datapath {
     dns_filter: bool,
     pin_dir: PathBuf,
     config: DatapathConfig,
+    ticks: std::sync::atomic::AtomicU64,
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, Error> {
@@ -214,8 +215,13 @@ impl Datapath {
             dns_filter: config.dns_filter,
             pin_dir,
             config: config.clone(),
+            ticks: std::sync::atomic::AtomicU64::new(0),
         };
-        datapath.reconcile_vpn()?;
+        // The VPN interface may not exist yet, or refuse the programs; the guard runs either
+        // way and housekeeping keeps trying.
+        if let Err(e) = datapath.reconcile_vpn() {
+            warn!(error = %e, interface = %datapath.vpn_interface, "VPN-interface programs not attached yet");
+        }
         Ok(datapath)
     }
 
@@ -328,9 +334,15 @@ impl Datapath {
         ])
     }
 
-    /// Housekeeping run every few seconds: lapsed policies out, VPN programs in place.
+    /// Housekeeping, run every couple of seconds: VPN programs in place; every 15th call,
+    /// lapsed policies out of the map (the kernel ignores them already, so this is tidying).
     pub fn tick(&self) {
-        if let Err(e) = self.policy.sweep() {
+        let n = self
+            .ticks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n.is_multiple_of(15)
+            && let Err(e) = self.policy.sweep()
+        {
             warn!(error = %e, "policy sweep failed");
         }
         if let Err(e) = self.reconcile_vpn() {
