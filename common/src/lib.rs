@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod dns;
+pub mod net;
 pub mod xdp;
 
 /// Map and program names, shared so the daemon never spells them differently from the object.

@@ -16,6 +16,7 @@ use phantom_common::{
         DEFAULT_MAX_DOMAINS, DOMAIN_SUBDOMAINS, DnsVerdict, HASH_SEED, IfaceInfo, MAX_NAME_LEN,
         hash_step,
     },
+    net::{ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, UDP_HLEN},
     xdp::TrafficCounter,
 };
 
@@ -50,12 +51,8 @@ pub struct Scratch {
 #[map(name = "PH_DNS_SCRATCH")]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const IPPROTO_UDP: u8 = 17;
 const DNS_PORT: u16 = 53;
 const DNS_HLEN: usize = 12;
-const UDP_HLEN: usize = 8;
 
 #[classifier]
 pub fn tc_dns_filter(ctx: TcContext) -> i32 {

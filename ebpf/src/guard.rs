@@ -9,6 +9,10 @@ use aya_ebpf::{
     maps::{Array, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
 };
+use phantom_common::net::{
+    ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV4_HLEN_MIN,
+    IPV6_HLEN, VLAN_HLEN,
+};
 use phantom_common::xdp::{
     DEFAULT_MAX_POLICIES, DEFAULT_MAX_SOURCES, POLICY_ALLOW, POLICY_DENY, PORT_WORDS, Policy,
     SECOND_SLOTS, SecondSlot, SourceKey, SourceStats, TrafficCounter, Verdict, WINDOW_NS,
@@ -32,15 +36,6 @@ static SECONDS: PerCpuArray<SecondSlot> = PerCpuArray::pinned(SECOND_SLOTS, 0);
 #[map(name = "PH_PORTS")]
 static PORTS: Array<u32> = Array::pinned(PORT_WORDS, 0);
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88A8;
-const VLAN_HLEN: usize = 4;
-const IPV4_HLEN_MIN: usize = 20;
-const IPV6_HLEN: usize = 40;
-const IPPROTO_TCP: u8 = 6;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 const NS_PER_SEC: u64 = 1_000_000_000;

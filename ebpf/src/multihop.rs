@@ -13,6 +13,7 @@ use aya_ebpf::{
 };
 use phantom_common::{
     dns::{IfaceInfo, MarkVerdict, MultihopConfig},
+    net::{ETH_P_IP, ETH_P_IPV6},
     xdp::{SourceKey, TrafficCounter},
 };
 
@@ -27,9 +28,6 @@ static LOCAL: HashMap<SourceKey, u8> = HashMap::pinned(256, 0);
 
 #[map(name = "PH_MH_STATS")]
 static STATS: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(MarkVerdict::SLOTS, 0);
-
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
 
 #[classifier]
 pub fn tc_multihop_mark(ctx: TcContext) -> i32 {

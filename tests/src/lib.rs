@@ -329,22 +329,26 @@ impl GuardedLink {
 
     /// `ping -c count` from the peer to `to`; returns how many replies came back.
     pub fn ping(&self, to: &str, count: u32) -> u32 {
-        let out = self
-            .peer
-            .command("ping")
-            .args([
-                "-n",
-                "-q",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.05",
-                "-W",
-                "2",
-                to,
-            ])
-            .output()
-            .expect("ping");
+        self.ping_from(None, to, count)
+    }
+
+    /// `ping -c count [-I from] to` from the peer; returns how many replies came back.
+    pub fn ping_from(&self, from: Option<&str>, to: &str, count: u32) -> u32 {
+        let mut cmd = self.peer.command("ping");
+        cmd.args([
+            "-n",
+            "-q",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+        ]);
+        if let Some(from) = from {
+            cmd.args(["-I", from]);
+        }
+        let out = cmd.arg(to).output().expect("ping");
         let text = String::from_utf8_lossy(&out.stdout);
         text.split(',')
             .find_map(|part| part.trim().strip_suffix(" received"))

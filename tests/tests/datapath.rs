@@ -38,31 +38,8 @@ fn verdict(daemon: &Daemon, reason: &str) -> u64 {
         .unwrap()
 }
 
-/// `ping -c count -I from to` inside the peer namespace; replies received.
 fn ping_from(link: &GuardedLink, from: &str, to: &str, count: u32) -> u32 {
-    let out = link
-        .peer
-        .command("ping")
-        .args([
-            "-n",
-            "-q",
-            "-c",
-            &count.to_string(),
-            "-i",
-            "0.05",
-            "-W",
-            "1",
-            "-I",
-            from,
-            to,
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split(',')
-        .find_map(|part| part.trim().strip_suffix(" received"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
+    link.ping_from(Some(from), to, count)
 }
 
 #[test]
