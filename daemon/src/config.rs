@@ -180,6 +180,8 @@ pub enum WireguardBackend {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct WireguardConfig {
+    /// Run the WireGuard server (interface, peers, NAT).
+    pub enabled: bool,
     pub interface: String,
     pub listen_port: u16,
     pub subnet: String,
@@ -191,6 +193,7 @@ pub struct WireguardConfig {
 impl Default for WireguardConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             interface: "wg_main".into(),
             listen_port: 51820,
             subnet: "10.8.0.0/24".into(),

@@ -19,6 +19,8 @@ pub struct Context {
     pub started: Instant,
     pub logs: RecentLogs,
     pub datapath: Option<Arc<Datapath>>,
+    /// The WireGuard server; `None` with `[wireguard] enabled = false`.
+    pub wireguard: Option<Arc<crate::core::Server>>,
 }
 
 impl Context {
@@ -27,6 +29,7 @@ impl Context {
         config_path: PathBuf,
         logs: RecentLogs,
         datapath: Option<Arc<Datapath>>,
+        wireguard: Option<Arc<crate::core::Server>>,
     ) -> Self {
         Self {
             config: RwLock::new(config),
@@ -35,6 +38,7 @@ impl Context {
             started: Instant::now(),
             logs,
             datapath,
+            wireguard,
         }
     }
 

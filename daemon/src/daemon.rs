@@ -114,11 +114,25 @@ async fn serve(
     datapath: Option<Arc<Datapath>>,
 ) -> Result<(), Error> {
     let top_sources = Arc::new(AtomicUsize::new(config.metrics.top_sources));
+    let wireguard = if config.wireguard.enabled {
+        let server = crate::core::Server::start(&config.wireguard, &config.state_dir).await?;
+        Some(Arc::new(server))
+    } else {
+        info!("WireGuard server disabled by configuration");
+        None
+    };
+    if let (Some(dp), Some(_)) = (datapath.clone(), wireguard.as_ref()) {
+        // The VPN interface exists now: put the TC programs on it without waiting.
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || dp.reconcile_vpn()).await {
+            warn!(error = %e, "cannot attach the VPN-interface programs yet");
+        }
+    }
     let ctx = Arc::new(Context::new(
         config.clone(),
         opts.config_path.clone(),
         logs.recent.clone(),
         datapath.clone(),
+        wireguard.clone(),
     ));
 
     let mut registry = Registry::new();
@@ -147,6 +161,9 @@ async fn serve(
     if let Some(dp) = datapath.clone() {
         tokio::spawn(datapath_housekeeping(dp, shutdown_rx.clone()));
     }
+    if let Some(server) = wireguard.clone() {
+        tokio::spawn(persist_traffic(server, shutdown_rx.clone()));
+    }
     info!("phantomd ready");
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Socket)?;
@@ -162,6 +179,10 @@ async fn serve(
     let _ = shutdown_tx.send(true);
     if let Err(e) = admin_task.await {
         warn!(error = %e, "admin server task failed");
+    }
+    if let Some(server) = wireguard {
+        // Traffic persisted, NAT removed, interface gone (the embedded device takes ~2 s).
+        let _ = tokio::task::spawn_blocking(move || server.shutdown()).await;
     }
     if let Some(task) = metrics_task
         && let Err(e) = task.await
@@ -183,6 +204,23 @@ async fn datapath_housekeeping(dp: Arc<Datapath>, mut shutdown: watch::Receiver<
                 let dp = Arc::clone(&dp);
                 if let Err(e) = tokio::task::spawn_blocking(move || dp.tick()).await {
                     warn!(error = %e, "datapath housekeeping failed");
+                }
+            }
+        }
+    }
+}
+
+/// Adds each client's traffic to the stored totals every 30 s, so totals survive restarts.
+async fn persist_traffic(server: Arc<crate::core::Server>, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(Duration::from_secs(30));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = every.tick() => {
+                let s = Arc::clone(&server);
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.persist_traffic()).await {
+                    warn!(error = %e, "cannot persist client traffic");
                 }
             }
         }

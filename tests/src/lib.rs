@@ -231,6 +231,76 @@ impl Drop for Process {
     }
 }
 
+/// A stock WireGuard client in a namespace, brought up by `wg-quick` (userspace wireguard-go)
+/// from a configuration text exactly as given; `wg-quick down` on drop.
+pub struct WgQuickClient {
+    dir: tempfile::TempDir,
+    conf: PathBuf,
+    ns_path: PathBuf,
+}
+
+impl WgQuickClient {
+    pub fn up(ns: &NetNs, config: &str) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("wgquick")
+            .tempdir()
+            .unwrap();
+        // wg-quick hands the DNS line to resolvconf; the test namespace has no resolver to
+        // change, so a no-op stands in for it.
+        let bin = dir.path().join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        let resolvconf = bin.join("resolvconf");
+        fs::write(&resolvconf, "#!/bin/sh\ncat >/dev/null\nexit 0\n").unwrap();
+        fs::set_permissions(&resolvconf, fs::Permissions::from_mode(0o755)).unwrap();
+        let conf = dir.path().join(format!("{}.conf", unique_ifname("phc")));
+        fs::write(&conf, config).unwrap();
+        fs::set_permissions(&conf, fs::Permissions::from_mode(0o600)).unwrap();
+        let client = Self {
+            dir,
+            conf,
+            ns_path: ns.path(),
+        };
+        run(&mut client.wg_quick("up"));
+        client
+    }
+
+    fn wg_quick(&self, verb: &str) -> Command {
+        let path = format!(
+            "{}:{}",
+            self.dir.path().join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.ns_path.display()))
+            .arg("--")
+            .arg("env")
+            .arg(format!("PATH={path}"))
+            .arg("WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go")
+            .args(["wg-quick", verb])
+            .arg(&self.conf);
+        cmd
+    }
+
+    /// The interface name (the config file's name).
+    pub fn interface(&self) -> String {
+        self.conf
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for WgQuickClient {
+    fn drop(&mut self) {
+        let _ = self
+            .wg_quick("down")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 /// Creates a veth pair with `a_dev` in `a` and `b_dev` in `b`, both up.
 pub fn veth(a: &NetNs, a_dev: &str, b: &NetNs, b_dev: &str) {
     a.ip(&[
@@ -449,6 +519,34 @@ pub fn bin_dir() -> PathBuf {
     dir.to_path_buf()
 }
 
+/// The `[wireguard]` section of a test daemon. Interface names must be unique on the host
+/// (userspace WireGuard's control sockets live in one directory for all namespaces).
+#[derive(Clone, Debug)]
+pub struct WireguardSettings {
+    pub interface: String,
+    pub subnet: String,
+    pub listen_port: u16,
+    pub endpoint: String,
+}
+
+impl WireguardSettings {
+    pub fn new(subnet: &str, endpoint: &str) -> Self {
+        Self {
+            interface: unique_ifname("phw"),
+            subnet: subnet.into(),
+            listen_port: 51820,
+            endpoint: endpoint.into(),
+        }
+    }
+}
+
+/// An interface name unique on this host, at most 15 characters.
+pub fn unique_ifname(prefix: &str) -> String {
+    let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let name = format!("{prefix}{}{n}", std::process::id() % 100_000);
+    name.chars().take(15).collect()
+}
+
 /// Settings of a test daemon; `toml()` renders the config file.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
@@ -458,6 +556,8 @@ pub struct DaemonConfig {
     pub datapath_enabled: bool,
     /// `[datapath] vpn_interface`; `None` leaves the default (the WireGuard interface).
     pub vpn_interface: Option<String>,
+    /// The `[wireguard]` section; `None` runs without the WireGuard server.
+    pub wireguard: Option<WireguardSettings>,
     pub log_level: String,
 }
 
@@ -469,6 +569,7 @@ impl DaemonConfig {
             metrics_listen: "127.0.0.1:9469".into(),
             datapath_enabled: true,
             vpn_interface: None,
+            wireguard: None,
             log_level: "info".into(),
         }
     }
@@ -480,6 +581,7 @@ impl DaemonConfig {
              [admin]\nsocket = {socket:?}\n\
              [metrics]\nlisten = {metrics:?}\n\
              [datapath]\nenabled = {enabled}\nuplink = {uplink:?}\nbpffs = {bpffs:?}\n{vpn}\
+             {wireguard}\
              [dns]\nlisten = \"off\"\n\
              [blocklist]\napi_listen = \"off\"\n",
             state = dir.join("state").display().to_string(),
@@ -489,6 +591,13 @@ impl DaemonConfig {
             enabled = self.datapath_enabled,
             uplink = self.uplink,
             bpffs = self.bpffs.display().to_string(),
+            wireguard = match &self.wireguard {
+                None => "[wireguard]\nenabled = false\n".to_string(),
+                Some(w) => format!(
+                    "[wireguard]\nenabled = true\ninterface = {:?}\nsubnet = {:?}\nlisten_port = {}\nendpoint = {:?}\n",
+                    w.interface, w.subnet, w.listen_port, w.endpoint
+                ),
+            },
             vpn = self
                 .vpn_interface
                 .as_ref()

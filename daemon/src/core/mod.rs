@@ -1,21 +1,143 @@
-//! The `core` socket module. So far: the daemon's own status and logs; the WireGuard server
-//! and client lifecycle build on this.
+//! The `core` socket module: the WireGuard server and the client lifecycle, with the action
+//! names, parameters and reply fields of the original phantom-api.
+
+mod device;
+pub mod net;
+pub mod server;
+pub mod store;
+pub mod uapi;
 
 use std::sync::Arc;
 
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
+pub use self::server::Server;
+use self::{
+    server::{AddError, Live, TWEAK_RESTART_AFTER_ADD, valid_client_name},
+    store::Client,
+};
 use crate::{
     admin::{ApiError, NoParams, ParamKind, ParamSpec, Registry},
     context::Context,
-    protocol,
+    protocol::{self, codes},
 };
+
+const CLIENT_EXISTS: &str = "CLIENT_EXISTS";
+const CLIENT_NOT_FOUND: &str = "CLIENT_NOT_FOUND";
+const INVALID_CLIENT_NAME: &str = "INVALID_CLIENT_NAME";
+const SUBNET_FULL: &str = "SUBNET_FULL";
+const WIREGUARD_DISABLED: &str = "WIREGUARD_DISABLED";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameParams {
+    client_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    page: i64,
+    per_page: i64,
+    search: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CountParams {
+    count: i64,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LogsParams {
     lines: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TweakParams {
+    setting_name: String,
+    value: String,
+}
+
+const CLIENT_NAME: ParamSpec = ParamSpec::required(
+    "client_name",
+    ParamKind::String { max_len: 256 },
+    "1-64 letters, digits, '-' or '_'",
+);
+
+fn server(ctx: &Context) -> Result<Arc<Server>, ApiError> {
+    ctx.wireguard.clone().ok_or_else(|| {
+        ApiError::new(
+            WIREGUARD_DISABLED,
+            "the WireGuard server is disabled ([wireguard] enabled = false)",
+        )
+    })
+}
+
+/// Runs blocking store/device work off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::error::Error> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("task failed: {e}")))?
+        .map_err(ApiError::from)
+}
+
+fn checked_name(name: &str) -> Result<(), ApiError> {
+    if valid_client_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            INVALID_CLIENT_NAME,
+            format!(
+                "client name {:?} must be 1 to 64 characters of letters, digits, '-' and '_'",
+                name.chars().take(80).collect::<String>()
+            ),
+        ))
+    }
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::new(CLIENT_NOT_FOUND, format!("no client named {name:?}"))
+}
+
+fn connection(live: Option<&Live>) -> Value {
+    match live {
+        Some(l) if l.connected() => json!({
+            "latest_handshake_seconds_ago": l.handshake_age_seconds,
+            "endpoint": l.endpoint,
+        }),
+        _ => Value::Null,
+    }
+}
+
+fn client_json(c: &Client, live: Option<&Live>) -> Value {
+    let (rx, tx) = live.map_or((0, 0), |l| (l.rx_bytes, l.tx_bytes));
+    json!({
+        "name": c.name,
+        "ip": c.ip,
+        "public_key": c.public_key,
+        "created": c.created,
+        "enabled": c.enabled,
+        "connected": live.is_some_and(Live::connected),
+        "connection": connection(live),
+        "latest_handshake_seconds_ago": live.and_then(|l| l.handshake_age_seconds),
+        "rx_bytes": c.rx_total + rx,
+        "tx_bytes": c.tx_total + tx,
+    })
+}
+
+fn dns_servers(ctx: &Context) -> Vec<String> {
+    let config = ctx.config();
+    vec![config.dns.primary, config.dns.secondary]
+}
+
+fn tweak(server: &Server) -> Result<bool, crate::error::Error> {
+    Ok(server.store.setting(TWEAK_RESTART_AFTER_ADD)?.as_deref() == Some("true"))
 }
 
 pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
@@ -24,43 +146,367 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
     let c = Arc::clone(&ctx);
     registry.action(
         "core",
+        "add_client",
+        "create a client: next free address, fresh keys, live peer",
+        vec![CLIENT_NAME],
+        move |p: NameParams| {
+            let c = Arc::clone(&c);
+            async move {
+                checked_name(&p.client_name)?;
+                let server = server(&c)?;
+                let client = match server.add_client(&p.client_name).await {
+                    Ok(client) => client,
+                    Err(AddError::Exists) => {
+                        return Err(ApiError::new(
+                            CLIENT_EXISTS,
+                            format!("a client named {:?} already exists", p.client_name),
+                        ));
+                    }
+                    Err(AddError::Full) => {
+                        return Err(ApiError::new(
+                            SUBNET_FULL,
+                            format!("no free address left in {}", server.subnet),
+                        ));
+                    }
+                    Err(AddError::Internal(e)) => return Err(e.into()),
+                };
+                let restart = {
+                    let s = Arc::clone(&server);
+                    blocking(move || tweak(&s)).await?
+                };
+                if restart {
+                    server.bring_up().await.map_err(ApiError::from)?;
+                }
+                Ok::<_, ApiError>(json!({
+                    "client": {
+                        "name": client.name,
+                        "ip": client.ip,
+                        "public_key": client.public_key,
+                        "created": client.created,
+                        "enabled": client.enabled,
+                    },
+                    "message": format!("client {} added with address {}", client.name, client.ip),
+                    "service_restarted": restart,
+                }))
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "core",
+        "remove_client",
+        "delete a client and its peer; its address becomes free",
+        vec![CLIENT_NAME],
+        move |p: NameParams| {
+            let c = Arc::clone(&c);
+            async move {
+                checked_name(&p.client_name)?;
+                let server = server(&c)?;
+                let name = p.client_name.clone();
+                let removed = blocking(move || server.remove_client(&name)).await?;
+                let client = removed.ok_or_else(|| not_found(&p.client_name))?;
+                Ok::<_, ApiError>(json!({
+                    "removed": true,
+                    "client_name": client.name,
+                    "client_ip": client.ip,
+                }))
+            }
+        },
+    );
+
+    for (action, enabled, summary) in [
+        (
+            "enable_client",
+            true,
+            "put a disabled client's peer back on the interface",
+        ),
+        (
+            "disable_client",
+            false,
+            "take a client's peer off the interface, keeping the client",
+        ),
+    ] {
+        let c = Arc::clone(&ctx);
+        registry.action(
+            "core",
+            action,
+            summary,
+            vec![CLIENT_NAME],
+            move |p: NameParams| {
+                let c = Arc::clone(&c);
+                async move {
+                    checked_name(&p.client_name)?;
+                    let server = server(&c)?;
+                    let name = p.client_name.clone();
+                    let client = blocking(move || server.set_enabled(&name, enabled))
+                        .await?
+                        .ok_or_else(|| not_found(&p.client_name))?;
+                    Ok::<_, ApiError>(json!({
+                        "client_name": client.name,
+                        "client_ip": client.ip,
+                        "enabled": client.enabled,
+                    }))
+                }
+            },
+        );
+    }
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "core",
+        "list_clients",
+        "clients page by page, with live connection state and traffic",
+        vec![
+            ParamSpec::optional("page", ParamKind::Integer { min: 1, max: 1_000_000 }, Some("1"), "page number"),
+            ParamSpec::optional("per_page", ParamKind::Integer { min: 1, max: 1000 }, Some("10"), "clients per page"),
+            ParamSpec::optional("search", ParamKind::String { max_len: 64 }, None, "part of a name or address"),
+        ],
+        move |p: ListParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let server = server(&c)?;
+                let page = usize::try_from(p.page).unwrap_or(1);
+                let per_page = usize::try_from(p.per_page).unwrap_or(10);
+                let search = p.search.filter(|s| !s.is_empty());
+                let (clients, total, live) = blocking(move || {
+                    let offset = (page - 1).saturating_mul(per_page);
+                    let (clients, total) = server.store.page(offset, per_page, search.as_deref())?;
+                    Ok((clients, total, server.live()))
+                })
+                .await?;
+                let total_pages = total.div_ceil(per_page).max(1);
+                let showing_from = if clients.is_empty() { 0 } else { (page - 1) * per_page + 1 };
+                Ok::<_, ApiError>(json!({
+                    "total": total,
+                    "clients": clients.iter().map(|cl| client_json(cl, live.get(&cl.public_key))).collect::<Vec<_>>(),
+                    "pagination": {
+                        "page": page,
+                        "per_page": per_page,
+                        "total_pages": total_pages,
+                        "has_next": page < total_pages,
+                        "has_prev": page > 1,
+                        "showing_from": showing_from,
+                        "showing_to": if clients.is_empty() { 0 } else { showing_from + clients.len() - 1 },
+                    },
+                }))
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "core",
+        "export_client",
+        "a client's wg-quick configuration (with its private key)",
+        vec![CLIENT_NAME],
+        move |p: NameParams| {
+            let c = Arc::clone(&c);
+            async move {
+                checked_name(&p.client_name)?;
+                let server = server(&c)?;
+                let dns = dns_servers(&c);
+                let name = p.client_name.clone();
+                let (client, config) = blocking(move || {
+                    let client = server.store.get(&name)?;
+                    Ok(client.map(|cl| {
+                        let config = server.client_config(&cl, &dns);
+                        (cl, config)
+                    }))
+                })
+                .await?
+                .ok_or_else(|| not_found(&p.client_name))?;
+                Ok::<_, ApiError>(json!({
+                    "client": {
+                        "name": client.name,
+                        "ip": client.ip,
+                        "created": client.created,
+                        "enabled": client.enabled,
+                        "private_key": client.private_key,
+                        "public_key": client.public_key,
+                        "preshared_key": client.preshared_key,
+                    },
+                    "config": config,
+                }))
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "core",
+        "latest_clients",
+        "the newest clients, newest first",
+        vec![ParamSpec::optional("count", ParamKind::Integer { min: 1, max: 1000 }, Some("5"), "how many")],
+        move |p: CountParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let server = server(&c)?;
+                let n = usize::try_from(p.count).unwrap_or(5);
+                let (clients, live) = blocking(move || Ok((server.store.latest(n)?, server.live()))).await?;
+                Ok::<_, ApiError>(json!({
+                    "latest_clients": clients.iter().map(|cl| client_json(cl, live.get(&cl.public_key))).collect::<Vec<_>>(),
+                    "count": clients.len(),
+                }))
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "core",
         "server_status",
-        "the daemon's service state, configuration and data-plane programs",
+        "service, interface with live peers, configuration, client counts, data plane",
+        vec![],
+        move |_: NoParams| {
+            let c = Arc::clone(&c);
+            async move { server_status(&c).await }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "core",
+        "restart_service",
+        "rebuild the WireGuard interface from the client store",
+        vec![],
+        move |_: NoParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let server = server(&c)?;
+                server.bring_up().await.map_err(ApiError::from)?;
+                if let Some(dp) = c.datapath.clone() {
+                    let _ = tokio::task::spawn_blocking(move || dp.reconcile_vpn()).await;
+                }
+                let state = {
+                    let s = Arc::clone(&server);
+                    blocking(move || s.device_state()).await?
+                };
+                Ok::<_, ApiError>(json!({
+                    "restarted": true,
+                    "service_active": true,
+                    "interface_up": true,
+                    "peers": state.peers.len(),
+                    "message": format!("{} rebuilt from the client store", server.config.interface),
+                }))
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "core",
+        "get_tweak_settings",
+        "behaviour switches and what they do",
+        vec![],
+        move |_: NoParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let server = server(&c)?;
+                let restart = blocking(move || tweak(&server)).await?;
+                Ok::<_, ApiError>(json!({
+                    TWEAK_RESTART_AFTER_ADD: restart,
+                    format!("{TWEAK_RESTART_AFTER_ADD}_description"):
+                        "Rebuild the WireGuard interface after every add_client. Off by default: peers are added live without dropping anyone's session.",
+                }))
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "core",
+        "update_tweak_setting",
+        "change a behaviour switch",
+        vec![
+            ParamSpec::required(
+                "setting_name",
+                ParamKind::String { max_len: 128 },
+                "a name from get_tweak_settings",
+            ),
+            ParamSpec::required("value", ParamKind::String { max_len: 16 }, "true or false"),
+        ],
+        move |p: TweakParams| {
+            let c = Arc::clone(&c);
+            async move {
+                if p.setting_name != TWEAK_RESTART_AFTER_ADD {
+                    return Err(ApiError::new(
+                        codes::INVALID_PARAMETER,
+                        format!(
+                            "unknown setting {:?}; settings: {TWEAK_RESTART_AFTER_ADD}",
+                            p.setting_name
+                        ),
+                    ));
+                }
+                let value = match p.value.to_ascii_lowercase().as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(ApiError::new(
+                            codes::INVALID_PARAMETER,
+                            format!("value {:?} must be true or false", p.value),
+                        ));
+                    }
+                };
+                let server = server(&c)?;
+                blocking(move || {
+                    server.store.set_setting(
+                        TWEAK_RESTART_AFTER_ADD,
+                        if value { "true" } else { "false" },
+                    )
+                })
+                .await?;
+                Ok::<_, ApiError>(json!({
+                    "setting_name": TWEAK_RESTART_AFTER_ADD,
+                    "value": value,
+                    "message": format!("{TWEAK_RESTART_AFTER_ADD} is now {value}"),
+                }))
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "core",
+        "get_firewall_status",
+        "our nftables table (NAT, forwarding), the WireGuard port and the eBPF attachments",
         vec![],
         move |_: NoParams| {
             let c = Arc::clone(&c);
             async move {
                 let config = c.config();
-                let programs = c
-                    .datapath
-                    .as_ref()
-                    .map(|dp| dp.attachments())
-                    .unwrap_or_default();
+                let (ruleset, listening) = {
+                    let wg = c.wireguard.clone();
+                    blocking(move || {
+                        let listening = wg.as_ref().and_then(|s| s.device_state().ok()).map(|d| d.listen_port);
+                        Ok((net::nat_ruleset()?, listening))
+                    })
+                    .await?
+                };
+                let rules: Vec<Value> = ruleset["nftables"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e.get("rule").cloned())
+                    .collect();
+                let nat_enabled = rules.iter().any(|r| r.to_string().contains("masquerade"));
+                let programs = c.datapath.as_ref().map(|d| d.attachments()).unwrap_or_default();
                 Ok::<_, ApiError>(json!({
-                    "service": {
-                        "running": true,
-                        "service_name": "phantomd",
-                        "started_at": protocol::rfc3339(c.started_at),
-                        "pid": std::process::id().to_string(),
+                    "status": if nat_enabled { "active" } else { "inactive" },
+                    "ufw": {"status": "not managed by phantom"},
+                    "iptables": {"status": "not managed by phantom (nftables is)"},
+                    "nftables": {"table": format!("inet {}", net::NFT_TABLE), "rules": rules},
+                    "nat": {
+                        "enabled": nat_enabled,
+                        "masquerade": if nat_enabled { "enabled" } else { "disabled" },
+                        "source": config.wireguard.subnet,
+                        "rules": rules.iter().filter(|r| r.to_string().contains("masquerade")).cloned().collect::<Vec<_>>(),
                     },
-                    "daemon": {
-                        "version": protocol::VERSION,
-                        "uptime_seconds": c.started.elapsed().as_secs(),
-                        "config_file": c.config_path,
-                        "state_dir": config.state_dir,
+                    "ports": {
+                        "wireguard_port": config.wireguard.listen_port,
+                        "listening": listening == Some(config.wireguard.listen_port),
                     },
-                    "configuration": {
-                        "interface": config.wireguard.interface,
-                        "config_file": c.config_path,
-                        "port": config.wireguard.listen_port,
-                        "network": config.wireguard.subnet,
-                        "dns": [config.dns.primary, config.dns.secondary],
-                        "config_exists": c.config_path.exists(),
-                    },
-                    "datapath": {
-                        "enabled": c.datapath.is_some(),
-                        "programs": programs,
-                    },
+                    "ebpf": programs,
                 }))
             }
         },
@@ -93,4 +539,104 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
             }
         },
     );
+}
+
+async fn server_status(c: &Arc<Context>) -> Result<Value, ApiError> {
+    let config = c.config();
+    let programs = c
+        .datapath
+        .as_ref()
+        .map(|dp| dp.attachments())
+        .unwrap_or_default();
+    let mut status = json!({
+        "service": {
+            "running": true,
+            "service_name": "phantomd",
+            "started_at": protocol::rfc3339(c.started_at),
+            "pid": std::process::id().to_string(),
+        },
+        "daemon": {
+            "version": protocol::VERSION,
+            "uptime_seconds": c.started.elapsed().as_secs(),
+            "config_file": c.config_path,
+            "state_dir": config.state_dir,
+        },
+        "configuration": {
+            "interface": config.wireguard.interface,
+            "config_file": c.config_path,
+            "port": config.wireguard.listen_port,
+            "network": config.wireguard.subnet,
+            "dns": [config.dns.primary, config.dns.secondary],
+            "config_exists": c.config_path.exists(),
+        },
+        "datapath": {
+            "enabled": c.datapath.is_some(),
+            "programs": programs,
+        },
+        "system": {
+            "hostname": nix::sys::utsname::uname().ok().map(|u| u.nodename().to_string_lossy().into_owned()),
+            "kernel": nix::sys::utsname::uname().ok().map(|u| u.release().to_string_lossy().into_owned()),
+        },
+    });
+    let Some(server) = c.wireguard.clone() else {
+        status["interface"] =
+            json!({"active": false, "interface": config.wireguard.interface, "peers": []});
+        return Ok(status);
+    };
+    let (clients, state) = {
+        let s = Arc::clone(&server);
+        blocking(move || Ok((s.store.all()?, s.device_state().ok()))).await?
+    };
+    let by_key: std::collections::HashMap<&str, &Client> = clients
+        .iter()
+        .map(|cl| (cl.public_key.as_str(), cl))
+        .collect();
+    let live = {
+        let s = Arc::clone(&server);
+        blocking(move || Ok(s.live())).await?
+    };
+    let peers: Vec<Value> = state
+        .as_ref()
+        .map(|s| {
+            s.peers
+                .iter()
+                .map(|p| {
+                    let client = by_key.get(p.public_key.as_str());
+                    let l = live.get(&p.public_key);
+                    json!({
+                        "name": client.map(|cl| cl.name.clone()),
+                        "public_key": p.public_key,
+                        "allowed_ips": p.allowed_ips.join(", "),
+                        "endpoint": p.endpoint,
+                        "latest_handshake_seconds_ago": p.handshake_age_seconds,
+                        "connected": l.is_some_and(Live::connected),
+                        "rx_bytes": client.map_or(0, |cl| cl.rx_total) + l.map_or(0, |l| l.rx_bytes),
+                        "tx_bytes": client.map_or(0, |cl| cl.tx_total) + l.map_or(0, |l| l.tx_bytes),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let rx: u64 = peers.iter().filter_map(|p| p["rx_bytes"].as_u64()).sum();
+    let tx: u64 = peers.iter().filter_map(|p| p["tx_bytes"].as_u64()).sum();
+    let enabled = clients.iter().filter(|cl| cl.enabled).count();
+    let active = live.values().filter(|l| l.connected()).count();
+    status["interface"] = json!({
+        "active": state.is_some(),
+        "interface": config.wireguard.interface,
+        "backend": server.backend(),
+        "public_key": server.public_key,
+        "port": state.as_ref().map(|s| s.listen_port),
+        "address": format!("{}/{}", server.subnet.server_ip(), server.subnet.prefix),
+        "peers": peers,
+        "rx_bytes": rx,
+        "tx_bytes": tx,
+    });
+    status["clients"] = json!({
+        "total_configured": clients.len(),
+        "enabled_clients": enabled,
+        "disabled_clients": clients.len() - enabled,
+        "active_connections": active,
+    });
+    Ok(status)
 }

@@ -1,0 +1,308 @@
+//! The server's WireGuard interface: kernel WireGuard when the module is there, otherwise a
+//! userspace device embedded in the daemon (boringtun). Both are configured from the client
+//! store; the daemon never writes a `wg0.conf`.
+
+use std::{
+    net::Ipv4Addr,
+    sync::mpsc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use tracing::{info, warn};
+use wireguard_control::{Backend, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
+
+use super::uapi::{self, DeviceState, PeerState};
+use crate::{config::WireguardBackend, error::Error};
+
+/// A peer as the interface should hold it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerSpec {
+    pub public_key: String,
+    pub preshared_key: String,
+    pub ip: Ipv4Addr,
+}
+
+enum Kind {
+    Kernel,
+    /// boringtun runs on its own thread: creating a device blocks SIGINT/SIGTERM on the
+    /// creating thread, which must not be one of the daemon's.
+    Embedded {
+        stop: mpsc::Sender<()>,
+        thread: Option<JoinHandle<()>>,
+    },
+}
+
+pub struct WireGuardDevice {
+    iface: String,
+    kind: Kind,
+}
+
+fn bad_key(e: impl std::fmt::Display) -> Error {
+    Error::Other(format!("invalid WireGuard key: {e}"))
+}
+
+impl WireGuardDevice {
+    /// Creates the interface (or takes over a kernel one of that name).
+    pub async fn create(iface: &str, backend: WireguardBackend) -> Result<Self, Error> {
+        if backend != WireguardBackend::Userspace {
+            match create_kernel_link(iface).await {
+                Ok(()) => {
+                    info!(interface = iface, "WireGuard: kernel backend");
+                    return Ok(Self {
+                        iface: iface.into(),
+                        kind: Kind::Kernel,
+                    });
+                }
+                Err(e) if backend == WireguardBackend::Kernel => {
+                    return Err(Error::Other(format!(
+                        "wireguard.backend = \"kernel\" but the kernel cannot create {iface}: {e}"
+                    )));
+                }
+                Err(e) => {
+                    info!(error = %e, "no kernel WireGuard; using the embedded userspace device")
+                }
+            }
+        }
+        Self::create_embedded(iface)
+    }
+
+    fn create_embedded(iface: &str) -> Result<Self, Error> {
+        if nix::net::if_::if_nametoindex(iface).is_ok() {
+            return Err(Error::Other(format!(
+                "interface {iface} already exists and is not a WireGuard device this daemon can take over; remove it or choose another [wireguard] interface"
+            )));
+        }
+        // A socket left by a crashed daemon would make the new device fail to bind.
+        let sock = uapi::socket_path(iface);
+        let _ = std::fs::create_dir_all(uapi::SOCKET_DIR);
+        if sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            let _ = std::fs::remove_file(&sock);
+        }
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let name = iface.to_string();
+        let thread = std::thread::Builder::new()
+            .name(format!("wg-{iface}"))
+            .spawn(move || {
+                let config = boringtun::device::DeviceConfig {
+                    n_threads: 2,
+                    use_connected_socket: true,
+                    use_multi_queue: false,
+                    uapi_fd: -1,
+                };
+                match boringtun::device::DeviceHandle::new(&name, config) {
+                    Ok(handle) => {
+                        let _ = ready_tx.send(Ok(()));
+                        let _ = stop_rx.recv();
+                        drop(handle);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("{e:?}")));
+                    }
+                }
+            })
+            .map_err(Error::Socket)?;
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(Error::Other(format!(
+                    "cannot create the WireGuard device {iface}: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(Error::Other(format!(
+                    "WireGuard device {iface} did not start"
+                )));
+            }
+        }
+        // The UAPI socket appears right after the device.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !sock.exists() {
+            if Instant::now() > deadline {
+                return Err(Error::Other(format!(
+                    "WireGuard device {iface} has no control socket"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        info!(
+            interface = iface,
+            "WireGuard: embedded userspace backend (boringtun)"
+        );
+        Ok(Self {
+            iface: iface.into(),
+            kind: Kind::Embedded {
+                stop: stop_tx,
+                thread: Some(thread),
+            },
+        })
+    }
+
+    /// `kernel` or `userspace`.
+    pub fn backend(&self) -> &'static str {
+        match self.kind {
+            Kind::Kernel => "kernel",
+            Kind::Embedded { .. } => "userspace",
+        }
+    }
+
+    /// Sets the key and port and replaces every peer.
+    pub fn configure(&self, private_key: &str, port: u16, peers: &[PeerSpec]) -> Result<(), Error> {
+        match self.kind {
+            Kind::Kernel => {
+                let mut update = DeviceUpdate::new()
+                    .set_private_key(Key::from_base64(private_key).map_err(bad_key)?)
+                    .set_listen_port(port)
+                    .replace_peers();
+                for p in peers {
+                    update = update.add_peer(kernel_peer(p)?);
+                }
+                update
+                    .apply(&self.iface_name()?, Backend::Kernel)
+                    .map_err(Error::Socket)
+            }
+            Kind::Embedded { .. } => {
+                let mut body = format!(
+                    "private_key={}\nlisten_port={port}\nreplace_peers=true\n",
+                    uapi::key_hex(private_key)?
+                );
+                for p in peers {
+                    body.push_str(&uapi_peer(p)?);
+                }
+                uapi::set(&self.iface, &body)
+            }
+        }
+    }
+
+    pub fn add_peer(&self, peer: &PeerSpec) -> Result<(), Error> {
+        match self.kind {
+            Kind::Kernel => DeviceUpdate::new()
+                .add_peer(kernel_peer(peer)?)
+                .apply(&self.iface_name()?, Backend::Kernel)
+                .map_err(Error::Socket),
+            Kind::Embedded { .. } => uapi::set(&self.iface, &uapi_peer(peer)?),
+        }
+    }
+
+    pub fn remove_peer(&self, public_key: &str) -> Result<(), Error> {
+        match self.kind {
+            Kind::Kernel => DeviceUpdate::new()
+                .remove_peer_by_key(&Key::from_base64(public_key).map_err(bad_key)?)
+                .apply(&self.iface_name()?, Backend::Kernel)
+                .map_err(Error::Socket),
+            Kind::Embedded { .. } => uapi::set(
+                &self.iface,
+                &format!("public_key={}\nremove=true\n", uapi::key_hex(public_key)?),
+            ),
+        }
+    }
+
+    /// Live state: port, peers with handshake age and traffic.
+    pub fn state(&self) -> Result<DeviceState, Error> {
+        match self.kind {
+            Kind::Kernel => {
+                let dev = wireguard_control::Device::get(&self.iface_name()?, Backend::Kernel)
+                    .map_err(Error::Socket)?;
+                let now = std::time::SystemTime::now();
+                Ok(DeviceState {
+                    listen_port: dev.listen_port.unwrap_or(0),
+                    public_key: dev.public_key.map(|k| k.to_base64()),
+                    peers: dev
+                        .peers
+                        .iter()
+                        .map(|p| PeerState {
+                            public_key: p.config.public_key.to_base64(),
+                            endpoint: p.config.endpoint.map(|e| e.to_string()),
+                            handshake_age_seconds: p
+                                .stats
+                                .last_handshake_time
+                                .and_then(|t| now.duration_since(t).ok())
+                                .map(|d| d.as_secs()),
+                            rx_bytes: p.stats.rx_bytes,
+                            tx_bytes: p.stats.tx_bytes,
+                            allowed_ips: p
+                                .config
+                                .allowed_ips
+                                .iter()
+                                .map(|a| format!("{}/{}", a.address, a.cidr))
+                                .collect(),
+                        })
+                        .collect(),
+                })
+            }
+            Kind::Embedded { .. } => uapi::get(&self.iface),
+        }
+    }
+
+    fn iface_name(&self) -> Result<InterfaceName, Error> {
+        self.iface
+            .parse()
+            .map_err(|e| Error::Other(format!("interface name {}: {e:?}", self.iface)))
+    }
+
+    /// Removes the interface (the embedded device takes a couple of seconds to stop).
+    pub fn shutdown(mut self) {
+        match &mut self.kind {
+            Kind::Kernel => {
+                if let Ok(name) = self.iface_name()
+                    && let Ok(dev) = wireguard_control::Device::get(&name, Backend::Kernel)
+                    && let Err(e) = dev.delete()
+                {
+                    warn!(error = %e, "cannot delete the WireGuard interface");
+                }
+            }
+            Kind::Embedded { stop, thread } => {
+                let _ = stop.send(());
+                if let Some(t) = thread.take() {
+                    let _ = t.join();
+                }
+            }
+        }
+    }
+}
+
+fn uapi_peer(p: &PeerSpec) -> Result<String, Error> {
+    Ok(format!(
+        "public_key={}\npreshared_key={}\nreplace_allowed_ips=true\nallowed_ip={}/32\n",
+        uapi::key_hex(&p.public_key)?,
+        uapi::key_hex(&p.preshared_key)?,
+        p.ip
+    ))
+}
+
+fn kernel_peer(p: &PeerSpec) -> Result<PeerConfigBuilder, Error> {
+    Ok(
+        PeerConfigBuilder::new(&Key::from_base64(&p.public_key).map_err(bad_key)?)
+            .set_preshared_key(Key::from_base64(&p.preshared_key).map_err(bad_key)?)
+            .replace_allowed_ips()
+            .add_allowed_ip(p.ip.into(), 32),
+    )
+}
+
+async fn create_kernel_link(iface: &str) -> Result<(), Error> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(Error::Socket)?;
+    let task = tokio::spawn(conn);
+    let result = handle
+        .link()
+        .add(rtnetlink::LinkWireguard::new(iface).build())
+        .execute()
+        .await;
+    task.abort();
+    match result {
+        Ok(()) => Ok(()),
+        // An existing kernel WireGuard link of that name (a restart) is ours to reuse.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {
+            wireguard_control::Device::get(
+                &iface
+                    .parse()
+                    .map_err(|e| Error::Other(format!("interface name: {e:?}")))?,
+                Backend::Kernel,
+            )
+            .map(|_| ())
+            .map_err(|e| Error::Other(format!("{iface} exists and is not kernel WireGuard: {e}")))
+        }
+        Err(e) => Err(Error::Other(e.to_string())),
+    }
+}

@@ -1,0 +1,234 @@
+//! The server side of the tunnel in the host's network: the interface's address, MTU and link
+//! state (rtnetlink), IP forwarding, and NAT for the client subnet (nftables, a table of our
+//! own, replaced atomically so it is never duplicated).
+
+use std::{
+    io::Write,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+};
+
+use futures_util::TryStreamExt;
+use rtnetlink::LinkUnspec;
+
+use crate::error::Error;
+
+/// Our nftables table; nothing else of the host's ruleset is touched.
+pub const NFT_TABLE: &str = "phantom";
+
+/// An IPv4 subnet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subnet {
+    pub network: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Subnet {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = text
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not address/prefix"))?;
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("prefix {prefix:?} is not 0..=32"))?;
+        let mask = Self::mask_of(prefix);
+        Ok(Self {
+            network: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix,
+        })
+    }
+
+    fn mask_of(prefix: u8) -> u32 {
+        if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix)
+        }
+    }
+
+    pub fn mask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(Self::mask_of(self.prefix))
+    }
+
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) | !Self::mask_of(self.prefix))
+    }
+
+    /// The server's address: the first host.
+    pub fn server_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + 1)
+    }
+
+    /// Addresses clients can get: every host but the server's.
+    pub fn client_hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
+        let first = u32::from(self.network) + 2;
+        let last = u32::from(self.broadcast()).saturating_sub(1);
+        (first..=last).map(Ipv4Addr::from)
+    }
+
+    pub fn capacity(&self) -> usize {
+        (1usize << (32 - self.prefix as usize)).saturating_sub(3)
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & Self::mask_of(self.prefix) == u32::from(self.network)
+    }
+
+    /// The host offset of `ip` inside this subnet.
+    pub fn offset(&self, ip: Ipv4Addr) -> u32 {
+        u32::from(ip) - u32::from(self.network)
+    }
+
+    pub fn at(&self, offset: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + offset)
+    }
+}
+
+impl std::fmt::Display for Subnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+fn nl(e: rtnetlink::Error) -> Error {
+    Error::Other(format!("netlink: {e}"))
+}
+
+/// Gives `iface` exactly the server address, sets the MTU and brings it up.
+pub async fn configure_interface(iface: &str, subnet: &Subnet, mtu: u16) -> Result<(), Error> {
+    let index = nix::net::if_::if_nametoindex(iface)
+        .map_err(|e| Error::Other(format!("interface {iface}: {e}")))?;
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(Error::Socket)?;
+    let task = tokio::spawn(conn);
+    let result = async {
+        // Remove addresses that are not the server's (a subnet change, or a stranger).
+        let mut addrs = handle.address().get().set_link_index_filter(index).execute();
+        let mut stale = Vec::new();
+        while let Some(msg) = addrs.try_next().await.map_err(nl)? {
+            let ours = msg.attributes.iter().any(|a| {
+                matches!(a, rtnetlink::packet_route::address::AddressAttribute::Address(std::net::IpAddr::V4(ip))
+                    if *ip == subnet.server_ip() && msg.header.prefix_len == subnet.prefix)
+            });
+            if !ours {
+                stale.push(msg);
+            }
+        }
+        for msg in stale {
+            handle.address().del(msg).execute().await.map_err(nl)?;
+        }
+        handle
+            .address()
+            .add(index, subnet.server_ip().into(), subnet.prefix)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl)?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(u32::from(mtu)).up().build())
+            .execute()
+            .await
+            .map_err(nl)
+    }
+    .await;
+    task.abort();
+    result
+}
+
+/// Turns on IPv4 forwarding in this network namespace.
+pub fn enable_forwarding() -> Result<(), Error> {
+    let path = std::path::Path::new("/proc/sys/net/ipv4/ip_forward");
+    std::fs::write(path, "1").map_err(|e| Error::io(path, e))
+}
+
+fn nft(script: &str) -> Result<(), Error> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Other(format!("cannot run nft: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| Error::Other(format!("nft: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::Other(format!("nft: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Other(format!(
+            "nft refused the ruleset: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Masquerades the client subnet out of every interface but the tunnel, and lets forwarded
+/// client traffic through. The table is replaced in one transaction: never duplicated, never
+/// half there.
+pub fn install_nat(iface: &str, subnet: &Subnet) -> Result<(), Error> {
+    nft(&format!(
+        "table inet {NFT_TABLE}\n\
+         delete table inet {NFT_TABLE}\n\
+         table inet {NFT_TABLE} {{\n\
+           chain postrouting {{\n\
+             type nat hook postrouting priority srcnat; policy accept;\n\
+             ip saddr {subnet} oifname != \"{iface}\" masquerade comment \"phantom: VPN clients out\"\n\
+           }}\n\
+           chain forward {{\n\
+             type filter hook forward priority filter; policy accept;\n\
+             iifname \"{iface}\" accept\n\
+             oifname \"{iface}\" ct state established,related accept\n\
+           }}\n\
+         }}\n"
+    ))
+}
+
+/// Removes our table (shutdown).
+pub fn remove_nat() -> Result<(), Error> {
+    nft(&format!(
+        "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"
+    ))
+}
+
+/// Our table as nft lists it (JSON), for `get_firewall_status`.
+pub fn nat_ruleset() -> Result<serde_json::Value, Error> {
+    let out = Command::new("nft")
+        .args(["-j", "list", "table", "inet", NFT_TABLE])
+        .output()
+        .map_err(|e| Error::Other(format!("cannot run nft: {e}")))?;
+    if !out.status.success() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| Error::Other(format!("nft output: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_arithmetic() -> Result<(), String> {
+        let s = Subnet::parse("10.8.0.77/24")?;
+        assert_eq!(s.to_string(), "10.8.0.0/24");
+        assert_eq!(s.server_ip(), Ipv4Addr::new(10, 8, 0, 1));
+        assert_eq!(s.broadcast(), Ipv4Addr::new(10, 8, 0, 255));
+        assert_eq!(s.capacity(), 253);
+        let hosts: Vec<Ipv4Addr> = s.client_hosts().collect();
+        assert_eq!(hosts.first(), Some(&Ipv4Addr::new(10, 8, 0, 2)));
+        assert_eq!(hosts.last(), Some(&Ipv4Addr::new(10, 8, 0, 254)));
+        assert_eq!(hosts.len(), 253);
+        assert!(Subnet::parse("300.300.300.0/24").is_err());
+        assert!(Subnet::parse("10.0.0.0/33").is_err());
+        Ok(())
+    }
+}

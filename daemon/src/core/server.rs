@@ -1,0 +1,400 @@
+//! The WireGuard server: the client store, the interface, and the operations the `core`
+//! actions perform on them.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    sync::Mutex,
+};
+
+use tracing::{info, warn};
+use wireguard_control::Key;
+
+use super::{
+    device::{PeerSpec, WireGuardDevice},
+    net::{self, Subnet},
+    store::{Client, ClientStore, Conflict},
+    uapi::DeviceState,
+};
+use crate::{config::WireguardConfig, error::Error, store};
+
+/// A handshake younger than this means connected (WireGuard rekeys every 2 minutes).
+pub const CONNECTED_WITHIN_SECONDS: u64 = 180;
+
+/// Tweak: rebuild the interface after every new client (the original tool's behaviour).
+pub const TWEAK_RESTART_AFTER_ADD: &str = "restart_service_after_client_creation";
+
+#[derive(Debug)]
+pub enum AddError {
+    Exists,
+    Full,
+    Internal(Error),
+}
+
+impl From<Error> for AddError {
+    fn from(e: Error) -> Self {
+        AddError::Internal(e)
+    }
+}
+
+/// Live figures of one client's peer.
+#[derive(Clone, Debug, Default)]
+pub struct Live {
+    pub handshake_age_seconds: Option<u64>,
+    pub endpoint: Option<String>,
+    /// Totals including what was persisted before this interface came up.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+impl Live {
+    pub fn connected(&self) -> bool {
+        self.handshake_age_seconds
+            .is_some_and(|a| a < CONNECTED_WITHIN_SECONDS)
+    }
+}
+
+pub struct Server {
+    pub store: ClientStore,
+    device: Mutex<Option<WireGuardDevice>>,
+    pub config: WireguardConfig,
+    pub subnet: Subnet,
+    pub private_key: String,
+    pub public_key: String,
+    /// Serialises allocation + insert so no IP is handed out twice.
+    alloc: tokio::sync::Mutex<()>,
+    /// Per public key, the device counters already added to the store.
+    persisted: Mutex<HashMap<String, (u64, u64)>>,
+    pub started_at: time::OffsetDateTime,
+}
+
+/// Loads the server key from the state directory, creating it (0600) on first start.
+fn server_key(state_dir: &Path) -> Result<String, Error> {
+    let dir = state_dir.join("wireguard");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let path = dir.join("server.key");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let key = text.trim().to_string();
+            Key::from_base64(&key).map_err(|_| {
+                Error::Other(format!("{}: not a WireGuard private key", path.display()))
+            })?;
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = Key::generate_private().to_base64();
+            store::write_atomic(&path, format!("{key}\n").as_bytes())?;
+            info!("generated the WireGuard server key");
+            Ok(key)
+        }
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, Error> {
+    m.lock()
+        .map_err(|_| Error::Other("core lock poisoned".into()))
+}
+
+impl Server {
+    /// Opens the store, brings the interface up with every enabled client, NAT on.
+    pub async fn start(config: &WireguardConfig, state_dir: &Path) -> Result<Self, Error> {
+        let subnet = Subnet::parse(&config.subnet).map_err(Error::config)?;
+        let store = ClientStore::open(&state_dir.join("clients.db"))?;
+        let private_key = server_key(state_dir)?;
+        let public_key = Key::from_base64(&private_key)
+            .map_err(|_| Error::Other("server key".into()))?
+            .get_public()
+            .to_base64();
+        let server = Self {
+            store,
+            device: Mutex::new(None),
+            config: config.clone(),
+            subnet,
+            private_key,
+            public_key,
+            alloc: tokio::sync::Mutex::new(()),
+            persisted: Mutex::new(HashMap::new()),
+            started_at: time::OffsetDateTime::now_utc(),
+        };
+        server.bring_up().await?;
+        Ok(server)
+    }
+
+    /// Creates (or recreates) the interface from the store: every enabled client a peer.
+    pub async fn bring_up(&self) -> Result<(), Error> {
+        if let Some(old) = lock(&self.device)?.take() {
+            self.persist_traffic_of(&old);
+            old.shutdown();
+        }
+        let device = WireGuardDevice::create(&self.config.interface, self.config.backend).await?;
+        let peers = self.peers()?;
+        device.configure(&self.private_key, self.config.listen_port, &peers)?;
+        net::configure_interface(&self.config.interface, &self.subnet, self.config.mtu).await?;
+        net::enable_forwarding()?;
+        net::install_nat(&self.config.interface, &self.subnet)?;
+        lock(&self.persisted)?.clear();
+        info!(
+            interface = %self.config.interface,
+            backend = device.backend(),
+            peers = peers.len(),
+            subnet = %self.subnet,
+            "WireGuard server up"
+        );
+        *lock(&self.device)? = Some(device);
+        Ok(())
+    }
+
+    fn peers(&self) -> Result<Vec<PeerSpec>, Error> {
+        Ok(self
+            .store
+            .all()?
+            .into_iter()
+            .filter(|c| c.enabled)
+            .map(|c| peer_of(&c))
+            .collect())
+    }
+
+    fn with_device<T>(
+        &self,
+        f: impl FnOnce(&WireGuardDevice) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let guard = lock(&self.device)?;
+        let device = guard
+            .as_ref()
+            .ok_or_else(|| Error::Other("the WireGuard interface is down".into()))?;
+        f(device)
+    }
+
+    pub fn backend(&self) -> Option<&'static str> {
+        lock(&self.device).ok()?.as_ref().map(|d| d.backend())
+    }
+
+    pub fn device_state(&self) -> Result<DeviceState, Error> {
+        self.with_device(|d| d.state())
+    }
+
+    /// Adds a client: next free address, fresh keys, stored (durably) before the peer goes
+    /// live.
+    pub async fn add_client(&self, name: &str) -> Result<Client, AddError> {
+        let _alloc = self.alloc.lock().await;
+        if self.store.get(name)?.is_some() {
+            return Err(AddError::Exists);
+        }
+        let used: std::collections::HashSet<Ipv4Addr> =
+            self.store.all()?.into_iter().map(|c| c.ip).collect();
+        let ip = self
+            .subnet
+            .client_hosts()
+            .find(|ip| !used.contains(ip))
+            .ok_or(AddError::Full)?;
+        let private = Key::generate_private();
+        let client = Client {
+            name: name.to_string(),
+            ip,
+            public_key: private.get_public().to_base64(),
+            private_key: private.to_base64(),
+            preshared_key: Key::generate_preshared().to_base64(),
+            created: crate::protocol::timestamp_now(),
+            enabled: true,
+            rx_total: 0,
+            tx_total: 0,
+        };
+        match self.store.insert(&client)? {
+            Ok(()) => {}
+            Err(Conflict::Name) => return Err(AddError::Exists),
+            Err(Conflict::Ip | Conflict::Key) => {
+                return Err(AddError::Internal(Error::Other(
+                    "address or key collision; try again".into(),
+                )));
+            }
+        }
+        if let Err(e) = self.with_device(|d| d.add_peer(&peer_of(&client))) {
+            // The client is stored; the next start or restart_service will add the peer.
+            warn!(error = %e, "client stored but the peer could not be added live");
+        }
+        Ok(client)
+    }
+
+    pub fn remove_client(&self, name: &str) -> Result<Option<Client>, Error> {
+        let Some(client) = self.store.remove(name)? else {
+            return Ok(None);
+        };
+        self.with_device(|d| d.remove_peer(&client.public_key))?;
+        lock(&self.persisted)?.remove(&client.public_key);
+        Ok(Some(client))
+    }
+
+    /// Enables or disables a client: the peer leaves or rejoins the interface, the client stays.
+    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<Option<Client>, Error> {
+        let Some(client) = self.store.set_enabled(name, enabled)? else {
+            return Ok(None);
+        };
+        if enabled {
+            self.with_device(|d| d.add_peer(&peer_of(&client)))?;
+        } else {
+            self.persist_traffic()?;
+            self.with_device(|d| d.remove_peer(&client.public_key))?;
+            lock(&self.persisted)?.remove(&client.public_key);
+        }
+        Ok(Some(client))
+    }
+
+    /// Live handshake age, endpoint and traffic totals per public key.
+    pub fn live(&self) -> HashMap<String, Live> {
+        let Ok(state) = self.device_state() else {
+            return HashMap::new();
+        };
+        let persisted = lock(&self.persisted).map(|p| p.clone()).unwrap_or_default();
+        state
+            .peers
+            .into_iter()
+            .map(|p| {
+                let (rx0, tx0) = persisted.get(&p.public_key).copied().unwrap_or((0, 0));
+                let live = Live {
+                    handshake_age_seconds: p.handshake_age_seconds,
+                    endpoint: p.endpoint,
+                    // Unpersisted part of the device counters.
+                    rx_bytes: p.rx_bytes.saturating_sub(rx0),
+                    tx_bytes: p.tx_bytes.saturating_sub(tx0),
+                };
+                (p.public_key, live)
+            })
+            .collect()
+    }
+
+    /// Adds the traffic the device counted since the last call to the stored totals.
+    pub fn persist_traffic(&self) -> Result<(), Error> {
+        let state = self.device_state()?;
+        self.persist(&state)
+    }
+
+    fn persist_traffic_of(&self, device: &WireGuardDevice) {
+        if let Ok(state) = device.state()
+            && let Err(e) = self.persist(&state)
+        {
+            warn!(error = %e, "cannot persist client traffic");
+        }
+    }
+
+    fn persist(&self, state: &DeviceState) -> Result<(), Error> {
+        let by_key: HashMap<String, String> = self
+            .store
+            .all()?
+            .into_iter()
+            .map(|c| (c.public_key, c.name))
+            .collect();
+        let mut persisted = lock(&self.persisted)?;
+        let mut deltas = Vec::new();
+        for p in &state.peers {
+            let Some(name) = by_key.get(&p.public_key) else {
+                continue;
+            };
+            let (rx0, tx0) = persisted.get(&p.public_key).copied().unwrap_or((0, 0));
+            let (drx, dtx) = (
+                p.rx_bytes.saturating_sub(rx0),
+                p.tx_bytes.saturating_sub(tx0),
+            );
+            if drx > 0 || dtx > 0 {
+                deltas.push((name.clone(), drx, dtx));
+            }
+            persisted.insert(p.public_key.clone(), (p.rx_bytes, p.tx_bytes));
+        }
+        if !deltas.is_empty() {
+            self.store.add_traffic(&deltas)?;
+        }
+        Ok(())
+    }
+
+    /// The public endpoint written into client configs: `[wireguard] endpoint`, or when
+    /// "auto" the first global IPv4 address of this host outside the tunnel.
+    pub fn endpoint(&self) -> String {
+        let host = if self.config.endpoint != "auto" {
+            self.config.endpoint.clone()
+        } else {
+            nix::ifaddrs::getifaddrs()
+                .ok()
+                .and_then(|addrs| {
+                    addrs
+                        .filter(|a| {
+                            a.interface_name != self.config.interface && a.interface_name != "lo"
+                        })
+                        .filter_map(|a| {
+                            a.address.and_then(|s| s.as_sockaddr_in().map(|v4| v4.ip()))
+                        })
+                        .find(|ip| !ip.is_loopback() && !ip.is_link_local())
+                        .map(|ip| ip.to_string())
+                })
+                .unwrap_or_else(|| "127.0.0.1".into())
+        };
+        let port = self.config.listen_port;
+        if host.parse::<std::net::SocketAddr>().is_ok() {
+            return host;
+        }
+        match host.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+            _ if host
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.contains(':') && p.parse::<u16>().is_ok()) =>
+            {
+                host
+            }
+            _ => format!("{host}:{port}"),
+        }
+    }
+
+    /// The client's wg-quick configuration.
+    pub fn client_config(&self, client: &Client, dns: &[String]) -> String {
+        format!(
+            "[Interface]\n\
+             PrivateKey = {}\n\
+             Address = {}/32\n\
+             DNS = {}\n\
+             MTU = {}\n\
+             \n\
+             [Peer]\n\
+             PublicKey = {}\n\
+             PresharedKey = {}\n\
+             Endpoint = {}\n\
+             AllowedIPs = 0.0.0.0/0, ::/0\n\
+             PersistentKeepalive = 25\n",
+            client.private_key,
+            client.ip,
+            dns.join(", "),
+            self.config.mtu,
+            self.public_key,
+            client.preshared_key,
+            self.endpoint(),
+        )
+    }
+
+    /// Shutdown: traffic persisted, NAT removed, interface gone.
+    pub fn shutdown(&self) {
+        if let Ok(mut guard) = lock(&self.device)
+            && let Some(device) = guard.take()
+        {
+            self.persist_traffic_of(&device);
+            device.shutdown();
+        }
+        if let Err(e) = net::remove_nat() {
+            warn!(error = %e, "cannot remove the NAT table");
+        }
+    }
+}
+
+fn peer_of(c: &Client) -> PeerSpec {
+    PeerSpec {
+        public_key: c.public_key.clone(),
+        preshared_key: c.preshared_key.clone(),
+        ip: c.ip,
+    }
+}
+
+/// 1 to 64 characters of letters, digits, `-` and `_`.
+pub fn valid_client_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}

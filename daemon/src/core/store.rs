@@ -1,0 +1,344 @@
+//! The client store: SQLite (WAL, synchronous=FULL) in the state directory. A client whose
+//! `add_client` was acknowledged is on disk; `kill -9` cannot lose it.
+
+use std::{net::Ipv4Addr, path::Path, sync::Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::error::Error;
+
+/// One VPN client as stored. Keys are base64 (wg format).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Client {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    #[serde(skip)]
+    pub private_key: String,
+    pub public_key: String,
+    #[serde(skip)]
+    pub preshared_key: String,
+    /// RFC 3339.
+    pub created: String,
+    pub enabled: bool,
+    /// Traffic totals across interface restarts (bytes).
+    pub rx_total: u64,
+    pub tx_total: u64,
+}
+
+/// Why an insert was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Conflict {
+    Name,
+    Ip,
+    Key,
+}
+
+pub struct ClientStore {
+    conn: Mutex<Connection>,
+}
+
+fn db(e: rusqlite::Error) -> Error {
+    Error::Other(format!("client store: {e}"))
+}
+
+const COLUMNS: &str =
+    "name, ip, private_key, public_key, preshared_key, created, enabled, rx_total, tx_total";
+
+fn row_to_client(row: &rusqlite::Row<'_>) -> rusqlite::Result<Client> {
+    let ip: String = row.get(1)?;
+    Ok(Client {
+        name: row.get(0)?,
+        ip: ip.parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
+        private_key: row.get(2)?,
+        public_key: row.get(3)?,
+        preshared_key: row.get(4)?,
+        created: row.get(5)?,
+        enabled: row.get(6)?,
+        rx_total: row.get::<_, i64>(7)? as u64,
+        tx_total: row.get::<_, i64>(8)? as u64,
+    })
+}
+
+impl ClientStore {
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let conn = Connection::open(path).map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS clients (
+                 name TEXT PRIMARY KEY,
+                 ip TEXT NOT NULL UNIQUE,
+                 private_key TEXT NOT NULL,
+                 public_key TEXT NOT NULL UNIQUE,
+                 preshared_key TEXT NOT NULL,
+                 created TEXT NOT NULL,
+                 enabled INTEGER NOT NULL DEFAULT 1,
+                 rx_total INTEGER NOT NULL DEFAULT 0,
+                 tx_total INTEGER NOT NULL DEFAULT 0,
+                 seq INTEGER NOT NULL DEFAULT 0
+             );
+             CREATE INDEX IF NOT EXISTS clients_seq ON clients (seq);
+             CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+        )
+        .map_err(db)?;
+        // The integrity check doubles as "the store opens cleanly" after a crash.
+        let ok: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(db)?;
+        if ok != "ok" {
+            return Err(Error::Other(format!(
+                "client store {}: integrity check: {ok}",
+                path.display()
+            )));
+        }
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, Error> {
+        self.conn
+            .lock()
+            .map_err(|_| Error::Other("client store lock poisoned".into()))
+    }
+
+    /// Inserts a client; a duplicate name, IP or key is a conflict, not an error.
+    pub fn insert(&self, c: &Client) -> Result<Result<(), Conflict>, Error> {
+        let conn = self.conn()?;
+        let taken = |sql: &str, v: &str| -> Result<bool, Error> {
+            conn.query_row(sql, [v], |_| Ok(()))
+                .optional()
+                .map(|r| r.is_some())
+                .map_err(db)
+        };
+        if taken("SELECT 1 FROM clients WHERE name = ?1", &c.name)? {
+            return Ok(Err(Conflict::Name));
+        }
+        if taken("SELECT 1 FROM clients WHERE ip = ?1", &c.ip.to_string())? {
+            return Ok(Err(Conflict::Ip));
+        }
+        if taken("SELECT 1 FROM clients WHERE public_key = ?1", &c.public_key)? {
+            return Ok(Err(Conflict::Key));
+        }
+        conn.execute(
+            "INSERT INTO clients (name, ip, private_key, public_key, preshared_key, created, enabled, rx_total, tx_total, seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, (SELECT COALESCE(MAX(seq), 0) + 1 FROM clients))",
+            params![
+                c.name,
+                c.ip.to_string(),
+                c.private_key,
+                c.public_key,
+                c.preshared_key,
+                c.created,
+                c.enabled,
+                c.rx_total as i64,
+                c.tx_total as i64
+            ],
+        )
+        .map_err(db)?;
+        Ok(Ok(()))
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<Client>, Error> {
+        self.conn()?
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM clients WHERE name = ?1"),
+                [name],
+                row_to_client,
+            )
+            .optional()
+            .map_err(db)
+    }
+
+    pub fn remove(&self, name: &str) -> Result<Option<Client>, Error> {
+        let client = self.get(name)?;
+        if client.is_some() {
+            self.conn()?
+                .execute("DELETE FROM clients WHERE name = ?1", [name])
+                .map_err(db)?;
+        }
+        Ok(client)
+    }
+
+    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<Option<Client>, Error> {
+        let n = self
+            .conn()?
+            .execute(
+                "UPDATE clients SET enabled = ?2 WHERE name = ?1",
+                params![name, enabled],
+            )
+            .map_err(db)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        self.get(name)
+    }
+
+    /// Every client, oldest first.
+    pub fn all(&self) -> Result<Vec<Client>, Error> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare(&format!("SELECT {COLUMNS} FROM clients ORDER BY seq"))
+            .map_err(db)?;
+        let rows = stmt.query_map([], row_to_client).map_err(db)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db)
+    }
+
+    /// The newest `n` clients, newest first.
+    pub fn latest(&self, n: usize) -> Result<Vec<Client>, Error> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {COLUMNS} FROM clients ORDER BY seq DESC LIMIT ?1"
+            ))
+            .map_err(db)?;
+        let rows = stmt.query_map([n as i64], row_to_client).map_err(db)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(db)
+    }
+
+    /// One page of clients (oldest first) whose name or IP contains `search`, and the total
+    /// matching.
+    pub fn page(
+        &self,
+        offset: usize,
+        limit: usize,
+        search: Option<&str>,
+    ) -> Result<(Vec<Client>, usize), Error> {
+        let conn = self.conn()?;
+        let pattern = search.map(|s| {
+            format!(
+                "%{}%",
+                s.replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_")
+            )
+        });
+        let filter = "WHERE (?1 IS NULL OR name LIKE ?1 ESCAPE '\\' OR ip LIKE ?1 ESCAPE '\\')";
+        let total: i64 = conn
+            .query_row(
+                &format!("SELECT COUNT(*) FROM clients {filter}"),
+                [&pattern],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {COLUMNS} FROM clients {filter} ORDER BY seq LIMIT ?2 OFFSET ?3"
+            ))
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(params![pattern, limit as i64, offset as i64], row_to_client)
+            .map_err(db)?;
+        Ok((
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)?,
+            total as usize,
+        ))
+    }
+
+    /// Adds traffic seen since the last call to the persisted totals.
+    pub fn add_traffic(&self, deltas: &[(String, u64, u64)]) -> Result<(), Error> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction().map_err(db)?;
+        for (name, rx, tx_bytes) in deltas {
+            tx.execute(
+                "UPDATE clients SET rx_total = rx_total + ?2, tx_total = tx_total + ?3 WHERE name = ?1",
+                params![name, *rx as i64, *tx_bytes as i64],
+            )
+            .map_err(db)?;
+        }
+        tx.commit().map_err(db)
+    }
+
+    pub fn setting(&self, key: &str) -> Result<Option<String>, Error> {
+        self.conn()?
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db)
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<(), Error> {
+        self.conn()?
+            .execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [key, value],
+            )
+            .map(|_| ())
+            .map_err(db)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(name: &str, ip: [u8; 4], key: &str) -> Client {
+        Client {
+            name: name.into(),
+            ip: Ipv4Addr::from(ip),
+            private_key: "priv".into(),
+            public_key: key.into(),
+            preshared_key: "psk".into(),
+            created: "2026-11-23T00:00:00Z".into(),
+            enabled: true,
+            rx_total: 0,
+            tx_total: 0,
+        }
+    }
+
+    #[test]
+    fn insert_conflicts_page_and_reopen() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(Error::Socket)?;
+        let path = dir.path().join("clients.db");
+        {
+            let store = ClientStore::open(&path)?;
+            assert_eq!(store.insert(&client("alice", [10, 8, 0, 2], "ka"))?, Ok(()));
+            assert_eq!(
+                store.insert(&client("alice", [10, 8, 0, 3], "kb"))?,
+                Err(Conflict::Name)
+            );
+            assert_eq!(
+                store.insert(&client("bob", [10, 8, 0, 2], "kb"))?,
+                Err(Conflict::Ip)
+            );
+            assert_eq!(
+                store.insert(&client("bob", [10, 8, 0, 3], "ka"))?,
+                Err(Conflict::Key)
+            );
+            assert_eq!(store.insert(&client("bob_1", [10, 8, 0, 3], "kb"))?, Ok(()));
+            assert_eq!(store.insert(&client("carol", [10, 8, 0, 4], "kc"))?, Ok(()));
+            let (page, total) = store.page(0, 2, None)?;
+            assert_eq!((page.len(), total), (2, 3));
+            assert_eq!(page[0].name, "alice");
+            let (found, total) = store.page(0, 10, Some("b_"))?;
+            assert_eq!(
+                (found.len(), total),
+                (1, 1),
+                "underscore is literal in search"
+            );
+            assert_eq!(store.latest(1)?[0].name, "carol");
+            store.add_traffic(&[("alice".into(), 10, 20)])?;
+            assert!(
+                store
+                    .set_enabled("bob_1", false)?
+                    .is_some_and(|c| !c.enabled)
+            );
+        }
+        let store = ClientStore::open(&path)?;
+        let alice = store.get("alice")?.ok_or(Error::Other("lost".into()))?;
+        assert_eq!((alice.rx_total, alice.tx_total), (10, 20));
+        assert_eq!(
+            store.remove("carol")?.map(|c| c.ip),
+            Some(Ipv4Addr::new(10, 8, 0, 4))
+        );
+        assert_eq!(store.all()?.len(), 2);
+        Ok(())
+    }
+}

@@ -1,0 +1,296 @@
+//! Core end-to-end tests: the WireGuard server in a namespace, real clients brought up from
+//! the exported configuration with the stock tools, traffic through the tunnel and NAT.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed expectation is a failed test
+
+use std::time::{Duration, Instant};
+
+use phantom_tests::{
+    BpffsDir, Daemon, DaemonConfig, GuardedLink, NetNs, WgQuickClient, WireguardSettings,
+    phantom_api, require_root, veth,
+};
+use serde_json::Value;
+
+const VPN_SUBNET: &str = "198.51.100.0/24";
+const VPN_SERVER: &str = "198.51.100.1";
+/// A host behind the server, reachable by clients only through NAT.
+const BEHIND: &str = "203.0.113.10";
+
+fn api(daemon: &Daemon, args: &[&str]) -> Value {
+    let (code, reply, out) = phantom_api(&daemon.socket(), args);
+    assert_eq!(code, 0, "phantom-api {args:?}: {out}");
+    reply["data"].clone()
+}
+
+fn api_err(daemon: &Daemon, args: &[&str]) -> String {
+    let (code, reply, out) = phantom_api(&daemon.socket(), args);
+    assert_ne!(code, 0, "phantom-api {args:?} should fail: {out}");
+    assert_eq!(reply["success"], false);
+    reply["code"].as_str().unwrap_or_default().to_string()
+}
+
+/// Server and client namespaces (GuardedLink) plus a host behind the server.
+struct VpnTopology {
+    link: GuardedLink,
+    behind: NetNs,
+}
+
+impl VpnTopology {
+    fn new() -> Self {
+        let link = GuardedLink::new();
+        let behind = NetNs::new("phb");
+        veth(&link.server, "lan0", &behind, "h0");
+        link.server
+            .ip(&["addr", "add", "203.0.113.1/24", "dev", "lan0"]);
+        behind.ip(&["addr", "add", "203.0.113.10/24", "dev", "h0"]);
+        // No route back to the VPN subnet: replies only find their way through NAT.
+        Self { link, behind }
+    }
+
+    fn start(&self, bpffs: &BpffsDir) -> Daemon {
+        let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
+        config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, GuardedLink::SERVER_V4));
+        Daemon::start(&self.link.server, &config)
+    }
+
+    /// Pings `to` from the client namespace until one answers or `within` passes.
+    fn reachable(&self, to: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.link.ping(to, 1) == 1 {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn client_entry(daemon: &Daemon, name: &str) -> Value {
+    let list = api(daemon, &["core", "list_clients", "per_page=100"]);
+    list["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn exported_config_connects_a_real_client_through_the_tunnel_and_nat() {
+    if !require_root("exported_config_connects_a_real_client_through_the_tunnel_and_nat") {
+        return;
+    }
+    let topo = VpnTopology::new();
+    let bpffs = BpffsDir::new();
+    let daemon = topo.start(&bpffs);
+    let _ = &topo.behind;
+
+    let added = api(&daemon, &["core", "add_client", "client_name=alice"]);
+    assert_eq!(added["client"]["name"], "alice");
+    assert_eq!(added["client"]["ip"], "198.51.100.2");
+    assert_eq!(added["client"]["enabled"], true);
+    let export = api(&daemon, &["core", "export_client", "client_name=alice"]);
+    let config = export["config"].as_str().unwrap();
+    for field in [
+        "PrivateKey",
+        "Address",
+        "DNS",
+        "MTU",
+        "PublicKey",
+        "PresharedKey",
+        "Endpoint",
+        "AllowedIPs",
+        "PersistentKeepalive",
+    ] {
+        assert!(
+            config.contains(&format!("{field} = ")),
+            "{field} missing:\n{config}"
+        );
+    }
+
+    // The exported text alone configures the stock client.
+    let client = WgQuickClient::up(&topo.link.peer, config);
+    assert!(
+        topo.reachable(VPN_SERVER, Duration::from_secs(10)),
+        "server through the tunnel"
+    );
+    assert!(
+        topo.reachable(BEHIND, Duration::from_secs(5)),
+        "host behind the server, through NAT"
+    );
+
+    let alice = client_entry(&daemon, "alice");
+    assert_eq!(alice["connected"], true, "{alice}");
+    assert!(
+        alice["rx_bytes"].as_u64().unwrap() > 0 && alice["tx_bytes"].as_u64().unwrap() > 0,
+        "{alice}"
+    );
+    let status = api(&daemon, &["core", "server_status"]);
+    assert_eq!(status["interface"]["active"], true);
+    assert_eq!(status["interface"]["backend"], "userspace");
+    assert_eq!(status["clients"]["total_configured"], 1);
+    assert_eq!(status["clients"]["active_connections"], 1);
+    let firewall = api(&daemon, &["core", "get_firewall_status"]);
+    assert_eq!(firewall["nat"]["enabled"], true, "{firewall}");
+    assert_eq!(firewall["ports"]["listening"], true);
+
+    // Disable takes the peer away; enable brings it back (the client re-handshakes).
+    api(&daemon, &["core", "disable_client", "client_name=alice"]);
+    assert!(
+        !topo.reachable(VPN_SERVER, Duration::from_secs(2)),
+        "disabled client is cut off"
+    );
+    assert_eq!(client_entry(&daemon, "alice")["enabled"], false);
+    api(&daemon, &["core", "enable_client", "client_name=alice"]);
+    assert!(
+        topo.reachable(VPN_SERVER, Duration::from_secs(30)),
+        "enabled again"
+    );
+
+    // Remove stops the tunnel for good and frees the address.
+    let removed = api(&daemon, &["core", "remove_client", "client_name=alice"]);
+    assert_eq!(
+        (removed["removed"].as_bool(), removed["client_ip"].as_str()),
+        (Some(true), Some("198.51.100.2"))
+    );
+    assert!(
+        !topo.reachable(VPN_SERVER, Duration::from_secs(2)),
+        "removed client is cut off"
+    );
+    drop(client);
+    assert_eq!(
+        api(&daemon, &["core", "add_client", "client_name=bob"])["client"]["ip"],
+        "198.51.100.2"
+    );
+}
+
+#[test]
+fn client_lifecycle_validation_paging_and_durability() {
+    if !require_root("client_lifecycle_validation_paging_and_durability") {
+        return;
+    }
+    let topo = VpnTopology::new();
+    let bpffs = BpffsDir::new();
+    let mut daemon = topo.start(&bpffs);
+
+    for i in 0..12 {
+        api(
+            &daemon,
+            &["core", "add_client", &format!("client_name=c{i:02}")],
+        );
+    }
+    let page = api(&daemon, &["core", "list_clients", "page=2", "per_page=5"]);
+    assert_eq!(page["total"], 12);
+    assert_eq!(page["clients"].as_array().unwrap().len(), 5);
+    assert_eq!(page["clients"][0]["name"], "c05");
+    let p = &page["pagination"];
+    assert_eq!(
+        (
+            p["total_pages"].as_u64(),
+            p["has_next"].as_bool(),
+            p["has_prev"].as_bool()
+        ),
+        (Some(3), Some(true), Some(true))
+    );
+    assert_eq!(
+        (p["showing_from"].as_u64(), p["showing_to"].as_u64()),
+        (Some(6), Some(10))
+    );
+    let found = api(&daemon, &["core", "list_clients", "search=c1"]);
+    assert_eq!(found["total"], 2);
+    let latest = api(&daemon, &["core", "latest_clients", "count=3"]);
+    assert_eq!(latest["latest_clients"][0]["name"], "c11");
+
+    // Bad input: clear failures with codes, nothing changes.
+    assert_eq!(
+        api_err(&daemon, &["core", "add_client", "client_name=has space"]),
+        "INVALID_CLIENT_NAME"
+    );
+    assert_eq!(
+        api_err(
+            &daemon,
+            &[
+                "core",
+                "add_client",
+                &format!("client_name={}", "x".repeat(65))
+            ]
+        ),
+        "INVALID_CLIENT_NAME"
+    );
+    assert_eq!(
+        api_err(&daemon, &["core", "add_client", "client_name=c00"]),
+        "CLIENT_EXISTS"
+    );
+    assert_eq!(
+        api_err(&daemon, &["core", "remove_client", "client_name=nobody"]),
+        "CLIENT_NOT_FOUND"
+    );
+    assert_eq!(
+        api_err(&daemon, &["core", "list_clients", "page=-1"]),
+        "INVALID_PARAMETER"
+    );
+    assert_eq!(
+        api_err(
+            &daemon,
+            &[
+                "core",
+                "update_tweak_setting",
+                "setting_name=nope",
+                "value=true"
+            ]
+        ),
+        "INVALID_PARAMETER"
+    );
+    assert_eq!(
+        api_err(
+            &daemon,
+            &[
+                "core",
+                "update_tweak_setting",
+                "setting_name=restart_service_after_client_creation",
+                "value=maybe"
+            ]
+        ),
+        "INVALID_PARAMETER"
+    );
+    assert_eq!(api(&daemon, &["core", "list_clients"])["total"], 12);
+
+    // Tweaks persist.
+    let tweaks = api(&daemon, &["core", "get_tweak_settings"]);
+    assert_eq!(tweaks["restart_service_after_client_creation"], false);
+    assert!(tweaks["restart_service_after_client_creation_description"].is_string());
+    api(
+        &daemon,
+        &[
+            "core",
+            "update_tweak_setting",
+            "setting_name=restart_service_after_client_creation",
+            "value=true",
+        ],
+    );
+
+    // Acknowledged state survives kill -9: clients, addresses, the server key, the tweak.
+    let key_before = api(&daemon, &["core", "server_status"])["interface"]["public_key"].clone();
+    daemon.kill9();
+    daemon.restart();
+    let status = api(&daemon, &["core", "server_status"]);
+    assert_eq!(status["interface"]["public_key"], key_before);
+    assert_eq!(status["clients"]["total_configured"], 12);
+    assert_eq!(
+        status["interface"]["peers"].as_array().unwrap().len(),
+        12,
+        "peers restored from the store"
+    );
+    assert_eq!(
+        api(&daemon, &["core", "get_tweak_settings"])["restart_service_after_client_creation"],
+        true
+    );
+    let restarted = api(&daemon, &["core", "add_client", "client_name=after"]);
+    assert_eq!(restarted["service_restarted"], true);
+    assert_eq!(restarted["client"]["ip"], "198.51.100.14");
+    let rebuilt = api(&daemon, &["core", "restart_service"]);
+    assert_eq!(rebuilt["peers"], 13);
+}
