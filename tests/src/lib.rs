@@ -558,6 +558,8 @@ pub struct DaemonConfig {
     pub vpn_interface: Option<String>,
     /// The `[wireguard]` section; `None` runs without the WireGuard server.
     pub wireguard: Option<WireguardSettings>,
+    /// Extra environment for the daemon (fault injection).
+    pub env: Vec<(String, String)>,
     pub log_level: String,
 }
 
@@ -570,6 +572,7 @@ impl DaemonConfig {
             datapath_enabled: true,
             vpn_interface: None,
             wireguard: None,
+            env: Vec::new(),
             log_level: "info".into(),
         }
     }
@@ -610,6 +613,7 @@ impl DaemonConfig {
 /// The real `phantomd`, running inside a namespace. Killed on drop.
 pub struct Daemon {
     dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
     ns_path: PathBuf,
     child: Option<Child>,
     log_path: PathBuf,
@@ -628,6 +632,7 @@ impl Daemon {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         fs::write(dir.path().join("phantom.toml"), config.toml(dir.path())).unwrap();
         let mut daemon = Self {
+            env: config.env.clone(),
             log_path: dir.path().join("phantomd.log"),
             dir,
             ns_path: ns.path(),
@@ -677,6 +682,7 @@ impl Daemon {
             .arg("--config")
             .arg(self.config_path())
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

@@ -294,3 +294,228 @@ fn client_lifecycle_validation_paging_and_durability() {
     let rebuilt = api(&daemon, &["core", "restart_service"]);
     assert_eq!(rebuilt["peers"], 13);
 }
+
+/// Three clients, each in its own namespace on its own link to the server.
+struct ThreeClients {
+    link: GuardedLink,
+    more: Vec<NetNs>,
+}
+
+impl ThreeClients {
+    fn new() -> Self {
+        let link = GuardedLink::new();
+        let mut more = Vec::new();
+        for (i, (server_ip, client_ip)) in [
+            ("192.0.2.5/30", "192.0.2.6/30"),
+            ("192.0.2.9/30", "192.0.2.10/30"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let ns = NetNs::new("phk");
+            let dev = format!("up{}", i + 1);
+            veth(&link.server, &dev, &ns, "cl0");
+            link.server.ip(&["addr", "add", server_ip, "dev", &dev]);
+            ns.ip(&["addr", "add", client_ip, "dev", "cl0"]);
+            let gw = server_ip.split('/').next().unwrap();
+            ns.ip(&["route", "add", "default", "via", gw]);
+            more.push(ns);
+        }
+        Self { link, more }
+    }
+
+    fn namespaces(&self) -> Vec<&NetNs> {
+        std::iter::once(&self.link.peer)
+            .chain(self.more.iter())
+            .collect()
+    }
+}
+
+fn ping_ns(ns: &NetNs, to: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        let out = ns
+            .command("ping")
+            .args(["-n", "-q", "-c", "1", "-W", "1", to])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn wg_addresses(daemon: &Daemon, ns: &NetNs) -> Vec<String> {
+    let iface = api(daemon, &["core", "server_status"])["configuration"]["interface"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = ns.ip(&["-j", "addr", "show", "dev", &iface]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+        .collect()
+}
+
+#[test]
+fn change_subnet_moves_connected_clients_and_rolls_back_on_failure() {
+    if !require_root("change_subnet_moves_connected_clients_and_rolls_back_on_failure") {
+        return;
+    }
+    let topo = ThreeClients::new();
+    let bpffs = BpffsDir::new();
+    let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
+    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, GuardedLink::SERVER_V4));
+    // The first attempt fails half-way, after the interface moved and before NAT did.
+    config
+        .env
+        .push(("PHANTOM_FAIL_AT".into(), "change_subnet.before_nat".into()));
+    let daemon = Daemon::start(&topo.link.server, &config);
+
+    let names = ["one", "two", "three"];
+    let mut clients = Vec::new();
+    for (name, ns) in names.iter().zip(topo.namespaces()) {
+        api(
+            &daemon,
+            &["core", "add_client", &format!("client_name={name}")],
+        );
+        let export = api(
+            &daemon,
+            &["core", "export_client", &format!("client_name={name}")],
+        );
+        clients.push(WgQuickClient::up(ns, export["config"].as_str().unwrap()));
+    }
+    for ns in topo.namespaces() {
+        assert!(
+            ping_ns(ns, VPN_SERVER, Duration::from_secs(10)),
+            "connected before"
+        );
+    }
+
+    // Refusals change nothing.
+    let (_, reply, _) = phantom_api(
+        &daemon.socket(),
+        &["core", "change_subnet", "new_subnet=198.18.7.0/24"],
+    );
+    assert_eq!(reply["code"], "CONFIRMATION_REQUIRED");
+    for (subnet, code) in [
+        ("300.300.300.0/24", "INVALID_SUBNET"),
+        ("198.18.7.0/31", "SUBNET_CHANGE_REFUSED"),
+        ("192.0.2.0/24", "SUBNET_CHANGE_REFUSED"),
+    ] {
+        let (exit, reply, _) = phantom_api(
+            &daemon.socket(),
+            &[
+                "core",
+                "change_subnet",
+                &format!("new_subnet={subnet}"),
+                "confirm=true",
+            ],
+        );
+        assert_ne!(exit, 0);
+        assert_eq!(reply["code"], code, "{subnet}: {reply}");
+    }
+    let (exit, reply, _) = phantom_api(
+        &daemon.socket(),
+        &[
+            "core",
+            "validate_subnet_change",
+            "new_subnet=300.300.300.0/24",
+        ],
+    );
+    assert_ne!(exit, 0);
+    assert_eq!(reply["code"], "INVALID_SUBNET");
+    let preview = api(
+        &daemon,
+        &["core", "validate_subnet_change", "new_subnet=198.18.7.0/24"],
+    );
+    assert_eq!(preview["valid"], true, "{preview}");
+    assert_eq!(preview["ip_mapping_preview"]["total_mappings"], 3);
+    let overlap = api(
+        &daemon,
+        &["core", "validate_subnet_change", "new_subnet=192.0.2.0/24"],
+    );
+    assert_eq!(overlap["valid"], false);
+    assert_eq!(overlap["checks"]["network_conflicts"]["passed"], false);
+
+    // The injected failure: everything stays on the old subnet and keeps working.
+    let (exit, reply, _) = phantom_api(
+        &daemon.socket(),
+        &[
+            "core",
+            "change_subnet",
+            "new_subnet=198.18.7.0/24",
+            "confirm=true",
+        ],
+    );
+    assert_ne!(exit, 0);
+    assert_eq!(reply["code"], "SUBNET_CHANGE_FAILED", "{reply}");
+    assert_eq!(
+        api(&daemon, &["core", "get_subnet_info"])["current_subnet"],
+        VPN_SUBNET
+    );
+    assert_eq!(
+        wg_addresses(&daemon, &topo.link.server),
+        vec!["198.51.100.1/24"]
+    );
+    for ns in topo.namespaces() {
+        // The userspace device re-creates peers, so clients re-handshake first.
+        assert!(
+            ping_ns(ns, VPN_SERVER, Duration::from_secs(40)),
+            "old subnet still works after the rollback: {}\n{}",
+            api(&daemon, &["core", "server_status"])["interface"],
+            daemon.log()
+        );
+    }
+
+    // The real change.
+    let changed = api(
+        &daemon,
+        &[
+            "core",
+            "change_subnet",
+            "new_subnet=198.18.7.0/24",
+            "confirm=true",
+        ],
+    );
+    assert_eq!(changed["clients_updated"], 3);
+    assert_eq!(changed["old_subnet"], VPN_SUBNET);
+    assert!(changed["backup_id"].as_str().is_some_and(|b| !b.is_empty()));
+    assert_eq!(changed["ip_mapping"][0]["new_ip"], "198.18.7.2");
+    assert_eq!(
+        wg_addresses(&daemon, &topo.link.server),
+        vec!["198.18.7.1/24"],
+        "nothing of the old subnet remains"
+    );
+    drop(clients);
+    let mut clients = Vec::new();
+    for (name, ns) in names.iter().zip(topo.namespaces()) {
+        let export = api(
+            &daemon,
+            &["core", "export_client", &format!("client_name={name}")],
+        );
+        let config = export["config"].as_str().unwrap();
+        assert!(config.contains("Address = 198.18.7."), "{config}");
+        clients.push(WgQuickClient::up(ns, config));
+    }
+    for ns in topo.namespaces() {
+        assert!(
+            ping_ns(ns, "198.18.7.1", Duration::from_secs(10)),
+            "re-exported config works in the new subnet"
+        );
+    }
+    let info = api(&daemon, &["core", "get_subnet_info"]);
+    assert_eq!(info["current_subnet"], "198.18.7.0/24");
+    assert_eq!(info["server_ip"], "198.18.7.1");
+    assert_eq!(
+        api(&daemon, &["core", "add_client", "client_name=four"])["client"]["ip"],
+        "198.18.7.5"
+    );
+}

@@ -176,6 +176,7 @@ impl WireGuardDevice {
         }
     }
 
+    /// Adds a peer the interface does not have yet (boringtun cannot modify an existing one).
     pub fn add_peer(&self, peer: &PeerSpec) -> Result<(), Error> {
         match self.kind {
             Kind::Kernel => DeviceUpdate::new()
@@ -183,6 +184,44 @@ impl WireGuardDevice {
                 .apply(&self.iface_name()?, Backend::Kernel)
                 .map_err(Error::Socket),
             Kind::Embedded { .. } => uapi::set(&self.iface, &uapi_peer(peer)?),
+        }
+    }
+
+    /// Gives existing peers new allowed IPs. The kernel updates them in place (sessions
+    /// survive); boringtun cannot modify a peer (it panics its control thread), so there each
+    /// peer is removed and added again and its client re-handshakes within seconds.
+    pub fn set_allowed_ips(&self, peers: &[PeerSpec]) -> Result<(), Error> {
+        match self.kind {
+            Kind::Kernel => {
+                let mut update = DeviceUpdate::new();
+                for p in peers {
+                    update = update.add_peer(
+                        PeerConfigBuilder::new(&Key::from_base64(&p.public_key).map_err(bad_key)?)
+                            .replace_allowed_ips()
+                            .add_allowed_ip(p.ip.into(), 32),
+                    );
+                }
+                update
+                    .apply(&self.iface_name()?, Backend::Kernel)
+                    .map_err(Error::Socket)
+            }
+            Kind::Embedded { .. } => {
+                if peers.is_empty() {
+                    return Ok(());
+                }
+                // Two transactions: boringtun ignores a re-add of a key removed in the same one.
+                let mut removes = String::new();
+                let mut adds = String::new();
+                for p in peers {
+                    removes.push_str(&format!(
+                        "public_key={}\nremove=true\n",
+                        uapi::key_hex(&p.public_key)?
+                    ));
+                    adds.push_str(&uapi_peer(p)?);
+                }
+                uapi::set(&self.iface, &removes)?;
+                uapi::set(&self.iface, &adds)
+            }
         }
     }
 

@@ -28,6 +28,85 @@ const CLIENT_NOT_FOUND: &str = "CLIENT_NOT_FOUND";
 const INVALID_CLIENT_NAME: &str = "INVALID_CLIENT_NAME";
 const SUBNET_FULL: &str = "SUBNET_FULL";
 const WIREGUARD_DISABLED: &str = "WIREGUARD_DISABLED";
+const INVALID_SUBNET: &str = "INVALID_SUBNET";
+const SUBNET_CHANGE_REFUSED: &str = "SUBNET_CHANGE_REFUSED";
+const CONFIRMATION_REQUIRED: &str = "CONFIRMATION_REQUIRED";
+const SUBNET_CHANGE_FAILED: &str = "SUBNET_CHANGE_FAILED";
+
+/// The outcome of checking a subnet change, in the reply shape of `validate_subnet_change`.
+struct SubnetCheck {
+    new: net::Subnet,
+    errors: Vec<String>,
+    warnings: Vec<String>,
+    checks: Value,
+    mapping: Vec<(String, std::net::Ipv4Addr, std::net::Ipv4Addr)>,
+}
+
+fn check_subnet(server: &Server, raw: &str) -> Result<SubnetCheck, ApiError> {
+    let new = net::Subnet::parse(raw)
+        .map_err(|e| ApiError::new(INVALID_SUBNET, format!("new_subnet {raw:?}: {e}")))?;
+    let current = server.subnet();
+    let clients = server.store.all()?;
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    let size_ok = (16..=29).contains(&new.prefix);
+    if !size_ok {
+        errors.push(format!(
+            "/{} is outside /16../29: too small for a server and clients, or too large to manage",
+            new.prefix
+        ));
+    }
+    if new == current {
+        errors.push(format!("{new} is the current subnet"));
+    }
+    let private = new.is_private();
+    if !private {
+        warnings.push(format!(
+            "{new} is not RFC 1918 or CGNAT space: clients will not reach real hosts in that range"
+        ));
+    }
+    let conflicts = net::overlapping_routes(&new, &server.config.interface);
+    for (dest, iface) in &conflicts {
+        errors.push(format!("{new} overlaps the route {dest} on {iface}"));
+    }
+    let mapping: Vec<_> = clients
+        .iter()
+        .map(|c| (c.name.clone(), c.ip, new.at(current.offset(c.ip))))
+        .collect();
+    let unfit: Vec<&String> = mapping
+        .iter()
+        .filter(|(_, _, ip)| !new.client_hosts().any(|h| h == *ip))
+        .map(|(n, _, _)| n)
+        .collect();
+    let capacity_ok = size_ok && unfit.is_empty() && clients.len() <= new.capacity();
+    if size_ok && !unfit.is_empty() {
+        errors.push(format!(
+            "{} client(s) sit at host offsets {new} does not have (first: {})",
+            unfit.len(),
+            unfit[0]
+        ));
+    }
+    let checks = json!({
+        "subnet_size": {"passed": size_ok, "prefixlen": new.prefix, "usable_ips": new.capacity()},
+        "private_subnet": {"passed": private},
+        "network_conflicts": {"passed": conflicts.is_empty(), "conflicts": conflicts.iter().map(|(d, i)| json!({"route": d, "interface": i})).collect::<Vec<_>>()},
+        "capacity": {"passed": capacity_ok, "clients": clients.len(), "usable_ips": new.capacity()},
+    });
+    Ok(SubnetCheck {
+        new,
+        errors,
+        warnings,
+        checks,
+        mapping,
+    })
+}
+
+fn mapping_json(mapping: &[(String, std::net::Ipv4Addr, std::net::Ipv4Addr)]) -> Vec<Value> {
+    mapping
+        .iter()
+        .map(|(name, old, new)| json!({"client_name": name, "old_ip": old, "new_ip": new}))
+        .collect()
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,6 +132,19 @@ struct CountParams {
 #[serde(deny_unknown_fields)]
 struct LogsParams {
     lines: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubnetParams {
+    new_subnet: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangeSubnetParams {
+    new_subnet: String,
+    confirm: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -85,6 +177,15 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| ApiError::internal(format!("task failed: {e}")))?
         .map_err(ApiError::from)
+}
+
+/// Like `blocking`, for closures that already speak `ApiError`.
+async fn blocking_api<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("task failed: {e}")))?
 }
 
 fn checked_name(name: &str) -> Result<(), ApiError> {
@@ -165,7 +266,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                     Err(AddError::Full) => {
                         return Err(ApiError::new(
                             SUBNET_FULL,
-                            format!("no free address left in {}", server.subnet),
+                            format!("no free address left in {}", server.subnet()),
                         ));
                     }
                     Err(AddError::Internal(e)) => return Err(e.into()),
@@ -515,6 +616,140 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
     let c = Arc::clone(&ctx);
     registry.action(
         "core",
+        "get_subnet_info",
+        "the client subnet: size, usage, addresses, and whether it can change now",
+        vec![],
+        move |_: NoParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let server = server(&c)?;
+                let s = Arc::clone(&server);
+                let (clients, live) = blocking(move || Ok((s.store.all()?, s.live()))).await?;
+                let subnet = server.subnet();
+                let active = live.values().filter(|l| l.connected()).count();
+                let usable = subnet.capacity();
+                let first = subnet.client_hosts().next();
+                let last = subnet.client_hosts().last();
+                let mut warnings = Vec::new();
+                if usable > 0 && clients.len() * 10 >= usable * 9 {
+                    warnings.push(format!("{} of {usable} client addresses in use", clients.len()));
+                }
+                if active > 0 {
+                    warnings.push(format!("{active} client(s) connected: a subnet change makes them reconnect with re-exported configs"));
+                }
+                Ok::<_, ApiError>(json!({
+                    "current_subnet": subnet.to_string(),
+                    "subnet_size": 1u64 << (32 - u32::from(subnet.prefix)),
+                    "usable_ips": usable,
+                    "network_address": subnet.network,
+                    "broadcast_address": subnet.broadcast(),
+                    "netmask": subnet.mask(),
+                    "prefixlen": subnet.prefix,
+                    "clients": {
+                        "total": clients.len(),
+                        "active": active,
+                        "ip_usage_percentage": if usable == 0 { 0.0 } else { (clients.len() as f64 * 10000.0 / usable as f64).round() / 100.0 },
+                    },
+                    "server_ip": subnet.server_ip(),
+                    "first_client_ip": first,
+                    "last_client_ip": last,
+                    "can_change": true,
+                    "blockers": {"ghost_mode": false, "multihop": false, "active_connections": active},
+                    "main_interface": {"interface": server.config.interface, "address": format!("{}/{}", subnet.server_ip(), subnet.prefix)},
+                    "warnings": warnings,
+                }))
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "core",
+        "validate_subnet_change",
+        "check a new client subnet and preview where every client would move",
+        vec![ParamSpec::required(
+            "new_subnet",
+            ParamKind::String { max_len: 64 },
+            "e.g. 10.9.0.0/24",
+        )],
+        move |p: SubnetParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let server = server(&c)?;
+                let check = blocking_api(move || check_subnet(&server, &p.new_subnet)).await?;
+                let current = c.wireguard.as_ref().map(|s| s.subnet().to_string());
+                Ok::<_, ApiError>(json!({
+                    "valid": check.errors.is_empty(),
+                    "new_subnet": check.new.to_string(),
+                    "current_subnet": current,
+                    "checks": check.checks,
+                    "warnings": check.warnings,
+                    "errors": check.errors,
+                    "ip_mapping_preview": {
+                        "total_mappings": check.mapping.len(),
+                        "mappings": mapping_json(&check.mapping),
+                    },
+                }))
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "core",
+        "change_subnet",
+        "move every client to the same host offset in a new subnet (needs confirm=true); rolls back on failure",
+        vec![
+            ParamSpec::required("new_subnet", ParamKind::String { max_len: 64 }, "e.g. 10.9.0.0/24"),
+            ParamSpec::optional("confirm", ParamKind::Boolean, Some("false"), "must be true"),
+        ],
+        move |p: ChangeSubnetParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let server = server(&c)?;
+                let s = Arc::clone(&server);
+                let raw = p.new_subnet.clone();
+                let check = blocking_api(move || check_subnet(&s, &raw)).await?;
+                if !check.errors.is_empty() {
+                    return Err(ApiError::new(SUBNET_CHANGE_REFUSED, check.errors.join("; ")));
+                }
+                if p.confirm != Some(true) {
+                    return Err(ApiError::new(
+                        CONFIRMATION_REQUIRED,
+                        format!("changing to {} re-addresses {} client(s); repeat with confirm=true", check.new, check.mapping.len()),
+                    ));
+                }
+                let old = server.subnet();
+                let backup_id = format!("subnet-{}", time::OffsetDateTime::now_utc().unix_timestamp_nanos());
+                let backup = json!({"old_subnet": old.to_string(), "new_subnet": check.new.to_string(), "ip_mapping": mapping_json(&check.mapping)});
+                let backup_path = c.config().state_dir.join("backups").join(format!("{backup_id}.json"));
+                blocking(move || {
+                    if let Some(dir) = backup_path.parent() {
+                        std::fs::create_dir_all(dir).map_err(|e| crate::error::Error::io(dir, e))?;
+                    }
+                    crate::store::write_json(&backup_path, &backup)
+                })
+                .await?;
+                let mapping = server
+                    .change_subnet(check.new)
+                    .await
+                    .map_err(|e| ApiError::new(SUBNET_CHANGE_FAILED, format!("{e}; the previous subnet {old} is back in force")))?;
+                Ok::<_, ApiError>(json!({
+                    "success": true,
+                    "old_subnet": old.to_string(),
+                    "new_subnet": check.new.to_string(),
+                    "clients_updated": mapping.len(),
+                    "backup_id": backup_id,
+                    "ip_mapping": mapping_json(&mapping),
+                    "message": format!("moved {} client(s) from {old} to {}; re-export their configurations", mapping.len(), check.new),
+                }))
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "core",
         "service_logs",
         "the daemon's most recent log lines, oldest first",
         vec![ParamSpec::optional(
@@ -627,7 +862,7 @@ async fn server_status(c: &Arc<Context>) -> Result<Value, ApiError> {
         "backend": server.backend(),
         "public_key": server.public_key,
         "port": state.as_ref().map(|s| s.listen_port),
-        "address": format!("{}/{}", server.subnet.server_ip(), server.subnet.prefix),
+        "address": format!("{}/{}", server.subnet().server_ip(), server.subnet().prefix),
         "peers": peers,
         "rx_bytes": rx,
         "tx_bytes": tx,

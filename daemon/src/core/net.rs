@@ -44,7 +44,7 @@ impl Subnet {
         })
     }
 
-    fn mask_of(prefix: u8) -> u32 {
+    pub fn mask_of(prefix: u8) -> u32 {
         if prefix == 0 {
             0
         } else {
@@ -74,6 +74,22 @@ impl Subnet {
 
     pub fn capacity(&self) -> usize {
         (1usize << (32 - self.prefix as usize)).saturating_sub(3)
+    }
+
+    /// RFC 1918 private space or the CGNAT range (RFC 6598).
+    pub fn is_private(&self) -> bool {
+        let inside = |net: [u8; 4], prefix: u8| {
+            self.prefix >= prefix
+                && Subnet {
+                    network: Ipv4Addr::from(net),
+                    prefix,
+                }
+                .contains(self.network)
+        };
+        inside([10, 0, 0, 0], 8)
+            || inside([172, 16, 0, 0], 12)
+            || inside([192, 168, 0, 0], 16)
+            || inside([100, 64, 0, 0], 10)
     }
 
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
@@ -139,6 +155,35 @@ pub async fn configure_interface(iface: &str, subnet: &Subnet, mtu: u16) -> Resu
     .await;
     task.abort();
     result
+}
+
+/// IPv4 routes of this namespace that overlap `subnet`, except those on `own_iface`
+/// (`(destination, interface)`). Default routes do not count.
+pub fn overlapping_routes(subnet: &Subnet, own_iface: &str) -> Vec<(String, String)> {
+    let Ok(text) = std::fs::read_to_string("/proc/net/route") else {
+        return Vec::new();
+    };
+    let hex = |s: &str| u32::from_str_radix(s, 16).ok().map(u32::from_be);
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 || f[0] == own_iface {
+                return None;
+            }
+            let (dest, mask) = (hex(f[1])?, hex(f[7])?);
+            if mask == 0 {
+                return None;
+            }
+            let shorter = mask & Subnet::mask_of(subnet.prefix);
+            (dest & shorter == u32::from(subnet.network) & shorter).then(|| {
+                (
+                    format!("{}/{}", Ipv4Addr::from(dest), mask.count_ones()),
+                    f[0].to_string(),
+                )
+            })
+        })
+        .collect()
 }
 
 /// Turns on IPv4 forwarding in this network namespace.

@@ -59,7 +59,9 @@ pub struct Server {
     pub store: ClientStore,
     device: Mutex<Option<WireGuardDevice>>,
     pub config: WireguardConfig,
-    pub subnet: Subnet,
+    /// The client subnet in force: `[wireguard] subnet` until `change_subnet` moves it (the
+    /// store remembers the move, so it survives restarts).
+    subnet: Mutex<Subnet>,
     pub private_key: String,
     pub public_key: String,
     /// Serialises allocation + insert so no IP is handed out twice.
@@ -100,8 +102,11 @@ fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, Error> {
 impl Server {
     /// Opens the store, brings the interface up with every enabled client, NAT on.
     pub async fn start(config: &WireguardConfig, state_dir: &Path) -> Result<Self, Error> {
-        let subnet = Subnet::parse(&config.subnet).map_err(Error::config)?;
         let store = ClientStore::open(&state_dir.join("clients.db"))?;
+        let subnet_text = store
+            .setting(SUBNET_SETTING)?
+            .unwrap_or_else(|| config.subnet.clone());
+        let subnet = Subnet::parse(&subnet_text).map_err(Error::config)?;
         let private_key = server_key(state_dir)?;
         let public_key = Key::from_base64(&private_key)
             .map_err(|_| Error::Other("server key".into()))?
@@ -111,7 +116,7 @@ impl Server {
             store,
             device: Mutex::new(None),
             config: config.clone(),
-            subnet,
+            subnet: Mutex::new(subnet),
             private_key,
             public_key,
             alloc: tokio::sync::Mutex::new(()),
@@ -131,15 +136,16 @@ impl Server {
         let device = WireGuardDevice::create(&self.config.interface, self.config.backend).await?;
         let peers = self.peers()?;
         device.configure(&self.private_key, self.config.listen_port, &peers)?;
-        net::configure_interface(&self.config.interface, &self.subnet, self.config.mtu).await?;
+        let subnet = self.subnet();
+        net::configure_interface(&self.config.interface, &subnet, self.config.mtu).await?;
         net::enable_forwarding()?;
-        net::install_nat(&self.config.interface, &self.subnet)?;
+        net::install_nat(&self.config.interface, &subnet)?;
         lock(&self.persisted)?.clear();
         info!(
             interface = %self.config.interface,
             backend = device.backend(),
             peers = peers.len(),
-            subnet = %self.subnet,
+            subnet = %subnet,
             "WireGuard server up"
         );
         *lock(&self.device)? = Some(device);
@@ -167,6 +173,61 @@ impl Server {
         f(device)
     }
 
+    pub fn subnet(&self) -> Subnet {
+        match self.subnet.lock() {
+            Ok(s) => *s,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    /// Moves every client to the same host offset in `new`, then the interface address, the
+    /// peers and NAT. Any failure after the store changed puts everything back as it was.
+    pub async fn change_subnet(
+        &self,
+        new: Subnet,
+    ) -> Result<Vec<(String, Ipv4Addr, Ipv4Addr)>, Error> {
+        let _alloc = self.alloc.lock().await;
+        let old = self.subnet();
+        let clients = self.store.all()?;
+        let mapping: Vec<(String, Ipv4Addr, Ipv4Addr)> = clients
+            .iter()
+            .map(|c| (c.name.clone(), c.ip, new.at(old.offset(c.ip))))
+            .collect();
+        if let Some((name, _, ip)) = mapping
+            .iter()
+            .find(|(_, _, ip)| !new.client_hosts().any(|h| h == *ip))
+        {
+            return Err(Error::Other(format!(
+                "{name} would get {ip}, outside the usable hosts of {new}"
+            )));
+        }
+        let forward: Vec<(String, Ipv4Addr)> =
+            mapping.iter().map(|(n, _, ip)| (n.clone(), *ip)).collect();
+        self.store.move_clients(&forward, &new.to_string())?;
+        *lock(&self.subnet)? = new;
+        if let Err(e) = self.apply_subnet(&new).await {
+            warn!(error = %e, "subnet change failed; rolling back");
+            let back: Vec<(String, Ipv4Addr)> =
+                mapping.iter().map(|(n, ip, _)| (n.clone(), *ip)).collect();
+            self.store.move_clients(&back, &old.to_string())?;
+            *lock(&self.subnet)? = old;
+            self.apply_subnet(&old).await?;
+            return Err(e);
+        }
+        info!(from = %old, to = %new, clients = mapping.len(), "subnet changed");
+        Ok(mapping)
+    }
+
+    /// Puts the interface, peers and NAT in line with `subnet` and the store.
+    async fn apply_subnet(&self, subnet: &Subnet) -> Result<(), Error> {
+        fail_point("change_subnet.before_interface")?;
+        net::configure_interface(&self.config.interface, subnet, self.config.mtu).await?;
+        let peers = self.peers()?;
+        self.with_device(|d| d.set_allowed_ips(&peers))?;
+        fail_point("change_subnet.before_nat")?;
+        net::install_nat(&self.config.interface, subnet)
+    }
+
     pub fn backend(&self) -> Option<&'static str> {
         lock(&self.device).ok()?.as_ref().map(|d| d.backend())
     }
@@ -185,7 +246,7 @@ impl Server {
         let used: std::collections::HashSet<Ipv4Addr> =
             self.store.all()?.into_iter().map(|c| c.ip).collect();
         let ip = self
-            .subnet
+            .subnet()
             .client_hosts()
             .find(|ip| !used.contains(ip))
             .ok_or(AddError::Full)?;
@@ -228,6 +289,12 @@ impl Server {
 
     /// Enables or disables a client: the peer leaves or rejoins the interface, the client stays.
     pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<Option<Client>, Error> {
+        let Some(before) = self.store.get(name)? else {
+            return Ok(None);
+        };
+        if before.enabled == enabled {
+            return Ok(Some(before));
+        }
         let Some(client) = self.store.set_enabled(name, enabled)? else {
             return Ok(None);
         };
@@ -389,6 +456,21 @@ fn peer_of(c: &Client) -> PeerSpec {
         preshared_key: c.preshared_key.clone(),
         ip: c.ip,
     }
+}
+
+/// Where the store keeps the subnet in force after a `change_subnet`.
+const SUBNET_SETTING: &str = "wireguard.subnet";
+
+/// Fault injection for the rollback tests: `PHANTOM_FAIL_AT=<point>` in the daemon's
+/// environment makes that step fail once. Nothing sets it outside tests.
+fn fail_point(point: &str) -> Result<(), Error> {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if std::env::var("PHANTOM_FAIL_AT").is_ok_and(|p| p == point)
+        && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        return Err(Error::Other(format!("injected failure at {point}")));
+    }
+    Ok(())
 }
 
 /// 1 to 64 characters of letters, digits, `-` and `_`.

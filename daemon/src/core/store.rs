@@ -240,6 +240,34 @@ impl ClientStore {
         ))
     }
 
+    /// Gives clients new addresses and records the subnet, in one transaction. Addresses go
+    /// through a placeholder first so that swaps never trip the UNIQUE constraint.
+    pub fn move_clients(&self, moves: &[(String, Ipv4Addr)], subnet: &str) -> Result<(), Error> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction().map_err(db)?;
+        for (name, _) in moves {
+            tx.execute(
+                "UPDATE clients SET ip = 'moving:' || name WHERE name = ?1",
+                [name],
+            )
+            .map_err(db)?;
+        }
+        for (name, ip) in moves {
+            tx.execute(
+                "UPDATE clients SET ip = ?2 WHERE name = ?1",
+                params![name, ip.to_string()],
+            )
+            .map_err(db)?;
+        }
+        tx.execute(
+            "INSERT INTO settings (key, value) VALUES ('wireguard.subnet', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [subnet],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)
+    }
+
     /// Adds traffic seen since the last call to the persisted totals.
     pub fn add_traffic(&self, deltas: &[(String, u64, u64)]) -> Result<(), Error> {
         let mut conn = self.conn()?;
