@@ -128,6 +128,24 @@ fn exported_config_connects_a_real_client_through_the_tunnel_and_nat() {
         alice["rx_bytes"].as_u64().unwrap() > 0 && alice["tx_bytes"].as_u64().unwrap() > 0,
         "{alice}"
     );
+    // Per-client traffic totals survive a restart of the daemon (and of the interface).
+    let (rx_before, tx_before) = (
+        alice["rx_bytes"].as_u64().unwrap(),
+        alice["tx_bytes"].as_u64().unwrap(),
+    );
+    let mut daemon = daemon;
+    assert!(daemon.stop().success());
+    daemon.restart();
+    let alice = client_entry(&daemon, "alice");
+    assert!(
+        alice["rx_bytes"].as_u64().unwrap() >= rx_before
+            && alice["tx_bytes"].as_u64().unwrap() >= tx_before,
+        "totals kept: before {rx_before}/{tx_before}, after {alice}"
+    );
+    assert!(
+        topo.reachable(VPN_SERVER, Duration::from_secs(30)),
+        "the client reconnects after the restart"
+    );
     let status = api(&daemon, &["core", "server_status"]);
     assert_eq!(status["interface"]["active"], true);
     assert_eq!(status["interface"]["backend"], "userspace");
@@ -517,5 +535,293 @@ fn change_subnet_moves_connected_clients_and_rolls_back_on_failure() {
     assert_eq!(
         api(&daemon, &["core", "add_client", "client_name=four"])["client"]["ip"],
         "198.18.7.5"
+    );
+}
+
+#[test]
+fn kill_9_during_two_hundred_adds_loses_no_acknowledged_client() {
+    if !require_root("kill_9_during_two_hundred_adds_loses_no_acknowledged_client") {
+        return;
+    }
+    let topo = VpnTopology::new();
+    let bpffs = BpffsDir::new();
+    let mut daemon = topo.start(&bpffs);
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let socket = daemon.socket();
+    let writer = std::sync::Arc::clone(&acked);
+    let adder = std::thread::spawn(move || {
+        let mut client = phantom_tests::ApiClient::connect(&socket);
+        for i in 0..200 {
+            let name = format!("k{i:03}");
+            let frame = format!(
+                "{{\"module\":\"core\",\"action\":\"add_client\",\"params\":{{\"client_name\":\"{name}\"}}}}\n"
+            );
+            let Some(line) = client.send_raw(frame.as_bytes()) else {
+                break;
+            };
+            let reply: Value = serde_json::from_str(&line).unwrap();
+            if reply["success"] == true {
+                let ip = reply["data"]["client"]["ip"].as_str().unwrap().to_string();
+                writer.lock().unwrap().push((name, ip));
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.lock().unwrap().len() < 60 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    daemon.kill9();
+    adder.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 60 && acked.len() < 200,
+        "the kill landed mid-loop: {} acknowledged",
+        acked.len()
+    );
+
+    daemon.restart();
+    let list = api(&daemon, &["core", "list_clients", "per_page=1000"]);
+    let stored: std::collections::HashMap<String, String> = list["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_string(),
+                c["ip"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for (name, ip) in &acked {
+        assert_eq!(
+            stored.get(name),
+            Some(ip),
+            "acknowledged {name} kept its address"
+        );
+    }
+    let unique: std::collections::HashSet<&String> = stored.values().collect();
+    assert_eq!(unique.len(), stored.len(), "no address given twice");
+    let status = api(&daemon, &["core", "server_status"]);
+    let peers = status["interface"]["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), stored.len(), "every stored client has a peer");
+    for peer in peers {
+        let name = peer["name"].as_str().unwrap();
+        assert_eq!(
+            peer["allowed_ips"].as_str().unwrap(),
+            format!("{}/32", stored[name])
+        );
+    }
+    // The last acknowledged client really connects.
+    let (last, _) = acked.last().unwrap();
+    let export = api(
+        &daemon,
+        &["core", "export_client", &format!("client_name={last}")],
+    );
+    let _client = WgQuickClient::up(&topo.link.peer, export["config"].as_str().unwrap());
+    assert!(
+        topo.reachable(VPN_SERVER, Duration::from_secs(10)),
+        "{last} connects after the crash"
+    );
+}
+
+/// The `core` table of PHANTOM_API.md, field by field, through the real CLI.
+#[test]
+fn core_replies_carry_the_phantom_api_fields() {
+    if !require_root("core_replies_carry_the_phantom_api_fields") {
+        return;
+    }
+    let topo = VpnTopology::new();
+    let bpffs = BpffsDir::new();
+    let daemon = topo.start(&bpffs);
+    let has = |v: &Value, path: &str| {
+        let mut cur = v;
+        for key in path.split('.') {
+            cur = cur
+                .get(key)
+                .unwrap_or_else(|| panic!("missing {path} in {v}"));
+        }
+    };
+    let check = |args: &[&str], fields: &[&str]| {
+        let data = api(&daemon, args);
+        for f in fields {
+            has(&data, f);
+        }
+        data
+    };
+    check(
+        &["core", "add_client", "client_name=alice"],
+        &[
+            "client.name",
+            "client.ip",
+            "client.public_key",
+            "client.created",
+            "client.enabled",
+            "message",
+        ],
+    );
+    check(&["core", "add_client", "client_name=bob"], &["client.name"]);
+    let list = check(
+        &["core", "list_clients"],
+        &[
+            "total",
+            "clients",
+            "pagination.page",
+            "pagination.per_page",
+            "pagination.total_pages",
+            "pagination.has_next",
+            "pagination.has_prev",
+            "pagination.showing_from",
+            "pagination.showing_to",
+        ],
+    );
+    for f in [
+        "name",
+        "ip",
+        "enabled",
+        "created",
+        "connected",
+        "connection",
+    ] {
+        has(&list["clients"][0], f);
+    }
+    check(
+        &["core", "export_client", "client_name=alice"],
+        &[
+            "client.name",
+            "client.ip",
+            "client.created",
+            "client.enabled",
+            "client.private_key",
+            "client.public_key",
+            "client.preshared_key",
+            "config",
+        ],
+    );
+    let latest = check(&["core", "latest_clients", "count=5"], &["latest_clients"]);
+    assert_eq!(latest["latest_clients"][0]["name"], "bob", "newest first");
+    for f in ["name", "ip", "created"] {
+        has(&latest["latest_clients"][0], f);
+    }
+    check(
+        &["core", "server_status"],
+        &[
+            "service.running",
+            "service.service_name",
+            "service.started_at",
+            "service.pid",
+            "interface.active",
+            "interface.interface",
+            "interface.peers",
+            "interface.public_key",
+            "interface.port",
+            "interface.rx_bytes",
+            "interface.tx_bytes",
+            "configuration.interface",
+            "configuration.config_file",
+            "configuration.port",
+            "configuration.network",
+            "configuration.dns",
+            "configuration.config_exists",
+            "clients.total_configured",
+            "clients.enabled_clients",
+            "clients.disabled_clients",
+            "clients.active_connections",
+            "system",
+        ],
+    );
+    check(&["core", "service_logs", "lines=10"], &["logs"]);
+    check(
+        &["core", "get_firewall_status"],
+        &[
+            "status",
+            "ufw",
+            "iptables",
+            "nat.enabled",
+            "nat.rules",
+            "ports.wireguard_port",
+            "ports.listening",
+        ],
+    );
+    check(
+        &["core", "get_tweak_settings"],
+        &[
+            "restart_service_after_client_creation",
+            "restart_service_after_client_creation_description",
+        ],
+    );
+    let t = check(
+        &[
+            "core",
+            "update_tweak_setting",
+            "setting_name=restart_service_after_client_creation",
+            "value=false",
+        ],
+        &["setting_name", "value"],
+    );
+    assert_eq!(t["value"], false);
+    check(
+        &["core", "get_subnet_info"],
+        &[
+            "current_subnet",
+            "subnet_size",
+            "usable_ips",
+            "network_address",
+            "broadcast_address",
+            "netmask",
+            "prefixlen",
+            "clients.total",
+            "clients.active",
+            "clients.ip_usage_percentage",
+            "server_ip",
+            "first_client_ip",
+            "last_client_ip",
+            "can_change",
+            "blockers.ghost_mode",
+            "blockers.multihop",
+            "blockers.active_connections",
+            "main_interface",
+            "warnings",
+        ],
+    );
+    check(
+        &["core", "validate_subnet_change", "new_subnet=198.18.9.0/24"],
+        &[
+            "valid",
+            "new_subnet",
+            "current_subnet",
+            "checks.subnet_size",
+            "checks.private_subnet",
+            "checks.network_conflicts",
+            "checks.capacity",
+            "warnings",
+            "errors",
+            "ip_mapping_preview.total_mappings",
+            "ip_mapping_preview.mappings",
+        ],
+    );
+    check(
+        &["core", "restart_service"],
+        &["restarted", "service_active", "interface_up", "message"],
+    );
+    check(
+        &[
+            "core",
+            "change_subnet",
+            "new_subnet=198.18.9.0/24",
+            "confirm=true",
+        ],
+        &[
+            "success",
+            "old_subnet",
+            "new_subnet",
+            "clients_updated",
+            "backup_id",
+            "ip_mapping",
+            "message",
+        ],
+    );
+    check(
+        &["core", "remove_client", "client_name=bob"],
+        &["removed", "client_name", "client_ip"],
     );
 }

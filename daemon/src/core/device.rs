@@ -4,6 +4,7 @@
 
 use std::{
     net::Ipv4Addr,
+    os::{fd::IntoRawFd, unix::net::UnixStream},
     sync::mpsc,
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -28,6 +29,8 @@ enum Kind {
     /// boringtun runs on its own thread: creating a device blocks SIGINT/SIGTERM on the
     /// creating thread, which must not be one of the daemon's.
     Embedded {
+        /// Our end of the device's control stream; closing it stops the device.
+        control: std::sync::Mutex<UnixStream>,
         stop: mpsc::Sender<()>,
         thread: Option<JoinHandle<()>>,
     },
@@ -73,12 +76,8 @@ impl WireGuardDevice {
                 "interface {iface} already exists and is not a WireGuard device this daemon can take over; remove it or choose another [wireguard] interface"
             )));
         }
-        // A socket left by a crashed daemon would make the new device fail to bind.
-        let sock = uapi::socket_path(iface);
-        let _ = std::fs::create_dir_all(uapi::SOCKET_DIR);
-        if sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            let _ = std::fs::remove_file(&sock);
-        }
+        let (control, device_end) = UnixStream::pair().map_err(Error::Socket)?;
+        let device_fd = device_end.into_raw_fd();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let name = iface.to_string();
@@ -89,7 +88,8 @@ impl WireGuardDevice {
                     n_threads: 2,
                     use_connected_socket: true,
                     use_multi_queue: false,
-                    uapi_fd: -1,
+                    // boringtun takes ownership of this end of the pair.
+                    uapi_fd: device_fd,
                 };
                 match boringtun::device::DeviceHandle::new(&name, config) {
                     Ok(handle) => {
@@ -117,16 +117,6 @@ impl WireGuardDevice {
                 )));
             }
         }
-        // The UAPI socket appears right after the device.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !sock.exists() {
-            if Instant::now() > deadline {
-                return Err(Error::Other(format!(
-                    "WireGuard device {iface} has no control socket"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
         info!(
             interface = iface,
             "WireGuard: embedded userspace backend (boringtun)"
@@ -134,6 +124,7 @@ impl WireGuardDevice {
         Ok(Self {
             iface: iface.into(),
             kind: Kind::Embedded {
+                control: std::sync::Mutex::new(control),
                 stop: stop_tx,
                 thread: Some(thread),
             },
@@ -171,7 +162,7 @@ impl WireGuardDevice {
                 for p in peers {
                     body.push_str(&uapi_peer(p)?);
                 }
-                uapi::set(&self.iface, &body)
+                uapi::set(&*self.control()?, &self.iface, &body)
             }
         }
     }
@@ -183,7 +174,7 @@ impl WireGuardDevice {
                 .add_peer(kernel_peer(peer)?)
                 .apply(&self.iface_name()?, Backend::Kernel)
                 .map_err(Error::Socket),
-            Kind::Embedded { .. } => uapi::set(&self.iface, &uapi_peer(peer)?),
+            Kind::Embedded { .. } => uapi::set(&*self.control()?, &self.iface, &uapi_peer(peer)?),
         }
     }
 
@@ -219,8 +210,8 @@ impl WireGuardDevice {
                     ));
                     adds.push_str(&uapi_peer(p)?);
                 }
-                uapi::set(&self.iface, &removes)?;
-                uapi::set(&self.iface, &adds)
+                uapi::set(&*self.control()?, &self.iface, &removes)?;
+                uapi::set(&*self.control()?, &self.iface, &adds)
             }
         }
     }
@@ -232,6 +223,7 @@ impl WireGuardDevice {
                 .apply(&self.iface_name()?, Backend::Kernel)
                 .map_err(Error::Socket),
             Kind::Embedded { .. } => uapi::set(
+                &*self.control()?,
                 &self.iface,
                 &format!("public_key={}\nremove=true\n", uapi::key_hex(public_key)?),
             ),
@@ -271,7 +263,16 @@ impl WireGuardDevice {
                         .collect(),
                 })
             }
-            Kind::Embedded { .. } => uapi::get(&self.iface),
+            Kind::Embedded { .. } => uapi::get(&*self.control()?, &self.iface),
+        }
+    }
+
+    fn control(&self) -> Result<std::sync::MutexGuard<'_, UnixStream>, Error> {
+        match &self.kind {
+            Kind::Embedded { control, .. } => control
+                .lock()
+                .map_err(|_| Error::Other("WireGuard control lock poisoned".into())),
+            Kind::Kernel => Err(Error::Other("no control stream on a kernel device".into())),
         }
     }
 
@@ -292,10 +293,25 @@ impl WireGuardDevice {
                     warn!(error = %e, "cannot delete the WireGuard interface");
                 }
             }
-            Kind::Embedded { stop, thread } => {
+            Kind::Embedded {
+                control,
+                stop,
+                thread,
+            } => {
+                // Closing the control stream makes boringtun's workers exit.
+                if let Ok(c) = control.lock() {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                }
                 let _ = stop.send(());
                 if let Some(t) = thread.take() {
                     let _ = t.join();
+                }
+                // The interface goes when the last worker lets go of the TUN device.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while nix::net::if_::if_nametoindex(self.iface.as_str()).is_ok()
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(50));
                 }
             }
         }

@@ -1,5 +1,7 @@
-//! The WireGuard cross-platform userspace API (UAPI): a text protocol on
-//! `/var/run/wireguard/<iface>.sock`, spoken by boringtun and wireguard-go alike.
+//! The WireGuard cross-platform userspace API (UAPI): a text protocol spoken by boringtun and
+//! wireguard-go alike. Our embedded device gets it over a private socket pair rather than
+//! `/var/run/wireguard/<iface>.sock`: boringtun's socket mode also takes SIGTERM from the
+//! process (a signalfd), which would steal the daemon's own shutdown signal.
 //!
 //! A small client of our own rather than wireguard-control's userspace backend: that one
 //! prints a line on stdout at every read against boringtun and reads boringtun's handshake age
@@ -8,19 +10,12 @@
 use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
-    path::PathBuf,
     time::Duration,
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 
 use crate::error::Error;
-
-pub const SOCKET_DIR: &str = "/var/run/wireguard";
-
-pub fn socket_path(iface: &str) -> PathBuf {
-    PathBuf::from(SOCKET_DIR).join(format!("{iface}.sock"))
-}
 
 /// base64 (wg format) to the hex UAPI wants.
 pub fn key_hex(b64: &str) -> Result<String, Error> {
@@ -62,22 +57,28 @@ pub struct DeviceState {
     pub peers: Vec<PeerState>,
 }
 
-fn exchange(iface: &str, request: &str) -> Result<Vec<String>, Error> {
-    let path = socket_path(iface);
-    let stream = UnixStream::connect(&path).map_err(|e| Error::io(&path, e))?;
+fn exchange(stream: &UnixStream, iface: &str, request: &str) -> Result<Vec<String>, Error> {
+    let io = |e: std::io::Error| Error::Other(format!("WireGuard device {iface}: {e}"));
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| Error::io(&path, e))?;
-    (&stream)
-        .write_all(request.as_bytes())
-        .map_err(|e| Error::io(&path, e))?;
+        .map_err(io)?;
+    let mut writer = stream;
+    writer.write_all(request.as_bytes()).map_err(io)?;
     let mut lines = Vec::new();
-    for line in BufReader::new(&stream).lines() {
-        let line = line.map_err(|e| Error::io(&path, e))?;
+    // One byte at a time: nothing of the stream may stay in a buffer past this answer.
+    let mut reader = BufReader::with_capacity(1, stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).map_err(io)? == 0 {
+            return Err(Error::Other(format!(
+                "WireGuard device {iface}: control stream closed"
+            )));
+        }
+        let line = line.trim_end_matches('\n');
         if line.is_empty() {
             break;
         }
-        lines.push(line);
+        lines.push(line.to_string());
     }
     match lines.iter().find_map(|l| l.strip_prefix("errno=")) {
         Some("0") => Ok(lines),
@@ -89,12 +90,12 @@ fn exchange(iface: &str, request: &str) -> Result<Vec<String>, Error> {
 }
 
 /// Sends a `set` operation; `body` is the key=value lines after `set=1`.
-pub fn set(iface: &str, body: &str) -> Result<(), Error> {
-    exchange(iface, &format!("set=1\n{body}\n")).map(|_| ())
+pub fn set(stream: &UnixStream, iface: &str, body: &str) -> Result<(), Error> {
+    exchange(stream, iface, &format!("set=1\n{body}\n")).map(|_| ())
 }
 
-pub fn get(iface: &str) -> Result<DeviceState, Error> {
-    let lines = exchange(iface, "get=1\n\n")?;
+pub fn get(stream: &UnixStream, iface: &str) -> Result<DeviceState, Error> {
+    let lines = exchange(stream, iface, "get=1\n\n")?;
     let now_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
