@@ -299,7 +299,7 @@ impl WireGuardDevice {
                 thread,
             } => {
                 // Closing the control stream makes boringtun's workers exit.
-                if let Ok(c) = control.lock() {
+                if let Ok(c) = control.get_mut() {
                     let _ = c.shutdown(std::net::Shutdown::Both);
                 }
                 let _ = stop.send(());
