@@ -11,4 +11,5 @@ pub mod error;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;
+pub mod qr;
 pub mod store;

@@ -697,6 +697,31 @@ fn core_replies_carry_the_phantom_api_fields() {
             "config",
         ],
     );
+    // QR codes: a PNG in the reply on request, and a terminal rendering from the CLI.
+    let png = check(
+        &["core", "export_client", "client_name=alice", "qr=png"],
+        &["qr_png"],
+    );
+    assert!(
+        png["qr_png"].as_str().unwrap().starts_with("iVBORw0KGgo"),
+        "base64 of a PNG signature"
+    );
+    let (code, _, out) = phantom_api(
+        &daemon.socket(),
+        &["core", "export_client", "client_name=alice", "--qr"],
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.contains('\u{2580}') || out.contains('\u{2584}') || out.contains('\u{2588}'),
+        "{out}"
+    );
+    assert_eq!(
+        api_err(
+            &daemon,
+            &["core", "export_client", "client_name=alice", "qr=gif"]
+        ),
+        "INVALID_PARAMETER"
+    );
     let latest = check(&["core", "latest_clients", "count=5"], &["latest_clients"]);
     assert_eq!(latest["latest_clients"][0]["name"], "bob", "newest first");
     for f in ["name", "ip", "created"] {

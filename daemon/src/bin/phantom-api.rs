@@ -22,6 +22,8 @@ const EXIT_UNREACHABLE: u8 = 3;
 struct Args {
     socket: PathBuf,
     pretty: bool,
+    /// Print the reply's `config` as a terminal QR code (export_client).
+    qr: bool,
     timeout: Duration,
     help: bool,
     positional: Vec<String>,
@@ -36,6 +38,7 @@ fn usage() -> String {
          options:\n\
          \x20 --socket PATH    admin socket (default: ${env} or {DEFAULT_SOCKET})\n\
          \x20 --pretty         indent the JSON reply\n\
+         \x20 --qr             with export_client: draw the configuration as a QR code instead of JSON\n\
          \x20 --timeout SECS   how long to wait for the reply (default 60)\n\
          \x20 --version        print the CLI version\n\n\
          exit status: 0 success, {EXIT_FAILURE_REPLY} failure reply, {EXIT_USAGE} usage error, {EXIT_UNREACHABLE} daemon unreachable\n",
@@ -50,6 +53,7 @@ fn parse_args() -> Result<Args, String> {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
         pretty: false,
+        qr: false,
         timeout: Duration::from_secs(60),
         help: false,
         positional: Vec::new(),
@@ -59,6 +63,7 @@ fn parse_args() -> Result<Args, String> {
         match arg.as_str() {
             "--socket" => args.socket = it.next().ok_or("--socket needs a path")?.into(),
             "--pretty" => args.pretty = true,
+            "--qr" => args.qr = true,
             "--timeout" => {
                 let secs: u64 = it
                     .next()
@@ -229,6 +234,22 @@ fn main() -> ExitCode {
         params,
     };
     match call(&args, &request) {
+        Ok(reply) if args.qr && reply.success => {
+            let Some(config) = reply.data.as_ref().and_then(|d| d["config"].as_str()) else {
+                eprintln!("phantom-api: --qr needs a reply with a config (core export_client)");
+                return ExitCode::from(EXIT_USAGE);
+            };
+            match phantom_daemon::qr::terminal(config) {
+                Ok(code) => {
+                    println!("{code}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("phantom-api: {e}");
+                    ExitCode::from(EXIT_FAILURE_REPLY)
+                }
+            }
+        }
         Ok(reply) => {
             print_json(&reply, args.pretty);
             if reply.success {

@@ -116,6 +116,13 @@ struct NameParams {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ExportParams {
+    client_name: String,
+    qr: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListParams {
     page: i64,
     per_page: i64,
@@ -399,12 +406,30 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
     registry.action(
         "core",
         "export_client",
-        "a client's wg-quick configuration (with its private key)",
-        vec![CLIENT_NAME],
-        move |p: NameParams| {
+        "a client's wg-quick configuration (with its private key); qr=png adds a PNG QR code",
+        vec![
+            CLIENT_NAME,
+            ParamSpec::optional(
+                "qr",
+                ParamKind::String { max_len: 8 },
+                None,
+                "png: add qr_png (base64)",
+            ),
+        ],
+        move |p: ExportParams| {
             let c = Arc::clone(&c);
             async move {
                 checked_name(&p.client_name)?;
+                let want_png = match p.qr.as_deref() {
+                    None => false,
+                    Some("png") => true,
+                    Some(other) => {
+                        return Err(ApiError::new(
+                            codes::INVALID_PARAMETER,
+                            format!("qr={other:?}: the only format is png"),
+                        ));
+                    }
+                };
                 let server = server(&c)?;
                 let dns = dns_servers(&c);
                 let name = p.client_name.clone();
@@ -417,7 +442,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                 })
                 .await?
                 .ok_or_else(|| not_found(&p.client_name))?;
-                Ok::<_, ApiError>(json!({
+                let mut reply = json!({
                     "client": {
                         "name": client.name,
                         "ip": client.ip,
@@ -428,7 +453,13 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                         "preshared_key": client.preshared_key,
                     },
                     "config": config,
-                }))
+                });
+                if want_png {
+                    use base64::Engine;
+                    let png = crate::qr::png(&config, 8)?;
+                    reply["qr_png"] = json!(base64::engine::general_purpose::STANDARD.encode(png));
+                }
+                Ok::<_, ApiError>(reply)
             }
         },
     );

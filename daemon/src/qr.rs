@@ -1,0 +1,70 @@
+//! QR codes of client configurations: for a terminal (`phantom-api ... --qr`) and as PNG.
+
+use qrcode::{EcLevel, QrCode, render::unicode};
+
+use crate::error::Error;
+
+fn code(text: &str) -> Result<QrCode, Error> {
+    // Medium error correction still fits a full wg-quick config in a version the phone
+    // cameras read easily.
+    QrCode::with_error_correction_level(text.as_bytes(), EcLevel::M)
+        .map_err(|e| Error::Other(format!("cannot encode a QR code: {e}")))
+}
+
+/// The code drawn with half-block characters, two modules per character cell.
+pub fn terminal(text: &str) -> Result<String, Error> {
+    Ok(code(text)?
+        .render::<unicode::Dense1x2>()
+        .dark_color(unicode::Dense1x2::Light)
+        .light_color(unicode::Dense1x2::Dark)
+        .quiet_zone(true)
+        .build())
+}
+
+/// The code as a grayscale PNG, `scale` pixels per module, with a 4-module quiet zone.
+pub fn png(text: &str, scale: u32) -> Result<Vec<u8>, Error> {
+    let code = code(text)?;
+    let width = code.width() as u32;
+    let colors = code.to_colors();
+    let quiet = 4;
+    let side = (width + 2 * quiet) * scale;
+    let mut pixels = vec![255u8; (side * side) as usize];
+    for y in 0..width {
+        for x in 0..width {
+            if colors[(y * width + x) as usize] == qrcode::Color::Dark {
+                for dy in 0..scale {
+                    let row = ((y + quiet) * scale + dy) * side;
+                    let start = (row + (x + quiet) * scale) as usize;
+                    pixels[start..start + scale as usize].fill(0);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut out, side, side);
+        encoder.set_color(png::ColorType::Grayscale);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder
+            .write_header()
+            .map_err(|e| Error::Other(format!("PNG: {e}")))?;
+        writer
+            .write_image_data(&pixels)
+            .map_err(|e| Error::Other(format!("PNG: {e}")))?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_both_ways() -> Result<(), Error> {
+        let text = "[Interface]\nPrivateKey = x\n";
+        assert!(terminal(text)?.contains('\u{2580}') || terminal(text)?.contains('\u{2584}'));
+        let png = png(text, 4)?;
+        assert_eq!(&png[1..4], b"PNG");
+        Ok(())
+    }
+}
