@@ -22,6 +22,9 @@ use crate::{config::WireguardConfig, error::Error, store};
 /// A handshake younger than this means connected (WireGuard rekeys every 2 minutes).
 pub const CONNECTED_WITHIN_SECONDS: u64 = 180;
 
+/// How old the live peer state shown by list/status may be.
+const LIVE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Tweak: rebuild the interface after every new client (the original tool's behaviour).
 pub const TWEAK_RESTART_AFTER_ADD: &str = "restart_service_after_client_creation";
 
@@ -68,6 +71,7 @@ pub struct Server {
     alloc: tokio::sync::Mutex<()>,
     /// Per public key, the device counters already added to the store.
     persisted: Mutex<HashMap<String, (u64, u64)>>,
+    live_cache: Mutex<Option<(std::time::Instant, HashMap<String, Live>)>>,
     pub started_at: time::OffsetDateTime,
 }
 
@@ -121,6 +125,7 @@ impl Server {
             public_key,
             alloc: tokio::sync::Mutex::new(()),
             persisted: Mutex::new(HashMap::new()),
+            live_cache: Mutex::new(None),
             started_at: time::OffsetDateTime::now_utc(),
         };
         server.bring_up().await?;
@@ -149,6 +154,7 @@ impl Server {
             "WireGuard server up"
         );
         *lock(&self.device)? = Some(device);
+        self.invalidate_live();
         Ok(())
     }
 
@@ -243,8 +249,7 @@ impl Server {
         if self.store.get(name)?.is_some() {
             return Err(AddError::Exists);
         }
-        let used: std::collections::HashSet<Ipv4Addr> =
-            self.store.all()?.into_iter().map(|c| c.ip).collect();
+        let used = self.store.used_ips()?;
         let ip = self
             .subnet()
             .client_hosts()
@@ -271,6 +276,7 @@ impl Server {
                 )));
             }
         }
+        self.invalidate_live();
         if let Err(e) = self.with_device(|d| d.add_peer(&peer_of(&client))) {
             // The client is stored; the next start or restart_service will add the peer.
             warn!(error = %e, "client stored but the peer could not be added live");
@@ -284,6 +290,7 @@ impl Server {
         };
         self.with_device(|d| d.remove_peer(&client.public_key))?;
         lock(&self.persisted)?.remove(&client.public_key);
+        self.invalidate_live();
         Ok(Some(client))
     }
 
@@ -305,11 +312,35 @@ impl Server {
             self.with_device(|d| d.remove_peer(&client.public_key))?;
             lock(&self.persisted)?.remove(&client.public_key);
         }
+        self.invalidate_live();
         Ok(Some(client))
     }
 
-    /// Live handshake age, endpoint and traffic totals per public key.
+    /// Live handshake age, endpoint and traffic per public key, at most `LIVE_MAX_AGE` old:
+    /// reading every peer from the device costs milliseconds per thousand peers, and a page of
+    /// `list_clients` should not pay that on every call.
     pub fn live(&self) -> HashMap<String, Live> {
+        if let Ok(cache) = self.live_cache.lock()
+            && let Some((at, live)) = cache.as_ref()
+            && at.elapsed() < LIVE_MAX_AGE
+        {
+            return live.clone();
+        }
+        let live = self.read_live();
+        if let Ok(mut cache) = self.live_cache.lock() {
+            *cache = Some((std::time::Instant::now(), live.clone()));
+        }
+        live
+    }
+
+    /// Forgets the cached live state (after a peer change).
+    fn invalidate_live(&self) {
+        if let Ok(mut cache) = self.live_cache.lock() {
+            *cache = None;
+        }
+    }
+
+    fn read_live(&self) -> HashMap<String, Live> {
         let Ok(state) = self.device_state() else {
             return HashMap::new();
         };

@@ -179,6 +179,20 @@ impl ClientStore {
         self.get(name)
     }
 
+    /// Every address in use.
+    pub fn used_ips(&self) -> Result<std::collections::HashSet<Ipv4Addr>, Error> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare("SELECT ip FROM clients").map_err(db)?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db)?;
+        let mut out = std::collections::HashSet::new();
+        for ip in rows {
+            if let Ok(ip) = ip.map_err(db)?.parse() {
+                out.insert(ip);
+            }
+        }
+        Ok(out)
+    }
+
     /// Every client, oldest first.
     pub fn all(&self) -> Result<Vec<Client>, Error> {
         let conn = self.conn()?;
@@ -245,19 +259,15 @@ impl ClientStore {
     pub fn move_clients(&self, moves: &[(String, Ipv4Addr)], subnet: &str) -> Result<(), Error> {
         let mut conn = self.conn()?;
         let tx = conn.transaction().map_err(db)?;
-        for (name, _) in moves {
-            tx.execute(
-                "UPDATE clients SET ip = 'moving:' || name WHERE name = ?1",
-                [name],
-            )
+        tx.execute("UPDATE clients SET ip = 'moving:' || name", [])
             .map_err(db)?;
-        }
-        for (name, ip) in moves {
-            tx.execute(
-                "UPDATE clients SET ip = ?2 WHERE name = ?1",
-                params![name, ip.to_string()],
-            )
-            .map_err(db)?;
+        {
+            let mut update = tx
+                .prepare_cached("UPDATE clients SET ip = ?2 WHERE name = ?1")
+                .map_err(db)?;
+            for (name, ip) in moves {
+                update.execute(params![name, ip.to_string()]).map_err(db)?;
+            }
         }
         tx.execute(
             "INSERT INTO settings (key, value) VALUES ('wireguard.subnet', ?1)

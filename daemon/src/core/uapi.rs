@@ -8,7 +8,7 @@
 //! as a Unix time.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{Read, Write},
     os::unix::net::UnixStream,
     time::Duration,
 };
@@ -64,22 +64,29 @@ fn exchange(stream: &UnixStream, iface: &str, request: &str) -> Result<Vec<Strin
         .map_err(io)?;
     let mut writer = stream;
     writer.write_all(request.as_bytes()).map_err(io)?;
-    let mut lines = Vec::new();
-    // One byte at a time: nothing of the stream may stay in a buffer past this answer.
-    let mut reader = BufReader::with_capacity(1, stream);
+    // The answer ends with an empty line and nothing follows it until the next request, so
+    // reading in large chunks up to that blank line never takes bytes of a later answer.
+    let mut reader = stream;
+    let mut answer = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).map_err(io)? == 0 {
+        let n = reader.read(&mut chunk).map_err(io)?;
+        if n == 0 {
             return Err(Error::Other(format!(
                 "WireGuard device {iface}: control stream closed"
             )));
         }
-        let line = line.trim_end_matches('\n');
-        if line.is_empty() {
+        answer.extend_from_slice(&chunk[..n]);
+        if answer == b"\n" || answer.ends_with(b"\n\n") {
             break;
         }
-        lines.push(line.to_string());
     }
+    let text = String::from_utf8_lossy(&answer);
+    let lines: Vec<String> = text
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
     match lines.iter().find_map(|l| l.strip_prefix("errno=")) {
         Some("0") => Ok(lines),
         Some(errno) => Err(Error::Other(format!(
