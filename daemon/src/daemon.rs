@@ -140,7 +140,11 @@ async fn serve(
     datapath::actions::register(&mut registry, Arc::clone(&ctx));
     let registry = Arc::new(registry);
 
-    let metrics = Arc::new(Metrics::new(datapath.clone(), Arc::clone(&top_sources)));
+    let metrics = Arc::new(Metrics::new(
+        datapath.clone(),
+        wireguard.clone(),
+        Arc::clone(&top_sources),
+    ));
     metrics.register_actions(&registry.actions());
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -151,6 +151,23 @@ fn exported_config_connects_a_real_client_through_the_tunnel_and_nat() {
     assert_eq!(status["interface"]["backend"], "userspace");
     assert_eq!(status["clients"]["total_configured"], 1);
     assert_eq!(status["clients"]["active_connections"], 1);
+    let metrics = phantom_tests::http_get(&topo.link.server, "127.0.0.1:9469", "/metrics");
+    assert_eq!(
+        phantom_tests::metric_value(&metrics, "phantom_wireguard_up"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        phantom_tests::metric_value(&metrics, "phantom_wireguard_clients{state=\"connected\"}"),
+        Some(1.0)
+    );
+    assert!(
+        phantom_tests::metric_value(
+            &metrics,
+            "phantom_wireguard_received_bytes_total{client=\"alice\"}"
+        )
+        .is_some_and(|v| v > 0.0)
+    );
     let firewall = api(&daemon, &["core", "get_firewall_status"]);
     assert_eq!(firewall["nat"]["enabled"], true, "{firewall}");
     assert_eq!(firewall["ports"]["listening"], true);
