@@ -226,6 +226,8 @@ impl Default for DnsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct BlocklistConfig {
     pub enabled: bool,
+    /// A domain is blocked when its strongest matching pattern weighs at least this much.
+    pub threshold: f64,
     pub api_listen: String,
 }
 
@@ -233,6 +235,7 @@ impl Default for BlocklistConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            threshold: 0.5,
             api_listen: "0.0.0.0:3000".into(),
         }
     }
@@ -441,6 +444,9 @@ impl Config {
             parse_listen("dns.listen", &self.dns.listen)?;
         }
         parse_listen("blocklist.api_listen", &self.blocklist.api_listen)?;
+        if !(0.0..=1.0).contains(&self.blocklist.threshold) {
+            return Err(Error::config("blocklist.threshold must be between 0 and 1"));
+        }
         parse_listen("sentry.listen", &self.sentry.listen)?;
         parse_listen("sentry.admin_listen", &self.sentry.admin_listen)?;
         Ok(())

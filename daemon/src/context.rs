@@ -21,6 +21,8 @@ pub struct Context {
     pub datapath: Option<Arc<Datapath>>,
     /// The WireGuard server; `None` with `[wireguard] enabled = false`.
     pub wireguard: Option<Arc<crate::core::Server>>,
+    /// The blocklist; `None` with `[blocklist] enabled = false`.
+    pub blocklist: Option<Arc<crate::blocklist::Blocklist>>,
 }
 
 impl Context {
@@ -30,6 +32,7 @@ impl Context {
         logs: RecentLogs,
         datapath: Option<Arc<Datapath>>,
         wireguard: Option<Arc<crate::core::Server>>,
+        blocklist: Option<Arc<crate::blocklist::Blocklist>>,
     ) -> Self {
         Self {
             config: RwLock::new(config),
@@ -39,6 +42,7 @@ impl Context {
             logs,
             datapath,
             wireguard,
+            blocklist,
         }
     }
 

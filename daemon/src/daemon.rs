@@ -127,17 +127,34 @@ async fn serve(
             warn!(error = %e, "cannot attach the VPN-interface programs yet");
         }
     }
+    let blocklist = if config.blocklist.enabled {
+        let (state_dir, threshold, dp) = (
+            config.state_dir.clone(),
+            config.blocklist.threshold,
+            datapath.clone(),
+        );
+        let list = tokio::task::spawn_blocking(move || {
+            crate::blocklist::Blocklist::open(&state_dir, threshold, dp)
+        })
+        .await
+        .map_err(|e| Error::Other(format!("blocklist start: {e}")))??;
+        Some(Arc::new(list))
+    } else {
+        None
+    };
     let ctx = Arc::new(Context::new(
         config.clone(),
         opts.config_path.clone(),
         logs.recent.clone(),
         datapath.clone(),
         wireguard.clone(),
+        blocklist,
     ));
 
     let mut registry = Registry::new();
     crate::core::register(&mut registry, Arc::clone(&ctx));
     datapath::actions::register(&mut registry, Arc::clone(&ctx));
+    crate::blocklist::actions::register(&mut registry, Arc::clone(&ctx));
     let registry = Arc::new(registry);
 
     let metrics = Arc::new(Metrics::new(

@@ -2,6 +2,7 @@
 //! actions on the admin socket. See docs/architecture.md.
 
 pub mod admin;
+pub mod blocklist;
 pub mod config;
 pub mod context;
 pub mod core;

@@ -759,3 +759,128 @@ fn multihop_mark_routes_client_traffic_to_the_exit_only_while_on() {
         "a refused change changes nothing"
     );
 }
+
+/// The blocklist feeds the kernel filter: clients that ask another resolver still get
+/// NXDOMAIN for its exact and subdomain rules.
+#[test]
+fn blocklist_rules_reach_the_kernel_filter() {
+    if !require_root("blocklist_rules_reach_the_kernel_filter") {
+        return;
+    }
+    let topo = DnsTopology::new();
+    let bpffs = BpffsDir::new();
+    let mut config = DaemonConfig::new("up0", bpffs.path());
+    config.vpn_interface = Some("vpn0".into());
+    let mut daemon = Daemon::start(&topo.router, &config);
+    let _dnsmasq = topo.dnsmasq();
+
+    let added = api(
+        &daemon,
+        &["blocklist", "add", "domain=Casino.Example", "reason=test"],
+    );
+    assert_eq!(added["domain"], "casino.example");
+    let v1 = added["version"].as_u64().unwrap();
+    assert_eq!(
+        topo.dig(RESOLVER_V4, "www.casino.example", "A", &[]).0,
+        "NXDOMAIN"
+    );
+    assert_eq!(topo.dig(RESOLVER_V4, "fine.example", "A", &[]).0, "NOERROR");
+
+    // Import with broken lines: the good ones land, the bad ones are reported.
+    let file = daemon.dir().join("list.hosts");
+    std::fs::write(&file, "# gambling\n0.0.0.0 exact-only.example\nnot-an-ip x.example\n0.0.0.0 co.za\n0.0.0.0 notcasino.example\n").unwrap();
+    let imported = api(
+        &daemon,
+        &["blocklist", "import", &format!("path={}", file.display())],
+    );
+    assert_eq!(
+        (imported["imported"].as_u64(), imported["skipped"].as_u64()),
+        (Some(2), Some(2)),
+        "{imported}"
+    );
+    assert_eq!(imported["format"], "hosts");
+    assert!(imported["version"].as_u64().unwrap() > v1);
+    assert_eq!(
+        topo.dig(RESOLVER_V4, "notcasino.example", "A", &[]).0,
+        "NXDOMAIN"
+    );
+
+    // A weak pattern matches in verify but stays out of the kernel.
+    api(
+        &daemon,
+        &[
+            "blocklist",
+            "add_pattern",
+            "pattern=fine",
+            "type=contains",
+            "weight=0.3",
+        ],
+    );
+    let verdict = api(&daemon, &["blocklist", "verify", "domain=fine.example"]);
+    assert_eq!(
+        (verdict["blocked"].as_bool(), verdict["confidence"].as_f64()),
+        (Some(false), Some(0.3)),
+        "{verdict}"
+    );
+    assert_eq!(verdict["matchedPatterns"][0]["type"], "contains");
+    let verdict = api(
+        &daemon,
+        &["blocklist", "verify", "domain=deep.www.casino.example"],
+    );
+    assert_eq!(
+        (
+            verdict["blocked"].as_bool(),
+            verdict["matchedPatterns"][0]["pattern"].as_str()
+        ),
+        (Some(true), Some("*.casino.example"))
+    );
+    assert_eq!(topo.dig(RESOLVER_V4, "fine.example", "A", &[]).0, "NOERROR");
+
+    // Acknowledged changes survive kill -9; the kernel set is rebuilt from the store.
+    let status = api(&daemon, &["blocklist", "status"]);
+    assert_eq!(
+        (status["entries"].as_u64(), status["kernel_rules"].as_u64()),
+        (Some(3), Some(3))
+    );
+    let checksum = status["checksum"].clone();
+    daemon.kill9();
+    daemon.restart();
+    let status = api(&daemon, &["blocklist", "status"]);
+    assert_eq!(status["checksum"], checksum);
+    assert_eq!(
+        topo.dig(RESOLVER_V4, "exact-only.example", "A", &[]).0,
+        "NXDOMAIN"
+    );
+
+    // Removal restores the real answer; bad input is refused with codes.
+    api(&daemon, &["blocklist", "remove", "domain=casino.example"]);
+    assert_eq!(
+        topo.dig(RESOLVER_V4, "www.casino.example", "A", &[]).1,
+        vec!["203.0.113.101"]
+    );
+    for (args, code) in [
+        (vec!["blocklist", "add", "domain=co.za"], "PUBLIC_SUFFIX"),
+        (vec!["blocklist", "add", "domain=a..b"], "INVALID_DOMAIN"),
+        (
+            vec!["blocklist", "add", "domain=x.example", "weight=2"],
+            "INVALID_PARAMETER",
+        ),
+        (
+            vec!["blocklist", "add_pattern", "pattern=(", "type=regex"],
+            "INVALID_PATTERN",
+        ),
+        (
+            vec!["blocklist", "remove", "domain=nothere.example"],
+            "DOMAIN_NOT_FOUND",
+        ),
+        (
+            vec!["blocklist", "import", "path=/nonexistent/list"],
+            "IMPORT_FAILED",
+        ),
+    ] {
+        let (exit, reply, _) = phantom_api(&daemon.socket(), &args);
+        assert_ne!(exit, 0);
+        assert_eq!(reply["code"], code, "{args:?}");
+    }
+    assert_eq!(api(&daemon, &["blocklist", "status"])["entries"], 2);
+}

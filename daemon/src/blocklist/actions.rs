@@ -1,0 +1,432 @@
+//! The `blocklist` socket module.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{
+    Blocklist,
+    import::{self, Format},
+    matcher::compile_one,
+    model::{Entry, NameError, Pattern, PatternType, normalise, rule_domain},
+};
+use crate::{
+    admin::{ApiError, NoParams, ParamKind, ParamSpec, Registry},
+    context::Context,
+    protocol::codes,
+};
+
+const INVALID_DOMAIN: &str = "INVALID_DOMAIN";
+const PUBLIC_SUFFIX: &str = "PUBLIC_SUFFIX";
+const DOMAIN_NOT_FOUND: &str = "DOMAIN_NOT_FOUND";
+const INVALID_PATTERN: &str = "INVALID_PATTERN";
+const PATTERN_NOT_FOUND: &str = "PATTERN_NOT_FOUND";
+const BLOCKLIST_DISABLED: &str = "BLOCKLIST_DISABLED";
+const IMPORT_FAILED: &str = "IMPORT_FAILED";
+
+fn list(ctx: &Context) -> Result<Arc<Blocklist>, ApiError> {
+    ctx.blocklist.clone().ok_or_else(|| {
+        ApiError::new(
+            BLOCKLIST_DISABLED,
+            "the blocklist is disabled ([blocklist] enabled = false)",
+        )
+    })
+}
+
+fn name_error(e: NameError) -> ApiError {
+    match e {
+        NameError::Invalid(m) => ApiError::new(INVALID_DOMAIN, m),
+        NameError::PublicSuffix(m) => ApiError::new(PUBLIC_SUFFIX, m),
+    }
+}
+
+fn weight(raw: Option<&str>) -> Result<f64, ApiError> {
+    let Some(raw) = raw else { return Ok(1.0) };
+    raw.parse::<f64>()
+        .ok()
+        .filter(|w| (0.0..=1.0).contains(w))
+        .ok_or_else(|| {
+            ApiError::new(
+                codes::INVALID_PARAMETER,
+                format!("weight {raw:?} must be a number from 0 to 1"),
+            )
+        })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("task failed: {e}")))?
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddParams {
+    domain: String,
+    reason: Option<String>,
+    subdomains: Option<bool>,
+    weight: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DomainParams {
+    domain: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatternParams {
+    pattern: String,
+    #[serde(rename = "type")]
+    kind: String,
+    weight: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemovePatternParams {
+    pattern: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    page: i64,
+    per_page: i64,
+    search: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportParams {
+    path: String,
+    format: String,
+    reason: Option<String>,
+}
+
+const DOMAIN: ParamSpec = ParamSpec::required(
+    "domain",
+    ParamKind::String { max_len: 300 },
+    "domain name (IDN allowed)",
+);
+
+fn pattern_kind(raw: &str) -> Result<PatternType, ApiError> {
+    match PatternType::parse(raw) {
+        Some(k @ (PatternType::Contains | PatternType::Regex)) => Ok(k),
+        _ => Err(ApiError::new(
+            codes::INVALID_PARAMETER,
+            format!(
+                "type {raw:?}: patterns are contains or regex (exact and subdomain rules are entries: blocklist add)"
+            ),
+        )),
+    }
+}
+
+pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
+    registry.module(
+        "blocklist",
+        "gambling-domain blocklist: entries, patterns, matching, kernel rules",
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "blocklist",
+        "add",
+        "block a domain (and by default its subdomains); a new version",
+        vec![
+            DOMAIN,
+            ParamSpec::optional(
+                "reason",
+                ParamKind::String { max_len: 500 },
+                None,
+                "why (shown in the list)",
+            ),
+            ParamSpec::optional(
+                "subdomains",
+                ParamKind::Boolean,
+                Some("true"),
+                "also every subdomain",
+            ),
+            ParamSpec::optional(
+                "weight",
+                ParamKind::String { max_len: 16 },
+                Some("1.0"),
+                "confidence 0..1",
+            ),
+        ],
+        move |p: AddParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let list = list(&c)?;
+                let domain = rule_domain(&p.domain).map_err(name_error)?;
+                let w = weight(p.weight.as_deref())?;
+                let reason = p.reason.unwrap_or_else(|| "added by operator".into());
+                let entry = Entry::new(&domain, p.subdomains.unwrap_or(true), w, &reason, now());
+                let e = entry.clone();
+                let applied =
+                    blocking(move || list.upsert(vec![e]).map_err(ApiError::from)).await?;
+                Ok::<_, ApiError>(
+                    json!({"domain": domain, "entry": entry, "version": applied.version}),
+                )
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "blocklist",
+        "remove",
+        "unblock a domain; a new version",
+        vec![DOMAIN],
+        move |p: DomainParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let list = list(&c)?;
+                let domain = normalise(&p.domain).map_err(name_error)?;
+                let d = domain.clone();
+                let applied = blocking(move || list.remove(&d).map_err(ApiError::from))
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            DOMAIN_NOT_FOUND,
+                            format!("{domain:?} is not on the blocklist"),
+                        )
+                    })?;
+                Ok::<_, ApiError>(
+                    json!({"domain": domain, "removed": true, "version": applied.version}),
+                )
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "blocklist",
+        "add_pattern",
+        "add a contains or regex pattern with a weight",
+        vec![
+            ParamSpec::required("pattern", ParamKind::String { max_len: 500 }, "substring or regular expression"),
+            ParamSpec::required("type", ParamKind::String { max_len: 16 }, "contains or regex"),
+            ParamSpec::optional("weight", ParamKind::String { max_len: 16 }, Some("0.7"), "confidence 0..1"),
+        ],
+        move |p: PatternParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let list = list(&c)?;
+                let kind = pattern_kind(&p.kind)?;
+                let pattern = match kind {
+                    PatternType::Contains => {
+                        let s = p.pattern.trim().to_ascii_lowercase();
+                        if s.len() < 3 {
+                            return Err(ApiError::new(INVALID_PATTERN, "a contains pattern needs at least 3 characters"));
+                        }
+                        s
+                    }
+                    _ => {
+                        compile_one(&p.pattern).map_err(|e| ApiError::new(INVALID_PATTERN, format!("regex: {e}")))?;
+                        p.pattern.clone()
+                    }
+                };
+                let w = weight(p.weight.as_deref())?;
+                let pat = Pattern { pattern: pattern.clone(), kind, weight: w };
+                let applied = blocking(move || list.add_pattern(pat).map_err(ApiError::from)).await?;
+                Ok::<_, ApiError>(json!({"pattern": pattern, "type": kind, "weight": w, "version": applied.version}))
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "blocklist",
+        "remove_pattern",
+        "remove a contains or regex pattern",
+        vec![
+            ParamSpec::required("pattern", ParamKind::String { max_len: 500 }, "as added"),
+            ParamSpec::required(
+                "type",
+                ParamKind::String { max_len: 16 },
+                "contains or regex",
+            ),
+        ],
+        move |p: RemovePatternParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let list = list(&c)?;
+                let kind = pattern_kind(&p.kind)?;
+                let pattern = p.pattern.clone();
+                let applied =
+                    blocking(move || list.remove_pattern(&pattern, kind).map_err(ApiError::from))
+                        .await?
+                        .ok_or_else(|| {
+                            ApiError::new(
+                                PATTERN_NOT_FOUND,
+                                format!("no {} pattern {:?}", kind.as_str(), p.pattern),
+                            )
+                        })?;
+                Ok::<_, ApiError>(
+                    json!({"pattern": p.pattern, "removed": true, "version": applied.version}),
+                )
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "blocklist",
+        "list",
+        "entries page by page, and the patterns",
+        vec![
+            ParamSpec::optional(
+                "page",
+                ParamKind::Integer {
+                    min: 1,
+                    max: 10_000_000,
+                },
+                Some("1"),
+                "page number",
+            ),
+            ParamSpec::optional(
+                "per_page",
+                ParamKind::Integer { min: 1, max: 1000 },
+                Some("50"),
+                "entries per page",
+            ),
+            ParamSpec::optional(
+                "search",
+                ParamKind::String { max_len: 253 },
+                None,
+                "part of a domain",
+            ),
+        ],
+        move |p: ListParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let list = list(&c)?;
+                let page = usize::try_from(p.page).unwrap_or(1);
+                let per_page = usize::try_from(p.per_page).unwrap_or(50);
+                let search = p.search.map(|s| s.to_ascii_lowercase());
+                let (entries, total) = list.page(
+                    (page - 1).saturating_mul(per_page),
+                    per_page,
+                    search.as_deref(),
+                );
+                Ok::<_, ApiError>(json!({
+                    "version": list.version(),
+                    "total": total,
+                    "page": page,
+                    "per_page": per_page,
+                    "entries": entries,
+                    "patterns": list.patterns(),
+                }))
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "blocklist",
+        "verify",
+        "would this domain be blocked? matched patterns and confidence (nothing is logged)",
+        vec![DOMAIN],
+        move |p: DomainParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let list = list(&c)?;
+                let name = normalise(&p.domain).map_err(name_error)?;
+                serde_json::to_value(list.verify(&name))
+                    .map_err(|e| ApiError::internal(e.to_string()))
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "blocklist",
+        "status",
+        "version, counts, checksum and the kernel's share",
+        vec![],
+        move |_: NoParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let list = list(&c)?;
+                let kernel = c
+                    .datapath
+                    .as_ref()
+                    .and_then(|d| d.domains.kernel_len().ok());
+                Ok::<_, ApiError>(json!({
+                    "enabled": true,
+                    "version": list.version(),
+                    "entries": list.len(),
+                    "patterns": list.patterns().len(),
+                    "checksum": list.checksum(),
+                    "threshold": list.threshold(),
+                    "kernel_rules": list.kernel_rules(),
+                    "kernel_entries": kernel,
+                }))
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "blocklist",
+        "import",
+        "import a hosts file, AdBlock list, plain list or seed JSON; broken lines are reported and skipped",
+        vec![
+            ParamSpec::required("path", ParamKind::String { max_len: 4096 }, "file on the server"),
+            ParamSpec::optional("format", ParamKind::String { max_len: 16 }, Some("auto"), "auto, hosts, adblock, plain or json"),
+            ParamSpec::optional("reason", ParamKind::String { max_len: 500 }, None, "reason recorded on every entry"),
+        ],
+        move |p: ImportParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let list = list(&c)?;
+                let format = match p.format.as_str() {
+                    "auto" => None,
+                    f => Some(Format::parse(f).ok_or_else(|| {
+                        ApiError::new(codes::INVALID_PARAMETER, format!("format {f:?}: auto, hosts, adblock, plain or json"))
+                    })?),
+                };
+                let path = p.path.clone();
+                let reason = p.reason.unwrap_or_else(|| format!("imported from {}", p.path));
+                blocking(move || {
+                    let meta = std::fs::metadata(&path)
+                        .map_err(|e| ApiError::new(IMPORT_FAILED, format!("{path}: {e}")))?;
+                    if meta.len() > 512 * 1024 * 1024 {
+                        return Err(ApiError::new(IMPORT_FAILED, format!("{path}: larger than 512 MiB")));
+                    }
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| ApiError::new(IMPORT_FAILED, format!("{path}: {e}")))?;
+                    let format = format.unwrap_or_else(|| Format::detect(&text));
+                    let parsed = import::parse(&text, format, &reason, now());
+                    let imported = parsed.entries.len();
+                    let applied = list.upsert(parsed.entries).map_err(ApiError::from)?;
+                    let skipped_total = parsed.skipped.len();
+                    let skipped: Vec<_> = parsed.skipped.into_iter().take(100).collect();
+                    Ok(json!({
+                        "imported": imported,
+                        "skipped": skipped_total,
+                        "skipped_lines": skipped,
+                        "format": format!("{format:?}").to_lowercase(),
+                        "version": applied.version,
+                        "entries": list.len(),
+                    }))
+                })
+                .await
+            }
+        },
+    );
+}

@@ -1,0 +1,193 @@
+//! The blocklist on disk: SQLite in the state directory. Every change commits the entries, the
+//! new version and its journal rows in one transaction.
+
+use std::{path::Path, sync::Mutex};
+
+use rusqlite::{Connection, params};
+
+use super::model::{Entry, Pattern, PatternType};
+use crate::error::Error;
+
+fn db(e: rusqlite::Error) -> Error {
+    Error::Other(format!("blocklist store: {e}"))
+}
+
+fn json_err(e: serde_json::Error) -> Error {
+    Error::Other(format!("blocklist store: {e}"))
+}
+
+/// One change in the journal.
+pub enum Change<'a> {
+    Upsert(&'a Entry),
+    Remove(&'a str),
+    AddPattern(&'a Pattern),
+    RemovePattern(&'a str, PatternType),
+}
+
+pub struct BlocklistStore {
+    conn: Mutex<Connection>,
+}
+
+pub struct Loaded {
+    pub entries: Vec<Entry>,
+    pub patterns: Vec<Pattern>,
+    pub version: u64,
+}
+
+impl BlocklistStore {
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let conn = Connection::open(path).map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS entries (domain TEXT PRIMARY KEY, patterns TEXT NOT NULL, added_at INTEGER NOT NULL, reason TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS patterns (pattern TEXT NOT NULL, kind TEXT NOT NULL, weight REAL NOT NULL, PRIMARY KEY (pattern, kind));
+             CREATE TABLE IF NOT EXISTS journal (version INTEGER NOT NULL, domain TEXT NOT NULL, op TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS journal_version ON journal (version);
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+        )
+        .map_err(db)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, Error> {
+        self.conn
+            .lock()
+            .map_err(|_| Error::Other("blocklist store lock poisoned".into()))
+    }
+
+    pub fn load(&self) -> Result<Loaded, Error> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare("SELECT domain, patterns, added_at, reason FROM entries")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(db)?;
+        let mut entries = Vec::new();
+        for row in rows {
+            let (domain, patterns, added_at, reason) = row.map_err(db)?;
+            entries.push(Entry {
+                domain,
+                patterns: serde_json::from_str(&patterns).map_err(json_err)?,
+                added_at: added_at as u64,
+                reason,
+            });
+        }
+        let mut stmt = conn
+            .prepare("SELECT pattern, kind, weight FROM patterns ORDER BY kind, pattern")
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, f64>(2)?,
+                ))
+            })
+            .map_err(db)?;
+        let mut patterns = Vec::new();
+        for row in rows {
+            let (pattern, kind, weight) = row.map_err(db)?;
+            if let Some(kind) = PatternType::parse(&kind) {
+                patterns.push(Pattern {
+                    pattern,
+                    kind,
+                    weight,
+                });
+            }
+        }
+        let version: i64 = conn
+            .query_row(
+                "SELECT COALESCE((SELECT value FROM meta WHERE key = 'version'), 0)",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        Ok(Loaded {
+            entries,
+            patterns,
+            version: version as u64,
+        })
+    }
+
+    /// Applies `changes` as version `version`, atomically.
+    pub fn commit(&self, version: u64, changes: &[Change<'_>]) -> Result<(), Error> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction().map_err(db)?;
+        {
+            let mut upsert = tx
+                .prepare_cached(
+                    "INSERT INTO entries (domain, patterns, added_at, reason) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(domain) DO UPDATE SET patterns = excluded.patterns, reason = excluded.reason",
+                )
+                .map_err(db)?;
+            let mut journal = tx
+                .prepare_cached("INSERT INTO journal (version, domain, op) VALUES (?1, ?2, ?3)")
+                .map_err(db)?;
+            for change in changes {
+                match change {
+                    Change::Upsert(e) => {
+                        let patterns = serde_json::to_string(&e.patterns).map_err(json_err)?;
+                        upsert
+                            .execute(params![e.domain, patterns, e.added_at as i64, e.reason])
+                            .map_err(db)?;
+                        journal
+                            .execute(params![version as i64, e.domain, "upsert"])
+                            .map_err(db)?;
+                    }
+                    Change::Remove(d) => {
+                        tx.execute("DELETE FROM entries WHERE domain = ?1", [d])
+                            .map_err(db)?;
+                        journal
+                            .execute(params![version as i64, d, "remove"])
+                            .map_err(db)?;
+                    }
+                    Change::AddPattern(p) => {
+                        tx.execute(
+                            "INSERT INTO patterns (pattern, kind, weight) VALUES (?1, ?2, ?3)
+                             ON CONFLICT(pattern, kind) DO UPDATE SET weight = excluded.weight",
+                            params![p.pattern, p.kind.as_str(), p.weight],
+                        )
+                        .map_err(db)?;
+                        journal
+                            .execute(params![
+                                version as i64,
+                                format!("pattern:{}", p.pattern),
+                                "pattern"
+                            ])
+                            .map_err(db)?;
+                    }
+                    Change::RemovePattern(p, kind) => {
+                        tx.execute(
+                            "DELETE FROM patterns WHERE pattern = ?1 AND kind = ?2",
+                            params![p, kind.as_str()],
+                        )
+                        .map_err(db)?;
+                        journal
+                            .execute(params![version as i64, format!("pattern:{p}"), "pattern"])
+                            .map_err(db)?;
+                    }
+                }
+            }
+        }
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('version', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [version as i64],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)
+    }
+}
