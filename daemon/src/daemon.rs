@@ -175,6 +175,15 @@ async fn serve(
     )
     .await?;
     let admin_task = tokio::spawn(admin.serve(shutdown_rx.clone()));
+    let blocklist_api = match (
+        ctx.blocklist.clone(),
+        crate::config::parse_listen("blocklist.api_listen", &config.blocklist.api_listen)?,
+    ) {
+        (Some(list), Some(addr)) => {
+            Some(crate::blocklist::api::serve(addr, list, shutdown_rx.clone()).await?)
+        }
+        _ => None,
+    };
     let metrics_task = match config.metrics.listen_addr()? {
         Some(addr) => Some(metrics::serve(addr, Arc::clone(&metrics), shutdown_rx.clone()).await?),
         None => None,
@@ -204,6 +213,11 @@ async fn serve(
     if let Some(server) = wireguard {
         // Traffic persisted, NAT removed, interface gone (the embedded device takes ~2 s).
         let _ = tokio::task::spawn_blocking(move || server.shutdown()).await;
+    }
+    if let Some(task) = blocklist_api
+        && let Err(e) = task.await
+    {
+        warn!(error = %e, "blocklist API task failed");
     }
     if let Some(task) = metrics_task
         && let Err(e) = task.await

@@ -560,6 +560,8 @@ pub struct DaemonConfig {
     pub wireguard: Option<WireguardSettings>,
     /// Extra environment for the daemon (fault injection).
     pub env: Vec<(String, String)>,
+    /// `[blocklist] api_listen`; `None` = off.
+    pub blocklist_api: Option<String>,
     pub log_level: String,
 }
 
@@ -573,6 +575,7 @@ impl DaemonConfig {
             vpn_interface: None,
             wireguard: None,
             env: Vec::new(),
+            blocklist_api: None,
             log_level: "info".into(),
         }
     }
@@ -586,7 +589,7 @@ impl DaemonConfig {
              [datapath]\nenabled = {enabled}\nuplink = {uplink:?}\nbpffs = {bpffs:?}\n{vpn}\
              {wireguard}\
              [dns]\nlisten = \"off\"\n\
-             [blocklist]\napi_listen = \"off\"\n",
+             [blocklist]\napi_listen = {blocklist_api:?}\n",
             state = dir.join("state").display().to_string(),
             level = self.log_level,
             socket = dir.join("phantom.sock").display().to_string(),
@@ -594,6 +597,7 @@ impl DaemonConfig {
             enabled = self.datapath_enabled,
             uplink = self.uplink,
             bpffs = self.bpffs.display().to_string(),
+            blocklist_api = self.blocklist_api.clone().unwrap_or_else(|| "off".into()),
             wireguard = match &self.wireguard {
                 None => "[wireguard]\nenabled = false\n".to_string(),
                 Some(w) => format!(

@@ -4,6 +4,7 @@
 //! DNS filter's domain set).
 
 pub mod actions;
+pub mod api;
 pub mod import;
 pub mod matcher;
 pub mod model;
@@ -51,11 +52,19 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// SHA-256 over the canonical list: entries by domain, then patterns, as JSON lines.
+/// Canonical JSON: keys sorted (serde_json's map), no spaces. Clients can rebuild it.
+fn canonical(v: &impl serde::Serialize) -> Option<Vec<u8>> {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| serde_json::to_vec(&v).ok())
+}
+
+/// SHA-256 over the canonical list: one canonical JSON line per entry, by domain, then one per
+/// pattern, by type and text.
 fn checksum(entries: &BTreeMap<String, Entry>, patterns: &[Pattern]) -> String {
     let mut h = Sha256::new();
     for e in entries.values() {
-        if let Ok(line) = serde_json::to_vec(e) {
+        if let Some(line) = canonical(e) {
             h.update(&line);
             h.update(b"\n");
         }
@@ -63,7 +72,7 @@ fn checksum(entries: &BTreeMap<String, Entry>, patterns: &[Pattern]) -> String {
     let mut sorted: Vec<&Pattern> = patterns.iter().collect();
     sorted.sort_by(|a, b| (a.kind, &a.pattern).cmp(&(b.kind, &b.pattern)));
     for p in sorted {
-        if let Ok(line) = serde_json::to_vec(p) {
+        if let Some(line) = canonical(p) {
             h.update(&line);
             h.update(b"\n");
         }
@@ -72,6 +81,9 @@ fn checksum(entries: &BTreeMap<String, Entry>, patterns: &[Pattern]) -> String {
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256:{hex}")
 }
+
+/// Entries added or modified, and domains removed, since a version.
+pub type Delta = (Vec<Entry>, Vec<String>);
 
 /// What a change did.
 #[derive(Debug, Default)]
@@ -322,6 +334,35 @@ impl Blocklist {
                 Err(e) => warn!(error = %e, "cannot sync the kernel domain set"),
             }
         }
+    }
+
+    /// Everything: entries by domain.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.read().entries.values().cloned().collect()
+    }
+
+    /// The changes after `since`: (entries added or modified, domains removed). `None` when
+    /// `since` cannot be answered with a delta (newer than the list, or older than the
+    /// journal).
+    pub fn delta(&self, since: u64) -> Result<Option<Delta>, Error> {
+        let state = self.read();
+        if since > state.version {
+            return Ok(None);
+        }
+        let Some(domains) = self.store.changed_since(since)? else {
+            return Ok(None);
+        };
+        let mut upserts = Vec::new();
+        let mut removed = Vec::new();
+        for d in domains {
+            match state.entries.get(&d) {
+                Some(e) => upserts.push(e.clone()),
+                None => removed.push(d),
+            }
+        }
+        upserts.sort_by(|a, b| a.domain.cmp(&b.domain));
+        removed.sort();
+        Ok(Some((upserts, removed)))
     }
 
     /// Kernel rules that come from the blocklist.

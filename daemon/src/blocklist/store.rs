@@ -122,6 +122,29 @@ impl BlocklistStore {
         })
     }
 
+    /// Domains changed after `version` (upserts and removes), or `None` when `version` is
+    /// older than the journal (the caller then sends the full list).
+    pub fn changed_since(&self, version: u64) -> Result<Option<Vec<String>>, Error> {
+        let conn = self.conn()?;
+        let oldest: Option<i64> = conn
+            .query_row("SELECT MIN(version) FROM journal", [], |r| r.get(0))
+            .map_err(db)?;
+        // The journal starts with the first change; a client that knows a version from
+        // before it (or from another server) cannot be given a delta.
+        if oldest.is_none_or(|o| (version as i64) < o - 1) {
+            return Ok(None);
+        }
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT DISTINCT domain FROM journal WHERE version > ?1 AND op != 'pattern'",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map([version as i64], |r| r.get::<_, String>(0))
+            .map_err(db)?;
+        Ok(Some(rows.collect::<Result<Vec<_>, _>>().map_err(db)?))
+    }
+
     /// Applies `changes` as version `version`, atomically.
     pub fn commit(&self, version: u64, changes: &[Change<'_>]) -> Result<(), Error> {
         let mut conn = self.conn()?;
