@@ -134,9 +134,14 @@ impl Server {
 
     /// Creates (or recreates) the interface from the store: every enabled client a peer.
     pub async fn bring_up(&self) -> Result<(), Error> {
-        if let Some(old) = lock(&self.device)?.take() {
+        let old = lock(&self.device)?.take();
+        if let Some(old) = old {
             self.persist_traffic_of(&old);
-            old.shutdown();
+            // Tearing the userspace device down takes a couple of seconds: not on a runtime
+            // worker.
+            tokio::task::spawn_blocking(move || old.shutdown())
+                .await
+                .map_err(|e| Error::Other(format!("WireGuard shutdown: {e}")))?;
         }
         let device = WireGuardDevice::create(&self.config.interface, self.config.backend).await?;
         let peers = self.peers()?;
