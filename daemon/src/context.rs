@@ -23,6 +23,8 @@ pub struct Context {
     pub wireguard: Option<Arc<crate::core::Server>>,
     /// The blocklist; `None` with `[blocklist] enabled = false`.
     pub blocklist: Option<Arc<crate::blocklist::Blocklist>>,
+    /// The DNS servers given to clients.
+    pub dns: Option<Arc<crate::dns::Dns>>,
 }
 
 impl Context {
@@ -33,6 +35,7 @@ impl Context {
         datapath: Option<Arc<Datapath>>,
         wireguard: Option<Arc<crate::core::Server>>,
         blocklist: Option<Arc<crate::blocklist::Blocklist>>,
+        dns: Option<Arc<crate::dns::Dns>>,
     ) -> Self {
         Self {
             config: RwLock::new(config),
@@ -43,6 +46,7 @@ impl Context {
             datapath,
             wireguard,
             blocklist,
+            dns,
         }
     }
 

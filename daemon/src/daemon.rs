@@ -149,12 +149,17 @@ async fn serve(
         datapath.clone(),
         wireguard.clone(),
         blocklist,
+        Some(Arc::new(crate::dns::Dns::open(
+            &config.dns,
+            &config.state_dir,
+        )?)),
     ));
 
     let mut registry = Registry::new();
     crate::core::register(&mut registry, Arc::clone(&ctx));
     datapath::actions::register(&mut registry, Arc::clone(&ctx));
     crate::blocklist::actions::register(&mut registry, Arc::clone(&ctx));
+    crate::dns::register(&mut registry, Arc::clone(&ctx));
     let registry = Arc::new(registry);
 
     let metrics = Arc::new(Metrics::new(

@@ -8,6 +8,7 @@ pub mod context;
 pub mod core;
 pub mod daemon;
 pub mod datapath;
+pub mod dns;
 pub mod error;
 pub mod logging;
 pub mod metrics;

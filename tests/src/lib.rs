@@ -588,7 +588,7 @@ impl DaemonConfig {
              [metrics]\nlisten = {metrics:?}\n\
              [datapath]\nenabled = {enabled}\nuplink = {uplink:?}\nbpffs = {bpffs:?}\n{vpn}\
              {wireguard}\
-             [dns]\nlisten = \"off\"\n\
+             [dns]\nlisten = \"off\"\nprimary = \"127.0.0.53\"\nsecondary = \"127.0.0.54\"\n\
              [blocklist]\napi_listen = {blocklist_api:?}\n",
             state = dir.join("state").display().to_string(),
             level = self.log_level,

@@ -258,6 +258,9 @@ impl DnsTopology {
             "--host-record=sub.exact-only.example,203.0.113.104",
             "--host-record=fine.example,203.0.113.105,2001:db8:2::105",
             "--host-record=notcasino.example,203.0.113.106",
+            // The names the dns module's health check asks for, answered locally.
+            "--host-record=google.com,203.0.113.200",
+            "--host-record=cloudflare.com,203.0.113.201",
         ]);
         let mut p = Process::spawn("dnsmasq", &mut cmd);
         // Wait until it answers over both families (IPv6 neighbour discovery takes a moment).
@@ -883,4 +886,91 @@ fn blocklist_rules_reach_the_kernel_filter() {
         assert_eq!(reply["code"], code, "{args:?}");
     }
     assert_eq!(api(&daemon, &["blocklist", "status"])["entries"], 2);
+}
+
+/// The `dns` module against a real resolver: servers changed and kept, live tests with times.
+#[test]
+fn dns_servers_change_persist_and_answer_live_tests() {
+    if !require_root("dns_servers_change_persist_and_answer_live_tests") {
+        return;
+    }
+    let topo = DnsTopology::new();
+    let bpffs = BpffsDir::new();
+    let mut config = DaemonConfig::new("up0", bpffs.path());
+    config.vpn_interface = Some("vpn0".into());
+    let mut daemon = Daemon::start(&topo.router, &config);
+    let _dnsmasq = topo.dnsmasq();
+
+    assert_eq!(
+        api(&daemon, &["dns", "get_dns_servers"])["primary"],
+        "127.0.0.53"
+    );
+    let changed = api(
+        &daemon,
+        &[
+            "dns",
+            "change_dns_servers",
+            &format!("primary={RESOLVER_V4}"),
+            &format!("secondary={RESOLVER_V6}"),
+        ],
+    );
+    assert_eq!(changed["dns_servers"]["primary"], RESOLVER_V4);
+    assert_eq!(changed["dns_servers"]["previous_primary"], "127.0.0.53");
+    assert_eq!(changed["client_configs_updated"]["success"], true);
+
+    let tested = api(&daemon, &["dns", "test_dns_servers", "domain=fine.example"]);
+    assert_eq!(
+        (
+            tested["all_passed"].as_bool(),
+            tested["servers_tested"].as_u64()
+        ),
+        (Some(true), Some(2)),
+        "{tested}"
+    );
+    assert!(
+        tested["results"][0]["response_time_ms"]
+            .as_f64()
+            .is_some_and(|t| t > 0.0)
+    );
+    let mixed = api(
+        &daemon,
+        &[
+            "dns",
+            "test_dns_servers",
+            &format!("servers=[\"{RESOLVER_V4}\",\"127.0.0.9\"]"),
+            "domain=fine.example",
+        ],
+    );
+    assert_eq!(mixed["all_passed"], false);
+    assert_eq!(mixed["results"][1]["success"], false);
+
+    let status = api(&daemon, &["dns", "status"]);
+    assert_eq!(
+        status["mode"], "filtering",
+        "blocklist on and the kernel filter attached: {status}"
+    );
+    assert_eq!(status["health"]["status"], "healthy", "{status}");
+
+    for (args, code) in [
+        (
+            vec!["dns", "change_dns_servers", "primary=dns.google"],
+            "INVALID_DNS_SERVER",
+        ),
+        (vec!["dns", "change_dns_servers"], "MISSING_PARAMETER"),
+        (
+            vec!["dns", "test_dns_servers", "servers=8.8.8.8"],
+            "INVALID_PARAMETER",
+        ),
+    ] {
+        let (exit, reply, _) = phantom_api(&daemon.socket(), &args);
+        assert_ne!(exit, 0);
+        assert_eq!(reply["code"], code, "{args:?}");
+    }
+    daemon.kill9();
+    daemon.restart();
+    let servers = api(&daemon, &["dns", "get_dns_servers"]);
+    assert_eq!(
+        (servers["primary"].as_str(), servers["secondary"].as_str()),
+        (Some(RESOLVER_V4), Some(RESOLVER_V6))
+    );
 }

@@ -240,8 +240,7 @@ fn client_json(c: &Client, live: Option<&Live>) -> Value {
 }
 
 fn dns_servers(ctx: &Context) -> Vec<String> {
-    let config = ctx.config();
-    vec![config.dns.primary, config.dns.secondary]
+    crate::dns::client_dns(ctx)
 }
 
 fn tweak(server: &Server) -> Result<bool, crate::error::Error> {
@@ -832,7 +831,7 @@ async fn server_status(c: &Arc<Context>) -> Result<Value, ApiError> {
             "config_file": c.config_path,
             "port": config.wireguard.listen_port,
             "network": config.wireguard.subnet,
-            "dns": [config.dns.primary, config.dns.secondary],
+            "dns": crate::dns::client_dns(c),
             "config_exists": c.config_path.exists(),
         },
         "datapath": {
