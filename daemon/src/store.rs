@@ -27,6 +27,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Opens an SQLite database for state that must survive `kill -9` and power loss: WAL
+/// journal, every commit synced.
+pub fn open_sqlite(path: &Path) -> Result<rusqlite::Connection, Error> {
+    let db = |e: rusqlite::Error| Error::Other(format!("{}: {e}", path.display()));
+    let conn = rusqlite::Connection::open(path).map_err(db)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(db)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(db)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(db)?;
+    Ok(conn)
+}
+
 /// Reads a JSON file written by `write_atomic`; a missing file is `T::default()`.
 pub fn read_json<T: serde::de::DeserializeOwned + Default>(path: &Path) -> Result<T, Error> {
     match std::fs::read_to_string(path) {

@@ -3,4 +3,6 @@
 pub mod registry;
 pub mod server;
 
-pub use registry::{ActionResult, ApiError, NoParams, ParamKind, ParamSpec, Registry};
+pub use registry::{
+    ActionResult, ApiError, NoParams, PageParams, ParamKind, ParamSpec, Registry, run_blocking,
+};

@@ -125,6 +125,24 @@ pub struct Registry {
     modules: BTreeMap<&'static str, Module>,
 }
 
+/// `page`, `per_page`, `search`: the paging parameters list actions share.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageParams {
+    pub page: i64,
+    pub per_page: i64,
+    pub search: Option<String>,
+}
+
+/// Runs blocking work (SQLite, device control, map syscalls) off the async workers.
+pub async fn run_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("task failed: {e}")))?
+}
+
 /// Parameters of an action that takes none; unknown parameters are still refused.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -12,7 +12,7 @@ use super::{
     model::{Entry, NameError, Pattern, PatternType, normalise, rule_domain},
 };
 use crate::{
-    admin::{ApiError, NoParams, ParamKind, ParamSpec, Registry},
+    admin::{ApiError, NoParams, PageParams, ParamKind, ParamSpec, Registry, run_blocking},
     context::Context,
     protocol::codes,
 };
@@ -54,14 +54,6 @@ fn weight(raw: Option<&str>) -> Result<f64, ApiError> {
         })
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(format!("task failed: {e}")))?
-}
-
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -99,14 +91,6 @@ struct RemovePatternParams {
     pattern: String,
     #[serde(rename = "type")]
     kind: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ListParams {
-    page: i64,
-    per_page: i64,
-    search: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -177,7 +161,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                 let entry = Entry::new(&domain, p.subdomains.unwrap_or(true), w, &reason, now());
                 let e = entry.clone();
                 let applied =
-                    blocking(move || list.upsert(vec![e]).map_err(ApiError::from)).await?;
+                    run_blocking(move || list.upsert(vec![e]).map_err(ApiError::from)).await?;
                 Ok::<_, ApiError>(
                     json!({"domain": domain, "entry": entry, "version": applied.version}),
                 )
@@ -197,7 +181,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                 let list = list(&c)?;
                 let domain = normalise(&p.domain).map_err(name_error)?;
                 let d = domain.clone();
-                let applied = blocking(move || list.remove(&d).map_err(ApiError::from))
+                let applied = run_blocking(move || list.remove(&d).map_err(ApiError::from))
                     .await?
                     .ok_or_else(|| {
                         ApiError::new(
@@ -242,7 +226,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                 };
                 let w = weight(p.weight.as_deref())?;
                 let pat = Pattern { pattern: pattern.clone(), kind, weight: w };
-                let applied = blocking(move || list.add_pattern(pat).map_err(ApiError::from)).await?;
+                let applied = run_blocking(move || list.add_pattern(pat).map_err(ApiError::from)).await?;
                 Ok::<_, ApiError>(json!({"pattern": pattern, "type": kind, "weight": w, "version": applied.version}))
             }
         },
@@ -267,15 +251,16 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                 let list = list(&c)?;
                 let kind = pattern_kind(&p.kind)?;
                 let pattern = p.pattern.clone();
-                let applied =
-                    blocking(move || list.remove_pattern(&pattern, kind).map_err(ApiError::from))
-                        .await?
-                        .ok_or_else(|| {
-                            ApiError::new(
-                                PATTERN_NOT_FOUND,
-                                format!("no {} pattern {:?}", kind.as_str(), p.pattern),
-                            )
-                        })?;
+                let applied = run_blocking(move || {
+                    list.remove_pattern(&pattern, kind).map_err(ApiError::from)
+                })
+                .await?
+                .ok_or_else(|| {
+                    ApiError::new(
+                        PATTERN_NOT_FOUND,
+                        format!("no {} pattern {:?}", kind.as_str(), p.pattern),
+                    )
+                })?;
                 Ok::<_, ApiError>(
                     json!({"pattern": p.pattern, "removed": true, "version": applied.version}),
                 )
@@ -311,7 +296,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                 "part of a domain",
             ),
         ],
-        move |p: ListParams| {
+        move |p: PageParams| {
             let c = Arc::clone(&c);
             async move {
                 let list = list(&c)?;
@@ -402,7 +387,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                 };
                 let path = p.path.clone();
                 let reason = p.reason.unwrap_or_else(|| format!("imported from {}", p.path));
-                blocking(move || {
+                run_blocking(move || {
                     let meta = std::fs::metadata(&path)
                         .map_err(|e| ApiError::new(IMPORT_FAILED, format!("{path}: {e}")))?;
                     if meta.len() > 512 * 1024 * 1024 {

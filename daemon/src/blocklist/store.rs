@@ -36,11 +36,7 @@ pub struct Loaded {
 
 impl BlocklistStore {
     pub fn open(path: &Path) -> Result<Self, Error> {
-        let conn = Connection::open(path).map_err(db)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(db)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(db)?;
+        let conn = crate::store::open_sqlite(path)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS entries (domain TEXT PRIMARY KEY, patterns TEXT NOT NULL, added_at INTEGER NOT NULL, reason TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS patterns (pattern TEXT NOT NULL, kind TEXT NOT NULL, weight REAL NOT NULL, PRIMARY KEY (pattern, kind));

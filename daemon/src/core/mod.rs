@@ -18,7 +18,7 @@ use self::{
     store::Client,
 };
 use crate::{
-    admin::{ApiError, NoParams, ParamKind, ParamSpec, Registry},
+    admin::{ApiError, NoParams, PageParams, ParamKind, ParamSpec, Registry, run_blocking},
     context::Context,
     protocol::{self, codes},
 };
@@ -123,14 +123,6 @@ struct ExportParams {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListParams {
-    page: i64,
-    per_page: i64,
-    search: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct CountParams {
     count: i64,
 }
@@ -180,19 +172,7 @@ fn server(ctx: &Context) -> Result<Arc<Server>, ApiError> {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, crate::error::Error> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(format!("task failed: {e}")))?
-        .map_err(ApiError::from)
-}
-
-/// Like `blocking`, for closures that already speak `ApiError`.
-async fn blocking_api<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(format!("task failed: {e}")))?
+    run_blocking(move || f().map_err(ApiError::from)).await
 }
 
 fn checked_name(name: &str) -> Result<(), ApiError> {
@@ -369,7 +349,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
             ParamSpec::optional("per_page", ParamKind::Integer { min: 1, max: 1000 }, Some("10"), "clients per page"),
             ParamSpec::optional("search", ParamKind::String { max_len: 64 }, None, "part of a name or address"),
         ],
-        move |p: ListParams| {
+        move |p: PageParams| {
             let c = Arc::clone(&c);
             async move {
                 let server = server(&c)?;
@@ -706,7 +686,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
             let c = Arc::clone(&c);
             async move {
                 let server = server(&c)?;
-                let check = blocking_api(move || check_subnet(&server, &p.new_subnet)).await?;
+                let check = run_blocking(move || check_subnet(&server, &p.new_subnet)).await?;
                 let current = c.wireguard.as_ref().map(|s| s.subnet().to_string());
                 Ok::<_, ApiError>(json!({
                     "valid": check.errors.is_empty(),
@@ -739,7 +719,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                 let server = server(&c)?;
                 let s = Arc::clone(&server);
                 let raw = p.new_subnet.clone();
-                let check = blocking_api(move || check_subnet(&s, &raw)).await?;
+                let check = run_blocking(move || check_subnet(&s, &raw)).await?;
                 if !check.errors.is_empty() {
                     return Err(ApiError::new(SUBNET_CHANGE_REFUSED, check.errors.join("; ")));
                 }

@@ -62,13 +62,7 @@ fn row_to_client(row: &rusqlite::Row<'_>) -> rusqlite::Result<Client> {
 
 impl ClientStore {
     pub fn open(path: &Path) -> Result<Self, Error> {
-        let conn = Connection::open(path).map_err(db)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(db)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(db)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(db)?;
+        let conn = crate::store::open_sqlite(path)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS clients (
                  name TEXT PRIMARY KEY,
