@@ -848,6 +848,21 @@ pub fn phantom_api(socket: &Path, args: &[&str]) -> (i32, Value, String) {
     (out.status.code().unwrap_or(-1), value, stdout)
 }
 
+/// `phantom-api <args>` against `daemon`, which must succeed; returns `data`.
+pub fn api(daemon: &Daemon, args: &[&str]) -> Value {
+    let (code, reply, out) = phantom_api(&daemon.socket(), args);
+    assert_eq!(code, 0, "phantom-api {args:?}: {out}");
+    reply["data"].clone()
+}
+
+/// `phantom-api <args>` against `daemon`, which must fail; returns the error code.
+pub fn api_err(daemon: &Daemon, args: &[&str]) -> String {
+    let (code, reply, out) = phantom_api(&daemon.socket(), args);
+    assert_ne!(code, 0, "phantom-api {args:?} should fail: {out}");
+    assert_eq!(reply["success"], false);
+    reply["code"].as_str().unwrap_or_default().to_string()
+}
+
 /// `GET path` over HTTP/1.1 from inside `ns`; returns the body of a 200 answer.
 pub fn http_get(ns: &NetNs, addr: &str, path: &str) -> String {
     let addr: SocketAddr = addr.parse().unwrap();

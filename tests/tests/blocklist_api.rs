@@ -2,15 +2,9 @@
 //! checksum, verify-domain, health, rate limiting, and no client address or domain in the logs.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed expectation is a failed test
 
-use phantom_tests::{BpffsDir, Daemon, DaemonConfig, GuardedLink, phantom_api, require_root};
+use phantom_tests::{BpffsDir, Daemon, DaemonConfig, GuardedLink, api, require_root};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-
-fn api(daemon: &Daemon, args: &[&str]) -> Value {
-    let (code, reply, out) = phantom_api(&daemon.socket(), args);
-    assert_eq!(code, 0, "phantom-api {args:?}: {out}");
-    reply["data"].clone()
-}
 
 /// `curl` from the peer namespace to the server's API; returns (status, headers, body).
 fn curl(link: &GuardedLink, args: &[&str]) -> (u16, String, String) {

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use phantom_tests::{
-    BpffsDir, Daemon, DaemonConfig, GuardedLink, NetNs, WgQuickClient, WireguardSettings,
-    phantom_api, require_root, veth,
+    BpffsDir, Daemon, DaemonConfig, GuardedLink, NetNs, WgQuickClient, WireguardSettings, api,
+    api_err, phantom_api, require_root, veth,
 };
 use serde_json::Value;
 
@@ -14,19 +14,6 @@ const VPN_SUBNET: &str = "198.51.100.0/24";
 const VPN_SERVER: &str = "198.51.100.1";
 /// A host behind the server, reachable by clients only through NAT.
 const BEHIND: &str = "203.0.113.10";
-
-fn api(daemon: &Daemon, args: &[&str]) -> Value {
-    let (code, reply, out) = phantom_api(&daemon.socket(), args);
-    assert_eq!(code, 0, "phantom-api {args:?}: {out}");
-    reply["data"].clone()
-}
-
-fn api_err(daemon: &Daemon, args: &[&str]) -> String {
-    let (code, reply, out) = phantom_api(&daemon.socket(), args);
-    assert_ne!(code, 0, "phantom-api {args:?} should fail: {out}");
-    assert_eq!(reply["success"], false);
-    reply["code"].as_str().unwrap_or_default().to_string()
-}
 
 /// Server and client namespaces (GuardedLink) plus a host behind the server.
 struct VpnTopology {

@@ -5,16 +5,10 @@
 use std::time::Duration;
 
 use phantom_tests::{
-    BpffsDir, Daemon, DaemonConfig, GuardedLink, NetNs, Process, http_get, metric_value,
+    BpffsDir, Daemon, DaemonConfig, GuardedLink, NetNs, Process, api, http_get, metric_value,
     phantom_api, require_root, veth,
 };
 use serde_json::Value;
-
-fn api(daemon: &Daemon, args: &[&str]) -> Value {
-    let (code, reply, out) = phantom_api(&daemon.socket(), args);
-    assert_eq!(code, 0, "phantom-api {args:?}: {out}");
-    reply["data"].clone()
-}
 
 fn source(daemon: &Daemon, address: &str) -> Value {
     let data = api(daemon, &["datapath", "top_sources", "count=100"]);
@@ -239,6 +233,13 @@ impl DnsTopology {
         }
     }
 
+    /// phantomd on the router: uplink `up0`, the kernel DNS filter on `vpn0`.
+    fn start(&self, bpffs: &BpffsDir) -> Daemon {
+        let mut config = DaemonConfig::new("up0", bpffs.path());
+        config.vpn_interface = Some("vpn0".into());
+        Daemon::start(&self.router, &config)
+    }
+
     fn dnsmasq(&self) -> Process {
         let mut cmd = self.upstream.command("dnsmasq");
         cmd.args([
@@ -355,9 +356,7 @@ fn dns_answers_for_blocked_names_become_nxdomain_in_the_kernel() {
     }
     let topo = DnsTopology::new();
     let bpffs = BpffsDir::new();
-    let mut config = DaemonConfig::new("up0", bpffs.path());
-    config.vpn_interface = Some("vpn0".into());
-    let mut daemon = Daemon::start(&topo.router, &config);
+    let mut daemon = topo.start(&bpffs);
     let _dnsmasq = topo.dnsmasq();
 
     // Before any rule, the real answers.
@@ -772,9 +771,7 @@ fn blocklist_rules_reach_the_kernel_filter() {
     }
     let topo = DnsTopology::new();
     let bpffs = BpffsDir::new();
-    let mut config = DaemonConfig::new("up0", bpffs.path());
-    config.vpn_interface = Some("vpn0".into());
-    let mut daemon = Daemon::start(&topo.router, &config);
+    let mut daemon = topo.start(&bpffs);
     let _dnsmasq = topo.dnsmasq();
 
     let added = api(
@@ -896,9 +893,7 @@ fn dns_servers_change_persist_and_answer_live_tests() {
     }
     let topo = DnsTopology::new();
     let bpffs = BpffsDir::new();
-    let mut config = DaemonConfig::new("up0", bpffs.path());
-    config.vpn_interface = Some("vpn0".into());
-    let mut daemon = Daemon::start(&topo.router, &config);
+    let mut daemon = topo.start(&bpffs);
     let _dnsmasq = topo.dnsmasq();
 
     assert_eq!(

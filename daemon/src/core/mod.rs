@@ -219,10 +219,6 @@ fn client_json(c: &Client, live: Option<&Live>) -> Value {
     })
 }
 
-fn dns_servers(ctx: &Context) -> Vec<String> {
-    crate::dns::client_dns(ctx)
-}
-
 fn tweak(server: &Server) -> Result<bool, crate::error::Error> {
     Ok(server.store.setting(TWEAK_RESTART_AFTER_ADD)?.as_deref() == Some("true"))
 }
@@ -410,7 +406,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                     }
                 };
                 let server = server(&c)?;
-                let dns = dns_servers(&c);
+                let dns = crate::dns::client_dns(&c);
                 let name = p.client_name.clone();
                 let (client, config) = blocking(move || {
                     let client = server.store.get(&name)?;

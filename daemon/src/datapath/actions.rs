@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use super::{Datapath, List, MarkSettings, Owner, busiest, domains};
 use crate::{
-    admin::{ApiError, NoParams, ParamKind, ParamSpec, Registry},
+    admin::{ApiError, NoParams, ParamKind, ParamSpec, Registry, run_blocking},
     context::Context,
     error::Error,
     protocol::codes,
@@ -30,10 +30,7 @@ where
             "the datapath is disabled ([datapath] enabled = false)",
         ));
     };
-    tokio::task::spawn_blocking(move || f(&dp))
-        .await
-        .map_err(|e| ApiError::internal(format!("datapath task failed: {e}")))?
-        .map_err(ApiError::from)
+    run_blocking(move || f(&dp).map_err(ApiError::from)).await
 }
 
 #[derive(Deserialize)]
