@@ -65,16 +65,25 @@ pub enum DnsVerdict {
     QuestionCount = 4,
     /// Blocked, but the kernel refused to resize the packet; passed unchanged.
     RewriteFailed = 5,
+    /// Blocked, but the filter is in dry-run mode: counted, passed unchanged.
+    DryRun = 6,
+    /// Blocked, but the client it goes to has blocking switched off.
+    Exempt = 7,
+    /// An answer from Phantom's own resolver, which applied the policy already.
+    OwnResolver = 8,
 }
 
 impl DnsVerdict {
-    pub const ALL: [DnsVerdict; 6] = [
+    pub const ALL: [DnsVerdict; 9] = [
         DnsVerdict::Rewritten,
         DnsVerdict::Passed,
         DnsVerdict::Unparsable,
         DnsVerdict::NotResponse,
         DnsVerdict::QuestionCount,
         DnsVerdict::RewriteFailed,
+        DnsVerdict::DryRun,
+        DnsVerdict::Exempt,
+        DnsVerdict::OwnResolver,
     ];
     pub const SLOTS: u32 = 16;
 
@@ -86,9 +95,29 @@ impl DnsVerdict {
             DnsVerdict::NotResponse => "not_response",
             DnsVerdict::QuestionCount => "question_count",
             DnsVerdict::RewriteFailed => "rewrite_failed",
+            DnsVerdict::DryRun => "dry_run",
+            DnsVerdict::Exempt => "exempt_client",
+            DnsVerdict::OwnResolver => "own_resolver",
         }
     }
 }
+
+/// The DNS filter's policy (one entry, index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsPolicy {
+    /// 1 = count what would be rewritten and rewrite nothing.
+    pub dry_run: u32,
+    /// Answers whose skb mark is this come from Phantom's own resolver, which has applied
+    /// the policy (per-client exemptions, dry run, the full engine) already; 0 = none.
+    pub resolver_mark: u32,
+}
+
+/// Key of the exempt-client map: the client's address, IPv4 as `::ffff:a.b.c.d`.
+pub type ClientAddr = [u8; 16];
+
+/// Most clients with blocking switched off that the kernel tracks.
+pub const MAX_EXEMPT_CLIENTS: u32 = 65_536;
 
 /// Multihop mark settings (one entry, index 0).
 #[repr(C)]
@@ -148,6 +177,7 @@ mod pod {
     // SAFETY: #[repr(C)], integers only, no padding (sizes checked in the tests).
     unsafe impl aya::Pod for super::IfaceInfo {}
     unsafe impl aya::Pod for super::MultihopConfig {}
+    unsafe impl aya::Pod for super::DnsPolicy {}
 }
 
 #[cfg(test)]
@@ -195,5 +225,6 @@ mod tests {
     fn layouts() {
         assert_eq!(core::mem::size_of::<IfaceInfo>(), 4);
         assert_eq!(core::mem::size_of::<MultihopConfig>(), 40);
+        assert_eq!(core::mem::size_of::<DnsPolicy>(), 8);
     }
 }

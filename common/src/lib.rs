@@ -25,6 +25,10 @@ pub mod names {
     pub const DOMAINS_MAP: &str = "PH_DOMAINS";
     /// DNS filter verdict counters.
     pub const DNS_VERDICTS_MAP: &str = "PH_DNS_VERDICTS";
+    /// DNS filter policy: dry run and the own resolver's mark.
+    pub const DNS_POLICY_MAP: &str = "PH_DNS_POLICY";
+    /// Clients with blocking switched off.
+    pub const DNS_EXEMPT_MAP: &str = "PH_DNS_EXEMPT";
     /// Per-interface link-layer header length for the TC programs.
     pub const IFACES_MAP: &str = "PH_IFACES";
     /// Scratch space for the DNS filter (per-CPU).

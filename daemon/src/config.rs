@@ -207,9 +207,33 @@ impl Default for WireguardConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
+    /// The upstreams of the resolver (and the servers clients get when it is off).
     pub primary: String,
     pub secondary: String,
+    /// Where Phantom's resolver listens (UDP and TCP): "auto" = port 53 on the WireGuard
+    /// server address, "off", or a comma-separated list of ip:port.
     pub listen: String,
+    /// Blocked names get "nxdomain", or "sinkhole" (0.0.0.0 / :: for A / AAAA, no data for
+    /// the rest).
+    pub block_response: BlockResponse,
+    /// The first start's dry-run setting (later `dns set_dry_run` decides, and persists).
+    pub dry_run: bool,
+    /// Answers kept in the cache (0 = no cache).
+    pub cache_entries: usize,
+    /// No answer is cached longer than this, whatever its TTL.
+    pub max_cache_ttl_seconds: u32,
+    /// How long one upstream may take before the next is asked.
+    pub upstream_timeout_ms: u64,
+    /// The skb mark on the resolver's own answers, so the kernel filter leaves them alone
+    /// (the resolver has applied dry run and per-client policy already).
+    pub answer_mark: u32,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockResponse {
+    Nxdomain,
+    Sinkhole,
 }
 
 impl Default for DnsConfig {
@@ -218,6 +242,35 @@ impl Default for DnsConfig {
             primary: "8.8.8.8".into(),
             secondary: "8.8.4.4".into(),
             listen: "auto".into(),
+            block_response: BlockResponse::Nxdomain,
+            dry_run: false,
+            cache_entries: 100_000,
+            max_cache_ttl_seconds: 86_400,
+            upstream_timeout_ms: 2_000,
+            answer_mark: 0x7068,
+        }
+    }
+}
+
+impl DnsConfig {
+    /// The resolver's addresses: `None` for "auto" (the WireGuard server address), empty for
+    /// "off".
+    pub fn listen_addrs(&self) -> Result<Option<Vec<SocketAddr>>, Error> {
+        match self.listen.trim() {
+            "auto" => Ok(None),
+            l if l.eq_ignore_ascii_case("off") => Ok(Some(Vec::new())),
+            l => l
+                .split(',')
+                .map(|a| {
+                    a.trim().parse::<SocketAddr>().map_err(|_| {
+                        Error::config(format!(
+                            "dns.listen = {:?}: {a:?} is not ip:port (or use \"auto\" / \"off\")",
+                            self.listen
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
         }
     }
 }
@@ -229,6 +282,37 @@ pub struct BlocklistConfig {
     /// A domain is blocked when its strongest matching pattern weighs at least this much.
     pub threshold: f64,
     pub api_listen: String,
+    /// Lookalike detection against the built-in gambling brands and `brands`.
+    pub lookalike: bool,
+    /// More brands to detect lookalikes of (registrable labels: "examplebet").
+    pub brands: Vec<String>,
+    /// Lists fetched by `blocklist sync` and on the schedule.
+    pub sources: Vec<SyncSource>,
+    /// How often the sources are synced (0 = only on `blocklist sync`).
+    pub sync_interval_seconds: u64,
+}
+
+/// One list to sync: a file path or an http(s) URL, with its checksum.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSource {
+    /// Names the source; its entries carry the reason "sync:<name>".
+    pub name: String,
+    /// "/path/to/list", "file:///path", "http://..." or "https://...".
+    pub url: String,
+    /// "auto" (by content), "hosts", "adblock", "plain" or "json".
+    #[serde(default = "auto_format")]
+    pub format: String,
+    /// The expected SHA-256 of the download (hex), pinned in the configuration.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Where to fetch the expected SHA-256 from (`sha256sum` output or bare hex).
+    #[serde(default)]
+    pub sha256_url: Option<String>,
+}
+
+fn auto_format() -> String {
+    "auto".into()
 }
 
 impl Default for BlocklistConfig {
@@ -237,7 +321,25 @@ impl Default for BlocklistConfig {
             enabled: true,
             threshold: 0.5,
             api_listen: "0.0.0.0:3000".into(),
+            lookalike: true,
+            brands: Vec::new(),
+            sources: Vec::new(),
+            sync_interval_seconds: 3_600,
         }
+    }
+}
+
+impl BlocklistConfig {
+    /// The brands lookalike detection uses (none when it is off).
+    pub fn lookalike_brands(&self) -> Vec<String> {
+        if !self.lookalike {
+            return Vec::new();
+        }
+        crate::blocklist::lookalike::DEFAULT_BRANDS
+            .iter()
+            .map(|b| b.to_string())
+            .chain(self.brands.iter().map(|b| b.trim().to_ascii_lowercase()))
+            .collect()
     }
 }
 
@@ -440,8 +542,71 @@ impl Config {
                 .parse::<IpAddr>()
                 .map_err(|_| Error::config(format!("{key} = {value:?} is not an IP address")))?;
         }
-        if self.dns.listen != "auto" {
-            parse_listen("dns.listen", &self.dns.listen)?;
+        self.dns.listen_addrs()?;
+        if self.dns.answer_mark == 0 {
+            return Err(Error::config(
+                "dns.answer_mark must not be 0 (0 means unmarked)",
+            ));
+        }
+        if self.dns.answer_mark == self.datapath.multihop_mark {
+            return Err(Error::config(
+                "dns.answer_mark must differ from datapath.multihop_mark",
+            ));
+        }
+        if !(100..=30_000).contains(&self.dns.upstream_timeout_ms) {
+            return Err(Error::config(
+                "dns.upstream_timeout_ms must be between 100 and 30000",
+            ));
+        }
+        for brand in &self.blocklist.brands {
+            let b = brand.trim();
+            if b.is_empty()
+                || b.len() > 63
+                || !b.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+            {
+                return Err(Error::config(format!(
+                    "blocklist.brands: {brand:?} is not a domain label (letters, digits, '-')"
+                )));
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for source in &self.blocklist.sources {
+            if source.name.is_empty()
+                || !source
+                    .name
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'))
+            {
+                return Err(Error::config(format!(
+                    "blocklist.sources: name {:?} must be letters, digits, '-' or '_'",
+                    source.name
+                )));
+            }
+            if !names.insert(source.name.as_str()) {
+                return Err(Error::config(format!(
+                    "blocklist.sources: the name {:?} is used twice",
+                    source.name
+                )));
+            }
+            crate::blocklist::sync::Location::parse(&source.url)
+                .map_err(|e| Error::config(format!("blocklist.sources {:?}: {e}", source.name)))?;
+            if !matches!(
+                source.format.as_str(),
+                "auto" | "hosts" | "adblock" | "plain" | "json"
+            ) {
+                return Err(Error::config(format!(
+                    "blocklist.sources {:?}: format must be auto, hosts, adblock, plain or json",
+                    source.name
+                )));
+            }
+            if let Some(sum) = &source.sha256
+                && (sum.len() != 64 || !sum.bytes().all(|c| c.is_ascii_hexdigit()))
+            {
+                return Err(Error::config(format!(
+                    "blocklist.sources {:?}: sha256 must be 64 hex digits",
+                    source.name
+                )));
+            }
         }
         parse_listen("blocklist.api_listen", &self.blocklist.api_listen)?;
         if !(0.0..=1.0).contains(&self.blocklist.threshold) {

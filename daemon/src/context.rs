@@ -25,6 +25,8 @@ pub struct Context {
     pub blocklist: Option<Arc<crate::blocklist::Blocklist>>,
     /// The DNS servers given to clients.
     pub dns: Option<Arc<crate::dns::Dns>>,
+    /// Phantom's resolver for VPN clients; `None` with `[dns] listen = "off"`.
+    pub resolver: Option<Arc<crate::resolver::Resolver>>,
 }
 
 impl Context {
@@ -47,7 +49,14 @@ impl Context {
             wireguard,
             blocklist,
             dns,
+            resolver: None,
         }
+    }
+
+    /// Adds the resolver (it needs the other modules, so it comes last).
+    pub fn with_resolver(mut self, resolver: Option<Arc<crate::resolver::Resolver>>) -> Self {
+        self.resolver = resolver;
+        self
     }
 
     /// A snapshot of the live configuration.

@@ -128,13 +128,14 @@ async fn serve(
         }
     }
     let blocklist = if config.blocklist.enabled {
-        let (state_dir, threshold, dp) = (
+        let (state_dir, threshold, brands, dp) = (
             config.state_dir.clone(),
             config.blocklist.threshold,
+            config.blocklist.lookalike_brands(),
             datapath.clone(),
         );
         let list = tokio::task::spawn_blocking(move || {
-            crate::blocklist::Blocklist::open(&state_dir, threshold, dp)
+            crate::blocklist::Blocklist::open(&state_dir, threshold, &brands, dp)
         })
         .await
         .map_err(|e| Error::Other(format!("blocklist start: {e}")))??;
@@ -142,18 +143,34 @@ async fn serve(
     } else {
         None
     };
-    let ctx = Arc::new(Context::new(
-        config.clone(),
-        opts.config_path.clone(),
-        logs.recent.clone(),
-        datapath.clone(),
-        wireguard.clone(),
-        blocklist,
-        Some(Arc::new(crate::dns::Dns::open(
+    let dns = Arc::new(crate::dns::Dns::open(&config.dns, &config.state_dir)?);
+    let resolver = if config.dns.listen_addrs()?.is_some_and(|l| l.is_empty())
+        || (config.dns.listen.trim() == "auto" && wireguard.is_none())
+    {
+        info!("DNS resolver off ([dns] listen, or no WireGuard server for \"auto\")");
+        None
+    } else {
+        Some(Arc::new(crate::resolver::Resolver::open(
             &config.dns,
             &config.state_dir,
-        )?)),
-    ));
+            blocklist.clone(),
+            Arc::clone(&dns),
+            wireguard.clone(),
+            datapath.clone(),
+        )?))
+    };
+    let ctx = Arc::new(
+        Context::new(
+            config.clone(),
+            opts.config_path.clone(),
+            logs.recent.clone(),
+            datapath.clone(),
+            wireguard.clone(),
+            blocklist,
+            Some(dns),
+        )
+        .with_resolver(resolver.clone()),
+    );
 
     let mut registry = Registry::new();
     crate::core::register(&mut registry, Arc::clone(&ctx));
@@ -162,11 +179,18 @@ async fn serve(
     crate::dns::register(&mut registry, Arc::clone(&ctx));
     let registry = Arc::new(registry);
 
-    let metrics = Arc::new(Metrics::new(
+    let mut metrics = Metrics::new(
         datapath.clone(),
         wireguard.clone(),
         Arc::clone(&top_sources),
-    ));
+    );
+    if let Some(r) = resolver.clone() {
+        metrics.add_collector(Box::new(metrics::ResolverCollector { resolver: r }));
+    }
+    if let Some(list) = ctx.blocklist.clone() {
+        metrics.add_collector(Box::new(metrics::BlocklistCollector { list }));
+    }
+    let metrics = Arc::new(metrics);
     metrics.register_actions(&registry.actions());
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -199,6 +223,20 @@ async fn serve(
     if let Some(server) = wireguard.clone() {
         tokio::spawn(persist_traffic(server, shutdown_rx.clone()));
     }
+    if let Some(r) = resolver.clone() {
+        tokio::spawn(crate::resolver::server::run(
+            Arc::clone(&r),
+            shutdown_rx.clone(),
+        ));
+        tokio::spawn(resolver_housekeeping(r, shutdown_rx.clone()));
+    }
+    if let Some(list) = ctx.blocklist.clone() {
+        tokio::spawn(blocklist_sync_schedule(
+            list,
+            Arc::clone(&ctx),
+            shutdown_rx.clone(),
+        ));
+    }
     info!("phantomd ready");
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Socket)?;
@@ -230,6 +268,50 @@ async fn serve(
         warn!(error = %e, "metrics task failed");
     }
     Ok(())
+}
+
+/// Client names of the DNS policy re-resolved to addresses: clients come, go and move.
+async fn resolver_housekeeping(
+    r: Arc<crate::resolver::Resolver>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut every = tokio::time::interval(Duration::from_secs(5));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let r = Arc::clone(&r);
+        let _ = tokio::task::spawn_blocking(move || r.refresh_clients()).await;
+    }
+}
+
+/// The configured blocklist sources, synced at start and every `sync_interval_seconds`.
+async fn blocklist_sync_schedule(
+    list: Arc<crate::blocklist::Blocklist>,
+    ctx: Arc<Context>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let config = ctx.config().blocklist;
+        if config.sync_interval_seconds != 0 && !config.sources.is_empty() {
+            let list = Arc::clone(&list);
+            let sources = config.sources.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || list.syncer.sync_all(&list, &sources)).await;
+        }
+        // Re-read each round: SIGHUP may change the interval or the sources; with 0 (on
+        // demand only) check again in a minute.
+        let wait = match config.sync_interval_seconds {
+            0 => Duration::from_secs(60),
+            s => Duration::from_secs(s),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 /// Lapsed policies out of the kernel map, VPN-interface programs attached when the interface

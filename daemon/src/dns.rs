@@ -18,13 +18,15 @@ use hickory_proto::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::sync::atomic::Ordering;
 
 use crate::{
-    admin::{ApiError, NoParams, ParamKind, ParamSpec, Registry},
+    admin::{ApiError, NoParams, ParamKind, ParamSpec, Registry, run_blocking},
     config::DnsConfig,
     context::Context,
     error::Error,
     protocol::codes,
+    resolver::Resolver,
     store,
 };
 
@@ -245,7 +247,11 @@ async fn probe_all(servers: Vec<IpAddr>, domain: String) -> Vec<Probe> {
 }
 
 pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
-    registry.module("dns", "the DNS servers given to clients, with live tests");
+    registry.module(
+        "dns",
+        "the upstream DNS servers, Phantom's resolver for VPN clients, live tests",
+    );
+    register_resolver(registry, Arc::clone(&ctx));
 
     let c = Arc::clone(&ctx);
     registry.action(
@@ -339,8 +345,10 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         let c = Arc::clone(&c);
         async move {
             let s = dns(&c)?.servers();
-            let filtering = c.blocklist.is_some()
-                && c.datapath.as_ref().is_some_and(|d| d.attachments().iter().any(|a| a.program == "tc_dns_filter"));
+            let resolver_on = c.resolver.as_ref().is_some_and(|r| r.filtering() && !r.listening().is_empty());
+            let filtering = resolver_on
+                || (c.blocklist.is_some()
+                    && c.datapath.as_ref().is_some_and(|d| d.attachments().iter().any(|a| a.program == "tc_dns_filter")));
             let domains = ["google.com", "cloudflare.com"];
             let mut test_results = Vec::new();
             let mut healthy = true;
@@ -364,13 +372,185 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                 "mode": if filtering { "filtering" } else { "standard" },
                 "configuration": {"primary": s.primary, "secondary": s.secondary},
                 "health": {"status": if healthy { "healthy" } else { "degraded" }, "test_results": test_results},
+                "resolver": c.resolver.as_ref().map(|r| resolver_status(r)),
             }))
         }
     });
 }
 
-/// The servers for client configurations.
+/// The resolver's settings and totals (no names, no addresses of clients other than the
+/// policy's own list).
+fn resolver_status(r: &Resolver) -> serde_json::Value {
+    let policy = r.policy();
+    let st = &r.stats;
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    json!({
+        "listening": r.listening(),
+        "filtering": r.filtering(),
+        "block_response": r.config().block_response,
+        "dry_run": policy.dry_run,
+        "clients_blocking_off": policy.blocking_off,
+        "queries": {"udp": n(&st.queries_udp), "tcp": n(&st.queries_tcp)},
+        "blocked": n(&st.blocked),
+        "dry_run_matches": n(&st.dry_run_matches),
+        "exempt_matches": n(&st.exempt_matches),
+        "forwarded": n(&st.forwarded),
+        "upstream_failures": n(&st.upstream_failures),
+        "malformed": n(&st.malformed),
+        "truncated": n(&st.truncated),
+        "cache": {
+            "entries": r.cache.len(),
+            "capacity": r.config().cache_entries,
+            "hits": n(&r.cache.hits),
+            "misses": n(&r.cache.misses),
+        },
+    })
+}
+
+fn resolver(ctx: &Context) -> Result<Arc<Resolver>, ApiError> {
+    ctx.resolver.clone().ok_or_else(|| {
+        ApiError::unavailable(
+            "the resolver is off ([dns] listen = \"off\", or no WireGuard server)",
+        )
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DryRunParams {
+    enabled: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientPolicyParams {
+    client_name: String,
+    blocking: bool,
+}
+
+/// The resolver's actions: dry run, per-client blocking, cache.
+fn register_resolver(registry: &mut Registry, ctx: Arc<Context>) {
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "dns",
+        "set_dry_run",
+        "dry run on: blocked names are counted and answered normally (resolver and kernel)",
+        vec![ParamSpec::required(
+            "enabled",
+            ParamKind::Boolean,
+            "true or false",
+        )],
+        move |p: DryRunParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let r = resolver(&c)?;
+                let policy =
+                    run_blocking(move || r.set_dry_run(p.enabled).map_err(ApiError::from)).await?;
+                Ok(json!({"success": true, "dry_run": policy.dry_run}))
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "dns",
+        "set_client_policy",
+        "switch blocking on or off for one VPN client (resolver and kernel)",
+        vec![
+            ParamSpec::required(
+                "client_name",
+                ParamKind::String { max_len: 64 },
+                "a client of the core module",
+            ),
+            ParamSpec::required(
+                "blocking",
+                ParamKind::Boolean,
+                "true = filtered (the default), false = unfiltered",
+            ),
+        ],
+        move |p: ClientPolicyParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let r = resolver(&c)?;
+                let server = c
+                    .wireguard
+                    .clone()
+                    .ok_or_else(|| ApiError::unavailable("the WireGuard server is disabled"))?;
+                run_blocking(move || {
+                    let known = server
+                        .store
+                        .get(&p.client_name)
+                        .map_err(ApiError::from)?
+                        .is_some();
+                    // Switching blocking back on for a removed client is allowed: it tidies up.
+                    if !known && !p.blocking {
+                        return Err(ApiError::new(
+                            "CLIENT_NOT_FOUND",
+                            format!("no client named {:?}", p.client_name),
+                        ));
+                    }
+                    let policy = r
+                        .set_client_blocking(&p.client_name, p.blocking)
+                        .map_err(ApiError::from)?;
+                    Ok(json!({
+                        "success": true,
+                        "client_name": p.client_name,
+                        "blocking": !policy.blocking_off.contains(&p.client_name),
+                    }))
+                })
+                .await
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "dns",
+        "client_policies",
+        "the clients with blocking switched off",
+        vec![],
+        move |_: NoParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let r = resolver(&c)?;
+                run_blocking(move || {
+                    let clients: Vec<_> = r
+                        .exempt_clients()
+                        .into_iter()
+                        .map(|(name, ip)| json!({"client_name": name, "ip": ip, "blocking": false}))
+                        .collect();
+                    Ok(json!({"default_blocking": true, "total": clients.len(), "clients": clients}))
+                })
+                .await
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "dns",
+        "flush_cache",
+        "empty the resolver's answer cache",
+        vec![],
+        move |_: NoParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let r = resolver(&c)?;
+                Ok::<_, ApiError>(json!({"success": true, "removed": r.cache.clear()}))
+            }
+        },
+    );
+}
+
+/// The servers for client configurations: Phantom's resolver while it serves the tunnel
+/// (so every client is filtered), the upstreams otherwise.
 pub fn client_dns(ctx: &Context) -> Vec<String> {
+    if let Some(r) = &ctx.resolver
+        && r.config().listen.trim() == "auto"
+        && let Some(server) = &ctx.wireguard
+    {
+        return vec![server.subnet().server_ip().to_string()];
+    }
     match &ctx.dns {
         Some(d) => {
             let s = d.servers();

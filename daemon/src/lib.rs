@@ -14,4 +14,5 @@ pub mod logging;
 pub mod metrics;
 pub mod protocol;
 pub mod qr;
+pub mod resolver;
 pub mod store;

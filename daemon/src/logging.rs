@@ -107,9 +107,19 @@ pub struct LogControl {
     pub recent: RecentLogs,
 }
 
+/// The no-logging policy (seed 001): the embedded WireGuard library logs peers' endpoint
+/// addresses at info level, so it is held to warnings unless the directive names it.
+fn with_privacy(directive: &str) -> String {
+    if directive.contains("boringtun") {
+        directive.to_string()
+    } else {
+        format!("{directive},boringtun=warn")
+    }
+}
+
 impl LogControl {
     pub fn set_level(&self, directive: &str) -> Result<(), Error> {
-        let filter = EnvFilter::try_new(directive)
+        let filter = EnvFilter::try_new(with_privacy(directive))
             .map_err(|e| Error::config(format!("log.level = {directive:?}: {e}")))?;
         self.handle
             .reload(filter)
@@ -120,7 +130,7 @@ impl LogControl {
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over the configured level.
 pub fn init(level: &str, keep_lines: usize) -> Result<LogControl, Error> {
     let directive = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_string());
-    let filter = EnvFilter::try_new(&directive)
+    let filter = EnvFilter::try_new(with_privacy(&directive))
         .map_err(|e| Error::config(format!("log level {directive:?}: {e}")))?;
     let (filter, handle) = reload::Layer::new(filter);
     let recent = RecentLogs::new(keep_lines);

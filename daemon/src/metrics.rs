@@ -66,6 +66,11 @@ impl Metrics {
         }
     }
 
+    /// Adds a module's collector (modules that start after the metrics registry exists).
+    pub fn add_collector(&mut self, collector: Box<dyn Collector>) {
+        self.registry.register_collector(collector);
+    }
+
     /// Counts one admin request. Labels only ever carry registered names, so a client
     /// cannot create series at will.
     pub fn admin_request(&self, outcome: Outcome) {
@@ -270,6 +275,98 @@ impl Collector for DatapathCollector {
 }
 
 /// The WireGuard server: interface, clients, and per-client handshake age and traffic.
+/// The resolver's totals.
+pub struct ResolverCollector {
+    pub resolver: Arc<crate::resolver::Resolver>,
+}
+
+impl std::fmt::Debug for ResolverCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResolverCollector")
+    }
+}
+
+impl Collector for ResolverCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let r = &self.resolver;
+        let st = &r.stats;
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        counter_family(
+            &mut encoder,
+            "phantom_dns_queries",
+            "Queries to Phantom's resolver, by transport",
+            [
+                (vec![("transport", "udp".to_string())], n(&st.queries_udp)),
+                (vec![("transport", "tcp".to_string())], n(&st.queries_tcp)),
+            ]
+            .into_iter(),
+        )?;
+        counter_family(
+            &mut encoder,
+            "phantom_dns_answers",
+            "Resolver outcomes: blocked, matched but passed (dry_run, exempt client), from the cache, forwarded, failed",
+            [
+                ("blocked", n(&st.blocked)),
+                ("dry_run", n(&st.dry_run_matches)),
+                ("exempt_client", n(&st.exempt_matches)),
+                ("cache_hit", n(&r.cache.hits)),
+                ("forwarded", n(&st.forwarded)),
+                ("upstream_failure", n(&st.upstream_failures)),
+                ("malformed", n(&st.malformed)),
+                ("truncated", n(&st.truncated)),
+            ]
+            .into_iter()
+            .map(|(o, v)| (vec![("outcome", o.to_string())], v)),
+        )?;
+        gauge(
+            &mut encoder,
+            "phantom_dns_cache_entries",
+            "Answers in the resolver's cache",
+            r.cache.len() as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "phantom_dns_dry_run",
+            "1 while dry run is on",
+            i64::from(r.policy().dry_run),
+        )?;
+        gauge(
+            &mut encoder,
+            "phantom_dns_listening",
+            "Addresses the resolver listens on (UDP and TCP each)",
+            r.listening().len() as i64,
+        )
+    }
+}
+
+/// The blocklist's size and version.
+pub struct BlocklistCollector {
+    pub list: Arc<crate::blocklist::Blocklist>,
+}
+
+impl std::fmt::Debug for BlocklistCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BlocklistCollector")
+    }
+}
+
+impl Collector for BlocklistCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        gauge(
+            &mut encoder,
+            "phantom_blocklist_entries",
+            "Domains on the blocklist",
+            self.list.len() as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "phantom_blocklist_version",
+            "The blocklist's version (milliseconds since the epoch of its last change)",
+            self.list.version() as i64,
+        )
+    }
+}
+
 struct WireguardCollector {
     server: Arc<crate::core::Server>,
 }

@@ -8,13 +8,13 @@ use aya_ebpf::{
     cty::c_void,
     helpers::generated::{bpf_csum_diff, bpf_skb_load_bytes},
     macros::{classifier, map},
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
 };
 use phantom_common::{
     dns::{
-        DEFAULT_MAX_DOMAINS, DOMAIN_SUBDOMAINS, DnsVerdict, HASH_SEED, IfaceInfo, MAX_NAME_LEN,
-        hash_step,
+        ClientAddr, DEFAULT_MAX_DOMAINS, DOMAIN_SUBDOMAINS, DnsPolicy, DnsVerdict, HASH_SEED,
+        IfaceInfo, MAX_EXEMPT_CLIENTS, MAX_NAME_LEN, hash_step,
     },
     net::{ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, UDP_HLEN},
     xdp::TrafficCounter,
@@ -28,6 +28,14 @@ static DOMAINS: HashMap<u64, u8> = HashMap::pinned(DEFAULT_MAX_DOMAINS, BPF_F_NO
 
 #[map(name = "PH_DNS_VERDICTS")]
 static DNS_VERDICTS: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(DnsVerdict::SLOTS, 0);
+
+/// Dry run and the own resolver's mark (index 0), written by the daemon.
+#[map(name = "PH_DNS_POLICY")]
+static POLICY: Array<DnsPolicy> = Array::pinned(1, 0);
+
+/// Clients with blocking switched off: answers going to them pass.
+#[map(name = "PH_DNS_EXEMPT")]
+static EXEMPT: HashMap<ClientAddr, u8> = HashMap::pinned(MAX_EXEMPT_CLIENTS, BPF_F_NO_PREALLOC);
 
 /// ifindex -> link-layer header length, written by the daemon before it attaches.
 #[map(name = "PH_IFACES")]
@@ -129,6 +137,12 @@ fn load_prefix(
 #[inline(always)]
 fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
     let layout = locate(ctx)?;
+    let policy = POLICY.get(0).copied().unwrap_or_default();
+    // SAFETY: the context pointer of a TC program is its __sk_buff.
+    let mark = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).mark };
+    if policy.resolver_mark != 0 && mark == policy.resolver_mark {
+        return Some(DnsVerdict::OwnResolver);
+    }
     let dns = layout.l4 + UDP_HLEN;
     let Some(header) = load::<DNS_HLEN>(ctx, dns) else {
         return Some(DnsVerdict::Unparsable);
@@ -163,10 +177,39 @@ fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
     if !is_blocked(buf, name_end) {
         return Some(DnsVerdict::Passed);
     }
+    if is_exempt(ctx, &layout) {
+        return Some(DnsVerdict::Exempt);
+    }
+    if policy.dry_run != 0 {
+        return Some(DnsVerdict::DryRun);
+    }
     match rewrite(ctx, &layout, header, dns_len, buf) {
         Some(()) => Some(DnsVerdict::Rewritten),
         None => Some(DnsVerdict::RewriteFailed),
     }
+}
+
+/// True when the answer goes to a client with blocking switched off.
+#[inline(always)]
+fn is_exempt(ctx: &TcContext, layout: &Layout) -> bool {
+    let mut key: ClientAddr = [0; 16];
+    if layout.ipv6 {
+        match load::<16>(ctx, layout.l3 + 24) {
+            Some(a) => key = a,
+            None => return false,
+        }
+    } else {
+        match load::<4>(ctx, layout.l3 + 16) {
+            Some(a) => {
+                key[10] = 0xff;
+                key[11] = 0xff;
+                key[12..].copy_from_slice(&a);
+            }
+            None => return false,
+        }
+    }
+    // SAFETY: a lookup by a stack key; the value is not read.
+    unsafe { EXEMPT.get(&key) }.is_some()
 }
 
 #[inline(always)]
@@ -348,18 +391,41 @@ fn rewrite(
         )
         .ok()?;
     }
-    let udp_head = load::<4>(ctx, layout.l4)?;
-    let mut udp = [0u8; UDP_HLEN];
-    udp[..4].copy_from_slice(&udp_head);
+    let old_udp = load::<UDP_HLEN>(ctx, layout.l4)?;
+    let mut udp = old_udp;
     udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
     ctx.store(layout.l4, &udp, 0).ok()?;
-    let csum = udp_checksum(ctx, layout, udp_len as usize, buf)?;
-    ctx.store(layout.l4 + 6, &csum, 0).ok()
+    // The checksum goes through the kernel's helpers rather than a plain store: a forwarded
+    // answer may still be CHECKSUM_PARTIAL (veth keeps offloads), and then the field holds the
+    // pseudo-header sum the device completes. The pseudo-header update (the UDP length) is
+    // right in both states; the data update below only applies to fully checksummed packets.
+    let mangled_zero = if layout.ipv6 { 0 } else { BPF_F_MARK_MANGLED_0 };
+    let old_len = u16::from_ne_bytes([old_udp[4], old_udp[5]]);
+    let new_len = u16::from_ne_bytes(udp_len.to_be_bytes());
+    ctx.l4_csum_replace(
+        layout.l4 + 6,
+        old_len as u64,
+        new_len as u64,
+        BPF_F_PSEUDO_HDR | mangled_zero | 2,
+    )
+    .ok()?;
+    let field = load::<2>(ctx, layout.l4 + 6)?;
+    if !layout.ipv6 && field == [0, 0] {
+        // IPv4 without a UDP checksum stays without one.
+        return Some(());
+    }
+    let want = u16::from_ne_bytes(udp_checksum(ctx, layout, udp_len as usize, buf)?);
+    let have = u16::from_ne_bytes(field);
+    // Moves the field from `have` to `want` (a no-op on CHECKSUM_PARTIAL packets).
+    let diff = (!want) as u64 + have as u64;
+    ctx.l4_csum_replace(layout.l4 + 6, 0, diff, mangled_zero)
+        .ok()
 }
 
-/// The UDP checksum over the pseudo-header and the (rewritten, short) datagram, computed from
-/// scratch with `bpf_csum_diff`: simpler and safer than adjusting it for every change.
-#[inline(always)]
+/// `bpf_l4_csum_replace` flags (uapi/linux/bpf.h).
+const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+
 fn udp_checksum(
     ctx: &TcContext,
     layout: &Layout,

@@ -563,6 +563,12 @@ pub struct DaemonConfig {
     /// `[blocklist] api_listen`; `None` = off.
     pub blocklist_api: Option<String>,
     pub log_level: String,
+    /// The body of the `[dns]` section (the resolver is off by default).
+    pub dns_section: String,
+    /// More lines for the `[blocklist]` section.
+    pub blocklist_extra: String,
+    /// Whole sections appended to the file (`[[blocklist.sources]]` tables, ...).
+    pub extra_toml: String,
 }
 
 impl DaemonConfig {
@@ -577,6 +583,10 @@ impl DaemonConfig {
             env: Vec::new(),
             blocklist_api: None,
             log_level: "info".into(),
+            dns_section: "listen = \"off\"\nprimary = \"127.0.0.53\"\nsecondary = \"127.0.0.54\"\n"
+                .into(),
+            blocklist_extra: String::new(),
+            extra_toml: String::new(),
         }
     }
 
@@ -588,8 +598,11 @@ impl DaemonConfig {
              [metrics]\nlisten = {metrics:?}\n\
              [datapath]\nenabled = {enabled}\nuplink = {uplink:?}\nbpffs = {bpffs:?}\n{vpn}\
              {wireguard}\
-             [dns]\nlisten = \"off\"\nprimary = \"127.0.0.53\"\nsecondary = \"127.0.0.54\"\n\
-             [blocklist]\napi_listen = {blocklist_api:?}\n",
+             [dns]\n{dns}\
+             [blocklist]\napi_listen = {blocklist_api:?}\n{blocklist_extra}{extra}",
+            dns = self.dns_section,
+            blocklist_extra = self.blocklist_extra,
+            extra = self.extra_toml,
             state = dir.join("state").display().to_string(),
             level = self.log_level,
             socket = dir.join("phantom.sock").display().to_string(),
@@ -916,4 +929,78 @@ pub fn metric_value(exposition: &str, name_and_labels: &str) -> Option<f64> {
             .parse()
             .ok()
     })
+}
+
+/// `dig @server name qtype` from inside `ns` (one try, two seconds): (status, answer data).
+/// The status is "NO REPLY: ..." when nothing came back.
+pub fn dig(
+    ns: &NetNs,
+    server: &str,
+    name: &str,
+    qtype: &str,
+    extra: &[&str],
+) -> (String, Vec<String>) {
+    let out = ns
+        .command("dig")
+        .arg(format!("@{server}"))
+        .args([name, qtype, "+tries=1", "+time=2"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .map(|s| s.split(',').next().unwrap_or_default().to_string())
+        .unwrap_or_else(|| format!("NO REPLY: {text}"));
+    let mut answers = Vec::new();
+    let mut in_answer = false;
+    for line in text.lines() {
+        if line.starts_with(";; ANSWER SECTION") {
+            in_answer = true;
+            continue;
+        }
+        if in_answer {
+            if line.trim().is_empty() {
+                break;
+            }
+            if let Some(last) = line.split_whitespace().last() {
+                answers.push(last.to_string());
+            }
+        }
+    }
+    (status, answers)
+}
+
+/// dnsmasq in `ns` on `listen` addresses, serving only `records` (`name,addr[,addr6]`),
+/// forwarding nothing; returns once it answers `probe` (one of the records' names) on the
+/// first address.
+pub fn dnsmasq(ns: &NetNs, listen: &[&str], records: &[&str], probe: &str) -> Process {
+    let mut cmd = ns.command("dnsmasq");
+    cmd.args([
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--pid-file=",
+        "--user=root",
+        "--log-facility=-",
+        // Cacheable answers, as real zones give (host records default to TTL 0).
+        "--local-ttl=300",
+    ]);
+    for l in listen {
+        cmd.arg(format!("--listen-address={l}"));
+    }
+    for r in records {
+        cmd.arg(format!("--host-record={r}"));
+    }
+    let mut p = Process::spawn("dnsmasq", &mut cmd);
+    for _ in 0..50 {
+        if dig(ns, listen[0], probe, "A", &[]).0 == "NOERROR" {
+            return p;
+        }
+        assert!(p.is_running(), "dnsmasq exited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("dnsmasq did not answer");
 }

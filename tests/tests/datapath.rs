@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use phantom_tests::{
-    BpffsDir, Daemon, DaemonConfig, GuardedLink, NetNs, Process, api, http_get, metric_value,
+    BpffsDir, Daemon, DaemonConfig, GuardedLink, NetNs, Process, api, dig, http_get, metric_value,
     phantom_api, require_root, veth,
 };
 use serde_json::Value;
@@ -279,37 +279,9 @@ impl DnsTopology {
 
     /// `dig` from the client: (status, answers).
     fn dig(&self, server: &str, name: &str, qtype: &str, extra: &[&str]) -> (String, Vec<String>) {
-        let out = self
-            .client
-            .command("dig")
-            .arg(format!("@{server}"))
-            .args([name, qtype, "+tries=1", "+time=2", "+noedns"])
-            .args(extra)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let status = text
-            .lines()
-            .find_map(|l| l.split("status: ").nth(1))
-            .map(|s| s.split(',').next().unwrap_or_default().to_string())
-            .unwrap_or_else(|| format!("NO REPLY: {text}"));
-        let mut answers = Vec::new();
-        let mut in_answer = false;
-        for line in text.lines() {
-            if line.starts_with(";; ANSWER SECTION") {
-                in_answer = true;
-                continue;
-            }
-            if in_answer {
-                if line.trim().is_empty() {
-                    break;
-                }
-                if let Some(last) = line.split_whitespace().last() {
-                    answers.push(last.to_string());
-                }
-            }
-        }
-        (status, answers)
+        let mut args = vec!["+noedns"];
+        args.extend_from_slice(extra);
+        dig(&self.client, server, name, qtype, &args)
     }
 }
 

@@ -870,7 +870,12 @@ fn bench_blocklist(cli: &Cli) -> Result<(), BoxError> {
     let state = tempdir()?;
     let n = cli.domains as usize;
     let before = rss_mib();
-    let list = Blocklist::open(&state.0, 0.5, None)?;
+    let list = Blocklist::open(
+        &state.0,
+        0.5,
+        &phantom_daemon::config::BlocklistConfig::default().lookalike_brands(),
+        None,
+    )?;
     let entries: Vec<Entry> = (0..n)
         .map(|i| {
             Entry::new(

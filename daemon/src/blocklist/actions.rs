@@ -72,6 +72,12 @@ struct AddParams {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct SyncParams {
+    source: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DomainParams {
     domain: String,
 }
@@ -351,16 +357,66 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                     .datapath
                     .as_ref()
                     .and_then(|d| d.domains.kernel_len().ok());
+                let sources = c.config().blocklist.sources;
+                let status = run_blocking(move || {
+                    Ok((
+                        list.checksum(),
+                        list.syncer.states(&sources),
+                        list.brands().len(),
+                        list,
+                    ))
+                })
+                .await?;
+                let (checksum, sources, brands, list) = status;
                 Ok::<_, ApiError>(json!({
                     "enabled": true,
                     "version": list.version(),
                     "entries": list.len(),
                     "patterns": list.patterns().len(),
-                    "checksum": list.checksum(),
+                    "checksum": checksum,
                     "threshold": list.threshold(),
+                    "lookalike_brands": brands,
+                    "sources": sources,
                     "kernel_rules": list.kernel_rules(),
                     "kernel_entries": kernel,
                 }))
+            }
+        },
+    );
+
+    let c = Arc::clone(&ctx);
+    registry.action(
+        "blocklist",
+        "sync",
+        "fetch the configured sources now ([blocklist] sources); a source whose checksum does not match is rejected whole",
+        vec![ParamSpec::optional("source", ParamKind::String { max_len: 64 }, None, "one source by name (default: all)")],
+        move |p: SyncParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let list = list(&c)?;
+                let mut sources = c.config().blocklist.sources;
+                if sources.is_empty() {
+                    return Err(ApiError::new(
+                        codes::INVALID_PARAMETER,
+                        "no sources configured: add [[blocklist.sources]] to the configuration and reload",
+                    ));
+                }
+                if let Some(name) = &p.source {
+                    sources.retain(|s| &s.name == name);
+                    if sources.is_empty() {
+                        return Err(ApiError::new(codes::INVALID_PARAMETER, format!("no source named {name:?}")));
+                    }
+                }
+                run_blocking(move || {
+                    let results = list.syncer.sync_all(&list, &sources);
+                    Ok(json!({
+                        "success": results.iter().all(|r| r.error.is_none()),
+                        "version": list.version(),
+                        "entries": list.len(),
+                        "sources": results,
+                    }))
+                })
+                .await
             }
         },
     );

@@ -35,9 +35,16 @@ impl Format {
                 .map(str::trim)
                 .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('!'))
         };
+        let is_hosts_line = |l: &str| {
+            let mut fields = l.split_whitespace();
+            fields
+                .next()
+                .is_some_and(|a| a.parse::<std::net::IpAddr>().is_ok())
+                && fields.next().is_some()
+        };
         if lines().any(|l| l.starts_with("||")) {
             Self::Adblock
-        } else if lines().any(|l| l.split_whitespace().count() >= 2) {
+        } else if lines().any(is_hosts_line) {
             Self::Hosts
         } else {
             Self::Plain

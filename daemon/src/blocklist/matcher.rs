@@ -7,7 +7,12 @@ use aho_corasick::AhoCorasick;
 use regex::RegexSet;
 use serde::Serialize;
 
-use super::model::{Entry, Pattern, PatternType};
+use phantom_common::dns::{HASH_SEED, domain_hash, hash_step};
+
+use super::{
+    lookalike::Lookalikes,
+    model::{Pattern, PatternType},
+};
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Matched {
@@ -26,24 +31,85 @@ pub struct Verdict {
     pub confidence: f64,
 }
 
-/// Domain rules: (exact weight, subdomain weight), 0 = none.
-type DomainRules = HashMap<String, (f64, f64)>;
+/// Keys are already hashes (`domain_hash`): hashing them again would only cost time.
+#[derive(Clone, Copy, Default)]
+struct PrehashedKey(u64);
+
+impl std::hash::Hasher for PrehashedKey {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; fold anything else in rather than panic.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type Prehashed = std::hash::BuildHasherDefault<PrehashedKey>;
+
+/// Domain rules by `domain_hash` of the name (the kernel's hash): (exact weight, subdomain
+/// weight), 0 = none. The names themselves live once, in the list; a suffix of the queried
+/// name is all a match needs to report. Two names sharing a 64-bit hash among a million
+/// entries is a 1 in 10^13 event, the same odds the kernel layer accepts.
+type DomainRules = HashMap<u64, (f64, f64), Prehashed>;
 
 pub struct Matcher {
     domains: DomainRules,
     contains: Option<(AhoCorasick, Vec<Pattern>)>,
     regex: Option<(RegexSet, Vec<Pattern>)>,
+    lookalikes: Lookalikes,
+}
+
+/// Most labels a name can have (253 characters).
+const MAX_LABELS: usize = 127;
+
+/// Calls `f(suffix, hash, is_whole_name)` for the name and each parent, longest first, until
+/// `f` returns false. `domain_hash` runs over the name backwards, so one backward pass yields
+/// the hash of every suffix at its label boundary.
+#[inline]
+fn for_each_suffix(name: &str, mut f: impl FnMut(&str, u64, bool) -> bool) {
+    let bytes = name.as_bytes();
+    let mut suffixes = [(0usize, 0u64); MAX_LABELS + 1];
+    let mut k = 0;
+    let mut hash = HASH_SEED;
+    for i in (0..bytes.len()).rev() {
+        if bytes[i] == b'.' && k < MAX_LABELS {
+            suffixes[k] = (i + 1, hash);
+            k += 1;
+        }
+        hash = hash_step(hash, bytes[i]);
+    }
+    suffixes[k] = (0, hash);
+    k += 1;
+    for (j, &(start, h)) in suffixes[..k].iter().rev().enumerate() {
+        if !f(&name[start..], h, j == 0) {
+            return;
+        }
+    }
 }
 
 impl Matcher {
-    /// Builds the engine. Patterns that do not compile were refused when added; should one
-    /// slip through (an imported list), it is left out rather than failing the whole engine.
-    pub fn new<'a>(entries: impl Iterator<Item = &'a Entry>, patterns: &[Pattern]) -> Self {
-        let domains = entries.map(|e| (e.domain.clone(), e.weights())).collect();
+    /// Builds the engine from `(domain, exact weight, subdomain weight)` rules. Patterns that
+    /// do not compile were refused when added; should one slip through (an imported list), it
+    /// is left out rather than failing the whole engine.
+    pub fn new<'a>(
+        rules: impl Iterator<Item = (&'a str, f64, f64)>,
+        patterns: &[Pattern],
+        lookalikes: Lookalikes,
+    ) -> Self {
+        let domains = rules
+            .map(|(d, exact, sub)| (domain_hash(d.as_bytes()), (exact, sub)))
+            .collect();
         let mut m = Self {
             domains,
             contains: None,
             regex: None,
+            lookalikes,
         };
         m.set_patterns(patterns);
         m
@@ -72,30 +138,69 @@ impl Matcher {
             .map(|set| (set, regexes));
     }
 
-    pub fn upsert(&mut self, entry: &Entry) {
-        self.domains.insert(entry.domain.clone(), entry.weights());
+    pub fn upsert(&mut self, domain: &str, exact: f64, sub: f64) {
+        self.domains
+            .insert(domain_hash(domain.as_bytes()), (exact, sub));
     }
 
     pub fn remove(&mut self, domain: &str) {
-        self.domains.remove(domain);
+        self.domains.remove(&domain_hash(domain.as_bytes()));
+    }
+
+    pub fn lookalikes(&self) -> &Lookalikes {
+        &self.lookalikes
+    }
+
+    /// Whether a normalised name is blocked, without building a report: the resolver's path.
+    pub fn is_blocked(&self, name: &str, threshold: f64) -> bool {
+        let mut blocked = false;
+        for_each_suffix(name, |_, hash, whole| {
+            if let Some((exact, sub)) = self.domains.get(&hash) {
+                let w = if whole { *exact } else { *sub };
+                if w > 0.0 && w >= threshold {
+                    blocked = true;
+                    return false;
+                }
+            }
+            true
+        });
+        if blocked {
+            return true;
+        }
+        if let Some((ac, patterns)) = &self.contains
+            && ac
+                .find_overlapping_iter(name)
+                .any(|m| patterns[m.pattern().as_usize()].weight >= threshold)
+        {
+            return true;
+        }
+        if let Some((set, patterns)) = &self.regex
+            && set
+                .matches(name)
+                .iter()
+                .any(|i| patterns[i].weight >= threshold)
+        {
+            return true;
+        }
+        self.lookalikes
+            .check(name)
+            .is_some_and(|m| m.weight >= threshold)
     }
 
     /// Matches a normalised name.
     pub fn check(&self, name: &str, threshold: f64) -> Verdict {
         let mut matched = Vec::new();
         // The name itself, then each parent: only subdomain rules reach down.
-        let mut suffix = name;
-        let mut first = true;
-        loop {
-            if let Some((exact, sub)) = self.domains.get(suffix) {
-                if first && *exact > 0.0 {
+        for_each_suffix(name, |suffix, hash, whole| {
+            if let Some((exact, sub)) = self.domains.get(&hash) {
+                if whole && *exact > 0.0 {
                     matched.push(Matched {
                         pattern: suffix.to_string(),
                         kind: PatternType::Exact,
                         weight: *exact,
                     });
                 }
-                if !first && *sub > 0.0 {
+                if !whole && *sub > 0.0 {
                     matched.push(Matched {
                         pattern: format!("*.{suffix}"),
                         kind: PatternType::Subdomain,
@@ -103,12 +208,8 @@ impl Matcher {
                     });
                 }
             }
-            first = false;
-            match suffix.split_once('.') {
-                Some((_, rest)) => suffix = rest,
-                None => break,
-            }
-        }
+            true
+        });
         if let Some((ac, patterns)) = &self.contains {
             let mut seen = vec![false; patterns.len()];
             for m in ac.find_overlapping_iter(name) {
@@ -131,6 +232,9 @@ impl Matcher {
                     weight: patterns[i].weight,
                 });
             }
+        }
+        if let Some(m) = self.lookalikes.check(name) {
+            matched.push(m);
         }
         let confidence = matched.iter().map(|m| m.weight).fold(0.0, f64::max);
         Verdict {
@@ -171,14 +275,36 @@ mod tests {
     #[test]
     fn matches_every_kind() {
         let entries = [
-            Entry::new("casino.example", true, 1.0, "r", 0),
-            Entry::new("exact-only.example", false, 0.9, "r", 0),
+            ("casino.example", 1.0, 1.0),
+            ("exact-only.example", 0.9, 0.0),
         ];
         let patterns = [
             pattern("bet", PatternType::Contains, 0.7),
             pattern(r"^jg0\d{3}\.com$", PatternType::Regex, 0.8),
         ];
-        let m = Matcher::new(entries.iter(), &patterns);
+        let m = Matcher::new(
+            entries.iter().copied(),
+            &patterns,
+            Lookalikes::new(["bet365"]),
+        );
+        for name in [
+            "casino.example",
+            "www.casino.example",
+            "jg0042.com",
+            "b3t365.com",
+        ] {
+            assert!(m.is_blocked(name, 0.5), "{name}");
+        }
+        for name in [
+            "sub.exact-only.example",
+            "fine.example",
+            "casino.example.org",
+        ] {
+            assert!(!m.is_blocked(name, 0.5), "{name}");
+        }
+        assert!(!m.is_blocked("mybet.example", 0.75));
+        let v = m.check("b3t365.com", 0.5);
+        assert_eq!(v.matched[0].kind, PatternType::Lookalike);
         let v = m.check("casino.example", 0.5);
         assert!(v.blocked && v.confidence == 1.0);
         let v = m.check("www.casino.example", 0.5);

@@ -6,14 +6,16 @@
 pub mod actions;
 pub mod api;
 pub mod import;
+pub mod lookalike;
 pub mod matcher;
 pub mod model;
 pub mod store;
+pub mod sync;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     path::Path,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -21,6 +23,7 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use self::{
+    lookalike::Lookalikes,
     matcher::{Matcher, Verdict},
     model::{Entry, Pattern, PatternType},
     store::{BlocklistStore, Change},
@@ -30,19 +33,87 @@ use crate::{
     error::Error,
 };
 
+/// One listed domain as kept in memory. Lists run to millions of entries, so the domain lives
+/// once (the map key), entries with the same reason share it, and the patterns are kept as the
+/// two weights they always are; the seed's `Entry` is rebuilt when one is asked for.
+#[derive(Clone, Debug)]
+struct Listed {
+    exact: f64,
+    sub: f64,
+    added_at: u64,
+    reason: Arc<str>,
+}
+
+impl Listed {
+    fn entry(&self, domain: &str) -> Entry {
+        let mut patterns = Vec::with_capacity(2);
+        if self.exact > 0.0 {
+            patterns.push(Pattern {
+                pattern: domain.to_string(),
+                kind: PatternType::Exact,
+                weight: self.exact,
+            });
+        }
+        if self.sub > 0.0 {
+            patterns.push(Pattern {
+                pattern: format!("*.{domain}"),
+                kind: PatternType::Subdomain,
+                weight: self.sub,
+            });
+        }
+        Entry {
+            domain: domain.to_string(),
+            patterns,
+            added_at: self.added_at,
+            reason: self.reason.to_string(),
+        }
+    }
+}
+
 struct State {
-    entries: BTreeMap<String, Entry>,
+    entries: BTreeMap<Box<str>, Listed>,
+    reasons: HashSet<Arc<str>>,
     patterns: Vec<Pattern>,
     version: u64,
     matcher: Matcher,
-    checksum: String,
+}
+
+impl State {
+    fn listed(&mut self, e: &Entry) -> Listed {
+        let reason = match self.reasons.get(e.reason.as_str()) {
+            Some(r) => Arc::clone(r),
+            None => {
+                let r: Arc<str> = Arc::from(e.reason.as_str());
+                self.reasons.insert(Arc::clone(&r));
+                r
+            }
+        };
+        let (exact, sub) = e.weights();
+        Listed {
+            exact,
+            sub,
+            added_at: e.added_at,
+            reason,
+        }
+    }
+
+    fn insert(&mut self, e: &Entry) {
+        let listed = self.listed(e);
+        self.matcher.upsert(&e.domain, listed.exact, listed.sub);
+        self.entries.insert(e.domain.as_str().into(), listed);
+    }
 }
 
 pub struct Blocklist {
     store: BlocklistStore,
     state: RwLock<State>,
+    /// The checksum of one version, computed when first asked for: recomputing it over a
+    /// million entries on every change would make each change cost a second.
+    checksum: Mutex<Option<(u64, String)>>,
     threshold: f64,
     datapath: Option<Arc<Datapath>>,
+    /// Sources synced by `blocklist sync` and the schedule.
+    pub syncer: sync::Syncer,
 }
 
 fn now_ms() -> u64 {
@@ -53,22 +124,49 @@ fn now_ms() -> u64 {
 }
 
 /// Canonical JSON: keys sorted (serde_json's map), no spaces. Clients can rebuild it.
-fn canonical(v: &impl serde::Serialize) -> Option<Vec<u8>> {
+pub(crate) fn canonical(v: &impl serde::Serialize) -> Option<Vec<u8>> {
     serde_json::to_value(v)
         .ok()
         .and_then(|v| serde_json::to_vec(&v).ok())
 }
 
+/// An entry's canonical JSON: its fields in sorted key order, as `serde_json` writes a map.
+#[derive(serde::Serialize)]
+struct CanonicalEntry<'a> {
+    #[serde(rename = "addedAt")]
+    added_at: u64,
+    domain: &'a str,
+    patterns: &'a [Pattern],
+    reason: &'a str,
+}
+
 /// SHA-256 over the canonical list: one canonical JSON line per entry, by domain, then one per
 /// pattern, by type and text.
-fn checksum(entries: &BTreeMap<String, Entry>, patterns: &[Pattern]) -> String {
-    let mut h = Sha256::new();
-    for e in entries.values() {
-        if let Some(line) = canonical(e) {
-            h.update(&line);
-            h.update(b"\n");
+fn checksum(entries: &BTreeMap<Box<str>, Listed>, patterns: &[Pattern]) -> String {
+    struct Hashing(Sha256);
+    impl std::io::Write for Hashing {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.update(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
         }
     }
+    let mut h = Hashing(Sha256::new());
+    for (domain, listed) in entries {
+        let entry = listed.entry(domain);
+        let line = CanonicalEntry {
+            added_at: entry.added_at,
+            domain: &entry.domain,
+            patterns: &entry.patterns,
+            reason: &entry.reason,
+        };
+        if serde_json::to_writer(&mut h, &line).is_ok() {
+            h.0.update(b"\n");
+        }
+    }
+    let mut h = h.0;
     let mut sorted: Vec<&Pattern> = patterns.iter().collect();
     sorted.sort_by(|a, b| (a.kind, &a.pattern).cmp(&(b.kind, &b.pattern)));
     for p in sorted {
@@ -93,31 +191,37 @@ pub struct Applied {
 }
 
 impl Blocklist {
+    /// Opens the list in `state_dir`; `brands` feed lookalike detection (none = off).
     pub fn open(
         state_dir: &Path,
         threshold: f64,
+        brands: &[String],
         datapath: Option<Arc<Datapath>>,
     ) -> Result<Self, Error> {
         let store = BlocklistStore::open(&state_dir.join("blocklist.db"))?;
         let loaded = store.load()?;
-        let entries: BTreeMap<String, Entry> = loaded
-            .entries
-            .into_iter()
-            .map(|e| (e.domain.clone(), e))
-            .collect();
-        let matcher = Matcher::new(entries.values(), &loaded.patterns);
-        let checksum = checksum(&entries, &loaded.patterns);
+        let mut state = State {
+            entries: BTreeMap::new(),
+            reasons: HashSet::new(),
+            matcher: Matcher::new(
+                std::iter::empty(),
+                &loaded.patterns,
+                Lookalikes::new(brands.iter().map(String::as_str)),
+            ),
+            patterns: loaded.patterns,
+            version: loaded.version,
+        };
+        for e in &loaded.entries {
+            state.insert(e);
+        }
+        drop(loaded.entries);
         let list = Self {
             store,
-            state: RwLock::new(State {
-                entries,
-                patterns: loaded.patterns,
-                version: loaded.version,
-                matcher,
-                checksum,
-            }),
+            state: RwLock::new(state),
+            checksum: Mutex::new(None),
             threshold,
             datapath,
+            syncer: sync::Syncer::open(state_dir)?,
         };
         list.sync_kernel_full();
         info!(
@@ -158,93 +262,137 @@ impl Blocklist {
         self.read().version
     }
 
+    /// The checksum of the current version (computed once per version).
     pub fn checksum(&self) -> String {
-        self.read().checksum.clone()
+        let state = self.read();
+        let mut cached = match self.checksum.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        if let Some((v, sum)) = &*cached
+            && *v == state.version
+        {
+            return sum.clone();
+        }
+        let sum = checksum(&state.entries, &state.patterns);
+        *cached = Some((state.version, sum.clone()));
+        sum
     }
 
     pub fn patterns(&self) -> Vec<Pattern> {
         self.read().patterns.clone()
     }
 
+    /// The brands lookalike detection compares against.
+    pub fn brands(&self) -> Vec<String> {
+        self.read()
+            .matcher
+            .lookalikes()
+            .brands()
+            .map(str::to_string)
+            .collect()
+    }
+
     pub fn get(&self, domain: &str) -> Option<Entry> {
-        self.read().entries.get(domain).cloned()
+        self.read().entries.get(domain).map(|l| l.entry(domain))
     }
 
     /// One page of entries by domain, with the total matching `search`.
     pub fn page(&self, offset: usize, limit: usize, search: Option<&str>) -> (Vec<Entry>, usize) {
         let state = self.read();
-        let matching: Vec<&Entry> = state
-            .entries
-            .values()
-            .filter(|e| search.is_none_or(|s| e.domain.contains(s)))
+        let matching = || {
+            state
+                .entries
+                .iter()
+                .filter(|(d, _)| search.is_none_or(|s| d.contains(s)))
+        };
+        let total = match search {
+            None => state.entries.len(),
+            Some(_) => matching().count(),
+        };
+        let page = matching()
+            .skip(offset)
+            .take(limit)
+            .map(|(d, l)| l.entry(d))
             .collect();
-        let total = matching.len();
-        (
-            matching
-                .into_iter()
-                .skip(offset)
-                .take(limit)
-                .cloned()
-                .collect(),
-            total,
-        )
+        (page, total)
     }
 
     pub fn verify(&self, name: &str) -> Verdict {
         self.read().matcher.check(name, self.threshold)
     }
 
+    /// The resolver's question: blocked or not, with no report built.
+    pub fn is_blocked(&self, name: &str) -> bool {
+        self.read().matcher.is_blocked(name, self.threshold)
+    }
+
     /// Adds or replaces entries (one new version for the batch).
     pub fn upsert(&self, entries: Vec<Entry>) -> Result<Applied, Error> {
-        if entries.is_empty() {
+        self.apply(entries, Vec::new())
+    }
+
+    /// Adds or replaces `upserts` and removes `removals` (listed ones) in one version.
+    pub fn apply(&self, upserts: Vec<Entry>, removals: Vec<String>) -> Result<Applied, Error> {
+        let mut state = self.write();
+        let removals: Vec<String> = removals
+            .into_iter()
+            .filter(|d| state.entries.contains_key(d.as_str()))
+            .collect();
+        if upserts.is_empty() && removals.is_empty() {
             return Ok(Applied {
-                version: self.version(),
+                version: state.version,
                 changed: 0,
             });
         }
-        let mut state = self.write();
         let version = now_ms().max(state.version + 1);
-        let changes: Vec<Change<'_>> = entries.iter().map(Change::Upsert).collect();
+        let changes: Vec<Change<'_>> = upserts
+            .iter()
+            .map(Change::Upsert)
+            .chain(removals.iter().map(|d| Change::Remove(d)))
+            .collect();
         self.store.commit(version, &changes)?;
-        for e in &entries {
-            state.matcher.upsert(e);
-            state.entries.insert(e.domain.clone(), e.clone());
+        for e in &upserts {
+            state.insert(e);
+        }
+        for d in &removals {
+            state.entries.remove(d.as_str());
+            state.matcher.remove(d);
         }
         state.version = version;
-        state.checksum = checksum(&state.entries, &state.patterns);
         drop(state);
         let rules: Vec<(String, bool)> =
-            entries.iter().filter_map(|e| self.kernel_rule(e)).collect();
-        let gone: Vec<String> = entries
+            upserts.iter().filter_map(|e| self.kernel_rule(e)).collect();
+        let gone: Vec<String> = upserts
             .iter()
             .filter(|e| self.kernel_rule(e).is_none())
             .map(|e| e.domain.clone())
+            .chain(removals.iter().cloned())
             .collect();
         self.sync_kernel(&rules, &gone);
         Ok(Applied {
             version,
-            changed: entries.len(),
+            changed: upserts.len() + removals.len(),
         })
     }
 
     /// Removes a domain; `Ok(None)` when it is not listed.
     pub fn remove(&self, domain: &str) -> Result<Option<Applied>, Error> {
-        let mut state = self.write();
-        if !state.entries.contains_key(domain) {
+        if !self.read().entries.contains_key(domain) {
             return Ok(None);
         }
-        let version = now_ms().max(state.version + 1);
-        self.store.commit(version, &[Change::Remove(domain)])?;
-        state.entries.remove(domain);
-        state.matcher.remove(domain);
-        state.version = version;
-        state.checksum = checksum(&state.entries, &state.patterns);
-        drop(state);
-        self.sync_kernel(&[], &[domain.to_string()]);
-        Ok(Some(Applied {
-            version,
-            changed: 1,
-        }))
+        let applied = self.apply(Vec::new(), vec![domain.to_string()])?;
+        Ok((applied.changed > 0).then_some(applied))
+    }
+
+    /// Domains whose reason is `reason` (a sync source's entries).
+    pub fn domains_with_reason(&self, reason: &str) -> Vec<String> {
+        self.read()
+            .entries
+            .iter()
+            .filter(|(_, l)| &*l.reason == reason)
+            .map(|(d, _)| d.to_string())
+            .collect()
     }
 
     /// Adds or reweights a `contains` or `regex` pattern.
@@ -260,7 +408,6 @@ impl Blocklist {
         let patterns = state.patterns.clone();
         state.matcher.set_patterns(&patterns);
         state.version = version;
-        state.checksum = checksum(&state.entries, &state.patterns);
         Ok(Applied {
             version,
             changed: 1,
@@ -289,7 +436,6 @@ impl Blocklist {
         let patterns = state.patterns.clone();
         state.matcher.set_patterns(&patterns);
         state.version = version;
-        state.checksum = checksum(&state.entries, &state.patterns);
         Ok(Some(Applied {
             version,
             changed: 1,
@@ -299,10 +445,15 @@ impl Blocklist {
     /// The kernel's rule for an entry: exact/subdomain rules at or above the threshold.
     fn kernel_rule(&self, e: &Entry) -> Option<(String, bool)> {
         let (exact, sub) = e.weights();
+        self.kernel_flags(exact, sub)
+            .map(|subdomains| (e.domain.clone(), subdomains))
+    }
+
+    fn kernel_flags(&self, exact: f64, sub: f64) -> Option<bool> {
         if sub >= self.threshold {
-            Some((e.domain.clone(), true))
+            Some(true)
         } else if exact >= self.threshold {
-            Some((e.domain.clone(), false))
+            Some(false)
         } else {
             None
         }
@@ -321,8 +472,11 @@ impl Blocklist {
             let rules: Vec<(String, bool)> = self
                 .read()
                 .entries
-                .values()
-                .filter_map(|e| self.kernel_rule(e))
+                .iter()
+                .filter_map(|(d, l)| {
+                    self.kernel_flags(l.exact, l.sub)
+                        .map(|s| (d.to_string(), s))
+                })
                 .collect();
             match dp.domains.replace(Owner::Blocklist, &rules) {
                 Ok(r) => info!(
@@ -338,7 +492,11 @@ impl Blocklist {
 
     /// Everything: entries by domain.
     pub fn entries(&self) -> Vec<Entry> {
-        self.read().entries.values().cloned().collect()
+        self.read()
+            .entries
+            .iter()
+            .map(|(d, l)| l.entry(d))
+            .collect()
     }
 
     /// The changes after `since`: (entries added or modified, domains removed). `None` when
@@ -355,8 +513,8 @@ impl Blocklist {
         let mut upserts = Vec::new();
         let mut removed = Vec::new();
         for d in domains {
-            match state.entries.get(&d) {
-                Some(e) => upserts.push(e.clone()),
+            match state.entries.get(d.as_str()) {
+                Some(l) => upserts.push(l.entry(&d)),
                 None => removed.push(d),
             }
         }
@@ -370,7 +528,7 @@ impl Blocklist {
         self.read()
             .entries
             .values()
-            .filter(|e| self.kernel_rule(e).is_some())
+            .filter(|l| self.kernel_flags(l.exact, l.sub).is_some())
             .count()
     }
 }

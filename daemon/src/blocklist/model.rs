@@ -9,6 +9,8 @@ pub enum PatternType {
     Subdomain,
     Contains,
     Regex,
+    /// A match of lookalike detection (never stored in the list).
+    Lookalike,
 }
 
 impl PatternType {
@@ -28,6 +30,7 @@ impl PatternType {
             Self::Subdomain => "subdomain",
             Self::Contains => "contains",
             Self::Regex => "regex",
+            Self::Lookalike => "lookalike",
         }
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod actions;
 mod bpffs;
+pub mod dns_policy;
 pub mod domains;
 pub mod guard;
 mod links;
@@ -40,6 +41,7 @@ use tracing::{info, warn};
 
 use self::links::{Hook, LinkStore};
 pub use self::{
+    dns_policy::DnsPolicyMaps,
     domains::{DomainFilter, Owner},
     guard::{GuardMaps, SourceCount, VerdictCount, busiest},
     links::Attachment,
@@ -85,6 +87,7 @@ pub struct Datapath {
     pub guard: GuardMaps,
     pub policy: PolicyTable,
     pub domains: DomainFilter,
+    pub dns_policy: DnsPolicyMaps,
     pub multihop: MultihopMark,
     dns_verdicts: Mutex<PerCpuArray<MapData, TrafficCounter>>,
     ifaces: Mutex<HashMap<MapData, u32, IfaceInfo>>,
@@ -196,6 +199,10 @@ impl Datapath {
             take_map(&mut ebpf, "PH_MH_LOCAL")?.try_into()?,
             take_map(&mut ebpf, names::MULTIHOP_STATS_MAP)?.try_into()?,
         );
+        let dns_policy = DnsPolicyMaps::new(
+            take_map(&mut ebpf, names::DNS_POLICY_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::DNS_EXEMPT_MAP)?.try_into()?,
+        );
         let dns_verdicts = take_map(&mut ebpf, names::DNS_VERDICTS_MAP)?.try_into()?;
         let ifaces = take_map(&mut ebpf, names::IFACES_MAP)?.try_into()?;
 
@@ -208,6 +215,7 @@ impl Datapath {
             guard,
             policy,
             domains,
+            dns_policy,
             multihop,
             dns_verdicts: Mutex::new(dns_verdicts),
             ifaces: Mutex::new(ifaces),

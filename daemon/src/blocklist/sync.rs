@@ -1,0 +1,407 @@
+//! `blocklist sync`: lists fetched from files or URLs, on a schedule and on demand.
+//!
+//! A source owns the entries it brought (their reason is `sync:<name>`): a sync adds what is new
+//! and removes what the source dropped, in one version, and never touches entries an operator
+//! added. A download is rejected whole, and nothing changes, when its checksum does not match
+//! (a SHA-256 pinned in the configuration, one fetched from `sha256_url`, or the `checksum` a
+//! seed-format list carries), when it is empty, or when no line of it is usable.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Read,
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use super::{
+    Blocklist,
+    import::{self, Format},
+    model::{Entry, Pattern},
+};
+use crate::{config::SyncSource, error::Error, store};
+
+/// Downloads larger than this are refused.
+const MAX_BYTES: u64 = 256 * 1024 * 1024;
+const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Location {
+    File(PathBuf),
+    Http(String),
+}
+
+impl Location {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if let Some(path) = url.strip_prefix("file://") {
+            return Self::file(path);
+        }
+        if url.starts_with("http://") || url.starts_with("https://") {
+            return url
+                .parse::<ureq::http::Uri>()
+                .map(|_| Self::Http(url.to_string()))
+                .map_err(|e| format!("{url:?} is not a valid URL: {e}"));
+        }
+        if url.contains("://") {
+            return Err(format!(
+                "{url:?}: only file paths, file://, http:// and https://"
+            ));
+        }
+        Self::file(url)
+    }
+
+    fn file(path: &str) -> Result<Self, String> {
+        let p = Path::new(path);
+        if !p.is_absolute() {
+            return Err(format!("{path:?} must be an absolute path"));
+        }
+        Ok(Self::File(p.to_path_buf()))
+    }
+
+    fn fetch(&self) -> Result<Vec<u8>, String> {
+        match self {
+            Self::File(p) => {
+                let f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                read_limited(f, &p.display().to_string())
+            }
+            Self::Http(url) => {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .timeout_global(Some(FETCH_TIMEOUT))
+                    .build()
+                    .into();
+                let response = agent.get(url).call().map_err(|e| format!("{url}: {e}"))?;
+                read_limited(response.into_body().into_reader(), url)
+            }
+        }
+    }
+}
+
+fn read_limited(r: impl Read, what: &str) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    r.take(MAX_BYTES + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| format!("{what}: {e}"))?;
+    if body.len() as u64 > MAX_BYTES {
+        return Err(format!("{what}: larger than {} MiB", MAX_BYTES >> 20));
+    }
+    Ok(body)
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    Sha256::digest(b)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What a source's last sync did, kept in the state directory.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct SourceState {
+    pub name: String,
+    pub url: String,
+    pub last_attempt: Option<u64>,
+    pub last_success: Option<u64>,
+    /// SHA-256 of the last accepted download.
+    pub sha256: Option<String>,
+    /// How the last accepted download was verified: pinned, sha256_url, embedded or none.
+    pub verified_by: Option<String>,
+    pub entries: usize,
+    pub added: usize,
+    pub removed: usize,
+    pub skipped: usize,
+    pub unchanged: bool,
+    pub error: Option<String>,
+}
+
+pub struct Syncer {
+    path: PathBuf,
+    states: Mutex<BTreeMap<String, SourceState>>,
+    /// One sync at a time: the schedule and an admin call never interleave.
+    running: Mutex<()>,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The `checksum` of a seed-format list, recomputed as the publisher computes it.
+fn seed_checksum(value: &serde_json::Value) -> Option<Result<(), String>> {
+    let claimed = value.get("checksum")?.as_str()?.to_string();
+    let entries: Vec<Entry> = match value.get("entries") {
+        Some(e) => match serde_json::from_value(e.clone()) {
+            Ok(v) => v,
+            Err(e) => return Some(Err(format!("entries do not parse: {e}"))),
+        },
+        None => Vec::new(),
+    };
+    let patterns: Vec<Pattern> = match value.get("patterns") {
+        Some(p) => match serde_json::from_value(p.clone()) {
+            Ok(v) => v,
+            Err(e) => return Some(Err(format!("patterns do not parse: {e}"))),
+        },
+        None => Vec::new(),
+    };
+    let mut by_domain: Vec<&Entry> = entries.iter().collect();
+    by_domain.sort_by(|a, b| a.domain.cmp(&b.domain));
+    let mut h = Sha256::new();
+    for e in by_domain {
+        if let Some(line) = super::canonical(e) {
+            h.update(&line);
+            h.update(b"\n");
+        }
+    }
+    let mut sorted: Vec<&Pattern> = patterns.iter().collect();
+    sorted.sort_by(|a, b| (a.kind, &a.pattern).cmp(&(b.kind, &b.pattern)));
+    for p in sorted {
+        if let Some(line) = super::canonical(p) {
+            h.update(&line);
+            h.update(b"\n");
+        }
+    }
+    let computed = format!(
+        "sha256:{}",
+        h.finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    Some(if computed == claimed {
+        Ok(())
+    } else {
+        Err(format!(
+            "checksum mismatch: the list claims {claimed}, its content is {computed}"
+        ))
+    })
+}
+
+impl Syncer {
+    pub fn open(state_dir: &Path) -> Result<Self, Error> {
+        let path = state_dir.join("blocklist-sync.json");
+        let states: BTreeMap<String, SourceState> = store::read_json(&path)?;
+        Ok(Self {
+            path,
+            states: Mutex::new(states),
+            running: Mutex::new(()),
+        })
+    }
+
+    pub fn states(&self, sources: &[SyncSource]) -> Vec<SourceState> {
+        let states = self.states.lock().map(|s| s.clone()).unwrap_or_default();
+        sources
+            .iter()
+            .map(|s| {
+                states.get(&s.name).cloned().unwrap_or_else(|| SourceState {
+                    name: s.name.clone(),
+                    url: s.url.clone(),
+                    ..SourceState::default()
+                })
+            })
+            .collect()
+    }
+
+    /// Syncs each source in turn (blocking: call it off the runtime's workers).
+    pub fn sync_all(&self, list: &Blocklist, sources: &[SyncSource]) -> Vec<SourceState> {
+        let _one_at_a_time = self.running.lock();
+        let results: Vec<SourceState> = sources.iter().map(|s| self.sync_one(list, s)).collect();
+        if let Ok(mut states) = self.states.lock() {
+            // Records of sources no longer configured stay on disk but are never shown
+            // (`states` lists configured sources only); a source added back finds its history.
+            for r in &results {
+                states.insert(r.name.clone(), r.clone());
+            }
+            if let Err(e) = store::write_json(&self.path, &*states) {
+                warn!(error = %e, "cannot record the sync results");
+            }
+        }
+        results
+    }
+
+    fn sync_one(&self, list: &Blocklist, source: &SyncSource) -> SourceState {
+        let previous = self
+            .states
+            .lock()
+            .ok()
+            .and_then(|s| s.get(&source.name).cloned())
+            .unwrap_or_default();
+        let mut state = SourceState {
+            name: source.name.clone(),
+            url: source.url.clone(),
+            last_attempt: Some(now_secs()),
+            last_success: previous.last_success,
+            sha256: previous.sha256.clone(),
+            verified_by: previous.verified_by.clone(),
+            entries: list.domains_with_reason(&reason(source)).len(),
+            ..SourceState::default()
+        };
+        match self.fetch_and_apply(list, source, previous.sha256.as_deref()) {
+            Ok(outcome) => {
+                state.last_success = state.last_attempt;
+                state.sha256 = Some(outcome.sha256);
+                state.verified_by = Some(outcome.verified_by.into());
+                state.entries = outcome.entries;
+                state.added = outcome.added;
+                state.removed = outcome.removed;
+                state.skipped = outcome.skipped;
+                state.unchanged = outcome.unchanged;
+                info!(
+                    source = %source.name,
+                    entries = outcome.entries,
+                    added = outcome.added,
+                    removed = outcome.removed,
+                    unchanged = outcome.unchanged,
+                    "blocklist source synced"
+                );
+            }
+            Err(e) => {
+                warn!(source = %source.name, error = %e, "blocklist source rejected; nothing changed");
+                state.error = Some(e);
+            }
+        }
+        state
+    }
+
+    fn fetch_and_apply(
+        &self,
+        list: &Blocklist,
+        source: &SyncSource,
+        last_sha: Option<&str>,
+    ) -> Result<Outcome, String> {
+        let location = Location::parse(&source.url)?;
+        let body = location.fetch()?;
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err("the download is empty".into());
+        }
+        let sha = sha256_hex(&body);
+        let mut verified_by = "none";
+        if let Some(pinned) = &source.sha256 {
+            if !pinned.eq_ignore_ascii_case(&sha) {
+                return Err(format!(
+                    "checksum mismatch: expected sha256 {pinned}, got {sha}"
+                ));
+            }
+            verified_by = "pinned";
+        }
+        if let Some(url) = &source.sha256_url {
+            let text = Location::parse(url)?.fetch()?;
+            let text = String::from_utf8_lossy(&text);
+            let expected = text.split_whitespace().next().unwrap_or("");
+            if !expected.eq_ignore_ascii_case(&sha) {
+                return Err(format!(
+                    "checksum mismatch: {url} says {expected:?}, the download is {sha}"
+                ));
+            }
+            verified_by = "sha256_url";
+        }
+        let text = String::from_utf8(body).map_err(|_| "the download is not UTF-8 text")?;
+        let format = match source.format.as_str() {
+            "auto" => Format::detect(&text),
+            f => Format::parse(f).ok_or_else(|| format!("unknown format {f:?}"))?,
+        };
+        if format == Format::Json
+            && let Ok(value) = serde_json::from_str::<serde_json::Value>(&text)
+            && let Some(check) = seed_checksum(&value)
+        {
+            check?;
+            verified_by = if verified_by == "none" {
+                "embedded"
+            } else {
+                verified_by
+            };
+        }
+        let owned: BTreeSet<String> = list
+            .domains_with_reason(&reason(source))
+            .into_iter()
+            .collect();
+        if last_sha == Some(sha.as_str()) && !owned.is_empty() {
+            return Ok(Outcome {
+                sha256: sha,
+                verified_by,
+                entries: owned.len(),
+                unchanged: true,
+                ..Outcome::default()
+            });
+        }
+        let why = reason(source);
+        let parsed = import::parse(&text, format, &why, now_secs() * 1000);
+        if parsed.entries.is_empty() {
+            return Err(format!(
+                "no usable entry in the download ({} lines skipped)",
+                parsed.skipped.len()
+            ));
+        }
+        let mut upserts = Vec::new();
+        let mut wanted = BTreeSet::new();
+        for mut e in parsed.entries {
+            // Operator entries win: a source never takes over a domain listed by hand.
+            if let Some(existing) = list.get(&e.domain)
+                && existing.reason != why
+            {
+                continue;
+            }
+            if !wanted.insert(e.domain.clone()) {
+                continue;
+            }
+            e.reason = why.clone();
+            if !owned.contains(&e.domain) {
+                upserts.push(e);
+            }
+        }
+        let removals: Vec<String> = owned.difference(&wanted).cloned().collect();
+        let (added, removed) = (upserts.len(), removals.len());
+        list.apply(upserts, removals).map_err(|e| e.to_string())?;
+        Ok(Outcome {
+            sha256: sha,
+            verified_by,
+            entries: wanted.len(),
+            added,
+            removed,
+            skipped: parsed.skipped.len(),
+            unchanged: false,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Outcome {
+    sha256: String,
+    verified_by: &'static str,
+    entries: usize,
+    added: usize,
+    removed: usize,
+    skipped: usize,
+    unchanged: bool,
+}
+
+pub fn reason(source: &SyncSource) -> String {
+    format!("sync:{}", source.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations() {
+        assert_eq!(
+            Location::parse("/srv/list.txt"),
+            Ok(Location::File("/srv/list.txt".into()))
+        );
+        assert_eq!(
+            Location::parse("file:///srv/list.txt"),
+            Ok(Location::File("/srv/list.txt".into()))
+        );
+        assert!(matches!(
+            Location::parse("https://lists.example/gambling.txt"),
+            Ok(Location::Http(_))
+        ));
+        assert!(Location::parse("relative/list.txt").is_err());
+        assert!(Location::parse("ftp://lists.example/x").is_err());
+    }
+}

@@ -1,0 +1,198 @@
+//! The answer cache: upstream answers as wire bytes, served until their TTL runs out, with
+//! the TTLs counted down on the way out.
+//!
+//! Sharded so the resolver's workers rarely meet on a lock; each shard is bounded, and a full
+//! shard first drops what has expired, then an arbitrary eighth of itself (hash order), which
+//! keeps inserts O(1) amortised without LRU bookkeeping on every hit.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, Hash, Hasher},
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use super::wire::{self, Question};
+
+const SHARDS: usize = 16;
+
+struct Cached {
+    name: Box<str>,
+    qtype: u16,
+    qclass: u16,
+    edns: bool,
+    wire: Box<[u8]>,
+    ttl_offsets: Box<[u32]>,
+    stored: Instant,
+    ttl: u32,
+}
+
+pub struct Cache {
+    shards: Vec<Mutex<HashMap<u64, Cached>>>,
+    per_shard: usize,
+    max_ttl: u32,
+    hasher: foldhash::fast::RandomState,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+}
+
+impl Cache {
+    pub fn new(entries: usize, max_ttl: u32) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: entries.div_ceil(SHARDS),
+            max_ttl,
+            hasher: foldhash::fast::RandomState::default(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.per_shard > 0
+    }
+
+    fn key(&self, q: &Question) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        q.name.hash(&mut h);
+        q.qtype.hash(&mut h);
+        q.qclass.hash(&mut h);
+        q.has_edns.hash(&mut h);
+        h.finish()
+    }
+
+    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Cached>> {
+        let m = &self.shards[(key as usize) % SHARDS];
+        match m.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The cached answer to `q`, with the client's ID and question bytes (its letter case) and
+    /// the TTLs reduced by the time spent in the cache.
+    pub fn get(&self, query: &[u8], q: &Question) -> Option<Vec<u8>> {
+        if !self.enabled() {
+            return None;
+        }
+        let key = self.key(q);
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        let hit = match shard.get(&key) {
+            Some(c)
+                if *c.name == q.name
+                    && c.qtype == q.qtype
+                    && c.qclass == q.qclass
+                    && c.edns == q.has_edns =>
+            {
+                let age = now.saturating_duration_since(c.stored).as_secs() as u32;
+                if age >= c.ttl {
+                    None
+                } else {
+                    let mut out = c.wire.to_vec();
+                    for &at in c.ttl_offsets.iter() {
+                        let at = at as usize;
+                        if let Some(field) = out.get_mut(at..at + 4) {
+                            let ttl = u32::from_be_bytes([field[0], field[1], field[2], field[3]]);
+                            field.copy_from_slice(&ttl.saturating_sub(age).to_be_bytes());
+                        }
+                    }
+                    Some(out)
+                }
+            }
+            _ => None,
+        };
+        match hit {
+            Some(mut out) => {
+                drop(shard);
+                wire::set_id(&mut out, q.id);
+                // The question as the client wrote it (0x20 letter-case randomisation).
+                if out.len() >= q.end && query.len() >= q.end {
+                    out[wire::HEADER_LEN..q.end].copy_from_slice(&query[wire::HEADER_LEN..q.end]);
+                }
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                Some(out)
+            }
+            None => {
+                shard.remove(&key);
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Keeps an upstream answer for its TTL (capped by the configured maximum). Answers that
+    /// are truncated, failed, or carry no TTL to go by are not kept.
+    pub fn put(&self, q: &Question, answer: &[u8]) {
+        if !self.enabled() {
+            return;
+        }
+        let Some(shape) = wire::answer_shape(answer) else {
+            return;
+        };
+        let Some(ttl) = shape.ttl.map(|t| t.min(self.max_ttl)) else {
+            return;
+        };
+        if shape.truncated || ttl == 0 || !(shape.rcode == 0 || shape.rcode == wire::RCODE_NXDOMAIN)
+        {
+            return;
+        }
+        let key = self.key(q);
+        let now = Instant::now();
+        let mut shard = self.shard(key);
+        if shard.len() >= self.per_shard && !shard.contains_key(&key) {
+            shard.retain(|_, c| {
+                now.saturating_duration_since(c.stored) < Duration::from_secs(u64::from(c.ttl))
+            });
+            if shard.len() >= self.per_shard {
+                let drop_n = (self.per_shard / 8).max(1);
+                let victims: Vec<u64> = shard.keys().take(drop_n).copied().collect();
+                for k in victims {
+                    shard.remove(&k);
+                }
+            }
+        }
+        shard.insert(
+            key,
+            Cached {
+                name: q.name.as_str().into(),
+                qtype: q.qtype,
+                qclass: q.qclass,
+                edns: q.has_edns,
+                wire: answer.into(),
+                ttl_offsets: shape.ttl_offsets.into(),
+                stored: now,
+                ttl,
+            },
+        );
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map(|g| g.len()).unwrap_or(0))
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .map(|mut g| {
+                        let n = g.len();
+                        g.clear();
+                        n
+                    })
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+}

@@ -1,0 +1,394 @@
+//! Phantom's DNS resolver for VPN clients (SPEC 6, layer 1): UDP and TCP 53 on the WireGuard
+//! server address, forwarding to the `dns` module's upstreams with a TTL-honouring cache,
+//! answering blocked names itself with the blocklist's full engine (exact, subdomain,
+//! contains, regex, lookalikes).
+//!
+//! Policy: a dry-run mode that counts what would be blocked and blocks nothing, and per-client
+//! blocking on/off by client name. Both are mirrored into the kernel filter's maps, so a client
+//! that asks another resolver sees the same policy; the resolver's own answers carry an skb
+//! mark the kernel filter leaves alone.
+//!
+//! Privacy (seed 001): nothing here logs or stores a client address or a queried name; the
+//! counters are totals.
+
+pub mod cache;
+pub mod server;
+pub mod wire;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpStream, UdpSocket},
+};
+use tracing::warn;
+
+use self::{
+    cache::Cache,
+    wire::{QueryError, Question},
+};
+use crate::{
+    blocklist::Blocklist,
+    config::{BlockResponse, DnsConfig},
+    core::Server,
+    datapath::Datapath,
+    dns::Dns,
+    error::Error,
+    store,
+};
+
+/// TTL of sinkhole answers.
+const SINKHOLE_TTL: u32 = 60;
+
+/// Totals since start.
+#[derive(Default)]
+pub struct Stats {
+    pub queries_udp: AtomicU64,
+    pub queries_tcp: AtomicU64,
+    pub blocked: AtomicU64,
+    /// Blocked names answered normally because of dry run.
+    pub dry_run_matches: AtomicU64,
+    /// Blocked names answered normally because the client has blocking off.
+    pub exempt_matches: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub upstream_failures: AtomicU64,
+    pub malformed: AtomicU64,
+    pub truncated: AtomicU64,
+}
+
+/// What survives restarts: dry run and the clients with blocking off.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Policy {
+    pub dry_run: bool,
+    /// Client names with blocking switched off.
+    pub blocking_off: BTreeSet<String>,
+}
+
+pub struct Resolver {
+    config: DnsConfig,
+    pub cache: Cache,
+    blocklist: Option<Arc<Blocklist>>,
+    dns: Arc<Dns>,
+    pub(crate) wireguard: Option<Arc<Server>>,
+    datapath: Option<Arc<Datapath>>,
+    policy: RwLock<Policy>,
+    policy_path: PathBuf,
+    /// Addresses of clients with blocking off, resolved from their names.
+    exempt: RwLock<Arc<HashSet<IpAddr>>>,
+    pub stats: Stats,
+    /// What the listeners are bound to right now.
+    pub listening: Mutex<Vec<SocketAddr>>,
+}
+
+/// The outcome of answering from what the resolver holds.
+pub enum Local {
+    /// An answer, with the question it answers when there was one (UDP fits it to size).
+    Reply(Vec<u8>, Option<Question>),
+    /// Needs the upstreams.
+    Forward(Question),
+    /// Not something to answer (a response, or less than a header).
+    Ignore,
+}
+
+fn random_id() -> u16 {
+    let mut b = [0u8; 2];
+    // A failure leaves 0: still a valid ID, and the random source port stays.
+    let _ = getrandom::fill(&mut b);
+    u16::from_ne_bytes(b)
+}
+
+impl Resolver {
+    pub fn open(
+        config: &DnsConfig,
+        state_dir: &Path,
+        blocklist: Option<Arc<Blocklist>>,
+        dns: Arc<Dns>,
+        wireguard: Option<Arc<Server>>,
+        datapath: Option<Arc<Datapath>>,
+    ) -> Result<Self, Error> {
+        let policy_path = state_dir.join("resolver.json");
+        let policy = if policy_path.exists() {
+            store::read_json(&policy_path)?
+        } else {
+            Policy {
+                dry_run: config.dry_run,
+                blocking_off: BTreeSet::new(),
+            }
+        };
+        let resolver = Self {
+            config: config.clone(),
+            cache: Cache::new(config.cache_entries, config.max_cache_ttl_seconds),
+            blocklist,
+            dns,
+            wireguard,
+            datapath,
+            policy: RwLock::new(policy),
+            policy_path,
+            exempt: RwLock::new(Arc::new(HashSet::new())),
+            stats: Stats::default(),
+            listening: Mutex::new(Vec::new()),
+        };
+        resolver.refresh_clients();
+        Ok(resolver)
+    }
+
+    pub fn config(&self) -> &DnsConfig {
+        &self.config
+    }
+
+    /// The addresses the listeners hold right now.
+    pub fn listening(&self) -> Vec<SocketAddr> {
+        self.listening.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn policy(&self) -> Policy {
+        match self.policy.read() {
+            Ok(p) => p.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Whether answers are filtered at all (a blocklist exists).
+    pub fn filtering(&self) -> bool {
+        self.blocklist.is_some()
+    }
+
+    fn change_policy(&self, f: impl FnOnce(&mut Policy)) -> Result<Policy, Error> {
+        let mut guard = self
+            .policy
+            .write()
+            .map_err(|_| Error::Other("resolver policy lock poisoned".into()))?;
+        let mut next = guard.clone();
+        f(&mut next);
+        // Durable before it is in force.
+        store::write_json(&self.policy_path, &next)?;
+        *guard = next.clone();
+        drop(guard);
+        self.refresh_clients();
+        Ok(next)
+    }
+
+    pub fn set_dry_run(&self, on: bool) -> Result<Policy, Error> {
+        self.change_policy(|p| p.dry_run = on)
+    }
+
+    pub fn set_client_blocking(&self, client: &str, blocking: bool) -> Result<Policy, Error> {
+        self.change_policy(|p| {
+            if blocking {
+                p.blocking_off.remove(client);
+            } else {
+                p.blocking_off.insert(client.to_string());
+            }
+        })
+    }
+
+    /// Resolves client names to addresses and writes the policy into the kernel filter. Run at
+    /// start, on every policy change and from housekeeping (clients come, go and move).
+    pub fn refresh_clients(&self) {
+        let policy = self.policy();
+        let mut exempt = HashSet::new();
+        if !policy.blocking_off.is_empty()
+            && let Some(server) = &self.wireguard
+        {
+            match server.store.all() {
+                Ok(clients) => {
+                    for c in clients {
+                        if policy.blocking_off.contains(&c.name) {
+                            exempt.insert(IpAddr::V4(c.ip));
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot read the clients for DNS policy"),
+            }
+        }
+        if let Some(dp) = &self.datapath {
+            let set: BTreeSet<IpAddr> = exempt.iter().copied().collect();
+            if let Err(e) = dp.dns_policy.set_exempt(&set) {
+                warn!(error = %e, "cannot write the exempt clients into the kernel");
+            }
+            if let Err(e) = dp
+                .dns_policy
+                .set_policy(policy.dry_run, self.config.answer_mark)
+            {
+                warn!(error = %e, "cannot write the DNS policy into the kernel");
+            }
+        }
+        match self.exempt.write() {
+            Ok(mut e) => *e = Arc::new(exempt),
+            Err(p) => *p.into_inner() = Arc::new(exempt),
+        }
+    }
+
+    /// Addresses with blocking off right now, by client name.
+    pub fn exempt_clients(&self) -> BTreeMap<String, Option<IpAddr>> {
+        let policy = self.policy();
+        let ips: BTreeMap<String, IpAddr> = self
+            .wireguard
+            .as_ref()
+            .and_then(|s| s.store.all().ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| (c.name, IpAddr::V4(c.ip)))
+            .collect();
+        policy
+            .blocking_off
+            .into_iter()
+            .map(|n| {
+                let ip = ips.get(&n).copied();
+                (n, ip)
+            })
+            .collect()
+    }
+
+    fn is_exempt(&self, client: IpAddr) -> bool {
+        let set = match self.exempt.read() {
+            Ok(s) => Arc::clone(&s),
+            Err(p) => Arc::clone(&p.into_inner()),
+        };
+        !set.is_empty() && set.contains(&client)
+    }
+
+    /// Answers from the blocklist and the cache when it can; otherwise says what to forward.
+    pub fn answer_locally(&self, query: &[u8], client: IpAddr) -> Local {
+        let q = match wire::parse_query(query) {
+            Ok(q) => q,
+            Err(QueryError::TooShort | QueryError::NotQuery) => return Local::Ignore,
+            Err(QueryError::Unsupported) => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                // NOTIMP for other opcodes and question counts.
+                return wire::header_reply(query, 4)
+                    .map_or(Local::Ignore, |a| Local::Reply(a, None));
+            }
+            Err(QueryError::Malformed) => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                return wire::header_reply(query, 1)
+                    .map_or(Local::Ignore, |a| Local::Reply(a, None));
+            }
+        };
+        if let Some(list) = &self.blocklist
+            && !q.name.is_empty()
+            && list.is_blocked(&q.name)
+        {
+            if self.is_exempt(client) {
+                self.stats.exempt_matches.fetch_add(1, Ordering::Relaxed);
+            } else if self.policy().dry_run {
+                self.stats.dry_run_matches.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.stats.blocked.fetch_add(1, Ordering::Relaxed);
+                let answer = match self.config.block_response {
+                    BlockResponse::Nxdomain => wire::rcode_reply(query, &q, wire::RCODE_NXDOMAIN),
+                    BlockResponse::Sinkhole => wire::sinkhole_reply(query, &q, SINKHOLE_TTL),
+                };
+                return Local::Reply(answer, None);
+            }
+        }
+        match self.cache.get(query, &q) {
+            Some(answer) => Local::Reply(answer, Some(q)),
+            None => Local::Forward(q),
+        }
+    }
+
+    /// Asks the upstreams (primary, then secondary), caches the answer and returns it with the
+    /// client's ID; SERVFAIL when none answers.
+    pub async fn forward(&self, query: &[u8], q: &Question) -> Vec<u8> {
+        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        let servers = self.dns.servers();
+        let own = self.listening.lock().map(|l| l.clone()).unwrap_or_default();
+        let timeout = Duration::from_millis(self.config.upstream_timeout_ms);
+        let mut tried = BTreeSet::new();
+        for server in [servers.primary, servers.secondary] {
+            // Never forward to ourselves: that would be a loop.
+            if !tried.insert(server) || own.iter().any(|a| a.ip() == server) {
+                continue;
+            }
+            let upstream = SocketAddr::new(server, 53);
+            match tokio::time::timeout(timeout, ask_upstream(upstream, query, q)).await {
+                Ok(Ok(mut answer)) => {
+                    if hickory_proto::op::Message::from_vec(&answer).is_err() {
+                        self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    self.cache.put(q, &answer);
+                    wire::set_id(&mut answer, q.id);
+                    if answer.len() >= q.end && query.len() >= q.end {
+                        answer[wire::HEADER_LEN..q.end]
+                            .copy_from_slice(&query[wire::HEADER_LEN..q.end]);
+                    }
+                    return answer;
+                }
+                Ok(Err(_)) | Err(_) => {
+                    self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        wire::rcode_reply(query, q, wire::RCODE_SERVFAIL)
+    }
+}
+
+/// Does `answer` answer `q` (the same question, any letter case)?
+fn same_question(answer: &[u8], query: &[u8], q: &Question) -> bool {
+    answer.len() >= q.end
+        && answer[4..6] == [0, 1]
+        && answer[wire::HEADER_LEN..q.end].eq_ignore_ascii_case(&query[wire::HEADER_LEN..q.end])
+}
+
+/// One exchange with an upstream: UDP from a fresh random port with a fresh random ID, and
+/// over TCP when the UDP answer is truncated.
+async fn ask_upstream(
+    upstream: SocketAddr,
+    query: &[u8],
+    q: &Question,
+) -> std::io::Result<Vec<u8>> {
+    let id = random_id();
+    let mut out = query.to_vec();
+    wire::set_id(&mut out, id);
+    let bind: SocketAddr = if upstream.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let sock = UdpSocket::bind(bind).await?;
+    sock.connect(upstream).await?;
+    sock.send(&out).await?;
+    let mut buf = vec![0u8; 65_535];
+    let answer = loop {
+        let n = sock.recv(&mut buf).await?;
+        let a = &buf[..n];
+        // Anything else arriving on this port is ignored (spoofing, stale answers).
+        if n >= wire::HEADER_LEN
+            && a[..2] == id.to_be_bytes()
+            && a[2] & 0x80 != 0
+            && same_question(a, &out, q)
+        {
+            break a.to_vec();
+        }
+    };
+    if answer[2] & 0x02 == 0 {
+        return Ok(answer);
+    }
+    let mut tcp = TcpStream::connect(upstream).await?;
+    let len = u16::try_from(out.len()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    let mut framed = len.to_be_bytes().to_vec();
+    framed.extend_from_slice(&out);
+    tcp.write_all(&framed).await?;
+    let n = tcp.read_u16().await? as usize;
+    let mut full = vec![0u8; n];
+    tcp.read_exact(&mut full).await?;
+    if full.len() < wire::HEADER_LEN
+        || full[..2] != id.to_be_bytes()
+        || !same_question(&full, &out, q)
+    {
+        return Err(std::io::ErrorKind::InvalidData.into());
+    }
+    Ok(full)
+}

@@ -1,0 +1,303 @@
+//! Phantom's resolver end to end: two real WireGuard clients (wg-quick + wireguard-go) ask the
+//! daemon's resolver through the tunnel with `dig`; dnsmasq in an upstream namespace holds the
+//! real records. Blocking (exact, subdomain, regex mirror, lookalike), the kernel layer for
+//! clients that ask the upstream directly, per-client policy, dry run, the cache and TCP.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed expectation is a failed test
+
+use std::time::{Duration, Instant};
+
+use phantom_tests::{
+    BpffsDir, Daemon, DaemonConfig, NetNs, Process, WgQuickClient, WireguardSettings, api, api_err,
+    dig, dnsmasq, require_root, veth,
+};
+
+const VPN_SUBNET: &str = "198.51.100.0/24";
+const RESOLVER: &str = "198.51.100.1";
+const UPSTREAM: &str = "203.0.113.53";
+const ENDPOINT: &str = "192.0.2.1";
+const CASINO: &str = "203.0.113.100";
+const WWW_CASINO: &str = "203.0.113.101";
+const FINE: &str = "203.0.113.105";
+
+/// The server (daemon), two client namespaces on their own links, and the upstream resolver.
+struct Topology {
+    server: NetNs,
+    alice: NetNs,
+    bob: NetNs,
+    upstream: NetNs,
+}
+
+impl Topology {
+    fn new() -> Self {
+        let t = Self {
+            server: NetNs::new("phs"),
+            alice: NetNs::new("pha"),
+            bob: NetNs::new("phb"),
+            upstream: NetNs::new("phu"),
+        };
+        veth(&t.server, "a0", &t.alice, "eth0");
+        veth(&t.server, "b0", &t.bob, "eth0");
+        veth(&t.server, "up0", &t.upstream, "dns0");
+        t.server.ip(&["addr", "add", "192.0.2.1/28", "dev", "a0"]);
+        t.server.ip(&["addr", "add", "192.0.2.17/28", "dev", "b0"]);
+        t.server
+            .ip(&["addr", "add", "203.0.113.1/24", "dev", "up0"]);
+        t.alice.ip(&["addr", "add", "192.0.2.2/28", "dev", "eth0"]);
+        t.alice.ip(&["route", "add", "default", "via", "192.0.2.1"]);
+        t.bob.ip(&["addr", "add", "192.0.2.18/28", "dev", "eth0"]);
+        t.bob.ip(&["route", "add", "default", "via", "192.0.2.17"]);
+        t.upstream
+            .ip(&["addr", "add", "203.0.113.53/24", "dev", "dns0"]);
+        t.upstream
+            .ip(&["route", "add", "default", "via", "203.0.113.1"]);
+        t
+    }
+
+    fn dnsmasq(&self) -> Process {
+        dnsmasq(
+            &self.upstream,
+            &[UPSTREAM],
+            &[
+                "casino.example,203.0.113.100",
+                "www.casino.example,203.0.113.101",
+                "fine.example,203.0.113.105",
+                "jg0042.com,203.0.113.106",
+                "b3t365.com,203.0.113.107",
+                "google.com,203.0.113.200",
+                "cloudflare.com,203.0.113.201",
+            ],
+            "fine.example",
+        )
+    }
+
+    fn start(&self, bpffs: &BpffsDir, dns: &str) -> Daemon {
+        let mut config = DaemonConfig::new("a0", bpffs.path());
+        config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, ENDPOINT));
+        config.dns_section = dns.into();
+        Daemon::start(&self.server, &config)
+    }
+}
+
+fn resolver_section(extra: &str) -> String {
+    format!("listen = \"auto\"\nprimary = \"{UPSTREAM}\"\nsecondary = \"{UPSTREAM}\"\n{extra}")
+}
+
+/// `dig` until it gets any reply (the tunnel and the resolver's listener come up in their
+/// own time), then its result.
+fn dig_ready(ns: &NetNs, server: &str, name: &str) -> (String, Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = dig(ns, server, name, "A", &[]);
+        if !r.0.starts_with("NO REPLY") || Instant::now() > deadline {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn status(ns: &NetNs, server: &str, name: &str) -> String {
+    dig(ns, server, name, "A", &[]).0
+}
+
+fn connect(daemon: &Daemon, ns: &NetNs, name: &str) -> WgQuickClient {
+    api(
+        daemon,
+        &["core", "add_client", &format!("client_name={name}")],
+    );
+    let export = api(
+        daemon,
+        &["core", "export_client", &format!("client_name={name}")],
+    );
+    let config = export["config"].as_str().unwrap();
+    assert!(
+        config.contains(&format!("DNS = {RESOLVER}\n")),
+        "exported configs point DNS at the resolver:\n{config}"
+    );
+    WgQuickClient::up(ns, config)
+}
+
+#[test]
+fn resolver_blocks_for_vpn_clients_with_per_client_policy_and_dry_run() {
+    if !require_root("resolver_blocks_for_vpn_clients_with_per_client_policy_and_dry_run") {
+        return;
+    }
+    let topo = Topology::new();
+    let _upstream = topo.dnsmasq();
+    let bpffs = BpffsDir::new();
+    let daemon = topo.start(&bpffs, &resolver_section(""));
+    api(&daemon, &["blocklist", "add", "domain=casino.example"]);
+    api(
+        &daemon,
+        &[
+            "blocklist",
+            "add_pattern",
+            r"pattern=^jg\d{4}\.com$",
+            "type=regex",
+            "weight=0.9",
+        ],
+    );
+    let _alice = connect(&daemon, &topo.alice, "alice");
+    let _bob = connect(&daemon, &topo.bob, "bob");
+
+    // The real answer for what is not blocked, over UDP and TCP.
+    let (st, answers) = dig_ready(&topo.alice, RESOLVER, "fine.example");
+    assert_eq!((st.as_str(), answers), ("NOERROR", vec![FINE.to_string()]));
+    let (st, answers) = dig(&topo.alice, RESOLVER, "fine.example", "A", &["+tcp"]);
+    assert_eq!((st.as_str(), answers), ("NOERROR", vec![FINE.to_string()]));
+    // NXDOMAIN for the blocked name, its subdomain, the regex mirror and the lookalike.
+    for name in [
+        "casino.example",
+        "www.casino.example",
+        "jg0042.com",
+        "b3t365.com",
+    ] {
+        assert_eq!(status(&topo.alice, RESOLVER, name), "NXDOMAIN", "{name}");
+    }
+    assert_eq!(
+        dig(&topo.alice, RESOLVER, "casino.example", "A", &["+tcp"]).0,
+        "NXDOMAIN",
+        "over TCP too"
+    );
+    // Asking the upstream directly through the tunnel: the kernel filter rewrites the answers
+    // for exact and subdomain rules.
+    let (st, _) = dig_ready(&topo.alice, UPSTREAM, "fine.example");
+    assert_eq!(st, "NOERROR");
+    let st = status(&topo.alice, UPSTREAM, "casino.example");
+    assert_eq!(
+        st,
+        "NXDOMAIN",
+        "{}",
+        api(&daemon, &["datapath", "counters"])
+    );
+    assert_eq!(
+        status(&topo.alice, UPSTREAM, "www.casino.example"),
+        "NXDOMAIN"
+    );
+
+    // Per-client policy: bob unfiltered, on both paths; alice still filtered.
+    assert_eq!(
+        api_err(
+            &daemon,
+            &[
+                "dns",
+                "set_client_policy",
+                "client_name=nobody",
+                "blocking=false"
+            ]
+        ),
+        "CLIENT_NOT_FOUND"
+    );
+    api(
+        &daemon,
+        &[
+            "dns",
+            "set_client_policy",
+            "client_name=bob",
+            "blocking=false",
+        ],
+    );
+    let policies = api(&daemon, &["dns", "client_policies"]);
+    assert_eq!(policies["clients"][0]["client_name"], "bob", "{policies}");
+    let (st, answers) = dig_ready(&topo.bob, RESOLVER, "casino.example");
+    assert_eq!(
+        (st.as_str(), answers),
+        ("NOERROR", vec![CASINO.to_string()])
+    );
+    let (st, answers) = dig(&topo.bob, UPSTREAM, "www.casino.example", "A", &[]);
+    assert_eq!(
+        (st.as_str(), answers),
+        ("NOERROR", vec![WWW_CASINO.to_string()])
+    );
+    assert_eq!(status(&topo.alice, RESOLVER, "casino.example"), "NXDOMAIN");
+    assert_eq!(status(&topo.alice, UPSTREAM, "casino.example"), "NXDOMAIN");
+    api(
+        &daemon,
+        &[
+            "dns",
+            "set_client_policy",
+            "client_name=bob",
+            "blocking=true",
+        ],
+    );
+    assert_eq!(status(&topo.bob, RESOLVER, "casino.example"), "NXDOMAIN");
+    assert_eq!(status(&topo.bob, UPSTREAM, "casino.example"), "NXDOMAIN");
+
+    // Dry run: counted, not blocked, anywhere.
+    let before = api(&daemon, &["dns", "status"])["resolver"]["dry_run_matches"]
+        .as_u64()
+        .unwrap();
+    api(&daemon, &["dns", "set_dry_run", "enabled=true"]);
+    let (st, answers) = dig(&topo.alice, RESOLVER, "casino.example", "A", &[]);
+    assert_eq!(
+        (st.as_str(), answers),
+        ("NOERROR", vec![CASINO.to_string()])
+    );
+    assert_eq!(status(&topo.alice, RESOLVER, "b3t365.com"), "NOERROR");
+    assert_eq!(status(&topo.alice, UPSTREAM, "casino.example"), "NOERROR");
+    let st = api(&daemon, &["dns", "status"]);
+    assert_eq!(st["resolver"]["dry_run"], true);
+    assert_eq!(
+        st["resolver"]["dry_run_matches"].as_u64().unwrap(),
+        before + 2,
+        "{st}"
+    );
+    assert_eq!(st["mode"], "filtering");
+    api(&daemon, &["dns", "set_dry_run", "enabled=false"]);
+    assert_eq!(status(&topo.alice, RESOLVER, "casino.example"), "NXDOMAIN");
+    assert_eq!(status(&topo.alice, UPSTREAM, "casino.example"), "NXDOMAIN");
+
+    // The cache answered the repeats.
+    let st = api(&daemon, &["dns", "status"]);
+    assert!(
+        st["resolver"]["cache"]["hits"].as_u64().unwrap() > 0,
+        "{st}"
+    );
+    assert!(st["resolver"]["blocked"].as_u64().unwrap() >= 6, "{st}");
+
+    // Nothing about who asked or what they asked is in the logs.
+    let log = daemon.log();
+    for secret in [
+        "192.0.2.2",
+        "192.0.2.18",
+        "198.51.100.2",
+        "198.51.100.3",
+        "fine.example",
+        "jg0042",
+        "b3t365",
+    ] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
+}
+
+#[test]
+fn sinkhole_answers_and_policy_survive_a_restart() {
+    if !require_root("sinkhole_answers_and_policy_survive_a_restart") {
+        return;
+    }
+    let topo = Topology::new();
+    let _upstream = topo.dnsmasq();
+    let bpffs = BpffsDir::new();
+    let mut daemon = topo.start(&bpffs, &resolver_section("block_response = \"sinkhole\"\n"));
+    api(&daemon, &["blocklist", "add", "domain=casino.example"]);
+    let _alice = connect(&daemon, &topo.alice, "alice");
+    let (st, answers) = dig_ready(&topo.alice, RESOLVER, "casino.example");
+    assert_eq!(
+        (st.as_str(), answers),
+        ("NOERROR", vec!["0.0.0.0".to_string()])
+    );
+    let (st, answers) = dig(&topo.alice, RESOLVER, "www.casino.example", "AAAA", &[]);
+    assert_eq!((st.as_str(), answers), ("NOERROR", vec!["::".to_string()]));
+
+    api(&daemon, &["dns", "set_dry_run", "enabled=true"]);
+    daemon.kill9();
+    daemon.restart();
+    assert_eq!(
+        api(&daemon, &["dns", "status"])["resolver"]["dry_run"],
+        true
+    );
+    let (st, answers) = dig_ready(&topo.alice, RESOLVER, "casino.example");
+    assert_eq!(
+        (st.as_str(), answers),
+        ("NOERROR", vec![CASINO.to_string()])
+    );
+}
