@@ -369,11 +369,25 @@ fn reload(opts: &Options, ctx: &Context, logs: &LogControl, top_sources: &Atomic
     let mut running = old.clone();
     running.log = new.log.clone();
     running.metrics.top_sources = new.metrics.top_sources;
+    // Blocklist sources, their schedule and the lookalike brands apply at once.
+    running.blocklist.sources = new.blocklist.sources.clone();
+    running.blocklist.sync_interval_seconds = new.blocklist.sync_interval_seconds;
+    running.blocklist.lookalike = new.blocklist.lookalike;
+    running.blocklist.brands = new.blocklist.brands.clone();
+    if let Some(list) = &ctx.blocklist
+        && new.blocklist.lookalike_brands() != old.blocklist.lookalike_brands()
+    {
+        list.set_lookalike_brands(&new.blocklist.lookalike_brands());
+    }
     // Everything else needs a restart; say which sections differ.
     let mut pending = Vec::new();
     let mut rest = new.clone();
     rest.log = old.log.clone();
     rest.metrics.top_sources = old.metrics.top_sources;
+    rest.blocklist.sources = old.blocklist.sources.clone();
+    rest.blocklist.sync_interval_seconds = old.blocklist.sync_interval_seconds;
+    rest.blocklist.lookalike = old.blocklist.lookalike;
+    rest.blocklist.brands = old.blocklist.brands.clone();
     for (name, differs) in [
         ("state_dir", rest.state_dir != old.state_dir),
         ("admin", rest.admin != old.admin),

@@ -129,7 +129,16 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { args } => {
             step(
                 "build phantom-bench",
-                cargo().args(["build", "--release", "--bin", "phantom-bench"]),
+                cargo().args([
+                    "build",
+                    "--release",
+                    "--bin",
+                    "phantom-bench",
+                    "--bin",
+                    "phantomd",
+                    "--bin",
+                    "phantom-api",
+                ]),
             )?;
             let status = Command::new(target_dir().join("release/phantom-bench"))
                 .args(&args)

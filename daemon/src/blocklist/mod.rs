@@ -11,11 +11,15 @@ pub mod matcher;
 pub mod model;
 pub mod store;
 pub mod sync;
+pub mod table;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashMap,
     path::Path,
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -24,55 +28,21 @@ use tracing::{info, warn};
 
 use self::{
     lookalike::Lookalikes,
-    matcher::{Matcher, Verdict},
+    matcher::{Matcher, Verdict, to_weight},
     model::{Entry, Pattern, PatternType},
     store::{BlocklistStore, Change},
+    table::{DomainTable, Listed},
 };
 use crate::{
     datapath::{Datapath, Owner},
     error::Error,
 };
 
-/// One listed domain as kept in memory. Lists run to millions of entries, so the domain lives
-/// once (the map key), entries with the same reason share it, and the patterns are kept as the
-/// two weights they always are; the seed's `Entry` is rebuilt when one is asked for.
-#[derive(Clone, Debug)]
-struct Listed {
-    exact: f64,
-    sub: f64,
-    added_at: u64,
-    reason: Arc<str>,
-}
-
-impl Listed {
-    fn entry(&self, domain: &str) -> Entry {
-        let mut patterns = Vec::with_capacity(2);
-        if self.exact > 0.0 {
-            patterns.push(Pattern {
-                pattern: domain.to_string(),
-                kind: PatternType::Exact,
-                weight: self.exact,
-            });
-        }
-        if self.sub > 0.0 {
-            patterns.push(Pattern {
-                pattern: format!("*.{domain}"),
-                kind: PatternType::Subdomain,
-                weight: self.sub,
-            });
-        }
-        Entry {
-            domain: domain.to_string(),
-            patterns,
-            added_at: self.added_at,
-            reason: self.reason.to_string(),
-        }
-    }
-}
-
 struct State {
-    entries: BTreeMap<Box<str>, Listed>,
-    reasons: HashSet<Arc<str>>,
+    entries: DomainTable,
+    /// Distinct reasons, shared by index: most entries of a list share a handful.
+    reasons: Vec<Arc<str>>,
+    reason_index: HashMap<Arc<str>, u32>,
     patterns: Vec<Pattern>,
     version: u64,
     matcher: Matcher,
@@ -80,27 +50,65 @@ struct State {
 
 impl State {
     fn listed(&mut self, e: &Entry) -> Listed {
-        let reason = match self.reasons.get(e.reason.as_str()) {
-            Some(r) => Arc::clone(r),
+        let reason = match self.reason_index.get(e.reason.as_str()) {
+            Some(i) => *i,
             None => {
                 let r: Arc<str> = Arc::from(e.reason.as_str());
-                self.reasons.insert(Arc::clone(&r));
-                r
+                let i = self.reasons.len() as u32;
+                self.reasons.push(Arc::clone(&r));
+                self.reason_index.insert(r, i);
+                i
             }
         };
         let (exact, sub) = e.weights();
         Listed {
-            exact,
-            sub,
             added_at: e.added_at,
             reason,
+            exact: to_weight(exact),
+            sub: to_weight(sub),
         }
     }
 
-    fn insert(&mut self, e: &Entry) {
-        let listed = self.listed(e);
-        self.matcher.upsert(&e.domain, listed.exact, listed.sub);
-        self.entries.insert(e.domain.as_str().into(), listed);
+    fn insert(&mut self, entries: &[Entry]) {
+        let rows: Vec<(&str, Listed)> = entries
+            .iter()
+            .map(|e| (e.domain.as_str(), self.listed(e)))
+            .collect();
+        for (domain, listed) in &rows {
+            let (exact, sub) = listed.weights();
+            self.matcher.upsert(domain, exact, sub);
+        }
+        self.entries.upsert(rows);
+    }
+
+    /// The seed's `Entry` for a listed domain.
+    fn entry(&self, domain: &str, listed: &Listed) -> Entry {
+        let (exact, sub) = listed.weights();
+        let mut patterns = Vec::with_capacity(2);
+        if listed.exact > 0 {
+            patterns.push(Pattern {
+                pattern: domain.to_string(),
+                kind: PatternType::Exact,
+                weight: exact,
+            });
+        }
+        if listed.sub > 0 {
+            patterns.push(Pattern {
+                pattern: format!("*.{domain}"),
+                kind: PatternType::Subdomain,
+                weight: sub,
+            });
+        }
+        Entry {
+            domain: domain.to_string(),
+            patterns,
+            added_at: listed.added_at,
+            reason: self
+                .reasons
+                .get(listed.reason as usize)
+                .map(|r| r.to_string())
+                .unwrap_or_default(),
+        }
     }
 }
 
@@ -114,6 +122,9 @@ pub struct Blocklist {
     datapath: Option<Arc<Datapath>>,
     /// Sources synced by `blocklist sync` and the schedule.
     pub syncer: sync::Syncer,
+    /// Bumped on every change the engine sees (entries, patterns, brands): the resolver's
+    /// cache remembers which generation vetted a name.
+    generation: AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -142,7 +153,8 @@ struct CanonicalEntry<'a> {
 
 /// SHA-256 over the canonical list: one canonical JSON line per entry, by domain, then one per
 /// pattern, by type and text.
-fn checksum(entries: &BTreeMap<Box<str>, Listed>, patterns: &[Pattern]) -> String {
+fn checksum(state: &State) -> String {
+    let (entries, patterns) = (&state.entries, &state.patterns);
     struct Hashing(Sha256);
     impl std::io::Write for Hashing {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -154,8 +166,8 @@ fn checksum(entries: &BTreeMap<Box<str>, Listed>, patterns: &[Pattern]) -> Strin
         }
     }
     let mut h = Hashing(Sha256::new());
-    for (domain, listed) in entries {
-        let entry = listed.entry(domain);
+    for (domain, listed) in entries.iter() {
+        let entry = state.entry(domain, listed);
         let line = CanonicalEntry {
             added_at: entry.added_at,
             domain: &entry.domain,
@@ -180,6 +192,18 @@ fn checksum(entries: &BTreeMap<Box<str>, Listed>, patterns: &[Pattern]) -> Strin
     format!("sha256:{hex}")
 }
 
+/// Past this many changes in one batch, the transient memory of the batch is handed back.
+const LARGE_BATCH: usize = 10_000;
+
+/// Returns freed heap to the system. A million-entry import or load briefly holds the parsed
+/// entries next to the compact list; without this the process would keep that peak resident.
+fn release_free_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Entries added or modified, and domains removed, since a version.
 pub type Delta = (Vec<Entry>, Vec<String>);
 
@@ -201,8 +225,9 @@ impl Blocklist {
         let store = BlocklistStore::open(&state_dir.join("blocklist.db"))?;
         let loaded = store.load()?;
         let mut state = State {
-            entries: BTreeMap::new(),
-            reasons: HashSet::new(),
+            entries: DomainTable::default(),
+            reasons: Vec::new(),
+            reason_index: HashMap::new(),
             matcher: Matcher::new(
                 std::iter::empty(),
                 &loaded.patterns,
@@ -211,10 +236,10 @@ impl Blocklist {
             patterns: loaded.patterns,
             version: loaded.version,
         };
-        for e in &loaded.entries {
-            state.insert(e);
-        }
+        state.insert(&loaded.entries);
+        state.entries.shrink_to_fit();
         drop(loaded.entries);
+        release_free_memory();
         let list = Self {
             store,
             state: RwLock::new(state),
@@ -222,6 +247,7 @@ impl Blocklist {
             threshold,
             datapath,
             syncer: sync::Syncer::open(state_dir)?,
+            generation: AtomicU64::new(1),
         };
         list.sync_kernel_full();
         info!(
@@ -244,6 +270,15 @@ impl Blocklist {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         }
+    }
+
+    /// The engine's generation (see the field).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn threshold(&self) -> f64 {
@@ -274,13 +309,22 @@ impl Blocklist {
         {
             return sum.clone();
         }
-        let sum = checksum(&state.entries, &state.patterns);
+        let sum = checksum(&state);
         *cached = Some((state.version, sum.clone()));
         sum
     }
 
     pub fn patterns(&self) -> Vec<Pattern> {
         self.read().patterns.clone()
+    }
+
+    /// Replaces the brands of lookalike detection (a reload).
+    pub fn set_lookalike_brands(&self, brands: &[String]) {
+        let mut state = self.write();
+        state
+            .matcher
+            .set_lookalikes(Lookalikes::new(brands.iter().map(String::as_str)));
+        self.bump();
     }
 
     /// The brands lookalike detection compares against.
@@ -294,7 +338,8 @@ impl Blocklist {
     }
 
     pub fn get(&self, domain: &str) -> Option<Entry> {
-        self.read().entries.get(domain).map(|l| l.entry(domain))
+        let state = self.read();
+        state.entries.get(domain).map(|l| state.entry(domain, l))
     }
 
     /// One page of entries by domain, with the total matching `search`.
@@ -313,7 +358,7 @@ impl Blocklist {
         let page = matching()
             .skip(offset)
             .take(limit)
-            .map(|(d, l)| l.entry(d))
+            .map(|(d, l)| state.entry(d, l))
             .collect();
         (page, total)
     }
@@ -337,7 +382,7 @@ impl Blocklist {
         let mut state = self.write();
         let removals: Vec<String> = removals
             .into_iter()
-            .filter(|d| state.entries.contains_key(d.as_str()))
+            .filter(|d| state.entries.contains(d))
             .collect();
         if upserts.is_empty() && removals.is_empty() {
             return Ok(Applied {
@@ -352,15 +397,15 @@ impl Blocklist {
             .chain(removals.iter().map(|d| Change::Remove(d)))
             .collect();
         self.store.commit(version, &changes)?;
-        for e in &upserts {
-            state.insert(e);
-        }
+        state.insert(&upserts);
+        state.entries.remove(&removals);
         for d in &removals {
-            state.entries.remove(d.as_str());
             state.matcher.remove(d);
         }
         state.version = version;
+        self.bump();
         drop(state);
+        let large = upserts.len() + removals.len() > LARGE_BATCH;
         let rules: Vec<(String, bool)> =
             upserts.iter().filter_map(|e| self.kernel_rule(e)).collect();
         let gone: Vec<String> = upserts
@@ -370,15 +415,17 @@ impl Blocklist {
             .chain(removals.iter().cloned())
             .collect();
         self.sync_kernel(&rules, &gone);
-        Ok(Applied {
-            version,
-            changed: upserts.len() + removals.len(),
-        })
+        let changed = upserts.len() + removals.len();
+        drop((upserts, rules, gone));
+        if large {
+            release_free_memory();
+        }
+        Ok(Applied { version, changed })
     }
 
     /// Removes a domain; `Ok(None)` when it is not listed.
     pub fn remove(&self, domain: &str) -> Result<Option<Applied>, Error> {
-        if !self.read().entries.contains_key(domain) {
+        if !self.read().entries.contains(domain) {
             return Ok(None);
         }
         let applied = self.apply(Vec::new(), vec![domain.to_string()])?;
@@ -387,10 +434,14 @@ impl Blocklist {
 
     /// Domains whose reason is `reason` (a sync source's entries).
     pub fn domains_with_reason(&self, reason: &str) -> Vec<String> {
-        self.read()
+        let state = self.read();
+        let Some(&index) = state.reason_index.get(reason) else {
+            return Vec::new();
+        };
+        state
             .entries
             .iter()
-            .filter(|(_, l)| &*l.reason == reason)
+            .filter(|(_, l)| l.reason == index)
             .map(|(d, _)| d.to_string())
             .collect()
     }
@@ -408,6 +459,7 @@ impl Blocklist {
         let patterns = state.patterns.clone();
         state.matcher.set_patterns(&patterns);
         state.version = version;
+        self.bump();
         Ok(Applied {
             version,
             changed: 1,
@@ -436,6 +488,7 @@ impl Blocklist {
         let patterns = state.patterns.clone();
         state.matcher.set_patterns(&patterns);
         state.version = version;
+        self.bump();
         Ok(Some(Applied {
             version,
             changed: 1,
@@ -474,8 +527,8 @@ impl Blocklist {
                 .entries
                 .iter()
                 .filter_map(|(d, l)| {
-                    self.kernel_flags(l.exact, l.sub)
-                        .map(|s| (d.to_string(), s))
+                    let (exact, sub) = l.weights();
+                    self.kernel_flags(exact, sub).map(|s| (d.to_string(), s))
                 })
                 .collect();
             match dp.domains.replace(Owner::Blocklist, &rules) {
@@ -492,10 +545,11 @@ impl Blocklist {
 
     /// Everything: entries by domain.
     pub fn entries(&self) -> Vec<Entry> {
-        self.read()
+        let state = self.read();
+        state
             .entries
             .iter()
-            .map(|(d, l)| l.entry(d))
+            .map(|(d, l)| state.entry(d, l))
             .collect()
     }
 
@@ -513,8 +567,8 @@ impl Blocklist {
         let mut upserts = Vec::new();
         let mut removed = Vec::new();
         for d in domains {
-            match state.entries.get(d.as_str()) {
-                Some(l) => upserts.push(l.entry(&d)),
+            match state.entries.get(&d) {
+                Some(l) => upserts.push(state.entry(&d, l)),
                 None => removed.push(d),
             }
         }
@@ -527,8 +581,11 @@ impl Blocklist {
     pub fn kernel_rules(&self) -> usize {
         self.read()
             .entries
-            .values()
-            .filter(|l| self.kernel_flags(l.exact, l.sub).is_some())
+            .iter()
+            .filter(|(_, l)| {
+                let (exact, sub) = l.weights();
+                self.kernel_flags(exact, sub).is_some()
+            })
             .count()
     }
 }

@@ -28,7 +28,11 @@ struct Cached {
     ttl_offsets: Box<[u32]>,
     stored: Instant,
     ttl: u32,
+    /// The blocklist generation that found this name unblocked (`NOT_VETTED`: none did).
+    vetted: u64,
 }
+
+const NOT_VETTED: u64 = u64::MAX;
 
 pub struct Cache {
     shards: Vec<Mutex<HashMap<u64, Cached>>>,
@@ -73,8 +77,9 @@ impl Cache {
     }
 
     /// The cached answer to `q`, with the client's ID and question bytes (its letter case) and
-    /// the TTLs reduced by the time spent in the cache.
-    pub fn get(&self, query: &[u8], q: &Question) -> Option<Vec<u8>> {
+    /// the TTLs reduced by the time spent in the cache; and whether blocklist generation
+    /// `generation` vetted the name.
+    pub fn get(&self, query: &[u8], q: &Question, generation: u64) -> Option<(Vec<u8>, bool)> {
         if !self.enabled() {
             return None;
         }
@@ -92,6 +97,7 @@ impl Cache {
                 if age >= c.ttl {
                     None
                 } else {
+                    let vetted = c.vetted == generation;
                     let mut out = c.wire.to_vec();
                     for &at in c.ttl_offsets.iter() {
                         let at = at as usize;
@@ -100,13 +106,13 @@ impl Cache {
                             field.copy_from_slice(&ttl.saturating_sub(age).to_be_bytes());
                         }
                     }
-                    Some(out)
+                    Some((out, vetted))
                 }
             }
             _ => None,
         };
         match hit {
-            Some(mut out) => {
+            Some((mut out, vetted)) => {
                 drop(shard);
                 wire::set_id(&mut out, q.id);
                 // The question as the client wrote it (0x20 letter-case randomisation).
@@ -114,7 +120,7 @@ impl Cache {
                     out[wire::HEADER_LEN..q.end].copy_from_slice(&query[wire::HEADER_LEN..q.end]);
                 }
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                Some(out)
+                Some((out, vetted))
             }
             None => {
                 shard.remove(&key);
@@ -126,7 +132,7 @@ impl Cache {
 
     /// Keeps an upstream answer for its TTL (capped by the configured maximum). Answers that
     /// are truncated, failed, or carry no TTL to go by are not kept.
-    pub fn put(&self, q: &Question, answer: &[u8]) {
+    pub fn put(&self, q: &Question, answer: &[u8], vetted: Option<u64>) {
         if !self.enabled() {
             return;
         }
@@ -166,8 +172,19 @@ impl Cache {
                 ttl_offsets: shape.ttl_offsets.into(),
                 stored: now,
                 ttl,
+                vetted: vetted.unwrap_or(NOT_VETTED),
             },
         );
+    }
+
+    /// Records that blocklist generation `generation` found `q`'s name unblocked.
+    pub fn vet(&self, q: &Question, generation: u64) {
+        let key = self.key(q);
+        if let Some(c) = self.shard(key).get_mut(&key)
+            && *c.name == q.name
+        {
+            c.vetted = generation;
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -21,7 +21,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -82,6 +82,10 @@ pub struct Resolver {
     pub(crate) wireguard: Option<Arc<Server>>,
     datapath: Option<Arc<Datapath>>,
     policy: RwLock<Policy>,
+    /// `policy.dry_run`, readable on the hot path without a lock.
+    dry_run: AtomicBool,
+    /// Whether any client has blocking off (most hosts: none, so the lookup is skipped).
+    any_exempt: AtomicBool,
     policy_path: PathBuf,
     /// Addresses of clients with blocking off, resolved from their names.
     exempt: RwLock<Arc<HashSet<IpAddr>>>,
@@ -94,8 +98,8 @@ pub struct Resolver {
 pub enum Local {
     /// An answer, with the question it answers when there was one (UDP fits it to size).
     Reply(Vec<u8>, Option<Question>),
-    /// Needs the upstreams.
-    Forward(Question),
+    /// Needs the upstreams; the engine generation the name was found unblocked in, if it was.
+    Forward(Question, Option<u64>),
     /// Not something to answer (a response, or less than a header).
     Ignore,
 }
@@ -132,6 +136,8 @@ impl Resolver {
             dns,
             wireguard,
             datapath,
+            dry_run: AtomicBool::new(policy.dry_run),
+            any_exempt: AtomicBool::new(false),
             policy: RwLock::new(policy),
             policy_path,
             exempt: RwLock::new(Arc::new(HashSet::new())),
@@ -172,6 +178,7 @@ impl Resolver {
         f(&mut next);
         // Durable before it is in force.
         store::write_json(&self.policy_path, &next)?;
+        self.dry_run.store(next.dry_run, Ordering::Relaxed);
         *guard = next.clone();
         drop(guard);
         self.refresh_clients();
@@ -223,6 +230,7 @@ impl Resolver {
                 warn!(error = %e, "cannot write the DNS policy into the kernel");
             }
         }
+        self.any_exempt.store(!exempt.is_empty(), Ordering::Relaxed);
         match self.exempt.write() {
             Ok(mut e) => *e = Arc::new(exempt),
             Err(p) => *p.into_inner() = Arc::new(exempt),
@@ -251,6 +259,9 @@ impl Resolver {
     }
 
     fn is_exempt(&self, client: IpAddr) -> bool {
+        if !self.any_exempt.load(Ordering::Relaxed) {
+            return false;
+        }
         let set = match self.exempt.read() {
             Ok(s) => Arc::clone(&s),
             Err(p) => Arc::clone(&p.into_inner()),
@@ -275,13 +286,21 @@ impl Resolver {
                     .map_or(Local::Ignore, |a| Local::Reply(a, None));
             }
         };
-        if let Some(list) = &self.blocklist
-            && !q.name.is_empty()
-            && list.is_blocked(&q.name)
-        {
+        // A cached answer already vetted by this generation of the engine needs no check:
+        // the common case of a busy resolver costs a parse and a cache lookup.
+        let generation = self.blocklist.as_ref().map_or(0, |l| l.generation());
+        let hit = self.cache.get(query, &q, generation);
+        if let Some((answer, true)) = hit {
+            return Local::Reply(answer, Some(q));
+        }
+        let blocked = match &self.blocklist {
+            Some(list) => !q.name.is_empty() && list.is_blocked(&q.name),
+            None => false,
+        };
+        if blocked {
             if self.is_exempt(client) {
                 self.stats.exempt_matches.fetch_add(1, Ordering::Relaxed);
-            } else if self.policy().dry_run {
+            } else if self.dry_run.load(Ordering::Relaxed) {
                 self.stats.dry_run_matches.fetch_add(1, Ordering::Relaxed);
             } else {
                 self.stats.blocked.fetch_add(1, Ordering::Relaxed);
@@ -292,15 +311,23 @@ impl Resolver {
                 return Local::Reply(answer, None);
             }
         }
-        match self.cache.get(query, &q) {
-            Some(answer) => Local::Reply(answer, Some(q)),
-            None => Local::Forward(q),
+        // Names that matched but pass (exempt client, dry run) are never vetted: the next
+        // client may be filtered.
+        let vetted = (!blocked).then_some(generation);
+        match hit {
+            Some((answer, _)) => {
+                if let Some(g) = vetted {
+                    self.cache.vet(&q, g);
+                }
+                Local::Reply(answer, Some(q))
+            }
+            None => Local::Forward(q, vetted),
         }
     }
 
     /// Asks the upstreams (primary, then secondary), caches the answer and returns it with the
     /// client's ID; SERVFAIL when none answers.
-    pub async fn forward(&self, query: &[u8], q: &Question) -> Vec<u8> {
+    pub async fn forward(&self, query: &[u8], q: &Question, vetted: Option<u64>) -> Vec<u8> {
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
         let servers = self.dns.servers();
         let own = self.listening.lock().map(|l| l.clone()).unwrap_or_default();
@@ -318,7 +345,7 @@ impl Resolver {
                         self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    self.cache.put(q, &answer);
+                    self.cache.put(q, &answer, vetted);
                     wire::set_id(&mut answer, q.id);
                     if answer.len() >= q.end && query.len() >= q.end {
                         answer[wire::HEADER_LEN..q.end]

@@ -5,14 +5,18 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{TcpListener, TcpStream},
     sync::{Semaphore, watch},
     task::JoinHandle,
 };
@@ -41,7 +45,7 @@ impl Resolver {
     }
 }
 
-fn udp_socket(addr: SocketAddr, mark: u32) -> std::io::Result<UdpSocket> {
+fn udp_socket(addr: SocketAddr, mark: u32) -> std::io::Result<std::net::UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     s.set_reuse_port(true)?;
     s.set_mark(mark)?;
@@ -51,10 +55,11 @@ fn udp_socket(addr: SocketAddr, mark: u32) -> std::io::Result<UdpSocket> {
         s.set_only_v6(true)?;
         s.set_freebind_v6(true)?;
     }
-    s.set_nonblocking(true)?;
+    // Blocking with a timeout: the worker threads look at their stop flag between reads.
+    s.set_read_timeout(Some(WORKER_WAKE))?;
     s.set_recv_buffer_size(4 << 20)?;
     s.bind(&addr.into())?;
-    UdpSocket::from_std(s.into())
+    Ok(s.into())
 }
 
 fn tcp_listener(addr: SocketAddr, mark: u32) -> std::io::Result<TcpListener> {
@@ -83,48 +88,164 @@ fn fit_udp(resolver: &Resolver, answer: Vec<u8>, q: &wire::Question) -> Vec<u8> 
     }
 }
 
-async fn serve_udp(resolver: Arc<Resolver>, sock: Arc<UdpSocket>, in_flight: Arc<Semaphore>) {
-    let mut buf = vec![0u8; 4096];
-    loop {
-        let (n, peer) = match sock.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) => {
-                // ICMP errors surface here on some kernels; the socket stays usable.
-                if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                    continue;
-                }
-                warn!(error = %e, "resolver UDP receive failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+/// Datagrams read, and answers sent, per system call.
+const BATCH: usize = 64;
+/// The largest query read (EDNS clients rarely send more than a few hundred bytes).
+const MAX_QUERY: usize = 4096;
+/// How often an idle worker checks whether it should stop.
+const WORKER_WAKE: Duration = Duration::from_millis(200);
+
+/// The peer address of a received datagram, as the kernel gave it (it is where the answer
+/// goes) and as a `SocketAddr` (for the policy and for forwarded answers).
+fn peer(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in for AF_INET.
+            let sin = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
+            Some(SocketAddr::from((
+                std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the kernel wrote a sockaddr_in6 for AF_INET6.
+            let sin6 = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
+            Some(SocketAddr::from((
+                std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// One UDP worker thread: `recvmmsg` a batch, answer what can be answered locally (blocked
+/// names, cache hits), `sendmmsg` the answers; misses go to the async runtime. Batching keeps
+/// the system calls per query well under one when the resolver is busy.
+fn udp_worker(
+    resolver: Arc<Resolver>,
+    sock: Arc<std::net::UdpSocket>,
+    runtime: tokio::runtime::Handle,
+    stop: Arc<AtomicBool>,
+    in_flight: Arc<Semaphore>,
+) {
+    let fd = sock.as_raw_fd();
+    let mut bufs = vec![0u8; BATCH * MAX_QUERY];
+    // SAFETY: all-zero is a valid sockaddr_storage, iovec and mmsghdr (null pointers, zero
+    // lengths); every pointer is set below before use.
+    let mut addrs: Vec<libc::sockaddr_storage> = vec![unsafe { std::mem::zeroed() }; BATCH];
+    let mut iovs: Vec<libc::iovec> = vec![unsafe { std::mem::zeroed() }; BATCH];
+    let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
+    let mut answers: Vec<(Vec<u8>, usize)> = Vec::with_capacity(BATCH);
+    while !stop.load(Ordering::Relaxed) {
+        for i in 0..BATCH {
+            iovs[i].iov_base = bufs[i * MAX_QUERY..].as_mut_ptr().cast();
+            iovs[i].iov_len = MAX_QUERY;
+            hdrs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
+            hdrs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+            hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
+            hdrs[i].msg_hdr.msg_iovlen = 1;
+            hdrs[i].msg_len = 0;
+        }
+        // SAFETY: `hdrs` holds BATCH initialised headers whose buffers outlive the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                hdrs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
         };
-        resolver.stats.queries_udp.fetch_add(1, Ordering::Relaxed);
-        let query = &buf[..n];
-        match resolver.answer_locally(query, peer.ip()) {
-            Local::Ignore => {}
-            Local::Reply(answer, question) => {
-                let answer = match question {
-                    Some(q) => fit_udp(&resolver, answer, &q),
-                    None => answer,
-                };
-                let _ = sock.send_to(&answer, peer).await;
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::WouldBlock
+                | std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::Interrupted
+                | std::io::ErrorKind::ConnectionRefused => {}
+                _ => {
+                    warn!(error = %e, "resolver UDP receive failed");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
-            Local::Forward(q) => {
-                let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
-                    let _ = sock
-                        .send_to(&wire::rcode_reply(query, &q, wire::RCODE_SERVFAIL), peer)
-                        .await;
-                    continue;
-                };
-                let (resolver, sock, query) =
-                    (Arc::clone(&resolver), Arc::clone(&sock), query.to_vec());
-                tokio::spawn(async move {
-                    let answer = resolver.forward(&query, &q).await;
-                    let answer = fit_udp(&resolver, answer, &q);
-                    let _ = sock.send_to(&answer, peer).await;
-                    drop(permit);
-                });
+            continue;
+        }
+        let n = n as usize;
+        resolver
+            .stats
+            .queries_udp
+            .fetch_add(n as u64, Ordering::Relaxed);
+        for i in 0..n {
+            let len = (hdrs[i].msg_len as usize).min(MAX_QUERY);
+            let query = &bufs[i * MAX_QUERY..i * MAX_QUERY + len];
+            let Some(from) = peer(&addrs[i]) else {
+                continue;
+            };
+            match resolver.answer_locally(query, from.ip()) {
+                Local::Ignore => {}
+                Local::Reply(answer, question) => {
+                    let answer = match question {
+                        Some(q) => fit_udp(&resolver, answer, &q),
+                        None => answer,
+                    };
+                    answers.push((answer, i));
+                }
+                Local::Forward(q, vetted) => {
+                    let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
+                        answers.push((wire::rcode_reply(query, &q, wire::RCODE_SERVFAIL), i));
+                        continue;
+                    };
+                    let (resolver, sock, query) =
+                        (Arc::clone(&resolver), Arc::clone(&sock), query.to_vec());
+                    runtime.spawn(async move {
+                        let answer = resolver.forward(&query, &q, vetted).await;
+                        let answer = fit_udp(&resolver, answer, &q);
+                        // A UDP send does not block for long; a full buffer drops it, as
+                        // the network would.
+                        let _ = sock.send_to(&answer, from);
+                        drop(permit);
+                    });
+                }
             }
+        }
+        send_batch(fd, &mut answers, &mut addrs, &hdrs);
+        answers.clear();
+    }
+}
+
+/// Sends each answer to the address its query came from, in as few `sendmmsg` calls as the
+/// kernel allows.
+fn send_batch(
+    fd: std::os::fd::RawFd,
+    answers: &mut [(Vec<u8>, usize)],
+    addrs: &mut [libc::sockaddr_storage],
+    received: &[libc::mmsghdr],
+) {
+    if answers.is_empty() {
+        return;
+    }
+    // SAFETY: as in `udp_worker`, all-zero values are valid and overwritten below.
+    let mut iovs: Vec<libc::iovec> = vec![unsafe { std::mem::zeroed() }; answers.len()];
+    let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; answers.len()];
+    for (j, (answer, i)) in answers.iter_mut().enumerate() {
+        iovs[j].iov_base = answer.as_mut_ptr().cast();
+        iovs[j].iov_len = answer.len();
+        hdrs[j].msg_hdr.msg_name = (&mut addrs[*i] as *mut libc::sockaddr_storage).cast();
+        hdrs[j].msg_hdr.msg_namelen = received[*i].msg_hdr.msg_namelen;
+        hdrs[j].msg_hdr.msg_iov = &mut iovs[j];
+        hdrs[j].msg_hdr.msg_iovlen = 1;
+    }
+    let mut sent = 0;
+    while sent < hdrs.len() {
+        // SAFETY: the headers point at answers and addresses that live until we return.
+        let n =
+            unsafe { libc::sendmmsg(fd, hdrs[sent..].as_mut_ptr(), (hdrs.len() - sent) as u32, 0) };
+        if n <= 0 {
+            // Skip the datagram the kernel refused (an unreachable peer) and go on.
+            sent += 1;
+        } else {
+            sent += n as usize;
         }
     }
 }
@@ -144,7 +265,7 @@ async fn serve_tcp_connection(resolver: Arc<Resolver>, mut stream: TcpStream, pe
         let answer = match resolver.answer_locally(&query, peer.ip()) {
             Local::Ignore => return,
             Local::Reply(a, _) => a,
-            Local::Forward(q) => resolver.forward(&query, &q).await,
+            Local::Forward(q, vetted) => resolver.forward(&query, &q, vetted).await,
         };
         let Ok(n) = u16::try_from(answer.len()) else {
             return;
@@ -180,10 +301,13 @@ async fn serve_tcp(resolver: Arc<Resolver>, listener: TcpListener) {
 struct Bound {
     addrs: Vec<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
+    /// Tells the UDP worker threads to finish (they notice within `WORKER_WAKE`).
+    stop: Arc<AtomicBool>,
 }
 
 impl Drop for Bound {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
         for t in &self.tasks {
             t.abort();
         }
@@ -199,15 +323,21 @@ fn bind_all(resolver: &Arc<Resolver>, addrs: &[SocketAddr]) -> std::io::Result<B
     let mut bound = Bound {
         addrs: addrs.to_vec(),
         tasks: Vec::new(),
+        stop: Arc::new(AtomicBool::new(false)),
     };
+    let runtime = tokio::runtime::Handle::current();
     for &addr in addrs {
-        for _ in 0..workers {
+        for n in 0..workers {
             let sock = Arc::new(udp_socket(addr, mark)?);
-            bound.tasks.push(tokio::spawn(serve_udp(
+            let (resolver, runtime, stop, in_flight) = (
                 Arc::clone(resolver),
-                sock,
+                runtime.clone(),
+                Arc::clone(&bound.stop),
                 Arc::clone(&in_flight),
-            )));
+            );
+            std::thread::Builder::new()
+                .name(format!("dns-udp-{n}"))
+                .spawn(move || udp_worker(resolver, sock, runtime, stop, in_flight))?;
         }
         let listener = tcp_listener(addr, mark)?;
         bound
