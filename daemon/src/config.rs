@@ -386,6 +386,9 @@ pub struct GhostConfig {
     pub acme_email: String,
     /// Port of the HTTP-01 responder, listening only while a certificate is issued.
     pub acme_http_port: u16,
+    /// A PEM root certificate to trust for the ACME directory instead of the public web
+    /// roots (a private ACME CA); empty for Let's Encrypt.
+    pub acme_ca_root: String,
 }
 
 impl Default for GhostConfig {
@@ -399,6 +402,7 @@ impl Default for GhostConfig {
             acme_directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
             acme_email: String::new(),
             acme_http_port: 80,
+            acme_ca_root: String::new(),
         }
     }
 }

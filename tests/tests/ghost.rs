@@ -686,3 +686,223 @@ fn bench_ghost_throughput_against_direct_wireguard() {
         g / d * 100.0
     );
 }
+
+/// A local ACME CA (Debian's `pebble`, the test server Let's Encrypt publishes) with its mock
+/// DNS (`pebble-challtestsrv`) answering 192.0.2.1 for every name, both in `ns`.
+struct Pebble {
+    _dns: phantom_tests::Process,
+    _ca: phantom_tests::Process,
+    dir: tempfile::TempDir,
+}
+
+impl Pebble {
+    fn start(ns: &NetNs) -> Self {
+        let dir = tempfile::Builder::new().prefix("pebble").tempdir().unwrap();
+        // Pebble's own HTTPS: a test root and a leaf for 127.0.0.1 signed by it.
+        let mut root = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        root.distinguished_name
+            .push(rcgen::DnType::CommonName, "phantom test ACME API root");
+        let root_key = rcgen::KeyPair::generate().unwrap();
+        let root_cert = root.self_signed(&root_key).unwrap();
+        let issuer = rcgen::Issuer::new(root, root_key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+                .unwrap()
+                .signed_by(&leaf_key, &issuer)
+                .unwrap();
+        std::fs::write(dir.path().join("api-root.pem"), root_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("api.pem"), leaf.pem()).unwrap();
+        std::fs::write(dir.path().join("api.key"), leaf_key.serialize_pem()).unwrap();
+        let config = serde_json::json!({"pebble": {
+            "listenAddress": "127.0.0.1:14000",
+            "managementListenAddress": "127.0.0.1:15000",
+            "certificate": dir.path().join("api.pem"),
+            "privateKey": dir.path().join("api.key"),
+            "httpPort": 80,
+            "tlsPort": 5001,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+        }});
+        std::fs::write(dir.path().join("pebble.json"), config.to_string()).unwrap();
+        let dns = phantom_tests::Process::spawn(
+            "pebble-challtestsrv",
+            ns.command("pebble-challtestsrv").args([
+                "-defaultIPv4",
+                GuardedLink::SERVER_V4,
+                "-defaultIPv6",
+                "",
+                "-dns01",
+                "127.0.0.1:8053",
+                "-http01",
+                "",
+                "-https01",
+                "",
+                "-tlsalpn01",
+                "",
+                "-management",
+                "127.0.0.1:8055",
+            ]),
+        );
+        let ca = phantom_tests::Process::spawn(
+            "pebble",
+            ns.command("env")
+                .args([
+                    "PEBBLE_VA_NOSLEEP=1",
+                    "PEBBLE_WFE_NONCEREJECT=0",
+                    "pebble",
+                    "-config",
+                ])
+                .arg(dir.path().join("pebble.json"))
+                .args(["-dnsserver", "127.0.0.1:8053"]),
+        );
+        let pebble = Self {
+            _dns: dns,
+            _ca: ca,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while pebble.get(ns, "127.0.0.1:14000", "/dir").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "pebble did not start (is the pebble package installed? scripts/bootstrap.sh installs it)"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        pebble
+    }
+
+    fn api_root(&self) -> std::path::PathBuf {
+        self.dir.path().join("api-root.pem")
+    }
+
+    /// GET over HTTPS (trusting the API root) from inside `ns`; the whole response.
+    fn get(&self, ns: &NetNs, addr: &str, path: &str) -> Option<String> {
+        let root = std::fs::read(self.api_root()).unwrap();
+        tls_request(ns, addr, "127.0.0.1", &root, Some(path))
+    }
+}
+
+/// TLS to `addr` verifying `server_name` against `root_pem` only; with `path`, a GET whose
+/// response is returned; without, just the handshake ("" on success).
+fn tls_request(
+    ns: &NetNs,
+    addr: &str,
+    server_name: &str,
+    root_pem: &[u8],
+    path: Option<&str>,
+) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::{
+        self,
+        pki_types::{CertificateDer, ServerName, pem::PemObject},
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(root_pem) {
+        roots.add(cert.ok()?).ok()?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .ok()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let addr: SocketAddr = addr.parse().ok()?;
+    let name = ServerName::try_from(server_name.to_string()).ok()?;
+    let path = path.map(str::to_string);
+    let host = server_name.to_string();
+    wstunnel::block_on_in(ns, move || async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let mut tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+            .await
+            .ok()?
+            .ok()?;
+        let Some(path) = path else {
+            return Some(String::new());
+        };
+        tls.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        text.starts_with("HTTP/1.1 200").then_some(text)
+    })
+}
+
+#[test]
+fn acme_issues_the_certificate_over_http01_from_a_local_test_ca() {
+    if !require_root("acme_issues_the_certificate_over_http01_from_a_local_test_ca") {
+        return;
+    }
+    let link = GuardedLink::new();
+    let bpffs = BpffsDir::new();
+    let pebble = Pebble::start(&link.server);
+    let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
+    config.datapath_enabled = false;
+    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, GuardedLink::SERVER_V4));
+    config.extra_toml = format!(
+        "[ghost]\ntls = \"acme\"\nport = 443\nacme_http_port = 80\nacme_directory = \"https://127.0.0.1:14000/dir\"\nacme_ca_root = {:?}\n",
+        pebble.api_root().display().to_string()
+    );
+    let mut daemon = Daemon::start(&link.server, &config);
+    let enabled = api(&daemon, &["ghost", "enable", &format!("domain={DOMAIN}")]);
+    assert_eq!(enabled["status"], "active", "{enabled}");
+    let status = api(&daemon, &["ghost", "status"]);
+    assert_eq!(status["services"]["tls"]["source"], "acme", "{status}");
+    // Port 80 was open only while the CA validated.
+    let port80_closed = link.peer.run(|| {
+        std::net::TcpStream::connect_timeout(
+            &"192.0.2.1:80".parse().unwrap(),
+            Duration::from_secs(2),
+        )
+        .is_err()
+    });
+    assert!(
+        port80_closed,
+        "the HTTP-01 responder is gone after issuance"
+    );
+    // The relay serves a certificate for the domain that chains to the CA's issuance root.
+    let roots = pebble
+        .get(&link.server, "127.0.0.1:15000", "/roots/0")
+        .expect("pebble root");
+    let begin = roots.find("-----BEGIN CERTIFICATE-----").unwrap();
+    let end = roots.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
+    let issuance_root = roots[begin..end].to_string();
+    assert_eq!(
+        tls_request(&link.peer, RELAY, DOMAIN, issuance_root.as_bytes(), None).as_deref(),
+        Some(""),
+        "the relay's certificate verifies for {DOMAIN} against the test CA"
+    );
+    // (Verification means something: another root does not accept it.)
+    let other_root = std::fs::read(pebble.api_root()).unwrap();
+    assert_eq!(tls_request(&link.peer, RELAY, DOMAIN, &other_root, None), None);
+    assert!(daemon.log().contains("ACME certificate issued"), "{}", daemon.log());
+    let tls_dir = daemon.dir().join("state/ghost/tls");
+    use std::os::unix::fs::PermissionsExt;
+    for file in ["key.pem", "cert.pem", "acme-account.json"] {
+        let mode = std::fs::metadata(tls_dir.join(file))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{file}");
+    }
+    // After kill -9 the stored certificate is served again without asking the CA.
+    drop(pebble);
+    daemon.kill9();
+    daemon.restart();
+    assert_eq!(
+        api(&daemon, &["ghost", "status"])["services"]["wstunnel"],
+        "running"
+    );
+    assert_eq!(
+        tls_request(&link.peer, RELAY, DOMAIN, issuance_root.as_bytes(), None).as_deref(),
+        Some("")
+    );
+}

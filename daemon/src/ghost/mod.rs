@@ -275,6 +275,8 @@ impl Ghost {
                 directory: &self.config.acme_directory,
                 email: &self.config.acme_email,
                 http_listen: SocketAddr::new(self.config.listen, self.config.acme_http_port),
+                ca_root: (!self.config.acme_ca_root.is_empty())
+                    .then(|| Path::new(&self.config.acme_ca_root)),
             },
             &self.tls_dir,
         )

@@ -121,6 +121,8 @@ pub struct AcmeRequest<'a> {
     pub email: &'a str,
     /// Where the HTTP-01 responder listens while the CA validates (port 80).
     pub http_listen: SocketAddr,
+    /// A PEM root to trust for the directory instead of the public web roots.
+    pub ca_root: Option<&'a Path>,
 }
 
 /// Issues a certificate for `req.domain` from the ACME CA over HTTP-01. Port 80 is bound only
@@ -196,7 +198,11 @@ pub async fn acme_issue(req: &AcmeRequest<'_>, tls_dir: &TlsDir) -> Result<CertP
 async fn acme_account(req: &AcmeRequest<'_>, tls_dir: &TlsDir) -> Result<Account, GhostError> {
     let acme = |what: &str, e: instant_acme::Error| GhostError::Acme(format!("{what}: {e}"));
     let path = tls_dir.account();
-    let builder = Account::builder().map_err(|e| acme("HTTP client", e))?;
+    let builder = match req.ca_root {
+        Some(root) => Account::builder_with_root(root),
+        None => Account::builder(),
+    }
+    .map_err(|e| acme("HTTP client", e))?;
     if let Ok(text) = std::fs::read_to_string(&path) {
         match serde_json::from_str::<AccountCredentials>(&text) {
             Ok(credentials) => {
