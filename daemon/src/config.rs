@@ -389,6 +389,10 @@ pub struct GhostConfig {
     /// A PEM root certificate to trust for the ACME directory instead of the public web
     /// roots (a private ACME CA); empty for Let's Encrypt.
     pub acme_ca_root: String,
+    /// An ACME certificate is renewed this many days before it expires.
+    pub acme_renew_before_days: u32,
+    /// How often the certificate's expiry is looked at.
+    pub acme_check_seconds: u64,
 }
 
 impl Default for GhostConfig {
@@ -403,6 +407,8 @@ impl Default for GhostConfig {
             acme_email: String::new(),
             acme_http_port: 80,
             acme_ca_root: String::new(),
+            acme_renew_before_days: 30,
+            acme_check_seconds: 6 * 3600,
         }
     }
 }
@@ -627,6 +633,16 @@ impl Config {
         if self.ghost.port == 0 || self.ghost.acme_http_port == 0 {
             return Err(Error::config(
                 "ghost.port and ghost.acme_http_port must not be 0",
+            ));
+        }
+        if !(1..=36_500).contains(&self.ghost.acme_renew_before_days) {
+            return Err(Error::config(
+                "ghost.acme_renew_before_days must be between 1 and 36500",
+            ));
+        }
+        if !(1..=604_800).contains(&self.ghost.acme_check_seconds) {
+            return Err(Error::config(
+                "ghost.acme_check_seconds must be between 1 and 604800",
             ));
         }
         if self.ghost.tls == GhostTls::Files

@@ -5,6 +5,7 @@
 
 use std::{
     net::SocketAddr,
+    path::Path,
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
@@ -881,8 +882,15 @@ fn acme_issues_the_certificate_over_http01_from_a_local_test_ca() {
     );
     // (Verification means something: another root does not accept it.)
     let other_root = std::fs::read(pebble.api_root()).unwrap();
-    assert_eq!(tls_request(&link.peer, RELAY, DOMAIN, &other_root, None), None);
-    assert!(daemon.log().contains("ACME certificate issued"), "{}", daemon.log());
+    assert_eq!(
+        tls_request(&link.peer, RELAY, DOMAIN, &other_root, None),
+        None
+    );
+    assert!(
+        daemon.log().contains("ACME certificate issued"),
+        "{}",
+        daemon.log()
+    );
     let tls_dir = daemon.dir().join("state/ghost/tls");
     use std::os::unix::fs::PermissionsExt;
     for file in ["key.pem", "cert.pem", "acme-account.json"] {
@@ -904,5 +912,64 @@ fn acme_issues_the_certificate_over_http01_from_a_local_test_ca() {
     assert_eq!(
         tls_request(&link.peer, RELAY, DOMAIN, issuance_root.as_bytes(), None).as_deref(),
         Some("")
+    );
+}
+
+#[test]
+fn acme_certificate_is_renewed_before_expiry_and_swapped_into_the_running_relay() {
+    if !require_root("acme_certificate_is_renewed_before_expiry_and_swapped_into_the_running_relay")
+    {
+        return;
+    }
+    let link = GuardedLink::new();
+    let bpffs = BpffsDir::new();
+    let pebble = Pebble::start(&link.server);
+    let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
+    config.datapath_enabled = false;
+    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, GuardedLink::SERVER_V4));
+    // Every certificate is "within 100 years of expiry", so the first check renews it.
+    config.extra_toml = format!(
+        "[ghost]\ntls = \"acme\"\nacme_directory = \"https://127.0.0.1:14000/dir\"\nacme_ca_root = {:?}\nacme_renew_before_days = 36500\nacme_check_seconds = 2\n",
+        pebble.api_root().display().to_string()
+    );
+    let daemon = Daemon::start(&link.server, &config);
+    api(&daemon, &["ghost", "enable", &format!("domain={DOMAIN}")]);
+    let first = api(&daemon, &["ghost", "status"])["services"]["tls"].clone();
+    assert!(first["expires_at"].as_str().is_some(), "{first}");
+    let state_file = daemon.dir().join("state/ghost/ghost-state.json");
+    let issued = |f: &Path| -> i64 {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
+        v["certificate_issued_at"].as_i64().unwrap()
+    };
+    let issued_first = issued(&state_file);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon.log().contains("ghost certificate renewed") {
+        assert!(Instant::now() < deadline, "no renewal:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(issued(&state_file) > issued_first, "renewal recorded");
+    let second = api(&daemon, &["ghost", "status"])["services"]["tls"].clone();
+    assert_ne!(second["loaded_at"], first["loaded_at"], "{second}");
+    // The renewed certificate is served by the running relay and verifies.
+    let roots = pebble
+        .get(&link.server, "127.0.0.1:15000", "/roots/0")
+        .expect("pebble root");
+    let begin = roots.find("-----BEGIN CERTIFICATE-----").unwrap();
+    let end = roots.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
+    assert_eq!(
+        tls_request(
+            &link.peer,
+            RELAY,
+            DOMAIN,
+            &roots.as_bytes()[begin..end],
+            None
+        )
+        .as_deref(),
+        Some("")
+    );
+    assert_eq!(
+        api(&daemon, &["ghost", "status"])["services"]["wstunnel"],
+        "running"
     );
 }

@@ -44,10 +44,8 @@ const INVALID_CLIENT_NAME: &str = "INVALID_CLIENT_NAME";
 
 /// The local side the stock client listens on; the exported WireGuard config points here.
 pub const CLIENT_LOCAL_ENDPOINT: &str = "127.0.0.1:51820";
-/// A certificate from ACME is renewed when it is this old (Let's Encrypt issues for 90 days).
+/// Renewal age when a certificate's expiry cannot be read (Let's Encrypt issues for 90 days).
 const ACME_RENEW_AFTER: Duration = Duration::from_secs(60 * 24 * 3600);
-/// How often the renewal task looks at the certificate's age.
-const RENEW_CHECK_EVERY: Duration = Duration::from_secs(6 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GhostError {
@@ -75,6 +73,8 @@ pub struct GhostState {
     pub tls_source: String,
     /// Unix seconds when the certificate under `ghost/tls/` was issued or made.
     pub certificate_issued_at: i64,
+    /// Unix seconds when the certificate in use expires (0: unknown).
+    pub certificate_expires_at: i64,
 }
 
 /// The ghost module: its persisted state, the relay while active, and its counters.
@@ -196,8 +196,17 @@ impl Ghost {
             "files" => tls::read_files(Path::new(&self.config.cert), Path::new(&self.config.key)),
             _ => self.tls_dir.load(),
         };
-        let started = match pem.and_then(|p| tls::server_config(&p)) {
-            Ok(config) => self.start_relay(&state, config).await,
+        let started = match pem.and_then(|p| Ok((tls::server_config(&p)?, tls::not_after(&p)))) {
+            Ok((config, expires)) => {
+                let mut current = state.clone();
+                current.certificate_expires_at = expires.unwrap_or(0);
+                if current != state
+                    && let Err(e) = self.persist(&current)
+                {
+                    warn!(error = %e, "cannot record the certificate's expiry");
+                }
+                self.start_relay(&current, config).await
+            }
             Err(e) => Err(ApiError::new(TLS_FAILED, e.to_string())),
         };
         match started {
@@ -287,33 +296,43 @@ impl Ghost {
         Ok(pem)
     }
 
+    /// Whether an ACME certificate is due: `acme_renew_before_days` before it expires.
+    fn renewal_due(&self, state: &GhostState, now: i64) -> bool {
+        let due_at = if state.certificate_expires_at > 0 {
+            state.certificate_expires_at - i64::from(self.config.acme_renew_before_days) * 86_400
+        } else {
+            state.certificate_issued_at + ACME_RENEW_AFTER.as_secs() as i64
+        };
+        now >= due_at
+    }
+
     /// Renews an ACME certificate before it expires and swaps it into the running relay.
     async fn renew_loop(self: Arc<Self>, tls: TlsConfig, mut stop: watch::Receiver<bool>) {
+        let every = Duration::from_secs(self.config.acme_check_seconds);
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
-                _ = tokio::time::sleep(RENEW_CHECK_EVERY) => {}
+                _ = tokio::time::sleep(every) => {}
             }
             let state = self.state();
-            let age =
-                time::OffsetDateTime::now_utc().unix_timestamp() - state.certificate_issued_at;
-            if !state.enabled || age < ACME_RENEW_AFTER.as_secs() as i64 {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            if !state.enabled || !self.renewal_due(&state, now) {
                 continue;
             }
-            match self
+            let renewed = self
                 .acme(&state.domain)
                 .await
-                .and_then(|p| tls::server_config(&p))
-            {
-                Ok(config) => {
+                .and_then(|p| Ok((tls::server_config(&p)?, tls::not_after(&p))));
+            match renewed {
+                Ok((config, expires)) => {
                     match tls.write() {
                         Ok(mut c) => *c = config,
                         Err(poisoned) => *poisoned.into_inner() = config,
                     }
-                    let mut renewed = self.state();
-                    renewed.certificate_issued_at =
-                        time::OffsetDateTime::now_utc().unix_timestamp();
-                    if let Err(e) = self.persist(&renewed) {
+                    let mut current = self.state();
+                    current.certificate_issued_at = now;
+                    current.certificate_expires_at = expires.unwrap_or(0);
+                    if let Err(e) = self.persist(&current) {
                         warn!(error = %e, "cannot record the renewed certificate");
                     }
                     info!(domain = %state.domain, "ghost certificate renewed");
@@ -374,6 +393,7 @@ impl Ghost {
             activated_at: protocol::rfc3339(now),
             tls_source: source.into(),
             certificate_issued_at: now.unix_timestamp(),
+            certificate_expires_at: tls::not_after(&pem).unwrap_or(0),
         };
         let active = self.start_relay(&state, config).await?;
         if let Err(e) = self.persist(&state) {
@@ -403,6 +423,7 @@ impl Ghost {
             domain: current.domain.clone(),
             tls_source: current.tls_source.clone(),
             certificate_issued_at: current.certificate_issued_at,
+            certificate_expires_at: current.certificate_expires_at,
             ..GhostState::default()
         };
         self.persist(&inactive)?;
@@ -435,7 +456,11 @@ impl Ghost {
                 "tunnels_open": self.stats.tunnels_open.load(Ordering::Relaxed),
                 "error": lock(&self.restore_error),
             },
-            "tls": {"source": state.tls_source, "issued_at": state.certificate_issued_at},
+            "tls": {
+                "source": state.tls_source,
+                "loaded_at": unix_rfc3339(state.certificate_issued_at),
+                "expires_at": unix_rfc3339(state.certificate_expires_at),
+            },
         });
         v["client_export_info"] = json!(
             "Export clients with: phantom-api ghost export client_name=<name> (or core export_client)"
@@ -479,6 +504,13 @@ impl Active {
         drop(self.tls);
         self.relay.stop().await;
     }
+}
+
+fn unix_rfc3339(seconds: i64) -> Option<String> {
+    (seconds > 0)
+        .then(|| time::OffsetDateTime::from_unix_timestamp(seconds).ok())
+        .flatten()
+        .map(protocol::rfc3339)
 }
 
 fn join(ips: &[IpAddr]) -> String {

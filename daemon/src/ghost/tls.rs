@@ -82,6 +82,70 @@ pub fn self_signed(domain: &str) -> Result<CertPem, GhostError> {
     })
 }
 
+/// When the first certificate of the chain expires (Unix seconds), read from its DER.
+pub fn not_after(pem: &CertPem) -> Option<i64> {
+    let der = CertificateDer::pem_slice_iter(pem.cert.as_bytes())
+        .next()?
+        .ok()?;
+    not_after_der(&der)
+}
+
+/// One DER element: tag, content, the rest.
+fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, mut rest) = rest.split_first()?;
+    let len = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |l, b| (l << 8) | usize::from(*b));
+        rest = &rest[n..];
+        len
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// `Certificate.tbsCertificate.validity.notAfter` (RFC 5280 section 4.1).
+fn not_after_der(der: &[u8]) -> Option<i64> {
+    let (_, cert, _) = tlv(der)?;
+    let (_, tbs, _) = tlv(cert)?;
+    let (tag, _, mut rest) = tlv(tbs)?;
+    if tag == 0xa0 {
+        // The optional [0] version came first; the serial is next.
+        rest = tlv(rest)?.2;
+    }
+    let rest = tlv(rest)?.2; // signature algorithm
+    let rest = tlv(rest)?.2; // issuer
+    let (_, validity, _) = tlv(rest)?;
+    let not_before_rest = tlv(validity)?.2;
+    let (tag, text, _) = tlv(not_before_rest)?;
+    let text = std::str::from_utf8(text).ok()?.strip_suffix('Z')?;
+    let digits = |s: &str| s.parse::<i32>().ok();
+    let (year, rest) = match tag {
+        // UTCTime: two-digit year, 1950..2049.
+        0x17 => {
+            let yy = digits(text.get(..2)?)?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, text.get(2..)?)
+        }
+        0x18 => (digits(text.get(..4)?)?, text.get(4..)?),
+        _ => return None,
+    };
+    let field = |i: usize| rest.get(i..i + 2).and_then(|s| s.parse::<u8>().ok());
+    let month = time::Month::try_from(field(0)?).ok()?;
+    let date = time::Date::from_calendar_date(year, month, field(2)?).ok()?;
+    let clock = time::Time::from_hms(field(4)?, field(6)?, field(8)?).ok()?;
+    Some(
+        time::PrimitiveDateTime::new(date, clock)
+            .assume_utc()
+            .unix_timestamp(),
+    )
+}
+
 /// Where issued or generated material is kept: `<state>/ghost/tls/{cert,key}.pem` (0600).
 pub struct TlsDir {
     pub dir: PathBuf,
@@ -294,6 +358,36 @@ mod tests {
         let pem = self_signed("192-0-2-1.sslip.io").unwrap();
         let config = server_config(&pem).unwrap();
         assert_eq!(config.alpn_protocols, vec![b"http/1.1".to_vec()]);
+    }
+
+    #[test]
+    fn expiry_is_read_from_the_certificate() {
+        let mut params = rcgen::CertificateParams::new(vec!["a.example".to_string()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2031, 7, 9);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let pem = CertPem {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        };
+        let expected = time::macros::datetime!(2031-07-09 0:00 UTC).unix_timestamp();
+        assert_eq!(not_after(&pem), Some(expected));
+        // GeneralizedTime after 2049.
+        params.not_after = rcgen::date_time_ymd(2061, 1, 2);
+        let cert = params.self_signed(&key).unwrap();
+        let pem = CertPem {
+            cert: cert.pem(),
+            key: String::new(),
+        };
+        let expected = time::macros::datetime!(2061-01-02 0:00 UTC).unix_timestamp();
+        assert_eq!(not_after(&pem), Some(expected));
+        assert_eq!(
+            not_after(&CertPem {
+                cert: "junk".into(),
+                key: String::new()
+            }),
+            None
+        );
     }
 
     #[test]
