@@ -131,9 +131,11 @@ fn new_secret() -> Result<String, ApiError> {
     Ok(out)
 }
 
-fn connection_command(secret: &str, domain: &str, port: u16) -> String {
+/// The stock client's command line: local 127.0.0.1:51820, remote the server's own WireGuard
+/// port on its loopback (the only remote the relay accepts).
+fn connection_command(secret: &str, domain: &str, port: u16, wireguard_port: u16) -> String {
     format!(
-        "wstunnel client --http-upgrade-path-prefix \"{secret}\" -L 'udp://{CLIENT_LOCAL_ENDPOINT}:127.0.0.1:51820?timeout_sec=0' wss://{domain}:{port}"
+        "wstunnel client --http-upgrade-path-prefix \"{secret}\" -L 'udp://{CLIENT_LOCAL_ENDPOINT}:127.0.0.1:{wireguard_port}?timeout_sec=0' wss://{domain}:{port}"
     )
 }
 
@@ -386,7 +388,12 @@ impl Ghost {
             enabled: true,
             server_ip: server_ip.to_string(),
             domain: domain.clone(),
-            connection_command: connection_command(&secret, &domain, port),
+            connection_command: connection_command(
+                &secret,
+                &domain,
+                port,
+                self.wireguard.config.listen_port,
+            ),
             secret,
             protocol: "wss".into(),
             port,
