@@ -263,6 +263,14 @@ fn stock_client_carries_wireguard_over_wss_and_refusals_leave_the_tunnel_running
 
     // The client namespace cannot reach WireGuard directly; only the wss tunnel carries it.
     block_direct_wireguard(&link.peer);
+    let direct_blocked = link.peer.run(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(b"direct", "192.0.2.1:51820").is_err()
+    });
+    assert!(
+        direct_blocked,
+        "UDP to the WireGuard port must be dropped in the client namespace"
+    );
     let client = WstunnelClient::start(&link.peer, options(&secret));
     let wg = WgQuickClient::up(&link.peer, &config);
     assert!(
@@ -971,5 +979,42 @@ fn acme_certificate_is_renewed_before_expiry_and_swapped_into_the_running_relay(
     assert_eq!(
         api(&daemon, &["ghost", "status"])["services"]["wstunnel"],
         "running"
+    );
+}
+
+#[test]
+fn self_signed_certificate_is_made_at_enable_and_serves_the_stock_upgrade() {
+    if !require_root("self_signed_certificate_is_made_at_enable_and_serves_the_stock_upgrade") {
+        return;
+    }
+    let link = GuardedLink::new();
+    let bpffs = BpffsDir::new();
+    let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
+    config.datapath_enabled = false;
+    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, GuardedLink::SERVER_V4));
+    config.extra_toml = "[ghost]\ntls = \"self_signed\"\n".into();
+    let daemon = Daemon::start(&link.server, &config);
+    let secret = api(&daemon, &["ghost", "enable", "domain=192.0.2.1.nip.io"])["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let status = api(&daemon, &["ghost", "status"]);
+    assert_eq!(
+        status["services"]["tls"]["source"], "self_signed",
+        "{status}"
+    );
+    assert!(status["services"]["tls"]["expires_at"].as_str().is_some());
+    let mut opts = options(&secret);
+    opts.host = "192.0.2.1.nip.io".into();
+    let jwt = Some(wstunnel::stock_jwt("127.0.0.1", 51820));
+    assert_eq!(
+        upgrade_status(&link, &opts, &format!("/{secret}/events"), jwt),
+        101
+    );
+    // The generated certificate names the domain: it verifies against itself as the root.
+    let cert = std::fs::read(daemon.dir().join("state/ghost/tls/cert.pem")).unwrap();
+    assert_eq!(
+        tls_request(&link.peer, RELAY, "192.0.2.1.nip.io", &cert, None).as_deref(),
+        Some("")
     );
 }
