@@ -88,6 +88,9 @@ pub struct Ghost {
     op: tokio::sync::Mutex<Option<Active>>,
     /// The relay's failure to come back after a restart, shown by `status`.
     restore_error: Mutex<Option<String>>,
+    /// Whether the relay runs; read by `status` without waiting for an enable in progress
+    /// (an ACME issuance can take minutes).
+    relay_running: std::sync::atomic::AtomicBool,
     pub stats: Arc<Stats>,
 }
 
@@ -165,6 +168,7 @@ impl Ghost {
             state: Mutex::new(state),
             op: tokio::sync::Mutex::new(None),
             restore_error: Mutex::new(None),
+            relay_running: std::sync::atomic::AtomicBool::new(false),
             stats: Arc::default(),
         })
     }
@@ -215,6 +219,7 @@ impl Ghost {
             Ok(active) => {
                 info!(domain = %state.domain, "ghost mode restored");
                 *op = Some(active);
+                self.relay_running.store(true, Ordering::Relaxed);
                 set(&self.restore_error, None);
             }
             Err(e) => {
@@ -408,6 +413,7 @@ impl Ghost {
             return Err(e.into());
         }
         *op = Some(active);
+        self.relay_running.store(true, Ordering::Relaxed);
         set(&self.restore_error, None);
         // The domain and source are logged; the secret never is.
         info!(domain = %domain, port, tls = source, "ghost mode enabled");
@@ -422,6 +428,7 @@ impl Ghost {
             return Err(ApiError::new(GHOST_INACTIVE, "ghost mode is not active"));
         }
         if let Some(active) = op.take() {
+            self.relay_running.store(false, Ordering::Relaxed);
             active.stop().await;
         }
         let inactive = GhostState {
@@ -445,7 +452,7 @@ impl Ghost {
 
     pub async fn status(&self) -> Value {
         let state = self.state();
-        let running = self.op.lock().await.is_some();
+        let running = self.relay_running.load(Ordering::Relaxed);
         if !state.enabled {
             return json!({
                 "status": "inactive",
@@ -497,7 +504,11 @@ impl Ghost {
 
     /// Daemon shutdown: close the relay and its tunnels.
     pub async fn shutdown(&self) {
-        if let Some(active) = self.op.lock().await.take() {
+        // An enable still issuing a certificate is abandoned with the runtime, not waited for.
+        if let Ok(mut op) = tokio::time::timeout(Duration::from_secs(5), self.op.lock()).await
+            && let Some(active) = op.take()
+        {
+            self.relay_running.store(false, Ordering::Relaxed);
             active.stop().await;
         }
     }

@@ -30,8 +30,10 @@ use crate::store;
 /// The only application protocol the stock client speaks over wss (it never offers h2).
 const ALPN_HTTP11: &[u8] = b"http/1.1";
 
-/// How long the CA may take to validate the HTTP-01 challenge and issue.
-const ACME_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long the CA may take to validate the HTTP-01 challenge and issue: within phantom-api's
+/// default 60 s reply timeout, so `ghost enable` answers rather than leaving the CLI waiting
+/// (Let's Encrypt usually takes seconds; a slow order fails cleanly and can be retried).
+const ACME_TIMEOUT: Duration = Duration::from_secs(50);
 
 /// A certificate chain and its key, both PEM.
 pub struct CertPem {
