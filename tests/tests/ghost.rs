@@ -571,6 +571,23 @@ fn enable_refuses_bad_domains_and_certificates_and_changes_nothing() {
         api(&daemon, &["ghost", "enable", &enable])["status"],
         "active"
     );
+    // The certificate files vanish while the daemon is down: it still starts, says why the
+    // relay is stopped, and disable still works.
+    let mut daemon = daemon;
+    daemon.kill9();
+    std::fs::remove_file(certs.cert()).unwrap();
+    daemon.restart();
+    let status = api(&daemon, &["ghost", "status"]);
+    assert_eq!(status["enabled"], true, "{status}");
+    assert_eq!(status["services"]["wstunnel"], "stopped");
+    assert!(
+        status["services"]["relay"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cert.pem")),
+        "{status}"
+    );
+    assert_eq!(api(&daemon, &["ghost", "disable"])["status"], "inactive");
+    assert_eq!(api(&daemon, &["ghost", "status"])["enabled"], false);
 }
 
 /// Throughput of one TCP stream from the client namespace to the server's tunnel address,
