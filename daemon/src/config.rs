@@ -376,23 +376,39 @@ pub enum GhostTls {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GhostConfig {
+    /// The address the wss relay (and, while ACME issues, the HTTP-01 responder) binds.
+    pub listen: IpAddr,
     pub port: u16,
     pub tls: GhostTls,
     pub cert: String,
     pub key: String,
     pub acme_directory: String,
     pub acme_email: String,
+    /// Port of the HTTP-01 responder, listening only while a certificate is issued.
+    pub acme_http_port: u16,
+    /// A PEM root certificate to trust for the ACME directory instead of the public web
+    /// roots (a private ACME CA); empty for Let's Encrypt.
+    pub acme_ca_root: String,
+    /// An ACME certificate is renewed this many days before it expires.
+    pub acme_renew_before_days: u32,
+    /// How often the certificate's expiry is looked at.
+    pub acme_check_seconds: u64,
 }
 
 impl Default for GhostConfig {
     fn default() -> Self {
         Self {
+            listen: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             port: 443,
             tls: GhostTls::Acme,
             cert: String::new(),
             key: String::new(),
             acme_directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
             acme_email: String::new(),
+            acme_http_port: 80,
+            acme_ca_root: String::new(),
+            acme_renew_before_days: 30,
+            acme_check_seconds: 6 * 3600,
         }
     }
 }
@@ -614,6 +630,37 @@ impl Config {
         }
         parse_listen("sentry.listen", &self.sentry.listen)?;
         parse_listen("sentry.admin_listen", &self.sentry.admin_listen)?;
+        if self.ghost.port == 0 || self.ghost.acme_http_port == 0 {
+            return Err(Error::config(
+                "ghost.port and ghost.acme_http_port must not be 0",
+            ));
+        }
+        if !(1..=36_500).contains(&self.ghost.acme_renew_before_days) {
+            return Err(Error::config(
+                "ghost.acme_renew_before_days must be between 1 and 36500",
+            ));
+        }
+        if !(1..=604_800).contains(&self.ghost.acme_check_seconds) {
+            return Err(Error::config(
+                "ghost.acme_check_seconds must be between 1 and 604800",
+            ));
+        }
+        if self.ghost.tls == GhostTls::Files
+            && (self.ghost.cert.is_empty() || self.ghost.key.is_empty())
+        {
+            return Err(Error::config(
+                "ghost.tls = \"files\" needs ghost.cert and ghost.key",
+            ));
+        }
+        if !self.ghost.acme_email.is_empty()
+            && (!self.ghost.acme_email.contains('@')
+                || self.ghost.acme_email.contains(char::is_whitespace))
+        {
+            return Err(Error::config(format!(
+                "ghost.acme_email = {:?} is not an e-mail address",
+                self.ghost.acme_email
+            )));
+        }
         Ok(())
     }
 }

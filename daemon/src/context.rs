@@ -27,6 +27,9 @@ pub struct Context {
     pub dns: Option<Arc<crate::dns::Dns>>,
     /// Phantom's resolver for VPN clients; `None` with `[dns] listen = "off"`.
     pub resolver: Option<Arc<crate::resolver::Resolver>>,
+    /// Ghost mode (WireGuard over wss); `None` without the WireGuard server. Set with
+    /// `with_ghost`.
+    pub ghost: Option<Arc<crate::ghost::Ghost>>,
 }
 
 impl Context {
@@ -50,12 +53,18 @@ impl Context {
             blocklist,
             dns,
             resolver: None,
+            ghost: None,
         }
     }
 
     /// Adds the resolver (it needs the other modules, so it comes last).
     pub fn with_resolver(mut self, resolver: Option<Arc<crate::resolver::Resolver>>) -> Self {
         self.resolver = resolver;
+        self
+    }
+
+    pub fn with_ghost(mut self, ghost: Option<Arc<crate::ghost::Ghost>>) -> Self {
+        self.ghost = ghost;
         self
     }
 

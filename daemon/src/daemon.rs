@@ -143,6 +143,14 @@ async fn serve(
     } else {
         None
     };
+    let ghost = match wireguard.clone() {
+        Some(server) => Some(Arc::new(crate::ghost::Ghost::open(
+            &config.ghost,
+            &config.state_dir,
+            server,
+        )?)),
+        None => None,
+    };
     let dns = Arc::new(crate::dns::Dns::open(&config.dns, &config.state_dir)?);
     let resolver = if config.dns.listen_addrs()?.is_some_and(|l| l.is_empty())
         || (config.dns.listen.trim() == "auto" && wireguard.is_none())
@@ -169,7 +177,8 @@ async fn serve(
             blocklist,
             Some(dns),
         )
-        .with_resolver(resolver.clone()),
+        .with_resolver(resolver.clone())
+        .with_ghost(ghost.clone()),
     );
 
     let mut registry = Registry::new();
@@ -177,6 +186,7 @@ async fn serve(
     datapath::actions::register(&mut registry, Arc::clone(&ctx));
     crate::blocklist::actions::register(&mut registry, Arc::clone(&ctx));
     crate::dns::register(&mut registry, Arc::clone(&ctx));
+    crate::ghost::register(&mut registry, Arc::clone(&ctx));
     let registry = Arc::new(registry);
 
     let mut metrics = Metrics::new(
@@ -189,6 +199,9 @@ async fn serve(
     }
     if let Some(list) = ctx.blocklist.clone() {
         metrics.add_collector(Box::new(metrics::BlocklistCollector { list }));
+    }
+    if let Some(g) = &ghost {
+        metrics.add_collector(Box::new(g.collector()));
     }
     let metrics = Arc::new(metrics);
     metrics.register_actions(&registry.actions());
@@ -237,6 +250,10 @@ async fn serve(
             shutdown_rx.clone(),
         ));
     }
+    if let Some(g) = &ghost {
+        // An acknowledged enable survives restarts and kill -9.
+        g.restore().await;
+    }
     info!("phantomd ready");
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Socket)?;
@@ -252,6 +269,9 @@ async fn serve(
     let _ = shutdown_tx.send(true);
     if let Err(e) = admin_task.await {
         warn!(error = %e, "admin server task failed");
+    }
+    if let Some(g) = &ghost {
+        g.shutdown().await;
     }
     if let Some(server) = wireguard {
         // Traffic persisted, NAT removed, interface gone (the embedded device takes ~2 s).

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod dns;
 pub mod error;
+pub mod ghost;
 pub mod logging;
 pub mod metrics;
 pub mod protocol;

@@ -25,6 +25,8 @@ use std::{
 
 use serde_json::{Value, json};
 
+pub mod wstunnel;
+
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique on this host for this process: namespaces and pin paths are host-wide.

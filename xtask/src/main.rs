@@ -126,6 +126,28 @@ fn run(cli: Cli) -> Result<()> {
                     .env("PHANTOM_BIN_DIR", &bin_dir),
             )
         }
+        Cmd::Bench { args } if args.first().map(String::as_str) == Some("ghost") => {
+            // Ghost throughput needs namespaces, wg-quick and the wstunnel test client, which
+            // live in the end-to-end test crate: an ignored test there is the bench.
+            step(
+                "build release binaries",
+                cargo().args(["build", "--release", "--bins"]),
+            )?;
+            step(
+                "ghost throughput bench",
+                cargo()
+                    .args([
+                        "test",
+                        "--release",
+                        "-p",
+                        "phantom-tests",
+                        "--test",
+                        "ghost",
+                    ])
+                    .args(["--", "--ignored", "--nocapture", "bench_ghost"])
+                    .env("PHANTOM_BIN_DIR", target_dir().join("release")),
+            )
+        }
         Cmd::Bench { args } => {
             step(
                 "build phantom-bench",

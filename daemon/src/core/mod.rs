@@ -175,6 +175,10 @@ async fn blocking<T: Send + 'static>(
     run_blocking(move || f().map_err(ApiError::from)).await
 }
 
+fn ghost_active(ctx: &Context) -> bool {
+    ctx.ghost.as_ref().is_some_and(|g| g.is_active())
+}
+
 fn checked_name(name: &str) -> Result<(), ApiError> {
     if valid_client_name(name) {
         Ok(())
@@ -408,10 +412,17 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                 let server = server(&c)?;
                 let dns = crate::dns::client_dns(&c);
                 let name = p.client_name.clone();
+                // With ghost mode on, the config goes through the local wstunnel client.
+                let route = c.ghost.as_ref().and_then(|g| g.client_route());
                 let (client, config) = blocking(move || {
                     let client = server.store.get(&name)?;
                     Ok(client.map(|cl| {
-                        let config = server.client_config(&cl, &dns);
+                        let config = match &route {
+                            Some((endpoint, allowed)) => {
+                                server.client_config_via(&cl, &dns, endpoint, allowed)
+                            }
+                            None => server.client_config(&cl, &dns),
+                        };
                         (cl, config)
                     }))
                 })
@@ -643,6 +654,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                 if active > 0 {
                     warnings.push(format!("{active} client(s) connected: a subnet change makes them reconnect with re-exported configs"));
                 }
+                let ghost_mode = ghost_active(&c);
                 Ok::<_, ApiError>(json!({
                     "current_subnet": subnet.to_string(),
                     "subnet_size": 1u64 << (32 - u32::from(subnet.prefix)),
@@ -659,8 +671,8 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                     "server_ip": subnet.server_ip(),
                     "first_client_ip": first,
                     "last_client_ip": last,
-                    "can_change": true,
-                    "blockers": {"ghost_mode": false, "multihop": false, "active_connections": active},
+                    "can_change": !ghost_mode,
+                    "blockers": {"ghost_mode": ghost_mode, "multihop": false, "active_connections": active},
                     "main_interface": {"interface": server.config.interface, "address": format!("{}/{}", subnet.server_ip(), subnet.prefix)},
                     "warnings": warnings,
                 }))
@@ -713,6 +725,12 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
             let c = Arc::clone(&c);
             async move {
                 let server = server(&c)?;
+                if ghost_active(&c) {
+                    return Err(ApiError::new(
+                        SUBNET_CHANGE_REFUSED,
+                        "ghost mode is on: disable it (phantom-api ghost disable) before changing the subnet",
+                    ));
+                }
                 let s = Arc::clone(&server);
                 let raw = p.new_subnet.clone();
                 let check = run_blocking(move || check_subnet(&s, &raw)).await?;

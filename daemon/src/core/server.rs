@@ -449,6 +449,18 @@ impl Server {
 
     /// The client's wg-quick configuration.
     pub fn client_config(&self, client: &Client, dns: &[String]) -> String {
+        self.client_config_via(client, dns, &self.endpoint(), "0.0.0.0/0, ::/0")
+    }
+
+    /// The configuration with another Endpoint and AllowedIPs (ghost mode: the local
+    /// wstunnel client, and everything but the server's own address).
+    pub fn client_config_via(
+        &self,
+        client: &Client,
+        dns: &[String],
+        endpoint: &str,
+        allowed_ips: &str,
+    ) -> String {
         format!(
             "[Interface]\n\
              PrivateKey = {}\n\
@@ -460,7 +472,7 @@ impl Server {
              PublicKey = {}\n\
              PresharedKey = {}\n\
              Endpoint = {}\n\
-             AllowedIPs = 0.0.0.0/0, ::/0\n\
+             AllowedIPs = {}\n\
              PersistentKeepalive = 25\n",
             client.private_key,
             client.ip,
@@ -468,7 +480,8 @@ impl Server {
             self.config.mtu,
             self.public_key,
             client.preshared_key,
-            self.endpoint(),
+            endpoint,
+            allowed_ips,
         )
     }
 

@@ -1,0 +1,173 @@
+//! The ghost domain: syntax, resolution (sslip.io / nip.io names decode offline, as those
+//! services answer with the address written in the name), and this server's own addresses.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+/// Suffixes whose names carry their address.
+const WILDCARD_DNS: [&str; 2] = ["sslip.io", "nip.io"];
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Lower-cased, trailing dot removed, checked as a DNS host name (LDH labels, at least two).
+pub fn normalise(raw: &str) -> Result<String, String> {
+    let d = raw.trim().trim_end_matches('.').to_ascii_lowercase();
+    if d.is_empty() {
+        return Err("is empty".into());
+    }
+    if d.len() > 253 {
+        return Err("is longer than 253 characters".into());
+    }
+    if d.parse::<IpAddr>().is_ok() {
+        return Err("is an address, not a domain name (try <a-b-c-d>.sslip.io)".into());
+    }
+    let labels: Vec<&str> = d.split('.').collect();
+    if labels.len() < 2 {
+        return Err("needs at least two labels, e.g. vpn.example.com".into());
+    }
+    for label in &labels {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !ok {
+            return Err(format!(
+                "label {label:?} is not 1-63 letters, digits or inner hyphens"
+            ));
+        }
+    }
+    if labels
+        .last()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err("the last label cannot be numeric".into());
+    }
+    Ok(d)
+}
+
+/// The address written in an sslip.io / nip.io name, if it is one: `192-0-2-1.sslip.io`,
+/// `vpn-192-0-2-1.sslip.io`, `192.0.2.1.nip.io`, `app.192.0.2.1.nip.io`, `2001-db8--1.sslip.io`.
+pub fn wildcard_address(domain: &str) -> Option<IpAddr> {
+    let head = WILDCARD_DNS
+        .iter()
+        .find_map(|suffix| domain.strip_suffix(suffix)?.strip_suffix('.'))?;
+    let labels: Vec<&str> = head.split('.').collect();
+    if labels.len() >= 4
+        && let Ok(ip) = labels[labels.len() - 4..].join(".").parse::<Ipv4Addr>()
+    {
+        return Some(IpAddr::V4(ip));
+    }
+    let last = labels.last()?;
+    let dashes: Vec<&str> = last.split('-').collect();
+    if dashes.len() >= 4
+        && let Ok(ip) = dashes[dashes.len() - 4..].join(".").parse::<Ipv4Addr>()
+    {
+        return Some(IpAddr::V4(ip));
+    }
+    last.replace('-', ":")
+        .parse::<Ipv6Addr>()
+        .ok()
+        .map(IpAddr::V6)
+}
+
+/// The addresses `domain` resolves to.
+pub async fn resolve(domain: &str) -> Result<Vec<IpAddr>, String> {
+    if WILDCARD_DNS
+        .iter()
+        .any(|s| domain == *s || domain.ends_with(&format!(".{s}")))
+    {
+        return wildcard_address(domain)
+            .map(|ip| vec![ip])
+            .ok_or_else(|| "this sslip.io/nip.io name carries no address".to_string());
+    }
+    let lookup = tokio::net::lookup_host((domain, 443));
+    let addrs = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
+        .await
+        .map_err(|_| "no DNS answer within 5 s".to_string())?
+        .map_err(|e| format!("does not resolve: {e}"))?;
+    let mut ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
+    ips.sort_unstable();
+    ips.dedup();
+    if ips.is_empty() {
+        return Err("resolves to no address".into());
+    }
+    Ok(ips)
+}
+
+/// This host's addresses a client could reach: every interface but loopback and the VPN
+/// interface, link-local excluded.
+pub fn own_addresses(vpn_interface: &str) -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut ips: Vec<IpAddr> = addrs
+        .filter(|a| a.interface_name != vpn_interface)
+        .filter_map(|a| {
+            let s = a.address?;
+            if let Some(v4) = s.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        })
+        .filter(|ip| match ip {
+            IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
+            IpAddr::V6(v6) => {
+                !v6.is_loopback() && !v6.is_unicast_link_local() && !v6.is_unspecified()
+            }
+        })
+        .collect();
+    ips.sort_unstable();
+    ips.dedup();
+    ips
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_and_normalised() {
+        assert_eq!(
+            normalise("VPN.Example.COM.").as_deref(),
+            Ok("vpn.example.com")
+        );
+        for bad in [
+            "",
+            "localhost",
+            "-a.example",
+            "a-.example",
+            "a..example",
+            "a b.example",
+            "ex_ample.com",
+            "192.0.2.1",
+            "a.123",
+            &"a".repeat(64),
+        ] {
+            assert!(normalise(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn wildcard_names_decode_offline() {
+        let v4 = |s: &str| Some(IpAddr::V4(s.parse().unwrap_or(Ipv4Addr::UNSPECIFIED)));
+        assert_eq!(wildcard_address("192-0-2-1.sslip.io"), v4("192.0.2.1"));
+        assert_eq!(wildcard_address("vpn-192-0-2-1.sslip.io"), v4("192.0.2.1"));
+        assert_eq!(wildcard_address("192.0.2.1.nip.io"), v4("192.0.2.1"));
+        assert_eq!(
+            wildcard_address("app.198.51.100.7.nip.io"),
+            v4("198.51.100.7")
+        );
+        assert_eq!(
+            wildcard_address("2001-db8--1.sslip.io"),
+            Some(IpAddr::V6(
+                "2001:db8::1".parse().unwrap_or(Ipv6Addr::UNSPECIFIED)
+            ))
+        );
+        assert_eq!(wildcard_address("nothing.sslip.io"), None);
+        assert_eq!(wildcard_address("192-0-2-1.example.com"), None);
+    }
+}

@@ -1,0 +1,614 @@
+//! The WebSocket-over-TLS relay the stock wstunnel client connects to: TLS, the HTTP/1.1
+//! upgrade on `/<secret>/events` with the tunnel claims in `Sec-WebSocket-Protocol`, then one
+//! UDP datagram per binary frame between the client and the local WireGuard port.
+//!
+//! Rejections must be cheap: the stock client retries a refused upgrade in a tight loop, so a
+//! source whose upgrades keep failing is cut off right after `accept`, before any TLS work.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use base64::Engine;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::{
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::{Semaphore, watch},
+    task::JoinHandle,
+};
+use tokio_rustls::{TlsAcceptor, rustls::ServerConfig};
+use tokio_tungstenite::tungstenite::{
+    self, Message,
+    handshake::server::{ErrorResponse, Request, Response},
+    http::{HeaderValue, StatusCode},
+    protocol::WebSocketConfig,
+};
+use tracing::{debug, info, warn};
+
+/// The largest frame accepted: a UDP datagram cannot be larger.
+pub const MAX_FRAME_BYTES: usize = 65_535;
+/// TLS plus upgrade must finish within this, or the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The stock client pings every 30 s; three missed pings is a dead tunnel.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(95);
+/// Connections in TLS or upgrade at once; more are closed at accept.
+const MAX_HANDSHAKES: usize = 256;
+/// Open tunnels at once.
+const MAX_TUNNELS: usize = 4096;
+/// A source may fail this many upgrades in a burst...
+const REJECT_BURST: f64 = 20.0;
+/// ...and one more per this many per second afterwards.
+const REJECT_REFILL_PER_SECOND: f64 = 2.0;
+/// Sources tracked by the rejection limiter before fully refilled entries are dropped.
+const LIMITER_MAX_SOURCES: usize = 65_536;
+
+/// Why an upgrade was refused (the `reason` label of the rejection counter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// Too many failed upgrades from this source: closed before TLS.
+    RateLimited,
+    /// Too many handshakes or tunnels in progress.
+    Busy,
+    /// Not TLS, or a TLS failure (plain HTTP lands here).
+    Tls,
+    /// TLS or upgrade did not finish in time.
+    Timeout,
+    /// Not a WebSocket upgrade request.
+    NotWebsocket,
+    /// The path does not start with the secret prefix or does not end in `events`.
+    WrongPrefix,
+    /// No or undecodable tunnel claims.
+    BadClaims,
+    /// The claims ask for something other than UDP to the local WireGuard port.
+    ForbiddenRemote,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 8] = [
+        Rejection::RateLimited,
+        Rejection::Busy,
+        Rejection::Tls,
+        Rejection::Timeout,
+        Rejection::NotWebsocket,
+        Rejection::WrongPrefix,
+        Rejection::BadClaims,
+        Rejection::ForbiddenRemote,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::RateLimited => "rate_limited",
+            Rejection::Busy => "busy",
+            Rejection::Tls => "tls",
+            Rejection::Timeout => "timeout",
+            Rejection::NotWebsocket => "not_websocket",
+            Rejection::WrongPrefix => "wrong_prefix",
+            Rejection::BadClaims => "bad_claims",
+            Rejection::ForbiddenRemote => "forbidden_remote",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// Why an open tunnel was closed by the server side on a client fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameFault {
+    /// A frame larger than a UDP datagram.
+    Oversized,
+    /// A text frame (the tunnel carries binary datagrams only).
+    Text,
+    /// Anything else the WebSocket layer refused.
+    Protocol,
+}
+
+impl FrameFault {
+    pub const ALL: [FrameFault; 3] = [
+        FrameFault::Oversized,
+        FrameFault::Text,
+        FrameFault::Protocol,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrameFault::Oversized => "oversized",
+            FrameFault::Text => "text",
+            FrameFault::Protocol => "protocol",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// Counters read by the metrics collector; they outlive any one relay.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub tunnels_open: AtomicI64,
+    pub tunnels_total: AtomicU64,
+    /// Client to WireGuard.
+    pub bytes_in: AtomicU64,
+    /// WireGuard to client.
+    pub bytes_out: AtomicU64,
+    pub datagrams_in: AtomicU64,
+    pub datagrams_out: AtomicU64,
+    rejected: [AtomicU64; Rejection::ALL.len()],
+    faults: [AtomicU64; FrameFault::ALL.len()],
+}
+
+impl Stats {
+    fn reject(&self, reason: Rejection) {
+        self.rejected[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rejected(&self, reason: Rejection) -> u64 {
+        self.rejected[reason.index()].load(Ordering::Relaxed)
+    }
+
+    fn fault(&self, fault: FrameFault) {
+        self.faults[fault.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn faults(&self, fault: FrameFault) -> u64 {
+        self.faults[fault.index()].load(Ordering::Relaxed)
+    }
+}
+
+/// What a relay serves.
+#[derive(Clone)]
+pub struct RelaySettings {
+    pub listen: SocketAddr,
+    /// The path prefix the stock client is given (`--http-upgrade-path-prefix`).
+    pub secret: String,
+    /// The local WireGuard UDP port: the only remote a tunnel may ask for.
+    pub wireguard_port: u16,
+}
+
+/// The TLS configuration in force; replaced in place when a certificate is renewed.
+pub type TlsConfig = Arc<RwLock<Arc<ServerConfig>>>;
+
+/// A running relay; `stop` ends the listener and every tunnel.
+pub struct Relay {
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    pub local_addr: SocketAddr,
+}
+
+impl Relay {
+    /// Binds the listener (so a taken port fails here, synchronously for the caller) and
+    /// starts serving.
+    pub async fn start(
+        settings: RelaySettings,
+        tls: TlsConfig,
+        stats: Arc<Stats>,
+    ) -> std::io::Result<Self> {
+        let listener = bind(settings.listen)?;
+        let local_addr = listener.local_addr()?;
+        let (shutdown, rx) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, settings, tls, stats, rx));
+        info!(listen = %local_addr, "ghost relay listening");
+        Ok(Self {
+            shutdown,
+            task,
+            local_addr,
+        })
+    }
+
+    /// Closes the listener and every tunnel, and waits for the listener to be gone.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+async fn serve(
+    listener: TcpListener,
+    settings: RelaySettings,
+    tls: TlsConfig,
+    stats: Arc<Stats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let settings = Arc::new(settings);
+    let limiter = Arc::new(Limiter::default());
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let tunnels = Arc::new(Semaphore::new(MAX_TUNNELS));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "ghost relay accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        if !limiter.allows(peer.ip()) {
+            stats.reject(Rejection::RateLimited);
+            continue;
+        }
+        let Ok(handshake) = Arc::clone(&handshakes).try_acquire_owned() else {
+            stats.reject(Rejection::Busy);
+            continue;
+        };
+        let Ok(tunnel) = Arc::clone(&tunnels).try_acquire_owned() else {
+            stats.reject(Rejection::Busy);
+            continue;
+        };
+        let acceptor = match tls.read() {
+            Ok(c) => TlsAcceptor::from(Arc::clone(&c)),
+            Err(poisoned) => TlsAcceptor::from(Arc::clone(&poisoned.into_inner())),
+        };
+        let (settings, stats, limiter, shutdown) = (
+            Arc::clone(&settings),
+            Arc::clone(&stats),
+            Arc::clone(&limiter),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let _tunnel = tunnel;
+            let ws = match upgrade(tcp, acceptor, &settings).await {
+                Ok(ws) => ws,
+                Err(reason) => {
+                    drop(handshake);
+                    debug!(peer = %peer, reason = reason.as_str(), "ghost upgrade refused");
+                    stats.reject(reason);
+                    limiter.penalise(peer.ip());
+                    return;
+                }
+            };
+            drop(handshake);
+            stats.tunnels_open.fetch_add(1, Ordering::Relaxed);
+            stats.tunnels_total.fetch_add(1, Ordering::Relaxed);
+            info!(peer = %peer, "ghost tunnel open");
+            let end = relay(ws, settings.wireguard_port, &stats, shutdown).await;
+            stats.tunnels_open.fetch_sub(1, Ordering::Relaxed);
+            info!(peer = %peer, end, "ghost tunnel closed");
+        });
+    }
+    info!("ghost relay stopped");
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// TLS, then the WebSocket upgrade with the path and claims checked.
+async fn upgrade(
+    tcp: TcpStream,
+    acceptor: TlsAcceptor,
+    settings: &RelaySettings,
+) -> Result<Ws, Rejection> {
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let tls = tokio::time::timeout_at(deadline, acceptor.accept(tcp))
+        .await
+        .map_err(|_| Rejection::Timeout)?
+        .map_err(|_| Rejection::Tls)?;
+    let mut refused: Option<Rejection> = None;
+    let config = WebSocketConfig::default()
+        // The stock client does not mask its frames.
+        .accept_unmasked_frames(true)
+        .max_frame_size(Some(MAX_FRAME_BYTES))
+        .max_message_size(Some(MAX_FRAME_BYTES));
+    // The error type is tungstenite's (an HTTP response); it is built once per refusal.
+    #[allow(clippy::result_large_err)]
+    let check = |request: &Request, mut response: Response| match check_upgrade(
+        request,
+        &settings.secret,
+        settings.wireguard_port,
+    ) {
+        Ok(()) => {
+            response
+                .headers_mut()
+                .insert("sec-websocket-protocol", HeaderValue::from_static("v1"));
+            Ok(response)
+        }
+        Err(reason) => {
+            refused = Some(reason);
+            let mut error = ErrorResponse::new(None);
+            *error.status_mut() = StatusCode::BAD_REQUEST;
+            Err(error)
+        }
+    };
+    let accepted = tokio::time::timeout_at(
+        deadline,
+        tokio_tungstenite::accept_hdr_async_with_config(tls, check, Some(config)),
+    )
+    .await;
+    match accepted {
+        Err(_) => Err(Rejection::Timeout),
+        Ok(Ok(ws)) => Ok(ws),
+        Ok(Err(_)) => Err(refused.unwrap_or(Rejection::NotWebsocket)),
+    }
+}
+
+/// The claims the stock client puts in its JWT.
+#[derive(Debug, Deserialize)]
+struct Claims {
+    /// The tunnel kind and its options, e.g. `{"Udp":{"timeout":null}}`.
+    p: serde_json::Value,
+    /// Remote host.
+    r: String,
+    /// Remote port.
+    rp: u16,
+}
+
+/// Checks the upgrade request: secret path prefix, then the tunnel claims.
+pub fn check_upgrade(
+    request: &Request,
+    secret: &str,
+    wireguard_port: u16,
+) -> Result<(), Rejection> {
+    let path = request.uri().path();
+    let first = path
+        .strip_prefix('/')
+        .and_then(|p| p.split('/').next())
+        .unwrap_or_default();
+    if !constant_time_eq(first.as_bytes(), secret.as_bytes()) || !path.ends_with("events") {
+        return Err(Rejection::WrongPrefix);
+    }
+    let jwt = request
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix("authorization.bearer."))
+        .ok_or(Rejection::BadClaims)?;
+    let claims = decode_claims(jwt).ok_or(Rejection::BadClaims)?;
+    let is_udp = claims.p.as_object().is_some_and(|o| o.contains_key("Udp"));
+    let remote_is_local = matches!(
+        claims.r.trim_start_matches('[').trim_end_matches(']'),
+        "127.0.0.1" | "localhost" | "::1"
+    );
+    if is_udp && remote_is_local && claims.rp == wireguard_port {
+        Ok(())
+    } else {
+        Err(Rejection::ForbiddenRemote)
+    }
+}
+
+/// Decodes the JWT payload. The stock client signs with a random key, so the signature
+/// carries no meaning and is not checked; the secret path is the credential.
+fn decode_claims(jwt: &str) -> Option<Claims> {
+    let mut parts = jwt.split('.');
+    let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || payload.len() > 4096 {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Relays until either side ends; returns why it ended.
+async fn relay(
+    ws: Ws,
+    wireguard_port: u16,
+    stats: &Stats,
+    mut shutdown: watch::Receiver<bool>,
+) -> &'static str {
+    let udp = match UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "ghost tunnel cannot open its UDP socket");
+            return "udp socket";
+        }
+    };
+    if let Err(e) = udp
+        .connect(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            wireguard_port,
+        ))
+        .await
+    {
+        warn!(error = %e, "ghost tunnel cannot reach the WireGuard port");
+        return "udp connect";
+    }
+    let (mut sink, mut stream) = ws.split();
+    let mut buf = vec![0u8; MAX_FRAME_BYTES];
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => {
+                let _ = sink.send(Message::Close(None)).await;
+                return "relay stopped";
+            }
+            frame = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => match frame {
+                Err(_) => return "idle",
+                Ok(None) => return "client gone",
+                Ok(Some(Ok(Message::Binary(datagram)))) => {
+                    stats.bytes_in.fetch_add(datagram.len() as u64, Ordering::Relaxed);
+                    stats.datagrams_in.fetch_add(1, Ordering::Relaxed);
+                    // WireGuard not listening for a moment (restart) is not the tunnel's end.
+                    let _ = udp.send(&datagram).await;
+                }
+                // Pongs are queued by the WebSocket layer and flushed on the next poll.
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => {}
+                Ok(Some(Ok(Message::Close(_)))) => return "client closed",
+                Ok(Some(Ok(Message::Text(_)))) => {
+                    stats.fault(FrameFault::Text);
+                    let _ = sink.send(Message::Close(None)).await;
+                    return "text frame";
+                }
+                Ok(Some(Err(e))) => {
+                    let fault = match e {
+                        tungstenite::Error::Capacity(_) => Some(FrameFault::Oversized),
+                        tungstenite::Error::Protocol(_) => Some(FrameFault::Protocol),
+                        _ => None,
+                    };
+                    if let Some(fault) = fault {
+                        stats.fault(fault);
+                        debug!(error = %e, "ghost tunnel closed on a bad frame");
+                        return fault.as_str();
+                    }
+                    return "connection error";
+                }
+            },
+            received = udp.recv(&mut buf) => match received {
+                Ok(n) => {
+                    stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    stats.datagrams_out.fetch_add(1, Ordering::Relaxed);
+                    // One datagram, one binary frame with FIN set: tungstenite never fragments.
+                    if sink.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                        return "client gone";
+                    }
+                }
+                // ICMP port unreachable from a restarting WireGuard: keep the tunnel.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            },
+        }
+    }
+}
+
+/// A token bucket of failed upgrades per source address.
+#[derive(Default)]
+struct Limiter {
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl Limiter {
+    fn level(tokens: f64, since: Instant, now: Instant) -> f64 {
+        (tokens + now.duration_since(since).as_secs_f64() * REJECT_REFILL_PER_SECOND)
+            .min(REJECT_BURST)
+    }
+
+    fn allows(&self, ip: IpAddr) -> bool {
+        let Ok(buckets) = self.buckets.lock() else {
+            return true;
+        };
+        buckets
+            .get(&ip)
+            .is_none_or(|(tokens, since)| Self::level(*tokens, *since, Instant::now()) >= 1.0)
+    }
+
+    fn penalise(&self, ip: IpAddr) {
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if buckets.len() >= LIMITER_MAX_SOURCES {
+            buckets.retain(|_, (t, s)| Self::level(*t, *s, now) < REJECT_BURST);
+        }
+        let entry = buckets.entry(ip).or_insert((REJECT_BURST, now));
+        let level = Self::level(entry.0, entry.1, now);
+        *entry = ((level - 1.0).max(0.0), now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn jwt(claims: &str) -> String {
+        let enc = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!(
+            "{}.{}.{}",
+            enc(r#"{"typ":"JWT","alg":"HS256"}"#),
+            enc(claims),
+            enc("sig")
+        )
+    }
+
+    fn request(path: &str, protocol: Option<&str>) -> Request {
+        let mut b = Request::builder().uri(path);
+        if let Some(p) = protocol {
+            b = b.header("sec-websocket-protocol", p);
+        }
+        b.body(()).unwrap()
+    }
+
+    const GOOD: &str = r#"{"id":"0190d6c4-8b5e-7d8a-9a3b-1b2c3d4e5f60","p":{"Udp":{"timeout":null}},"r":"127.0.0.1","rp":51820}"#;
+
+    #[test]
+    fn the_stock_clients_upgrade_passes() {
+        let proto = format!("v1, authorization.bearer.{}", jwt(GOOD));
+        assert_eq!(
+            check_upgrade(&request("/s3cret/events", Some(&proto)), "s3cret", 51820),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn wrong_prefix_claims_and_remotes_are_refused() {
+        let proto = format!("v1, authorization.bearer.{}", jwt(GOOD));
+        for path in [
+            "/other/events",
+            "/s3cre/events",
+            "/s3cret/x",
+            "/",
+            "/s3cretX/events",
+        ] {
+            assert_eq!(
+                check_upgrade(&request(path, Some(&proto)), "s3cret", 51820),
+                Err(Rejection::WrongPrefix),
+                "{path}"
+            );
+        }
+        for proto in [None, Some("v1"), Some("v1, authorization.bearer.not-a-jwt")] {
+            assert_eq!(
+                check_upgrade(&request("/s3cret/events", proto), "s3cret", 51820),
+                Err(Rejection::BadClaims)
+            );
+        }
+        for claims in [
+            r#"{"p":{"Udp":{"timeout":null}},"r":"10.0.0.1","rp":51820}"#,
+            r#"{"p":{"Udp":{"timeout":null}},"r":"127.0.0.1","rp":22}"#,
+            r#"{"p":{"Tcp":{"proxy_protocol":false}},"r":"127.0.0.1","rp":51820}"#,
+        ] {
+            let proto = format!("v1, authorization.bearer.{}", jwt(claims));
+            assert_eq!(
+                check_upgrade(&request("/s3cret/events", Some(&proto)), "s3cret", 51820),
+                Err(Rejection::ForbiddenRemote),
+                "{claims}"
+            );
+        }
+        let v6 = format!(
+            "v1, authorization.bearer.{}",
+            jwt(r#"{"p":{"Udp":{"timeout":null}},"r":"[::1]","rp":51820}"#)
+        );
+        assert_eq!(
+            check_upgrade(&request("/s3cret/events", Some(&v6)), "s3cret", 51820),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn the_limiter_cuts_a_source_off_after_its_burst_and_spares_others() {
+        let l = Limiter::default();
+        let bad: IpAddr = "192.0.2.3".parse().unwrap();
+        let good: IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..REJECT_BURST as usize {
+            assert!(l.allows(bad));
+            l.penalise(bad);
+        }
+        assert!(!l.allows(bad));
+        assert!(l.allows(good));
+    }
+}
