@@ -27,6 +27,8 @@ pub struct Context {
     pub dns: Option<Arc<crate::dns::Dns>>,
     /// Phantom's resolver for VPN clients; `None` with `[dns] listen = "off"`.
     pub resolver: Option<Arc<crate::resolver::Resolver>>,
+    /// Multihop; set once at start-up (core reads it: a subnet change waits for it to be off).
+    pub multihop: std::sync::OnceLock<Arc<crate::multihop::Multihop>>,
 }
 
 impl Context {
@@ -50,6 +52,7 @@ impl Context {
             blocklist,
             dns,
             resolver: None,
+            multihop: std::sync::OnceLock::new(),
         }
     }
 
@@ -69,6 +72,11 @@ impl Context {
 
     pub fn datapath_config(&self) -> DatapathConfig {
         self.config().datapath
+    }
+
+    /// True while client traffic goes out through a multihop exit.
+    pub fn multihop_enabled(&self) -> bool {
+        self.multihop.get().is_some_and(|m| m.is_enabled())
     }
 
     pub fn replace_config(&self, config: Config) {

@@ -172,11 +172,29 @@ async fn serve(
         .with_resolver(resolver.clone()),
     );
 
+    let multihop = match crate::multihop::Multihop::start(
+        &config,
+        wireguard.clone(),
+        datapath.clone(),
+    )
+    .await
+    {
+        Ok(m) => {
+            let _ = ctx.multihop.set(Arc::clone(&m));
+            Some(m)
+        }
+        Err(e) => {
+            error!(error = %e, "multihop cannot start; its actions answer UNAVAILABLE");
+            None
+        }
+    };
+
     let mut registry = Registry::new();
     crate::core::register(&mut registry, Arc::clone(&ctx));
     datapath::actions::register(&mut registry, Arc::clone(&ctx));
     crate::blocklist::actions::register(&mut registry, Arc::clone(&ctx));
     crate::dns::register(&mut registry, Arc::clone(&ctx));
+    crate::multihop::actions::register(&mut registry, multihop.clone());
     let registry = Arc::new(registry);
 
     let mut metrics = Metrics::new(
@@ -189,6 +207,11 @@ async fn serve(
     }
     if let Some(list) = ctx.blocklist.clone() {
         metrics.add_collector(Box::new(metrics::BlocklistCollector { list }));
+    }
+    if let Some(m) = &multihop {
+        metrics.add_collector(Box::new(crate::multihop::MultihopCollector::new(
+            Arc::clone(m),
+        )));
     }
     let metrics = Arc::new(metrics);
     metrics.register_actions(&registry.actions());
@@ -237,6 +260,9 @@ async fn serve(
             shutdown_rx.clone(),
         ));
     }
+    if let Some(m) = &multihop {
+        crate::multihop::spawn_monitor(m, shutdown_rx.clone());
+    }
     info!("phantomd ready");
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Socket)?;
@@ -252,6 +278,10 @@ async fn serve(
     let _ = shutdown_tx.send(true);
     if let Err(e) = admin_task.await {
         warn!(error = %e, "admin server task failed");
+    }
+    if let Some(m) = multihop {
+        // The exit interface goes; the rule and the fail-closed route stay until next start.
+        let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
     }
     if let Some(server) = wireguard {
         // Traffic persisted, NAT removed, interface gone (the embedded device takes ~2 s).
@@ -384,6 +414,7 @@ fn reload(opts: &Options, ctx: &Context, logs: &LogControl, top_sources: &Atomic
         ("blocklist", rest.blocklist != old.blocklist),
         ("sentry", rest.sentry != old.sentry),
         ("ghost", rest.ghost != old.ghost),
+        ("multihop", rest.multihop != old.multihop),
     ] {
         if differs {
             pending.push(name);

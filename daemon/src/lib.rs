@@ -12,6 +12,7 @@ pub mod dns;
 pub mod error;
 pub mod logging;
 pub mod metrics;
+pub mod multihop;
 pub mod protocol;
 pub mod qr;
 pub mod resolver;

@@ -1,7 +1,7 @@
 //! The `core` socket module: the WireGuard server and the client lifecycle, with the action
 //! names, parameters and reply fields of the original phantom-api.
 
-mod device;
+pub mod device;
 pub mod net;
 pub mod server;
 pub mod store;
@@ -659,8 +659,8 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                     "server_ip": subnet.server_ip(),
                     "first_client_ip": first,
                     "last_client_ip": last,
-                    "can_change": true,
-                    "blockers": {"ghost_mode": false, "multihop": false, "active_connections": active},
+                    "can_change": !c.multihop_enabled(),
+                    "blockers": {"ghost_mode": false, "multihop": c.multihop_enabled(), "active_connections": active},
                     "main_interface": {"interface": server.config.interface, "address": format!("{}/{}", subnet.server_ip(), subnet.prefix)},
                     "warnings": warnings,
                 }))
@@ -713,6 +713,12 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
             let c = Arc::clone(&c);
             async move {
                 let server = server(&c)?;
+                if c.multihop_enabled() {
+                    return Err(ApiError::new(
+                        SUBNET_CHANGE_REFUSED,
+                        "multihop is on: the exit's NAT and the kernel mark follow the client subnet; disable multihop first",
+                    ));
+                }
                 let s = Arc::clone(&server);
                 let raw = p.new_subnet.clone();
                 let check = run_blocking(move || check_subnet(&s, &raw)).await?;
