@@ -355,4 +355,29 @@ mod tests {
         assert!(Subnet::parse("10.0.0.0/33").is_err());
         Ok(())
     }
+
+    #[test]
+    fn other_modules_rules_come_first_and_survive_a_core_change() -> Result<(), String> {
+        let mut parts = TableParts {
+            core: Some(("wg0".into(), Subnet::parse("10.8.0.0/24")?)),
+            ..Default::default()
+        };
+        parts.extensions.insert(
+            "multihop",
+            NatExtension {
+                postrouting: vec!["oifname \"wg_vpn\" masquerade".into()],
+                forward: vec!["iifname \"wg_vpn\" drop".into()],
+            },
+        );
+        let text = render_table(&parts);
+        let ext = text
+            .find("oifname \"wg_vpn\" masquerade")
+            .ok_or("no extension")?;
+        let core = text.find("ip saddr 10.8.0.0/24").ok_or("no core rule")?;
+        assert!(ext < core, "{text}");
+        assert_eq!(text.matches("delete table inet phantom").count(), 1);
+        parts.core = Some(("wg0".into(), Subnet::parse("10.9.0.0/24")?));
+        assert!(render_table(&parts).contains("iifname \"wg_vpn\" drop"));
+        Ok(())
+    }
 }

@@ -196,15 +196,13 @@ pub fn parse(text: &str) -> Result<Parsed, String> {
                     peers += 1;
                     Section::Peer
                 }
-                other => return Err(at(format!("unknown section {other}"))),
+                _ => return Err(at("unknown section (not [Interface] or [Peer])".into())),
             };
             continue;
         }
         let Some((name, value)) = line.split_once('=') else {
-            return Err(at(format!(
-                "{:?} is not `Key = value` (not a WireGuard config)",
-                line.chars().take(60).collect::<String>()
-            )));
+            // The line itself is not echoed: the file may be anything the daemon can read.
+            return Err(at("is not `Key = value` (not a WireGuard config)".into()));
         };
         let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
         match (&section, name.as_str()) {
@@ -269,7 +267,12 @@ pub fn parse(text: &str) -> Result<Parsed, String> {
                     })?
                 })
             }
-            (_, other) => return Err(at(format!("unknown key {other:?}"))),
+            (_, other) => {
+                return Err(at(format!(
+                    "unknown key {:?}",
+                    other.chars().take(40).collect::<String>()
+                )));
+            }
         }
     }
     if interfaces != 1 || peers != 1 {
