@@ -327,7 +327,7 @@ fn exit_table(ns: &NetNs) -> Vec<String> {
         .unwrap();
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .map(str::to_string)
+        .map(|l| l.trim().to_string())
         .collect()
 }
 
@@ -359,7 +359,7 @@ fn assert_exactly_once(ns: &NetNs, iface: &str) {
     assert_eq!(
         table
             .iter()
-            .filter(|l| l.starts_with(&format!("default dev {iface} ")))
+            .filter(|l| l.starts_with(&format!("default dev {iface} ")) && l.contains("proto 109"))
             .count(),
         1,
         "{table:?}"
@@ -831,4 +831,39 @@ fn clients_leave_through_the_exit_while_multihop_is_on() {
     assert_eq!(removed["was_active"], false);
     assert_eq!(api(&daemon, &["multihop", "list_exits"])["total"], 0);
     assert!(!stored.exists());
+
+    // A crash half-way through an enable leaves entries of ours while the state says off:
+    // the next start removes them (and only them).
+    topo.server.ip(&[
+        "rule", "add", "fwmark", "0x6d68", "lookup", "100", "priority", "100", "proto", "109",
+    ]);
+    topo.server.ip(&[
+        "route",
+        "add",
+        "unreachable",
+        "default",
+        "table",
+        "100",
+        "metric",
+        "4000000000",
+        "proto",
+        "109",
+    ]);
+    topo.server
+        .ip(&["route", "add", "192.0.2.0/24", "dev", "up0", "table", "100"]);
+    daemon.kill9();
+    daemon.restart();
+    assert!(rules_to_exit_table(&topo.server).is_empty());
+    assert_eq!(
+        exit_table(&topo.server),
+        vec!["192.0.2.0/24 dev up0 scope link".to_string()],
+        "an operator's own route in table 100 stays"
+    );
+    assert!(
+        api(&daemon, &["multihop", "get_session_log", "lines=5"])["logs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str().unwrap().contains(" leftovers_removed "))
+    );
 }

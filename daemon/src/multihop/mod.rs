@@ -224,6 +224,8 @@ impl Multihop {
         if state.enabled {
             this.restore(state.active_exit.as_deref().unwrap_or_default())
                 .await;
+        } else {
+            this.clear_leftovers().await;
         }
         Ok(this)
     }
@@ -524,8 +526,10 @@ impl Multihop {
     }
 
     /// Removes everything of the path: mark, NAT, rules, routes, interface. Best effort;
-    /// returns what went and the errors met.
-    async fn tear_down(&self) -> (Vec<String>, Vec<String>) {
+    /// returns what went and the errors met. `stray_link`: also delete a link of our
+    /// interface's name that this daemon did not create (reset_state only: a failed enable
+    /// must not delete someone else's interface that was in the way).
+    async fn tear_down(&self, stray_link: bool) -> (Vec<String>, Vec<String>) {
         let mut cleaned = Vec::new();
         let mut errors = Vec::new();
         if self.datapath.is_some() && self.wireguard.is_some() {
@@ -560,7 +564,7 @@ impl Multihop {
         if let Some(device) = device {
             let _ = tokio::task::spawn_blocking(move || device.shutdown()).await;
             cleaned.push(format!("{} interface", self.config.interface));
-        } else {
+        } else if stray_link {
             // A link of ours a crash left behind (a kernel device outlives the daemon).
             match routing::delete_link(&self.config.interface).await {
                 Ok(true) => cleaned.push(format!("{} interface", self.config.interface)),
@@ -568,7 +572,7 @@ impl Multihop {
                 Err(e) => errors.push(e),
             }
         }
-        if nix::net::if_::if_nametoindex(self.config.interface.as_str()).is_ok() {
+        if stray_link && nix::net::if_::if_nametoindex(self.config.interface.as_str()).is_ok() {
             errors.push(format!("{} is still there", self.config.interface));
         }
         (cleaned, errors)
@@ -626,9 +630,10 @@ impl Multihop {
                 return Err(None);
             }
             fail_point("multihop.enable.before_mark").map_err(Some)?;
-            self.set_mark(true).map_err(Some)?;
+            // Recorded before clients move: a crash from here on is restored at start.
             self.persist(true, Some(&exit.name))
                 .map_err(|e| Some(e.to_string()))?;
+            self.set_mark(true).map_err(Some)?;
             Ok(EnableOutcome {
                 handshake_established: handshake,
                 connection_verified: connected,
@@ -643,9 +648,14 @@ impl Multihop {
         let outcome = match result {
             Ok(outcome) => outcome,
             Err(_) => {
-                let (_, errors) = self.tear_down().await;
+                let (_, errors) = self.tear_down(false).await;
                 for e in &errors {
                     error!(error = %e, "multihop: rollback incomplete");
+                }
+                if self.is_enabled()
+                    && let Err(e) = self.persist(false, None)
+                {
+                    error!(error = %e, "multihop: cannot record the rollback");
                 }
                 let err = match setup_error.flatten() {
                     Some(e) => MultihopError::SetupFailed(e),
@@ -694,7 +704,7 @@ impl Multihop {
         let Some(previous) = self.active_exit() else {
             return Err(MultihopError::NotEnabled);
         };
-        let (_, errors) = self.tear_down().await;
+        let (_, errors) = self.tear_down(false).await;
         self.persist(false, None)?;
         self.reset_monitor(None);
         let cleaned = errors.is_empty();
@@ -716,7 +726,7 @@ impl Multihop {
     /// Removes every trace, whatever the recorded state says. Returns (cleaned up, errors).
     pub async fn reset(&self) -> Result<(Vec<String>, Vec<String>), MultihopError> {
         let _ops = self.ops.lock().await;
-        let (mut cleaned, errors) = self.tear_down().await;
+        let (mut cleaned, errors) = self.tear_down(true).await;
         let was = self.active_exit();
         self.persist(false, None)?;
         self.reset_monitor(None);
@@ -742,6 +752,27 @@ impl Multihop {
         Ok((cleaned, errors))
     }
 
+    /// Start-up with multihop off: a crash in the middle of enabling can have left our rule
+    /// and routes (and the mark) behind; they go, so clients are not blackholed.
+    async fn clear_leftovers(&self) {
+        match routing::clear(self.config.table).await {
+            Ok((0, 0)) => {}
+            Ok((rules, routes)) => {
+                if self.datapath.is_some()
+                    && self.wireguard.is_some()
+                    && let Err(e) = self.set_mark(false)
+                {
+                    warn!(error = %e, "multihop: cannot switch a leftover mark off");
+                }
+                self.log.record(
+                    "leftovers_removed",
+                    &format!("multihop is off; removed {rules} rule(s) and {routes} route(s) left from before"),
+                );
+            }
+            Err(e) => warn!(error = %e, "multihop: cannot check for leftovers"),
+        }
+    }
+
     /// Start-up with multihop on: remove leftovers, then the whole path, marking last. A
     /// failure leaves the fail-closed parts and the monitor to finish the job.
     async fn restore(&self, exit_name: &str) {
@@ -750,7 +781,7 @@ impl Multihop {
             Ok(e) => e,
             Err(e) => {
                 error!(error = %e, "multihop was on, but its exit is gone; turning it off");
-                let _ = self.tear_down().await;
+                let _ = self.tear_down(true).await;
                 let _ = self.persist(false, None);
                 self.log.record(
                     "restore_failed",
