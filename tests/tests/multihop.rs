@@ -569,6 +569,33 @@ fn clients_leave_through_the_exit_while_multihop_is_on() {
     assert!(entry["imported_at"].as_str().unwrap().starts_with("20"));
     assert_eq!(entry["multihop_enhanced"], true);
 
+    // An exit that does not answer: no handshake, nothing left behind.
+    let dead = write_file(
+        files.path(),
+        "dead.conf",
+        &provider_file.replace(EXIT_ENDPOINT, "198.18.0.2:51899"),
+    );
+    api(
+        &daemon,
+        &[
+            "multihop",
+            "import_vpn_config",
+            &format!("config_path={dead}"),
+        ],
+    );
+    assert_eq!(
+        api_err(&daemon, &["multihop", "enable_multihop", "exit_name=dead"]),
+        "EXIT_UNREACHABLE"
+    );
+    assert_no_trace(&topo.server, &iface);
+    assert_eq!(
+        api(
+            &daemon,
+            &["multihop", "remove_vpn_config", "exit_name=dead"]
+        )["was_active"],
+        false
+    );
+
     // A failure half-way (injected just before the mark) removes everything enabling added.
     assert_eq!(
         api_err(
@@ -823,12 +850,29 @@ fn clients_leave_through_the_exit_while_multihop_is_on() {
         Duration::from_secs(10)
     ));
 
+    // Removing the active exit turns multihop off first. (This daemon process carries the
+    // one-shot fault injection too: its first enable fails and rolls back as well.)
+    assert_eq!(
+        api_err(
+            &daemon,
+            &["multihop", "enable_multihop", "exit_name=exit-a"]
+        ),
+        "MULTIHOP_SETUP_FAILED"
+    );
+    assert_no_trace(&topo.server, &iface);
+    api(
+        &daemon,
+        &["multihop", "enable_multihop", "exit_name=exit-a"],
+    );
     let removed = api(
         &daemon,
         &["multihop", "remove_vpn_config", "exit_name=exit-a"],
     );
     assert_eq!(removed["removed"], "exit-a");
-    assert_eq!(removed["was_active"], false);
+    assert_eq!(removed["was_active"], true);
+    assert!(removed["message"].is_string());
+    assert_no_trace(&topo.server, &iface);
+    assert_eq!(api(&daemon, &["multihop", "status"])["enabled"], false);
     assert_eq!(api(&daemon, &["multihop", "list_exits"])["total"], 0);
     assert!(!stored.exists());
 
