@@ -592,8 +592,8 @@ impl Multihop {
     /// Sends traffic through the exit (a connection to the echo service) and waits for a
     /// handshake. Returns (handshake, connection, error).
     async fn verify(&self) -> (bool, bool, Option<String>) {
-        let probe = echo::probe(&self.echo, self.mark, self.probe_timeout()).await;
         let deadline = tokio::time::Instant::now() + self.probe_timeout();
+        let probe = echo::probe(&self.echo, self.mark, self.probe_timeout()).await;
         let mut handshake = false;
         loop {
             if self
@@ -641,13 +641,9 @@ impl Multihop {
             })
         }
         .await;
-        let setup_error = match &result {
-            Ok(_) => None,
-            Err(e) => Some(e.clone()),
-        };
         let outcome = match result {
             Ok(outcome) => outcome,
-            Err(_) => {
+            Err(cause) => {
                 let (_, errors) = self.tear_down(false).await;
                 for e in &errors {
                     error!(error = %e, "multihop: rollback incomplete");
@@ -657,7 +653,7 @@ impl Multihop {
                 {
                     error!(error = %e, "multihop: cannot record the rollback");
                 }
-                let err = match setup_error.flatten() {
+                let err = match cause {
                     Some(e) => MultihopError::SetupFailed(e),
                     None => MultihopError::ExitUnreachable(
                         exit.name.clone(),
@@ -669,7 +665,7 @@ impl Multihop {
                 return Err(err);
             }
         };
-        self.reset_monitor(Some(true));
+        self.reset_monitor(Some(outcome.connection_verified));
         self.log.record(
             "enable",
             &format!(
@@ -883,7 +879,12 @@ impl Multihop {
         {
             return Err(format!("{} is gone", self.config.interface));
         }
-        echo::probe(&self.echo, self.mark, self.probe_timeout()).await
+        echo::probe(&self.echo, self.mark, self.probe_timeout())
+            .await
+            .map_err(|e| match self.handshake_age() {
+                Some(age) => format!("{e}; last handshake {age} s ago"),
+                None => format!("{e}; no handshake with the exit"),
+            })
     }
 
     fn record_check(&self, exit: &str, result: &Result<(), String>) {
