@@ -254,6 +254,9 @@ impl Topology {
     fn daemon(&self, bpffs: &BpffsDir, interface: &str) -> Daemon {
         let mut config = DaemonConfig::new("up0", bpffs.path());
         config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, "192.0.2.1"));
+        // Phantom's resolver on the tunnel address, forwarding to the internet host.
+        config.dns_section =
+            "listen = \"auto\"\nprimary = \"203.0.113.10\"\nsecondary = \"203.0.113.10\"\n".into();
         config.extra_toml = format!(
             "[multihop]\ninterface = {interface:?}\nmonitor_interval_seconds = {MONITOR_INTERVAL}\nprobe_timeout_seconds = {PROBE_TIMEOUT}\necho_url = \"http://{ECHO}/ip\"\n"
         );
@@ -282,6 +285,21 @@ fn seen_as(ns: &NetNs) -> Option<String> {
         stream.read_to_string(&mut answer).ok()?;
         Some(answer.split_once("\r\n\r\n")?.1.trim().to_string())
     })
+}
+
+/// Asks phantom's resolver (on the server's tunnel address) for `name` from the client and
+/// returns the address the upstream (the internet host) sees the forwarded query come from.
+fn upstream_sees(topo: &Topology, name: &str) -> Option<String> {
+    let listener = topo.internet.udp_listener("203.0.113.10:53");
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    topo.client
+        .send_udp_from("0.0.0.0:0", "198.51.100.1:53", &query);
+    listener.recv().map(|(_, from)| from.ip().to_string())
 }
 
 /// Waits until requests from `ns` are seen as `want`.
@@ -448,6 +466,12 @@ fn clients_leave_through_the_exit_while_multihop_is_on() {
         wait_seen_as(&topo.client, SERVER_UPLINK, Duration::from_secs(15)),
         "off: {:?}",
         seen_as(&topo.client)
+    );
+
+    assert_eq!(
+        upstream_sees(&topo, "off.example").as_deref(),
+        Some(SERVER_UPLINK),
+        "off: the resolver forwards from the server's address"
     );
 
     // Bad input: clear failures, nothing changes.
@@ -638,6 +662,11 @@ fn clients_leave_through_the_exit_while_multihop_is_on() {
         EXIT_PUBLIC,
         Duration::from_secs(10)
     ));
+    assert_eq!(
+        upstream_sees(&topo, "on.example").as_deref(),
+        Some(EXIT_PUBLIC),
+        "on: the clients' lookups leave through the exit too"
+    );
     // Clients still reach each other and the server itself directly.
     assert!(ping(&topo.client, "198.51.100.3"), "alice -> bob");
     assert!(ping(&topo.other_client, "198.51.100.2"), "bob -> alice");
@@ -796,6 +825,10 @@ fn clients_leave_through_the_exit_while_multihop_is_on() {
         Duration::from_secs(10)
     ));
     assert_no_trace(&topo.server, &iface);
+    assert_eq!(
+        upstream_sees(&topo, "off-again.example").as_deref(),
+        Some(SERVER_UPLINK)
+    );
 
     // Restarts with multihop on (clean stop, then kill -9): on again, each entry once.
     api(

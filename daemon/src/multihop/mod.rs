@@ -177,6 +177,18 @@ fn fail_point(point: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The mark the daemon's own client-serving traffic (the resolver's upstream queries) carries
+/// while multihop is on, so it leaves through the exit like the clients' traffic; 0 = off.
+static EGRESS_MARK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// `Some(mark)` while multihop is on: sockets that act for clients set it (SO_MARK).
+pub fn egress_mark() -> Option<u32> {
+    match EGRESS_MARK.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => None,
+        mark => Some(mark),
+    }
+}
+
 /// What enabling found out about the exit.
 pub struct EnableOutcome {
     pub handshake_established: bool,
@@ -522,7 +534,12 @@ impl Multihop {
                 v6: None,
                 local: crate::datapath::actions::local_addresses(),
             })
-            .map_err(|e| format!("datapath mark: {e}"))
+            .map_err(|e| format!("datapath mark: {e}"))?;
+        EGRESS_MARK.store(
+            if enabled { self.mark } else { 0 },
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        Ok(())
     }
 
     /// Removes everything of the path: mark, NAT, rules, routes, interface. Best effort;
@@ -532,6 +549,7 @@ impl Multihop {
     async fn tear_down(&self, stray_link: bool) -> (Vec<String>, Vec<String>) {
         let mut cleaned = Vec::new();
         let mut errors = Vec::new();
+        EGRESS_MARK.store(0, std::sync::atomic::Ordering::Relaxed);
         if self.datapath.is_some() && self.wireguard.is_some() {
             match self.set_mark(false) {
                 Ok(()) => cleaned.push("datapath mark".to_string()),
