@@ -674,6 +674,11 @@ impl Config {
                 "multihop.probe_timeout_seconds must be between 1 and 60",
             ));
         }
+        if self.multihop.probe_timeout_seconds >= self.multihop.monitor_interval_seconds {
+            return Err(Error::config(
+                "multihop.probe_timeout_seconds must be shorter than multihop.monitor_interval_seconds",
+            ));
+        }
         crate::multihop::echo::EchoUrl::parse(&self.multihop.echo_url)
             .map_err(|e| Error::config(format!("multihop.echo_url: {e}")))?;
         parse_listen("sentry.listen", &self.sentry.listen)?;
@@ -729,6 +734,7 @@ mod tests {
             "[log]\nlevel = \"[[[\"",
             "[multihop]\ntable = 254",
             "[multihop]\nmonitor_interval_seconds = 0",
+            "[multihop]\nmonitor_interval_seconds = 5\nprobe_timeout_seconds = 5",
             "[multihop]\necho_url = \"https://example.com/\"",
             "[multihop]\ninterface = \"wg_main\"",
         ] {
