@@ -841,6 +841,10 @@ fn clients_leave_through_the_exit_while_multihop_is_on() {
         Duration::from_secs(10)
     ));
     assert!(daemon.stop().success());
+    assert!(
+        !daemon.log().contains("still referenced at shutdown"),
+        "multihop lets go of the datapath at shutdown"
+    );
     daemon.restart();
     let status = api(&daemon, &["multihop", "status"]);
     assert_eq!(status["enabled"], true);
