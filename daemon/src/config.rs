@@ -29,6 +29,7 @@ pub struct Config {
     pub blocklist: BlocklistConfig,
     pub sentry: SentryConfig,
     pub ghost: GhostConfig,
+    pub multihop: MultihopConfig,
 }
 
 impl Default for Config {
@@ -44,6 +45,7 @@ impl Default for Config {
             blocklist: BlocklistConfig::default(),
             sentry: SentryConfig::default(),
             ghost: GhostConfig::default(),
+            multihop: MultihopConfig::default(),
         }
     }
 }
@@ -413,6 +415,37 @@ impl Default for GhostConfig {
     }
 }
 
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MultihopConfig {
+    /// The exit interface (client side of the imported WireGuard config).
+    pub interface: String,
+    /// Routing table holding the default route through the exit.
+    pub table: u32,
+    /// Priority of the `ip rule fwmark <datapath.multihop_mark> lookup <table>` rule.
+    pub rule_priority: u32,
+    /// How often the monitor checks the exit (handshake and a connection through it).
+    pub monitor_interval_seconds: u64,
+    /// How long one probe through the exit may take before it counts as failed.
+    pub probe_timeout_seconds: u64,
+    /// Plain-HTTP service answering with the caller's address: `test_vpn` fetches it through
+    /// the exit, and the monitor's probe connects to its host and port.
+    pub echo_url: String,
+}
+
+impl Default for MultihopConfig {
+    fn default() -> Self {
+        Self {
+            interface: "wg_vpn".into(),
+            table: 100,
+            rule_priority: 100,
+            monitor_interval_seconds: 30,
+            probe_timeout_seconds: 5,
+            echo_url: "http://api.ipify.org/".into(),
+        }
+    }
+}
+
 /// Parses a listen setting: "off" disables, otherwise `ip:port`.
 pub fn parse_listen(key: &str, value: &str) -> Result<Option<SocketAddr>, Error> {
     if value.eq_ignore_ascii_case("off") {
@@ -628,6 +661,42 @@ impl Config {
         if !(0.0..=1.0).contains(&self.blocklist.threshold) {
             return Err(Error::config("blocklist.threshold must be between 0 and 1"));
         }
+        if !is_ifname(&self.multihop.interface)
+            || self.multihop.interface == self.wireguard.interface
+        {
+            return Err(Error::config(format!(
+                "multihop.interface = {:?} must be an interface name other than wireguard.interface",
+                self.multihop.interface
+            )));
+        }
+        // 0 is unspec, 253-255 are default/main/local.
+        if self.multihop.table == 0 || (253..=255).contains(&self.multihop.table) {
+            return Err(Error::config(
+                "multihop.table must not be 0, 253 (default), 254 (main) or 255 (local)",
+            ));
+        }
+        if self.multihop.rule_priority == 0 || self.multihop.rule_priority >= 32766 {
+            return Err(Error::config(
+                "multihop.rule_priority must be between 1 and 32765 (before the main table)",
+            ));
+        }
+        if !(1..=3600).contains(&self.multihop.monitor_interval_seconds) {
+            return Err(Error::config(
+                "multihop.monitor_interval_seconds must be between 1 and 3600",
+            ));
+        }
+        if !(1..=60).contains(&self.multihop.probe_timeout_seconds) {
+            return Err(Error::config(
+                "multihop.probe_timeout_seconds must be between 1 and 60",
+            ));
+        }
+        if self.multihop.probe_timeout_seconds >= self.multihop.monitor_interval_seconds {
+            return Err(Error::config(
+                "multihop.probe_timeout_seconds must be shorter than multihop.monitor_interval_seconds",
+            ));
+        }
+        crate::multihop::echo::EchoUrl::parse(&self.multihop.echo_url)
+            .map_err(|e| Error::config(format!("multihop.echo_url: {e}")))?;
         parse_listen("sentry.listen", &self.sentry.listen)?;
         parse_listen("sentry.admin_listen", &self.sentry.admin_listen)?;
         if self.ghost.port == 0 || self.ghost.acme_http_port == 0 {
@@ -710,6 +779,11 @@ mod tests {
             "[wireguard]\nsubnet = \"10.8.0.0/33\"",
             "[dns]\nprimary = \"dns.google\"",
             "[log]\nlevel = \"[[[\"",
+            "[multihop]\ntable = 254",
+            "[multihop]\nmonitor_interval_seconds = 0",
+            "[multihop]\nmonitor_interval_seconds = 5\nprobe_timeout_seconds = 5",
+            "[multihop]\necho_url = \"https://example.com/\"",
+            "[multihop]\ninterface = \"wg_main\"",
         ] {
             assert!(Config::from_toml(text).is_err(), "accepted: {text}");
         }

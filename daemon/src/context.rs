@@ -30,6 +30,8 @@ pub struct Context {
     /// Ghost mode (WireGuard over wss); `None` without the WireGuard server. Set with
     /// `with_ghost`.
     pub ghost: Option<Arc<crate::ghost::Ghost>>,
+    /// Multihop; set once at start-up (core reads it: a subnet change waits for it to be off).
+    pub multihop: std::sync::OnceLock<Arc<crate::multihop::Multihop>>,
 }
 
 impl Context {
@@ -54,6 +56,7 @@ impl Context {
             dns,
             resolver: None,
             ghost: None,
+            multihop: std::sync::OnceLock::new(),
         }
     }
 
@@ -78,6 +81,11 @@ impl Context {
 
     pub fn datapath_config(&self) -> DatapathConfig {
         self.config().datapath
+    }
+
+    /// True while client traffic goes out through a multihop exit.
+    pub fn multihop_enabled(&self) -> bool {
+        self.multihop.get().is_some_and(|m| m.is_enabled())
     }
 
     pub fn replace_config(&self, config: Config) {

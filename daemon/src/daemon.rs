@@ -181,12 +181,30 @@ async fn serve(
         .with_ghost(ghost.clone()),
     );
 
+    let multihop = match crate::multihop::Multihop::start(
+        &config,
+        wireguard.clone(),
+        datapath.clone(),
+    )
+    .await
+    {
+        Ok(m) => {
+            let _ = ctx.multihop.set(Arc::clone(&m));
+            Some(m)
+        }
+        Err(e) => {
+            error!(error = %e, "multihop cannot start; its actions answer UNAVAILABLE");
+            None
+        }
+    };
+
     let mut registry = Registry::new();
     crate::core::register(&mut registry, Arc::clone(&ctx));
     datapath::actions::register(&mut registry, Arc::clone(&ctx));
     crate::blocklist::actions::register(&mut registry, Arc::clone(&ctx));
     crate::dns::register(&mut registry, Arc::clone(&ctx));
     crate::ghost::register(&mut registry, Arc::clone(&ctx));
+    crate::multihop::actions::register(&mut registry, multihop.clone());
     let registry = Arc::new(registry);
 
     let mut metrics = Metrics::new(
@@ -202,6 +220,11 @@ async fn serve(
     }
     if let Some(g) = &ghost {
         metrics.add_collector(Box::new(g.collector()));
+    }
+    if let Some(m) = &multihop {
+        metrics.add_collector(Box::new(crate::multihop::MultihopCollector::new(
+            Arc::clone(m),
+        )));
     }
     let metrics = Arc::new(metrics);
     metrics.register_actions(&registry.actions());
@@ -254,6 +277,9 @@ async fn serve(
         // An acknowledged enable survives restarts and kill -9.
         g.restore().await;
     }
+    if let Some(m) = &multihop {
+        crate::multihop::spawn_monitor(m, shutdown_rx.clone());
+    }
     info!("phantomd ready");
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Socket)?;
@@ -272,6 +298,10 @@ async fn serve(
     }
     if let Some(g) = &ghost {
         g.shutdown().await;
+    }
+    if let Some(m) = multihop {
+        // The exit interface goes; the rule and the fail-closed route stay until next start.
+        let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
     }
     if let Some(server) = wireguard {
         // Traffic persisted, NAT removed, interface gone (the embedded device takes ~2 s).
@@ -418,6 +448,7 @@ fn reload(opts: &Options, ctx: &Context, logs: &LogControl, top_sources: &Atomic
         ("blocklist", rest.blocklist != old.blocklist),
         ("sentry", rest.sentry != old.sentry),
         ("ghost", rest.ghost != old.ghost),
+        ("multihop", rest.multihop != old.multihop),
     ] {
         if differs {
             pending.push(name);

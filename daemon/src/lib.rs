@@ -13,6 +13,7 @@ pub mod error;
 pub mod ghost;
 pub mod logging;
 pub mod metrics;
+pub mod multihop;
 pub mod protocol;
 pub mod qr;
 pub mod resolver;

@@ -447,7 +447,7 @@ impl Collector for WireguardCollector {
 }
 
 /// Encodes one gauge without labels.
-fn gauge(
+pub(crate) fn gauge(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -459,7 +459,7 @@ fn gauge(
 }
 
 /// Encodes one gauge family from (labels, value) rows.
-fn gauge_family(
+pub(crate) fn gauge_family(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -474,7 +474,7 @@ fn gauge_family(
 }
 
 /// Encodes one counter family from (labels, value) rows.
-fn counter_family(
+pub(crate) fn counter_family(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,

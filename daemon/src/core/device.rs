@@ -16,6 +16,16 @@ use wireguard_control::{Backend, DeviceUpdate, InterfaceName, Key, PeerConfigBui
 use super::uapi::{self, DeviceState, PeerState};
 use crate::{config::WireguardBackend, error::Error};
 
+/// The one peer of a client-side device (the multihop exit): where it is and what it carries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UplinkPeer {
+    pub public_key: String,
+    pub preshared_key: Option<String>,
+    pub endpoint: std::net::SocketAddr,
+    pub allowed_ips: Vec<(std::net::IpAddr, u8)>,
+    pub persistent_keepalive: Option<u16>,
+}
+
 /// A peer as the interface should hold it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PeerSpec {
@@ -162,6 +172,72 @@ impl WireGuardDevice {
                 for p in peers {
                     body.push_str(&uapi_peer(p)?);
                 }
+                uapi::set(&*self.control()?, &self.iface, &body)
+            }
+        }
+    }
+
+    /// Configures a client-side device: key, port (0 = any) and exactly one peer, which is
+    /// removed and added again when the device already has it (boringtun cannot modify a
+    /// peer), so the session starts afresh with a new handshake.
+    pub fn configure_uplink(
+        &self,
+        private_key: &str,
+        listen_port: u16,
+        peer: &UplinkPeer,
+    ) -> Result<(), Error> {
+        match self.kind {
+            Kind::Kernel => {
+                let key = Key::from_base64(&peer.public_key).map_err(bad_key)?;
+                // Removing first drops the old session, as on the embedded device.
+                DeviceUpdate::new()
+                    .remove_peer_by_key(&key)
+                    .apply(&self.iface_name()?, Backend::Kernel)
+                    .map_err(Error::Socket)?;
+                let mut builder = PeerConfigBuilder::new(&key)
+                    .set_endpoint(peer.endpoint)
+                    .replace_allowed_ips()
+                    .set_persistent_keepalive_interval(peer.persistent_keepalive.unwrap_or(0));
+                if let Some(psk) = &peer.preshared_key {
+                    builder = builder.set_preshared_key(Key::from_base64(psk).map_err(bad_key)?);
+                }
+                for (ip, cidr) in &peer.allowed_ips {
+                    builder = builder.add_allowed_ip(*ip, *cidr);
+                }
+                DeviceUpdate::new()
+                    .set_private_key(Key::from_base64(private_key).map_err(bad_key)?)
+                    .set_listen_port(listen_port)
+                    .replace_peers()
+                    .add_peer(builder)
+                    .apply(&self.iface_name()?, Backend::Kernel)
+                    .map_err(Error::Socket)
+            }
+            Kind::Embedded { .. } => {
+                let public_hex = uapi::key_hex(&peer.public_key)?;
+                // Two transactions: boringtun ignores a re-add of a key removed in the same one.
+                uapi::set(
+                    &*self.control()?,
+                    &self.iface,
+                    &format!(
+                        "private_key={}\nlisten_port={listen_port}\nreplace_peers=true\n",
+                        uapi::key_hex(private_key)?
+                    ),
+                )?;
+                let mut body = format!("public_key={public_hex}\n");
+                if let Some(psk) = &peer.preshared_key {
+                    body.push_str(&format!("preshared_key={}\n", uapi::key_hex(psk)?));
+                }
+                body.push_str(&format!(
+                    "endpoint={}\nreplace_allowed_ips=true\n",
+                    peer.endpoint
+                ));
+                for (ip, cidr) in &peer.allowed_ips {
+                    body.push_str(&format!("allowed_ip={ip}/{cidr}\n"));
+                }
+                body.push_str(&format!(
+                    "persistent_keepalive_interval={}\n",
+                    peer.persistent_keepalive.unwrap_or(0)
+                ));
                 uapi::set(&*self.control()?, &self.iface, &body)
             }
         }

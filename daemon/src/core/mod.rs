@@ -1,7 +1,7 @@
 //! The `core` socket module: the WireGuard server and the client lifecycle, with the action
 //! names, parameters and reply fields of the original phantom-api.
 
-mod device;
+pub mod device;
 pub mod net;
 pub mod server;
 pub mod store;
@@ -671,8 +671,8 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                     "server_ip": subnet.server_ip(),
                     "first_client_ip": first,
                     "last_client_ip": last,
-                    "can_change": !ghost_mode,
-                    "blockers": {"ghost_mode": ghost_mode, "multihop": false, "active_connections": active},
+                    "can_change": !ghost_mode && !c.multihop_enabled(),
+                    "blockers": {"ghost_mode": ghost_mode, "multihop": c.multihop_enabled(), "active_connections": active},
                     "main_interface": {"interface": server.config.interface, "address": format!("{}/{}", subnet.server_ip(), subnet.prefix)},
                     "warnings": warnings,
                 }))
@@ -729,6 +729,12 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                     return Err(ApiError::new(
                         SUBNET_CHANGE_REFUSED,
                         "ghost mode is on: disable it (phantom-api ghost disable) before changing the subnet",
+                    ));
+                }
+                if c.multihop_enabled() {
+                    return Err(ApiError::new(
+                        SUBNET_CHANGE_REFUSED,
+                        "multihop is on: the exit's NAT and the kernel mark follow the client subnet; disable multihop first",
                     ));
                 }
                 let s = Arc::clone(&server);

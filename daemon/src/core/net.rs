@@ -217,29 +217,108 @@ fn nft(script: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Masquerades the client subnet out of every interface but the tunnel, and lets forwarded
-/// client traffic through. The table is replaced in one transaction: never duplicated, never
-/// half there.
-pub fn install_nat(iface: &str, subnet: &Subnet) -> Result<(), Error> {
-    nft(&format!(
+/// Rules other modules put into our table (the multihop exit's NAT), in front of core's own.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NatExtension {
+    pub postrouting: Vec<String>,
+    pub forward: Vec<String>,
+}
+
+/// What our table holds. Kept here because the table is always replaced whole: a core
+/// change (restart_service, a subnet change) must carry the other modules' rules along.
+#[derive(Default)]
+struct TableParts {
+    core: Option<(String, Subnet)>,
+    extensions: std::collections::BTreeMap<&'static str, NatExtension>,
+}
+
+static TABLE: std::sync::Mutex<TableParts> = std::sync::Mutex::new(TableParts {
+    core: None,
+    extensions: std::collections::BTreeMap::new(),
+});
+
+fn table_parts() -> std::sync::MutexGuard<'static, TableParts> {
+    match TABLE.lock() {
+        Ok(t) => t,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+fn render_table(parts: &TableParts) -> String {
+    let mut postrouting = String::new();
+    let mut forward = String::new();
+    for ext in parts.extensions.values() {
+        for rule in &ext.postrouting {
+            postrouting.push_str(&format!("    {rule}\n"));
+        }
+        for rule in &ext.forward {
+            forward.push_str(&format!("    {rule}\n"));
+        }
+    }
+    if let Some((iface, subnet)) = &parts.core {
+        postrouting.push_str(&format!(
+            "    ip saddr {subnet} oifname != \"{iface}\" masquerade comment \"phantom: VPN clients out\"\n"
+        ));
+        forward.push_str(&format!(
+            "    iifname \"{iface}\" accept\n    oifname \"{iface}\" ct state established,related accept\n"
+        ));
+    }
+    format!(
         "table inet {NFT_TABLE}\n\
          delete table inet {NFT_TABLE}\n\
          table inet {NFT_TABLE} {{\n\
            chain postrouting {{\n\
              type nat hook postrouting priority srcnat; policy accept;\n\
-             ip saddr {subnet} oifname != \"{iface}\" masquerade comment \"phantom: VPN clients out\"\n\
+         {postrouting}\
            }}\n\
            chain forward {{\n\
              type filter hook forward priority filter; policy accept;\n\
-             iifname \"{iface}\" accept\n\
-             oifname \"{iface}\" ct state established,related accept\n\
+         {forward}\
            }}\n\
          }}\n"
-    ))
+    )
+}
+
+/// Masquerades the client subnet out of every interface but the tunnel, and lets forwarded
+/// client traffic through. The table is replaced in one transaction: never duplicated, never
+/// half there.
+pub fn install_nat(iface: &str, subnet: &Subnet) -> Result<(), Error> {
+    let mut parts = table_parts();
+    let previous = parts.core.replace((iface.to_string(), *subnet));
+    let result = nft(&render_table(&parts));
+    if result.is_err() {
+        parts.core = previous;
+    }
+    result
+}
+
+/// Puts `owner`'s rules into our table (`None` takes them out), keeping everything else.
+pub fn set_nat_extension(owner: &'static str, ext: Option<NatExtension>) -> Result<(), Error> {
+    let mut parts = table_parts();
+    let previous = match ext {
+        Some(ext) => parts.extensions.insert(owner, ext),
+        None => parts.extensions.remove(owner),
+    };
+    if parts.core.is_none() && parts.extensions.is_empty() {
+        return nft(&format!(
+            "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"
+        ));
+    }
+    let result = nft(&render_table(&parts));
+    if result.is_err() {
+        match previous {
+            Some(p) => parts.extensions.insert(owner, p),
+            None => parts.extensions.remove(owner),
+        };
+    }
+    result
 }
 
 /// Removes our table (shutdown).
 pub fn remove_nat() -> Result<(), Error> {
+    let mut parts = table_parts();
+    parts.core = None;
+    parts.extensions.clear();
     nft(&format!(
         "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"
     ))
@@ -274,6 +353,31 @@ mod tests {
         assert_eq!(hosts.len(), 253);
         assert!(Subnet::parse("300.300.300.0/24").is_err());
         assert!(Subnet::parse("10.0.0.0/33").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn other_modules_rules_come_first_and_survive_a_core_change() -> Result<(), String> {
+        let mut parts = TableParts {
+            core: Some(("wg0".into(), Subnet::parse("10.8.0.0/24")?)),
+            ..Default::default()
+        };
+        parts.extensions.insert(
+            "multihop",
+            NatExtension {
+                postrouting: vec!["oifname \"wg_vpn\" masquerade".into()],
+                forward: vec!["iifname \"wg_vpn\" drop".into()],
+            },
+        );
+        let text = render_table(&parts);
+        let ext = text
+            .find("oifname \"wg_vpn\" masquerade")
+            .ok_or("no extension")?;
+        let core = text.find("ip saddr 10.8.0.0/24").ok_or("no core rule")?;
+        assert!(ext < core, "{text}");
+        assert_eq!(text.matches("delete table inet phantom").count(), 1);
+        parts.core = Some(("wg0".into(), Subnet::parse("10.9.0.0/24")?));
+        assert!(render_table(&parts).contains("iifname \"wg_vpn\" drop"));
         Ok(())
     }
 }

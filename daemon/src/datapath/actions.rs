@@ -129,7 +129,7 @@ fn parse_subnet<T: std::str::FromStr>(raw: &str, max: u8) -> Result<(T, u8), Api
 }
 
 /// Every address of this host (namespace), which the multihop mark must leave alone.
-fn local_addresses() -> Vec<IpAddr> {
+pub(crate) fn local_addresses() -> Vec<IpAddr> {
     nix::ifaddrs::getifaddrs()
         .map(|addrs| {
             addrs

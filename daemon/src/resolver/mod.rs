@@ -29,7 +29,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpStream, UdpSocket},
+    net::UdpSocket,
 };
 use tracing::warn;
 
@@ -385,6 +385,11 @@ async fn ask_upstream(
         SocketAddr::from(([0u16; 8], 0))
     };
     let sock = UdpSocket::bind(bind).await?;
+    // While multihop is on, clients' lookups leave through the exit like their traffic.
+    if let Some(mark) = crate::multihop::egress_mark() {
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::Mark, &mark)
+            .map_err(std::io::Error::from)?;
+    }
     sock.connect(upstream).await?;
     sock.send(&out).await?;
     let mut buf = vec![0u8; 65_535];
@@ -403,7 +408,16 @@ async fn ask_upstream(
     if answer[2] & 0x02 == 0 {
         return Ok(answer);
     }
-    let mut tcp = TcpStream::connect(upstream).await?;
+    let tcp_socket = if upstream.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some(mark) = crate::multihop::egress_mark() {
+        nix::sys::socket::setsockopt(&tcp_socket, nix::sys::socket::sockopt::Mark, &mark)
+            .map_err(std::io::Error::from)?;
+    }
+    let mut tcp = tcp_socket.connect(upstream).await?;
     let len = u16::try_from(out.len()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
     let mut framed = len.to_be_bytes().to_vec();
     framed.extend_from_slice(&out);

@@ -1,0 +1,366 @@
+//! The exit's place in the host's routing, all through rtnetlink: the interface address, the
+//! exit table (a default route through the exit and, behind it, an `unreachable` default so
+//! marked traffic never falls back to the server's own uplink), and the fwmark rule.
+//!
+//! Everything we add carries our own routing protocol number, so "ours" is what the kernel
+//! says is ours: clean-up and the exactly-once checks never touch an operator's entries.
+
+use std::net::Ipv4Addr;
+
+use futures_util::TryStreamExt;
+use rtnetlink::{
+    Handle, IpVersion, LinkUnspec, RouteMessageBuilder,
+    packet_route::{
+        address::AddressAttribute,
+        route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
+        rule::{RuleAction, RuleAttribute, RuleMessage},
+    },
+};
+
+/// The routing protocol number on our rules and routes (`ip rule` / `ip route` show it as
+/// `proto 109`).
+pub const PROTO_PHANTOM: u8 = 109;
+/// Metric of the fail-closed `unreachable` default: behind the exit's route.
+pub const KILL_SWITCH_METRIC: u32 = 4_000_000_000;
+
+/// What the exit's routing consists of.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub interface: String,
+    pub address: (Ipv4Addr, u8),
+    pub mtu: u16,
+    pub table: u32,
+    pub mark: u32,
+    pub priority: u32,
+}
+
+fn nl(what: &str, e: rtnetlink::Error) -> String {
+    format!("{what}: netlink: {e}")
+}
+
+/// Runs `f` with a fresh rtnetlink connection.
+async fn with_handle<T, F, Fut>(f: F) -> Result<T, String>
+where
+    F: FnOnce(Handle) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| format!("netlink socket: {e}"))?;
+    let task = tokio::spawn(conn);
+    let result = f(handle).await;
+    task.abort();
+    result
+}
+
+fn ifindex(name: &str) -> Result<u32, String> {
+    nix::net::if_::if_nametoindex(name).map_err(|e| format!("interface {name}: {e}"))
+}
+
+/// The exit interface: exactly its address, MTU, up; loose reverse-path filtering, since
+/// answers arrive on it from addresses the main table routes elsewhere.
+pub async fn configure_interface(plan: &Plan) -> Result<(), String> {
+    let index = ifindex(&plan.interface)?;
+    let (ip, prefix) = plan.address;
+    with_handle(|handle| async move {
+        let mut addrs = handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut stale = Vec::new();
+        while let Some(msg) = addrs.try_next().await.map_err(|e| nl("addresses", e))? {
+            let ours = msg.attributes.iter().any(
+                |a| matches!(a, AddressAttribute::Address(std::net::IpAddr::V4(a)) if *a == ip),
+            ) && msg.header.prefix_len == prefix;
+            if !ours {
+                stale.push(msg);
+            }
+        }
+        for msg in stale {
+            handle
+                .address()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(|e| nl("address", e))?;
+        }
+        handle
+            .address()
+            .add(index, ip.into(), prefix)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| nl("address", e))?;
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .mtu(u32::from(plan.mtu))
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| nl("link", e))
+    })
+    .await?;
+    let rp = format!("/proc/sys/net/ipv4/conf/{}/rp_filter", plan.interface);
+    std::fs::write(&rp, "2").map_err(|e| format!("{rp}: {e}"))
+}
+
+fn table_of(msg: &RouteMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(msg.header.table))
+}
+
+fn rule_table(msg: &RuleMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(msg.header.table))
+}
+
+async fn our_routes(handle: &Handle, table: u32) -> Result<Vec<RouteMessage>, String> {
+    let mut routes = handle
+        .route()
+        .get(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .table_id(table)
+                .build(),
+        )
+        .execute();
+    let mut ours = Vec::new();
+    // Dumps return every table; keep ours in the exit table.
+    while let Some(msg) = routes.try_next().await.map_err(|e| nl("routes", e))? {
+        if table_of(&msg) == table && msg.header.protocol == RouteProtocol::Other(PROTO_PHANTOM) {
+            ours.push(msg);
+        }
+    }
+    Ok(ours)
+}
+
+async fn our_rules(handle: &Handle) -> Result<Vec<RuleMessage>, String> {
+    let mut rules = handle.rule().get(IpVersion::V4).execute();
+    let mut ours = Vec::new();
+    while let Some(msg) = rules.try_next().await.map_err(|e| nl("rules", e))? {
+        if msg.attributes.iter().any(|a| {
+            matches!(
+                a,
+                RuleAttribute::Protocol(RouteProtocol::Other(PROTO_PHANTOM))
+            )
+        }) {
+            ours.push(msg);
+        }
+    }
+    Ok(ours)
+}
+
+/// Removes every rule and exit-table route of ours; returns how many of each went.
+pub async fn clear(table: u32) -> Result<(usize, usize), String> {
+    with_handle(|handle| async move {
+        let rules = our_rules(&handle).await?;
+        let n_rules = rules.len();
+        for msg in rules {
+            handle
+                .rule()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(|e| nl("delete rule", e))?;
+        }
+        let routes = our_routes(&handle, table).await?;
+        let n_routes = routes.len();
+        for msg in routes {
+            handle
+                .route()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(|e| nl("delete route", e))?;
+        }
+        Ok((n_rules, n_routes))
+    })
+    .await
+}
+
+fn rule_matches(msg: &RuleMessage, plan: &Plan) -> bool {
+    let has = |want: &RuleAttribute| msg.attributes.iter().any(|a| a == want);
+    msg.header.action == RuleAction::ToTable
+        && rule_table(msg) == plan.table
+        && has(&RuleAttribute::FwMark(plan.mark))
+        && has(&RuleAttribute::Priority(plan.priority))
+}
+
+fn route_kind(msg: &RouteMessage) -> RouteType {
+    msg.header.kind
+}
+
+/// The rule (marked packets look up the exit table) and the fail-closed `unreachable`
+/// default in that table, each exactly once: entries that are already right stay (no gap
+/// for traffic), any other rule of ours goes. Needs no interface.
+pub async fn apply_rule_and_kill_switch(plan: &Plan) -> Result<(), String> {
+    let plan = plan.clone();
+    with_handle(|handle| async move {
+        let proto = RouteProtocol::Other(PROTO_PHANTOM);
+        let mut have_kill = false;
+        for msg in our_routes(&handle, plan.table).await? {
+            if route_kind(&msg) != RouteType::Unreachable {
+                continue;
+            }
+            let metric = msg.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Priority(p) => Some(*p),
+                _ => None,
+            });
+            if !have_kill
+                && metric == Some(KILL_SWITCH_METRIC)
+                && msg.header.destination_prefix_length == 0
+            {
+                have_kill = true;
+            } else {
+                handle
+                    .route()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| nl("delete route", e))?;
+            }
+        }
+        if !have_kill {
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .table_id(plan.table)
+                .protocol(proto)
+                .kind(RouteType::Unreachable)
+                .priority(KILL_SWITCH_METRIC)
+                .build();
+            handle
+                .route()
+                .add(route)
+                .execute()
+                .await
+                .map_err(|e| nl("unreachable route", e))?;
+        }
+        let mut have_rule = false;
+        for msg in our_rules(&handle).await? {
+            if !have_rule && rule_matches(&msg, &plan) {
+                have_rule = true;
+            } else {
+                handle
+                    .rule()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| nl("delete rule", e))?;
+            }
+        }
+        if !have_rule {
+            let mut add = handle
+                .rule()
+                .add()
+                .v4()
+                .fw_mark(plan.mark)
+                .priority(plan.priority)
+                .table_id(plan.table)
+                .action(RuleAction::ToTable);
+            add.message_mut()
+                .attributes
+                .push(RuleAttribute::Protocol(proto));
+            add.execute().await.map_err(|e| nl("rule", e))?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// The default route through the exit interface, exactly once (a recreated interface has a
+/// new index: a route to the old one goes).
+pub async fn apply_exit_route(plan: &Plan) -> Result<(), String> {
+    let index = ifindex(&plan.interface)?;
+    let plan = plan.clone();
+    with_handle(|handle| async move {
+        let mut have_exit = false;
+        for msg in our_routes(&handle, plan.table).await? {
+            if route_kind(&msg) == RouteType::Unreachable {
+                continue;
+            }
+            let oif = msg.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            if !have_exit
+                && route_kind(&msg) == RouteType::Unicast
+                && oif == Some(index)
+                && msg.header.destination_prefix_length == 0
+            {
+                have_exit = true;
+            } else {
+                handle
+                    .route()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| nl("delete route", e))?;
+            }
+        }
+        if !have_exit {
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .table_id(plan.table)
+                .protocol(RouteProtocol::Other(PROTO_PHANTOM))
+                .scope(RouteScope::Link)
+                .output_interface(index)
+                .pref_source(plan.address.0)
+                .build();
+            handle
+                .route()
+                .add(route)
+                .execute()
+                .await
+                .map_err(|e| nl("exit route", e))?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// How many of our rules and exit-table routes the kernel holds, and whether the exit route
+/// is there (the link going away takes it with it).
+pub async fn census(plan: &Plan) -> Result<(usize, usize, bool), String> {
+    let index = nix::net::if_::if_nametoindex(plan.interface.as_str()).ok();
+    let table = plan.table;
+    with_handle(|handle| async move {
+        let rules = our_rules(&handle).await?.len();
+        let routes = our_routes(&handle, table).await?;
+        let exit_route = routes.iter().any(|m| {
+            route_kind(m) == RouteType::Unicast
+                && m.attributes
+                    .iter()
+                    .any(|a| matches!(a, RouteAttribute::Oif(i) if Some(*i) == index))
+        });
+        Ok((rules, routes.len(), exit_route))
+    })
+    .await
+}
+
+/// Deletes a link of that name if one is left (an exit interface a crash left behind).
+pub async fn delete_link(name: &str) -> Result<bool, String> {
+    let Ok(index) = nix::net::if_::if_nametoindex(name) else {
+        return Ok(false);
+    };
+    with_handle(|handle| async move {
+        handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|e| nl("delete link", e))?;
+        Ok(true)
+    })
+    .await
+}
