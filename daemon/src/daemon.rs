@@ -259,11 +259,12 @@ async fn serve(
     if let Some(server) = wireguard.clone() {
         tokio::spawn(persist_traffic(server, shutdown_rx.clone()));
     }
+    let mut resolver_task = None;
     if let Some(r) = resolver.clone() {
-        tokio::spawn(crate::resolver::server::run(
+        resolver_task = Some(tokio::spawn(crate::resolver::server::run(
             Arc::clone(&r),
             shutdown_rx.clone(),
-        ));
+        )));
         tokio::spawn(resolver_housekeeping(r, shutdown_rx.clone()));
     }
     if let Some(list) = ctx.blocklist.clone() {
@@ -295,6 +296,12 @@ async fn serve(
     let _ = shutdown_tx.send(true);
     if let Err(e) = admin_task.await {
         warn!(error = %e, "admin server task failed");
+    }
+    // The resolver's worker threads hold the datapath too: wait until they have stopped.
+    if let Some(task) = resolver_task
+        && let Err(e) = task.await
+    {
+        warn!(error = %e, "resolver task failed");
     }
     if let Some(g) = &ghost {
         g.shutdown().await;

@@ -303,6 +303,18 @@ struct Bound {
     tasks: Vec<JoinHandle<()>>,
     /// Tells the UDP worker threads to finish (they notice within `WORKER_WAKE`).
     stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Bound {
+    /// Stops the workers and waits for them: at shutdown nothing may still hold the
+    /// resolver (and through it the datapath, which detaches only when unreferenced).
+    fn finish(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Drop for Bound {
@@ -324,6 +336,7 @@ fn bind_all(resolver: &Arc<Resolver>, addrs: &[SocketAddr]) -> std::io::Result<B
         addrs: addrs.to_vec(),
         tasks: Vec::new(),
         stop: Arc::new(AtomicBool::new(false)),
+        threads: Vec::new(),
     };
     let runtime = tokio::runtime::Handle::current();
     for &addr in addrs {
@@ -335,9 +348,11 @@ fn bind_all(resolver: &Arc<Resolver>, addrs: &[SocketAddr]) -> std::io::Result<B
                 Arc::clone(&bound.stop),
                 Arc::clone(&in_flight),
             );
-            std::thread::Builder::new()
-                .name(format!("dns-udp-{n}"))
-                .spawn(move || udp_worker(resolver, sock, runtime, stop, in_flight))?;
+            bound.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("dns-udp-{n}"))
+                    .spawn(move || udp_worker(resolver, sock, runtime, stop, in_flight))?,
+            );
         }
         let listener = tcp_listener(addr, mark)?;
         bound
@@ -384,7 +399,9 @@ pub async fn run(resolver: Arc<Resolver>, mut shutdown: watch::Receiver<bool>) {
             }
         }
     }
-    drop(bound);
+    if let Some(b) = bound {
+        let _ = tokio::task::spawn_blocking(move || b.finish()).await;
+    }
 }
 
 fn set_listening(resolver: &Resolver, addrs: Vec<SocketAddr>) {
