@@ -229,6 +229,8 @@ pub struct DnsConfig {
     /// The skb mark on the resolver's own answers, so the kernel filter leaves them alone
     /// (the resolver has applied dry run and per-client policy already).
     pub answer_mark: u32,
+    /// UDP worker threads per address (0 = half the CPUs, at least one).
+    pub udp_workers: usize,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -250,6 +252,7 @@ impl Default for DnsConfig {
             max_cache_ttl_seconds: 86_400,
             upstream_timeout_ms: 2_000,
             answer_mark: 0x7068,
+            udp_workers: 0,
         }
     }
 }
@@ -600,6 +603,11 @@ impl Config {
         if self.dns.answer_mark == self.datapath.multihop_mark {
             return Err(Error::config(
                 "dns.answer_mark must differ from datapath.multihop_mark",
+            ));
+        }
+        if self.dns.udp_workers > 16 {
+            return Err(Error::config(
+                "dns.udp_workers must be between 0 (auto) and 16",
             ));
         }
         if !(100..=30_000).contains(&self.dns.upstream_timeout_ms) {

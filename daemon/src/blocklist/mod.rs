@@ -45,7 +45,6 @@ struct State {
     reason_index: HashMap<Arc<str>, u32>,
     patterns: Vec<Pattern>,
     version: u64,
-    matcher: Matcher,
 }
 
 impl State {
@@ -69,14 +68,15 @@ impl State {
         }
     }
 
-    fn insert(&mut self, entries: &[Entry]) {
+    /// Adds or updates entries in the table and in `matcher`.
+    fn insert(&mut self, entries: &[Entry], matcher: &mut Matcher) {
         let rows: Vec<(&str, Listed)> = entries
             .iter()
             .map(|e| (e.domain.as_str(), self.listed(e)))
             .collect();
         for (domain, listed) in &rows {
             let (exact, sub) = listed.weights();
-            self.matcher.upsert(domain, exact, sub);
+            matcher.upsert(domain, exact, sub);
         }
         self.entries.upsert(rows);
     }
@@ -115,6 +115,10 @@ impl State {
 pub struct Blocklist {
     store: BlocklistStore,
     state: RwLock<State>,
+    /// The engine, apart from the list: the resolver only ever takes this lock, so a long
+    /// read of the list (a checksum, a full download) never stalls DNS. Writers take the
+    /// list's lock first, then this one.
+    matcher: RwLock<Matcher>,
     /// The checksum of one version, computed when first asked for: recomputing it over a
     /// million entries on every change would make each change cost a second.
     checksum: Mutex<Option<(u64, String)>>,
@@ -224,25 +228,26 @@ impl Blocklist {
     ) -> Result<Self, Error> {
         let store = BlocklistStore::open(&state_dir.join("blocklist.db"))?;
         let loaded = store.load()?;
+        let mut matcher = Matcher::new(
+            std::iter::empty(),
+            &loaded.patterns,
+            Lookalikes::new(brands.iter().map(String::as_str)),
+        );
         let mut state = State {
             entries: DomainTable::default(),
             reasons: Vec::new(),
             reason_index: HashMap::new(),
-            matcher: Matcher::new(
-                std::iter::empty(),
-                &loaded.patterns,
-                Lookalikes::new(brands.iter().map(String::as_str)),
-            ),
             patterns: loaded.patterns,
             version: loaded.version,
         };
-        state.insert(&loaded.entries);
+        state.insert(&loaded.entries, &mut matcher);
         state.entries.shrink_to_fit();
         drop(loaded.entries);
         release_free_memory();
         let list = Self {
             store,
             state: RwLock::new(state),
+            matcher: RwLock::new(matcher),
             checksum: Mutex::new(None),
             threshold,
             datapath,
@@ -268,6 +273,20 @@ impl Blocklist {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         match self.state.write() {
             Ok(s) => s,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn engine(&self) -> std::sync::RwLockReadGuard<'_, Matcher> {
+        match self.matcher.read() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn engine_mut(&self) -> std::sync::RwLockWriteGuard<'_, Matcher> {
+        match self.matcher.write() {
+            Ok(m) => m,
             Err(p) => p.into_inner(),
         }
     }
@@ -320,17 +339,14 @@ impl Blocklist {
 
     /// Replaces the brands of lookalike detection (a reload).
     pub fn set_lookalike_brands(&self, brands: &[String]) {
-        let mut state = self.write();
-        state
-            .matcher
+        self.engine_mut()
             .set_lookalikes(Lookalikes::new(brands.iter().map(String::as_str)));
         self.bump();
     }
 
     /// The brands lookalike detection compares against.
     pub fn brands(&self) -> Vec<String> {
-        self.read()
-            .matcher
+        self.engine()
             .lookalikes()
             .brands()
             .map(str::to_string)
@@ -364,12 +380,12 @@ impl Blocklist {
     }
 
     pub fn verify(&self, name: &str) -> Verdict {
-        self.read().matcher.check(name, self.threshold)
+        self.engine().check(name, self.threshold)
     }
 
     /// The resolver's question: blocked or not, with no report built.
     pub fn is_blocked(&self, name: &str) -> bool {
-        self.read().matcher.is_blocked(name, self.threshold)
+        self.engine().is_blocked(name, self.threshold)
     }
 
     /// Adds or replaces entries (one new version for the batch).
@@ -397,11 +413,14 @@ impl Blocklist {
             .chain(removals.iter().map(|d| Change::Remove(d)))
             .collect();
         self.store.commit(version, &changes)?;
-        state.insert(&upserts);
-        state.entries.remove(&removals);
-        for d in &removals {
-            state.matcher.remove(d);
+        {
+            let mut matcher = self.engine_mut();
+            state.insert(&upserts, &mut matcher);
+            for d in &removals {
+                matcher.remove(d);
+            }
         }
+        state.entries.remove(&removals);
         state.version = version;
         self.bump();
         drop(state);
@@ -457,7 +476,7 @@ impl Blocklist {
             .retain(|p| !(p.pattern == pattern.pattern && p.kind == pattern.kind));
         state.patterns.push(pattern);
         let patterns = state.patterns.clone();
-        state.matcher.set_patterns(&patterns);
+        self.engine_mut().set_patterns(&patterns);
         state.version = version;
         self.bump();
         Ok(Applied {
@@ -486,7 +505,7 @@ impl Blocklist {
             .patterns
             .retain(|p| !(p.pattern == pattern && p.kind == kind));
         let patterns = state.patterns.clone();
-        state.matcher.set_patterns(&patterns);
+        self.engine_mut().set_patterns(&patterns);
         state.version = version;
         self.bump();
         Ok(Some(Applied {

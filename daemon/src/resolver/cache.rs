@@ -34,8 +34,28 @@ struct Cached {
 
 const NOT_VETTED: u64 = u64::MAX;
 
+/// The shard maps' keys are already hashes.
+type Shard = HashMap<u64, Cached, std::hash::BuildHasherDefault<KeyIsHash>>;
+
+#[derive(Default)]
+struct KeyIsHash(u64);
+
+impl Hasher for KeyIsHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
 pub struct Cache {
-    shards: Vec<Mutex<HashMap<u64, Cached>>>,
+    shards: Vec<Mutex<Shard>>,
     per_shard: usize,
     max_ttl: u32,
     hasher: foldhash::fast::RandomState,
@@ -46,7 +66,7 @@ pub struct Cache {
 impl Cache {
     pub fn new(entries: usize, max_ttl: u32) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             per_shard: entries.div_ceil(SHARDS),
             max_ttl,
             hasher: foldhash::fast::RandomState::default(),
@@ -68,8 +88,9 @@ impl Cache {
         h.finish()
     }
 
-    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Cached>> {
-        let m = &self.shards[(key as usize) % SHARDS];
+    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, Shard> {
+        // The top bits pick the shard; the map uses the rest.
+        let m = &self.shards[(key >> 60) as usize % SHARDS];
         match m.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),

@@ -119,7 +119,7 @@ fn peer(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-/// One UDP worker thread: `recvmmsg` a batch, answer what can be answered locally (blocked
+/// One UDP worker thread (`[dns] udp_workers` of them per address): `recvmmsg` a batch, answer what can be answered locally (blocked
 /// names, cache hits), `sendmmsg` the answers; misses go to the async runtime. Batching keeps
 /// the system calls per query well under one when the resolver is busy.
 fn udp_worker(
@@ -328,9 +328,13 @@ impl Drop for Bound {
 
 fn bind_all(resolver: &Arc<Resolver>, addrs: &[SocketAddr]) -> std::io::Result<Bound> {
     let mark = resolver.config().answer_mark;
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(1, 8);
+    let workers = match resolver.config().udp_workers {
+        // Half the CPUs: the rest stay for WireGuard's crypto and the clients' traffic, and
+        // fewer, busier workers batch more per system call and sleep less often.
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get() / 2),
+        n => n,
+    }
+    .clamp(1, 16);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut bound = Bound {
         addrs: addrs.to_vec(),
