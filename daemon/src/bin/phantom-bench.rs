@@ -852,14 +852,7 @@ fn bench_core(cli: &Cli) -> Result<(), BoxError> {
 }
 
 fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
+    rss_of(std::process::id())
 }
 
 /// The blocklist engine with a large list: matcher throughput, memory, delta computation.

@@ -31,9 +31,10 @@ pub struct Verdict {
     pub confidence: f64,
 }
 
-/// Keys are already hashes (`domain_hash`): hashing them again would only cost time.
+/// A `Hasher` for maps whose keys are already good 64-bit hashes (`domain_hash`, the
+/// resolver cache's keys): hashing them again would only cost time.
 #[derive(Clone, Copy, Default)]
-struct PrehashedKey(u64);
+pub struct PrehashedKey(u64);
 
 impl std::hash::Hasher for PrehashedKey {
     fn finish(&self) -> u64 {
@@ -50,7 +51,7 @@ impl std::hash::Hasher for PrehashedKey {
     }
 }
 
-type Prehashed = std::hash::BuildHasherDefault<PrehashedKey>;
+pub type Prehashed = std::hash::BuildHasherDefault<PrehashedKey>;
 
 /// Domain rules by `domain_hash` of the name (the kernel's hash): (exact weight, subdomain
 /// weight), 0 = none. The names themselves live once, in the list; a suffix of the queried

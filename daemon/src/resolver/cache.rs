@@ -16,6 +16,7 @@ use std::{
 };
 
 use super::wire::{self, Question};
+use crate::blocklist::matcher::Prehashed;
 
 const SHARDS: usize = 16;
 
@@ -35,24 +36,7 @@ struct Cached {
 const NOT_VETTED: u64 = u64::MAX;
 
 /// The shard maps' keys are already hashes.
-type Shard = HashMap<u64, Cached, std::hash::BuildHasherDefault<KeyIsHash>>;
-
-#[derive(Default)]
-struct KeyIsHash(u64);
-
-impl Hasher for KeyIsHash {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
+type Shard = HashMap<u64, Cached, Prehashed>;
 
 pub struct Cache {
     shards: Vec<Mutex<Shard>>,

@@ -45,9 +45,15 @@ impl Resolver {
     }
 }
 
-fn udp_socket(addr: SocketAddr, mark: u32) -> std::io::Result<std::net::UdpSocket> {
-    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_reuse_port(true)?;
+/// A socket for `addr` with the answer mark, bindable before the address exists (the
+/// WireGuard interface may come up after us).
+fn marked_socket(
+    addr: SocketAddr,
+    ty: Type,
+    proto: Protocol,
+    mark: u32,
+) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
     s.set_mark(mark)?;
     if addr.is_ipv4() {
         s.set_freebind_v4(true)?;
@@ -55,6 +61,12 @@ fn udp_socket(addr: SocketAddr, mark: u32) -> std::io::Result<std::net::UdpSocke
         s.set_only_v6(true)?;
         s.set_freebind_v6(true)?;
     }
+    Ok(s)
+}
+
+fn udp_socket(addr: SocketAddr, mark: u32) -> std::io::Result<std::net::UdpSocket> {
+    let s = marked_socket(addr, Type::DGRAM, Protocol::UDP, mark)?;
+    s.set_reuse_port(true)?;
     // Blocking with a timeout: the worker threads look at their stop flag between reads.
     s.set_read_timeout(Some(WORKER_WAKE))?;
     s.set_recv_buffer_size(4 << 20)?;
@@ -63,15 +75,8 @@ fn udp_socket(addr: SocketAddr, mark: u32) -> std::io::Result<std::net::UdpSocke
 }
 
 fn tcp_listener(addr: SocketAddr, mark: u32) -> std::io::Result<TcpListener> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let s = marked_socket(addr, Type::STREAM, Protocol::TCP, mark)?;
     s.set_reuse_address(true)?;
-    s.set_mark(mark)?;
-    if addr.is_ipv4() {
-        s.set_freebind_v4(true)?;
-    } else {
-        s.set_only_v6(true)?;
-        s.set_freebind_v6(true)?;
-    }
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(1024)?;
