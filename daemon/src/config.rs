@@ -356,6 +356,28 @@ pub struct SentryConfig {
     pub upstream: String,
     pub admin_listen: String,
     pub redis_url: String,
+    /// What the proxy does while Redis is unreachable: `open` serves without the defence,
+    /// `closed` answers 503.
+    pub redis_fail_mode: String,
+    /// Addresses of a proxy in front of the sentry whose `X-Forwarded-For` (its last entry
+    /// only) names the client. Empty = the TCP peer is the client.
+    pub trusted_proxies: Vec<String>,
+    /// Largest request body forwarded upstream; larger ones get 413.
+    pub max_body_bytes: u64,
+    /// The defence's tunables below are the first values of the store's `sentry:config`;
+    /// `sentry set_config` changes them at run time (and in the store, for the whole fleet).
+    pub activation_cpu_threshold: f64,
+    pub activation_rate_threshold: u64,
+    pub sensitivity_factor: f64,
+    pub ip_static_threshold: u64,
+    pub hard_block_after: u64,
+    pub base_difficulty: u32,
+    pub max_difficulty: u32,
+    pub challenge_ttl_seconds: u64,
+    pub ticket_ttl_seconds: u64,
+    pub penalty_ttl_seconds: u64,
+    pub calm_seconds: u64,
+    pub stats_interval_seconds: u64,
 }
 
 impl Default for SentryConfig {
@@ -366,6 +388,21 @@ impl Default for SentryConfig {
             upstream: "http://127.0.0.1:8000".into(),
             admin_listen: "127.0.0.1:9090".into(),
             redis_url: String::new(),
+            redis_fail_mode: "open".into(),
+            trusted_proxies: Vec::new(),
+            max_body_bytes: 10 * 1024 * 1024,
+            activation_cpu_threshold: 75.0,
+            activation_rate_threshold: 0,
+            sensitivity_factor: 3.0,
+            ip_static_threshold: 15,
+            hard_block_after: 5,
+            base_difficulty: 16,
+            max_difficulty: 24,
+            challenge_ttl_seconds: 300,
+            ticket_ttl_seconds: 600,
+            penalty_ttl_seconds: 900,
+            calm_seconds: 120,
+            stats_interval_seconds: 60,
         }
     }
 }
@@ -738,6 +775,7 @@ impl Config {
                 self.ghost.acme_email
             )));
         }
+        crate::sentry::validate_config(&self.sentry).map_err(|e| Error::config(e.to_string()))?;
         Ok(())
     }
 }

@@ -32,6 +32,8 @@ pub struct Context {
     pub ghost: Option<Arc<crate::ghost::Ghost>>,
     /// Multihop; set once at start-up (core reads it: a subnet change waits for it to be off).
     pub multihop: std::sync::OnceLock<Arc<crate::multihop::Multihop>>,
+    /// The L7 defence; `None` with `[sentry] enabled = false`.
+    pub sentry: Option<Arc<crate::sentry::Sentry>>,
 }
 
 impl Context {
@@ -57,6 +59,7 @@ impl Context {
             resolver: None,
             ghost: None,
             multihop: std::sync::OnceLock::new(),
+            sentry: None,
         }
     }
 
@@ -68,6 +71,11 @@ impl Context {
 
     pub fn with_ghost(mut self, ghost: Option<Arc<crate::ghost::Ghost>>) -> Self {
         self.ghost = ghost;
+        self
+    }
+
+    pub fn with_sentry(mut self, sentry: Option<Arc<crate::sentry::Sentry>>) -> Self {
+        self.sentry = sentry;
         self
     }
 

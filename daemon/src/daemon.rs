@@ -167,6 +167,15 @@ async fn serve(
             datapath.clone(),
         )?))
     };
+    let sentry = if config.sentry.enabled {
+        Some(
+            crate::sentry::Sentry::open(&config.sentry, &config.state_dir, datapath.clone())
+                .await
+                .map_err(|e| Error::Other(e.to_string()))?,
+        )
+    } else {
+        None
+    };
     let ctx = Arc::new(
         Context::new(
             config.clone(),
@@ -178,7 +187,8 @@ async fn serve(
             Some(dns),
         )
         .with_resolver(resolver.clone())
-        .with_ghost(ghost.clone()),
+        .with_ghost(ghost.clone())
+        .with_sentry(sentry.clone()),
     );
 
     let multihop = match crate::multihop::Multihop::start(
@@ -205,6 +215,7 @@ async fn serve(
     crate::dns::register(&mut registry, Arc::clone(&ctx));
     crate::ghost::register(&mut registry, Arc::clone(&ctx));
     crate::multihop::actions::register(&mut registry, multihop.clone());
+    crate::sentry::actions::register(&mut registry, Arc::clone(&ctx));
     let registry = Arc::new(registry);
 
     let mut metrics = Metrics::new(
@@ -225,6 +236,11 @@ async fn serve(
         metrics.add_collector(Box::new(crate::multihop::MultihopCollector::new(
             Arc::clone(m),
         )));
+    }
+    if let Some(s) = sentry.clone() {
+        metrics.add_collector(Box::new(crate::sentry::metrics::SentryCollector {
+            sentry: s,
+        }));
     }
     let metrics = Arc::new(metrics);
     metrics.register_actions(&registry.actions());
@@ -252,6 +268,26 @@ async fn serve(
     let metrics_task = match config.metrics.listen_addr()? {
         Some(addr) => Some(metrics::serve(addr, Arc::clone(&metrics), shutdown_rx.clone()).await?),
         None => None,
+    };
+    let sentry_proxy = match (
+        sentry.clone(),
+        crate::config::parse_listen("sentry.listen", &config.sentry.listen)?,
+    ) {
+        (Some(s), Some(addr)) => {
+            tokio::spawn(Arc::clone(&s).run(shutdown_rx.clone()));
+            let proxy =
+                crate::sentry::proxy::Proxy::new(s).map_err(|e| Error::Other(e.to_string()))?;
+            Some(
+                crate::sentry::proxy::serve(addr, Arc::new(proxy), shutdown_rx.clone())
+                    .await
+                    .map_err(|e| Error::Other(e.to_string()))?,
+            )
+        }
+        (Some(s), None) => {
+            tokio::spawn(s.run(shutdown_rx.clone()));
+            None
+        }
+        _ => None,
     };
     if let Some(dp) = datapath.clone() {
         tokio::spawn(datapath_housekeeping(dp, shutdown_rx.clone()));
@@ -318,6 +354,16 @@ async fn serve(
         && let Err(e) = task.await
     {
         warn!(error = %e, "blocklist API task failed");
+    }
+    if let Some(task) = sentry_proxy
+        && let Err(e) = task.await
+    {
+        warn!(error = %e, "sentry proxy task failed");
+    }
+    if let Some(sentry) = &sentry
+        && let Err(e) = sentry.store.flush()
+    {
+        warn!(error = %e, "cannot persist the sentry store");
     }
     if let Some(task) = metrics_task
         && let Err(e) = task.await

@@ -17,4 +17,5 @@ pub mod multihop;
 pub mod protocol;
 pub mod qr;
 pub mod resolver;
+pub mod sentry;
 pub mod store;

@@ -1,0 +1,589 @@
+//! The proof-of-work challenge, wire format version 1 (docs/sentry.md):
+//! a secret `pow_nonce` in `[0, 2^difficulty)`, key = SHA-256(session_nonce ‖ pow_nonce as
+//! 8-byte big-endian), the content under AES-256-GCM with that key (AAD = session_nonce), and
+//! the payload signed with the server's ECDSA P-256 key. The client's work is the search for
+//! the key whose hash equals the commitment; the server's is one hash to check it.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+    os::unix::fs::OpenOptionsExt,
+    path::Path,
+    sync::{Mutex, RwLock},
+};
+
+use aes_gcm::{
+    Aes256Gcm, KeyInit,
+    aead::{Aead, Payload as AeadPayload},
+};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+use p256::ecdsa::{
+    Signature, SigningKey, VerifyingKey,
+    signature::{Signer as _, Verifier as _},
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::SentryError;
+
+pub const PROOF_PATH: &str = "/.sentry/proof";
+pub const JWKS_PATH: &str = "/.sentry/jwks.json";
+pub const WIRE_VERSION: u32 = 1;
+/// Highest difficulty the wire format allows (the nonce space must fit the 8-byte counter
+/// and stay searchable).
+pub const MAX_DIFFICULTY: u32 = 40;
+const NONCE_BYTES: usize = 16;
+/// Packages this host issued, remembered by hash so their proofs skip the ECDSA verification
+/// (a byte-identical package we signed is authentic). Past this many the oldest are dropped
+/// and their proofs take the full verification.
+const ISSUED_MEMORY: usize = 262_144;
+
+/// What the client receives with the 429.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Package {
+    pub v: u32,
+    pub alg: String,
+    pub kid: String,
+    pub payload: String,
+    pub signature: String,
+}
+
+/// The signed payload.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengePayload {
+    pub session_nonce: String,
+    pub difficulty: u32,
+    pub issued_at: u64,
+    pub expires_at: u64,
+    pub subject: String,
+    pub key_commitment: String,
+    pub iv: String,
+    pub ciphertext: String,
+    pub proof_url: String,
+}
+
+/// What the client posts back.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Proof {
+    pub payload: String,
+    pub signature: String,
+    pub pow_nonce: u64,
+    /// Optional: the package's key id, to pick the key directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
+}
+
+/// Why a proof was refused; `code()` is the wire reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rejection {
+    Malformed,
+    BadSignature,
+    Expired,
+    WrongSubject,
+    WrongProof,
+    Replayed,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 6] = [
+        Rejection::Malformed,
+        Rejection::BadSignature,
+        Rejection::Expired,
+        Rejection::WrongSubject,
+        Rejection::WrongProof,
+        Rejection::Replayed,
+    ];
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Rejection::Malformed => "MALFORMED",
+            Rejection::BadSignature => "BAD_SIGNATURE",
+            Rejection::Expired => "EXPIRED",
+            Rejection::WrongSubject => "WRONG_SUBJECT",
+            Rejection::WrongProof => "WRONG_PROOF",
+            Rejection::Replayed => "REPLAYED",
+        }
+    }
+
+    pub fn status(self) -> u16 {
+        match self {
+            Rejection::Malformed => 400,
+            Rejection::BadSignature | Rejection::WrongSubject => 403,
+            Rejection::Expired => 410,
+            Rejection::WrongProof => 422,
+            Rejection::Replayed => 409,
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Rejection::Malformed => {
+                "the proof is not a well-formed {payload, signature, pow_nonce} object"
+            }
+            Rejection::BadSignature => {
+                "the package's signature does not verify: it was altered or forged"
+            }
+            Rejection::Expired => "the challenge has expired; request the page again for a new one",
+            Rejection::WrongSubject => "the challenge was issued to another client address",
+            Rejection::WrongProof => "pow_nonce does not open the key commitment",
+            Rejection::Replayed => "this challenge has already been redeemed",
+        }
+    }
+}
+
+/// A proof that passed every check but the used-nonce one (which needs the store).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verified {
+    pub session_nonce: String,
+    pub expires_at: u64,
+    pub difficulty: u32,
+}
+
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], SentryError> {
+    let mut buf = [0u8; N];
+    getrandom::fill(&mut buf).map_err(|e| SentryError::Crypto(format!("no randomness: {e}")))?;
+    Ok(buf)
+}
+
+/// The key a candidate nonce yields.
+pub fn candidate_key(session_nonce: &[u8], pow_nonce: u64) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(session_nonce);
+    h.update(pow_nonce.to_be_bytes());
+    h.finalize().into()
+}
+
+pub fn commitment(key: &[u8; 32]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
+/// Key id: the first 8 bytes of SHA-256 of the uncompressed public point, b64url.
+fn key_id(key: &VerifyingKey) -> String {
+    let point = key.to_sec1_point(false);
+    B64.encode(&Sha256::digest(point.as_bytes())[..8])
+}
+
+/// A public key as a JWK (RFC 7517/7518).
+pub fn jwk(kid: &str, key: &VerifyingKey) -> Value {
+    let point = key.to_sec1_point(false);
+    let bytes = point.as_bytes();
+    // Uncompressed SEC1: 0x04 ‖ x (32) ‖ y (32).
+    let (x, y) = bytes
+        .get(1..33)
+        .zip(bytes.get(33..65))
+        .unwrap_or((&[][..], &[][..]));
+    json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+           "x": B64.encode(x), "y": B64.encode(y)})
+}
+
+/// Parses a JWK of ours back into a key (fleet key exchange through the store).
+pub fn key_from_jwk(jwk: &Value) -> Option<(String, VerifyingKey)> {
+    if jwk["kty"] != "EC" || jwk["crv"] != "P-256" {
+        return None;
+    }
+    let x = B64.decode(jwk["x"].as_str()?).ok()?;
+    let y = B64.decode(jwk["y"].as_str()?).ok()?;
+    if x.len() != 32 || y.len() != 32 {
+        return None;
+    }
+    let mut sec1 = vec![4u8];
+    sec1.extend_from_slice(&x);
+    sec1.extend_from_slice(&y);
+    let key = VerifyingKey::from_sec1_bytes(&sec1).ok()?;
+    Some((jwk["kid"].as_str()?.to_string(), key))
+}
+
+/// The host's signing key and the verification keys of the fleet.
+pub struct Signer {
+    key: SigningKey,
+    kid: String,
+    /// kid -> key: ours plus those other hosts published in the store.
+    ring: RwLock<HashMap<String, VerifyingKey>>,
+    issued: Mutex<IssuedMemory>,
+}
+
+#[derive(Default)]
+struct IssuedMemory {
+    set: std::collections::HashSet<[u8; 32]>,
+    order: VecDeque<[u8; 32]>,
+}
+
+fn issued_digest(payload: &str, signature: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(payload.as_bytes());
+    h.update(b".");
+    h.update(signature.as_bytes());
+    h.finalize().into()
+}
+
+impl Signer {
+    /// A fresh in-memory key (benches, tests).
+    pub fn generate() -> Result<Self, SentryError> {
+        loop {
+            let bytes: [u8; 32] = random_bytes()?;
+            // A random 32-byte string is a valid scalar except with negligible probability.
+            if let Ok(key) = SigningKey::from_slice(&bytes) {
+                return Ok(Self::from_key(key));
+            }
+        }
+    }
+
+    fn from_key(key: SigningKey) -> Self {
+        let verifying = *key.verifying_key();
+        let kid = key_id(&verifying);
+        let ring = RwLock::new(HashMap::from([(kid.clone(), verifying)]));
+        Self {
+            key,
+            kid,
+            ring,
+            issued: Mutex::new(IssuedMemory::default()),
+        }
+    }
+
+    /// Loads the key from `path` (32 raw scalar bytes, 0600) or creates it there.
+    pub fn load_or_create(path: &Path) -> Result<Self, SentryError> {
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let key = SigningKey::from_slice(&bytes).map_err(|_| {
+                    SentryError::Crypto(format!("{} is not a P-256 private key", path.display()))
+                })?;
+                Ok(Self::from_key(key))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let signer = Self::generate()?;
+                let bytes = signer.key.to_bytes();
+                let mut file = std::fs::OpenOptions::new()
+                    .create_new(true)
+                    .write(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(|e| SentryError::Io(format!("{}: {e}", path.display())))?;
+                use std::io::Write;
+                file.write_all(&bytes)
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| SentryError::Io(format!("{}: {e}", path.display())))?;
+                Ok(signer)
+            }
+            Err(e) => Err(SentryError::Io(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    pub fn own_jwk(&self) -> Value {
+        jwk(&self.kid, self.key.verifying_key())
+    }
+
+    /// The JWK set: every key whose packages this host accepts.
+    pub fn jwks(&self) -> Value {
+        let ring = match self.ring.read() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        let mut keys: Vec<Value> = ring.iter().map(|(kid, k)| jwk(kid, k)).collect();
+        keys.sort_by(|a, b| a["kid"].as_str().cmp(&b["kid"].as_str()));
+        json!({ "keys": keys })
+    }
+
+    /// Adds keys other hosts published.
+    pub fn learn_keys(&self, jwks: impl IntoIterator<Item = Value>) {
+        let learned: Vec<(String, VerifyingKey)> =
+            jwks.into_iter().filter_map(|j| key_from_jwk(&j)).collect();
+        let mut ring = match self.ring.write() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        for (kid, key) in learned {
+            ring.insert(kid, key);
+        }
+    }
+
+    /// Builds a signed challenge for `subject` carrying `content`.
+    pub fn issue(
+        &self,
+        subject: IpAddr,
+        difficulty: u32,
+        ttl_seconds: u64,
+        content: &[u8],
+        now: u64,
+    ) -> Result<Package, SentryError> {
+        let difficulty = difficulty.clamp(1, MAX_DIFFICULTY);
+        let session_nonce: [u8; NONCE_BYTES] = random_bytes()?;
+        let mask = (1u64 << difficulty) - 1;
+        let pow_nonce = u64::from_be_bytes(random_bytes()?) & mask;
+        let key = candidate_key(&session_nonce, pow_nonce);
+        let iv: [u8; 12] = random_bytes()?;
+        let cipher = Aes256Gcm::new_from_slice(&key)
+            .map_err(|_| SentryError::Crypto("AES key length".into()))?;
+        let ciphertext = cipher
+            .encrypt(
+                &iv.into(),
+                AeadPayload {
+                    msg: content,
+                    aad: &session_nonce,
+                },
+            )
+            .map_err(|_| SentryError::Crypto("AES-GCM encryption failed".into()))?;
+        let payload = ChallengePayload {
+            session_nonce: B64.encode(session_nonce),
+            difficulty,
+            issued_at: now,
+            expires_at: now + ttl_seconds,
+            subject: subject.to_string(),
+            key_commitment: B64.encode(commitment(&key)),
+            iv: B64.encode(iv),
+            ciphertext: B64.encode(&ciphertext),
+            proof_url: PROOF_PATH.into(),
+        };
+        let bytes = serde_json::to_vec(&payload)
+            .map_err(|e| SentryError::Crypto(format!("payload: {e}")))?;
+        let signature: Signature = self
+            .key
+            .try_sign(&bytes)
+            .map_err(|e| SentryError::Crypto(format!("signing failed: {e}")))?;
+        let package = Package {
+            v: WIRE_VERSION,
+            alg: "ES256".into(),
+            kid: self.kid.clone(),
+            payload: B64.encode(&bytes),
+            signature: B64.encode(signature.to_bytes()),
+        };
+        self.remember(issued_digest(&package.payload, &package.signature));
+        Ok(package)
+    }
+
+    fn remember(&self, digest: [u8; 32]) {
+        let mut m = match self.issued.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        if m.set.insert(digest) {
+            m.order.push_back(digest);
+            if m.order.len() > ISSUED_MEMORY
+                && let Some(old) = m.order.pop_front()
+            {
+                m.set.remove(&old);
+            }
+        }
+    }
+
+    fn issued_here(&self, payload: &str, signature: &str) -> bool {
+        let m = match self.issued.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.set.contains(&issued_digest(payload, signature))
+    }
+
+    /// Every check of a proof except the used-nonce one: signature, expiry, subject,
+    /// commitment. Cheap rejections come first only where they cannot mask a forgery.
+    pub fn verify(&self, proof: &Proof, client: IpAddr, now: u64) -> Result<Verified, Rejection> {
+        if proof.payload.len() > 16 * 1024 || proof.signature.len() > 128 {
+            return Err(Rejection::Malformed);
+        }
+        let bytes = B64
+            .decode(&proof.payload)
+            .map_err(|_| Rejection::Malformed)?;
+        let sig_bytes = B64
+            .decode(&proof.signature)
+            .map_err(|_| Rejection::Malformed)?;
+        if !self.issued_here(&proof.payload, &proof.signature) {
+            let signature =
+                Signature::from_slice(&sig_bytes).map_err(|_| Rejection::BadSignature)?;
+            let ring = match self.ring.read() {
+                Ok(r) => r,
+                Err(p) => p.into_inner(),
+            };
+            let ok = match proof.kid.as_deref().and_then(|k| ring.get(k)) {
+                Some(key) => key.verify(&bytes, &signature).is_ok(),
+                None => ring.values().any(|k| k.verify(&bytes, &signature).is_ok()),
+            };
+            if !ok {
+                return Err(Rejection::BadSignature);
+            }
+        }
+        let payload: ChallengePayload =
+            serde_json::from_slice(&bytes).map_err(|_| Rejection::Malformed)?;
+        if payload.expires_at <= now {
+            return Err(Rejection::Expired);
+        }
+        let subject: IpAddr = payload.subject.parse().map_err(|_| Rejection::Malformed)?;
+        if super::canonical(subject) != super::canonical(client) {
+            return Err(Rejection::WrongSubject);
+        }
+        let session_nonce = B64
+            .decode(&payload.session_nonce)
+            .map_err(|_| Rejection::Malformed)?;
+        let expected = B64
+            .decode(&payload.key_commitment)
+            .map_err(|_| Rejection::Malformed)?;
+        if payload.difficulty < 64 && proof.pow_nonce >> payload.difficulty != 0 {
+            return Err(Rejection::WrongProof);
+        }
+        let key = candidate_key(&session_nonce, proof.pow_nonce);
+        if commitment(&key)[..] != expected[..] {
+            return Err(Rejection::WrongProof);
+        }
+        Ok(Verified {
+            session_nonce: payload.session_nonce,
+            expires_at: payload.expires_at,
+            difficulty: payload.difficulty,
+        })
+    }
+
+    /// A signed ticket cookie value: b64url(`<ip>|<expires_at>`) "." b64url(signature).
+    pub fn ticket_cookie(&self, ip: IpAddr, expires_at: u64) -> Result<String, SentryError> {
+        let body = format!("{}|{expires_at}", super::canonical(ip));
+        let signature: Signature = self
+            .key
+            .try_sign(body.as_bytes())
+            .map_err(|e| SentryError::Crypto(format!("signing failed: {e}")))?;
+        Ok(format!(
+            "{}.{}",
+            B64.encode(body.as_bytes()),
+            B64.encode(signature.to_bytes())
+        ))
+    }
+
+    /// The expiry of a valid ticket cookie for `ip`, if it is one.
+    pub fn check_cookie(&self, value: &str, ip: IpAddr, now: u64) -> Option<u64> {
+        if value.len() > 256 {
+            return None;
+        }
+        let (body, sig) = value.split_once('.')?;
+        let body = B64.decode(body).ok()?;
+        let signature = Signature::from_slice(&B64.decode(sig).ok()?).ok()?;
+        let text = std::str::from_utf8(&body).ok()?;
+        let (addr, exp) = text.split_once('|')?;
+        let addr: IpAddr = addr.parse().ok()?;
+        let exp: u64 = exp.parse().ok()?;
+        if addr != super::canonical(ip) || exp <= now {
+            return None;
+        }
+        let ring = match self.ring.read() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        ring.values()
+            .any(|k| k.verify(&body, &signature).is_ok())
+            .then_some(exp)
+    }
+}
+
+/// Decodes a package's payload (for solvers and tests; no verification).
+pub fn decode_payload(package: &Package) -> Result<ChallengePayload, SentryError> {
+    let bytes = B64
+        .decode(&package.payload)
+        .map_err(|e| SentryError::Crypto(format!("payload is not b64url: {e}")))?;
+    serde_json::from_slice(&bytes).map_err(|e| SentryError::Crypto(format!("payload: {e}")))
+}
+
+/// Verifies a package's signature against a JWK, as a browser would with WebCrypto.
+pub fn verify_package(package: &Package, jwk: &Value) -> Result<ChallengePayload, SentryError> {
+    let (_, key) =
+        key_from_jwk(jwk).ok_or_else(|| SentryError::Crypto("not a P-256 JWK".into()))?;
+    let bytes = B64
+        .decode(&package.payload)
+        .map_err(|e| SentryError::Crypto(format!("payload is not b64url: {e}")))?;
+    let sig = B64
+        .decode(&package.signature)
+        .map_err(|e| SentryError::Crypto(format!("signature is not b64url: {e}")))?;
+    let sig = Signature::from_slice(&sig)
+        .map_err(|_| SentryError::Crypto("signature is not 64 bytes r||s".into()))?;
+    key.verify(&bytes, &sig)
+        .map_err(|_| SentryError::Crypto("signature does not verify".into()))?;
+    serde_json::from_slice(&bytes).map_err(|e| SentryError::Crypto(format!("payload: {e}")))
+}
+
+/// Opens a package's content with a found key.
+pub fn decrypt(payload: &ChallengePayload, key: &[u8; 32]) -> Result<Vec<u8>, SentryError> {
+    let nonce = B64
+        .decode(&payload.session_nonce)
+        .map_err(|_| SentryError::Crypto("session_nonce".into()))?;
+    let iv: [u8; 12] = B64
+        .decode(&payload.iv)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| SentryError::Crypto("iv must be 12 bytes".into()))?;
+    let ct = B64
+        .decode(&payload.ciphertext)
+        .map_err(|_| SentryError::Crypto("ciphertext".into()))?;
+    let cipher =
+        Aes256Gcm::new_from_slice(key).map_err(|_| SentryError::Crypto("AES key length".into()))?;
+    cipher
+        .decrypt(
+            &iv.into(),
+            AeadPayload {
+                msg: &ct,
+                aad: &nonce,
+            },
+        )
+        .map_err(|_| SentryError::Crypto("AES-GCM: the key does not open the content".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn issue_solve_verify_and_every_rejection() {
+        let signer = Signer::generate().unwrap();
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        let pkg = signer.issue(ip, 8, 60, b"hello", 1_000).unwrap();
+        let payload = verify_package(&pkg, &signer.own_jwk()).unwrap();
+        let solved = crate::sentry::solver::solve(&payload).unwrap();
+        assert_eq!(solved.content, b"hello");
+        let proof = Proof {
+            payload: pkg.payload.clone(),
+            signature: pkg.signature.clone(),
+            pow_nonce: solved.pow_nonce,
+            kid: None,
+        };
+        assert!(signer.verify(&proof, ip, 1_001).is_ok());
+        assert_eq!(
+            signer.verify(&proof, ip, 1_060).unwrap_err(),
+            Rejection::Expired
+        );
+        let other: IpAddr = "198.51.100.8".parse().unwrap();
+        assert_eq!(
+            signer.verify(&proof, other, 1_001).unwrap_err(),
+            Rejection::WrongSubject
+        );
+        let wrong = Proof {
+            pow_nonce: solved.pow_nonce ^ 1,
+            ..proof.clone()
+        };
+        assert_eq!(
+            signer.verify(&wrong, ip, 1_001).unwrap_err(),
+            Rejection::WrongProof
+        );
+        // A fresh signer (another host without our key) must verify in full and refuse.
+        let stranger = Signer::generate().unwrap();
+        assert_eq!(
+            stranger.verify(&proof, ip, 1_001).unwrap_err(),
+            Rejection::BadSignature
+        );
+        // One byte of the payload changed.
+        let mut raw = B64.decode(&pkg.payload).unwrap();
+        let pos = raw.iter().position(|b| *b == b'8').unwrap();
+        raw[pos] = b'9';
+        let altered = Proof {
+            payload: B64.encode(&raw),
+            ..proof.clone()
+        };
+        assert_eq!(
+            signer.verify(&altered, ip, 1_001).unwrap_err(),
+            Rejection::BadSignature
+        );
+        let cookie = signer.ticket_cookie(ip, 2_000).unwrap();
+        assert_eq!(signer.check_cookie(&cookie, ip, 1_500), Some(2_000));
+        assert_eq!(signer.check_cookie(&cookie, other, 1_500), None);
+        assert_eq!(signer.check_cookie(&cookie, ip, 2_000), None);
+    }
+}

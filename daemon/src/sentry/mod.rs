@@ -1,0 +1,900 @@
+//! Sentry: adaptive L7 defence in front of a site (SPEC 7, seed 002). A reverse proxy counts
+//! requests, learns the normal global rate, and under an anomaly answers the IPs over the
+//! static per-IP threshold with a signed proof-of-work challenge instead of the content.
+//! Solving it earns a trust ticket; ignoring it fills the penalty box, raises the difficulty
+//! and ends in kernel drops. See docs/sentry.md.
+
+pub mod actions;
+pub mod challenge;
+pub mod detector;
+pub mod metrics;
+pub mod penalty;
+pub mod proxy;
+pub mod solver;
+pub mod store;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{config::SentryConfig, datapath::Datapath};
+use challenge::{Package, Proof, Rejection, Signer};
+use detector::Detector;
+use penalty::PenaltyBox;
+use store::{ModeState, Store, unix_now};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SentryError {
+    #[error("sentry configuration: {0}")]
+    Config(String),
+    #[error("sentry store: {0}")]
+    Store(String),
+    #[error("sentry store is unavailable (degraded)")]
+    Degraded,
+    #[error("sentry crypto: {0}")]
+    Crypto(String),
+    #[error("sentry: {0}")]
+    Io(String),
+}
+
+/// Defence level.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub enum Mode {
+    #[serde(rename = "NORMAL")]
+    Normal,
+    #[serde(rename = "DEFCON_1")]
+    Defcon1,
+    #[serde(rename = "DOOMSDAY")]
+    Doomsday,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Normal, Mode::Defcon1, Mode::Doomsday];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Normal => "NORMAL",
+            Mode::Defcon1 => "DEFCON_1",
+            Mode::Doomsday => "DOOMSDAY",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.name().eq_ignore_ascii_case(s.trim()))
+    }
+}
+
+/// The run-time tunables (`sentry:config`), shared by the fleet through the store.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Tunables {
+    /// CPU busy % at or above which the defence is armed.
+    pub activation_cpu_threshold: f64,
+    /// Global requests/s at or above which the defence is armed too (0 = CPU only).
+    pub activation_rate_threshold: u64,
+    pub sensitivity_factor: f64,
+    /// Requests in 5 s above which an IP is challenged during an anomaly.
+    pub ip_static_threshold: u64,
+    /// Violations after which an IP is dropped in the kernel.
+    pub hard_block_after: u64,
+    pub base_difficulty: u32,
+    pub max_difficulty: u32,
+    pub challenge_ttl_seconds: u64,
+    pub ticket_ttl_seconds: u64,
+    /// Penalty lifetime per violation.
+    pub penalty_ttl_seconds: u64,
+    /// DEFCON_1 ends after this long without an anomaly.
+    pub calm_seconds: u64,
+    /// Mean and standard deviation are recomputed this often.
+    pub stats_interval_seconds: u64,
+}
+
+impl Default for Tunables {
+    fn default() -> Self {
+        Self::from_config(&SentryConfig::default())
+    }
+}
+
+impl Tunables {
+    pub fn from_config(c: &SentryConfig) -> Self {
+        Self {
+            activation_cpu_threshold: c.activation_cpu_threshold,
+            activation_rate_threshold: c.activation_rate_threshold,
+            sensitivity_factor: c.sensitivity_factor,
+            ip_static_threshold: c.ip_static_threshold,
+            hard_block_after: c.hard_block_after,
+            base_difficulty: c.base_difficulty,
+            max_difficulty: c.max_difficulty,
+            challenge_ttl_seconds: c.challenge_ttl_seconds,
+            ticket_ttl_seconds: c.ticket_ttl_seconds,
+            penalty_ttl_seconds: c.penalty_ttl_seconds,
+            calm_seconds: c.calm_seconds,
+            stats_interval_seconds: c.stats_interval_seconds,
+        }
+    }
+
+    /// Every rule a value must meet; the message names the key and its range.
+    pub fn validate(&self) -> Result<(), SentryError> {
+        let bad = |m: String| Err(SentryError::Config(m));
+        if !(0.0..=100.0).contains(&self.activation_cpu_threshold) {
+            return bad("activation_cpu_threshold must be between 0 and 100 (percent)".into());
+        }
+        if self.activation_rate_threshold > 100_000_000 {
+            return bad("activation_rate_threshold must be at most 100000000".into());
+        }
+        if !(self.sensitivity_factor.is_finite()
+            && (0.0..=100.0).contains(&self.sensitivity_factor))
+        {
+            return bad("sensitivity_factor must be between 0 and 100".into());
+        }
+        if !(1..=10_000_000).contains(&self.ip_static_threshold) {
+            return bad("ip_static_threshold must be between 1 and 10000000".into());
+        }
+        if !(1..=1_000).contains(&self.hard_block_after) {
+            return bad("hard_block_after must be between 1 and 1000".into());
+        }
+        if !(1..=challenge::MAX_DIFFICULTY).contains(&self.base_difficulty) {
+            return bad(format!(
+                "base_difficulty must be between 1 and {} bits",
+                challenge::MAX_DIFFICULTY
+            ));
+        }
+        if !(self.base_difficulty..=challenge::MAX_DIFFICULTY).contains(&self.max_difficulty) {
+            return bad(format!(
+                "max_difficulty must be between base_difficulty ({}) and {} bits",
+                self.base_difficulty,
+                challenge::MAX_DIFFICULTY
+            ));
+        }
+        for (name, v, lo, hi) in [
+            (
+                "challenge_ttl_seconds",
+                self.challenge_ttl_seconds,
+                10,
+                3_600,
+            ),
+            ("ticket_ttl_seconds", self.ticket_ttl_seconds, 10, 86_400),
+            ("penalty_ttl_seconds", self.penalty_ttl_seconds, 1, 86_400),
+            ("calm_seconds", self.calm_seconds, 1, 86_400),
+            ("stats_interval_seconds", self.stats_interval_seconds, 1, 60),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return bad(format!("{name} must be between {lo} and {hi}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks the `[sentry]` section (called from `Config::validate`).
+pub fn validate_config(c: &SentryConfig) -> Result<(), SentryError> {
+    proxy::Upstream::parse(&c.upstream)?;
+    if !matches!(c.redis_fail_mode.as_str(), "open" | "closed") {
+        return Err(SentryError::Config(format!(
+            "sentry.redis_fail_mode = {:?} must be \"open\" or \"closed\"",
+            c.redis_fail_mode
+        )));
+    }
+    if !c.redis_url.is_empty()
+        && !["redis://", "rediss://", "redis+unix://", "unix://"]
+            .iter()
+            .any(|p| c.redis_url.starts_with(p))
+    {
+        return Err(SentryError::Config(format!(
+            "sentry.redis_url = {:?} must start with redis://, rediss://, redis+unix:// or unix://",
+            c.redis_url
+        )));
+    }
+    for p in &c.trusted_proxies {
+        p.parse::<IpAddr>().map_err(|_| {
+            SentryError::Config(format!(
+                "sentry.trusted_proxies: {p:?} is not an IP address"
+            ))
+        })?;
+    }
+    if !(1024..=1 << 32).contains(&c.max_body_bytes) {
+        return Err(SentryError::Config(
+            "sentry.max_body_bytes must be between 1024 and 4294967296".into(),
+        ));
+    }
+    Tunables::from_config(c).validate().map_err(|e| {
+        SentryError::Config(format!(
+            "sentry.{}",
+            e.to_string().trim_start_matches("sentry configuration: ")
+        ))
+    })
+}
+
+/// IPv4-mapped IPv6 addresses count as the IPv4 address.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Why a request passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Pass {
+    Whitelisted,
+    Ticket,
+    /// Counted, and the defence did not call for a challenge.
+    Normal,
+    /// The store is down and the sentry fails open.
+    FailOpen,
+}
+
+/// What the proxy does with one request.
+#[derive(Debug)]
+pub enum Decision {
+    Pass(Pass),
+    Challenge(Box<Package>),
+    /// Past `hard_block_after`: refused here until the kernel drops it.
+    Blocked,
+    /// The store is down and the sentry fails closed.
+    Unavailable,
+}
+
+/// A successful proof.
+#[derive(Clone, Debug, Serialize)]
+pub struct TicketGrant {
+    pub expires_at: u64,
+    pub cookie: String,
+}
+
+/// Counters for metrics and status.
+#[derive(Default)]
+pub struct Counters {
+    pub passed: [AtomicU64; 4],
+    pub challenged: AtomicU64,
+    pub blocked: AtomicU64,
+    pub unavailable: AtomicU64,
+    pub solved: AtomicU64,
+    pub failed: [AtomicU64; 6],
+    pub tickets: AtomicU64,
+    pub penalties: AtomicU64,
+    pub hard_blocks: AtomicU64,
+    pub store_errors: AtomicU64,
+    pub upstream_errors: AtomicU64,
+}
+
+pub fn pass_index(p: Pass) -> usize {
+    match p {
+        Pass::Whitelisted => 0,
+        Pass::Ticket => 1,
+        Pass::Normal => 2,
+        Pass::FailOpen => 3,
+    }
+}
+
+pub fn rejection_index(r: Rejection) -> usize {
+    Rejection::ALL.iter().position(|x| *x == r).unwrap_or(0)
+}
+
+pub const PASS_NAMES: [&str; 4] = ["whitelisted", "ticket", "normal", "fail_open"];
+
+/// The name of the signed ticket cookie.
+pub const TICKET_COOKIE: &str = "sentry_ticket";
+
+/// The continuation document a challenge carries: after solving, the page shows it and
+/// reloads the original URL, which now passes on the ticket.
+fn continuation(path: &str) -> Vec<u8> {
+    let escaped: String = path
+        .chars()
+        .flat_map(|c| match c {
+            '<' => "&lt;".chars().collect::<Vec<_>>(),
+            '>' => "&gt;".chars().collect(),
+            '"' => "&quot;".chars().collect(),
+            '&' => "&amp;".chars().collect(),
+            '\'' => "&#39;".chars().collect(),
+            c => vec![c],
+        })
+        .collect();
+    format!(
+        "<!doctype html><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"0;url={escaped}\">\
+         <title>Verified</title><p>Verified. Continue to <a href=\"{escaped}\">{escaped}</a>.</p>"
+    )
+    .into_bytes()
+}
+
+pub struct Sentry {
+    pub store: Store,
+    pub signer: Signer,
+    pub detector: Detector,
+    pub penalties: PenaltyBox,
+    pub counters: Counters,
+    tunables: RwLock<Tunables>,
+    state: RwLock<ModeState>,
+    whitelist: RwLock<HashSet<IpAddr>>,
+    /// ip -> ticket expiry (Unix s), learned from the store, proofs and cookies.
+    tickets: Mutex<HashMap<IpAddr, u64>>,
+    datapath: Option<Arc<Datapath>>,
+    fail_closed: bool,
+    healthy: AtomicBool,
+    /// Last Unix second an incident was written to the store (one write per second).
+    incident_written: AtomicU64,
+    pub static_config: SentryConfig,
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+fn read<T: Clone>(l: &RwLock<T>) -> T {
+    match l.read() {
+        Ok(g) => g.clone(),
+        Err(p) => p.into_inner().clone(),
+    }
+}
+
+fn write<T>(l: &RwLock<T>, v: T) {
+    match l.write() {
+        Ok(mut g) => *g = v,
+        Err(p) => *p.into_inner() = v,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Sentry {
+    /// Opens the store and the key, and loads config, state and whitelist from the store
+    /// (seeding them from the file's values on first use).
+    pub async fn open(
+        config: &SentryConfig,
+        state_dir: &std::path::Path,
+        datapath: Option<Arc<Datapath>>,
+    ) -> Result<Arc<Self>, SentryError> {
+        let store = if config.redis_url.is_empty() {
+            Store::Embedded(Box::new(store::embedded::EmbeddedStore::open(state_dir)?))
+        } else {
+            Store::Redis(store::redis::RedisStore::connect(&config.redis_url)?)
+        };
+        let signer = Signer::load_or_create(&state_dir.join("sentry-ecdsa-p256.key"))?;
+        Self::with_parts(config, store, signer, datapath).await
+    }
+
+    /// Assembles a sentry from parts (tests and benches use an in-memory store and key).
+    pub async fn with_parts(
+        config: &SentryConfig,
+        store: Store,
+        signer: Signer,
+        datapath: Option<Arc<Datapath>>,
+    ) -> Result<Arc<Self>, SentryError> {
+        let sentry = Arc::new(Self {
+            store,
+            signer,
+            detector: Detector::new(),
+            penalties: PenaltyBox::default(),
+            counters: Counters::default(),
+            tunables: RwLock::new(Tunables::from_config(config)),
+            state: RwLock::new(ModeState::default()),
+            whitelist: RwLock::new(HashSet::new()),
+            tickets: Mutex::new(HashMap::new()),
+            datapath,
+            fail_closed: config.redis_fail_mode == "closed",
+            healthy: AtomicBool::new(true),
+            incident_written: AtomicU64::new(0),
+            static_config: config.clone(),
+            trusted_proxies: config
+                .trusted_proxies
+                .iter()
+                .filter_map(|p| p.parse().ok())
+                .map(canonical)
+                .collect(),
+        });
+        if let Err(e) = sentry.sync_from_store(true).await {
+            warn!(error = %e, "sentry store not reachable at start; running on the file's values until it is");
+            sentry.healthy.store(false, Ordering::Relaxed);
+        }
+        Ok(sentry)
+    }
+
+    pub fn tunables(&self) -> Tunables {
+        read(&self.tunables)
+    }
+
+    pub fn mode_state(&self) -> ModeState {
+        read(&self.state)
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn whitelist_local(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = read(&self.whitelist).into_iter().collect();
+        v.sort();
+        v
+    }
+
+    pub fn tickets_cached(&self) -> usize {
+        let now = unix_now();
+        let mut t = lock(&self.tickets);
+        t.retain(|_, exp| *exp > now);
+        t.len()
+    }
+
+    /// Runs a store call unless the store is marked degraded; a failure marks it so.
+    async fn store_call<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, SentryError>>,
+    ) -> Result<T, SentryError> {
+        if !self.healthy() {
+            return Err(SentryError::Degraded);
+        }
+        match f.await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
+                if self.healthy.swap(false, Ordering::Relaxed) {
+                    warn!(error = %e, backend = self.store.backend(), "sentry store failed: degraded until it answers again");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Reloads config, state, whitelist and fleet keys from the store. `first`: seeds the
+    /// store with the file's values and restores the traffic history.
+    async fn sync_from_store(&self, first: bool) -> Result<(), SentryError> {
+        match self.store.get_config().await? {
+            Some(t) => {
+                if t != self.tunables() {
+                    self.detector.set_sensitivity(t.sensitivity_factor);
+                    write(&self.tunables, t);
+                }
+            }
+            None => self.store.set_config(&self.tunables()).await?,
+        }
+        match self.store.get_state().await? {
+            Some(s) => write(&self.state, s),
+            None if first => self.store.set_state(&self.mode_state()).await?,
+            None => {}
+        }
+        let list: HashSet<IpAddr> = self.store.whitelist().await?.into_iter().collect();
+        let old = read(&self.whitelist);
+        if list != old {
+            self.mirror_whitelist(&old, &list).await;
+            write(&self.whitelist, list);
+        }
+        if first {
+            let jwk = self.signer.own_jwk().to_string();
+            self.store.publish_key(self.signer.kid(), &jwk).await?;
+            let (series, _) = self.store.traffic().await?;
+            self.detector.restore(&series);
+        }
+        let keys = self.store.keys().await?;
+        self.signer.learn_keys(
+            keys.values()
+                .filter_map(|j| serde_json::from_str::<serde_json::Value>(j).ok()),
+        );
+        Ok(())
+    }
+
+    /// Keeps the XDP allow map in step with the whitelist (SPEC 7).
+    async fn mirror_whitelist(&self, old: &HashSet<IpAddr>, new: &HashSet<IpAddr>) {
+        let Some(dp) = self.datapath.clone() else {
+            return;
+        };
+        let added: Vec<IpAddr> = new.difference(old).copied().collect();
+        let removed: Vec<IpAddr> = old.difference(new).copied().collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            use crate::datapath::policy::List;
+            for ip in added {
+                if let Err(e) = dp.policy.set(
+                    ip,
+                    List::Allow,
+                    None,
+                    phantom_common::xdp::DenyReason::Manual,
+                ) {
+                    warn!(error = %e, "cannot mirror a whitelist entry into the XDP allow map");
+                }
+            }
+            for ip in removed {
+                let _ = dp.policy.remove(ip, List::Allow);
+            }
+        })
+        .await;
+    }
+
+    fn fail(&self) -> Decision {
+        if self.fail_closed {
+            self.counters.unavailable.fetch_add(1, Ordering::Relaxed);
+            Decision::Unavailable
+        } else {
+            self.pass(Pass::FailOpen)
+        }
+    }
+
+    fn pass(&self, p: Pass) -> Decision {
+        self.counters.passed[pass_index(p)].fetch_add(1, Ordering::Relaxed);
+        Decision::Pass(p)
+    }
+
+    fn cached_ticket(&self, ip: IpAddr, now: u64) -> bool {
+        lock(&self.tickets).get(&ip).is_some_and(|exp| *exp > now)
+    }
+
+    fn cache_ticket(&self, ip: IpAddr, exp: u64) {
+        let mut t = lock(&self.tickets);
+        if t.len() > 200_000 {
+            let now = unix_now();
+            t.retain(|_, e| *e > now);
+        }
+        t.insert(ip, exp);
+    }
+
+    /// Whether the defence is armed: DOOMSDAY, or the activation gate is open.
+    fn gate_open(&self, t: &Tunables, rate: u64) -> bool {
+        self.detector.cpu_percent() >= t.activation_cpu_threshold
+            || (t.activation_rate_threshold > 0 && rate >= t.activation_rate_threshold)
+    }
+
+    /// The per-request flow of SPEC 7.
+    pub async fn decide(&self, peer: IpAddr, cookie: Option<&str>, path: &str) -> Decision {
+        let ip = canonical(peer);
+        let now = unix_now();
+        self.detector.count_global();
+        if read(&self.whitelist).contains(&ip) {
+            return self.pass(Pass::Whitelisted);
+        }
+        if self.cached_ticket(ip, now) {
+            return self.pass(Pass::Ticket);
+        }
+        if let Some(exp) = cookie.and_then(|c| self.signer.check_cookie(c, ip, now)) {
+            self.cache_ticket(ip, exp);
+            return self.pass(Pass::Ticket);
+        }
+        let t = self.tunables();
+        let mode = self.mode_state().current_mode;
+        let rate = self.detector.current_rate();
+        let armed = mode == Mode::Doomsday || mode == Mode::Defcon1 || self.gate_open(&t, rate);
+        if armed {
+            // Another host may have issued the ticket: one store round trip (none on the
+            // embedded backend), and only while the defence is armed.
+            match self.store_call(self.store.ticket(ip)).await {
+                Ok(Some(exp)) => {
+                    self.cache_ticket(ip, exp);
+                    return self.pass(Pass::Ticket);
+                }
+                Ok(None) => {}
+                Err(_) => return self.fail(),
+            }
+        }
+        let instant = Instant::now();
+        let count = self.detector.count_ip(ip, instant);
+        if !armed {
+            return self.pass(Pass::Normal);
+        }
+        let anomaly = self
+            .detector
+            .snapshot()
+            .threshold
+            .is_some_and(|th| rate as f64 >= th);
+        if anomaly {
+            self.note_incident(now).await;
+        }
+        let mode = self.mode_state().current_mode;
+        let challenge = match mode {
+            Mode::Doomsday => true,
+            Mode::Defcon1 => count > t.ip_static_threshold,
+            Mode::Normal => false,
+        };
+        if !challenge {
+            return self.pass(Pass::Normal);
+        }
+        self.challenge(ip, &t, instant, now, path).await
+    }
+
+    async fn challenge(
+        &self,
+        ip: IpAddr,
+        t: &Tunables,
+        instant: Instant,
+        now: u64,
+        path: &str,
+    ) -> Decision {
+        let count = match self.penalties.recent(ip, instant) {
+            Some(c) => c,
+            None => match self
+                .store_call(self.store.penalty_incr(ip, t.penalty_ttl_seconds))
+                .await
+            {
+                Ok(c) => {
+                    self.counters.penalties.fetch_add(1, Ordering::Relaxed);
+                    self.penalties.note_raise(ip, c, instant);
+                    c
+                }
+                Err(_) => return self.fail(),
+            },
+        };
+        if penalty::hard_blocked(t, count) {
+            if !self.penalties.is_blocked(ip, instant) {
+                self.hard_block(ip, penalty::block_ttl(t, count)).await;
+            }
+            self.counters.blocked.fetch_add(1, Ordering::Relaxed);
+            return Decision::Blocked;
+        }
+        let difficulty = penalty::difficulty(t, count);
+        match self.signer.issue(
+            ip,
+            difficulty,
+            t.challenge_ttl_seconds,
+            &continuation(path),
+            now,
+        ) {
+            Ok(p) => {
+                self.counters.challenged.fetch_add(1, Ordering::Relaxed);
+                Decision::Challenge(Box::new(p))
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot issue a challenge");
+                self.fail()
+            }
+        }
+    }
+
+    async fn hard_block(&self, ip: IpAddr, ttl: Duration) {
+        self.counters.hard_blocks.fetch_add(1, Ordering::Relaxed);
+        // One map update: a few syscalls, short enough to run inline.
+        let in_kernel = self.penalties.block(self.datapath.as_ref(), ip, ttl);
+        info!(
+            seconds = ttl.as_secs(),
+            in_kernel, "penalty past hard_block_after: source blocked"
+        );
+    }
+
+    /// Records an anomaly: DEFCON_1 from NORMAL, and `last_incident_time` (written to the
+    /// store at most once a second).
+    async fn note_incident(&self, now: u64) {
+        let mut s = self.mode_state();
+        let entering = s.current_mode == Mode::Normal;
+        if entering {
+            s.current_mode = Mode::Defcon1;
+        }
+        s.last_incident_time = now;
+        write(&self.state, s);
+        if entering {
+            info!("anomaly: entering DEFCON_1");
+        }
+        if entering || self.incident_written.swap(now, Ordering::Relaxed) != now {
+            let _ = self.store_call(self.store.set_state(&s)).await;
+        }
+    }
+
+    /// The proof endpoint's work after parsing.
+    pub async fn redeem(&self, peer: IpAddr, proof: &Proof) -> Result<TicketGrant, ProofError> {
+        let ip = canonical(peer);
+        let now = unix_now();
+        let verified = match self.signer.verify(proof, ip, now) {
+            Ok(v) => v,
+            Err(r) => return Err(self.reject(r)),
+        };
+        let ttl = verified.expires_at.saturating_sub(now);
+        match self
+            .store_call(self.store.use_nonce(&verified.session_nonce, ttl))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return Err(self.reject(Rejection::Replayed)),
+            Err(e) => return Err(ProofError::Store(e)),
+        }
+        let t = self.tunables();
+        let expires_at = match self
+            .store_call(self.store.set_ticket(ip, t.ticket_ttl_seconds))
+            .await
+        {
+            Ok(exp) => exp,
+            Err(e) => return Err(ProofError::Store(e)),
+        };
+        self.cache_ticket(ip, expires_at);
+        self.counters.solved.fetch_add(1, Ordering::Relaxed);
+        self.counters.tickets.fetch_add(1, Ordering::Relaxed);
+        let cookie = self
+            .signer
+            .ticket_cookie(ip, expires_at)
+            .map_err(ProofError::Store)?;
+        Ok(TicketGrant { expires_at, cookie })
+    }
+
+    pub fn reject(&self, r: Rejection) -> ProofError {
+        self.counters.failed[rejection_index(r)].fetch_add(1, Ordering::Relaxed);
+        ProofError::Rejected(r)
+    }
+
+    // ----- admin -----
+
+    pub async fn set_tunables(&self, t: Tunables) -> Result<(), SentryError> {
+        t.validate()?;
+        self.store_call(self.store.set_config(&t)).await?;
+        self.detector.set_sensitivity(t.sensitivity_factor);
+        write(&self.tunables, t);
+        Ok(())
+    }
+
+    pub async fn set_mode(&self, mode: Mode) -> Result<ModeState, SentryError> {
+        let mut s = self.mode_state();
+        s.current_mode = mode;
+        if mode == Mode::Defcon1 {
+            s.last_incident_time = unix_now();
+        }
+        self.store_call(self.store.set_state(&s)).await?;
+        write(&self.state, s);
+        info!(mode = mode.name(), "sentry mode set by an admin");
+        Ok(s)
+    }
+
+    pub async fn whitelist_add(&self, ip: IpAddr) -> Result<bool, SentryError> {
+        let ip = canonical(ip);
+        let added = self.store_call(self.store.whitelist_add(ip)).await?;
+        let old = read(&self.whitelist);
+        let mut new = old.clone();
+        new.insert(ip);
+        self.mirror_whitelist(&old, &new).await;
+        write(&self.whitelist, new);
+        Ok(added)
+    }
+
+    pub async fn whitelist_remove(&self, ip: IpAddr) -> Result<bool, SentryError> {
+        let ip = canonical(ip);
+        let removed = self.store_call(self.store.whitelist_remove(ip)).await?;
+        let old = read(&self.whitelist);
+        let mut new = old.clone();
+        new.remove(&ip);
+        self.mirror_whitelist(&old, &new).await;
+        write(&self.whitelist, new);
+        Ok(removed)
+    }
+
+    pub async fn whitelist(&self) -> Result<Vec<IpAddr>, SentryError> {
+        self.store_call(self.store.whitelist()).await
+    }
+
+    pub async fn penalty_list(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<store::PenaltyEntry>, SentryError> {
+        self.store_call(self.store.penalties(limit)).await
+    }
+
+    // ----- background -----
+
+    /// Once a second: close the rate second, keep the mode, refresh from the store (or
+    /// reconnect), publish counts; every `stats_interval_seconds`: recompute the statistics.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut since_stats = 0u64;
+        let mut since_fleet = 0u64;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    let _ = self.store.flush();
+                    return;
+                }
+                _ = every.tick() => {}
+            }
+            self.detector.tick();
+            let now = unix_now();
+            let t = self.tunables();
+            since_stats += 1;
+            if since_stats >= t.stats_interval_seconds {
+                since_stats = 0;
+                let (_, stats) = self.detector.recompute(t.sensitivity_factor, now);
+                let series = self.detector.series();
+                let _ = self
+                    .store_call(self.store.put_traffic(&series, stats))
+                    .await;
+            }
+            self.keep_store(now).await;
+            let s = self.mode_state();
+            if s.current_mode == Mode::Defcon1
+                && now.saturating_sub(s.last_incident_time) >= t.calm_seconds
+            {
+                let calm = ModeState {
+                    current_mode: Mode::Normal,
+                    ..s
+                };
+                if self.store_call(self.store.set_state(&calm)).await.is_ok() || !self.healthy() {
+                    write(&self.state, calm);
+                    info!("calm for {}s: leaving DEFCON_1", t.calm_seconds);
+                }
+            }
+            let top = self.detector.top(256, Instant::now());
+            let _ = self.store_call(self.store.publish_counts(&top)).await;
+            if let Err(e) = self.store.flush() {
+                warn!(error = %e, "cannot persist the sentry store");
+            }
+            since_fleet += 1;
+            if since_fleet >= 5 {
+                since_fleet = 0;
+                self.sync_fleet_blocks().await;
+            }
+        }
+    }
+
+    /// Health check and refresh; a degraded store is retried here every second.
+    async fn keep_store(&self, _now: u64) {
+        if !self.healthy() {
+            if self.store.ping().await.is_ok() {
+                match self.sync_from_store(false).await {
+                    Ok(()) => {
+                        self.healthy.store(true, Ordering::Relaxed);
+                        info!(
+                            backend = self.store.backend(),
+                            "sentry store answers again: recovered"
+                        );
+                    }
+                    Err(e) => warn!(error = %e, "sentry store answers but cannot be read yet"),
+                }
+            }
+            return;
+        }
+        if let Err(e) = self.sync_from_store(false).await {
+            self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
+            if self.healthy.swap(false, Ordering::Relaxed) {
+                warn!(error = %e, "sentry store failed: degraded until it answers again");
+            }
+        }
+    }
+
+    /// Puts penalties other hosts escalated past `hard_block_after` into this host's kernel.
+    async fn sync_fleet_blocks(&self) {
+        if self.datapath.is_none() {
+            return;
+        }
+        let t = self.tunables();
+        let Ok(list) = self.store_call(self.store.penalties(10_000)).await else {
+            return;
+        };
+        let now = Instant::now();
+        for e in list {
+            if penalty::hard_blocked(&t, e.count) && !self.penalties.is_blocked(e.address, now) {
+                self.hard_block(e.address, Duration::from_secs(e.expires_in_seconds.max(1)))
+                    .await;
+            }
+        }
+    }
+
+    /// Kernel per-source counters for `ips` (packets in the XDP guard's 5 s window, new TCP
+    /// connections), joined into status; empty without the datapath.
+    pub fn kernel_counts(&self, ips: &[IpAddr]) -> HashMap<IpAddr, (u64, u64)> {
+        let Some(dp) = &self.datapath else {
+            return HashMap::new();
+        };
+        let wanted: HashSet<IpAddr> = ips.iter().copied().collect();
+        match dp.guard.sources() {
+            Ok(sources) => sources
+                .into_iter()
+                .filter(|s| wanted.contains(&s.address))
+                .map(|s| (s.address, (s.window_packets, s.new_tcp)))
+                .collect(),
+            Err(_) => HashMap::new(),
+        }
+    }
+
+    pub fn client_addr(&self, peer: SocketAddr, forwarded_for: Option<&str>) -> IpAddr {
+        proxy::client_addr(&self.trusted_proxies, peer.ip(), forwarded_for)
+    }
+}
+
+/// Why a proof did not yield a ticket.
+#[derive(Debug)]
+pub enum ProofError {
+    Rejected(Rejection),
+    Store(SentryError),
+}

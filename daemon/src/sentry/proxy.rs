@@ -1,0 +1,443 @@
+//! The reverse proxy on `[sentry] listen`: streams requests and responses between clients
+//! and `[sentry] upstream`, asks the sentry about each request first, and serves the
+//! challenge endpoints (`/.sentry/jwks.json`, `/.sentry/proof`).
+
+use std::{convert::Infallible, net::IpAddr, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::{
+    Decision, ProofError, Sentry, SentryError, TICKET_COOKIE,
+    challenge::{JWKS_PATH, PROOF_PATH, Package, Proof, Rejection},
+};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+type UpstreamClient = Client<HttpConnector, ProxyBody>;
+
+/// Largest proof body accepted.
+pub const MAX_PROOF_BYTES: usize = 16 * 1024;
+
+/// The protected site: `http://host:port` (plain HTTP on a trusted network).
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub authority: hyper::http::uri::Authority,
+}
+
+impl Upstream {
+    pub fn parse(url: &str) -> Result<Self, SentryError> {
+        let bad = |why: &str| SentryError::Config(format!("sentry.upstream = {url:?}: {why}"));
+        let uri: hyper::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(bad("only http:// upstreams are supported"));
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(bad("must not carry a path"));
+        }
+        Ok(Self { authority })
+    }
+}
+
+/// The client address: the TCP peer, or — when the peer is a trusted proxy — the last
+/// `X-Forwarded-For` entry (the one that proxy added; earlier entries are client-supplied).
+pub fn client_addr(trusted: &[IpAddr], peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
+    let peer = super::canonical(peer);
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    forwarded_for
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|last| last.trim().parse::<IpAddr>().ok())
+        .map_or(peer, super::canonical)
+}
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(content_type)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn json_reply(status: StatusCode, v: &serde_json::Value) -> Response<ProxyBody> {
+    full(status, "application/json", v.to_string())
+}
+
+fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/json"))
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then(|| v.to_string())
+        })
+}
+
+/// The 429 answer: the package as JSON, or an HTML page that embeds the same object.
+fn challenge_reply(package: &Package, json: bool) -> Response<ProxyBody> {
+    let body = serde_json::to_string(package).unwrap_or_default();
+    let mut r = if json {
+        full(StatusCode::TOO_MANY_REQUESTS, "application/json", body)
+    } else {
+        // `<` cannot appear in the JSON (b64url values, fixed keys), so the script block is
+        // safe to embed as is.
+        let page = format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>Checking your browser</title>\
+             <script type=\"application/json\" id=\"sentry-challenge\">{body}</script></head>\
+             <body><p>This site is under heavy load. Your browser must solve a short puzzle \
+             before the page is shown.</p><noscript>Enable JavaScript to continue.</noscript>\
+             </body></html>"
+        );
+        full(
+            StatusCode::TOO_MANY_REQUESTS,
+            "text/html; charset=utf-8",
+            page,
+        )
+    };
+    r.headers_mut().insert(
+        HeaderName::from_static("x-sentry-challenge"),
+        HeaderValue::from_static("1"),
+    );
+    r
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+}
+
+pub struct Proxy {
+    sentry: Arc<Sentry>,
+    upstream: Upstream,
+    client: UpstreamClient,
+    max_body: u64,
+}
+
+impl Proxy {
+    pub fn new(sentry: Arc<Sentry>) -> Result<Self, SentryError> {
+        let upstream = Upstream::parse(&sentry.static_config.upstream)?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Ok(Self {
+            max_body: sentry.static_config.max_body_bytes,
+            sentry,
+            upstream,
+            client,
+        })
+    }
+
+    /// One request, start to end.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let xff = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        let client = self.sentry.client_addr(peer, xff);
+        let path = req.uri().path();
+        if path == JWKS_PATH && req.method() == Method::GET {
+            return json_reply(StatusCode::OK, &self.sentry.signer.jwks());
+        }
+        if path == PROOF_PATH {
+            return self.proof(req, client).await;
+        }
+        let cookie = cookie(req.headers(), TICKET_COOKIE);
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        match self
+            .sentry
+            .decide(client, cookie.as_deref(), &path_and_query)
+            .await
+        {
+            Decision::Pass(_) => self.forward(req, client).await,
+            Decision::Challenge(package) => challenge_reply(&package, wants_json(req.headers())),
+            Decision::Blocked => full(
+                StatusCode::FORBIDDEN,
+                "text/plain; charset=utf-8",
+                "blocked: too many unanswered challenges\n",
+            ),
+            Decision::Unavailable => full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                "temporarily unavailable\n",
+            ),
+        }
+    }
+
+    async fn proof(&self, req: Request<Incoming>, client: IpAddr) -> Response<ProxyBody> {
+        let reject = |r: Rejection, detail: &str| {
+            json_reply(
+                StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST),
+                &json!({"success": false, "reason": r.code(), "error": detail}),
+            )
+        };
+        if req.method() != Method::POST {
+            let mut r = reject(Rejection::Malformed, "the proof endpoint takes POST");
+            *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            return r;
+        }
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_PROOF_BYTES as u64) {
+            self.sentry.reject(Rejection::Malformed);
+            let mut r = reject(Rejection::Malformed, "proof body over 16 KiB");
+            *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+            return r;
+        }
+        let body = match Limited::new(req.into_body(), MAX_PROOF_BYTES)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                self.sentry.reject(Rejection::Malformed);
+                let mut r = reject(Rejection::Malformed, "proof body over 16 KiB or cut short");
+                *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+                return r;
+            }
+        };
+        let proof: Proof = match serde_json::from_slice(&body) {
+            Ok(p) => p,
+            Err(e) => {
+                self.sentry.reject(Rejection::Malformed);
+                return reject(
+                    Rejection::Malformed,
+                    &format!("{}: {e}", Rejection::Malformed.message()),
+                );
+            }
+        };
+        match self.sentry.redeem(client, &proof).await {
+            Ok(grant) => {
+                let ttl = grant.expires_at.saturating_sub(super::store::unix_now());
+                let mut r = json_reply(
+                    StatusCode::OK,
+                    &json!({"success": true, "ticket_expires_at": grant.expires_at}),
+                );
+                if let Ok(v) = HeaderValue::from_str(&format!(
+                    "{TICKET_COOKIE}={}; Max-Age={ttl}; Path=/; HttpOnly; SameSite=Lax",
+                    grant.cookie
+                )) {
+                    r.headers_mut().insert(header::SET_COOKIE, v);
+                }
+                r
+            }
+            Err(ProofError::Rejected(r)) => reject(r, r.message()),
+            Err(ProofError::Store(e)) => json_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"success": false, "reason": "UNAVAILABLE", "error": e.to_string()}),
+            ),
+        }
+    }
+
+    async fn forward(&self, req: Request<Incoming>, client: IpAddr) -> Response<ProxyBody> {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body) {
+            return full(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "text/plain; charset=utf-8",
+                format!("request body over {} bytes\n", self.max_body),
+            );
+        }
+        let (mut parts, body) = req.into_parts();
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
+        let uri = match hyper::Uri::builder()
+            .scheme("http")
+            .authority(self.upstream.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+        {
+            Ok(u) => u,
+            Err(_) => {
+                return full(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    "bad request target\n",
+                );
+            }
+        };
+        parts.uri = uri;
+        parts.version = hyper::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        // Our hop: append the address we saw (a trusted proxy's own entries stay before it).
+        let xff = match parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prev) => format!("{prev}, {client}"),
+            None => client.to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            parts.headers.insert("x-forwarded-for", v);
+        }
+        let limit = usize::try_from(self.max_body).unwrap_or(usize::MAX);
+        let body: ProxyBody = Limited::new(body, limit).boxed();
+        let upstream_req = Request::from_parts(parts, body);
+        match self.client.request(upstream_req).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
+            }
+            Err(e) => {
+                self.sentry
+                    .counters
+                    .upstream_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                debug!(error = %e, "upstream request failed");
+                full(
+                    StatusCode::BAD_GATEWAY,
+                    "text/plain; charset=utf-8",
+                    "upstream unavailable\n",
+                )
+            }
+        }
+    }
+}
+
+/// Binds `addr` and serves until `shutdown` turns true.
+pub async fn serve(
+    addr: SocketAddr,
+    proxy: Arc<Proxy>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, SentryError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| SentryError::Io(format!("cannot listen on {addr}: {e}")))?;
+    info!(%addr, upstream = %proxy.upstream.authority, "sentry proxy listening");
+    Ok(tokio::spawn(async move {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.changed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        warn!(error = %e, "sentry accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let proxy = Arc::clone(&proxy);
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let proxy = Arc::clone(&proxy);
+                    async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+                });
+                let conn = http1::Builder::new()
+                    .keep_alive(true)
+                    .header_read_timeout(Duration::from_secs(30))
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(e) = conn.await {
+                    debug!(error = %e, "sentry connection ended with an error");
+                }
+            });
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn forwarded_for_only_from_a_trusted_hop() {
+        let trusted: Vec<IpAddr> = vec!["192.0.2.10".parse().unwrap()];
+        let peer: IpAddr = "192.0.2.10".parse().unwrap();
+        let other: IpAddr = "192.0.2.11".parse().unwrap();
+        let xff = Some("203.0.113.66, 198.51.100.5");
+        assert_eq!(
+            client_addr(&trusted, peer, xff),
+            "198.51.100.5".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(client_addr(&trusted, other, xff), other);
+        assert_eq!(client_addr(&trusted, peer, Some("garbage")), peer);
+        assert_eq!(client_addr(&trusted, peer, None), peer);
+    }
+
+    #[test]
+    fn upstream_urls() {
+        assert!(Upstream::parse("http://127.0.0.1:8000").is_ok());
+        assert!(Upstream::parse("https://127.0.0.1:8000").is_err());
+        assert!(Upstream::parse("http://127.0.0.1:8000/app").is_err());
+        assert!(Upstream::parse("nonsense").is_err());
+    }
+}

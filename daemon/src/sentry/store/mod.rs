@@ -1,0 +1,246 @@
+//! The sentry's state store: the seed's key schema (`sentry:` prefix) behind one interface
+//! with two backends of the same semantics.
+//!
+//! - `embedded` (default): in memory, persisted in the state directory — config, state,
+//!   whitelist, tickets, penalties and used nonces survive a restart (and `kill -9`).
+//! - `redis` (`redis_url`): a fleet of hosts shares tickets, penalties, whitelist, mode,
+//!   config and the public keys that verify each other's challenges.
+//!
+//! Keys: `sentry:config` (hash), `sentry:state` (hash: current_mode, last_incident_time),
+//! `sentry:whitelist:set` (set), `sentry:req_count:<ip>` (5 s), `sentry:penalty_box:<ip>`
+//! (TTL penalty_ttl × count), `sentry:trust_ticket:<ip>` (ticket TTL),
+//! `sentry:global_traffic_per_sec` (list, newest first, 300 entries), `sentry:traffic_stats`
+//! (hash: mean, std_dev), `sentry:used_nonces:<session_nonce>` (until the challenge expires,
+//! at least 60 s), and `sentry:keys` (hash: kid -> JWK) for the fleet's verification keys.
+
+pub mod embedded;
+pub mod redis;
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Mode, SentryError, Tunables};
+
+pub const PREFIX: &str = "sentry:";
+/// A used nonce is remembered at least this long.
+pub const MIN_NONCE_TTL: u64 = 60;
+/// Samples kept in `global_traffic_per_sec`.
+pub const TRAFFIC_WINDOW: usize = 300;
+
+/// `sentry:state`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ModeState {
+    pub current_mode: Mode,
+    /// Unix seconds of the last anomaly (0 = never).
+    pub last_incident_time: u64,
+}
+
+impl Default for ModeState {
+    fn default() -> Self {
+        Self {
+            current_mode: Mode::Normal,
+            last_incident_time: 0,
+        }
+    }
+}
+
+/// One `penalty_box` entry.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PenaltyEntry {
+    pub address: IpAddr,
+    pub count: u64,
+    pub expires_in_seconds: u64,
+}
+
+/// `sentry:traffic_stats`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct TrafficStats {
+    pub mean: f64,
+    pub std_dev: f64,
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The one interface both backends implement (enum dispatch keeps the hot path free of
+/// boxed futures).
+pub enum Store {
+    Embedded(Box<embedded::EmbeddedStore>),
+    Redis(redis::RedisStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Embedded($s) => $e,
+            Store::Redis($s) => $e.await,
+        }
+    };
+}
+
+impl Store {
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Embedded(_) => "embedded",
+            Store::Redis(_) => "redis",
+        }
+    }
+
+    /// Whether the backend answers.
+    pub async fn ping(&self) -> Result<(), SentryError> {
+        dispatch!(self, s => s.ping())
+    }
+
+    pub async fn get_config(&self) -> Result<Option<Tunables>, SentryError> {
+        dispatch!(self, s => s.get_config())
+    }
+
+    pub async fn set_config(&self, t: &Tunables) -> Result<(), SentryError> {
+        dispatch!(self, s => s.set_config(t))
+    }
+
+    pub async fn get_state(&self) -> Result<Option<ModeState>, SentryError> {
+        dispatch!(self, s => s.get_state())
+    }
+
+    pub async fn set_state(&self, state: &ModeState) -> Result<(), SentryError> {
+        dispatch!(self, s => s.set_state(state))
+    }
+
+    pub async fn whitelist(&self) -> Result<Vec<IpAddr>, SentryError> {
+        dispatch!(self, s => s.whitelist())
+    }
+
+    pub async fn whitelist_contains(&self, ip: IpAddr) -> Result<bool, SentryError> {
+        dispatch!(self, s => s.whitelist_contains(ip))
+    }
+
+    /// Returns whether it was new.
+    pub async fn whitelist_add(&self, ip: IpAddr) -> Result<bool, SentryError> {
+        dispatch!(self, s => s.whitelist_add(ip))
+    }
+
+    /// Returns whether it was there.
+    pub async fn whitelist_remove(&self, ip: IpAddr) -> Result<bool, SentryError> {
+        dispatch!(self, s => s.whitelist_remove(ip))
+    }
+
+    /// The Unix expiry of `ip`'s trust ticket, if it has one.
+    pub async fn ticket(&self, ip: IpAddr) -> Result<Option<u64>, SentryError> {
+        dispatch!(self, s => s.ticket(ip))
+    }
+
+    pub async fn set_ticket(&self, ip: IpAddr, ttl: u64) -> Result<u64, SentryError> {
+        dispatch!(self, s => s.set_ticket(ip, ttl))
+    }
+
+    /// Raises `ip`'s violation count; the entry then lives `ttl_unit × count` seconds.
+    /// Returns the new count.
+    pub async fn penalty_incr(&self, ip: IpAddr, ttl_unit: u64) -> Result<u64, SentryError> {
+        dispatch!(self, s => s.penalty_incr(ip, ttl_unit))
+    }
+
+    pub async fn penalty(&self, ip: IpAddr) -> Result<Option<PenaltyEntry>, SentryError> {
+        dispatch!(self, s => s.penalty(ip))
+    }
+
+    /// Live penalties, at most `limit`, highest count first.
+    pub async fn penalties(&self, limit: usize) -> Result<Vec<PenaltyEntry>, SentryError> {
+        let mut all = dispatch!(self, s => s.penalties(limit))?;
+        all.sort_by(|a, b| b.count.cmp(&a.count).then(a.address.cmp(&b.address)));
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    pub async fn clear_penalty(&self, ip: IpAddr) -> Result<bool, SentryError> {
+        dispatch!(self, s => s.clear_penalty(ip))
+    }
+
+    /// Marks a session nonce used, atomically: true if it was fresh, false if already used.
+    pub async fn use_nonce(&self, nonce: &str, ttl: u64) -> Result<bool, SentryError> {
+        let ttl = ttl.max(MIN_NONCE_TTL);
+        dispatch!(self, s => s.use_nonce(nonce, ttl))
+    }
+
+    /// Publishes the per-IP 5 s counts of this host (`req_count:<ip>`).
+    pub async fn publish_counts(&self, counts: &[(IpAddr, u64)]) -> Result<(), SentryError> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        dispatch!(self, s => s.publish_counts(counts))
+    }
+
+    pub async fn req_count(&self, ip: IpAddr) -> Result<u64, SentryError> {
+        dispatch!(self, s => s.req_count(ip))
+    }
+
+    /// Replaces `global_traffic_per_sec` (given oldest first) and `traffic_stats`.
+    pub async fn put_traffic(
+        &self,
+        series: &[u64],
+        stats: TrafficStats,
+    ) -> Result<(), SentryError> {
+        dispatch!(self, s => s.put_traffic(series, stats))
+    }
+
+    /// The stored series, oldest first, and the stats.
+    pub async fn traffic(&self) -> Result<(Vec<u64>, Option<TrafficStats>), SentryError> {
+        dispatch!(self, s => s.traffic())
+    }
+
+    pub async fn publish_key(&self, kid: &str, jwk: &str) -> Result<(), SentryError> {
+        dispatch!(self, s => s.publish_key(kid, jwk))
+    }
+
+    pub async fn keys(&self) -> Result<BTreeMap<String, String>, SentryError> {
+        dispatch!(self, s => s.keys())
+    }
+
+    /// Writes what the embedded backend batches (penalties, counts, traffic); no-op on Redis.
+    pub fn flush(&self) -> Result<(), SentryError> {
+        match self {
+            Store::Embedded(s) => s.flush(),
+            Store::Redis(_) => Ok(()),
+        }
+    }
+}
+
+/// Tunables as the flat string fields of the `sentry:config` hash.
+pub fn tunables_to_fields(t: &Tunables) -> Vec<(String, String)> {
+    match serde_json::to_value(t) {
+        Ok(serde_json::Value::Object(map)) => {
+            map.into_iter().map(|(k, v)| (k, v.to_string())).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Back from the hash; fields missing (an older host wrote it) keep their defaults.
+pub fn tunables_from_fields(
+    fields: impl IntoIterator<Item = (String, String)>,
+) -> Option<Tunables> {
+    let mut map = match serde_json::to_value(Tunables::default()) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => return None,
+    };
+    let mut any = false;
+    for (k, v) in fields {
+        if map.contains_key(&k)
+            && let Ok(v) = serde_json::from_str(&v)
+        {
+            map.insert(k, v);
+            any = true;
+        }
+    }
+    if !any {
+        return None;
+    }
+    let t: Tunables = serde_json::from_value(serde_json::Value::Object(map)).ok()?;
+    t.validate().ok()?;
+    Some(t)
+}

@@ -1,0 +1,344 @@
+//! The Redis backend: the same key schema in a Redis shared by a fleet of hosts. The
+//! connection manager reconnects by itself; every command has a short timeout so a dead
+//! Redis costs the proxy a bounded wait, and the sentry stops asking it while it is marked
+//! degraded (see `Sentry::store_call`).
+
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use redis::{
+    Client, Value as RedisValue,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+};
+
+use super::{
+    ModeState, PREFIX, PenaltyEntry, TRAFFIC_WINDOW, TrafficStats, tunables_from_fields,
+    tunables_to_fields, unix_now,
+};
+use crate::sentry::{Mode, SentryError, Tunables};
+
+pub struct RedisStore {
+    conn: ConnectionManager,
+    penalty_script: redis::Script,
+}
+
+fn err(e: redis::RedisError) -> SentryError {
+    SentryError::Store(format!("redis: {e}"))
+}
+
+fn key(suffix: &str) -> String {
+    format!("{PREFIX}{suffix}")
+}
+
+fn ip_key(kind: &str, ip: IpAddr) -> String {
+    format!("{PREFIX}{kind}:{ip}")
+}
+
+impl RedisStore {
+    /// Connects lazily: the daemon starts even while Redis is down, and the manager keeps
+    /// trying.
+    pub fn connect(url: &str) -> Result<Self, SentryError> {
+        let client = Client::open(url)
+            .map_err(|e| SentryError::Config(format!("redis_url {url:?}: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(err)?;
+        Ok(Self {
+            conn,
+            penalty_script: redis::Script::new(
+                "local c = redis.call('INCR', KEYS[1]) \
+                 redis.call('EXPIRE', KEYS[1], c * tonumber(ARGV[1])) \
+                 return c",
+            ),
+        })
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, SentryError> {
+        let mut conn = self.conn.clone();
+        cmd.query_async(&mut conn).await.map_err(err)
+    }
+
+    pub async fn ping(&self) -> Result<(), SentryError> {
+        let _: String = self.query(&redis::cmd("PING")).await?;
+        Ok(())
+    }
+
+    pub async fn get_config(&self) -> Result<Option<Tunables>, SentryError> {
+        let fields: BTreeMap<String, String> =
+            self.query(redis::cmd("HGETALL").arg(key("config"))).await?;
+        Ok(tunables_from_fields(fields))
+    }
+
+    pub async fn set_config(&self, t: &Tunables) -> Result<(), SentryError> {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(key("config"));
+        for (k, v) in tunables_to_fields(t) {
+            cmd.arg(k).arg(v);
+        }
+        let _: i64 = self.query(&cmd).await?;
+        Ok(())
+    }
+
+    pub async fn get_state(&self) -> Result<Option<ModeState>, SentryError> {
+        let fields: BTreeMap<String, String> =
+            self.query(redis::cmd("HGETALL").arg(key("state"))).await?;
+        let Some(mode) = fields.get("current_mode").and_then(|m| Mode::parse(m)) else {
+            return Ok(None);
+        };
+        Ok(Some(ModeState {
+            current_mode: mode,
+            last_incident_time: fields
+                .get("last_incident_time")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0),
+        }))
+    }
+
+    pub async fn set_state(&self, state: &ModeState) -> Result<(), SentryError> {
+        let _: i64 = self
+            .query(
+                redis::cmd("HSET")
+                    .arg(key("state"))
+                    .arg("current_mode")
+                    .arg(state.current_mode.name())
+                    .arg("last_incident_time")
+                    .arg(state.last_incident_time),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn whitelist(&self) -> Result<Vec<IpAddr>, SentryError> {
+        let members: Vec<String> = self
+            .query(redis::cmd("SMEMBERS").arg(key("whitelist:set")))
+            .await?;
+        let mut out: Vec<IpAddr> = members.iter().filter_map(|m| m.parse().ok()).collect();
+        out.sort();
+        Ok(out)
+    }
+
+    pub async fn whitelist_contains(&self, ip: IpAddr) -> Result<bool, SentryError> {
+        self.query(
+            redis::cmd("SISMEMBER")
+                .arg(key("whitelist:set"))
+                .arg(ip.to_string()),
+        )
+        .await
+    }
+
+    pub async fn whitelist_add(&self, ip: IpAddr) -> Result<bool, SentryError> {
+        let n: i64 = self
+            .query(
+                redis::cmd("SADD")
+                    .arg(key("whitelist:set"))
+                    .arg(ip.to_string()),
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    pub async fn whitelist_remove(&self, ip: IpAddr) -> Result<bool, SentryError> {
+        let n: i64 = self
+            .query(
+                redis::cmd("SREM")
+                    .arg(key("whitelist:set"))
+                    .arg(ip.to_string()),
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    pub async fn ticket(&self, ip: IpAddr) -> Result<Option<u64>, SentryError> {
+        let ttl: i64 = self
+            .query(redis::cmd("TTL").arg(ip_key("trust_ticket", ip)))
+            .await?;
+        Ok((ttl > 0).then(|| unix_now() + ttl as u64))
+    }
+
+    pub async fn set_ticket(&self, ip: IpAddr, ttl: u64) -> Result<u64, SentryError> {
+        let _: String = self
+            .query(
+                redis::cmd("SET")
+                    .arg(ip_key("trust_ticket", ip))
+                    .arg(1)
+                    .arg("EX")
+                    .arg(ttl.max(1)),
+            )
+            .await?;
+        Ok(unix_now() + ttl)
+    }
+
+    pub async fn penalty_incr(&self, ip: IpAddr, ttl_unit: u64) -> Result<u64, SentryError> {
+        let mut conn = self.conn.clone();
+        let n: i64 = self
+            .penalty_script
+            .key(ip_key("penalty_box", ip))
+            .arg(ttl_unit.max(1))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(err)?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn entry(&self, k: &str, ip: IpAddr) -> Result<Option<PenaltyEntry>, SentryError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(k).cmd("TTL").arg(k);
+        let mut conn = self.conn.clone();
+        let (count, ttl): (Option<u64>, i64) = pipe.query_async(&mut conn).await.map_err(err)?;
+        Ok(match count {
+            Some(count) if ttl > 0 => Some(PenaltyEntry {
+                address: ip,
+                count,
+                expires_in_seconds: ttl as u64,
+            }),
+            _ => None,
+        })
+    }
+
+    pub async fn penalty(&self, ip: IpAddr) -> Result<Option<PenaltyEntry>, SentryError> {
+        self.entry(&ip_key("penalty_box", ip), ip).await
+    }
+
+    pub async fn penalties(&self, limit: usize) -> Result<Vec<PenaltyEntry>, SentryError> {
+        let pattern = key("penalty_box:*");
+        let mut cursor: u64 = 0;
+        let mut keys = Vec::new();
+        // Bounded walk: a huge penalty box is listed partially rather than stalling.
+        for _ in 0..1_000 {
+            let (next, batch): (u64, Vec<String>) = self
+                .query(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1_000),
+                )
+                .await?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 || keys.len() >= limit.max(1) * 4 {
+                break;
+            }
+        }
+        let mut out = Vec::new();
+        for k in keys {
+            let Some(ip) = k
+                .strip_prefix(&pattern[..pattern.len() - 1])
+                .and_then(|s| s.parse::<IpAddr>().ok())
+            else {
+                continue;
+            };
+            if let Some(e) = self.entry(&k, ip).await? {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn clear_penalty(&self, ip: IpAddr) -> Result<bool, SentryError> {
+        let n: i64 = self
+            .query(redis::cmd("DEL").arg(ip_key("penalty_box", ip)))
+            .await?;
+        Ok(n == 1)
+    }
+
+    pub async fn use_nonce(&self, nonce: &str, ttl: u64) -> Result<bool, SentryError> {
+        let reply: RedisValue = self
+            .query(
+                redis::cmd("SET")
+                    .arg(key(&format!("used_nonces:{nonce}")))
+                    .arg(1)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(ttl),
+            )
+            .await?;
+        Ok(!matches!(reply, RedisValue::Nil))
+    }
+
+    pub async fn publish_counts(&self, counts: &[(IpAddr, u64)]) -> Result<(), SentryError> {
+        let mut pipe = redis::pipe();
+        for (ip, n) in counts {
+            pipe.cmd("SET")
+                .arg(ip_key("req_count", *ip))
+                .arg(*n)
+                .arg("EX")
+                .arg(5)
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(err)
+    }
+
+    pub async fn req_count(&self, ip: IpAddr) -> Result<u64, SentryError> {
+        let n: Option<u64> = self
+            .query(redis::cmd("GET").arg(ip_key("req_count", ip)))
+            .await?;
+        Ok(n.unwrap_or(0))
+    }
+
+    pub async fn put_traffic(
+        &self,
+        series: &[u64],
+        stats: TrafficStats,
+    ) -> Result<(), SentryError> {
+        let list = key("global_traffic_per_sec");
+        let skip = series.len().saturating_sub(TRAFFIC_WINDOW);
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("DEL").arg(&list).ignore();
+        if series.len() > skip {
+            // LPUSH of the oldest-first series leaves the newest at the head, as in the seed.
+            pipe.cmd("LPUSH").arg(&list).arg(&series[skip..]).ignore();
+        }
+        pipe.cmd("HSET")
+            .arg(key("traffic_stats"))
+            .arg("mean")
+            .arg(stats.mean)
+            .arg("std_dev")
+            .arg(stats.std_dev)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(key("traffic_stats"))
+            .arg(60)
+            .ignore();
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(err)
+    }
+
+    pub async fn traffic(&self) -> Result<(Vec<u64>, Option<TrafficStats>), SentryError> {
+        let mut newest_first: Vec<u64> = self
+            .query(
+                redis::cmd("LRANGE")
+                    .arg(key("global_traffic_per_sec"))
+                    .arg(0)
+                    .arg(TRAFFIC_WINDOW as i64 - 1),
+            )
+            .await?;
+        newest_first.reverse();
+        let fields: BTreeMap<String, String> = self
+            .query(redis::cmd("HGETALL").arg(key("traffic_stats")))
+            .await?;
+        let stats = match (
+            fields.get("mean").and_then(|v| v.parse().ok()),
+            fields.get("std_dev").and_then(|v| v.parse().ok()),
+        ) {
+            (Some(mean), Some(std_dev)) => Some(TrafficStats { mean, std_dev }),
+            _ => None,
+        };
+        Ok((newest_first, stats))
+    }
+
+    pub async fn publish_key(&self, kid: &str, jwk: &str) -> Result<(), SentryError> {
+        let _: i64 = self
+            .query(redis::cmd("HSET").arg(key("keys")).arg(kid).arg(jwk))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn keys(&self) -> Result<BTreeMap<String, String>, SentryError> {
+        self.query(redis::cmd("HGETALL").arg(key("keys"))).await
+    }
+}
