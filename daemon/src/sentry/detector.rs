@@ -88,6 +88,13 @@ pub fn mean_std(series: &[u64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+/// The spread the threshold uses: the measured standard deviation, but at least √mean — the
+/// Poisson noise of a steady request rate — so a very regular history does not make the
+/// threshold fire on ordinary jitter.
+pub fn effective_std_dev(mean: f64, std_dev: f64) -> f64 {
+    std_dev.max(mean.sqrt())
+}
+
 /// Busy and total jiffies from the first line of /proc/stat.
 fn read_proc_stat() -> Option<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
@@ -229,7 +236,8 @@ impl Detector {
         let snap = Snapshot {
             mean,
             std_dev,
-            threshold: (series.len() >= MIN_SAMPLES).then_some(mean + std_dev * sensitivity),
+            threshold: (series.len() >= MIN_SAMPLES)
+                .then_some(mean + effective_std_dev(mean, std_dev) * sensitivity),
             samples: series.len(),
             computed_at: now_unix,
         };
@@ -247,7 +255,7 @@ impl Detector {
             Err(p) => p.into_inner(),
         };
         if s.threshold.is_some() {
-            s.threshold = Some(s.mean + s.std_dev * sensitivity);
+            s.threshold = Some(s.mean + effective_std_dev(s.mean, s.std_dev) * sensitivity);
         }
     }
 
@@ -284,7 +292,8 @@ mod tests {
         assert!((stats.mean - 10.0).abs() < 1e-9);
         let expected_std = (16.0f64 / 10.0).sqrt();
         assert!((stats.std_dev - expected_std).abs() < 1e-9);
-        assert!((snap.threshold.unwrap() - (10.0 + 2.0 * expected_std)).abs() < 1e-9);
+        // √10 > the measured spread: the Poisson floor applies.
+        assert!((snap.threshold.unwrap() - (10.0 + 2.0 * 10f64.sqrt())).abs() < 1e-9);
         assert_eq!(d.current_rate(), 10);
     }
 

@@ -5,7 +5,7 @@ use std::sync::{Arc, atomic::Ordering};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::gauge::ConstGauge,
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
 };
 
 use super::{Mode, PASS_NAMES, Sentry, challenge::Rejection};
@@ -19,6 +19,17 @@ impl std::fmt::Debug for SentryCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SentryCollector")
     }
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(value);
+    let metric = encoder.encode_descriptor(name, help, None, c.metric_type())?;
+    c.encode(metric)
 }
 
 fn float_gauge(
@@ -94,17 +105,17 @@ impl Collector for SentryCollector {
             "Proxied requests by outcome",
             requests.into_iter(),
         )?;
-        counter_family(
+        counter(
             &mut encoder,
             "phantom_sentry_challenges_issued",
             "Challenges served with HTTP 429",
-            std::iter::once((vec![], load(&c.challenged))),
+            load(&c.challenged),
         )?;
-        counter_family(
+        counter(
             &mut encoder,
             "phantom_sentry_challenges_solved",
             "Proofs accepted",
-            std::iter::once((vec![], load(&c.solved))),
+            load(&c.solved),
         )?;
         counter_family(
             &mut encoder,
@@ -117,35 +128,35 @@ impl Collector for SentryCollector {
                 )
             }),
         )?;
-        counter_family(
+        counter(
             &mut encoder,
             "phantom_sentry_tickets_issued",
             "Trust tickets granted",
-            std::iter::once((vec![], load(&c.tickets))),
+            load(&c.tickets),
         )?;
-        counter_family(
+        counter(
             &mut encoder,
             "phantom_sentry_penalties",
             "Penalty box raises",
-            std::iter::once((vec![], load(&c.penalties))),
+            load(&c.penalties),
         )?;
-        counter_family(
+        counter(
             &mut encoder,
             "phantom_sentry_hard_blocks",
             "Sources put into the kernel deny map",
-            std::iter::once((vec![], load(&c.hard_blocks))),
+            load(&c.hard_blocks),
         )?;
-        counter_family(
+        counter(
             &mut encoder,
             "phantom_sentry_upstream_errors",
             "Requests the upstream did not answer",
-            std::iter::once((vec![], load(&c.upstream_errors))),
+            load(&c.upstream_errors),
         )?;
-        counter_family(
+        counter(
             &mut encoder,
             "phantom_sentry_store_errors",
             "Failed store calls",
-            std::iter::once((vec![], load(&c.store_errors))),
+            load(&c.store_errors),
         )?;
         gauge_family(
             &mut encoder,

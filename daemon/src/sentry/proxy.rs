@@ -15,7 +15,7 @@ use hyper::{
 };
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
 };
 use serde_json::json;
 use tokio::sync::watch;
@@ -402,6 +402,7 @@ pub async fn serve(
                     async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
                 });
                 let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
                     .keep_alive(true)
                     .header_read_timeout(Duration::from_secs(30))
                     .serve_connection(TokioIo::new(stream), service);
