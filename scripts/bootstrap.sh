@@ -11,7 +11,7 @@ NIGHTLY="nightly-2026-10-30"
 BPF_LINKER_VERSION="0.13.0"
 APT_PACKAGES=(
   build-essential pkg-config iproute2 iputils-ping nftables wireguard-tools wireguard-go
-  redis-server dnsutils dnsmasq-base dnsperf bpftool tcpdump curl ca-certificates pebble
+  redis-server dnsutils dnsmasq-base dnsperf bpftool tcpdump curl ca-certificates pebble wrk
 )
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }

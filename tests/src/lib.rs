@@ -1005,6 +1005,7 @@ pub fn dnsmasq(ns: &NetNs, listen: &[&str], records: &[&str], probe: &str) -> Pr
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("dnsmasq did not answer");
+}
 
 /// A private `redis-server` on a Unix socket in a temp dir (no TCP port, no persistence),
 /// killed by pid on drop. `stop`/`start` simulate an outage on the same socket.

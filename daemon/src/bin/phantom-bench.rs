@@ -9,6 +9,9 @@
 //! - `flood`: a flood from one source over veth, dropped by `xdp_guard`'s deny list against an
 //!   nftables drop rule for the same source on the same setup.
 //!
+//! - `sentry`: the sentry proxy against its upstream (wrk), challenge issue and proof
+//!   verification per core, and the reference solver per difficulty.
+//!
 //! Needs root. Uses private pin directories and namespaces, removed afterwards.
 
 use std::{
@@ -33,6 +36,9 @@ use phantom_common::{
 };
 use phantom_daemon::datapath::{DomainFilter, Owner, ebpf_object};
 
+#[path = "bench/sentry.rs"]
+mod sentry_bench;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type BenchFn = fn(&Cli) -> Result<(), BoxError>;
 
@@ -49,6 +55,7 @@ enum Suite {
     Core,
     Blocklist,
     Resolver,
+    Sentry,
 }
 
 #[derive(Parser)]
@@ -84,6 +91,9 @@ struct Cli {
     /// Frames per flood measurement.
     #[arg(long, default_value_t = 20_000_000)]
     flood_frames: u32,
+    /// Seconds per wrk run in the sentry benchmark.
+    #[arg(long, default_value_t = 8)]
+    sentry_seconds: u32,
 }
 
 /// A pin directory on bpffs for one benchmark, removed on drop.
@@ -1272,6 +1282,7 @@ fn main() -> ExitCode {
         (Suite::Core, bench_core),
         (Suite::Blocklist, bench_blocklist),
         (Suite::Resolver, bench_resolver),
+        (Suite::Sentry, sentry_bench::bench_sentry),
     ];
     for (suite, run) in suites {
         if cli.suite != Suite::All && cli.suite != *suite {

@@ -1,0 +1,378 @@
+//! `phantom-bench sentry`: the sentry's speed targets, every row of a table from one run.
+//!
+//! - Proxy throughput and latency: wrk against the upstream directly, then through the sentry
+//!   proxy on the embedded store, then on a private redis-server (all on loopback).
+//! - Challenge issue and proof verification per core (one thread).
+//! - The reference solver's time per difficulty.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    process::Command,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use phantom_daemon::{
+    config::SentryConfig,
+    sentry::{
+        Sentry,
+        challenge::{Proof, Signer, decode_payload},
+        proxy::{self, Proxy},
+        solver,
+        store::{Store, embedded::EmbeddedStore, redis::RedisStore, unix_now},
+    },
+};
+
+use super::{BoxError, Cli, table};
+
+const BODY: &[u8] = &[b'x'; 1024];
+
+/// A minimal hyper site: 200 with a 1 KiB body.
+async fn upstream() -> Result<SocketAddr, BoxError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(BODY))))
+                });
+                let _ = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn start_proxy(
+    config: SentryConfig,
+    store: Store,
+) -> Result<(SocketAddr, Arc<Sentry>), BoxError> {
+    let sentry = Sentry::with_parts(&config, store, Signer::generate()?, None).await?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    // Keep the sender for the life of the process: the proxy runs until the bench exits.
+    std::mem::forget(tx);
+    tokio::spawn(Arc::clone(&sentry).run(rx.clone()));
+    let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = probe.local_addr()?;
+    drop(probe);
+    proxy::serve(addr, Arc::new(Proxy::new(Arc::clone(&sentry))?), rx).await?;
+    Ok((addr, sentry))
+}
+
+/// One wrk run: (requests/s, p50 ms, p99 ms, requests).
+fn wrk(addr: SocketAddr, seconds: u32, connections: u32) -> Result<(f64, f64, f64, f64), BoxError> {
+    let out = Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            &format!("http://{addr}/"),
+        ])
+        .output()
+        .map_err(|e| format!("cannot run wrk (scripts/bootstrap.sh installs it): {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let field = |prefix: &str| -> Option<String> {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(|r| r.trim().to_string()))
+    };
+    let ms = |v: &str| -> Option<f64> {
+        let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+        let n: f64 = num.parse().ok()?;
+        Some(match unit {
+            "us" => n / 1000.0,
+            "ms" => n,
+            "s" => n * 1000.0,
+            _ => return None,
+        })
+    };
+    let rps: f64 = field("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no Requests/sec in wrk output: {text}"))?;
+    let p50 = field("50%").and_then(|v| ms(&v)).ok_or("no p50")?;
+    let p99 = field("99%").and_then(|v| ms(&v)).ok_or("no p99")?;
+    let requests: f64 = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0);
+    if text.contains("Non-2xx") {
+        return Err(format!("wrk saw non-2xx answers: {text}").into());
+    }
+    Ok((rps, p50, p99, requests))
+}
+
+/// A private redis-server on a Unix socket, killed by pid on drop.
+struct Redis {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Redis {
+    fn start() -> Result<Self, BoxError> {
+        let dir = std::env::temp_dir().join(format!("phantom-bench-redis-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(dir.join("redis.sock"))
+            .args([
+                "--unixsocketperm",
+                "700",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+            ])
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        let redis = Self { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis
+            .cli(&["PING"])
+            .map(|o| o.trim() != "PONG")
+            .unwrap_or(true)
+        {
+            if Instant::now() > deadline {
+                return Err("redis-server did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis+unix://{}", self.dir.join("redis.sock").display())
+    }
+
+    fn cli(&self, args: &[&str]) -> Result<String, BoxError> {
+        let out = Command::new("redis-cli")
+            .arg("-s")
+            .arg(self.dir.join("redis.sock"))
+            .args(args)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// Calls of one command so far (INFO commandstats).
+    fn calls(&self, command: &str) -> f64 {
+        self.cli(&["INFO", "commandstats"])
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+                    .and_then(|r| r.split(',').next())
+                    .and_then(|n| n.parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn per_second(seconds: f64, mut f: impl FnMut() -> Result<(), BoxError>) -> Result<f64, BoxError> {
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        for _ in 0..64 {
+            f()?;
+        }
+        n += 64;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
+    let seconds = cli.sentry_seconds;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let redis = Redis::start()?;
+    let (direct, embedded, on_redis, ticket_calls, embedded_sentry) = rt.block_on(async {
+        let up = upstream().await?;
+        let base = SentryConfig {
+            enabled: true,
+            upstream: format!("http://{up}"),
+            ..SentryConfig::default()
+        };
+        // NORMAL mode with the defence idle (the usual state).
+        let (embedded_addr, embedded_sentry) = start_proxy(
+            base.clone(),
+            Store::Embedded(Box::new(EmbeddedStore::in_memory())),
+        )
+        .await?;
+        // On Redis with the gate forced open, so every request takes the armed path and its
+        // one store round trip (the trust-ticket lookup).
+        let armed = SentryConfig {
+            redis_url: redis.url(),
+            activation_cpu_threshold: 0.0,
+            ..base
+        };
+        let (redis_addr, _) = start_proxy(
+            armed.clone(),
+            Store::Redis(RedisStore::connect(&armed.redis_url)?),
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let run =
+            move |addr| tokio::task::spawn_blocking(move || wrk(addr, seconds, cli_connections()));
+        let direct = run(up).await??;
+        let embedded = run(embedded_addr).await??;
+        let before = redis.calls("ttl");
+        let on_redis = run(redis_addr).await??;
+        let ticket_calls = redis.calls("ttl") - before;
+        Ok::<_, BoxError>((direct, embedded, on_redis, ticket_calls, embedded_sentry))
+    })?;
+    let challenged = embedded_sentry.counters.challenged.load(Ordering::Relaxed);
+    let row = |name: &str, r: (f64, f64, f64, f64)| {
+        format!(
+            "| {name} | {:.0} | {:.0}% | {:.3} | {:.3} | {:+.3} |",
+            r.0,
+            100.0 * r.0 / direct.0,
+            r.1,
+            r.2,
+            r.2 - direct.2
+        )
+    };
+    table(
+        "Sentry proxy against the upstream directly (wrk, loopback)",
+        &format!(
+            "wrk -t1 -c{} -d{seconds}s --latency against a 1 KiB hyper upstream, then through the sentry proxy \
+             (embedded store, defence idle; {challenged} challenges issued), then through a proxy on a \
+             redis-server with the gate forced open; same run. Store round trips per request on Redis: \
+             {:.3} (TTL calls {} / requests {})",
+            cli_connections(),
+            ticket_calls / on_redis.3.max(1.0),
+            ticket_calls,
+            on_redis.3
+        ),
+        "| path | requests/s | vs direct | p50 ms | p99 ms | p99 added ms |\n| --- | ---: | ---: | ---: | ---: | ---: |",
+        &[
+            row("upstream directly", direct),
+            row("sentry proxy, embedded store (NORMAL)", embedded),
+            row(
+                "sentry proxy, Redis store, armed (1 lookup/request)",
+                on_redis,
+            ),
+        ],
+    );
+    drop(redis);
+
+    // Crypto, one thread.
+    let signer = Signer::generate()?;
+    let subject = "198.51.100.1".parse()?;
+    let now = unix_now();
+    let content = b"<!doctype html><p>Verified.</p>";
+    let issue_rate = per_second(2.0, || {
+        signer.issue(subject, 16, 300, content, now)?;
+        Ok(())
+    })?;
+    // Proofs for packages of difficulty 8 (solving is not what is measured here).
+    let mut proofs = Vec::new();
+    for _ in 0..2_000 {
+        let p = signer.issue(subject, 8, 300, content, now)?;
+        let solved = solver::solve(&decode_payload(&p)?)?;
+        proofs.push(Proof {
+            payload: p.payload,
+            signature: p.signature,
+            pow_nonce: solved.pow_nonce,
+            kid: None,
+        });
+    }
+    let store = EmbeddedStore::in_memory();
+    let mut i = 0usize;
+    let mut round = 0u64;
+    let verify_here = per_second(2.0, || {
+        let proof = &proofs[i % proofs.len()];
+        let v = signer
+            .verify(proof, subject, now)
+            .map_err(|r| format!("verify: {}", r.code()))?;
+        if i % proofs.len() == 0 {
+            round += 1;
+        }
+        // A fresh nonce name per call, so the used-nonce check does its insert every time.
+        store.use_nonce(&format!("{}{round}", v.session_nonce), 300)?;
+        i += 1;
+        Ok(())
+    })?;
+    // Another host (or this one after a restart): no memory of the package, full ECDSA.
+    let peer = Signer::generate()?;
+    peer.learn_keys([signer.own_jwk()]);
+    let mut j = 0usize;
+    let verify_full = per_second(2.0, || {
+        peer.verify(&proofs[j % proofs.len()], subject, now)
+            .map_err(|r| format!("verify: {}", r.code()))?;
+        j += 1;
+        Ok(())
+    })?;
+    table(
+        "Sentry challenge crypto per core",
+        "one thread, 2 s per row; issue = nonce, key, AES-256-GCM of a 33-byte page, ECDSA P-256 \
+         signature; verify = signature (or the issued-package memory), expiry, subject, commitment, \
+         plus the embedded used-nonce insert",
+        "| operation | per second (one core) | target |\n| --- | ---: | ---: |",
+        &[
+            format!("| challenge issue (difficulty 16) | {issue_rate:.0} | >= 10,000 |"),
+            format!(
+                "| proof verification, package issued by this host | {verify_here:.0} | >= 30,000 |"
+            ),
+            format!(
+                "| proof verification, full ECDSA (package from another host) | {verify_full:.0} | — |"
+            ),
+        ],
+    );
+
+    // Solver per difficulty.
+    let mut rows = Vec::new();
+    for d in [16u32, 18, 20, 22, 24] {
+        let runs = if d <= 20 { 8 } else { 3 };
+        let (mut total, mut hashes) = (Duration::ZERO, 0u64);
+        for _ in 0..runs {
+            let p = signer.issue(subject, d, 300, content, now)?;
+            let payload = decode_payload(&p)?;
+            let t = Instant::now();
+            let s = solver::solve(&payload)?;
+            total += t.elapsed();
+            hashes += s.hashes;
+        }
+        let mean = total.as_secs_f64() / f64::from(runs);
+        rows.push(format!(
+            "| {d} | {:.0} | {runs} | {:.1} | {:.3} | {:.2} |",
+            (1u64 << (d - 1)) as f64,
+            hashes as f64 / f64::from(runs),
+            mean * 1000.0,
+            hashes as f64 / total.as_secs_f64() / 1e6
+        ));
+    }
+    table(
+        "Reference solver time per difficulty",
+        "the Rust reference solver (what the browser page does), one thread, random secret nonce \
+         per run; expected work 2^(d-1) candidates of two SHA-256 each",
+        "| difficulty (bits) | expected candidates | runs | mean candidates | mean ms | M candidates/s |\n| ---: | ---: | ---: | ---: | ---: | ---: |",
+        &rows,
+    );
+    Ok(())
+}
+
+fn cli_connections() -> u32 {
+    16
+}
