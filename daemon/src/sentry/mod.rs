@@ -549,7 +549,11 @@ impl Sentry {
         let ip = canonical(peer);
         let now = unix_now();
         self.detector.count_global();
-        if read(&self.whitelist).contains(&ip) {
+        let whitelisted = match self.whitelist.read() {
+            Ok(w) => w.contains(&ip),
+            Err(p) => p.into_inner().contains(&ip),
+        };
+        if whitelisted {
             return self.pass(Pass::Whitelisted);
         }
         if self.cached_ticket(ip, now) {

@@ -32,15 +32,19 @@ use super::{BoxError, Cli, table};
 
 const BODY: &[u8] = &[b'x'; 1024];
 
-/// A minimal hyper site: 200 with a 1 KiB body.
-async fn upstream() -> Result<SocketAddr, BoxError> {
+/// A minimal hyper site: 200 with a 1 KiB body, after `service_time` (an application's own
+/// work, e.g. a database query; zero = a static file).
+async fn upstream(service_time: Duration) -> Result<SocketAddr, BoxError> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
-                let service = service_fn(|_req: Request<Incoming>| async {
+                let service = service_fn(move |_req: Request<Incoming>| async move {
+                    if !service_time.is_zero() {
+                        tokio::time::sleep(service_time).await;
+                    }
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(BODY))))
                 });
                 let _ = http1::Builder::new()
@@ -200,21 +204,27 @@ fn per_second(seconds: f64, mut f: impl FnMut() -> Result<(), BoxError>) -> Resu
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
-    let seconds = cli.sentry_seconds;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let redis = Redis::start()?;
+/// wrk figures: (requests/s, p50 ms, p99 ms, requests).
+type WrkResult = (f64, f64, f64, f64);
+
+/// One scenario: the upstream directly, through the proxy on the embedded store, through the
+/// proxy on Redis with the gate forced open. Returns the rows and the Redis round trips per
+/// request.
+fn proxy_scenario(
+    rt: &tokio::runtime::Runtime,
+    redis: &Redis,
+    service_time: Duration,
+    seconds: u32,
+    connections: u32,
+) -> Result<(Vec<String>, f64, u64), BoxError> {
     let (direct, embedded, on_redis, ticket_calls, embedded_sentry) = rt.block_on(async {
-        let up = upstream().await?;
+        let up = upstream(service_time).await?;
         let base = SentryConfig {
             enabled: true,
             upstream: format!("http://{up}"),
             ..SentryConfig::default()
         };
-        // NORMAL mode with the defence idle (the usual state).
+        // NORMAL mode, the usual state.
         let (embedded_addr, embedded_sentry) = start_proxy(
             base.clone(),
             Store::Embedded(Box::new(EmbeddedStore::in_memory())),
@@ -233,19 +243,23 @@ pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
         )
         .await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let run =
-            move |addr| tokio::task::spawn_blocking(move || wrk(addr, seconds, cli_connections()));
-        let direct = run(up).await??;
-        let embedded = run(embedded_addr).await??;
+        let run = move |addr| tokio::task::spawn_blocking(move || wrk(addr, seconds, connections));
+        let direct: WrkResult = run(up).await??;
+        let embedded: WrkResult = run(embedded_addr).await??;
         let before = redis.calls("ttl");
-        let on_redis = run(redis_addr).await??;
+        let on_redis: WrkResult = run(redis_addr).await??;
         let ticket_calls = redis.calls("ttl") - before;
         Ok::<_, BoxError>((direct, embedded, on_redis, ticket_calls, embedded_sentry))
     })?;
     let challenged = embedded_sentry.counters.challenged.load(Ordering::Relaxed);
-    let row = |name: &str, r: (f64, f64, f64, f64)| {
+    let label = if service_time.is_zero() {
+        "static 1 KiB upstream (CPU-bound)".to_string()
+    } else {
+        format!("upstream with {} ms service time", service_time.as_millis())
+    };
+    let row = |name: &str, r: WrkResult| {
         format!(
-            "| {name} | {:.0} | {:.0}% | {:.3} | {:.3} | {:+.3} |",
+            "| {label}, c={connections} | {name} | {:.0} | {:.0}% | {:.3} | {:.3} | {:+.3} |",
             r.0,
             100.0 * r.0 / direct.0,
             r.1,
@@ -253,27 +267,45 @@ pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
             r.2 - direct.2
         )
     };
+    Ok((
+        vec![
+            row("upstream directly", direct),
+            row("sentry proxy, embedded store", embedded),
+            row("sentry proxy, Redis store, armed", on_redis),
+        ],
+        ticket_calls / on_redis.3.max(1.0),
+        challenged,
+    ))
+}
+
+pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
+    let seconds = cli.sentry_seconds;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let redis = Redis::start()?;
+    let mut rows = Vec::new();
+    let mut trips = Vec::new();
+    let mut challenged = 0;
+    for (service_time, connections) in [(Duration::ZERO, 16), (Duration::from_millis(5), 64)] {
+        let (r, t, c) = proxy_scenario(&rt, &redis, service_time, seconds, connections)?;
+        rows.extend(r);
+        trips.push(format!("{t:.3}"));
+        challenged += c;
+    }
     table(
         "Sentry proxy against the upstream directly (wrk, loopback)",
         &format!(
-            "wrk -t1 -c{} -d{seconds}s --latency against a 1 KiB hyper upstream, then through the sentry proxy \
-             (embedded store, defence idle; {challenged} challenges issued), then through a proxy on a \
-             redis-server with the gate forced open; same run. Store round trips per request on Redis: \
-             {:.3} (TTL calls {} / requests {})",
-            cli_connections(),
-            ticket_calls / on_redis.3.max(1.0),
-            ticket_calls,
-            on_redis.3
+            "wrk -t1 -d{seconds}s --latency against a hyper upstream, then through the sentry proxy in \
+             NORMAL mode (embedded store; {challenged} challenges issued), then through a proxy on a \
+             redis-server with the activation gate forced open; the three rows of a scenario are one \
+             run. Store round trips per request on Redis (TTL calls / requests): {}; on the embedded \
+             store: none (in-process)",
+            trips.join(", ")
         ),
-        "| path | requests/s | vs direct | p50 ms | p99 ms | p99 added ms |\n| --- | ---: | ---: | ---: | ---: | ---: |",
-        &[
-            row("upstream directly", direct),
-            row("sentry proxy, embedded store (NORMAL)", embedded),
-            row(
-                "sentry proxy, Redis store, armed (1 lookup/request)",
-                on_redis,
-            ),
-        ],
+        "| scenario | path | requests/s | vs direct | p50 ms | p99 ms | p99 added ms |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        &rows,
     );
     drop(redis);
 
@@ -306,7 +338,7 @@ pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
         let v = signer
             .verify(proof, subject, now)
             .map_err(|r| format!("verify: {}", r.code()))?;
-        if i % proofs.len() == 0 {
+        if i.is_multiple_of(proofs.len()) {
             round += 1;
         }
         // A fresh nonce name per call, so the used-nonce check does its insert every time.
@@ -371,8 +403,4 @@ pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
         &rows,
     );
     Ok(())
-}
-
-fn cli_connections() -> u32 {
-    16
 }
