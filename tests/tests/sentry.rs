@@ -216,6 +216,7 @@ fn sentry_config(redis_url: &str) -> SentryConfig {
         base_difficulty: 8,
         max_difficulty: 12,
         hard_block_after: 3,
+        ip_static_threshold: 1,
         challenge_ttl_seconds: 60,
         ..SentryConfig::default()
     }
@@ -229,11 +230,16 @@ async fn sentry_on(redis: &RedisServer) -> Arc<Sentry> {
         .unwrap()
 }
 
-fn challenge_of(d: Decision) -> Package {
-    match d {
-        Decision::Challenge(p) => *p,
-        other => panic!("expected a challenge, got {other:?}"),
+/// Requests from `client` until the host challenges it (over `ip_static_threshold` = 1).
+async fn challenged(s: &Sentry, client: IpAddr) -> Package {
+    for _ in 0..3 {
+        match s.decide(client, None, "/page").await {
+            Decision::Challenge(p) => return *p,
+            Decision::Pass(phantom_daemon::sentry::Pass::Normal) => {}
+            other => panic!("expected a challenge, got {other:?}"),
+        }
     }
+    panic!("never challenged")
 }
 
 #[test]
@@ -246,18 +252,18 @@ fn two_hosts_on_one_redis_share_tickets_penalties_whitelist_and_mode() {
         let client = ip("203.0.113.40");
 
         // A mode set on one host reaches the other through the store.
-        a.set_mode(Mode::Doomsday).await.unwrap();
+        a.set_mode(Mode::Defcon1).await.unwrap();
         let (_keep_b, rx_b) = tokio::sync::watch::channel(false);
         let ticker = tokio::spawn(Arc::clone(&b).run(rx_b));
         let deadline = Instant::now() + Duration::from_secs(5);
-        while b.mode_state().current_mode != Mode::Doomsday {
-            assert!(Instant::now() < deadline, "B never saw DOOMSDAY");
+        while b.mode_state().current_mode != Mode::Defcon1 {
+            assert!(Instant::now() < deadline, "B never saw DEFCON_1");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
 
         // A challenges, B verifies A's package (A's public key came through the store) and
         // issues the ticket; A then honours it.
-        let package = challenge_of(a.decide(client, None, "/page").await);
+        let package = challenged(&a, client).await;
         let (solution, proof) = solver::solve_package(&package, &a.signer.jwks()).unwrap();
         assert!(String::from_utf8_lossy(&solution.content).contains("/page"));
         b.redeem(client, &proof).await.unwrap();
@@ -275,7 +281,7 @@ fn two_hosts_on_one_redis_share_tickets_penalties_whitelist_and_mode() {
 
         // A's penalty is B's penalty: B's next challenge for another client of A's is harder.
         let other = ip("203.0.113.41");
-        let first = challenge_of(a.decide(other, None, "/").await);
+        let first = challenged(&a, other).await;
         let first_d = phantom_daemon::sentry::challenge::decode_payload(&first)
             .unwrap()
             .difficulty;
@@ -284,7 +290,7 @@ fn two_hosts_on_one_redis_share_tickets_penalties_whitelist_and_mode() {
             listed.iter().any(|e| e.address == other && e.count == 1),
             "{listed:?}"
         );
-        let second = challenge_of(b.decide(other, None, "/").await);
+        let second = challenged(&b, other).await;
         let second_d = phantom_daemon::sentry::challenge::decode_payload(&second)
             .unwrap()
             .difficulty;
@@ -297,12 +303,29 @@ fn two_hosts_on_one_redis_share_tickets_penalties_whitelist_and_mode() {
         let ticker_a = tokio::spawn(Arc::clone(&a).run(rx_a));
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            if matches!(a.decide(trusted, None, "/").await, Decision::Pass(_)) {
+            if matches!(
+                a.decide(trusted, None, "/").await,
+                Decision::Pass(phantom_daemon::sentry::Pass::Whitelisted)
+            ) {
                 break;
             }
             assert!(Instant::now() < deadline, "A never saw B's whitelist entry");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // DOOMSDAY: every request without a ticket gets the hardest puzzle, and a visitor
+        // below the static threshold collects no penalty for it.
+        a.set_mode(Mode::Doomsday).await.unwrap();
+        let visitor = ip("203.0.113.43");
+        let d = match a.decide(visitor, None, "/").await {
+            Decision::Challenge(p) => {
+                phantom_daemon::sentry::challenge::decode_payload(&p)
+                    .unwrap()
+                    .difficulty
+            }
+            other => panic!("DOOMSDAY must challenge: {other:?}"),
+        };
+        assert_eq!(d, 12);
+        assert_eq!(a.store.penalty(visitor).await.unwrap(), None);
         ticker.abort();
         ticker_a.abort();
     });
@@ -1014,4 +1037,83 @@ mod base64_engine {
         }
         out
     }
+}
+
+#[test]
+fn two_daemons_on_one_redis_honour_each_others_tickets_and_penalties() {
+    if !require_root("two_daemons_on_one_redis_honour_each_others_tickets_and_penalties") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let ns = NetNs::new("phsf");
+    let _site = UpstreamSite::start(&ns, "127.0.0.1:18000");
+    let bpffs = BpffsDir::new();
+    let start = |listen: &str| {
+        let mut config = DaemonConfig::new("lo", bpffs.path());
+        config.datapath_enabled = false;
+        config.metrics_listen = "off".into();
+        config.extra_toml = sentry_toml(
+            listen,
+            "http://127.0.0.1:18000",
+            &format!(
+                "redis_url = {:?}\nbase_difficulty = 8\nmax_difficulty = 12\n",
+                redis.url()
+            ),
+        );
+        Daemon::start(&ns, &config)
+    };
+    let a = start("127.0.0.1:18081");
+    let b = start("127.0.0.1:18082");
+    let (site_a, site_b) = ("127.0.0.1:18081", "127.0.0.1:18082");
+    let me = "127.0.0.1";
+    let accept = vec!["Accept: application/json".to_string()];
+
+    // Config and mode set on A reach B through Redis.
+    api(&a, &["sentry", "set_config", "ip_static_threshold=1"]);
+    api(&a, &["sentry", "set_mode", "mode=DEFCON_1"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = api(&b, &["sentry", "status"]);
+        let cfg = api(&b, &["sentry", "get_config"]);
+        if st["current_mode"] == "DEFCON_1" && cfg["tunables"]["ip_static_threshold"] == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never took A's mode and config: {st} {cfg}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A challenges; the browser takes B's key set (it carries A's key), B accepts the proof,
+    // and A honours the ticket B wrote.
+    let mut package = None;
+    for _ in 0..3 {
+        let r = get(&ns, me, site_a, "/shared", &accept);
+        if r.status == 429 {
+            package = Some(package_of(&r));
+            break;
+        }
+        assert_eq!(r.status, 200);
+    }
+    let package = package.expect("A never challenged");
+    let jwks_b = get(&ns, me, site_b, "/.sentry/jwks.json", &[]).json();
+    let (_, proof) = solver::solve_package(&package, &jwks_b).unwrap();
+    let ok = post_json(&ns, me, site_b, "/.sentry/proof", &proof_json(&proof));
+    assert_eq!(ok.status, 200, "{ok:?}");
+    for site in [site_a, site_b] {
+        for _ in 0..5 {
+            assert_eq!(get(&ns, me, site, "/shared", &accept).status, 200);
+        }
+    }
+    let replay = post_json(&ns, me, site_a, "/.sentry/proof", &proof_json(&proof));
+    assert_eq!(
+        (replay.status, replay.json()["reason"].clone()),
+        (409, json!("REPLAYED"))
+    );
+
+    // A's penalty is in B's penalty box.
+    let penalties = api(&b, &["sentry", "penalties"]);
+    assert_eq!(penalties["penalties"][0]["address"], me, "{penalties}");
+    assert_eq!(penalties["penalties"][0]["count"], 1, "{penalties}");
 }

@@ -592,26 +592,29 @@ impl Sentry {
         if anomaly {
             self.note_incident(now).await;
         }
-        let mode = self.mode_state().current_mode;
-        let challenge = match mode {
-            Mode::Doomsday => true,
-            Mode::Defcon1 => count > t.ip_static_threshold,
-            Mode::Normal => false,
-        };
-        if !challenge {
-            return self.pass(Pass::Normal);
+        let over = count > t.ip_static_threshold;
+        match self.mode_state().current_mode {
+            // Everyone solves the hardest puzzle; only IPs over the static threshold also
+            // collect penalties (a visitor busy solving is not a violator).
+            Mode::Doomsday => self.challenge(ip, &t, over, true, now, path).await,
+            Mode::Defcon1 if over => self.challenge(ip, &t, true, false, now, path).await,
+            Mode::Defcon1 | Mode::Normal => self.pass(Pass::Normal),
         }
-        self.challenge(ip, &t, instant, now, path).await
     }
 
     async fn challenge(
         &self,
         ip: IpAddr,
         t: &Tunables,
-        instant: Instant,
+        violation: bool,
+        doomsday: bool,
         now: u64,
         path: &str,
     ) -> Decision {
+        if !violation {
+            return self.issue(ip, t, t.max_difficulty, now, path);
+        }
+        let instant = Instant::now();
         let count = match self.penalties.recent(ip, instant) {
             Some(c) => c,
             None => match self
@@ -633,7 +636,15 @@ impl Sentry {
             self.counters.blocked.fetch_add(1, Ordering::Relaxed);
             return Decision::Blocked;
         }
-        let difficulty = penalty::difficulty(t, count);
+        let difficulty = if doomsday {
+            t.max_difficulty
+        } else {
+            penalty::difficulty(t, count)
+        };
+        self.issue(ip, t, difficulty, now, path)
+    }
+
+    fn issue(&self, ip: IpAddr, t: &Tunables, difficulty: u32, now: u64, path: &str) -> Decision {
         match self.signer.issue(
             ip,
             difficulty,
