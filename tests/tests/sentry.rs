@@ -331,6 +331,43 @@ fn two_hosts_on_one_redis_share_tickets_penalties_whitelist_and_mode() {
     });
 }
 
+#[test]
+fn redis_down_fails_open_by_default_and_closed_on_request() {
+    let mut redis = RedisServer::start();
+    let rt = runtime();
+    rt.block_on(async {
+        let open = sentry_on(&redis).await;
+        let closed_config = SentryConfig {
+            redis_fail_mode: "closed".into(),
+            ..sentry_config(&redis.url())
+        };
+        let closed = Sentry::with_parts(
+            &closed_config,
+            Store::Redis(RedisStore::connect(&closed_config.redis_url).unwrap()),
+            Signer::generate().unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+        for s in [&open, &closed] {
+            s.set_mode(Mode::Defcon1).await.unwrap();
+        }
+        redis.stop();
+        let client = ip("203.0.113.50");
+        assert!(matches!(
+            open.decide(client, None, "/").await,
+            Decision::Pass(phantom_daemon::sentry::Pass::FailOpen)
+        ));
+        assert!(!open.healthy());
+        assert!(matches!(
+            closed.decide(client, None, "/").await,
+            Decision::Unavailable
+        ));
+        // Admin changes fail cleanly while the store is down.
+        assert!(open.whitelist_add(ip("203.0.113.51")).await.is_err());
+    });
+}
+
 // ---------------------------------------------------------------- daemons
 
 /// `[sentry]` for a test daemon.

@@ -92,8 +92,11 @@ struct Cli {
     #[arg(long, default_value_t = 20_000_000)]
     flood_frames: u32,
     /// Seconds per wrk run in the sentry benchmark.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 6)]
     sentry_seconds: u32,
+    /// Interleaved rounds per sentry proxy scenario; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    sentry_rounds: usize,
 }
 
 /// A pin directory on bpffs for one benchmark, removed on drop.

@@ -207,6 +207,16 @@ fn per_second(seconds: f64, mut f: impl FnMut() -> Result<(), BoxError>) -> Resu
 /// wrk figures: (requests/s, p50 ms, p99 ms, requests).
 type WrkResult = (f64, f64, f64, f64);
 
+/// Median of each figure over rounds.
+fn median(runs: Vec<WrkResult>) -> WrkResult {
+    let pick = |f: fn(&WrkResult) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    (pick(|r| r.0), pick(|r| r.1), pick(|r| r.2), pick(|r| r.3))
+}
+
 /// One scenario: the upstream directly, through the proxy on the embedded store, through the
 /// proxy on Redis with the gate forced open. Returns the rows and the Redis round trips per
 /// request.
@@ -216,6 +226,7 @@ fn proxy_scenario(
     service_time: Duration,
     seconds: u32,
     connections: u32,
+    rounds: usize,
 ) -> Result<(Vec<String>, f64, u64), BoxError> {
     let (direct, embedded, on_redis, ticket_calls, embedded_sentry) = rt.block_on(async {
         let up = upstream(service_time).await?;
@@ -244,11 +255,20 @@ fn proxy_scenario(
         .await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let run = move |addr| tokio::task::spawn_blocking(move || wrk(addr, seconds, connections));
-        let direct: WrkResult = run(up).await??;
-        let embedded: WrkResult = run(embedded_addr).await??;
-        let before = redis.calls("ttl");
-        let on_redis: WrkResult = run(redis_addr).await??;
-        let ticket_calls = redis.calls("ttl") - before;
+        // Rounds interleave the three paths, so slow phases of a shared machine hit all
+        // three alike; each figure is the median over the rounds.
+        let (mut d, mut e, mut r) = (Vec::new(), Vec::new(), Vec::new());
+        let mut ticket_calls = 0.0;
+        for _ in 0..rounds {
+            d.push(run(up).await??);
+            e.push(run(embedded_addr).await??);
+            let before = redis.calls("ttl");
+            r.push(run(redis_addr).await??);
+            ticket_calls += redis.calls("ttl") - before;
+        }
+        let requests: f64 = r.iter().map(|x| x.3).sum();
+        let (direct, embedded, on_redis) = (median(d), median(e), median(r));
+        let on_redis = (on_redis.0, on_redis.1, on_redis.2, requests);
         Ok::<_, BoxError>((direct, embedded, on_redis, ticket_calls, embedded_sentry))
     })?;
     let challenged = embedded_sentry.counters.challenged.load(Ordering::Relaxed);
@@ -289,7 +309,14 @@ pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
     let mut trips = Vec::new();
     let mut challenged = 0;
     for (service_time, connections) in [(Duration::ZERO, 16), (Duration::from_millis(5), 64)] {
-        let (r, t, c) = proxy_scenario(&rt, &redis, service_time, seconds, connections)?;
+        let (r, t, c) = proxy_scenario(
+            &rt,
+            &redis,
+            service_time,
+            seconds,
+            connections,
+            cli.sentry_rounds.max(1),
+        )?;
         rows.extend(r);
         trips.push(format!("{t:.3}"));
         challenged += c;
@@ -297,11 +324,12 @@ pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
     table(
         "Sentry proxy against the upstream directly (wrk, loopback)",
         &format!(
-            "wrk -t1 -d{seconds}s --latency against a hyper upstream, then through the sentry proxy in \
+            "wrk -t1 -d{seconds}s --latency, median of {} interleaved rounds, against a hyper upstream, then through the sentry proxy in \
              NORMAL mode (embedded store; {challenged} challenges issued), then through a proxy on a \
              redis-server with the activation gate forced open; the three rows of a scenario are one \
              run. Store round trips per request on Redis (TTL calls / requests): {}; on the embedded \
              store: none (in-process)",
+            cli.sentry_rounds.max(1),
             trips.join(", ")
         ),
         "| scenario | path | requests/s | vs direct | p50 ms | p99 ms | p99 added ms |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |",
