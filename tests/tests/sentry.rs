@@ -886,21 +886,23 @@ fn burst_defcon_challenge_ticket_rejections_and_kernel_drops() {
 
         // Escalation: a source that ignores its challenges gets harder ones each second,
         // then the kernel drops it.
-        let mut difficulties = Vec::new();
-        for _ in 0..60 {
-            let r = get(&link.peer, ESCALATOR, site, "/", &json_accept);
-            if r.status == 429 {
-                difficulties.push(
-                    phantom_daemon::sentry::challenge::decode_payload(&package_of(&r))
-                        .unwrap()
-                        .difficulty,
-                );
-                break;
+        // Each step bursts until it is refused (the 5 s window may have rolled over on a
+        // slow machine); a step a second raises the penalty once.
+        let refused = || {
+            for _ in 0..80 {
+                let r = get(&link.peer, ESCALATOR, site, "/", &json_accept);
+                if r.status != 200 {
+                    return r;
+                }
             }
-        }
-        for _ in 0..2 {
-            std::thread::sleep(Duration::from_millis(1_100));
-            let r = get(&link.peer, ESCALATOR, site, "/", &json_accept);
+            panic!("{ESCALATOR} was never refused");
+        };
+        let mut difficulties = Vec::new();
+        for step in 0..3 {
+            if step > 0 {
+                std::thread::sleep(Duration::from_millis(1_100));
+            }
+            let r = refused();
             difficulties.push(
                 phantom_daemon::sentry::challenge::decode_payload(&package_of(&r))
                     .unwrap()
@@ -909,7 +911,7 @@ fn burst_defcon_challenge_ticket_rejections_and_kernel_drops() {
         }
         assert_eq!(difficulties, vec![8, 9, 10]);
         std::thread::sleep(Duration::from_millis(1_100));
-        let last = get(&link.peer, ESCALATOR, site, "/", &json_accept);
+        let last = refused();
         assert_eq!(last.status, 403, "{last:?}");
         let dropped = http_from(
             &link.peer,
