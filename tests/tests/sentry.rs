@@ -368,6 +368,48 @@ fn redis_down_fails_open_by_default_and_closed_on_request() {
     });
 }
 
+#[test]
+fn defcon_1_ends_after_a_calm_period() {
+    let rt = runtime();
+    rt.block_on(async {
+        let config = SentryConfig {
+            calm_seconds: 3,
+            ..SentryConfig::default()
+        };
+        let s = Sentry::with_parts(
+            &config,
+            Store::Embedded(Box::new(EmbeddedStore::in_memory())),
+            Signer::generate().unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+        let (_keep, rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(Arc::clone(&s).run(rx));
+        s.set_mode(Mode::Defcon1).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        assert_eq!(
+            s.mode_state().current_mode,
+            Mode::Defcon1,
+            "not calm long enough yet"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.mode_state().current_mode != Mode::Normal {
+            assert!(Instant::now() < deadline, "DEFCON_1 never ended");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            s.store.get_state().await.unwrap().unwrap().current_mode,
+            Mode::Normal
+        );
+        // DOOMSDAY is manual: it never ends by itself.
+        s.set_mode(Mode::Doomsday).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(3_000)).await;
+        assert_eq!(s.mode_state().current_mode, Mode::Doomsday);
+        task.abort();
+    });
+}
+
 // ---------------------------------------------------------------- daemons
 
 /// `[sentry]` for a test daemon.
