@@ -1074,127 +1074,13 @@ impl Drop for StopOnDrop<'_> {
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {
-    use base64_engine::*;
-    decode(s)
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .unwrap()
 }
 
 fn base64_encode(b: &[u8]) -> String {
-    use base64_engine::*;
-    encode(b)
-}
-
-/// b64url without padding, by hand (the tests crate has no base64 dependency).
-mod base64_engine {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-    pub fn encode(bytes: &[u8]) -> String {
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
-            for i in 0..=chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            }
-        }
-        out
-    }
-
-    pub fn decode(s: &str) -> Vec<u8> {
-        let vals: Vec<u32> = s
-            .bytes()
-            .map(|c| ALPHABET.iter().position(|a| *a == c).unwrap() as u32)
-            .collect();
-        let mut out = Vec::new();
-        for chunk in vals.chunks(4) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |acc, (i, v)| acc | (v << (18 - 6 * i)));
-            for i in 0..chunk.len().saturating_sub(1) {
-                out.push((n >> (16 - 8 * i)) as u8);
-            }
-        }
-        out
-    }
-}
-
-#[test]
-fn two_daemons_on_one_redis_honour_each_others_tickets_and_penalties() {
-    if !require_root("two_daemons_on_one_redis_honour_each_others_tickets_and_penalties") {
-        return;
-    }
-    let redis = RedisServer::start();
-    let ns = NetNs::new("phsf");
-    let _site = UpstreamSite::start(&ns, "127.0.0.1:18000");
-    let bpffs = BpffsDir::new();
-    let start = |listen: &str| {
-        let mut config = DaemonConfig::new("lo", bpffs.path());
-        config.datapath_enabled = false;
-        config.metrics_listen = "off".into();
-        config.extra_toml = sentry_toml(
-            listen,
-            "http://127.0.0.1:18000",
-            &format!(
-                "redis_url = {:?}\nbase_difficulty = 8\nmax_difficulty = 12\n",
-                redis.url()
-            ),
-        );
-        Daemon::start(&ns, &config)
-    };
-    let a = start("127.0.0.1:18081");
-    let b = start("127.0.0.1:18082");
-    let (site_a, site_b) = ("127.0.0.1:18081", "127.0.0.1:18082");
-    let me = "127.0.0.1";
-    let accept = vec!["Accept: application/json".to_string()];
-
-    // Config and mode set on A reach B through Redis.
-    api(&a, &["sentry", "set_config", "ip_static_threshold=1"]);
-    api(&a, &["sentry", "set_mode", "mode=DEFCON_1"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let st = api(&b, &["sentry", "status"]);
-        let cfg = api(&b, &["sentry", "get_config"]);
-        if st["current_mode"] == "DEFCON_1" && cfg["tunables"]["ip_static_threshold"] == 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "B never took A's mode and config: {st} {cfg}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-
-    // A challenges; the browser takes B's key set (it carries A's key), B accepts the proof,
-    // and A honours the ticket B wrote.
-    let mut package = None;
-    for _ in 0..3 {
-        let r = get(&ns, me, site_a, "/shared", &accept);
-        if r.status == 429 {
-            package = Some(package_of(&r));
-            break;
-        }
-        assert_eq!(r.status, 200);
-    }
-    let package = package.expect("A never challenged");
-    let jwks_b = get(&ns, me, site_b, "/.sentry/jwks.json", &[]).json();
-    let (_, proof) = solver::solve_package(&package, &jwks_b).unwrap();
-    let ok = post_json(&ns, me, site_b, "/.sentry/proof", &proof_json(&proof));
-    assert_eq!(ok.status, 200, "{ok:?}");
-    for site in [site_a, site_b] {
-        for _ in 0..5 {
-            assert_eq!(get(&ns, me, site, "/shared", &accept).status, 200);
-        }
-    }
-    let replay = post_json(&ns, me, site_a, "/.sentry/proof", &proof_json(&proof));
-    assert_eq!(
-        (replay.status, replay.json()["reason"].clone()),
-        (409, json!("REPLAYED"))
-    );
-
-    // A's penalty is in B's penalty box.
-    let penalties = api(&b, &["sentry", "penalties"]);
-    assert_eq!(penalties["penalties"][0]["address"], me, "{penalties}");
-    assert_eq!(penalties["penalties"][0]["count"], 1, "{penalties}");
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
