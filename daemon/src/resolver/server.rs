@@ -69,6 +69,10 @@ fn udp_socket(addr: SocketAddr, mark: u32) -> std::io::Result<std::net::UdpSocke
     s.set_reuse_port(true)?;
     // Blocking with a timeout: the worker threads look at their stop flag between reads.
     s.set_read_timeout(Some(WORKER_WAKE))?;
+    // Forwarded answers are sent from async tasks on this blocking socket: a full send
+    // buffer may hold a runtime worker this long at most (the answer is then dropped, as a
+    // congested network would).
+    s.set_write_timeout(Some(SEND_TIMEOUT))?;
     s.set_recv_buffer_size(4 << 20)?;
     s.bind(&addr.into())?;
     Ok(s.into())
@@ -97,6 +101,8 @@ fn fit_udp(resolver: &Resolver, answer: Vec<u8>, q: &wire::Question) -> Vec<u8> 
 const BATCH: usize = 64;
 /// The largest query read (EDNS clients rarely send more than a few hundred bytes).
 const MAX_QUERY: usize = 4096;
+/// The longest a send may wait for buffer space.
+const SEND_TIMEOUT: Duration = Duration::from_millis(50);
 /// How often an idle worker checks whether it should stop.
 const WORKER_WAKE: Duration = Duration::from_millis(200);
 
