@@ -163,29 +163,68 @@ async fn our_rules(handle: &Handle) -> Result<Vec<RuleMessage>, String> {
     Ok(ours)
 }
 
+async fn delete_rules(handle: &Handle, rules: Vec<RuleMessage>) -> Result<(), String> {
+    for msg in rules {
+        handle
+            .rule()
+            .del(msg)
+            .execute()
+            .await
+            .map_err(|e| nl("delete rule", e))?;
+    }
+    Ok(())
+}
+
+async fn delete_routes(handle: &Handle, routes: Vec<RouteMessage>) -> Result<(), String> {
+    for msg in routes {
+        handle
+            .route()
+            .del(msg)
+            .execute()
+            .await
+            .map_err(|e| nl("delete route", e))?;
+    }
+    Ok(())
+}
+
+/// Splits our entries into "the first one that is what we want is there" and the rest, which
+/// go: each entry of ours exists exactly once.
+fn keep_first<T>(entries: Vec<T>, wanted: impl Fn(&T) -> bool) -> (bool, Vec<T>) {
+    let mut kept = false;
+    let mut rest = Vec::new();
+    for e in entries {
+        if !kept && wanted(&e) {
+            kept = true;
+        } else {
+            rest.push(e);
+        }
+    }
+    (kept, rest)
+}
+
+fn metric(msg: &RouteMessage) -> Option<u32> {
+    msg.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Priority(p) => Some(*p),
+        _ => None,
+    })
+}
+
+fn oif(msg: &RouteMessage) -> Option<u32> {
+    msg.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
 /// Removes every rule and exit-table route of ours; returns how many of each went.
 pub async fn clear(table: u32) -> Result<(usize, usize), String> {
     with_handle(|handle| async move {
         let rules = our_rules(&handle).await?;
         let n_rules = rules.len();
-        for msg in rules {
-            handle
-                .rule()
-                .del(msg)
-                .execute()
-                .await
-                .map_err(|e| nl("delete rule", e))?;
-        }
+        delete_rules(&handle, rules).await?;
         let routes = our_routes(&handle, table).await?;
         let n_routes = routes.len();
-        for msg in routes {
-            handle
-                .route()
-                .del(msg)
-                .execute()
-                .await
-                .map_err(|e| nl("delete route", e))?;
-        }
+        delete_routes(&handle, routes).await?;
         Ok((n_rules, n_routes))
     })
     .await
@@ -199,10 +238,6 @@ fn rule_matches(msg: &RuleMessage, plan: &Plan) -> bool {
         && has(&RuleAttribute::Priority(plan.priority))
 }
 
-fn route_kind(msg: &RouteMessage) -> RouteType {
-    msg.header.kind
-}
-
 /// The rule (marked packets look up the exit table) and the fail-closed `unreachable`
 /// default in that table, each exactly once: entries that are already right stay (no gap
 /// for traffic), any other rule of ours goes. Needs no interface.
@@ -210,29 +245,15 @@ pub async fn apply_rule_and_kill_switch(plan: &Plan) -> Result<(), String> {
     let plan = plan.clone();
     with_handle(|handle| async move {
         let proto = RouteProtocol::Other(PROTO_PHANTOM);
-        let mut have_kill = false;
-        for msg in our_routes(&handle, plan.table).await? {
-            if route_kind(&msg) != RouteType::Unreachable {
-                continue;
-            }
-            let metric = msg.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Priority(p) => Some(*p),
-                _ => None,
-            });
-            if !have_kill
-                && metric == Some(KILL_SWITCH_METRIC)
-                && msg.header.destination_prefix_length == 0
-            {
-                have_kill = true;
-            } else {
-                handle
-                    .route()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .map_err(|e| nl("delete route", e))?;
-            }
-        }
+        let unreachable: Vec<RouteMessage> = our_routes(&handle, plan.table)
+            .await?
+            .into_iter()
+            .filter(|m| m.header.kind == RouteType::Unreachable)
+            .collect();
+        let (have_kill, extra) = keep_first(unreachable, |m| {
+            metric(m) == Some(KILL_SWITCH_METRIC) && m.header.destination_prefix_length == 0
+        });
+        delete_routes(&handle, extra).await?;
         if !have_kill {
             let route = RouteMessageBuilder::<Ipv4Addr>::new()
                 .table_id(plan.table)
@@ -247,19 +268,8 @@ pub async fn apply_rule_and_kill_switch(plan: &Plan) -> Result<(), String> {
                 .await
                 .map_err(|e| nl("unreachable route", e))?;
         }
-        let mut have_rule = false;
-        for msg in our_rules(&handle).await? {
-            if !have_rule && rule_matches(&msg, &plan) {
-                have_rule = true;
-            } else {
-                handle
-                    .rule()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .map_err(|e| nl("delete rule", e))?;
-            }
-        }
+        let (have_rule, extra) = keep_first(our_rules(&handle).await?, |m| rule_matches(m, &plan));
+        delete_rules(&handle, extra).await?;
         if !have_rule {
             let mut add = handle
                 .rule()
@@ -285,30 +295,17 @@ pub async fn apply_exit_route(plan: &Plan) -> Result<(), String> {
     let index = ifindex(&plan.interface)?;
     let plan = plan.clone();
     with_handle(|handle| async move {
-        let mut have_exit = false;
-        for msg in our_routes(&handle, plan.table).await? {
-            if route_kind(&msg) == RouteType::Unreachable {
-                continue;
-            }
-            let oif = msg.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Oif(i) => Some(*i),
-                _ => None,
-            });
-            if !have_exit
-                && route_kind(&msg) == RouteType::Unicast
-                && oif == Some(index)
-                && msg.header.destination_prefix_length == 0
-            {
-                have_exit = true;
-            } else {
-                handle
-                    .route()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .map_err(|e| nl("delete route", e))?;
-            }
-        }
+        let routes: Vec<RouteMessage> = our_routes(&handle, plan.table)
+            .await?
+            .into_iter()
+            .filter(|m| m.header.kind != RouteType::Unreachable)
+            .collect();
+        let (have_exit, extra) = keep_first(routes, |m| {
+            m.header.kind == RouteType::Unicast
+                && oif(m) == Some(index)
+                && m.header.destination_prefix_length == 0
+        });
+        delete_routes(&handle, extra).await?;
         if !have_exit {
             let route = RouteMessageBuilder::<Ipv4Addr>::new()
                 .table_id(plan.table)
@@ -337,12 +334,9 @@ pub async fn census(plan: &Plan) -> Result<(usize, usize, bool), String> {
     with_handle(|handle| async move {
         let rules = our_rules(&handle).await?.len();
         let routes = our_routes(&handle, table).await?;
-        let exit_route = routes.iter().any(|m| {
-            route_kind(m) == RouteType::Unicast
-                && m.attributes
-                    .iter()
-                    .any(|a| matches!(a, RouteAttribute::Oif(i) if Some(*i) == index))
-        });
+        let exit_route = routes
+            .iter()
+            .any(|m| m.header.kind == RouteType::Unicast && index.is_some() && oif(m) == index);
         Ok((rules, routes.len(), exit_route))
     })
     .await
