@@ -138,14 +138,8 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Canonical JSON: keys sorted (serde_json's map), no spaces. Clients can rebuild it.
-pub(crate) fn canonical(v: &impl serde::Serialize) -> Option<Vec<u8>> {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| serde_json::to_vec(&v).ok())
-}
-
-/// An entry's canonical JSON: its fields in sorted key order, as `serde_json` writes a map.
+/// An entry's canonical JSON: its fields in sorted key order, as `serde_json` writes a map
+/// (a pattern's fields are declared in that order already). No spaces; clients can rebuild it.
 #[derive(serde::Serialize)]
 struct CanonicalEntry<'a> {
     #[serde(rename = "addedAt")]
@@ -155,10 +149,10 @@ struct CanonicalEntry<'a> {
     reason: &'a str,
 }
 
-/// SHA-256 over the canonical list: one canonical JSON line per entry, by domain, then one per
-/// pattern, by type and text.
-fn checksum(state: &State) -> String {
-    let (entries, patterns) = (&state.entries, &state.patterns);
+/// SHA-256 over the canonical list: one canonical JSON line per entry (`entries` must come in
+/// domain order), then one per pattern, by type and text. The list's own checksum and the
+/// check of a synced seed list are this one function.
+pub(crate) fn list_checksum(entries: impl Iterator<Item = Entry>, patterns: &[Pattern]) -> String {
     struct Hashing(Sha256);
     impl std::io::Write for Hashing {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -170,8 +164,7 @@ fn checksum(state: &State) -> String {
         }
     }
     let mut h = Hashing(Sha256::new());
-    for (domain, listed) in entries.iter() {
-        let entry = state.entry(domain, listed);
+    for entry in entries {
         let line = CanonicalEntry {
             added_at: entry.added_at,
             domain: &entry.domain,
@@ -182,17 +175,14 @@ fn checksum(state: &State) -> String {
             h.0.update(b"\n");
         }
     }
-    let mut h = h.0;
     let mut sorted: Vec<&Pattern> = patterns.iter().collect();
     sorted.sort_by(|a, b| (a.kind, &a.pattern).cmp(&(b.kind, &b.pattern)));
     for p in sorted {
-        if let Some(line) = canonical(p) {
-            h.update(&line);
-            h.update(b"\n");
+        if serde_json::to_writer(&mut h, p).is_ok() {
+            h.0.update(b"\n");
         }
     }
-    let digest = h.finalize();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = h.0.finalize().iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256:{hex}")
 }
 
@@ -328,7 +318,10 @@ impl Blocklist {
         {
             return sum.clone();
         }
-        let sum = checksum(&state);
+        let sum = list_checksum(
+            state.entries.iter().map(|(d, l)| state.entry(d, l)),
+            &state.patterns,
+        );
         *cached = Some((state.version, sum.clone()));
         sum
     }

@@ -148,30 +148,9 @@ fn seed_checksum(value: &serde_json::Value) -> Option<Result<(), String>> {
         },
         None => Vec::new(),
     };
-    let mut by_domain: Vec<&Entry> = entries.iter().collect();
+    let mut by_domain = entries;
     by_domain.sort_by(|a, b| a.domain.cmp(&b.domain));
-    let mut h = Sha256::new();
-    for e in by_domain {
-        if let Some(line) = super::canonical(e) {
-            h.update(&line);
-            h.update(b"\n");
-        }
-    }
-    let mut sorted: Vec<&Pattern> = patterns.iter().collect();
-    sorted.sort_by(|a, b| (a.kind, &a.pattern).cmp(&(b.kind, &b.pattern)));
-    for p in sorted {
-        if let Some(line) = super::canonical(p) {
-            h.update(&line);
-            h.update(b"\n");
-        }
-    }
-    let computed = format!(
-        "sha256:{}",
-        h.finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    );
+    let computed = super::list_checksum(by_domain.into_iter(), &patterns);
     Some(if computed == claimed {
         Ok(())
     } else {
