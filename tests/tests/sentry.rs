@@ -16,8 +16,8 @@ use std::{
 use phantom_daemon::{
     config::SentryConfig,
     sentry::{
-        Decision, Mode, Sentry, Tunables,
-        challenge::{Package, Proof, Signer},
+        Decision, Mode, Sentry, Tunables, authenticated_index,
+        challenge::{Authenticated, Package, Proof, Signer},
         solver,
         store::{ModeState, Store, TrafficStats, embedded::EmbeddedStore, redis::RedisStore},
     },
@@ -133,6 +133,14 @@ async fn store_semantics(store: &Store, reopen: &dyn Fn() -> Store) {
         Some("{\"kty\":\"EC\"}")
     );
 
+    // issued-package records: kept where a fleet shares the store, for the challenge's life
+    store.record_issued("ZGlnZXN0", 60).await.unwrap();
+    assert_eq!(
+        store.issued_recorded("ZGlnZXN0").await.unwrap(),
+        store.records_issued()
+    );
+    assert!(!store.issued_recorded("b3RoZXI").await.unwrap());
+
     // What a second handle (restart or other host) sees.
     store.flush().unwrap();
     let other = reopen();
@@ -146,6 +154,10 @@ async fn store_semantics(store: &Store, reopen: &dyn Fn() -> Store) {
         "a used nonce stays used"
     );
     assert_eq!(other.traffic().await.unwrap().0.len(), 300);
+    assert_eq!(
+        other.issued_recorded("ZGlnZXN0").await.unwrap(),
+        other.records_issued()
+    );
 }
 
 async fn futures_join_nonce(store: &Store, nonce: &str) -> usize {
@@ -278,6 +290,37 @@ fn two_hosts_on_one_redis_share_tickets_penalties_whitelist_and_mode() {
                 phantom_daemon::sentry::challenge::Rejection::Replayed
             ))
         ));
+        // B authenticated A's package by the record A left in the store, not by ECDSA; A
+        // knew its own package.
+        let by = |s: &Sentry, how: Authenticated| {
+            s.counters.authenticated[authenticated_index(how)].load(Ordering::Relaxed)
+        };
+        assert_eq!(by(&b, Authenticated::FleetRecord), 1);
+        assert_eq!(by(&b, Authenticated::Signature), 0);
+        assert_eq!(by(&a, Authenticated::IssuedHere), 1);
+        // Without the record (lost with a Redis restart, say) the signature still does.
+        let late = ip("203.0.113.44");
+        let package = challenged(&a, late).await;
+        let (_, proof) = solver::solve_package(&package, &a.signer.jwks()).unwrap();
+        let records = std::process::Command::new("redis-cli")
+            .arg("-s")
+            .arg(redis.socket())
+            .args(["--scan", "--pattern", "sentry:issued:*"])
+            .output()
+            .unwrap();
+        let records = String::from_utf8(records.stdout).unwrap();
+        assert!(!records.trim().is_empty(), "A recorded its package");
+        for key in records.lines() {
+            let del = std::process::Command::new("redis-cli")
+                .arg("-s")
+                .arg(redis.socket())
+                .args(["DEL", key])
+                .output()
+                .unwrap();
+            assert!(del.status.success());
+        }
+        b.redeem(late, &proof).await.unwrap();
+        assert_eq!(by(&b, Authenticated::Signature), 1);
 
         // A's penalty is B's penalty: B's next challenge for another client of A's is harder.
         let other = ip("203.0.113.41");

@@ -6,7 +6,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    Mode, PASS_NAMES, Sentry, SentryError, Tunables, challenge::Rejection, penalty, store::unix_now,
+    Mode, PASS_NAMES, Sentry, SentryError, Tunables,
+    challenge::{Authenticated, Rejection},
+    penalty,
+    store::unix_now,
 };
 use crate::{
     admin::registry::{ApiError, NoParams, ParamKind, ParamSpec, Registry},
@@ -50,6 +53,15 @@ pub fn status(s: &Sentry) -> Value {
             )
         })
         .collect();
+    let authenticated: serde_json::Map<String, Value> = Authenticated::ALL
+        .iter()
+        .map(|a| {
+            (
+                a.name().to_string(),
+                json!(c.authenticated[super::authenticated_index(*a)].load(load)),
+            )
+        })
+        .collect();
     let passed: serde_json::Map<String, Value> = PASS_NAMES
         .iter()
         .enumerate()
@@ -77,7 +89,7 @@ pub fn status(s: &Sentry) -> Value {
                      "unavailable": c.unavailable.load(load),
                      "upstream_errors": c.upstream_errors.load(load)},
         "challenges": {"issued": c.challenged.load(load), "solved": c.solved.load(load),
-                       "failed": failed},
+                       "failed": failed, "authenticated_by": authenticated},
         "tickets_issued": c.tickets.load(load),
         "tickets_cached": s.tickets_cached(),
         "penalties_raised": c.penalties.load(load),

@@ -227,7 +227,37 @@ struct IssuedMemory {
     order: VecDeque<[u8; 32]>,
 }
 
-fn issued_digest(payload: &str, signature: &str) -> [u8; 32] {
+/// How a proof's package was found authentic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Authenticated {
+    /// This host issued it: byte for byte in the memory of recent packages.
+    IssuedHere,
+    /// Another host of the fleet issued it and recorded it in the shared store.
+    FleetRecord,
+    /// Neither memory knew it; the ECDSA signature verified.
+    Signature,
+}
+
+impl Authenticated {
+    pub const ALL: [Authenticated; 3] = [
+        Authenticated::IssuedHere,
+        Authenticated::FleetRecord,
+        Authenticated::Signature,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Authenticated::IssuedHere => "issued_here",
+            Authenticated::FleetRecord => "fleet_record",
+            Authenticated::Signature => "signature",
+        }
+    }
+}
+
+/// The identity of a package as issued: SHA-256 over its payload and signature strings. Only
+/// a byte-identical package has it, so knowing that the fleet issued a digest authenticates
+/// the package without its signature check.
+pub fn package_digest(payload: &str, signature: &str) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(payload.as_bytes());
     h.update(b".");
@@ -402,7 +432,7 @@ impl Signer {
             payload: B64.encode(&bytes),
             signature: B64.encode(signature),
         };
-        self.remember(issued_digest(&package.payload, &package.signature));
+        self.remember(package_digest(&package.payload, &package.signature));
         Ok(package)
     }
 
@@ -421,17 +451,33 @@ impl Signer {
         }
     }
 
-    fn issued_here(&self, payload: &str, signature: &str) -> bool {
+    /// Whether this host issued the package with this digest (and still remembers it).
+    pub fn issued_here(&self, digest: &[u8; 32]) -> bool {
         let m = match self.issued.lock() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        m.set.contains(&issued_digest(payload, signature))
+        m.set.contains(digest)
     }
 
     /// Every check of a proof except the used-nonce one: signature, expiry, subject,
     /// commitment. Cheap rejections come first only where they cannot mask a forgery.
     pub fn verify(&self, proof: &Proof, client: IpAddr, now: u64) -> Result<Verified, Rejection> {
+        self.verify_recorded(proof, client, now, false)
+            .map(|(v, _)| v)
+    }
+
+    /// `verify`, where `fleet_recorded` says the shared store holds the proof's package digest
+    /// as issued by a host of the fleet: that authenticates the package in place of its
+    /// ECDSA signature (a fleet's hosts trust the store with tickets already). Also says how
+    /// the package was authenticated.
+    pub fn verify_recorded(
+        &self,
+        proof: &Proof,
+        client: IpAddr,
+        now: u64,
+        fleet_recorded: bool,
+    ) -> Result<(Verified, Authenticated), Rejection> {
         if proof.payload.len() > 16 * 1024 || proof.signature.len() > 128 {
             return Err(Rejection::Malformed);
         }
@@ -441,11 +487,16 @@ impl Signer {
         let sig_bytes = B64
             .decode(&proof.signature)
             .map_err(|_| Rejection::Malformed)?;
-        if !self.issued_here(&proof.payload, &proof.signature)
-            && (sig_bytes.len() != 64 || !self.verify_any(proof.kid.as_deref(), &bytes, &sig_bytes))
+        let authenticated = if self.issued_here(&package_digest(&proof.payload, &proof.signature)) {
+            Authenticated::IssuedHere
+        } else if fleet_recorded {
+            Authenticated::FleetRecord
+        } else if sig_bytes.len() == 64 && self.verify_any(proof.kid.as_deref(), &bytes, &sig_bytes)
         {
+            Authenticated::Signature
+        } else {
             return Err(Rejection::BadSignature);
-        }
+        };
         let payload: ChallengePayload =
             serde_json::from_slice(&bytes).map_err(|_| Rejection::Malformed)?;
         if payload.expires_at <= now {
@@ -468,11 +519,14 @@ impl Signer {
         if commitment(&key)[..] != expected[..] {
             return Err(Rejection::WrongProof);
         }
-        Ok(Verified {
-            session_nonce: payload.session_nonce,
-            expires_at: payload.expires_at,
-            difficulty: payload.difficulty,
-        })
+        Ok((
+            Verified {
+                session_nonce: payload.session_nonce,
+                expires_at: payload.expires_at,
+                difficulty: payload.difficulty,
+            },
+            authenticated,
+        ))
     }
 
     /// A signed ticket cookie value: b64url(`<ip>|<expires_at>`) "." b64url(signature).

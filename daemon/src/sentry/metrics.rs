@@ -8,7 +8,10 @@ use prometheus_client::{
     metrics::{counter::ConstCounter, gauge::ConstGauge},
 };
 
-use super::{Mode, PASS_NAMES, Sentry, challenge::Rejection};
+use super::{
+    Mode, PASS_NAMES, Sentry,
+    challenge::{Authenticated, Rejection},
+};
 use crate::metrics::{counter_family, gauge, gauge_family};
 
 pub struct SentryCollector {
@@ -125,6 +128,17 @@ impl Collector for SentryCollector {
                 (
                     vec![("reason", r.code().to_string())],
                     load(&c.failed[super::rejection_index(*r)]),
+                )
+            }),
+        )?;
+        counter_family(
+            &mut encoder,
+            "phantom_sentry_proofs_authenticated",
+            "Proofs whose package was found authentic, by how: issued_here (this host's memory), fleet_record (the shared store's record), signature (ECDSA)",
+            Authenticated::ALL.iter().map(|a| {
+                (
+                    vec![("by", a.name().to_string())],
+                    load(&c.authenticated[super::authenticated_index(*a)]),
                 )
             }),
         )?;

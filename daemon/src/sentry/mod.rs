@@ -28,7 +28,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{config::SentryConfig, datapath::Datapath};
-use challenge::{Package, Proof, Rejection, Signer};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+use challenge::{Authenticated, Package, Proof, Rejection, Signer};
 use detector::Detector;
 use penalty::PenaltyBox;
 use store::{ModeState, Store, unix_now};
@@ -263,6 +264,8 @@ pub struct Counters {
     pub unavailable: AtomicU64,
     pub solved: AtomicU64,
     pub failed: [AtomicU64; 6],
+    /// Proofs whose package was authenticated, by `Authenticated`.
+    pub authenticated: [AtomicU64; 3],
     pub tickets: AtomicU64,
     pub penalties: AtomicU64,
     pub hard_blocks: AtomicU64,
@@ -281,6 +284,10 @@ pub fn pass_index(p: Pass) -> usize {
 
 pub fn rejection_index(r: Rejection) -> usize {
     Rejection::ALL.iter().position(|x| *x == r).unwrap_or(0)
+}
+
+pub fn authenticated_index(a: Authenticated) -> usize {
+    Authenticated::ALL.iter().position(|x| *x == a).unwrap_or(0)
 }
 
 pub const PASS_NAMES: [&str; 4] = ["whitelisted", "ticket", "normal", "fail_open"];
@@ -612,7 +619,7 @@ impl Sentry {
         path: &str,
     ) -> Decision {
         if !violation {
-            return self.issue(ip, t, t.max_difficulty, now, path);
+            return self.issue(ip, t, t.max_difficulty, now, path).await;
         }
         let instant = Instant::now();
         let count = match self.penalties.recent(ip, instant) {
@@ -641,10 +648,17 @@ impl Sentry {
         } else {
             penalty::difficulty(t, count)
         };
-        self.issue(ip, t, difficulty, now, path)
+        self.issue(ip, t, difficulty, now, path).await
     }
 
-    fn issue(&self, ip: IpAddr, t: &Tunables, difficulty: u32, now: u64, path: &str) -> Decision {
+    async fn issue(
+        &self,
+        ip: IpAddr,
+        t: &Tunables,
+        difficulty: u32,
+        now: u64,
+        path: &str,
+    ) -> Decision {
         match self.signer.issue(
             ip,
             difficulty,
@@ -653,6 +667,15 @@ impl Sentry {
             now,
         ) {
             Ok(p) => {
+                if self.store.records_issued() {
+                    // Lets any host of the fleet authenticate the proof with one lookup
+                    // instead of an ECDSA verification. Best effort: without the record the
+                    // proof takes the signature check.
+                    let digest = B64.encode(challenge::package_digest(&p.payload, &p.signature));
+                    let _ = self
+                        .store_call(self.store.record_issued(&digest, t.challenge_ttl_seconds))
+                        .await;
+                }
                 self.counters.challenged.fetch_add(1, Ordering::Relaxed);
                 Decision::Challenge(Box::new(p))
             }
@@ -695,8 +718,21 @@ impl Sentry {
     pub async fn redeem(&self, peer: IpAddr, proof: &Proof) -> Result<TicketGrant, ProofError> {
         let ip = canonical(peer);
         let now = unix_now();
-        let verified = match self.signer.verify(proof, ip, now) {
-            Ok(v) => v,
+        let fleet_recorded = self.store.records_issued() && {
+            let digest = challenge::package_digest(&proof.payload, &proof.signature);
+            !self.signer.issued_here(&digest)
+                && matches!(
+                    self.store_call(self.store.issued_recorded(&B64.encode(digest)))
+                        .await,
+                    Ok(true)
+                )
+        };
+        let verified = match self.signer.verify_recorded(proof, ip, now, fleet_recorded) {
+            Ok((v, by)) => {
+                self.counters.authenticated[authenticated_index(by)]
+                    .fetch_add(1, Ordering::Relaxed);
+                v
+            }
             Err(r) => return Err(self.reject(r)),
         };
         let ttl = verified.expires_at.saturating_sub(now);

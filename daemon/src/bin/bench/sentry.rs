@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
@@ -21,7 +22,7 @@ use phantom_daemon::{
     config::SentryConfig,
     sentry::{
         Sentry,
-        challenge::{Proof, Signer, decode_payload},
+        challenge::{Authenticated, Proof, Signer, decode_payload, package_digest},
         proxy::{self, Proxy},
         solver,
         store::{Store, embedded::EmbeddedStore, redis::RedisStore, unix_now},
@@ -33,17 +34,34 @@ use super::{BoxError, Cli, table};
 const BODY: &[u8] = &[b'x'; 1024];
 
 /// A minimal hyper site: 200 with a 1 KiB body, after `service_time` (an application's own
-/// work, e.g. a database query; zero = a static file).
-async fn upstream(service_time: Duration) -> Result<SocketAddr, BoxError> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// wait, e.g. a database query; zero = a static file). It runs on `site`, a runtime of its own
+/// (threads and timer), as a separate server process would: sharing the proxy's runtime would
+/// let each delay the other's tasks and timers and charge that to the proxy.
+fn upstream(
+    site: &tokio::runtime::Runtime,
+    service_time: Duration,
+) -> Result<SocketAddr, BoxError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move {
+    site.spawn(async move {
+        let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+            return;
+        };
         while let Ok((stream, _)) = listener.accept().await {
             let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
                 let service = service_fn(move |_req: Request<Incoming>| async move {
                     if !service_time.is_zero() {
-                        tokio::time::sleep(service_time).await;
+                        // A precise wait, not tokio's millisecond timer wheel: that one
+                        // releases every pending answer on the same tick, so a closed-loop
+                        // client's requests all arrive (and leave) in tick-aligned bursts,
+                        // which no real application produces and which any proxy in between
+                        // then has to queue.
+                        let _ = tokio::task::spawn_blocking(move || {
+                            std::thread::sleep(service_time);
+                        })
+                        .await;
                     }
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(BODY))))
                 });
@@ -192,6 +210,190 @@ impl Drop for Redis {
     }
 }
 
+/// nginx as a plain reverse proxy in the sentry's place: the field's reference for what one
+/// HTTP hop costs on this machine. Found through `PHANTOM_BENCH_NGINX` (scripts/bench.sh
+/// unpacks the distribution's package privately) or on PATH; the row is left out without it.
+struct Nginx {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    addr: SocketAddr,
+}
+
+impl Nginx {
+    fn binary() -> Option<std::path::PathBuf> {
+        if let Some(p) = std::env::var_os("PHANTOM_BENCH_NGINX") {
+            return Some(p.into());
+        }
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("nginx"))
+                .find(|p| p.is_file())
+        })
+    }
+
+    fn start(binary: &std::path::Path, upstream: SocketAddr, tag: &str) -> Result<Self, BoxError> {
+        let dir = std::env::temp_dir().join(format!(
+            "phantom-bench-nginx-{tag}-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = probe.local_addr()?;
+        drop(probe);
+        let d = dir.display();
+        // As many workers as the sentry's runtime has threads; keep-alive to the upstream
+        // like the sentry's connection pool; no access log (the sentry writes none per
+        // request either).
+        let conf = format!(
+            "user root root;\nworker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log warn;\nevents {{ worker_connections 4096; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {d}/body;\n \
+             proxy_temp_path {d}/proxy;\n fastcgi_temp_path {d}/fastcgi;\n \
+             uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n \
+             upstream site {{ server {upstream}; keepalive 256; }}\n \
+             server {{\n  listen {addr};\n  location / {{\n   proxy_pass http://site;\n   \
+             proxy_http_version 1.1;\n   proxy_set_header Connection \"\";\n   \
+             proxy_set_header X-Forwarded-For $remote_addr;\n  }}\n }}\n}}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), conf)?;
+        let child = Command::new(binary)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let nginx = Self { child, dir, addr };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(nginx.dir.join("error.log")).unwrap_or_default();
+                return Err(format!("nginx did not start: {log}").into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(nginx)
+    }
+
+    fn version(binary: &std::path::Path) -> String {
+        Command::new(binary)
+            .arg("-v")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stderr).trim().replace("nginx version: ", ""))
+            .unwrap_or_else(|_| "nginx".into())
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // The master takes its workers down on SIGTERM; SIGKILL would leave them behind.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// CPU seconds the calling thread has used.
+fn thread_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_THREAD needs nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// Proofs of packages another host issued and recorded in the shared Redis, verified the way
+/// the proof endpoint does on a host that did not issue them: (proofs/s on one runtime thread,
+/// this thread's CPU µs per proof, redis-server's CPU µs per proof).
+fn fleet_verification(issuer: &Signer, redis: &Redis) -> Result<(f64, f64, f64), BoxError> {
+    const PROOFS: usize = 60_000;
+    const IN_FLIGHT: usize = 64;
+    let subject: std::net::IpAddr = "198.51.100.1".parse()?;
+    let now = unix_now();
+    let mut proofs = Vec::with_capacity(PROOFS);
+    for _ in 0..PROOFS {
+        // Difficulty 1: solving is not what is measured.
+        let p = issuer.issue(subject, 1, 300, b"<p>ok</p>", now)?;
+        let solved = solver::solve(&decode_payload(&p)?)?;
+        proofs.push(Proof {
+            payload: p.payload,
+            signature: p.signature,
+            pow_nonce: solved.pow_nonce,
+            kid: None,
+        });
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let store = Arc::new(Store::Redis(RedisStore::connect(&redis.url())?));
+        // The issuing host's records, as its challenge path leaves them.
+        for chunk in proofs.chunks(IN_FLIGHT) {
+            let mut set = tokio::task::JoinSet::new();
+            for p in chunk {
+                let store = Arc::clone(&store);
+                let digest = B64.encode(package_digest(&p.payload, &p.signature));
+                set.spawn(async move { store.record_issued(&digest, 300).await });
+            }
+            while let Some(r) = set.join_next().await {
+                r??;
+            }
+        }
+        let verifier = Arc::new(Signer::generate()?);
+        verifier.learn_keys([issuer.own_jwk()]);
+        let proofs = Arc::new(proofs);
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let redis_cpu = super::cpu_seconds(redis.child.id());
+        let cpu = thread_cpu_seconds();
+        let started = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..IN_FLIGHT {
+            let (store, verifier, proofs, next) = (
+                Arc::clone(&store),
+                Arc::clone(&verifier),
+                Arc::clone(&proofs),
+                Arc::clone(&next),
+            );
+            set.spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(proof) = proofs.get(i) else {
+                        return Ok::<_, BoxError>(());
+                    };
+                    let digest = package_digest(&proof.payload, &proof.signature);
+                    let recorded = !verifier.issued_here(&digest)
+                        && store.issued_recorded(&B64.encode(digest)).await?;
+                    let (v, by) = verifier
+                        .verify_recorded(proof, subject, now, recorded)
+                        .map_err(|r| format!("verify: {}", r.code()))?;
+                    if by != Authenticated::FleetRecord {
+                        return Err(format!("authenticated by {}", by.name()).into());
+                    }
+                    if !store.use_nonce(&v.session_nonce, 300).await? {
+                        return Err("nonce already used".into());
+                    }
+                }
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r??;
+        }
+        let took = started.elapsed().as_secs_f64();
+        let cpu = thread_cpu_seconds() - cpu;
+        let redis_cpu = super::cpu_seconds(redis.child.id()) - redis_cpu;
+        let n = PROOFS as f64;
+        Ok((n / took, cpu / n * 1e6, redis_cpu / n * 1e6))
+    })
+}
+
 fn per_second(seconds: f64, mut f: impl FnMut() -> Result<(), BoxError>) -> Result<f64, BoxError> {
     let start = Instant::now();
     let mut n = 0u64;
@@ -222,14 +424,28 @@ fn median(runs: Vec<WrkResult>) -> WrkResult {
 /// request.
 fn proxy_scenario(
     rt: &tokio::runtime::Runtime,
+    site: &tokio::runtime::Runtime,
     redis: &Redis,
     service_time: Duration,
     seconds: u32,
     connections: u32,
     rounds: usize,
 ) -> Result<(Vec<String>, f64, u64), BoxError> {
-    let (direct, embedded, on_redis, ticket_calls, embedded_sentry) = rt.block_on(async {
-        let up = upstream(service_time).await?;
+    let up = upstream(site, service_time)?;
+    let nginx = match Nginx::binary() {
+        Some(bin) => Some((
+            Nginx::start(&bin, up, &service_time.as_millis().to_string())?,
+            Nginx::version(&bin),
+        )),
+        None => {
+            eprintln!(
+                "phantom-bench: no nginx (PHANTOM_BENCH_NGINX or PATH); scripts/bench.sh provides one. The nginx row is left out."
+            );
+            None
+        }
+    };
+    let nginx_addr = nginx.as_ref().map(|(n, _)| n.addr);
+    let (direct, embedded, on_redis, by_nginx, ticket_calls, embedded_sentry) = rt.block_on(async {
         let base = SentryConfig {
             enabled: true,
             upstream: format!("http://{up}"),
@@ -257,7 +473,7 @@ fn proxy_scenario(
         let run = move |addr| tokio::task::spawn_blocking(move || wrk(addr, seconds, connections));
         // Rounds interleave the three paths, so slow phases of a shared machine hit all
         // three alike; each figure is the median over the rounds.
-        let (mut d, mut e, mut r) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut d, mut e, mut r, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut ticket_calls = 0.0;
         for _ in 0..rounds {
             d.push(run(up).await??);
@@ -265,11 +481,22 @@ fn proxy_scenario(
             let before = redis.calls("ttl");
             r.push(run(redis_addr).await??);
             ticket_calls += redis.calls("ttl") - before;
+            if let Some(addr) = nginx_addr {
+                n.push(run(addr).await??);
+            }
         }
         let requests: f64 = r.iter().map(|x| x.3).sum();
         let (direct, embedded, on_redis) = (median(d), median(e), median(r));
         let on_redis = (on_redis.0, on_redis.1, on_redis.2, requests);
-        Ok::<_, BoxError>((direct, embedded, on_redis, ticket_calls, embedded_sentry))
+        let by_nginx = (!n.is_empty()).then(|| median(n));
+        Ok::<_, BoxError>((
+            direct,
+            embedded,
+            on_redis,
+            by_nginx,
+            ticket_calls,
+            embedded_sentry,
+        ))
     })?;
     let challenged = embedded_sentry.counters.challenged.load(Ordering::Relaxed);
     let label = if service_time.is_zero() {
@@ -287,12 +514,19 @@ fn proxy_scenario(
             r.2 - direct.2
         )
     };
+    let mut rows = vec![
+        row("upstream directly", direct),
+        row("sentry proxy, embedded store", embedded),
+        row("sentry proxy, Redis store, armed", on_redis),
+    ];
+    if let (Some(result), Some((_, version))) = (by_nginx, nginx.as_ref()) {
+        rows.push(row(
+            &format!("{version} reverse proxy (no defence; comparison)"),
+            result,
+        ));
+    }
     Ok((
-        vec![
-            row("upstream directly", direct),
-            row("sentry proxy, embedded store", embedded),
-            row("sentry proxy, Redis store, armed", on_redis),
-        ],
+        rows,
         ticket_calls / on_redis.3.max(1.0),
         challenged,
     ))
@@ -304,6 +538,11 @@ pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let site = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-site")
+        .enable_all()
+        .build()?;
     let redis = Redis::start()?;
     let mut rows = Vec::new();
     let mut trips = Vec::new();
@@ -311,6 +550,7 @@ pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
     for (service_time, connections) in [(Duration::ZERO, 16), (Duration::from_millis(5), 64)] {
         let (r, t, c) = proxy_scenario(
             &rt,
+            &site,
             &redis,
             service_time,
             seconds,
@@ -324,7 +564,7 @@ pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
     table(
         "Sentry proxy against the upstream directly (wrk, loopback)",
         &format!(
-            "wrk -t1 -d{seconds}s --latency, median of {} interleaved rounds, against a hyper upstream, then through the sentry proxy in \
+            "wrk -t1 -d{seconds}s --latency, median of {} interleaved rounds, against a hyper upstream (its own runtime, as a separate server process), then through the sentry proxy in \
              NORMAL mode (embedded store; {challenged} challenges issued), then through a proxy on a \
              redis-server with the activation gate forced open; the three rows of a scenario are one \
              run. Store round trips per request on Redis (TTL calls / requests): {}; on the embedded \
@@ -335,7 +575,6 @@ pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
         "| scenario | path | requests/s | vs direct | p50 ms | p99 ms | p99 added ms |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |",
         &rows,
     );
-    drop(redis);
 
     // Crypto, one thread.
     let signer = Signer::generate()?;
@@ -384,11 +623,15 @@ pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
         j += 1;
         Ok(())
     })?;
+    let (verify_fleet, fleet_cpu_us, redis_cpu_us) = fleet_verification(&signer, &redis)?;
+    drop(redis);
     table(
         "Sentry challenge crypto per core",
         "one thread, 2 s per row; issue = nonce, key, AES-256-GCM of a 33-byte page, ECDSA P-256 \
          signature; verify = signature (or the issued-package memory), expiry, subject, commitment, \
-         plus the embedded used-nonce insert",
+         plus the embedded used-nonce insert; the fleet row: another host's proofs on a \
+         single-threaded runtime, 64 in flight, each one record lookup (EXISTS) and the used-nonce \
+         SET NX on a local redis-server, as the proof endpoint does",
         "| operation | per second (one core) | target |\n| --- | ---: | ---: |",
         &[
             format!("| challenge issue (difficulty 16) | {issue_rate:.0} | >= 10,000 |"),
@@ -396,7 +639,10 @@ pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
                 "| proof verification, package issued by this host | {verify_here:.0} | >= 30,000 |"
             ),
             format!(
-                "| proof verification, full ECDSA (package from another host) | {verify_full:.0} | — |"
+                "| proof verification, package another host of the fleet issued (its record in Redis; {fleet_cpu_us:.1} µs CPU per proof here, {redis_cpu_us:.1} µs in redis-server) | {verify_fleet:.0} | >= 30,000 |"
+            ),
+            format!(
+                "| proof verification, full ECDSA (no record: another host without a shared store, or after a restart) | {verify_full:.0} | — |"
             ),
         ],
     );

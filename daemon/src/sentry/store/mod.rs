@@ -11,7 +11,9 @@
 //! (TTL penalty_ttl × count), `sentry:trust_ticket:<ip>` (ticket TTL),
 //! `sentry:global_traffic_per_sec` (list, newest first, 300 entries), `sentry:traffic_stats`
 //! (hash: mean, std_dev), `sentry:used_nonces:<session_nonce>` (until the challenge expires,
-//! at least 60 s), and `sentry:keys` (hash: kid -> JWK) for the fleet's verification keys.
+//! at least 60 s), `sentry:keys` (hash: kid -> JWK) for the fleet's verification keys, and
+//! `sentry:issued:<package digest>` (until the challenge expires; Redis only) for the
+//! packages the fleet issued, which authenticate a proof without an ECDSA verification.
 
 pub mod embedded;
 pub mod redis;
@@ -199,6 +201,28 @@ impl Store {
 
     pub async fn keys(&self) -> Result<BTreeMap<String, String>, SentryError> {
         dispatch!(self, s => s.keys())
+    }
+
+    /// Whether the backend keeps records of the packages a fleet issued. The embedded store
+    /// serves one host, whose signer remembers its own packages; nothing to share.
+    pub fn records_issued(&self) -> bool {
+        matches!(self, Store::Redis(_))
+    }
+
+    /// Records a package digest (b64url) as issued, for `ttl` seconds (the challenge's life).
+    pub async fn record_issued(&self, digest: &str, ttl: u64) -> Result<(), SentryError> {
+        match self {
+            Store::Embedded(_) => Ok(()),
+            Store::Redis(s) => s.record_issued(digest, ttl.max(1)).await,
+        }
+    }
+
+    /// Whether a host of the fleet recorded this package digest as issued.
+    pub async fn issued_recorded(&self, digest: &str) -> Result<bool, SentryError> {
+        match self {
+            Store::Embedded(_) => Ok(false),
+            Store::Redis(s) => s.issued_recorded(digest).await,
+        }
     }
 
     /// Writes what the embedded backend batches (penalties, counts, traffic); no-op on Redis.

@@ -341,4 +341,24 @@ impl RedisStore {
     pub async fn keys(&self) -> Result<BTreeMap<String, String>, SentryError> {
         self.query(redis::cmd("HGETALL").arg(key("keys"))).await
     }
+
+    pub async fn record_issued(&self, digest: &str, ttl: u64) -> Result<(), SentryError> {
+        let _: RedisValue = self
+            .query(
+                redis::cmd("SET")
+                    .arg(key(&format!("issued:{digest}")))
+                    .arg(1)
+                    .arg("EX")
+                    .arg(ttl),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn issued_recorded(&self, digest: &str) -> Result<bool, SentryError> {
+        let n: i64 = self
+            .query(redis::cmd("EXISTS").arg(key(&format!("issued:{digest}"))))
+            .await?;
+        Ok(n == 1)
+    }
 }
