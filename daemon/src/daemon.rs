@@ -275,10 +275,8 @@ async fn serve(
     ) {
         (Some(s), Some(addr)) => {
             tokio::spawn(Arc::clone(&s).run(shutdown_rx.clone()));
-            let proxy =
-                crate::sentry::proxy::Proxy::new(s).map_err(|e| Error::Other(e.to_string()))?;
             Some(
-                crate::sentry::proxy::serve(addr, Arc::new(proxy), shutdown_rx.clone())
+                crate::sentry::proxy::serve(addr, s, shutdown_rx.clone())
                     .await
                     .map_err(|e| Error::Other(e.to_string()))?,
             )

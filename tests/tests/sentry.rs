@@ -18,7 +18,7 @@ use phantom_daemon::{
     sentry::{
         Decision, Mode, Sentry, Tunables, authenticated_index,
         challenge::{Authenticated, Package, Proof, Signer},
-        solver,
+        proxy, solver,
         store::{ModeState, Store, TrafficStats, embedded::EmbeddedStore, redis::RedisStore},
     },
 };
@@ -408,6 +408,64 @@ fn redis_down_fails_open_by_default_and_closed_on_request() {
         ));
         // Admin changes fail cleanly while the store is down.
         assert!(open.whitelist_add(ip("203.0.113.51")).await.is_err());
+    });
+}
+
+/// The proxy's threads share the port through SO_REUSEPORT; a port another listener holds is
+/// still an error, and port 0 gives every thread the same port.
+#[test]
+fn proxy_threads_share_one_port_and_a_taken_port_is_an_error() {
+    let rt = runtime();
+    rt.block_on(async {
+        let site = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = SentryConfig {
+            enabled: true,
+            upstream: format!("http://{}", site.local_addr().unwrap()),
+            ..SentryConfig::default()
+        };
+        let s = Sentry::with_parts(
+            &config,
+            Store::Embedded(Box::new(EmbeddedStore::in_memory())),
+            Signer::generate().unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = proxy::serve(taken.local_addr().unwrap(), Arc::clone(&s), rx.clone())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("cannot listen"), "{err}");
+
+        // Port 0: one port for all threads; the JWK set answers on it, then shutdown ends
+        // every thread.
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let served = proxy::serve(addr, Arc::clone(&s), rx).await.unwrap();
+        for _ in 0..8 {
+            let reply = tokio::task::spawn_blocking(move || {
+                use std::io::{Read, Write};
+                let mut c = std::net::TcpStream::connect(addr).unwrap();
+                c.write_all(
+                    b"GET /.sentry/jwks.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                )
+                .unwrap();
+                let mut out = String::new();
+                c.read_to_string(&mut out).unwrap();
+                out
+            })
+            .await
+            .unwrap();
+            assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+            assert!(reply.contains("\"keys\""), "{reply}");
+        }
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("every proxy thread stops on shutdown")
+            .unwrap();
     });
 }
 

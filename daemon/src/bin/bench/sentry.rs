@@ -23,8 +23,7 @@ use phantom_daemon::{
     sentry::{
         Sentry,
         challenge::{Authenticated, Proof, Signer, decode_payload, package_digest},
-        proxy::{self, Proxy},
-        solver,
+        proxy, solver,
         store::{Store, embedded::EmbeddedStore, redis::RedisStore, unix_now},
     },
 };
@@ -87,7 +86,7 @@ async fn start_proxy(
     let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = probe.local_addr()?;
     drop(probe);
-    proxy::serve(addr, Arc::new(Proxy::new(Arc::clone(&sentry))?), rx).await?;
+    proxy::serve(addr, Arc::clone(&sentry), rx).await?;
     Ok((addr, sentry))
 }
 
@@ -232,10 +231,8 @@ impl Nginx {
     }
 
     fn start(binary: &std::path::Path, upstream: SocketAddr, tag: &str) -> Result<Self, BoxError> {
-        let dir = std::env::temp_dir().join(format!(
-            "phantom-bench-nginx-{tag}-{}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("phantom-bench-nginx-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
         let addr = probe.local_addr()?;
@@ -282,7 +279,11 @@ impl Nginx {
         Command::new(binary)
             .arg("-v")
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stderr).trim().replace("nginx version: ", ""))
+            .map(|o| {
+                String::from_utf8_lossy(&o.stderr)
+                    .trim()
+                    .replace("nginx version: ", "")
+            })
             .unwrap_or_else(|_| "nginx".into())
     }
 }
@@ -445,59 +446,61 @@ fn proxy_scenario(
         }
     };
     let nginx_addr = nginx.as_ref().map(|(n, _)| n.addr);
-    let (direct, embedded, on_redis, by_nginx, ticket_calls, embedded_sentry) = rt.block_on(async {
-        let base = SentryConfig {
-            enabled: true,
-            upstream: format!("http://{up}"),
-            ..SentryConfig::default()
-        };
-        // NORMAL mode, the usual state.
-        let (embedded_addr, embedded_sentry) = start_proxy(
-            base.clone(),
-            Store::Embedded(Box::new(EmbeddedStore::in_memory())),
-        )
-        .await?;
-        // On Redis with the gate forced open, so every request takes the armed path and its
-        // one store round trip (the trust-ticket lookup).
-        let armed = SentryConfig {
-            redis_url: redis.url(),
-            activation_cpu_threshold: 0.0,
-            ..base
-        };
-        let (redis_addr, _) = start_proxy(
-            armed.clone(),
-            Store::Redis(RedisStore::connect(&armed.redis_url)?),
-        )
-        .await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let run = move |addr| tokio::task::spawn_blocking(move || wrk(addr, seconds, connections));
-        // Rounds interleave the three paths, so slow phases of a shared machine hit all
-        // three alike; each figure is the median over the rounds.
-        let (mut d, mut e, mut r, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut ticket_calls = 0.0;
-        for _ in 0..rounds {
-            d.push(run(up).await??);
-            e.push(run(embedded_addr).await??);
-            let before = redis.calls("ttl");
-            r.push(run(redis_addr).await??);
-            ticket_calls += redis.calls("ttl") - before;
-            if let Some(addr) = nginx_addr {
-                n.push(run(addr).await??);
+    let (direct, embedded, on_redis, by_nginx, ticket_calls, embedded_sentry) =
+        rt.block_on(async {
+            let base = SentryConfig {
+                enabled: true,
+                upstream: format!("http://{up}"),
+                ..SentryConfig::default()
+            };
+            // NORMAL mode, the usual state.
+            let (embedded_addr, embedded_sentry) = start_proxy(
+                base.clone(),
+                Store::Embedded(Box::new(EmbeddedStore::in_memory())),
+            )
+            .await?;
+            // On Redis with the gate forced open, so every request takes the armed path and its
+            // one store round trip (the trust-ticket lookup).
+            let armed = SentryConfig {
+                redis_url: redis.url(),
+                activation_cpu_threshold: 0.0,
+                ..base
+            };
+            let (redis_addr, _) = start_proxy(
+                armed.clone(),
+                Store::Redis(RedisStore::connect(&armed.redis_url)?),
+            )
+            .await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let run =
+                move |addr| tokio::task::spawn_blocking(move || wrk(addr, seconds, connections));
+            // Rounds interleave the three paths, so slow phases of a shared machine hit all
+            // three alike; each figure is the median over the rounds.
+            let (mut d, mut e, mut r, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut ticket_calls = 0.0;
+            for _ in 0..rounds {
+                d.push(run(up).await??);
+                e.push(run(embedded_addr).await??);
+                let before = redis.calls("ttl");
+                r.push(run(redis_addr).await??);
+                ticket_calls += redis.calls("ttl") - before;
+                if let Some(addr) = nginx_addr {
+                    n.push(run(addr).await??);
+                }
             }
-        }
-        let requests: f64 = r.iter().map(|x| x.3).sum();
-        let (direct, embedded, on_redis) = (median(d), median(e), median(r));
-        let on_redis = (on_redis.0, on_redis.1, on_redis.2, requests);
-        let by_nginx = (!n.is_empty()).then(|| median(n));
-        Ok::<_, BoxError>((
-            direct,
-            embedded,
-            on_redis,
-            by_nginx,
-            ticket_calls,
-            embedded_sentry,
-        ))
-    })?;
+            let requests: f64 = r.iter().map(|x| x.3).sum();
+            let (direct, embedded, on_redis) = (median(d), median(e), median(r));
+            let on_redis = (on_redis.0, on_redis.1, on_redis.2, requests);
+            let by_nginx = (!n.is_empty()).then(|| median(n));
+            Ok::<_, BoxError>((
+                direct,
+                embedded,
+                on_redis,
+                by_nginx,
+                ticket_calls,
+                embedded_sentry,
+            ))
+        })?;
     let challenged = embedded_sentry.counters.challenged.load(Ordering::Relaxed);
     let label = if service_time.is_zero() {
         "static 1 KiB upstream (CPU-bound)".to_string()
@@ -525,11 +528,7 @@ fn proxy_scenario(
             result,
         ));
     }
-    Ok((
-        rows,
-        ticket_calls / on_redis.3.max(1.0),
-        challenged,
-    ))
+    Ok((rows, ticket_calls / on_redis.3.max(1.0), challenged))
 }
 
 pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
@@ -564,11 +563,13 @@ pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
     table(
         "Sentry proxy against the upstream directly (wrk, loopback)",
         &format!(
-            "wrk -t1 -d{seconds}s --latency, median of {} interleaved rounds, against a hyper upstream (its own runtime, as a separate server process), then through the sentry proxy in \
-             NORMAL mode (embedded store; {challenged} challenges issued), then through a proxy on a \
-             redis-server with the activation gate forced open; the three rows of a scenario are one \
-             run. Store round trips per request on Redis (TTL calls / requests): {}; on the embedded \
-             store: none (in-process)",
+            "wrk -t1 -d{seconds}s --latency, median of {} interleaved rounds, against a hyper \
+             upstream (its own runtime, as a separate server process; the 5 ms wait is a precise \
+             sleep), then through the sentry proxy in NORMAL mode (embedded store; {challenged} \
+             challenges issued), then through a proxy on a redis-server with the activation gate \
+             forced open, then through nginx as a plain reverse proxy (2 workers, keep-alive \
+             upstream); the rows of a scenario are one run. Store round trips per request on \
+             Redis (TTL calls / requests): {}; on the embedded store: none (in-process)",
             cli.sentry_rounds.max(1),
             trips.join(", ")
         ),
