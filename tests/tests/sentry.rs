@@ -411,6 +411,18 @@ fn redis_down_fails_open_by_default_and_closed_on_request() {
     });
 }
 
+/// A sentry on a fresh in-memory embedded store.
+async fn in_memory_sentry(config: &SentryConfig) -> Arc<Sentry> {
+    Sentry::with_parts(
+        config,
+        Store::Embedded(Box::new(EmbeddedStore::in_memory())),
+        Signer::generate().unwrap(),
+        None,
+    )
+    .await
+    .unwrap()
+}
+
 /// The proxy's threads share the port through SO_REUSEPORT; a port another listener holds is
 /// still an error, and port 0 gives every thread the same port.
 #[test]
@@ -423,14 +435,7 @@ fn proxy_threads_share_one_port_and_a_taken_port_is_an_error() {
             upstream: format!("http://{}", site.local_addr().unwrap()),
             ..SentryConfig::default()
         };
-        let s = Sentry::with_parts(
-            &config,
-            Store::Embedded(Box::new(EmbeddedStore::in_memory())),
-            Signer::generate().unwrap(),
-            None,
-        )
-        .await
-        .unwrap();
+        let s = in_memory_sentry(&config).await;
         let (stop, rx) = tokio::sync::watch::channel(false);
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let err = proxy::serve(taken.local_addr().unwrap(), Arc::clone(&s), rx.clone())
@@ -477,14 +482,7 @@ fn defcon_1_ends_after_a_calm_period() {
             calm_seconds: 3,
             ..SentryConfig::default()
         };
-        let s = Sentry::with_parts(
-            &config,
-            Store::Embedded(Box::new(EmbeddedStore::in_memory())),
-            Signer::generate().unwrap(),
-            None,
-        )
-        .await
-        .unwrap();
+        let s = in_memory_sentry(&config).await;
         let (_keep, rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(Arc::clone(&s).run(rx));
         s.set_mode(Mode::Defcon1).await.unwrap();

@@ -311,6 +311,28 @@ fn thread_cpu_seconds() -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
+/// `n` packages from `issuer` for `subject`, solved: the proofs a client would post.
+fn solved_proofs(
+    issuer: &Signer,
+    subject: std::net::IpAddr,
+    difficulty: u32,
+    n: usize,
+    now: u64,
+) -> Result<Vec<Proof>, BoxError> {
+    (0..n)
+        .map(|_| {
+            let p = issuer.issue(subject, difficulty, 300, b"<p>Verified.</p>", now)?;
+            let solved = solver::solve(&decode_payload(&p)?)?;
+            Ok(Proof {
+                payload: p.payload,
+                signature: p.signature,
+                pow_nonce: solved.pow_nonce,
+                kid: None,
+            })
+        })
+        .collect()
+}
+
 /// Proofs of packages another host issued and recorded in the shared Redis, verified the way
 /// the proof endpoint does on a host that did not issue them: (proofs/s on one runtime thread,
 /// this thread's CPU µs per proof, redis-server's CPU µs per proof).
@@ -319,18 +341,8 @@ fn fleet_verification(issuer: &Signer, redis: &Redis) -> Result<(f64, f64, f64),
     const IN_FLIGHT: usize = 64;
     let subject: std::net::IpAddr = "198.51.100.1".parse()?;
     let now = unix_now();
-    let mut proofs = Vec::with_capacity(PROOFS);
-    for _ in 0..PROOFS {
-        // Difficulty 1: solving is not what is measured.
-        let p = issuer.issue(subject, 1, 300, b"<p>ok</p>", now)?;
-        let solved = solver::solve(&decode_payload(&p)?)?;
-        proofs.push(Proof {
-            payload: p.payload,
-            signature: p.signature,
-            pow_nonce: solved.pow_nonce,
-            kid: None,
-        });
-    }
+    // Difficulty 1: solving is not what is measured.
+    let proofs = solved_proofs(issuer, subject, 1, PROOFS, now)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -587,17 +599,7 @@ pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
         Ok(())
     })?;
     // Proofs for packages of difficulty 8 (solving is not what is measured here).
-    let mut proofs = Vec::new();
-    for _ in 0..2_000 {
-        let p = signer.issue(subject, 8, 300, content, now)?;
-        let solved = solver::solve(&decode_payload(&p)?)?;
-        proofs.push(Proof {
-            payload: p.payload,
-            signature: p.signature,
-            pow_nonce: solved.pow_nonce,
-            kid: None,
-        });
-    }
+    let proofs = solved_proofs(&signer, subject, 8, 2_000, now)?;
     let store = EmbeddedStore::in_memory();
     let mut i = 0usize;
     let mut round = 0u64;
