@@ -463,17 +463,20 @@ impl Signer {
     /// Every check of a proof except the used-nonce one: signature, expiry, subject,
     /// commitment. Cheap rejections come first only where they cannot mask a forgery.
     pub fn verify(&self, proof: &Proof, client: IpAddr, now: u64) -> Result<Verified, Rejection> {
-        self.verify_recorded(proof, client, now, false)
+        let digest = package_digest(&proof.payload, &proof.signature);
+        self.verify_recorded(proof, &digest, client, now, false)
             .map(|(v, _)| v)
     }
 
-    /// `verify`, where `fleet_recorded` says the shared store holds the proof's package digest
-    /// as issued by a host of the fleet: that authenticates the package in place of its
-    /// ECDSA signature (a fleet's hosts trust the store with tickets already). Also says how
-    /// the package was authenticated.
+    /// `verify` for a proof whose package digest (`package_digest`) the caller has already
+    /// computed, where `fleet_recorded` says the shared store holds that digest as issued by a
+    /// host of the fleet: that authenticates the package in place of its ECDSA signature (a
+    /// fleet's hosts trust the store with tickets already). Also says how the package was
+    /// authenticated.
     pub fn verify_recorded(
         &self,
         proof: &Proof,
+        digest: &[u8; 32],
         client: IpAddr,
         now: u64,
         fleet_recorded: bool,
@@ -487,7 +490,7 @@ impl Signer {
         let sig_bytes = B64
             .decode(&proof.signature)
             .map_err(|_| Rejection::Malformed)?;
-        let authenticated = if self.issued_here(&package_digest(&proof.payload, &proof.signature)) {
+        let authenticated = if self.issued_here(digest) {
             Authenticated::IssuedHere
         } else if fleet_recorded {
             Authenticated::FleetRecord

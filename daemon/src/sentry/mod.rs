@@ -718,16 +718,19 @@ impl Sentry {
     pub async fn redeem(&self, peer: IpAddr, proof: &Proof) -> Result<TicketGrant, ProofError> {
         let ip = canonical(peer);
         let now = unix_now();
-        let fleet_recorded = self.store.records_issued() && {
-            let digest = challenge::package_digest(&proof.payload, &proof.signature);
-            !self.signer.issued_here(&digest)
-                && matches!(
-                    self.store_call(self.store.issued_recorded(&B64.encode(digest)))
-                        .await,
-                    Ok(true)
-                )
-        };
-        let verified = match self.signer.verify_recorded(proof, ip, now, fleet_recorded) {
+        // One digest serves this host's memory, the fleet's record and the verification.
+        let digest = challenge::package_digest(&proof.payload, &proof.signature);
+        let fleet_recorded = self.store.records_issued()
+            && !self.signer.issued_here(&digest)
+            && matches!(
+                self.store_call(self.store.issued_recorded(&B64.encode(digest)))
+                    .await,
+                Ok(true)
+            );
+        let verified = match self
+            .signer
+            .verify_recorded(proof, &digest, ip, now, fleet_recorded)
+        {
             Ok((v, by)) => {
                 self.counters.authenticated[authenticated_index(by)]
                     .fetch_add(1, Ordering::Relaxed);

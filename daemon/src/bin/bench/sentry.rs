@@ -385,7 +385,7 @@ fn fleet_verification(issuer: &Signer, redis: &Redis) -> Result<(f64, f64, f64),
                     let recorded = !verifier.issued_here(&digest)
                         && store.issued_recorded(&B64.encode(digest)).await?;
                     let (v, by) = verifier
-                        .verify_recorded(proof, subject, now, recorded)
+                        .verify_recorded(proof, &digest, subject, now, recorded)
                         .map_err(|r| format!("verify: {}", r.code()))?;
                     if by != Authenticated::FleetRecord {
                         return Err(format!("authenticated by {}", by.name()).into());
