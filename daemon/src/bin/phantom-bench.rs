@@ -1019,7 +1019,12 @@ fn rss_of(pid: u32) -> f64 {
 
 /// CPU seconds a process has used (user + system), from /proc.
 fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    cpu_seconds_of(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds from a `stat` file of /proc (a process, or `/proc/thread-self/stat`).
+fn cpu_seconds_of(stat_path: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(stat_path) else {
         return 0.0;
     };
     // Fields after the command name (which may hold spaces) start after the last ')'.

@@ -399,11 +399,14 @@ pub async fn serve(
     for _ in 1..threads {
         listeners.push(reuseport_listener(addr)?);
     }
-    let upstream = Upstream::parse(&sentry.static_config.upstream)?;
-    info!(%addr, upstream = %upstream.authority, threads, "sentry proxy listening");
+    let proxies = (0..threads)
+        .map(|_| Proxy::new(Arc::clone(&sentry)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(p) = proxies.first() {
+        info!(%addr, upstream = %p.upstream.authority, threads, "sentry proxy listening");
+    }
     let mut stopped = Vec::with_capacity(threads);
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let proxy = Proxy::new(Arc::clone(&sentry))?;
+    for (i, (listener, proxy)) in listeners.into_iter().zip(proxies).enumerate() {
         let shutdown = shutdown.clone();
         let (done, stopped_rx) = tokio::sync::oneshot::channel::<()>();
         stopped.push(stopped_rx);

@@ -83,11 +83,14 @@ async fn start_proxy(
     // Keep the sender for the life of the process: the proxy runs until the bench exits.
     std::mem::forget(tx);
     tokio::spawn(Arc::clone(&sentry).run(rx.clone()));
-    let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = probe.local_addr()?;
-    drop(probe);
+    let addr = free_loopback_port()?;
     proxy::serve(addr, Arc::clone(&sentry), rx).await?;
     Ok((addr, sentry))
+}
+
+/// A loopback address whose port was free a moment ago, for a server that binds by itself.
+fn free_loopback_port() -> Result<SocketAddr, BoxError> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// One wrk run: (requests/s, p50 ms, p99 ms, requests).
@@ -234,9 +237,7 @@ impl Nginx {
         let dir =
             std::env::temp_dir().join(format!("phantom-bench-nginx-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let addr = probe.local_addr()?;
-        drop(probe);
+        let addr = free_loopback_port()?;
         let d = dir.display();
         // As many workers as the sentry's runtime has threads; keep-alive to the upstream
         // like the sentry's connection pool; no access log (the sentry writes none per
@@ -300,17 +301,6 @@ impl Drop for Nginx {
     }
 }
 
-/// CPU seconds the calling thread has used.
-fn thread_cpu_seconds() -> f64 {
-    // SAFETY: getrusage fills the struct it is given; RUSAGE_THREAD needs nothing else.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
-        return 0.0;
-    }
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(usage.ru_utime) + secs(usage.ru_stime)
-}
-
 /// `n` packages from `issuer` for `subject`, solved: the proofs a client would post.
 fn solved_proofs(
     issuer: &Signer,
@@ -365,7 +355,7 @@ fn fleet_verification(issuer: &Signer, redis: &Redis) -> Result<(f64, f64, f64),
         let proofs = Arc::new(proofs);
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let redis_cpu = super::cpu_seconds(redis.child.id());
-        let cpu = thread_cpu_seconds();
+        let cpu = super::cpu_seconds_of("/proc/thread-self/stat");
         let started = Instant::now();
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..IN_FLIGHT {
@@ -400,7 +390,7 @@ fn fleet_verification(issuer: &Signer, redis: &Redis) -> Result<(f64, f64, f64),
             r??;
         }
         let took = started.elapsed().as_secs_f64();
-        let cpu = thread_cpu_seconds() - cpu;
+        let cpu = super::cpu_seconds_of("/proc/thread-self/stat") - cpu;
         let redis_cpu = super::cpu_seconds(redis.child.id()) - redis_cpu;
         let n = PROOFS as f64;
         Ok((n / took, cpu / n * 1e6, redis_cpu / n * 1e6))
