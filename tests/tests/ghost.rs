@@ -61,12 +61,10 @@ impl Certs {
 }
 
 fn start_daemon(link: &GuardedLink, bpffs: &BpffsDir, certs: &Certs) -> Daemon {
-    let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
-    // The XDP guard is not under test here and would count the flood below as its own.
-    config.datapath_enabled = false;
-    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, GuardedLink::SERVER_V4));
-    config.extra_toml = certs.ghost_toml();
-    Daemon::start(&link.server, &config)
+    Daemon::start(
+        &link.server,
+        &ghost_daemon_config(bpffs, &certs.ghost_toml()),
+    )
 }
 
 /// Drops UDP from the client namespace to the server's WireGuard port: only wss gets through.
@@ -163,6 +161,16 @@ fn covers(list: &str, ip: [u8; 4]) -> bool {
         let len: u32 = len.parse().unwrap();
         len == 0 || (net ^ ip) >> (32 - len) == 0
     })
+}
+
+/// The daemon these tests run: WireGuard on the guarded link, ghost mode as `ghost_toml` says,
+/// no XDP guard (not under test here, and it would count the tests' floods as its own).
+fn ghost_daemon_config(bpffs: &BpffsDir, ghost_toml: &str) -> DaemonConfig {
+    let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
+    config.datapath_enabled = false;
+    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, GuardedLink::SERVER_V4));
+    config.extra_toml = ghost_toml.to_string();
+    config
 }
 
 #[test]
@@ -869,12 +877,12 @@ fn acme_issues_the_certificate_over_http01_from_a_local_test_ca() {
     let link = GuardedLink::new();
     let bpffs = BpffsDir::new();
     let pebble = Pebble::start(&link.server);
-    let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
-    config.datapath_enabled = false;
-    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, GuardedLink::SERVER_V4));
-    config.extra_toml = format!(
-        "[ghost]\ntls = \"acme\"\nport = 443\nacme_http_port = 80\nacme_directory = \"https://127.0.0.1:14000/dir\"\nacme_ca_root = {:?}\n",
-        pebble.api_root().display().to_string()
+    let config = ghost_daemon_config(
+        &bpffs,
+        &format!(
+            "[ghost]\ntls = \"acme\"\nport = 443\nacme_http_port = 80\nacme_directory = \"https://127.0.0.1:14000/dir\"\nacme_ca_root = {:?}\n",
+            pebble.api_root().display().to_string()
+        ),
     );
     let mut daemon = Daemon::start(&link.server, &config);
     let enabled = api(&daemon, &["ghost", "enable", &format!("domain={DOMAIN}")]);
@@ -949,13 +957,13 @@ fn acme_certificate_is_renewed_before_expiry_and_swapped_into_the_running_relay(
     let link = GuardedLink::new();
     let bpffs = BpffsDir::new();
     let pebble = Pebble::start(&link.server);
-    let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
-    config.datapath_enabled = false;
-    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, GuardedLink::SERVER_V4));
     // Every certificate is "within 100 years of expiry", so the first check renews it.
-    config.extra_toml = format!(
-        "[ghost]\ntls = \"acme\"\nacme_directory = \"https://127.0.0.1:14000/dir\"\nacme_ca_root = {:?}\nacme_renew_before_days = 36500\nacme_check_seconds = 2\n",
-        pebble.api_root().display().to_string()
+    let config = ghost_daemon_config(
+        &bpffs,
+        &format!(
+            "[ghost]\ntls = \"acme\"\nacme_directory = \"https://127.0.0.1:14000/dir\"\nacme_ca_root = {:?}\nacme_renew_before_days = 36500\nacme_check_seconds = 2\n",
+            pebble.api_root().display().to_string()
+        ),
     );
     let daemon = Daemon::start(&link.server, &config);
     api(&daemon, &["ghost", "enable", &format!("domain={DOMAIN}")]);
@@ -1006,10 +1014,7 @@ fn self_signed_certificate_is_made_at_enable_and_serves_the_stock_upgrade() {
     }
     let link = GuardedLink::new();
     let bpffs = BpffsDir::new();
-    let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
-    config.datapath_enabled = false;
-    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, GuardedLink::SERVER_V4));
-    config.extra_toml = "[ghost]\ntls = \"self_signed\"\n".into();
+    let config = ghost_daemon_config(&bpffs, "[ghost]\ntls = \"self_signed\"\n");
     let daemon = Daemon::start(&link.server, &config);
     let secret = api(&daemon, &["ghost", "enable", "domain=192.0.2.1.nip.io"])["secret"]
         .as_str()
