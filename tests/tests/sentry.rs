@@ -654,6 +654,101 @@ fn redis_outage_fails_open_and_recovers() {
     assert!(metric_value(&metrics, "phantom_sentry_store_errors_total").unwrap() >= 1.0);
 }
 
+/// Two `phantomd`, each in its own namespace, on one redis-server: A challenges a client, the
+/// client solves with B's JWK set (B learned A's key through the store) and proves at B; then
+/// both hosts pass it on the ticket, and B lists the penalty A raised.
+#[test]
+fn two_daemons_on_one_redis_honour_each_others_tickets_and_penalties() {
+    if !require_root("two_daemons_on_one_redis_honour_each_others_tickets_and_penalties") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let (ns_a, ns_b) = (NetNs::new("phsfa"), NetNs::new("phsfb"));
+    let _site_a = UpstreamSite::start(&ns_a, "127.0.0.1:18000");
+    let _site_b = UpstreamSite::start(&ns_b, "127.0.0.1:18000");
+    let (bpffs_a, bpffs_b) = (BpffsDir::new(), BpffsDir::new());
+    let daemon_on = |ns: &NetNs, bpffs: &BpffsDir| {
+        let mut config = DaemonConfig::new("lo", bpffs.path());
+        config.datapath_enabled = false;
+        config.extra_toml = sentry_toml(
+            "127.0.0.1:18080",
+            "http://127.0.0.1:18000",
+            &format!(
+                "redis_url = {:?}
+ip_static_threshold = 1
+base_difficulty = 8
+                 max_difficulty = 12
+challenge_ttl_seconds = 60
+",
+                redis.url()
+            ),
+        );
+        Daemon::start(ns, &config)
+    };
+    let a = daemon_on(&ns_a, &bpffs_a);
+    let b = daemon_on(&ns_b, &bpffs_b);
+    let (client, site) = ("127.0.0.1", "127.0.0.1:18080");
+
+    // A mode set on A reaches B through the store.
+    api(&a, &["sentry", "set_mode", "mode=DEFCON_1"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while api(&b, &["sentry", "status"])["current_mode"] != "DEFCON_1" {
+        assert!(Instant::now() < deadline, "B never saw DEFCON_1");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Over the static threshold at A: a 429 with A's package.
+    let json_accept = vec!["Accept: application/json".to_string()];
+    let mut package = None;
+    for _ in 0..3 {
+        let reply = get(&ns_a, client, site, "/page", &json_accept);
+        if reply.status == 429 {
+            package = Some(package_of(&reply));
+            break;
+        }
+        assert_eq!(reply.status, 200, "{reply:?}");
+    }
+    let package = package.expect("A challenged the client");
+    assert_eq!(package.kid, api(&a, &["sentry", "status"])["key_id"]);
+
+    // B's JWK set verifies A's package; the proof goes to B.
+    let jwks = get(&ns_b, client, site, "/.sentry/jwks.json", &[]).json();
+    let (_, proof) = solver::solve_package(&package, &jwks).unwrap();
+    let redeemed = post_json(&ns_b, client, site, "/.sentry/proof", &proof_json(&proof));
+    assert_eq!(redeemed.status, 200, "{redeemed:?}");
+    let b_status = api(&b, &["sentry", "status"]);
+    assert_eq!(
+        b_status["challenges"]["authenticated_by"]["fleet_record"], 1,
+        "B took A's package on A's record: {b_status}"
+    );
+
+    // Both hosts honour the ticket B issued.
+    for (name, ns, daemon) in [("A", &ns_a, &a), ("B", &ns_b, &b)] {
+        let before = api(daemon, &["sentry", "status"])["requests"]["passed"]["ticket"]
+            .as_u64()
+            .unwrap();
+        for _ in 0..3 {
+            let reply = get(ns, client, site, "/page", &json_accept);
+            assert_eq!(reply.status, 200, "{name}: {reply:?}");
+        }
+        let after = api(daemon, &["sentry", "status"])["requests"]["passed"]["ticket"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(after - before, 3, "{name} passed the client on the ticket");
+    }
+
+    // The penalty A raised is B's too.
+    let penalties = api(&b, &["sentry", "penalties"]);
+    assert!(
+        penalties["penalties"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["address"] == client && e["count"].as_u64() >= Some(1)),
+        "{penalties}"
+    );
+}
+
 #[test]
 fn admin_input_is_validated_and_state_survives_kill9() {
     if !require_root("admin_input_is_validated_and_state_survives_kill9") {
