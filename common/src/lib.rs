@@ -17,6 +17,10 @@ pub mod names {
     pub const VERDICTS_MAP: &str = "PH_VERDICTS";
     /// Allow and deny entries by source.
     pub const POLICY_MAP: &str = "PH_POLICY";
+    /// Per-CPU cache of live denies in front of the policy map.
+    pub const DENY_CACHE_MAP: &str = "PH_DENY_CACHE";
+    /// Policy generation: bumped by the daemon after a write that can lift or change a deny.
+    pub const POLICY_GEN_MAP: &str = "PH_POLICY_GEN";
     /// Global packets per second (per-CPU ring).
     pub const SECONDS_MAP: &str = "PH_SECONDS";
     /// Bitmap of protected TCP ports.

@@ -13,7 +13,8 @@ pub const PORT_WORDS: u32 = 65_536 / 32;
 
 /// Key of the per-source and policy maps: the source address as 16 bytes. IPv4 sources are
 /// stored as IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) so one map serves both families.
-#[repr(C)]
+/// Aligned to 8 so the guard reads it as two words, not sixteen bytes.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SourceKey {
     pub addr: [u8; 16],
@@ -33,6 +34,22 @@ impl SourceKey {
 
     pub const fn from_ipv6(octets: [u8; 16]) -> Self {
         Self { addr: octets }
+    }
+
+    /// The address as two native-endian words (its bytes in memory order), the form the
+    /// guard compares and the deny cache stores.
+    #[inline(always)]
+    pub const fn words(&self) -> [u64; 2] {
+        // SAFETY: 16 bytes to 16 bytes; every bit pattern is a valid u64.
+        unsafe { core::mem::transmute::<[u8; 16], [u64; 2]>(self.addr) }
+    }
+
+    #[inline(always)]
+    pub const fn from_words(words: [u64; 2]) -> Self {
+        // SAFETY: 16 bytes to 16 bytes; every bit pattern is a valid byte.
+        Self {
+            addr: unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) },
+        }
     }
 }
 
@@ -65,8 +82,14 @@ pub struct Policy {
     pub deny_reason: u32,
     /// Packets this CPU dropped because of this entry. Denied packets are not counted in the
     /// per-source map: the drop path stops at the policy lookup, to stay cheap under a flood.
+    /// Drops served from the deny cache are counted in the cache slot and folded in here when
+    /// the slot is refilled; readers add the slot's counts (see `DenyCacheSlot`).
     pub dropped_packets: u64,
     pub dropped_bytes: u64,
+    /// Set by the daemon when the entry is created (never changed while it lives), so counts a
+    /// cache slot holds for an entry that was removed are not credited to a later entry for
+    /// the same source.
+    pub serial: u64,
 }
 
 pub const POLICY_ALLOW: u32 = 1;
@@ -97,6 +120,46 @@ impl DenyReason {
             DenyReason::Penalty => "penalty",
         }
     }
+}
+
+/// log2 of the deny cache's slots per CPU.
+pub const DENY_CACHE_BITS: u32 = 12;
+/// Slots of the deny cache, per CPU.
+pub const DENY_CACHE_SLOTS: u32 = 1 << DENY_CACHE_BITS;
+
+/// One slot of the guard's per-CPU deny cache: a live deny the guard found in the policy map,
+/// copied where the next packet from that source finds it with one array access instead of a
+/// hash lookup. Direct-mapped by `deny_cache_slot`. A slot is valid while its `generation`
+/// equals the policy generation (the daemon bumps it after any write that can lift or change a
+/// deny) and, unless `until_ns` is 0, until `until_ns`; only denies are cached, so a new deny
+/// needs no bump.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenyCacheSlot {
+    /// `SourceKey::words` of the source.
+    pub addr: [u64; 2],
+    pub generation: u64,
+    /// The policy entry's `serial` when the slot was filled.
+    pub serial: u64,
+    /// The entry's `deny_until_ns`.
+    pub until_ns: u64,
+    /// The drop `Verdict` as u32; 0 = empty slot.
+    pub verdict: u32,
+    pub _pad: u32,
+    /// Drops counted here since the slot was filled; folded into the policy entry (if its serial
+    /// still matches) when the slot is refilled.
+    pub dropped_packets: u64,
+    pub dropped_bytes: u64,
+}
+
+/// The deny-cache slot of a source: a multiplicative hash of the folded address. Shared by the
+/// guard and the daemon, which reads a denied source's unfolded counts from this slot.
+#[inline(always)]
+pub const fn deny_cache_slot(words: [u64; 2]) -> u32 {
+    let [a, b] = words;
+    let x = a ^ b;
+    let folded = (x ^ (x >> 32)) as u32;
+    folded.wrapping_mul(0x9e37_79b1) >> (32 - DENY_CACHE_BITS)
 }
 
 /// One second of the global packet series, one copy per CPU.
@@ -194,6 +257,7 @@ mod pod {
     unsafe impl aya::Pod for super::TrafficCounter {}
     unsafe impl aya::Pod for super::Policy {}
     unsafe impl aya::Pod for super::SecondSlot {}
+    unsafe impl aya::Pod for super::DenyCacheSlot {}
 }
 
 #[cfg(test)]
@@ -210,6 +274,23 @@ mod tests {
     }
 
     #[test]
+    fn key_words_round_trip_and_slots_spread() {
+        let key = SourceKey::from_ipv6([
+            0x20, 0x01, 0x0d, 0xb8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+        ]);
+        assert_eq!(SourceKey::from_words(key.words()), key);
+        // Consecutive IPv4 sources (a /22 of attackers) must not pile into a few slots.
+        let mut used = [false; DENY_CACHE_SLOTS as usize];
+        for i in 0u32..1024 {
+            let o = (0xc633_6400u32 + i).to_be_bytes();
+            let slot = deny_cache_slot(SourceKey::from_ipv4(o).words());
+            assert!(slot < DENY_CACHE_SLOTS);
+            used[slot as usize] = true;
+        }
+        assert!(used.iter().filter(|u| **u).count() >= 1000);
+    }
+
+    #[test]
     fn verdict_slots_are_dense_and_fit() {
         for (i, v) in Verdict::ALL.iter().enumerate() {
             assert_eq!(*v as u32, i as u32);
@@ -222,7 +303,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<SourceKey>(), 16);
         assert_eq!(core::mem::size_of::<SourceStats>(), 6 * 8);
         assert_eq!(core::mem::size_of::<TrafficCounter>(), 16);
-        assert_eq!(core::mem::size_of::<Policy>(), 40);
+        assert_eq!(core::mem::size_of::<Policy>(), 48);
+        assert_eq!(core::mem::size_of::<DenyCacheSlot>(), 64);
         assert_eq!(core::mem::size_of::<SecondSlot>(), 24);
     }
 

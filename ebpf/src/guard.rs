@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::generated::bpf_ktime_get_coarse_ns,
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::{map, xdp},
     maps::{Array, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
@@ -14,8 +14,9 @@ use phantom_common::net::{
     IPV6_HLEN, VLAN_HLEN,
 };
 use phantom_common::xdp::{
-    DEFAULT_MAX_POLICIES, DEFAULT_MAX_SOURCES, POLICY_ALLOW, POLICY_DENY, PORT_WORDS, Policy,
-    SECOND_SLOTS, SecondSlot, SourceKey, SourceStats, TrafficCounter, Verdict, WINDOW_NS,
+    DEFAULT_MAX_POLICIES, DEFAULT_MAX_SOURCES, DENY_CACHE_SLOTS, DenyCacheSlot, POLICY_ALLOW,
+    POLICY_DENY, PORT_WORDS, Policy, SECOND_SLOTS, SecondSlot, SourceKey, SourceStats,
+    TrafficCounter, Verdict, WINDOW_NS, deny_cache_slot,
 };
 
 // All maps are pinned by name under the daemon's bpffs directory, so counts and policies
@@ -30,8 +31,34 @@ static VERDICTS: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(Verdict::SLOT
 #[map(name = "PH_POLICY")]
 static POLICY: PerCpuHashMap<SourceKey, Policy> = PerCpuHashMap::pinned(DEFAULT_MAX_POLICIES, 0);
 
+/// Live denies copied out of `PH_POLICY`: under a flood from denied sources the drop path is one
+/// array access instead of a hash lookup (see `DenyCacheSlot`).
+#[map(name = "PH_DENY_CACHE")]
+static DENY_CACHE: PerCpuArray<DenyCacheSlot> = PerCpuArray::pinned(DENY_CACHE_SLOTS, 0);
+
+#[map(name = "PH_POLICY_GEN")]
+static POLICY_GEN: Array<u64> = Array::pinned(1, 0);
+
 #[map(name = "PH_SECONDS")]
 static SECONDS: PerCpuArray<SecondSlot> = PerCpuArray::pinned(SECOND_SLOTS, 0);
+
+/// The guard's per-CPU view of time. `bpf_ktime_get_coarse_ns` is a helper call on every
+/// packet, while `bpf_jiffies64` is inlined by the verifier into one load; both advance on the
+/// timer tick, so the coarse clock is read again only when jiffies moved. Where the current
+/// second and 5-second window end is kept too, so the guard divides once per second, not per
+/// packet.
+#[repr(C)]
+pub struct Clock {
+    jiffies: u64,
+    now_ns: u64,
+    second: u64,
+    second_end_ns: u64,
+    epoch: u64,
+    epoch_end_ns: u64,
+}
+
+#[map(name = "PH_CLOCK")]
+static CLOCK: PerCpuArray<Clock> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "PH_PORTS")]
 static PORTS: Array<u32> = Array::pinned(PORT_WORDS, 0);
@@ -43,13 +70,15 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 #[xdp]
 pub fn xdp_guard(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    // The coarse clock (tick resolution) is several times cheaper than bpf_ktime_get_ns and
-    // last-seen, windows and expiry need no better than milliseconds.
-    // SAFETY: the helper has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    count_second(now, len);
+    let Some(clock) = CLOCK.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: this CPU's clock; only this CPU writes it, and XDP runs with preemption off.
+    let clock = unsafe { &mut *clock };
+    let now = coarse_now(clock);
+    count_second(current_second(clock, now), len);
     let verdict = match parse(&ctx) {
-        Parsed::Source { key, new_tcp, ipv6 } => judge(&key, now, len, new_tcp, ipv6),
+        Parsed::Source(source) => judge(&ctx, &source, now, clock, len),
         Parsed::NonIp => Verdict::PassNonIp,
         Parsed::Malformed => Verdict::PassMalformed,
     };
@@ -67,13 +96,18 @@ pub fn xdp_baseline(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// An IP packet's source, and where its TCP header is if it may be a connection attempt.
+struct Source {
+    /// `SourceKey::words` of the source address.
+    words: [u64; 2],
+    ipv6: bool,
+    /// Offset of the IP header. The rest of it is examined only when the packet passes: a
+    /// denied flood never pays for it.
+    l3: usize,
+}
+
 enum Parsed {
-    Source {
-        key: SourceKey,
-        /// TCP SYN without ACK to a protected port.
-        new_tcp: bool,
-        ipv6: bool,
-    },
+    Source(Source),
     NonIp,
     Malformed,
 }
@@ -101,38 +135,66 @@ fn parse(ctx: &XdpContext) -> Parsed {
     }
     match ethertype {
         ETH_P_IP => {
-            let Some(head) = read_array::<IPV4_HLEN_MIN>(ctx, l3) else {
+            // Only the source is read here; the rest when the packet passes (`is_new_tcp`).
+            if ctx.data() + l3 + IPV4_HLEN_MIN > ctx.data_end() {
+                return Parsed::Malformed;
+            }
+            let Some([s0, s1]) = read_halves::<2>(ctx, l3 + 12) else {
                 return Parsed::Malformed;
             };
-            let ihl = ((head[0] & 0x0f) as usize) * 4;
-            // Only the first fragment carries the TCP header.
-            let first_fragment = (head[6] & 0x1f) == 0 && head[7] == 0;
-            let new_tcp = head[9] == IPPROTO_TCP
-                && first_fragment
-                && ihl >= IPV4_HLEN_MIN
-                && is_new_protected_tcp(ctx, l3 + ihl);
-            Parsed::Source {
-                key: SourceKey::from_ipv4([head[12], head[13], head[14], head[15]]),
-                new_tcp,
+            // ::ffff:a.b.c.d, as SourceKey::from_ipv4 lays it out.
+            let [a, b] = s0.to_ne_bytes();
+            let [c, d] = s1.to_ne_bytes();
+            Parsed::Source(Source {
+                words: [0, u64::from_ne_bytes([0, 0, 0xff, 0xff, a, b, c, d])],
                 ipv6: false,
-            }
+                l3,
+            })
         }
         ETH_P_IPV6 => {
-            let Some(head) = read_array::<IPV6_HLEN>(ctx, l3) else {
+            if ctx.data() + l3 + IPV6_HLEN > ctx.data_end() {
+                return Parsed::Malformed;
+            }
+            let Some(h) = read_halves::<8>(ctx, l3 + 8) else {
                 return Parsed::Malformed;
             };
-            let mut src = [0u8; 16];
-            src.copy_from_slice(&head[8..24]);
-            // Extension headers before TCP are rare on SYNs; only a direct TCP header counts.
-            let new_tcp = head[6] == IPPROTO_TCP && is_new_protected_tcp(ctx, l3 + IPV6_HLEN);
-            Parsed::Source {
-                key: SourceKey::from_ipv6(src),
-                new_tcp,
+            let word = |q: [u16; 4]| {
+                let ([a, b], [c, d]) = (q[0].to_ne_bytes(), q[1].to_ne_bytes());
+                let ([e, f], [g, i]) = (q[2].to_ne_bytes(), q[3].to_ne_bytes());
+                u64::from_ne_bytes([a, b, c, d, e, f, g, i])
+            };
+            Parsed::Source(Source {
+                words: [
+                    word([h[0], h[1], h[2], h[3]]),
+                    word([h[4], h[5], h[6], h[7]]),
+                ],
                 ipv6: true,
-            }
+                l3,
+            })
         }
         _ => Parsed::NonIp,
     }
+}
+
+/// A TCP SYN without ACK to a protected port: a new connection attempt.
+#[inline(always)]
+fn is_new_tcp(ctx: &XdpContext, source: &Source) -> bool {
+    let l3 = source.l3;
+    if source.ipv6 {
+        // Extension headers before TCP are rare on SYNs; only a direct TCP header counts.
+        return matches!(read_array::<1>(ctx, l3 + 6), Some([IPPROTO_TCP]))
+            && is_new_protected_tcp(ctx, l3 + IPV6_HLEN);
+    }
+    let Some(head) = read_array::<10>(ctx, l3) else {
+        return false;
+    };
+    let ihl = ((head[0] & 0x0f) as usize) * 4;
+    // Only the first fragment carries the TCP header.
+    let first_fragment = (head[6] & 0x1f) == 0 && head[7] == 0;
+    head[9] == IPPROTO_TCP
+        && first_fragment
+        && ihl >= IPV4_HLEN_MIN
+        && is_new_protected_tcp(ctx, l3 + ihl)
 }
 
 /// A SYN without ACK whose destination port is in the protected-ports bitmap.
@@ -154,27 +216,56 @@ fn is_new_protected_tcp(ctx: &XdpContext, l4: usize) -> bool {
 
 /// Applies the policy, then counts the packet against its source.
 #[inline(always)]
-fn judge(key: &SourceKey, now: u64, len: u64, new_tcp: bool, ipv6: bool) -> Verdict {
-    let mut verdict = if ipv6 {
+fn judge(ctx: &XdpContext, source: &Source, now: u64, clock: &mut Clock, len: u64) -> Verdict {
+    // The generation is read before the policy map: a slot filled from a read that raced a
+    // daemon write carries the generation that write's bump retires.
+    let generation = POLICY_GEN.get(0).copied().unwrap_or(0);
+    let words = source.words;
+    let slot = DENY_CACHE.get_ptr_mut(deny_cache_slot(words));
+    if let Some(slot) = slot {
+        // SAFETY: this CPU's slot; only this CPU writes it, and XDP runs with preemption off.
+        let s = unsafe { &mut *slot };
+        if s.verdict != 0
+            && s.generation == generation
+            && s.addr == words
+            && (s.until_ns == 0 || now < s.until_ns)
+        {
+            // The flood path.
+            s.dropped_packets += 1;
+            s.dropped_bytes += len;
+            return if s.verdict == Verdict::DropPenalty as u32 {
+                Verdict::DropPenalty
+            } else {
+                Verdict::DropManual
+            };
+        }
+    }
+    let key = SourceKey::from_words(words);
+    let mut verdict = if source.ipv6 {
         Verdict::PassIpv6
     } else {
         Verdict::PassIpv4
     };
-    if let Some(policy) = POLICY.get_ptr_mut(key) {
+    if let Some(policy) = POLICY.get_ptr_mut(&key) {
         // SAFETY: this CPU's copy of the value; only this CPU writes it.
         let p = unsafe { &mut *policy };
         let live = |until: u64| until == 0 || now < until;
         if p.flags & POLICY_ALLOW != 0 && live(p.allow_until_ns) {
             verdict = Verdict::PassAllowed;
         } else if p.flags & POLICY_DENY != 0 && live(p.deny_until_ns) {
-            // The flood path: count against the entry and stop here.
             p.dropped_packets += 1;
             p.dropped_bytes += len;
-            return Verdict::for_deny(p.deny_reason);
+            let verdict = Verdict::for_deny(p.deny_reason);
+            if let Some(slot) = slot {
+                // SAFETY: as above.
+                refill(unsafe { &mut *slot }, words, generation, p, verdict);
+            }
+            return verdict;
         }
     }
-    let epoch = now / WINDOW_NS;
-    if let Some(stats) = SOURCES.get_ptr_mut(key) {
+    let new_tcp = is_new_tcp(ctx, source);
+    let epoch = current_epoch(clock, now);
+    if let Some(stats) = SOURCES.get_ptr_mut(&key) {
         // SAFETY: per-CPU value: only this CPU writes it, and preemption is off in XDP.
         unsafe {
             let s = &mut *stats;
@@ -199,15 +290,83 @@ fn judge(key: &SourceKey, now: u64, len: u64, new_tcp: bool, ipv6: bool) -> Verd
         window_epoch: epoch,
         window_packets: 1,
     };
-    if SOURCES.insert(key, &fresh, 0).is_err() {
+    if SOURCES.insert(&key, &fresh, 0).is_err() {
         return Verdict::PassUntracked;
     }
     verdict
 }
 
+/// Puts a live deny into its cache slot. Drops the slot still counts for another (or an older)
+/// entry are first folded into that entry, if it is still the same entry.
 #[inline(always)]
-fn count_second(now: u64, len: u64) {
-    let second = now / NS_PER_SEC;
+fn refill(
+    s: &mut DenyCacheSlot,
+    words: [u64; 2],
+    generation: u64,
+    p: &mut Policy,
+    verdict: Verdict,
+) {
+    if s.verdict != 0 && s.dropped_packets != 0 {
+        if s.addr == words && s.serial == p.serial {
+            // Same entry, only a newer generation: the value in hand is it.
+            p.dropped_packets += s.dropped_packets;
+            p.dropped_bytes += s.dropped_bytes;
+        } else if let Some(old) = POLICY.get_ptr_mut(&SourceKey::from_words(s.addr)) {
+            // SAFETY: this CPU's copy of another entry.
+            let old = unsafe { &mut *old };
+            if old.serial == s.serial {
+                old.dropped_packets += s.dropped_packets;
+                old.dropped_bytes += s.dropped_bytes;
+            }
+        }
+    }
+    *s = DenyCacheSlot {
+        addr: words,
+        generation,
+        serial: p.serial,
+        until_ns: p.deny_until_ns,
+        verdict: verdict as u32,
+        _pad: 0,
+        dropped_packets: 0,
+        dropped_bytes: 0,
+    };
+}
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds (tick resolution: last-seen, windows and expiry need
+/// no better than milliseconds), read from the helper at most once per tick.
+#[inline(always)]
+fn coarse_now(clock: &mut Clock) -> u64 {
+    // SAFETY: neither helper has preconditions.
+    let jiffies = unsafe { bpf_jiffies64() };
+    if jiffies != clock.jiffies {
+        clock.jiffies = jiffies;
+        clock.now_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    }
+    clock.now_ns
+}
+
+#[inline(always)]
+fn current_second(clock: &mut Clock, now: u64) -> u64 {
+    // `now` never runs backwards on one CPU (see `coarse_now`).
+    if now >= clock.second_end_ns {
+        clock.second = now / NS_PER_SEC;
+        clock.second_end_ns = (clock.second + 1) * NS_PER_SEC;
+    }
+    clock.second
+}
+
+/// `now / WINDOW_NS`, the per-source window's number.
+#[inline(always)]
+fn current_epoch(clock: &mut Clock, now: u64) -> u64 {
+    if now >= clock.epoch_end_ns {
+        clock.epoch = now / WINDOW_NS;
+        clock.epoch_end_ns = (clock.epoch + 1) * WINDOW_NS;
+    }
+    clock.epoch
+}
+
+#[inline(always)]
+fn count_second(second: u64, len: u64) {
     if let Some(slot) = SECONDS.get_ptr_mut((second % SECOND_SLOTS as u64) as u32) {
         // SAFETY: per-CPU slot, written only by this CPU.
         unsafe {
@@ -237,8 +396,24 @@ fn count_verdict(verdict: Verdict, len: u64) {
 
 #[inline(always)]
 fn read_be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
-    let bytes = read_array::<2>(ctx, offset)?;
-    Some(u16::from_be_bytes(bytes))
+    let [half] = read_halves::<1>(ctx, offset)?;
+    Some(u16::from_be(half))
+}
+
+/// Reads `N` 16-bit words in memory order, with 16-bit loads: LLVM's BPF backend turns every
+/// load it cannot prove aligned into single bytes (16 loads and 30 shifts for an IPv6 address).
+/// Packet data starts at an even address in every XDP mode (the headroom is a multiple of 64,
+/// plus NET_IP_ALIGN, which is 0 or 2), and the offsets read here are even, so the loads are
+/// aligned. The verifier forbids testing a packet pointer's low bits, so this rests on that
+/// kernel layout rather than on a run-time check.
+#[inline(always)]
+fn read_halves<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u16; N]> {
+    let start = ctx.data() + offset;
+    if start + 2 * N > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: in bounds (checked above); 2-byte aligned by the packet layout described above.
+    Some(unsafe { core::ptr::read(start as *const [u16; N]) })
 }
 
 #[inline(always)]

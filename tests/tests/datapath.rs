@@ -192,6 +192,99 @@ fn deny_allow_unblock_and_ttl_in_xdp() {
     assert_eq!(api(&daemon, &["datapath", "list_denied"])["count"], 0);
 }
 
+/// Dropped packets of `address`'s deny entry, as `list_denied` reports them.
+fn dropped(daemon: &Daemon, address: &str) -> Option<u64> {
+    api(daemon, &["datapath", "list_denied"])["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == address)
+        .and_then(|e| e["dropped_packets"].as_u64())
+}
+
+/// The guard answers repeat packets of a denied source from a per-CPU cache in front of the
+/// policy map. Two denied sources that share a cache slot, a source unblocked and denied
+/// again, and a deny shortened to a TTL must all still be dropped and counted exactly.
+#[test]
+fn deny_cache_keeps_counts_exact_and_follows_every_change() {
+    if !require_root("deny_cache_keeps_counts_exact_and_follows_every_change") {
+        return;
+    }
+    use phantom_common::xdp::{SourceKey, deny_cache_slot};
+    // The cache is per CPU and veth receives on the sending CPU: senders (threads spawned from
+    // here inherit the mask) stay on one CPU so the two sources really meet in one slot.
+    let mut one_cpu = nix::sched::CpuSet::new();
+    one_cpu.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
+    let link = GuardedLink::new();
+    let bpffs = BpffsDir::new();
+    let daemon = Daemon::start(
+        &link.server,
+        &DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path()),
+    );
+    let (a, server) = (GuardedLink::PEER_V4, GuardedLink::SERVER_V4);
+    // A second peer address (benchmarking range) whose cache slot is the same as a's.
+    let slot_of =
+        |ip: std::net::Ipv4Addr| deny_cache_slot(SourceKey::from_ipv4(ip.octets()).words());
+    let a_slot = slot_of(a.parse().unwrap());
+    let c = (0u32..1 << 17)
+        .map(|i| std::net::Ipv4Addr::from(0xc612_0000 + i))
+        .find(|ip| slot_of(*ip) == a_slot)
+        .expect("a colliding address in 198.18.0.0/15")
+        .to_string();
+    link.peer.ip(&[
+        "addr",
+        "add",
+        &format!("{c}/32"),
+        "dev",
+        GuardedLink::PEER_DEV,
+    ]);
+
+    // Alternating bursts: every burst's first packet evicts the other source from the slot.
+    api(&daemon, &["datapath", "deny", &format!("ip={a}")]);
+    api(&daemon, &["datapath", "deny", &format!("ip={c}")]);
+    for _ in 0..3 {
+        link.send_udp(a, server, 5, 64);
+        link.send_udp(&c, server, 7, 64);
+    }
+    assert_eq!(dropped(&daemon, a), Some(15));
+    assert_eq!(dropped(&daemon, &c), Some(21));
+    assert_eq!(verdict(&daemon, "denied_manual"), 36);
+    assert_eq!(source(&daemon, a), Value::Null, "never counted as traffic");
+
+    // Unblocked, the next packet passes at once; denied again, the count starts afresh.
+    api(&daemon, &["datapath", "unblock", &format!("ip={a}")]);
+    link.send_udp(a, server, 4, 64);
+    assert_eq!(source(&daemon, a)["packets"], 4);
+    api(&daemon, &["datapath", "deny", &format!("ip={a}")]);
+    link.send_udp(a, server, 3, 64);
+    assert_eq!(dropped(&daemon, a), Some(3), "a new entry, a new count");
+    assert_eq!(
+        dropped(&daemon, &c),
+        Some(21),
+        "the other entry keeps its count"
+    );
+
+    // A permanent deny, cached, then shortened to a TTL: the TTL applies.
+    link.send_udp(&c, server, 2, 64);
+    assert_eq!(dropped(&daemon, &c), Some(23));
+    api(
+        &daemon,
+        &["datapath", "deny", &format!("ip={c}"), "ttl_seconds=1"],
+    );
+    link.send_udp(&c, server, 2, 64);
+    assert_eq!(dropped(&daemon, &c), Some(25), "refreshing keeps the count");
+    std::thread::sleep(Duration::from_millis(1600));
+    link.send_udp(&c, server, 5, 64);
+    assert_eq!(
+        source(&daemon, &c)["packets"],
+        5,
+        "the TTL lifted the cached deny"
+    );
+    assert_eq!(dropped(&daemon, &c), None);
+    assert_eq!(verdict(&daemon, "denied_manual"), 36 + 3 + 2 + 2);
+}
+
 /// Client, router (phantomd, the filtered `vpn0` towards the client) and upstream (dnsmasq).
 struct DnsTopology {
     client: NetNs,

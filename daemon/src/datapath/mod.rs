@@ -46,7 +46,7 @@ pub use self::{
     guard::{GuardMaps, SourceCount, VerdictCount, busiest},
     links::Attachment,
     multihop::{MarkSettings, MultihopMark},
-    policy::{List, PolicyTable, PolicyView},
+    policy::{List, PolicyMaps, PolicyTable, PolicyView},
 };
 use crate::{config::DatapathConfig, error::Error};
 
@@ -187,7 +187,11 @@ impl Datapath {
         );
         guard.set_protected_ports(&config.protected_ports)?;
         let policy = PolicyTable::open(
-            take_map(&mut ebpf, names::POLICY_MAP)?.try_into()?,
+            PolicyMaps::new(
+                take_map(&mut ebpf, names::POLICY_MAP)?.try_into()?,
+                take_map(&mut ebpf, names::DENY_CACHE_MAP)?.try_into()?,
+                take_map(&mut ebpf, names::POLICY_GEN_MAP)?.try_into()?,
+            ),
             state_dir,
         )?;
         let domains = DomainFilter::open(

@@ -14,8 +14,10 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{MapData, PerCpuHashMap, PerCpuValues};
-use phantom_common::xdp::{DenyReason, POLICY_ALLOW, POLICY_DENY, Policy, SourceKey};
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use phantom_common::xdp::{
+    DenyCacheSlot, DenyReason, POLICY_ALLOW, POLICY_DENY, Policy, SourceKey, deny_cache_slot,
+};
 use serde::{Deserialize, Serialize};
 
 use super::guard::{ip_to_key, key_to_ip, monotonic_ns};
@@ -41,10 +43,119 @@ pub struct PolicyView {
 
 type PolicyMap = PerCpuHashMap<MapData, SourceKey, Policy>;
 
-/// One entry as the CPUs hold it: settings (identical on every CPU) and summed counters.
-fn read_entry(map: &PolicyMap, key: &SourceKey) -> Option<Policy> {
-    let values = map.get(key, 0).ok()?;
-    Some(merge(&values))
+/// The kernel side of the lists: the policy map, the guard's per-CPU deny cache in front of it
+/// and the generation that retires cached denies (see `DenyCacheSlot`).
+pub struct PolicyMaps {
+    policy: PolicyMap,
+    cache: PerCpuArray<MapData, DenyCacheSlot>,
+    generation: Array<MapData, u64>,
+    last_serial: u64,
+}
+
+impl PolicyMaps {
+    pub fn new(
+        policy: PolicyMap,
+        cache: PerCpuArray<MapData, DenyCacheSlot>,
+        generation: Array<MapData, u64>,
+    ) -> Self {
+        Self {
+            policy,
+            cache,
+            generation,
+            last_serial: 0,
+        }
+    }
+
+    /// One entry as the CPUs hold it: settings (identical on every CPU) and its drop counts,
+    /// including those still held in the deny cache.
+    fn read(&self, key: &SourceKey) -> Option<Policy> {
+        let values = self.policy.get(key, 0).ok()?;
+        Some(self.counted(key, merge(&values)))
+    }
+
+    /// Adds what the deny cache counted for this entry and has not folded in yet.
+    fn counted(&self, key: &SourceKey, mut p: Policy) -> Policy {
+        if p.flags & POLICY_DENY == 0 {
+            return p;
+        }
+        let words = key.words();
+        if let Ok(slots) = self.cache.get(&deny_cache_slot(words), 0) {
+            for slot in slots.iter() {
+                if slot.verdict != 0 && slot.addr == words && slot.serial == p.serial {
+                    p.dropped_packets += slot.dropped_packets;
+                    p.dropped_bytes += slot.dropped_bytes;
+                }
+            }
+        }
+        p
+    }
+
+    /// Writes an entry's settings to every CPU, keeping each CPU's counters and the entry's
+    /// serial, or deletes the entry when neither list holds the source any more. A write to an
+    /// entry that held a deny retires every cached deny, so the change applies to the next
+    /// packet; a new deny needs no such step (only denies are cached).
+    fn write(&mut self, key: &SourceKey, p: Policy) -> Result<(), Error> {
+        let current = self.policy.get(key, 0).ok().map(|v| v.to_vec());
+        let had_deny = current
+            .as_ref()
+            .and_then(|c| c.first())
+            .is_some_and(|c| c.flags & POLICY_DENY != 0);
+        self.write_values(key, p, current)?;
+        if had_deny {
+            self.bump_generation()?;
+        }
+        Ok(())
+    }
+
+    fn write_values(
+        &mut self,
+        key: &SourceKey,
+        p: Policy,
+        current: Option<Vec<Policy>>,
+    ) -> Result<(), Error> {
+        if p.flags & (POLICY_ALLOW | POLICY_DENY) == 0 {
+            return match self.policy.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(e.into()),
+            };
+        }
+        let serial = match current.as_ref().and_then(|c| c.first()) {
+            Some(c) => c.serial,
+            None => self.next_serial(),
+        };
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| Error::Datapath(format!("{what}: {e}")))?
+            .get() as usize;
+        let current = current.unwrap_or_else(|| vec![Policy::default(); cpus]);
+        let values: Vec<Policy> = current
+            .iter()
+            .map(|c| Policy {
+                dropped_packets: c.dropped_packets,
+                dropped_bytes: c.dropped_bytes,
+                serial,
+                ..p
+            })
+            .collect();
+        let values = PerCpuValues::try_from(values)
+            .map_err(|e| Error::Datapath(format!("per-CPU policy value: {e}")))?;
+        self.policy
+            .insert(key, values, 0)
+            .map_err(|e| Error::Datapath(format!("cannot update the policy map (full?): {e}")))
+    }
+
+    /// A serial no entry had before: the monotonic clock, which outlives daemon restarts (and
+    /// a reboot empties the map anyway).
+    fn next_serial(&mut self) -> u64 {
+        self.last_serial = monotonic_ns().max(self.last_serial + 1);
+        self.last_serial
+    }
+
+    fn bump_generation(&mut self) -> Result<(), Error> {
+        let current = self.generation.get(&0, 0).unwrap_or(0);
+        self.generation
+            .set(0, &current.wrapping_add(1), 0)
+            .map_err(|e| Error::Datapath(format!("cannot bump the policy generation: {e}")))
+    }
 }
 
 fn merge(values: &PerCpuValues<Policy>) -> Policy {
@@ -68,7 +179,7 @@ struct Persisted {
 }
 
 pub struct PolicyTable {
-    map: Mutex<PolicyMap>,
+    map: Mutex<PolicyMaps>,
     path: PathBuf,
     /// Serialises read-modify-write of the file and the map.
     persisted: Mutex<Persisted>,
@@ -88,7 +199,7 @@ fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, Error> {
 
 impl PolicyTable {
     /// Restores operator entries from the state directory into the (possibly pinned) map.
-    pub fn open(map: PolicyMap, state_dir: &Path) -> Result<Self, Error> {
+    pub fn open(map: PolicyMaps, state_dir: &Path) -> Result<Self, Error> {
         let path = state_dir.join("datapath-policy.json");
         let mut persisted: Persisted = store::read_json(&path)?;
         let now = unix_now();
@@ -106,16 +217,16 @@ impl PolicyTable {
         {
             let mut map = lock(&table.map)?;
             // Operator entries come from the file alone; penalty denies stay as they are.
-            let keys: Vec<SourceKey> = map.keys().filter_map(Result::ok).collect();
+            let keys: Vec<SourceKey> = map.policy.keys().filter_map(Result::ok).collect();
             for key in keys {
-                let Some(mut p) = read_entry(&map, &key) else {
+                let Some(mut p) = map.read(&key) else {
                     continue;
                 };
                 p.flags &= !POLICY_ALLOW;
                 if p.deny_reason == DenyReason::Manual as u32 {
                     p.flags &= !POLICY_DENY;
                 }
-                write_entry(&mut map, &key, p)?;
+                map.write(&key, p)?;
             }
             let mono = monotonic_ns();
             let to_mono = |until: Option<u64>| {
@@ -125,19 +236,21 @@ impl PolicyTable {
             };
             for (ip, until) in &persisted.allow {
                 let key = ip_to_key(*ip);
-                let mut p = read_entry(&map, &key).unwrap_or_default();
+                let mut p = map.read(&key).unwrap_or_default();
                 p.flags |= POLICY_ALLOW;
                 p.allow_until_ns = to_mono(*until);
-                write_entry(&mut map, &key, p)?;
+                map.write(&key, p)?;
             }
             for (ip, until) in &persisted.deny {
                 let key = ip_to_key(*ip);
-                let mut p = read_entry(&map, &key).unwrap_or_default();
+                let mut p = map.read(&key).unwrap_or_default();
                 p.flags |= POLICY_DENY;
                 p.deny_until_ns = to_mono(*until);
                 p.deny_reason = DenyReason::Manual as u32;
-                write_entry(&mut map, &key, p)?;
+                map.write(&key, p)?;
             }
+            // Whatever the guard cached before this start is retired.
+            map.bump_generation()?;
         }
         *lock(&table.persisted)? = persisted;
         Ok(table)
@@ -165,7 +278,7 @@ impl PolicyTable {
         let key = ip_to_key(ip);
         let until_ns = ttl.map_or(0, |t| monotonic_ns() + t.as_secs().max(1) * 1_000_000_000);
         let mut map = lock(&self.map)?;
-        let mut p = read_entry(&map, &key).unwrap_or_default();
+        let mut p = map.read(&key).unwrap_or_default();
         match list {
             List::Allow => {
                 p.flags |= POLICY_ALLOW;
@@ -177,7 +290,7 @@ impl PolicyTable {
                 p.deny_reason = reason as u32;
             }
         }
-        write_entry(&mut map, &key, p)?;
+        map.write(&key, p)?;
         Ok(view(&key, &p, list, monotonic_ns()).unwrap_or(PolicyView {
             address: ip,
             reason: None,
@@ -200,7 +313,7 @@ impl PolicyTable {
         }
         let key = ip_to_key(ip);
         let mut map = lock(&self.map)?;
-        let Some(mut p) = read_entry(&map, &key) else {
+        let Some(mut p) = map.read(&key) else {
             return Ok(false);
         };
         let live = view(&key, &p, list, monotonic_ns()).is_some();
@@ -208,7 +321,7 @@ impl PolicyTable {
             List::Allow => p.flags &= !POLICY_ALLOW,
             List::Deny => p.flags &= !POLICY_DENY,
         }
-        write_entry(&mut map, &key, p)?;
+        map.write(&key, p)?;
         Ok(live)
     }
 
@@ -217,9 +330,20 @@ impl PolicyTable {
         let now = monotonic_ns();
         let map = lock(&self.map)?;
         let mut out: Vec<PolicyView> = map
+            .policy
             .iter()
             .filter_map(Result::ok)
-            .filter_map(|(key, values)| view(&key, &merge(&values), list, now))
+            .filter_map(|(key, values)| {
+                let p = merge(&values);
+                // Flags first: the cache is read only for entries that will be shown.
+                view(&key, &p, list, now)?;
+                let p = if list == List::Deny {
+                    map.counted(&key, p)
+                } else {
+                    p
+                };
+                view(&key, &p, list, now)
+            })
             .collect();
         out.sort_by_key(|a| a.address);
         Ok(out)
@@ -230,7 +354,7 @@ impl PolicyTable {
         let now = monotonic_ns();
         let map = lock(&self.map)?;
         let mut counts = (0, 0);
-        for (key, values) in map.iter().filter_map(Result::ok) {
+        for (key, values) in map.policy.iter().filter_map(Result::ok) {
             let p = merge(&values);
             counts.0 += usize::from(view(&key, &p, List::Allow, now).is_some());
             counts.1 += usize::from(view(&key, &p, List::Deny, now).is_some());
@@ -251,6 +375,7 @@ impl PolicyTable {
         let now = monotonic_ns();
         let mut map = lock(&self.map)?;
         let entries: Vec<(SourceKey, Policy)> = map
+            .policy
             .iter()
             .filter_map(Result::ok)
             .map(|(k, v)| (k, merge(&v)))
@@ -267,41 +392,11 @@ impl PolicyTable {
             }
             if p.flags != old {
                 cleared += (old ^ p.flags).count_ones() as usize;
-                write_entry(&mut map, &key, p)?;
+                map.write(&key, p)?;
             }
         }
         Ok(cleared)
     }
-}
-
-/// Writes an entry's settings to every CPU, keeping each CPU's counters, or deletes the entry
-/// when neither list holds the source any more.
-fn write_entry(map: &mut PolicyMap, key: &SourceKey, p: Policy) -> Result<(), Error> {
-    if p.flags & (POLICY_ALLOW | POLICY_DENY) == 0 {
-        return match map.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e.into()),
-        };
-    }
-    let cpus = aya::util::nr_cpus()
-        .map_err(|(what, e)| Error::Datapath(format!("{what}: {e}")))?
-        .get() as usize;
-    let current: Vec<Policy> = map
-        .get(key, 0)
-        .map(|v| v.to_vec())
-        .unwrap_or_else(|_| vec![Policy::default(); cpus]);
-    let values: Vec<Policy> = current
-        .iter()
-        .map(|c| Policy {
-            dropped_packets: c.dropped_packets,
-            dropped_bytes: c.dropped_bytes,
-            ..p
-        })
-        .collect();
-    let values = PerCpuValues::try_from(values)
-        .map_err(|e| Error::Datapath(format!("per-CPU policy value: {e}")))?;
-    map.insert(key, values, 0)
-        .map_err(|e| Error::Datapath(format!("cannot update the policy map (full?): {e}")))
 }
 
 fn view(key: &SourceKey, p: &Policy, list: List, now: u64) -> Option<PolicyView> {
