@@ -13,16 +13,14 @@ pub mod xdp;
 pub mod names {
     /// Per-source counters (LRU, per-CPU).
     pub const SOURCES_MAP: &str = "PH_SOURCES";
-    /// Packet/byte counters by verdict and reason (per-CPU array).
-    pub const VERDICTS_MAP: &str = "PH_VERDICTS";
+    /// Clock, per-second series and counters by verdict (one per-CPU value).
+    pub const COUNTERS_MAP: &str = "PH_COUNTERS";
     /// Allow and deny entries by source.
     pub const POLICY_MAP: &str = "PH_POLICY";
     /// Per-CPU cache of live denies in front of the policy map.
     pub const DENY_CACHE_MAP: &str = "PH_DENY_CACHE";
     /// Policy generation: bumped by the daemon after a write that can lift or change a deny.
     pub const POLICY_GEN_MAP: &str = "PH_POLICY_GEN";
-    /// Global packets per second (per-CPU ring).
-    pub const SECONDS_MAP: &str = "PH_SECONDS";
     /// Bitmap of protected TCP ports.
     pub const PORTS_MAP: &str = "PH_PORTS";
     /// Blocked domain hashes for the DNS answer filter.

@@ -172,7 +172,46 @@ pub struct SecondSlot {
     pub bytes: u64,
 }
 
-/// Value of the verdict map, one copy per CPU.
+/// The guard's per-CPU view of time. `bpf_ktime_get_coarse_ns` is a helper call, while
+/// `bpf_jiffies64` is inlined by the verifier into one load; both advance on the timer tick,
+/// so the guard reads the coarse clock again only when jiffies moved. Where the current second
+/// and 5-second window end is kept too, so the guard divides once per second, not per packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardClock {
+    pub jiffies: u64,
+    /// CLOCK_MONOTONIC_COARSE at the last jiffies change.
+    pub now_ns: u64,
+    pub second: u64,
+    pub second_end_ns: u64,
+    /// `now / WINDOW_NS`.
+    pub epoch: u64,
+    pub epoch_end_ns: u64,
+}
+
+/// Everything the guard counts for every packet, in one per-CPU value: the clock, the global
+/// per-second series (a ring indexed by second) and the counters by verdict. One map access
+/// per packet instead of three.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuardCounters {
+    pub clock: GuardClock,
+    pub seconds: [SecondSlot; SECOND_SLOTS as usize],
+    /// Indexed by `Verdict`.
+    pub verdicts: [TrafficCounter; Verdict::SLOTS as usize],
+}
+
+impl Default for GuardCounters {
+    fn default() -> Self {
+        Self {
+            clock: GuardClock::default(),
+            seconds: [SecondSlot::default(); SECOND_SLOTS as usize],
+            verdicts: [TrafficCounter::default(); Verdict::SLOTS as usize],
+        }
+    }
+}
+
+/// Value of the verdict counters, one copy per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrafficCounter {
@@ -258,6 +297,8 @@ mod pod {
     unsafe impl aya::Pod for super::Policy {}
     unsafe impl aya::Pod for super::SecondSlot {}
     unsafe impl aya::Pod for super::DenyCacheSlot {}
+    unsafe impl aya::Pod for super::GuardClock {}
+    unsafe impl aya::Pod for super::GuardCounters {}
 }
 
 #[cfg(test)]
@@ -305,6 +346,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<TrafficCounter>(), 16);
         assert_eq!(core::mem::size_of::<Policy>(), 48);
         assert_eq!(core::mem::size_of::<DenyCacheSlot>(), 64);
+        assert_eq!(
+            core::mem::size_of::<GuardCounters>(),
+            6 * 8 + 64 * 24 + 32 * 16
+        );
         assert_eq!(core::mem::size_of::<SecondSlot>(), 24);
     }
 

@@ -14,9 +14,9 @@ use phantom_common::net::{
     IPV6_HLEN, VLAN_HLEN,
 };
 use phantom_common::xdp::{
-    DEFAULT_MAX_POLICIES, DEFAULT_MAX_SOURCES, DENY_CACHE_SLOTS, DenyCacheSlot, POLICY_ALLOW,
-    POLICY_DENY, PORT_WORDS, Policy, SECOND_SLOTS, SecondSlot, SourceKey, SourceStats,
-    TrafficCounter, Verdict, WINDOW_NS, deny_cache_slot,
+    DEFAULT_MAX_POLICIES, DEFAULT_MAX_SOURCES, DENY_CACHE_SLOTS, DenyCacheSlot, GuardClock,
+    GuardCounters, POLICY_ALLOW, POLICY_DENY, PORT_WORDS, Policy, SECOND_SLOTS, SourceKey,
+    SourceStats, Verdict, WINDOW_NS, deny_cache_slot,
 };
 
 // All maps are pinned by name under the daemon's bpffs directory, so counts and policies
@@ -25,8 +25,8 @@ use phantom_common::xdp::{
 static SOURCES: LruPerCpuHashMap<SourceKey, SourceStats> =
     LruPerCpuHashMap::pinned(DEFAULT_MAX_SOURCES, 0);
 
-#[map(name = "PH_VERDICTS")]
-static VERDICTS: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(Verdict::SLOTS, 0);
+#[map(name = "PH_COUNTERS")]
+static COUNTERS: PerCpuArray<GuardCounters> = PerCpuArray::pinned(1, 0);
 
 #[map(name = "PH_POLICY")]
 static POLICY: PerCpuHashMap<SourceKey, Policy> = PerCpuHashMap::pinned(DEFAULT_MAX_POLICIES, 0);
@@ -39,27 +39,6 @@ static DENY_CACHE: PerCpuArray<DenyCacheSlot> = PerCpuArray::pinned(DENY_CACHE_S
 #[map(name = "PH_POLICY_GEN")]
 static POLICY_GEN: Array<u64> = Array::pinned(1, 0);
 
-#[map(name = "PH_SECONDS")]
-static SECONDS: PerCpuArray<SecondSlot> = PerCpuArray::pinned(SECOND_SLOTS, 0);
-
-/// The guard's per-CPU view of time. `bpf_ktime_get_coarse_ns` is a helper call on every
-/// packet, while `bpf_jiffies64` is inlined by the verifier into one load; both advance on the
-/// timer tick, so the coarse clock is read again only when jiffies moved. Where the current
-/// second and 5-second window end is kept too, so the guard divides once per second, not per
-/// packet.
-#[repr(C)]
-pub struct Clock {
-    jiffies: u64,
-    now_ns: u64,
-    second: u64,
-    second_end_ns: u64,
-    epoch: u64,
-    epoch_end_ns: u64,
-}
-
-#[map(name = "PH_CLOCK")]
-static CLOCK: PerCpuArray<Clock> = PerCpuArray::with_max_entries(1, 0);
-
 #[map(name = "PH_PORTS")]
 static PORTS: Array<u32> = Array::pinned(PORT_WORDS, 0);
 
@@ -70,19 +49,22 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 #[xdp]
 pub fn xdp_guard(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let Some(clock) = CLOCK.get_ptr_mut(0) else {
+    let Some(counters) = COUNTERS.get_ptr_mut(0) else {
         return xdp_action::XDP_PASS;
     };
-    // SAFETY: this CPU's clock; only this CPU writes it, and XDP runs with preemption off.
-    let clock = unsafe { &mut *clock };
-    let now = coarse_now(clock);
-    count_second(current_second(clock, now), len);
+    // SAFETY: this CPU's value; only this CPU writes it, and XDP runs with preemption off.
+    let counters = unsafe { &mut *counters };
+    let now = coarse_now(&mut counters.clock);
+    let second = current_second(&mut counters.clock, now);
+    count_second(counters, second, len);
     let verdict = match parse(&ctx) {
-        Parsed::Source(source) => judge(&ctx, &source, now, clock, len),
+        Parsed::Source(source) => judge(&ctx, &source, now, &mut counters.clock, len),
         Parsed::NonIp => Verdict::PassNonIp,
         Parsed::Malformed => Verdict::PassMalformed,
     };
-    count_verdict(verdict, len);
+    let counter = &mut counters.verdicts[verdict as usize % Verdict::SLOTS as usize];
+    counter.packets += 1;
+    counter.bytes += len;
     if verdict.is_drop() {
         xdp_action::XDP_DROP
     } else {
@@ -216,7 +198,7 @@ fn is_new_protected_tcp(ctx: &XdpContext, l4: usize) -> bool {
 
 /// Applies the policy, then counts the packet against its source.
 #[inline(always)]
-fn judge(ctx: &XdpContext, source: &Source, now: u64, clock: &mut Clock, len: u64) -> Verdict {
+fn judge(ctx: &XdpContext, source: &Source, now: u64, clock: &mut GuardClock, len: u64) -> Verdict {
     // The generation is read before the policy map: a slot filled from a read that raced a
     // daemon write carries the generation that write's bump retires.
     let generation = POLICY_GEN.get(0).copied().unwrap_or(0);
@@ -335,7 +317,7 @@ fn refill(
 /// CLOCK_MONOTONIC_COARSE in nanoseconds (tick resolution: last-seen, windows and expiry need
 /// no better than milliseconds), read from the helper at most once per tick.
 #[inline(always)]
-fn coarse_now(clock: &mut Clock) -> u64 {
+fn coarse_now(clock: &mut GuardClock) -> u64 {
     // SAFETY: neither helper has preconditions.
     let jiffies = unsafe { bpf_jiffies64() };
     if jiffies != clock.jiffies {
@@ -346,7 +328,7 @@ fn coarse_now(clock: &mut Clock) -> u64 {
 }
 
 #[inline(always)]
-fn current_second(clock: &mut Clock, now: u64) -> u64 {
+fn current_second(clock: &mut GuardClock, now: u64) -> u64 {
     // `now` never runs backwards on one CPU (see `coarse_now`).
     if now >= clock.second_end_ns {
         clock.second = now / NS_PER_SEC;
@@ -357,7 +339,7 @@ fn current_second(clock: &mut Clock, now: u64) -> u64 {
 
 /// `now / WINDOW_NS`, the per-source window's number.
 #[inline(always)]
-fn current_epoch(clock: &mut Clock, now: u64) -> u64 {
+fn current_epoch(clock: &mut GuardClock, now: u64) -> u64 {
     if now >= clock.epoch_end_ns {
         clock.epoch = now / WINDOW_NS;
         clock.epoch_end_ns = (clock.epoch + 1) * WINDOW_NS;
@@ -366,31 +348,15 @@ fn current_epoch(clock: &mut Clock, now: u64) -> u64 {
 }
 
 #[inline(always)]
-fn count_second(second: u64, len: u64) {
-    if let Some(slot) = SECONDS.get_ptr_mut((second % SECOND_SLOTS as u64) as u32) {
-        // SAFETY: per-CPU slot, written only by this CPU.
-        unsafe {
-            let s = &mut *slot;
-            if s.second == second {
-                s.packets += 1;
-                s.bytes += len;
-            } else {
-                s.second = second;
-                s.packets = 1;
-                s.bytes = len;
-            }
-        }
-    }
-}
-
-#[inline(always)]
-fn count_verdict(verdict: Verdict, len: u64) {
-    if let Some(counter) = VERDICTS.get_ptr_mut(verdict as u32) {
-        // SAFETY: per-CPU slot, written only by this CPU.
-        unsafe {
-            (*counter).packets += 1;
-            (*counter).bytes += len;
-        }
+fn count_second(counters: &mut GuardCounters, second: u64, len: u64) {
+    let s = &mut counters.seconds[(second % SECOND_SLOTS as u64) as usize];
+    if s.second == second {
+        s.packets += 1;
+        s.bytes += len;
+    } else {
+        s.second = second;
+        s.packets = 1;
+        s.bytes = len;
     }
 }
 

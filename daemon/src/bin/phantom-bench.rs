@@ -32,7 +32,7 @@ use clap::{Parser, ValueEnum};
 use phantom_common::{
     dns::IfaceInfo,
     names,
-    xdp::{DenyReason, POLICY_DENY, Policy, SourceKey, SourceStats, TrafficCounter, Verdict},
+    xdp::{DenyReason, GuardCounters, POLICY_DENY, Policy, SourceKey, SourceStats, Verdict},
 };
 use phantom_daemon::datapath::{DomainFilter, Owner, ebpf_object};
 
@@ -642,12 +642,12 @@ fn bench_flood(cli: &Cli) -> Result<(), BoxError> {
             0,
         )?;
         let read_drops = |ebpf: &Ebpf| -> Result<u64, BoxError> {
-            let verdicts: PerCpuArray<_, TrafficCounter> =
-                PerCpuArray::try_from(ebpf.map(names::VERDICTS_MAP).ok_or("no verdict map")?)?;
-            Ok(verdicts
-                .get(&(Verdict::DropManual as u32), 0)?
+            let counters: PerCpuArray<_, GuardCounters> =
+                PerCpuArray::try_from(ebpf.map(names::COUNTERS_MAP).ok_or("no counters map")?)?;
+            Ok(counters
+                .get(&0, 0)?
                 .iter()
-                .map(|c| c.packets)
+                .map(|c| c.verdicts[Verdict::DropManual as usize].packets)
                 .sum())
         };
         flood_once(&sender, gen_ifindex, frame, 100_000)?;

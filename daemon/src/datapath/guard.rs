@@ -8,8 +8,7 @@ use std::{
 
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap};
 use phantom_common::xdp::{
-    PORT_WORDS, SECOND_SLOTS, SecondSlot, SourceKey, SourceStats, TrafficCounter, Verdict,
-    WINDOW_NS,
+    GuardCounters, PORT_WORDS, SECOND_SLOTS, SourceKey, SourceStats, Verdict, WINDOW_NS,
 };
 use serde::Serialize;
 
@@ -48,8 +47,7 @@ pub struct SecondCount {
 
 pub struct GuardMaps {
     sources: Mutex<PerCpuHashMap<MapData, SourceKey, SourceStats>>,
-    verdicts: Mutex<PerCpuArray<MapData, TrafficCounter>>,
-    seconds: Mutex<PerCpuArray<MapData, SecondSlot>>,
+    counters: Mutex<PerCpuArray<MapData, GuardCounters>>,
     ports: Mutex<Array<MapData, u32>>,
 }
 
@@ -86,36 +84,34 @@ pub fn monotonic_ns() -> u64 {
 impl GuardMaps {
     pub fn new(
         sources: PerCpuHashMap<MapData, SourceKey, SourceStats>,
-        verdicts: PerCpuArray<MapData, TrafficCounter>,
-        seconds: PerCpuArray<MapData, SecondSlot>,
+        counters: PerCpuArray<MapData, GuardCounters>,
         ports: Array<MapData, u32>,
     ) -> Self {
         Self {
             sources: Mutex::new(sources),
-            verdicts: Mutex::new(verdicts),
-            seconds: Mutex::new(seconds),
+            counters: Mutex::new(counters),
             ports: Mutex::new(ports),
         }
     }
 
     /// Counters by verdict and reason, summed over CPUs.
     pub fn verdicts(&self) -> Result<Vec<VerdictCount>, Error> {
-        let map = lock(&self.verdicts)?;
-        Verdict::ALL
+        let per_cpu = lock(&self.counters)?.get(&0, 0)?;
+        Ok(Verdict::ALL
             .iter()
             .map(|v| {
-                let per_cpu = map.get(&(*v as u32), 0)?;
-                let (packets, bytes) = per_cpu
-                    .iter()
-                    .fold((0u64, 0u64), |(p, b), c| (p + c.packets, b + c.bytes));
-                Ok(VerdictCount {
+                let (packets, bytes) = per_cpu.iter().fold((0u64, 0u64), |(p, b), c| {
+                    let c = &c.verdicts[*v as usize];
+                    (p + c.packets, b + c.bytes)
+                });
+                VerdictCount {
                     verdict: v.action(),
                     reason: v.reason(),
                     packets,
                     bytes,
-                })
+                }
             })
-            .collect()
+            .collect())
     }
 
     /// Every tracked source, summed over CPUs. Entries evicted by the LRU are gone.
@@ -159,16 +155,20 @@ impl GuardMaps {
     pub fn per_second(&self, n: u64) -> Result<Vec<SecondCount>, Error> {
         let current = monotonic_ns() / 1_000_000_000;
         let n = n.min(SECOND_SLOTS as u64 - 1);
-        let map = lock(&self.seconds)?;
+        let per_cpu = lock(&self.counters)?.get(&0, 0)?;
         let mut out = Vec::with_capacity(n as usize);
         for second in current.saturating_sub(n)..current {
-            let per_cpu = map.get(&((second % SECOND_SLOTS as u64) as u32), 0)?;
+            let slot = (second % SECOND_SLOTS as u64) as usize;
             let mut c = SecondCount {
                 second,
                 packets: 0,
                 bytes: 0,
             };
-            for s in per_cpu.iter().filter(|s| s.second == second) {
+            for s in per_cpu
+                .iter()
+                .map(|cpu| &cpu.seconds[slot])
+                .filter(|s| s.second == second)
+            {
                 c.packets += s.packets;
                 c.bytes += s.bytes;
             }

@@ -181,8 +181,7 @@ impl Datapath {
 
         let guard = GuardMaps::new(
             take_map(&mut ebpf, names::SOURCES_MAP)?.try_into()?,
-            take_map(&mut ebpf, names::VERDICTS_MAP)?.try_into()?,
-            take_map(&mut ebpf, names::SECONDS_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::COUNTERS_MAP)?.try_into()?,
             take_map(&mut ebpf, names::PORTS_MAP)?.try_into()?,
         );
         guard.set_protected_ports(&config.protected_ports)?;
