@@ -285,6 +285,48 @@ fn deny_cache_keeps_counts_exact_and_follows_every_change() {
     assert_eq!(verdict(&daemon, "denied_manual"), 36 + 3 + 2 + 2);
 }
 
+/// Pinned maps outlive the daemon; one whose shape no longer matches the program (here the
+/// capacity changed in the configuration; an upgrade that changes a layout is the same case)
+/// is replaced at start, and the operator's entries are written into the new one.
+#[test]
+fn a_pinned_map_of_another_shape_is_replaced_and_refilled() {
+    if !require_root("a_pinned_map_of_another_shape_is_replaced_and_refilled") {
+        return;
+    }
+    let link = GuardedLink::new();
+    let bpffs = BpffsDir::new();
+    let mut daemon = Daemon::start(
+        &link.server,
+        &DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path()),
+    );
+    let (a, server) = (GuardedLink::PEER_V4, GuardedLink::SERVER_V4);
+    api(&daemon, &["datapath", "deny", &format!("ip={a}")]);
+    assert_eq!(ping_from(&link, a, server, 2), 0);
+    daemon.stop();
+
+    let config = std::fs::read_to_string(daemon.config_path()).unwrap();
+    let config = config.replace("[datapath]\n", "[datapath]\nmax_policies = 4096\n");
+    std::fs::write(daemon.config_path(), config).unwrap();
+    daemon.restart();
+    // The kernel's map, not the configuration, has the new capacity.
+    let pinned = aya::maps::MapData::from_pin(bpffs.path().join("PH_POLICY")).unwrap();
+    assert_eq!(pinned.info().unwrap().max_entries(), 4096);
+    assert_eq!(
+        api(&daemon, &["datapath", "list_denied"])["entries"][0]["address"],
+        a
+    );
+    assert_eq!(
+        ping_from(&link, a, server, 2),
+        0,
+        "the deny is in force again"
+    );
+    assert!(
+        daemon.log().contains("pinned map has another shape"),
+        "{}",
+        daemon.log()
+    );
+}
+
 /// Client, router (phantomd, the filtered `vpn0` towards the client) and upstream (dnsmasq).
 struct DnsTopology {
     client: NetNs,

@@ -103,6 +103,38 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, Error> {
         .ok_or_else(|| Error::Datapath(format!("the eBPF object has no map {name}")))
 }
 
+/// Loads the object, adopting the maps pinned by an earlier start. A pinned map whose shape no
+/// longer matches (an upgrade changed its layout, or the configuration its capacity) is
+/// replaced, with a warning: its contents are lost, and what the daemon owns is written again
+/// at start (operator policies from the state file, domain rules from the blocklist store).
+fn load_object(config: &DatapathConfig, pin_dir: &Path) -> Result<Ebpf, Error> {
+    let mut replaced = std::collections::BTreeSet::new();
+    loop {
+        let loaded = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .map_max_entries(names::SOURCES_MAP, config.max_sources)
+            .map_max_entries(names::POLICY_MAP, config.max_policies)
+            .map_max_entries(names::DOMAINS_MAP, config.max_domains)
+            .load(EBPF_OBJECT);
+        match loaded {
+            Err(aya::EbpfError::MapError(aya::maps::MapError::IncompatiblePinnedMap {
+                name,
+                property,
+                expected,
+                actual,
+            })) if replaced.insert(name.clone()) => {
+                warn!(
+                    map = %name, %property, expected, actual,
+                    "pinned map has another shape; replacing it (its contents are lost)"
+                );
+                let pin = pin_dir.join(&name);
+                std::fs::remove_file(&pin).map_err(|e| Error::io(&pin, e))?;
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
     let guard: &mut Xdp = ebpf
         .program_mut(names::XDP_GUARD)
@@ -162,12 +194,7 @@ impl Datapath {
         };
         let ifindex = uplink::ifindex(&uplink)?;
 
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
-            .map_max_entries(names::SOURCES_MAP, config.max_sources)
-            .map_max_entries(names::POLICY_MAP, config.max_policies)
-            .map_max_entries(names::DOMAINS_MAP, config.max_domains)
-            .load(EBPF_OBJECT)?;
+        let mut ebpf = load_object(config, &pin_dir)?;
         load_programs(&mut ebpf)?;
 
         let links = LinkStore::new(&pin_dir, state_dir);
