@@ -78,7 +78,7 @@ pub fn xdp_baseline(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// An IP packet's source, and where its TCP header is if it may be a connection attempt.
+/// An IP packet's source address, and where its IP header starts.
 struct Source {
     /// `SourceKey::words` of the source address.
     words: [u64; 2],
@@ -329,22 +329,24 @@ fn coarse_now(clock: &mut GuardClock) -> u64 {
 
 #[inline(always)]
 fn current_second(clock: &mut GuardClock, now: u64) -> u64 {
-    // `now` never runs backwards on one CPU (see `coarse_now`).
-    if now >= clock.second_end_ns {
-        clock.second = now / NS_PER_SEC;
-        clock.second_end_ns = (clock.second + 1) * NS_PER_SEC;
-    }
-    clock.second
+    period(&mut clock.second, &mut clock.second_end_ns, now, NS_PER_SEC)
 }
 
 /// `now / WINDOW_NS`, the per-source window's number.
 #[inline(always)]
 fn current_epoch(clock: &mut GuardClock, now: u64) -> u64 {
-    if now >= clock.epoch_end_ns {
-        clock.epoch = now / WINDOW_NS;
-        clock.epoch_end_ns = (clock.epoch + 1) * WINDOW_NS;
+    period(&mut clock.epoch, &mut clock.epoch_end_ns, now, WINDOW_NS)
+}
+
+/// `now / length`, divided afresh only once `now` passes the end of the period last computed
+/// (`now` never runs backwards on one CPU, see `coarse_now`).
+#[inline(always)]
+fn period(number: &mut u64, end_ns: &mut u64, now: u64, length: u64) -> u64 {
+    if now >= *end_ns {
+        *number = now / length;
+        *end_ns = (*number + 1) * length;
     }
-    clock.epoch
+    *number
 }
 
 #[inline(always)]

@@ -36,17 +36,23 @@ fn ping_from(link: &GuardedLink, from: &str, to: &str, count: u32) -> u32 {
     link.ping_from(Some(from), to, count)
 }
 
+/// The guarded link with phantomd on its server side, guarding `up0`.
+fn guarded_daemon() -> (GuardedLink, BpffsDir, Daemon) {
+    let link = GuardedLink::new();
+    let bpffs = BpffsDir::new();
+    let daemon = Daemon::start(
+        &link.server,
+        &DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path()),
+    );
+    (link, bpffs, daemon)
+}
+
 #[test]
 fn deny_allow_unblock_and_ttl_in_xdp() {
     if !require_root("deny_allow_unblock_and_ttl_in_xdp") {
         return;
     }
-    let link = GuardedLink::new();
-    let bpffs = BpffsDir::new();
-    let mut daemon = Daemon::start(
-        &link.server,
-        &DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path()),
-    );
+    let (link, _bpffs, mut daemon) = guarded_daemon();
     let (a, b, a6) = (
         GuardedLink::PEER_V4,
         GuardedLink::PEER_V4_SECOND,
@@ -216,12 +222,7 @@ fn deny_cache_keeps_counts_exact_and_follows_every_change() {
     let mut one_cpu = nix::sched::CpuSet::new();
     one_cpu.set(0).unwrap();
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
-    let link = GuardedLink::new();
-    let bpffs = BpffsDir::new();
-    let daemon = Daemon::start(
-        &link.server,
-        &DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path()),
-    );
+    let (link, _bpffs, daemon) = guarded_daemon();
     let (a, server) = (GuardedLink::PEER_V4, GuardedLink::SERVER_V4);
     // A second peer address (benchmarking range) whose cache slot is the same as a's.
     let slot_of =
@@ -293,12 +294,7 @@ fn a_pinned_map_of_another_shape_is_replaced_and_refilled() {
     if !require_root("a_pinned_map_of_another_shape_is_replaced_and_refilled") {
         return;
     }
-    let link = GuardedLink::new();
-    let bpffs = BpffsDir::new();
-    let mut daemon = Daemon::start(
-        &link.server,
-        &DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path()),
-    );
+    let (link, bpffs, mut daemon) = guarded_daemon();
     let (a, server) = (GuardedLink::PEER_V4, GuardedLink::SERVER_V4);
     api(&daemon, &["datapath", "deny", &format!("ip={a}")]);
     assert_eq!(ping_from(&link, a, server, 2), 0);
