@@ -516,6 +516,15 @@ fn sentry_toml(listen: &str, upstream: &str, extra: &str) -> String {
     format!("[sentry]\nenabled = true\nlisten = {listen:?}\nupstream = {upstream:?}\n{extra}\n")
 }
 
+/// phantomd in `ns` with the datapath off and the sentry on 127.0.0.1:18080 in front of
+/// http://127.0.0.1:18000; `extra` goes into its `[sentry]` section.
+fn sentry_daemon(ns: &NetNs, bpffs: &BpffsDir, extra: &str) -> Daemon {
+    let mut config = DaemonConfig::new("lo", bpffs.path());
+    config.datapath_enabled = false;
+    config.extra_toml = sentry_toml("127.0.0.1:18080", "http://127.0.0.1:18000", extra);
+    Daemon::start(ns, &config)
+}
+
 fn get(ns: &NetNs, from: &str, to: &str, path: &str, headers: &[String]) -> HttpReply {
     http_from(
         ns,
@@ -560,18 +569,15 @@ fn redis_outage_fails_open_and_recovers() {
     let ns = NetNs::new("phsr");
     let _site = UpstreamSite::start(&ns, "127.0.0.1:18000");
     let bpffs = BpffsDir::new();
-    let mut config = DaemonConfig::new("lo", bpffs.path());
-    config.datapath_enabled = false;
     // The CPU gate is always open, so every request asks the store for a ticket.
-    config.extra_toml = sentry_toml(
-        "127.0.0.1:18080",
-        "http://127.0.0.1:18000",
+    let daemon = sentry_daemon(
+        &ns,
+        &bpffs,
         &format!(
             "redis_url = {:?}\nactivation_cpu_threshold = 0.0\n",
             redis.url()
         ),
     );
-    let daemon = Daemon::start(&ns, &config);
     assert_eq!(
         api(&daemon, &["sentry", "status"])["store"]["healthy"],
         true
@@ -667,24 +673,11 @@ fn two_daemons_on_one_redis_honour_each_others_tickets_and_penalties() {
     let _site_a = UpstreamSite::start(&ns_a, "127.0.0.1:18000");
     let _site_b = UpstreamSite::start(&ns_b, "127.0.0.1:18000");
     let (bpffs_a, bpffs_b) = (BpffsDir::new(), BpffsDir::new());
-    let daemon_on = |ns: &NetNs, bpffs: &BpffsDir| {
-        let mut config = DaemonConfig::new("lo", bpffs.path());
-        config.datapath_enabled = false;
-        config.extra_toml = sentry_toml(
-            "127.0.0.1:18080",
-            "http://127.0.0.1:18000",
-            &format!(
-                "redis_url = {:?}
-ip_static_threshold = 1
-base_difficulty = 8
-                 max_difficulty = 12
-challenge_ttl_seconds = 60
-",
-                redis.url()
-            ),
-        );
-        Daemon::start(ns, &config)
-    };
+    let extra = format!(
+        "redis_url = {:?}\nip_static_threshold = 1\nbase_difficulty = 8\nmax_difficulty = 12\nchallenge_ttl_seconds = 60\n",
+        redis.url()
+    );
+    let daemon_on = |ns: &NetNs, bpffs: &BpffsDir| sentry_daemon(ns, bpffs, &extra);
     let a = daemon_on(&ns_a, &bpffs_a);
     let b = daemon_on(&ns_b, &bpffs_b);
     let (client, site) = ("127.0.0.1", "127.0.0.1:18080");
@@ -756,10 +749,7 @@ fn admin_input_is_validated_and_state_survives_kill9() {
     }
     let ns = NetNs::new("phsa");
     let bpffs = BpffsDir::new();
-    let mut config = DaemonConfig::new("lo", bpffs.path());
-    config.datapath_enabled = false;
-    config.extra_toml = sentry_toml("127.0.0.1:18080", "http://127.0.0.1:18000", "");
-    let mut daemon = Daemon::start(&ns, &config);
+    let mut daemon = sentry_daemon(&ns, &bpffs, "");
     let before = api(&daemon, &["sentry", "get_config"]);
 
     for (args, code) in [
