@@ -234,17 +234,10 @@ async fn serve(
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     let tunnels = Arc::new(Semaphore::new(MAX_TUNNELS));
     loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.changed() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    warn!(error = %e, "ghost relay accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, peer)) =
+            crate::accept::next_connection(&listener, &mut shutdown, "ghost relay").await
+        else {
+            break;
         };
         if !limiter.allows(peer.ip()) {
             stats.reject(Rejection::RateLimited);

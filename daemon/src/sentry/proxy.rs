@@ -462,17 +462,10 @@ async fn accept_loop(
         }
     };
     loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.changed() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    warn!(error = %e, "sentry accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((stream, peer)) =
+            crate::accept::next_connection(&listener, &mut shutdown, "sentry").await
+        else {
+            return;
         };
         let _ = stream.set_nodelay(true);
         let proxy = Arc::clone(&proxy);
