@@ -464,22 +464,24 @@ impl Signer {
     /// commitment. Cheap rejections come first only where they cannot mask a forgery.
     pub fn verify(&self, proof: &Proof, client: IpAddr, now: u64) -> Result<Verified, Rejection> {
         let digest = package_digest(&proof.payload, &proof.signature);
-        self.verify_recorded(proof, &digest, client, now, false)
+        let vouched = self
+            .issued_here(&digest)
+            .then_some(Authenticated::IssuedHere);
+        self.verify_vouched(proof, client, now, vouched)
             .map(|(v, _)| v)
     }
 
-    /// `verify` for a proof whose package digest (`package_digest`) the caller has already
-    /// computed, where `fleet_recorded` says the shared store holds that digest as issued by a
-    /// host of the fleet: that authenticates the package in place of its ECDSA signature (a
-    /// fleet's hosts trust the store with tickets already). Also says how the package was
-    /// authenticated.
-    pub fn verify_recorded(
+    /// `verify` where the caller has already found the package authentic by its digest
+    /// (`package_digest`): issued here (`issued_here`), or recorded in the shared store as
+    /// issued by a host of the fleet (a fleet's hosts trust the store with tickets already).
+    /// That stands in for the ECDSA signature; with `None` the signature must verify. Also
+    /// says how the package was authenticated.
+    pub fn verify_vouched(
         &self,
         proof: &Proof,
-        digest: &[u8; 32],
         client: IpAddr,
         now: u64,
-        fleet_recorded: bool,
+        vouched: Option<Authenticated>,
     ) -> Result<(Verified, Authenticated), Rejection> {
         if proof.payload.len() > 16 * 1024 || proof.signature.len() > 128 {
             return Err(Rejection::Malformed);
@@ -490,15 +492,14 @@ impl Signer {
         let sig_bytes = B64
             .decode(&proof.signature)
             .map_err(|_| Rejection::Malformed)?;
-        let authenticated = if self.issued_here(digest) {
-            Authenticated::IssuedHere
-        } else if fleet_recorded {
-            Authenticated::FleetRecord
-        } else if sig_bytes.len() == 64 && self.verify_any(proof.kid.as_deref(), &bytes, &sig_bytes)
-        {
-            Authenticated::Signature
-        } else {
-            return Err(Rejection::BadSignature);
+        let authenticated = match vouched {
+            Some(by) => by,
+            None if sig_bytes.len() == 64
+                && self.verify_any(proof.kid.as_deref(), &bytes, &sig_bytes) =>
+            {
+                Authenticated::Signature
+            }
+            None => return Err(Rejection::BadSignature),
         };
         let payload: ChallengePayload =
             serde_json::from_slice(&bytes).map_err(|_| Rejection::Malformed)?;

@@ -720,17 +720,20 @@ impl Sentry {
         let now = unix_now();
         // One digest serves this host's memory, the fleet's record and the verification.
         let digest = challenge::package_digest(&proof.payload, &proof.signature);
-        let fleet_recorded = self.store.records_issued()
-            && !self.signer.issued_here(&digest)
+        let vouched = if self.signer.issued_here(&digest) {
+            Some(Authenticated::IssuedHere)
+        } else if self.store.records_issued()
             && matches!(
                 self.store_call(self.store.issued_recorded(&B64.encode(digest)))
                     .await,
                 Ok(true)
-            );
-        let verified = match self
-            .signer
-            .verify_recorded(proof, &digest, ip, now, fleet_recorded)
+            )
         {
+            Some(Authenticated::FleetRecord)
+        } else {
+            None
+        };
+        let verified = match self.signer.verify_vouched(proof, ip, now, vouched) {
             Ok((v, by)) => {
                 self.counters.authenticated[authenticated_index(by)]
                     .fetch_add(1, Ordering::Relaxed);

@@ -372,10 +372,15 @@ fn fleet_verification(issuer: &Signer, redis: &Redis) -> Result<(f64, f64, f64),
                         return Ok::<_, BoxError>(());
                     };
                     let digest = package_digest(&proof.payload, &proof.signature);
-                    let recorded = !verifier.issued_here(&digest)
-                        && store.issued_recorded(&B64.encode(digest)).await?;
+                    let vouched = if verifier.issued_here(&digest) {
+                        Some(Authenticated::IssuedHere)
+                    } else if store.issued_recorded(&B64.encode(digest)).await? {
+                        Some(Authenticated::FleetRecord)
+                    } else {
+                        None
+                    };
                     let (v, by) = verifier
-                        .verify_recorded(proof, &digest, subject, now, recorded)
+                        .verify_vouched(proof, subject, now, vouched)
                         .map_err(|r| format!("verify: {}", r.code()))?;
                     if by != Authenticated::FleetRecord {
                         return Err(format!("authenticated by {}", by.name()).into());
