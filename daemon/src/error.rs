@@ -30,6 +30,18 @@ pub enum Error {
     Other(String),
 }
 
+/// A configuration value or a parameter that does not parse or is out of range; the message
+/// names the key and what it must be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidValue(pub String);
+
+impl From<InvalidValue> for Error {
+    fn from(e: InvalidValue) -> Self {
+        Error::Config(e.0)
+    }
+}
+
 impl Error {
     pub fn config(msg: impl Into<String>) -> Self {
         Error::Config(msg.into())

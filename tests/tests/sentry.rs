@@ -225,11 +225,14 @@ fn sentry_config(redis_url: &str) -> SentryConfig {
     SentryConfig {
         enabled: true,
         redis_url: redis_url.into(),
-        base_difficulty: 8,
-        max_difficulty: 12,
-        hard_block_after: 3,
-        ip_static_threshold: 1,
-        challenge_ttl_seconds: 60,
+        tunables: Tunables {
+            base_difficulty: 8,
+            max_difficulty: 12,
+            hard_block_after: 3,
+            ip_static_threshold: 1,
+            challenge_ttl_seconds: 60,
+            ..Tunables::default()
+        },
         ..SentryConfig::default()
     }
 }
@@ -479,7 +482,10 @@ fn defcon_1_ends_after_a_calm_period() {
     let rt = runtime();
     rt.block_on(async {
         let config = SentryConfig {
-            calm_seconds: 3,
+            tunables: Tunables {
+                calm_seconds: 3,
+                ..Tunables::default()
+            },
             ..SentryConfig::default()
         };
         let s = in_memory_sentry(&config).await;

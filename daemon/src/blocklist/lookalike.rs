@@ -20,6 +20,7 @@ use std::collections::HashMap;
 
 use super::matcher::Matched;
 use super::model::PatternType;
+pub use crate::config::DEFAULT_BRANDS;
 
 pub const WEIGHT_OTHER_SUFFIX: f64 = 0.9;
 pub const WEIGHT_PUNYCODE: f64 = 0.9;
@@ -27,56 +28,6 @@ pub const WEIGHT_SUBSTITUTION: f64 = 0.85;
 pub const WEIGHT_EDIT: f64 = 0.45;
 /// Shorter brands match only through substitutions: one edit from `bwin` is too many words.
 const MIN_EDIT_LEN: usize = 6;
-
-/// Well-known gambling brands, international and from the Turkish market the seed targets.
-/// Operators add their own with `[blocklist] brands`.
-pub const DEFAULT_BRANDS: &[&str] = &[
-    "bet365",
-    "williamhill",
-    "betway",
-    "pinnaclesports",
-    "unibet",
-    "betfair",
-    "ladbrokes",
-    "paddypower",
-    "888casino",
-    "pokerstars",
-    "betsson",
-    "bwin",
-    "1xbet",
-    "melbet",
-    "mostbet",
-    "parimatch",
-    "stake",
-    "betwinner",
-    "22bet",
-    "leovegas",
-    "casumo",
-    "betano",
-    "bets10",
-    "mobilbahis",
-    "youwin",
-    "superbahis",
-    "jojobet",
-    "casibom",
-    "matbet",
-    "tipobet",
-    "betboo",
-    "holiganbet",
-    "marsbahis",
-    "meritking",
-    "grandpashabet",
-    "imajbet",
-    "onwin",
-    "sahabet",
-    "betebet",
-    "restbet",
-    "betist",
-    "bahsegel",
-    "pashagaming",
-    "sekabet",
-    "vdcasino",
-];
 
 /// Characters that read as another: digits, Cyrillic, Greek and Turkish letters, fullwidth
 /// forms are handled by NFKC in `idna` already.

@@ -23,59 +23,30 @@ use super::{
     import::{self, Format},
     model::{Entry, Pattern},
 };
-use crate::{config::SyncSource, error::Error, store};
+use crate::{
+    config::{Location, SyncSource},
+    error::Error,
+    store,
+};
 
 /// Downloads larger than this are refused.
 const MAX_BYTES: u64 = 256 * 1024 * 1024;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
-#[derive(Clone, Debug, PartialEq)]
-pub enum Location {
-    File(PathBuf),
-    Http(String),
-}
-
-impl Location {
-    pub fn parse(url: &str) -> Result<Self, String> {
-        if let Some(path) = url.strip_prefix("file://") {
-            return Self::file(path);
+/// Downloads the list at `location` (at most `MAX_BYTES`).
+fn fetch(location: &Location) -> Result<Vec<u8>, String> {
+    match location {
+        Location::File(p) => {
+            let f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            read_limited(f, &p.display().to_string())
         }
-        if url.starts_with("http://") || url.starts_with("https://") {
-            return url
-                .parse::<ureq::http::Uri>()
-                .map(|_| Self::Http(url.to_string()))
-                .map_err(|e| format!("{url:?} is not a valid URL: {e}"));
-        }
-        if url.contains("://") {
-            return Err(format!(
-                "{url:?}: only file paths, file://, http:// and https://"
-            ));
-        }
-        Self::file(url)
-    }
-
-    fn file(path: &str) -> Result<Self, String> {
-        let p = Path::new(path);
-        if !p.is_absolute() {
-            return Err(format!("{path:?} must be an absolute path"));
-        }
-        Ok(Self::File(p.to_path_buf()))
-    }
-
-    fn fetch(&self) -> Result<Vec<u8>, String> {
-        match self {
-            Self::File(p) => {
-                let f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
-                read_limited(f, &p.display().to_string())
-            }
-            Self::Http(url) => {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .timeout_global(Some(FETCH_TIMEOUT))
-                    .build()
-                    .into();
-                let response = agent.get(url).call().map_err(|e| format!("{url}: {e}"))?;
-                read_limited(response.into_body().into_reader(), url)
-            }
+        Location::Http(url) => {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .timeout_global(Some(FETCH_TIMEOUT))
+                .build()
+                .into();
+            let response = agent.get(url).call().map_err(|e| format!("{url}: {e}"))?;
+            read_limited(response.into_body().into_reader(), url)
         }
     }
 }
@@ -252,8 +223,8 @@ impl Syncer {
         source: &SyncSource,
         last_sha: Option<&str>,
     ) -> Result<Outcome, String> {
-        let location = Location::parse(&source.url)?;
-        let body = location.fetch()?;
+        let location = Location::parse(&source.url).map_err(|e| e.0)?;
+        let body = fetch(&location)?;
         if body.iter().all(u8::is_ascii_whitespace) {
             return Err("the download is empty".into());
         }
@@ -268,7 +239,7 @@ impl Syncer {
             verified_by = "pinned";
         }
         if let Some(url) = &source.sha256_url {
-            let text = Location::parse(url)?.fetch()?;
+            let text = fetch(&Location::parse(url).map_err(|e| e.0)?)?;
             let text = String::from_utf8_lossy(&text);
             let expected = text.split_whitespace().next().unwrap_or("");
             if !expected.eq_ignore_ascii_case(&sha) {
@@ -360,27 +331,4 @@ struct Outcome {
 
 pub fn reason(source: &SyncSource) -> String {
     format!("sync:{}", source.name)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn locations() {
-        assert_eq!(
-            Location::parse("/srv/list.txt"),
-            Ok(Location::File("/srv/list.txt".into()))
-        );
-        assert_eq!(
-            Location::parse("file:///srv/list.txt"),
-            Ok(Location::File("/srv/list.txt".into()))
-        );
-        assert!(matches!(
-            Location::parse("https://lists.example/gambling.txt"),
-            Ok(Location::Http(_))
-        ));
-        assert!(Location::parse("relative/list.txt").is_err());
-        assert!(Location::parse("ftp://lists.example/x").is_err());
-    }
 }

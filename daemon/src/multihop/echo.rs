@@ -7,6 +7,7 @@ use std::{
     time::Duration,
 };
 
+pub use crate::config::EchoUrl;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
@@ -15,80 +16,20 @@ use tokio::{
 /// The largest echo answer we read.
 const MAX_ANSWER: usize = 64 * 1024;
 
-/// `http://host[:port][/path]`. Plain HTTP only: the answer is one address, and a TLS stack
-/// for it is not worth its weight; an operator who wants privacy from the echo service runs
-/// their own (docs/multihop.md).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EchoUrl {
-    pub host: String,
-    pub port: u16,
-    pub path: String,
-}
-
-impl EchoUrl {
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            format!("{url:?} must start with http:// (the echo service is fetched over plain HTTP)")
-        })?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        if authority.is_empty() || authority.contains('@') {
-            return Err(format!("{url:?} has no host"));
-        }
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, rest) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("{url:?}: unclosed [ in the host"))?;
-            let port = match rest.strip_prefix(':') {
-                Some(p) => Some(p),
-                None if rest.is_empty() => None,
-                None => return Err(format!("{url:?}: junk after the host")),
-            };
-            (host.to_string(), port)
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), Some(p)),
-                None => (authority.to_string(), None),
-            }
-        };
-        let port = match port {
-            Some(p) => p
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| format!("{url:?}: bad port"))?,
-            None => 80,
-        };
-        if host.is_empty()
-            || host.chars().any(|c| c.is_whitespace() || c.is_control())
-            || path.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(format!("{url:?} is not a valid URL"));
-        }
-        Ok(Self {
-            host,
-            port,
-            path: path.to_string(),
-        })
+/// The echo service's addresses (system resolver; a literal needs none).
+pub async fn resolve(url: &EchoUrl) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(ip) = url.host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, url.port)]);
     }
-
-    /// The service's addresses (system resolver; a literal needs none).
-    pub async fn resolve(&self) -> Result<Vec<SocketAddr>, String> {
-        if let Ok(ip) = self.host.parse::<IpAddr>() {
-            return Ok(vec![SocketAddr::new(ip, self.port)]);
-        }
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| format!("cannot resolve {}: {e}", self.host))?
-            .filter(SocketAddr::is_ipv4)
-            .collect();
-        if addrs.is_empty() {
-            return Err(format!("{} has no IPv4 address", self.host));
-        }
-        Ok(addrs)
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
+        .await
+        .map_err(|e| format!("cannot resolve {}: {e}", url.host))?
+        .filter(SocketAddr::is_ipv4)
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{} has no IPv4 address", url.host));
     }
+    Ok(addrs)
 }
 
 /// Opens a TCP connection to `to` from a socket marked with `mark`.
@@ -117,7 +58,7 @@ pub async fn connect_marked(
 
 /// Connects to the echo service through the exit and closes again: proves the whole path.
 pub async fn probe(url: &EchoUrl, mark: u32, timeout: Duration) -> Result<(), String> {
-    let addrs = url.resolve().await?;
+    let addrs = resolve(url).await?;
     let mut last = String::new();
     for addr in addrs {
         match connect_marked(addr, mark, timeout).await {
@@ -130,7 +71,7 @@ pub async fn probe(url: &EchoUrl, mark: u32, timeout: Duration) -> Result<(), St
 
 /// GETs the echo service through the exit and returns the address it saw us come from.
 pub async fn external_ip(url: &EchoUrl, mark: u32, timeout: Duration) -> Result<IpAddr, String> {
-    let addrs = url.resolve().await?;
+    let addrs = resolve(url).await?;
     let addr = addrs[0];
     let work = async {
         let mut stream = connect_marked(addr, mark, timeout).await?;
@@ -214,30 +155,6 @@ fn dechunk(mut body: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls() -> Result<(), String> {
-        let u = EchoUrl::parse("http://203.0.113.10:8080/ip")?;
-        assert_eq!(
-            (u.host.as_str(), u.port, u.path.as_str()),
-            ("203.0.113.10", 8080, "/ip")
-        );
-        let u = EchoUrl::parse("http://api.ipify.org")?;
-        assert_eq!((u.port, u.path.as_str()), (80, "/"));
-        let u = EchoUrl::parse("http://[2001:db8::1]/")?;
-        assert_eq!(u.host, "2001:db8::1");
-        for bad in [
-            "https://x/",
-            "ftp://x",
-            "http://",
-            "http://x:0/",
-            "http://x:99999/",
-            "http://a b/",
-        ] {
-            assert!(EchoUrl::parse(bad).is_err(), "{bad}");
-        }
-        Ok(())
-    }
 
     #[test]
     fn answers() -> Result<(), String> {

@@ -213,8 +213,7 @@ impl Multihop {
         let state_path = dir.join("state.json");
         let mut state: PersistedState = crate::store::read_json(&state_path)?;
         state.vpn_interface_name = config.multihop.interface.clone();
-        let echo =
-            EchoUrl::parse(&config.multihop.echo_url).map_err(crate::error::Error::config)?;
+        let echo = EchoUrl::parse(&config.multihop.echo_url).map_err(crate::error::Error::from)?;
         let this = Arc::new(Self {
             config: config.multihop.clone(),
             mark: config.datapath.multihop_mark,

@@ -34,8 +34,8 @@ pub const PROOF_PATH: &str = "/.sentry/proof";
 pub const JWKS_PATH: &str = "/.sentry/jwks.json";
 pub const WIRE_VERSION: u32 = 1;
 /// Highest difficulty the wire format allows (the nonce space must fit the 8-byte counter
-/// and stay searchable).
-pub const MAX_DIFFICULTY: u32 = 40;
+/// and stay searchable); defined with the tunables it bounds.
+pub use crate::config::sentry::MAX_DIFFICULTY;
 const NONCE_BYTES: usize = 16;
 /// Packages this host issued, remembered by hash so their proofs skip the ECDSA verification
 /// (a byte-identical package we signed is authentic). Past this many the oldest are dropped

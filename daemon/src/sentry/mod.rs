@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+pub use crate::config::Tunables;
 use crate::{config::SentryConfig, datapath::Datapath};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
 use challenge::{Authenticated, Package, Proof, Rejection, Signer};
@@ -46,6 +47,12 @@ pub enum SentryError {
     Crypto(String),
     #[error("sentry: {0}")]
     Io(String),
+}
+
+impl From<crate::error::InvalidValue> for SentryError {
+    fn from(e: crate::error::InvalidValue) -> Self {
+        SentryError::Config(e.0)
+    }
 }
 
 /// Defence level.
@@ -75,147 +82,6 @@ impl Mode {
             .into_iter()
             .find(|m| m.name().eq_ignore_ascii_case(s.trim()))
     }
-}
-
-/// The run-time tunables (`sentry:config`), shared by the fleet through the store.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Tunables {
-    /// CPU busy % at or above which the defence is armed.
-    pub activation_cpu_threshold: f64,
-    /// Global requests/s at or above which the defence is armed too (0 = CPU only).
-    pub activation_rate_threshold: u64,
-    pub sensitivity_factor: f64,
-    /// Requests in 5 s above which an IP is challenged during an anomaly.
-    pub ip_static_threshold: u64,
-    /// Violations after which an IP is dropped in the kernel.
-    pub hard_block_after: u64,
-    pub base_difficulty: u32,
-    pub max_difficulty: u32,
-    pub challenge_ttl_seconds: u64,
-    pub ticket_ttl_seconds: u64,
-    /// Penalty lifetime per violation.
-    pub penalty_ttl_seconds: u64,
-    /// DEFCON_1 ends after this long without an anomaly.
-    pub calm_seconds: u64,
-    /// Mean and standard deviation are recomputed this often.
-    pub stats_interval_seconds: u64,
-}
-
-impl Default for Tunables {
-    fn default() -> Self {
-        Self::from_config(&SentryConfig::default())
-    }
-}
-
-impl Tunables {
-    pub fn from_config(c: &SentryConfig) -> Self {
-        Self {
-            activation_cpu_threshold: c.activation_cpu_threshold,
-            activation_rate_threshold: c.activation_rate_threshold,
-            sensitivity_factor: c.sensitivity_factor,
-            ip_static_threshold: c.ip_static_threshold,
-            hard_block_after: c.hard_block_after,
-            base_difficulty: c.base_difficulty,
-            max_difficulty: c.max_difficulty,
-            challenge_ttl_seconds: c.challenge_ttl_seconds,
-            ticket_ttl_seconds: c.ticket_ttl_seconds,
-            penalty_ttl_seconds: c.penalty_ttl_seconds,
-            calm_seconds: c.calm_seconds,
-            stats_interval_seconds: c.stats_interval_seconds,
-        }
-    }
-
-    /// Every rule a value must meet; the message names the key and its range.
-    pub fn validate(&self) -> Result<(), SentryError> {
-        let bad = |m: String| Err(SentryError::Config(m));
-        if !(0.0..=100.0).contains(&self.activation_cpu_threshold) {
-            return bad("activation_cpu_threshold must be between 0 and 100 (percent)".into());
-        }
-        if self.activation_rate_threshold > 100_000_000 {
-            return bad("activation_rate_threshold must be at most 100000000".into());
-        }
-        if !(self.sensitivity_factor.is_finite()
-            && (0.0..=100.0).contains(&self.sensitivity_factor))
-        {
-            return bad("sensitivity_factor must be between 0 and 100".into());
-        }
-        if !(1..=10_000_000).contains(&self.ip_static_threshold) {
-            return bad("ip_static_threshold must be between 1 and 10000000".into());
-        }
-        if !(1..=1_000).contains(&self.hard_block_after) {
-            return bad("hard_block_after must be between 1 and 1000".into());
-        }
-        if !(1..=challenge::MAX_DIFFICULTY).contains(&self.base_difficulty) {
-            return bad(format!(
-                "base_difficulty must be between 1 and {} bits",
-                challenge::MAX_DIFFICULTY
-            ));
-        }
-        if !(self.base_difficulty..=challenge::MAX_DIFFICULTY).contains(&self.max_difficulty) {
-            return bad(format!(
-                "max_difficulty must be between base_difficulty ({}) and {} bits",
-                self.base_difficulty,
-                challenge::MAX_DIFFICULTY
-            ));
-        }
-        for (name, v, lo, hi) in [
-            (
-                "challenge_ttl_seconds",
-                self.challenge_ttl_seconds,
-                10,
-                3_600,
-            ),
-            ("ticket_ttl_seconds", self.ticket_ttl_seconds, 10, 86_400),
-            ("penalty_ttl_seconds", self.penalty_ttl_seconds, 1, 86_400),
-            ("calm_seconds", self.calm_seconds, 1, 86_400),
-            ("stats_interval_seconds", self.stats_interval_seconds, 1, 60),
-        ] {
-            if !(lo..=hi).contains(&v) {
-                return bad(format!("{name} must be between {lo} and {hi}"));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Checks the `[sentry]` section (called from `Config::validate`).
-pub fn validate_config(c: &SentryConfig) -> Result<(), SentryError> {
-    proxy::Upstream::parse(&c.upstream)?;
-    if !matches!(c.redis_fail_mode.as_str(), "open" | "closed") {
-        return Err(SentryError::Config(format!(
-            "sentry.redis_fail_mode = {:?} must be \"open\" or \"closed\"",
-            c.redis_fail_mode
-        )));
-    }
-    if !c.redis_url.is_empty()
-        && !["redis://", "rediss://", "redis+unix://", "unix://"]
-            .iter()
-            .any(|p| c.redis_url.starts_with(p))
-    {
-        return Err(SentryError::Config(format!(
-            "sentry.redis_url = {:?} must start with redis://, rediss://, redis+unix:// or unix://",
-            c.redis_url
-        )));
-    }
-    for p in &c.trusted_proxies {
-        p.parse::<IpAddr>().map_err(|_| {
-            SentryError::Config(format!(
-                "sentry.trusted_proxies: {p:?} is not an IP address"
-            ))
-        })?;
-    }
-    if !(1024..=1 << 32).contains(&c.max_body_bytes) {
-        return Err(SentryError::Config(
-            "sentry.max_body_bytes must be between 1024 and 4294967296".into(),
-        ));
-    }
-    Tunables::from_config(c).validate().map_err(|e| {
-        SentryError::Config(format!(
-            "sentry.{}",
-            e.to_string().trim_start_matches("sentry configuration: ")
-        ))
-    })
 }
 
 /// IPv4-mapped IPv6 addresses count as the IPv4 address.
@@ -387,7 +253,7 @@ impl Sentry {
             detector: Detector::new(),
             penalties: PenaltyBox::default(),
             counters: Counters::default(),
-            tunables: RwLock::new(Tunables::from_config(config)),
+            tunables: RwLock::new(config.tunables.clone()),
             state: RwLock::new(ModeState::default()),
             whitelist: RwLock::new(HashSet::new()),
             tickets: Mutex::new(HashMap::new()),

@@ -21,6 +21,8 @@ use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::config::sentry::Upstream;
+
 use super::{
     Decision, ProofError, Sentry, SentryError, TICKET_COOKIE,
     challenge::{JWKS_PATH, PROOF_PATH, Package, Proof, Rejection},
@@ -32,27 +34,6 @@ type UpstreamClient = Client<HttpConnector, ProxyBody>;
 
 /// Largest proof body accepted.
 pub const MAX_PROOF_BYTES: usize = 16 * 1024;
-
-/// The protected site: `http://host:port` (plain HTTP on a trusted network).
-#[derive(Clone, Debug)]
-pub struct Upstream {
-    pub authority: hyper::http::uri::Authority,
-}
-
-impl Upstream {
-    pub fn parse(url: &str) -> Result<Self, SentryError> {
-        let bad = |why: &str| SentryError::Config(format!("sentry.upstream = {url:?}: {why}"));
-        let uri: hyper::Uri = url.parse().map_err(|_| bad("not a URL"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(bad("only http:// upstreams are supported"));
-        }
-        let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
-        if uri.path() != "/" && !uri.path().is_empty() {
-            return Err(bad("must not carry a path"));
-        }
-        Ok(Self { authority })
-    }
-}
 
 /// The client address: the TCP peer, or — when the peer is a trusted proxy — the last
 /// `X-Forwarded-For` entry (the one that proxy added; earlier entries are client-supplied).
@@ -172,7 +153,8 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(sentry: Arc<Sentry>) -> Result<Self, SentryError> {
-        let upstream = Upstream::parse(&sentry.static_config.upstream)?;
+        let upstream = Upstream::parse(&sentry.static_config.upstream)
+            .map_err(|e| SentryError::Config(e.0))?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -504,13 +486,5 @@ mod tests {
         assert_eq!(client_addr(&trusted, other, xff), other);
         assert_eq!(client_addr(&trusted, peer, Some("garbage")), peer);
         assert_eq!(client_addr(&trusted, peer, None), peer);
-    }
-
-    #[test]
-    fn upstream_urls() {
-        assert!(Upstream::parse("http://127.0.0.1:8000").is_ok());
-        assert!(Upstream::parse("https://127.0.0.1:8000").is_err());
-        assert!(Upstream::parse("http://127.0.0.1:8000/app").is_err());
-        assert!(Upstream::parse("nonsense").is_err());
     }
 }

@@ -19,7 +19,7 @@ use http_body_util::Full;
 use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use phantom_daemon::{
-    config::SentryConfig,
+    config::{SentryConfig, Tunables},
     sentry::{
         Sentry,
         challenge::{Authenticated, Proof, Signer, decode_payload, package_digest},
@@ -470,7 +470,10 @@ fn proxy_scenario(
             // one store round trip (the trust-ticket lookup).
             let armed = SentryConfig {
                 redis_url: redis.url(),
-                activation_cpu_threshold: 0.0,
+                tunables: Tunables {
+                    activation_cpu_threshold: 0.0,
+                    ..base.tunables.clone()
+                },
                 ..base
             };
             let (redis_addr, _) = start_proxy(

@@ -11,6 +11,16 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+mod brands;
+mod echo_url;
+mod location;
+pub mod sentry;
+
+pub use brands::DEFAULT_BRANDS;
+pub use echo_url::EchoUrl;
+pub use location::Location;
+pub use sentry::{SentryConfig, Tunables};
+
 use crate::error::Error;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/phantom/phantom.toml";
@@ -340,70 +350,11 @@ impl BlocklistConfig {
         if !self.lookalike {
             return Vec::new();
         }
-        crate::blocklist::lookalike::DEFAULT_BRANDS
+        DEFAULT_BRANDS
             .iter()
             .map(|b| b.to_string())
             .chain(self.brands.iter().map(|b| b.trim().to_ascii_lowercase()))
             .collect()
-    }
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SentryConfig {
-    pub enabled: bool,
-    pub listen: String,
-    pub upstream: String,
-    pub admin_listen: String,
-    pub redis_url: String,
-    /// What the proxy does while Redis is unreachable: `open` serves without the defence,
-    /// `closed` answers 503.
-    pub redis_fail_mode: String,
-    /// Addresses of a proxy in front of the sentry whose `X-Forwarded-For` (its last entry
-    /// only) names the client. Empty = the TCP peer is the client.
-    pub trusted_proxies: Vec<String>,
-    /// Largest request body forwarded upstream; larger ones get 413.
-    pub max_body_bytes: u64,
-    /// The defence's tunables below are the first values of the store's `sentry:config`;
-    /// `sentry set_config` changes them at run time (and in the store, for the whole fleet).
-    pub activation_cpu_threshold: f64,
-    pub activation_rate_threshold: u64,
-    pub sensitivity_factor: f64,
-    pub ip_static_threshold: u64,
-    pub hard_block_after: u64,
-    pub base_difficulty: u32,
-    pub max_difficulty: u32,
-    pub challenge_ttl_seconds: u64,
-    pub ticket_ttl_seconds: u64,
-    pub penalty_ttl_seconds: u64,
-    pub calm_seconds: u64,
-    pub stats_interval_seconds: u64,
-}
-
-impl Default for SentryConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            listen: "0.0.0.0:8080".into(),
-            upstream: "http://127.0.0.1:8000".into(),
-            admin_listen: "127.0.0.1:9090".into(),
-            redis_url: String::new(),
-            redis_fail_mode: "open".into(),
-            trusted_proxies: Vec::new(),
-            max_body_bytes: 10 * 1024 * 1024,
-            activation_cpu_threshold: 75.0,
-            activation_rate_threshold: 0,
-            sensitivity_factor: 3.0,
-            ip_static_threshold: 15,
-            hard_block_after: 5,
-            base_difficulty: 16,
-            max_difficulty: 24,
-            challenge_ttl_seconds: 300,
-            ticket_ttl_seconds: 600,
-            penalty_ttl_seconds: 900,
-            calm_seconds: 120,
-            stats_interval_seconds: 60,
-        }
     }
 }
 
@@ -682,7 +633,7 @@ impl Config {
                     source.name
                 )));
             }
-            crate::blocklist::sync::Location::parse(&source.url)
+            Location::parse(&source.url)
                 .map_err(|e| Error::config(format!("blocklist.sources {:?}: {e}", source.name)))?;
             if !matches!(
                 source.format.as_str(),
@@ -740,7 +691,7 @@ impl Config {
                 "multihop.probe_timeout_seconds must be shorter than multihop.monitor_interval_seconds",
             ));
         }
-        crate::multihop::echo::EchoUrl::parse(&self.multihop.echo_url)
+        EchoUrl::parse(&self.multihop.echo_url)
             .map_err(|e| Error::config(format!("multihop.echo_url: {e}")))?;
         parse_listen("sentry.listen", &self.sentry.listen)?;
         parse_listen("sentry.admin_listen", &self.sentry.admin_listen)?;
@@ -775,7 +726,7 @@ impl Config {
                 self.ghost.acme_email
             )));
         }
-        crate::sentry::validate_config(&self.sentry).map_err(|e| Error::config(e.to_string()))?;
+        self.sentry.validate().map_err(|e| Error::config(e.0))?;
         Ok(())
     }
 }

@@ -1,0 +1,242 @@
+//! `[sentry]`: the proxy's static settings and the defence's tunables. The tunables are one
+//! type, [`Tunables`], used both here (their first values, from the file) and at run time
+//! (`sentry set_config`, the fleet's `sentry:config` record), so the two cannot drift apart.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::InvalidValue;
+
+/// The largest difficulty (leading zero bits) a challenge may ask for.
+pub const MAX_DIFFICULTY: u32 = 40;
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct SentryConfig {
+    pub enabled: bool,
+    pub listen: String,
+    pub upstream: String,
+    pub admin_listen: String,
+    pub redis_url: String,
+    /// What the proxy does while Redis is unreachable: `open` serves without the defence,
+    /// `closed` answers 503.
+    pub redis_fail_mode: String,
+    /// Addresses of a proxy in front of the sentry whose `X-Forwarded-For` (its last entry
+    /// only) names the client. Empty = the TCP peer is the client.
+    pub trusted_proxies: Vec<String>,
+    /// Largest request body forwarded upstream; larger ones get 413.
+    pub max_body_bytes: u64,
+    /// The defence's tunables: the first values of the store's `sentry:config`;
+    /// `sentry set_config` changes them at run time (and in the store, for the whole fleet).
+    /// Written as plain keys of `[sentry]`.
+    #[serde(flatten)]
+    pub tunables: Tunables,
+    /// Keys neither above nor a tunable: refused by validation (serde cannot deny unknown
+    /// fields next to a flattened struct).
+    #[serde(flatten, skip_serializing)]
+    pub unknown: BTreeMap<String, toml::Value>,
+}
+
+impl Default for SentryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: "0.0.0.0:8080".into(),
+            upstream: "http://127.0.0.1:8000".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            redis_url: String::new(),
+            redis_fail_mode: "open".into(),
+            trusted_proxies: Vec::new(),
+            max_body_bytes: 10 * 1024 * 1024,
+            tunables: Tunables::default(),
+            unknown: BTreeMap::new(),
+        }
+    }
+}
+
+/// The run-time tunables (`sentry:config`), shared by the fleet through the store.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Tunables {
+    /// CPU busy % at or above which the defence is armed.
+    pub activation_cpu_threshold: f64,
+    /// Global requests/s at or above which the defence is armed too (0 = CPU only).
+    pub activation_rate_threshold: u64,
+    pub sensitivity_factor: f64,
+    /// Requests in 5 s above which an IP is challenged during an anomaly.
+    pub ip_static_threshold: u64,
+    /// Violations after which an IP is dropped in the kernel.
+    pub hard_block_after: u64,
+    pub base_difficulty: u32,
+    pub max_difficulty: u32,
+    pub challenge_ttl_seconds: u64,
+    pub ticket_ttl_seconds: u64,
+    /// Penalty lifetime per violation.
+    pub penalty_ttl_seconds: u64,
+    /// DEFCON_1 ends after this long without an anomaly.
+    pub calm_seconds: u64,
+    /// Mean and standard deviation are recomputed this often.
+    pub stats_interval_seconds: u64,
+}
+
+impl Default for Tunables {
+    fn default() -> Self {
+        Self {
+            activation_cpu_threshold: 75.0,
+            activation_rate_threshold: 0,
+            sensitivity_factor: 3.0,
+            ip_static_threshold: 15,
+            hard_block_after: 5,
+            base_difficulty: 16,
+            max_difficulty: 24,
+            challenge_ttl_seconds: 300,
+            ticket_ttl_seconds: 600,
+            penalty_ttl_seconds: 900,
+            calm_seconds: 120,
+            stats_interval_seconds: 60,
+        }
+    }
+}
+
+impl Tunables {
+    /// Every rule a value must meet; the message names the key and its range.
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        let bad = |m: String| Err(InvalidValue(m));
+        if !(0.0..=100.0).contains(&self.activation_cpu_threshold) {
+            return bad("activation_cpu_threshold must be between 0 and 100 (percent)".into());
+        }
+        if self.activation_rate_threshold > 100_000_000 {
+            return bad("activation_rate_threshold must be at most 100000000".into());
+        }
+        if !(self.sensitivity_factor.is_finite()
+            && (0.0..=100.0).contains(&self.sensitivity_factor))
+        {
+            return bad("sensitivity_factor must be between 0 and 100".into());
+        }
+        if !(1..=10_000_000).contains(&self.ip_static_threshold) {
+            return bad("ip_static_threshold must be between 1 and 10000000".into());
+        }
+        if !(1..=1_000).contains(&self.hard_block_after) {
+            return bad("hard_block_after must be between 1 and 1000".into());
+        }
+        if !(1..=MAX_DIFFICULTY).contains(&self.base_difficulty) {
+            return bad(format!(
+                "base_difficulty must be between 1 and {MAX_DIFFICULTY} bits"
+            ));
+        }
+        if !(self.base_difficulty..=MAX_DIFFICULTY).contains(&self.max_difficulty) {
+            return bad(format!(
+                "max_difficulty must be between base_difficulty ({}) and {MAX_DIFFICULTY} bits",
+                self.base_difficulty,
+            ));
+        }
+        for (name, v, lo, hi) in [
+            (
+                "challenge_ttl_seconds",
+                self.challenge_ttl_seconds,
+                10,
+                3_600,
+            ),
+            ("ticket_ttl_seconds", self.ticket_ttl_seconds, 10, 86_400),
+            ("penalty_ttl_seconds", self.penalty_ttl_seconds, 1, 86_400),
+            ("calm_seconds", self.calm_seconds, 1, 86_400),
+            ("stats_interval_seconds", self.stats_interval_seconds, 1, 60),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return bad(format!("{name} must be between {lo} and {hi}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[sentry] upstream`: where the proxy forwards, `http://host:port` without a path.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub authority: hyper::http::uri::Authority,
+}
+
+impl Upstream {
+    pub fn parse(url: &str) -> Result<Self, InvalidValue> {
+        let bad = |why: &str| InvalidValue(format!("sentry.upstream = {url:?}: {why}"));
+        let uri: hyper::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(bad("only http:// upstreams are supported"));
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(bad("must not carry a path"));
+        }
+        Ok(Self { authority })
+    }
+}
+
+impl SentryConfig {
+    /// Checks the `[sentry]` section; messages name the key.
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        if let Some(key) = self.unknown.keys().next() {
+            return Err(InvalidValue(format!("sentry: unknown key {key:?}")));
+        }
+        Upstream::parse(&self.upstream)?;
+        if !matches!(self.redis_fail_mode.as_str(), "open" | "closed") {
+            return Err(InvalidValue(format!(
+                "sentry.redis_fail_mode = {:?} must be \"open\" or \"closed\"",
+                self.redis_fail_mode
+            )));
+        }
+        if !self.redis_url.is_empty()
+            && !["redis://", "rediss://", "redis+unix://", "unix://"]
+                .iter()
+                .any(|p| self.redis_url.starts_with(p))
+        {
+            return Err(InvalidValue(format!(
+                "sentry.redis_url = {:?} must start with redis://, rediss://, redis+unix:// or unix://",
+                self.redis_url
+            )));
+        }
+        for p in &self.trusted_proxies {
+            p.parse::<IpAddr>().map_err(|_| {
+                InvalidValue(format!(
+                    "sentry.trusted_proxies: {p:?} is not an IP address"
+                ))
+            })?;
+        }
+        if !(1024..=1 << 32).contains(&self.max_body_bytes) {
+            return Err(InvalidValue(
+                "sentry.max_body_bytes must be between 1024 and 4294967296".into(),
+            ));
+        }
+        self.tunables
+            .validate()
+            .map_err(|e| InvalidValue(format!("sentry.{e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn upstream_urls() {
+        assert!(Upstream::parse("http://127.0.0.1:8000").is_ok());
+        assert!(Upstream::parse("https://127.0.0.1:8000").is_err());
+        assert!(Upstream::parse("http://127.0.0.1:8000/app").is_err());
+        assert!(Upstream::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn tunables_are_plain_keys_and_unknown_keys_are_refused() {
+        let c: SentryConfig = toml::from_str("ip_static_threshold = 7\nenabled = true").unwrap();
+        assert!(c.enabled);
+        assert_eq!(c.tunables.ip_static_threshold, 7);
+        assert!(c.validate().is_ok());
+        let c: SentryConfig = toml::from_str("ip_static_treshold = 7").unwrap();
+        assert!(c.validate().is_err());
+        let text = toml::to_string(&SentryConfig::default()).unwrap();
+        assert!(text.contains("ip_static_threshold = 15"), "{text}");
+        let back: SentryConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, SentryConfig::default());
+    }
+}
