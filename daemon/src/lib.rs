@@ -20,3 +20,4 @@ pub mod qr;
 pub mod resolver;
 pub mod sentry;
 pub mod store;
+pub mod wg;

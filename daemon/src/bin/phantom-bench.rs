@@ -834,7 +834,7 @@ fn bench_core(cli: &Cli) -> Result<(), BoxError> {
             }
             let started = Instant::now();
             server
-                .change_subnet(phantom_daemon::core::net::Subnet::parse("198.18.64.0/18")?)
+                .change_subnet(phantom_daemon::wg::Subnet::parse("198.18.64.0/18")?)
                 .await?;
             let change = started.elapsed().as_secs_f64();
             server.shutdown();

@@ -1,11 +1,8 @@
 //! The `core` socket module: the WireGuard server and the client lifecycle, with the action
 //! names, parameters and reply fields of the original phantom-api.
 
-pub mod device;
-pub mod net;
 pub mod server;
 pub mod store;
-pub mod uapi;
 
 use std::sync::Arc;
 
@@ -21,6 +18,7 @@ use crate::{
     admin::{ApiError, NoParams, PageParams, ParamKind, ParamSpec, Registry, run_blocking},
     context::Context,
     protocol::{self, codes},
+    wg::{Subnet, net},
 };
 
 const CLIENT_EXISTS: &str = "CLIENT_EXISTS";
@@ -35,7 +33,7 @@ const SUBNET_CHANGE_FAILED: &str = "SUBNET_CHANGE_FAILED";
 
 /// The outcome of checking a subnet change, in the reply shape of `validate_subnet_change`.
 struct SubnetCheck {
-    new: net::Subnet,
+    new: Subnet,
     errors: Vec<String>,
     warnings: Vec<String>,
     checks: Value,
@@ -43,7 +41,7 @@ struct SubnetCheck {
 }
 
 fn check_subnet(server: &Server, raw: &str) -> Result<SubnetCheck, ApiError> {
-    let new = net::Subnet::parse(raw)
+    let new = Subnet::parse(raw)
         .map_err(|e| ApiError::new(INVALID_SUBNET, format!("new_subnet {raw:?}: {e}")))?;
     let current = server.subnet();
     let clients = server.store.all()?;

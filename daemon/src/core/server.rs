@@ -11,13 +11,18 @@ use std::{
 use tracing::{info, warn};
 use wireguard_control::Key;
 
-use super::{
-    device::{PeerSpec, WireGuardDevice},
-    net::{self, Subnet},
-    store::{Client, ClientStore, Conflict},
-    uapi::DeviceState,
+use super::store::{Client, ClientStore, Conflict};
+use crate::{
+    config::WireguardConfig,
+    error::Error,
+    store,
+    wg::{
+        Subnet,
+        device::{PeerSpec, WireGuardDevice},
+        net,
+        uapi::DeviceState,
+    },
 };
-use crate::{config::WireguardConfig, error::Error, store};
 
 /// A handshake younger than this means connected (WireGuard rekeys every 2 minutes).
 pub const CONNECTED_WITHIN_SECONDS: u64 = 180;
@@ -110,7 +115,7 @@ impl Server {
         let subnet_text = store
             .setting(SUBNET_SETTING)?
             .unwrap_or_else(|| config.subnet.clone());
-        let subnet = Subnet::parse(&subnet_text).map_err(Error::config)?;
+        let subnet = Subnet::parse(&subnet_text)?;
         let private_key = server_key(state_dir)?;
         let public_key = Key::from_base64(&private_key)
             .map_err(|_| Error::Other("server key".into()))?

@@ -28,8 +28,9 @@ use crate::{
     admin::{ApiError, NoParams, ParamKind, ParamSpec, Registry},
     config::{GhostConfig, GhostTls},
     context::Context,
-    core::{Server, net::Subnet},
+    core::Server,
     protocol,
+    wg::Subnet,
 };
 
 const GHOST_ACTIVE: &str = "GHOST_ACTIVE";

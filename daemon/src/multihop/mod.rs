@@ -33,12 +33,13 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, MultihopConfig, WireguardBackend},
-    core::{
-        Server,
-        device::{UplinkPeer, WireGuardDevice},
-        net::{self, NatExtension, Subnet},
-    },
+    core::Server,
     datapath::{Datapath, MarkSettings},
+    wg::{
+        Subnet,
+        device::{UplinkPeer, WireGuardDevice},
+        net::{self, NatExtension},
+    },
 };
 use echo::EchoUrl;
 use routing::Plan;
