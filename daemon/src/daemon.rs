@@ -1,4 +1,5 @@
-//! The daemon's life: start-up in a fixed order, signal handling, reload, clean shutdown.
+//! The daemon's life: the domains built in a fixed order and wired through the handles each
+//! one asks for, signal handling, reload, clean shutdown. Nothing here does a domain's work.
 
 use std::{
     os::unix::fs::{DirBuilderExt, PermissionsExt},
@@ -13,18 +14,24 @@ use std::{
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
+    task::JoinHandle,
 };
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{Registry, server::AdminServer},
-    config::Config,
-    context::Context,
+    admin::{AdminMetrics, Registry, server::AdminServer},
+    blocklist::{self, Blocklist},
+    config::{Config, parse_listen},
+    core::{self, Server},
     datapath::{self, Datapath},
+    dns::{self, Resolver, upstreams::Upstreams},
     error::Error,
+    ghost::{self, Ghost},
     logging::{self, LogControl},
     metrics::{self, Metrics},
+    multihop::{self, EgressMark, Multihop},
     protocol,
+    sentry::{self, Sentry},
 };
 
 pub struct Options {
@@ -113,20 +120,30 @@ async fn serve(
     logs: LogControl,
     datapath: Option<Arc<Datapath>>,
 ) -> Result<(), Error> {
+    let started_at = time::OffsetDateTime::now_utc();
+    let started = std::time::Instant::now();
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
     let top_sources = Arc::new(AtomicUsize::new(config.metrics.top_sources));
-    let wireguard = if config.wireguard.enabled {
-        let server = crate::core::Server::start(&config.wireguard, &config.state_dir).await?;
-        Some(Arc::new(server))
+
+    // The domains, each built from the ones below it.
+    let server = if config.wireguard.enabled {
+        Some(Arc::new(
+            Server::start(&config.wireguard, &config.state_dir).await?,
+        ))
     } else {
         info!("WireGuard server disabled by configuration");
         None
     };
-    if let (Some(dp), Some(_)) = (datapath.clone(), wireguard.as_ref()) {
+    if let (Some(dp), Some(_)) = (datapath.clone(), server.as_ref()) {
         // The VPN interface exists now: put the TC programs on it without waiting.
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || dp.reconcile_vpn()).await {
             warn!(error = %e, "cannot attach the VPN-interface programs yet");
         }
     }
+    let clients = server
+        .as_ref()
+        .map_or_else(core::no_clients, |s| s.clients());
     let blocklist = if config.blocklist.enabled {
         let (state_dir, threshold, brands, dp) = (
             config.state_dir.clone(),
@@ -135,207 +152,235 @@ async fn serve(
             datapath.clone(),
         );
         let list = tokio::task::spawn_blocking(move || {
-            crate::blocklist::Blocklist::open(&state_dir, threshold, &brands, dp)
+            Blocklist::open(&state_dir, threshold, &brands, dp)
         })
         .await
         .map_err(|e| Error::Other(format!("blocklist start: {e}")))??;
+        list.apply_live(&config.blocklist);
         Some(Arc::new(list))
     } else {
         None
     };
-    let ghost = match wireguard.clone() {
-        Some(server) => Some(Arc::new(crate::ghost::Ghost::open(
+    let upstreams = Arc::new(Upstreams::open(&config.dns, &config.state_dir)?);
+    let egress_mark = EgressMark::default();
+    let resolver = if config.dns.listen_addrs()?.is_some_and(|l| l.is_empty())
+        || (config.dns.listen.trim() == "auto" && server.is_none())
+    {
+        info!("DNS resolver off ([dns] listen, or no WireGuard server for \"auto\")");
+        None
+    } else {
+        if config.dns.listen.trim() == "auto" {
+            // The resolver serves the tunnel: client configurations name it.
+            upstreams.serve_tunnel();
+        }
+        Some(Arc::new(Resolver::open(
+            &config.dns,
+            &config.state_dir,
+            blocklist.clone(),
+            Arc::clone(&upstreams),
+            clients.clone(),
+            datapath.clone(),
+            egress_mark.clone(),
+        )?))
+    };
+    let ghost = match server.clone() {
+        Some(server) => Some(Arc::new(Ghost::open(
             &config.ghost,
             &config.state_dir,
             server,
         )?)),
         None => None,
     };
-    let dns = Arc::new(crate::dns::Dns::open(&config.dns, &config.state_dir)?);
-    let resolver = if config.dns.listen_addrs()?.is_some_and(|l| l.is_empty())
-        || (config.dns.listen.trim() == "auto" && wireguard.is_none())
+    let multihop = match Multihop::start(
+        &config,
+        server.clone(),
+        datapath.clone(),
+        egress_mark.clone(),
+    )
+    .await
     {
-        info!("DNS resolver off ([dns] listen, or no WireGuard server for \"auto\")");
-        None
-    } else {
-        Some(Arc::new(crate::resolver::Resolver::open(
-            &config.dns,
-            &config.state_dir,
-            blocklist.clone(),
-            Arc::clone(&dns),
-            wireguard.clone(),
-            datapath.clone(),
-        )?))
+        Ok(m) => Some(m),
+        Err(e) => {
+            error!(error = %e, "multihop cannot start; its actions answer UNAVAILABLE");
+            None
+        }
     };
     let sentry = if config.sentry.enabled {
         Some(
-            crate::sentry::Sentry::open(&config.sentry, &config.state_dir, datapath.clone())
+            Sentry::open(&config.sentry, &config.state_dir, datapath.clone())
                 .await
                 .map_err(|e| Error::Other(e.to_string()))?,
         )
     } else {
         None
     };
-    let ctx = Arc::new(
-        Context::new(
-            config.clone(),
-            opts.config_path.clone(),
-            logs.recent.clone(),
-            datapath.clone(),
-            wireguard.clone(),
-            blocklist,
-            Some(dns),
-        )
-        .with_resolver(resolver.clone())
-        .with_ghost(ghost.clone())
-        .with_sentry(sentry.clone()),
-    );
 
-    let multihop = match crate::multihop::Multihop::start(
-        &config,
-        wireguard.clone(),
-        datapath.clone(),
-    )
-    .await
-    {
-        Ok(m) => {
-            let _ = ctx.multihop.set(Arc::clone(&m));
-            Some(m)
-        }
-        Err(e) => {
-            error!(error = %e, "multihop cannot start; its actions answer UNAVAILABLE");
-            None
-        }
-    };
-
+    // The socket: every domain's actions, given the handles they need.
     let mut registry = Registry::new();
-    crate::core::register(&mut registry, Arc::clone(&ctx));
-    datapath::actions::register(&mut registry, Arc::clone(&ctx));
-    crate::blocklist::actions::register(&mut registry, Arc::clone(&ctx));
-    crate::dns::register(&mut registry, Arc::clone(&ctx));
-    crate::ghost::register(&mut registry, Arc::clone(&ctx));
-    crate::multihop::actions::register(&mut registry, multihop.clone());
-    crate::sentry::actions::register(&mut registry, Arc::clone(&ctx));
+    core::actions::register(
+        &mut registry,
+        Arc::new(core::actions::Handles {
+            server: server.clone(),
+            wireguard: config.wireguard.clone(),
+            datapath: datapath.clone(),
+            logs: logs.recent.clone(),
+            daemon: core::actions::DaemonInfo {
+                config_path: opts.config_path.clone(),
+                state_dir: config.state_dir.clone(),
+                started_at,
+                started,
+            },
+            client_dns: upstreams.client_dns(),
+            subnet_holds: subnet_holds(ghost.clone(), multihop.clone()),
+            export_route: ghost
+                .clone()
+                .map(|g| -> core::actions::ExportRoute { Box::new(move || g.client_route()) }),
+        }),
+    );
+    datapath::actions::register(
+        &mut registry,
+        Arc::new(datapath::actions::Handles {
+            datapath: datapath.clone(),
+            config: config.datapath.clone(),
+            client_subnet: config.wireguard.subnet.clone(),
+        }),
+    );
+    blocklist::actions::register(
+        &mut registry,
+        Arc::new(blocklist::actions::Handles {
+            list: blocklist.clone(),
+            datapath: datapath.clone(),
+        }),
+    );
+    dns::actions::register(
+        &mut registry,
+        Arc::new(dns::actions::Handles {
+            upstreams: Arc::clone(&upstreams),
+            resolver: resolver.clone(),
+            blocklist_on: blocklist.is_some(),
+            datapath: datapath.clone(),
+            clients: clients.clone(),
+        }),
+    );
+    ghost::actions::register(
+        &mut registry,
+        Arc::new(ghost::actions::Handles {
+            ghost: ghost.clone(),
+            client_dns: upstreams.client_dns(),
+        }),
+    );
+    multihop::actions::register(&mut registry, multihop.clone());
+    sentry::actions::register(
+        &mut registry,
+        Arc::new(sentry::actions::Handles {
+            sentry: sentry.clone(),
+        }),
+    );
     let registry = Arc::new(registry);
 
-    let mut metrics = Metrics::new(
-        datapath.clone(),
-        wireguard.clone(),
-        Arc::clone(&top_sources),
-    );
-    if let Some(r) = resolver.clone() {
-        metrics.add_collector(Box::new(metrics::ResolverCollector { resolver: r }));
-    }
-    if let Some(list) = ctx.blocklist.clone() {
-        metrics.add_collector(Box::new(metrics::BlocklistCollector { list }));
-    }
-    if let Some(g) = &ghost {
-        metrics.add_collector(Box::new(g.collector()));
-    }
-    if let Some(m) = &multihop {
-        metrics.add_collector(Box::new(crate::multihop::MultihopCollector::new(
-            Arc::clone(m),
-        )));
-    }
-    if let Some(s) = sentry.clone() {
-        metrics.add_collector(Box::new(crate::sentry::metrics::SentryCollector {
-            sentry: s,
+    // Metrics: every domain's collector.
+    let mut metrics = Metrics::new();
+    let admin_metrics = AdminMetrics::register(&mut metrics);
+    if let Some(dp) = datapath.clone() {
+        metrics.add_collector(Box::new(datapath::metrics::DatapathCollector {
+            datapath: dp,
+            top_sources: Arc::clone(&top_sources),
         }));
     }
+    if let Some(s) = server.clone() {
+        metrics.add_collector(Box::new(core::metrics::WireguardCollector { server: s }));
+    }
+    if let Some(r) = resolver.clone() {
+        metrics.add_collector(Box::new(dns::metrics::ResolverCollector { resolver: r }));
+    }
+    if let Some(list) = blocklist.clone() {
+        metrics.add_collector(Box::new(blocklist::metrics::BlocklistCollector { list }));
+    }
+    if let Some(g) = ghost.clone() {
+        metrics.add_collector(Box::new(ghost::metrics::GhostCollector { ghost: g }));
+    }
+    if let Some(m) = multihop.clone() {
+        metrics.add_collector(Box::new(multihop::metrics::MultihopCollector::new(m)));
+    }
+    if let Some(s) = sentry.clone() {
+        metrics.add_collector(Box::new(sentry::metrics::SentryCollector { sentry: s }));
+    }
+    admin_metrics.register_actions(&registry.actions());
     let metrics = Arc::new(metrics);
-    metrics.register_actions(&registry.actions());
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // The listeners.
     let admin = AdminServer::bind(
         &config.admin.socket,
         &config.admin.group,
         config.admin.max_connections,
         Duration::from_secs(config.admin.idle_timeout_seconds),
         Arc::clone(&registry),
-        Arc::clone(&metrics),
+        admin_metrics,
     )
     .await?;
-    let admin_task = tokio::spawn(admin.serve(shutdown_rx.clone()));
-    let blocklist_api = match (
-        ctx.blocklist.clone(),
-        crate::config::parse_listen("blocklist.api_listen", &config.blocklist.api_listen)?,
+    let admin_task = tokio::spawn(admin.serve(shutdown.clone()));
+    let mut listeners: Vec<JoinHandle<()>> = Vec::new();
+    if let (Some(list), Some(addr)) = (
+        blocklist.clone(),
+        parse_listen("blocklist.api_listen", &config.blocklist.api_listen)?,
     ) {
-        (Some(list), Some(addr)) => {
-            Some(crate::blocklist::api::serve(addr, list, shutdown_rx.clone()).await?)
-        }
-        _ => None,
-    };
-    let metrics_task = match config.metrics.listen_addr()? {
-        Some(addr) => Some(metrics::serve(addr, Arc::clone(&metrics), shutdown_rx.clone()).await?),
-        None => None,
-    };
-    let sentry_proxy = match (
-        sentry.clone(),
-        crate::config::parse_listen("sentry.listen", &config.sentry.listen)?,
-    ) {
-        (Some(s), Some(addr)) => {
-            tokio::spawn(Arc::clone(&s).run(shutdown_rx.clone()));
-            Some(
-                crate::sentry::proxy::serve(addr, s, shutdown_rx.clone())
-                    .await
-                    .map_err(|e| Error::Other(e.to_string()))?,
-            )
-        }
-        (Some(s), None) => {
-            tokio::spawn(s.run(shutdown_rx.clone()));
-            None
-        }
-        _ => None,
-    };
-    if let Some(dp) = datapath.clone() {
-        tokio::spawn(datapath_housekeeping(dp, shutdown_rx.clone()));
+        listeners.push(blocklist::api::serve(addr, list, shutdown.clone()).await?);
     }
-    if let Some(server) = wireguard.clone() {
-        tokio::spawn(persist_traffic(server, shutdown_rx.clone()));
+    if let Some(addr) = config.metrics.listen_addr()? {
+        listeners.push(metrics::serve(addr, Arc::clone(&metrics), shutdown.clone()).await?);
     }
-    let mut resolver_task = None;
-    if let Some(r) = resolver.clone() {
-        resolver_task = Some(tokio::spawn(crate::resolver::server::run(
-            Arc::clone(&r),
-            shutdown_rx.clone(),
-        )));
-        tokio::spawn(resolver_housekeeping(r, shutdown_rx.clone()));
+
+    // Each domain's background work.
+    if let Some(s) = &sentry {
+        tasks.extend(
+            s.start_tasks(&shutdown)
+                .await
+                .map_err(|e| Error::Other(e.to_string()))?,
+        );
     }
-    if let Some(list) = ctx.blocklist.clone() {
-        tokio::spawn(blocklist_sync_schedule(
-            list,
-            Arc::clone(&ctx),
-            shutdown_rx.clone(),
-        ));
+    if let Some(dp) = &datapath {
+        tasks.extend(dp.start_tasks(&shutdown));
+    }
+    if let Some(s) = &server {
+        tasks.extend(s.start_tasks(&shutdown));
+    }
+    if let Some(r) = &resolver {
+        tasks.extend(r.start_tasks(&shutdown));
+    }
+    if let Some(list) = &blocklist {
+        tasks.extend(list.start_tasks(&shutdown));
     }
     if let Some(g) = &ghost {
         // An acknowledged enable survives restarts and kill -9.
         g.restore().await;
     }
     if let Some(m) = &multihop {
-        crate::multihop::spawn_monitor(m, shutdown_rx.clone());
+        tasks.extend(m.start_tasks(&shutdown));
     }
     info!("phantomd ready");
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Socket)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Socket)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(Error::Socket)?;
+    let mut running = config;
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = sighup.recv() => reload(&opts, &ctx, &logs, &top_sources),
+            _ = sighup.recv() => {
+                reload(&opts, &mut running, &logs, &top_sources, blocklist.as_deref());
+            }
         }
     }
     let _ = shutdown_tx.send(true);
     if let Err(e) = admin_task.await {
         warn!(error = %e, "admin server task failed");
     }
-    // The resolver's worker threads hold the datapath too: wait until they have stopped.
-    if let Some(task) = resolver_task
-        && let Err(e) = task.await
-    {
-        warn!(error = %e, "resolver task failed");
+    // The resolver's worker threads hold the datapath too: wait until every task has stopped.
+    for task in tasks {
+        if let Err(e) = task.await {
+            warn!(error = %e, "a background task failed");
+        }
     }
     if let Some(g) = &ghost {
         g.shutdown().await;
@@ -344,114 +389,50 @@ async fn serve(
         // The exit interface goes; the rule and the fail-closed route stay until next start.
         let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
     }
-    if let Some(server) = wireguard {
+    if let Some(server) = server {
         // Traffic persisted, NAT removed, interface gone (the embedded device takes ~2 s).
         let _ = tokio::task::spawn_blocking(move || server.shutdown()).await;
     }
-    if let Some(task) = blocklist_api
-        && let Err(e) = task.await
-    {
-        warn!(error = %e, "blocklist API task failed");
+    if let Some(sentry) = &sentry {
+        sentry.shutdown();
     }
-    if let Some(task) = sentry_proxy
-        && let Err(e) = task.await
-    {
-        warn!(error = %e, "sentry proxy task failed");
-    }
-    if let Some(sentry) = &sentry
-        && let Err(e) = sentry.store.flush()
-    {
-        warn!(error = %e, "cannot persist the sentry store");
-    }
-    if let Some(task) = metrics_task
-        && let Err(e) = task.await
-    {
-        warn!(error = %e, "metrics task failed");
+    for task in listeners {
+        if let Err(e) = task.await {
+            warn!(error = %e, "a listener task failed");
+        }
     }
     Ok(())
 }
 
-/// Client names of the DNS policy re-resolved to addresses: clients come, go and move.
-async fn resolver_housekeeping(
-    r: Arc<crate::resolver::Resolver>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut every = tokio::time::interval(Duration::from_secs(5));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = every.tick() => {}
-            _ = shutdown.changed() => return,
-        }
-        let r = Arc::clone(&r);
-        let _ = tokio::task::spawn_blocking(move || r.refresh_clients()).await;
-    }
-}
-
-/// The configured blocklist sources, synced at start and every `sync_interval_seconds`.
-async fn blocklist_sync_schedule(
-    list: Arc<crate::blocklist::Blocklist>,
-    ctx: Arc<Context>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let config = ctx.config().blocklist;
-        if config.sync_interval_seconds != 0 && !config.sources.is_empty() {
-            let list = Arc::clone(&list);
-            let sources = config.sources.clone();
-            let _ =
-                tokio::task::spawn_blocking(move || list.syncer.sync_all(&list, &sources)).await;
-        }
-        // Re-read each round: SIGHUP may change the interval or the sources; with 0 (on
-        // demand only) check again in a minute.
-        let wait = match config.sync_interval_seconds {
-            0 => Duration::from_secs(60),
-            s => Duration::from_secs(s),
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => return,
-        }
-    }
-}
-
-/// Lapsed policies out of the kernel map, VPN-interface programs attached when the interface
-/// (re)appears.
-async fn datapath_housekeeping(dp: Arc<Datapath>, mut shutdown: watch::Receiver<bool>) {
-    let mut every = tokio::time::interval(Duration::from_secs(2));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = every.tick() => {
-                let dp = Arc::clone(&dp);
-                if let Err(e) = tokio::task::spawn_blocking(move || dp.tick()).await {
-                    warn!(error = %e, "datapath housekeeping failed");
-                }
-            }
-        }
-    }
-}
-
-/// Adds each client's traffic to the stored totals every 30 s, so totals survive restarts.
-async fn persist_traffic(server: Arc<crate::core::Server>, mut shutdown: watch::Receiver<bool>) {
-    let mut every = tokio::time::interval(Duration::from_secs(30));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = every.tick() => {
-                let s = Arc::clone(&server);
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.persist_traffic()).await {
-                    warn!(error = %e, "cannot persist client traffic");
-                }
-            }
-        }
-    }
+/// Who holds the client subnet, for core's `change_subnet`: ghost mode (the exported configs
+/// route around the server's address) and multihop (the exit's NAT and the kernel mark follow
+/// the subnet). Both always appear in `get_subnet_info`, held or not.
+fn subnet_holds(
+    ghost: Option<Arc<Ghost>>,
+    multihop: Option<Arc<Multihop>>,
+) -> Vec<core::actions::SubnetHold> {
+    vec![
+        core::actions::SubnetHold {
+            name: "ghost_mode",
+            refusal: "ghost mode is on: disable it (phantom-api ghost disable) before changing the subnet",
+            held: Box::new(move || ghost.as_ref().is_some_and(|g| g.is_active())),
+        },
+        core::actions::SubnetHold {
+            name: "multihop",
+            refusal: "multihop is on: the exit's NAT and the kernel mark follow the client subnet; disable multihop first",
+            held: Box::new(move || multihop.as_ref().is_some_and(|m| m.is_enabled())),
+        },
+    ]
 }
 
 /// SIGHUP: re-reads the file and applies what can change live; an invalid file changes nothing.
-fn reload(opts: &Options, ctx: &Context, logs: &LogControl, top_sources: &AtomicUsize) {
+fn reload(
+    opts: &Options,
+    running: &mut Config,
+    logs: &LogControl,
+    top_sources: &AtomicUsize,
+    blocklist: Option<&Blocklist>,
+) {
     let new = match load_config(opts) {
         Ok((config, _)) => config,
         Err(e) => {
@@ -459,37 +440,32 @@ fn reload(opts: &Options, ctx: &Context, logs: &LogControl, top_sources: &Atomic
             return;
         }
     };
-    let old = ctx.config();
+    let old = running.clone();
     if let Err(e) = logs.set_level(&new.log.level) {
         error!(error = %e, "SIGHUP: configuration rejected, keeping the running one");
         return;
     }
     logs.recent.set_capacity(new.log.keep_lines);
     top_sources.store(new.metrics.top_sources, Ordering::Relaxed);
-
-    let mut running = old.clone();
+    // Blocklist sources, their schedule and the lookalike brands apply at once.
+    if let Some(list) = blocklist {
+        list.apply_live(&new.blocklist);
+    }
     running.log = new.log.clone();
     running.metrics.top_sources = new.metrics.top_sources;
-    // Blocklist sources, their schedule and the lookalike brands apply at once.
     running.blocklist.sources = new.blocklist.sources.clone();
     running.blocklist.sync_interval_seconds = new.blocklist.sync_interval_seconds;
     running.blocklist.lookalike = new.blocklist.lookalike;
     running.blocklist.brands = new.blocklist.brands.clone();
-    if let Some(list) = &ctx.blocklist
-        && new.blocklist.lookalike_brands() != old.blocklist.lookalike_brands()
-    {
-        list.set_lookalike_brands(&new.blocklist.lookalike_brands());
-    }
     // Everything else needs a restart; say which sections differ.
-    let mut pending = Vec::new();
-    let mut rest = new.clone();
+    let mut rest = new;
     rest.log = old.log.clone();
     rest.metrics.top_sources = old.metrics.top_sources;
     rest.blocklist.sources = old.blocklist.sources.clone();
     rest.blocklist.sync_interval_seconds = old.blocklist.sync_interval_seconds;
     rest.blocklist.lookalike = old.blocklist.lookalike;
     rest.blocklist.brands = old.blocklist.brands.clone();
-    for (name, differs) in [
+    let pending: Vec<&str> = [
         ("state_dir", rest.state_dir != old.state_dir),
         ("admin", rest.admin != old.admin),
         ("metrics", rest.metrics != old.metrics),
@@ -500,12 +476,10 @@ fn reload(opts: &Options, ctx: &Context, logs: &LogControl, top_sources: &Atomic
         ("sentry", rest.sentry != old.sentry),
         ("ghost", rest.ghost != old.ghost),
         ("multihop", rest.multihop != old.multihop),
-    ] {
-        if differs {
-            pending.push(name);
-        }
-    }
-    ctx.replace_config(running);
+    ]
+    .into_iter()
+    .filter_map(|(name, differs)| differs.then_some(name))
+    .collect();
     if pending.is_empty() {
         info!("SIGHUP: configuration reloaded");
     } else {

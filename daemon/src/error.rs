@@ -24,6 +24,8 @@ pub enum Error {
     Pin(#[from] aya::pin::PinError),
     #[error("eBPF link: {0}")]
     Link(#[from] aya::programs::links::LinkError),
+    #[error(transparent)]
+    Fault(#[from] crate::faults::InjectedFault),
     #[error("datapath: {0}")]
     Datapath(String),
     #[error("{0}")]

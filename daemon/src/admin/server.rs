@@ -15,10 +15,12 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use super::registry::{Outcome, Registry};
+use super::{
+    metrics::AdminMetrics,
+    registry::{Outcome, Registry},
+};
 use crate::{
     error::Error,
-    metrics::Metrics,
     protocol::{MAX_FRAME_BYTES, Request, Response, codes},
 };
 
@@ -26,7 +28,7 @@ pub struct AdminServer {
     listener: UnixListener,
     path: PathBuf,
     registry: Arc<Registry>,
-    metrics: Arc<Metrics>,
+    metrics: AdminMetrics,
     admin_gid: Option<u32>,
     limit: Arc<Semaphore>,
     idle_timeout: Duration,
@@ -48,7 +50,7 @@ impl AdminServer {
         max_connections: usize,
         idle_timeout: Duration,
         registry: Arc<Registry>,
-        metrics: Arc<Metrics>,
+        metrics: AdminMetrics,
     ) -> Result<Self, Error> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
@@ -105,7 +107,7 @@ impl AdminServer {
                     };
                     let Ok(permit) = Arc::clone(&self.limit).acquire_owned().await else { break };
                     let registry = Arc::clone(&self.registry);
-                    let metrics = Arc::clone(&self.metrics);
+                    let metrics = self.metrics.clone();
                     let idle = self.idle_timeout;
                     let shutdown = shutdown.clone();
                     tokio::spawn(async move {
@@ -246,12 +248,12 @@ async fn write_reply(
 
 /// Answers once with an error that ends the connection, and counts it.
 async fn refuse(
-    metrics: &Metrics,
+    metrics: &AdminMetrics,
     write: &mut tokio::net::unix::OwnedWriteHalf,
     code: &str,
     message: String,
 ) -> std::io::Result<()> {
-    metrics.admin_request(Outcome {
+    metrics.record(Outcome {
         target: None,
         success: false,
     });
@@ -262,7 +264,7 @@ async fn serve_connection(
     stream: UnixStream,
     access: Access,
     registry: Arc<Registry>,
-    metrics: Arc<Metrics>,
+    metrics: AdminMetrics,
     idle: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -305,11 +307,11 @@ async fn serve_connection(
         let reply = match parse_request(&line) {
             Ok(request) => {
                 let (reply, outcome) = registry.dispatch(request).await;
-                metrics.admin_request(outcome);
+                metrics.record(outcome);
                 reply
             }
             Err(reply) => {
-                metrics.admin_request(Outcome {
+                metrics.record(Outcome {
                     target: None,
                     success: false,
                 });

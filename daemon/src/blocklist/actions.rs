@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     admin::{ApiError, NoParams, PageParams, ParamKind, ParamSpec, Registry, run_blocking},
-    context::Context,
+    datapath::Datapath,
     protocol::codes,
 };
 
@@ -25,8 +25,16 @@ const PATTERN_NOT_FOUND: &str = "PATTERN_NOT_FOUND";
 const BLOCKLIST_DISABLED: &str = "BLOCKLIST_DISABLED";
 const IMPORT_FAILED: &str = "IMPORT_FAILED";
 
-fn list(ctx: &Context) -> Result<Arc<Blocklist>, ApiError> {
-    ctx.blocklist.clone().ok_or_else(|| {
+/// What the `blocklist` actions work with.
+pub struct Handles {
+    /// `None` with `[blocklist] enabled = false`.
+    pub list: Option<Arc<Blocklist>>,
+    /// For the kernel set's size in `status`.
+    pub datapath: Option<Arc<Datapath>>,
+}
+
+fn list(h: &Handles) -> Result<Arc<Blocklist>, ApiError> {
+    h.list.clone().ok_or_else(|| {
         ApiError::new(
             BLOCKLIST_DISABLED,
             "the blocklist is disabled ([blocklist] enabled = false)",
@@ -125,13 +133,13 @@ fn pattern_kind(raw: &str) -> Result<PatternType, ApiError> {
     }
 }
 
-pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
+pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
     registry.module(
         "blocklist",
         "gambling-domain blocklist: entries, patterns, matching, kernel rules",
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "blocklist",
         "add",
@@ -175,7 +183,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "blocklist",
         "remove",
@@ -202,7 +210,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "blocklist",
         "add_pattern",
@@ -238,7 +246,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "blocklist",
         "remove_pattern",
@@ -274,7 +282,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "blocklist",
         "list",
@@ -326,7 +334,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "blocklist",
         "verify",
@@ -343,7 +351,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "blocklist",
         "status",
@@ -357,7 +365,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                     .datapath
                     .as_ref()
                     .and_then(|d| d.domains.kernel_len().ok());
-                let sources = c.config().blocklist.sources;
+                let sources = list.syncer.schedule().sources;
                 let status = run_blocking(move || {
                     Ok((
                         list.checksum(),
@@ -384,7 +392,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "blocklist",
         "sync",
@@ -394,7 +402,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
             let c = Arc::clone(&c);
             async move {
                 let list = list(&c)?;
-                let mut sources = c.config().blocklist.sources;
+                let mut sources = list.syncer.schedule().sources;
                 if sources.is_empty() {
                     return Err(ApiError::new(
                         codes::INVALID_PARAMETER,
@@ -421,7 +429,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "blocklist",
         "import",

@@ -18,8 +18,7 @@
 
 use std::collections::HashMap;
 
-use super::matcher::Matched;
-use super::model::PatternType;
+use super::model::{Matched, PatternType};
 pub use crate::config::DEFAULT_BRANDS;
 
 pub const WEIGHT_OTHER_SUFFIX: f64 = 0.9;

@@ -11,16 +11,8 @@ use phantom_common::dns::{HASH_SEED, domain_hash, hash_step};
 
 use super::{
     lookalike::Lookalikes,
-    model::{Pattern, PatternType},
+    model::{Matched, Pattern, PatternType},
 };
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Matched {
-    pub pattern: String,
-    #[serde(rename = "type")]
-    pub kind: PatternType,
-    pub weight: f64,
-}
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Verdict {

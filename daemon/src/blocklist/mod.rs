@@ -8,6 +8,7 @@ pub mod api;
 pub mod import;
 pub mod lookalike;
 pub mod matcher;
+pub mod metrics;
 pub mod model;
 pub mod store;
 pub mod sync;
@@ -20,10 +21,11 @@ use std::{
         Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use self::{
@@ -34,8 +36,10 @@ use self::{
     table::{DomainTable, Listed},
 };
 use crate::{
+    config::BlocklistConfig,
     datapath::{Datapath, Owner},
     error::Error,
+    tasks::Shutdown,
 };
 
 struct State {
@@ -129,6 +133,8 @@ pub struct Blocklist {
     /// Bumped on every change the engine sees (entries, patterns, brands): the resolver's
     /// cache remembers which generation vetted a name.
     generation: AtomicU64,
+    /// The brands as configured (`apply_live` rebuilds lookalike detection when they change).
+    configured_brands: Mutex<Vec<String>>,
 }
 
 fn now_ms() -> u64 {
@@ -243,6 +249,7 @@ impl Blocklist {
             datapath,
             syncer: sync::Syncer::open(state_dir)?,
             generation: AtomicU64::new(1),
+            configured_brands: Mutex::new(brands.to_vec()),
         };
         list.sync_kernel_full();
         info!(
@@ -328,6 +335,52 @@ impl Blocklist {
 
     pub fn patterns(&self) -> Vec<Pattern> {
         self.read().patterns.clone()
+    }
+
+    /// Applies what `[blocklist]` may change while running (SIGHUP): the sources and their
+    /// schedule, and the lookalike brands (the engine is rebuilt only when they differ).
+    pub fn apply_live(&self, config: &BlocklistConfig) {
+        self.syncer.set_schedule(sync::Schedule {
+            sources: config.sources.clone(),
+            interval_seconds: config.sync_interval_seconds,
+        });
+        let brands = config.lookalike_brands();
+        let mut configured = match self.configured_brands.lock() {
+            Ok(b) => b,
+            Err(p) => p.into_inner(),
+        };
+        if *configured != brands {
+            self.set_lookalike_brands(&brands);
+            *configured = brands;
+        }
+    }
+
+    /// Starts the blocklist's background work: the configured sources synced at start and every
+    /// `sync_interval_seconds` (read again each round: SIGHUP may change them).
+    pub fn start_tasks(self: &Arc<Self>, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
+        let list = Arc::clone(self);
+        let mut shutdown = shutdown.clone();
+        vec![tokio::spawn(async move {
+            loop {
+                let schedule = list.syncer.schedule();
+                if schedule.interval_seconds != 0 && !schedule.sources.is_empty() {
+                    let list = Arc::clone(&list);
+                    let sources = schedule.sources.clone();
+                    let _ =
+                        tokio::task::spawn_blocking(move || list.syncer.sync_all(&list, &sources))
+                            .await;
+                }
+                // With 0 (on demand only) look again in a minute.
+                let wait = match schedule.interval_seconds {
+                    0 => Duration::from_secs(60),
+                    s => Duration::from_secs(s),
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        })]
     }
 
     /// Replaces the brands of lookalike detection (a reload).

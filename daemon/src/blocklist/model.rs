@@ -150,6 +150,15 @@ pub fn rule_domain(raw: &str) -> Result<String, NameError> {
     }
 }
 
+/// One pattern that matched a name, with its weight (a `verify` reply lists them).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Matched {
+    pub pattern: String,
+    #[serde(rename = "type")]
+    pub kind: PatternType,
+    pub weight: f64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -88,8 +88,17 @@ pub struct SourceState {
     pub error: Option<String>,
 }
 
+/// What `[blocklist]` says about syncing; changed live by SIGHUP.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Schedule {
+    pub sources: Vec<SyncSource>,
+    /// 0 = only on `blocklist sync`.
+    pub interval_seconds: u64,
+}
+
 pub struct Syncer {
     path: PathBuf,
+    schedule: Mutex<Schedule>,
     states: Mutex<BTreeMap<String, SourceState>>,
     /// One sync at a time: the schedule and an admin call never interleave.
     running: Mutex<()>,
@@ -137,9 +146,25 @@ impl Syncer {
         let states: BTreeMap<String, SourceState> = store::read_json(&path)?;
         Ok(Self {
             path,
+            schedule: Mutex::new(Schedule::default()),
             states: Mutex::new(states),
             running: Mutex::new(()),
         })
+    }
+
+    /// The sources and interval in force.
+    pub fn schedule(&self) -> Schedule {
+        match self.schedule.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn set_schedule(&self, schedule: Schedule) {
+        match self.schedule.lock() {
+            Ok(mut s) => *s = schedule,
+            Err(p) => *p.into_inner() = schedule,
+        }
     }
 
     pub fn states(&self, sources: &[SyncSource]) -> Vec<SourceState> {

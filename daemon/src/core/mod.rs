@@ -1,905 +1,651 @@
-//! The `core` socket module: the WireGuard server and the client lifecycle, with the action
-//! names, parameters and reply fields of the original phantom-api.
+//! The VPN server (`core`): the client store, the WireGuard interface, and the operations the
+//! `core` actions perform on them. Other domains learn about clients from [`ClientTable`]
+//! snapshots, published after every change ([`Server::clients`]); they never read the store.
 
-pub mod server;
+pub mod actions;
+pub mod metrics;
 pub mod store;
 
-use std::sync::Arc;
-
-use serde::Deserialize;
-use serde_json::{Value, json};
-
-pub use self::server::Server;
-use self::{
-    server::{AddError, Live, TWEAK_RESTART_AFTER_ADD, valid_client_name},
-    store::Client,
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
 };
+
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{info, warn};
+use wireguard_control::Key;
+
+use self::store::{Client, ClientStore, Conflict};
 use crate::{
-    admin::{ApiError, NoParams, PageParams, ParamKind, ParamSpec, Registry, run_blocking},
-    context::Context,
-    protocol::{self, codes},
-    wg::{Subnet, net},
+    config::WireguardConfig,
+    error::Error,
+    faults::fail_point,
+    store::write_atomic,
+    tasks::{self, Shutdown},
+    wg::{
+        Subnet,
+        device::{PeerSpec, WireGuardDevice},
+        net,
+        uapi::DeviceState,
+    },
 };
 
-const CLIENT_EXISTS: &str = "CLIENT_EXISTS";
-const CLIENT_NOT_FOUND: &str = "CLIENT_NOT_FOUND";
-const INVALID_CLIENT_NAME: &str = "INVALID_CLIENT_NAME";
-const SUBNET_FULL: &str = "SUBNET_FULL";
-const WIREGUARD_DISABLED: &str = "WIREGUARD_DISABLED";
-const INVALID_SUBNET: &str = "INVALID_SUBNET";
-const SUBNET_CHANGE_REFUSED: &str = "SUBNET_CHANGE_REFUSED";
-const CONFIRMATION_REQUIRED: &str = "CONFIRMATION_REQUIRED";
-const SUBNET_CHANGE_FAILED: &str = "SUBNET_CHANGE_FAILED";
+/// A handshake younger than this means connected (WireGuard rekeys every 2 minutes).
+pub const CONNECTED_WITHIN_SECONDS: u64 = 180;
 
-/// The outcome of checking a subnet change, in the reply shape of `validate_subnet_change`.
-struct SubnetCheck {
-    new: Subnet,
-    errors: Vec<String>,
-    warnings: Vec<String>,
-    checks: Value,
-    mapping: Vec<(String, std::net::Ipv4Addr, std::net::Ipv4Addr)>,
+/// How old the live peer state shown by list/status may be.
+const LIVE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Tweak: rebuild the interface after every new client (the original tool's behaviour).
+pub const TWEAK_RESTART_AFTER_ADD: &str = "restart_service_after_client_creation";
+
+#[derive(Debug)]
+pub enum AddError {
+    Exists,
+    Full,
+    Internal(Error),
 }
 
-fn check_subnet(server: &Server, raw: &str) -> Result<SubnetCheck, ApiError> {
-    let new = Subnet::parse(raw)
-        .map_err(|e| ApiError::new(INVALID_SUBNET, format!("new_subnet {raw:?}: {e}")))?;
-    let current = server.subnet();
-    let clients = server.store.all()?;
-    let mut errors = Vec::new();
-    let mut warnings = Vec::new();
-    let size_ok = (16..=29).contains(&new.prefix);
-    if !size_ok {
-        errors.push(format!(
-            "/{} is outside /16../29: too small for a server and clients, or too large to manage",
-            new.prefix
-        ));
+impl From<Error> for AddError {
+    fn from(e: Error) -> Self {
+        AddError::Internal(e)
     }
-    if new == current {
-        errors.push(format!("{new} is the current subnet"));
+}
+
+/// One client as the other domains see it: no keys beyond the public one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientEntry {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub public_key: String,
+    pub enabled: bool,
+}
+
+impl From<&Client> for ClientEntry {
+    fn from(c: &Client) -> Self {
+        Self {
+            name: c.name.clone(),
+            ip: c.ip,
+            public_key: c.public_key.clone(),
+            enabled: c.enabled,
+        }
     }
-    let private = new.is_private();
-    if !private {
-        warnings.push(format!(
-            "{new} is not RFC 1918 or CGNAT space: clients will not reach real hosts in that range"
-        ));
+}
+
+/// Every client by name and the subnet in force: an immutable snapshot, replaced after every
+/// change (start, add, remove, enable, disable, subnet change).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientTable {
+    /// `None` without a WireGuard server.
+    pub subnet: Option<Subnet>,
+    pub clients: BTreeMap<String, ClientEntry>,
+}
+
+/// A subscription to the client table: `borrow()` is the latest snapshot, `changed()` wakes
+/// on the next change.
+pub type ClientChanges = watch::Receiver<Arc<ClientTable>>;
+
+/// A client-table channel for a host without a WireGuard server: empty, and never changing.
+pub fn no_clients() -> ClientChanges {
+    watch::channel(Arc::new(ClientTable::default())).1
+}
+
+/// The DNS servers written into client configurations. The `dns` domain decides (its resolver
+/// on the tunnel, or the upstreams) and publishes the choice; core only renders it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientDns {
+    /// The server's own tunnel address (Phantom's resolver listens there).
+    ServerAddress,
+    /// These servers.
+    Servers(Vec<IpAddr>),
+}
+
+impl ClientDns {
+    /// The `DNS =` line's addresses, with the server address for `subnet`.
+    pub fn render(&self, subnet: Option<Subnet>) -> Vec<String> {
+        match self {
+            ClientDns::ServerAddress => subnet
+                .map(|s| vec![s.server_ip().to_string()])
+                .unwrap_or_default(),
+            ClientDns::Servers(servers) => servers.iter().map(IpAddr::to_string).collect(),
+        }
     }
-    let conflicts = net::overlapping_routes(&new, &server.config.interface);
-    for (dest, iface) in &conflicts {
-        errors.push(format!("{new} overlaps the route {dest} on {iface}"));
+}
+
+/// Live figures of one client's peer.
+#[derive(Clone, Debug, Default)]
+pub struct Live {
+    pub handshake_age_seconds: Option<u64>,
+    pub endpoint: Option<String>,
+    /// Totals including what was persisted before this interface came up.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+impl Live {
+    pub fn connected(&self) -> bool {
+        self.handshake_age_seconds
+            .is_some_and(|a| a < CONNECTED_WITHIN_SECONDS)
     }
-    let mapping: Vec<_> = clients
-        .iter()
-        .map(|c| (c.name.clone(), c.ip, new.at(current.offset(c.ip))))
-        .collect();
-    let unfit: Vec<&String> = mapping
-        .iter()
-        .filter(|(_, _, ip)| !new.client_hosts().any(|h| h == *ip))
-        .map(|(n, _, _)| n)
-        .collect();
-    let capacity_ok = size_ok && unfit.is_empty() && clients.len() <= new.capacity();
-    if size_ok && !unfit.is_empty() {
-        errors.push(format!(
-            "{} client(s) sit at host offsets {new} does not have (first: {})",
-            unfit.len(),
-            unfit[0]
-        ));
+}
+
+pub struct Server {
+    pub store: ClientStore,
+    device: Mutex<Option<WireGuardDevice>>,
+    pub config: WireguardConfig,
+    /// The client subnet in force: `[wireguard] subnet` until `change_subnet` moves it (the
+    /// store remembers the move, so it survives restarts).
+    subnet: Mutex<Subnet>,
+    pub private_key: String,
+    pub public_key: String,
+    /// Serialises allocation + insert so no IP is handed out twice.
+    alloc: tokio::sync::Mutex<()>,
+    /// Per public key, the device counters already added to the store.
+    persisted: Mutex<HashMap<String, (u64, u64)>>,
+    live_cache: Mutex<Option<(std::time::Instant, HashMap<String, Live>)>>,
+    pub started_at: time::OffsetDateTime,
+    /// The client table other domains subscribe to.
+    table: watch::Sender<Arc<ClientTable>>,
+}
+
+/// Loads the server key from the state directory, creating it (0600) on first start.
+fn server_key(state_dir: &Path) -> Result<String, Error> {
+    let dir = state_dir.join("wireguard");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let path = dir.join("server.key");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let key = text.trim().to_string();
+            Key::from_base64(&key).map_err(|_| {
+                Error::Other(format!("{}: not a WireGuard private key", path.display()))
+            })?;
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = Key::generate_private().to_base64();
+            write_atomic(&path, format!("{key}\n").as_bytes())?;
+            info!("generated the WireGuard server key");
+            Ok(key)
+        }
+        Err(e) => Err(Error::io(&path, e)),
     }
-    let checks = json!({
-        "subnet_size": {"passed": size_ok, "prefixlen": new.prefix, "usable_ips": new.capacity()},
-        "private_subnet": {"passed": private},
-        "network_conflicts": {"passed": conflicts.is_empty(), "conflicts": conflicts.iter().map(|(d, i)| json!({"route": d, "interface": i})).collect::<Vec<_>>()},
-        "capacity": {"passed": capacity_ok, "clients": clients.len(), "usable_ips": new.capacity()},
-    });
-    Ok(SubnetCheck {
-        new,
-        errors,
-        warnings,
-        checks,
-        mapping,
-    })
 }
 
-fn mapping_json(mapping: &[(String, std::net::Ipv4Addr, std::net::Ipv4Addr)]) -> Vec<Value> {
-    mapping
-        .iter()
-        .map(|(name, old, new)| json!({"client_name": name, "old_ip": old, "new_ip": new}))
-        .collect()
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, Error> {
+    m.lock()
+        .map_err(|_| Error::Other("core lock poisoned".into()))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NameParams {
-    client_name: String,
-}
+impl Server {
+    /// Opens the store, brings the interface up with every enabled client, NAT on.
+    pub async fn start(config: &WireguardConfig, state_dir: &Path) -> Result<Self, Error> {
+        let store = ClientStore::open(&state_dir.join("clients.db"))?;
+        let subnet_text = store
+            .setting(SUBNET_SETTING)?
+            .unwrap_or_else(|| config.subnet.clone());
+        let subnet = Subnet::parse(&subnet_text)?;
+        let private_key = server_key(state_dir)?;
+        let public_key = Key::from_base64(&private_key)
+            .map_err(|_| Error::Other("server key".into()))?
+            .get_public()
+            .to_base64();
+        let server = Self {
+            store,
+            device: Mutex::new(None),
+            config: config.clone(),
+            subnet: Mutex::new(subnet),
+            private_key,
+            public_key,
+            alloc: tokio::sync::Mutex::new(()),
+            persisted: Mutex::new(HashMap::new()),
+            live_cache: Mutex::new(None),
+            started_at: time::OffsetDateTime::now_utc(),
+            table: watch::Sender::new(Arc::new(ClientTable::default())),
+        };
+        server.publish_all()?;
+        server.bring_up().await?;
+        Ok(server)
+    }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExportParams {
-    client_name: String,
-    qr: Option<String>,
-}
+    /// Subscribes to the client table.
+    pub fn clients(&self) -> ClientChanges {
+        self.table.subscribe()
+    }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CountParams {
-    count: i64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LogsParams {
-    lines: i64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SubnetParams {
-    new_subnet: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ChangeSubnetParams {
-    new_subnet: String,
-    confirm: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TweakParams {
-    setting_name: String,
-    value: String,
-}
-
-const CLIENT_NAME: ParamSpec = ParamSpec::required(
-    "client_name",
-    ParamKind::String { max_len: 256 },
-    "1-64 letters, digits, '-' or '_'",
-);
-
-fn server(ctx: &Context) -> Result<Arc<Server>, ApiError> {
-    ctx.wireguard.clone().ok_or_else(|| {
-        ApiError::new(
-            WIREGUARD_DISABLED,
-            "the WireGuard server is disabled ([wireguard] enabled = false)",
-        )
-    })
-}
-
-/// Runs blocking store/device work off the async runtime.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::error::Error> + Send + 'static,
-) -> Result<T, ApiError> {
-    run_blocking(move || f().map_err(ApiError::from)).await
-}
-
-fn ghost_active(ctx: &Context) -> bool {
-    ctx.ghost.as_ref().is_some_and(|g| g.is_active())
-}
-
-fn checked_name(name: &str) -> Result<(), ApiError> {
-    if valid_client_name(name) {
+    /// Republishes the whole table from the store (start, subnet change).
+    fn publish_all(&self) -> Result<(), Error> {
+        let clients = self
+            .store
+            .all()?
+            .iter()
+            .map(|c| (c.name.clone(), ClientEntry::from(c)))
+            .collect();
+        let table = ClientTable {
+            subnet: Some(self.subnet()),
+            clients,
+        };
+        self.table.send_replace(Arc::new(table));
         Ok(())
-    } else {
-        Err(ApiError::new(
-            INVALID_CLIENT_NAME,
-            format!(
-                "client name {:?} must be 1 to 64 characters of letters, digits, '-' and '_'",
-                name.chars().take(80).collect::<String>()
-            ),
-        ))
     }
-}
 
-fn not_found(name: &str) -> ApiError {
-    ApiError::new(CLIENT_NOT_FOUND, format!("no client named {name:?}"))
-}
-
-fn connection(live: Option<&Live>) -> Value {
-    match live {
-        Some(l) if l.connected() => json!({
-            "latest_handshake_seconds_ago": l.handshake_age_seconds,
-            "endpoint": l.endpoint,
-        }),
-        _ => Value::Null,
+    /// Publishes one client's change (`None`: removed). Subscribers do not keep snapshots, so
+    /// the table is usually changed in place rather than copied.
+    fn publish(&self, name: &str, entry: Option<ClientEntry>) {
+        self.table.send_modify(|table| {
+            let table = Arc::make_mut(table);
+            match entry {
+                Some(e) => table.clients.insert(name.to_string(), e),
+                None => table.clients.remove(name),
+            };
+        });
     }
-}
 
-fn client_json(c: &Client, live: Option<&Live>) -> Value {
-    let (rx, tx) = live.map_or((0, 0), |l| (l.rx_bytes, l.tx_bytes));
-    json!({
-        "name": c.name,
-        "ip": c.ip,
-        "public_key": c.public_key,
-        "created": c.created,
-        "enabled": c.enabled,
-        "connected": live.is_some_and(Live::connected),
-        "connection": connection(live),
-        "latest_handshake_seconds_ago": live.and_then(|l| l.handshake_age_seconds),
-        "rx_bytes": c.rx_total + rx,
-        "tx_bytes": c.tx_total + tx,
-    })
-}
-
-fn tweak(server: &Server) -> Result<bool, crate::error::Error> {
-    Ok(server.store.setting(TWEAK_RESTART_AFTER_ADD)?.as_deref() == Some("true"))
-}
-
-pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
-    registry.module("core", "the VPN server: service status, logs, clients");
-
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "core",
-        "add_client",
-        "create a client: next free address, fresh keys, live peer",
-        vec![CLIENT_NAME],
-        move |p: NameParams| {
-            let c = Arc::clone(&c);
-            async move {
-                checked_name(&p.client_name)?;
-                let server = server(&c)?;
-                let client = match server.add_client(&p.client_name).await {
-                    Ok(client) => client,
-                    Err(AddError::Exists) => {
-                        return Err(ApiError::new(
-                            CLIENT_EXISTS,
-                            format!("a client named {:?} already exists", p.client_name),
-                        ));
-                    }
-                    Err(AddError::Full) => {
-                        return Err(ApiError::new(
-                            SUBNET_FULL,
-                            format!("no free address left in {}", server.subnet()),
-                        ));
-                    }
-                    Err(AddError::Internal(e)) => return Err(e.into()),
-                };
-                let restart = {
-                    let s = Arc::clone(&server);
-                    blocking(move || tweak(&s)).await?
-                };
-                if restart {
-                    server.bring_up().await.map_err(ApiError::from)?;
-                }
-                Ok::<_, ApiError>(json!({
-                    "client": {
-                        "name": client.name,
-                        "ip": client.ip,
-                        "public_key": client.public_key,
-                        "created": client.created,
-                        "enabled": client.enabled,
-                    },
-                    "message": format!("client {} added with address {}", client.name, client.ip),
-                    "service_restarted": restart,
-                }))
-            }
-        },
-    );
-
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "core",
-        "remove_client",
-        "delete a client and its peer; its address becomes free",
-        vec![CLIENT_NAME],
-        move |p: NameParams| {
-            let c = Arc::clone(&c);
-            async move {
-                checked_name(&p.client_name)?;
-                let server = server(&c)?;
-                let name = p.client_name.clone();
-                let removed = blocking(move || server.remove_client(&name)).await?;
-                let client = removed.ok_or_else(|| not_found(&p.client_name))?;
-                Ok::<_, ApiError>(json!({
-                    "removed": true,
-                    "client_name": client.name,
-                    "client_ip": client.ip,
-                }))
-            }
-        },
-    );
-
-    for (action, enabled, summary) in [
-        (
-            "enable_client",
-            true,
-            "put a disabled client's peer back on the interface",
-        ),
-        (
-            "disable_client",
-            false,
-            "take a client's peer off the interface, keeping the client",
-        ),
-    ] {
-        let c = Arc::clone(&ctx);
-        registry.action(
-            "core",
-            action,
-            summary,
-            vec![CLIENT_NAME],
-            move |p: NameParams| {
-                let c = Arc::clone(&c);
-                async move {
-                    checked_name(&p.client_name)?;
-                    let server = server(&c)?;
-                    let name = p.client_name.clone();
-                    let client = blocking(move || server.set_enabled(&name, enabled))
-                        .await?
-                        .ok_or_else(|| not_found(&p.client_name))?;
-                    Ok::<_, ApiError>(json!({
-                        "client_name": client.name,
-                        "client_ip": client.ip,
-                        "enabled": client.enabled,
-                    }))
+    /// Starts core's background work: client traffic added to the stored totals every 30 s,
+    /// so totals survive restarts.
+    pub fn start_tasks(self: &Arc<Self>, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
+        let server = Arc::clone(self);
+        vec![tasks::every(
+            "persisting client traffic",
+            Duration::from_secs(30),
+            shutdown.clone(),
+            move || {
+                if let Err(e) = server.persist_traffic() {
+                    warn!(error = %e, "cannot persist client traffic");
                 }
             },
+        )]
+    }
+
+    /// Creates (or recreates) the interface from the store: every enabled client a peer.
+    pub async fn bring_up(&self) -> Result<(), Error> {
+        let old = lock(&self.device)?.take();
+        if let Some(old) = old {
+            self.persist_traffic_of(&old);
+            // Tearing the userspace device down takes a couple of seconds: not on a runtime
+            // worker.
+            tokio::task::spawn_blocking(move || old.shutdown())
+                .await
+                .map_err(|e| Error::Other(format!("WireGuard shutdown: {e}")))?;
+        }
+        let device = WireGuardDevice::create(&self.config.interface, self.config.backend).await?;
+        let peers = self.peers()?;
+        device.configure(&self.private_key, self.config.listen_port, &peers)?;
+        let subnet = self.subnet();
+        net::configure_interface(&self.config.interface, &subnet, self.config.mtu).await?;
+        net::enable_forwarding()?;
+        net::install_nat(&self.config.interface, &subnet)?;
+        lock(&self.persisted)?.clear();
+        info!(
+            interface = %self.config.interface,
+            backend = device.backend(),
+            peers = peers.len(),
+            subnet = %subnet,
+            "WireGuard server up"
         );
+        *lock(&self.device)? = Some(device);
+        self.invalidate_live();
+        Ok(())
     }
 
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "core",
-        "list_clients",
-        "clients page by page, with live connection state and traffic",
-        vec![
-            ParamSpec::optional("page", ParamKind::Integer { min: 1, max: 1_000_000 }, Some("1"), "page number"),
-            ParamSpec::optional("per_page", ParamKind::Integer { min: 1, max: 1000 }, Some("10"), "clients per page"),
-            ParamSpec::optional("search", ParamKind::String { max_len: 64 }, None, "part of a name or address"),
-        ],
-        move |p: PageParams| {
-            let c = Arc::clone(&c);
-            async move {
-                let server = server(&c)?;
-                let page = usize::try_from(p.page).unwrap_or(1);
-                let per_page = usize::try_from(p.per_page).unwrap_or(10);
-                let search = p.search.filter(|s| !s.is_empty());
-                let (clients, total, live) = blocking(move || {
-                    let offset = (page - 1).saturating_mul(per_page);
-                    let (clients, total) = server.store.page(offset, per_page, search.as_deref())?;
-                    Ok((clients, total, server.live()))
-                })
-                .await?;
-                let total_pages = total.div_ceil(per_page).max(1);
-                let showing_from = if clients.is_empty() { 0 } else { (page - 1) * per_page + 1 };
-                Ok::<_, ApiError>(json!({
-                    "total": total,
-                    "clients": clients.iter().map(|cl| client_json(cl, live.get(&cl.public_key))).collect::<Vec<_>>(),
-                    "pagination": {
-                        "page": page,
-                        "per_page": per_page,
-                        "total_pages": total_pages,
-                        "has_next": page < total_pages,
-                        "has_prev": page > 1,
-                        "showing_from": showing_from,
-                        "showing_to": if clients.is_empty() { 0 } else { showing_from + clients.len() - 1 },
-                    },
-                }))
-            }
-        },
-    );
+    fn peers(&self) -> Result<Vec<PeerSpec>, Error> {
+        Ok(self
+            .store
+            .all()?
+            .into_iter()
+            .filter(|c| c.enabled)
+            .map(|c| peer_of(&c))
+            .collect())
+    }
 
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "core",
-        "export_client",
-        "a client's wg-quick configuration (with its private key); qr=png adds a PNG QR code",
-        vec![
-            CLIENT_NAME,
-            ParamSpec::optional(
-                "qr",
-                ParamKind::String { max_len: 8 },
-                None,
-                "png: add qr_png (base64)",
-            ),
-        ],
-        move |p: ExportParams| {
-            let c = Arc::clone(&c);
-            async move {
-                checked_name(&p.client_name)?;
-                let want_png = match p.qr.as_deref() {
-                    None => false,
-                    Some("png") => true,
-                    Some(other) => {
-                        return Err(ApiError::new(
-                            codes::INVALID_PARAMETER,
-                            format!("qr={other:?}: the only format is png"),
-                        ));
-                    }
+    fn with_device<T>(
+        &self,
+        f: impl FnOnce(&WireGuardDevice) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let guard = lock(&self.device)?;
+        let device = guard
+            .as_ref()
+            .ok_or_else(|| Error::Other("the WireGuard interface is down".into()))?;
+        f(device)
+    }
+
+    pub fn subnet(&self) -> Subnet {
+        match self.subnet.lock() {
+            Ok(s) => *s,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    /// Moves every client to the same host offset in `new`, then the interface address, the
+    /// peers and NAT. Any failure after the store changed puts everything back as it was.
+    pub async fn change_subnet(
+        &self,
+        new: Subnet,
+    ) -> Result<Vec<(String, Ipv4Addr, Ipv4Addr)>, Error> {
+        let _alloc = self.alloc.lock().await;
+        let old = self.subnet();
+        let clients = self.store.all()?;
+        let mapping: Vec<(String, Ipv4Addr, Ipv4Addr)> = clients
+            .iter()
+            .map(|c| (c.name.clone(), c.ip, new.at(old.offset(c.ip))))
+            .collect();
+        if let Some((name, _, ip)) = mapping
+            .iter()
+            .find(|(_, _, ip)| !new.client_hosts().any(|h| h == *ip))
+        {
+            return Err(Error::Other(format!(
+                "{name} would get {ip}, outside the usable hosts of {new}"
+            )));
+        }
+        let forward: Vec<(String, Ipv4Addr)> =
+            mapping.iter().map(|(n, _, ip)| (n.clone(), *ip)).collect();
+        self.store.move_clients(&forward, &new.to_string())?;
+        *lock(&self.subnet)? = new;
+        if let Err(e) = self.apply_subnet(&new).await {
+            warn!(error = %e, "subnet change failed; rolling back");
+            let back: Vec<(String, Ipv4Addr)> =
+                mapping.iter().map(|(n, ip, _)| (n.clone(), *ip)).collect();
+            self.store.move_clients(&back, &old.to_string())?;
+            *lock(&self.subnet)? = old;
+            self.apply_subnet(&old).await?;
+            self.publish_all()?;
+            return Err(e);
+        }
+        self.publish_all()?;
+        info!(from = %old, to = %new, clients = mapping.len(), "subnet changed");
+        Ok(mapping)
+    }
+
+    /// Puts the interface, peers and NAT in line with `subnet` and the store.
+    async fn apply_subnet(&self, subnet: &Subnet) -> Result<(), Error> {
+        fail_point("change_subnet.before_interface")?;
+        net::configure_interface(&self.config.interface, subnet, self.config.mtu).await?;
+        let peers = self.peers()?;
+        self.with_device(|d| d.set_allowed_ips(&peers))?;
+        fail_point("change_subnet.before_nat")?;
+        net::install_nat(&self.config.interface, subnet)
+    }
+
+    pub fn backend(&self) -> Option<&'static str> {
+        lock(&self.device).ok()?.as_ref().map(|d| d.backend())
+    }
+
+    pub fn device_state(&self) -> Result<DeviceState, Error> {
+        self.with_device(|d| d.state())
+    }
+
+    /// Adds a client: next free address, fresh keys, stored (durably) before the peer goes
+    /// live.
+    pub async fn add_client(&self, name: &str) -> Result<Client, AddError> {
+        let _alloc = self.alloc.lock().await;
+        if self.store.get(name)?.is_some() {
+            return Err(AddError::Exists);
+        }
+        let used = self.store.used_ips()?;
+        let ip = self
+            .subnet()
+            .client_hosts()
+            .find(|ip| !used.contains(ip))
+            .ok_or(AddError::Full)?;
+        let private = Key::generate_private();
+        let client = Client {
+            name: name.to_string(),
+            ip,
+            public_key: private.get_public().to_base64(),
+            private_key: private.to_base64(),
+            preshared_key: Key::generate_preshared().to_base64(),
+            created: crate::protocol::timestamp_now(),
+            enabled: true,
+            rx_total: 0,
+            tx_total: 0,
+        };
+        match self.store.insert(&client)? {
+            Ok(()) => {}
+            Err(Conflict::Name) => return Err(AddError::Exists),
+            Err(Conflict::Ip | Conflict::Key) => {
+                return Err(AddError::Internal(Error::Other(
+                    "address or key collision; try again".into(),
+                )));
+            }
+        }
+        self.invalidate_live();
+        self.publish(&client.name, Some(ClientEntry::from(&client)));
+        if let Err(e) = self.with_device(|d| d.add_peer(&peer_of(&client))) {
+            // The client is stored; the next start or restart_service will add the peer.
+            warn!(error = %e, "client stored but the peer could not be added live");
+        }
+        Ok(client)
+    }
+
+    pub fn remove_client(&self, name: &str) -> Result<Option<Client>, Error> {
+        let Some(client) = self.store.remove(name)? else {
+            return Ok(None);
+        };
+        self.publish(&client.name, None);
+        self.with_device(|d| d.remove_peer(&client.public_key))?;
+        lock(&self.persisted)?.remove(&client.public_key);
+        self.invalidate_live();
+        Ok(Some(client))
+    }
+
+    /// Enables or disables a client: the peer leaves or rejoins the interface, the client stays.
+    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<Option<Client>, Error> {
+        let Some(before) = self.store.get(name)? else {
+            return Ok(None);
+        };
+        if before.enabled == enabled {
+            return Ok(Some(before));
+        }
+        let Some(client) = self.store.set_enabled(name, enabled)? else {
+            return Ok(None);
+        };
+        self.publish(&client.name, Some(ClientEntry::from(&client)));
+        if enabled {
+            self.with_device(|d| d.add_peer(&peer_of(&client)))?;
+        } else {
+            self.persist_traffic()?;
+            self.with_device(|d| d.remove_peer(&client.public_key))?;
+            lock(&self.persisted)?.remove(&client.public_key);
+        }
+        self.invalidate_live();
+        Ok(Some(client))
+    }
+
+    /// Live handshake age, endpoint and traffic per public key, at most `LIVE_MAX_AGE` old:
+    /// reading every peer from the device costs milliseconds per thousand peers, and a page of
+    /// `list_clients` should not pay that on every call.
+    pub fn live(&self) -> HashMap<String, Live> {
+        if let Ok(cache) = self.live_cache.lock()
+            && let Some((at, live)) = cache.as_ref()
+            && at.elapsed() < LIVE_MAX_AGE
+        {
+            return live.clone();
+        }
+        let live = self.read_live();
+        if let Ok(mut cache) = self.live_cache.lock() {
+            *cache = Some((std::time::Instant::now(), live.clone()));
+        }
+        live
+    }
+
+    /// Forgets the cached live state (after a peer change).
+    fn invalidate_live(&self) {
+        if let Ok(mut cache) = self.live_cache.lock() {
+            *cache = None;
+        }
+    }
+
+    fn read_live(&self) -> HashMap<String, Live> {
+        let Ok(state) = self.device_state() else {
+            return HashMap::new();
+        };
+        let persisted = lock(&self.persisted).map(|p| p.clone()).unwrap_or_default();
+        state
+            .peers
+            .into_iter()
+            .map(|p| {
+                let (rx0, tx0) = persisted.get(&p.public_key).copied().unwrap_or((0, 0));
+                let live = Live {
+                    handshake_age_seconds: p.handshake_age_seconds,
+                    endpoint: p.endpoint,
+                    // Unpersisted part of the device counters.
+                    rx_bytes: p.rx_bytes.saturating_sub(rx0),
+                    tx_bytes: p.tx_bytes.saturating_sub(tx0),
                 };
-                let server = server(&c)?;
-                let dns = crate::dns::client_dns(&c);
-                let name = p.client_name.clone();
-                // With ghost mode on, the config goes through the local wstunnel client.
-                let route = c.ghost.as_ref().and_then(|g| g.client_route());
-                let (client, config) = blocking(move || {
-                    let client = server.store.get(&name)?;
-                    Ok(client.map(|cl| {
-                        let config = match &route {
-                            Some((endpoint, allowed)) => {
-                                server.client_config_via(&cl, &dns, endpoint, allowed)
-                            }
-                            None => server.client_config(&cl, &dns),
-                        };
-                        (cl, config)
-                    }))
+                (p.public_key, live)
+            })
+            .collect()
+    }
+
+    /// Adds the traffic the device counted since the last call to the stored totals.
+    pub fn persist_traffic(&self) -> Result<(), Error> {
+        let state = self.device_state()?;
+        self.persist(&state)
+    }
+
+    fn persist_traffic_of(&self, device: &WireGuardDevice) {
+        if let Ok(state) = device.state()
+            && let Err(e) = self.persist(&state)
+        {
+            warn!(error = %e, "cannot persist client traffic");
+        }
+    }
+
+    fn persist(&self, state: &DeviceState) -> Result<(), Error> {
+        let by_key: HashMap<String, String> = self
+            .store
+            .all()?
+            .into_iter()
+            .map(|c| (c.public_key, c.name))
+            .collect();
+        let mut persisted = lock(&self.persisted)?;
+        let mut deltas = Vec::new();
+        for p in &state.peers {
+            let Some(name) = by_key.get(&p.public_key) else {
+                continue;
+            };
+            let (rx0, tx0) = persisted.get(&p.public_key).copied().unwrap_or((0, 0));
+            let (drx, dtx) = (
+                p.rx_bytes.saturating_sub(rx0),
+                p.tx_bytes.saturating_sub(tx0),
+            );
+            if drx > 0 || dtx > 0 {
+                deltas.push((name.clone(), drx, dtx));
+            }
+            persisted.insert(p.public_key.clone(), (p.rx_bytes, p.tx_bytes));
+        }
+        if !deltas.is_empty() {
+            self.store.add_traffic(&deltas)?;
+        }
+        Ok(())
+    }
+
+    /// The public endpoint written into client configs: `[wireguard] endpoint`, or when
+    /// "auto" the first global IPv4 address of this host outside the tunnel.
+    pub fn endpoint(&self) -> String {
+        let host = if self.config.endpoint != "auto" {
+            self.config.endpoint.clone()
+        } else {
+            nix::ifaddrs::getifaddrs()
+                .ok()
+                .and_then(|addrs| {
+                    addrs
+                        .filter(|a| {
+                            a.interface_name != self.config.interface && a.interface_name != "lo"
+                        })
+                        .filter_map(|a| {
+                            a.address.and_then(|s| s.as_sockaddr_in().map(|v4| v4.ip()))
+                        })
+                        .find(|ip| !ip.is_loopback() && !ip.is_link_local())
+                        .map(|ip| ip.to_string())
                 })
-                .await?
-                .ok_or_else(|| not_found(&p.client_name))?;
-                let mut reply = json!({
-                    "client": {
-                        "name": client.name,
-                        "ip": client.ip,
-                        "created": client.created,
-                        "enabled": client.enabled,
-                        "private_key": client.private_key,
-                        "public_key": client.public_key,
-                        "preshared_key": client.preshared_key,
-                    },
-                    "config": config,
-                });
-                if want_png {
-                    use base64::Engine;
-                    let png = crate::qr::png(&config, 8)?;
-                    reply["qr_png"] = json!(base64::engine::general_purpose::STANDARD.encode(png));
-                }
-                Ok::<_, ApiError>(reply)
+                .unwrap_or_else(|| "127.0.0.1".into())
+        };
+        let port = self.config.listen_port;
+        if host.parse::<std::net::SocketAddr>().is_ok() {
+            return host;
+        }
+        match host.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+            _ if host
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.contains(':') && p.parse::<u16>().is_ok()) =>
+            {
+                host
             }
-        },
-    );
+            _ => format!("{host}:{port}"),
+        }
+    }
 
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "core",
-        "latest_clients",
-        "the newest clients, newest first",
-        vec![ParamSpec::optional("count", ParamKind::Integer { min: 1, max: 1000 }, Some("5"), "how many")],
-        move |p: CountParams| {
-            let c = Arc::clone(&c);
-            async move {
-                let server = server(&c)?;
-                let n = usize::try_from(p.count).unwrap_or(5);
-                let (clients, live) = blocking(move || Ok((server.store.latest(n)?, server.live()))).await?;
-                Ok::<_, ApiError>(json!({
-                    "latest_clients": clients.iter().map(|cl| client_json(cl, live.get(&cl.public_key))).collect::<Vec<_>>(),
-                    "count": clients.len(),
-                }))
-            }
-        },
-    );
+    /// The client's wg-quick configuration.
+    pub fn client_config(&self, client: &Client, dns: &[String]) -> String {
+        self.client_config_via(client, dns, &self.endpoint(), "0.0.0.0/0, ::/0")
+    }
 
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "core",
-        "server_status",
-        "service, interface with live peers, configuration, client counts, data plane",
-        vec![],
-        move |_: NoParams| {
-            let c = Arc::clone(&c);
-            async move { server_status(&c).await }
-        },
-    );
+    /// The configuration with another Endpoint and AllowedIPs (ghost mode: the local
+    /// wstunnel client, and everything but the server's own address).
+    pub fn client_config_via(
+        &self,
+        client: &Client,
+        dns: &[String],
+        endpoint: &str,
+        allowed_ips: &str,
+    ) -> String {
+        format!(
+            "[Interface]\n\
+             PrivateKey = {}\n\
+             Address = {}/32\n\
+             DNS = {}\n\
+             MTU = {}\n\
+             \n\
+             [Peer]\n\
+             PublicKey = {}\n\
+             PresharedKey = {}\n\
+             Endpoint = {}\n\
+             AllowedIPs = {}\n\
+             PersistentKeepalive = 25\n",
+            client.private_key,
+            client.ip,
+            dns.join(", "),
+            self.config.mtu,
+            self.public_key,
+            client.preshared_key,
+            endpoint,
+            allowed_ips,
+        )
+    }
 
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "core",
-        "restart_service",
-        "rebuild the WireGuard interface from the client store",
-        vec![],
-        move |_: NoParams| {
-            let c = Arc::clone(&c);
-            async move {
-                let server = server(&c)?;
-                server.bring_up().await.map_err(ApiError::from)?;
-                if let Some(dp) = c.datapath.clone() {
-                    let _ = tokio::task::spawn_blocking(move || dp.reconcile_vpn()).await;
-                }
-                let state = {
-                    let s = Arc::clone(&server);
-                    blocking(move || s.device_state()).await?
-                };
-                Ok::<_, ApiError>(json!({
-                    "restarted": true,
-                    "service_active": true,
-                    "interface_up": true,
-                    "peers": state.peers.len(),
-                    "message": format!("{} rebuilt from the client store", server.config.interface),
-                }))
-            }
-        },
-    );
-
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "core",
-        "get_tweak_settings",
-        "behaviour switches and what they do",
-        vec![],
-        move |_: NoParams| {
-            let c = Arc::clone(&c);
-            async move {
-                let server = server(&c)?;
-                let restart = blocking(move || tweak(&server)).await?;
-                Ok::<_, ApiError>(json!({
-                    TWEAK_RESTART_AFTER_ADD: restart,
-                    format!("{TWEAK_RESTART_AFTER_ADD}_description"):
-                        "Rebuild the WireGuard interface after every add_client. Off by default: peers are added live without dropping anyone's session.",
-                }))
-            }
-        },
-    );
-
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "core",
-        "update_tweak_setting",
-        "change a behaviour switch",
-        vec![
-            ParamSpec::required(
-                "setting_name",
-                ParamKind::String { max_len: 128 },
-                "a name from get_tweak_settings",
-            ),
-            ParamSpec::required("value", ParamKind::String { max_len: 16 }, "true or false"),
-        ],
-        move |p: TweakParams| {
-            let c = Arc::clone(&c);
-            async move {
-                if p.setting_name != TWEAK_RESTART_AFTER_ADD {
-                    return Err(ApiError::new(
-                        codes::INVALID_PARAMETER,
-                        format!(
-                            "unknown setting {:?}; settings: {TWEAK_RESTART_AFTER_ADD}",
-                            p.setting_name
-                        ),
-                    ));
-                }
-                let value = match p.value.to_ascii_lowercase().as_str() {
-                    "true" => true,
-                    "false" => false,
-                    _ => {
-                        return Err(ApiError::new(
-                            codes::INVALID_PARAMETER,
-                            format!("value {:?} must be true or false", p.value),
-                        ));
-                    }
-                };
-                let server = server(&c)?;
-                blocking(move || {
-                    server.store.set_setting(
-                        TWEAK_RESTART_AFTER_ADD,
-                        if value { "true" } else { "false" },
-                    )
-                })
-                .await?;
-                Ok::<_, ApiError>(json!({
-                    "setting_name": TWEAK_RESTART_AFTER_ADD,
-                    "value": value,
-                    "message": format!("{TWEAK_RESTART_AFTER_ADD} is now {value}"),
-                }))
-            }
-        },
-    );
-
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "core",
-        "get_firewall_status",
-        "our nftables table (NAT, forwarding), the WireGuard port and the eBPF attachments",
-        vec![],
-        move |_: NoParams| {
-            let c = Arc::clone(&c);
-            async move {
-                let config = c.config();
-                let (ruleset, listening) = {
-                    let wg = c.wireguard.clone();
-                    blocking(move || {
-                        let listening = wg.as_ref().and_then(|s| s.device_state().ok()).map(|d| d.listen_port);
-                        Ok((net::nat_ruleset()?, listening))
-                    })
-                    .await?
-                };
-                let rules: Vec<Value> = ruleset["nftables"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|e| e.get("rule").cloned())
-                    .collect();
-                let nat_enabled = rules.iter().any(|r| r.to_string().contains("masquerade"));
-                let programs = c.datapath.as_ref().map(|d| d.attachments()).unwrap_or_default();
-                Ok::<_, ApiError>(json!({
-                    "status": if nat_enabled { "active" } else { "inactive" },
-                    "ufw": {"status": "not managed by phantom"},
-                    "iptables": {"status": "not managed by phantom (nftables is)"},
-                    "nftables": {"table": format!("inet {}", net::NFT_TABLE), "rules": rules},
-                    "nat": {
-                        "enabled": nat_enabled,
-                        "masquerade": if nat_enabled { "enabled" } else { "disabled" },
-                        "source": config.wireguard.subnet,
-                        "rules": rules.iter().filter(|r| r.to_string().contains("masquerade")).cloned().collect::<Vec<_>>(),
-                    },
-                    "ports": {
-                        "wireguard_port": config.wireguard.listen_port,
-                        "listening": listening == Some(config.wireguard.listen_port),
-                    },
-                    "ebpf": programs,
-                }))
-            }
-        },
-    );
-
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "core",
-        "get_subnet_info",
-        "the client subnet: size, usage, addresses, and whether it can change now",
-        vec![],
-        move |_: NoParams| {
-            let c = Arc::clone(&c);
-            async move {
-                let server = server(&c)?;
-                let s = Arc::clone(&server);
-                let (clients, live) = blocking(move || Ok((s.store.all()?, s.live()))).await?;
-                let subnet = server.subnet();
-                let active = live.values().filter(|l| l.connected()).count();
-                let usable = subnet.capacity();
-                let first = subnet.client_hosts().next();
-                let last = subnet.client_hosts().last();
-                let mut warnings = Vec::new();
-                if usable > 0 && clients.len() * 10 >= usable * 9 {
-                    warnings.push(format!("{} of {usable} client addresses in use", clients.len()));
-                }
-                if active > 0 {
-                    warnings.push(format!("{active} client(s) connected: a subnet change makes them reconnect with re-exported configs"));
-                }
-                let ghost_mode = ghost_active(&c);
-                Ok::<_, ApiError>(json!({
-                    "current_subnet": subnet.to_string(),
-                    "subnet_size": 1u64 << (32 - u32::from(subnet.prefix)),
-                    "usable_ips": usable,
-                    "network_address": subnet.network,
-                    "broadcast_address": subnet.broadcast(),
-                    "netmask": subnet.mask(),
-                    "prefixlen": subnet.prefix,
-                    "clients": {
-                        "total": clients.len(),
-                        "active": active,
-                        "ip_usage_percentage": if usable == 0 { 0.0 } else { (clients.len() as f64 * 10000.0 / usable as f64).round() / 100.0 },
-                    },
-                    "server_ip": subnet.server_ip(),
-                    "first_client_ip": first,
-                    "last_client_ip": last,
-                    "can_change": !ghost_mode && !c.multihop_enabled(),
-                    "blockers": {"ghost_mode": ghost_mode, "multihop": c.multihop_enabled(), "active_connections": active},
-                    "main_interface": {"interface": server.config.interface, "address": format!("{}/{}", subnet.server_ip(), subnet.prefix)},
-                    "warnings": warnings,
-                }))
-            }
-        },
-    );
-
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "core",
-        "validate_subnet_change",
-        "check a new client subnet and preview where every client would move",
-        vec![ParamSpec::required(
-            "new_subnet",
-            ParamKind::String { max_len: 64 },
-            "e.g. 10.9.0.0/24",
-        )],
-        move |p: SubnetParams| {
-            let c = Arc::clone(&c);
-            async move {
-                let server = server(&c)?;
-                let check = run_blocking(move || check_subnet(&server, &p.new_subnet)).await?;
-                let current = c.wireguard.as_ref().map(|s| s.subnet().to_string());
-                Ok::<_, ApiError>(json!({
-                    "valid": check.errors.is_empty(),
-                    "new_subnet": check.new.to_string(),
-                    "current_subnet": current,
-                    "checks": check.checks,
-                    "warnings": check.warnings,
-                    "errors": check.errors,
-                    "ip_mapping_preview": {
-                        "total_mappings": check.mapping.len(),
-                        "mappings": mapping_json(&check.mapping),
-                    },
-                }))
-            }
-        },
-    );
-
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "core",
-        "change_subnet",
-        "move every client to the same host offset in a new subnet (needs confirm=true); rolls back on failure",
-        vec![
-            ParamSpec::required("new_subnet", ParamKind::String { max_len: 64 }, "e.g. 10.9.0.0/24"),
-            ParamSpec::optional("confirm", ParamKind::Boolean, Some("false"), "must be true"),
-        ],
-        move |p: ChangeSubnetParams| {
-            let c = Arc::clone(&c);
-            async move {
-                let server = server(&c)?;
-                if ghost_active(&c) {
-                    return Err(ApiError::new(
-                        SUBNET_CHANGE_REFUSED,
-                        "ghost mode is on: disable it (phantom-api ghost disable) before changing the subnet",
-                    ));
-                }
-                if c.multihop_enabled() {
-                    return Err(ApiError::new(
-                        SUBNET_CHANGE_REFUSED,
-                        "multihop is on: the exit's NAT and the kernel mark follow the client subnet; disable multihop first",
-                    ));
-                }
-                let s = Arc::clone(&server);
-                let raw = p.new_subnet.clone();
-                let check = run_blocking(move || check_subnet(&s, &raw)).await?;
-                if !check.errors.is_empty() {
-                    return Err(ApiError::new(SUBNET_CHANGE_REFUSED, check.errors.join("; ")));
-                }
-                if p.confirm != Some(true) {
-                    return Err(ApiError::new(
-                        CONFIRMATION_REQUIRED,
-                        format!("changing to {} re-addresses {} client(s); repeat with confirm=true", check.new, check.mapping.len()),
-                    ));
-                }
-                let old = server.subnet();
-                let backup_id = format!("subnet-{}", time::OffsetDateTime::now_utc().unix_timestamp_nanos());
-                let backup = json!({"old_subnet": old.to_string(), "new_subnet": check.new.to_string(), "ip_mapping": mapping_json(&check.mapping)});
-                let backup_path = c.config().state_dir.join("backups").join(format!("{backup_id}.json"));
-                blocking(move || {
-                    if let Some(dir) = backup_path.parent() {
-                        std::fs::create_dir_all(dir).map_err(|e| crate::error::Error::io(dir, e))?;
-                    }
-                    crate::store::write_json(&backup_path, &backup)
-                })
-                .await?;
-                let mapping = server
-                    .change_subnet(check.new)
-                    .await
-                    .map_err(|e| ApiError::new(SUBNET_CHANGE_FAILED, format!("{e}; the previous subnet {old} is back in force")))?;
-                Ok::<_, ApiError>(json!({
-                    "success": true,
-                    "old_subnet": old.to_string(),
-                    "new_subnet": check.new.to_string(),
-                    "clients_updated": mapping.len(),
-                    "backup_id": backup_id,
-                    "ip_mapping": mapping_json(&mapping),
-                    "message": format!("moved {} client(s) from {old} to {}; re-export their configurations", mapping.len(), check.new),
-                }))
-            }
-        },
-    );
-
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "core",
-        "service_logs",
-        "the daemon's most recent log lines, oldest first",
-        vec![ParamSpec::optional(
-            "lines",
-            ParamKind::Integer {
-                min: 1,
-                max: 100_000,
-            },
-            Some("50"),
-            "how many lines",
-        )],
-        move |p: LogsParams| {
-            let c = Arc::clone(&c);
-            async move {
-                let lines = usize::try_from(p.lines).unwrap_or(50);
-                let logs = c.logs.tail(lines);
-                Ok::<_, ApiError>(json!({
-                    "logs": logs,
-                    "lines": logs.len(),
-                    "service_name": "phantomd",
-                }))
-            }
-        },
-    );
+    /// Shutdown: traffic persisted, NAT removed, interface gone.
+    pub fn shutdown(&self) {
+        if let Ok(mut guard) = lock(&self.device)
+            && let Some(device) = guard.take()
+        {
+            self.persist_traffic_of(&device);
+            device.shutdown();
+        }
+        if let Err(e) = net::remove_nat() {
+            warn!(error = %e, "cannot remove the NAT table");
+        }
+    }
 }
 
-async fn server_status(c: &Arc<Context>) -> Result<Value, ApiError> {
-    let config = c.config();
-    let programs = c
-        .datapath
-        .as_ref()
-        .map(|dp| dp.attachments())
-        .unwrap_or_default();
-    let mut status = json!({
-        "service": {
-            "running": true,
-            "service_name": "phantomd",
-            "started_at": protocol::rfc3339(c.started_at),
-            "pid": std::process::id().to_string(),
-        },
-        "daemon": {
-            "version": protocol::VERSION,
-            "uptime_seconds": c.started.elapsed().as_secs(),
-            "config_file": c.config_path,
-            "state_dir": config.state_dir,
-        },
-        "configuration": {
-            "interface": config.wireguard.interface,
-            "config_file": c.config_path,
-            "port": config.wireguard.listen_port,
-            "network": config.wireguard.subnet,
-            "dns": crate::dns::client_dns(c),
-            "config_exists": c.config_path.exists(),
-        },
-        "datapath": {
-            "enabled": c.datapath.is_some(),
-            "programs": programs,
-        },
-        "system": {
-            "hostname": nix::sys::utsname::uname().ok().map(|u| u.nodename().to_string_lossy().into_owned()),
-            "kernel": nix::sys::utsname::uname().ok().map(|u| u.release().to_string_lossy().into_owned()),
-        },
-    });
-    let Some(server) = c.wireguard.clone() else {
-        status["interface"] =
-            json!({"active": false, "interface": config.wireguard.interface, "peers": []});
-        return Ok(status);
-    };
-    let (clients, state) = {
-        let s = Arc::clone(&server);
-        blocking(move || Ok((s.store.all()?, s.device_state().ok()))).await?
-    };
-    let by_key: std::collections::HashMap<&str, &Client> = clients
-        .iter()
-        .map(|cl| (cl.public_key.as_str(), cl))
-        .collect();
-    let live = {
-        let s = Arc::clone(&server);
-        blocking(move || Ok(s.live())).await?
-    };
-    let peers: Vec<Value> = state
-        .as_ref()
-        .map(|s| {
-            s.peers
-                .iter()
-                .map(|p| {
-                    let client = by_key.get(p.public_key.as_str());
-                    let l = live.get(&p.public_key);
-                    json!({
-                        "name": client.map(|cl| cl.name.clone()),
-                        "public_key": p.public_key,
-                        "allowed_ips": p.allowed_ips.join(", "),
-                        "endpoint": p.endpoint,
-                        "latest_handshake_seconds_ago": p.handshake_age_seconds,
-                        "connected": l.is_some_and(Live::connected),
-                        "rx_bytes": client.map_or(0, |cl| cl.rx_total) + l.map_or(0, |l| l.rx_bytes),
-                        "tx_bytes": client.map_or(0, |cl| cl.tx_total) + l.map_or(0, |l| l.tx_bytes),
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let rx: u64 = peers.iter().filter_map(|p| p["rx_bytes"].as_u64()).sum();
-    let tx: u64 = peers.iter().filter_map(|p| p["tx_bytes"].as_u64()).sum();
-    let enabled = clients.iter().filter(|cl| cl.enabled).count();
-    let active = live.values().filter(|l| l.connected()).count();
-    status["interface"] = json!({
-        "active": state.is_some(),
-        "interface": config.wireguard.interface,
-        "backend": server.backend(),
-        "public_key": server.public_key,
-        "port": state.as_ref().map(|s| s.listen_port),
-        "address": format!("{}/{}", server.subnet().server_ip(), server.subnet().prefix),
-        "peers": peers,
-        "rx_bytes": rx,
-        "tx_bytes": tx,
-    });
-    status["clients"] = json!({
-        "total_configured": clients.len(),
-        "enabled_clients": enabled,
-        "disabled_clients": clients.len() - enabled,
-        "active_connections": active,
-    });
-    Ok(status)
+fn peer_of(c: &Client) -> PeerSpec {
+    PeerSpec {
+        public_key: c.public_key.clone(),
+        preshared_key: c.preshared_key.clone(),
+        ip: c.ip,
+    }
+}
+
+/// Where the store keeps the subnet in force after a `change_subnet`.
+const SUBNET_SETTING: &str = "wireguard.subnet";
+
+/// 1 to 64 characters of letters, digits, `-` and `_`.
+pub fn valid_client_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }

@@ -14,18 +14,27 @@ use serde_json::{Value, json};
 use super::{Datapath, List, MarkSettings, Owner, busiest, domains};
 use crate::{
     admin::{ApiError, NoParams, ParamKind, ParamSpec, Registry, run_blocking},
-    context::Context,
+    config::DatapathConfig,
     error::Error,
     protocol::codes,
 };
 
+/// What the `datapath` actions work with.
+pub struct Handles {
+    /// `None` with `[datapath] enabled = false`: the actions say so.
+    pub datapath: Option<Arc<Datapath>>,
+    pub config: DatapathConfig,
+    /// `[wireguard] subnet`: the multihop mark's default client range.
+    pub client_subnet: String,
+}
+
 /// Runs a blocking map operation off the async runtime.
-async fn with_datapath<T, F>(ctx: &Context, f: F) -> Result<T, ApiError>
+async fn with_datapath<T, F>(h: &Handles, f: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
     F: FnOnce(&Datapath) -> Result<T, Error> + Send + 'static,
 {
-    let Some(dp) = ctx.datapath.clone() else {
+    let Some(dp) = h.datapath.clone() else {
         return Err(ApiError::unavailable(
             "the datapath is disabled ([datapath] enabled = false)",
         ));
@@ -146,13 +155,13 @@ pub(crate) fn local_addresses() -> Vec<IpAddr> {
         .unwrap_or_default()
 }
 
-pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
+pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
     registry.module(
         "datapath",
         "the eBPF data plane: programs, counters, allow/deny lists, kernel DNS rules",
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "datapath",
         "status",
@@ -161,7 +170,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         move |_: NoParams| {
             let c = Arc::clone(&c);
             async move {
-                let bpffs = c.datapath_config().bpffs;
+                let bpffs = c.config.bpffs.clone();
                 if c.datapath.is_none() {
                     return Ok(
                         json!({"enabled": false, "programs": [], "maps": [], "bpffs": bpffs}),
@@ -183,7 +192,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "datapath",
         "top_sources",
@@ -228,7 +237,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "datapath",
         "counters",
@@ -280,7 +289,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
             "never drop a source, whatever denies it",
         ),
     ] {
-        let c = Arc::clone(&ctx);
+        let c = Arc::clone(&handles);
         registry.action(
             "datapath",
             action,
@@ -320,7 +329,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
             "remove an allow entry",
         ),
     ] {
-        let c = Arc::clone(&ctx);
+        let c = Arc::clone(&handles);
         registry.action("datapath", action, summary, vec![IP], move |p: IpParams| {
             let c = Arc::clone(&c);
             async move {
@@ -343,7 +352,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
             "live allow entries with expiry",
         ),
     ] {
-        let c = Arc::clone(&ctx);
+        let c = Arc::clone(&handles);
         registry.action("datapath", action, summary, vec![], move |_: NoParams| {
             let c = Arc::clone(&c);
             async move {
@@ -353,7 +362,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         });
     }
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "datapath",
         "dns_block",
@@ -386,7 +395,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "datapath",
         "dns_unblock",
@@ -408,7 +417,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "datapath",
         "dns_rules",
@@ -432,7 +441,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "datapath",
         "multihop_mark",
@@ -470,15 +479,14 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
             let c = Arc::clone(&c);
             async move {
                 if let Some(enabled) = p.enabled {
-                    let config = c.config();
-                    let subnet = p.subnet.clone().unwrap_or(config.wireguard.subnet.clone());
+                    let subnet = p.subnet.clone().unwrap_or(c.client_subnet.clone());
                     let v4 = parse_subnet::<Ipv4Addr>(&subnet, 32)?;
                     let v6 = p
                         .subnet6
                         .as_deref()
                         .map(|s| parse_subnet::<Ipv6Addr>(s, 128))
                         .transpose()?;
-                    let mark = p.mark.map_or(config.datapath.multihop_mark, |m| m as u32);
+                    let mark = p.mark.map_or(c.config.multihop_mark, |m| m as u32);
                     let settings = MarkSettings {
                         enabled,
                         mark,

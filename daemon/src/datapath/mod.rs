@@ -16,6 +16,7 @@ pub mod dns_policy;
 pub mod domains;
 pub mod guard;
 mod links;
+pub mod metrics;
 pub mod multihop;
 pub mod policy;
 mod uplink;
@@ -23,7 +24,8 @@ mod uplink;
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use aya::{
@@ -37,6 +39,7 @@ use phantom_common::{
     xdp::TrafficCounter,
 };
 use serde::Serialize;
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use self::links::{Hook, LinkStore};
@@ -48,7 +51,11 @@ pub use self::{
     multihop::{MarkSettings, MultihopMark},
     policy::{List, PolicyMaps, PolicyTable, PolicyView},
 };
-use crate::{config::DatapathConfig, error::Error};
+use crate::{
+    config::DatapathConfig,
+    error::Error,
+    tasks::{self, Shutdown},
+};
 
 /// The compiled eBPF object, built by build.rs with the pinned nightly.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/phantom"));
@@ -372,6 +379,17 @@ impl Datapath {
         ])
     }
 
+    /// Starts the datapath's background work: housekeeping every 2 s (see [`Self::tick`]).
+    pub fn start_tasks(self: &Arc<Self>, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
+        let dp = Arc::clone(self);
+        vec![tasks::every(
+            "datapath housekeeping",
+            Duration::from_secs(2),
+            shutdown.clone(),
+            move || dp.tick(),
+        )]
+    }
+
     /// Housekeeping, run every couple of seconds: VPN programs in place; every 15th call,
     /// lapsed policies out of the map (the kernel ignores them already, so this is tidying).
     pub fn tick(&self) {
@@ -386,5 +404,13 @@ impl Datapath {
         if let Err(e) = self.reconcile_vpn() {
             warn!(error = %e, "cannot attach the VPN-interface programs");
         }
+    }
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("attachments", &self.attachments())
+            .finish()
     }
 }

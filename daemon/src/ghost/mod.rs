@@ -2,7 +2,9 @@
 //! networks that only let HTTPS out. The relay inside the daemon speaks what the stock
 //! `wstunnel` client expects, so users keep running that client unchanged. See docs/ghost.md.
 
+pub mod actions;
 pub mod domain;
+pub mod metrics;
 pub mod relay;
 pub mod tls;
 
@@ -13,35 +15,26 @@ use std::{
     time::Duration,
 };
 
-use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{counter::ConstCounter, gauge::ConstGauge},
-};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use self::relay::{FrameFault, Rejection, Relay, RelaySettings, Stats, TlsConfig};
+use self::relay::{Relay, RelaySettings, Stats, TlsConfig};
 use crate::{
-    admin::{ApiError, NoParams, ParamKind, ParamSpec, Registry},
+    admin::ApiError,
     config::{GhostConfig, GhostTls},
-    context::Context,
     core::Server,
     protocol,
     wg::Subnet,
 };
 
 const GHOST_ACTIVE: &str = "GHOST_ACTIVE";
-const GHOST_INACTIVE: &str = "GHOST_INACTIVE";
+pub(crate) const GHOST_INACTIVE: &str = "GHOST_INACTIVE";
 const INVALID_DOMAIN: &str = "INVALID_DOMAIN";
 const DOMAIN_NOT_THIS_SERVER: &str = "DOMAIN_NOT_THIS_SERVER";
 const TLS_FAILED: &str = "TLS_FAILED";
 const PORT_UNAVAILABLE: &str = "PORT_UNAVAILABLE";
-const WIREGUARD_DISABLED: &str = "WIREGUARD_DISABLED";
-const CLIENT_NOT_FOUND: &str = "CLIENT_NOT_FOUND";
-const INVALID_CLIENT_NAME: &str = "INVALID_CLIENT_NAME";
 
 /// The local side the stock client listens on; the exported WireGuard config points here.
 pub const CLIENT_LOCAL_ENDPOINT: &str = "127.0.0.1:51820";
@@ -83,7 +76,7 @@ pub struct Ghost {
     config: GhostConfig,
     state_path: PathBuf,
     tls_dir: tls::TlsDir,
-    wireguard: Arc<Server>,
+    pub(crate) wireguard: Arc<Server>,
     state: Mutex<GhostState>,
     /// Serialises enable/disable/renewal: one change at a time.
     op: tokio::sync::Mutex<Option<Active>>,
@@ -496,13 +489,6 @@ impl Ghost {
         ))
     }
 
-    /// The metrics collector (reads the counters at scrape time).
-    pub fn collector(self: &Arc<Self>) -> GhostCollector {
-        GhostCollector {
-            ghost: Arc::clone(self),
-        }
-    }
-
     /// Daemon shutdown: close the relay and its tunnels.
     pub async fn shutdown(&self) {
         // An enable still issuing a certificate is abandoned with the runtime, not waited for.
@@ -615,223 +601,6 @@ fn subtract_v6(ip: u128) -> Vec<String> {
             format!("{}/{l}", std::net::Ipv6Addr::from(net))
         })
         .collect()
-}
-
-/// Ghost counters at scrape time.
-pub struct GhostCollector {
-    ghost: Arc<Ghost>,
-}
-
-impl std::fmt::Debug for GhostCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("GhostCollector")
-    }
-}
-
-impl Collector for GhostCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let s = &self.ghost.stats;
-        let gauge = |encoder: &mut DescriptorEncoder, name: &str, help: &str, v: i64| {
-            let g = ConstGauge::new(v);
-            let metric = encoder.encode_descriptor(name, help, None, g.metric_type())?;
-            g.encode(metric)
-        };
-        gauge(
-            &mut encoder,
-            "phantom_ghost_active",
-            "1 while ghost mode is enabled",
-            i64::from(self.ghost.is_active()),
-        )?;
-        gauge(
-            &mut encoder,
-            "phantom_ghost_tunnels_open",
-            "WebSocket tunnels open now",
-            s.tunnels_open.load(Ordering::Relaxed),
-        )?;
-        let counter = |encoder: &mut DescriptorEncoder, name: &str, help: &str, v: u64| {
-            let c = ConstCounter::new(v);
-            let metric = encoder.encode_descriptor(name, help, None, c.metric_type())?;
-            c.encode(metric)
-        };
-        counter(
-            &mut encoder,
-            "phantom_ghost_tunnels",
-            "WebSocket tunnels opened since start",
-            s.tunnels_total.load(Ordering::Relaxed),
-        )?;
-        {
-            let c = ConstCounter::new(0u64);
-            let mut metric = encoder.encode_descriptor(
-                "phantom_ghost_bytes",
-                "Datagram bytes relayed: in = client to WireGuard, out = WireGuard to client",
-                None,
-                c.metric_type(),
-            )?;
-            for (dir, v) in [("in", &s.bytes_in), ("out", &s.bytes_out)] {
-                ConstCounter::new(v.load(Ordering::Relaxed))
-                    .encode(metric.encode_family(&[("direction", dir)])?)?;
-            }
-        }
-        {
-            let c = ConstCounter::new(0u64);
-            let mut metric = encoder.encode_descriptor(
-                "phantom_ghost_rejected_upgrades",
-                "Connections refused before a tunnel opened, by reason",
-                None,
-                c.metric_type(),
-            )?;
-            for r in Rejection::ALL {
-                ConstCounter::new(s.rejected(r))
-                    .encode(metric.encode_family(&[("reason", r.as_str())])?)?;
-            }
-        }
-        {
-            let c = ConstCounter::new(0u64);
-            let mut metric = encoder.encode_descriptor(
-                "phantom_ghost_refused_frames",
-                "Tunnels closed on a client frame fault, by fault",
-                None,
-                c.metric_type(),
-            )?;
-            for f in FrameFault::ALL {
-                ConstCounter::new(s.faults(f))
-                    .encode(metric.encode_family(&[("fault", f.as_str())])?)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EnableParams {
-    domain: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExportParams {
-    client_name: String,
-}
-
-fn ghost(ctx: &Context) -> Result<Arc<Ghost>, ApiError> {
-    ctx.ghost.clone().ok_or_else(|| {
-        ApiError::new(
-            WIREGUARD_DISABLED,
-            "ghost mode carries the WireGuard server, which is disabled ([wireguard] enabled = false)",
-        )
-    })
-}
-
-pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
-    registry.module(
-        "ghost",
-        "WireGuard over WebSocket/TLS for the stock wstunnel client",
-    );
-
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "ghost",
-        "enable",
-        "serve WireGuard over wss on [ghost] port for a domain that resolves to this server",
-        vec![ParamSpec::required(
-            "domain",
-            ParamKind::String { max_len: 253 },
-            "e.g. vpn.example.com, or 203-0-113-1.sslip.io",
-        )],
-        move |p: EnableParams| {
-            let c = Arc::clone(&c);
-            async move { ghost(&c)?.enable(&p.domain).await }
-        },
-    );
-
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "ghost",
-        "disable",
-        "close the wss relay and its tunnels; clients go back to direct WireGuard",
-        vec![],
-        move |_: NoParams| {
-            let c = Arc::clone(&c);
-            async move { ghost(&c)?.disable().await }
-        },
-    );
-
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "ghost",
-        "status",
-        "whether ghost mode is on, and how to connect",
-        vec![],
-        move |_: NoParams| {
-            let c = Arc::clone(&c);
-            async move {
-                match c.ghost.clone() {
-                    Some(g) => Ok::<_, ApiError>(g.status().await),
-                    None => Ok(json!({
-                        "status": "inactive",
-                        "enabled": false,
-                        "message": "the WireGuard server is disabled",
-                    })),
-                }
-            }
-        },
-    );
-
-    let c = Arc::clone(&ctx);
-    registry.action(
-        "ghost",
-        "export",
-        "a client's stock wstunnel command and its WireGuard config through the tunnel",
-        vec![ParamSpec::required(
-            "client_name",
-            ParamKind::String { max_len: 256 },
-            "1-64 letters, digits, '-' or '_'",
-        )],
-        move |p: ExportParams| {
-            let c = Arc::clone(&c);
-            async move {
-                let g = ghost(&c)?;
-                if !crate::core::server::valid_client_name(&p.client_name) {
-                    return Err(ApiError::new(
-                        INVALID_CLIENT_NAME,
-                        format!(
-                            "client name {:?} must be 1 to 64 characters of letters, digits, '-' and '_'",
-                            p.client_name.chars().take(80).collect::<String>()
-                        ),
-                    ));
-                }
-                let state = g.state();
-                let (endpoint, allowed) = g
-                    .client_route()
-                    .ok_or_else(|| ApiError::new(GHOST_INACTIVE, "ghost mode is not active"))?;
-                let server = Arc::clone(&g.wireguard);
-                let dns = crate::dns::client_dns(&c);
-                let name = p.client_name.clone();
-                let found = crate::admin::run_blocking(move || {
-                    let client = server.store.get(&name).map_err(ApiError::from)?;
-                    Ok(client.map(|cl| {
-                        let config = server.client_config_via(&cl, &dns, &endpoint, &allowed);
-                        (cl, config)
-                    }))
-                })
-                .await?;
-                let (client, config) = found.ok_or_else(|| {
-                    ApiError::new(CLIENT_NOT_FOUND, format!("no client named {:?}", p.client_name))
-                })?;
-                Ok(json!({
-                    "client_name": client.name,
-                    "client_ip": client.ip,
-                    "connection_command": state.connection_command,
-                    "config": config,
-                    "steps": [
-                        format!("run: {}", state.connection_command),
-                        "then bring WireGuard up with the config (Endpoint 127.0.0.1:51820 is the local wstunnel client)".to_string(),
-                    ],
-                }))
-            }
-        },
-    );
 }
 
 #[cfg(test)]

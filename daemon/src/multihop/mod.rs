@@ -14,7 +14,7 @@
 
 pub mod actions;
 pub mod echo;
-mod metrics;
+pub mod metrics;
 pub mod routing;
 pub mod session_log;
 pub mod wgconf;
@@ -23,7 +23,10 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::Duration,
 };
 
@@ -35,6 +38,7 @@ use crate::{
     config::{Config, MultihopConfig, WireguardBackend},
     core::Server,
     datapath::{Datapath, MarkSettings},
+    faults::fail_point,
     wg::{
         Subnet,
         device::{UplinkPeer, WireGuardDevice},
@@ -45,8 +49,6 @@ use echo::EchoUrl;
 use routing::Plan;
 use session_log::SessionLog;
 use wgconf::ExitConfig;
-
-pub use metrics::MultihopCollector;
 
 /// Our part of the nftables table.
 const NAT_OWNER: &str = "multihop";
@@ -143,6 +145,7 @@ pub struct Multihop {
     pub log: SessionLog,
     wireguard: Option<Arc<Server>>,
     datapath: Option<Arc<Datapath>>,
+    egress_mark: EgressMark,
 }
 
 fn now() -> String {
@@ -168,25 +171,23 @@ pub fn valid_exit_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn fail_point(point: &str) -> Result<(), String> {
-    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if std::env::var("PHANTOM_FAIL_AT").is_ok_and(|p| p == point)
-        && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
-    {
-        return Err(format!("injected failure at {point}"));
+/// The mark the daemon's own client-serving sockets (the resolver's upstream queries) carry
+/// while multihop is on, so that traffic leaves through the exit like the clients' own. One
+/// handle, shared by multihop (which sets it) and the resolver (which reads it per query).
+#[derive(Clone, Debug, Default)]
+pub struct EgressMark(Arc<AtomicU32>);
+
+impl EgressMark {
+    /// `Some(mark)` while multihop is on.
+    pub fn get(&self) -> Option<u32> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            mark => Some(mark),
+        }
     }
-    Ok(())
-}
 
-/// The mark the daemon's own client-serving traffic (the resolver's upstream queries) carries
-/// while multihop is on, so it leaves through the exit like the clients' traffic; 0 = off.
-static EGRESS_MARK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
-/// `Some(mark)` while multihop is on: sockets that act for clients set it (SO_MARK).
-pub fn egress_mark() -> Option<u32> {
-    match EGRESS_MARK.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => None,
-        mark => Some(mark),
+    fn set(&self, mark: Option<u32>) {
+        self.0.store(mark.unwrap_or(0), Ordering::Relaxed);
     }
 }
 
@@ -203,6 +204,7 @@ impl Multihop {
         config: &Config,
         wireguard: Option<Arc<Server>>,
         datapath: Option<Arc<Datapath>>,
+        egress_mark: EgressMark,
     ) -> Result<Arc<Self>, crate::error::Error> {
         let dir = config.state_dir.join("multihop");
         let exits_dir = dir.join("exits");
@@ -232,6 +234,7 @@ impl Multihop {
             log: SessionLog::new(&dir.join("session.log")),
             wireguard,
             datapath,
+            egress_mark,
         });
         if state.enabled {
             this.restore(state.active_exit.as_deref().unwrap_or_default())
@@ -535,10 +538,7 @@ impl Multihop {
                 local: crate::datapath::actions::local_addresses(),
             })
             .map_err(|e| format!("datapath mark: {e}"))?;
-        EGRESS_MARK.store(
-            if enabled { self.mark } else { 0 },
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.egress_mark.set(enabled.then_some(self.mark));
         Ok(())
     }
 
@@ -549,7 +549,7 @@ impl Multihop {
     async fn tear_down(&self, stray_link: bool) -> (Vec<String>, Vec<String>) {
         let mut cleaned = Vec::new();
         let mut errors = Vec::new();
-        EGRESS_MARK.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.egress_mark.set(None);
         if self.datapath.is_some() && self.wireguard.is_some() {
             match self.set_mark(false) {
                 Ok(()) => cleaned.push("datapath mark".to_string()),
@@ -647,7 +647,7 @@ impl Multihop {
             if !handshake {
                 return Err(None);
             }
-            fail_point("multihop.enable.before_mark").map_err(Some)?;
+            fail_point("multihop.enable.before_mark").map_err(|e| Some(e.to_string()))?;
             // Recorded before clients move: a crash from here on is restored at start.
             self.persist(true, Some(&exit.name))
                 .map_err(|e| Some(e.to_string()))?;
@@ -1033,6 +1033,12 @@ impl Multihop {
 }
 
 /// Spawns the monitor.
-pub fn spawn_monitor(multihop: &Arc<Multihop>, shutdown: watch::Receiver<bool>) {
-    tokio::spawn(Arc::clone(multihop).monitor(shutdown));
+impl Multihop {
+    /// Starts multihop's background work: the monitor of the exit.
+    pub fn start_tasks(
+        self: &Arc<Self>,
+        shutdown: &crate::tasks::Shutdown,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![tokio::spawn(Arc::clone(self).monitor(shutdown.clone()))]
+    }
 }

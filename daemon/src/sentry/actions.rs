@@ -13,12 +13,17 @@ use super::{
 };
 use crate::{
     admin::registry::{ApiError, NoParams, ParamKind, ParamSpec, Registry},
-    context::Context,
     protocol::codes,
 };
 
-fn sentry(ctx: &Context) -> Result<Arc<Sentry>, ApiError> {
-    ctx.sentry
+/// What the `sentry` actions work with.
+pub struct Handles {
+    /// `None` with `[sentry] enabled = false`.
+    pub sentry: Option<Arc<Sentry>>,
+}
+
+fn sentry(h: &Handles) -> Result<Arc<Sentry>, ApiError> {
+    h.sentry
         .clone()
         .ok_or_else(|| ApiError::unavailable("the sentry is disabled ([sentry] enabled = false)"))
 }
@@ -197,13 +202,13 @@ struct CountParams {
     count: i64,
 }
 
-pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
+pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
     registry.module(
         "sentry",
         "adaptive L7 defence: proof-of-work challenges, trust tickets, penalty box",
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "sentry",
         "status",
@@ -220,7 +225,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "sentry",
         "get_config",
@@ -247,7 +252,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
     let int = |name: &'static str, min: i64, max: i64, help: &'static str| {
         ParamSpec::optional(name, ParamKind::Integer { min, max }, None, help)
     };
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "sentry",
         "set_config",
@@ -322,7 +327,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "sentry",
         "set_mode",
@@ -341,7 +346,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "sentry",
         "whitelist_list",
@@ -357,7 +362,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "sentry",
         "whitelist_add",
@@ -377,7 +382,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "sentry",
         "whitelist_remove",
@@ -403,7 +408,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "sentry",
         "penalties",

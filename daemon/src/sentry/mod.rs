@@ -698,6 +698,29 @@ impl Sentry {
 
     /// Once a second: close the rate second, keep the mode, refresh from the store (or
     /// reconnect), publish counts; every `stats_interval_seconds`: recompute the statistics.
+    /// Starts the sentry's work: the defence's clock (rates, the learned threshold, mode,
+    /// store upkeep) and, unless `[sentry] listen = "off"`, the proxy. A port in use is an
+    /// error.
+    pub async fn start_tasks(
+        self: &Arc<Self>,
+        shutdown: &crate::tasks::Shutdown,
+    ) -> Result<Vec<tokio::task::JoinHandle<()>>, SentryError> {
+        let mut tasks = vec![tokio::spawn(Arc::clone(self).run(shutdown.clone()))];
+        let listen = crate::config::parse_listen("sentry.listen", &self.static_config.listen)
+            .map_err(|e| SentryError::Config(e.to_string()))?;
+        if let Some(addr) = listen {
+            tasks.push(proxy::serve(addr, Arc::clone(self), shutdown.clone()).await?);
+        }
+        Ok(tasks)
+    }
+
+    /// Daemon shutdown: the embedded store written out.
+    pub fn shutdown(&self) {
+        if let Err(e) = self.store.flush() {
+            warn!(error = %e, "cannot persist the sentry store");
+        }
+    }
+
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut every = tokio::time::interval(Duration::from_secs(1));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -1,203 +1,34 @@
-//! The `dns` socket module (seed 000): the upstream DNS servers written into client configs
-//! (and, once Phantom's resolver lands, its upstreams), with live tests built with
-//! hickory-proto.
-//!
-//! The servers in force live in `state_dir/dns.json` (written by `change_dns_servers`, with the
-//! previous values); until the first change they are `[dns] primary/secondary`.
+//! The `dns` socket module: the upstream servers (get, change, live tests), the resolver's
+//! status, dry run, per-client blocking and cache.
 
-use std::{
-    net::{IpAddr, SocketAddr, UdpSocket},
-    path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, sync::Arc, sync::atomic::Ordering};
 
-use hickory_proto::{
-    op::{Message, Query, ResponseCode},
-    rr::{Name, RecordType},
-};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
-use std::sync::atomic::Ordering;
 
+use super::{
+    Resolver,
+    upstreams::{Upstreams, probe_all},
+};
 use crate::{
     admin::{ApiError, NoParams, ParamKind, ParamSpec, Registry, run_blocking},
-    config::DnsConfig,
-    context::Context,
-    error::Error,
+    core::ClientChanges,
+    datapath::Datapath,
     protocol::codes,
-    resolver::Resolver,
-    store,
 };
 
 const INVALID_DNS_SERVER: &str = "INVALID_DNS_SERVER";
-const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Servers {
-    pub primary: IpAddr,
-    pub secondary: IpAddr,
-    pub previous_primary: Option<IpAddr>,
-    pub previous_secondary: Option<IpAddr>,
-}
-
-pub struct Dns {
-    servers: Mutex<Servers>,
-    path: PathBuf,
-}
-
-impl Dns {
-    pub fn open(config: &DnsConfig, state_dir: &Path) -> Result<Self, Error> {
-        let path = state_dir.join("dns.json");
-        let servers = match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?,
-            Err(_) => Servers {
-                primary: config
-                    .primary
-                    .parse()
-                    .map_err(|_| Error::config("dns.primary"))?,
-                secondary: config
-                    .secondary
-                    .parse()
-                    .map_err(|_| Error::config("dns.secondary"))?,
-                previous_primary: None,
-                previous_secondary: None,
-            },
-        };
-        Ok(Self {
-            servers: Mutex::new(servers),
-            path,
-        })
-    }
-
-    pub fn servers(&self) -> Servers {
-        match self.servers.lock() {
-            Ok(s) => s.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
-
-    /// Replaces either or both servers, keeping the previous values; durable before it returns.
-    pub fn change(
-        &self,
-        primary: Option<IpAddr>,
-        secondary: Option<IpAddr>,
-    ) -> Result<Servers, Error> {
-        let mut servers = self
-            .servers
-            .lock()
-            .map_err(|_| Error::Other("dns lock poisoned".into()))?;
-        let next = Servers {
-            primary: primary.unwrap_or(servers.primary),
-            secondary: secondary.unwrap_or(servers.secondary),
-            previous_primary: Some(servers.primary),
-            previous_secondary: Some(servers.secondary),
-        };
-        store::write_json(&self.path, &next)?;
-        *servers = next.clone();
-        Ok(next)
-    }
-}
-
-/// One query's outcome.
-#[derive(Clone, Debug, Serialize)]
-pub struct Probe {
-    pub server: String,
-    pub success: bool,
-    pub status: String,
-    pub response_time_ms: Option<f64>,
-    pub test_domain: String,
-    pub answers: usize,
-    pub error: Option<String>,
-}
-
-/// Sends one A query for `domain` to `server`:53 and waits for the matching answer.
-pub fn probe(server: IpAddr, domain: &str) -> Probe {
-    let mut out = Probe {
-        server: server.to_string(),
-        success: false,
-        status: "error".into(),
-        response_time_ms: None,
-        test_domain: domain.to_string(),
-        answers: 0,
-        error: None,
-    };
-    let result = (|| -> Result<(Message, Duration), String> {
-        let name = Name::from_ascii(domain).map_err(|e| format!("bad test domain: {e}"))?;
-        let mut query = Message::query();
-        let id: u16 = rand_id();
-        query.metadata.id = id;
-        query.metadata.recursion_desired = true;
-        query.add_query(Query::query(name, RecordType::A));
-        let bytes = query.to_vec().map_err(|e| e.to_string())?;
-        let bind: SocketAddr = if server.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        }
-        .parse()
-        .map_err(|e: std::net::AddrParseError| e.to_string())?;
-        let sock = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
-        sock.connect(SocketAddr::new(server, 53))
-            .map_err(|e| e.to_string())?;
-        sock.set_read_timeout(Some(QUERY_TIMEOUT))
-            .map_err(|e| e.to_string())?;
-        let started = Instant::now();
-        sock.send(&bytes).map_err(|e| e.to_string())?;
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = sock.recv(&mut buf).map_err(|e| match e.kind() {
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                    "timeout".to_string()
-                }
-                _ => e.to_string(),
-            })?;
-            let Ok(reply) = Message::from_vec(&buf[..n]) else {
-                continue;
-            };
-            if reply.metadata.id == id {
-                return Ok((reply, started.elapsed()));
-            }
-            if started.elapsed() > QUERY_TIMEOUT {
-                return Err("timeout".into());
-            }
-        }
-    })();
-    match result {
-        Ok((reply, took)) => {
-            let code = reply.metadata.response_code;
-            out.response_time_ms = Some((took.as_secs_f64() * 1e5).round() / 100.0);
-            out.answers = reply.answers.len();
-            out.success = matches!(code, ResponseCode::NoError | ResponseCode::NXDomain);
-            out.status = if out.success {
-                "ok".into()
-            } else {
-                format!("{code}").to_lowercase()
-            };
-            if !out.success {
-                out.error = Some(format!("server answered {code}"));
-            }
-        }
-        Err(e) => {
-            out.status = if e == "timeout" {
-                "timeout".into()
-            } else {
-                "error".into()
-            };
-            out.error = Some(e);
-        }
-    }
-    out
-}
-
-fn rand_id() -> u16 {
-    let mut b = [0u8; 2];
-    use std::io::Read;
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut b);
-    }
-    u16::from_ne_bytes(b)
+/// What the `dns` actions work with.
+pub struct Handles {
+    pub upstreams: Arc<Upstreams>,
+    /// `None` while the resolver is off.
+    pub resolver: Option<Arc<Resolver>>,
+    /// Whether a blocklist exists (the kernel filter applies it even without the resolver).
+    pub blocklist_on: bool,
+    pub datapath: Option<Arc<Datapath>>,
+    /// The clients, for per-client policy by name.
+    pub clients: ClientChanges,
 }
 
 #[derive(Deserialize)]
@@ -214,12 +45,6 @@ struct TestParams {
     domain: String,
 }
 
-fn dns(ctx: &Context) -> Result<Arc<Dns>, ApiError> {
-    ctx.dns
-        .clone()
-        .ok_or_else(|| ApiError::unavailable("the dns module did not start"))
-}
-
 fn server_ip(which: &str, raw: &str) -> Result<IpAddr, ApiError> {
     raw.trim().parse().map_err(|_| {
         ApiError::new(
@@ -229,31 +54,14 @@ fn server_ip(which: &str, raw: &str) -> Result<IpAddr, ApiError> {
     })
 }
 
-async fn probe_all(servers: Vec<IpAddr>, domain: String) -> Vec<Probe> {
-    let tasks: Vec<_> = servers
-        .into_iter()
-        .map(|s| {
-            let d = domain.clone();
-            tokio::task::spawn_blocking(move || probe(s, &d))
-        })
-        .collect();
-    let mut out = Vec::new();
-    for t in tasks {
-        if let Ok(p) = t.await {
-            out.push(p);
-        }
-    }
-    out
-}
-
-pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
+pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
     registry.module(
         "dns",
         "the upstream DNS servers, Phantom's resolver for VPN clients, live tests",
     );
-    register_resolver(registry, Arc::clone(&ctx));
+    register_resolver(registry, Arc::clone(&handles));
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "dns",
         "get_dns_servers",
@@ -262,13 +70,13 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         move |_: NoParams| {
             let c = Arc::clone(&c);
             async move {
-                let s = dns(&c)?.servers();
+                let s = c.upstreams.servers();
                 Ok::<_, ApiError>(json!({"primary": s.primary, "secondary": s.secondary}))
             }
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "dns",
         "change_dns_servers",
@@ -285,7 +93,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
                 }
                 let primary = p.primary.as_deref().map(|v| server_ip("primary", v)).transpose()?;
                 let secondary = p.secondary.as_deref().map(|v| server_ip("secondary", v)).transpose()?;
-                let d = dns(&c)?;
+                let d = Arc::clone(&c.upstreams);
                 let s = tokio::task::spawn_blocking(move || d.change(primary, secondary))
                     .await
                     .map_err(|e| ApiError::internal(e.to_string()))??;
@@ -301,7 +109,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "dns",
         "test_dns_servers",
@@ -315,7 +123,7 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
             async move {
                 let servers: Vec<IpAddr> = match p.servers.as_deref() {
                     None => {
-                        let s = dns(&c)?.servers();
+                        let s = c.upstreams.servers();
                         vec![s.primary, s.secondary]
                     }
                     Some(raw) => {
@@ -340,14 +148,14 @@ pub fn register(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action("dns", "status", "mode, servers and health from live tests", vec![], move |_: NoParams| {
         let c = Arc::clone(&c);
         async move {
-            let s = dns(&c)?.servers();
+            let s = c.upstreams.servers();
             let resolver_on = c.resolver.as_ref().is_some_and(|r| r.filtering() && !r.listening().is_empty());
             let filtering = resolver_on
-                || (c.blocklist.is_some()
+                || (c.blocklist_on
                     && c.datapath.as_ref().is_some_and(|d| d.attachments().iter().any(|a| a.program == "tc_dns_filter")));
             let domains = ["google.com", "cloudflare.com"];
             let mut test_results = Vec::new();
@@ -407,8 +215,8 @@ fn resolver_status(r: &Resolver) -> serde_json::Value {
     })
 }
 
-fn resolver(ctx: &Context) -> Result<Arc<Resolver>, ApiError> {
-    ctx.resolver.clone().ok_or_else(|| {
+fn resolver(h: &Handles) -> Result<Arc<Resolver>, ApiError> {
+    h.resolver.clone().ok_or_else(|| {
         ApiError::unavailable(
             "the resolver is off ([dns] listen = \"off\", or no WireGuard server)",
         )
@@ -429,8 +237,8 @@ struct ClientPolicyParams {
 }
 
 /// The resolver's actions: dry run, per-client blocking, cache.
-fn register_resolver(registry: &mut Registry, ctx: Arc<Context>) {
-    let c = Arc::clone(&ctx);
+fn register_resolver(registry: &mut Registry, handles: Arc<Handles>) {
+    let c = Arc::clone(&handles);
     registry.action(
         "dns",
         "set_dry_run",
@@ -451,7 +259,7 @@ fn register_resolver(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "dns",
         "set_client_policy",
@@ -472,16 +280,12 @@ fn register_resolver(registry: &mut Registry, ctx: Arc<Context>) {
             let c = Arc::clone(&c);
             async move {
                 let r = resolver(&c)?;
-                let server = c
-                    .wireguard
-                    .clone()
-                    .ok_or_else(|| ApiError::unavailable("the WireGuard server is disabled"))?;
+                let clients = c.clients.borrow().clone();
+                if clients.subnet.is_none() {
+                    return Err(ApiError::unavailable("the WireGuard server is disabled"));
+                }
                 run_blocking(move || {
-                    let known = server
-                        .store
-                        .get(&p.client_name)
-                        .map_err(ApiError::from)?
-                        .is_some();
+                    let known = clients.clients.contains_key(&p.client_name);
                     // Switching blocking back on for a removed client is allowed: it tidies up.
                     if !known && !p.blocking {
                         return Err(ApiError::new(
@@ -503,7 +307,7 @@ fn register_resolver(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "dns",
         "client_policies",
@@ -526,7 +330,7 @@ fn register_resolver(registry: &mut Registry, ctx: Arc<Context>) {
         },
     );
 
-    let c = Arc::clone(&ctx);
+    let c = Arc::clone(&handles);
     registry.action(
         "dns",
         "flush_cache",
@@ -540,25 +344,4 @@ fn register_resolver(registry: &mut Registry, ctx: Arc<Context>) {
             }
         },
     );
-}
-
-/// The servers for client configurations: Phantom's resolver while it serves the tunnel
-/// (so every client is filtered), the upstreams otherwise.
-pub fn client_dns(ctx: &Context) -> Vec<String> {
-    if let Some(r) = &ctx.resolver
-        && r.config().listen.trim() == "auto"
-        && let Some(server) = &ctx.wireguard
-    {
-        return vec![server.subnet().server_ip().to_string()];
-    }
-    match &ctx.dns {
-        Some(d) => {
-            let s = d.servers();
-            vec![s.primary.to_string(), s.secondary.to_string()]
-        }
-        None => {
-            let config = ctx.config();
-            vec![config.dns.primary, config.dns.secondary]
-        }
-    }
 }

@@ -1,5 +1,5 @@
-//! Phantom's DNS resolver for VPN clients (SPEC 6, layer 1): UDP and TCP 53 on the WireGuard
-//! server address, forwarding to the `dns` module's upstreams with a TTL-honouring cache,
+//! DNS for VPN clients: Phantom's resolver (SPEC 6, layer 1) on UDP and TCP 53 of the WireGuard
+//! server address, forwarding to the upstream servers (`upstreams.rs`) with a TTL-honouring cache,
 //! answering blocked names itself with the blocklist's full engine (exact, subdomain,
 //! contains, regex, lookalikes).
 //!
@@ -11,8 +11,11 @@
 //! Privacy (seed 001): nothing here logs or stores a client address or a queried name; the
 //! counters are totals.
 
+pub mod actions;
 pub mod cache;
+pub mod metrics;
 pub mod server;
+pub mod upstreams;
 pub mod wire;
 
 use std::{
@@ -27,6 +30,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::UdpSocket,
@@ -35,16 +39,18 @@ use tracing::warn;
 
 use self::{
     cache::Cache,
+    upstreams::Upstreams,
     wire::{QueryError, Question},
 };
 use crate::{
     blocklist::Blocklist,
     config::{BlockResponse, DnsConfig},
-    core::Server,
+    core::ClientChanges,
     datapath::Datapath,
-    dns::Dns,
     error::Error,
+    multihop::EgressMark,
     store,
+    tasks::Shutdown,
 };
 
 /// TTL of sinkhole answers.
@@ -78,9 +84,14 @@ pub struct Resolver {
     config: DnsConfig,
     pub cache: Cache,
     blocklist: Option<Arc<Blocklist>>,
-    dns: Arc<Dns>,
-    pub(crate) wireguard: Option<Arc<Server>>,
+    upstreams: Arc<Upstreams>,
+    /// The VPN clients (names to addresses for per-client policy, the server address for
+    /// "auto"), published by core.
+    clients: ClientChanges,
     datapath: Option<Arc<Datapath>>,
+    /// Set while multihop sends client traffic out through an exit: the upstream queries
+    /// carry it so they leave the same way.
+    egress_mark: EgressMark,
     policy: RwLock<Policy>,
     /// `policy.dry_run`, readable on the hot path without a lock.
     dry_run: AtomicBool,
@@ -116,9 +127,10 @@ impl Resolver {
         config: &DnsConfig,
         state_dir: &Path,
         blocklist: Option<Arc<Blocklist>>,
-        dns: Arc<Dns>,
-        wireguard: Option<Arc<Server>>,
+        upstreams: Arc<Upstreams>,
+        clients: ClientChanges,
         datapath: Option<Arc<Datapath>>,
+        egress_mark: EgressMark,
     ) -> Result<Self, Error> {
         let policy_path = state_dir.join("resolver.json");
         let policy = if policy_path.exists() {
@@ -133,9 +145,10 @@ impl Resolver {
             config: config.clone(),
             cache: Cache::new(config.cache_entries, config.max_cache_ttl_seconds),
             blocklist,
-            dns,
-            wireguard,
+            upstreams,
+            clients,
             datapath,
+            egress_mark,
             dry_run: AtomicBool::new(policy.dry_run),
             any_exempt: AtomicBool::new(false),
             policy: RwLock::new(policy),
@@ -199,23 +212,38 @@ impl Resolver {
         })
     }
 
+    /// Starts the resolver's work: the listeners (re-bound when the wanted addresses change)
+    /// and the per-client policy following the client table.
+    pub fn start_tasks(self: &Arc<Self>, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
+        let listeners = tokio::spawn(server::run(Arc::clone(self), shutdown.clone()));
+        let resolver = Arc::clone(self);
+        let mut clients = self.clients.clone();
+        let mut stop = shutdown.clone();
+        let policy = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    changed = clients.changed() => if changed.is_err() { return },
+                }
+                let r = Arc::clone(&resolver);
+                let _ = tokio::task::spawn_blocking(move || r.refresh_clients()).await;
+            }
+        });
+        vec![listeners, policy]
+    }
+
     /// Resolves client names to addresses and writes the policy into the kernel filter. Run at
-    /// start, on every policy change and from housekeeping (clients come, go and move).
+    /// start, on every policy change and on every change of the client table (clients come, go
+    /// and move).
     pub fn refresh_clients(&self) {
         let policy = self.policy();
         let mut exempt = HashSet::new();
-        if !policy.blocking_off.is_empty()
-            && let Some(server) = &self.wireguard
-        {
-            match server.store.all() {
-                Ok(clients) => {
-                    for c in clients {
-                        if policy.blocking_off.contains(&c.name) {
-                            exempt.insert(IpAddr::V4(c.ip));
-                        }
-                    }
+        if !policy.blocking_off.is_empty() {
+            let table = self.clients.borrow();
+            for name in &policy.blocking_off {
+                if let Some(c) = table.clients.get(name) {
+                    exempt.insert(IpAddr::V4(c.ip));
                 }
-                Err(e) => warn!(error = %e, "cannot read the clients for DNS policy"),
             }
         }
         if let Some(dp) = &self.datapath {
@@ -240,22 +268,20 @@ impl Resolver {
     /// Addresses with blocking off right now, by client name.
     pub fn exempt_clients(&self) -> BTreeMap<String, Option<IpAddr>> {
         let policy = self.policy();
-        let ips: BTreeMap<String, IpAddr> = self
-            .wireguard
-            .as_ref()
-            .and_then(|s| s.store.all().ok())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|c| (c.name, IpAddr::V4(c.ip)))
-            .collect();
+        let table = self.clients.borrow();
         policy
             .blocking_off
             .into_iter()
             .map(|n| {
-                let ip = ips.get(&n).copied();
+                let ip = table.clients.get(&n).map(|c| IpAddr::V4(c.ip));
                 (n, ip)
             })
             .collect()
+    }
+
+    /// The server's tunnel address while there is a WireGuard server.
+    pub fn server_address(&self) -> Option<std::net::Ipv4Addr> {
+        self.clients.borrow().subnet.map(|s| s.server_ip())
     }
 
     fn is_exempt(&self, client: IpAddr) -> bool {
@@ -329,7 +355,7 @@ impl Resolver {
     /// client's ID; SERVFAIL when none answers.
     pub async fn forward(&self, query: &[u8], q: &Question, vetted: Option<u64>) -> Vec<u8> {
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-        let servers = self.dns.servers();
+        let servers = self.upstreams.servers();
         let own = self.listening.lock().map(|l| l.clone()).unwrap_or_default();
         let timeout = Duration::from_millis(self.config.upstream_timeout_ms);
         let mut tried = BTreeSet::new();
@@ -339,7 +365,12 @@ impl Resolver {
                 continue;
             }
             let upstream = SocketAddr::new(server, 53);
-            match tokio::time::timeout(timeout, ask_upstream(upstream, query, q)).await {
+            match tokio::time::timeout(
+                timeout,
+                ask_upstream(upstream, query, q, self.egress_mark.get()),
+            )
+            .await
+            {
                 Ok(Ok(mut answer)) => {
                     if hickory_proto::op::Message::from_vec(&answer).is_err() {
                         self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
@@ -375,6 +406,7 @@ async fn ask_upstream(
     upstream: SocketAddr,
     query: &[u8],
     q: &Question,
+    mark: Option<u32>,
 ) -> std::io::Result<Vec<u8>> {
     let id = random_id();
     let mut out = query.to_vec();
@@ -386,7 +418,7 @@ async fn ask_upstream(
     };
     let sock = UdpSocket::bind(bind).await?;
     // While multihop is on, clients' lookups leave through the exit like their traffic.
-    if let Some(mark) = crate::multihop::egress_mark() {
+    if let Some(mark) = mark {
         nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::Mark, &mark)
             .map_err(std::io::Error::from)?;
     }
@@ -413,7 +445,7 @@ async fn ask_upstream(
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
-    if let Some(mark) = crate::multihop::egress_mark() {
+    if let Some(mark) = mark {
         nix::sys::socket::setsockopt(&tcp_socket, nix::sys::socket::sockopt::Mark, &mark)
             .map_err(std::io::Error::from)?;
     }

@@ -36,9 +36,8 @@ impl Resolver {
         match self.config().listen_addrs() {
             Ok(Some(list)) => list,
             Ok(None) => self
-                .wireguard
-                .as_ref()
-                .map(|s| vec![SocketAddr::from((s.subnet().server_ip(), 53))])
+                .server_address()
+                .map(|ip| vec![SocketAddr::from((ip, 53))])
                 .unwrap_or_default(),
             Err(_) => Vec::new(),
         }

@@ -1,0 +1,162 @@
+//! The datapath's collector: programs, verdict counters, busiest sources, policy entries and
+//! the VPN-interface programs' counters, read from the kernel maps at scrape time.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::gauge::ConstGauge,
+};
+use tracing::warn;
+
+use super::{Datapath, SourceCount, VerdictCount, busiest};
+use crate::metrics::{counter_family, gauge, gauge_family};
+
+#[derive(Debug)]
+pub struct DatapathCollector {
+    pub datapath: Arc<Datapath>,
+    /// `[metrics] top_sources`, changed live by SIGHUP.
+    pub top_sources: Arc<AtomicUsize>,
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let dp = &self.datapath;
+        let attachments = dp.attachments();
+        {
+            let probe = ConstGauge::new(1i64);
+            let mut metric = encoder.encode_descriptor(
+                "phantom_datapath_program_attached",
+                "eBPF programs attached by this daemon (1 per program, interface and mode)",
+                None,
+                probe.metric_type(),
+            )?;
+            for a in &attachments {
+                let labels = [
+                    ("program", a.program.as_str()),
+                    ("kind", a.kind.as_str()),
+                    ("interface", a.interface.as_str()),
+                    ("mode", a.mode.as_str()),
+                ];
+                ConstGauge::new(1i64).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        match dp.guard.verdicts() {
+            Ok(verdicts) => {
+                let labels = |v: &VerdictCount| {
+                    vec![
+                        ("verdict", v.verdict.to_string()),
+                        ("reason", v.reason.to_string()),
+                    ]
+                };
+                counter_family(
+                    &mut encoder,
+                    "phantom_datapath_packets",
+                    "Packets seen by the XDP guard, by verdict and reason",
+                    verdicts.iter().map(|v| (labels(v), v.packets)),
+                )?;
+                counter_family(
+                    &mut encoder,
+                    "phantom_datapath_bytes",
+                    "Bytes seen by the XDP guard, by verdict and reason",
+                    verdicts.iter().map(|v| (labels(v), v.bytes)),
+                )?;
+            }
+            Err(e) => warn!(error = %e, "cannot read the verdict map for metrics"),
+        }
+        let top = self.top_sources.load(Ordering::Relaxed);
+        match dp.guard.sources() {
+            Ok(sources) => {
+                let gauge = ConstGauge::new(sources.len() as i64);
+                let metric = encoder.encode_descriptor(
+                    "phantom_datapath_tracked_sources",
+                    "Source addresses currently held in the XDP guard's LRU map",
+                    None,
+                    gauge.metric_type(),
+                )?;
+                gauge.encode(metric)?;
+                let sources = busiest(sources, top, None);
+                let labels = |s: &SourceCount| vec![("source", s.address.to_string())];
+                counter_family(
+                    &mut encoder,
+                    "phantom_datapath_source_packets",
+                    "Packets from the busiest sources (metrics.top_sources of them)",
+                    sources.iter().map(|s| (labels(s), s.packets)),
+                )?;
+                counter_family(
+                    &mut encoder,
+                    "phantom_datapath_source_bytes",
+                    "Bytes from the busiest sources (metrics.top_sources of them)",
+                    sources.iter().map(|s| (labels(s), s.bytes)),
+                )?;
+            }
+            Err(e) => warn!(error = %e, "cannot read the source map for metrics"),
+        }
+        match dp.policy.counts() {
+            Ok((allowed, denied)) => gauge_family(
+                &mut encoder,
+                "phantom_datapath_policy_entries",
+                "Live entries of the XDP allow and deny lists",
+                [
+                    (vec![("list", "allow".to_string())], allowed as i64),
+                    (vec![("list", "deny".to_string())], denied as i64),
+                ]
+                .into_iter(),
+            )?,
+            Err(e) => warn!(error = %e, "cannot read the policy map for metrics"),
+        }
+        if let Ok(seconds) = dp.guard.per_second(1) {
+            let pps = seconds.last().map_or(0, |s| s.packets);
+            gauge(
+                &mut encoder,
+                "phantom_datapath_packets_per_second",
+                "Packets the XDP guard saw in the last complete second",
+                pps as i64,
+            )?;
+        }
+        match dp.dns_verdicts() {
+            Ok(verdicts) => counter_family(
+                &mut encoder,
+                "phantom_dns_filter_packets",
+                "DNS answers seen by the in-kernel filter on the VPN interface, by verdict",
+                verdicts
+                    .iter()
+                    .map(|v| (vec![("verdict", v.verdict.to_string())], v.packets)),
+            )?,
+            Err(e) => warn!(error = %e, "cannot read the DNS filter counters for metrics"),
+        }
+        if let Ok(n) = dp.domains.kernel_len() {
+            gauge(
+                &mut encoder,
+                "phantom_dns_filter_domains",
+                "Domains in the kernel's blocked set",
+                n as i64,
+            )?;
+        }
+        match dp.multihop.status() {
+            Ok(status) => {
+                gauge(
+                    &mut encoder,
+                    "phantom_multihop_mark_enabled",
+                    "1 while the in-kernel multihop mark is on",
+                    i64::from(status.enabled),
+                )?;
+                counter_family(
+                    &mut encoder,
+                    "phantom_multihop_mark_packets",
+                    "Packets seen by the multihop mark program, by verdict",
+                    status
+                        .counters
+                        .iter()
+                        .map(|c| (vec![("verdict", c.verdict.to_string())], c.packets)),
+                )?;
+            }
+            Err(e) => warn!(error = %e, "cannot read the multihop counters for metrics"),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,72 @@
+//! The resolver's collector: queries by transport, outcomes, cache size and policy.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
+
+use super::Resolver;
+use crate::metrics::{counter_family, gauge};
+
+/// The resolver's totals.
+pub struct ResolverCollector {
+    pub resolver: Arc<Resolver>,
+}
+
+impl std::fmt::Debug for ResolverCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResolverCollector")
+    }
+}
+
+impl Collector for ResolverCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let r = &self.resolver;
+        let st = &r.stats;
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        counter_family(
+            &mut encoder,
+            "phantom_dns_queries",
+            "Queries to Phantom's resolver, by transport",
+            [
+                (vec![("transport", "udp".to_string())], n(&st.queries_udp)),
+                (vec![("transport", "tcp".to_string())], n(&st.queries_tcp)),
+            ]
+            .into_iter(),
+        )?;
+        counter_family(
+            &mut encoder,
+            "phantom_dns_answers",
+            "Resolver outcomes: blocked, matched but passed (dry_run, exempt client), from the cache, forwarded, failed",
+            [
+                ("blocked", n(&st.blocked)),
+                ("dry_run", n(&st.dry_run_matches)),
+                ("exempt_client", n(&st.exempt_matches)),
+                ("cache_hit", n(&r.cache.hits)),
+                ("forwarded", n(&st.forwarded)),
+                ("upstream_failure", n(&st.upstream_failures)),
+                ("malformed", n(&st.malformed)),
+                ("truncated", n(&st.truncated)),
+            ]
+            .into_iter()
+            .map(|(o, v)| (vec![("outcome", o.to_string())], v)),
+        )?;
+        gauge(
+            &mut encoder,
+            "phantom_dns_cache_entries",
+            "Answers in the resolver's cache",
+            r.cache.len() as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "phantom_dns_dry_run",
+            "1 while dry run is on",
+            i64::from(r.policy().dry_run),
+        )?;
+        gauge(
+            &mut encoder,
+            "phantom_dns_listening",
+            "Addresses the resolver listens on (UDP and TCP each)",
+            r.listening().len() as i64,
+        )
+    }
+}
