@@ -9,6 +9,7 @@ pub mod core;
 pub mod daemon;
 pub mod datapath;
 pub mod dns;
+pub mod domain_name;
 pub mod error;
 pub mod faults;
 pub mod ghost;

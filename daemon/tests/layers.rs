@@ -19,7 +19,7 @@ const LAYERS: &[&[&str]] = &[
     // What everything may use.
     &["faults", "protocol", "tasks"],
     &["error"],
-    &["config", "store", "logging", "qr"],
+    &["config", "domain_name", "store", "logging", "qr"],
     // Shared machinery, no domain knowledge.
     &["metrics", "accept", "http", "wg"],
     &["admin"],

@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain_name;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PatternType {
@@ -91,63 +93,23 @@ impl Entry {
     }
 }
 
-/// Why a name was refused.
-#[derive(Debug, PartialEq, Eq)]
-pub enum NameError {
-    Invalid(String),
-    /// The rule would cover a whole public suffix (`co.za`, `com`).
-    PublicSuffix(String),
-}
+pub use crate::domain_name::NameError;
 
-/// Lowercase, no trailing dot, internationalised names to punycode, labels validated.
+/// A rule's domain in normal form (`crate::domain_name`); a leading `*.` is accepted, as list
+/// formats write subdomain rules that way.
 pub fn normalise(raw: &str) -> Result<String, NameError> {
-    let trimmed = raw.trim().trim_end_matches('.');
-    let trimmed = trimmed.strip_prefix("*.").unwrap_or(trimmed);
-    if trimmed.is_empty() {
-        return Err(NameError::Invalid("empty domain".into()));
-    }
-    let ascii = idna::domain_to_ascii(trimmed)
-        .map_err(|_| NameError::Invalid(format!("{raw:?} is not a valid domain name")))?;
-    if ascii.len() > 253 {
-        return Err(NameError::Invalid(format!(
-            "{raw:?} is longer than 253 characters"
-        )));
-    }
-    for label in ascii.split('.') {
-        if label.is_empty() || label.len() > 63 {
-            return Err(NameError::Invalid(format!(
-                "{raw:?} has an empty or over-long label"
-            )));
-        }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            || label.starts_with('-')
-            || label.ends_with('-')
-        {
-            return Err(NameError::Invalid(format!(
-                "{raw:?} has an invalid label {label:?}"
-            )));
-        }
-    }
-    Ok(ascii)
+    domain_name::normalise(strip_wildcard(raw))
 }
 
 /// Normalises and refuses names that are (or sit above) a public suffix: a rule must name at
 /// least a registrable domain, so `co.za` or `com` can never be blocked wholesale.
 pub fn rule_domain(raw: &str) -> Result<String, NameError> {
-    let name = normalise(raw)?;
-    if !name.contains('.') {
-        return Err(NameError::PublicSuffix(format!(
-            "{name:?} is a top-level domain; a rule needs at least a registrable domain"
-        )));
-    }
-    match psl::domain_str(&name) {
-        Some(_) => Ok(name),
-        None => Err(NameError::PublicSuffix(format!(
-            "{name:?} is a public suffix; a rule needs at least a registrable domain under it"
-        ))),
-    }
+    domain_name::registrable(strip_wildcard(raw))
+}
+
+fn strip_wildcard(raw: &str) -> &str {
+    let trimmed = raw.trim();
+    trimmed.strip_prefix("*.").unwrap_or(trimmed)
 }
 
 /// One pattern that matched a name, with its weight (a `verify` reply lists them).

@@ -11,10 +11,11 @@ use phantom_common::xdp::DenyReason;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Datapath, List, MarkSettings, Owner, busiest, domains};
+use super::{Datapath, List, MarkSettings, Owner, busiest};
 use crate::{
     admin::{ApiError, NoParams, ParamKind, ParamSpec, Registry, run_blocking},
     config::DatapathConfig,
+    domain_name,
     error::Error,
     protocol::codes,
 };
@@ -108,8 +109,9 @@ fn ttl(secs: Option<i64>) -> Option<Duration> {
 /// A domain for a kernel rule: normalised, and at least two labels so that no rule can cover
 /// a whole top-level domain.
 fn kernel_domain(raw: &str) -> Result<String, ApiError> {
-    let name = domains::normalise(raw)
-        .map_err(|e| ApiError::new(codes::INVALID_PARAMETER, format!("domain {raw:?}: {e}")))?;
+    // Punycode only: the rule listed is exactly the name typed.
+    let name = domain_name::normalise_ascii(raw)
+        .map_err(|e| ApiError::new(codes::INVALID_PARAMETER, e.to_string()))?;
     if !name.contains('.') {
         return Err(ApiError::new(
             codes::INVALID_PARAMETER,

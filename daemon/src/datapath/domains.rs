@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData};
-use phantom_common::dns::{DOMAIN_EXACT, DOMAIN_SUBDOMAINS, MAX_NAME_LEN, domain_hash};
+use phantom_common::dns::{DOMAIN_EXACT, DOMAIN_SUBDOMAINS, domain_hash};
 use serde::Serialize;
 
 use crate::{error::Error, store};
@@ -33,38 +33,6 @@ pub struct SyncReport {
     pub deleted: usize,
     /// Keys in the kernel set after the sync.
     pub total: usize,
-}
-
-/// Normalises a domain for the kernel set: lowercase ASCII, no trailing dot, valid labels.
-/// Internationalised names must arrive as punycode (`xn--`).
-pub fn normalise(name: &str) -> Result<String, String> {
-    let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
-    if name.is_empty() {
-        return Err("empty domain".into());
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(format!("longer than {MAX_NAME_LEN} characters"));
-    }
-    if !name.is_ascii() {
-        return Err("not ASCII; give internationalised names in punycode (xn--...)".into());
-    }
-    for label in name.split('.') {
-        if label.is_empty() || label.len() > 63 {
-            return Err(format!("label {label:?} must be 1 to 63 characters"));
-        }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(format!(
-                "label {label:?} has characters other than letters, digits, '-' and '_'"
-            ));
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return Err(format!("label {label:?} starts or ends with '-'"));
-        }
-    }
-    Ok(name)
 }
 
 struct State {
@@ -270,27 +238,5 @@ impl DomainFilter {
     /// Keys in the kernel set.
     pub fn kernel_len(&self) -> Result<usize, Error> {
         Ok(self.lock()?.kernel.len())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn normalises_and_validates() {
-        assert_eq!(normalise("WWW.Example.COM."), Ok("www.example.com".into()));
-        for bad in [
-            "",
-            ".",
-            "a..b",
-            "-a.com",
-            "a b.com",
-            "bücher.de",
-            &"a".repeat(64),
-        ] {
-            assert!(normalise(bad).is_err(), "{bad:?}");
-        }
-        assert!(normalise(&format!("{}.com", "a.".repeat(130))).is_err());
     }
 }

@@ -136,7 +136,7 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                         list.iter().map(|s| server_ip("server", s)).collect::<Result<_, _>>()?
                     }
                 };
-                let domain = crate::blocklist::model::normalise(&p.domain)
+                let domain = crate::domain_name::normalise(&p.domain)
                     .map_err(|_| ApiError::new(codes::INVALID_PARAMETER, format!("domain {:?} is not a valid name", p.domain)))?;
                 let results = probe_all(servers, domain).await;
                 Ok::<_, ApiError>(json!({

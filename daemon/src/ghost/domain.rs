@@ -10,45 +10,6 @@ use std::{
 const WILDCARD_DNS: [&str; 2] = ["sslip.io", "nip.io"];
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Lower-cased, trailing dot removed, checked as a DNS host name (LDH labels, at least two).
-pub fn normalise(raw: &str) -> Result<String, String> {
-    let d = raw.trim().trim_end_matches('.').to_ascii_lowercase();
-    if d.is_empty() {
-        return Err("is empty".into());
-    }
-    if d.len() > 253 {
-        return Err("is longer than 253 characters".into());
-    }
-    if d.parse::<IpAddr>().is_ok() {
-        return Err("is an address, not a domain name (try <a-b-c-d>.sslip.io)".into());
-    }
-    let labels: Vec<&str> = d.split('.').collect();
-    if labels.len() < 2 {
-        return Err("needs at least two labels, e.g. vpn.example.com".into());
-    }
-    for label in &labels {
-        let ok = !label.is_empty()
-            && label.len() <= 63
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
-        if !ok {
-            return Err(format!(
-                "label {label:?} is not 1-63 letters, digits or inner hyphens"
-            ));
-        }
-    }
-    if labels
-        .last()
-        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
-    {
-        return Err("the last label cannot be numeric".into());
-    }
-    Ok(d)
-}
-
 /// The address written in an sslip.io / nip.io name, if it is one: `192-0-2-1.sslip.io`,
 /// `vpn-192-0-2-1.sslip.io`, `192.0.2.1.nip.io`, `app.192.0.2.1.nip.io`, `2001-db8--1.sslip.io`.
 pub fn wildcard_address(domain: &str) -> Option<IpAddr> {
@@ -128,28 +89,6 @@ pub fn own_addresses(vpn_interface: &str) -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_are_checked_and_normalised() {
-        assert_eq!(
-            normalise("VPN.Example.COM.").as_deref(),
-            Ok("vpn.example.com")
-        );
-        for bad in [
-            "",
-            "localhost",
-            "-a.example",
-            "a-.example",
-            "a..example",
-            "a b.example",
-            "ex_ample.com",
-            "192.0.2.1",
-            "a.123",
-            &"a".repeat(64),
-        ] {
-            assert!(normalise(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn wildcard_names_decode_offline() {

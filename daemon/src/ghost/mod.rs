@@ -357,8 +357,8 @@ impl Ghost {
                 ),
             ));
         }
-        let domain = domain::normalise(raw_domain)
-            .map_err(|e| ApiError::new(INVALID_DOMAIN, format!("domain {raw_domain:?}: {e}")))?;
+        let domain = crate::domain_name::host_name(raw_domain)
+            .map_err(|e| ApiError::new(INVALID_DOMAIN, e.to_string()))?;
         let resolved = domain::resolve(&domain)
             .await
             .map_err(|e| ApiError::new(DOMAIN_NOT_THIS_SERVER, format!("{domain}: {e}")))?;
