@@ -269,7 +269,12 @@ async fn serve(
             client_dns: upstreams.client_dns(),
         }),
     );
-    multihop::actions::register(&mut registry, multihop.clone());
+    multihop::actions::register(
+        &mut registry,
+        Arc::new(multihop::actions::Handles {
+            multihop: multihop.clone(),
+        }),
+    );
     sentry::actions::register(
         &mut registry,
         Arc::new(sentry::actions::Handles {

@@ -171,12 +171,18 @@ fn unavailable() -> ApiError {
     ApiError::unavailable("the multihop module did not start")
 }
 
-pub fn register(registry: &mut Registry, multihop: Option<Arc<Multihop>>) {
+/// What the `multihop` actions work with.
+pub struct Handles {
+    /// `None` when multihop could not start: the actions say so.
+    pub multihop: Option<Arc<Multihop>>,
+}
+
+pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
     registry.module(
         "multihop",
         "route VPN clients out through an imported WireGuard exit",
     );
-    let get = move || multihop.clone().ok_or_else(unavailable);
+    let get = move || handles.multihop.clone().ok_or_else(unavailable);
 
     let g = get.clone();
     registry.action(
