@@ -15,8 +15,10 @@ pub mod ghost;
 pub mod logging;
 pub mod metrics;
 pub mod multihop;
-pub mod protocol;
 pub mod qr;
 pub mod resolver;
 pub mod sentry;
 pub mod store;
+
+/// The admin socket's wire format, shared with `phantom-api` (crate `phantom-protocol`).
+pub use phantom_protocol as protocol;
