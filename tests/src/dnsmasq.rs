@@ -49,6 +49,41 @@ pub fn dig(
 /// forwarding nothing; returns once it answers `probe` (one of the records' names) on the
 /// first address.
 pub fn dnsmasq(ns: &NetNs, listen: &[&str], records: &[&str], probe: &str) -> Process {
+    dnsmasq_with(ns, listen, records, probe, &DnsmasqOptions::default())
+}
+
+/// What [`dnsmasq_with`] may change; the defaults are [`dnsmasq`]'s.
+#[derive(Clone, Debug)]
+pub struct DnsmasqOptions {
+    /// `--local-ttl`: the TTL of the answers it makes itself (records, `--address`). Default
+    /// 300 (cacheable answers, as real zones give; dnsmasq's own default is 0); `None` leaves
+    /// dnsmasq's.
+    pub local_ttl: Option<u32>,
+    /// More arguments after the usual ones (`--server=...`, `--conf-file=...`, ...).
+    pub args: Vec<String>,
+    /// How long it may take to answer the probe (checked every 100 ms); default 5 s.
+    pub ready_timeout: Duration,
+}
+
+impl Default for DnsmasqOptions {
+    fn default() -> Self {
+        Self {
+            local_ttl: Some(300),
+            args: Vec::new(),
+            ready_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// [`dnsmasq`] with other options; the probe may also be a name it forwards (its answer must
+/// be NOERROR).
+pub fn dnsmasq_with(
+    ns: &NetNs,
+    listen: &[&str],
+    records: &[&str],
+    probe: &str,
+    options: &DnsmasqOptions,
+) -> Process {
     let mut cmd = ns.command("dnsmasq");
     cmd.args([
         "--keep-in-foreground",
@@ -58,17 +93,19 @@ pub fn dnsmasq(ns: &NetNs, listen: &[&str], records: &[&str], probe: &str) -> Pr
         "--pid-file=",
         "--user=root",
         "--log-facility=-",
-        // Cacheable answers, as real zones give (host records default to TTL 0).
-        "--local-ttl=300",
     ]);
+    if let Some(ttl) = options.local_ttl {
+        cmd.arg(format!("--local-ttl={ttl}"));
+    }
     for l in listen {
         cmd.arg(format!("--listen-address={l}"));
     }
     for r in records {
         cmd.arg(format!("--host-record={r}"));
     }
+    cmd.args(&options.args);
     let mut p = Process::spawn("dnsmasq", &mut cmd);
-    for _ in 0..50 {
+    for _ in 0..(options.ready_timeout.as_millis() / 100).max(1) {
         if dig(ns, listen[0], probe, "A", &[]).0 == "NOERROR" {
             return p;
         }

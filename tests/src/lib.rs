@@ -11,7 +11,7 @@
 //!   state dir with its own socket; stopped with SIGTERM or `kill -9`, always killed on
 //!   `Drop`. [`ApiClient`] and [`phantom_api`]: the admin socket, raw and through the real CLI.
 //! - `wg_client.rs` — [`WgQuickClient`]: a stock `wg-quick` client in a namespace.
-//! - `dnsmasq.rs` — [`dnsmasq`] and [`dig`]. `redis.rs` — [`RedisServer`].
+//! - `dnsmasq.rs` — [`dnsmasq`] (and [`dnsmasq_with`] for other options) and [`dig`]. `redis.rs` — [`RedisServer`].
 //! - `upstream.rs` — [`UpstreamSite`] and [`http_from`] (the sentry's two sides).
 //!   `http.rs` — [`http_get`] and [`metric_value`].
 //! - [`wstunnel`]: a client reproducing the stock `wstunnel client` (ghost mode).
@@ -32,7 +32,7 @@ pub mod wstunnel;
 pub use daemon::{
     ApiClient, Daemon, DaemonConfig, WireguardSettings, api, api_err, bin_dir, phantom_api,
 };
-pub use dnsmasq::{dig, dnsmasq};
+pub use dnsmasq::{DnsmasqOptions, dig, dnsmasq, dnsmasq_with};
 pub use http::{http_get, metric_value};
 pub use netns::{
     BpffsDir, GuardedLink, NetNs, UdpListener, require_root, unique_ifname, unique_name, veth,

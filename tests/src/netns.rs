@@ -336,13 +336,18 @@ pub struct BpffsDir {
 
 impl BpffsDir {
     pub fn new() -> Self {
+        Self::with_prefix("phantom-test-")
+    }
+
+    /// A directory named `<prefix><unique>` (not created: the daemon creates its own).
+    pub fn with_prefix(prefix: &str) -> Self {
         let root = Path::new("/sys/fs/bpf");
         let mounted = nix::sys::statfs::statfs(root)
             .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
         if !mounted {
             run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]));
         }
-        let path = root.join(unique_name("phantom-test-"));
+        let path = root.join(unique_name(prefix));
         Self { path }
     }
 

@@ -43,6 +43,11 @@ impl Process {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// The process id (with `NetNs::command`, nsenter's exec: the program itself).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Process {

@@ -33,6 +33,11 @@ impl RedisServer {
         self.dir.path().join("redis.sock")
     }
 
+    /// The running server's process id (`None` while stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Process::id)
+    }
+
     /// The `redis_url` for the daemon.
     pub fn url(&self) -> String {
         format!("redis+unix://{}", self.socket().display())
