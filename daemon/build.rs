@@ -18,5 +18,10 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         }],
         aya_build::Toolchain::Custom(EBPF_TOOLCHAIN),
-    )
+    )?;
+    // Every binary of the eBPF crate lands in OUT_DIR; crates that depend on this one (the
+    // bench embeds the traffic generator, `phantom-bench-gen`) read the directory from
+    // DEP_PHANTOM_EBPF_OUT_DIR (`links` in Cargo.toml).
+    println!("cargo::metadata=out_dir={}", std::env::var("OUT_DIR")?);
+    Ok(())
 }

@@ -16,9 +16,11 @@ pub mod ghost;
 pub mod logging;
 pub mod metrics;
 pub mod multihop;
-pub mod protocol;
 pub mod qr;
 pub mod sentry;
 pub mod store;
 pub mod tasks;
 pub mod wg;
+
+/// The admin socket's wire format, shared with `phantom-api` (crate `phantom-protocol`).
+pub use phantom_protocol as protocol;

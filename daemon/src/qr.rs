@@ -1,6 +1,7 @@
-//! QR codes of client configurations: for a terminal (`phantom-api ... --qr`) and as PNG.
+//! QR codes of client configurations as PNG (`core export_client`). `phantom-api --qr` draws
+//! its own for the terminal.
 
-use qrcode::{EcLevel, QrCode, render::unicode};
+use qrcode::{EcLevel, QrCode};
 
 use crate::error::Error;
 
@@ -9,16 +10,6 @@ fn code(text: &str) -> Result<QrCode, Error> {
     // cameras read easily.
     QrCode::with_error_correction_level(text.as_bytes(), EcLevel::M)
         .map_err(|e| Error::Other(format!("cannot encode a QR code: {e}")))
-}
-
-/// The code drawn with half-block characters, two modules per character cell.
-pub fn terminal(text: &str) -> Result<String, Error> {
-    Ok(code(text)?
-        .render::<unicode::Dense1x2>()
-        .dark_color(unicode::Dense1x2::Light)
-        .light_color(unicode::Dense1x2::Dark)
-        .quiet_zone(true)
-        .build())
 }
 
 /// The code as a grayscale PNG, `scale` pixels per module, with a 4-module quiet zone.
@@ -60,10 +51,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_both_ways() -> Result<(), Error> {
-        let text = "[Interface]\nPrivateKey = x\n";
-        assert!(terminal(text)?.contains('\u{2580}') || terminal(text)?.contains('\u{2584}'));
-        let png = png(text, 4)?;
+    fn renders_a_png() -> Result<(), Error> {
+        let png = png("[Interface]\nPrivateKey = x\n", 4)?;
         assert_eq!(&png[1..4], b"PNG");
         Ok(())
     }

@@ -162,8 +162,12 @@ fn run(cli: Cli) -> Result<()> {
                     "phantom-api",
                 ]),
             )?;
-            let status = Command::new(target_dir().join("release/phantom-bench"))
+            // The bench starts phantomd and phantom-api through the test harness, which finds
+            // them here (as for the tests).
+            let release = target_dir().join("release");
+            let status = Command::new(release.join("phantom-bench"))
                 .args(&args)
+                .env("PHANTOM_BIN_DIR", &release)
                 .status()?;
             if !status.success() {
                 bail!("phantom-bench failed ({status})");

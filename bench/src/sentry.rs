@@ -1,7 +1,8 @@
 //! `phantom-bench sentry`: the sentry's speed targets, every row of a table from one run.
 //!
 //! - Proxy throughput and latency: wrk against the upstream directly, then through the sentry
-//!   proxy on the embedded store, then on a private redis-server (all on loopback).
+//!   proxy on the embedded store, then on a private redis-server (the harness's `RedisServer`),
+//!   then through nginx when there is one (all on loopback).
 //! - Challenge issue and proof verification per core (one thread).
 //! - The reference solver's time per difficulty.
 
@@ -28,7 +29,12 @@ use phantom_daemon::{
     },
 };
 
-use super::{BoxError, Cli, table};
+use phantom_tests::RedisServer;
+
+use crate::{
+    BoxError, Cli,
+    report::{cpu_seconds, cpu_seconds_of, table},
+};
 
 const BODY: &[u8] = &[b'x'; 1024];
 
@@ -137,79 +143,27 @@ fn wrk(addr: SocketAddr, seconds: u32, connections: u32) -> Result<(f64, f64, f6
     Ok((rps, p50, p99, requests))
 }
 
-/// A private redis-server on a Unix socket, killed by pid on drop.
-struct Redis {
-    child: std::process::Child,
-    dir: std::path::PathBuf,
-}
-
-impl Redis {
-    fn start() -> Result<Self, BoxError> {
-        let dir = std::env::temp_dir().join(format!("phantom-bench-redis-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let child = Command::new("redis-server")
-            .args(["--port", "0", "--unixsocket"])
-            .arg(dir.join("redis.sock"))
-            .args([
-                "--unixsocketperm",
-                "700",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-            ])
-            .arg(&dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()?;
-        let redis = Self { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while redis
-            .cli(&["PING"])
-            .map(|o| o.trim() != "PONG")
-            .unwrap_or(true)
-        {
-            if Instant::now() > deadline {
-                return Err("redis-server did not start".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(redis)
-    }
-
-    fn url(&self) -> String {
-        format!("redis+unix://{}", self.dir.join("redis.sock").display())
-    }
-
-    fn cli(&self, args: &[&str]) -> Result<String, BoxError> {
-        let out = Command::new("redis-cli")
-            .arg("-s")
-            .arg(self.dir.join("redis.sock"))
-            .args(args)
-            .output()?;
-        Ok(String::from_utf8_lossy(&out.stdout).to_string())
-    }
-
-    /// Calls of one command so far (INFO commandstats).
-    fn calls(&self, command: &str) -> f64 {
-        self.cli(&["INFO", "commandstats"])
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+/// Calls of one command so far on `redis` (INFO commandstats, through redis-cli).
+fn redis_calls(redis: &RedisServer, command: &str) -> f64 {
+    Command::new("redis-cli")
+        .arg("-s")
+        .arg(redis.socket())
+        .args(["INFO", "commandstats"])
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
+                l.strip_prefix(&format!("cmdstat_{command}:calls="))
                     .and_then(|r| r.split(',').next())
                     .and_then(|n| n.parse().ok())
             })
-            .unwrap_or(0.0)
-    }
+        })
+        .unwrap_or(0.0)
 }
 
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// The redis-server's process id, for its CPU time.
+fn redis_pid(redis: &RedisServer) -> Result<u32, BoxError> {
+    Ok(redis.pid().ok_or("redis-server is not running")?)
 }
 
 /// nginx as a plain reverse proxy in the sentry's place: the field's reference for what one
@@ -217,7 +171,8 @@ impl Drop for Redis {
 /// unpacks the distribution's package privately) or on PATH; the row is left out without it.
 struct Nginx {
     child: std::process::Child,
-    dir: std::path::PathBuf,
+    /// Configuration, pid, logs and temp paths; removed once nginx is down.
+    dir: tempfile::TempDir,
     addr: SocketAddr,
 }
 
@@ -234,11 +189,11 @@ impl Nginx {
     }
 
     fn start(binary: &std::path::Path, upstream: SocketAddr, tag: &str) -> Result<Self, BoxError> {
-        let dir =
-            std::env::temp_dir().join(format!("phantom-bench-nginx-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("phantom-bench-nginx-{tag}-"))
+            .tempdir()?;
         let addr = free_loopback_port()?;
-        let d = dir.display();
+        let d = dir.path().display();
         // As many workers as the sentry's runtime has threads; keep-alive to the upstream
         // like the sentry's connection pool; no access log (the sentry writes none per
         // request either).
@@ -253,14 +208,14 @@ impl Nginx {
              proxy_http_version 1.1;\n   proxy_set_header Connection \"\";\n   \
              proxy_set_header X-Forwarded-For $remote_addr;\n  }}\n }}\n}}\n"
         );
-        std::fs::write(dir.join("nginx.conf"), conf)?;
+        std::fs::write(dir.path().join("nginx.conf"), conf)?;
         let child = Command::new(binary)
             .arg("-p")
-            .arg(&dir)
+            .arg(dir.path())
             .arg("-e")
-            .arg(dir.join("error.log"))
+            .arg(dir.path().join("error.log"))
             .arg("-c")
-            .arg(dir.join("nginx.conf"))
+            .arg(dir.path().join("nginx.conf"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()?;
@@ -268,7 +223,8 @@ impl Nginx {
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(addr).is_err() {
             if Instant::now() > deadline {
-                let log = std::fs::read_to_string(nginx.dir.join("error.log")).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(nginx.dir.path().join("error.log")).unwrap_or_default();
                 return Err(format!("nginx did not start: {log}").into());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -297,7 +253,6 @@ impl Drop for Nginx {
             nix::sys::signal::Signal::SIGTERM,
         );
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -326,7 +281,7 @@ fn solved_proofs(
 /// Proofs of packages another host issued and recorded in the shared Redis, verified the way
 /// the proof endpoint does on a host that did not issue them: (proofs/s on one runtime thread,
 /// this thread's CPU µs per proof, redis-server's CPU µs per proof).
-fn fleet_verification(issuer: &Signer, redis: &Redis) -> Result<(f64, f64, f64), BoxError> {
+fn fleet_verification(issuer: &Signer, redis: &RedisServer) -> Result<(f64, f64, f64), BoxError> {
     const PROOFS: usize = 60_000;
     const IN_FLIGHT: usize = 64;
     let subject: std::net::IpAddr = "198.51.100.1".parse()?;
@@ -354,8 +309,8 @@ fn fleet_verification(issuer: &Signer, redis: &Redis) -> Result<(f64, f64, f64),
         verifier.learn_keys([issuer.own_jwk()]);
         let proofs = Arc::new(proofs);
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let redis_cpu = super::cpu_seconds(redis.child.id());
-        let cpu = super::cpu_seconds_of("/proc/thread-self/stat");
+        let redis_cpu = cpu_seconds(redis_pid(redis)?);
+        let cpu = cpu_seconds_of("/proc/thread-self/stat");
         let started = Instant::now();
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..IN_FLIGHT {
@@ -395,8 +350,8 @@ fn fleet_verification(issuer: &Signer, redis: &Redis) -> Result<(f64, f64, f64),
             r??;
         }
         let took = started.elapsed().as_secs_f64();
-        let cpu = super::cpu_seconds_of("/proc/thread-self/stat") - cpu;
-        let redis_cpu = super::cpu_seconds(redis.child.id()) - redis_cpu;
+        let cpu = cpu_seconds_of("/proc/thread-self/stat") - cpu;
+        let redis_cpu = cpu_seconds(redis_pid(redis)?) - redis_cpu;
         let n = PROOFS as f64;
         Ok((n / took, cpu / n * 1e6, redis_cpu / n * 1e6))
     })
@@ -433,7 +388,7 @@ fn median(runs: Vec<WrkResult>) -> WrkResult {
 fn proxy_scenario(
     rt: &tokio::runtime::Runtime,
     site: &tokio::runtime::Runtime,
-    redis: &Redis,
+    redis: &RedisServer,
     service_time: Duration,
     seconds: u32,
     connections: u32,
@@ -491,9 +446,9 @@ fn proxy_scenario(
             for _ in 0..rounds {
                 d.push(run(up).await??);
                 e.push(run(embedded_addr).await??);
-                let before = redis.calls("ttl");
+                let before = redis_calls(redis, "ttl");
                 r.push(run(redis_addr).await??);
-                ticket_calls += redis.calls("ttl") - before;
+                ticket_calls += redis_calls(redis, "ttl") - before;
                 if let Some(addr) = nginx_addr {
                     n.push(run(addr).await??);
                 }
@@ -541,7 +496,7 @@ fn proxy_scenario(
     Ok((rows, ticket_calls / on_redis.3.max(1.0), challenged))
 }
 
-pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
+pub fn run(cli: &Cli) -> Result<(), BoxError> {
     let seconds = cli.sentry_seconds;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -552,7 +507,7 @@ pub fn bench_sentry(cli: &Cli) -> Result<(), BoxError> {
         .thread_name("bench-site")
         .enable_all()
         .build()?;
-    let redis = Redis::start()?;
+    let redis = RedisServer::start();
     let mut rows = Vec::new();
     let mut trips = Vec::new();
     let mut challenged = 0;

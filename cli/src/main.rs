@@ -9,8 +9,10 @@ use std::{
     time::Duration,
 };
 
-use phantom_daemon::protocol::{self, Request, Response};
+use phantom_protocol::{self as protocol, Request, Response};
 use serde_json::{Map, Value};
+
+mod qr;
 
 const DEFAULT_SOCKET: &str = "/run/phantom/phantom.sock";
 
@@ -239,7 +241,7 @@ fn main() -> ExitCode {
                 eprintln!("phantom-api: --qr needs a reply with a config (core export_client)");
                 return ExitCode::from(EXIT_USAGE);
             };
-            match phantom_daemon::qr::terminal(config) {
+            match qr::terminal(config) {
                 Ok(code) => {
                     println!("{code}");
                     ExitCode::SUCCESS

@@ -1,5 +1,6 @@
 //! The admin socket's wire format: newline-delimited JSON with the phantom-api envelope.
-//! Shared by the daemon and the `phantom-api` client so the two cannot drift apart.
+//! Shared by the daemon (`phantom_daemon::protocol` re-exports this crate) and the
+//! `phantom-api` client, so the two cannot drift apart.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -7,7 +8,8 @@ use serde_json::{Map, Value};
 /// Largest request frame accepted, newline excluded.
 pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 
-/// The daemon's version, as reported in every reply's metadata.
+/// The daemon's version, as reported in every reply's metadata (the workspace version: every
+/// crate of the workspace shares it).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Environment variable that names the admin socket for `phantom-api`.

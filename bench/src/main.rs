@@ -1,0 +1,116 @@
+//! `phantom-bench`: measures Phantom and prints Markdown tables. Every figure in one table
+//! comes from the same run, so each program is compared with its baseline on the same machine
+//! at the same moment. One module per subject:
+//!
+//! - `xdp`: BPF_PROG_TEST_RUN per-packet cost of `xdp_guard` next to an empty XDP program, with
+//!   a loaded source map and deny list.
+//! - `dns`: BPF_PROG_TEST_RUN per-answer cost of `tc_dns_filter` with a million blocked
+//!   domains, and the time the daemon's handle takes to sync that set into the kernel.
+//! - `flood`: a flood from one source over veth, dropped by `xdp_guard`'s deny list against an
+//!   nftables drop rule for the same source on the same setup.
+//! - `core`: the WireGuard server's operations with many clients, in-process.
+//! - `blocklist`: the matching engine's throughput, memory and deltas with a large list.
+//! - `resolver`: the real daemon's DNS resolver against dnsmasq (dnsperf).
+//! - `sentry`: the sentry proxy against its upstream (wrk), challenge issue and proof
+//!   verification per core, and the reference solver per difficulty.
+//!
+//! `bpf` holds what the kernel-side subjects share (the object, test runs, crafted frames),
+//! `report` the table printing and the percentile, memory and CPU readings. Namespaces, pin
+//! directories, dnsmasq, redis-server and the daemon itself come from the end-to-end test
+//! harness (`phantom-tests`), which finds `phantomd` and `phantom-api` through
+//! `PHANTOM_BIN_DIR` or next to this binary.
+//!
+//! Needs root. Uses private pin directories and namespaces, removed afterwards.
+
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+
+mod blocklist;
+mod bpf;
+mod core;
+mod dns;
+mod flood;
+mod report;
+mod resolver;
+mod sentry;
+mod xdp;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type BenchFn = fn(&Cli) -> Result<(), BoxError>;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Suite {
+    All,
+    Xdp,
+    Dns,
+    Flood,
+    Core,
+    Blocklist,
+    Resolver,
+    Sentry,
+}
+
+#[derive(Parser)]
+#[command(
+    name = "phantom-bench",
+    about = "Benchmarks of Phantom's eBPF programs"
+)]
+struct Cli {
+    /// Which tables to print.
+    #[arg(value_enum, default_value = "all")]
+    suite: Suite,
+    /// Program runs per measurement (BPF_PROG_TEST_RUN repeat).
+    #[arg(long, default_value_t = 2_000_000)]
+    repeat: u32,
+    /// Measurements per row; the median is reported.
+    #[arg(long, default_value_t = 7)]
+    rounds: usize,
+    /// Sources pre-loaded into the per-source map.
+    #[arg(long, default_value_t = 100_000)]
+    sources: u32,
+    /// Sources pre-loaded into the deny list.
+    #[arg(long, default_value_t = 10_000)]
+    denied: u32,
+    /// Domains pre-loaded into the DNS filter's set.
+    #[arg(long, default_value_t = 1_000_000)]
+    domains: u32,
+    /// Clients for the core benchmark.
+    #[arg(long, default_value_t = 10_000)]
+    clients: u32,
+    /// Flood measurements per row; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    flood_rounds: usize,
+    /// Frames per flood measurement.
+    #[arg(long, default_value_t = 20_000_000)]
+    flood_frames: u32,
+    /// Seconds per wrk run in the sentry benchmark.
+    #[arg(long, default_value_t = 6)]
+    sentry_seconds: u32,
+    /// Interleaved rounds per sentry proxy scenario; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    sentry_rounds: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let suites: &[(Suite, BenchFn)] = &[
+        (Suite::Xdp, xdp::run),
+        (Suite::Dns, dns::run),
+        (Suite::Flood, flood::run),
+        (Suite::Core, self::core::run),
+        (Suite::Blocklist, blocklist::run),
+        (Suite::Resolver, resolver::run),
+        (Suite::Sentry, sentry::run),
+    ];
+    for (suite, run) in suites {
+        if cli.suite != Suite::All && cli.suite != *suite {
+            continue;
+        }
+        if let Err(e) = run(&cli) {
+            eprintln!("phantom-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}

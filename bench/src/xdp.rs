@@ -1,0 +1,129 @@
+//! `xdp`: the per-packet cost of `xdp_guard` next to an empty XDP program
+//! (BPF_PROG_TEST_RUN), with empty maps, then with a loaded source map and deny list.
+
+use aya::{
+    Ebpf,
+    maps::{PerCpuHashMap, PerCpuValues},
+    programs::Xdp,
+};
+use phantom_common::{
+    names,
+    xdp::{Policy, SourceKey, SourceStats},
+};
+
+use crate::{
+    BoxError, Cli,
+    bpf::{
+        deny_entry, ipv4_frame, ipv6_frame, leak, load_object, mac, median_ns, pin_dir, program,
+    },
+    report::table,
+};
+
+pub fn run(cli: &Cli) -> Result<(), BoxError> {
+    let pins = pin_dir("xdp")?;
+    let mut ebpf = load_object(pins.path(), cli)?;
+    for name in [names::XDP_GUARD, names::XDP_BASELINE] {
+        program::<Xdp>(&mut ebpf, name)?.load()?;
+    }
+    let passing = leak(ipv4_frame(mac(1), [198, 51, 100, 7], [192, 0, 2, 1]));
+    let passing6 = leak(ipv6_frame([
+        0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7,
+    ]));
+    // The first entry the deny list gets below.
+    let denied = leak(ipv4_frame(mac(1), [10, 0, 0, 5], [192, 0, 2, 1]));
+    let mut rows = Vec::new();
+    let mut measure = |ebpf: &mut Ebpf,
+                       label: String,
+                       name: &str,
+                       frame: &'static [u8]|
+     -> Result<f64, BoxError> {
+        let ns = median_ns(program::<Xdp>(ebpf, name)?, frame, cli.repeat, cli.rounds)?;
+        rows.push((label, ns));
+        Ok(ns)
+    };
+    measure(
+        &mut ebpf,
+        "xdp_baseline (XDP_PASS only), IPv4 64 B".into(),
+        names::XDP_BASELINE,
+        passing,
+    )?;
+    measure(
+        &mut ebpf,
+        "xdp_guard, IPv4 64 B, empty maps".into(),
+        names::XDP_GUARD,
+        passing,
+    )?;
+
+    // Load the maps: tracked sources and the deny list, as on a busy host under attack.
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?.get() as usize;
+    {
+        let mut sources: PerCpuHashMap<_, SourceKey, SourceStats> =
+            PerCpuHashMap::try_from(ebpf.map_mut(names::SOURCES_MAP).ok_or("no source map")?)?;
+        for i in 0..cli.sources {
+            let b = i.to_be_bytes();
+            let values = PerCpuValues::try_from(vec![
+                SourceStats {
+                    packets: 1,
+                    bytes: 64,
+                    ..Default::default()
+                };
+                cpus
+            ])?;
+            sources.insert(&SourceKey::from_ipv4([10, b[1], b[2], b[3]]), values, 0)?;
+        }
+    }
+    {
+        let mut policy: PerCpuHashMap<_, SourceKey, Policy> =
+            PerCpuHashMap::try_from(ebpf.map_mut(names::POLICY_MAP).ok_or("no policy map")?)?;
+        for i in 0..cli.denied {
+            let b = i.to_be_bytes();
+            let values = PerCpuValues::try_from(vec![deny_entry(); cpus])?;
+            policy.insert(
+                &SourceKey::from_ipv4([10, b[1], b[2], b[3].wrapping_add(5)]),
+                values,
+                0,
+            )?;
+        }
+    }
+    let (s, d) = (cli.sources, cli.denied);
+    measure(
+        &mut ebpf,
+        format!("xdp_baseline, IPv4 64 B ({s} sources, {d} denied loaded)"),
+        names::XDP_BASELINE,
+        passing,
+    )?;
+    measure(
+        &mut ebpf,
+        format!("xdp_guard pass, IPv4 64 B, {s} tracked, {d} denied"),
+        names::XDP_GUARD,
+        passing,
+    )?;
+    measure(
+        &mut ebpf,
+        format!("xdp_guard pass, IPv6 78 B, {s} tracked, {d} denied"),
+        names::XDP_GUARD,
+        passing6,
+    )?;
+    measure(
+        &mut ebpf,
+        format!("xdp_guard drop (denied source), IPv4 64 B, {s} tracked, {d} denied"),
+        names::XDP_GUARD,
+        denied,
+    )?;
+
+    let baseline = rows[0].1;
+    let rows: Vec<String> = rows
+        .iter()
+        .map(|(label, ns)| format!("| {label} | {ns:.0} | {:+.0} ns |", ns - baseline))
+        .collect();
+    table(
+        "XDP per-packet cost (BPF_PROG_TEST_RUN)",
+        &format!(
+            "{} runs per measurement, median of {} measurements; same run for every row",
+            cli.repeat, cli.rounds
+        ),
+        "| program and input | ns/packet | vs baseline |\n| --- | ---: | ---: |",
+        &rows,
+    );
+    Ok(())
+}
