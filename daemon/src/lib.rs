@@ -12,6 +12,7 @@ pub mod datapath;
 pub mod dns;
 pub mod error;
 pub mod ghost;
+pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod multihop;
