@@ -19,7 +19,7 @@ use prometheus_client::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::{admin::registry::Outcome, datapath::Datapath, error::Error, protocol};
+use crate::{admin::registry::Outcome, datapath::Datapath, error::Error, http, protocol};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AdminLabels {
@@ -488,11 +488,11 @@ pub(crate) fn counter_family(
     Ok(())
 }
 
-/// Serves `GET /metrics` until `shutdown` turns true.
+/// Serves `GET /metrics` until `shutdown` turns true, with the HTTP layer's metrics limits.
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -522,15 +522,8 @@ pub async fn serve(
         }),
     );
     info!(%addr, "metrics listening");
+    let server = http::Server::new("metrics", http::Limits::metrics());
     Ok(tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = shutdown.changed().await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            warn!(error = %e, "metrics server stopped");
-        }
+        server.serve(listener, shutdown, http::router(app)).await;
     }))
 }
