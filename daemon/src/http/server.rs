@@ -119,15 +119,15 @@ impl Server {
             });
         }
         drop(listener);
-        let open = graceful.count();
         if tokio::time::timeout(self.limits.shutdown_grace, graceful.shutdown())
             .await
             .is_err()
         {
+            while connections.try_join_next().is_some() {}
             info!(
-                open,
+                cut = connections.len(),
                 grace = ?self.limits.shutdown_grace,
-                "{}: requests still in flight at the end of the shutdown grace period are cut",
+                "{}: connections still busy at the end of the shutdown grace period are cut",
                 self.what
             );
         }
