@@ -145,21 +145,23 @@ struct ConnState {
 }
 
 /// Returns once the connection has had no request in flight for `timeout` since its last
-/// response.
+/// response. Only the start of idleness is signalled; a request starting is seen when the
+/// timer fires.
 async fn idle_expired(mut state: watch::Receiver<ConnState>, timeout: std::time::Duration) {
     loop {
-        let now = *state.borrow_and_update();
-        let since = if now.in_flight == 0 {
-            now.idle_since
-        } else {
-            None
-        };
-        let changed = match since {
-            Some(since) => tokio::select! {
-                () = tokio::time::sleep_until(since + timeout) => return,
+        let seen = *state.borrow_and_update();
+        let changed = match (seen.in_flight, seen.idle_since) {
+            (0, Some(since)) => tokio::select! {
+                () = tokio::time::sleep_until(since + timeout) => {
+                    let now = *state.borrow();
+                    if now.in_flight == 0 && now.idle_since == Some(since) {
+                        return;
+                    }
+                    Ok(())
+                }
                 changed = state.changed() => changed,
             },
-            None => state.changed().await,
+            _ => state.changed().await,
         };
         if changed.is_err() {
             // The connection is gone; the caller stops polling us with it.
@@ -173,9 +175,12 @@ struct InFlight(Arc<watch::Sender<ConnState>>);
 
 impl InFlight {
     fn start(state: &Arc<watch::Sender<ConnState>>) -> Self {
-        state.send_modify(|s| {
+        // Not signalled: the idle timer checks the state when it fires (a wake-up per
+        // request saved on the proxy's hot path).
+        state.send_if_modified(|s| {
             s.in_flight += 1;
             s.idle_since = None;
+            false
         });
         Self(Arc::clone(state))
     }
@@ -183,11 +188,12 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.send_modify(|s| {
+        self.0.send_if_modified(|s| {
             s.in_flight = s.in_flight.saturating_sub(1);
             if s.in_flight == 0 {
                 s.idle_since = Some(Instant::now());
             }
+            s.in_flight == 0
         });
     }
 }
