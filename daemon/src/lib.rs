@@ -1,7 +1,6 @@
 //! Phantom's userspace daemon: one module per domain, each owning its state and exposing typed
 //! actions on the admin socket. See docs/architecture.md.
 
-pub mod accept;
 pub mod admin;
 pub mod blocklist;
 pub mod config;
@@ -13,6 +12,7 @@ pub mod domain_name;
 pub mod error;
 pub mod faults;
 pub mod ghost;
+pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod multihop;

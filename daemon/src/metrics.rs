@@ -13,9 +13,9 @@ use prometheus_client::{
     registry::{Metric, Registry},
 };
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::{error::Error, protocol};
+use crate::{error::Error, http, protocol};
 
 /// The Prometheus registry every domain registers its metrics and collectors in.
 pub struct Metrics {
@@ -117,11 +117,11 @@ pub fn counter_family(
     Ok(())
 }
 
-/// Serves `GET /metrics` until `shutdown` turns true.
+/// Serves `GET /metrics` until `shutdown` turns true, with the HTTP layer's metrics limits.
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -151,15 +151,8 @@ pub async fn serve(
         }),
     );
     info!(%addr, "metrics listening");
+    let server = http::Server::new("metrics", http::Limits::metrics());
     Ok(tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = shutdown.changed().await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            warn!(error = %e, "metrics server stopped");
-        }
+        server.serve(listener, shutdown, http::router(app)).await;
     }))
 }

@@ -21,7 +21,8 @@ const LAYERS: &[&[&str]] = &[
     &["error"],
     &["config", "domain_name", "store", "logging", "qr"],
     // Shared machinery, no domain knowledge.
-    &["metrics", "accept", "http", "wg"],
+    &["http", "wg"],
+    &["metrics"],
     &["admin"],
     // The domains, each built on the ones below it.
     &["datapath"],

@@ -21,10 +21,10 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{Blocklist, model::normalise};
-use crate::error::Error;
+use crate::{error::Error, http};
 
 /// Requests per client per minute; health checks are not counted.
 const PER_CLIENT_PER_MINUTE: u32 = 120;
@@ -277,11 +277,12 @@ async fn health(State(state): State<ApiState>) -> Response {
     .into_response()
 }
 
-/// Serves the API until `shutdown` turns true. Request bodies are limited to 4 KiB.
+/// Serves the API until `shutdown` turns true, with the HTTP layer's blocklist limits
+/// (request bodies up to 4 KiB).
 pub async fn serve(
     addr: SocketAddr,
     list: Arc<Blocklist>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         Error::Other(format!(
@@ -297,22 +298,11 @@ pub async fn serve(
         .route("/api/v1/patterns", get(patterns))
         .route("/api/v1/verify-domain", post(verify))
         .route("/health", get(health))
-        .layer(axum::extract::DefaultBodyLimit::max(4096))
         .layer(tower_http::compression::CompressionLayer::new().gzip(true))
         .with_state(state);
     info!(%addr, "blocklist API listening");
+    let server = http::Server::new("blocklist API", http::Limits::blocklist_api());
     Ok(tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = shutdown.changed().await;
-        };
-        if let Err(e) = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await
-        {
-            warn!(error = %e, "blocklist API stopped");
-        }
+        server.serve(listener, shutdown, http::router(app)).await;
     }))
 }

@@ -4,6 +4,10 @@
 //!
 //! Rejections must be cheap: the stock client retries a refused upgrade in a tight loop, so a
 //! source whose upgrades keep failing is cut off right after `accept`, before any TLS work.
+//!
+//! Accept, the handshake caps and the timeouts are the HTTP layer's (`Limits::ghost_relay`):
+//! a connection holds its gate pass from accept to the end of the upgrade; an open tunnel
+//! counts against `MAX_TUNNELS` instead.
 
 use std::{
     collections::HashMap,
@@ -32,14 +36,10 @@ use tokio_tungstenite::tungstenite::{
 };
 use tracing::{debug, info, warn};
 
+use crate::http;
+
 /// The largest frame accepted: a UDP datagram cannot be larger.
 pub const MAX_FRAME_BYTES: usize = 65_535;
-/// TLS plus upgrade must finish within this, or the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The stock client pings every 30 s; three missed pings is a dead tunnel.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(95);
-/// Connections in TLS or upgrade at once; more are closed at accept.
-const MAX_HANDSHAKES: usize = 256;
 /// Open tunnels at once.
 const MAX_TUNNELS: usize = 4096;
 /// A source may fail this many upgrades in a burst...
@@ -230,12 +230,14 @@ async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let settings = Arc::new(settings);
+    let limits = http::Limits::ghost_relay();
     let limiter = Arc::new(Limiter::default());
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    // TLS and upgrades in progress, in total and per source.
+    let handshakes = Arc::new(http::Gate::new(&limits));
     let tunnels = Arc::new(Semaphore::new(MAX_TUNNELS));
     loop {
         let Some((tcp, peer)) =
-            crate::accept::next_connection(&listener, &mut shutdown, "ghost relay").await
+            http::next_connection(&listener, &mut shutdown, "ghost relay").await
         else {
             break;
         };
@@ -243,7 +245,7 @@ async fn serve(
             stats.reject(Rejection::RateLimited);
             continue;
         }
-        let Ok(handshake) = Arc::clone(&handshakes).try_acquire_owned() else {
+        let Ok(handshake) = handshakes.admit(peer.ip()) else {
             stats.reject(Rejection::Busy);
             continue;
         };
@@ -263,7 +265,7 @@ async fn serve(
         );
         tokio::spawn(async move {
             let _tunnel = tunnel;
-            let ws = match upgrade(tcp, acceptor, &settings).await {
+            let ws = match upgrade(tcp, acceptor, &settings, limits.header_read_timeout).await {
                 Ok(ws) => ws,
                 Err(reason) => {
                     drop(handshake);
@@ -277,7 +279,14 @@ async fn serve(
             stats.tunnels_open.fetch_add(1, Ordering::Relaxed);
             stats.tunnels_total.fetch_add(1, Ordering::Relaxed);
             info!(peer = %peer, "ghost tunnel open");
-            let end = relay(ws, settings.wireguard_port, &stats, shutdown).await;
+            let end = relay(
+                ws,
+                settings.wireguard_port,
+                &stats,
+                shutdown,
+                limits.idle_timeout,
+            )
+            .await;
             stats.tunnels_open.fetch_sub(1, Ordering::Relaxed);
             info!(peer = %peer, end, "ghost tunnel closed");
         });
@@ -287,13 +296,14 @@ async fn serve(
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>;
 
-/// TLS, then the WebSocket upgrade with the path and claims checked.
+/// TLS, then the WebSocket upgrade with the path and claims checked, both within `timeout`.
 async fn upgrade(
     tcp: TcpStream,
     acceptor: TlsAcceptor,
     settings: &RelaySettings,
+    timeout: Duration,
 ) -> Result<Ws, Rejection> {
-    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + timeout;
     let tls = tokio::time::timeout_at(deadline, acceptor.accept(tcp))
         .await
         .map_err(|_| Rejection::Timeout)?
@@ -400,12 +410,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Relays until either side ends; returns why it ended.
+/// Relays until either side ends, or no frame came for `idle`; returns why it ended.
 async fn relay(
     ws: Ws,
     wireguard_port: u16,
     stats: &Stats,
     mut shutdown: watch::Receiver<bool>,
+    idle: Duration,
 ) -> &'static str {
     let udp = match UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)).await {
         Ok(s) => s,
@@ -432,7 +443,7 @@ async fn relay(
                 let _ = sink.send(Message::Close(None)).await;
                 return "relay stopped";
             }
-            frame = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => match frame {
+            frame = tokio::time::timeout(idle, stream.next()) => match frame {
                 Err(_) => return "idle",
                 Ok(None) => return "client gone",
                 Ok(Some(Ok(Message::Binary(datagram)))) => {

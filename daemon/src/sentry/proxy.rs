@@ -8,14 +8,12 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
 use hyper::{
     Method, Request, Response, StatusCode,
-    body::Incoming,
     header::{self, HeaderMap, HeaderName, HeaderValue},
-    server::conn::http1,
     service::service_fn,
 };
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::TokioExecutor,
 };
 use serde_json::json;
 use tokio::sync::watch;
@@ -27,6 +25,7 @@ use super::{
     Decision, ProofError, Sentry, SentryError, TICKET_COOKIE,
     challenge::{JWKS_PATH, PROOF_PATH, Package, Proof, Rejection},
 };
+use crate::http::{self, RequestBody};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -148,7 +147,6 @@ pub struct Proxy {
     sentry: Arc<Sentry>,
     upstream: Upstream,
     client: UpstreamClient,
-    max_body: u64,
 }
 
 impl Proxy {
@@ -163,15 +161,15 @@ impl Proxy {
             .pool_max_idle_per_host(256)
             .build(connector);
         Ok(Self {
-            max_body: sentry.static_config.max_body_bytes,
             sentry,
             upstream,
             client,
         })
     }
 
-    /// One request, start to end.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    /// One request, start to end. The HTTP layer has already refused a declared body over
+    /// `max_body_bytes` (413) and cuts a streamed one off there.
+    pub async fn handle(&self, req: Request<RequestBody>, peer: SocketAddr) -> Response<ProxyBody> {
         let xff = req
             .headers()
             .get("x-forwarded-for")
@@ -210,7 +208,7 @@ impl Proxy {
         }
     }
 
-    async fn proof(&self, req: Request<Incoming>, client: IpAddr) -> Response<ProxyBody> {
+    async fn proof(&self, req: Request<RequestBody>, client: IpAddr) -> Response<ProxyBody> {
         let reject = |r: Rejection, detail: &str| {
             json_reply(
                 StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST),
@@ -278,19 +276,7 @@ impl Proxy {
         }
     }
 
-    async fn forward(&self, req: Request<Incoming>, client: IpAddr) -> Response<ProxyBody> {
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_body) {
-            return full(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "text/plain; charset=utf-8",
-                format!("request body over {} bytes\n", self.max_body),
-            );
-        }
+    async fn forward(&self, req: Request<RequestBody>, client: IpAddr) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         let path_and_query = parts
             .uri
@@ -327,8 +313,7 @@ impl Proxy {
         if let Ok(v) = HeaderValue::from_str(&xff) {
             parts.headers.insert("x-forwarded-for", v);
         }
-        let limit = usize::try_from(self.max_body).unwrap_or(usize::MAX);
-        let body: ProxyBody = Limited::new(body, limit).boxed();
+        let body: ProxyBody = body.boxed();
         let upstream_req = Request::from_parts(parts, body);
         match self.client.request(upstream_req).await {
             Ok(resp) => {
@@ -357,8 +342,10 @@ impl Proxy {
 /// spreads new connections over them) and its own upstream connection pool, so a request, the
 /// sentry's decision and the upstream exchange all run on one thread: no hand-off between
 /// threads on the hot path (one pool shared by the threads of a multi-threaded runtime cost
-/// 22% of the requests per second against a static upstream; docs/benchmarks.md). The handle
-/// ends when every thread has stopped.
+/// 22% of the requests per second against a static upstream; docs/benchmarks.md). Every
+/// thread serves through the HTTP layer with the sentry's limits and one shared gate, so the
+/// connection caps hold for the port as a whole (`trusted_proxies` are spared the per-source
+/// cap). The handle ends when every thread has stopped.
 pub async fn serve(
     addr: SocketAddr,
     sentry: Arc<Sentry>,
@@ -384,12 +371,17 @@ pub async fn serve(
     let proxies = (0..threads)
         .map(|_| Proxy::new(Arc::clone(&sentry)))
         .collect::<Result<Vec<_>, _>>()?;
+    let server = http::Server::with_exempt(
+        "sentry",
+        http::Limits::sentry_proxy(sentry.static_config.max_body_bytes),
+        sentry.trusted_proxies.clone(),
+    );
     if let Some(p) = proxies.first() {
         info!(%addr, upstream = %p.upstream.authority, threads, "sentry proxy listening");
     }
     let mut stopped = Vec::with_capacity(threads);
     for (i, (listener, proxy)) in listeners.into_iter().zip(proxies).enumerate() {
-        let shutdown = shutdown.clone();
+        let (shutdown, server) = (shutdown.clone(), server.clone());
         let (done, stopped_rx) = tokio::sync::oneshot::channel::<()>();
         stopped.push(stopped_rx);
         std::thread::Builder::new()
@@ -405,7 +397,7 @@ pub async fn serve(
                         return;
                     }
                 };
-                runtime.block_on(accept_loop(listener, Arc::new(proxy), shutdown));
+                runtime.block_on(accept_loop(listener, Arc::new(proxy), server, shutdown));
                 let _ = done.send(());
             })
             .map_err(|e| SentryError::Io(format!("cannot start a sentry proxy thread: {e}")))?;
@@ -431,10 +423,13 @@ fn reuseport_listener(addr: SocketAddr) -> Result<std::net::TcpListener, SentryE
     Ok(socket.into())
 }
 
+/// One thread's share of the port: the HTTP layer on this thread's socket, every request to
+/// this thread's proxy.
 async fn accept_loop(
     listener: std::net::TcpListener,
     proxy: Arc<Proxy>,
-    mut shutdown: watch::Receiver<bool>,
+    server: http::Server,
+    shutdown: watch::Receiver<bool>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -443,29 +438,15 @@ async fn accept_loop(
             return;
         }
     };
-    loop {
-        let Some((stream, peer)) =
-            crate::accept::next_connection(&listener, &mut shutdown, "sentry").await
-        else {
-            return;
-        };
-        let _ = stream.set_nodelay(true);
-        let proxy = Arc::clone(&proxy);
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
+    server
+        .serve(listener, shutdown, move |peer| {
+            let proxy = Arc::clone(&proxy);
+            service_fn(move |req| {
                 let proxy = Arc::clone(&proxy);
                 async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .keep_alive(true)
-                .header_read_timeout(Duration::from_secs(30))
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                debug!(error = %e, "sentry connection ended with an error");
-            }
-        });
-    }
+            })
+        })
+        .await;
 }
 
 #[cfg(test)]

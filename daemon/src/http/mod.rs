@@ -1,0 +1,22 @@
+//! The HTTP layer every public listener uses: one accept loop, one connection gate, one set of
+//! limits (header-read and idle timeouts, connection caps in total and per source, body limit,
+//! graceful shutdown), tested once here. See docs/architecture.md, "The HTTP layer".
+//!
+//! - [`Limits`]: the values, with every listener's preset in `limits.rs`.
+//! - [`Gate`]: the connection caps, checked at accept; a connection holds a [`Pass`].
+//! - [`next_connection`] / [`next_admitted`]: accept until shutdown, with a back-off after a
+//!   failed accept.
+//! - [`Server::serve`]: hyper HTTP/1.1 on a listener with all of the above, for any hyper
+//!   service (or an axum router through [`router`]).
+
+mod accept;
+mod gate;
+mod limits;
+mod server;
+#[cfg(test)]
+mod tests;
+
+pub use accept::{next_admitted, next_connection};
+pub use gate::{Gate, GateCounts, Pass, Refusal, source_key};
+pub use limits::Limits;
+pub use server::{BoxError, RequestBody, ResponseBody, Server, router, too_large};
