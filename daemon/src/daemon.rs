@@ -55,6 +55,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Core(#[from] core::CoreError),
     #[error(transparent)]
+    Blocklist(#[from] blocklist::BlocklistError),
+    #[error(transparent)]
     Sentry(#[from] sentry::SentryError),
     #[error(transparent)]
     Daemon(#[from] Error),

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{Blocklist, model::normalise};
+use super::{Blocklist, BlocklistError, model::normalise};
 use crate::error::Error;
 
 /// Requests per client per minute; health checks are not counted.
@@ -135,7 +135,7 @@ async fn blocklist(
         );
     }
     let list = Arc::clone(&state.list);
-    let result = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+    let result = tokio::task::spawn_blocking(move || -> Result<_, BlocklistError> {
         let version = list.version();
         let delta = match (since, full) {
             (Some(v), false) => list.delta(v)?,
