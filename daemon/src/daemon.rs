@@ -57,6 +57,10 @@ pub enum DaemonError {
     #[error(transparent)]
     Blocklist(#[from] blocklist::BlocklistError),
     #[error(transparent)]
+    Dns(#[from] dns::DnsError),
+    #[error(transparent)]
+    Logging(#[from] logging::LogError),
+    #[error(transparent)]
     Sentry(#[from] sentry::SentryError),
     #[error(transparent)]
     Daemon(#[from] Error),

@@ -500,7 +500,8 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                 });
                 if want_png {
                     use base64::Engine;
-                    let png = crate::qr::png(&config, 8)?;
+                    let png = crate::qr::png(&config, 8)
+                        .map_err(|e| ApiError::internal(e.to_string()))?;
                     reply["qr_png"] = json!(base64::engine::general_purpose::STANDARD.encode(png));
                 }
                 Ok::<_, ApiError>(reply)
