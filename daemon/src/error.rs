@@ -59,8 +59,14 @@ pub enum Error {
     Fault(#[from] crate::faults::InjectedFault),
     #[error("datapath: {0}")]
     Datapath(String),
-    #[error("{0}")]
-    Other(String),
+    /// A TCP listener (metrics, the blocklist API) cannot bind; `what` names it.
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A configuration value or a parameter that does not parse or is out of range; the message

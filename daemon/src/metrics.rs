@@ -129,7 +129,11 @@ pub async fn serve(
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| Error::Other(format!("cannot listen for metrics on {addr}: {e}")))?;
+        .map_err(|source| Error::Listen {
+            what: "metrics",
+            addr,
+            source,
+        })?;
     let app = Router::new().route(
         "/metrics",
         get(move || {

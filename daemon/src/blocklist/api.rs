@@ -283,11 +283,13 @@ pub async fn serve(
     list: Arc<Blocklist>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        Error::Other(format!(
-            "cannot listen for the blocklist API on {addr}: {e}"
-        ))
-    })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen {
+            what: "the blocklist API",
+            addr,
+            source,
+        })?;
     let state = ApiState {
         list,
         limiter: Arc::new(RateLimiter::new()),
