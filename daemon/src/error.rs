@@ -1,8 +1,8 @@
 //! The daemon crate's shared error type: configuration, files and sockets, the eBPF loader,
-//! the state files every domain keeps. It sits below every domain (docs/architecture.md,
-//! "Layers"), so it cannot name their errors: each domain has its own enum (`wg::WgError`,
-//! `core::CoreError`, `multihop::MultihopError`, ...) that wraps this one, and the daemon's
-//! start-up error (`daemon::DaemonError`) gathers them all.
+//! the state files every domain keeps. It sits below every domain (the layers of
+//! `tests/layers.rs`), so it cannot name their errors: each domain has its own enum
+//! (`wg::WgError`, `core::CoreError`, `multihop::MultihopError`, ...) that wraps this one, and
+//! the daemon's start-up error (`daemon::DaemonError`) gathers them all.
 
 use std::path::{Path, PathBuf};
 
