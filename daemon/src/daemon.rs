@@ -39,6 +39,33 @@ pub struct Options {
     pub state_dir: Option<PathBuf>,
 }
 
+/// Why the daemon could not start (or stopped with an error): the domain's own error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Another daemon holds the state directory's lock.
+    #[error("another phantomd is running with state directory {}", state_dir.display())]
+    AlreadyRunning { state_dir: PathBuf },
+    /// A start-up step run on a blocking thread did not finish.
+    #[error("{step}: {source}")]
+    Task {
+        step: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error(transparent)]
+    Core(#[from] core::CoreError),
+    #[error(transparent)]
+    Blocklist(#[from] blocklist::BlocklistError),
+    #[error(transparent)]
+    Dns(#[from] dns::DnsError),
+    #[error(transparent)]
+    Logging(#[from] logging::LogError),
+    #[error(transparent)]
+    Sentry(#[from] sentry::SentryError),
+    #[error(transparent)]
+    Daemon(#[from] Error),
+}
+
 fn load_config(opts: &Options) -> Result<(Config, bool), Error> {
     let (mut config, created) = Config::load_or_create(&opts.config_path)?;
     if let Some(dir) = &opts.state_dir {
@@ -50,7 +77,7 @@ fn load_config(opts: &Options) -> Result<(Config, bool), Error> {
 
 /// Creates the state directory (0700) and takes an exclusive lock on it, so two daemons can
 /// never share one state directory.
-fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Error> {
+fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -66,15 +93,14 @@ fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Error>
         .open(&lock_path)
         .map_err(|e| Error::io(&lock_path, e))?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
-        Error::Other(format!(
-            "another phantomd is running with state directory {}",
-            dir.display()
-        ))
+        DaemonError::AlreadyRunning {
+            state_dir: dir.to_path_buf(),
+        }
     })
 }
 
 /// Runs the daemon until SIGTERM/SIGINT.
-pub fn run(opts: Options) -> Result<(), Error> {
+pub fn run(opts: Options) -> Result<(), DaemonError> {
     let (config, created) = load_config(&opts)?;
     let logs = logging::init(&config.log.level, config.log.keep_lines)?;
     if created {
@@ -119,7 +145,7 @@ async fn serve(
     config: Config,
     logs: LogControl,
     datapath: Option<Arc<Datapath>>,
-) -> Result<(), Error> {
+) -> Result<(), DaemonError> {
     let started_at = time::OffsetDateTime::now_utc();
     let started = std::time::Instant::now();
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -155,7 +181,10 @@ async fn serve(
             Blocklist::open(&state_dir, threshold, &brands, dp)
         })
         .await
-        .map_err(|e| Error::Other(format!("blocklist start: {e}")))??;
+        .map_err(|source| DaemonError::Task {
+            step: "blocklist start",
+            source,
+        })??;
         list.apply_live(&config.blocklist);
         Some(Arc::new(list))
     } else {
@@ -206,11 +235,7 @@ async fn serve(
         }
     };
     let sentry = if config.sentry.enabled {
-        Some(
-            Sentry::open(&config.sentry, &config.state_dir, datapath.clone())
-                .await
-                .map_err(|e| Error::Other(e.to_string()))?,
-        )
+        Some(Sentry::open(&config.sentry, &config.state_dir, datapath.clone()).await?)
     } else {
         None
     };
@@ -337,11 +362,7 @@ async fn serve(
 
     // Each domain's background work.
     if let Some(s) = &sentry {
-        tasks.extend(
-            s.start_tasks(&shutdown)
-                .await
-                .map_err(|e| Error::Other(e.to_string()))?,
-        );
+        tasks.extend(s.start_tasks(&shutdown).await?);
     }
     if let Some(dp) = &datapath {
         tasks.extend(dp.start_tasks(&shutdown));

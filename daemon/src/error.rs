@@ -1,4 +1,8 @@
-//! The daemon crate's error type.
+//! The daemon crate's shared error type: configuration, files and sockets, the eBPF loader,
+//! the state files every domain keeps. It sits below every domain (the layers of
+//! `tests/layers.rs`), so it cannot name their errors: each domain has its own enum
+//! (`wg::WgError`, `core::CoreError`, `multihop::MultihopError`, ...) that wraps this one, and
+//! the daemon's start-up error (`daemon::DaemonError`) gathers them all.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +18,33 @@ pub enum Error {
     },
     #[error(transparent)]
     Socket(#[from] std::io::Error),
+    /// An SQLite database of the state directory would not open or configure.
+    #[error("{path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A JSON state file that does not parse.
+    #[error("{path}: not valid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A value that cannot be written as JSON.
+    #[error("cannot encode {path}: {source}")]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A thread panicked while holding this lock.
+    #[error("{0} lock poisoned")]
+    LockPoisoned(&'static str),
+    /// The admin socket answers: another daemon owns it.
+    #[error("{path} is in use by another running daemon")]
+    SocketInUse { path: PathBuf },
     #[error("eBPF: {0}")]
     Ebpf(#[from] aya::EbpfError),
     #[error("eBPF program: {0}")]
@@ -28,8 +59,14 @@ pub enum Error {
     Fault(#[from] crate::faults::InjectedFault),
     #[error("datapath: {0}")]
     Datapath(String),
-    #[error("{0}")]
-    Other(String),
+    /// A TCP listener (metrics, the blocklist API) cannot bind; `what` names it.
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A configuration value or a parameter that does not parse or is out of range; the message

@@ -13,6 +13,19 @@ use tracing_subscriber::{
 
 use crate::error::Error;
 
+/// Why the log subscriber could not be installed or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("cannot change log level: {0}")]
+    Reload(#[source] reload::Error),
+    /// A global subscriber is installed already.
+    #[error("cannot install the log subscriber: {0}")]
+    Install(#[source] tracing_subscriber::util::TryInitError),
+    /// A level directive that does not parse (a configuration error).
+    #[error(transparent)]
+    Daemon(#[from] Error),
+}
+
 /// The last `capacity` formatted log lines.
 #[derive(Clone)]
 pub struct RecentLogs {
@@ -118,17 +131,15 @@ fn with_privacy(directive: &str) -> String {
 }
 
 impl LogControl {
-    pub fn set_level(&self, directive: &str) -> Result<(), Error> {
+    pub fn set_level(&self, directive: &str) -> Result<(), LogError> {
         let filter = EnvFilter::try_new(with_privacy(directive))
             .map_err(|e| Error::config(format!("log.level = {directive:?}: {e}")))?;
-        self.handle
-            .reload(filter)
-            .map_err(|e| Error::Other(format!("cannot change log level: {e}")))
+        self.handle.reload(filter).map_err(LogError::Reload)
     }
 }
 
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over the configured level.
-pub fn init(level: &str, keep_lines: usize) -> Result<LogControl, Error> {
+pub fn init(level: &str, keep_lines: usize) -> Result<LogControl, LogError> {
     let directive = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_string());
     let filter = EnvFilter::try_new(with_privacy(&directive))
         .map_err(|e| Error::config(format!("log level {directive:?}: {e}")))?;
@@ -149,7 +160,7 @@ pub fn init(level: &str, keep_lines: usize) -> Result<LogControl, Error> {
                 .with_writer(recent.clone()),
         )
         .try_init()
-        .map_err(|e| Error::Other(format!("cannot install the log subscriber: {e}")))?;
+        .map_err(LogError::Install)?;
     Ok(LogControl { handle, recent })
 }
 

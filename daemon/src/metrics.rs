@@ -51,13 +51,17 @@ impl Metrics {
         self.registry.register_collector(collector);
     }
 
-    pub fn encode(&self) -> Result<String, Error> {
+    pub fn encode(&self) -> Result<String, EncodeError> {
         let mut out = String::new();
-        encode(&mut out, &self.registry)
-            .map_err(|_| Error::Other("cannot encode metrics".into()))?;
+        encode(&mut out, &self.registry).map_err(EncodeError)?;
         Ok(out)
     }
 }
+
+/// A collector failed while writing the exposition.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode metrics")]
+pub struct EncodeError(#[source] std::fmt::Error);
 
 #[derive(Debug)]
 struct BuildInfo;
@@ -125,7 +129,11 @@ pub async fn serve(
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| Error::Other(format!("cannot listen for metrics on {addr}: {e}")))?;
+        .map_err(|source| Error::Listen {
+            what: "metrics",
+            addr,
+            source,
+        })?;
     let app = Router::new().route(
         "/metrics",
         get(move || {

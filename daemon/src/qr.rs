@@ -3,17 +3,24 @@
 
 use qrcode::{EcLevel, QrCode};
 
-use crate::error::Error;
+/// Why a configuration could not be drawn.
+#[derive(Debug, thiserror::Error)]
+pub enum QrError {
+    /// The text does not fit a QR code.
+    #[error("cannot encode a QR code: {0}")]
+    Encode(#[source] qrcode::types::QrError),
+    #[error("PNG: {0}")]
+    Png(#[source] png::EncodingError),
+}
 
-fn code(text: &str) -> Result<QrCode, Error> {
+fn code(text: &str) -> Result<QrCode, QrError> {
     // Medium error correction still fits a full wg-quick config in a version the phone
     // cameras read easily.
-    QrCode::with_error_correction_level(text.as_bytes(), EcLevel::M)
-        .map_err(|e| Error::Other(format!("cannot encode a QR code: {e}")))
+    QrCode::with_error_correction_level(text.as_bytes(), EcLevel::M).map_err(QrError::Encode)
 }
 
 /// The code as a grayscale PNG, `scale` pixels per module, with a 4-module quiet zone.
-pub fn png(text: &str, scale: u32) -> Result<Vec<u8>, Error> {
+pub fn png(text: &str, scale: u32) -> Result<Vec<u8>, QrError> {
     let code = code(text)?;
     let width = code.width() as u32;
     let colors = code.to_colors();
@@ -36,12 +43,8 @@ pub fn png(text: &str, scale: u32) -> Result<Vec<u8>, Error> {
         let mut encoder = png::Encoder::new(&mut out, side, side);
         encoder.set_color(png::ColorType::Grayscale);
         encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder
-            .write_header()
-            .map_err(|e| Error::Other(format!("PNG: {e}")))?;
-        writer
-            .write_image_data(&pixels)
-            .map_err(|e| Error::Other(format!("PNG: {e}")))?;
+        let mut writer = encoder.write_header().map_err(QrError::Png)?;
+        writer.write_image_data(&pixels).map_err(QrError::Png)?;
     }
     Ok(out)
 }
@@ -51,7 +54,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_a_png() -> Result<(), Error> {
+    fn renders_a_png() -> Result<(), QrError> {
         let png = png("[Interface]\nPrivateKey = x\n", 4)?;
         assert_eq!(&png[1..4], b"PNG");
         Ok(())

@@ -30,7 +30,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 /// Opens an SQLite database for state that must survive `kill -9` and power loss: WAL
 /// journal, every commit synced.
 pub fn open_sqlite(path: &Path) -> Result<rusqlite::Connection, Error> {
-    let db = |e: rusqlite::Error| Error::Other(format!("{}: {e}", path.display()));
+    let db = |source| Error::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
     let conn = rusqlite::Connection::open(path).map_err(db)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(db)?;
@@ -44,8 +47,10 @@ pub fn open_sqlite(path: &Path) -> Result<rusqlite::Connection, Error> {
 /// Reads a JSON file written by `write_atomic`; a missing file is `T::default()`.
 pub fn read_json<T: serde::de::DeserializeOwned + Default>(path: &Path) -> Result<T, Error> {
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map_err(|e| Error::Other(format!("{}: not valid JSON: {e}", path.display()))),
+        Ok(text) => serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
         Err(e) => Err(Error::io(path, e)),
     }
@@ -53,7 +58,9 @@ pub fn read_json<T: serde::de::DeserializeOwned + Default>(path: &Path) -> Resul
 
 /// Writes `value` as pretty JSON with `write_atomic`.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), Error> {
-    let text = serde_json::to_vec_pretty(value)
-        .map_err(|e| Error::Other(format!("cannot encode {}: {e}", path.display())))?;
+    let text = serde_json::to_vec_pretty(value).map_err(|source| Error::Encode {
+        path: path.to_path_buf(),
+        source,
+    })?;
     write_atomic(path, &text)
 }

@@ -57,10 +57,9 @@ impl AdminServer {
         }
         if path.exists() {
             if UnixStream::connect(path).await.is_ok() {
-                return Err(Error::Other(format!(
-                    "{} is in use by another running daemon",
-                    path.display()
-                )));
+                return Err(Error::SocketInUse {
+                    path: path.to_path_buf(),
+                });
             }
             std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
         }

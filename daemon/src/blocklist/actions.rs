@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{
-    Blocklist,
+    Blocklist, BlocklistError,
     import::{self, Format},
     matcher::compile_one,
     model::{Entry, NameError, Pattern, PatternType, normalise, rule_domain},
@@ -31,6 +31,13 @@ pub struct Handles {
     pub list: Option<Arc<Blocklist>>,
     /// For the kernel set's size in `status`.
     pub datapath: Option<Arc<Datapath>>,
+}
+
+/// A failure of the list's store: `INTERNAL_ERROR`, like every daemon error.
+impl From<BlocklistError> for ApiError {
+    fn from(e: BlocklistError) -> Self {
+        ApiError::internal(e.to_string())
+    }
 }
 
 fn list(h: &Handles) -> Result<Arc<Blocklist>, ApiError> {

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tracing::info;
 
-use super::{Blocklist, model::normalise};
+use super::{Blocklist, BlocklistError, model::normalise};
 use crate::{error::Error, http};
 
 /// Requests per client per minute; health checks are not counted.
@@ -135,7 +135,7 @@ async fn blocklist(
         );
     }
     let list = Arc::clone(&state.list);
-    let result = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+    let result = tokio::task::spawn_blocking(move || -> Result<_, BlocklistError> {
         let version = list.version();
         let delta = match (since, full) {
             (Some(v), false) => list.delta(v)?,
@@ -284,11 +284,13 @@ pub async fn serve(
     list: Arc<Blocklist>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        Error::Other(format!(
-            "cannot listen for the blocklist API on {addr}: {e}"
-        ))
-    })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen {
+            what: "the blocklist API",
+            addr,
+            source,
+        })?;
     let state = ApiState {
         list,
         limiter: Arc::new(RateLimiter::new()),

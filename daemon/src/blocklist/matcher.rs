@@ -270,11 +270,10 @@ impl Matcher {
 /// Per-regex compiled size limit: a pattern that needs more is refused.
 pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
-pub fn compile_one(pattern: &str) -> Result<regex::Regex, String> {
+pub fn compile_one(pattern: &str) -> Result<regex::Regex, regex::Error> {
     regex::RegexBuilder::new(pattern)
         .size_limit(REGEX_SIZE_LIMIT)
         .build()
-        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

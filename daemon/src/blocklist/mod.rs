@@ -42,6 +42,19 @@ use crate::{
     tasks::Shutdown,
 };
 
+/// What can go wrong with the list and its store.
+#[derive(Debug, thiserror::Error)]
+pub enum BlocklistError {
+    /// The SQLite store refused a read or a write.
+    #[error("blocklist store: {0}")]
+    Store(#[source] rusqlite::Error),
+    /// An entry's patterns in the store do not parse, or cannot be written.
+    #[error("blocklist store: {0}")]
+    StoreJson(#[source] serde_json::Error),
+    #[error(transparent)]
+    Daemon(#[from] Error),
+}
+
 struct State {
     entries: DomainTable,
     /// Distinct reasons, shared by index: most entries of a list share a handful.
@@ -221,7 +234,7 @@ impl Blocklist {
         threshold: f64,
         brands: &[String],
         datapath: Option<Arc<Datapath>>,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, BlocklistError> {
         let store = BlocklistStore::open(&state_dir.join("blocklist.db"))?;
         let loaded = store.load()?;
         let mut matcher = Matcher::new(
@@ -435,12 +448,16 @@ impl Blocklist {
     }
 
     /// Adds or replaces entries (one new version for the batch).
-    pub fn upsert(&self, entries: Vec<Entry>) -> Result<Applied, Error> {
+    pub fn upsert(&self, entries: Vec<Entry>) -> Result<Applied, BlocklistError> {
         self.apply(entries, Vec::new())
     }
 
     /// Adds or replaces `upserts` and removes `removals` (listed ones) in one version.
-    pub fn apply(&self, upserts: Vec<Entry>, removals: Vec<String>) -> Result<Applied, Error> {
+    pub fn apply(
+        &self,
+        upserts: Vec<Entry>,
+        removals: Vec<String>,
+    ) -> Result<Applied, BlocklistError> {
         let mut state = self.write();
         let removals: Vec<String> = removals
             .into_iter()
@@ -489,7 +506,7 @@ impl Blocklist {
     }
 
     /// Removes a domain; `Ok(None)` when it is not listed.
-    pub fn remove(&self, domain: &str) -> Result<Option<Applied>, Error> {
+    pub fn remove(&self, domain: &str) -> Result<Option<Applied>, BlocklistError> {
         if !self.read().entries.contains(domain) {
             return Ok(None);
         }
@@ -512,7 +529,7 @@ impl Blocklist {
     }
 
     /// Adds or reweights a `contains` or `regex` pattern.
-    pub fn add_pattern(&self, pattern: Pattern) -> Result<Applied, Error> {
+    pub fn add_pattern(&self, pattern: Pattern) -> Result<Applied, BlocklistError> {
         let mut state = self.write();
         let version = now_ms().max(state.version + 1);
         self.store
@@ -535,7 +552,7 @@ impl Blocklist {
         &self,
         pattern: &str,
         kind: PatternType,
-    ) -> Result<Option<Applied>, Error> {
+    ) -> Result<Option<Applied>, BlocklistError> {
         let mut state = self.write();
         if !state
             .patterns
@@ -621,7 +638,7 @@ impl Blocklist {
     /// The changes after `since`: (entries added or modified, domains removed). `None` when
     /// `since` cannot be answered with a delta (newer than the list, or older than the
     /// journal).
-    pub fn delta(&self, since: u64) -> Result<Option<Delta>, Error> {
+    pub fn delta(&self, since: u64) -> Result<Option<Delta>, BlocklistError> {
         let state = self.read();
         if since > state.version {
             return Ok(None);

@@ -5,16 +5,11 @@ use std::{path::Path, sync::Mutex};
 
 use rusqlite::{Connection, params};
 
-use super::model::{Entry, Pattern, PatternType};
+use super::{
+    BlocklistError,
+    model::{Entry, Pattern, PatternType},
+};
 use crate::error::Error;
-
-fn db(e: rusqlite::Error) -> Error {
-    Error::Other(format!("blocklist store: {e}"))
-}
-
-fn json_err(e: serde_json::Error) -> Error {
-    Error::Other(format!("blocklist store: {e}"))
-}
 
 /// One change in the journal.
 pub enum Change<'a> {
@@ -35,7 +30,7 @@ pub struct Loaded {
 }
 
 impl BlocklistStore {
-    pub fn open(path: &Path) -> Result<Self, Error> {
+    pub fn open(path: &Path) -> Result<Self, BlocklistError> {
         let conn = crate::store::open_sqlite(path)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS entries (domain TEXT PRIMARY KEY, patterns TEXT NOT NULL, added_at INTEGER NOT NULL, reason TEXT NOT NULL);
@@ -44,23 +39,23 @@ impl BlocklistStore {
              CREATE INDEX IF NOT EXISTS journal_version ON journal (version);
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
         )
-        .map_err(db)?;
+        .map_err(BlocklistError::Store)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
     }
 
-    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, Error> {
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, BlocklistError> {
         self.conn
             .lock()
-            .map_err(|_| Error::Other("blocklist store lock poisoned".into()))
+            .map_err(|_| Error::LockPoisoned("blocklist store").into())
     }
 
-    pub fn load(&self) -> Result<Loaded, Error> {
+    pub fn load(&self) -> Result<Loaded, BlocklistError> {
         let conn = self.conn()?;
         let mut stmt = conn
             .prepare("SELECT domain, patterns, added_at, reason FROM entries")
-            .map_err(db)?;
+            .map_err(BlocklistError::Store)?;
         let rows = stmt
             .query_map([], |r| {
                 Ok((
@@ -70,20 +65,20 @@ impl BlocklistStore {
                     r.get::<_, String>(3)?,
                 ))
             })
-            .map_err(db)?;
+            .map_err(BlocklistError::Store)?;
         let mut entries = Vec::new();
         for row in rows {
-            let (domain, patterns, added_at, reason) = row.map_err(db)?;
+            let (domain, patterns, added_at, reason) = row.map_err(BlocklistError::Store)?;
             entries.push(Entry {
                 domain,
-                patterns: serde_json::from_str(&patterns).map_err(json_err)?,
+                patterns: serde_json::from_str(&patterns).map_err(BlocklistError::StoreJson)?,
                 added_at: added_at as u64,
                 reason,
             });
         }
         let mut stmt = conn
             .prepare("SELECT pattern, kind, weight FROM patterns ORDER BY kind, pattern")
-            .map_err(db)?;
+            .map_err(BlocklistError::Store)?;
         let rows = stmt
             .query_map([], |r| {
                 Ok((
@@ -92,10 +87,10 @@ impl BlocklistStore {
                     r.get::<_, f64>(2)?,
                 ))
             })
-            .map_err(db)?;
+            .map_err(BlocklistError::Store)?;
         let mut patterns = Vec::new();
         for row in rows {
-            let (pattern, kind, weight) = row.map_err(db)?;
+            let (pattern, kind, weight) = row.map_err(BlocklistError::Store)?;
             if let Some(kind) = PatternType::parse(&kind) {
                 patterns.push(Pattern {
                     pattern,
@@ -110,7 +105,7 @@ impl BlocklistStore {
                 [],
                 |r| r.get(0),
             )
-            .map_err(db)?;
+            .map_err(BlocklistError::Store)?;
         Ok(Loaded {
             entries,
             patterns,
@@ -120,11 +115,11 @@ impl BlocklistStore {
 
     /// Domains changed after `version` (upserts and removes), or `None` when `version` is
     /// older than the journal (the caller then sends the full list).
-    pub fn changed_since(&self, version: u64) -> Result<Option<Vec<String>>, Error> {
+    pub fn changed_since(&self, version: u64) -> Result<Option<Vec<String>>, BlocklistError> {
         let conn = self.conn()?;
         let oldest: Option<i64> = conn
             .query_row("SELECT MIN(version) FROM journal", [], |r| r.get(0))
-            .map_err(db)?;
+            .map_err(BlocklistError::Store)?;
         // The journal starts with the first change; a client that knows a version from
         // before it (or from another server) cannot be given a delta.
         if oldest.is_none_or(|o| (version as i64) < o - 1) {
@@ -134,44 +129,48 @@ impl BlocklistStore {
             .prepare_cached(
                 "SELECT DISTINCT domain FROM journal WHERE version > ?1 AND op != 'pattern'",
             )
-            .map_err(db)?;
+            .map_err(BlocklistError::Store)?;
         let rows = stmt
             .query_map([version as i64], |r| r.get::<_, String>(0))
-            .map_err(db)?;
-        Ok(Some(rows.collect::<Result<Vec<_>, _>>().map_err(db)?))
+            .map_err(BlocklistError::Store)?;
+        Ok(Some(
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(BlocklistError::Store)?,
+        ))
     }
 
     /// Applies `changes` as version `version`, atomically.
-    pub fn commit(&self, version: u64, changes: &[Change<'_>]) -> Result<(), Error> {
+    pub fn commit(&self, version: u64, changes: &[Change<'_>]) -> Result<(), BlocklistError> {
         let mut conn = self.conn()?;
-        let tx = conn.transaction().map_err(db)?;
+        let tx = conn.transaction().map_err(BlocklistError::Store)?;
         {
             let mut upsert = tx
                 .prepare_cached(
                     "INSERT INTO entries (domain, patterns, added_at, reason) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT(domain) DO UPDATE SET patterns = excluded.patterns, reason = excluded.reason",
                 )
-                .map_err(db)?;
+                .map_err(BlocklistError::Store)?;
             let mut journal = tx
                 .prepare_cached("INSERT INTO journal (version, domain, op) VALUES (?1, ?2, ?3)")
-                .map_err(db)?;
+                .map_err(BlocklistError::Store)?;
             for change in changes {
                 match change {
                     Change::Upsert(e) => {
-                        let patterns = serde_json::to_string(&e.patterns).map_err(json_err)?;
+                        let patterns = serde_json::to_string(&e.patterns)
+                            .map_err(BlocklistError::StoreJson)?;
                         upsert
                             .execute(params![e.domain, patterns, e.added_at as i64, e.reason])
-                            .map_err(db)?;
+                            .map_err(BlocklistError::Store)?;
                         journal
                             .execute(params![version as i64, e.domain, "upsert"])
-                            .map_err(db)?;
+                            .map_err(BlocklistError::Store)?;
                     }
                     Change::Remove(d) => {
                         tx.execute("DELETE FROM entries WHERE domain = ?1", [d])
-                            .map_err(db)?;
+                            .map_err(BlocklistError::Store)?;
                         journal
                             .execute(params![version as i64, d, "remove"])
-                            .map_err(db)?;
+                            .map_err(BlocklistError::Store)?;
                     }
                     Change::AddPattern(p) => {
                         tx.execute(
@@ -179,24 +178,24 @@ impl BlocklistStore {
                              ON CONFLICT(pattern, kind) DO UPDATE SET weight = excluded.weight",
                             params![p.pattern, p.kind.as_str(), p.weight],
                         )
-                        .map_err(db)?;
+                        .map_err(BlocklistError::Store)?;
                         journal
                             .execute(params![
                                 version as i64,
                                 format!("pattern:{}", p.pattern),
                                 "pattern"
                             ])
-                            .map_err(db)?;
+                            .map_err(BlocklistError::Store)?;
                     }
                     Change::RemovePattern(p, kind) => {
                         tx.execute(
                             "DELETE FROM patterns WHERE pattern = ?1 AND kind = ?2",
                             params![p, kind.as_str()],
                         )
-                        .map_err(db)?;
+                        .map_err(BlocklistError::Store)?;
                         journal
                             .execute(params![version as i64, format!("pattern:{p}"), "pattern"])
-                            .map_err(db)?;
+                            .map_err(BlocklistError::Store)?;
                     }
                 }
             }
@@ -206,7 +205,7 @@ impl BlocklistStore {
              ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             [version as i64],
         )
-        .map_err(db)?;
-        tx.commit().map_err(db)
+        .map_err(BlocklistError::Store)?;
+        tx.commit().map_err(BlocklistError::Store)
     }
 }

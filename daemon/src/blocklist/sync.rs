@@ -19,13 +19,13 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::{
-    Blocklist,
+    Blocklist, BlocklistError,
     import::{self, Format},
     model::{Entry, Pattern},
 };
 use crate::{
     config::{Location, SyncSource},
-    error::Error,
+    error::{Error, InvalidValue},
     store,
 };
 
@@ -33,11 +33,75 @@ use crate::{
 const MAX_BYTES: u64 = 256 * 1024 * 1024;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Why a source's download was rejected (and nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The source's `url` (or `sha256_url`) is neither a file nor an http(s) URL.
+    #[error(transparent)]
+    Location(#[from] InvalidValue),
+    /// The file cannot be opened.
+    #[error("{path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP request failed (connection, status, timeout).
+    #[error("{url}: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: Box<ureq::Error>,
+    },
+    /// Reading the download (a file or a URL) failed.
+    #[error("{from}: {source}")]
+    Read {
+        from: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{from}: larger than {} MiB", MAX_BYTES >> 20)]
+    TooLarge { from: String },
+    #[error("the download is empty")]
+    Empty,
+    /// The download's SHA-256 is not the one pinned in the configuration.
+    #[error("checksum mismatch: expected sha256 {expected}, got {computed}")]
+    PinnedChecksumMismatch { expected: String, computed: String },
+    /// The download's SHA-256 is not the one `sha256_url` publishes.
+    #[error("checksum mismatch: {url} says {claimed:?}, the download is {computed}")]
+    PublishedChecksumMismatch {
+        url: String,
+        claimed: String,
+        computed: String,
+    },
+    /// A seed-format list's own `checksum` does not match its content.
+    #[error("checksum mismatch: the list claims {claimed}, its content is {computed}")]
+    ChecksumMismatch { claimed: String, computed: String },
+    /// A seed-format list whose `entries` do not parse.
+    #[error("entries do not parse: {0}")]
+    Entries(#[source] serde_json::Error),
+    /// A seed-format list whose `patterns` do not parse.
+    #[error("patterns do not parse: {0}")]
+    Patterns(#[source] serde_json::Error),
+    #[error("the download is not UTF-8 text")]
+    NotText,
+    #[error("unknown format {0:?}")]
+    UnknownFormat(String),
+    #[error("no usable entry in the download ({skipped} lines skipped)")]
+    NoUsableEntry { skipped: usize },
+    /// The list would not take the changes.
+    #[error(transparent)]
+    Apply(#[from] BlocklistError),
+}
+
 /// Downloads the list at `location` (at most `MAX_BYTES`).
-fn fetch(location: &Location) -> Result<Vec<u8>, String> {
+fn fetch(location: &Location) -> Result<Vec<u8>, SyncError> {
     match location {
         Location::File(p) => {
-            let f = std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            let f = std::fs::File::open(p).map_err(|source| SyncError::Open {
+                path: p.clone(),
+                source,
+            })?;
             read_limited(f, &p.display().to_string())
         }
         Location::Http(url) => {
@@ -45,19 +109,27 @@ fn fetch(location: &Location) -> Result<Vec<u8>, String> {
                 .timeout_global(Some(FETCH_TIMEOUT))
                 .build()
                 .into();
-            let response = agent.get(url).call().map_err(|e| format!("{url}: {e}"))?;
+            let response = agent.get(url).call().map_err(|e| SyncError::Http {
+                url: url.clone(),
+                source: Box::new(e),
+            })?;
             read_limited(response.into_body().into_reader(), url)
         }
     }
 }
 
-fn read_limited(r: impl Read, what: &str) -> Result<Vec<u8>, String> {
+fn read_limited(r: impl Read, from: &str) -> Result<Vec<u8>, SyncError> {
     let mut body = Vec::new();
     r.take(MAX_BYTES + 1)
         .read_to_end(&mut body)
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(|source| SyncError::Read {
+            from: from.to_string(),
+            source,
+        })?;
     if body.len() as u64 > MAX_BYTES {
-        return Err(format!("{what}: larger than {} MiB", MAX_BYTES >> 20));
+        return Err(SyncError::TooLarge {
+            from: from.to_string(),
+        });
     }
     Ok(body)
 }
@@ -112,19 +184,19 @@ fn now_secs() -> u64 {
 }
 
 /// The `checksum` of a seed-format list, recomputed as the publisher computes it.
-fn seed_checksum(value: &serde_json::Value) -> Option<Result<(), String>> {
+fn seed_checksum(value: &serde_json::Value) -> Option<Result<(), SyncError>> {
     let claimed = value.get("checksum")?.as_str()?.to_string();
     let entries: Vec<Entry> = match value.get("entries") {
         Some(e) => match serde_json::from_value(e.clone()) {
             Ok(v) => v,
-            Err(e) => return Some(Err(format!("entries do not parse: {e}"))),
+            Err(e) => return Some(Err(SyncError::Entries(e))),
         },
         None => Vec::new(),
     };
     let patterns: Vec<Pattern> = match value.get("patterns") {
         Some(p) => match serde_json::from_value(p.clone()) {
             Ok(v) => v,
-            Err(e) => return Some(Err(format!("patterns do not parse: {e}"))),
+            Err(e) => return Some(Err(SyncError::Patterns(e))),
         },
         None => Vec::new(),
     };
@@ -134,9 +206,7 @@ fn seed_checksum(value: &serde_json::Value) -> Option<Result<(), String>> {
     Some(if computed == claimed {
         Ok(())
     } else {
-        Err(format!(
-            "checksum mismatch: the list claims {claimed}, its content is {computed}"
-        ))
+        Err(SyncError::ChecksumMismatch { claimed, computed })
     })
 }
 
@@ -236,7 +306,7 @@ impl Syncer {
             }
             Err(e) => {
                 warn!(source = %source.name, error = %e, "blocklist source rejected; nothing changed");
-                state.error = Some(e);
+                state.error = Some(e.to_string());
             }
         }
         state
@@ -247,37 +317,40 @@ impl Syncer {
         list: &Blocklist,
         source: &SyncSource,
         last_sha: Option<&str>,
-    ) -> Result<Outcome, String> {
-        let location = Location::parse(&source.url).map_err(|e| e.0)?;
+    ) -> Result<Outcome, SyncError> {
+        let location = Location::parse(&source.url)?;
         let body = fetch(&location)?;
         if body.iter().all(u8::is_ascii_whitespace) {
-            return Err("the download is empty".into());
+            return Err(SyncError::Empty);
         }
         let sha = sha256_hex(&body);
         let mut verified_by = "none";
         if let Some(pinned) = &source.sha256 {
             if !pinned.eq_ignore_ascii_case(&sha) {
-                return Err(format!(
-                    "checksum mismatch: expected sha256 {pinned}, got {sha}"
-                ));
+                return Err(SyncError::PinnedChecksumMismatch {
+                    expected: pinned.clone(),
+                    computed: sha,
+                });
             }
             verified_by = "pinned";
         }
         if let Some(url) = &source.sha256_url {
-            let text = fetch(&Location::parse(url).map_err(|e| e.0)?)?;
+            let text = fetch(&Location::parse(url)?)?;
             let text = String::from_utf8_lossy(&text);
-            let expected = text.split_whitespace().next().unwrap_or("");
-            if !expected.eq_ignore_ascii_case(&sha) {
-                return Err(format!(
-                    "checksum mismatch: {url} says {expected:?}, the download is {sha}"
-                ));
+            let claimed = text.split_whitespace().next().unwrap_or("");
+            if !claimed.eq_ignore_ascii_case(&sha) {
+                return Err(SyncError::PublishedChecksumMismatch {
+                    url: url.clone(),
+                    claimed: claimed.to_string(),
+                    computed: sha,
+                });
             }
             verified_by = "sha256_url";
         }
-        let text = String::from_utf8(body).map_err(|_| "the download is not UTF-8 text")?;
+        let text = String::from_utf8(body).map_err(|_| SyncError::NotText)?;
         let format = match source.format.as_str() {
             "auto" => Format::detect(&text),
-            f => Format::parse(f).ok_or_else(|| format!("unknown format {f:?}"))?,
+            f => Format::parse(f).ok_or_else(|| SyncError::UnknownFormat(f.to_string()))?,
         };
         if format == Format::Json
             && let Ok(value) = serde_json::from_str::<serde_json::Value>(&text)
@@ -306,10 +379,9 @@ impl Syncer {
         let why = reason(source);
         let parsed = import::parse(&text, format, &why, now_secs() * 1000);
         if parsed.entries.is_empty() {
-            return Err(format!(
-                "no usable entry in the download ({} lines skipped)",
-                parsed.skipped.len()
-            ));
+            return Err(SyncError::NoUsableEntry {
+                skipped: parsed.skipped.len(),
+            });
         }
         let mut upserts = Vec::new();
         let mut wanted = BTreeSet::new();
@@ -330,7 +402,7 @@ impl Syncer {
         }
         let removals: Vec<String> = owned.difference(&wanted).cloned().collect();
         let (added, removed) = (upserts.len(), removals.len());
-        list.apply(upserts, removals).map_err(|e| e.to_string())?;
+        list.apply(upserts, removals)?;
         Ok(Outcome {
             sha256: sha,
             verified_by,

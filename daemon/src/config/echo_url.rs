@@ -14,28 +14,26 @@ pub struct EchoUrl {
 
 impl EchoUrl {
     pub fn parse(url: &str) -> Result<Self, InvalidValue> {
-        Self::parse_text(url).map_err(InvalidValue)
-    }
-
-    fn parse_text(url: &str) -> Result<Self, String> {
         let rest = url.strip_prefix("http://").ok_or_else(|| {
-            format!("{url:?} must start with http:// (the echo service is fetched over plain HTTP)")
+            InvalidValue(format!(
+                "{url:?} must start with http:// (the echo service is fetched over plain HTTP)"
+            ))
         })?;
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
         if authority.is_empty() || authority.contains('@') {
-            return Err(format!("{url:?} has no host"));
+            return Err(InvalidValue(format!("{url:?} has no host")));
         }
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (host, rest) = v6
                 .split_once(']')
-                .ok_or_else(|| format!("{url:?}: unclosed [ in the host"))?;
+                .ok_or_else(|| InvalidValue(format!("{url:?}: unclosed [ in the host")))?;
             let port = match rest.strip_prefix(':') {
                 Some(p) => Some(p),
                 None if rest.is_empty() => None,
-                None => return Err(format!("{url:?}: junk after the host")),
+                None => return Err(InvalidValue(format!("{url:?}: junk after the host"))),
             };
             (host.to_string(), port)
         } else {
@@ -49,14 +47,14 @@ impl EchoUrl {
                 .parse::<u16>()
                 .ok()
                 .filter(|p| *p > 0)
-                .ok_or_else(|| format!("{url:?}: bad port"))?,
+                .ok_or_else(|| InvalidValue(format!("{url:?}: bad port")))?,
             None => 80,
         };
         if host.is_empty()
             || host.chars().any(|c| c.is_whitespace() || c.is_control())
             || path.chars().any(|c| c.is_whitespace() || c.is_control())
         {
-            return Err(format!("{url:?} is not a valid URL"));
+            return Err(InvalidValue(format!("{url:?} is not a valid URL")));
         }
         Ok(Self {
             host,

@@ -8,7 +8,8 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::{
-    AddError, ClientDns, Live, Server, TWEAK_RESTART_AFTER_ADD, store::Client, valid_client_name,
+    AddError, ClientDns, CoreError, Live, Server, TWEAK_RESTART_AFTER_ADD, store::Client,
+    valid_client_name,
 };
 use crate::{
     admin::{ApiError, NoParams, PageParams, ParamKind, ParamSpec, Registry, run_blocking},
@@ -212,9 +213,16 @@ fn server(h: &Handles) -> Result<Arc<Server>, ApiError> {
     })
 }
 
+/// A failure of the server or its store: `INTERNAL_ERROR`, like every daemon error.
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        ApiError::internal(e.to_string())
+    }
+}
+
 /// Runs blocking store/device work off the async runtime.
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::error::Error> + Send + 'static,
+    f: impl FnOnce() -> Result<T, CoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
     run_blocking(move || f().map_err(ApiError::from)).await
 }
@@ -288,7 +296,7 @@ fn client_json(c: &Client, live: Option<&Live>) -> Value {
     })
 }
 
-fn tweak(server: &Server) -> Result<bool, crate::error::Error> {
+fn tweak(server: &Server) -> Result<bool, CoreError> {
     Ok(server.store.setting(TWEAK_RESTART_AFTER_ADD)?.as_deref() == Some("true"))
 }
 
@@ -492,7 +500,8 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                 });
                 if want_png {
                     use base64::Engine;
-                    let png = crate::qr::png(&config, 8)?;
+                    let png = crate::qr::png(&config, 8)
+                        .map_err(|e| ApiError::internal(e.to_string()))?;
                     reply["qr_png"] = json!(base64::engine::general_purpose::STANDARD.encode(png));
                 }
                 Ok::<_, ApiError>(reply)
@@ -801,7 +810,7 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                     if let Some(dir) = backup_path.parent() {
                         std::fs::create_dir_all(dir).map_err(|e| crate::error::Error::io(dir, e))?;
                     }
-                    crate::store::write_json(&backup_path, &backup)
+                    Ok(crate::store::write_json(&backup_path, &backup)?)
                 })
                 .await?;
                 let mapping = server

@@ -9,7 +9,7 @@ pub mod store;
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -22,11 +22,11 @@ use self::store::{Client, ClientStore, Conflict};
 use crate::{
     config::WireguardConfig,
     error::Error,
-    faults::fail_point,
+    faults::{InjectedFault, fail_point},
     store::write_atomic,
     tasks::{self, Shutdown},
     wg::{
-        Subnet,
+        Subnet, WgError,
         device::{PeerSpec, WireGuardDevice},
         net,
         uapi::DeviceState,
@@ -42,17 +42,55 @@ const LIVE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Tweak: rebuild the interface after every new client (the original tool's behaviour).
 pub const TWEAK_RESTART_AFTER_ADD: &str = "restart_service_after_client_creation";
 
-#[derive(Debug)]
-pub enum AddError {
-    Exists,
-    Full,
-    Internal(Error),
+/// What can go wrong with the VPN server and its client store.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// The WireGuard interface is not up (it failed to come back after a rebuild).
+    #[error("the WireGuard interface is down")]
+    InterfaceDown,
+    /// `wireguard/server.key` holds something that is not a key.
+    #[error("{path}: not a WireGuard private key")]
+    InvalidServerKey {
+        path: PathBuf,
+        #[source]
+        source: wireguard_control::InvalidKey,
+    },
+    /// A subnet change would put a client outside the new subnet's usable hosts.
+    #[error("{name} would get {ip}, outside the usable hosts of {subnet}")]
+    OutsideSubnet {
+        name: String,
+        ip: Ipv4Addr,
+        subnet: Subnet,
+    },
+    /// A fresh client's address or key is taken already (a concurrent change).
+    #[error("address or key collision; try again")]
+    Collision,
+    /// The old device's teardown task did not finish.
+    #[error("WireGuard shutdown: {0}")]
+    Shutdown(#[source] tokio::task::JoinError),
+    /// The client store's SQLite database.
+    #[error("client store: {0}")]
+    ClientStore(#[source] rusqlite::Error),
+    /// The client store opened but does not pass `PRAGMA quick_check`.
+    #[error("client store {path}: integrity check: {result}")]
+    IntegrityCheck { path: PathBuf, result: String },
+    #[error(transparent)]
+    Wg(#[from] WgError),
+    #[error(transparent)]
+    Fault(#[from] InjectedFault),
+    #[error(transparent)]
+    Daemon(#[from] Error),
 }
 
-impl From<Error> for AddError {
-    fn from(e: Error) -> Self {
-        AddError::Internal(e)
-    }
+/// Why `add_client` did not add the client.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    #[error("a client of that name exists")]
+    Exists,
+    #[error("the subnet has no free address")]
+    Full,
+    #[error(transparent)]
+    Internal(#[from] CoreError),
 }
 
 /// One client as the other domains see it: no keys beyond the public one.
@@ -151,47 +189,44 @@ pub struct Server {
     table: watch::Sender<Arc<ClientTable>>,
 }
 
-/// Loads the server key from the state directory, creating it (0600) on first start.
-fn server_key(state_dir: &Path) -> Result<String, Error> {
+/// Loads the server key from the state directory, creating it (0600) on first start: the
+/// key as written there (base64), and parsed.
+fn server_key(state_dir: &Path) -> Result<(String, Key), CoreError> {
     let dir = state_dir.join("wireguard");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let path = dir.join("server.key");
     match std::fs::read_to_string(&path) {
         Ok(text) => {
-            let key = text.trim().to_string();
-            Key::from_base64(&key).map_err(|_| {
-                Error::Other(format!("{}: not a WireGuard private key", path.display()))
-            })?;
-            Ok(key)
+            let text = text.trim().to_string();
+            let key = Key::from_base64(&text)
+                .map_err(|source| CoreError::InvalidServerKey { path, source })?;
+            Ok((text, key))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = Key::generate_private().to_base64();
-            write_atomic(&path, format!("{key}\n").as_bytes())?;
+            let key = Key::generate_private();
+            let text = key.to_base64();
+            write_atomic(&path, format!("{text}\n").as_bytes())?;
             info!("generated the WireGuard server key");
-            Ok(key)
+            Ok((text, key))
         }
-        Err(e) => Err(Error::io(&path, e)),
+        Err(e) => Err(Error::io(&path, e).into()),
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, Error> {
-    m.lock()
-        .map_err(|_| Error::Other("core lock poisoned".into()))
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, CoreError> {
+    m.lock().map_err(|_| Error::LockPoisoned("core").into())
 }
 
 impl Server {
     /// Opens the store, brings the interface up with every enabled client, NAT on.
-    pub async fn start(config: &WireguardConfig, state_dir: &Path) -> Result<Self, Error> {
+    pub async fn start(config: &WireguardConfig, state_dir: &Path) -> Result<Self, CoreError> {
         let store = ClientStore::open(&state_dir.join("clients.db"))?;
         let subnet_text = store
             .setting(SUBNET_SETTING)?
             .unwrap_or_else(|| config.subnet.clone());
-        let subnet = Subnet::parse(&subnet_text)?;
-        let private_key = server_key(state_dir)?;
-        let public_key = Key::from_base64(&private_key)
-            .map_err(|_| Error::Other("server key".into()))?
-            .get_public()
-            .to_base64();
+        let subnet = Subnet::parse(&subnet_text).map_err(Error::from)?;
+        let (private_key, key) = server_key(state_dir)?;
+        let public_key = key.get_public().to_base64();
         let server = Self {
             store,
             device: Mutex::new(None),
@@ -216,7 +251,7 @@ impl Server {
     }
 
     /// Republishes the whole table from the store (start, subnet change).
-    fn publish_all(&self) -> Result<(), Error> {
+    fn publish_all(&self) -> Result<(), CoreError> {
         let clients = self
             .store
             .all()?
@@ -260,7 +295,7 @@ impl Server {
     }
 
     /// Creates (or recreates) the interface from the store: every enabled client a peer.
-    pub async fn bring_up(&self) -> Result<(), Error> {
+    pub async fn bring_up(&self) -> Result<(), CoreError> {
         let old = lock(&self.device)?.take();
         if let Some(old) = old {
             self.persist_traffic_of(&old);
@@ -268,7 +303,7 @@ impl Server {
             // worker.
             tokio::task::spawn_blocking(move || old.shutdown())
                 .await
-                .map_err(|e| Error::Other(format!("WireGuard shutdown: {e}")))?;
+                .map_err(CoreError::Shutdown)?;
         }
         let device = WireGuardDevice::create(&self.config.interface, self.config.backend).await?;
         let peers = self.peers()?;
@@ -290,7 +325,7 @@ impl Server {
         Ok(())
     }
 
-    fn peers(&self) -> Result<Vec<PeerSpec>, Error> {
+    fn peers(&self) -> Result<Vec<PeerSpec>, CoreError> {
         Ok(self
             .store
             .all()?
@@ -302,13 +337,11 @@ impl Server {
 
     fn with_device<T>(
         &self,
-        f: impl FnOnce(&WireGuardDevice) -> Result<T, Error>,
-    ) -> Result<T, Error> {
+        f: impl FnOnce(&WireGuardDevice) -> Result<T, WgError>,
+    ) -> Result<T, CoreError> {
         let guard = lock(&self.device)?;
-        let device = guard
-            .as_ref()
-            .ok_or_else(|| Error::Other("the WireGuard interface is down".into()))?;
-        f(device)
+        let device = guard.as_ref().ok_or(CoreError::InterfaceDown)?;
+        Ok(f(device)?)
     }
 
     pub fn subnet(&self) -> Subnet {
@@ -323,7 +356,7 @@ impl Server {
     pub async fn change_subnet(
         &self,
         new: Subnet,
-    ) -> Result<Vec<(String, Ipv4Addr, Ipv4Addr)>, Error> {
+    ) -> Result<Vec<(String, Ipv4Addr, Ipv4Addr)>, CoreError> {
         let _alloc = self.alloc.lock().await;
         let old = self.subnet();
         let clients = self.store.all()?;
@@ -335,9 +368,11 @@ impl Server {
             .iter()
             .find(|(_, _, ip)| !new.client_hosts().any(|h| h == *ip))
         {
-            return Err(Error::Other(format!(
-                "{name} would get {ip}, outside the usable hosts of {new}"
-            )));
+            return Err(CoreError::OutsideSubnet {
+                name: name.clone(),
+                ip: *ip,
+                subnet: new,
+            });
         }
         let forward: Vec<(String, Ipv4Addr)> =
             mapping.iter().map(|(n, _, ip)| (n.clone(), *ip)).collect();
@@ -359,20 +394,20 @@ impl Server {
     }
 
     /// Puts the interface, peers and NAT in line with `subnet` and the store.
-    async fn apply_subnet(&self, subnet: &Subnet) -> Result<(), Error> {
+    async fn apply_subnet(&self, subnet: &Subnet) -> Result<(), CoreError> {
         fail_point("change_subnet.before_interface")?;
         net::configure_interface(&self.config.interface, subnet, self.config.mtu).await?;
         let peers = self.peers()?;
         self.with_device(|d| d.set_allowed_ips(&peers))?;
         fail_point("change_subnet.before_nat")?;
-        net::install_nat(&self.config.interface, subnet)
+        Ok(net::install_nat(&self.config.interface, subnet)?)
     }
 
     pub fn backend(&self) -> Option<&'static str> {
         lock(&self.device).ok()?.as_ref().map(|d| d.backend())
     }
 
-    pub fn device_state(&self) -> Result<DeviceState, Error> {
+    pub fn device_state(&self) -> Result<DeviceState, CoreError> {
         self.with_device(|d| d.state())
     }
 
@@ -405,9 +440,7 @@ impl Server {
             Ok(()) => {}
             Err(Conflict::Name) => return Err(AddError::Exists),
             Err(Conflict::Ip | Conflict::Key) => {
-                return Err(AddError::Internal(Error::Other(
-                    "address or key collision; try again".into(),
-                )));
+                return Err(CoreError::Collision.into());
             }
         }
         self.invalidate_live();
@@ -419,7 +452,7 @@ impl Server {
         Ok(client)
     }
 
-    pub fn remove_client(&self, name: &str) -> Result<Option<Client>, Error> {
+    pub fn remove_client(&self, name: &str) -> Result<Option<Client>, CoreError> {
         let Some(client) = self.store.remove(name)? else {
             return Ok(None);
         };
@@ -431,7 +464,7 @@ impl Server {
     }
 
     /// Enables or disables a client: the peer leaves or rejoins the interface, the client stays.
-    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<Option<Client>, Error> {
+    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<Option<Client>, CoreError> {
         let Some(before) = self.store.get(name)? else {
             return Ok(None);
         };
@@ -500,7 +533,7 @@ impl Server {
     }
 
     /// Adds the traffic the device counted since the last call to the stored totals.
-    pub fn persist_traffic(&self) -> Result<(), Error> {
+    pub fn persist_traffic(&self) -> Result<(), CoreError> {
         let state = self.device_state()?;
         self.persist(&state)
     }
@@ -513,7 +546,7 @@ impl Server {
         }
     }
 
-    fn persist(&self, state: &DeviceState) -> Result<(), Error> {
+    fn persist(&self, state: &DeviceState) -> Result<(), CoreError> {
         let by_key: HashMap<String, String> = self
             .store
             .all()?

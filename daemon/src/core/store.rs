@@ -6,6 +6,7 @@ use std::{net::Ipv4Addr, path::Path, sync::Mutex};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+use super::CoreError;
 use crate::error::Error;
 
 /// One VPN client as stored. Keys are base64 (wg format).
@@ -38,10 +39,6 @@ pub struct ClientStore {
     conn: Mutex<Connection>,
 }
 
-fn db(e: rusqlite::Error) -> Error {
-    Error::Other(format!("client store: {e}"))
-}
-
 const COLUMNS: &str =
     "name, ip, private_key, public_key, preshared_key, created, enabled, rx_total, tx_total";
 
@@ -61,7 +58,7 @@ fn row_to_client(row: &rusqlite::Row<'_>) -> rusqlite::Result<Client> {
 }
 
 impl ClientStore {
-    pub fn open(path: &Path) -> Result<Self, Error> {
+    pub fn open(path: &Path) -> Result<Self, CoreError> {
         let conn = crate::store::open_sqlite(path)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS clients (
@@ -79,36 +76,36 @@ impl ClientStore {
              CREATE INDEX IF NOT EXISTS clients_seq ON clients (seq);
              CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
         )
-        .map_err(db)?;
+        .map_err(CoreError::ClientStore)?;
         // The integrity check doubles as "the store opens cleanly" after a crash.
         let ok: String = conn
             .query_row("PRAGMA quick_check", [], |r| r.get(0))
-            .map_err(db)?;
+            .map_err(CoreError::ClientStore)?;
         if ok != "ok" {
-            return Err(Error::Other(format!(
-                "client store {}: integrity check: {ok}",
-                path.display()
-            )));
+            return Err(CoreError::IntegrityCheck {
+                path: path.to_path_buf(),
+                result: ok,
+            });
         }
         Ok(Self {
             conn: Mutex::new(conn),
         })
     }
 
-    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, Error> {
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, CoreError> {
         self.conn
             .lock()
-            .map_err(|_| Error::Other("client store lock poisoned".into()))
+            .map_err(|_| Error::LockPoisoned("client store").into())
     }
 
     /// Inserts a client; a duplicate name, IP or key is a conflict, not an error.
-    pub fn insert(&self, c: &Client) -> Result<Result<(), Conflict>, Error> {
+    pub fn insert(&self, c: &Client) -> Result<Result<(), Conflict>, CoreError> {
         let conn = self.conn()?;
-        let taken = |sql: &str, v: &str| -> Result<bool, Error> {
+        let taken = |sql: &str, v: &str| -> Result<bool, CoreError> {
             conn.query_row(sql, [v], |_| Ok(()))
                 .optional()
                 .map(|r| r.is_some())
-                .map_err(db)
+                .map_err(CoreError::ClientStore)
         };
         if taken("SELECT 1 FROM clients WHERE name = ?1", &c.name)? {
             return Ok(Err(Conflict::Name));
@@ -134,11 +131,11 @@ impl ClientStore {
                 c.tx_total as i64
             ],
         )
-        .map_err(db)?;
+        .map_err(CoreError::ClientStore)?;
         Ok(Ok(()))
     }
 
-    pub fn get(&self, name: &str) -> Result<Option<Client>, Error> {
+    pub fn get(&self, name: &str) -> Result<Option<Client>, CoreError> {
         self.conn()?
             .query_row(
                 &format!("SELECT {COLUMNS} FROM clients WHERE name = ?1"),
@@ -146,27 +143,27 @@ impl ClientStore {
                 row_to_client,
             )
             .optional()
-            .map_err(db)
+            .map_err(CoreError::ClientStore)
     }
 
-    pub fn remove(&self, name: &str) -> Result<Option<Client>, Error> {
+    pub fn remove(&self, name: &str) -> Result<Option<Client>, CoreError> {
         let client = self.get(name)?;
         if client.is_some() {
             self.conn()?
                 .execute("DELETE FROM clients WHERE name = ?1", [name])
-                .map_err(db)?;
+                .map_err(CoreError::ClientStore)?;
         }
         Ok(client)
     }
 
-    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<Option<Client>, Error> {
+    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<Option<Client>, CoreError> {
         let n = self
             .conn()?
             .execute(
                 "UPDATE clients SET enabled = ?2 WHERE name = ?1",
                 params![name, enabled],
             )
-            .map_err(db)?;
+            .map_err(CoreError::ClientStore)?;
         if n == 0 {
             return Ok(None);
         }
@@ -174,13 +171,17 @@ impl ClientStore {
     }
 
     /// Every address in use.
-    pub fn used_ips(&self) -> Result<std::collections::HashSet<Ipv4Addr>, Error> {
+    pub fn used_ips(&self) -> Result<std::collections::HashSet<Ipv4Addr>, CoreError> {
         let conn = self.conn()?;
-        let mut stmt = conn.prepare("SELECT ip FROM clients").map_err(db)?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db)?;
+        let mut stmt = conn
+            .prepare("SELECT ip FROM clients")
+            .map_err(CoreError::ClientStore)?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(CoreError::ClientStore)?;
         let mut out = std::collections::HashSet::new();
         for ip in rows {
-            if let Ok(ip) = ip.map_err(db)?.parse() {
+            if let Ok(ip) = ip.map_err(CoreError::ClientStore)?.parse() {
                 out.insert(ip);
             }
         }
@@ -188,25 +189,31 @@ impl ClientStore {
     }
 
     /// Every client, oldest first.
-    pub fn all(&self) -> Result<Vec<Client>, Error> {
+    pub fn all(&self) -> Result<Vec<Client>, CoreError> {
         let conn = self.conn()?;
         let mut stmt = conn
             .prepare(&format!("SELECT {COLUMNS} FROM clients ORDER BY seq"))
-            .map_err(db)?;
-        let rows = stmt.query_map([], row_to_client).map_err(db)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(db)
+            .map_err(CoreError::ClientStore)?;
+        let rows = stmt
+            .query_map([], row_to_client)
+            .map_err(CoreError::ClientStore)?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(CoreError::ClientStore)
     }
 
     /// The newest `n` clients, newest first.
-    pub fn latest(&self, n: usize) -> Result<Vec<Client>, Error> {
+    pub fn latest(&self, n: usize) -> Result<Vec<Client>, CoreError> {
         let conn = self.conn()?;
         let mut stmt = conn
             .prepare(&format!(
                 "SELECT {COLUMNS} FROM clients ORDER BY seq DESC LIMIT ?1"
             ))
-            .map_err(db)?;
-        let rows = stmt.query_map([n as i64], row_to_client).map_err(db)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(db)
+            .map_err(CoreError::ClientStore)?;
+        let rows = stmt
+            .query_map([n as i64], row_to_client)
+            .map_err(CoreError::ClientStore)?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(CoreError::ClientStore)
     }
 
     /// One page of clients (oldest first) whose name or IP contains `search`, and the total
@@ -216,7 +223,7 @@ impl ClientStore {
         offset: usize,
         limit: usize,
         search: Option<&str>,
-    ) -> Result<(Vec<Client>, usize), Error> {
+    ) -> Result<(Vec<Client>, usize), CoreError> {
         let conn = self.conn()?;
         let pattern = search.map(|s| {
             format!(
@@ -233,34 +240,41 @@ impl ClientStore {
                 [&pattern],
                 |r| r.get(0),
             )
-            .map_err(db)?;
+            .map_err(CoreError::ClientStore)?;
         let mut stmt = conn
             .prepare(&format!(
                 "SELECT {COLUMNS} FROM clients {filter} ORDER BY seq LIMIT ?2 OFFSET ?3"
             ))
-            .map_err(db)?;
+            .map_err(CoreError::ClientStore)?;
         let rows = stmt
             .query_map(params![pattern, limit as i64, offset as i64], row_to_client)
-            .map_err(db)?;
+            .map_err(CoreError::ClientStore)?;
         Ok((
-            rows.collect::<Result<Vec<_>, _>>().map_err(db)?,
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(CoreError::ClientStore)?,
             total as usize,
         ))
     }
 
     /// Gives clients new addresses and records the subnet, in one transaction. Addresses go
     /// through a placeholder first so that swaps never trip the UNIQUE constraint.
-    pub fn move_clients(&self, moves: &[(String, Ipv4Addr)], subnet: &str) -> Result<(), Error> {
+    pub fn move_clients(
+        &self,
+        moves: &[(String, Ipv4Addr)],
+        subnet: &str,
+    ) -> Result<(), CoreError> {
         let mut conn = self.conn()?;
-        let tx = conn.transaction().map_err(db)?;
+        let tx = conn.transaction().map_err(CoreError::ClientStore)?;
         tx.execute("UPDATE clients SET ip = 'moving:' || name", [])
-            .map_err(db)?;
+            .map_err(CoreError::ClientStore)?;
         {
             let mut update = tx
                 .prepare_cached("UPDATE clients SET ip = ?2 WHERE name = ?1")
-                .map_err(db)?;
+                .map_err(CoreError::ClientStore)?;
             for (name, ip) in moves {
-                update.execute(params![name, ip.to_string()]).map_err(db)?;
+                update
+                    .execute(params![name, ip.to_string()])
+                    .map_err(CoreError::ClientStore)?;
             }
         }
         tx.execute(
@@ -268,34 +282,34 @@ impl ClientStore {
              ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             [subnet],
         )
-        .map_err(db)?;
-        tx.commit().map_err(db)
+        .map_err(CoreError::ClientStore)?;
+        tx.commit().map_err(CoreError::ClientStore)
     }
 
     /// Adds traffic seen since the last call to the persisted totals.
-    pub fn add_traffic(&self, deltas: &[(String, u64, u64)]) -> Result<(), Error> {
+    pub fn add_traffic(&self, deltas: &[(String, u64, u64)]) -> Result<(), CoreError> {
         let mut conn = self.conn()?;
-        let tx = conn.transaction().map_err(db)?;
+        let tx = conn.transaction().map_err(CoreError::ClientStore)?;
         for (name, rx, tx_bytes) in deltas {
             tx.execute(
                 "UPDATE clients SET rx_total = rx_total + ?2, tx_total = tx_total + ?3 WHERE name = ?1",
                 params![name, *rx as i64, *tx_bytes as i64],
             )
-            .map_err(db)?;
+            .map_err(CoreError::ClientStore)?;
         }
-        tx.commit().map_err(db)
+        tx.commit().map_err(CoreError::ClientStore)
     }
 
-    pub fn setting(&self, key: &str) -> Result<Option<String>, Error> {
+    pub fn setting(&self, key: &str) -> Result<Option<String>, CoreError> {
         self.conn()?
             .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
                 r.get(0)
             })
             .optional()
-            .map_err(db)
+            .map_err(CoreError::ClientStore)
     }
 
-    pub fn set_setting(&self, key: &str, value: &str) -> Result<(), Error> {
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<(), CoreError> {
         self.conn()?
             .execute(
                 "INSERT INTO settings (key, value) VALUES (?1, ?2)
@@ -303,7 +317,7 @@ impl ClientStore {
                 [key, value],
             )
             .map(|_| ())
-            .map_err(db)
+            .map_err(CoreError::ClientStore)
     }
 }
 
@@ -326,8 +340,8 @@ mod tests {
     }
 
     #[test]
-    fn insert_conflicts_page_and_reopen() -> Result<(), Error> {
-        let dir = tempfile::tempdir().map_err(Error::Socket)?;
+    fn insert_conflicts_page_and_reopen() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
         let path = dir.path().join("clients.db");
         {
             let store = ClientStore::open(&path)?;
@@ -364,7 +378,7 @@ mod tests {
             );
         }
         let store = ClientStore::open(&path)?;
-        let alice = store.get("alice")?.ok_or(Error::Other("lost".into()))?;
+        let alice = store.get("alice")?.ok_or("lost")?;
         assert_eq!((alice.rx_total, alice.tx_total), (10, 20));
         assert_eq!(
             store.remove("carol")?.map(|c| c.ip),

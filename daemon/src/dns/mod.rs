@@ -56,6 +56,20 @@ use crate::{
 /// TTL of sinkhole answers.
 const SINKHOLE_TTL: u32 = 60;
 
+/// What can go wrong with the upstream servers and the resolver's state.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    /// `dns.json` (the upstream servers) does not parse.
+    #[error("{path}: {source}")]
+    UpstreamsFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Daemon(#[from] Error),
+}
+
 /// Totals since start.
 #[derive(Default)]
 pub struct Stats {
@@ -186,7 +200,7 @@ impl Resolver {
         let mut guard = self
             .policy
             .write()
-            .map_err(|_| Error::Other("resolver policy lock poisoned".into()))?;
+            .map_err(|_| Error::LockPoisoned("resolver policy"))?;
         let mut next = guard.clone();
         f(&mut next);
         // Durable before it is in force.

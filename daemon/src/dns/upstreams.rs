@@ -22,6 +22,7 @@ use hickory_proto::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::DnsError;
 use crate::{config::DnsConfig, core::ClientDns, error::Error, store};
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -45,11 +46,13 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    pub fn open(config: &DnsConfig, state_dir: &Path) -> Result<Self, Error> {
+    pub fn open(config: &DnsConfig, state_dir: &Path) -> Result<Self, DnsError> {
         let path = state_dir.join("dns.json");
         let servers = match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?,
+            Ok(text) => serde_json::from_str(&text).map_err(|source| DnsError::UpstreamsFile {
+                path: path.clone(),
+                source,
+            })?,
             Err(_) => Servers {
                 primary: config
                     .primary
@@ -101,7 +104,7 @@ impl Upstreams {
         let mut servers = self
             .servers
             .lock()
-            .map_err(|_| Error::Other("dns lock poisoned".into()))?;
+            .map_err(|_| Error::LockPoisoned("dns"))?;
         let next = Servers {
             primary: primary.unwrap_or(servers.primary),
             secondary: secondary.unwrap_or(servers.secondary),

@@ -35,26 +35,39 @@ pub fn wildcard_address(domain: &str) -> Option<IpAddr> {
         .map(IpAddr::V6)
 }
 
+/// Why a domain's addresses are not known.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("this sslip.io/nip.io name carries no address")]
+    NoWildcardAddress,
+    #[error("no DNS answer within 5 s")]
+    Timeout,
+    #[error("does not resolve: {0}")]
+    Lookup(#[source] std::io::Error),
+    #[error("resolves to no address")]
+    NoAddress,
+}
+
 /// The addresses `domain` resolves to.
-pub async fn resolve(domain: &str) -> Result<Vec<IpAddr>, String> {
+pub async fn resolve(domain: &str) -> Result<Vec<IpAddr>, ResolveError> {
     if WILDCARD_DNS
         .iter()
         .any(|s| domain == *s || domain.ends_with(&format!(".{s}")))
     {
         return wildcard_address(domain)
             .map(|ip| vec![ip])
-            .ok_or_else(|| "this sslip.io/nip.io name carries no address".to_string());
+            .ok_or(ResolveError::NoWildcardAddress);
     }
     let lookup = tokio::net::lookup_host((domain, 443));
     let addrs = tokio::time::timeout(RESOLVE_TIMEOUT, lookup)
         .await
-        .map_err(|_| "no DNS answer within 5 s".to_string())?
-        .map_err(|e| format!("does not resolve: {e}"))?;
+        .map_err(|_| ResolveError::Timeout)?
+        .map_err(ResolveError::Lookup)?;
     let mut ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
     ips.sort_unstable();
     ips.dedup();
     if ips.is_empty() {
-        return Err("resolves to no address".into());
+        return Err(ResolveError::NoAddress);
     }
     Ok(ips)
 }

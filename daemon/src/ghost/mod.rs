@@ -43,10 +43,53 @@ const ACME_RENEW_AFTER: Duration = Duration::from_secs(60 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GhostError {
+    /// The certificate chain's PEM text does not parse.
+    #[error("TLS: certificate: {0}")]
+    Certificate(#[source] tokio_rustls::rustls::pki_types::pem::Error),
+    #[error("TLS: no certificate in the PEM text")]
+    NoCertificate,
+    #[error("TLS: private key: {0}")]
+    PrivateKey(#[source] tokio_rustls::rustls::pki_types::pem::Error),
+    /// rustls refused the protocol versions.
     #[error("TLS: {0}")]
-    Tls(String),
-    #[error("ACME: {0}")]
-    Acme(String),
+    Rustls(#[source] tokio_rustls::rustls::Error),
+    /// rustls refused the certificate with that key.
+    #[error("TLS: certificate and key: {0}")]
+    CertificateAndKey(#[source] tokio_rustls::rustls::Error),
+    /// A certificate or key file (`[ghost] tls = "files"`) does not read.
+    #[error("TLS: {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS: cannot make a self-signed certificate: {0}")]
+    SelfSigned(#[source] rcgen::Error),
+    /// A step of the ACME exchange (`new order`, `validation`...) failed.
+    #[error("ACME: {step}: {source}")]
+    Acme {
+        step: &'static str,
+        #[source]
+        source: Box<instant_acme::Error>,
+    },
+    /// Port 80 (or the configured address) is not ours for the HTTP-01 challenge.
+    #[error("ACME: cannot listen on {addr} for the HTTP-01 challenge: {source}")]
+    AcmeListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ACME: authorization is {0:?}")]
+    AcmeAuthorization(instant_acme::AuthorizationStatus),
+    #[error("ACME: the CA offers no http-01 challenge")]
+    AcmeNoHttp01,
+    #[error("ACME: the CA did not validate {domain}: order is {status:?}")]
+    AcmeNotValidated {
+        domain: String,
+        status: instant_acme::OrderStatus,
+    },
+    #[error("ACME: the CA did not finish in time")]
+    AcmeTimeout,
     #[error(transparent)]
     Daemon(#[from] crate::error::Error),
 }

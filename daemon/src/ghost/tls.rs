@@ -45,20 +45,19 @@ pub struct CertPem {
 pub fn server_config(pem: &CertPem) -> Result<Arc<ServerConfig>, GhostError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.cert.as_bytes())
         .collect::<Result<_, _>>()
-        .map_err(|e| GhostError::Tls(format!("certificate: {e}")))?;
+        .map_err(GhostError::Certificate)?;
     if certs.is_empty() {
-        return Err(GhostError::Tls("no certificate in the PEM text".into()));
+        return Err(GhostError::NoCertificate);
     }
-    let key = PrivateKeyDer::from_pem_slice(pem.key.as_bytes())
-        .map_err(|e| GhostError::Tls(format!("private key: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(pem.key.as_bytes()).map_err(GhostError::PrivateKey)?;
     let mut config = ServerConfig::builder_with_provider(Arc::new(
         tokio_rustls::rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| GhostError::Tls(e.to_string()))?
+    .map_err(GhostError::Rustls)?
     .with_no_client_auth()
     .with_single_cert(certs, key)
-    .map_err(|e| GhostError::Tls(format!("certificate and key: {e}")))?;
+    .map_err(GhostError::CertificateAndKey)?;
     config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
     Ok(Arc::new(config))
 }
@@ -66,7 +65,10 @@ pub fn server_config(pem: &CertPem) -> Result<Arc<ServerConfig>, GhostError> {
 /// Reads a certificate chain and key from files (`[ghost] tls = "files"`).
 pub fn read_files(cert: &Path, key: &Path) -> Result<CertPem, GhostError> {
     let read = |p: &Path| {
-        std::fs::read_to_string(p).map_err(|e| GhostError::Tls(format!("{}: {e}", p.display())))
+        std::fs::read_to_string(p).map_err(|source| GhostError::ReadFile {
+            path: p.to_path_buf(),
+            source,
+        })
     };
     Ok(CertPem {
         cert: read(cert)?,
@@ -77,7 +79,7 @@ pub fn read_files(cert: &Path, key: &Path) -> Result<CertPem, GhostError> {
 /// A self-signed certificate for `domain` (the stock client does not verify by default).
 pub fn self_signed(domain: &str) -> Result<CertPem, GhostError> {
     let made = rcgen::generate_simple_self_signed(vec![domain.to_string()])
-        .map_err(|e| GhostError::Tls(format!("cannot make a self-signed certificate: {e}")))?;
+        .map_err(GhostError::SelfSigned)?;
     Ok(CertPem {
         cert: made.cert.pem(),
         key: made.signing_key.serialize_pem(),
@@ -194,14 +196,14 @@ pub struct AcmeRequest<'a> {
 /// Issues a certificate for `req.domain` from the ACME CA over HTTP-01. Port 80 is bound only
 /// for the duration of this call.
 pub async fn acme_issue(req: &AcmeRequest<'_>, tls_dir: &TlsDir) -> Result<CertPem, GhostError> {
-    let acme = |what: &str, e: instant_acme::Error| GhostError::Acme(format!("{what}: {e}"));
     let tokens: Arc<Mutex<HashMap<String, String>>> = Arc::default();
-    let listener = TcpListener::bind(req.http_listen).await.map_err(|e| {
-        GhostError::Acme(format!(
-            "cannot listen on {} for the HTTP-01 challenge: {e}",
-            req.http_listen
-        ))
-    })?;
+    let listener =
+        TcpListener::bind(req.http_listen)
+            .await
+            .map_err(|source| GhostError::AcmeListen {
+                addr: req.http_listen,
+                source,
+            })?;
     let responder = tokio::spawn(serve_http01(listener, Arc::clone(&tokens)));
     let result = tokio::time::timeout(ACME_TIMEOUT, async {
         let account = acme_account(req, tls_dir).await?;
@@ -209,20 +211,18 @@ pub async fn acme_issue(req: &AcmeRequest<'_>, tls_dir: &TlsDir) -> Result<CertP
         let mut order = account
             .new_order(&NewOrder::new(&identifiers))
             .await
-            .map_err(|e| acme("new order", e))?;
+            .map_err(acme("new order"))?;
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
-            let mut authz = authz.map_err(|e| acme("authorization", e))?;
+            let mut authz = authz.map_err(acme("authorization"))?;
             match authz.status {
                 AuthorizationStatus::Pending => {}
                 AuthorizationStatus::Valid => continue,
-                other => {
-                    return Err(GhostError::Acme(format!("authorization is {other:?}")));
-                }
+                other => return Err(GhostError::AcmeAuthorization(other)),
             }
             let mut challenge = authz
                 .challenge(ChallengeType::Http01)
-                .ok_or_else(|| GhostError::Acme("the CA offers no http-01 challenge".into()))?;
+                .ok_or(GhostError::AcmeNoHttp01)?;
             if let Ok(mut map) = tokens.lock() {
                 map.insert(
                     challenge.token.clone(),
@@ -232,50 +232,54 @@ pub async fn acme_issue(req: &AcmeRequest<'_>, tls_dir: &TlsDir) -> Result<CertP
             challenge
                 .set_ready()
                 .await
-                .map_err(|e| acme("challenge ready", e))?;
+                .map_err(acme("challenge ready"))?;
         }
         let retry = RetryPolicy::new().timeout(ACME_TIMEOUT);
-        let status = order
-            .poll_ready(&retry)
-            .await
-            .map_err(|e| acme("validation", e))?;
+        let status = order.poll_ready(&retry).await.map_err(acme("validation"))?;
         if status != OrderStatus::Ready {
-            return Err(GhostError::Acme(format!(
-                "the CA did not validate {}: order is {status:?}",
-                req.domain
-            )));
+            return Err(GhostError::AcmeNotValidated {
+                domain: req.domain.to_string(),
+                status,
+            });
         }
-        let key = order.finalize().await.map_err(|e| acme("finalize", e))?;
+        let key = order.finalize().await.map_err(acme("finalize"))?;
         let cert = order
             .poll_certificate(&retry)
             .await
-            .map_err(|e| acme("certificate", e))?;
+            .map_err(acme("certificate"))?;
         Ok(CertPem { cert, key })
     })
     .await;
     responder.abort();
     let _ = responder.await;
-    let pem = result.map_err(|_| GhostError::Acme("the CA did not finish in time".into()))??;
+    let pem = result.map_err(|_| GhostError::AcmeTimeout)??;
     info!(domain = req.domain, "ACME certificate issued");
     Ok(pem)
 }
 
+/// The error of the ACME step `step`.
+fn acme(step: &'static str) -> impl Fn(instant_acme::Error) -> GhostError {
+    move |source| GhostError::Acme {
+        step,
+        source: Box::new(source),
+    }
+}
+
 /// The ACME account, created once and kept (0600) so renewals reuse it.
 async fn acme_account(req: &AcmeRequest<'_>, tls_dir: &TlsDir) -> Result<Account, GhostError> {
-    let acme = |what: &str, e: instant_acme::Error| GhostError::Acme(format!("{what}: {e}"));
     let path = tls_dir.account();
     let builder = match req.ca_root {
         Some(root) => Account::builder_with_root(root),
         None => Account::builder(),
     }
-    .map_err(|e| acme("HTTP client", e))?;
+    .map_err(acme("HTTP client"))?;
     if let Ok(text) = std::fs::read_to_string(&path) {
         match serde_json::from_str::<AccountCredentials>(&text) {
             Ok(credentials) => {
                 return builder
                     .from_credentials(credentials)
                     .await
-                    .map_err(|e| acme("account", e));
+                    .map_err(acme("account"));
             }
             Err(e) => warn!(error = %e, "stored ACME account unreadable; creating a new one"),
         }
@@ -297,7 +301,7 @@ async fn acme_account(req: &AcmeRequest<'_>, tls_dir: &TlsDir) -> Result<Account
             None,
         )
         .await
-        .map_err(|e| acme("new account", e))?;
+        .map_err(acme("new account"))?;
     std::fs::create_dir_all(&tls_dir.dir).map_err(|e| crate::error::Error::io(&tls_dir.dir, e))?;
     store::write_json(&path, &credentials)?;
     Ok(account)

@@ -14,9 +14,11 @@ use crate::{
 impl From<MultihopError> for ApiError {
     fn from(e: MultihopError) -> Self {
         let code = match &e {
-            MultihopError::InvalidConfig(_) => "INVALID_VPN_CONFIG",
+            MultihopError::RelativePath(_) | MultihopError::InvalidConfig { .. } => {
+                "INVALID_VPN_CONFIG"
+            }
             MultihopError::ConfigNotFound(_) => "CONFIG_NOT_FOUND",
-            MultihopError::InvalidName(_) => "INVALID_EXIT_NAME",
+            MultihopError::InvalidName { .. } => "INVALID_EXIT_NAME",
             MultihopError::ExitExists(_) => "EXIT_EXISTS",
             MultihopError::ExitNotFound(_) => "EXIT_NOT_FOUND",
             MultihopError::AlreadyEnabled(_) => "MULTIHOP_ALREADY_ENABLED",
@@ -24,7 +26,9 @@ impl From<MultihopError> for ApiError {
             MultihopError::Unavailable(_) => codes::UNAVAILABLE,
             MultihopError::SetupFailed(_) => "MULTIHOP_SETUP_FAILED",
             MultihopError::ExitUnreachable(..) => "EXIT_UNREACHABLE",
-            MultihopError::Daemon(_) => codes::INTERNAL_ERROR,
+            MultihopError::StoredExit { .. }
+            | MultihopError::ImportTask(_)
+            | MultihopError::Daemon(_) => codes::INTERNAL_ERROR,
         };
         ApiError::new(code, e.to_string())
     }
@@ -131,7 +135,7 @@ async fn test_vpn(m: &Multihop) -> Result<Value, ApiError> {
             "vpn_ip": Value::Null,
             "host": url.host,
             "echo_url": format!("http://{}:{}{}", url.host, url.port, url.path),
-            "error": e,
+            "error": e.to_string(),
         }),
     };
     let all = handshake_ok && external.is_ok();

@@ -16,18 +16,64 @@ use tokio::{
 /// The largest echo answer we read.
 const MAX_ANSWER: usize = 64 * 1024;
 
+/// Why a probe through the exit failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{host} has no IPv4 address")]
+    NoIpv4Address { host: String },
+    #[error("socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("SO_MARK: {0}")]
+    Mark(#[source] nix::errno::Errno),
+    /// The connection through the exit was refused or failed.
+    #[error("connect to {to} through the exit: {source}")]
+    Connect {
+        to: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Nothing answered the connection through the exit in time.
+    #[error("connect to {to} through the exit: no answer within {} s", .timeout.as_secs_f32())]
+    ConnectTimeout { to: SocketAddr, timeout: Duration },
+    #[error("echo request: {0}")]
+    Request(#[source] std::io::Error),
+    #[error("echo answer: {0}")]
+    Answer(#[source] std::io::Error),
+    #[error("the echo service did not answer in time")]
+    AnswerTimeout,
+    #[error("the echo service did not answer HTTP")]
+    NotHttp,
+    /// An HTTP status other than 200 (the status line).
+    #[error("the echo service answered {status:?}")]
+    Status { status: String },
+    /// The answer's body (its first 80 characters) holds no address.
+    #[error("the echo answer holds no address: {body:?}")]
+    NoAddress { body: String },
+}
+
 /// The echo service's addresses (system resolver; a literal needs none).
-pub async fn resolve(url: &EchoUrl) -> Result<Vec<SocketAddr>, String> {
+pub async fn resolve(url: &EchoUrl) -> Result<Vec<SocketAddr>, ProbeError> {
     if let Ok(ip) = url.host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, url.port)]);
     }
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((url.host.as_str(), url.port))
         .await
-        .map_err(|e| format!("cannot resolve {}: {e}", url.host))?
+        .map_err(|source| ProbeError::Resolve {
+            host: url.host.clone(),
+            source,
+        })?
         .filter(SocketAddr::is_ipv4)
         .collect();
     if addrs.is_empty() {
-        return Err(format!("{} has no IPv4 address", url.host));
+        return Err(ProbeError::NoIpv4Address {
+            host: url.host.clone(),
+        });
     }
     Ok(addrs)
 }
@@ -37,40 +83,43 @@ pub async fn connect_marked(
     to: SocketAddr,
     mark: u32,
     timeout: Duration,
-) -> Result<TcpStream, String> {
+) -> Result<TcpStream, ProbeError> {
     let socket = if to.is_ipv4() {
         TcpSocket::new_v4()
     } else {
         TcpSocket::new_v6()
     }
-    .map_err(|e| format!("socket: {e}"))?;
+    .map_err(ProbeError::Socket)?;
     nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
-        .map_err(|e| format!("SO_MARK: {e}"))?;
+        .map_err(ProbeError::Mark)?;
     match tokio::time::timeout(timeout, socket.connect(to)).await {
         Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(e)) => Err(format!("connect to {to} through the exit: {e}")),
-        Err(_) => Err(format!(
-            "connect to {to} through the exit: no answer within {} s",
-            timeout.as_secs_f32()
-        )),
+        Ok(Err(source)) => Err(ProbeError::Connect { to, source }),
+        Err(_) => Err(ProbeError::ConnectTimeout { to, timeout }),
     }
 }
 
 /// Connects to the echo service through the exit and closes again: proves the whole path.
-pub async fn probe(url: &EchoUrl, mark: u32, timeout: Duration) -> Result<(), String> {
-    let addrs = resolve(url).await?;
-    let mut last = String::new();
-    for addr in addrs {
+/// When every address fails, the last one's error.
+pub async fn probe(url: &EchoUrl, mark: u32, timeout: Duration) -> Result<(), ProbeError> {
+    let mut last = None;
+    for addr in resolve(url).await? {
         match connect_marked(addr, mark, timeout).await {
             Ok(_) => return Ok(()),
-            Err(e) => last = e,
+            Err(e) => last = Some(e),
         }
     }
-    Err(last)
+    Err(last.unwrap_or_else(|| ProbeError::NoIpv4Address {
+        host: url.host.clone(),
+    }))
 }
 
 /// GETs the echo service through the exit and returns the address it saw us come from.
-pub async fn external_ip(url: &EchoUrl, mark: u32, timeout: Duration) -> Result<IpAddr, String> {
+pub async fn external_ip(
+    url: &EchoUrl,
+    mark: u32,
+    timeout: Duration,
+) -> Result<IpAddr, ProbeError> {
     let addrs = resolve(url).await?;
     let addr = addrs[0];
     let work = async {
@@ -87,31 +136,31 @@ pub async fn external_ip(url: &EchoUrl, mark: u32, timeout: Duration) -> Result<
         stream
             .write_all(request.as_bytes())
             .await
-            .map_err(|e| format!("echo request: {e}"))?;
+            .map_err(ProbeError::Request)?;
         let mut answer = Vec::new();
         (&mut stream)
             .take(MAX_ANSWER as u64)
             .read_to_end(&mut answer)
             .await
-            .map_err(|e| format!("echo answer: {e}"))?;
-        Ok::<_, String>(answer)
+            .map_err(ProbeError::Answer)?;
+        Ok::<_, ProbeError>(answer)
     };
     let answer = tokio::time::timeout(timeout * 2, work)
         .await
-        .map_err(|_| "the echo service did not answer in time".to_string())??;
+        .map_err(|_| ProbeError::AnswerTimeout)??;
     parse_answer(&answer)
 }
 
 /// The address in an HTTP answer: a plain-text body (`203.0.113.7`) or JSON with an `ip`
 /// field (`{"ip":"203.0.113.7"}`).
-pub fn parse_answer(answer: &[u8]) -> Result<IpAddr, String> {
+pub fn parse_answer(answer: &[u8]) -> Result<IpAddr, ProbeError> {
     let text = String::from_utf8_lossy(answer);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("the echo service did not answer HTTP")?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or(ProbeError::NotHttp)?;
     let status = head.lines().next().unwrap_or("");
     if status.split_whitespace().nth(1) != Some("200") {
-        return Err(format!("the echo service answered {status:?}"));
+        return Err(ProbeError::Status {
+            status: status.to_string(),
+        });
     }
     let body = if head
         .to_ascii_lowercase()
@@ -133,10 +182,9 @@ pub fn parse_answer(answer: &[u8]) -> Result<IpAddr, String> {
     {
         return Ok(ip);
     }
-    Err(format!(
-        "the echo answer holds no address: {:?}",
-        body.chars().take(80).collect::<String>()
-    ))
+    Err(ProbeError::NoAddress {
+        body: body.chars().take(80).collect(),
+    })
 }
 
 fn dechunk(mut body: &str) -> String {
@@ -157,7 +205,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn answers() -> Result<(), String> {
+    fn answers() -> Result<(), ProbeError> {
         let ip = parse_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n203.0.113.7\r\n")?;
         assert_eq!(ip.to_string(), "203.0.113.7");
         let ip = parse_answer(b"HTTP/1.1 200 OK\r\n\r\n{\"ip\":\"198.51.100.9\"}")?;

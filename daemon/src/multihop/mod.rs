@@ -38,17 +38,18 @@ use crate::{
     config::{Config, MultihopConfig, WireguardBackend},
     core::Server,
     datapath::{Datapath, MarkSettings},
-    faults::fail_point,
+    error::Error,
+    faults::{InjectedFault, fail_point},
     wg::{
-        Subnet,
+        Subnet, WgError,
         device::{UplinkPeer, WireGuardDevice},
         net::{self, NatExtension},
     },
 };
-use echo::EchoUrl;
-use routing::Plan;
+use echo::{EchoUrl, ProbeError};
+use routing::{Plan, RoutingError};
 use session_log::SessionLog;
-use wgconf::ExitConfig;
+use wgconf::{ExitConfig, ParseError};
 
 /// Our part of the nftables table.
 const NAT_OWNER: &str = "multihop";
@@ -57,12 +58,26 @@ const HANDSHAKE_FRESH_SECONDS: u64 = 180;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MultihopError {
-    #[error("{0}")]
-    InvalidConfig(String),
-    #[error("{0}")]
+    /// `import`'s `config_path` is relative.
+    #[error(
+        "config_path {0:?} must be an absolute path (the daemon's working directory is not yours)"
+    )]
+    RelativePath(String),
+    /// The file to import is not an exit configuration we take.
+    #[error("{path} is not a valid WireGuard config: {source}")]
+    InvalidConfig {
+        path: String,
+        #[source]
+        source: ParseError,
+    },
+    #[error("{0}: no such file")]
     ConfigNotFound(String),
-    #[error("{0}")]
-    InvalidName(String),
+    /// An exit name that could not be a file name; `from_file`: taken from the file's name.
+    #[error(
+        "exit name {name:?} must be 1 to 64 letters, digits, '-', '_' or '.'{}",
+        if *.from_file { " (taken from the file name; give custom_name)" } else { "" }
+    )]
+    InvalidName { name: String, from_file: bool },
     #[error("an exit named {0:?} exists already; remove it first or choose another custom_name")]
     ExitExists(String),
     #[error("no exit named {0:?} (list_exits shows the imported ones)")]
@@ -71,16 +86,94 @@ pub enum MultihopError {
     AlreadyEnabled(String),
     #[error("multihop is off")]
     NotEnabled,
-    #[error("{0}")]
-    Unavailable(String),
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
     #[error("enabling failed: {0}; everything it had set up was removed")]
-    SetupFailed(String),
+    SetupFailed(#[source] PathError),
     #[error(
         "the exit {0:?} did not complete a WireGuard handshake within {1} s; everything enabling had set up was removed"
     )]
     ExitUnreachable(String, u64),
+    /// A stored exit's file does not parse.
+    #[error("{path}: {source}")]
+    StoredExit {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The import's worker thread did not finish.
+    #[error("{0}")]
+    ImportTask(#[source] tokio::task::JoinError),
     #[error(transparent)]
-    Daemon(#[from] crate::error::Error),
+    Daemon(#[from] Error),
+}
+
+/// A part of the daemon multihop needs is switched off.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error(
+        "the WireGuard server is disabled ([wireguard] enabled = false): there are no clients to route"
+    )]
+    NoServer,
+    #[error(
+        "the datapath is disabled ([datapath] enabled = false): multihop needs the in-kernel mark"
+    )]
+    NoDatapath,
+}
+
+/// What went wrong with the exit's path: bringing it up, checking it, taking it down.
+#[derive(Debug, thiserror::Error)]
+pub enum PathError {
+    #[error("the exit config has no IPv4 address")]
+    NoIpv4Address,
+    #[error("cannot resolve the exit endpoint {host}: {source}")]
+    EndpointUnresolved {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the exit endpoint {host} has no address")]
+    EndpointWithoutAddress { host: String },
+    /// Creating or configuring the exit's WireGuard interface.
+    #[error("exit interface: {0}")]
+    ExitInterface(#[source] WgError),
+    #[error("exit interface vanished")]
+    ExitInterfaceVanished,
+    /// The exit interface is gone (the monitor's check).
+    #[error("{0} is gone")]
+    InterfaceGone(String),
+    /// A link of the exit interface's name is still there after a reset.
+    #[error("{0} is still there")]
+    InterfaceRemains(String),
+    /// Our rules in the nftables table.
+    #[error("NAT: {0}")]
+    Nat(#[source] WgError),
+    /// The in-kernel mark of client traffic.
+    #[error("datapath mark: {0}")]
+    Mark(#[source] Error),
+    /// The probe through the exit failed; `handshake_age`: seconds since the exit's last
+    /// handshake, if it had one.
+    #[error("{source}; {}", handshake_note(*.handshake_age))]
+    Unreachable {
+        #[source]
+        source: ProbeError,
+        handshake_age: Option<u64>,
+    },
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+    #[error(transparent)]
+    Fault(#[from] InjectedFault),
+    #[error(transparent)]
+    Daemon(#[from] Error),
+}
+
+fn handshake_note(age: Option<u64>) -> String {
+    match age {
+        Some(age) => format!("last handshake {age} s ago"),
+        None => "no handshake with the exit".into(),
+    }
 }
 
 /// The enabled flag and active exit, as persisted.
@@ -205,18 +298,18 @@ impl Multihop {
         wireguard: Option<Arc<Server>>,
         datapath: Option<Arc<Datapath>>,
         egress_mark: EgressMark,
-    ) -> Result<Arc<Self>, crate::error::Error> {
+    ) -> Result<Arc<Self>, Error> {
         let dir = config.state_dir.join("multihop");
         let exits_dir = dir.join("exits");
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&exits_dir)
-            .map_err(|e| crate::error::Error::io(&exits_dir, e))?;
+            .map_err(|e| Error::io(&exits_dir, e))?;
         let state_path = dir.join("state.json");
         let mut state: PersistedState = crate::store::read_json(&state_path)?;
         state.vpn_interface_name = config.multihop.interface.clone();
-        let echo = EchoUrl::parse(&config.multihop.echo_url).map_err(crate::error::Error::from)?;
+        let echo = EchoUrl::parse(&config.multihop.echo_url).map_err(Error::from)?;
         let this = Arc::new(Self {
             config: config.multihop.clone(),
             mark: config.datapath.multihop_mark,
@@ -266,7 +359,7 @@ impl Multihop {
         lock(&self.monitor).clone()
     }
 
-    fn persist(&self, enabled: bool, exit: Option<&str>) -> Result<(), MultihopError> {
+    fn persist(&self, enabled: bool, exit: Option<&str>) -> Result<(), Error> {
         let mut state = lock(&self.state);
         let next = PersistedState {
             enabled,
@@ -287,8 +380,8 @@ impl Multihop {
 
     pub fn exits(&self) -> Result<Vec<StoredExit>, MultihopError> {
         let mut out = Vec::new();
-        let entries = std::fs::read_dir(&self.exits_dir)
-            .map_err(|e| crate::error::Error::io(&self.exits_dir, e))?;
+        let entries =
+            std::fs::read_dir(&self.exits_dir).map_err(|e| Error::io(&self.exits_dir, e))?;
         for entry in entries.flatten() {
             let path = entry.path();
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
@@ -316,14 +409,9 @@ impl Multihop {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(MultihopError::ExitNotFound(name.into()));
             }
-            Err(e) => return Err(crate::error::Error::io(&path, e).into()),
+            Err(e) => return Err(Error::io(&path, e).into()),
         };
-        serde_json::from_str(&text).map_err(|e| {
-            MultihopError::Daemon(crate::error::Error::Other(format!(
-                "{}: {e}",
-                path.display()
-            )))
-        })
+        serde_json::from_str(&text).map_err(|source| MultihopError::StoredExit { path, source })
     }
 
     /// Reads, validates and stores a wg-quick file.
@@ -334,23 +422,18 @@ impl Multihop {
     ) -> Result<StoredExit, MultihopError> {
         let path = Path::new(config_path);
         if !path.is_absolute() {
-            return Err(MultihopError::InvalidConfig(format!(
-                "config_path {config_path:?} must be an absolute path (the daemon's working directory is not yours)"
-            )));
+            return Err(MultihopError::RelativePath(config_path.to_string()));
         }
         if !path.exists() {
-            return Err(MultihopError::ConfigNotFound(format!(
-                "{config_path}: no such file"
-            )));
+            return Err(MultihopError::ConfigNotFound(config_path.to_string()));
         }
         let file_path = path.to_path_buf();
         let parsed = tokio::task::spawn_blocking(move || wgconf::read(&file_path))
             .await
-            .map_err(|e| crate::error::Error::Other(e.to_string()))?
-            .map_err(|e| {
-                MultihopError::InvalidConfig(format!(
-                    "{config_path} is not a valid WireGuard config: {e}"
-                ))
+            .map_err(MultihopError::ImportTask)?
+            .map_err(|source| MultihopError::InvalidConfig {
+                path: config_path.to_string(),
+                source,
             })?;
         let stem = path
             .file_stem()
@@ -359,15 +442,10 @@ impl Multihop {
             .to_string();
         let name = custom_name.map(str::to_string).unwrap_or(stem.clone());
         if !valid_exit_name(&name) {
-            return Err(MultihopError::InvalidName(format!(
-                "exit name {:?} must be 1 to 64 letters, digits, '-', '_' or '.'{}",
-                name.chars().take(80).collect::<String>(),
-                if custom_name.is_none() {
-                    " (taken from the file name; give custom_name)"
-                } else {
-                    ""
-                }
-            )));
+            return Err(MultihopError::InvalidName {
+                name: name.chars().take(80).collect(),
+                from_file: custom_name.is_none(),
+            });
         }
         let _ops = self.ops.lock().await;
         if self.exit_path(&name).exists() {
@@ -401,34 +479,23 @@ impl Multihop {
         }
         let _ops = self.ops.lock().await;
         let path = self.exit_path(name);
-        std::fs::remove_file(&path).map_err(|e| crate::error::Error::io(&path, e))?;
+        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
         self.log.record("remove", &format!("exit {name} removed"));
         Ok(was_active)
     }
 
     // ---- the path ----
 
-    fn server(&self) -> Result<&Arc<Server>, MultihopError> {
-        self.wireguard.as_ref().ok_or_else(|| {
-            MultihopError::Unavailable(
-                "the WireGuard server is disabled ([wireguard] enabled = false): there are no clients to route".into(),
-            )
-        })
+    fn server(&self) -> Result<&Arc<Server>, Unavailable> {
+        self.wireguard.as_ref().ok_or(Unavailable::NoServer)
     }
 
-    fn datapath(&self) -> Result<&Arc<Datapath>, MultihopError> {
-        self.datapath.as_ref().ok_or_else(|| {
-            MultihopError::Unavailable(
-                "the datapath is disabled ([datapath] enabled = false): multihop needs the in-kernel mark".into(),
-            )
-        })
+    fn datapath(&self) -> Result<&Arc<Datapath>, Unavailable> {
+        self.datapath.as_ref().ok_or(Unavailable::NoDatapath)
     }
 
-    fn plan(&self, exit: &StoredExit) -> Result<Plan, String> {
-        let address = exit
-            .config
-            .ipv4()
-            .ok_or("the exit config has no IPv4 address")?;
+    fn plan(&self, exit: &StoredExit) -> Result<Plan, PathError> {
+        let address = exit.config.ipv4().ok_or(PathError::NoIpv4Address)?;
         Ok(Plan {
             interface: self.config.interface.clone(),
             address,
@@ -459,28 +526,33 @@ impl Multihop {
         }
     }
 
-    async fn resolve_endpoint(exit: &StoredExit) -> Result<SocketAddr, String> {
+    async fn resolve_endpoint(exit: &StoredExit) -> Result<SocketAddr, PathError> {
         let ep = &exit.config.endpoint;
         if let Ok(ip) = ep.host.parse::<IpAddr>() {
             return Ok(SocketAddr::new(ip, ep.port));
         }
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((ep.host.as_str(), ep.port))
             .await
-            .map_err(|e| format!("cannot resolve the exit endpoint {}: {e}", ep.host))?
+            .map_err(|source| PathError::EndpointUnresolved {
+                host: ep.host.clone(),
+                source,
+            })?
             .collect();
         addrs
             .iter()
             .find(|a| a.is_ipv4())
             .or(addrs.first())
             .copied()
-            .ok_or_else(|| format!("the exit endpoint {} has no address", ep.host))
+            .ok_or_else(|| PathError::EndpointWithoutAddress {
+                host: ep.host.clone(),
+            })
     }
 
     /// Brings the path up, or repairs it: every step is idempotent. Order: rule and the
     /// fail-closed route first (marked traffic never leaks), then the device (a fresh peer
     /// session), the interface, the exit route, NAT.
-    async fn setup_path(&self, exit: &StoredExit) -> Result<(), String> {
-        let server = self.server().map_err(|e| e.to_string())?;
+    async fn setup_path(&self, exit: &StoredExit) -> Result<(), PathError> {
+        let server = self.server()?;
         let plan = self.plan(exit)?;
         routing::apply_rule_and_kill_switch(&plan).await?;
         let endpoint = Self::resolve_endpoint(exit).await?;
@@ -493,7 +565,7 @@ impl Multihop {
             }
             let device = WireGuardDevice::create(&plan.interface, self.backend)
                 .await
-                .map_err(|e| format!("exit interface: {e}"))?;
+                .map_err(PathError::ExitInterface)?;
             lock(&self.live).device = Some(device);
         }
         let peer = UplinkPeer {
@@ -505,30 +577,33 @@ impl Multihop {
         };
         {
             let live = lock(&self.live);
-            let device = live.device.as_ref().ok_or("exit interface vanished")?;
+            let device = live
+                .device
+                .as_ref()
+                .ok_or(PathError::ExitInterfaceVanished)?;
             device
                 .configure_uplink(
                     &exit.config.private_key,
                     exit.config.listen_port.unwrap_or(0),
                     &peer,
                 )
-                .map_err(|e| format!("exit interface: {e}"))?;
+                .map_err(PathError::ExitInterface)?;
         }
         lock(&self.live).endpoint = Some(endpoint);
         routing::configure_interface(&plan).await?;
         routing::apply_exit_route(&plan).await?;
         if !lock(&self.live).nat {
             net::set_nat_extension(NAT_OWNER, Some(self.nat_rules(&server.subnet())))
-                .map_err(|e| format!("NAT: {e}"))?;
+                .map_err(PathError::Nat)?;
             lock(&self.live).nat = true;
         }
         lock(&self.live).exit = Some(exit.clone());
         Ok(())
     }
 
-    fn set_mark(&self, enabled: bool) -> Result<(), String> {
-        let dp = self.datapath().map_err(|e| e.to_string())?;
-        let subnet = self.server().map_err(|e| e.to_string())?.subnet();
+    fn set_mark(&self, enabled: bool) -> Result<(), PathError> {
+        let dp = self.datapath()?;
+        let subnet = self.server()?.subnet();
         dp.multihop
             .set(&MarkSettings {
                 enabled,
@@ -537,7 +612,7 @@ impl Multihop {
                 v6: None,
                 local: crate::datapath::actions::local_addresses(),
             })
-            .map_err(|e| format!("datapath mark: {e}"))?;
+            .map_err(PathError::Mark)?;
         self.egress_mark.set(enabled.then_some(self.mark));
         Ok(())
     }
@@ -546,7 +621,7 @@ impl Multihop {
     /// returns what went and the errors met. `stray_link`: also delete a link of our
     /// interface's name that this daemon did not create (reset_state only: a failed enable
     /// must not delete someone else's interface that was in the way).
-    async fn tear_down(&self, stray_link: bool) -> (Vec<String>, Vec<String>) {
+    async fn tear_down(&self, stray_link: bool) -> (Vec<String>, Vec<PathError>) {
         let mut cleaned = Vec::new();
         let mut errors = Vec::new();
         self.egress_mark.set(None);
@@ -560,7 +635,7 @@ impl Multihop {
         match net::set_nat_extension(NAT_OWNER, None) {
             Ok(()) if had_nat => cleaned.push("NAT rules".into()),
             Ok(()) => {}
-            Err(e) => errors.push(format!("NAT: {e}")),
+            Err(e) => errors.push(PathError::Nat(e)),
         }
         match routing::clear(self.config.table).await {
             Ok((rules, routes)) => {
@@ -571,7 +646,7 @@ impl Multihop {
                     cleaned.push(format!("{routes} route(s) in table {}", self.config.table));
                 }
             }
-            Err(e) => errors.push(e),
+            Err(e) => errors.push(e.into()),
         }
         let device = {
             let mut live = lock(&self.live);
@@ -587,11 +662,11 @@ impl Multihop {
             match routing::delete_link(&self.config.interface).await {
                 Ok(true) => cleaned.push(format!("{} interface", self.config.interface)),
                 Ok(false) => {}
-                Err(e) => errors.push(e),
+                Err(e) => errors.push(e.into()),
             }
         }
         if stray_link && nix::net::if_::if_nametoindex(self.config.interface.as_str()).is_ok() {
-            errors.push(format!("{} is still there", self.config.interface));
+            errors.push(PathError::InterfaceRemains(self.config.interface.clone()));
         }
         (cleaned, errors)
     }
@@ -626,7 +701,7 @@ impl Multihop {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        (handshake, probe.is_ok(), probe.err())
+        (handshake, probe.is_ok(), probe.err().map(|e| e.to_string()))
     }
 
     pub async fn enable(&self, exit_name: &str) -> Result<EnableOutcome, MultihopError> {
@@ -639,7 +714,7 @@ impl Multihop {
         self.datapath()?;
         // Anything of ours left from before (a crash during an earlier attempt) goes first.
         if let Err(e) = routing::clear(self.config.table).await {
-            return Err(MultihopError::SetupFailed(e));
+            return Err(MultihopError::SetupFailed(e.into()));
         }
         let result = async {
             self.setup_path(&exit).await.map_err(Some)?;
@@ -647,10 +722,10 @@ impl Multihop {
             if !handshake {
                 return Err(None);
             }
-            fail_point("multihop.enable.before_mark").map_err(|e| Some(e.to_string()))?;
+            fail_point("multihop.enable.before_mark").map_err(|e| Some(e.into()))?;
             // Recorded before clients move: a crash from here on is restored at start.
             self.persist(true, Some(&exit.name))
-                .map_err(|e| Some(e.to_string()))?;
+                .map_err(|e| Some(e.into()))?;
             self.set_mark(true).map_err(Some)?;
             Ok(EnableOutcome {
                 handshake_established: handshake,
@@ -729,7 +804,7 @@ impl Multihop {
             } else {
                 format!(
                     "multihop off (was through {previous}); left over: {}",
-                    errors.join("; ")
+                    joined(&errors)
                 )
             },
         );
@@ -741,6 +816,7 @@ impl Multihop {
     pub async fn reset(&self) -> Result<(Vec<String>, Vec<String>), MultihopError> {
         let _ops = self.ops.lock().await;
         let (mut cleaned, errors) = self.tear_down(true).await;
+        let errors: Vec<String> = errors.iter().map(PathError::to_string).collect();
         let was = self.active_exit();
         self.persist(false, None)?;
         self.reset_monitor(None);
@@ -891,21 +967,21 @@ impl Multihop {
         }
     }
 
-    async fn probe_once(&self) -> Result<(), String> {
+    async fn probe_once(&self) -> Result<(), PathError> {
         if lock(&self.live).device.is_none()
             || nix::net::if_::if_nametoindex(self.config.interface.as_str()).is_err()
         {
-            return Err(format!("{} is gone", self.config.interface));
+            return Err(PathError::InterfaceGone(self.config.interface.clone()));
         }
         echo::probe(&self.echo, self.mark, self.probe_timeout())
             .await
-            .map_err(|e| match self.handshake_age() {
-                Some(age) => format!("{e}; last handshake {age} s ago"),
-                None => format!("{e}; no handshake with the exit"),
+            .map_err(|source| PathError::Unreachable {
+                source,
+                handshake_age: self.handshake_age(),
             })
     }
 
-    fn record_check(&self, exit: &str, result: &Result<(), String>) {
+    fn record_check(&self, exit: &str, result: &Result<(), PathError>) {
         let was = {
             let mut m = lock(&self.monitor);
             let was = m.exit_reachable;
@@ -923,7 +999,7 @@ impl Multihop {
                 Err(e) => {
                     m.exit_reachable = Some(false);
                     m.consecutive_failures += 1;
-                    m.last_error = Some(e.clone());
+                    m.last_error = Some(e.to_string());
                     m.checks_down += 1;
                     if was != Some(false) {
                         m.went_down += 1;
@@ -1032,6 +1108,15 @@ impl Multihop {
     }
 }
 
+/// The errors of a teardown, for the session log.
+fn joined(errors: &[PathError]) -> String {
+    errors
+        .iter()
+        .map(PathError::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Spawns the monitor.
 impl Multihop {
     /// Starts multihop's background work: the monitor of the exit.
@@ -1040,5 +1125,39 @@ impl Multihop {
         shutdown: &crate::tasks::Shutdown,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         vec![tokio::spawn(Arc::clone(self).monitor(shutdown.clone()))]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_read_as_before() {
+        let name = MultihopError::InvalidName {
+            name: "a b".into(),
+            from_file: true,
+        };
+        assert_eq!(
+            name.to_string(),
+            "exit name \"a b\" must be 1 to 64 letters, digits, '-', '_' or '.' (taken from the file name; give custom_name)"
+        );
+        let down = PathError::Unreachable {
+            source: ProbeError::AnswerTimeout,
+            handshake_age: Some(7),
+        };
+        assert_eq!(
+            down.to_string(),
+            "the echo service did not answer in time; last handshake 7 s ago"
+        );
+        let failed =
+            MultihopError::SetupFailed(PathError::Routing(RoutingError::NoSuchInterface {
+                name: "wg_vpn".into(),
+                source: nix::errno::Errno::ENODEV,
+            }));
+        assert_eq!(
+            failed.to_string(),
+            "enabling failed: interface wg_vpn: ENODEV: No such device; everything it had set up was removed"
+        );
     }
 }

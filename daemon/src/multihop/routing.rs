@@ -5,9 +5,9 @@
 //! Everything we add carries our own routing protocol number, so "ours" is what the kernel
 //! says is ours: clean-up and the exactly-once checks never touch an operator's entries.
 
-use std::net::Ipv4Addr;
+use std::{future::Future, net::Ipv4Addr};
 
-use futures_util::TryStreamExt;
+use futures_util::{Stream, TryStreamExt};
 use rtnetlink::{
     Handle, IpVersion, LinkUnspec, RouteMessageBuilder,
     packet_route::{
@@ -34,31 +34,62 @@ pub struct Plan {
     pub priority: u32,
 }
 
-fn nl(what: &str, e: rtnetlink::Error) -> String {
-    format!("{what}: netlink: {e}")
+/// What went wrong putting the exit into the host's routing, or taking it out.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    /// No rtnetlink socket.
+    #[error("netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("interface {name}: {source}")]
+    NoSuchInterface {
+        name: String,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// The kernel refused a request; `what` names it (`rule`, `delete route`, `addresses`...).
+    #[error("{what}: netlink: {source}")]
+    Netlink {
+        what: &'static str,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// The exit interface's reverse-path filter setting.
+    #[error("{path}: {source}")]
+    RpFilter {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The error of the netlink request `what`.
+fn nl(what: &'static str) -> impl Fn(rtnetlink::Error) -> RoutingError {
+    move |source| RoutingError::Netlink { what, source }
 }
 
 /// Runs `f` with a fresh rtnetlink connection.
-async fn with_handle<T, F, Fut>(f: F) -> Result<T, String>
+async fn with_handle<T, F, Fut>(f: F) -> Result<T, RoutingError>
 where
     F: FnOnce(Handle) -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
+    Fut: Future<Output = Result<T, RoutingError>>,
 {
-    let (conn, handle, _) =
-        rtnetlink::new_connection().map_err(|e| format!("netlink socket: {e}"))?;
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(RoutingError::Socket)?;
     let task = tokio::spawn(conn);
     let result = f(handle).await;
     task.abort();
     result
 }
 
-fn ifindex(name: &str) -> Result<u32, String> {
-    nix::net::if_::if_nametoindex(name).map_err(|e| format!("interface {name}: {e}"))
+fn ifindex(name: &str) -> Result<u32, RoutingError> {
+    nix::net::if_::if_nametoindex(name).map_err(|source| RoutingError::NoSuchInterface {
+        name: name.to_string(),
+        source,
+    })
 }
 
 /// The exit interface: exactly its address, MTU, up; loose reverse-path filtering, since
 /// answers arrive on it from addresses the main table routes elsewhere.
-pub async fn configure_interface(plan: &Plan) -> Result<(), String> {
+pub async fn configure_interface(plan: &Plan) -> Result<(), RoutingError> {
     let index = ifindex(&plan.interface)?;
     let (ip, prefix) = plan.address;
     with_handle(|handle| async move {
@@ -68,7 +99,7 @@ pub async fn configure_interface(plan: &Plan) -> Result<(), String> {
             .set_link_index_filter(index)
             .execute();
         let mut stale = Vec::new();
-        while let Some(msg) = addrs.try_next().await.map_err(|e| nl("addresses", e))? {
+        while let Some(msg) = addrs.try_next().await.map_err(nl("addresses"))? {
             let ours = msg.attributes.iter().any(
                 |a| matches!(a, AddressAttribute::Address(std::net::IpAddr::V4(a)) if *a == ip),
             ) && msg.header.prefix_len == prefix;
@@ -82,7 +113,7 @@ pub async fn configure_interface(plan: &Plan) -> Result<(), String> {
                 .del(msg)
                 .execute()
                 .await
-                .map_err(|e| nl("address", e))?;
+                .map_err(nl("address"))?;
         }
         handle
             .address()
@@ -90,7 +121,7 @@ pub async fn configure_interface(plan: &Plan) -> Result<(), String> {
             .replace()
             .execute()
             .await
-            .map_err(|e| nl("address", e))?;
+            .map_err(nl("address"))?;
         handle
             .link()
             .set(
@@ -101,11 +132,11 @@ pub async fn configure_interface(plan: &Plan) -> Result<(), String> {
             )
             .execute()
             .await
-            .map_err(|e| nl("link", e))
+            .map_err(nl("link"))
     })
     .await?;
-    let rp = format!("/proc/sys/net/ipv4/conf/{}/rp_filter", plan.interface);
-    std::fs::write(&rp, "2").map_err(|e| format!("{rp}: {e}"))
+    let path = format!("/proc/sys/net/ipv4/conf/{}/rp_filter", plan.interface);
+    std::fs::write(&path, "2").map_err(|source| RoutingError::RpFilter { path, source })
 }
 
 fn table_of(msg: &RouteMessage) -> u32 {
@@ -128,8 +159,23 @@ fn rule_table(msg: &RuleMessage) -> u32 {
         .unwrap_or(u32::from(msg.header.table))
 }
 
-async fn our_routes(handle: &Handle, table: u32) -> Result<Vec<RouteMessage>, String> {
-    let mut routes = handle
+/// The entries of a netlink dump (`what`) that `ours` picks.
+async fn collect_ours<T>(
+    mut dump: impl Stream<Item = Result<T, rtnetlink::Error>> + Unpin,
+    what: &'static str,
+    ours: impl Fn(&T) -> bool,
+) -> Result<Vec<T>, RoutingError> {
+    let mut picked = Vec::new();
+    while let Some(msg) = dump.try_next().await.map_err(nl(what))? {
+        if ours(&msg) {
+            picked.push(msg);
+        }
+    }
+    Ok(picked)
+}
+
+async fn our_routes(handle: &Handle, table: u32) -> Result<Vec<RouteMessage>, RoutingError> {
+    let dump = handle
         .route()
         .get(
             RouteMessageBuilder::<Ipv4Addr>::new()
@@ -137,54 +183,51 @@ async fn our_routes(handle: &Handle, table: u32) -> Result<Vec<RouteMessage>, St
                 .build(),
         )
         .execute();
-    let mut ours = Vec::new();
     // Dumps return every table; keep ours in the exit table.
-    while let Some(msg) = routes.try_next().await.map_err(|e| nl("routes", e))? {
-        if table_of(&msg) == table && msg.header.protocol == RouteProtocol::Other(PROTO_PHANTOM) {
-            ours.push(msg);
-        }
-    }
-    Ok(ours)
+    collect_ours(dump, "routes", |msg| {
+        table_of(msg) == table && msg.header.protocol == RouteProtocol::Other(PROTO_PHANTOM)
+    })
+    .await
 }
 
-async fn our_rules(handle: &Handle) -> Result<Vec<RuleMessage>, String> {
-    let mut rules = handle.rule().get(IpVersion::V4).execute();
-    let mut ours = Vec::new();
-    while let Some(msg) = rules.try_next().await.map_err(|e| nl("rules", e))? {
-        if msg.attributes.iter().any(|a| {
+async fn our_rules(handle: &Handle) -> Result<Vec<RuleMessage>, RoutingError> {
+    let dump = handle.rule().get(IpVersion::V4).execute();
+    collect_ours(dump, "rules", |msg| {
+        msg.attributes.iter().any(|a| {
             matches!(
                 a,
                 RuleAttribute::Protocol(RouteProtocol::Other(PROTO_PHANTOM))
             )
-        }) {
-            ours.push(msg);
-        }
-    }
-    Ok(ours)
+        })
+    })
+    .await
 }
 
-async fn delete_rules(handle: &Handle, rules: Vec<RuleMessage>) -> Result<(), String> {
-    for msg in rules {
-        handle
-            .rule()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(|e| nl("delete rule", e))?;
+/// Deletes `entries` one by one with `delete` (a rule's or a route's request), stopping at
+/// the first the kernel refuses; `what` names the request in that error.
+async fn delete_all<T, Fut>(
+    entries: Vec<T>,
+    what: &'static str,
+    delete: impl Fn(T) -> Fut,
+) -> Result<(), RoutingError>
+where
+    Fut: Future<Output = Result<(), rtnetlink::Error>>,
+{
+    for entry in entries {
+        delete(entry).await.map_err(nl(what))?;
     }
     Ok(())
 }
 
-async fn delete_routes(handle: &Handle, routes: Vec<RouteMessage>) -> Result<(), String> {
-    for msg in routes {
-        handle
-            .route()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(|e| nl("delete route", e))?;
-    }
-    Ok(())
+async fn delete_rules(handle: &Handle, rules: Vec<RuleMessage>) -> Result<(), RoutingError> {
+    delete_all(rules, "delete rule", |msg| handle.rule().del(msg).execute()).await
+}
+
+async fn delete_routes(handle: &Handle, routes: Vec<RouteMessage>) -> Result<(), RoutingError> {
+    delete_all(routes, "delete route", |msg| {
+        handle.route().del(msg).execute()
+    })
+    .await
 }
 
 /// Splits our entries into "the first one that is what we want is there" and the rest, which
@@ -217,7 +260,7 @@ fn oif(msg: &RouteMessage) -> Option<u32> {
 }
 
 /// Removes every rule and exit-table route of ours; returns how many of each went.
-pub async fn clear(table: u32) -> Result<(usize, usize), String> {
+pub async fn clear(table: u32) -> Result<(usize, usize), RoutingError> {
     with_handle(|handle| async move {
         let rules = our_rules(&handle).await?;
         let n_rules = rules.len();
@@ -241,7 +284,7 @@ fn rule_matches(msg: &RuleMessage, plan: &Plan) -> bool {
 /// The rule (marked packets look up the exit table) and the fail-closed `unreachable`
 /// default in that table, each exactly once: entries that are already right stay (no gap
 /// for traffic), any other rule of ours goes. Needs no interface.
-pub async fn apply_rule_and_kill_switch(plan: &Plan) -> Result<(), String> {
+pub async fn apply_rule_and_kill_switch(plan: &Plan) -> Result<(), RoutingError> {
     let plan = plan.clone();
     with_handle(|handle| async move {
         let proto = RouteProtocol::Other(PROTO_PHANTOM);
@@ -266,7 +309,7 @@ pub async fn apply_rule_and_kill_switch(plan: &Plan) -> Result<(), String> {
                 .add(route)
                 .execute()
                 .await
-                .map_err(|e| nl("unreachable route", e))?;
+                .map_err(nl("unreachable route"))?;
         }
         let (have_rule, extra) = keep_first(our_rules(&handle).await?, |m| rule_matches(m, &plan));
         delete_rules(&handle, extra).await?;
@@ -282,7 +325,7 @@ pub async fn apply_rule_and_kill_switch(plan: &Plan) -> Result<(), String> {
             add.message_mut()
                 .attributes
                 .push(RuleAttribute::Protocol(proto));
-            add.execute().await.map_err(|e| nl("rule", e))?;
+            add.execute().await.map_err(nl("rule"))?;
         }
         Ok(())
     })
@@ -291,7 +334,7 @@ pub async fn apply_rule_and_kill_switch(plan: &Plan) -> Result<(), String> {
 
 /// The default route through the exit interface, exactly once (a recreated interface has a
 /// new index: a route to the old one goes).
-pub async fn apply_exit_route(plan: &Plan) -> Result<(), String> {
+pub async fn apply_exit_route(plan: &Plan) -> Result<(), RoutingError> {
     let index = ifindex(&plan.interface)?;
     let plan = plan.clone();
     with_handle(|handle| async move {
@@ -319,7 +362,7 @@ pub async fn apply_exit_route(plan: &Plan) -> Result<(), String> {
                 .add(route)
                 .execute()
                 .await
-                .map_err(|e| nl("exit route", e))?;
+                .map_err(nl("exit route"))?;
         }
         Ok(())
     })
@@ -328,7 +371,7 @@ pub async fn apply_exit_route(plan: &Plan) -> Result<(), String> {
 
 /// How many of our rules and exit-table routes the kernel holds, and whether the exit route
 /// is there (the link going away takes it with it).
-pub async fn census(plan: &Plan) -> Result<(usize, usize, bool), String> {
+pub async fn census(plan: &Plan) -> Result<(usize, usize, bool), RoutingError> {
     let index = nix::net::if_::if_nametoindex(plan.interface.as_str()).ok();
     let table = plan.table;
     with_handle(|handle| async move {
@@ -343,7 +386,7 @@ pub async fn census(plan: &Plan) -> Result<(usize, usize, bool), String> {
 }
 
 /// Deletes a link of that name if one is left (an exit interface a crash left behind).
-pub async fn delete_link(name: &str) -> Result<bool, String> {
+pub async fn delete_link(name: &str) -> Result<bool, RoutingError> {
     let Ok(index) = nix::net::if_::if_nametoindex(name) else {
         return Ok(false);
     };
@@ -353,7 +396,7 @@ pub async fn delete_link(name: &str) -> Result<bool, String> {
             .del(index)
             .execute()
             .await
-            .map_err(|e| nl("delete link", e))?;
+            .map_err(nl("delete link"))?;
         Ok(true)
     })
     .await

@@ -2,7 +2,10 @@
 //! WireGuard interface needs is accepted; wg-quick's hooks (`PostUp` and friends) are refused
 //! because the daemon never runs commands out of an imported file.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use serde::{Deserialize, Serialize};
@@ -60,6 +63,77 @@ impl ExitConfig {
     }
 }
 
+/// Why a file is not an exit configuration we take.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a regular file")]
+    NotAFile { path: PathBuf },
+    #[error("{path} is {size} bytes; a WireGuard config is at most {MAX_FILE_BYTES}")]
+    TooLarge { path: PathBuf, size: u64 },
+    #[error("{path} is not text (not a WireGuard config)")]
+    NotText { path: PathBuf },
+    /// The problem on line `line` (from 1).
+    #[error("line {line}: {problem}")]
+    Line {
+        line: usize,
+        #[source]
+        problem: Box<ParseError>,
+    },
+    #[error("unknown section (not [Interface] or [Peer])")]
+    UnknownSection,
+    // The line itself is never echoed: the file may be anything the daemon can read.
+    #[error("is not `Key = value` (not a WireGuard config)")]
+    NotKeyValue,
+    #[error("settings before any [Interface] or [Peer] section (not a WireGuard config)")]
+    OutsideSection,
+    /// A wg-quick hook or host setting (`PostUp`, `Table`...), `key` as written, lowercased.
+    #[error(
+        "{key} is a wg-quick host setting the daemon does not take from an imported file; remove it"
+    )]
+    HostSetting { key: String },
+    /// A key we do not know (its first 40 characters).
+    #[error("unknown key {key:?}")]
+    UnknownKey { key: String },
+    #[error("{field} is not a WireGuard key (44 characters of base64 for 32 bytes)")]
+    NotAKey { field: &'static str },
+    #[error("{field}: {value:?} is not address/prefix")]
+    NotCidr { field: &'static str, value: String },
+    #[error("{field}: port {value:?} is out of range (1-65535)")]
+    PortOutOfRange { field: &'static str, value: String },
+    #[error("Endpoint {value:?} is not host:port, ipv4:port or [ipv6]:port")]
+    NotAnEndpoint { value: String },
+    #[error("DNS: {value:?} is neither an address nor a search domain")]
+    NotADnsServer { value: String },
+    #[error("MTU {value:?} is not 1280-9000")]
+    MtuOutOfRange { value: String },
+    #[error("PersistentKeepalive {value:?} is not 0-65535 or off")]
+    NotAKeepalive { value: String },
+    #[error(
+        "a WireGuard exit config has exactly one [Interface] and one [Peer] section (found {interfaces} and {peers})"
+    )]
+    SectionCount { interfaces: usize, peers: usize },
+    #[error("[Interface] has no PrivateKey")]
+    NoPrivateKey,
+    #[error("[Peer] has no PublicKey")]
+    NoPublicKey,
+    #[error("[Peer] has no Endpoint: an exit must say where it is")]
+    NoEndpoint,
+    #[error("[Interface] Address has no IPv4 address (clients' traffic is IPv4)")]
+    NoIpv4Address,
+    #[error(
+        "[Peer] AllowedIPs does not include 0.0.0.0/0: the peer cannot be an exit to the internet"
+    )]
+    NotAnExit,
+    #[error("PrivateKey and PublicKey are the same key")]
+    SameKeys,
+}
+
 /// The outcome of parsing: the config and the changes made for multihop.
 pub struct Parsed {
     pub config: ExitConfig,
@@ -67,35 +141,42 @@ pub struct Parsed {
 }
 
 /// Reads and validates `path`.
-pub fn read(path: &std::path::Path) -> Result<Parsed, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn read(path: &Path) -> Result<Parsed, ParseError> {
+    let unreadable = |source| ParseError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(unreadable)?;
     if !meta.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
+        return Err(ParseError::NotAFile {
+            path: path.to_path_buf(),
+        });
     }
     if meta.len() > MAX_FILE_BYTES {
-        return Err(format!(
-            "{} is {} bytes; a WireGuard config is at most {MAX_FILE_BYTES}",
-            path.display(),
-            meta.len()
-        ));
+        return Err(ParseError::TooLarge {
+            path: path.to_path_buf(),
+            size: meta.len(),
+        });
     }
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let text = String::from_utf8(bytes)
-        .map_err(|_| format!("{} is not text (not a WireGuard config)", path.display()))?;
+    let bytes = std::fs::read(path).map_err(unreadable)?;
+    let text = String::from_utf8(bytes).map_err(|_| ParseError::NotText {
+        path: path.to_path_buf(),
+    })?;
     parse(&text)
 }
 
-fn key(field: &str, value: &str) -> Result<String, String> {
+fn key(field: &'static str, value: &str) -> Result<String, ParseError> {
     match STANDARD.decode(value.trim()) {
         Ok(bytes) if bytes.len() == 32 => Ok(value.trim().to_string()),
-        _ => Err(format!(
-            "{field} is not a WireGuard key (44 characters of base64 for 32 bytes)"
-        )),
+        _ => Err(ParseError::NotAKey { field }),
     }
 }
 
-fn cidr(field: &str, value: &str) -> Result<(IpAddr, u8), String> {
-    let bad = || format!("{field}: {value:?} is not address/prefix");
+fn cidr(field: &'static str, value: &str) -> Result<(IpAddr, u8), ParseError> {
+    let bad = || ParseError::NotCidr {
+        field,
+        value: value.to_string(),
+    };
     let (addr, prefix) = match value.split_once('/') {
         Some((a, p)) => (a.trim(), Some(p.trim())),
         None => (value.trim(), None),
@@ -113,14 +194,17 @@ fn list(value: &str) -> impl Iterator<Item = &str> {
     value.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
 
-fn port(field: &str, value: &str) -> Result<u16, String> {
+fn port(field: &'static str, value: &str) -> Result<u16, ParseError> {
     value
         .trim()
         .parse::<u32>()
         .ok()
         .filter(|p| (1..=65535).contains(p))
         .map(|p| p as u16)
-        .ok_or_else(|| format!("{field}: port {value:?} is out of range (1-65535)"))
+        .ok_or_else(|| ParseError::PortOutOfRange {
+            field,
+            value: value.to_string(),
+        })
 }
 
 fn is_hostname(host: &str) -> bool {
@@ -137,9 +221,11 @@ fn is_hostname(host: &str) -> bool {
         })
 }
 
-fn endpoint(value: &str) -> Result<Endpoint, String> {
+fn endpoint(value: &str) -> Result<Endpoint, ParseError> {
     let value = value.trim();
-    let bad = || format!("Endpoint {value:?} is not host:port, ipv4:port or [ipv6]:port");
+    let bad = || ParseError::NotAnEndpoint {
+        value: value.to_string(),
+    };
     let (host, port_text) = if let Some(rest) = value.strip_prefix('[') {
         let (host, rest) = rest.split_once(']').ok_or_else(bad)?;
         let port_text = rest.strip_prefix(':').ok_or_else(bad)?;
@@ -167,9 +253,9 @@ enum Section {
 
 /// Parses a wg-quick text. Exactly one `[Interface]` and one `[Peer]`; keys as wg-quick
 /// spells them (case-insensitive); `#` comments.
-pub fn parse(text: &str) -> Result<Parsed, String> {
+pub fn parse(text: &str) -> Result<Parsed, ParseError> {
     let mut section = Section::None;
-    let (mut interfaces, mut peers) = (0, 0);
+    let (mut interfaces, mut peers) = (0usize, 0usize);
     let mut private_key = None;
     let mut addresses = Vec::new();
     let mut dns = Vec::new();
@@ -185,7 +271,10 @@ pub fn parse(text: &str) -> Result<Parsed, String> {
         if line.is_empty() {
             continue;
         }
-        let at = |msg: String| format!("line {}: {msg}", n + 1);
+        let at = |problem: ParseError| ParseError::Line {
+            line: n + 1,
+            problem: Box::new(problem),
+        };
         if line.starts_with('[') {
             section = match line.to_ascii_lowercase().as_str() {
                 "[interface]" => {
@@ -196,21 +285,17 @@ pub fn parse(text: &str) -> Result<Parsed, String> {
                     peers += 1;
                     Section::Peer
                 }
-                _ => return Err(at("unknown section (not [Interface] or [Peer])".into())),
+                _ => return Err(at(ParseError::UnknownSection)),
             };
             continue;
         }
         let Some((name, value)) = line.split_once('=') else {
-            // The line itself is not echoed: the file may be anything the daemon can read.
-            return Err(at("is not `Key = value` (not a WireGuard config)".into()));
+            return Err(at(ParseError::NotKeyValue));
         };
         let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
         match (&section, name.as_str()) {
             (Section::None, _) => {
-                return Err(at(
-                    "settings before any [Interface] or [Peer] section (not a WireGuard config)"
-                        .into(),
-                ));
+                return Err(at(ParseError::OutsideSection));
             }
             (Section::Interface, "privatekey") => private_key = Some(key("PrivateKey", value)?),
             (Section::Interface, "address") => {
@@ -221,9 +306,9 @@ pub fn parse(text: &str) -> Result<Parsed, String> {
             (Section::Interface, "dns") => {
                 for d in list(value) {
                     if d.parse::<IpAddr>().is_err() && !is_hostname(d) {
-                        return Err(at(format!(
-                            "DNS: {d:?} is neither an address nor a search domain"
-                        )));
+                        return Err(at(ParseError::NotADnsServer {
+                            value: d.to_string(),
+                        }));
                     }
                     dns.push(d.to_string());
                 }
@@ -234,7 +319,11 @@ pub fn parse(text: &str) -> Result<Parsed, String> {
                         .parse::<u16>()
                         .ok()
                         .filter(|m| (1280..=9000).contains(m))
-                        .ok_or_else(|| at(format!("MTU {value:?} is not 1280-9000")))?,
+                        .ok_or_else(|| {
+                            at(ParseError::MtuOutOfRange {
+                                value: value.to_string(),
+                            })
+                        })?,
                 )
             }
             (Section::Interface, "listenport") => {
@@ -244,9 +333,7 @@ pub fn parse(text: &str) -> Result<Parsed, String> {
                 Section::Interface,
                 "preup" | "postup" | "predown" | "postdown" | "table" | "saveconfig" | "fwmark",
             ) => {
-                return Err(at(format!(
-                    "{name} is a wg-quick host setting the daemon does not take from an imported file; remove it"
-                )));
+                return Err(at(ParseError::HostSetting { key: name.clone() }));
             }
             (Section::Peer, "publickey") => public_key = Some(key("PublicKey", value)?),
             (Section::Peer, "presharedkey") => preshared_key = Some(key("PresharedKey", value)?),
@@ -261,42 +348,36 @@ pub fn parse(text: &str) -> Result<Parsed, String> {
                     0
                 } else {
                     value.parse::<u16>().map_err(|_| {
-                        at(format!(
-                            "PersistentKeepalive {value:?} is not 0-65535 or off"
-                        ))
+                        at(ParseError::NotAKeepalive {
+                            value: value.to_string(),
+                        })
                     })?
                 })
             }
             (_, other) => {
-                return Err(at(format!(
-                    "unknown key {:?}",
-                    other.chars().take(40).collect::<String>()
-                )));
+                return Err(at(ParseError::UnknownKey {
+                    key: other.chars().take(40).collect(),
+                }));
             }
         }
     }
     if interfaces != 1 || peers != 1 {
-        return Err(format!(
-            "a WireGuard exit config has exactly one [Interface] and one [Peer] section (found {interfaces} and {peers})"
-        ));
+        return Err(ParseError::SectionCount { interfaces, peers });
     }
-    let private_key = private_key.ok_or("[Interface] has no PrivateKey")?;
-    let public_key = public_key.ok_or("[Peer] has no PublicKey")?;
-    let endpoint = endpoint_value.ok_or("[Peer] has no Endpoint: an exit must say where it is")?;
+    let private_key = private_key.ok_or(ParseError::NoPrivateKey)?;
+    let public_key = public_key.ok_or(ParseError::NoPublicKey)?;
+    let endpoint = endpoint_value.ok_or(ParseError::NoEndpoint)?;
     if !addresses.iter().any(|(ip, _)| ip.is_ipv4()) {
-        return Err("[Interface] Address has no IPv4 address (clients' traffic is IPv4)".into());
+        return Err(ParseError::NoIpv4Address);
     }
     let full_v4 = allowed_ips.iter().any(|(ip, p)| ip.is_ipv4() && *p == 0)
         || (allowed_ips.contains(&(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 1))
             && allowed_ips.contains(&(IpAddr::V4(Ipv4Addr::new(128, 0, 0, 0)), 1)));
     if !full_v4 {
-        return Err(
-            "[Peer] AllowedIPs does not include 0.0.0.0/0: the peer cannot be an exit to the internet"
-                .into(),
-        );
+        return Err(ParseError::NotAnExit);
     }
     if private_key == public_key {
-        return Err("PrivateKey and PublicKey are the same key".into());
+        return Err(ParseError::SameKeys);
     }
     let mut optimizations = Vec::new();
     let mtu = match mtu {
@@ -366,7 +447,7 @@ mod tests {
     }
 
     #[test]
-    fn a_provider_file_is_read_and_optimised() -> Result<(), String> {
+    fn a_provider_file_is_read_and_optimised() -> Result<(), ParseError> {
         let parsed = parse(&file("", "Endpoint = se-sto-wg-001.example.net:51820"))?;
         let c = parsed.config;
         assert_eq!(c.endpoint.host, "se-sto-wg-001.example.net");
@@ -421,7 +502,10 @@ mod tests {
         ] {
             match parse(&text) {
                 Ok(_) => panic!("accepted: {text}"),
-                Err(e) => assert!(e.contains(needle), "{e:?} should mention {needle:?}"),
+                Err(e) => assert!(
+                    e.to_string().contains(needle),
+                    "{e} should mention {needle:?}"
+                ),
             }
         }
     }

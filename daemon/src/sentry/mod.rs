@@ -39,8 +39,20 @@ use store::{ModeState, Store, unix_now};
 pub enum SentryError {
     #[error("sentry configuration: {0}")]
     Config(String),
-    #[error("sentry store: {0}")]
-    Store(String),
+    /// The Redis backend refused or did not answer.
+    #[error("sentry store: redis: {0}")]
+    Redis(#[source] redis::RedisError),
+    /// The embedded backend's file does not read.
+    #[error("sentry store: {path}: {source}")]
+    StoreFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: Box<crate::error::Error>,
+    },
+    #[error("sentry store: cannot serialise the store: {0}")]
+    StoreEncode(#[source] serde_json::Error),
+    #[error("sentry store: cannot write the store: {0}")]
+    StoreWrite(#[source] Box<crate::error::Error>),
     #[error("sentry store is unavailable (degraded)")]
     Degraded,
     #[error("sentry crypto: {0}")]

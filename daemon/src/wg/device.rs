@@ -13,7 +13,10 @@ use std::{
 use tracing::{info, warn};
 use wireguard_control::{Backend, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
 
-use super::uapi::{self, DeviceState, PeerState};
+use super::{
+    WgError,
+    uapi::{self, DeviceState, PeerState},
+};
 use crate::{config::WireguardBackend, error::Error};
 
 /// The one peer of a client-side device (the multihop exit): where it is and what it carries.
@@ -51,13 +54,9 @@ pub struct WireGuardDevice {
     kind: Kind,
 }
 
-fn bad_key(e: impl std::fmt::Display) -> Error {
-    Error::Other(format!("invalid WireGuard key: {e}"))
-}
-
 impl WireGuardDevice {
     /// Creates the interface (or takes over a kernel one of that name).
-    pub async fn create(iface: &str, backend: WireguardBackend) -> Result<Self, Error> {
+    pub async fn create(iface: &str, backend: WireguardBackend) -> Result<Self, WgError> {
         if backend != WireguardBackend::Userspace {
             match create_kernel_link(iface).await {
                 Ok(()) => {
@@ -68,9 +67,10 @@ impl WireGuardDevice {
                     });
                 }
                 Err(e) if backend == WireguardBackend::Kernel => {
-                    return Err(Error::Other(format!(
-                        "wireguard.backend = \"kernel\" but the kernel cannot create {iface}: {e}"
-                    )));
+                    return Err(WgError::KernelUnavailable {
+                        iface: iface.to_string(),
+                        source: Box::new(e),
+                    });
                 }
                 Err(e) => {
                     info!(error = %e, "no kernel WireGuard; using the embedded userspace device")
@@ -80,15 +80,15 @@ impl WireGuardDevice {
         Self::create_embedded(iface)
     }
 
-    fn create_embedded(iface: &str) -> Result<Self, Error> {
+    fn create_embedded(iface: &str) -> Result<Self, WgError> {
         if nix::net::if_::if_nametoindex(iface).is_ok() {
-            return Err(Error::Other(format!(
-                "interface {iface} already exists and is not a WireGuard device this daemon can take over; remove it or choose another [wireguard] interface"
-            )));
+            return Err(WgError::InterfaceTaken {
+                iface: iface.to_string(),
+            });
         }
-        let (control, device_end) = UnixStream::pair().map_err(Error::Socket)?;
+        let (control, device_end) = UnixStream::pair()?;
         let device_fd = device_end.into_raw_fd();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), boringtun::device::Error>>();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let name = iface.to_string();
         let thread = std::thread::Builder::new()
@@ -108,23 +108,23 @@ impl WireGuardDevice {
                         drop(handle);
                     }
                     Err(e) => {
-                        let _ = ready_tx.send(Err(format!("{e:?}")));
+                        let _ = ready_tx.send(Err(e));
                     }
                 }
-            })
-            .map_err(Error::Socket)?;
+            })?;
         match ready_rx.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+            Ok(Err(source)) => {
                 let _ = thread.join();
-                return Err(Error::Other(format!(
-                    "cannot create the WireGuard device {iface}: {e}"
-                )));
+                return Err(WgError::CreateDevice {
+                    iface: iface.to_string(),
+                    source,
+                });
             }
             Err(_) => {
-                return Err(Error::Other(format!(
-                    "WireGuard device {iface} did not start"
-                )));
+                return Err(WgError::DeviceStartTimeout {
+                    iface: iface.to_string(),
+                });
             }
         }
         info!(
@@ -150,11 +150,16 @@ impl WireGuardDevice {
     }
 
     /// Sets the key and port and replaces every peer.
-    pub fn configure(&self, private_key: &str, port: u16, peers: &[PeerSpec]) -> Result<(), Error> {
+    pub fn configure(
+        &self,
+        private_key: &str,
+        port: u16,
+        peers: &[PeerSpec],
+    ) -> Result<(), WgError> {
         match self.kind {
             Kind::Kernel => {
                 let mut update = DeviceUpdate::new()
-                    .set_private_key(Key::from_base64(private_key).map_err(bad_key)?)
+                    .set_private_key(Key::from_base64(private_key).map_err(WgError::InvalidKey)?)
                     .set_listen_port(port)
                     .replace_peers();
                 for p in peers {
@@ -162,7 +167,7 @@ impl WireGuardDevice {
                 }
                 update
                     .apply(&self.iface_name()?, Backend::Kernel)
-                    .map_err(Error::Socket)
+                    .map_err(WgError::Io)
             }
             Kind::Embedded { .. } => {
                 let mut body = format!(
@@ -185,32 +190,33 @@ impl WireGuardDevice {
         private_key: &str,
         listen_port: u16,
         peer: &UplinkPeer,
-    ) -> Result<(), Error> {
+    ) -> Result<(), WgError> {
         match self.kind {
             Kind::Kernel => {
-                let key = Key::from_base64(&peer.public_key).map_err(bad_key)?;
+                let key = Key::from_base64(&peer.public_key).map_err(WgError::InvalidKey)?;
                 // Removing first drops the old session, as on the embedded device.
                 DeviceUpdate::new()
                     .remove_peer_by_key(&key)
                     .apply(&self.iface_name()?, Backend::Kernel)
-                    .map_err(Error::Socket)?;
+                    .map_err(WgError::Io)?;
                 let mut builder = PeerConfigBuilder::new(&key)
                     .set_endpoint(peer.endpoint)
                     .replace_allowed_ips()
                     .set_persistent_keepalive_interval(peer.persistent_keepalive.unwrap_or(0));
                 if let Some(psk) = &peer.preshared_key {
-                    builder = builder.set_preshared_key(Key::from_base64(psk).map_err(bad_key)?);
+                    builder = builder
+                        .set_preshared_key(Key::from_base64(psk).map_err(WgError::InvalidKey)?);
                 }
                 for (ip, cidr) in &peer.allowed_ips {
                     builder = builder.add_allowed_ip(*ip, *cidr);
                 }
                 DeviceUpdate::new()
-                    .set_private_key(Key::from_base64(private_key).map_err(bad_key)?)
+                    .set_private_key(Key::from_base64(private_key).map_err(WgError::InvalidKey)?)
                     .set_listen_port(listen_port)
                     .replace_peers()
                     .add_peer(builder)
                     .apply(&self.iface_name()?, Backend::Kernel)
-                    .map_err(Error::Socket)
+                    .map_err(WgError::Io)
             }
             Kind::Embedded { .. } => {
                 let public_hex = uapi::key_hex(&peer.public_key)?;
@@ -244,12 +250,12 @@ impl WireGuardDevice {
     }
 
     /// Adds a peer the interface does not have yet (boringtun cannot modify an existing one).
-    pub fn add_peer(&self, peer: &PeerSpec) -> Result<(), Error> {
+    pub fn add_peer(&self, peer: &PeerSpec) -> Result<(), WgError> {
         match self.kind {
             Kind::Kernel => DeviceUpdate::new()
                 .add_peer(kernel_peer(peer)?)
                 .apply(&self.iface_name()?, Backend::Kernel)
-                .map_err(Error::Socket),
+                .map_err(WgError::Io),
             Kind::Embedded { .. } => uapi::set(&*self.control()?, &self.iface, &uapi_peer(peer)?),
         }
     }
@@ -257,20 +263,22 @@ impl WireGuardDevice {
     /// Gives existing peers new allowed IPs. The kernel updates them in place (sessions
     /// survive); boringtun cannot modify a peer (it panics its control thread), so there each
     /// peer is removed and added again and its client re-handshakes within seconds.
-    pub fn set_allowed_ips(&self, peers: &[PeerSpec]) -> Result<(), Error> {
+    pub fn set_allowed_ips(&self, peers: &[PeerSpec]) -> Result<(), WgError> {
         match self.kind {
             Kind::Kernel => {
                 let mut update = DeviceUpdate::new();
                 for p in peers {
                     update = update.add_peer(
-                        PeerConfigBuilder::new(&Key::from_base64(&p.public_key).map_err(bad_key)?)
-                            .replace_allowed_ips()
-                            .add_allowed_ip(p.ip.into(), 32),
+                        PeerConfigBuilder::new(
+                            &Key::from_base64(&p.public_key).map_err(WgError::InvalidKey)?,
+                        )
+                        .replace_allowed_ips()
+                        .add_allowed_ip(p.ip.into(), 32),
                     );
                 }
                 update
                     .apply(&self.iface_name()?, Backend::Kernel)
-                    .map_err(Error::Socket)
+                    .map_err(WgError::Io)
             }
             Kind::Embedded { .. } => {
                 if peers.is_empty() {
@@ -292,12 +300,12 @@ impl WireGuardDevice {
         }
     }
 
-    pub fn remove_peer(&self, public_key: &str) -> Result<(), Error> {
+    pub fn remove_peer(&self, public_key: &str) -> Result<(), WgError> {
         match self.kind {
             Kind::Kernel => DeviceUpdate::new()
-                .remove_peer_by_key(&Key::from_base64(public_key).map_err(bad_key)?)
+                .remove_peer_by_key(&Key::from_base64(public_key).map_err(WgError::InvalidKey)?)
                 .apply(&self.iface_name()?, Backend::Kernel)
-                .map_err(Error::Socket),
+                .map_err(WgError::Io),
             Kind::Embedded { .. } => uapi::set(
                 &*self.control()?,
                 &self.iface,
@@ -307,11 +315,10 @@ impl WireGuardDevice {
     }
 
     /// Live state: port, peers with handshake age and traffic.
-    pub fn state(&self) -> Result<DeviceState, Error> {
+    pub fn state(&self) -> Result<DeviceState, WgError> {
         match self.kind {
             Kind::Kernel => {
-                let dev = wireguard_control::Device::get(&self.iface_name()?, Backend::Kernel)
-                    .map_err(Error::Socket)?;
+                let dev = wireguard_control::Device::get(&self.iface_name()?, Backend::Kernel)?;
                 let now = std::time::SystemTime::now();
                 Ok(DeviceState {
                     listen_port: dev.listen_port.unwrap_or(0),
@@ -343,19 +350,17 @@ impl WireGuardDevice {
         }
     }
 
-    fn control(&self) -> Result<std::sync::MutexGuard<'_, UnixStream>, Error> {
+    fn control(&self) -> Result<std::sync::MutexGuard<'_, UnixStream>, WgError> {
         match &self.kind {
             Kind::Embedded { control, .. } => control
                 .lock()
-                .map_err(|_| Error::Other("WireGuard control lock poisoned".into())),
-            Kind::Kernel => Err(Error::Other("no control stream on a kernel device".into())),
+                .map_err(|_| Error::LockPoisoned("WireGuard control").into()),
+            Kind::Kernel => Err(WgError::NoControlStream),
         }
     }
 
-    fn iface_name(&self) -> Result<InterfaceName, Error> {
-        self.iface
-            .parse()
-            .map_err(|e| Error::Other(format!("interface name {}: {e:?}", self.iface)))
+    fn iface_name(&self) -> Result<InterfaceName, WgError> {
+        interface_name(&self.iface)
     }
 
     /// Removes the interface (the embedded device takes a couple of seconds to stop).
@@ -394,7 +399,14 @@ impl WireGuardDevice {
     }
 }
 
-fn uapi_peer(p: &PeerSpec) -> Result<String, Error> {
+fn interface_name(iface: &str) -> Result<InterfaceName, WgError> {
+    iface.parse().map_err(|source| WgError::InterfaceName {
+        iface: iface.to_string(),
+        source,
+    })
+}
+
+fn uapi_peer(p: &PeerSpec) -> Result<String, WgError> {
     Ok(format!(
         "public_key={}\npreshared_key={}\nreplace_allowed_ips=true\nallowed_ip={}/32\n",
         uapi::key_hex(&p.public_key)?,
@@ -403,17 +415,17 @@ fn uapi_peer(p: &PeerSpec) -> Result<String, Error> {
     ))
 }
 
-fn kernel_peer(p: &PeerSpec) -> Result<PeerConfigBuilder, Error> {
+fn kernel_peer(p: &PeerSpec) -> Result<PeerConfigBuilder, WgError> {
     Ok(
-        PeerConfigBuilder::new(&Key::from_base64(&p.public_key).map_err(bad_key)?)
-            .set_preshared_key(Key::from_base64(&p.preshared_key).map_err(bad_key)?)
+        PeerConfigBuilder::new(&Key::from_base64(&p.public_key).map_err(WgError::InvalidKey)?)
+            .set_preshared_key(Key::from_base64(&p.preshared_key).map_err(WgError::InvalidKey)?)
             .replace_allowed_ips()
             .add_allowed_ip(p.ip.into(), 32),
     )
 }
 
-async fn create_kernel_link(iface: &str) -> Result<(), Error> {
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(Error::Socket)?;
+async fn create_kernel_link(iface: &str) -> Result<(), WgError> {
+    let (conn, handle, _) = rtnetlink::new_connection()?;
     let task = tokio::spawn(conn);
     let result = handle
         .link()
@@ -425,15 +437,13 @@ async fn create_kernel_link(iface: &str) -> Result<(), Error> {
         Ok(()) => Ok(()),
         // An existing kernel WireGuard link of that name (a restart) is ours to reuse.
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {
-            wireguard_control::Device::get(
-                &iface
-                    .parse()
-                    .map_err(|e| Error::Other(format!("interface name: {e:?}")))?,
-                Backend::Kernel,
-            )
-            .map(|_| ())
-            .map_err(|e| Error::Other(format!("{iface} exists and is not kernel WireGuard: {e}")))
+            wireguard_control::Device::get(&interface_name(iface)?, Backend::Kernel)
+                .map(|_| ())
+                .map_err(|source| WgError::NotKernelWireguard {
+                    iface: iface.to_string(),
+                    source,
+                })
         }
-        Err(e) => Err(Error::Other(e.to_string())),
+        Err(e) => Err(WgError::CreateLink(e)),
     }
 }

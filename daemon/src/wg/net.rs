@@ -11,27 +11,26 @@ use std::{
 use futures_util::TryStreamExt;
 use rtnetlink::LinkUnspec;
 
-use super::subnet::Subnet;
+use super::{WgError, subnet::Subnet};
 use crate::error::Error;
 
 /// Our nftables table; nothing else of the host's ruleset is touched.
 pub const NFT_TABLE: &str = "phantom";
 
-fn nl(e: rtnetlink::Error) -> Error {
-    Error::Other(format!("netlink: {e}"))
-}
-
 /// Gives `iface` exactly the server address, sets the MTU and brings it up.
-pub async fn configure_interface(iface: &str, subnet: &Subnet, mtu: u16) -> Result<(), Error> {
-    let index = nix::net::if_::if_nametoindex(iface)
-        .map_err(|e| Error::Other(format!("interface {iface}: {e}")))?;
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(Error::Socket)?;
+pub async fn configure_interface(iface: &str, subnet: &Subnet, mtu: u16) -> Result<(), WgError> {
+    let index =
+        nix::net::if_::if_nametoindex(iface).map_err(|source| WgError::NoSuchInterface {
+            iface: iface.to_string(),
+            source,
+        })?;
+    let (conn, handle, _) = rtnetlink::new_connection()?;
     let task = tokio::spawn(conn);
     let result = async {
         // Remove addresses that are not the server's (a subnet change, or a stranger).
         let mut addrs = handle.address().get().set_link_index_filter(index).execute();
         let mut stale = Vec::new();
-        while let Some(msg) = addrs.try_next().await.map_err(nl)? {
+        while let Some(msg) = addrs.try_next().await.map_err(WgError::Netlink)? {
             let ours = msg.attributes.iter().any(|a| {
                 matches!(a, rtnetlink::packet_route::address::AddressAttribute::Address(std::net::IpAddr::V4(ip))
                     if *ip == subnet.server_ip() && msg.header.prefix_len == subnet.prefix)
@@ -41,7 +40,7 @@ pub async fn configure_interface(iface: &str, subnet: &Subnet, mtu: u16) -> Resu
             }
         }
         for msg in stale {
-            handle.address().del(msg).execute().await.map_err(nl)?;
+            handle.address().del(msg).execute().await.map_err(WgError::Netlink)?;
         }
         handle
             .address()
@@ -49,13 +48,13 @@ pub async fn configure_interface(iface: &str, subnet: &Subnet, mtu: u16) -> Resu
             .replace()
             .execute()
             .await
-            .map_err(nl)?;
+            .map_err(WgError::Netlink)?;
         handle
             .link()
             .set(LinkUnspec::new_with_index(index).mtu(u32::from(mtu)).up().build())
             .execute()
             .await
-            .map_err(nl)
+            .map_err(WgError::Netlink)
     }
     .await;
     task.abort();
@@ -92,32 +91,27 @@ pub fn overlapping_routes(subnet: &Subnet, own_iface: &str) -> Vec<(String, Stri
 }
 
 /// Turns on IPv4 forwarding in this network namespace.
-pub fn enable_forwarding() -> Result<(), Error> {
+pub fn enable_forwarding() -> Result<(), WgError> {
     let path = std::path::Path::new("/proc/sys/net/ipv4/ip_forward");
-    std::fs::write(path, "1").map_err(|e| Error::io(path, e))
+    std::fs::write(path, "1").map_err(|e| Error::io(path, e).into())
 }
 
-fn nft(script: &str) -> Result<(), Error> {
+fn nft(script: &str) -> Result<(), WgError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| Error::Other(format!("cannot run nft: {e}")))?;
+        .map_err(WgError::NftSpawn)?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| Error::Other(format!("nft: {e}")))?;
+        stdin.write_all(script.as_bytes()).map_err(WgError::NftIo)?;
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| Error::Other(format!("nft: {e}")))?;
+    let out = child.wait_with_output().map_err(WgError::NftIo)?;
     if !out.status.success() {
-        return Err(Error::Other(format!(
-            "nft refused the ruleset: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        return Err(WgError::NftRefused {
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
@@ -187,7 +181,7 @@ fn render_table(parts: &TableParts) -> String {
 /// Masquerades the client subnet out of every interface but the tunnel, and lets forwarded
 /// client traffic through. The table is replaced in one transaction: never duplicated, never
 /// half there.
-pub fn install_nat(iface: &str, subnet: &Subnet) -> Result<(), Error> {
+pub fn install_nat(iface: &str, subnet: &Subnet) -> Result<(), WgError> {
     let mut parts = table_parts();
     let previous = parts.core.replace((iface.to_string(), *subnet));
     let result = nft(&render_table(&parts));
@@ -198,7 +192,7 @@ pub fn install_nat(iface: &str, subnet: &Subnet) -> Result<(), Error> {
 }
 
 /// Puts `owner`'s rules into our table (`None` takes them out), keeping everything else.
-pub fn set_nat_extension(owner: &'static str, ext: Option<NatExtension>) -> Result<(), Error> {
+pub fn set_nat_extension(owner: &'static str, ext: Option<NatExtension>) -> Result<(), WgError> {
     let mut parts = table_parts();
     let previous = match ext {
         Some(ext) => parts.extensions.insert(owner, ext),
@@ -220,7 +214,7 @@ pub fn set_nat_extension(owner: &'static str, ext: Option<NatExtension>) -> Resu
 }
 
 /// Removes our table (shutdown).
-pub fn remove_nat() -> Result<(), Error> {
+pub fn remove_nat() -> Result<(), WgError> {
     let mut parts = table_parts();
     parts.core = None;
     parts.extensions.clear();
@@ -230,15 +224,15 @@ pub fn remove_nat() -> Result<(), Error> {
 }
 
 /// Our table as nft lists it (JSON), for `get_firewall_status`.
-pub fn nat_ruleset() -> Result<serde_json::Value, Error> {
+pub fn nat_ruleset() -> Result<serde_json::Value, WgError> {
     let out = Command::new("nft")
         .args(["-j", "list", "table", "inet", NFT_TABLE])
         .output()
-        .map_err(|e| Error::Other(format!("cannot run nft: {e}")))?;
+        .map_err(WgError::NftSpawn)?;
     if !out.status.success() {
         return Ok(serde_json::Value::Null);
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| Error::Other(format!("nft output: {e}")))
+    serde_json::from_slice(&out.stdout).map_err(WgError::NftOutput)
 }
 
 #[cfg(test)]

@@ -13,22 +13,18 @@ pub struct Subnet {
 
 impl Subnet {
     pub fn parse(text: &str) -> Result<Self, InvalidValue> {
-        Self::parse_text(text).map_err(InvalidValue)
-    }
-
-    fn parse_text(text: &str) -> Result<Self, String> {
         let (addr, prefix) = text
             .trim()
             .split_once('/')
-            .ok_or_else(|| format!("{text:?} is not address/prefix"))?;
+            .ok_or_else(|| InvalidValue(format!("{text:?} is not address/prefix")))?;
         let addr: Ipv4Addr = addr
             .parse()
-            .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+            .map_err(|_| InvalidValue(format!("{addr:?} is not an IPv4 address")))?;
         let prefix: u8 = prefix
             .parse()
             .ok()
             .filter(|p| *p <= 32)
-            .ok_or_else(|| format!("prefix {prefix:?} is not 0..=32"))?;
+            .ok_or_else(|| InvalidValue(format!("prefix {prefix:?} is not 0..=32")))?;
         let mask = Self::mask_of(prefix);
         Ok(Self {
             network: Ipv4Addr::from(u32::from(addr) & mask),

@@ -15,15 +15,13 @@ use std::{
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 
-use crate::error::Error;
+use super::WgError;
 
 /// base64 (wg format) to the hex UAPI wants.
-pub fn key_hex(b64: &str) -> Result<String, Error> {
-    let bytes = STANDARD
-        .decode(b64)
-        .map_err(|_| Error::Other("invalid WireGuard key".into()))?;
+pub fn key_hex(b64: &str) -> Result<String, WgError> {
+    let bytes = STANDARD.decode(b64).map_err(WgError::KeyNotBase64)?;
     if bytes.len() != 32 {
-        return Err(Error::Other("invalid WireGuard key length".into()));
+        return Err(WgError::KeyLength);
     }
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
@@ -57,8 +55,11 @@ pub struct DeviceState {
     pub peers: Vec<PeerState>,
 }
 
-fn exchange(stream: &UnixStream, iface: &str, request: &str) -> Result<Vec<String>, Error> {
-    let io = |e: std::io::Error| Error::Other(format!("WireGuard device {iface}: {e}"));
+fn exchange(stream: &UnixStream, iface: &str, request: &str) -> Result<Vec<String>, WgError> {
+    let io = |source| WgError::Uapi {
+        iface: iface.to_string(),
+        source,
+    };
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(io)?;
@@ -72,9 +73,9 @@ fn exchange(stream: &UnixStream, iface: &str, request: &str) -> Result<Vec<Strin
     loop {
         let n = reader.read(&mut chunk).map_err(io)?;
         if n == 0 {
-            return Err(Error::Other(format!(
-                "WireGuard device {iface}: control stream closed"
-            )));
+            return Err(WgError::UapiClosed {
+                iface: iface.to_string(),
+            });
         }
         answer.extend_from_slice(&chunk[..n]);
         if answer == b"\n" || answer.ends_with(b"\n\n") {
@@ -89,19 +90,22 @@ fn exchange(stream: &UnixStream, iface: &str, request: &str) -> Result<Vec<Strin
         .collect();
     match lines.iter().find_map(|l| l.strip_prefix("errno=")) {
         Some("0") => Ok(lines),
-        Some(errno) => Err(Error::Other(format!(
-            "WireGuard device {iface}: errno {errno}"
-        ))),
-        None => Err(Error::Other(format!("WireGuard device {iface}: no answer"))),
+        Some(errno) => Err(WgError::UapiErrno {
+            iface: iface.to_string(),
+            errno: errno.to_string(),
+        }),
+        None => Err(WgError::UapiNoAnswer {
+            iface: iface.to_string(),
+        }),
     }
 }
 
 /// Sends a `set` operation; `body` is the key=value lines after `set=1`.
-pub fn set(stream: &UnixStream, iface: &str, body: &str) -> Result<(), Error> {
+pub fn set(stream: &UnixStream, iface: &str, body: &str) -> Result<(), WgError> {
     exchange(stream, iface, &format!("set=1\n{body}\n")).map(|_| ())
 }
 
-pub fn get(stream: &UnixStream, iface: &str) -> Result<DeviceState, Error> {
+pub fn get(stream: &UnixStream, iface: &str) -> Result<DeviceState, WgError> {
     let lines = exchange(stream, iface, "get=1\n\n")?;
     let now_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -162,7 +166,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_round_trip() -> Result<(), Error> {
+    fn keys_round_trip() -> Result<(), WgError> {
         let k = wireguard_control::Key::generate_private().to_base64();
         let hex = key_hex(&k)?;
         assert_eq!(hex.len(), 64);

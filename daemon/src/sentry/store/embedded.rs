@@ -48,8 +48,11 @@ impl EmbeddedStore {
     /// Opens (or starts) the store file in `state_dir`.
     pub fn open(state_dir: &Path) -> Result<Self, SentryError> {
         let path = state_dir.join("sentry-store.json");
-        let data: Data = crate::store::read_json(&path)
-            .map_err(|e| SentryError::Store(format!("{}: {e}", path.display())))?;
+        let data: Data =
+            crate::store::read_json(&path).map_err(|source| SentryError::StoreFile {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
         let store = Self {
             path: Some(path),
             inner: Mutex::new(Inner { data, dirty: false }),
@@ -81,10 +84,8 @@ impl EmbeddedStore {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let bytes = serde_json::to_vec(&inner.data)
-            .map_err(|e| SentryError::Store(format!("cannot serialise the store: {e}")))?;
-        crate::store::write_atomic(path, &bytes)
-            .map_err(|e| SentryError::Store(format!("cannot write the store: {e}")))
+        let bytes = serde_json::to_vec(&inner.data).map_err(SentryError::StoreEncode)?;
+        crate::store::write_atomic(path, &bytes).map_err(|e| SentryError::StoreWrite(Box::new(e)))
     }
 
     fn expire(data: &mut Data, now: u64) -> bool {

@@ -21,10 +21,6 @@ pub struct RedisStore {
     penalty_script: redis::Script,
 }
 
-fn err(e: redis::RedisError) -> SentryError {
-    SentryError::Store(format!("redis: {e}"))
-}
-
 fn key(suffix: &str) -> String {
     format!("{PREFIX}{suffix}")
 }
@@ -44,7 +40,8 @@ impl RedisStore {
             .set_response_timeout(Some(Duration::from_millis(500)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(err)?;
+        let conn =
+            ConnectionManager::new_lazy_with_config(client, config).map_err(SentryError::Redis)?;
         Ok(Self {
             conn,
             penalty_script: redis::Script::new(
@@ -57,7 +54,7 @@ impl RedisStore {
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, SentryError> {
         let mut conn = self.conn.clone();
-        cmd.query_async(&mut conn).await.map_err(err)
+        cmd.query_async(&mut conn).await.map_err(SentryError::Redis)
     }
 
     pub async fn ping(&self) -> Result<(), SentryError> {
@@ -178,7 +175,7 @@ impl RedisStore {
             .arg(ttl_unit.max(1))
             .invoke_async(&mut conn)
             .await
-            .map_err(err)?;
+            .map_err(SentryError::Redis)?;
         Ok(n.max(0) as u64)
     }
 
@@ -186,7 +183,10 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(k).cmd("TTL").arg(k);
         let mut conn = self.conn.clone();
-        let (count, ttl): (Option<u64>, i64) = pipe.query_async(&mut conn).await.map_err(err)?;
+        let (count, ttl): (Option<u64>, i64) = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(SentryError::Redis)?;
         Ok(match count {
             Some(count) if ttl > 0 => Some(PenaltyEntry {
                 address: ip,
@@ -270,7 +270,9 @@ impl RedisStore {
                 .ignore();
         }
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await.map_err(err)
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(SentryError::Redis)
     }
 
     pub async fn req_count(&self, ip: IpAddr) -> Result<u64, SentryError> {
@@ -305,7 +307,9 @@ impl RedisStore {
             .arg(60)
             .ignore();
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await.map_err(err)
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(SentryError::Redis)
     }
 
     pub async fn traffic(&self) -> Result<(Vec<u64>, Option<TrafficStats>), SentryError> {
