@@ -502,6 +502,7 @@ fn reload(
         ("sentry", rest.sentry != old.sentry),
         ("ghost", rest.ghost != old.ghost),
         ("multihop", rest.multihop != old.multihop),
+        ("sources", rest.sources != old.sources),
     ]
     .into_iter()
     .filter_map(|(name, differs)| differs.then_some(name))

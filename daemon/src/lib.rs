@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod multihop;
 pub mod qr;
 pub mod sentry;
+pub mod source;
 pub mod store;
 pub mod tasks;
 pub mod wg;

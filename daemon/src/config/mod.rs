@@ -21,7 +21,7 @@ pub use echo_url::EchoUrl;
 pub use location::Location;
 pub use sentry::{SentryConfig, Tunables};
 
-use crate::error::Error;
+use crate::{error::Error, source::SourcePrefix};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/phantom/phantom.toml";
 
@@ -40,6 +40,15 @@ pub struct Config {
     pub sentry: SentryConfig,
     pub ghost: GhostConfig,
     pub multihop: MultihopConfig,
+    pub sources: SourcesConfig,
+}
+
+/// `[sources]`: what one source is, wherever sources are counted, limited or blocked.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourcesConfig {
+    /// An IPv6 address counts as its prefix of this length (32..=128; 128 = each address).
+    pub ipv6_prefix: SourcePrefix,
 }
 
 impl Default for Config {
@@ -56,6 +65,7 @@ impl Default for Config {
             sentry: SentryConfig::default(),
             ghost: GhostConfig::default(),
             multihop: MultihopConfig::default(),
+            sources: SourcesConfig::default(),
         }
     }
 }
@@ -727,6 +737,12 @@ impl Config {
             )));
         }
         self.sentry.validate().map_err(|e| Error::config(e.0))?;
+        if SourcePrefix::new(self.sources.ipv6_prefix.bits()).is_none() {
+            return Err(Error::config(format!(
+                "sources.ipv6_prefix must be between {} and 128",
+                SourcePrefix::MIN
+            )));
+        }
         Ok(())
     }
 }
@@ -781,6 +797,7 @@ mod tests {
             "[multihop]\nmonitor_interval_seconds = 5\nprobe_timeout_seconds = 5",
             "[multihop]\necho_url = \"https://example.com/\"",
             "[multihop]\ninterface = \"wg_main\"",
+            "[sources]\nipv6_prefix = 16",
         ] {
             assert!(Config::from_toml(text).is_err(), "accepted: {text}");
         }

@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv6Addr},
+    net::IpAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -14,6 +14,7 @@ use std::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::Limits;
+use crate::source::SourcePrefix;
 
 /// Why a connection was refused at accept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,22 +56,11 @@ pub struct Gate {
     /// Sources the per-source cap does not apply to (a trusted reverse proxy carries every
     /// client).
     exempt: Vec<IpAddr>,
+    source_prefix: SourcePrefix,
     max_total: usize,
     admitted: AtomicU64,
     refused_full: AtomicU64,
     refused_source: AtomicU64,
-}
-
-/// The source a connection is counted against: the IPv4 address (also when it arrives
-/// IPv4-mapped on a dual-stack socket), or the /64 of an IPv6 address.
-pub fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
-        },
-    }
 }
 
 impl Gate {
@@ -84,7 +74,11 @@ impl Gate {
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             max_per_source: limits.max_connections_per_source,
             per_source: Mutex::new(HashMap::new()),
-            exempt: exempt.into_iter().map(source_key).collect(),
+            exempt: exempt
+                .into_iter()
+                .map(|ip| limits.source_prefix.of(ip))
+                .collect(),
+            source_prefix: limits.source_prefix,
             max_total: limits.max_connections,
             admitted: AtomicU64::new(0),
             refused_full: AtomicU64::new(0),
@@ -98,7 +92,7 @@ impl Gate {
             self.refused_full.fetch_add(1, Ordering::Relaxed);
             return Err(Refusal::Full);
         };
-        let key = source_key(peer);
+        let key = self.source_prefix.of(peer);
         let source = if self.exempt.contains(&key) {
             None
         } else {
@@ -144,7 +138,10 @@ impl Gate {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
         };
-        counts.get(&source_key(peer)).copied().unwrap_or(0)
+        counts
+            .get(&self.source_prefix.of(peer))
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -191,18 +188,21 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_sources_are_grouped_by_their_64_and_mapped_ipv4_is_ipv4() {
-        assert_eq!(source_key(ip("2001:db8:1:2::1")), ip("2001:db8:1:2::"));
+    fn the_per_source_cap_counts_an_ipv6_prefix_as_one_source() {
+        let gate = Arc::new(Gate::new(&limits(10, 1)));
+        let _a = gate.admit(ip("2001:db8:1:2::1")).unwrap();
         assert_eq!(
-            source_key(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
-            ip("2001:db8:1:2::")
+            gate.admit(ip("2001:db8:1:2:aaaa::9")).unwrap_err(),
+            Refusal::SourceFull
         );
-        assert_ne!(
-            source_key(ip("2001:db8:1:3::1")),
-            source_key(ip("2001:db8:1:2::1"))
-        );
-        assert_eq!(source_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(source_key(ip("192.0.2.7")), ip("192.0.2.7"));
+        let _b = gate.admit(ip("2001:db8:1:3::1")).unwrap();
+        let narrow = Limits {
+            source_prefix: SourcePrefix::new(128).unwrap(),
+            ..limits(10, 1)
+        };
+        let gate = Arc::new(Gate::new(&narrow));
+        let _c = gate.admit(ip("2001:db8:1:2::1")).unwrap();
+        let _d = gate.admit(ip("2001:db8:1:2::2")).unwrap();
     }
 
     #[test]

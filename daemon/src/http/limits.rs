@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::source::SourcePrefix;
+
 /// What one listener allows a client. docs/architecture.md ("The HTTP layer") has the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -28,6 +30,20 @@ pub struct Limits {
     /// After shutdown: how long requests in flight may take to finish before their
     /// connections are cut. Idle connections close at once; no new one is accepted.
     pub shutdown_grace: Duration,
+    /// What one source is for the per-source cap (`[sources] ipv6_prefix`: an IPv6 address
+    /// counts as its prefix). Presets take the default; the daemon sets the configured one
+    /// with [`Limits::with_source_prefix`].
+    pub source_prefix: SourcePrefix,
+}
+
+impl Limits {
+    /// These limits with `[sources] ipv6_prefix`.
+    pub const fn with_source_prefix(self, source_prefix: SourcePrefix) -> Self {
+        Self {
+            source_prefix,
+            ..self
+        }
+    }
 }
 
 const fn secs(s: u64) -> Duration {
@@ -52,6 +68,7 @@ impl Limits {
             max_body_bytes: 1024,
             // An encode takes milliseconds; a scrape in flight ends well within 5 s.
             shutdown_grace: secs(5),
+            source_prefix: SourcePrefix::DEFAULT,
         }
     }
 
@@ -75,6 +92,7 @@ impl Limits {
             max_body_bytes: 4096,
             // A full list to a slow client may take a few seconds.
             shutdown_grace: secs(10),
+            source_prefix: SourcePrefix::DEFAULT,
         }
     }
 
@@ -99,6 +117,7 @@ impl Limits {
             // Uploads and downloads in flight get 10 s to finish; shutdown must not hang on
             // a slow client.
             shutdown_grace: secs(10),
+            source_prefix: SourcePrefix::DEFAULT,
         }
     }
 
@@ -118,6 +137,7 @@ impl Limits {
             // request bodies.
             max_body_bytes: 1024 * 1024,
             shutdown_grace: secs(10),
+            source_prefix: SourcePrefix::DEFAULT,
         }
     }
 
@@ -141,6 +161,7 @@ impl Limits {
             max_body_bytes: 0,
             // At stop every tunnel gets a close frame at once; there is nothing to drain.
             shutdown_grace: Duration::ZERO,
+            source_prefix: SourcePrefix::DEFAULT,
         }
     }
 }

@@ -17,6 +17,6 @@ mod server;
 mod tests;
 
 pub use accept::{next_admitted, next_connection};
-pub use gate::{Gate, GateCounts, Pass, Refusal, source_key};
+pub use gate::{Gate, GateCounts, Pass, Refusal};
 pub use limits::Limits;
 pub use server::{BoxError, RequestBody, ResponseBody, Server, router, too_large};

@@ -33,6 +33,7 @@ fn limits() -> Limits {
         max_connections_per_source: 64,
         max_body_bytes: 1024,
         shutdown_grace: Duration::from_secs(30),
+        source_prefix: crate::source::SourcePrefix::DEFAULT,
     }
 }
 
