@@ -27,6 +27,7 @@ use crate::{
     dns::{self, Resolver, upstreams::Upstreams},
     error::Error,
     ghost::{self, Ghost},
+    http,
     logging::{self, LogControl},
     metrics::{self, Metrics},
     multihop::{self, EgressMark, Multihop},
@@ -354,10 +355,26 @@ async fn serve(
         blocklist.clone(),
         parse_listen("blocklist.api_listen", &config.blocklist.api_listen)?,
     ) {
-        listeners.push(blocklist::api::serve(addr, list, shutdown.clone()).await?);
+        listeners.push(
+            blocklist::api::serve(
+                addr,
+                list,
+                http::Limits::blocklist_api().with_source_prefix(config.sources.ipv6_prefix),
+                shutdown.clone(),
+            )
+            .await?,
+        );
     }
     if let Some(addr) = config.metrics.listen_addr()? {
-        listeners.push(metrics::serve(addr, Arc::clone(&metrics), shutdown.clone()).await?);
+        listeners.push(
+            metrics::serve(
+                addr,
+                Arc::clone(&metrics),
+                http::Limits::metrics().with_source_prefix(config.sources.ipv6_prefix),
+                shutdown.clone(),
+            )
+            .await?,
+        );
     }
 
     // Each domain's background work.

@@ -125,6 +125,7 @@ pub fn counter_family(
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
+    limits: http::Limits,
     shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -159,7 +160,7 @@ pub async fn serve(
         }),
     );
     info!(%addr, "metrics listening");
-    let server = http::Server::new("metrics", http::Limits::metrics());
+    let server = http::Server::new("metrics", limits);
     Ok(tokio::spawn(async move {
         server.serve(listener, shutdown, http::router(app)).await;
     }))

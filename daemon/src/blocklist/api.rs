@@ -282,6 +282,7 @@ async fn health(State(state): State<ApiState>) -> Response {
 pub async fn serve(
     addr: SocketAddr,
     list: Arc<Blocklist>,
+    limits: http::Limits,
     shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -303,7 +304,7 @@ pub async fn serve(
         .layer(tower_http::compression::CompressionLayer::new().gzip(true))
         .with_state(state);
     info!(%addr, "blocklist API listening");
-    let server = http::Server::new("blocklist API", http::Limits::blocklist_api());
+    let server = http::Server::new("blocklist API", limits);
     Ok(tokio::spawn(async move {
         server.serve(listener, shutdown, http::router(app)).await;
     }))
