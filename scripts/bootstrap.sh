@@ -12,6 +12,7 @@ BPF_LINKER_VERSION="0.13.0"
 APT_PACKAGES=(
   build-essential pkg-config iproute2 iputils-ping nftables wireguard-tools wireguard-go
   redis-server dnsutils dnsmasq-base dnsperf bpftool tcpdump curl ca-certificates pebble wrk
+  python3
 )
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }

@@ -5,7 +5,9 @@
 
 use std::fs;
 
-use phantom_tests::{Daemon, DaemonConfig, NetNs, api, api_err, phantom_api, require_root};
+use phantom_tests::{
+    Daemon, DaemonConfig, NetNs, Process, api, api_err, phantom_api, require_root,
+};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -243,4 +245,122 @@ fn sources_sync_on_demand_and_bad_checksums_change_nothing() {
         source(&status, "file")["error"].as_str().is_some(),
         "{status}"
     );
+}
+
+/// A plain HTTP file server for `dir` on 127.0.0.1:`port` inside `ns`: a list publisher as
+/// lists are published, static files on a web server.
+fn file_server(ns: &NetNs, dir: &std::path::Path, port: u16) -> Process {
+    let server = Process::spawn(
+        "python3 -m http.server",
+        ns.command("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ])
+            .arg("--directory")
+            .arg(dir),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while ns
+        .command("curl")
+        .args([
+            "-sf",
+            "-o",
+            "/dev/null",
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the file server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    server
+}
+
+fn sign(key: &minisign::KeyPair, data: &str) -> String {
+    minisign::sign(
+        Some(&key.pk),
+        &key.sk,
+        std::io::Cursor::new(data.as_bytes()),
+        Some("phantom test list"),
+        None,
+    )
+    .unwrap()
+    .into_string()
+}
+
+#[test]
+fn signed_sources_verify_and_tampered_or_foreign_signatures_change_nothing() {
+    if !require_root("signed_sources_verify_and_tampered_or_foreign_signatures_change_nothing") {
+        return;
+    }
+    let ns = NetNs::new("phs");
+    let web = tempfile::tempdir().unwrap();
+    let publisher = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    let stranger = minisign::KeyPair::generate_unencrypted_keypair().unwrap();
+    let list = "signed-one.example\nsigned-two.example\n";
+    fs::write(web.path().join("list.txt"), list).unwrap();
+    fs::write(web.path().join("list.txt.minisig"), sign(&publisher, list)).unwrap();
+    let _server = file_server(&ns, web.path(), 8089);
+
+    let sources = format!(
+        "[[blocklist.sources]]\nname = \"signed\"\nurl = \"http://127.0.0.1:8089/list.txt\"\nminisign_key = {:?}\n",
+        publisher.pk.to_base64()
+    );
+    let d = daemon(&ns, "127.0.0.1:9471", None, &sources);
+    let r = api(&d, &["blocklist", "sync"]);
+    assert_eq!(r["success"], true, "{r}");
+    assert_eq!(source(&r, "signed")["verified_by"], "minisign", "{r}");
+    assert!(blocked(&d, "signed-one.example"));
+    let status = api(&d, &["blocklist", "status"]);
+    assert_eq!(source(&status, "signed")["verified_by"], "minisign");
+    let before = listed(&d);
+    let v = status["version"].clone();
+
+    // Tampered in transit or on the server: the old signature no longer matches.
+    fs::write(
+        web.path().join("list.txt"),
+        "signed-one.example\nevil-takeover.example\n",
+    )
+    .unwrap();
+    let r = api(&d, &["blocklist", "sync", "source=signed"]);
+    assert_eq!(r["success"], false, "{r}");
+    let err = source(&r, "signed")["error"].as_str().unwrap().to_string();
+    assert!(err.contains("signature check failed"), "{err}");
+    // Signed, but by someone else's key.
+    fs::write(
+        web.path().join("list.txt.minisig"),
+        sign(&stranger, "signed-one.example\nevil-takeover.example\n"),
+    )
+    .unwrap();
+    let r = api(&d, &["blocklist", "sync", "source=signed"]);
+    assert_eq!(r["success"], false, "{r}");
+    // No signature at all.
+    fs::remove_file(web.path().join("list.txt.minisig")).unwrap();
+    let r = api(&d, &["blocklist", "sync", "source=signed"]);
+    assert_eq!(r["success"], false, "{r}");
+    assert_eq!(listed(&d), before);
+    assert!(!blocked(&d, "evil-takeover.example"));
+    assert_eq!(api(&d, &["blocklist", "status"])["version"], v);
+
+    // The publisher signs the new list: it goes through.
+    let new_list = "signed-one.example\nsigned-three.example\n";
+    fs::write(web.path().join("list.txt"), new_list).unwrap();
+    fs::write(
+        web.path().join("list.txt.minisig"),
+        sign(&publisher, new_list),
+    )
+    .unwrap();
+    let r = api(&d, &["blocklist", "sync", "source=signed"]);
+    assert_eq!(r["success"], true, "{r}");
+    assert!(blocked(&d, "signed-three.example"));
+    assert!(!blocked(&d, "signed-two.example"));
 }

@@ -74,6 +74,14 @@ pub enum SyncError {
         claimed: String,
         computed: String,
     },
+    /// The minisign signature cannot be fetched, does not parse, or does not verify with the
+    /// configured key.
+    #[error("signature check failed ({url}): {reason}")]
+    Signature {
+        url: String,
+        #[source]
+        reason: minisign::PError,
+    },
     /// A seed-format list's own `checksum` does not match its content.
     #[error("checksum mismatch: the list claims {claimed}, its content is {computed}")]
     ChecksumMismatch { claimed: String, computed: String },
@@ -92,6 +100,27 @@ pub enum SyncError {
     /// The list would not take the changes.
     #[error(transparent)]
     Apply(#[from] BlocklistError),
+}
+
+/// Checks `body` against the minisign signature at `url` with the publisher's `key`.
+fn verify_signature(key: &str, url: &str, body: &[u8]) -> Result<(), SyncError> {
+    let failed = |reason| SyncError::Signature {
+        url: url.to_string(),
+        reason,
+    };
+    let key = minisign::PublicKey::from_base64(key.trim()).map_err(failed)?;
+    let text = fetch(&Location::parse(url)?)?;
+    let text = String::from_utf8(text).map_err(|_| SyncError::NotText)?;
+    let signature = minisign::SignatureBox::from_string(&text).map_err(failed)?;
+    minisign::verify(
+        &key,
+        &signature,
+        std::io::Cursor::new(body),
+        true,
+        false,
+        false,
+    )
+    .map_err(failed)
 }
 
 /// Downloads the list at `location` (at most `MAX_BYTES`).
@@ -150,7 +179,9 @@ pub struct SourceState {
     pub last_success: Option<u64>,
     /// SHA-256 of the last accepted download.
     pub sha256: Option<String>,
-    /// How the last accepted download was verified: pinned, sha256_url, embedded or none.
+    /// How the last accepted download was verified: every check that vouched for it joined by
+    /// `+` (`pinned`, `sha256_url`, `minisign`), `embedded` (only a seed list's own checksum, which
+    /// proves integrity, not origin) or `none`.
     pub verified_by: Option<String>,
     pub entries: usize,
     pub added: usize,
@@ -289,7 +320,7 @@ impl Syncer {
             Ok(outcome) => {
                 state.last_success = state.last_attempt;
                 state.sha256 = Some(outcome.sha256);
-                state.verified_by = Some(outcome.verified_by.into());
+                state.verified_by = Some(outcome.verified_by.clone());
                 state.entries = outcome.entries;
                 state.added = outcome.added;
                 state.removed = outcome.removed;
@@ -324,7 +355,8 @@ impl Syncer {
             return Err(SyncError::Empty);
         }
         let sha = sha256_hex(&body);
-        let mut verified_by = "none";
+        // Every check that vouched for the download, strongest last.
+        let mut verified: Vec<&'static str> = Vec::new();
         if let Some(pinned) = &source.sha256 {
             if !pinned.eq_ignore_ascii_case(&sha) {
                 return Err(SyncError::PinnedChecksumMismatch {
@@ -332,7 +364,7 @@ impl Syncer {
                     computed: sha,
                 });
             }
-            verified_by = "pinned";
+            verified.push("pinned");
         }
         if let Some(url) = &source.sha256_url {
             let text = fetch(&Location::parse(url)?)?;
@@ -345,7 +377,12 @@ impl Syncer {
                     computed: sha,
                 });
             }
-            verified_by = "sha256_url";
+            verified.push("sha256_url");
+        }
+        if let Some(key) = &source.minisign_key {
+            let url = source.signature_url();
+            verify_signature(key, &url, &body)?;
+            verified.push("minisign");
         }
         let text = String::from_utf8(body).map_err(|_| SyncError::NotText)?;
         let format = match source.format.as_str() {
@@ -357,12 +394,15 @@ impl Syncer {
             && let Some(check) = seed_checksum(&value)
         {
             check?;
-            verified_by = if verified_by == "none" {
-                "embedded"
-            } else {
-                verified_by
-            };
+            if verified.is_empty() {
+                verified.push("embedded");
+            }
         }
+        let verified_by = if verified.is_empty() {
+            "none".to_string()
+        } else {
+            verified.join("+")
+        };
         let owned: BTreeSet<String> = list
             .domains_with_reason(&reason(source))
             .into_iter()
@@ -418,7 +458,7 @@ impl Syncer {
 #[derive(Default)]
 struct Outcome {
     sha256: String,
-    verified_by: &'static str,
+    verified_by: String,
     entries: usize,
     added: usize,
     removed: usize,

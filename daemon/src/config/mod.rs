@@ -334,6 +334,22 @@ pub struct SyncSource {
     /// Where to fetch the expected SHA-256 from (`sha256sum` output or bare hex).
     #[serde(default)]
     pub sha256_url: Option<String>,
+    /// The list publisher's minisign public key (the base64 line of its `minisign.pub`,
+    /// `RW...`): every download must carry a valid signature by it.
+    #[serde(default)]
+    pub minisign_key: Option<String>,
+    /// Where the signature is; default: `url` with `.minisig` appended.
+    #[serde(default)]
+    pub minisign_url: Option<String>,
+}
+
+impl SyncSource {
+    /// Where this source's minisign signature is fetched from.
+    pub fn signature_url(&self) -> String {
+        self.minisign_url
+            .clone()
+            .unwrap_or_else(|| format!("{}.minisig", self.url))
+    }
 }
 
 fn auto_format() -> String {
@@ -661,6 +677,31 @@ impl Config {
                     "blocklist.sources {:?}: sha256 must be 64 hex digits",
                     source.name
                 )));
+            }
+            match (&source.minisign_key, &source.minisign_url) {
+                (Some(key), url) => {
+                    minisign::PublicKey::from_base64(key.trim()).map_err(|e| {
+                        Error::config(format!(
+                            "blocklist.sources {:?}: minisign_key is not a minisign public key ({e})",
+                            source.name
+                        ))
+                    })?;
+                    if let Some(url) = url {
+                        Location::parse(url).map_err(|e| {
+                            Error::config(format!(
+                                "blocklist.sources {:?}: minisign_url: {e}",
+                                source.name
+                            ))
+                        })?;
+                    }
+                }
+                (None, Some(_)) => {
+                    return Err(Error::config(format!(
+                        "blocklist.sources {:?}: minisign_url needs minisign_key",
+                        source.name
+                    )));
+                }
+                (None, None) => {}
             }
         }
         parse_listen("blocklist.api_listen", &self.blocklist.api_listen)?;
