@@ -1,7 +1,12 @@
 //! Small durable files in the state directory: written whole, atomically, and synced, so an
 //! acknowledged change survives `kill -9` and a crash never leaves half a file.
 
-use std::{io::Write, path::Path};
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use tracing::error;
 
 use crate::error::Error;
 
@@ -56,6 +61,44 @@ pub fn read_json<T: serde::de::DeserializeOwned + Default>(path: &Path) -> Resul
     }
 }
 
+/// Like [`read_json`], for the state of a module the daemon can run without (ghost,
+/// multihop, the blocklist's sync record, DNS settings): a file that does not parse is moved
+/// aside ([`set_aside`]) with an error naming both paths, and the module starts from
+/// `T::default()`, so one damaged file never keeps the VPN down.
+pub fn read_json_or_set_aside<T: serde::de::DeserializeOwned + Default>(
+    path: &Path,
+    module: &str,
+) -> Result<T, Error> {
+    match read_json(path) {
+        Err(Error::Json { source, .. }) => {
+            let moved = set_aside(path)?;
+            error!(
+                module,
+                file = %path.display(),
+                moved_to = %moved.display(),
+                error = %source,
+                "state file does not parse: moved aside, the module starts from empty"
+            );
+            Ok(T::default())
+        }
+        other => other,
+    }
+}
+
+/// Renames a damaged state file to `<name>.corrupt-<unix seconds>` next to it (kept for the
+/// operator, never deleted) and returns the new path.
+pub fn set_aside(path: &Path) -> Result<PathBuf, Error> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".corrupt-{stamp}"));
+    let moved = path.with_file_name(name);
+    std::fs::rename(path, &moved).map_err(|e| Error::io(path, e))?;
+    Ok(moved)
+}
+
 /// Writes `value` as pretty JSON with `write_atomic`.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), Error> {
     let text = serde_json::to_vec_pretty(value).map_err(|source| Error::Encode {
@@ -63,4 +106,39 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), Err
         source,
     })?;
     write_atomic(path, &text)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_damaged_optional_state_file_is_set_aside_and_read_as_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("module.json");
+        std::fs::write(&path, b"{\"half\": ").unwrap();
+        let value: std::collections::BTreeMap<String, u32> =
+            read_json_or_set_aside(&path, "test").unwrap();
+        assert!(value.is_empty());
+        assert!(!path.exists());
+        let moved: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(moved.len(), 1);
+        assert!(moved[0].starts_with("module.json.corrupt-"), "{moved:?}");
+        // A good file reads as written; a missing one as empty.
+        write_json(
+            &path,
+            &std::collections::BTreeMap::from([("a".to_string(), 1u32)]),
+        )
+        .unwrap();
+        let value: std::collections::BTreeMap<String, u32> =
+            read_json_or_set_aside(&path, "test").unwrap();
+        assert_eq!(value.get("a"), Some(&1));
+        std::fs::remove_file(&path).unwrap();
+        let value: Option<u32> = read_json_or_set_aside(&path, "test").unwrap();
+        assert_eq!(value, None);
+    }
 }

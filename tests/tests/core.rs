@@ -854,3 +854,75 @@ fn core_replies_carry_the_phantom_api_fields() {
         &["removed", "client_name", "client_ip"],
     );
 }
+
+#[test]
+fn a_damaged_state_file_of_an_optional_module_is_set_aside_and_the_vpn_still_starts() {
+    if !require_root(
+        "a_damaged_state_file_of_an_optional_module_is_set_aside_and_the_vpn_still_starts",
+    ) {
+        return;
+    }
+    let topo = VpnTopology::new();
+    let bpffs = BpffsDir::new();
+    let mut daemon = topo.start(&bpffs);
+    api(&daemon, &["core", "add_client", "client_name=alice"]);
+    let config = api(&daemon, &["core", "export_client", "client_name=alice"])["config"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let state = daemon.dir().join("state");
+
+    // One damaged file at a time, each of a module the VPN can run without.
+    for (file, damage) in [
+        (
+            "blocklist.db",
+            &b"this is not an SQLite database, whatever it once was"[..],
+        ),
+        ("blocklist-sync.json", &b"{\"fleet\": {\"name\": "[..]),
+        ("dns.json", &b"[1, 2"[..]),
+        ("ghost/ghost-state.json", &b"\x00\x01\x02"[..]),
+        ("multihop/state.json", &b"{\"enabled\": tru"[..]),
+    ] {
+        daemon.stop();
+        let path = state.join(file);
+        std::fs::write(&path, damage).unwrap();
+        daemon.restart();
+
+        // The daemon serves, and a VPN client connects through it.
+        let status = api(&daemon, &["core", "server_status"]);
+        assert_eq!(status["interface"]["active"], true, "{file}: {status}");
+        {
+            let _client = WgQuickClient::up(&topo.link.peer, &config);
+            assert!(
+                topo.reachable(VPN_SERVER, Duration::from_secs(10)),
+                "{file}: the server through the tunnel"
+            );
+        }
+        // The damaged file was kept, under a name the log gives.
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let dir = path.parent().unwrap();
+        let moved: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with(&format!("{name}.corrupt-")))
+            .collect();
+        assert_eq!(moved.len(), 1, "{file}: {moved:?}");
+        assert_eq!(
+            std::fs::read(dir.join(&moved[0])).unwrap(),
+            damage,
+            "{file}: kept as it was"
+        );
+        let logs = api(&daemon, &["core", "service_logs", "lines=400"]);
+        let logged = logs["logs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str().unwrap_or("").contains(&moved[0]));
+        assert!(logged, "{file}: the log names {}", moved[0]);
+        std::fs::remove_file(dir.join(&moved[0])).unwrap();
+    }
+    // The modules work again from their fresh state.
+    api(&daemon, &["blocklist", "add", "domain=casino.example"]);
+    assert_eq!(api(&daemon, &["blocklist", "status"])["entries"], 1);
+    assert_eq!(api(&daemon, &["ghost", "status"])["enabled"], false);
+}

@@ -55,6 +55,26 @@ pub enum BlocklistError {
     Daemon(#[from] Error),
 }
 
+impl BlocklistError {
+    /// Whether the store's file itself is damaged (not a database, a corrupt page, an entry
+    /// that does not parse), as opposed to a failure of the moment.
+    pub fn is_corrupt_store(&self) -> bool {
+        let damaged = |e: &rusqlite::Error| {
+            matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+            )
+        };
+        match self {
+            BlocklistError::Store(e) | BlocklistError::Daemon(Error::Sqlite { source: e, .. }) => {
+                damaged(e)
+            }
+            BlocklistError::StoreJson(_) => true,
+            BlocklistError::Daemon(_) => false,
+        }
+    }
+}
+
 struct State {
     entries: DomainTable,
     /// Distinct reasons, shared by index: most entries of a list share a handful.
@@ -235,8 +255,32 @@ impl Blocklist {
         brands: &[String],
         datapath: Option<Arc<Datapath>>,
     ) -> Result<Self, BlocklistError> {
-        let store = BlocklistStore::open(&state_dir.join("blocklist.db"))?;
-        let loaded = store.load()?;
+        let path = state_dir.join("blocklist.db");
+        let open = || BlocklistStore::open(&path).and_then(|s| s.load().map(|l| (s, l)));
+        let (store, loaded) = match open() {
+            // A damaged database is set aside (with its WAL) rather than keeping the daemon,
+            // and the VPN with it, from starting; the list starts empty and says so.
+            Err(e) if e.is_corrupt_store() => {
+                let moved = crate::store::set_aside(&path)?;
+                for suffix in ["-wal", "-shm"] {
+                    let mut side = path.clone().into_os_string();
+                    side.push(suffix);
+                    let side = std::path::PathBuf::from(side);
+                    if side.exists() {
+                        crate::store::set_aside(&side)?;
+                    }
+                }
+                tracing::error!(
+                    module = "blocklist",
+                    file = %path.display(),
+                    moved_to = %moved.display(),
+                    error = %e,
+                    "the blocklist database is damaged: moved aside, the list starts empty"
+                );
+                open()?
+            }
+            other => other?,
+        };
         let mut matcher = Matcher::new(
             std::iter::empty(),
             &loaded.patterns,

@@ -244,7 +244,8 @@ fn seed_checksum(value: &serde_json::Value) -> Option<Result<(), SyncError>> {
 impl Syncer {
     pub fn open(state_dir: &Path) -> Result<Self, Error> {
         let path = state_dir.join("blocklist-sync.json");
-        let states: BTreeMap<String, SourceState> = store::read_json(&path)?;
+        let states: BTreeMap<String, SourceState> =
+            store::read_json_or_set_aside(&path, "blocklist sync")?;
         Ok(Self {
             path,
             schedule: Mutex::new(Schedule::default()),

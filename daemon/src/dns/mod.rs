@@ -147,14 +147,12 @@ impl Resolver {
         egress_mark: EgressMark,
     ) -> Result<Self, Error> {
         let policy_path = state_dir.join("resolver.json");
-        let policy = if policy_path.exists() {
-            store::read_json(&policy_path)?
-        } else {
-            Policy {
-                dry_run: config.dry_run,
-                blocking_off: BTreeSet::new(),
-            }
-        };
+        // No file (or a damaged one, set aside): the configuration seeds the first policy.
+        let stored: Option<Policy> = store::read_json_or_set_aside(&policy_path, "dns")?;
+        let policy = stored.unwrap_or_else(|| Policy {
+            dry_run: config.dry_run,
+            blocking_off: BTreeSet::new(),
+        });
         let resolver = Self {
             config: config.clone(),
             cache: Cache::new(config.cache_entries, config.max_cache_ttl_seconds),

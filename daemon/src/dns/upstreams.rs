@@ -48,12 +48,11 @@ pub struct Upstreams {
 impl Upstreams {
     pub fn open(config: &DnsConfig, state_dir: &Path) -> Result<Self, DnsError> {
         let path = state_dir.join("dns.json");
-        let servers = match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|source| DnsError::UpstreamsFile {
-                path: path.clone(),
-                source,
-            })?,
-            Err(_) => Servers {
+        // No file (or a damaged one, set aside): the configured servers.
+        let stored: Option<Servers> = crate::store::read_json_or_set_aside(&path, "dns")?;
+        let servers = match stored {
+            Some(servers) => servers,
+            None => Servers {
                 primary: config
                     .primary
                     .parse()

@@ -194,7 +194,7 @@ impl Ghost {
                 .map_err(|e| crate::error::Error::io(&dir, e))?;
         }
         let state_path = dir.join("ghost-state.json");
-        let state: GhostState = crate::store::read_json(&state_path)?;
+        let state: GhostState = crate::store::read_json_or_set_aside(&state_path, "ghost")?;
         Ok(Self {
             config: config.clone(),
             state_path,

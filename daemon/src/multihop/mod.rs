@@ -307,7 +307,8 @@ impl Multihop {
             .create(&exits_dir)
             .map_err(|e| Error::io(&exits_dir, e))?;
         let state_path = dir.join("state.json");
-        let mut state: PersistedState = crate::store::read_json(&state_path)?;
+        let mut state: PersistedState =
+            crate::store::read_json_or_set_aside(&state_path, "multihop")?;
         state.vpn_interface_name = config.multihop.interface.clone();
         let echo = EchoUrl::parse(&config.multihop.echo_url).map_err(Error::from)?;
         let this = Arc::new(Self {
