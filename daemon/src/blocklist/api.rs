@@ -201,7 +201,13 @@ impl FullLists {
             super::release_free_memory();
         }
         let list = Arc::clone(list);
-        let built = match tokio::task::spawn_blocking(move || build(&list, encoding)).await {
+        let made = tokio::task::spawn_blocking(move || {
+            let built = build(&list, encoding);
+            // What writing it took (the encoder's state, buffers) goes back to the system.
+            super::release_free_memory();
+            built
+        });
+        let built = match made.await {
             Ok(Ok(built)) => Arc::new(built),
             Ok(Err(e)) => {
                 warn!(error = %e, "cannot write the full blocklist");
