@@ -9,7 +9,8 @@
 //! - `flood`: a flood from one source over veth, dropped by `xdp_guard`'s deny list against an
 //!   nftables drop rule for the same source on the same setup.
 //! - `core`: the WireGuard server's operations with many clients, in-process.
-//! - `blocklist`: the matching engine's throughput, memory and deltas with a large list.
+//! - `blocklist`: the matching engine's throughput, memory and deltas with a large list, and
+//!   the public API of the real daemon over HTTP (deltas, full-list throughput).
 //! - `resolver`: the real daemon's DNS resolver against dnsmasq (dnsperf).
 //! - `sentry`: the sentry proxy against its upstream (wrk), challenge issue and proof
 //!   verification per core, and the reference solver per difficulty.
@@ -90,6 +91,15 @@ struct Cli {
     /// Interleaved rounds per sentry proxy scenario; the median is reported.
     #[arg(long, default_value_t = 3)]
     sentry_rounds: usize,
+    /// Seconds per full-list throughput run of the blocklist API.
+    #[arg(long, default_value_t = 10)]
+    api_seconds: u32,
+    /// Concurrent clients of the blocklist API's full-list throughput runs.
+    #[arg(long, default_value_t = 4)]
+    api_clients: usize,
+    /// Delta requests measured against the blocklist API.
+    #[arg(long, default_value_t = 300)]
+    api_deltas: usize,
 }
 
 fn main() -> ExitCode {

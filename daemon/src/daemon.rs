@@ -31,6 +31,7 @@ use crate::{
     logging::{self, LogControl},
     metrics::{self, Metrics},
     multihop::{self, EgressMark, Multihop},
+    open_files::{self, OpenFiles},
     protocol,
     sentry::{self, Sentry},
 };
@@ -109,6 +110,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     }
     info!(version = protocol::VERSION, config = %opts.config_path.display(), "phantomd starting");
     let _lock = lock_state_dir(&config.state_dir)?;
+    let open_files = raise_open_files();
 
     let datapath = if config.datapath.enabled {
         let vpn = config.datapath.vpn_interface(&config.wireguard);
@@ -127,7 +129,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
         .thread_name("phantomd")
         .build()
         .map_err(Error::Socket)?;
-    let result = runtime.block_on(serve(opts, config, logs, datapath.clone()));
+    let result = runtime.block_on(serve(opts, config, logs, datapath.clone(), open_files));
 
     // The runtime's tasks hold clones of the datapath handle; drop them before detaching.
     drop(runtime);
@@ -141,11 +143,93 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     result
 }
 
+/// Raises `RLIMIT_NOFILE` as far as the hard limit allows and says so.
+fn raise_open_files() -> OpenFiles {
+    match open_files::raise() {
+        Ok(raised) => {
+            if raised.limit > raised.started_with {
+                info!(
+                    from = raised.started_with,
+                    to = raised.limit,
+                    "RLIMIT_NOFILE raised to the hard limit"
+                );
+            }
+            raised
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot raise RLIMIT_NOFILE; keeping the limit the daemon was started with");
+            open_files::current().unwrap_or(OpenFiles {
+                limit: 0,
+                hard: 0,
+                started_with: 0,
+            })
+        }
+    }
+}
+
+/// Descriptors each enabled listener's connection caps may hold (docs/architecture.md, "The
+/// HTTP layer"), and the rest of the daemon's.
+fn descriptor_needs(
+    config: &Config,
+    resolver_on: bool,
+    ghost_on: bool,
+    sentry_on: bool,
+) -> Result<Vec<open_files::Need>, Error> {
+    use open_files::Need;
+    let mut needs = vec![Need {
+        what: "admin socket",
+        descriptors: config.admin.max_connections as u64,
+    }];
+    if config.metrics.listen_addr()?.is_some() {
+        needs.push(Need {
+            what: "metrics",
+            descriptors: http::Limits::metrics().max_connections as u64,
+        });
+    }
+    if config.blocklist.enabled
+        && parse_listen("blocklist.api_listen", &config.blocklist.api_listen)?.is_some()
+    {
+        needs.push(Need {
+            what: "blocklist API",
+            descriptors: http::Limits::blocklist_api().max_connections as u64,
+        });
+    }
+    if sentry_on {
+        // Each client connection may hold one to the upstream as well.
+        needs.push(Need {
+            what: "sentry proxy",
+            descriptors: 2 * http::Limits::sentry_proxy(config.sentry.max_body_bytes)
+                .max_connections as u64,
+        });
+    }
+    if ghost_on {
+        // Each tunnel is a TCP connection and a UDP socket to WireGuard; the handshake cap is
+        // within the tunnel cap.
+        needs.push(Need {
+            what: "ghost relay",
+            descriptors: 2 * ghost::relay::MAX_TUNNELS as u64,
+        });
+    }
+    if resolver_on {
+        let addresses = config.dns.listen_addrs()?.map_or(1, |a| a.len().max(1));
+        needs.push(Need {
+            what: "resolver TCP",
+            descriptors: (addresses * dns::server::MAX_TCP_CONNECTIONS) as u64,
+        });
+    }
+    needs.push(Need {
+        what: "other",
+        descriptors: open_files::RESERVE,
+    });
+    Ok(needs)
+}
+
 async fn serve(
     opts: Options,
     config: Config,
     logs: LogControl,
     datapath: Option<Arc<Datapath>>,
+    open_files: OpenFiles,
 ) -> Result<(), DaemonError> {
     let started_at = time::OffsetDateTime::now_utc();
     let started = std::time::Instant::now();
@@ -241,6 +325,17 @@ async fn serve(
         None
     };
 
+    // Descriptors: the caps of what is on must fit under the limit.
+    let needs = descriptor_needs(
+        &config,
+        resolver.is_some(),
+        ghost.is_some(),
+        sentry.is_some(),
+    )?;
+    if let Some(line) = open_files::shortfall(open_files.limit, &needs) {
+        warn!("{line}");
+    }
+
     // The socket: every domain's actions, given the handles they need.
     let mut registry = Registry::new();
     core::actions::register(
@@ -255,6 +350,8 @@ async fn serve(
                 state_dir: config.state_dir.clone(),
                 started_at,
                 started,
+                open_files_limit: open_files.limit,
+                open_files_needed: open_files::needed(&needs),
             },
             client_dns: upstreams.client_dns(),
             subnet_holds: subnet_holds(ghost.clone(), multihop.clone()),
@@ -312,6 +409,7 @@ async fn serve(
     // Metrics: every domain's collector.
     let mut metrics = Metrics::new();
     let admin_metrics = AdminMetrics::register(&mut metrics);
+    metrics.add_collector(Box::new(metrics::HttpCollector));
     if let Some(dp) = datapath.clone() {
         metrics.add_collector(Box::new(datapath::metrics::DatapathCollector {
             datapath: dp,

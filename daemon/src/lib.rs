@@ -16,6 +16,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod multihop;
+pub mod open_files;
 pub mod qr;
 pub mod sentry;
 pub mod source;

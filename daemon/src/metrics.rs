@@ -79,6 +79,63 @@ impl Collector for BuildInfo {
     }
 }
 
+/// The HTTP layer's connection counters of every listener (`http::listeners`): connections
+/// open, admitted, refused at accept by reason, and each listener's cap.
+#[derive(Debug, Default)]
+pub struct HttpCollector;
+
+impl Collector for HttpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let listeners = http::listeners();
+        let label = |name: &str| vec![("listener", name.to_string())];
+        gauge_family(
+            &mut encoder,
+            "phantom_http_connections",
+            "Connections open now per listener (the ghost relay's: handshakes in progress)",
+            listeners
+                .iter()
+                .map(|(name, c)| (label(name), i64::try_from(c.open).unwrap_or(i64::MAX))),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "phantom_http_max_connections",
+            "Connections a listener holds at most (its cap)",
+            listeners.iter().map(|(name, c)| {
+                (
+                    label(name),
+                    i64::try_from(c.max_connections).unwrap_or(i64::MAX),
+                )
+            }),
+        )?;
+        counter_family(
+            &mut encoder,
+            "phantom_http_admitted",
+            "Connections admitted at accept since start, per listener",
+            listeners.iter().map(|(name, c)| (label(name), c.admitted)),
+        )?;
+        counter_family(
+            &mut encoder,
+            "phantom_http_refused",
+            "Connections closed at accept since start, per listener and reason (full: the listener's cap; source_full: the source's)",
+            listeners.iter().flat_map(|(name, c)| {
+                [
+                    (http::Refusal::Full, c.refused_full),
+                    (http::Refusal::SourceFull, c.refused_source),
+                ]
+                .map(|(reason, n)| {
+                    (
+                        vec![
+                            ("listener", name.to_string()),
+                            ("reason", reason.as_str().to_string()),
+                        ],
+                        n,
+                    )
+                })
+            }),
+        )
+    }
+}
+
 /// Encodes one gauge without labels.
 pub fn gauge(
     encoder: &mut DescriptorEncoder,

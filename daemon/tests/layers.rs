@@ -17,7 +17,7 @@ use std::{
 /// Lowest first. A module may import modules of lower layers only.
 const LAYERS: &[&[&str]] = &[
     // What everything may use.
-    &["faults", "protocol", "source", "tasks"],
+    &["faults", "open_files", "protocol", "source", "tasks"],
     &["error"],
     &["config", "domain_name", "store", "logging", "qr"],
     // Shared machinery, no domain knowledge.

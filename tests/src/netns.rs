@@ -27,7 +27,12 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
-/// True when the test may run. Without root it prints why it is skipping.
+/// The environment variable naming the file where skipped tests are recorded, one name a line
+/// (`cargo xtask test` sets it and counts them as skipped, not passed).
+pub const SKIPPED_TESTS_ENV: &str = "PHANTOM_SKIPPED_TESTS";
+
+/// True when the test may run. Without root it prints why it is skipping and records its name
+/// in the file `$PHANTOM_SKIPPED_TESTS` names, when set.
 pub fn require_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
@@ -35,6 +40,22 @@ pub fn require_root(test: &str) -> bool {
     eprintln!(
         "SKIP {test}: needs root for network namespaces and eBPF (run the README test command as root)"
     );
+    if let Some(path) = std::env::var_os(SKIPPED_TESTS_ENV) {
+        use std::io::Write;
+        // One write of one line to a file opened for appending: lines of tests running at
+        // once in several processes never interleave.
+        let appended = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(format!("{test}\n").as_bytes()));
+        if let Err(e) = appended {
+            eprintln!(
+                "cannot record the skip in {}: {e}",
+                PathBuf::from(path).display()
+            );
+        }
+    }
     false
 }
 

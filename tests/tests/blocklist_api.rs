@@ -1,10 +1,25 @@
 //! The public blocklist API end to end: full list, deltas with removals, ETag/304, gzip, the
-//! checksum, verify-domain, health, rate limiting, and no client address or domain in the logs.
+//! checksum, verify-domain, health, rate limiting, and no client address or domain in the logs;
+//! a burst of full-list downloads of a large list served from one shared body per encoding.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed expectation is a failed test
 
-use phantom_tests::{BpffsDir, Daemon, DaemonConfig, GuardedLink, api, require_root};
+use std::{
+    io::Read,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use phantom_tests::{BpffsDir, Daemon, DaemonConfig, GuardedLink, api, require_root, wstunnel};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpSocket,
+};
 
 /// `curl` from the peer namespace to the server's API; returns (status, headers, body).
 fn curl(link: &GuardedLink, args: &[&str]) -> (u16, String, String) {
@@ -246,4 +261,239 @@ fn public_api_serves_full_lists_deltas_and_verification() {
         "client address logged:\n{log}"
     );
     assert!(!log.contains(secret), "queried domain logged:\n{log}");
+}
+
+/// The daemon's resident memory in KiB (`VmRSS`).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// One `GET` over a fresh connection from `source`: the status, the head, and the body, which
+/// is either kept (`expected` is `None`) or compared as it arrives with `expected` (then only
+/// whether it matched is returned, as an empty or a one-byte body).
+async fn get_from(
+    source: &str,
+    path: &str,
+    gzip: bool,
+    expected: Option<&[u8]>,
+) -> (u16, String, Vec<u8>) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    let mut stream = socket
+        .connect("192.0.2.1:3000".parse().unwrap())
+        .await
+        .unwrap();
+    let accept = if gzip {
+        "Accept-Encoding: gzip\r\n"
+    } else {
+        ""
+    };
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: 192.0.2.1\r\n{accept}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut raw = Vec::new();
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the head");
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let mut body = raw.split_off(head_end);
+    let Some(expected) = expected else {
+        stream.read_to_end(&mut body).await.unwrap();
+        return (status, head, body);
+    };
+    let mut at = body.len();
+    let mut same = expected.get(..at) == Some(&body[..]);
+    loop {
+        let n = stream.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        same = same && expected.get(at..at + n) == Some(&buf[..n]);
+        at += n;
+    }
+    same = same && at == expected.len();
+    (status, head, if same { vec![1] } else { Vec::new() })
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+const DOMAINS: usize = 200_000;
+const BURST: usize = 64;
+
+#[test]
+fn a_burst_of_full_lists_shares_one_body_per_encoding_and_memory_stays_flat() {
+    if !require_root("a_burst_of_full_lists_shares_one_body_per_encoding_and_memory_stays_flat") {
+        return;
+    }
+    let link = GuardedLink::new();
+    let bpffs = BpffsDir::new();
+    let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
+    // The kernel's share of the list is not under test; the API is.
+    config.datapath_enabled = false;
+    config.blocklist_api = Some("0.0.0.0:3000".into());
+    let daemon = Daemon::start(&link.server, &config);
+    let pid = daemon.pid().unwrap();
+
+    // 200,000 domains through the socket, in one import.
+    let file = daemon.dir().join("list.txt");
+    let mut text = String::with_capacity(DOMAINS * 32);
+    for i in 0..DOMAINS {
+        text.push_str(&format!("casino{i}.bet{}.example\n", i % 997));
+    }
+    std::fs::write(&file, text).unwrap();
+    let started = Instant::now();
+    let imported = api(
+        &daemon,
+        &[
+            "blocklist",
+            "import",
+            &format!("path={}", file.display()),
+            "format=plain",
+        ],
+    );
+    assert_eq!(imported["imported"], DOMAINS as u64, "{imported}");
+    eprintln!("import of {DOMAINS} domains: {:?}", started.elapsed());
+
+    // Idle: the list loaded, no full list asked for yet.
+    std::thread::sleep(Duration::from_millis(500));
+    let idle = rss_kib(pid);
+    let peak = Arc::new(AtomicU64::new(idle));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling) = (Arc::clone(&peak), Arc::clone(&sampling));
+        std::thread::spawn(move || {
+            while sampling.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+
+    let started = Instant::now();
+    let (single_identity, single_gzip, results) =
+        wstunnel::block_on_in(&link.peer, || async move {
+            // One request of each encoding (the first makes the body)...
+            let path = "/api/v1/blocklist?format=full";
+            let (status, head, identity) = get_from(GuardedLink::PEER_V4, path, false, None).await;
+            assert_eq!(status, 200, "{head}");
+            assert_eq!(header(&head, "content-encoding"), None, "{head}");
+            let (status, head, gzip) = get_from(GuardedLink::PEER_V4, path, true, None).await;
+            assert_eq!(status, 200, "{head}");
+            assert_eq!(header(&head, "content-encoding"), Some("gzip"), "{head}");
+            assert_eq!(
+                header(&head, "content-length"),
+                Some(gzip.len().to_string().as_str())
+            );
+            // ...then 64 at once, half of each, from two sources (the per-source cap is 32).
+            let (identity_ref, gzip_ref): (&[u8], &[u8]) = (&identity, &gzip);
+            let burst = (0..BURST).map(|i| async move {
+                let source = if i % 4 < 2 {
+                    GuardedLink::PEER_V4
+                } else {
+                    GuardedLink::PEER_V4_SECOND
+                };
+                let gz = i % 2 == 1;
+                let expected = if gz { gzip_ref } else { identity_ref };
+                let (status, head, same) = get_from(source, path, gz, Some(expected)).await;
+                (gz, status, head, !same.is_empty())
+            });
+            let results = join_all(burst).await;
+            (identity, gzip, results)
+        });
+    sampling.store(false, Ordering::Relaxed);
+    sampler.join().unwrap();
+    eprintln!(
+        "{} full lists of {} + {} bytes: {:?}",
+        BURST + 2,
+        single_identity.len(),
+        single_gzip.len(),
+        started.elapsed()
+    );
+
+    for (gz, status, head, same) in &results {
+        assert_eq!(*status, 200, "{head}");
+        assert_eq!(
+            header(head, "content-encoding") == Some("gzip"),
+            *gz,
+            "{head}"
+        );
+        assert!(
+            *same,
+            "a burst body differs from the single request's ({head})"
+        );
+    }
+    // The bodies are the list: gzip is the identity body compressed, and it parses.
+    let mut unzipped = Vec::new();
+    flate2::read::GzDecoder::new(&single_gzip[..])
+        .read_to_end(&mut unzipped)
+        .unwrap();
+    assert!(unzipped == single_identity, "gzip and identity differ");
+    let full: Value = serde_json::from_slice(&single_identity).unwrap();
+    assert_eq!(full["entries"].as_array().unwrap().len(), DOMAINS);
+    assert_eq!(
+        full["checksum"],
+        api(&daemon, &["blocklist", "status"])["checksum"]
+    );
+
+    let peak = peak.load(Ordering::Relaxed);
+    eprintln!(
+        "resident: idle {} MiB, peak {} MiB during the burst",
+        idle / 1024,
+        peak / 1024
+    );
+    assert!(
+        peak <= idle + 64 * 1024,
+        "resident memory rose from {idle} KiB to {peak} KiB (over +64 MiB)"
+    );
+}
+
+/// Polls futures together on the current task (no extra crate).
+async fn join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut futs: Vec<std::pin::Pin<Box<F>>> = futs.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in futs.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(Option::unwrap).collect()
 }

@@ -160,37 +160,30 @@ async fn store_semantics(store: &Store, reopen: &dyn Fn() -> Store) {
     );
 }
 
+/// 32 users of one nonce at once: each on its own OS thread with its own runtime, released
+/// together by a barrier, so their calls really race (in the store's locks, or in Redis).
+/// Returns how many won.
 async fn futures_join_nonce(store: &Store, nonce: &str) -> usize {
-    let mut wins = 0;
-    let calls: Vec<_> = (0..32).map(|_| store.use_nonce(nonce, 60)).collect();
-    for r in futures_util_join(calls).await {
-        wins += usize::from(r.unwrap());
-    }
-    wins
-}
-
-/// Polls all futures concurrently (no extra crate needed).
-async fn futures_util_join<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
-    let mut futs: Vec<std::pin::Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in futs.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
+    const USERS: usize = 32;
+    let start = std::sync::Barrier::new(USERS);
+    std::thread::scope(|s| {
+        let users: Vec<_> = (0..USERS)
+            .map(|_| {
+                s.spawn(|| {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    start.wait();
+                    runtime.block_on(store.use_nonce(nonce, 60)).unwrap()
+                })
+            })
+            .collect();
+        users
+            .into_iter()
+            .map(|u| usize::from(u.join().unwrap()))
+            .sum()
     })
-    .await;
-    out.into_iter().map(Option::unwrap).collect()
 }
 
 #[test]

@@ -119,12 +119,20 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             let bin_dir = target_dir().join("debug");
-            run_tests(
+            // Tests that skip for want of root write their names here (phantom_tests::
+            // require_root); one file per run.
+            let skipped = target_dir().join(format!("skipped-tests-{}.txt", std::process::id()));
+            let _ = std::fs::remove_file(&skipped);
+            let result = run_tests(
                 cargo()
                     .args(["test", "--no-fail-fast"])
                     .args(&args)
-                    .env("PHANTOM_BIN_DIR", &bin_dir),
-            )
+                    .env("PHANTOM_BIN_DIR", &bin_dir)
+                    .env(SKIPPED_TESTS_ENV, &skipped),
+                &skipped,
+            );
+            let _ = std::fs::remove_file(&skipped);
+            result
         }
         Cmd::Bench { args } if args.first().map(String::as_str) == Some("ghost") => {
             // Ghost throughput needs namespaces, wg-quick and the wstunnel test client, which
@@ -188,9 +196,26 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// What the test harness reads to find where skipped tests are recorded (the same name as
+/// `phantom_tests::SKIPPED_TESTS_ENV`; xtask does not depend on the harness).
+const SKIPPED_TESTS_ENV: &str = "PHANTOM_SKIPPED_TESTS";
+
+/// The distinct test names recorded in `path` (none when it does not exist).
+fn skipped_tests(path: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// Runs `cargo test`, echoing its output, and ends with one summary line over every test
-/// binary (cargo prints a result line per binary, the last of which is often doc-tests).
-fn run_tests(cmd: &mut Command) -> Result<()> {
+/// binary (cargo prints a result line per binary, the last of which is often doc-tests). Tests
+/// that returned early for want of root pass as far as cargo is concerned; the names they
+/// recorded in `skipped` move them from passed to skipped.
+fn run_tests(cmd: &mut Command, skipped: &Path) -> Result<()> {
     use std::io::{BufRead, BufReader};
     eprintln!("==> tests");
     let mut child = cmd
@@ -219,7 +244,12 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
         }
     }
     let status = child.wait()?;
-    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    let need_root = skipped_tests(skipped).len() as u64;
+    let passed = passed.saturating_sub(need_root);
+    println!(
+        "tests: {passed} passed, {failed} failed, {} skipped ({ignored} ignored, {need_root} need root)",
+        ignored + need_root
+    );
     if !status.success() {
         bail!("tests failed ({status})");
     }

@@ -24,8 +24,9 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use serde::{Serialize, Serializer, ser::SerializeSeq, ser::SerializeStruct};
 use sha2::{Digest, Sha256};
-use tokio::task::JoinHandle;
+use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 use self::{
@@ -168,6 +169,9 @@ pub struct Blocklist {
     generation: AtomicU64,
     /// The brands as configured (`apply_live` rebuilds lookalike detection when they change).
     configured_brands: Mutex<Vec<String>>,
+    /// The version, published after every change (the API drops its cached bodies of older
+    /// versions when it moves).
+    versions: watch::Sender<u64>,
 }
 
 fn now_ms() -> u64 {
@@ -179,8 +183,9 @@ fn now_ms() -> u64 {
 
 /// An entry's canonical JSON: its fields in sorted key order, as `serde_json` writes a map
 /// (a pattern's fields are declared in that order already). No spaces; clients can rebuild it.
+/// The API writes entries this way too (the key order of its replies has always been sorted).
 #[derive(serde::Serialize)]
-struct CanonicalEntry<'a> {
+pub struct CanonicalEntry<'a> {
     #[serde(rename = "addedAt")]
     added_at: u64,
     domain: &'a str,
@@ -188,40 +193,149 @@ struct CanonicalEntry<'a> {
     reason: &'a str,
 }
 
-/// SHA-256 over the canonical list: one canonical JSON line per entry (`entries` must come in
-/// domain order), then one per pattern, by type and text. The list's own checksum and the
-/// check of a synced seed list are this one function.
-pub(crate) fn list_checksum(entries: impl Iterator<Item = Entry>, patterns: &[Pattern]) -> String {
-    struct Hashing(Sha256);
-    impl std::io::Write for Hashing {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.update(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut h = Hashing(Sha256::new());
-    for entry in entries {
-        let line = CanonicalEntry {
+impl<'a> From<&'a Entry> for CanonicalEntry<'a> {
+    fn from(entry: &'a Entry) -> Self {
+        Self {
             added_at: entry.added_at,
             domain: &entry.domain,
             patterns: &entry.patterns,
             reason: &entry.reason,
-        };
-        if serde_json::to_writer(&mut h, &line).is_ok() {
-            h.0.update(b"\n");
         }
+    }
+}
+
+/// A listed domain as canonical JSON, written straight from the table: the same bytes as the
+/// [`CanonicalEntry`] of [`State::entry`], without building the `Entry` (its strings and its
+/// pattern vector) first.
+struct ListedJson<'a> {
+    domain: &'a str,
+    listed: &'a Listed,
+    reason: &'a str,
+}
+
+impl Serialize for ListedJson<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut entry = serializer.serialize_struct("Entry", 4)?;
+        entry.serialize_field("addedAt", &self.listed.added_at)?;
+        entry.serialize_field("domain", self.domain)?;
+        entry.serialize_field(
+            "patterns",
+            &ListedPatterns {
+                domain: self.domain,
+                listed: self.listed,
+            },
+        )?;
+        entry.serialize_field("reason", self.reason)?;
+        entry.end()
+    }
+}
+
+/// The exact and subdomain patterns of a listed domain, as [`State::entry`] builds them.
+struct ListedPatterns<'a> {
+    domain: &'a str,
+    listed: &'a Listed,
+}
+
+impl Serialize for ListedPatterns<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let (exact, sub) = self.listed.weights();
+        let count = usize::from(self.listed.exact > 0) + usize::from(self.listed.sub > 0);
+        let mut seq = serializer.serialize_seq(Some(count))?;
+        if self.listed.exact > 0 {
+            seq.serialize_element(&PatternJson {
+                pattern: RuleText {
+                    domain: self.domain,
+                    wildcard: false,
+                },
+                kind: PatternType::Exact,
+                weight: exact,
+            })?;
+        }
+        if self.listed.sub > 0 {
+            seq.serialize_element(&PatternJson {
+                pattern: RuleText {
+                    domain: self.domain,
+                    wildcard: true,
+                },
+                kind: PatternType::Subdomain,
+                weight: sub,
+            })?;
+        }
+        seq.end()
+    }
+}
+
+/// A [`Pattern`] with its text borrowed (fields in `Pattern`'s order, which is sorted).
+#[derive(Serialize)]
+struct PatternJson<'a> {
+    pattern: RuleText<'a>,
+    #[serde(rename = "type")]
+    kind: PatternType,
+    weight: f64,
+}
+
+/// `domain` or `*.domain`, written without allocating.
+struct RuleText<'a> {
+    domain: &'a str,
+    wildcard: bool,
+}
+
+impl Serialize for RuleText<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.wildcard {
+            serializer.collect_str(&format_args!("*.{}", self.domain))
+        } else {
+            serializer.serialize_str(self.domain)
+        }
+    }
+}
+
+impl State {
+    fn listed_json<'a>(&'a self, domain: &'a str, listed: &'a Listed) -> ListedJson<'a> {
+        ListedJson {
+            domain,
+            listed,
+            reason: self
+                .reasons
+                .get(listed.reason as usize)
+                .map_or("", |r| r.as_ref()),
+        }
+    }
+}
+
+/// SHA-256 over the canonical list: one canonical JSON line per entry (`entries` must come in
+/// domain order), then one per pattern, by type and text. The list's own checksum and the
+/// check of a synced seed list are this one function.
+pub(crate) fn list_checksum(entries: impl Iterator<Item = Entry>, patterns: &[Pattern]) -> String {
+    checksum_of_lines(
+        entries.map(|entry| {
+            let line = CanonicalEntry::from(&entry);
+            serde_json::to_vec(&line)
+        }),
+        patterns,
+    )
+}
+
+/// [`list_checksum`] over entries already written as canonical JSON lines (without the
+/// newline).
+fn checksum_of_lines(
+    lines: impl Iterator<Item = serde_json::Result<Vec<u8>>>,
+    patterns: &[Pattern],
+) -> String {
+    let mut h = Sha256::new();
+    for line in lines.flatten() {
+        h.update(&line);
+        h.update(b"\n");
     }
     let mut sorted: Vec<&Pattern> = patterns.iter().collect();
     sorted.sort_by(|a, b| (a.kind, &a.pattern).cmp(&(b.kind, &b.pattern)));
     for p in sorted {
-        if serde_json::to_writer(&mut h, p).is_ok() {
-            h.0.update(b"\n");
+        if let Ok(line) = serde_json::to_vec(p) {
+            h.update(&line);
+            h.update(b"\n");
         }
     }
-    let hex: String = h.0.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256:{hex}")
 }
 
@@ -229,7 +343,8 @@ pub(crate) fn list_checksum(entries: impl Iterator<Item = Entry>, patterns: &[Pa
 const LARGE_BATCH: usize = 10_000;
 
 /// Returns freed heap to the system. A million-entry import or load briefly holds the parsed
-/// entries next to the compact list; without this the process would keep that peak resident.
+/// entries next to the compact list (and the API a full list's bodies until the next version);
+/// without this the process would keep that peak resident.
 fn release_free_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
@@ -239,6 +354,69 @@ fn release_free_memory() {
 
 /// Entries added or modified, and domains removed, since a version.
 pub type Delta = (Vec<Entry>, Vec<String>);
+
+/// The changes since a version with the list's state they lead to, read at one moment (what a
+/// delta reply carries).
+pub struct DeltaSince {
+    pub version: u64,
+    pub checksum: String,
+    pub patterns: Vec<Pattern>,
+    /// Added or modified, by domain.
+    pub entries: Vec<Entry>,
+    /// Removed, sorted.
+    pub removed: Vec<String>,
+}
+
+/// The whole list held still (a read lock) while it is written out: version, checksum,
+/// patterns and every entry, consistent with each other. Writers wait until it is dropped;
+/// the resolver does not (it reads the engine, not the list).
+pub struct FullList<'a> {
+    state: std::sync::RwLockReadGuard<'a, State>,
+    checksum: String,
+}
+
+impl FullList<'_> {
+    pub fn version(&self) -> u64 {
+        self.state.version
+    }
+
+    pub fn checksum(&self) -> &str {
+        &self.checksum
+    }
+
+    pub fn patterns(&self) -> &[Pattern] {
+        &self.state.patterns
+    }
+
+    pub fn len(&self) -> usize {
+        self.state.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.state.entries.is_empty()
+    }
+
+    /// Every entry in domain order, serialised as a sequence of canonical entries straight
+    /// from the table (nothing is built per entry).
+    pub fn entries(&self) -> FullListEntries<'_> {
+        FullListEntries(&self.state)
+    }
+}
+
+/// See [`FullList::entries`].
+pub struct FullListEntries<'a>(&'a State);
+
+impl Serialize for FullListEntries<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let state = self.0;
+        serializer.collect_seq(
+            state
+                .entries
+                .iter()
+                .map(|(domain, listed)| state.listed_json(domain, listed)),
+        )
+    }
+}
 
 /// What a change did.
 #[derive(Debug, Default)]
@@ -307,6 +485,7 @@ impl Blocklist {
             syncer: sync::Syncer::open(state_dir)?,
             generation: AtomicU64::new(1),
             configured_brands: Mutex::new(brands.to_vec()),
+            versions: watch::Sender::new(loaded.version),
         };
         list.sync_kernel_full();
         info!(
@@ -373,6 +552,11 @@ impl Blocklist {
     /// The checksum of the current version (computed once per version).
     pub fn checksum(&self) -> String {
         let state = self.read();
+        self.checksum_of(&state)
+    }
+
+    /// The checksum of `state`, from the cache when it is of this version.
+    fn checksum_of(&self, state: &State) -> String {
         let mut cached = match self.checksum.lock() {
             Ok(c) => c,
             Err(p) => p.into_inner(),
@@ -382,12 +566,34 @@ impl Blocklist {
         {
             return sum.clone();
         }
-        let sum = list_checksum(
-            state.entries.iter().map(|(d, l)| state.entry(d, l)),
+        let sum = checksum_of_lines(
+            state
+                .entries
+                .iter()
+                .map(|(d, l)| serde_json::to_vec(&state.listed_json(d, l))),
             &state.patterns,
         );
         *cached = Some((state.version, sum.clone()));
         sum
+    }
+
+    /// The whole list, held still while the caller writes it out (see [`FullList`]).
+    pub fn full_list(&self) -> FullList<'_> {
+        let state = self.read();
+        let checksum = self.checksum_of(&state);
+        FullList { state, checksum }
+    }
+
+    /// The version now and every later one, as each change commits.
+    pub fn watch_version(&self) -> watch::Receiver<u64> {
+        self.versions.subscribe()
+    }
+
+    /// Records a committed version (under the list's write lock).
+    fn set_version(&self, state: &mut State, version: u64) {
+        state.version = version;
+        self.bump();
+        self.versions.send_replace(version);
     }
 
     pub fn patterns(&self) -> Vec<Pattern> {
@@ -528,8 +734,7 @@ impl Blocklist {
             }
         }
         state.entries.remove(&removals);
-        state.version = version;
-        self.bump();
+        self.set_version(&mut state, version);
         drop(state);
         let large = upserts.len() + removals.len() > LARGE_BATCH;
         let rules: Vec<(String, bool)> =
@@ -584,8 +789,7 @@ impl Blocklist {
         state.patterns.push(pattern);
         let patterns = state.patterns.clone();
         self.engine_mut().set_patterns(&patterns);
-        state.version = version;
-        self.bump();
+        self.set_version(&mut state, version);
         Ok(Applied {
             version,
             changed: 1,
@@ -613,8 +817,7 @@ impl Blocklist {
             .retain(|p| !(p.pattern == pattern && p.kind == kind));
         let patterns = state.patterns.clone();
         self.engine_mut().set_patterns(&patterns);
-        state.version = version;
-        self.bump();
+        self.set_version(&mut state, version);
         Ok(Some(Applied {
             version,
             changed: 1,
@@ -684,6 +887,26 @@ impl Blocklist {
     /// journal).
     pub fn delta(&self, since: u64) -> Result<Option<Delta>, BlocklistError> {
         let state = self.read();
+        self.delta_of(&state, since)
+    }
+
+    /// [`Blocklist::delta`] with the version, checksum and patterns it leads to, all read
+    /// under one lock.
+    pub fn delta_since(&self, since: u64) -> Result<Option<DeltaSince>, BlocklistError> {
+        let state = self.read();
+        let Some((entries, removed)) = self.delta_of(&state, since)? else {
+            return Ok(None);
+        };
+        Ok(Some(DeltaSince {
+            version: state.version,
+            checksum: self.checksum_of(&state),
+            patterns: state.patterns.clone(),
+            entries,
+            removed,
+        }))
+    }
+
+    fn delta_of(&self, state: &State, since: u64) -> Result<Option<Delta>, BlocklistError> {
         if since > state.version {
             return Ok(None);
         }

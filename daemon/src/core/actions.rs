@@ -40,6 +40,10 @@ pub struct DaemonInfo {
     pub state_dir: PathBuf,
     pub started_at: time::OffsetDateTime,
     pub started: Instant,
+    /// `RLIMIT_NOFILE` in force (raised at start as far as the hard limit allows).
+    pub open_files_limit: u64,
+    /// Descriptors the enabled listeners' connection caps may need, with a reserve.
+    pub open_files_needed: u64,
 }
 
 /// What the `core` actions work with.
@@ -878,6 +882,8 @@ async fn server_status(c: &Handles) -> Result<Value, ApiError> {
             "uptime_seconds": c.daemon.started.elapsed().as_secs(),
             "config_file": c.daemon.config_path,
             "state_dir": c.daemon.state_dir,
+            "open_files_limit": c.daemon.open_files_limit,
+            "open_files_needed": c.daemon.open_files_needed,
         },
         "configuration": {
             "interface": config.interface,

@@ -26,7 +26,8 @@ use super::{Local, Resolver, wire};
 
 /// Forwarded queries in flight at once; past this, SERVFAIL at once rather than queueing.
 const MAX_IN_FLIGHT: usize = 4096;
-const MAX_TCP_CONNECTIONS: usize = 512;
+/// TCP connections at once, per listening address.
+pub const MAX_TCP_CONNECTIONS: usize = 512;
 const TCP_IDLE: Duration = Duration::from_secs(10);
 const SUPERVISE_EVERY: Duration = Duration::from_secs(2);
 

@@ -41,7 +41,7 @@ use crate::http;
 /// The largest frame accepted: a UDP datagram cannot be larger.
 pub const MAX_FRAME_BYTES: usize = 65_535;
 /// Open tunnels at once.
-const MAX_TUNNELS: usize = 4096;
+pub const MAX_TUNNELS: usize = 4096;
 /// A source may fail this many upgrades in a burst...
 const REJECT_BURST: f64 = 20.0;
 /// ...and one more per this many per second afterwards.

@@ -13,7 +13,7 @@ use std::{
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::Limits;
+use super::{Limits, stats::ListenerStats};
 use crate::source::SourcePrefix;
 
 /// Why a connection was refused at accept.
@@ -61,6 +61,8 @@ pub struct Gate {
     admitted: AtomicU64,
     refused_full: AtomicU64,
     refused_source: AtomicU64,
+    /// The listener's counters for the metrics (shared by every gate of that listener).
+    stats: Arc<ListenerStats>,
 }
 
 impl Gate {
@@ -83,6 +85,7 @@ impl Gate {
             admitted: AtomicU64::new(0),
             refused_full: AtomicU64::new(0),
             refused_source: AtomicU64::new(0),
+            stats: super::stats::register(limits.listener, limits.max_connections),
         }
     }
 
@@ -90,6 +93,7 @@ impl Gate {
     pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Pass, Refusal> {
         let Ok(permit) = Arc::clone(&self.slots).try_acquire_owned() else {
             self.refused_full.fetch_add(1, Ordering::Relaxed);
+            self.stats.refused_full();
             return Err(Refusal::Full);
         };
         let key = self.source_prefix.of(peer);
@@ -107,12 +111,14 @@ impl Gate {
                 }
                 drop(counts);
                 self.refused_source.fetch_add(1, Ordering::Relaxed);
+                self.stats.refused_source();
                 return Err(Refusal::SourceFull);
             }
             *n += 1;
             Some(key)
         };
         self.admitted.fetch_add(1, Ordering::Relaxed);
+        self.stats.admitted();
         Ok(Pass {
             gate: Arc::clone(self),
             source,
@@ -155,6 +161,7 @@ pub struct Pass {
 
 impl Drop for Pass {
     fn drop(&mut self) {
+        self.gate.stats.closed();
         let Some(key) = self.source else {
             return;
         };
@@ -177,6 +184,7 @@ mod tests {
 
     fn limits(total: usize, per_source: usize) -> Limits {
         Limits {
+            listener: "gate_test",
             max_connections: total,
             max_connections_per_source: per_source,
             ..Limits::metrics()
@@ -235,6 +243,40 @@ mod tests {
             gate.per_source.lock().unwrap().len() == 1,
             "no empty entries"
         );
+    }
+
+    #[test]
+    fn every_gate_of_a_listener_adds_to_its_counters() {
+        let named = |total| Limits {
+            listener: "gate_unit_test",
+            ..limits(total, 1)
+        };
+        let counts = || {
+            super::super::stats::listeners()
+                .into_iter()
+                .find(|(name, _)| *name == "gate_unit_test")
+                .map(|(_, c)| c)
+                .unwrap()
+        };
+        let a = Arc::new(Gate::new(&named(1)));
+        let b = Arc::new(Gate::new(&named(5)));
+        let pa = a.admit(ip("192.0.2.1")).unwrap();
+        assert_eq!(a.admit(ip("192.0.2.2")).unwrap_err(), Refusal::Full);
+        let _pb = b.admit(ip("192.0.2.1")).unwrap();
+        assert_eq!(b.admit(ip("192.0.2.1")).unwrap_err(), Refusal::SourceFull);
+        let c = counts();
+        assert_eq!(
+            (
+                c.open,
+                c.admitted,
+                c.refused_full,
+                c.refused_source,
+                c.max_connections
+            ),
+            (2, 2, 1, 1, 5)
+        );
+        drop(pa);
+        assert_eq!(counts().open, 1);
     }
 
     #[test]

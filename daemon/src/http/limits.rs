@@ -8,11 +8,18 @@ use crate::source::SourcePrefix;
 /// What one listener allows a client. docs/architecture.md ("The HTTP layer") has the table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
+    /// The listener's name in the metrics (`listener` label of `phantom_http_*`); every gate
+    /// made with these limits counts under it.
+    pub listener: &'static str,
     /// From the moment a connection is accepted, or its previous response was sent, until the
     /// next request head is complete. Over it the connection is closed without an answer (a
     /// client trickling its headers holds a connection for at most this long). The ghost
     /// relay applies it to TLS plus the WebSocket upgrade.
     pub header_read_timeout: Duration,
+    /// From a request's head to the last byte of its response: past it the connection is cut
+    /// (a client that stops reading a large body cannot keep its connection, or a transfer
+    /// slot, forever). `None`: no bound (the listener bounds its own work).
+    pub response_timeout: Option<Duration>,
     /// A keep-alive connection with no request in flight is closed after this long. hyper's
     /// header-read clock also runs while a connection waits for its next request, so a value
     /// over `header_read_timeout` acts as `header_read_timeout`. The ghost relay applies it to
@@ -55,6 +62,9 @@ impl Limits {
     /// operator's curl.
     pub const fn metrics() -> Self {
         Self {
+            listener: "metrics",
+            // An encode takes milliseconds and a scrape is small: 30 s is a stalled reader.
+            response_timeout: Some(secs(30)),
             // A scraper sends its whole request at once; 10 s is a loaded network's worst.
             header_read_timeout: secs(10),
             // Scrapes come every 15-60 s; reconnecting for each costs nothing worth a slot.
@@ -76,14 +86,18 @@ impl Limits {
     /// the list, open to the internet.
     pub const fn blocklist_api() -> Self {
         Self {
+            listener: "blocklist_api",
+            // A full list (gzip) of a million domains is ~20 MB: minutes on a slow mobile link,
+            // not more; a client that stops reading gives its transfer slot back.
+            response_timeout: Some(secs(300)),
             // Clients send one small GET or POST at once; a slow link still takes well under
             // 10 s, a slow-headers attacker gets no longer.
             header_read_timeout: secs(10),
             // Clients sync every few minutes at most; a kept-alive connection only helps the
             // follow-up request of one sync (patterns after the list).
             idle_timeout: secs(10),
-            // A full list is built in memory per request; 1,024 at once is already more
-            // memory than the list itself many times over.
+            // Phones and other Phantoms syncing; a full list is made once per version and
+            // shared, its transfers bounded apart (blocklist/api.rs).
             max_connections: 1024,
             // Carrier-grade NAT puts many phones behind one address, each syncing with one
             // connection; the per-client rate limit (120 a minute) does the rest.
@@ -100,6 +114,10 @@ impl Limits {
     /// `max_body_bytes` is `[sentry] max_body_bytes`.
     pub const fn sentry_proxy(max_body_bytes: u64) -> Self {
         Self {
+            listener: "sentry_proxy",
+            // The site's own downloads and long polls may take as long as they take; the proxy
+            // bounds the upstream exchange itself.
+            response_timeout: None,
             // What the proxy had before this layer (and hyper's default).
             header_read_timeout: secs(30),
             // A page's sub-resources and a reader's next click come within seconds; an idle
@@ -125,6 +143,9 @@ impl Limits {
     /// browser and scripts, behind the API's own authentication.
     pub const fn admin_api() -> Self {
         Self {
+            listener: "admin_api",
+            // Dashboard pages and scripts' replies are small.
+            response_timeout: Some(secs(60)),
             // Admin clients are few and near; 10 s is generous.
             header_read_timeout: secs(10),
             // A dashboard polls every few seconds and reuses its connections.
@@ -146,6 +167,9 @@ impl Limits {
     /// leaves the gate (the relay caps tunnels itself).
     pub const fn ghost_relay() -> Self {
         Self {
+            listener: "ghost_relay",
+            // No HTTP response: the relay answers the upgrade and then carries frames.
+            response_timeout: None,
             // TLS plus the upgrade: what the relay had before this layer.
             header_read_timeout: secs(10),
             // An open tunnel without any frame: the stock client pings every 30 s, so this

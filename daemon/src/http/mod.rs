@@ -8,11 +8,14 @@
 //!   failed accept.
 //! - [`Server::serve`]: hyper HTTP/1.1 on a listener with all of the above, for any hyper
 //!   service (or an axum router through [`router`]).
+//! - [`listeners`]: every listener's connection counters (open, admitted, refused by reason),
+//!   by the name in its `Limits`, for the metrics.
 
 mod accept;
 mod gate;
 mod limits;
 mod server;
+mod stats;
 #[cfg(test)]
 mod tests;
 
@@ -20,3 +23,4 @@ pub use accept::{next_admitted, next_connection};
 pub use gate::{Gate, GateCounts, Pass, Refusal};
 pub use limits::Limits;
 pub use server::{BoxError, RequestBody, ResponseBody, Server, router, too_large};
+pub use stats::{ListenerCounts, listeners};

@@ -109,14 +109,22 @@ impl Server {
             let connection = graceful
                 .watcher()
                 .watch(http.serve_connection(TokioIo::new(stream), service));
-            let (idle_timeout, what) = (self.limits.idle_timeout, self.what);
+            let (idle_timeout, response_timeout, what) = (
+                self.limits.idle_timeout,
+                self.limits.response_timeout,
+                self.what,
+            );
             connections.spawn(async move {
                 let _pass = pass;
                 tokio::select! {
                     ended = connection => if let Err(e) = ended {
                         debug!(error = %e, "{what} connection ended with an error");
                     },
-                    () = idle_expired(state, idle_timeout) => {}
+                    expired = expired(state, idle_timeout, response_timeout) => {
+                        if expired == Expired::Response {
+                            debug!("{what} response not sent within its timeout: connection cut");
+                        }
+                    }
                 }
             });
         }
@@ -137,14 +145,17 @@ impl Server {
     }
 }
 
-/// Requests in flight on one connection, and since when it has had none. Plain atomics: a
-/// request costs two increments and a clock read, and no wake-up of the idle timer (on the
-/// proxy's hot path a wake-up per request cost a tenth of its throughput).
+/// Requests in flight on one connection, since when the current one has been, and since when
+/// it has had none. Plain atomics: a request costs two increments and two clock reads, and no
+/// wake-up of the connection's timer (on the proxy's hot path a wake-up per request cost a
+/// tenth of its throughput).
 struct ConnState {
     in_flight: AtomicU32,
     /// When the last request ended, in milliseconds after `epoch`; 0 until a first response
     /// has been sent (a new connection is bounded by the header-read timeout alone).
     idle_since_ms: AtomicU64,
+    /// When the request in flight started, in milliseconds after `epoch`.
+    busy_since_ms: AtomicU64,
     epoch: Instant,
 }
 
@@ -153,6 +164,7 @@ impl ConnState {
         Self {
             in_flight: AtomicU32::new(0),
             idle_since_ms: AtomicU64::new(0),
+            busy_since_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         }
     }
@@ -165,22 +177,56 @@ impl ConnState {
     }
 }
 
-/// Returns once the connection has had no request in flight for `timeout` since its last
-/// response. It looks at the state when its timer fires: at the idle deadline when the
-/// connection is idle, a timeout later when it is busy or has not answered yet.
-async fn idle_expired(state: Arc<ConnState>, timeout: std::time::Duration) {
+/// Why a connection's timer ended it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expired {
+    /// No request in flight for the idle timeout since its last response.
+    Idle,
+    /// A response not sent in full within the response timeout.
+    Response,
+}
+
+/// Returns once the connection has had no request in flight for `idle` since its last
+/// response, or has had one request in flight for longer than `response` (when set). It looks
+/// at the state when its timer fires, so no request wakes it: at the idle deadline when the
+/// connection is idle, at the response deadline when it is busy, and otherwise an idle
+/// timeout later. With a response timeout it never sleeps longer than that timeout, so a
+/// response is cut at most one response timeout late (two in all).
+async fn expired(
+    state: Arc<ConnState>,
+    idle: std::time::Duration,
+    response: Option<std::time::Duration>,
+) -> Expired {
+    let at = |ms: u64| state.epoch + std::time::Duration::from_millis(ms);
+    let nap = response.map_or(idle, |r| r.min(idle));
     loop {
-        let since = state.idle_since_ms.load(Ordering::Acquire);
+        // `in_flight` first: a request stamps its start before it counts (Release/Acquire).
         let busy = state.in_flight.load(Ordering::Acquire) > 0;
-        if busy || since == 0 {
-            tokio::time::sleep(timeout).await;
+        let now = Instant::now();
+        if busy {
+            match response {
+                Some(limit) => {
+                    let deadline = at(state.busy_since_ms.load(Ordering::Acquire)) + limit;
+                    if now >= deadline {
+                        return Expired::Response;
+                    }
+                    // Then look again: the request may have ended, or another begun.
+                    tokio::time::sleep_until(deadline).await;
+                }
+                None => tokio::time::sleep(idle).await,
+            }
             continue;
         }
-        let deadline = state.epoch + std::time::Duration::from_millis(since) + timeout;
-        if Instant::now() >= deadline {
-            return;
+        let since = state.idle_since_ms.load(Ordering::Acquire);
+        if since == 0 {
+            tokio::time::sleep(nap).await;
+            continue;
         }
-        tokio::time::sleep_until(deadline).await;
+        let deadline = at(since) + idle;
+        if now >= deadline {
+            return Expired::Idle;
+        }
+        tokio::time::sleep_until(deadline.min(now + nap)).await;
     }
 }
 
@@ -189,6 +235,7 @@ struct InFlight(Arc<ConnState>);
 
 impl InFlight {
     fn start(state: &Arc<ConnState>) -> Self {
+        state.busy_since_ms.store(state.now_ms(), Ordering::Release);
         state.in_flight.fetch_add(1, Ordering::AcqRel);
         Self(Arc::clone(state))
     }

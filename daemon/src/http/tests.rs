@@ -27,6 +27,8 @@ const BOUND: Duration = Duration::from_secs(20);
 
 fn limits() -> Limits {
     Limits {
+        listener: "test",
+        response_timeout: None,
         header_read_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(30),
         max_connections: 64,
@@ -62,6 +64,16 @@ async fn start(limits: Limits) -> TestServer {
         .route(
             "/echo",
             post(|body: axum::body::Bytes| async move { format!("got {} bytes", body.len()) }),
+        )
+        .route(
+            "/big",
+            get(|| async {
+                // 64 MiB: far more than the socket buffers hold.
+                let chunk = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+                axum::body::Body::from_stream(futures_util::stream::iter(
+                    (0..64).map(move |_| Ok::<_, std::convert::Infallible>(chunk.clone())),
+                ))
+            }),
         )
         .route(
             "/peer",
@@ -246,6 +258,39 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(request(&mut fresh, GET).await.status, 200);
     serves(t.addr, "127.0.0.1").await;
+}
+
+#[tokio::test]
+async fn a_response_the_client_stops_reading_is_cut_at_the_response_timeout() {
+    let t = start(Limits {
+        response_timeout: Some(Duration::from_secs(1)),
+        ..limits()
+    })
+    .await;
+    // Requests that end within the timeout leave the connection alone, however long it lives.
+    let mut c = connect_from("127.0.0.1", t.addr).await;
+    assert_eq!(request(&mut c, GET).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(request(&mut c, GET).await.status, 200);
+    // A large body the client never reads: the connection is cut and its slot freed.
+    let mut stalled = connect_from("127.0.0.2", t.addr).await;
+    // The request comes after the connection's timer has gone to sleep.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stalled
+        .write_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let (gate, source) = (Arc::clone(t.server.gate()), IpAddr::from([127, 0, 0, 2]));
+    eventually("the source's connection is in", || {
+        gate.open_from(source) == 1
+    })
+    .await;
+    eventually("the stalled transfer is cut", || {
+        gate.open_from(source) == 0
+    })
+    .await;
+    assert_eq!(request(&mut c, GET).await.status, 200);
+    serves(t.addr, "127.0.0.2").await;
 }
 
 #[tokio::test]
