@@ -29,6 +29,7 @@ use phantom_daemon::{
     },
 };
 
+use phantom_daemon::source::{Source, SourcePrefix};
 use phantom_tests::RedisServer;
 
 use crate::{
@@ -84,7 +85,14 @@ async fn start_proxy(
     config: SentryConfig,
     store: Store,
 ) -> Result<(SocketAddr, Arc<Sentry>), BoxError> {
-    let sentry = Sentry::with_parts(&config, store, Signer::generate()?, None).await?;
+    let sentry = Sentry::with_parts(
+        &config,
+        store,
+        Signer::generate()?,
+        None,
+        SourcePrefix::DEFAULT,
+    )
+    .await?;
     let (tx, rx) = tokio::sync::watch::channel(false);
     // Keep the sender for the life of the process: the proxy runs until the bench exits.
     std::mem::forget(tx);
@@ -259,7 +267,7 @@ impl Drop for Nginx {
 /// `n` packages from `issuer` for `subject`, solved: the proofs a client would post.
 fn solved_proofs(
     issuer: &Signer,
-    subject: std::net::IpAddr,
+    subject: Source,
     difficulty: u32,
     n: usize,
     now: u64,
@@ -272,7 +280,7 @@ fn solved_proofs(
                 payload: p.payload,
                 signature: p.signature,
                 pow_nonce: solved.pow_nonce,
-                kid: None,
+                kid: p.kid,
             })
         })
         .collect()
@@ -284,7 +292,7 @@ fn solved_proofs(
 fn fleet_verification(issuer: &Signer, redis: &RedisServer) -> Result<(f64, f64, f64), BoxError> {
     const PROOFS: usize = 60_000;
     const IN_FLIGHT: usize = 64;
-    let subject: std::net::IpAddr = "198.51.100.1".parse()?;
+    let subject: Source = "198.51.100.1".parse()?;
     let now = unix_now();
     // Difficulty 1: solving is not what is measured.
     let proofs = solved_proofs(issuer, subject, 1, PROOFS, now)?;
@@ -544,7 +552,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
 
     // Crypto, one thread.
     let signer = Signer::generate()?;
-    let subject = "198.51.100.1".parse()?;
+    let subject: Source = "198.51.100.1".parse()?;
     let now = unix_now();
     let content = b"<!doctype html><p>Verified.</p>";
     let issue_rate = per_second(2.0, || {
@@ -554,6 +562,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     // Proofs for packages of difficulty 8 (solving is not what is measured here).
     let proofs = solved_proofs(&signer, subject, 8, 2_000, now)?;
     let store = EmbeddedStore::in_memory();
+    let local = tokio::runtime::Builder::new_current_thread().build()?;
     let mut i = 0usize;
     let mut round = 0u64;
     let verify_here = per_second(2.0, || {
@@ -565,7 +574,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
             round += 1;
         }
         // A fresh nonce name per call, so the used-nonce check does its insert every time.
-        store.use_nonce(&format!("{}{round}", v.session_nonce), 300)?;
+        local.block_on(store.use_nonce(&format!("{}{round}", v.session_nonce), 300))?;
         i += 1;
         Ok(())
     })?;

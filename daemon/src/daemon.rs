@@ -116,6 +116,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
             &config.datapath,
             vpn,
             &config.state_dir,
+            config.sources.ipv6_prefix,
         )?))
     } else {
         warn!("datapath disabled by configuration: no XDP guard");
@@ -236,7 +237,15 @@ async fn serve(
         }
     };
     let sentry = if config.sentry.enabled {
-        Some(Sentry::open(&config.sentry, &config.state_dir, datapath.clone()).await?)
+        Some(
+            Sentry::open(
+                &config.sentry,
+                config.sources.ipv6_prefix,
+                &config.state_dir,
+                datapath.clone(),
+            )
+            .await?,
+        )
     } else {
         None
     };
