@@ -105,7 +105,7 @@ impl Source {
     }
 
     /// Prefix length: 32 for IPv4, the prefix's for IPv6.
-    pub fn len(self) -> u8 {
+    pub fn prefix_len(self) -> u8 {
         match self {
             Source::V4(_) => 32,
             Source::V6(_, len) => len,

@@ -419,7 +419,8 @@ pub async fn serve(
         .collect::<Result<Vec<_>, _>>()?;
     let server = http::Server::with_exempt(
         "sentry",
-        http::Limits::sentry_proxy(sentry.static_config.max_body_bytes),
+        http::Limits::sentry_proxy(sentry.static_config.max_body_bytes)
+            .with_source_prefix(sentry.source_prefix()),
         sentry.trusted_proxies.clone(),
     );
     if let Some(p) = proxies.first() {
