@@ -233,6 +233,54 @@ fn the_ticket_ceiling_and_forged_cookies_in_process() {
     });
 }
 
+/// An upstream that accepts and never answers costs the client `upstream_timeout_seconds`,
+/// then a 504; the proxy keeps serving.
+#[test]
+fn a_silent_upstream_gets_504_after_the_upstream_timeout() {
+    runtime().block_on(async {
+        // Accepts (the kernel's backlog does) and never reads or answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = SentryConfig {
+            enabled: true,
+            upstream: format!("http://{}", silent.local_addr().unwrap()),
+            upstream_timeout_seconds: 1,
+            ..SentryConfig::default()
+        };
+        let s = Sentry::with_parts(
+            &config,
+            Store::Embedded(Box::new(EmbeddedStore::in_memory())),
+            Signer::generate().unwrap(),
+            None,
+            SourcePrefix::DEFAULT,
+        )
+        .await
+        .unwrap();
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let served = phantom_daemon::sentry::proxy::serve(addr, Arc::clone(&s), rx)
+            .await
+            .unwrap();
+        let reply = tokio::task::spawn_blocking(move || {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).unwrap();
+            out
+        })
+        .await
+        .unwrap();
+        assert!(reply.starts_with("HTTP/1.1 504"), "{reply}");
+        assert_eq!(s.counters.upstream_errors.load(Ordering::Relaxed), 1);
+        stop.send(true).unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
+        drop(silent);
+    });
+}
+
 // ---------------------------------------------------------------- end to end
 
 /// A client that solved its challenge floods on its ticket: past the ceiling (4 ×
@@ -589,7 +637,9 @@ fn a_64_of_flooding_addresses_is_one_source_and_one_deny_entry() {
     let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
     config.extra_toml = sentry_toml(
         "[::]:8080",
-        "activation_cpu_threshold = 0.0\nip_static_threshold = 20\nhard_block_after = 2\n\
+        // hard_block_after at its default (5): the prefix escalates once a second, so every
+        // one of the 1,000 addresses has had its turn before the kernel drops them.
+        "activation_cpu_threshold = 0.0\nip_static_threshold = 20\n\
          base_difficulty = 8\nmax_difficulty = 12\n",
     );
     let daemon = Daemon::start(&link.server, &config);

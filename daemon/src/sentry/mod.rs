@@ -551,27 +551,21 @@ impl Sentry {
             || (t.activation_rate_threshold > 0 && rate >= t.activation_rate_threshold)
     }
 
-    /// The source's ticket, if it holds one: this host's memory, else a valid cookie, else
-    /// (only while the defence is armed) the store, where another host may have put it. A
-    /// forged cookie counts against the source. `Err` = the store is down.
-    async fn ticket_of(
+    /// Whether this host knows the source holds a ticket: from its memory, else from a valid
+    /// cookie. A forged cookie counts against the source.
+    async fn local_ticket(
         &self,
         source: Source,
         cookie: Option<&str>,
         now: u64,
-        armed: bool,
         t: &Tunables,
-    ) -> Result<bool, Decision> {
+    ) -> bool {
         if self.cached_ticket(source, now) {
-            return Ok(true);
+            return true;
         }
         if let Some(c) = cookie {
             match self.signer.check_cookie(c, source, now) {
-                CookieCheck::Valid(exp) => {
-                    if self.cache_ticket(source, exp) {
-                        return Ok(true);
-                    }
-                }
+                CookieCheck::Valid(exp) => return self.cache_ticket(source, exp),
                 CookieCheck::Stale => {}
                 CookieCheck::Forged => {
                     self.counters.forged_cookies.fetch_add(1, Ordering::Relaxed);
@@ -579,18 +573,38 @@ impl Sentry {
                 }
             }
         }
-        if !armed {
-            return Ok(false);
-        }
-        // Another host may have issued the ticket: one store round trip (none on the
-        // embedded backend), and only while the defence is armed.
+        false
+    }
+
+    /// Whether the store holds a ticket for the source (another host may have issued it).
+    /// `Err` = the store is down (the fail mode's decision); a single failed call is taken
+    /// as "no ticket".
+    async fn store_ticket(&self, source: Source) -> Result<bool, Decision> {
         match self.store_call(self.store.ticket(source)).await {
             Ok(Some(exp)) => Ok(self.cache_ticket(source, exp)),
             Ok(None) => Ok(false),
-            // A single failure: decided on what this host knows (no ticket).
             Err(_) if self.healthy() => Ok(false),
             Err(_) => Err(self.fail()),
         }
+    }
+
+    /// A ticket holder's request: passed, unless the defence is armed and the source is past
+    /// the ticket ceiling — then the ticket is gone and the source is a violator again.
+    async fn ticket_pass(
+        &self,
+        source: Source,
+        t: &Tunables,
+        armed: bool,
+        count: u64,
+        now: u64,
+        path: &str,
+    ) -> Decision {
+        if !armed || count <= t.effective_ticket_ceiling() {
+            return self.pass(Pass::Ticket);
+        }
+        self.revoke_ticket(source, now).await;
+        let doomsday = self.mode_state().current_mode == Mode::Doomsday;
+        self.challenge(source, t, true, doomsday, now, path).await
     }
 
     /// The per-request flow of SPEC 7, for the source the client address stands for.
@@ -610,22 +624,9 @@ impl Sentry {
         let rate = self.detector.current_rate();
         let armed = mode == Mode::Doomsday || mode == Mode::Defcon1 || self.gate_open(&t, rate);
         // Everyone but the whitelist is counted, ticket holders included.
-        let instant = Instant::now();
-        let count = self.detector.count_ip(source, instant);
-        let ticket = match self.ticket_of(source, cookie, now, armed, &t).await {
-            Ok(held) => held,
-            Err(decision) => return decision,
-        };
-        if ticket {
-            if !armed || count <= t.effective_ticket_ceiling() {
-                return self.pass(Pass::Ticket);
-            }
-            // A ticket is not a licence to flood: past the ceiling it is gone and the source
-            // is a violator again.
-            self.revoke_ticket(source, now).await;
-            return self
-                .challenge(source, &t, true, mode == Mode::Doomsday, now, path)
-                .await;
+        let count = self.detector.count_ip(source, Instant::now());
+        if self.local_ticket(source, cookie, now, &t).await {
+            return self.ticket_pass(source, &t, armed, count, now, path).await;
         }
         if !armed {
             return self.pass(Pass::Normal);
@@ -638,14 +639,107 @@ impl Sentry {
         if anomaly {
             self.note_incident(now).await;
         }
+        let mode = self.mode_state().current_mode;
         let over = count > t.ip_static_threshold;
-        match self.mode_state().current_mode {
+        // Only while armed does the store get asked for a ticket (another host may have
+        // issued it): one round trip, none on the embedded backend. A request that will be
+        // challenged unless it holds one has its package made first, and the fleet's record
+        // of that package rides in the same round trip.
+        if let Some(difficulty) = self.speculative_challenge(source, &t, mode, over) {
+            return self
+                .challenge_unless_ticket(source, &t, difficulty, count, now, path)
+                .await;
+        }
+        match self.store_ticket(source).await {
+            Ok(true) => return self.ticket_pass(source, &t, armed, count, now, path).await,
+            Ok(false) => {}
+            Err(decision) => return decision,
+        }
+        match mode {
             // Everyone solves the hardest puzzle; only sources over the static threshold also
             // collect penalties (a visitor busy solving is not a violator).
             Mode::Doomsday => self.challenge(source, &t, over, true, now, path).await,
             Mode::Defcon1 if over => self.challenge(source, &t, true, false, now, path).await,
             Mode::Defcon1 | Mode::Normal => self.pass(Pass::Normal),
         }
+    }
+
+    /// The difficulty of the challenge this request gets if it holds no ticket, when that is
+    /// known without the store: on a backend that records issued packages, in DOOMSDAY or over
+    /// the static threshold in DEFCON_1, with no penalty raise due this second and no hard
+    /// block. `None`: the ordinary path (ticket lookup first).
+    fn speculative_challenge(
+        &self,
+        source: Source,
+        t: &Tunables,
+        mode: Mode,
+        over: bool,
+    ) -> Option<u32> {
+        if !self.store.records_issued() {
+            return None;
+        }
+        match mode {
+            Mode::Doomsday if !over => Some(t.max_difficulty),
+            Mode::Doomsday | Mode::Defcon1 if over => {
+                let count = self.penalties.recent(source, Instant::now())?;
+                if penalty::hard_blocked(t, count) {
+                    return None;
+                }
+                Some(if mode == Mode::Doomsday {
+                    t.max_difficulty
+                } else {
+                    penalty::difficulty(t, count)
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The package first, then one round trip for the ticket lookup and the package's fleet
+    /// record together; a ticket found wins (the package is dropped, its record lapses).
+    async fn challenge_unless_ticket(
+        &self,
+        source: Source,
+        t: &Tunables,
+        difficulty: u32,
+        count: u64,
+        now: u64,
+        path: &str,
+    ) -> Decision {
+        let package = match self.signer.issue(
+            source,
+            difficulty,
+            t.challenge_ttl_seconds,
+            &continuation(path),
+            now,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "cannot issue a challenge");
+                return self.fail();
+            }
+        };
+        let digest = B64.encode(challenge::package_digest(
+            &package.payload,
+            &package.signature,
+        ));
+        match self
+            .store_call(
+                self.store
+                    .ticket_and_record(source, &digest, t.challenge_ttl_seconds),
+            )
+            .await
+        {
+            Ok(Some(exp)) if self.cache_ticket(source, exp) => {
+                return self.ticket_pass(source, t, true, count, now, path).await;
+            }
+            Ok(_) => {}
+            // A single failure: no ticket known, the challenge stands.
+            Err(_) if self.healthy() => {}
+            Err(_) => return self.fail(),
+        }
+        self.counters.challenged.fetch_add(1, Ordering::Relaxed);
+        Decision::Challenge(Box::new(package))
     }
 
     /// Raises the source's penalty (one host at most once per `RAISE_INTERVAL`) and, past

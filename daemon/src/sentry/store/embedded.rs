@@ -304,7 +304,19 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut seq: u64, mut file: 
                 Msg::Compact => compact = true,
             }
         }
-        let result = if let Some(e) = broken.as_ref().filter(|_| buf.is_empty()) {
+        if broken.is_some() {
+            // The last write failed and no new journal could be started then: try again
+            // before writing anything (never after a possibly partial line).
+            match create_journal(&shared.dir, seq + 1) {
+                Ok(f) => {
+                    seq += 1;
+                    file = f;
+                    broken = None;
+                }
+                Err(e) => broken = Some(e),
+            }
+        }
+        let result = if let Some(e) = &broken {
             Err(e.clone())
         } else if buf.is_empty() {
             Ok(())
@@ -315,7 +327,8 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Msg>, mut seq: u64, mut file: 
         };
         processed += lines;
         match &result {
-            Ok(()) => broken = None,
+            Ok(()) => {}
+            Err(_) if broken.is_some() => {}
             Err(e) => {
                 warn!(error = %e, "cannot write the sentry store journal; continuing in a new one");
                 // A failed write may leave a partial line, which ends the file's replay: the

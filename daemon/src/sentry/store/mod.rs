@@ -227,6 +227,20 @@ impl Store {
         }
     }
 
+    /// The source's ticket and, in the same round trip, the record of a package just issued
+    /// to it (on Redis: one pipeline; the embedded store keeps no records).
+    pub async fn ticket_and_record(
+        &self,
+        source: Source,
+        digest: &str,
+        ttl: u64,
+    ) -> Result<Option<u64>, SentryError> {
+        match self {
+            Store::Embedded(s) => s.ticket(source).await,
+            Store::Redis(s) => s.ticket_and_record(source, digest, ttl.max(1)).await,
+        }
+    }
+
     /// Whether a host of the fleet recorded this package digest as issued.
     pub async fn issued_recorded(&self, digest: &str) -> Result<bool, SentryError> {
         match self {

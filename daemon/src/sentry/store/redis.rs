@@ -233,8 +233,8 @@ impl RedisStore {
                 let (Some(count), Some(ttl)) = (pair.first(), pair.get(1)) else {
                     continue;
                 };
-                let count: Option<u64> = redis::from_redis_value(count.clone()).ok().flatten();
-                let ttl: i64 = redis::from_redis_value(ttl.clone()).unwrap_or(-2);
+                let count: Option<u64> = redis::from_redis_value_ref(count).ok().flatten();
+                let ttl: i64 = redis::from_redis_value_ref(ttl).unwrap_or(-2);
                 if let Some(count) = count
                     && ttl > 0
                 {
@@ -401,6 +401,26 @@ impl RedisStore {
             )
             .await?;
         Ok(())
+    }
+
+    /// TTL of the ticket and SET of the issued record, pipelined: one round trip.
+    pub async fn ticket_and_record(
+        &self,
+        source: Source,
+        digest: &str,
+        ttl: u64,
+    ) -> Result<Option<u64>, SentryError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("TTL")
+            .arg(source_key("trust_ticket", source))
+            .cmd("SET")
+            .arg(key(&format!("issued:{digest}")))
+            .arg(1)
+            .arg("EX")
+            .arg(ttl)
+            .ignore();
+        let (ttl,): (i64,) = self.pipeline(&pipe).await?;
+        Ok((ttl > 0).then(|| unix_now() + ttl as u64))
     }
 
     pub async fn issued_recorded(&self, digest: &str) -> Result<bool, SentryError> {
