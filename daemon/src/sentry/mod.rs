@@ -494,10 +494,6 @@ impl Sentry {
         Decision::Pass(p)
     }
 
-    fn cached_ticket(&self, source: Source, now: u64) -> bool {
-        matches!(lock(&self.tickets).get(&source), Some(Held::Valid(exp)) if *exp > now)
-    }
-
     /// Remembers a ticket this host learned of (store, cookie), unless it is one that was
     /// taken away. Returns whether it is honoured.
     fn cache_ticket(&self, source: Source, exp: u64) -> bool {
@@ -560,10 +556,16 @@ impl Sentry {
         now: u64,
         t: &Tunables,
     ) -> bool {
-        if self.cached_ticket(source, now) {
-            return true;
-        }
-        if let Some(c) = cookie {
+        let revoked = match lock(&self.tickets).get(&source) {
+            Some(Held::Valid(exp)) if *exp > now => return true,
+            Some(Held::Revoked(upto)) => *upto > now,
+            _ => false,
+        };
+        // A revoked ticket's cookies are worth nothing (a new proof brings a new ticket), and
+        // a source that keeps failing gets no more signature checks in this window.
+        let verify = !revoked
+            && self.detector.failures(source, Instant::now()) < challenge::FAILED_PROOFS_PER_WINDOW;
+        if let Some(c) = cookie.filter(|_| verify) {
             match self.signer.check_cookie(c, source, now) {
                 CookieCheck::Valid(exp) => return self.cache_ticket(source, exp),
                 CookieCheck::Stale => {}
@@ -619,12 +621,19 @@ impl Sentry {
         if whitelisted {
             return self.pass(Pass::Whitelisted);
         }
+        let instant = Instant::now();
+        if self.penalties.is_blocked(source, instant) {
+            // Past hard_block_after (the kernel drops it too, when there is a datapath):
+            // refused before any other work.
+            self.counters.blocked.fetch_add(1, Ordering::Relaxed);
+            return Decision::Blocked;
+        }
         let t = self.tunables();
         let mode = self.mode_state().current_mode;
         let rate = self.detector.current_rate();
         let armed = mode == Mode::Doomsday || mode == Mode::Defcon1 || self.gate_open(&t, rate);
         // Everyone but the whitelist is counted, ticket holders included.
-        let count = self.detector.count_ip(source, Instant::now());
+        let count = self.detector.count_ip(source, instant);
         if self.local_ticket(source, cookie, now, &t).await {
             return self.ticket_pass(source, &t, armed, count, now, path).await;
         }
