@@ -3,12 +3,12 @@
 
 use aya::{
     Ebpf,
-    maps::{PerCpuHashMap, PerCpuValues},
+    maps::{Array, PerCpuHashMap, PerCpuValues},
     programs::Xdp,
 };
 use phantom_common::{
     names,
-    xdp::{Policy, SourceKey, SourceStats},
+    xdp::{GuardConfig, Policy, SourceKey, SourceStats, ipv6_mask},
 };
 
 use crate::{
@@ -109,6 +109,64 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         format!("xdp_guard drop (denied source), IPv4 64 B, {s} tracked, {d} denied"),
         names::XDP_GUARD,
         denied,
+    )?;
+
+    // IPv6 prefixes in the deny list ([sources] ipv6_prefix = 64): an IPv6 source whose own
+    // address has no entry now pays the second lookup, by its /64.
+    const PREFIXES: u16 = 1_000;
+    {
+        let mut nets: PerCpuHashMap<_, SourceKey, Policy> = PerCpuHashMap::try_from(
+            ebpf.map_mut(names::POLICY_NET_MAP)
+                .ok_or("no prefix policy map")?,
+        )?;
+        for i in 0..PREFIXES {
+            let b = i.to_be_bytes();
+            let values = PerCpuValues::try_from(vec![deny_entry(); cpus])?;
+            let net = [
+                0x20, 0x01, 0x0d, 0xb8, 0xff, 0, b[0], b[1], 0, 0, 0, 0, 0, 0, 0, 0,
+            ];
+            nets.insert(&SourceKey::from_ipv6(net), values, 0)?;
+        }
+        let mut config: Array<_, GuardConfig> = Array::try_from(
+            ebpf.map_mut(names::GUARD_CONFIG_MAP)
+                .ok_or("no guard settings map")?,
+        )?;
+        config.set(
+            0,
+            &GuardConfig {
+                ipv6_mask: ipv6_mask(64),
+                prefix_len: 64,
+                prefix_lookup: 1,
+            },
+            0,
+        )?;
+    }
+    let in_denied_prefix = leak(ipv6_frame([
+        0x20, 0x01, 0x0d, 0xb8, 0xff, 0, 0, 7, 0xaa, 0xbb, 0, 0, 0, 0, 0, 9,
+    ]));
+    measure(
+        &mut ebpf,
+        format!(
+            "xdp_guard pass, IPv6 78 B, {s} tracked, {d} denied + {PREFIXES} denied /64 prefixes (second lookup)"
+        ),
+        names::XDP_GUARD,
+        passing6,
+    )?;
+    measure(
+        &mut ebpf,
+        format!(
+            "xdp_guard pass, IPv4 64 B, {s} tracked, {d} denied + {PREFIXES} denied /64 prefixes"
+        ),
+        names::XDP_GUARD,
+        passing,
+    )?;
+    measure(
+        &mut ebpf,
+        format!(
+            "xdp_guard drop (source in a denied /64), IPv6 78 B, {s} tracked, {d} denied + {PREFIXES} prefixes"
+        ),
+        names::XDP_GUARD,
+        in_denied_prefix,
     )?;
 
     let baseline = rows[0].1;

@@ -17,6 +17,11 @@ pub mod names {
     pub const COUNTERS_MAP: &str = "PH_COUNTERS";
     /// Allow and deny entries by source.
     pub const POLICY_MAP: &str = "PH_POLICY";
+    /// Allow and deny entries by IPv6 prefix (`[sources] ipv6_prefix`): consulted for an IPv6
+    /// source whose own address has no live entry.
+    pub const POLICY_NET_MAP: &str = "PH_POLICY_NET";
+    /// The guard's settings from the daemon (`GuardConfig`).
+    pub const GUARD_CONFIG_MAP: &str = "PH_GUARD_CFG";
     /// Per-CPU cache of live denies in front of the policy map.
     pub const DENY_CACHE_MAP: &str = "PH_DENY_CACHE";
     /// Policy generation: bumped by the daemon after a write that can lift or change a deny.

@@ -2,8 +2,10 @@
 
 /// Default capacity of the per-source map; the daemon may override it at load time.
 pub const DEFAULT_MAX_SOURCES: u32 = 65_536;
-/// Default capacity of the allow/deny policy map.
+/// Default capacity of the allow/deny policy map (and of the prefix policy map).
 pub const DEFAULT_MAX_POLICIES: u32 = 131_072;
+/// Map flag: entries are allocated when written instead of all at load time.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
 /// Length of the per-source rate window.
 pub const WINDOW_NS: u64 = 5_000_000_000;
 /// Slots of the global per-second series (a ring indexed by second).
@@ -95,6 +97,34 @@ pub struct Policy {
 pub const POLICY_ALLOW: u32 = 1;
 pub const POLICY_DENY: u32 = 2;
 
+/// The guard's settings, written by the daemon (one value in `PH_GUARD_CFG`).
+///
+/// IPv6 sources are blocked by prefix: an IPv6 source whose own address has no live entry in
+/// `PH_POLICY` is looked up once more in `PH_POLICY_NET`, its address masked to the prefix
+/// (`[sources] ipv6_prefix`). The second lookup is made only while that map holds entries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardConfig {
+    /// `SourceKey::words` of the prefix mask (`ipv6_mask(prefix_len)`).
+    pub ipv6_mask: [u64; 2],
+    /// The prefix length the entries of `PH_POLICY_NET` have.
+    pub prefix_len: u32,
+    /// Non-zero while `PH_POLICY_NET` holds entries.
+    pub prefix_lookup: u32,
+}
+
+/// The words (as `SourceKey::words`) that keep the first `len` bits of an address.
+pub const fn ipv6_mask(len: u32) -> [u64; 2] {
+    let bits: u128 = if len == 0 {
+        0
+    } else if len >= 128 {
+        u128::MAX
+    } else {
+        u128::MAX << (128 - len)
+    };
+    SourceKey::from_ipv6(bits.to_be_bytes()).words()
+}
+
 /// Why a source is denied; each reason has its own drop counter.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,7 +175,10 @@ pub struct DenyCacheSlot {
     pub until_ns: u64,
     /// The drop `Verdict` as u32; 0 = empty slot.
     pub verdict: u32,
-    pub _pad: u32,
+    /// 0: the entry of `PH_POLICY` for the source `addr`; 1: the entry of `PH_POLICY_NET` for
+    /// the prefix `addr` (masked). The guard looks for each kind separately, so a prefix's slot
+    /// never answers for an address that has an entry of its own.
+    pub net: u32,
     /// Drops counted here since the slot was filled; folded into the policy entry (if its serial
     /// still matches) when the slot is refilled.
     pub dropped_packets: u64,
@@ -299,6 +332,7 @@ mod pod {
     unsafe impl aya::Pod for super::DenyCacheSlot {}
     unsafe impl aya::Pod for super::GuardClock {}
     unsafe impl aya::Pod for super::GuardCounters {}
+    unsafe impl aya::Pod for super::GuardConfig {}
 }
 
 #[cfg(test)]
@@ -351,6 +385,28 @@ mod tests {
             6 * 8 + 64 * 24 + 32 * 16
         );
         assert_eq!(core::mem::size_of::<SecondSlot>(), 24);
+        assert_eq!(core::mem::size_of::<GuardConfig>(), 24);
+    }
+
+    #[test]
+    fn prefix_masks_keep_the_leading_bits() {
+        let key = SourceKey::from_ipv6([
+            0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 2, 0xaa, 0xbb, 0, 0, 0, 0, 0, 9,
+        ]);
+        let [a, b] = key.words();
+        let [m0, m1] = ipv6_mask(64);
+        let masked = SourceKey::from_words([a & m0, b & m1]);
+        assert_eq!(
+            masked.addr,
+            [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        let [m0, m1] = ipv6_mask(56);
+        let masked = SourceKey::from_words([a & m0, b & m1]);
+        assert_eq!(
+            masked.addr,
+            [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(ipv6_mask(128), [u64::MAX, u64::MAX]);
     }
 
     #[test]

@@ -118,6 +118,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
             &config.datapath,
             vpn,
             &config.state_dir,
+            config.sources.ipv6_prefix,
         )?))
     } else {
         warn!("datapath disabled by configuration: no XDP guard");
@@ -320,7 +321,15 @@ async fn serve(
         }
     };
     let sentry = if config.sentry.enabled {
-        Some(Sentry::open(&config.sentry, &config.state_dir, datapath.clone()).await?)
+        Some(
+            Sentry::open(
+                &config.sentry,
+                config.sources.ipv6_prefix,
+                &config.state_dir,
+                datapath.clone(),
+            )
+            .await?,
+        )
     } else {
         None
     };

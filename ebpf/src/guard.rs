@@ -14,9 +14,9 @@ use phantom_common::net::{
     IPV6_HLEN, VLAN_HLEN,
 };
 use phantom_common::xdp::{
-    DEFAULT_MAX_POLICIES, DEFAULT_MAX_SOURCES, DENY_CACHE_SLOTS, DenyCacheSlot, GuardClock,
-    GuardCounters, POLICY_ALLOW, POLICY_DENY, PORT_WORDS, Policy, SECOND_SLOTS, SourceKey,
-    SourceStats, Verdict, WINDOW_NS, deny_cache_slot,
+    BPF_F_NO_PREALLOC, DEFAULT_MAX_POLICIES, DEFAULT_MAX_SOURCES, DENY_CACHE_SLOTS, DenyCacheSlot,
+    GuardClock, GuardConfig, GuardCounters, POLICY_ALLOW, POLICY_DENY, PORT_WORDS, Policy,
+    SECOND_SLOTS, SourceKey, SourceStats, Verdict, WINDOW_NS, deny_cache_slot,
 };
 
 // All maps are pinned by name under the daemon's bpffs directory, so counts and policies
@@ -31,8 +31,17 @@ static COUNTERS: PerCpuArray<GuardCounters> = PerCpuArray::pinned(1, 0);
 #[map(name = "PH_POLICY")]
 static POLICY: PerCpuHashMap<SourceKey, Policy> = PerCpuHashMap::pinned(DEFAULT_MAX_POLICIES, 0);
 
-/// Live denies copied out of `PH_POLICY`: under a flood from denied sources the drop path is one
-/// array access instead of a hash lookup (see `DenyCacheSlot`).
+/// Allow and deny entries for IPv6 prefixes, keyed by the masked address (see `GuardConfig`).
+/// Allocated as written: most hosts hold few or none.
+#[map(name = "PH_POLICY_NET")]
+static POLICY_NET: PerCpuHashMap<SourceKey, Policy> =
+    PerCpuHashMap::pinned(DEFAULT_MAX_POLICIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "PH_GUARD_CFG")]
+static GUARD_CFG: Array<GuardConfig> = Array::pinned(1, 0);
+
+/// Live denies copied out of `PH_POLICY` and `PH_POLICY_NET`: under a flood from denied sources
+/// the drop path is one array access instead of a hash lookup (see `DenyCacheSlot`).
 #[map(name = "PH_DENY_CACHE")]
 static DENY_CACHE: PerCpuArray<DenyCacheSlot> = PerCpuArray::pinned(DENY_CACHE_SLOTS, 0);
 
@@ -197,6 +206,10 @@ fn is_new_protected_tcp(ctx: &XdpContext, l4: usize) -> bool {
 }
 
 /// Applies the policy, then counts the packet against its source.
+///
+/// The most specific entry decides: the source address's own entry in `PH_POLICY` when it has
+/// a live flag, else (IPv6 only) its prefix's entry in `PH_POLICY_NET`. Within an entry, allow
+/// wins over deny.
 #[inline(always)]
 fn judge(ctx: &XdpContext, source: &Source, now: u64, clock: &mut GuardClock, len: u64) -> Verdict {
     // The generation is read before the policy map: a slot filled from a read that raced a
@@ -204,23 +217,11 @@ fn judge(ctx: &XdpContext, source: &Source, now: u64, clock: &mut GuardClock, le
     let generation = POLICY_GEN.get(0).copied().unwrap_or(0);
     let words = source.words;
     let slot = DENY_CACHE.get_ptr_mut(deny_cache_slot(words));
-    if let Some(slot) = slot {
-        // SAFETY: this CPU's slot; only this CPU writes it, and XDP runs with preemption off.
-        let s = unsafe { &mut *slot };
-        if s.verdict != 0
-            && s.generation == generation
-            && s.addr == words
-            && (s.until_ns == 0 || now < s.until_ns)
-        {
-            // The flood path.
-            s.dropped_packets += 1;
-            s.dropped_bytes += len;
-            return if s.verdict == Verdict::DropPenalty as u32 {
-                Verdict::DropPenalty
-            } else {
-                Verdict::DropManual
-            };
-        }
+    if let Some(slot) = slot
+        && let Some(v) = cached_drop(slot, words, 0, generation, now, len)
+    {
+        // The flood path.
+        return v;
     }
     let key = SourceKey::from_words(words);
     let mut verdict = if source.ipv6 {
@@ -228,10 +229,10 @@ fn judge(ctx: &XdpContext, source: &Source, now: u64, clock: &mut GuardClock, le
     } else {
         Verdict::PassIpv4
     };
+    let live = |until: u64| until == 0 || now < until;
     if let Some(policy) = POLICY.get_ptr_mut(&key) {
         // SAFETY: this CPU's copy of the value; only this CPU writes it.
         let p = unsafe { &mut *policy };
-        let live = |until: u64| until == 0 || now < until;
         if p.flags & POLICY_ALLOW != 0 && live(p.allow_until_ns) {
             verdict = Verdict::PassAllowed;
         } else if p.flags & POLICY_DENY != 0 && live(p.deny_until_ns) {
@@ -240,10 +241,19 @@ fn judge(ctx: &XdpContext, source: &Source, now: u64, clock: &mut GuardClock, le
             let verdict = Verdict::for_deny(p.deny_reason);
             if let Some(slot) = slot {
                 // SAFETY: as above.
-                refill(unsafe { &mut *slot }, words, generation, p, verdict);
+                refill(unsafe { &mut *slot }, words, 0, generation, p, verdict);
             }
             return verdict;
         }
+    }
+    if source.ipv6
+        && verdict != Verdict::PassAllowed
+        && let Some(v) = judge_prefix(words, generation, now, len)
+    {
+        if v.is_drop() {
+            return v;
+        }
+        verdict = v;
     }
     let new_tcp = is_new_tcp(ctx, source);
     let epoch = current_epoch(clock, now);
@@ -278,27 +288,100 @@ fn judge(ctx: &XdpContext, source: &Source, now: u64, clock: &mut GuardClock, le
     verdict
 }
 
+/// A drop served from a cache slot holding a live deny for `addr` (of kind `net`).
+#[inline(always)]
+fn cached_drop(
+    slot: *mut DenyCacheSlot,
+    addr: [u64; 2],
+    net: u32,
+    generation: u64,
+    now: u64,
+    len: u64,
+) -> Option<Verdict> {
+    // SAFETY: this CPU's slot; only this CPU writes it, and XDP runs with preemption off.
+    let s = unsafe { &mut *slot };
+    if s.verdict != 0
+        && s.net == net
+        && s.generation == generation
+        && s.addr == addr
+        && (s.until_ns == 0 || now < s.until_ns)
+    {
+        s.dropped_packets += 1;
+        s.dropped_bytes += len;
+        return Some(if s.verdict == Verdict::DropPenalty as u32 {
+            Verdict::DropPenalty
+        } else {
+            Verdict::DropManual
+        });
+    }
+    None
+}
+
+/// The verdict of the IPv6 source's prefix entry, if it has a live one: a drop, or
+/// `PassAllowed`. Nothing is looked up while `PH_POLICY_NET` is empty.
+#[inline(always)]
+fn judge_prefix(words: [u64; 2], generation: u64, now: u64, len: u64) -> Option<Verdict> {
+    let cfg = GUARD_CFG.get(0)?;
+    if cfg.prefix_lookup == 0 {
+        return None;
+    }
+    let net = [words[0] & cfg.ipv6_mask[0], words[1] & cfg.ipv6_mask[1]];
+    let slot = DENY_CACHE.get_ptr_mut(deny_cache_slot(net));
+    if let Some(slot) = slot
+        && let Some(v) = cached_drop(slot, net, 1, generation, now, len)
+    {
+        return Some(v);
+    }
+    let policy = POLICY_NET.get_ptr_mut(&SourceKey::from_words(net))?;
+    // SAFETY: this CPU's copy of the value; only this CPU writes it.
+    let p = unsafe { &mut *policy };
+    let live = |until: u64| until == 0 || now < until;
+    if p.flags & POLICY_ALLOW != 0 && live(p.allow_until_ns) {
+        return Some(Verdict::PassAllowed);
+    }
+    if p.flags & POLICY_DENY != 0 && live(p.deny_until_ns) {
+        p.dropped_packets += 1;
+        p.dropped_bytes += len;
+        let verdict = Verdict::for_deny(p.deny_reason);
+        if let Some(slot) = slot {
+            // SAFETY: as above.
+            refill(unsafe { &mut *slot }, net, 1, generation, p, verdict);
+        }
+        return Some(verdict);
+    }
+    None
+}
+
 /// Puts a live deny into its cache slot. Drops the slot still counts for another (or an older)
 /// entry are first folded into that entry, if it is still the same entry.
 #[inline(always)]
 fn refill(
     s: &mut DenyCacheSlot,
     words: [u64; 2],
+    net: u32,
     generation: u64,
     p: &mut Policy,
     verdict: Verdict,
 ) {
     if s.verdict != 0 && s.dropped_packets != 0 {
-        if s.addr == words && s.serial == p.serial {
+        if s.addr == words && s.net == net && s.serial == p.serial {
             // Same entry, only a newer generation: the value in hand is it.
             p.dropped_packets += s.dropped_packets;
             p.dropped_bytes += s.dropped_bytes;
-        } else if let Some(old) = POLICY.get_ptr_mut(&SourceKey::from_words(s.addr)) {
-            // SAFETY: this CPU's copy of another entry.
-            let old = unsafe { &mut *old };
-            if old.serial == s.serial {
-                old.dropped_packets += s.dropped_packets;
-                old.dropped_bytes += s.dropped_bytes;
+        } else {
+            let key = SourceKey::from_words(s.addr);
+            let old = if s.net == 0 {
+                POLICY.get_ptr_mut(&key)
+            } else {
+                POLICY_NET.get_ptr_mut(&key)
+            };
+            if let Some(old) = old {
+                // SAFETY: this CPU's copy of another entry.
+                let old = unsafe { &mut *old };
+                if old.serial == s.serial {
+                    old.dropped_packets += s.dropped_packets;
+                    old.dropped_bytes += s.dropped_bytes;
+                }
             }
         }
     }
@@ -308,7 +391,7 @@ fn refill(
         serial: p.serial,
         until_ns: p.deny_until_ns,
         verdict: verdict as u32,
-        _pad: 0,
+        net,
         dropped_packets: 0,
         dropped_bytes: 0,
     };

@@ -49,6 +49,23 @@ impl RedisServer {
         let _ = fs::remove_file(self.socket());
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered until
+    /// `unpause` (a stall, not a crash).
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a paused server run again (SIGCONT); it answers what queued up meanwhile.
+    pub fn unpause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = self.pid().expect("redis-server is not running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
+            .expect("signal redis-server");
+    }
+
     /// (Re)starts the server on the same socket and waits until it answers PING.
     pub fn resume(&mut self) {
         let sock = self.socket();

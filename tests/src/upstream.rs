@@ -35,8 +35,10 @@ impl HttpReply {
 }
 
 /// Sends one request (`target` = "METHOD /path") from source address `from` (an address
-/// inside `ns`) to `to`, with `Connection: close`; `extra_headers` are full lines without CRLF. Connecting gives up after
-/// `timeout` (a source dropped in XDP never connects): then `Err`.
+/// inside `ns`, IPv4 or IPv6; for addresses the namespace only routes locally, set
+/// `net.ipv6.ip_nonlocal_bind`) to `to` (`ip:port` or `[ipv6]:port`), with `Connection:
+/// close`; `extra_headers` are full lines without CRLF. Connecting gives up after `timeout` (a
+/// source dropped in XDP never connects): then `Err`.
 pub fn http_from(
     ns: &NetNs,
     from: &str,
@@ -47,11 +49,12 @@ pub fn http_from(
     timeout: Duration,
 ) -> std::io::Result<HttpReply> {
     use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+        sockopt,
     };
     use std::os::fd::AsRawFd;
-    let from: std::net::Ipv4Addr = from.parse().expect("IPv4 source");
-    let to: std::net::SocketAddrV4 = to.parse().expect("IPv4 ip:port");
+    let from: std::net::IpAddr = from.parse().expect("source address");
+    let to: SocketAddr = to.parse().expect("ip:port");
     let mut request = format!(
         "{target} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -64,12 +67,12 @@ pub fn http_from(
     let mut bytes = request.into_bytes();
     bytes.extend_from_slice(body);
     ns.run(move || -> std::io::Result<HttpReply> {
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
+        let family = if to.is_ipv6() {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
         let tv =
             nix::sys::time::TimeVal::new(timeout.as_secs() as i64, timeout.subsec_micros() as i64);
         // Linux bounds a blocking connect() by the send timeout.
@@ -77,9 +80,9 @@ pub fn http_from(
         setsockopt(&fd, sockopt::ReceiveTimeout, &tv)?;
         bind(
             fd.as_raw_fd(),
-            &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0)),
+            &SockaddrStorage::from(SocketAddr::new(from, 0)),
         )?;
-        connect(fd.as_raw_fd(), &SockaddrIn::from(to))?;
+        connect(fd.as_raw_fd(), &SockaddrStorage::from(to))?;
         let mut stream = TcpStream::from(fd);
         stream.write_all(&bytes)?;
         let mut raw = Vec::new();

@@ -21,6 +21,7 @@ use phantom_daemon::{
         proxy, solver,
         store::{ModeState, Store, TrafficStats, embedded::EmbeddedStore, redis::RedisStore},
     },
+    source::{Source, SourcePrefix},
 };
 use phantom_tests::{
     BpffsDir, Daemon, DaemonConfig, GuardedLink, HttpReply, NetNs, RedisServer, UpstreamSite, api,
@@ -40,6 +41,10 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+fn src(s: &str) -> Source {
+    s.parse().unwrap()
+}
+
 // ---------------------------------------------------------------- store suite
 
 /// The semantics every backend must have. `reopen` gives a second handle on the same
@@ -47,6 +52,9 @@ fn ip(s: &str) -> IpAddr {
 async fn store_semantics(store: &Store, reopen: &dyn Fn() -> Store) {
     let a = ip("198.51.100.1");
     let b = ip("198.51.100.2");
+    let (sa, sb) = (Source::from(a), Source::from(b));
+    // An IPv6 source is its prefix, one key for the whole /64.
+    let net = src("2001:db8:1:2::/64");
     store.ping().await.unwrap();
 
     // config and state
@@ -77,28 +85,34 @@ async fn store_semantics(store: &Store, reopen: &dyn Fn() -> Store) {
     assert!(!store.whitelist_remove(b).await.unwrap());
 
     // tickets
-    assert_eq!(store.ticket(a).await.unwrap(), None);
-    let exp = store.set_ticket(a, 600).await.unwrap();
-    let got = store.ticket(a).await.unwrap().unwrap();
+    assert_eq!(store.ticket(sa).await.unwrap(), None);
+    let exp = store.set_ticket(sa, 600).await.unwrap();
+    let got = store.ticket(sa).await.unwrap().unwrap();
     assert!(got.abs_diff(exp) <= 1, "{got} vs {exp}");
+    store.set_ticket(net, 600).await.unwrap();
+    assert!(store.ticket(net).await.unwrap().is_some());
+    store.clear_ticket(net).await.unwrap();
+    assert_eq!(store.ticket(net).await.unwrap(), None);
 
     // penalty box: count and TTL = unit × count
-    assert_eq!(store.penalty_incr(b, 900).await.unwrap(), 1);
-    assert_eq!(store.penalty_incr(b, 900).await.unwrap(), 2);
-    let e = store.penalty(b).await.unwrap().unwrap();
+    assert_eq!(store.penalty_incr(sb, 900).await.unwrap(), 1);
+    assert_eq!(store.penalty_incr(sb, 900).await.unwrap(), 2);
+    let e = store.penalty(sb).await.unwrap().unwrap();
     assert_eq!(e.count, 2);
     assert!((1_798..=1_800).contains(&e.expires_in_seconds), "{e:?}");
-    assert_eq!(store.penalty_incr(a, 900).await.unwrap(), 1);
+    assert_eq!(store.penalty_incr(sa, 900).await.unwrap(), 1);
+    assert_eq!(store.penalty_incr(net, 900).await.unwrap(), 1);
     let list = store.penalties(10).await.unwrap();
     assert_eq!(
         list.iter()
             .map(|e| (e.address, e.count))
             .collect::<Vec<_>>(),
-        vec![(b, 2), (a, 1)]
+        vec![(sb, 2), (sa, 1), (net, 1)]
     );
     assert_eq!(store.penalties(1).await.unwrap().len(), 1);
-    assert!(store.clear_penalty(a).await.unwrap());
-    assert_eq!(store.penalty(a).await.unwrap(), None);
+    assert!(store.clear_penalty(sa).await.unwrap());
+    assert_eq!(store.penalty(sa).await.unwrap(), None);
+    assert!(store.clear_penalty(net).await.unwrap());
 
     // used nonces: exactly one of many concurrent users wins
     let wins = futures_join_nonce(store, "bm9uY2U").await;
@@ -121,10 +135,11 @@ async fn store_semantics(store: &Store, reopen: &dyn Fn() -> Store) {
     );
     assert_eq!(got_stats, Some(stats));
 
-    // per-IP counts
-    store.publish_counts(&[(a, 17)]).await.unwrap();
-    assert_eq!(store.req_count(a).await.unwrap(), 17);
-    assert_eq!(store.req_count(b).await.unwrap(), 0);
+    // per-source counts
+    store.publish_counts(&[(sa, 17), (net, 40)]).await.unwrap();
+    assert_eq!(store.req_count(sa).await.unwrap(), 17);
+    assert_eq!(store.req_count(net).await.unwrap(), 40);
+    assert_eq!(store.req_count(sb).await.unwrap(), 0);
 
     // fleet keys
     store.publish_key("kid1", "{\"kty\":\"EC\"}").await.unwrap();
@@ -147,8 +162,8 @@ async fn store_semantics(store: &Store, reopen: &dyn Fn() -> Store) {
     assert_eq!(other.get_config().await.unwrap(), Some(t));
     assert_eq!(other.get_state().await.unwrap(), Some(s));
     assert_eq!(other.whitelist().await.unwrap(), vec![a]);
-    assert!(other.ticket(a).await.unwrap().is_some());
-    assert_eq!(other.penalty(b).await.unwrap().unwrap().count, 2);
+    assert!(other.ticket(sa).await.unwrap().is_some());
+    assert_eq!(other.penalty(sb).await.unwrap().unwrap().count, 2);
     assert!(
         !other.use_nonce("bm9uY2U", 60).await.unwrap(),
         "a used nonce stays used"
@@ -233,9 +248,15 @@ fn sentry_config(redis_url: &str) -> SentryConfig {
 async fn sentry_on(redis: &RedisServer) -> Arc<Sentry> {
     let config = sentry_config(&redis.url());
     let store = Store::Redis(RedisStore::connect(&config.redis_url).unwrap());
-    Sentry::with_parts(&config, store, Signer::generate().unwrap(), None)
-        .await
-        .unwrap()
+    Sentry::with_parts(
+        &config,
+        store,
+        Signer::generate().unwrap(),
+        None,
+        SourcePrefix::DEFAULT,
+    )
+    .await
+    .unwrap()
 }
 
 /// Requests from `client` until the host challenges it (over `ip_static_threshold` = 1).
@@ -326,7 +347,9 @@ fn two_hosts_on_one_redis_share_tickets_penalties_whitelist_and_mode() {
             .difficulty;
         let listed = b.penalty_list(10).await.unwrap();
         assert!(
-            listed.iter().any(|e| e.address == other && e.count == 1),
+            listed
+                .iter()
+                .any(|e| e.address == Source::from(other) && e.count == 1),
             "{listed:?}"
         );
         let second = challenged(&b, other).await;
@@ -364,7 +387,7 @@ fn two_hosts_on_one_redis_share_tickets_penalties_whitelist_and_mode() {
             other => panic!("DOOMSDAY must challenge: {other:?}"),
         };
         assert_eq!(d, 12);
-        assert_eq!(a.store.penalty(visitor).await.unwrap(), None);
+        assert_eq!(a.store.penalty(visitor.into()).await.unwrap(), None);
         ticker.abort();
         ticker_a.abort();
     });
@@ -385,6 +408,7 @@ fn redis_down_fails_open_by_default_and_closed_on_request() {
             Store::Redis(RedisStore::connect(&closed_config.redis_url).unwrap()),
             Signer::generate().unwrap(),
             None,
+            SourcePrefix::DEFAULT,
         )
         .await
         .unwrap();
@@ -393,11 +417,27 @@ fn redis_down_fails_open_by_default_and_closed_on_request() {
         }
         redis.stop();
         let client = ip("203.0.113.50");
+        // One failed call is not an outage: the request is decided on what the host knows.
+        // DEGRADE_AFTER_FAILURES in a row are; from then on the fail mode applies.
+        let first = open.decide(client, None, "/").await;
+        assert!(
+            matches!(first, Decision::Pass(phantom_daemon::sentry::Pass::Normal)),
+            "{first:?}"
+        );
+        assert!(open.healthy(), "one failure does not degrade the store");
+        let mut calls = 1;
+        while open.healthy() {
+            let _ = open.decide(client, None, "/").await;
+            calls += 1;
+            assert!(calls < 10, "never degraded");
+        }
         assert!(matches!(
             open.decide(client, None, "/").await,
             Decision::Pass(phantom_daemon::sentry::Pass::FailOpen)
         ));
-        assert!(!open.healthy());
+        while closed.healthy() {
+            let _ = closed.decide(client, None, "/").await;
+        }
         assert!(matches!(
             closed.decide(client, None, "/").await,
             Decision::Unavailable
@@ -414,6 +454,7 @@ async fn in_memory_sentry(config: &SentryConfig) -> Arc<Sentry> {
         Store::Embedded(Box::new(EmbeddedStore::in_memory())),
         Signer::generate().unwrap(),
         None,
+        SourcePrefix::DEFAULT,
     )
     .await
     .unwrap()
@@ -551,7 +592,7 @@ fn post_json(ns: &NetNs, from: &str, to: &str, path: &str, body: &Value) -> Http
 }
 
 fn proof_json(p: &Proof) -> Value {
-    json!({"payload": p.payload, "signature": p.signature, "pow_nonce": p.pow_nonce})
+    json!({"payload": p.payload, "signature": p.signature, "pow_nonce": p.pow_nonce, "kid": p.kid})
 }
 
 fn package_of(reply: &HttpReply) -> Package {
@@ -673,7 +714,7 @@ fn two_daemons_on_one_redis_honour_each_others_tickets_and_penalties() {
     let _site_b = UpstreamSite::start(&ns_b, "127.0.0.1:18000");
     let (bpffs_a, bpffs_b) = (BpffsDir::new(), BpffsDir::new());
     let extra = format!(
-        "redis_url = {:?}\nip_static_threshold = 1\nbase_difficulty = 8\nmax_difficulty = 12\nchallenge_ttl_seconds = 60\n",
+        "redis_url = {:?}\nip_static_threshold = 1\nticket_ceiling = 100\nbase_difficulty = 8\nmax_difficulty = 12\nchallenge_ttl_seconds = 60\n",
         redis.url()
     );
     let daemon_on = |ns: &NetNs, bpffs: &BpffsDir| sentry_daemon(ns, bpffs, &extra);

@@ -47,10 +47,18 @@ type Handler = Arc<dyn Fn(Value) -> BoxFuture + Send + Sync>;
 /// the CLI passes (`count=5`, `confirm=true`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ParamKind {
-    String { max_len: usize },
-    Integer { min: i64, max: i64 },
+    String {
+        max_len: usize,
+    },
+    Integer {
+        min: i64,
+        max: i64,
+    },
     Boolean,
     IpAddr,
+    /// An address or an IPv6 prefix (`2001:db8:1:2::/64`), as `crate::source::Source` reads
+    /// it; passed on in its canonical spelling.
+    Source,
 }
 
 impl ParamKind {
@@ -60,6 +68,7 @@ impl ParamKind {
             ParamKind::Integer { min, max } => format!("integer {min}..={max}"),
             ParamKind::Boolean => "true|false".into(),
             ParamKind::IpAddr => "IPv4 or IPv6 address".into(),
+            ParamKind::Source => "IPv4 or IPv6 address, or IPv6 prefix (address/length)".into(),
         }
     }
 }
@@ -416,6 +425,13 @@ fn coerce(spec: &ParamSpec, raw: Value) -> Result<Value, ApiError> {
                 .map(|ip| Value::String(ip.to_string()))
                 .map_err(|_| bad("not an IP address")),
             _ => Err(bad("not an IP address")),
+        },
+        ParamKind::Source => match &raw {
+            Value::String(s) => s
+                .parse::<crate::source::Source>()
+                .map(|src| Value::String(src.to_string()))
+                .map_err(|_| bad("not an IP address or an IPv6 prefix with its host bits clear")),
+            _ => Err(bad("not an IP address or an IPv6 prefix")),
         },
     }
 }

@@ -27,6 +27,9 @@ pub struct SentryConfig {
     pub trusted_proxies: Vec<String>,
     /// Largest request body forwarded upstream; larger ones get 413.
     pub max_body_bytes: u64,
+    /// How long the upstream may take to start its answer, and to send each next piece of
+    /// it: past that the client gets 504 (or the answer is cut off).
+    pub upstream_timeout_seconds: u64,
     /// The defence's tunables: the first values of the store's `sentry:config`;
     /// `sentry set_config` changes them at run time (and in the store, for the whole fleet).
     /// Written as plain keys of `[sentry]`.
@@ -49,6 +52,7 @@ impl Default for SentryConfig {
             redis_fail_mode: "open".into(),
             trusted_proxies: Vec::new(),
             max_body_bytes: 10 * 1024 * 1024,
+            upstream_timeout_seconds: 60,
             tunables: Tunables::default(),
             unknown: BTreeMap::new(),
         }
@@ -66,6 +70,9 @@ pub struct Tunables {
     pub sensitivity_factor: f64,
     /// Requests in 5 s above which an IP is challenged during an anomaly.
     pub ip_static_threshold: u64,
+    /// Requests in 5 s above which a ticket holder loses its ticket and is penalised while
+    /// the defence is armed; 0 = 4 × `ip_static_threshold`.
+    pub ticket_ceiling: u64,
     /// Violations after which an IP is dropped in the kernel.
     pub hard_block_after: u64,
     pub base_difficulty: u32,
@@ -87,6 +94,7 @@ impl Default for Tunables {
             activation_rate_threshold: 0,
             sensitivity_factor: 3.0,
             ip_static_threshold: 15,
+            ticket_ceiling: 0,
             hard_block_after: 5,
             base_difficulty: 16,
             max_difficulty: 24,
@@ -100,6 +108,15 @@ impl Default for Tunables {
 }
 
 impl Tunables {
+    /// Requests in 5 s a ticket holder may send while the defence is armed.
+    pub fn effective_ticket_ceiling(&self) -> u64 {
+        if self.ticket_ceiling == 0 {
+            self.ip_static_threshold.saturating_mul(4)
+        } else {
+            self.ticket_ceiling
+        }
+    }
+
     /// Every rule a value must meet; the message names the key and its range.
     pub fn validate(&self) -> Result<(), InvalidValue> {
         let bad = |m: String| Err(InvalidValue(m));
@@ -116,6 +133,14 @@ impl Tunables {
         }
         if !(1..=10_000_000).contains(&self.ip_static_threshold) {
             return bad("ip_static_threshold must be between 1 and 10000000".into());
+        }
+        if self.ticket_ceiling != 0
+            && !(self.ip_static_threshold..=40_000_000).contains(&self.ticket_ceiling)
+        {
+            return bad(format!(
+                "ticket_ceiling must be 0 (4 × ip_static_threshold) or between ip_static_threshold ({}) and 40000000",
+                self.ip_static_threshold
+            ));
         }
         if !(1..=1_000).contains(&self.hard_block_after) {
             return bad("hard_block_after must be between 1 and 1000".into());
@@ -207,6 +232,11 @@ impl SentryConfig {
                 "sentry.max_body_bytes must be between 1024 and 4294967296".into(),
             ));
         }
+        if !(1..=3_600).contains(&self.upstream_timeout_seconds) {
+            return Err(InvalidValue(
+                "sentry.upstream_timeout_seconds must be between 1 and 3600".into(),
+            ));
+        }
         self.tunables
             .validate()
             .map_err(|e| InvalidValue(format!("sentry.{e}")))
@@ -234,6 +264,15 @@ mod tests {
         assert!(c.validate().is_ok());
         let c: SentryConfig = toml::from_str("ip_static_treshold = 7").unwrap();
         assert!(c.validate().is_err());
+        // The ticket ceiling follows the static threshold unless set, and never below it.
+        let c: SentryConfig = toml::from_str("ip_static_threshold = 7").unwrap();
+        assert_eq!(c.tunables.effective_ticket_ceiling(), 28);
+        let c: SentryConfig =
+            toml::from_str("ip_static_threshold = 7\nticket_ceiling = 6").unwrap();
+        assert!(c.validate().is_err());
+        let c: SentryConfig =
+            toml::from_str("ip_static_threshold = 7\nticket_ceiling = 50").unwrap();
+        assert_eq!(c.tunables.effective_ticket_ceiling(), 50);
         let text = toml::to_string(&SentryConfig::default()).unwrap();
         assert!(text.contains("ip_static_threshold = 15"), "{text}");
         let back: SentryConfig = toml::from_str(&text).unwrap();

@@ -18,6 +18,7 @@ use crate::{
     domain_name,
     error::Error,
     protocol::codes,
+    source::Source,
 };
 
 /// What the `datapath` actions work with.
@@ -53,14 +54,14 @@ struct TopSourcesParams {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct IpTtlParams {
-    ip: IpAddr,
+    ip: Source,
     ttl_seconds: Option<i64>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct IpParams {
-    ip: IpAddr,
+    ip: Source,
 }
 
 #[derive(Deserialize)]
@@ -85,7 +86,11 @@ struct MarkParams {
     mark: Option<i64>,
 }
 
-const IP: ParamSpec = ParamSpec::required("ip", ParamKind::IpAddr, "IPv4 or IPv6 source address");
+const IP: ParamSpec = ParamSpec::required(
+    "ip",
+    ParamKind::Source,
+    "IPv4 or IPv6 source address, or an IPv6 prefix of the [sources] ipv6_prefix length (2001:db8:1:2::/64)",
+);
 const TTL: ParamSpec = ParamSpec::optional(
     "ttl_seconds",
     ParamKind::Integer {
@@ -100,6 +105,13 @@ const DOMAIN: ParamSpec = ParamSpec::required(
     ParamKind::String { max_len: 260 },
     "domain name (punycode for internationalised names)",
 );
+
+/// A prefix of another length than the guard matches is bad input, not a failure.
+async fn prefix_usable(h: &Handles, source: Source) -> Result<(), ApiError> {
+    with_datapath(h, move |dp| Ok(dp.policy.check(source)))
+        .await?
+        .map_err(|e| ApiError::new(codes::INVALID_PARAMETER, e.to_string()))
+}
 
 fn ttl(secs: Option<i64>) -> Option<Duration> {
     secs.and_then(|s| u64::try_from(s).ok())
@@ -302,6 +314,7 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                 async move {
                     let ip = p.ip;
                     let ttl = ttl(p.ttl_seconds);
+                    prefix_usable(&c, ip).await?;
                     let entry = with_datapath(&c, move |dp| {
                         dp.policy.set(ip, list, ttl, DenyReason::Manual)
                     })
@@ -336,6 +349,7 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
             let c = Arc::clone(&c);
             async move {
                 let ip = p.ip;
+                prefix_usable(&c, ip).await?;
                 let was = with_datapath(&c, move |dp| dp.policy.remove(ip, list)).await?;
                 Ok::<_, ApiError>(json!({ key: was, "address": ip }))
             }

@@ -54,6 +54,7 @@ pub use self::{
 use crate::{
     config::DatapathConfig,
     error::Error,
+    source::SourcePrefix,
     tasks::{self, Shutdown},
 };
 
@@ -121,6 +122,7 @@ fn load_object(config: &DatapathConfig, pin_dir: &Path) -> Result<Ebpf, Error> {
             .default_map_pin_directory(pin_dir)
             .map_max_entries(names::SOURCES_MAP, config.max_sources)
             .map_max_entries(names::POLICY_MAP, config.max_policies)
+            .map_max_entries(names::POLICY_NET_MAP, config.max_policies)
             .map_max_entries(names::DOMAINS_MAP, config.max_domains)
             .load(EBPF_OBJECT);
         match loaded {
@@ -187,11 +189,13 @@ fn l2_len(interface: &str) -> Result<u32, Error> {
 impl Datapath {
     /// Loads the object (reusing pinned maps), attaches or adopts the XDP guard, restores the
     /// persisted policies and domain rules, and attaches the VPN-interface programs when that
-    /// interface exists.
+    /// interface exists. `source_prefix` (`[sources] ipv6_prefix`) is the IPv6 prefix the
+    /// guard's prefix entries cover.
     pub fn start(
         config: &DatapathConfig,
         vpn_interface: &str,
         state_dir: &Path,
+        source_prefix: SourcePrefix,
     ) -> Result<Self, Error> {
         let pin_dir = config.bpffs.clone();
         bpffs::ensure(&pin_dir)?;
@@ -222,8 +226,11 @@ impl Datapath {
         let policy = PolicyTable::open(
             PolicyMaps::new(
                 take_map(&mut ebpf, names::POLICY_MAP)?.try_into()?,
+                take_map(&mut ebpf, names::POLICY_NET_MAP)?.try_into()?,
                 take_map(&mut ebpf, names::DENY_CACHE_MAP)?.try_into()?,
                 take_map(&mut ebpf, names::POLICY_GEN_MAP)?.try_into()?,
+                take_map(&mut ebpf, names::GUARD_CONFIG_MAP)?.try_into()?,
+                source_prefix,
             ),
             state_dir,
         )?;
@@ -349,7 +356,7 @@ impl Datapath {
     }
 
     pub fn maps(&self) -> Result<Vec<MapSummary>, Error> {
-        let (allowed, denied) = self.policy.counts()?;
+        let [addrs, nets] = self.policy.counts_by_map()?;
         let summary = |name, kind, max_entries, entries| MapSummary {
             name,
             kind,
@@ -368,7 +375,13 @@ impl Datapath {
                 names::POLICY_MAP,
                 "hash",
                 self.config.max_policies,
-                allowed + denied,
+                addrs.0 + addrs.1,
+            ),
+            summary(
+                names::POLICY_NET_MAP,
+                "hash",
+                self.config.max_policies,
+                nets.0 + nets.1,
             ),
             summary(
                 names::DOMAINS_MAP,

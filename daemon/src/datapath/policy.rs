@@ -5,10 +5,13 @@
 //! TTL lifts a block on time even if the daemon is down; a sweeper only tidies the map.
 //! Operator entries (allow, manual deny) are persisted in the state directory with wall-clock
 //! expiry and restored at start, also after a reboot empties bpffs.
+//!
+//! An entry is for one address (IPv4, or IPv6 /128) or for an IPv6 prefix of the length
+//! `[sources] ipv6_prefix` sets: the guard looks an IPv6 source up by its own address first
+//! and, when that has no live entry, by its prefix (a second map, `PH_POLICY_NET`).
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
     path::{Path, PathBuf},
     sync::Mutex,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -16,17 +19,24 @@ use std::{
 
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use phantom_common::xdp::{
-    DenyCacheSlot, DenyReason, POLICY_ALLOW, POLICY_DENY, Policy, SourceKey, deny_cache_slot,
+    DenyCacheSlot, DenyReason, GuardConfig, POLICY_ALLOW, POLICY_DENY, Policy, SourceKey,
+    deny_cache_slot, ipv6_mask,
 };
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 use super::guard::{ip_to_key, key_to_ip, monotonic_ns};
-use crate::{error::Error, store};
+use crate::{
+    error::Error,
+    source::{Source, SourcePrefix},
+    store,
+};
 
 /// One live entry as reported to admins.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct PolicyView {
-    pub address: IpAddr,
+    /// The address, or the IPv6 prefix (`2001:db8:1:2::/64`).
+    pub address: Source,
     /// `manual` or `penalty` for denies; absent for allows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
@@ -43,45 +53,171 @@ pub struct PolicyView {
 
 type PolicyMap = PerCpuHashMap<MapData, SourceKey, Policy>;
 
-/// The kernel side of the lists: the policy map, the guard's per-CPU deny cache in front of it
-/// and the generation that retires cached denies (see `DenyCacheSlot`).
+/// Where an entry lives: `PH_POLICY` by address, or `PH_POLICY_NET` by masked IPv6 prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Key {
+    Addr(SourceKey),
+    Net(SourceKey),
+}
+
+impl Key {
+    fn source_key(&self) -> &SourceKey {
+        match self {
+            Key::Addr(k) | Key::Net(k) => k,
+        }
+    }
+
+    /// The deny cache's tag for slots of this kind (`DenyCacheSlot::net`).
+    fn net_tag(&self) -> u32 {
+        u32::from(matches!(self, Key::Net(_)))
+    }
+}
+
+/// The kernel side of the lists: the two policy maps, the guard's per-CPU deny cache in front
+/// of them, the generation that retires cached denies (see `DenyCacheSlot`), and the guard's
+/// settings (the IPv6 prefix and whether the prefix map holds anything).
 pub struct PolicyMaps {
     policy: PolicyMap,
+    nets: PolicyMap,
     cache: PerCpuArray<MapData, DenyCacheSlot>,
     generation: Array<MapData, u64>,
+    config: Array<MapData, GuardConfig>,
+    prefix: SourcePrefix,
+    /// Entries in `nets`, so the guard's second lookup is switched on only while it is useful.
+    net_entries: usize,
     last_serial: u64,
 }
 
 impl PolicyMaps {
     pub fn new(
         policy: PolicyMap,
+        nets: PolicyMap,
         cache: PerCpuArray<MapData, DenyCacheSlot>,
         generation: Array<MapData, u64>,
+        config: Array<MapData, GuardConfig>,
+        prefix: SourcePrefix,
     ) -> Self {
         Self {
             policy,
+            nets,
             cache,
             generation,
+            config,
+            prefix,
+            net_entries: 0,
             last_serial: 0,
         }
     }
 
+    /// The map key of `source`. An IPv6 prefix must have the configured length: the guard
+    /// masks every IPv6 source to that one length.
+    pub fn key(&self, source: Source) -> Result<Key, Error> {
+        match source {
+            Source::V4(v4) => Ok(Key::Addr(SourceKey::from_ipv4(v4.octets()))),
+            Source::V6(v6, 128) => Ok(Key::Addr(ip_to_key(std::net::IpAddr::V6(v6)))),
+            Source::V6(v6, len) if len == self.prefix.bits() => {
+                Ok(Key::Net(SourceKey::from_ipv6(v6.octets())))
+            }
+            Source::V6(_, len) => Err(Error::Datapath(format!(
+                "{source}: the XDP guard matches IPv6 addresses (/128) and /{} prefixes \
+                 ([sources] ipv6_prefix), not /{len}",
+                self.prefix.bits()
+            ))),
+        }
+    }
+
+    fn source_of(&self, key: &Key) -> Source {
+        match key {
+            Key::Addr(k) => Source::addr(key_to_ip(k)),
+            Key::Net(k) => Source::V6(std::net::Ipv6Addr::from(k.addr), self.prefix.bits()),
+        }
+    }
+
+    fn map(&self, key: &Key) -> &PolicyMap {
+        match key {
+            Key::Addr(_) => &self.policy,
+            Key::Net(_) => &self.nets,
+        }
+    }
+
+    /// Every key of both maps.
+    fn keys(&self) -> Vec<Key> {
+        let addrs = self.policy.keys().filter_map(Result::ok).map(Key::Addr);
+        let nets = self.nets.keys().filter_map(Result::ok).map(Key::Net);
+        addrs.chain(nets).collect()
+    }
+
+    /// Every entry of both maps, settings and counts merged over CPUs (without the cache's).
+    fn entries(&self) -> Vec<(Key, Policy)> {
+        let addrs = self
+            .policy
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Key::Addr(k), merge(&v)));
+        let nets = self
+            .nets
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Key::Net(k), merge(&v)));
+        addrs.chain(nets).collect()
+    }
+
+    /// Writes the guard's settings: the prefix mask and whether the prefix map is in use.
+    fn write_config(&mut self) -> Result<(), Error> {
+        let len = u32::from(self.prefix.bits());
+        let config = GuardConfig {
+            ipv6_mask: ipv6_mask(len),
+            prefix_len: len,
+            prefix_lookup: u32::from(self.net_entries > 0),
+        };
+        self.config
+            .set(0, &config, 0)
+            .map_err(|e| Error::Datapath(format!("cannot write the guard's settings: {e}")))
+    }
+
+    /// At start: prefix entries of another length (`[sources] ipv6_prefix` changed) no
+    /// longer mean what they say and are dropped; the rest are counted.
+    fn adopt_nets(&mut self) -> Result<(), Error> {
+        let written = self.config.get(&0, 0).unwrap_or_default();
+        let keys: Vec<SourceKey> = self.nets.keys().filter_map(Result::ok).collect();
+        if written.prefix_len != u32::from(self.prefix.bits()) && !keys.is_empty() {
+            warn!(
+                entries = keys.len(),
+                was = written.prefix_len,
+                now = self.prefix.bits(),
+                "the IPv6 prefix length changed: the kernel's prefix entries are dropped \
+                 (operator entries of the new length are restored from the state file)"
+            );
+            for k in &keys {
+                let _ = self.nets.remove(k);
+            }
+            self.net_entries = 0;
+        } else {
+            self.net_entries = keys.len();
+        }
+        self.write_config()
+    }
+
     /// One entry as the CPUs hold it: settings (identical on every CPU) and its drop counts,
     /// including those still held in the deny cache.
-    fn read(&self, key: &SourceKey) -> Option<Policy> {
-        let values = self.policy.get(key, 0).ok()?;
+    fn read(&self, key: &Key) -> Option<Policy> {
+        let values = self.map(key).get(key.source_key(), 0).ok()?;
         Some(self.counted(key, merge(&values)))
     }
 
     /// Adds what the deny cache counted for this entry and has not folded in yet.
-    fn counted(&self, key: &SourceKey, mut p: Policy) -> Policy {
+    fn counted(&self, key: &Key, mut p: Policy) -> Policy {
         if p.flags & POLICY_DENY == 0 {
             return p;
         }
-        let words = key.words();
+        let words = key.source_key().words();
         if let Ok(slots) = self.cache.get(&deny_cache_slot(words), 0) {
             for slot in slots.iter() {
-                if slot.verdict != 0 && slot.addr == words && slot.serial == p.serial {
+                if slot.verdict != 0
+                    && slot.addr == words
+                    && slot.net == key.net_tag()
+                    && slot.serial == p.serial
+                {
                     p.dropped_packets += slot.dropped_packets;
                     p.dropped_bytes += slot.dropped_bytes;
                 }
@@ -94,8 +230,12 @@ impl PolicyMaps {
     /// serial, or deletes the entry when neither list holds the source any more. A write to an
     /// entry that held a deny retires every cached deny, so the change applies to the next
     /// packet; a new deny needs no such step (only denies are cached).
-    fn write(&mut self, key: &SourceKey, p: Policy) -> Result<(), Error> {
-        let current = self.policy.get(key, 0).ok().map(|v| v.to_vec());
+    fn write(&mut self, key: &Key, p: Policy) -> Result<(), Error> {
+        let current = self
+            .map(key)
+            .get(key.source_key(), 0)
+            .ok()
+            .map(|v| v.to_vec());
         let had_deny = current
             .as_ref()
             .and_then(|c| c.first())
@@ -109,13 +249,28 @@ impl PolicyMaps {
 
     fn write_values(
         &mut self,
-        key: &SourceKey,
+        key: &Key,
         p: Policy,
         current: Option<Vec<Policy>>,
     ) -> Result<(), Error> {
+        let net = matches!(key, Key::Net(_));
+        let k = key.source_key();
         if p.flags & (POLICY_ALLOW | POLICY_DENY) == 0 {
-            return match self.policy.remove(key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            let removed = match key {
+                Key::Addr(_) => self.policy.remove(k),
+                Key::Net(_) => self.nets.remove(k),
+            };
+            return match removed {
+                Ok(()) => {
+                    if net {
+                        self.net_entries = self.net_entries.saturating_sub(1);
+                        if self.net_entries == 0 {
+                            self.write_config()?;
+                        }
+                    }
+                    Ok(())
+                }
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
                 Err(e) => Err(e.into()),
             };
         }
@@ -126,6 +281,7 @@ impl PolicyMaps {
         let cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| Error::Datapath(format!("{what}: {e}")))?
             .get() as usize;
+        let new = current.is_none();
         let current = current.unwrap_or_else(|| vec![Policy::default(); cpus]);
         let values: Vec<Policy> = current
             .iter()
@@ -138,9 +294,21 @@ impl PolicyMaps {
             .collect();
         let values = PerCpuValues::try_from(values)
             .map_err(|e| Error::Datapath(format!("per-CPU policy value: {e}")))?;
-        self.policy
-            .insert(key, values, 0)
-            .map_err(|e| Error::Datapath(format!("cannot update the policy map (full?): {e}")))
+        let inserted = match key {
+            Key::Addr(_) => self.policy.insert(k, values, 0),
+            Key::Net(_) => self.nets.insert(k, values, 0),
+        };
+        inserted
+            .map_err(|e| Error::Datapath(format!("cannot update the policy map (full?): {e}")))?;
+        if net && new {
+            // Switched on after the entry exists, so the guard never looks into an empty map
+            // on its account; off again when the last one goes.
+            self.net_entries += 1;
+            if self.net_entries == 1 {
+                self.write_config()?;
+            }
+        }
+        Ok(())
     }
 
     /// A serial no entry had before: the monotonic clock, which outlives daemon restarts (and
@@ -171,11 +339,12 @@ pub enum List {
     Deny,
 }
 
-/// What is persisted: operator entries with wall-clock expiry (Unix seconds).
+/// What is persisted: operator entries with wall-clock expiry (Unix seconds), by address or
+/// prefix as written (`192.0.2.7`, `2001:db8:1:2::/64`).
 #[derive(Default, Serialize, Deserialize)]
 struct Persisted {
-    allow: BTreeMap<IpAddr, Option<u64>>,
-    deny: BTreeMap<IpAddr, Option<u64>>,
+    allow: BTreeMap<Source, Option<u64>>,
+    deny: BTreeMap<Source, Option<u64>>,
 }
 
 pub struct PolicyTable {
@@ -216,9 +385,9 @@ impl PolicyTable {
         };
         {
             let mut map = lock(&table.map)?;
+            map.adopt_nets()?;
             // Operator entries come from the file alone; penalty denies stay as they are.
-            let keys: Vec<SourceKey> = map.policy.keys().filter_map(Result::ok).collect();
-            for key in keys {
+            for key in map.keys() {
                 let Some(mut p) = map.read(&key) else {
                     continue;
                 };
@@ -234,15 +403,26 @@ impl PolicyTable {
                     mono + u.saturating_sub(now).saturating_mul(1_000_000_000)
                 })
             };
-            for (ip, until) in &persisted.allow {
-                let key = ip_to_key(*ip);
+            let usable = |map: &PolicyMaps, source: &Source| match map.key(*source) {
+                Ok(key) => Some(key),
+                Err(e) => {
+                    warn!(error = %e, "operator policy entry not applied");
+                    None
+                }
+            };
+            for (source, until) in &persisted.allow {
+                let Some(key) = usable(&map, source) else {
+                    continue;
+                };
                 let mut p = map.read(&key).unwrap_or_default();
                 p.flags |= POLICY_ALLOW;
                 p.allow_until_ns = to_mono(*until);
                 map.write(&key, p)?;
             }
-            for (ip, until) in &persisted.deny {
-                let key = ip_to_key(*ip);
+            for (source, until) in &persisted.deny {
+                let Some(key) = usable(&map, source) else {
+                    continue;
+                };
                 let mut p = map.read(&key).unwrap_or_default();
                 p.flags |= POLICY_DENY;
                 p.deny_until_ns = to_mono(*until);
@@ -256,26 +436,32 @@ impl PolicyTable {
         Ok(table)
     }
 
-    /// Adds or refreshes an entry. `ttl` None = permanent. Penalty denies are not persisted
-    /// here (the sentry's store owns them).
+    /// Whether the guard can hold an entry for `source` (an address, or an IPv6 prefix of the
+    /// configured length); the error says why not.
+    pub fn check(&self, source: Source) -> Result<(), Error> {
+        lock(&self.map)?.key(source).map(|_| ())
+    }
+
+    /// Adds or refreshes an entry for an address or an IPv6 prefix. `ttl` None = permanent.
+    /// Penalty denies are not persisted here (the sentry's store owns them).
     pub fn set(
         &self,
-        ip: IpAddr,
+        source: Source,
         list: List,
         ttl: Option<Duration>,
         reason: DenyReason,
     ) -> Result<PolicyView, Error> {
         let mut persisted = lock(&self.persisted)?;
+        let key = lock(&self.map)?.key(source)?;
         let until_unix = ttl.map(|t| unix_now() + t.as_secs().max(1));
         let operator = list == List::Allow || reason == DenyReason::Manual;
         if operator {
             match list {
-                List::Allow => persisted.allow.insert(ip, until_unix),
-                List::Deny => persisted.deny.insert(ip, until_unix),
+                List::Allow => persisted.allow.insert(source, until_unix),
+                List::Deny => persisted.deny.insert(source, until_unix),
             };
             store::write_json(&self.path, &*persisted)?;
         }
-        let key = ip_to_key(ip);
         let until_ns = ttl.map_or(0, |t| monotonic_ns() + t.as_secs().max(1) * 1_000_000_000);
         let mut map = lock(&self.map)?;
         let mut p = map.read(&key).unwrap_or_default();
@@ -291,32 +477,34 @@ impl PolicyTable {
             }
         }
         map.write(&key, p)?;
-        Ok(view(&key, &p, list, monotonic_ns()).unwrap_or(PolicyView {
-            address: ip,
-            reason: None,
-            expires_in_seconds: None,
-            expires_at: None,
-            dropped_packets: None,
-            dropped_bytes: None,
-        }))
+        Ok(
+            view(&map, &key, &p, list, monotonic_ns()).unwrap_or(PolicyView {
+                address: source,
+                reason: None,
+                expires_in_seconds: None,
+                expires_at: None,
+                dropped_packets: None,
+                dropped_bytes: None,
+            }),
+        )
     }
 
-    /// Removes `ip` from one list; returns whether it was there (and live).
-    pub fn remove(&self, ip: IpAddr, list: List) -> Result<bool, Error> {
+    /// Removes an address or prefix from one list; returns whether it was there (and live).
+    pub fn remove(&self, source: Source, list: List) -> Result<bool, Error> {
         let mut persisted = lock(&self.persisted)?;
+        let key = lock(&self.map)?.key(source)?;
         let was_persisted = match list {
-            List::Allow => persisted.allow.remove(&ip).is_some(),
-            List::Deny => persisted.deny.remove(&ip).is_some(),
+            List::Allow => persisted.allow.remove(&source).is_some(),
+            List::Deny => persisted.deny.remove(&source).is_some(),
         };
         if was_persisted {
             store::write_json(&self.path, &*persisted)?;
         }
-        let key = ip_to_key(ip);
         let mut map = lock(&self.map)?;
         let Some(mut p) = map.read(&key) else {
             return Ok(false);
         };
-        let live = view(&key, &p, list, monotonic_ns()).is_some();
+        let live = view(&map, &key, &p, list, monotonic_ns()).is_some();
         match list {
             List::Allow => p.flags &= !POLICY_ALLOW,
             List::Deny => p.flags &= !POLICY_DENY,
@@ -325,39 +513,43 @@ impl PolicyTable {
         Ok(live)
     }
 
-    /// Live entries of one list.
+    /// Live entries of one list, addresses and prefixes.
     pub fn list(&self, list: List) -> Result<Vec<PolicyView>, Error> {
         let now = monotonic_ns();
         let map = lock(&self.map)?;
         let mut out: Vec<PolicyView> = map
-            .policy
-            .iter()
-            .filter_map(Result::ok)
-            .filter_map(|(key, values)| {
-                let p = merge(&values);
+            .entries()
+            .into_iter()
+            .filter_map(|(key, p)| {
                 // Flags first: the cache is read only for entries that will be shown.
-                view(&key, &p, list, now)?;
+                view(&map, &key, &p, list, now)?;
                 let p = if list == List::Deny {
                     map.counted(&key, p)
                 } else {
                     p
                 };
-                view(&key, &p, list, now)
+                view(&map, &key, &p, list, now)
             })
             .collect();
         out.sort_by_key(|a| a.address);
         Ok(out)
     }
 
-    /// Number of live entries per list (allow, deny), in one pass over the map.
+    /// Number of live entries per list (allow, deny), in one pass over the maps.
     pub fn counts(&self) -> Result<(usize, usize), Error> {
+        let [a, n] = self.counts_by_map()?;
+        Ok((a.0 + n.0, a.1 + n.1))
+    }
+
+    /// Live (allow, deny) entries of `PH_POLICY` and of `PH_POLICY_NET`.
+    pub fn counts_by_map(&self) -> Result<[(usize, usize); 2], Error> {
         let now = monotonic_ns();
         let map = lock(&self.map)?;
-        let mut counts = (0, 0);
-        for (key, values) in map.policy.iter().filter_map(Result::ok) {
-            let p = merge(&values);
-            counts.0 += usize::from(view(&key, &p, List::Allow, now).is_some());
-            counts.1 += usize::from(view(&key, &p, List::Deny, now).is_some());
+        let mut counts = [(0, 0); 2];
+        for (key, p) in map.entries() {
+            let c = &mut counts[key.net_tag() as usize];
+            c.0 += usize::from(view(&map, &key, &p, List::Allow, now).is_some());
+            c.1 += usize::from(view(&map, &key, &p, List::Deny, now).is_some());
         }
         Ok(counts)
     }
@@ -374,12 +566,7 @@ impl PolicyTable {
         }
         let now = monotonic_ns();
         let mut map = lock(&self.map)?;
-        let entries: Vec<(SourceKey, Policy)> = map
-            .policy
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (k, merge(&v)))
-            .collect();
+        let entries = map.entries();
         let mut cleared = 0;
         for (key, mut p) in entries {
             let lapsed = |until: u64| until != 0 && until <= now;
@@ -399,7 +586,7 @@ impl PolicyTable {
     }
 }
 
-fn view(key: &SourceKey, p: &Policy, list: List, now: u64) -> Option<PolicyView> {
+fn view(map: &PolicyMaps, key: &Key, p: &Policy, list: List, now: u64) -> Option<PolicyView> {
     let (flag, until) = match list {
         List::Allow => (POLICY_ALLOW, p.allow_until_ns),
         List::Deny => (POLICY_DENY, p.deny_until_ns),
@@ -409,7 +596,7 @@ fn view(key: &SourceKey, p: &Policy, list: List, now: u64) -> Option<PolicyView>
     }
     let remaining = (until != 0).then(|| until.saturating_sub(now).div_ceil(1_000_000_000));
     Some(PolicyView {
-        address: key_to_ip(key),
+        address: map.source_of(key),
         reason: match list {
             List::Allow => None,
             List::Deny => Some(

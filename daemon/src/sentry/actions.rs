@@ -45,8 +45,8 @@ pub fn status(s: &Sentry) -> Value {
     let t = s.tunables();
     let now = Instant::now();
     let top = s.detector.top(20, now);
-    let ips: Vec<IpAddr> = top.iter().map(|(ip, _)| *ip).collect();
-    let kernel = s.kernel_counts(&ips);
+    let sources: Vec<crate::source::Source> = top.iter().map(|(source, _)| *source).collect();
+    let kernel = s.kernel_counts(&sources);
     let load = std::sync::atomic::Ordering::Relaxed;
     let c = &s.counters;
     let failed: serde_json::Map<String, Value> = Rejection::ALL
@@ -94,9 +94,13 @@ pub fn status(s: &Sentry) -> Value {
                      "unavailable": c.unavailable.load(load),
                      "upstream_errors": c.upstream_errors.load(load)},
         "challenges": {"issued": c.challenged.load(load), "solved": c.solved.load(load),
-                       "failed": failed, "authenticated_by": authenticated},
+                       "failed": failed, "authenticated_by": authenticated,
+                       "forged_cookies": c.forged_cookies.load(load)},
         "tickets_issued": c.tickets.load(load),
         "tickets_cached": s.tickets_cached(),
+        "tickets_revoked": c.tickets_revoked.load(load),
+        "ticket_ceiling": t.effective_ticket_ceiling(),
+        "ipv6_prefix": s.source_prefix().bits(),
         "penalties_raised": c.penalties.load(load),
         "hard_blocks": c.hard_blocks.load(load),
         "kernel_blocks_live": s.penalties.blocked_count(now),
@@ -117,6 +121,7 @@ struct SetConfigParams {
     activation_rate_threshold: Option<i64>,
     sensitivity_factor: Option<String>,
     ip_static_threshold: Option<i64>,
+    ticket_ceiling: Option<i64>,
     hard_block_after: Option<i64>,
     base_difficulty: Option<i64>,
     max_difficulty: Option<i64>,
@@ -161,6 +166,7 @@ fn apply(mut t: Tunables, p: SetConfigParams) -> Result<(Tunables, Vec<&'static 
     }
     set_int!(activation_rate_threshold);
     set_int!(ip_static_threshold);
+    set_int!(ticket_ceiling);
     set_int!(hard_block_after);
     set_int!(base_difficulty);
     set_int!(max_difficulty);
@@ -244,6 +250,8 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                     "redis_fail_mode": cfg.redis_fail_mode,
                     "trusted_proxies": cfg.trusted_proxies,
                     "max_body_bytes": cfg.max_body_bytes,
+                    "upstream_timeout_seconds": cfg.upstream_timeout_seconds,
+                    "ipv6_prefix": s.source_prefix().bits(),
                 }))
             }
         },
@@ -281,6 +289,12 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                 1,
                 10_000_000,
                 "requests per IP in 5 s above which it is challenged during an anomaly",
+            ),
+            int(
+                "ticket_ceiling",
+                0,
+                40_000_000,
+                "requests per source in 5 s above which a ticket holder loses its ticket while armed (0 = 4 x ip_static_threshold)",
             ),
             int(
                 "hard_block_after",

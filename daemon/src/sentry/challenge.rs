@@ -6,8 +6,6 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::IpAddr,
-    os::unix::fs::OpenOptionsExt,
     path::Path,
     sync::{Mutex, RwLock},
 };
@@ -29,6 +27,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::SentryError;
+use crate::source::Source;
 
 pub const PROOF_PATH: &str = "/.sentry/proof";
 pub const JWKS_PATH: &str = "/.sentry/jwks.json";
@@ -74,9 +73,9 @@ pub struct Proof {
     pub payload: String,
     pub signature: String,
     pub pow_nonce: u64,
-    /// Optional: the package's key id, to pick the key directly.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kid: Option<String>,
+    /// The package's key id: the signature is checked against that key only, so a forged
+    /// proof costs at most one verification.
+    pub kid: String,
 }
 
 /// Why a proof was refused; `code()` is the wire reason.
@@ -88,17 +87,33 @@ pub enum Rejection {
     WrongSubject,
     WrongProof,
     Replayed,
+    /// The source failed too many proofs in the last 5 s: refused without a look.
+    RateLimited,
+    /// The source is past `hard_block_after`: refused without a look.
+    Blocked,
 }
 
+/// Failed proofs a source may post in 5 s before its proofs are refused unverified.
+pub const FAILED_PROOFS_PER_WINDOW: u64 = 8;
+
 impl Rejection {
-    pub const ALL: [Rejection; 6] = [
+    pub const ALL: [Rejection; 8] = [
         Rejection::Malformed,
         Rejection::BadSignature,
         Rejection::Expired,
         Rejection::WrongSubject,
         Rejection::WrongProof,
         Rejection::Replayed,
+        Rejection::RateLimited,
+        Rejection::Blocked,
     ];
+
+    /// Whether this failure counts against the source (and raises its penalty): forged,
+    /// altered, unsolved or replayed proofs. An expired package or one posted from another
+    /// address (a client whose address changed) is an honest client's mishap.
+    pub fn penalised(self) -> bool {
+        !matches!(self, Rejection::Expired | Rejection::WrongSubject)
+    }
 
     pub fn code(self) -> &'static str {
         match self {
@@ -108,6 +123,8 @@ impl Rejection {
             Rejection::WrongSubject => "WRONG_SUBJECT",
             Rejection::WrongProof => "WRONG_PROOF",
             Rejection::Replayed => "REPLAYED",
+            Rejection::RateLimited => "RATE_LIMITED",
+            Rejection::Blocked => "BLOCKED",
         }
     }
 
@@ -118,6 +135,8 @@ impl Rejection {
             Rejection::Expired => 410,
             Rejection::WrongProof => 422,
             Rejection::Replayed => 409,
+            Rejection::RateLimited => 429,
+            Rejection::Blocked => 403,
         }
     }
 
@@ -127,14 +146,30 @@ impl Rejection {
                 "the proof is not a well-formed {payload, signature, pow_nonce} object"
             }
             Rejection::BadSignature => {
-                "the package's signature does not verify: it was altered or forged"
+                "the package's signature does not verify with the key kid names: it was altered or forged"
             }
             Rejection::Expired => "the challenge has expired; request the page again for a new one",
             Rejection::WrongSubject => "the challenge was issued to another client address",
             Rejection::WrongProof => "pow_nonce does not open the key commitment",
             Rejection::Replayed => "this challenge has already been redeemed",
+            Rejection::RateLimited => {
+                "too many failed proofs from this address; wait a few seconds"
+            }
+            Rejection::Blocked => "this address is blocked: too many unanswered challenges",
         }
     }
+}
+
+/// What a ticket cookie turned out to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CookieCheck {
+    /// A ticket for this source until the given Unix second.
+    Valid(u64),
+    /// Signed by us once but expired, or issued to another source (a client whose address
+    /// changed): ignored, not held against anyone.
+    Stale,
+    /// Unreadable, or its signature does not verify: forged.
+    Forged,
 }
 
 /// A proof that passed every check but the used-nonce one (which needs the store).
@@ -308,19 +343,28 @@ impl Signer {
             .map_err(|e| SentryError::Crypto(format!("signing failed: {e}")))
     }
 
-    /// Whether any known key (or the one named `kid`) verifies `sig` over `msg`.
-    fn verify_any(&self, kid: Option<&str>, msg: &[u8], sig: &[u8]) -> bool {
+    /// Whether the key named `kid` (and only that one) verifies `sig` over `msg`; an unknown
+    /// kid verifies nothing.
+    fn verify_with(&self, kid: &str, msg: &[u8], sig: &[u8]) -> bool {
         let points = match self.points.read() {
             Ok(p) => p,
             Err(p) => p.into_inner(),
         };
-        match kid.and_then(|k| points.get(k)) {
-            Some(point) => verify_sec1(point, msg, sig),
-            None => points.values().any(|p| verify_sec1(p, msg, sig)),
+        points
+            .get(kid)
+            .is_some_and(|point| verify_sec1(point, msg, sig))
+    }
+
+    /// Whether a key of this id is known (ours or the fleet's).
+    pub fn knows(&self, kid: &str) -> bool {
+        match self.points.read() {
+            Ok(p) => p.contains_key(kid),
+            Err(p) => p.into_inner().contains_key(kid),
         }
     }
 
-    /// Loads the key from `path` (32 raw scalar bytes, 0600) or creates it there.
+    /// Loads the key from `path` (32 raw scalar bytes, 0600) or creates it there, atomically
+    /// (temporary file, fsync, rename): a crash never leaves a short key file behind.
     pub fn load_or_create(path: &Path) -> Result<Self, SentryError> {
         match std::fs::read(path) {
             Ok(bytes) => {
@@ -332,16 +376,8 @@ impl Signer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let signer = Self::generate()?;
                 let bytes = signer.key.to_bytes();
-                let mut file = std::fs::OpenOptions::new()
-                    .create_new(true)
-                    .write(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(|e| SentryError::Io(format!("{}: {e}", path.display())))?;
-                use std::io::Write;
-                file.write_all(&bytes)
-                    .and_then(|()| file.sync_all())
-                    .map_err(|e| SentryError::Io(format!("{}: {e}", path.display())))?;
+                crate::store::write_atomic(path, &bytes)
+                    .map_err(|e| SentryError::Io(e.to_string()))?;
                 Ok(signer)
             }
             Err(e) => Err(SentryError::Io(format!("{}: {e}", path.display()))),
@@ -385,10 +421,11 @@ impl Signer {
         }
     }
 
-    /// Builds a signed challenge for `subject` carrying `content`.
+    /// Builds a signed challenge for `subject` (the client's source: an address or an IPv6
+    /// prefix) carrying `content`.
     pub fn issue(
         &self,
-        subject: IpAddr,
+        subject: Source,
         difficulty: u32,
         ttl_seconds: u64,
         content: &[u8],
@@ -462,7 +499,7 @@ impl Signer {
 
     /// Every check of a proof except the used-nonce one: signature, expiry, subject,
     /// commitment. Cheap rejections come first only where they cannot mask a forgery.
-    pub fn verify(&self, proof: &Proof, client: IpAddr, now: u64) -> Result<Verified, Rejection> {
+    pub fn verify(&self, proof: &Proof, client: Source, now: u64) -> Result<Verified, Rejection> {
         let digest = package_digest(&proof.payload, &proof.signature);
         let vouched = self
             .issued_here(&digest)
@@ -474,17 +511,20 @@ impl Signer {
     /// `verify` where the caller has already found the package authentic by its digest
     /// (`package_digest`): issued here (`issued_here`), or recorded in the shared store as
     /// issued by a host of the fleet (a fleet's hosts trust the store with tickets already).
-    /// That stands in for the ECDSA signature; with `None` the signature must verify. Also
-    /// says how the package was authenticated.
+    /// That stands in for the ECDSA signature; with `None` the signature must verify with the
+    /// key `kid` names (no other key is tried). Also says how the package was authenticated.
     pub fn verify_vouched(
         &self,
         proof: &Proof,
-        client: IpAddr,
+        client: Source,
         now: u64,
         vouched: Option<Authenticated>,
     ) -> Result<(Verified, Authenticated), Rejection> {
-        if proof.payload.len() > 16 * 1024 || proof.signature.len() > 128 {
+        if proof.payload.len() > 16 * 1024 || proof.signature.len() > 128 || proof.kid.len() > 64 {
             return Err(Rejection::Malformed);
+        }
+        if !self.knows(&proof.kid) {
+            return Err(Rejection::BadSignature);
         }
         let bytes = B64
             .decode(&proof.payload)
@@ -494,9 +534,7 @@ impl Signer {
             .map_err(|_| Rejection::Malformed)?;
         let authenticated = match vouched {
             Some(by) => by,
-            None if sig_bytes.len() == 64
-                && self.verify_any(proof.kid.as_deref(), &bytes, &sig_bytes) =>
-            {
+            None if sig_bytes.len() == 64 && self.verify_with(&proof.kid, &bytes, &sig_bytes) => {
                 Authenticated::Signature
             }
             None => return Err(Rejection::BadSignature),
@@ -506,8 +544,8 @@ impl Signer {
         if payload.expires_at <= now {
             return Err(Rejection::Expired);
         }
-        let subject: IpAddr = payload.subject.parse().map_err(|_| Rejection::Malformed)?;
-        if super::canonical(subject) != super::canonical(client) {
+        let subject: Source = payload.subject.parse().map_err(|_| Rejection::Malformed)?;
+        if !same_source(subject, client) {
             return Err(Rejection::WrongSubject);
         }
         let session_nonce = B64
@@ -533,9 +571,10 @@ impl Signer {
         ))
     }
 
-    /// A signed ticket cookie value: b64url(`<ip>|<expires_at>`) "." b64url(signature).
-    pub fn ticket_cookie(&self, ip: IpAddr, expires_at: u64) -> Result<String, SentryError> {
-        let body = format!("{}|{expires_at}", super::canonical(ip));
+    /// A signed ticket cookie value: b64url(`<source>|<expires_at>|<kid>`) "."
+    /// b64url(signature).
+    pub fn ticket_cookie(&self, source: Source, expires_at: u64) -> Result<String, SentryError> {
+        let body = format!("{source}|{expires_at}|{}", self.kid);
         let signature = self.sign(body.as_bytes())?;
         Ok(format!(
             "{}.{}",
@@ -544,23 +583,59 @@ impl Signer {
         ))
     }
 
-    /// The expiry of a valid ticket cookie for `ip`, if it is one.
-    pub fn check_cookie(&self, value: &str, ip: IpAddr, now: u64) -> Option<u64> {
-        if value.len() > 256 {
-            return None;
+    /// What a ticket cookie is worth to `source`. Expiry and subject are read first (a stale
+    /// cookie costs no verification and is held against nobody); then the signature, with
+    /// the key the cookie names only (cookies from before key ids: any key of the fleet).
+    pub fn check_cookie(&self, value: &str, source: Source, now: u64) -> CookieCheck {
+        let parsed = (|| {
+            if value.len() > 256 {
+                return None;
+            }
+            let (body, sig) = value.split_once('.')?;
+            let body = B64.decode(body).ok()?;
+            let signature = B64.decode(sig).ok()?;
+            let text = std::str::from_utf8(&body).ok()?.to_string();
+            Some((body, signature, text))
+        })();
+        let Some((body, signature, text)) = parsed else {
+            return CookieCheck::Forged;
+        };
+        let mut fields = text.split('|');
+        let (Some(subject), Some(exp)) = (fields.next(), fields.next()) else {
+            return CookieCheck::Forged;
+        };
+        let kid = fields.next();
+        let (Ok(subject), Ok(exp)) = (subject.parse::<Source>(), exp.parse::<u64>()) else {
+            return CookieCheck::Forged;
+        };
+        if fields.next().is_some() {
+            return CookieCheck::Forged;
         }
-        let (body, sig) = value.split_once('.')?;
-        let body = B64.decode(body).ok()?;
-        let signature = B64.decode(sig).ok()?;
-        let text = std::str::from_utf8(&body).ok()?;
-        let (addr, exp) = text.split_once('|')?;
-        let addr: IpAddr = addr.parse().ok()?;
-        let exp: u64 = exp.parse().ok()?;
-        if addr != super::canonical(ip) || exp <= now {
-            return None;
+        if exp <= now || !same_source(subject, source) {
+            return CookieCheck::Stale;
         }
-        self.verify_any(None, &body, &signature).then_some(exp)
+        let verified = match kid {
+            Some(kid) => self.verify_with(kid, &body, &signature),
+            None => {
+                let points = match self.points.read() {
+                    Ok(p) => p,
+                    Err(p) => p.into_inner(),
+                };
+                points.values().any(|p| verify_sec1(p, &body, &signature))
+            }
+        };
+        if verified {
+            CookieCheck::Valid(exp)
+        } else {
+            CookieCheck::Forged
+        }
     }
+}
+
+/// Whether a package or cookie issued to `subject` belongs to `client`: the same source, or
+/// (issued before addresses were grouped into prefixes) one address of the client's prefix.
+fn same_source(subject: Source, client: Source) -> bool {
+    subject == client || (!subject.is_prefix() && client.contains(subject.ip()))
 }
 
 /// Decodes a package's payload (for solvers and tests; no verification).
@@ -623,7 +698,7 @@ mod tests {
     #[test]
     fn issue_solve_verify_and_every_rejection() {
         let signer = Signer::generate().unwrap();
-        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        let ip: Source = "198.51.100.7".parse().unwrap();
         let pkg = signer.issue(ip, 8, 60, b"hello", 1_000).unwrap();
         let payload = verify_package(&pkg, &signer.own_jwk()).unwrap();
         let solved = crate::sentry::solver::solve(&payload).unwrap();
@@ -632,14 +707,14 @@ mod tests {
             payload: pkg.payload.clone(),
             signature: pkg.signature.clone(),
             pow_nonce: solved.pow_nonce,
-            kid: None,
+            kid: pkg.kid.clone(),
         };
         assert!(signer.verify(&proof, ip, 1_001).is_ok());
         assert_eq!(
             signer.verify(&proof, ip, 1_060).unwrap_err(),
             Rejection::Expired
         );
-        let other: IpAddr = "198.51.100.8".parse().unwrap();
+        let other: Source = "198.51.100.8".parse().unwrap();
         assert_eq!(
             signer.verify(&proof, other, 1_001).unwrap_err(),
             Rejection::WrongSubject
@@ -671,8 +746,77 @@ mod tests {
             Rejection::BadSignature
         );
         let cookie = signer.ticket_cookie(ip, 2_000).unwrap();
-        assert_eq!(signer.check_cookie(&cookie, ip, 1_500), Some(2_000));
-        assert_eq!(signer.check_cookie(&cookie, other, 1_500), None);
-        assert_eq!(signer.check_cookie(&cookie, ip, 2_000), None);
+        assert_eq!(
+            signer.check_cookie(&cookie, ip, 1_500),
+            CookieCheck::Valid(2_000)
+        );
+        assert_eq!(
+            signer.check_cookie(&cookie, other, 1_500),
+            CookieCheck::Stale
+        );
+        assert_eq!(signer.check_cookie(&cookie, ip, 2_000), CookieCheck::Stale);
+        // A forged cookie: valid shape, another key's signature; and garbage.
+        let forged = stranger.ticket_cookie(ip, 2_000).unwrap();
+        assert_eq!(signer.check_cookie(&forged, ip, 1_500), CookieCheck::Forged);
+        assert_eq!(
+            signer.check_cookie("bm90.aGluZw", ip, 1_500),
+            CookieCheck::Forged
+        );
+    }
+
+    #[test]
+    fn the_key_id_is_required_and_only_that_key_verifies() {
+        let signer = Signer::generate().unwrap();
+        let other = Signer::generate().unwrap();
+        // The fleet knows both keys.
+        signer.learn_keys([other.own_jwk()]);
+        let ip: Source = "198.51.100.7".parse().unwrap();
+        let pkg = other.issue(ip, 4, 60, b"x", 1_000).unwrap();
+        let payload = verify_package(&pkg, &other.own_jwk()).unwrap();
+        let solved = crate::sentry::solver::solve(&payload).unwrap();
+        let proof = |kid: &str| Proof {
+            payload: pkg.payload.clone(),
+            signature: pkg.signature.clone(),
+            pow_nonce: solved.pow_nonce,
+            kid: kid.into(),
+        };
+        assert!(signer.verify(&proof(other.kid()), ip, 1_001).is_ok());
+        // Another known key, or an unknown one: refused, no other key tried.
+        assert_eq!(
+            signer.verify(&proof(signer.kid()), ip, 1_001).unwrap_err(),
+            Rejection::BadSignature
+        );
+        assert_eq!(
+            signer.verify(&proof("nope"), ip, 1_001).unwrap_err(),
+            Rejection::BadSignature
+        );
+        // Without kid the proof does not parse.
+        let missing = serde_json::json!({"payload": pkg.payload, "signature": pkg.signature,
+                                         "pow_nonce": solved.pow_nonce});
+        assert!(serde_json::from_value::<Proof>(missing).is_err());
+    }
+
+    #[test]
+    fn a_prefix_subject_accepts_any_address_of_its_prefix() {
+        let signer = Signer::generate().unwrap();
+        let p = crate::source::SourcePrefix::DEFAULT;
+        let client = p.source("2001:db8:1:2::10".parse().unwrap());
+        let pkg = signer.issue(client, 4, 60, b"x", 1_000).unwrap();
+        let payload = decode_payload(&pkg).unwrap();
+        assert_eq!(payload.subject, "2001:db8:1:2::/64");
+        let solved = crate::sentry::solver::solve(&payload).unwrap();
+        let proof = Proof {
+            payload: pkg.payload.clone(),
+            signature: pkg.signature.clone(),
+            pow_nonce: solved.pow_nonce,
+            kid: pkg.kid.clone(),
+        };
+        let same = p.source("2001:db8:1:2::ffff".parse().unwrap());
+        assert!(signer.verify(&proof, same, 1_001).is_ok());
+        let other = p.source("2001:db8:1:3::10".parse().unwrap());
+        assert_eq!(
+            signer.verify(&proof, other, 1_001).unwrap_err(),
+            Rejection::WrongSubject
+        );
     }
 }

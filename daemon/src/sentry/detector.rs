@@ -1,4 +1,5 @@
-//! Rates and the learned threshold: per-IP 5-second counts (in process, on the hot path),
+//! Rates and the learned threshold: per-source 5-second counts of requests and of failed
+//! proofs or forged cookies (in process, on the hot path),
 //! the global requests-per-second series of the last 300 s, its mean and standard deviation,
 //! the dynamic threshold `mean + std_dev * sensitivity_factor`, and the host's CPU load from
 //! /proc/stat for the activation gate.
@@ -6,7 +7,6 @@
 use std::{
     collections::{HashMap, VecDeque},
     hash::BuildHasher,
-    net::IpAddr,
     sync::{
         Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
@@ -17,6 +17,7 @@ use std::{
 use serde::Serialize;
 
 use super::store::{TRAFFIC_WINDOW, TrafficStats};
+use crate::source::Source;
 
 /// The per-IP counting window (the seed's `req_count:<ip>` TTL).
 pub const IP_WINDOW: Duration = Duration::from_secs(5);
@@ -45,9 +46,79 @@ pub struct Snapshot {
     pub computed_at: u64,
 }
 
-pub struct Detector {
-    shards: Vec<Mutex<HashMap<IpAddr, IpWindow>>>,
+/// 5-second counts per source, sharded so the proxy threads rarely meet on a lock.
+pub struct Windows {
+    shards: Vec<Mutex<HashMap<Source, IpWindow>>>,
     hasher: std::collections::hash_map::RandomState,
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+}
+
+impl Windows {
+    fn shard(&self, source: &Source) -> &Mutex<HashMap<Source, IpWindow>> {
+        &self.shards[(self.hasher.hash_one(source) as usize) % SHARDS]
+    }
+
+    /// One more for `source`; returns its count in the current 5 s window.
+    pub fn count(&self, source: Source, now: Instant) -> u64 {
+        let mut shard = lock(self.shard(&source));
+        if shard.len() >= MAX_TRACKED_PER_SHARD && !shard.contains_key(&source) {
+            shard.retain(|_, w| now.duration_since(w.start) < IP_WINDOW);
+            if shard.len() >= MAX_TRACKED_PER_SHARD {
+                // Under a spoofed-source flood: forget an arbitrary window rather than grow.
+                if let Some(k) = shard.keys().next().copied() {
+                    shard.remove(&k);
+                }
+            }
+        }
+        let w = shard.entry(source).or_insert(IpWindow {
+            start: now,
+            count: 0,
+        });
+        if now.duration_since(w.start) >= IP_WINDOW {
+            *w = IpWindow {
+                start: now,
+                count: 0,
+            };
+        }
+        w.count += 1;
+        w.count
+    }
+
+    /// `source`'s count in its current window, without counting.
+    pub fn get(&self, source: Source, now: Instant) -> u64 {
+        lock(self.shard(&source))
+            .get(&source)
+            .filter(|w| now.duration_since(w.start) < IP_WINDOW)
+            .map_or(0, |w| w.count)
+    }
+
+    /// Live counts, highest first.
+    pub fn top(&self, n: usize, now: Instant) -> Vec<(Source, u64)> {
+        let mut all: Vec<(Source, u64)> = Vec::new();
+        for shard in &self.shards {
+            let mut shard = lock(shard);
+            shard.retain(|_, w| now.duration_since(w.start) < IP_WINDOW);
+            all.extend(shard.iter().map(|(s, w)| (*s, w.count)));
+        }
+        all.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
+    }
+}
+
+pub struct Detector {
+    /// Requests per source.
+    requests: Windows,
+    /// Failed proofs and forged ticket cookies per source.
+    failures: Windows,
     /// Requests in the current (partial) second.
     current: AtomicU64,
     /// Requests in the last complete second.
@@ -113,8 +184,8 @@ fn read_proc_stat() -> Option<(u64, u64)> {
 impl Detector {
     pub fn new() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            requests: Windows::default(),
+            failures: Windows::default(),
             current: AtomicU64::new(0),
             last_second: AtomicU64::new(0),
             series: Mutex::new(VecDeque::with_capacity(TRAFFIC_WINDOW)),
@@ -124,60 +195,34 @@ impl Detector {
         }
     }
 
-    fn shard(&self, ip: &IpAddr) -> &Mutex<HashMap<IpAddr, IpWindow>> {
-        &self.shards[(self.hasher.hash_one(ip) as usize) % SHARDS]
-    }
-
     /// One request toward the global rate.
     pub fn count_global(&self) {
         self.current.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// One request from `ip`; returns its count in the current 5 s window.
-    pub fn count_ip(&self, ip: IpAddr, now: Instant) -> u64 {
-        let mut shard = lock(self.shard(&ip));
-        if shard.len() >= MAX_TRACKED_PER_SHARD && !shard.contains_key(&ip) {
-            shard.retain(|_, w| now.duration_since(w.start) < IP_WINDOW);
-            if shard.len() >= MAX_TRACKED_PER_SHARD {
-                // Under a spoofed-source flood: forget an arbitrary window rather than grow.
-                if let Some(k) = shard.keys().next().copied() {
-                    shard.remove(&k);
-                }
-            }
-        }
-        let w = shard.entry(ip).or_insert(IpWindow {
-            start: now,
-            count: 0,
-        });
-        if now.duration_since(w.start) >= IP_WINDOW {
-            *w = IpWindow {
-                start: now,
-                count: 0,
-            };
-        }
-        w.count += 1;
-        w.count
+    /// One request from `source`; returns its count in the current 5 s window.
+    pub fn count_ip(&self, source: Source, now: Instant) -> u64 {
+        self.requests.count(source, now)
     }
 
-    /// `ip`'s count in its current window, without counting.
-    pub fn ip_count(&self, ip: IpAddr, now: Instant) -> u64 {
-        lock(self.shard(&ip))
-            .get(&ip)
-            .filter(|w| now.duration_since(w.start) < IP_WINDOW)
-            .map_or(0, |w| w.count)
+    /// `source`'s request count in its current window, without counting.
+    pub fn ip_count(&self, source: Source, now: Instant) -> u64 {
+        self.requests.get(source, now)
     }
 
-    /// Live per-IP counts, busiest first.
-    pub fn top(&self, n: usize, now: Instant) -> Vec<(IpAddr, u64)> {
-        let mut all: Vec<(IpAddr, u64)> = Vec::new();
-        for shard in &self.shards {
-            let mut shard = lock(shard);
-            shard.retain(|_, w| now.duration_since(w.start) < IP_WINDOW);
-            all.extend(shard.iter().map(|(ip, w)| (*ip, w.count)));
-        }
-        all.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        all.truncate(n);
-        all
+    /// One failed proof or forged cookie from `source`; returns its failures in 5 s.
+    pub fn count_failure(&self, source: Source, now: Instant) -> u64 {
+        self.failures.count(source, now)
+    }
+
+    /// `source`'s failures in its current window.
+    pub fn failures(&self, source: Source, now: Instant) -> u64 {
+        self.failures.get(source, now)
+    }
+
+    /// Live per-source request counts, busiest first.
+    pub fn top(&self, n: usize, now: Instant) -> Vec<(Source, u64)> {
+        self.requests.top(n, now)
     }
 
     /// The current global rate: the larger of the last complete second and the running one,
@@ -275,7 +320,7 @@ mod tests {
     #[test]
     fn windows_rates_and_threshold() {
         let d = Detector::new();
-        let ip: IpAddr = "203.0.113.9".parse().unwrap();
+        let ip: Source = "203.0.113.9".parse().unwrap();
         let t0 = Instant::now();
         for i in 1..=20 {
             assert_eq!(d.count_ip(ip, t0), i);

@@ -131,6 +131,18 @@ impl Collector for SentryCollector {
                 )
             }),
         )?;
+        counter(
+            &mut encoder,
+            "phantom_sentry_forged_cookies",
+            "Ticket cookies whose signature did not verify (each held against its source)",
+            load(&c.forged_cookies),
+        )?;
+        counter(
+            &mut encoder,
+            "phantom_sentry_tickets_revoked",
+            "Tickets taken away from holders past the ticket ceiling",
+            load(&c.tickets_revoked),
+        )?;
         counter_family(
             &mut encoder,
             "phantom_sentry_proofs_authenticated",
@@ -190,7 +202,7 @@ impl Collector for SentryCollector {
         gauge(
             &mut encoder,
             "phantom_sentry_whitelist_size",
-            "Whitelisted addresses",
+            "Whitelisted sources (an IPv6 address stands for its prefix)",
             s.whitelist_local().len() as i64,
         )
     }

@@ -28,9 +28,13 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use crate::config::Tunables;
-use crate::{config::SentryConfig, datapath::Datapath};
+use crate::{
+    config::SentryConfig,
+    datapath::Datapath,
+    source::{Source, SourcePrefix},
+};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
-use challenge::{Authenticated, Package, Proof, Rejection, Signer};
+use challenge::{Authenticated, CookieCheck, Package, Proof, Rejection, Signer};
 use detector::Detector;
 use penalty::PenaltyBox;
 use store::{ModeState, Store, unix_now};
@@ -133,6 +137,11 @@ pub struct TicketGrant {
     pub cookie: String,
 }
 
+/// Consecutive failed store calls after which the store is marked degraded and the proxy
+/// stops asking it (the fail mode applies). A single slow or lost answer (a Redis pause, a
+/// timeout) is not an outage: the request it hit is decided on what this host knows.
+pub const DEGRADE_AFTER_FAILURES: u64 = 3;
+
 /// Counters for metrics and status.
 #[derive(Default)]
 pub struct Counters {
@@ -141,7 +150,11 @@ pub struct Counters {
     pub blocked: AtomicU64,
     pub unavailable: AtomicU64,
     pub solved: AtomicU64,
-    pub failed: [AtomicU64; 6],
+    pub failed: [AtomicU64; 8],
+    /// Ticket cookies whose signature did not verify.
+    pub forged_cookies: AtomicU64,
+    /// Tickets taken away from holders past the ticket ceiling.
+    pub tickets_revoked: AtomicU64,
     /// Proofs whose package was authenticated, by `Authenticated`.
     pub authenticated: [AtomicU64; 3],
     pub tickets: AtomicU64,
@@ -173,10 +186,27 @@ pub const PASS_NAMES: [&str; 4] = ["whitelisted", "ticket", "normal", "fail_open
 /// The name of the signed ticket cookie.
 pub const TICKET_COOKIE: &str = "sentry_ticket";
 
+/// How often penalties other hosts escalated are put into this host's kernel.
+pub const FLEET_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Where the page may send the browser after solving: the request's own target when it is an
+/// absolute path on this origin, else `/`. `//evil.example/x` is a path to the HTTP stack
+/// but another origin to a browser, and browsers read `\` as `/` and drop tabs and newlines,
+/// so those never pass either.
+pub fn same_origin_target(raw: &str) -> &str {
+    let bytes = raw.as_bytes();
+    let absolute_path = bytes.first() == Some(&b'/')
+        && !matches!(bytes.get(1), Some(b'/') | Some(b'\\'))
+        && !bytes
+            .iter()
+            .any(|b| *b == b'\\' || b.is_ascii_control() || *b == b' ');
+    if absolute_path { raw } else { "/" }
+}
+
 /// The continuation document a challenge carries: after solving, the page shows it and
-/// reloads the original URL, which now passes on the ticket.
+/// reloads the original URL (only ever on this origin), which now passes on the ticket.
 fn continuation(path: &str) -> Vec<u8> {
-    let escaped: String = path
+    let escaped: String = same_origin_target(path)
         .chars()
         .flat_map(|c| match c {
             '<' => "&lt;".chars().collect::<Vec<_>>(),
@@ -194,6 +224,16 @@ fn continuation(path: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// What this host knows of a source's ticket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    /// A ticket until this Unix second (from a proof, the store or a cookie).
+    Valid(u64),
+    /// Taken away: tickets expiring at or before this Unix second (the revoked one and the
+    /// cookies that carry it) are not honoured any more; a new proof earns a new one.
+    Revoked(u64),
+}
+
 pub struct Sentry {
     pub store: Store,
     pub signer: Signer,
@@ -202,12 +242,17 @@ pub struct Sentry {
     pub counters: Counters,
     tunables: RwLock<Tunables>,
     state: RwLock<ModeState>,
-    whitelist: RwLock<HashSet<IpAddr>>,
-    /// ip -> ticket expiry (Unix s), learned from the store, proofs and cookies.
-    tickets: Mutex<HashMap<IpAddr, u64>>,
+    /// The whitelisted sources: each listed address's source (its IPv6 prefix).
+    whitelist: RwLock<HashSet<Source>>,
+    /// source -> what this host knows of its ticket.
+    tickets: Mutex<HashMap<Source, Held>>,
     datapath: Option<Arc<Datapath>>,
+    /// What one source is (`[sources] ipv6_prefix`).
+    prefix: SourcePrefix,
     fail_closed: bool,
     healthy: AtomicBool,
+    /// Store calls that failed in a row; `DEGRADE_AFTER_FAILURES` of them degrade the store.
+    store_failures: AtomicU64,
     /// Last Unix second an incident was written to the store (one write per second).
     incident_written: AtomicU64,
     pub static_config: SentryConfig,
@@ -237,19 +282,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Sentry {
     /// Opens the store and the key, and loads config, state and whitelist from the store
-    /// (seeding them from the file's values on first use).
+    /// (seeding them from the file's values on first use). `prefix` is what one IPv6 source
+    /// is (`[sources] ipv6_prefix`).
     pub async fn open(
         config: &SentryConfig,
+        prefix: SourcePrefix,
         state_dir: &std::path::Path,
         datapath: Option<Arc<Datapath>>,
     ) -> Result<Arc<Self>, SentryError> {
         let store = if config.redis_url.is_empty() {
-            Store::Embedded(Box::new(store::embedded::EmbeddedStore::open(state_dir)?))
+            let dir = state_dir.to_path_buf();
+            let opened =
+                tokio::task::spawn_blocking(move || store::embedded::EmbeddedStore::open(&dir))
+                    .await
+                    .map_err(|e| SentryError::Io(format!("opening the sentry store: {e}")))??;
+            Store::Embedded(Box::new(opened))
         } else {
             Store::Redis(store::redis::RedisStore::connect(&config.redis_url)?)
         };
         let signer = Signer::load_or_create(&state_dir.join("sentry-ecdsa-p256.key"))?;
-        Self::with_parts(config, store, signer, datapath).await
+        Self::with_parts(config, store, signer, datapath, prefix).await
     }
 
     /// Assembles a sentry from parts (tests and benches use an in-memory store and key).
@@ -258,6 +310,7 @@ impl Sentry {
         store: Store,
         signer: Signer,
         datapath: Option<Arc<Datapath>>,
+        prefix: SourcePrefix,
     ) -> Result<Arc<Self>, SentryError> {
         let sentry = Arc::new(Self {
             store,
@@ -270,8 +323,10 @@ impl Sentry {
             whitelist: RwLock::new(HashSet::new()),
             tickets: Mutex::new(HashMap::new()),
             datapath,
+            prefix,
             fail_closed: config.redis_fail_mode == "closed",
             healthy: AtomicBool::new(true),
+            store_failures: AtomicU64::new(0),
             incident_written: AtomicU64::new(0),
             static_config: config.clone(),
             trusted_proxies: config
@@ -300,20 +355,34 @@ impl Sentry {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    pub fn whitelist_local(&self) -> Vec<IpAddr> {
-        let mut v: Vec<IpAddr> = read(&self.whitelist).into_iter().collect();
+    /// The whitelisted sources (each listed address stands for its source).
+    pub fn whitelist_local(&self) -> Vec<Source> {
+        let mut v: Vec<Source> = read(&self.whitelist).into_iter().collect();
         v.sort();
         v
+    }
+
+    /// What one source is (`[sources] ipv6_prefix`).
+    pub fn source_prefix(&self) -> SourcePrefix {
+        self.prefix
+    }
+
+    /// The source a client address is counted, limited and blocked as.
+    pub fn source_of(&self, ip: IpAddr) -> Source {
+        self.prefix.source(canonical(ip))
     }
 
     pub fn tickets_cached(&self) -> usize {
         let now = unix_now();
         let mut t = lock(&self.tickets);
-        t.retain(|_, exp| *exp > now);
-        t.len()
+        t.retain(|_, held| match held {
+            Held::Valid(exp) | Held::Revoked(exp) => *exp > now,
+        });
+        t.values().filter(|h| matches!(h, Held::Valid(_))).count()
     }
 
-    /// Runs a store call unless the store is marked degraded; a failure marks it so.
+    /// Runs a store call unless the store is marked degraded. A failure counts toward
+    /// `DEGRADE_AFTER_FAILURES` in a row; a success resets the count.
     async fn store_call<T>(
         &self,
         f: impl std::future::Future<Output = Result<T, SentryError>>,
@@ -322,14 +391,22 @@ impl Sentry {
             return Err(SentryError::Degraded);
         }
         match f.await {
-            Ok(v) => Ok(v),
+            Ok(v) => {
+                self.store_failures.store(0, Ordering::Relaxed);
+                Ok(v)
+            }
             Err(e) => {
-                self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
-                if self.healthy.swap(false, Ordering::Relaxed) {
-                    warn!(error = %e, backend = self.store.backend(), "sentry store failed: degraded until it answers again");
-                }
+                self.store_failed(&e);
                 Err(e)
             }
+        }
+    }
+
+    fn store_failed(&self, e: &SentryError) {
+        self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
+        let in_a_row = self.store_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if in_a_row >= DEGRADE_AFTER_FAILURES && self.healthy.swap(false, Ordering::Relaxed) {
+            warn!(error = %e, backend = self.store.backend(), failures = in_a_row, "sentry store failed: degraded until it answers again");
         }
     }
 
@@ -350,12 +427,8 @@ impl Sentry {
             None if first => self.store.set_state(&self.mode_state()).await?,
             None => {}
         }
-        let list: HashSet<IpAddr> = self.store.whitelist().await?.into_iter().collect();
-        let old = read(&self.whitelist);
-        if list != old {
-            self.mirror_whitelist(&old, &list).await;
-            write(&self.whitelist, list);
-        }
+        let list = self.store.whitelist().await?;
+        self.apply_whitelist(&list).await;
         if first {
             let jwk = self.signer.own_jwk().to_string();
             self.store.publish_key(self.signer.kid(), &jwk).await?;
@@ -370,18 +443,29 @@ impl Sentry {
         Ok(())
     }
 
-    /// Keeps the XDP allow map in step with the whitelist (SPEC 7).
-    async fn mirror_whitelist(&self, old: &HashSet<IpAddr>, new: &HashSet<IpAddr>) {
+    /// The listed addresses as the sources they stand for, mirrored into the XDP allow map.
+    async fn apply_whitelist(&self, members: &[IpAddr]) {
+        let list: HashSet<Source> = members.iter().map(|ip| self.source_of(*ip)).collect();
+        let old = read(&self.whitelist);
+        if list != old {
+            self.mirror_whitelist(&old, &list).await;
+            write(&self.whitelist, list);
+        }
+    }
+
+    /// Keeps the XDP allow map in step with the whitelist (SPEC 7): one allow entry per
+    /// whitelisted source (for IPv6, its prefix).
+    async fn mirror_whitelist(&self, old: &HashSet<Source>, new: &HashSet<Source>) {
         let Some(dp) = self.datapath.clone() else {
             return;
         };
-        let added: Vec<IpAddr> = new.difference(old).copied().collect();
-        let removed: Vec<IpAddr> = old.difference(new).copied().collect();
+        let added: Vec<Source> = new.difference(old).copied().collect();
+        let removed: Vec<Source> = old.difference(new).copied().collect();
         let _ = tokio::task::spawn_blocking(move || {
             use crate::datapath::policy::List;
-            for ip in added {
+            for source in added {
                 if let Err(e) = dp.policy.set(
-                    ip,
+                    source,
                     List::Allow,
                     None,
                     phantom_common::xdp::DenyReason::Manual,
@@ -389,8 +473,8 @@ impl Sentry {
                     warn!(error = %e, "cannot mirror a whitelist entry into the XDP allow map");
                 }
             }
-            for ip in removed {
-                let _ = dp.policy.remove(ip, List::Allow);
+            for source in removed {
+                let _ = dp.policy.remove(source, List::Allow);
             }
         })
         .await;
@@ -410,17 +494,51 @@ impl Sentry {
         Decision::Pass(p)
     }
 
-    fn cached_ticket(&self, ip: IpAddr, now: u64) -> bool {
-        lock(&self.tickets).get(&ip).is_some_and(|exp| *exp > now)
-    }
-
-    fn cache_ticket(&self, ip: IpAddr, exp: u64) {
+    /// Remembers a ticket this host learned of (store, cookie), unless it is one that was
+    /// taken away. Returns whether it is honoured.
+    fn cache_ticket(&self, source: Source, exp: u64) -> bool {
         let mut t = lock(&self.tickets);
+        if let Some(Held::Revoked(upto)) = t.get(&source)
+            && exp <= *upto
+        {
+            return false;
+        }
         if t.len() > 200_000 {
             let now = unix_now();
-            t.retain(|_, e| *e > now);
+            t.retain(|_, held| match held {
+                Held::Valid(e) | Held::Revoked(e) => *e > now,
+            });
         }
-        t.insert(ip, exp);
+        t.insert(source, Held::Valid(exp));
+        true
+    }
+
+    /// A new ticket from a proof: honoured whatever was taken away before.
+    fn grant_ticket(&self, source: Source, exp: u64) {
+        lock(&self.tickets).insert(source, Held::Valid(exp));
+    }
+
+    /// Takes the source's ticket away, here and in the store.
+    async fn revoke_ticket(&self, source: Source, now: u64) {
+        let upto = {
+            let mut t = lock(&self.tickets);
+            let upto = match t.get(&source) {
+                Some(Held::Valid(exp) | Held::Revoked(exp)) => *exp,
+                None => now,
+            }
+            // Any cookie of the ticket: at most one ticket lifetime from now.
+            .max(now + self.tunables().ticket_ttl_seconds);
+            t.insert(source, Held::Revoked(upto));
+            upto
+        };
+        self.counters
+            .tickets_revoked
+            .fetch_add(1, Ordering::Relaxed);
+        let _ = self.store_call(self.store.clear_ticket(source)).await;
+        info!(
+            revoked_until = upto,
+            "ticket holder past the ticket ceiling: ticket revoked"
+        );
     }
 
     /// Whether the defence is armed: DOOMSDAY, or the activation gate is open.
@@ -429,43 +547,96 @@ impl Sentry {
             || (t.activation_rate_threshold > 0 && rate >= t.activation_rate_threshold)
     }
 
-    /// The per-request flow of SPEC 7.
+    /// Whether this host knows the source holds a ticket: from its memory, else from a valid
+    /// cookie. A forged cookie counts against the source.
+    async fn local_ticket(
+        &self,
+        source: Source,
+        cookie: Option<&str>,
+        now: u64,
+        t: &Tunables,
+    ) -> bool {
+        let revoked = match lock(&self.tickets).get(&source) {
+            Some(Held::Valid(exp)) if *exp > now => return true,
+            Some(Held::Revoked(upto)) => *upto > now,
+            _ => false,
+        };
+        // A revoked ticket's cookies are worth nothing (a new proof brings a new ticket), and
+        // a source that keeps failing gets no more signature checks in this window.
+        let verify = !revoked
+            && self.detector.failures(source, Instant::now()) < challenge::FAILED_PROOFS_PER_WINDOW;
+        if let Some(c) = cookie.filter(|_| verify) {
+            match self.signer.check_cookie(c, source, now) {
+                CookieCheck::Valid(exp) => return self.cache_ticket(source, exp),
+                CookieCheck::Stale => {}
+                CookieCheck::Forged => {
+                    self.counters.forged_cookies.fetch_add(1, Ordering::Relaxed);
+                    self.failure(source, t).await;
+                }
+            }
+        }
+        false
+    }
+
+    /// Whether the store holds a ticket for the source (another host may have issued it).
+    /// `Err` = the store is down (the fail mode's decision); a single failed call is taken
+    /// as "no ticket".
+    async fn store_ticket(&self, source: Source) -> Result<bool, Decision> {
+        match self.store_call(self.store.ticket(source)).await {
+            Ok(Some(exp)) => Ok(self.cache_ticket(source, exp)),
+            Ok(None) => Ok(false),
+            Err(_) if self.healthy() => Ok(false),
+            Err(_) => Err(self.fail()),
+        }
+    }
+
+    /// A ticket holder's request: passed, unless the defence is armed and the source is past
+    /// the ticket ceiling — then the ticket is gone and the source is a violator again.
+    async fn ticket_pass(
+        &self,
+        source: Source,
+        t: &Tunables,
+        armed: bool,
+        count: u64,
+        now: u64,
+        path: &str,
+    ) -> Decision {
+        if !armed || count <= t.effective_ticket_ceiling() {
+            return self.pass(Pass::Ticket);
+        }
+        self.revoke_ticket(source, now).await;
+        let doomsday = self.mode_state().current_mode == Mode::Doomsday;
+        self.challenge(source, t, true, doomsday, now, path).await
+    }
+
+    /// The per-request flow of SPEC 7, for the source the client address stands for.
     pub async fn decide(&self, peer: IpAddr, cookie: Option<&str>, path: &str) -> Decision {
-        let ip = canonical(peer);
+        let source = self.source_of(peer);
         let now = unix_now();
         self.detector.count_global();
         let whitelisted = match self.whitelist.read() {
-            Ok(w) => w.contains(&ip),
-            Err(p) => p.into_inner().contains(&ip),
+            Ok(w) => w.contains(&source),
+            Err(p) => p.into_inner().contains(&source),
         };
         if whitelisted {
             return self.pass(Pass::Whitelisted);
         }
-        if self.cached_ticket(ip, now) {
-            return self.pass(Pass::Ticket);
-        }
-        if let Some(exp) = cookie.and_then(|c| self.signer.check_cookie(c, ip, now)) {
-            self.cache_ticket(ip, exp);
-            return self.pass(Pass::Ticket);
+        let instant = Instant::now();
+        if self.penalties.is_blocked(source, instant) {
+            // Past hard_block_after (the kernel drops it too, when there is a datapath):
+            // refused before any other work.
+            self.counters.blocked.fetch_add(1, Ordering::Relaxed);
+            return Decision::Blocked;
         }
         let t = self.tunables();
         let mode = self.mode_state().current_mode;
         let rate = self.detector.current_rate();
         let armed = mode == Mode::Doomsday || mode == Mode::Defcon1 || self.gate_open(&t, rate);
-        if armed {
-            // Another host may have issued the ticket: one store round trip (none on the
-            // embedded backend), and only while the defence is armed.
-            match self.store_call(self.store.ticket(ip)).await {
-                Ok(Some(exp)) => {
-                    self.cache_ticket(ip, exp);
-                    return self.pass(Pass::Ticket);
-                }
-                Ok(None) => {}
-                Err(_) => return self.fail(),
-            }
+        // Everyone but the whitelist is counted, ticket holders included.
+        let count = self.detector.count_ip(source, instant);
+        if self.local_ticket(source, cookie, now, &t).await {
+            return self.ticket_pass(source, &t, armed, count, now, path).await;
         }
-        let instant = Instant::now();
-        let count = self.detector.count_ip(ip, instant);
         if !armed {
             return self.pass(Pass::Normal);
         }
@@ -477,19 +648,149 @@ impl Sentry {
         if anomaly {
             self.note_incident(now).await;
         }
+        let mode = self.mode_state().current_mode;
         let over = count > t.ip_static_threshold;
-        match self.mode_state().current_mode {
-            // Everyone solves the hardest puzzle; only IPs over the static threshold also
+        // Only while armed does the store get asked for a ticket (another host may have
+        // issued it): one round trip, none on the embedded backend. A request that will be
+        // challenged unless it holds one has its package made first, and the fleet's record
+        // of that package rides in the same round trip.
+        if let Some(difficulty) = self.speculative_challenge(source, &t, mode, over) {
+            return self
+                .challenge_unless_ticket(source, &t, difficulty, count, now, path)
+                .await;
+        }
+        match self.store_ticket(source).await {
+            Ok(true) => return self.ticket_pass(source, &t, armed, count, now, path).await,
+            Ok(false) => {}
+            Err(decision) => return decision,
+        }
+        match mode {
+            // Everyone solves the hardest puzzle; only sources over the static threshold also
             // collect penalties (a visitor busy solving is not a violator).
-            Mode::Doomsday => self.challenge(ip, &t, over, true, now, path).await,
-            Mode::Defcon1 if over => self.challenge(ip, &t, true, false, now, path).await,
+            Mode::Doomsday => self.challenge(source, &t, over, true, now, path).await,
+            Mode::Defcon1 if over => self.challenge(source, &t, true, false, now, path).await,
             Mode::Defcon1 | Mode::Normal => self.pass(Pass::Normal),
         }
     }
 
+    /// The difficulty of the challenge this request gets if it holds no ticket, when that is
+    /// known without the store: on a backend that records issued packages, in DOOMSDAY or over
+    /// the static threshold in DEFCON_1, with no penalty raise due this second and no hard
+    /// block. `None`: the ordinary path (ticket lookup first).
+    fn speculative_challenge(
+        &self,
+        source: Source,
+        t: &Tunables,
+        mode: Mode,
+        over: bool,
+    ) -> Option<u32> {
+        if !self.store.records_issued() {
+            return None;
+        }
+        match mode {
+            Mode::Doomsday if !over => Some(t.max_difficulty),
+            Mode::Doomsday | Mode::Defcon1 if over => {
+                let count = self.penalties.recent(source, Instant::now())?;
+                if penalty::hard_blocked(t, count) {
+                    return None;
+                }
+                Some(if mode == Mode::Doomsday {
+                    t.max_difficulty
+                } else {
+                    penalty::difficulty(t, count)
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The package first, then one round trip for the ticket lookup and the package's fleet
+    /// record together; a ticket found wins (the package is dropped, its record lapses).
+    async fn challenge_unless_ticket(
+        &self,
+        source: Source,
+        t: &Tunables,
+        difficulty: u32,
+        count: u64,
+        now: u64,
+        path: &str,
+    ) -> Decision {
+        let package = match self.signer.issue(
+            source,
+            difficulty,
+            t.challenge_ttl_seconds,
+            &continuation(path),
+            now,
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "cannot issue a challenge");
+                return self.fail();
+            }
+        };
+        let digest = B64.encode(challenge::package_digest(
+            &package.payload,
+            &package.signature,
+        ));
+        match self
+            .store_call(
+                self.store
+                    .ticket_and_record(source, &digest, t.challenge_ttl_seconds),
+            )
+            .await
+        {
+            Ok(Some(exp)) if self.cache_ticket(source, exp) => {
+                return self.ticket_pass(source, t, true, count, now, path).await;
+            }
+            Ok(_) => {}
+            // A single failure: no ticket known, the challenge stands.
+            Err(_) if self.healthy() => {}
+            Err(_) => return self.fail(),
+        }
+        self.counters.challenged.fetch_add(1, Ordering::Relaxed);
+        Decision::Challenge(Box::new(package))
+    }
+
+    /// Raises the source's penalty (one host at most once per `RAISE_INTERVAL`) and, past
+    /// `hard_block_after`, puts it into the kernel deny map. Returns the count; `Err` = the
+    /// store is down (the fail mode's decision). A single failed store call is taken as
+    /// one more violation on this host's own count.
+    async fn raise(&self, source: Source, t: &Tunables) -> Result<u64, Decision> {
+        let instant = Instant::now();
+        let count = match self.penalties.recent(source, instant) {
+            Some(c) => c,
+            None => match self
+                .store_call(self.store.penalty_incr(source, t.penalty_ttl_seconds))
+                .await
+            {
+                Ok(c) => {
+                    self.counters.penalties.fetch_add(1, Ordering::Relaxed);
+                    self.penalties.note_raise(source, c, instant);
+                    c
+                }
+                Err(_) if self.healthy() => {
+                    let c = self.penalties.last(source) + 1;
+                    self.penalties.note_raise(source, c, instant);
+                    c
+                }
+                Err(_) => return Err(self.fail()),
+            },
+        };
+        if penalty::hard_blocked(t, count) && !self.penalties.is_blocked(source, instant) {
+            self.hard_block(source, penalty::block_ttl(t, count)).await;
+        }
+        Ok(count)
+    }
+
+    /// A failed proof or a forged cookie: counted against the source, and a violation.
+    async fn failure(&self, source: Source, t: &Tunables) {
+        self.detector.count_failure(source, Instant::now());
+        let _ = self.raise(source, t).await;
+    }
+
     async fn challenge(
         &self,
-        ip: IpAddr,
+        source: Source,
         t: &Tunables,
         violation: bool,
         doomsday: bool,
@@ -497,27 +798,13 @@ impl Sentry {
         path: &str,
     ) -> Decision {
         if !violation {
-            return self.issue(ip, t, t.max_difficulty, now, path).await;
+            return self.issue(source, t, t.max_difficulty, now, path).await;
         }
-        let instant = Instant::now();
-        let count = match self.penalties.recent(ip, instant) {
-            Some(c) => c,
-            None => match self
-                .store_call(self.store.penalty_incr(ip, t.penalty_ttl_seconds))
-                .await
-            {
-                Ok(c) => {
-                    self.counters.penalties.fetch_add(1, Ordering::Relaxed);
-                    self.penalties.note_raise(ip, c, instant);
-                    c
-                }
-                Err(_) => return self.fail(),
-            },
+        let count = match self.raise(source, t).await {
+            Ok(c) => c,
+            Err(decision) => return decision,
         };
         if penalty::hard_blocked(t, count) {
-            if !self.penalties.is_blocked(ip, instant) {
-                self.hard_block(ip, penalty::block_ttl(t, count)).await;
-            }
             self.counters.blocked.fetch_add(1, Ordering::Relaxed);
             return Decision::Blocked;
         }
@@ -526,19 +813,19 @@ impl Sentry {
         } else {
             penalty::difficulty(t, count)
         };
-        self.issue(ip, t, difficulty, now, path).await
+        self.issue(source, t, difficulty, now, path).await
     }
 
     async fn issue(
         &self,
-        ip: IpAddr,
+        source: Source,
         t: &Tunables,
         difficulty: u32,
         now: u64,
         path: &str,
     ) -> Decision {
         match self.signer.issue(
-            ip,
+            source,
             difficulty,
             t.challenge_ttl_seconds,
             &continuation(path),
@@ -564,10 +851,10 @@ impl Sentry {
         }
     }
 
-    async fn hard_block(&self, ip: IpAddr, ttl: Duration) {
+    async fn hard_block(&self, source: Source, ttl: Duration) {
         self.counters.hard_blocks.fetch_add(1, Ordering::Relaxed);
         // One map update: a few syscalls, short enough to run inline.
-        let in_kernel = self.penalties.block(self.datapath.as_ref(), ip, ttl);
+        let in_kernel = self.penalties.block(self.datapath.as_ref(), source, ttl);
         info!(
             seconds = ttl.as_secs(),
             in_kernel, "penalty past hard_block_after: source blocked"
@@ -592,9 +879,36 @@ impl Sentry {
         }
     }
 
+    /// Refuses, before any work, proofs from a source that is blocked or failed too many in
+    /// the last 5 s (the proxy asks before it even reads the body).
+    pub async fn proof_gate(&self, peer: IpAddr) -> Result<(), ProofError> {
+        let source = self.source_of(peer);
+        let instant = Instant::now();
+        if self.penalties.is_blocked(source, instant) {
+            return Err(self.reject(Rejection::Blocked));
+        }
+        if self.detector.failures(source, instant) >= challenge::FAILED_PROOFS_PER_WINDOW {
+            let t = self.tunables();
+            self.failure(source, &t).await;
+            return Err(self.reject(Rejection::RateLimited));
+        }
+        Ok(())
+    }
+
+    /// A proof that failed: counted, and held against the source when the failure is one an
+    /// honest client does not make.
+    pub async fn proof_failed(&self, peer: IpAddr, r: Rejection) -> ProofError {
+        if r.penalised() {
+            let t = self.tunables();
+            self.failure(self.source_of(peer), &t).await;
+        }
+        self.reject(r)
+    }
+
     /// The proof endpoint's work after parsing.
     pub async fn redeem(&self, peer: IpAddr, proof: &Proof) -> Result<TicketGrant, ProofError> {
-        let ip = canonical(peer);
+        let source = self.source_of(peer);
+        self.proof_gate(peer).await?;
         let now = unix_now();
         // One digest serves this host's memory, the fleet's record and the verification.
         let digest = challenge::package_digest(&proof.payload, &proof.signature);
@@ -611,13 +925,13 @@ impl Sentry {
         } else {
             None
         };
-        let verified = match self.signer.verify_vouched(proof, ip, now, vouched) {
+        let verified = match self.signer.verify_vouched(proof, source, now, vouched) {
             Ok((v, by)) => {
                 self.counters.authenticated[authenticated_index(by)]
                     .fetch_add(1, Ordering::Relaxed);
                 v
             }
-            Err(r) => return Err(self.reject(r)),
+            Err(r) => return Err(self.proof_failed(peer, r).await),
         };
         let ttl = verified.expires_at.saturating_sub(now);
         match self
@@ -625,23 +939,23 @@ impl Sentry {
             .await
         {
             Ok(true) => {}
-            Ok(false) => return Err(self.reject(Rejection::Replayed)),
+            Ok(false) => return Err(self.proof_failed(peer, Rejection::Replayed).await),
             Err(e) => return Err(ProofError::Store(e)),
         }
         let t = self.tunables();
         let expires_at = match self
-            .store_call(self.store.set_ticket(ip, t.ticket_ttl_seconds))
+            .store_call(self.store.set_ticket(source, t.ticket_ttl_seconds))
             .await
         {
             Ok(exp) => exp,
             Err(e) => return Err(ProofError::Store(e)),
         };
-        self.cache_ticket(ip, expires_at);
+        self.grant_ticket(source, expires_at);
         self.counters.solved.fetch_add(1, Ordering::Relaxed);
         self.counters.tickets.fetch_add(1, Ordering::Relaxed);
         let cookie = self
             .signer
-            .ticket_cookie(ip, expires_at)
+            .ticket_cookie(source, expires_at)
             .map_err(ProofError::Store)?;
         Ok(TicketGrant { expires_at, cookie })
     }
@@ -673,25 +987,22 @@ impl Sentry {
         Ok(s)
     }
 
+    /// Whitelists an address; its whole source (for IPv6, its prefix) is never challenged.
     pub async fn whitelist_add(&self, ip: IpAddr) -> Result<bool, SentryError> {
         let ip = canonical(ip);
         let added = self.store_call(self.store.whitelist_add(ip)).await?;
-        let old = read(&self.whitelist);
-        let mut new = old.clone();
-        new.insert(ip);
-        self.mirror_whitelist(&old, &new).await;
-        write(&self.whitelist, new);
+        let members = self.store_call(self.store.whitelist()).await?;
+        self.apply_whitelist(&members).await;
         Ok(added)
     }
 
+    /// Takes an address off the list; its source stays whitelisted while another listed
+    /// address stands for it.
     pub async fn whitelist_remove(&self, ip: IpAddr) -> Result<bool, SentryError> {
         let ip = canonical(ip);
         let removed = self.store_call(self.store.whitelist_remove(ip)).await?;
-        let old = read(&self.whitelist);
-        let mut new = old.clone();
-        new.remove(&ip);
-        self.mirror_whitelist(&old, &new).await;
-        write(&self.whitelist, new);
+        let members = self.store_call(self.store.whitelist()).await?;
+        self.apply_whitelist(&members).await;
         Ok(removed)
     }
 
@@ -717,7 +1028,10 @@ impl Sentry {
         self: &Arc<Self>,
         shutdown: &crate::tasks::Shutdown,
     ) -> Result<Vec<tokio::task::JoinHandle<()>>, SentryError> {
-        let mut tasks = vec![tokio::spawn(Arc::clone(self).run(shutdown.clone()))];
+        let mut tasks = vec![
+            tokio::spawn(Arc::clone(self).run(shutdown.clone())),
+            tokio::spawn(Arc::clone(self).run_fleet_sync(shutdown.clone())),
+        ];
         let listen = crate::config::parse_listen("sentry.listen", &self.static_config.listen)
             .map_err(|e| SentryError::Config(e.to_string()))?;
         if let Some(addr) = listen {
@@ -726,7 +1040,7 @@ impl Sentry {
         Ok(tasks)
     }
 
-    /// Daemon shutdown: the embedded store written out.
+    /// Daemon shutdown: whatever the embedded store's journal still has queued, synced.
     pub fn shutdown(&self) {
         if let Err(e) = self.store.flush() {
             warn!(error = %e, "cannot persist the sentry store");
@@ -737,11 +1051,11 @@ impl Sentry {
         let mut every = tokio::time::interval(Duration::from_secs(1));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut since_stats = 0u64;
-        let mut since_fleet = 0u64;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => {
-                    let _ = self.store.flush();
+                    let s = Arc::clone(&self);
+                    let _ = tokio::task::spawn_blocking(move || s.store.flush()).await;
                     return;
                 }
                 _ = every.tick() => {}
@@ -774,13 +1088,23 @@ impl Sentry {
             }
             let top = self.detector.top(256, Instant::now());
             let _ = self.store_call(self.store.publish_counts(&top)).await;
-            if let Err(e) = self.store.flush() {
-                warn!(error = %e, "cannot persist the sentry store");
-            }
-            since_fleet += 1;
-            if since_fleet >= 5 {
-                since_fleet = 0;
-                self.sync_fleet_blocks().await;
+            self.store.maintain();
+        }
+    }
+
+    /// Every 5 s, on its own task (a slow store never holds up the per-second tick): the
+    /// penalties other hosts escalated, into this host's kernel.
+    pub async fn run_fleet_sync(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        if self.datapath.is_none() {
+            return;
+        }
+        let mut every = tokio::time::interval(FLEET_SYNC_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = every.tick() => self.sync_fleet_blocks().await,
             }
         }
     }
@@ -791,6 +1115,7 @@ impl Sentry {
             if self.store.ping().await.is_ok() {
                 match self.sync_from_store(false).await {
                     Ok(()) => {
+                        self.store_failures.store(0, Ordering::Relaxed);
                         self.healthy.store(true, Ordering::Relaxed);
                         info!(
                             backend = self.store.backend(),
@@ -802,15 +1127,14 @@ impl Sentry {
             }
             return;
         }
-        if let Err(e) = self.sync_from_store(false).await {
-            self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
-            if self.healthy.swap(false, Ordering::Relaxed) {
-                warn!(error = %e, "sentry store failed: degraded until it answers again");
-            }
+        match self.sync_from_store(false).await {
+            Ok(()) => self.store_failures.store(0, Ordering::Relaxed),
+            Err(e) => self.store_failed(&e),
         }
     }
 
-    /// Puts penalties other hosts escalated past `hard_block_after` into this host's kernel.
+    /// Puts penalties other hosts escalated past `hard_block_after` into this host's kernel
+    /// (the store's listing reads the entries in pipelined round trips).
     async fn sync_fleet_blocks(&self) {
         if self.datapath.is_none() {
             return;
@@ -828,21 +1152,26 @@ impl Sentry {
         }
     }
 
-    /// Kernel per-source counters for `ips` (packets in the XDP guard's 5 s window, new TCP
-    /// connections), joined into status; empty without the datapath.
-    pub fn kernel_counts(&self, ips: &[IpAddr]) -> HashMap<IpAddr, (u64, u64)> {
+    /// Kernel per-source counters for `sources` (packets in the XDP guard's 5 s window, new
+    /// TCP connections; an IPv6 prefix sums its addresses), joined into status; empty
+    /// without the datapath.
+    pub fn kernel_counts(&self, sources: &[Source]) -> HashMap<Source, (u64, u64)> {
         let Some(dp) = &self.datapath else {
             return HashMap::new();
         };
-        let wanted: HashSet<IpAddr> = ips.iter().copied().collect();
-        match dp.guard.sources() {
-            Ok(sources) => sources
-                .into_iter()
-                .filter(|s| wanted.contains(&s.address))
-                .map(|s| (s.address, (s.window_packets, s.new_tcp)))
-                .collect(),
-            Err(_) => HashMap::new(),
+        let wanted: HashSet<Source> = sources.iter().copied().collect();
+        let mut out: HashMap<Source, (u64, u64)> = HashMap::new();
+        if let Ok(counted) = dp.guard.sources() {
+            for s in counted {
+                let source = self.source_of(s.address);
+                if wanted.contains(&source) {
+                    let e = out.entry(source).or_default();
+                    e.0 += s.window_packets;
+                    e.1 += s.new_tcp;
+                }
+            }
         }
+        out
     }
 
     pub fn client_addr(&self, peer: SocketAddr, forwarded_for: Option<&str>) -> IpAddr {

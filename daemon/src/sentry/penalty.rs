@@ -4,7 +4,6 @@
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -13,7 +12,10 @@ use phantom_common::xdp::DenyReason;
 use tracing::warn;
 
 use super::Tunables;
-use crate::datapath::{Datapath, policy::List};
+use crate::{
+    datapath::{Datapath, policy::List},
+    source::Source,
+};
 
 /// A host raises one IP's count at most this often, so one page load with many
 /// sub-requests past the threshold is one violation, while an IP that keeps hammering
@@ -41,10 +43,10 @@ pub fn block_ttl(t: &Tunables, count: u64) -> Duration {
 /// This host's view of recent raises and of the blocks it put in the kernel.
 #[derive(Default)]
 pub struct PenaltyBox {
-    /// ip -> (when last raised, count then)
-    raised: Mutex<HashMap<IpAddr, (Instant, u64)>>,
-    /// ip -> when the kernel block lapses
-    blocked: Mutex<HashMap<IpAddr, Instant>>,
+    /// source -> (when last raised, count then)
+    raised: Mutex<HashMap<Source, (Instant, u64)>>,
+    /// source -> when the kernel block lapses
+    blocked: Mutex<HashMap<Source, Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -56,23 +58,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl PenaltyBox {
     /// The count from a raise within `RAISE_INTERVAL`, if any (then no new raise is due).
-    pub fn recent(&self, ip: IpAddr, now: Instant) -> Option<u64> {
+    pub fn recent(&self, ip: Source, now: Instant) -> Option<u64> {
         lock(&self.raised)
             .get(&ip)
             .filter(|(at, _)| now.duration_since(*at) < RAISE_INTERVAL)
             .map(|(_, c)| *c)
     }
 
-    pub fn note_raise(&self, ip: IpAddr, count: u64, now: Instant) {
+    /// The count this host last saw for `ip`, however long ago (0 if none).
+    pub fn last(&self, ip: Source) -> u64 {
+        lock(&self.raised).get(&ip).map_or(0, |(_, c)| *c)
+    }
+
+    pub fn note_raise(&self, ip: Source, count: u64, now: Instant) {
         let mut raised = lock(&self.raised);
         if raised.len() > 100_000 {
-            raised.retain(|_, (at, _)| now.duration_since(*at) < RAISE_INTERVAL);
+            raised.retain(|_, (at, _)| now.duration_since(*at) < Duration::from_secs(60));
         }
         raised.insert(ip, (now, count));
     }
 
     /// Whether this host already holds a live kernel block for `ip`.
-    pub fn is_blocked(&self, ip: IpAddr, now: Instant) -> bool {
+    pub fn is_blocked(&self, ip: Source, now: Instant) -> bool {
         lock(&self.blocked)
             .get(&ip)
             .is_some_and(|until| *until > now)
@@ -84,9 +91,9 @@ impl PenaltyBox {
         b.len()
     }
 
-    /// Puts `ip` into the kernel deny map for `ttl` (blocking map syscalls: call from a
-    /// blocking context). Returns whether the kernel now drops it.
-    pub fn block(&self, datapath: Option<&Arc<Datapath>>, ip: IpAddr, ttl: Duration) -> bool {
+    /// Puts `ip` (an address or an IPv6 prefix: one deny entry either way) into the kernel
+    /// deny map for `ttl` (a few map syscalls). Returns whether the kernel now drops it.
+    pub fn block(&self, datapath: Option<&Arc<Datapath>>, ip: Source, ttl: Duration) -> bool {
         lock(&self.blocked).insert(ip, Instant::now() + ttl);
         let Some(dp) = datapath else {
             return false;
@@ -103,7 +110,7 @@ impl PenaltyBox {
         }
     }
 
-    pub fn forget(&self, ip: IpAddr) {
+    pub fn forget(&self, ip: Source) {
         lock(&self.raised).remove(&ip);
         lock(&self.blocked).remove(&ip);
     }

@@ -33,6 +33,9 @@ type UpstreamClient = Client<HttpConnector, ProxyBody>;
 
 /// Largest proof body accepted.
 pub const MAX_PROOF_BYTES: usize = 16 * 1024;
+/// How long a proof body may take to arrive (16 KiB at most: a slow client is still fast
+/// enough; a client that stalls holds a connection for nothing).
+pub const PROOF_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The client address: the TCP peer, or — when the peer is a trusted proxy — the last
 /// `X-Forwarded-For` entry (the one that proxy added; earlier entries are client-supplied).
@@ -85,6 +88,20 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
             let (k, v) = kv.trim().split_once('=')?;
             (k == name).then(|| v.to_string())
         })
+}
+
+/// A refused proof's answer.
+fn proof_error(e: ProofError) -> Response<ProxyBody> {
+    match e {
+        ProofError::Rejected(r) => json_reply(
+            StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            &json!({"success": false, "reason": r.code(), "error": r.message()}),
+        ),
+        ProofError::Store(e) => json_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"success": false, "reason": "UNAVAILABLE", "error": e.to_string()}),
+        ),
+    }
 }
 
 /// The 429 answer: the package as JSON, or an HTML page that embeds the same object.
@@ -147,6 +164,8 @@ pub struct Proxy {
     sentry: Arc<Sentry>,
     upstream: Upstream,
     client: UpstreamClient,
+    /// `[sentry] upstream_timeout_seconds`: for the answer's head, and between its pieces.
+    upstream_timeout: Duration,
 }
 
 impl Proxy {
@@ -160,10 +179,12 @@ impl Proxy {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(256)
             .build(connector);
+        let upstream_timeout = Duration::from_secs(sentry.static_config.upstream_timeout_seconds);
         Ok(Self {
             sentry,
             upstream,
             client,
+            upstream_timeout,
         })
     }
 
@@ -220,33 +241,49 @@ impl Proxy {
             *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
             return r;
         }
+        // A source that is blocked or failed too many proofs is answered before its body is
+        // read or anything is verified.
+        if let Err(e) = self.sentry.proof_gate(client).await {
+            return proof_error(e);
+        }
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > MAX_PROOF_BYTES as u64) {
-            self.sentry.reject(Rejection::Malformed);
+            self.sentry.proof_failed(client, Rejection::Malformed).await;
             let mut r = reject(Rejection::Malformed, "proof body over 16 KiB");
             *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
             return r;
         }
-        let body = match Limited::new(req.into_body(), MAX_PROOF_BYTES)
-            .collect()
-            .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
-                self.sentry.reject(Rejection::Malformed);
+        let read = tokio::time::timeout(
+            PROOF_BODY_TIMEOUT,
+            Limited::new(req.into_body(), MAX_PROOF_BYTES).collect(),
+        )
+        .await;
+        let body = match read {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(_)) => {
+                self.sentry.proof_failed(client, Rejection::Malformed).await;
                 let mut r = reject(Rejection::Malformed, "proof body over 16 KiB or cut short");
                 *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+                return r;
+            }
+            Err(_) => {
+                self.sentry.proof_failed(client, Rejection::Malformed).await;
+                let mut r = reject(
+                    Rejection::Malformed,
+                    "the proof body did not arrive within 10 s",
+                );
+                *r.status_mut() = StatusCode::REQUEST_TIMEOUT;
                 return r;
             }
         };
         let proof: Proof = match serde_json::from_slice(&body) {
             Ok(p) => p,
             Err(e) => {
-                self.sentry.reject(Rejection::Malformed);
+                self.sentry.proof_failed(client, Rejection::Malformed).await;
                 return reject(
                     Rejection::Malformed,
                     &format!("{}: {e}", Rejection::Malformed.message()),
@@ -268,11 +305,7 @@ impl Proxy {
                 }
                 r
             }
-            Err(ProofError::Rejected(r)) => reject(r, r.message()),
-            Err(ProofError::Store(e)) => json_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({"success": false, "reason": "UNAVAILABLE", "error": e.to_string()}),
-            ),
+            Err(e) => proof_error(e),
         }
     }
 
@@ -315,13 +348,26 @@ impl Proxy {
         }
         let body: ProxyBody = body.boxed();
         let upstream_req = Request::from_parts(parts, body);
-        match self.client.request(upstream_req).await {
-            Ok(resp) => {
+        match tokio::time::timeout(self.upstream_timeout, self.client.request(upstream_req)).await {
+            Ok(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
+                // An upstream that stops sending mid-answer is cut off after the same wait.
+                let body = tower_http::timeout::TimeoutBody::new(self.upstream_timeout, body);
+                Response::from_parts(parts, body.boxed())
             }
-            Err(e) => {
+            Err(_) => {
+                self.sentry
+                    .counters
+                    .upstream_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                full(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "text/plain; charset=utf-8",
+                    "upstream timed out\n",
+                )
+            }
+            Ok(Err(e)) => {
                 self.sentry
                     .counters
                     .upstream_errors
@@ -373,7 +419,8 @@ pub async fn serve(
         .collect::<Result<Vec<_>, _>>()?;
     let server = http::Server::with_exempt(
         "sentry",
-        http::Limits::sentry_proxy(sentry.static_config.max_body_bytes),
+        http::Limits::sentry_proxy(sentry.static_config.max_body_bytes)
+            .with_source_prefix(sentry.source_prefix()),
         sentry.trusted_proxies.clone(),
     );
     if let Some(p) = proxies.first() {

@@ -67,7 +67,7 @@ pub fn solve_package(package: &Package, jwks: &Value) -> Result<(Solution, Proof
         payload: package.payload.clone(),
         signature: package.signature.clone(),
         pow_nonce: solution.pow_nonce,
-        kid: None,
+        kid: package.kid.clone(),
     };
     Ok((solution, proof))
 }

@@ -1,14 +1,17 @@
 //! The sentry's state store: the seed's key schema (`sentry:` prefix) behind one interface
 //! with two backends of the same semantics.
 //!
-//! - `embedded` (default): in memory, persisted in the state directory — config, state,
-//!   whitelist, tickets, penalties and used nonces survive a restart (and `kill -9`).
+//! - `embedded` (default): in memory, made durable by a journal and snapshots in the state
+//!   directory — config, state, whitelist, tickets, penalties and used nonces survive a
+//!   restart (and `kill -9`).
 //! - `redis` (`redis_url`): a fleet of hosts shares tickets, penalties, whitelist, mode,
 //!   config and the public keys that verify each other's challenges.
 //!
 //! Keys: `sentry:config` (hash), `sentry:state` (hash: current_mode, last_incident_time),
-//! `sentry:whitelist:set` (set), `sentry:req_count:<ip>` (5 s), `sentry:penalty_box:<ip>`
-//! (TTL penalty_ttl × count), `sentry:trust_ticket:<ip>` (ticket TTL),
+//! `sentry:whitelist:set` (set), `sentry:req_count:<source>` (5 s),
+//! `sentry:penalty_box:<source>` (TTL penalty_ttl × count), `sentry:trust_ticket:<source>`
+//! (ticket TTL), where `<source>` is an IPv4 address or an IPv6 prefix
+//! (`2001:db8:1:2::/64`, `[sources] ipv6_prefix`),
 //! `sentry:global_traffic_per_sec` (list, newest first, 300 entries), `sentry:traffic_stats`
 //! (hash: mean, std_dev), `sentry:used_nonces:<session_nonce>` (until the challenge expires,
 //! at least 60 s), `sentry:keys` (hash: kid -> JWK) for the fleet's verification keys, and
@@ -23,6 +26,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use serde::{Deserialize, Serialize};
 
 use super::{Mode, SentryError, Tunables};
+use crate::source::Source;
 
 pub const PREFIX: &str = "sentry:";
 /// A used nonce is remembered at least this long.
@@ -50,7 +54,8 @@ impl Default for ModeState {
 /// One `penalty_box` entry.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct PenaltyEntry {
-    pub address: IpAddr,
+    /// The source: an IPv4 address or an IPv6 prefix.
+    pub address: Source,
     pub count: u64,
     pub expires_in_seconds: u64,
 }
@@ -79,7 +84,7 @@ pub enum Store {
 macro_rules! dispatch {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
-            Store::Embedded($s) => $e,
+            Store::Embedded($s) => $e.await,
             Store::Redis($s) => $e.await,
         }
     };
@@ -132,23 +137,28 @@ impl Store {
         dispatch!(self, s => s.whitelist_remove(ip))
     }
 
-    /// The Unix expiry of `ip`'s trust ticket, if it has one.
-    pub async fn ticket(&self, ip: IpAddr) -> Result<Option<u64>, SentryError> {
-        dispatch!(self, s => s.ticket(ip))
+    /// The Unix expiry of the source's trust ticket, if it has one.
+    pub async fn ticket(&self, source: Source) -> Result<Option<u64>, SentryError> {
+        dispatch!(self, s => s.ticket(source))
     }
 
-    pub async fn set_ticket(&self, ip: IpAddr, ttl: u64) -> Result<u64, SentryError> {
-        dispatch!(self, s => s.set_ticket(ip, ttl))
+    pub async fn set_ticket(&self, source: Source, ttl: u64) -> Result<u64, SentryError> {
+        dispatch!(self, s => s.set_ticket(source, ttl))
     }
 
-    /// Raises `ip`'s violation count; the entry then lives `ttl_unit × count` seconds.
+    /// Takes a ticket away (its holder flooded past the ticket ceiling).
+    pub async fn clear_ticket(&self, source: Source) -> Result<(), SentryError> {
+        dispatch!(self, s => s.clear_ticket(source))
+    }
+
+    /// Raises the source's violation count; the entry then lives `ttl_unit × count` seconds.
     /// Returns the new count.
-    pub async fn penalty_incr(&self, ip: IpAddr, ttl_unit: u64) -> Result<u64, SentryError> {
-        dispatch!(self, s => s.penalty_incr(ip, ttl_unit))
+    pub async fn penalty_incr(&self, source: Source, ttl_unit: u64) -> Result<u64, SentryError> {
+        dispatch!(self, s => s.penalty_incr(source, ttl_unit))
     }
 
-    pub async fn penalty(&self, ip: IpAddr) -> Result<Option<PenaltyEntry>, SentryError> {
-        dispatch!(self, s => s.penalty(ip))
+    pub async fn penalty(&self, source: Source) -> Result<Option<PenaltyEntry>, SentryError> {
+        dispatch!(self, s => s.penalty(source))
     }
 
     /// Live penalties, at most `limit`, highest count first.
@@ -159,8 +169,8 @@ impl Store {
         Ok(all)
     }
 
-    pub async fn clear_penalty(&self, ip: IpAddr) -> Result<bool, SentryError> {
-        dispatch!(self, s => s.clear_penalty(ip))
+    pub async fn clear_penalty(&self, source: Source) -> Result<bool, SentryError> {
+        dispatch!(self, s => s.clear_penalty(source))
     }
 
     /// Marks a session nonce used, atomically: true if it was fresh, false if already used.
@@ -169,16 +179,16 @@ impl Store {
         dispatch!(self, s => s.use_nonce(nonce, ttl))
     }
 
-    /// Publishes the per-IP 5 s counts of this host (`req_count:<ip>`).
-    pub async fn publish_counts(&self, counts: &[(IpAddr, u64)]) -> Result<(), SentryError> {
+    /// Publishes the per-source 5 s counts of this host (`req_count:<source>`).
+    pub async fn publish_counts(&self, counts: &[(Source, u64)]) -> Result<(), SentryError> {
         if counts.is_empty() {
             return Ok(());
         }
         dispatch!(self, s => s.publish_counts(counts))
     }
 
-    pub async fn req_count(&self, ip: IpAddr) -> Result<u64, SentryError> {
-        dispatch!(self, s => s.req_count(ip))
+    pub async fn req_count(&self, source: Source) -> Result<u64, SentryError> {
+        dispatch!(self, s => s.req_count(source))
     }
 
     /// Replaces `global_traffic_per_sec` (given oldest first) and `traffic_stats`.
@@ -217,6 +227,20 @@ impl Store {
         }
     }
 
+    /// The source's ticket and, in the same round trip, the record of a package just issued
+    /// to it (on Redis: one pipeline; the embedded store keeps no records).
+    pub async fn ticket_and_record(
+        &self,
+        source: Source,
+        digest: &str,
+        ttl: u64,
+    ) -> Result<Option<u64>, SentryError> {
+        match self {
+            Store::Embedded(s) => s.ticket(source).await,
+            Store::Redis(s) => s.ticket_and_record(source, digest, ttl.max(1)).await,
+        }
+    }
+
     /// Whether a host of the fleet recorded this package digest as issued.
     pub async fn issued_recorded(&self, digest: &str) -> Result<bool, SentryError> {
         match self {
@@ -225,11 +249,28 @@ impl Store {
         }
     }
 
-    /// Writes what the embedded backend batches (penalties, counts, traffic); no-op on Redis.
+    /// Every second: the embedded backend's upkeep (expiry, a snapshot when one is due); never
+    /// waits on the disk. Nothing on Redis.
+    pub fn maintain(&self) {
+        if let Store::Embedded(s) = self {
+            s.maintain();
+        }
+    }
+
+    /// Blocks until every change the embedded backend took is durable (shutdown, tests);
+    /// nothing on Redis, which answers only once it holds a change.
     pub fn flush(&self) -> Result<(), SentryError> {
         match self {
             Store::Embedded(s) => s.flush(),
             Store::Redis(_) => Ok(()),
+        }
+    }
+
+    /// Round trips to the backend so far (Redis; 0 for the embedded store).
+    pub fn round_trips(&self) -> u64 {
+        match self {
+            Store::Embedded(_) => 0,
+            Store::Redis(s) => s.round_trips(),
         }
     }
 }

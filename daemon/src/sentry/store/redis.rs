@@ -3,7 +3,12 @@
 //! Redis costs the proxy a bounded wait, and the sentry stops asking it while it is marked
 //! degraded (see `Sentry::store_call`).
 
-use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use redis::{
     Client, Value as RedisValue,
@@ -14,19 +19,28 @@ use super::{
     ModeState, PREFIX, PenaltyEntry, TRAFFIC_WINDOW, TrafficStats, tunables_from_fields,
     tunables_to_fields, unix_now,
 };
-use crate::sentry::{Mode, SentryError, Tunables};
+use crate::{
+    sentry::{Mode, SentryError, Tunables},
+    source::Source,
+};
+
+/// Keys read per pipelined round trip when listing penalties.
+const PIPELINE_CHUNK: usize = 1_000;
 
 pub struct RedisStore {
     conn: ConnectionManager,
     penalty_script: redis::Script,
+    /// Commands and pipelines sent (each one round trip), for the benchmarks.
+    round_trips: AtomicU64,
 }
 
 fn key(suffix: &str) -> String {
     format!("{PREFIX}{suffix}")
 }
 
-fn ip_key(kind: &str, ip: IpAddr) -> String {
-    format!("{PREFIX}{kind}:{ip}")
+/// `sentry:<kind>:<source>`: an IPv4 address or an IPv6 prefix (`2001:db8:1:2::/64`).
+fn source_key(kind: &str, source: Source) -> String {
+    format!("{PREFIX}{kind}:{source}")
 }
 
 impl RedisStore {
@@ -44,6 +58,7 @@ impl RedisStore {
             ConnectionManager::new_lazy_with_config(client, config).map_err(SentryError::Redis)?;
         Ok(Self {
             conn,
+            round_trips: AtomicU64::new(0),
             penalty_script: redis::Script::new(
                 "local c = redis.call('INCR', KEYS[1]) \
                  redis.call('EXPIRE', KEYS[1], c * tonumber(ARGV[1])) \
@@ -54,7 +69,24 @@ impl RedisStore {
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, SentryError> {
         let mut conn = self.conn.clone();
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
         cmd.query_async(&mut conn).await.map_err(SentryError::Redis)
+    }
+
+    async fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, SentryError> {
+        let mut conn = self.conn.clone();
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        pipe.query_async(&mut conn)
+            .await
+            .map_err(SentryError::Redis)
+    }
+
+    /// Commands and pipelines sent so far (each one round trip).
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
     }
 
     pub async fn ping(&self) -> Result<(), SentryError> {
@@ -147,18 +179,18 @@ impl RedisStore {
         Ok(n == 1)
     }
 
-    pub async fn ticket(&self, ip: IpAddr) -> Result<Option<u64>, SentryError> {
+    pub async fn ticket(&self, source: Source) -> Result<Option<u64>, SentryError> {
         let ttl: i64 = self
-            .query(redis::cmd("TTL").arg(ip_key("trust_ticket", ip)))
+            .query(redis::cmd("TTL").arg(source_key("trust_ticket", source)))
             .await?;
         Ok((ttl > 0).then(|| unix_now() + ttl as u64))
     }
 
-    pub async fn set_ticket(&self, ip: IpAddr, ttl: u64) -> Result<u64, SentryError> {
+    pub async fn set_ticket(&self, source: Source, ttl: u64) -> Result<u64, SentryError> {
         let _: String = self
             .query(
                 redis::cmd("SET")
-                    .arg(ip_key("trust_ticket", ip))
+                    .arg(source_key("trust_ticket", source))
                     .arg(1)
                     .arg("EX")
                     .arg(ttl.max(1)),
@@ -167,11 +199,19 @@ impl RedisStore {
         Ok(unix_now() + ttl)
     }
 
-    pub async fn penalty_incr(&self, ip: IpAddr, ttl_unit: u64) -> Result<u64, SentryError> {
+    pub async fn clear_ticket(&self, source: Source) -> Result<(), SentryError> {
+        let _: i64 = self
+            .query(redis::cmd("DEL").arg(source_key("trust_ticket", source)))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn penalty_incr(&self, source: Source, ttl_unit: u64) -> Result<u64, SentryError> {
         let mut conn = self.conn.clone();
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
         let n: i64 = self
             .penalty_script
-            .key(ip_key("penalty_box", ip))
+            .key(source_key("penalty_box", source))
             .arg(ttl_unit.max(1))
             .invoke_async(&mut conn)
             .await
@@ -179,26 +219,39 @@ impl RedisStore {
         Ok(n.max(0) as u64)
     }
 
-    async fn entry(&self, k: &str, ip: IpAddr) -> Result<Option<PenaltyEntry>, SentryError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(k).cmd("TTL").arg(k);
-        let mut conn = self.conn.clone();
-        let (count, ttl): (Option<u64>, i64) = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(SentryError::Redis)?;
-        Ok(match count {
-            Some(count) if ttl > 0 => Some(PenaltyEntry {
-                address: ip,
-                count,
-                expires_in_seconds: ttl as u64,
-            }),
-            _ => None,
-        })
+    /// The penalty entries of `keys` (with their sources), in pipelined round trips of
+    /// `PIPELINE_CHUNK` keys.
+    async fn entries(&self, keys: &[(String, Source)]) -> Result<Vec<PenaltyEntry>, SentryError> {
+        let mut out = Vec::new();
+        for chunk in keys.chunks(PIPELINE_CHUNK) {
+            let mut pipe = redis::pipe();
+            for (k, _) in chunk {
+                pipe.cmd("GET").arg(k).cmd("TTL").arg(k);
+            }
+            let values: Vec<RedisValue> = self.pipeline(&pipe).await?;
+            for ((_, source), pair) in chunk.iter().zip(values.chunks(2)) {
+                let (Some(count), Some(ttl)) = (pair.first(), pair.get(1)) else {
+                    continue;
+                };
+                let count: Option<u64> = redis::from_redis_value_ref(count).ok().flatten();
+                let ttl: i64 = redis::from_redis_value_ref(ttl).unwrap_or(-2);
+                if let Some(count) = count
+                    && ttl > 0
+                {
+                    out.push(PenaltyEntry {
+                        address: *source,
+                        count,
+                        expires_in_seconds: ttl as u64,
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 
-    pub async fn penalty(&self, ip: IpAddr) -> Result<Option<PenaltyEntry>, SentryError> {
-        self.entry(&ip_key("penalty_box", ip), ip).await
+    pub async fn penalty(&self, source: Source) -> Result<Option<PenaltyEntry>, SentryError> {
+        let k = source_key("penalty_box", source);
+        Ok(self.entries(&[(k, source)]).await?.into_iter().next())
     }
 
     pub async fn penalties(&self, limit: usize) -> Result<Vec<PenaltyEntry>, SentryError> {
@@ -223,24 +276,21 @@ impl RedisStore {
                 break;
             }
         }
-        let mut out = Vec::new();
-        for k in keys {
-            let Some(ip) = k
-                .strip_prefix(&pattern[..pattern.len() - 1])
-                .and_then(|s| s.parse::<IpAddr>().ok())
-            else {
-                continue;
-            };
-            if let Some(e) = self.entry(&k, ip).await? {
-                out.push(e);
-            }
-        }
-        Ok(out)
+        let keys: Vec<(String, Source)> = keys
+            .into_iter()
+            .filter_map(|k| {
+                let source = k
+                    .strip_prefix(&pattern[..pattern.len() - 1])
+                    .and_then(|s| s.parse::<Source>().ok())?;
+                Some((k, source))
+            })
+            .collect();
+        self.entries(&keys).await
     }
 
-    pub async fn clear_penalty(&self, ip: IpAddr) -> Result<bool, SentryError> {
+    pub async fn clear_penalty(&self, source: Source) -> Result<bool, SentryError> {
         let n: i64 = self
-            .query(redis::cmd("DEL").arg(ip_key("penalty_box", ip)))
+            .query(redis::cmd("DEL").arg(source_key("penalty_box", source)))
             .await?;
         Ok(n == 1)
     }
@@ -259,25 +309,22 @@ impl RedisStore {
         Ok(!matches!(reply, RedisValue::Nil))
     }
 
-    pub async fn publish_counts(&self, counts: &[(IpAddr, u64)]) -> Result<(), SentryError> {
+    pub async fn publish_counts(&self, counts: &[(Source, u64)]) -> Result<(), SentryError> {
         let mut pipe = redis::pipe();
-        for (ip, n) in counts {
+        for (source, n) in counts {
             pipe.cmd("SET")
-                .arg(ip_key("req_count", *ip))
+                .arg(source_key("req_count", *source))
                 .arg(*n)
                 .arg("EX")
                 .arg(5)
                 .ignore();
         }
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(SentryError::Redis)
+        self.pipeline::<()>(&pipe).await
     }
 
-    pub async fn req_count(&self, ip: IpAddr) -> Result<u64, SentryError> {
+    pub async fn req_count(&self, source: Source) -> Result<u64, SentryError> {
         let n: Option<u64> = self
-            .query(redis::cmd("GET").arg(ip_key("req_count", ip)))
+            .query(redis::cmd("GET").arg(source_key("req_count", source)))
             .await?;
         Ok(n.unwrap_or(0))
     }
@@ -306,10 +353,7 @@ impl RedisStore {
             .arg(key("traffic_stats"))
             .arg(60)
             .ignore();
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(SentryError::Redis)
+        self.pipeline::<()>(&pipe).await
     }
 
     pub async fn traffic(&self) -> Result<(Vec<u64>, Option<TrafficStats>), SentryError> {
@@ -357,6 +401,26 @@ impl RedisStore {
             )
             .await?;
         Ok(())
+    }
+
+    /// TTL of the ticket and SET of the issued record, pipelined: one round trip.
+    pub async fn ticket_and_record(
+        &self,
+        source: Source,
+        digest: &str,
+        ttl: u64,
+    ) -> Result<Option<u64>, SentryError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("TTL")
+            .arg(source_key("trust_ticket", source))
+            .cmd("SET")
+            .arg(key(&format!("issued:{digest}")))
+            .arg(1)
+            .arg("EX")
+            .arg(ttl)
+            .ignore();
+        let (ttl,): (i64,) = self.pipeline(&pipe).await?;
+        Ok((ttl > 0).then(|| unix_now() + ttl as u64))
     }
 
     pub async fn issued_recorded(&self, digest: &str) -> Result<bool, SentryError> {
