@@ -396,6 +396,9 @@ pub struct GhostConfig {
     pub acme_renew_before_days: u32,
     /// How often the certificate's expiry is looked at.
     pub acme_check_seconds: u64,
+    /// Open tunnels the secret may hold at once (every client shares the one secret); an
+    /// upgrade over it gets 503. At most 4096.
+    pub tunnels_per_secret: usize,
 }
 
 impl Default for GhostConfig {
@@ -412,6 +415,7 @@ impl Default for GhostConfig {
             acme_ca_root: String::new(),
             acme_renew_before_days: 30,
             acme_check_seconds: 6 * 3600,
+            tunnels_per_secret: 1024,
         }
     }
 }
@@ -718,6 +722,11 @@ impl Config {
         if !(1..=604_800).contains(&self.ghost.acme_check_seconds) {
             return Err(Error::config(
                 "ghost.acme_check_seconds must be between 1 and 604800",
+            ));
+        }
+        if !(1..=4096).contains(&self.ghost.tunnels_per_secret) {
+            return Err(Error::config(
+                "ghost.tunnels_per_secret must be between 1 and 4096",
             ));
         }
         if self.ghost.tls == GhostTls::Files
