@@ -37,7 +37,8 @@ use self::{
 };
 use crate::{
     config::BlocklistConfig,
-    datapath::{Datapath, Owner},
+    datapath::{Datapath, KeyClash, Owner},
+    domain_hash::DomainHasher,
     error::Error,
     tasks::Shutdown,
 };
@@ -85,7 +86,9 @@ impl State {
         }
     }
 
-    /// Adds or updates entries in the table and in `matcher`.
+    /// Adds or updates entries in the table and in `matcher`. `apply` refuses a new name
+    /// whose key another holds before it gets here; at load (a stored list under a new seed)
+    /// such a name stays listed but unmatched, with a warning.
     fn insert(&mut self, entries: &[Entry], matcher: &mut Matcher) {
         let rows: Vec<(&str, Listed)> = entries
             .iter()
@@ -93,7 +96,12 @@ impl State {
             .collect();
         for (domain, listed) in &rows {
             let (exact, sub) = listed.weights();
-            matcher.upsert(domain, exact, sub);
+            if !matcher.upsert(domain, exact, sub) {
+                warn!(
+                    %domain,
+                    "listed domain shares its key with another under this installation's domain hash; not matched"
+                );
+            }
         }
         self.entries.upsert(rows);
     }
@@ -225,6 +233,8 @@ pub type Delta = (Vec<Entry>, Vec<String>);
 pub struct Applied {
     pub version: u64,
     pub changed: usize,
+    /// New names left out: another name holds their key (in the list, or in the kernel set).
+    pub refused: Vec<KeyClash>,
 }
 
 impl Blocklist {
@@ -237,10 +247,17 @@ impl Blocklist {
     ) -> Result<Self, BlocklistError> {
         let store = BlocklistStore::open(&state_dir.join("blocklist.db"))?;
         let loaded = store.load()?;
+        // The kernel set's hash when there is a datapath (one key for both), else the same
+        // seed from the state directory.
+        let hasher = match &datapath {
+            Some(dp) => dp.domains.hasher(),
+            None => Arc::new(DomainHasher::load_or_create(state_dir)?.0),
+        };
         let mut matcher = Matcher::new(
             std::iter::empty(),
             &loaded.patterns,
             Lookalikes::new(brands.iter().map(String::as_str)),
+            hasher,
         );
         let mut state = State {
             entries: DomainTable::default(),
@@ -452,7 +469,9 @@ impl Blocklist {
         self.apply(entries, Vec::new())
     }
 
-    /// Adds or replaces `upserts` and removes `removals` (listed ones) in one version.
+    /// Adds or replaces `upserts` and removes `removals` (listed ones) in one version. A new
+    /// name whose key another name holds (listed, earlier in the batch, or in the kernel set)
+    /// is left out and returned in `refused`.
     pub fn apply(
         &self,
         upserts: Vec<Entry>,
@@ -463,10 +482,15 @@ impl Blocklist {
             .into_iter()
             .filter(|d| state.entries.contains(d))
             .collect();
+        let (upserts, refused) = self.without_clashes(&state, upserts);
+        for clash in &refused {
+            warn!(domain = %clash.name, other = %clash.other, "blocklist entry refused: its key is taken");
+        }
         if upserts.is_empty() && removals.is_empty() {
             return Ok(Applied {
                 version: state.version,
                 changed: 0,
+                refused,
             });
         }
         let version = now_ms().max(state.version + 1);
@@ -502,7 +526,62 @@ impl Blocklist {
         if large {
             release_free_memory();
         }
-        Ok(Applied { version, changed })
+        Ok(Applied {
+            version,
+            changed,
+            refused,
+        })
+    }
+
+    /// Splits `upserts` into those that may go in and the new names whose key another name
+    /// holds: a listed one (the matcher), one earlier in the batch, or, for an entry that
+    /// would be a kernel rule, one in the kernel set (an operator's rule).
+    fn without_clashes(&self, state: &State, upserts: Vec<Entry>) -> (Vec<Entry>, Vec<KeyClash>) {
+        let matcher = self.engine();
+        let hasher = std::sync::Arc::clone(matcher.hasher());
+        let mut batch: HashMap<u64, (u32, usize)> = HashMap::new();
+        let mut keep = Vec::with_capacity(upserts.len());
+        let mut refused = Vec::new();
+        for e in upserts {
+            if state.entries.contains(&e.domain) {
+                keep.push(e);
+                continue;
+            }
+            let hash = hasher.hash(&e.domain);
+            let tag = hasher.tag(&e.domain);
+            let other = if matcher.clashes(&e.domain) {
+                Some(
+                    state
+                        .entries
+                        .iter()
+                        .map(|(d, _)| d)
+                        .find(|d| hasher.hash(d) == hash)
+                        .map_or_else(|| "a listed domain".to_string(), str::to_string),
+                )
+            } else if let Some((t, i)) = batch.get(&hash)
+                && *t != tag
+            {
+                keep.get(*i).map(|k: &Entry| k.domain.clone())
+            } else if self.kernel_rule(&e).is_some()
+                && let Some(dp) = &self.datapath
+                && let Ok(Some(clash)) = dp.domains.clash(&e.domain)
+            {
+                Some(clash.other)
+            } else {
+                None
+            };
+            match other {
+                Some(other) => refused.push(KeyClash {
+                    name: e.domain,
+                    other,
+                }),
+                None => {
+                    batch.entry(hash).or_insert((tag, keep.len()));
+                    keep.push(e);
+                }
+            }
+        }
+        (keep, refused)
     }
 
     /// Removes a domain; `Ok(None)` when it is not listed.
@@ -545,6 +624,7 @@ impl Blocklist {
         Ok(Applied {
             version,
             changed: 1,
+            refused: Vec::new(),
         })
     }
 
@@ -574,6 +654,7 @@ impl Blocklist {
         Ok(Some(Applied {
             version,
             changed: 1,
+            refused: Vec::new(),
         }))
     }
 
@@ -595,10 +676,15 @@ impl Blocklist {
     }
 
     fn sync_kernel(&self, added: &[(String, bool)], removed: &[String]) {
-        if let Some(dp) = &self.datapath
-            && let Err(e) = dp.domains.update(Owner::Blocklist, added, removed)
-        {
-            warn!(error = %e, "cannot update the kernel domain set");
+        if let Some(dp) = &self.datapath {
+            match dp.domains.update(Owner::Blocklist, added, removed) {
+                Ok(report) => {
+                    for clash in report.refused {
+                        warn!(domain = %clash.name, other = %clash.other, "not in the kernel set: its key is taken");
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot update the kernel domain set"),
+            }
         }
     }
 
@@ -614,12 +700,18 @@ impl Blocklist {
                 })
                 .collect();
             match dp.domains.replace(Owner::Blocklist, &rules) {
-                Ok(r) => info!(
-                    written = r.written,
-                    deleted = r.deleted,
-                    total = r.total,
-                    "kernel domain set synced"
-                ),
+                Ok(r) => {
+                    for clash in &r.refused {
+                        warn!(domain = %clash.name, other = %clash.other, "not in the kernel set: its key is taken");
+                    }
+                    info!(
+                        written = r.written,
+                        deleted = r.deleted,
+                        total = r.total,
+                        refused = r.refused.len(),
+                        "kernel domain set synced"
+                    )
+                }
                 Err(e) => warn!(error = %e, "cannot sync the kernel domain set"),
             }
         }
