@@ -99,6 +99,26 @@ pub async fn connect_marked(
     }
 }
 
+/// One empty UDP datagram to `to` from a socket marked `mark`: traffic the exit's WireGuard
+/// has to carry, so it starts a handshake when it has no session. Nothing is read back.
+pub async fn nudge(to: SocketAddr, mark: u32) -> Result<(), ProbeError> {
+    let bind = if to.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let socket = tokio::net::UdpSocket::bind(bind)
+        .await
+        .map_err(ProbeError::Socket)?;
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
+        .map_err(ProbeError::Mark)?;
+    socket
+        .send_to(&[], to)
+        .await
+        .map_err(|source| ProbeError::Connect { to, source })?;
+    Ok(())
+}
+
 /// Connects to the echo service through the exit and closes again: proves the whole path.
 /// When every address fails, the last one's error.
 pub async fn probe(url: &EchoUrl, mark: u32, timeout: Duration) -> Result<(), ProbeError> {
