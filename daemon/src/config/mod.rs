@@ -807,6 +807,8 @@ mod tests {
             "[multihop]\necho_url = \"https://example.com/\"",
             "[multihop]\ninterface = \"wg_main\"",
             "[sources]\nipv6_prefix = 16",
+            "[ghost]\ntunnels_per_secret = 0",
+            "[ghost]\ntunnels_per_secret = 4097",
         ] {
             assert!(Config::from_toml(text).is_err(), "accepted: {text}");
         }
