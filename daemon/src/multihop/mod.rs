@@ -691,7 +691,11 @@ impl Multihop {
         exit: &ExitConfig,
         deadline: tokio::time::Instant,
     ) -> bool {
-        let targets = nudge_targets(exit, &self.echo);
+        let targets = nudge_targets(
+            exit,
+            &self.echo,
+            &crate::datapath::actions::local_addresses(),
+        );
         let mut next_nudge = tokio::time::Instant::now();
         loop {
             if self
@@ -1168,41 +1172,47 @@ impl Multihop {
 
 /// The errors of a teardown, for the session log.
 /// Where the datagrams that start an exit's handshake go (the discard port of each): the
-/// exit's own DNS servers (inside the provider, reached through the tunnel), the echo host
-/// when it is an address, else the first host of the exit's tunnel subnet, else TEST-NET-1
-/// (never a real host). Only addresses the exit's AllowedIPs carry (an imported exit carries
-/// 0.0.0.0/0, so all of them); at most three.
-fn nudge_targets(exit: &ExitConfig, echo: &EchoUrl) -> Vec<std::net::Ipv4Addr> {
+/// exit's own DNS servers (inside the provider, reached through the tunnel) and the echo host
+/// when it is an address; failing those, the first host of the exit's tunnel subnet, else
+/// TEST-NET-1 (never a real host). Only addresses the exit's AllowedIPs carry (an imported
+/// exit carries 0.0.0.0/0, so all of them) and none of this host's own (`local`: those never
+/// leave through the exit); at most three.
+fn nudge_targets(exit: &ExitConfig, echo: &EchoUrl, local: &[IpAddr]) -> Vec<std::net::Ipv4Addr> {
     use std::net::Ipv4Addr;
-    let carried = |ip: Ipv4Addr| {
-        exit.allowed_ips.iter().any(|(net, prefix)| match net {
+    let usable = |ip: &Ipv4Addr| {
+        let carried = exit.allowed_ips.iter().any(|(net, prefix)| match net {
             IpAddr::V4(net) => {
                 let mask = u32::MAX.checked_shl(32 - u32::from(*prefix)).unwrap_or(0);
-                u32::from(*net) & mask == u32::from(ip) & mask
+                u32::from(*net) & mask == u32::from(*ip) & mask
             }
             IpAddr::V6(_) => false,
-        })
+        });
+        carried && !ip.is_loopback() && !ip.is_unspecified() && !local.contains(&IpAddr::V4(*ip))
     };
     let mut targets: Vec<Ipv4Addr> = exit
         .dns
         .iter()
         .filter_map(|d| d.parse::<Ipv4Addr>().ok())
+        .chain(echo.host.parse::<Ipv4Addr>().ok())
+        .filter(usable)
         .collect();
-    if let Ok(ip) = echo.host.parse::<Ipv4Addr>() {
-        targets.push(ip);
-    }
-    if targets.is_empty() {
-        match exit.ipv4() {
-            Some((ip, prefix)) if prefix < 31 => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-                targets.push(Ipv4Addr::from((u32::from(ip) & mask) + 1));
-            }
-            _ => targets.push(Ipv4Addr::new(192, 0, 2, 1)),
-        }
-    }
-    targets.retain(|ip| carried(*ip) && !ip.is_loopback() && !ip.is_unspecified());
     targets.dedup();
     targets.truncate(3);
+    if targets.is_empty() {
+        let gateway = exit.ipv4().and_then(|(ip, prefix)| {
+            (prefix < 31).then(|| {
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                Ipv4Addr::from((u32::from(ip) & mask) + 1)
+            })
+        });
+        targets.extend(
+            gateway
+                .into_iter()
+                .chain([Ipv4Addr::new(192, 0, 2, 1)])
+                .filter(usable)
+                .take(1),
+        );
+    }
     targets
 }
 
@@ -1286,23 +1296,29 @@ mod tests {
         };
         let with_dns = exit(&full("DNS = 10.64.0.1"));
         assert_eq!(
-            nudge_targets(&with_dns, &echo("http://echo.invalid/ip")),
+            nudge_targets(&with_dns, &echo("http://echo.invalid/ip"), &[]),
             ips(&["10.64.0.1"])
         );
         assert_eq!(
-            nudge_targets(&with_dns, &echo("http://203.0.113.10:8080/ip")),
+            nudge_targets(&with_dns, &echo("http://203.0.113.10:8080/ip"), &[]),
             ips(&["10.64.0.1", "203.0.113.10"])
+        );
+        // This host's own addresses never leave through the exit.
+        let local: Vec<IpAddr> = vec!["10.64.0.1".parse().unwrap_or(IpAddr::from([0; 4]))];
+        assert_eq!(
+            nudge_targets(&with_dns, &echo("http://echo.invalid/ip"), &local),
+            ips(&["192.0.2.1"])
         );
         // No DNS, a name for the echo host: the tunnel subnet's first host.
         let plain = exit(&full(""));
         assert_eq!(
-            nudge_targets(&plain, &echo("http://echo.invalid/ip")),
+            nudge_targets(&plain, &echo("http://echo.invalid/ip"), &[]),
             ips(&["10.64.0.1"])
         );
         // A /32 tunnel address and nothing else: TEST-NET-1.
         let host = exit(&full("").replace("10.64.0.7/24", "10.64.0.7/32"));
         assert_eq!(
-            nudge_targets(&host, &echo("http://echo.invalid/ip")),
+            nudge_targets(&host, &echo("http://echo.invalid/ip"), &[]),
             ips(&["192.0.2.1"])
         );
     }
