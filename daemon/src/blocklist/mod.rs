@@ -474,7 +474,7 @@ impl Blocklist {
     /// is left out and returned in `refused`.
     pub fn apply(
         &self,
-        upserts: Vec<Entry>,
+        mut upserts: Vec<Entry>,
         removals: Vec<String>,
     ) -> Result<Applied, BlocklistError> {
         let mut state = self.write();
@@ -482,7 +482,7 @@ impl Blocklist {
             .into_iter()
             .filter(|d| state.entries.contains(d))
             .collect();
-        let (upserts, refused) = self.without_clashes(&state, upserts);
+        let refused = self.place_new(&state, &mut upserts);
         for clash in &refused {
             warn!(domain = %clash.name, other = %clash.other, "blocklist entry refused: its key is taken");
         }
@@ -499,7 +499,12 @@ impl Blocklist {
             .map(Change::Upsert)
             .chain(removals.iter().map(|d| Change::Remove(d)))
             .collect();
-        self.store.commit(version, &changes)?;
+        if let Err(e) = self.store.commit(version, &changes) {
+            drop(changes);
+            self.unplace(&state, &upserts);
+            return Err(e);
+        }
+        drop(changes);
         {
             let mut matcher = self.engine_mut();
             state.insert(&upserts, &mut matcher);
@@ -533,55 +538,60 @@ impl Blocklist {
         })
     }
 
-    /// Splits `upserts` into those that may go in and the new names whose key another name
-    /// holds: a listed one (the matcher), one earlier in the batch, or, for an entry that
-    /// would be a kernel rule, one in the kernel set (an operator's rule).
-    fn without_clashes(&self, state: &State, upserts: Vec<Entry>) -> (Vec<Entry>, Vec<KeyClash>) {
-        let matcher = self.engine();
-        let hasher = std::sync::Arc::clone(matcher.hasher());
-        let mut batch: HashMap<u64, (u32, usize)> = HashMap::new();
-        let mut keep = Vec::with_capacity(upserts.len());
+    /// Gives every new name of `upserts` its place in the matcher now (an update of a listed
+    /// name keeps its own) and takes out of `upserts`, in place, the new names whose key
+    /// another name holds: a listed one, one earlier in the batch (the matcher itself is the
+    /// check, so a million-name import needs no second table), or, for an entry that would be
+    /// a kernel rule, an operator's kernel rule. Returns those clashes. If the commit then
+    /// fails, `unplace` takes the new names out again.
+    fn place_new(&self, state: &State, upserts: &mut Vec<Entry>) -> Vec<KeyClash> {
+        let mut matcher = self.engine_mut();
+        let hasher = Arc::clone(matcher.hasher());
         let mut refused = Vec::new();
-        for e in upserts {
+        upserts.retain(|e| {
             if state.entries.contains(&e.domain) {
-                keep.push(e);
-                continue;
+                return true;
             }
-            let hash = hasher.hash(&e.domain);
-            let tag = hasher.tag(&e.domain);
-            let other = if matcher.clashes(&e.domain) {
-                Some(
-                    state
-                        .entries
-                        .iter()
-                        .map(|(d, _)| d)
-                        .find(|d| hasher.hash(d) == hash)
-                        .map_or_else(|| "a listed domain".to_string(), str::to_string),
-                )
-            } else if let Some((t, i)) = batch.get(&hash)
-                && *t != tag
-            {
-                keep.get(*i).map(|k: &Entry| k.domain.clone())
-            } else if self.kernel_rule(&e).is_some()
+            if matcher.clashes(&e.domain) {
+                refused.push(KeyClash {
+                    name: e.domain.clone(),
+                    other: String::new(),
+                });
+                return false;
+            }
+            let (exact, sub) = e.weights();
+            if self.kernel_flags(exact, sub).is_some()
                 && let Some(dp) = &self.datapath
                 && let Ok(Some(clash)) = dp.domains.clash(&e.domain)
             {
-                Some(clash.other)
-            } else {
-                None
-            };
-            match other {
-                Some(other) => refused.push(KeyClash {
-                    name: e.domain,
-                    other,
-                }),
-                None => {
-                    batch.entry(hash).or_insert((tag, keep.len()));
-                    keep.push(e);
-                }
+                refused.push(clash);
+                return false;
+            }
+            matcher.upsert(&e.domain, exact, sub)
+        });
+        drop(matcher);
+        // Name the other (a rare path: a scan of the list).
+        for clash in refused.iter_mut().filter(|c| c.other.is_empty()) {
+            let hash = hasher.hash(&clash.name);
+            clash.other = state
+                .entries
+                .iter()
+                .map(|(d, _)| d)
+                .chain(upserts.iter().map(|e| e.domain.as_str()))
+                .find(|d| *d != clash.name && hasher.hash(d) == hash)
+                .map_or_else(|| "a listed domain".to_string(), str::to_string);
+        }
+        refused
+    }
+
+    /// Takes the names `place_new` put in the matcher out again (the commit failed).
+    fn unplace(&self, state: &State, upserts: &[Entry]) {
+        let mut matcher = self.engine_mut();
+        for e in upserts {
+            if !state.entries.contains(&e.domain) {
+                matcher.remove(&e.domain);
             }
         }
-        (keep, refused)
     }
 
     /// Removes a domain; `Ok(None)` when it is not listed.
