@@ -29,6 +29,9 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         ebpf.take_map(names::DOMAINS_MAP)
             .ok_or("no domain map")?
             .try_into()?,
+        ebpf.take_map(names::DNS_KEY_MAP)
+            .ok_or("no domain hash key map")?
+            .try_into()?,
         state.path(),
     )?;
     let rules: Vec<(String, bool)> = (0..cli.domains)

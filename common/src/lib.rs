@@ -30,6 +30,8 @@ pub mod names {
     pub const PORTS_MAP: &str = "PH_PORTS";
     /// Blocked domain hashes for the DNS answer filter.
     pub const DOMAINS_MAP: &str = "PH_DOMAINS";
+    /// The installation's key of the domain hash (one entry).
+    pub const DNS_KEY_MAP: &str = "PH_DNS_KEY";
     /// DNS filter verdict counters.
     pub const DNS_VERDICTS_MAP: &str = "PH_DNS_VERDICTS";
     /// DNS filter policy: dry run and the own resolver's mark.

@@ -301,6 +301,7 @@ async fn serve(
     let ghost = match server.clone() {
         Some(server) => Some(Arc::new(Ghost::open(
             &config.ghost,
+            config.sources.ipv6_prefix,
             &config.state_dir,
             server,
         )?)),

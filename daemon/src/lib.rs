@@ -8,6 +8,7 @@ pub mod core;
 pub mod daemon;
 pub mod datapath;
 pub mod dns;
+pub mod domain_hash;
 pub mod domain_name;
 pub mod error;
 pub mod faults;

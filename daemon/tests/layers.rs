@@ -21,7 +21,7 @@ const LAYERS: &[&[&str]] = &[
     &["error"],
     &["config", "domain_name", "store", "logging", "qr"],
     // Shared machinery, no domain knowledge.
-    &["http", "wg"],
+    &["http", "wg", "domain_hash"],
     &["metrics"],
     &["admin"],
     // The domains, each built on the ones below it.

@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use phantom_common::{
     dns::{
-        ClientAddr, DEFAULT_MAX_DOMAINS, DOMAIN_SUBDOMAINS, DnsPolicy, DnsVerdict, HASH_SEED,
-        IfaceInfo, MAX_EXEMPT_CLIENTS, MAX_NAME_LEN, hash_step,
+        ClientAddr, DEFAULT_MAX_DOMAINS, DOMAIN_SUBDOMAINS, DnsPolicy, DnsVerdict, DomainKey,
+        IfaceInfo, KEY_POSITIONS, MAX_EXEMPT_CLIENTS, MAX_NAME_LEN,
     },
     net::{ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, UDP_HLEN},
     xdp::TrafficCounter,
@@ -22,9 +22,14 @@ use phantom_common::{
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-/// Blocked domains: `domain_hash(name)` -> `DOMAIN_EXACT` | `DOMAIN_SUBDOMAINS`.
+/// Blocked domains: `DomainKey::hash(name)` -> `DOMAIN_EXACT` | `DOMAIN_SUBDOMAINS`.
 #[map(name = "PH_DOMAINS")]
 static DOMAINS: HashMap<u64, u8> = HashMap::pinned(DEFAULT_MAX_DOMAINS, BPF_F_NO_PREALLOC);
+
+/// The installation's key of the domain hash (index 0), written by the daemon before it fills
+/// `PH_DOMAINS`.
+#[map(name = "PH_DNS_KEY")]
+static DNS_KEY: Array<DomainKey> = Array::pinned(1, 0);
 
 #[map(name = "PH_DNS_VERDICTS")]
 static DNS_VERDICTS: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(DnsVerdict::SLOTS, 0);
@@ -46,7 +51,7 @@ const SCRATCH_LEN: usize = 512;
 const NAME_AREA: usize = 256;
 /// Where the pseudo-header is built for the checksum.
 const PSEUDO_AT: usize = 320;
-/// Where the hash seed is parked (see `is_blocked`).
+/// Where `launder` parks a value.
 const SEED_AT: usize = 480;
 /// Where the label counter of `normalise_name` lives.
 const REMAINING_AT: usize = 496;
@@ -174,7 +179,10 @@ fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
     if (ctx.len() as usize) < dns + dns_len {
         return Some(DnsVerdict::Unparsable);
     }
-    if !is_blocked(buf, name_end) {
+    let Some(key) = DNS_KEY.get_ptr(0) else {
+        return Some(DnsVerdict::Passed);
+    };
+    if !is_blocked(buf, name_end, key) {
         return Some(DnsVerdict::Passed);
     }
     if is_exempt(ctx, &layout) {
@@ -313,13 +321,16 @@ fn normalise_name(buf: &mut [u8; SCRATCH_LEN], copied: usize) -> Option<usize> {
 }
 
 /// Walks the text backwards: at each dot the running hash is that suffix's key (a parent
-/// domain: blocked only with `DOMAIN_SUBDOMAINS`); at the start it is the whole name's.
+/// domain: blocked only with `DOMAIN_SUBDOMAINS`); at the start it is the whole name's. The
+/// text is lowercase already (`normalise_name`), so each step is `DomainKey::step` without
+/// its case fold.
 #[inline(always)]
-fn is_blocked(buf: &mut [u8; SCRATCH_LEN], name_end: usize) -> bool {
-    // The seed and the name's length go through map memory so the verifier treats them as
-    // unknown values: with known constants every iteration's state would differ (one per name
-    // length and hash value) and the loop could not be verified within the instruction limit.
-    let mut hash = launder(buf, HASH_SEED);
+fn is_blocked(buf: &mut [u8; SCRATCH_LEN], name_end: usize, key: *const DomainKey) -> bool {
+    // The name's length comes through map memory (`launder`) and the hash from the key's map
+    // value, so the verifier sees unknown values: with known constants every iteration's state
+    // would differ (one per name length and hash value) and the loop could not be verified
+    // within the instruction limit.
+    let mut hash: u64 = 0;
     let mut k = name_end;
     let mut steps = 0;
     while steps < NAME_AREA {
@@ -327,7 +338,11 @@ fn is_blocked(buf: &mut [u8; SCRATCH_LEN], name_end: usize) -> bool {
             break;
         }
         k -= 1;
-        let b = buf[k & (NAME_AREA - 1)];
+        // The mask stays a mask for the verifier only if LLVM cannot see k's range (it would
+        // drop it, and the verifier then tracks k - 1 as possibly negative).
+        // SAFETY: reading a local.
+        let idx = unsafe { core::ptr::read_volatile(&k) } & (NAME_AREA - 1);
+        let b = buf[idx];
         if b == b'.' {
             if let Some(flags) = DOMAINS.get_ptr(&hash) {
                 // SAFETY: a value pointer from a successful lookup.
@@ -336,7 +351,9 @@ fn is_blocked(buf: &mut [u8; SCRATCH_LEN], name_end: usize) -> bool {
                 }
             }
         }
-        hash = hash_step(hash, b);
+        // SAFETY: a value pointer from a successful lookup; the index is masked into the array.
+        let mul = unsafe { (*key).mul[steps & (KEY_POSITIONS - 1)] };
+        hash = hash.wrapping_add(mul.wrapping_mul(b as u64 + 1));
         steps += 1;
     }
     DOMAINS.get_ptr(&hash).is_some()

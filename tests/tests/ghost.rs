@@ -508,6 +508,153 @@ fn stock_client_carries_wireguard_over_wss_and_refusals_leave_the_tunnel_running
     assert!(!daemon.log().contains(&secret), "secret in the log");
 }
 
+/// Holds `n` TLS connections to the relay from `from` (upgrades never sent) on a thread inside
+/// `ns` until the returned sender is dropped; reports how many completed TLS.
+fn hold_idle_tls(
+    ns: &NetNs,
+    opts: WstunnelOptions,
+    n: usize,
+) -> (
+    usize,
+    std::sync::mpsc::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let (count_tx, count_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let path = ns.path();
+    let thread = std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(
+            std::os::fd::AsFd::as_fd(&file),
+            nix::sched::CloneFlags::CLONE_NEWNET,
+        )
+        .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let mut held = Vec::new();
+            for _ in 0..n {
+                if let Ok(tls) = wstunnel::connect_tls(&opts).await {
+                    held.push(tls);
+                }
+            }
+            count_tx.send(held.len()).unwrap();
+            // Until told to stop (the test's own clock, not the runtime's: nothing else runs
+            // on it), the connections stay open from this side.
+            let _ = stop_rx.recv();
+            drop(held);
+        });
+    });
+    let count = count_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    (count, stop_tx, thread)
+}
+
+#[test]
+fn one_source_holding_idle_tls_connections_does_not_keep_another_client_out() {
+    if !require_root("one_source_holding_idle_tls_connections_does_not_keep_another_client_out") {
+        return;
+    }
+    let started = Instant::now();
+    let link = GuardedLink::new();
+    let bpffs = BpffsDir::new();
+    let certs = Certs::new();
+    certs.write_valid();
+    // A quota of two tunnels on the secret, to see it hold.
+    let daemon = Daemon::start(
+        &link.server,
+        &ghost_daemon_config(
+            &bpffs,
+            &format!("{}tunnels_per_secret = 2\n", certs.ghost_toml()),
+        ),
+    );
+    api(&daemon, &["core", "add_client", "client_name=alice"]);
+    let enabled = api(&daemon, &["ghost", "enable", &format!("domain={DOMAIN}")]);
+    let secret = enabled["secret"].as_str().unwrap().to_string();
+    let config = api(&daemon, &["ghost", "export", "client_name=alice"])["config"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    block_direct_wireguard(&link.peer);
+
+    // One source opens 256 TLS connections and sits on them without an upgrade. The relay
+    // lets it complete 16 handshakes (its per-source share), refuses 4 more as busy, and
+    // from then on its bucket is empty: every further connection is closed at accept.
+    let mut attacker = options(&secret);
+    attacker.bind = Some(GuardedLink::PEER_V4_SECOND.parse().unwrap());
+    let (held, stop, holder) = hold_idle_tls(&link.peer, attacker, 256);
+    eprintln!("the attacker holds {held} idle TLS connections");
+    assert!((1..=16).contains(&held), "{held} of 256 completed TLS");
+    assert!(rejected(&link, "busy") >= 4.0, "{}", metrics(&link));
+    assert!(
+        rejected(&link, "rate_limited") >= 200.0,
+        "{}",
+        metrics(&link)
+    );
+
+    // While they are held, a client from another address connects and WireGuard works.
+    let client = WstunnelClient::start(&link.peer, options(&secret));
+    let wg = WgQuickClient::up(&link.peer, &config);
+    assert!(
+        reachable(&link, VPN_SERVER, Duration::from_secs(20)),
+        "ping through wss while another source holds its handshakes"
+    );
+    assert!(client.stats.tunnels_opened.load(Ordering::Relaxed) >= 1);
+
+    // The quota: the client's tunnel and one more fit, a third is answered 503.
+    let opts = options(&secret);
+    let path = format!("/{secret}/events");
+    let jwt = wstunnel::stock_jwt("127.0.0.1", 51820);
+    let (second, third) = wstunnel::block_on_in(&link.peer, {
+        let (opts, path, jwt) = (opts.clone(), path.clone(), jwt.clone());
+        move || async move {
+            let second = wstunnel::connect_upgraded(&opts, &path, Some(&jwt)).await;
+            let mut tls = wstunnel::connect_tls(&opts).await.unwrap();
+            let third = wstunnel::upgrade(&mut tls, DOMAIN, &path, Some(&jwt))
+                .await
+                .map(|r| r.status)
+                .unwrap_or(0);
+            (second.is_ok(), third)
+        }
+    });
+    assert!(second, "a second tunnel fits the quota of two");
+    assert_eq!(third, 503, "a third is over the quota");
+    assert!(rejected(&link, "quota") >= 1.0);
+    // The second tunnel closed (its connection dropped above): the place is free again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upgrade_status(&link, &opts, &path, Some(jwt.clone())) != 101 {
+        assert!(Instant::now() < deadline, "the quota place never came back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The idle connections get no longer than the upgrade's time (10 s from accept): the
+    // relay closes them and counts them as timeouts.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while rejected(&link, "timeout") < held as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "idle connections still open: {}",
+            metrics(&link)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    drop(stop);
+    holder.join().unwrap();
+    assert!(
+        reachable(&link, VPN_SERVER, Duration::from_secs(5)),
+        "tunnel still up"
+    );
+    // No client address at info level.
+    let log = daemon.log();
+    for addr in [GuardedLink::PEER_V4, GuardedLink::PEER_V4_SECOND] {
+        assert!(!log.contains(addr), "{addr} in the log:\n{log}");
+    }
+    drop(wg);
+    drop(client);
+    eprintln!("test took {:?}", started.elapsed());
+}
+
 #[test]
 fn enable_refuses_bad_domains_and_certificates_and_changes_nothing() {
     if !require_root("enable_refuses_bad_domains_and_certificates_and_changes_nothing") {

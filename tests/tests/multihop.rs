@@ -252,20 +252,25 @@ impl Topology {
     }
 
     fn daemon(&self, bpffs: &BpffsDir, interface: &str) -> Daemon {
-        let mut config = DaemonConfig::new("up0", bpffs.path());
-        config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, "192.0.2.1"));
-        // Phantom's resolver on the tunnel address, forwarding to the internet host.
-        config.dns_section =
-            "listen = \"auto\"\nprimary = \"203.0.113.10\"\nsecondary = \"203.0.113.10\"\n".into();
-        config.extra_toml = format!(
-            "[multihop]\ninterface = {interface:?}\nmonitor_interval_seconds = {MONITOR_INTERVAL}\nprobe_timeout_seconds = {PROBE_TIMEOUT}\necho_url = \"http://{ECHO}/ip\"\n"
-        );
+        let mut config = self.config(bpffs, interface, &format!("http://{ECHO}/ip"));
         // The first enable fails just before the mark goes on: the rollback is tested.
         config.env.push((
             "PHANTOM_FAIL_AT".into(),
             "multihop.enable.before_mark".into(),
         ));
         Daemon::start(&self.server, &config)
+    }
+
+    fn config(&self, bpffs: &BpffsDir, interface: &str, echo_url: &str) -> DaemonConfig {
+        let mut config = DaemonConfig::new("up0", bpffs.path());
+        config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, "192.0.2.1"));
+        // Phantom's resolver on the tunnel address, forwarding to the internet host.
+        config.dns_section =
+            "listen = \"auto\"\nprimary = \"203.0.113.10\"\nsecondary = \"203.0.113.10\"\n".into();
+        config.extra_toml = format!(
+            "[multihop]\ninterface = {interface:?}\nmonitor_interval_seconds = {MONITOR_INTERVAL}\nprobe_timeout_seconds = {PROBE_TIMEOUT}\necho_url = {echo_url:?}\n"
+        );
+        config
     }
 }
 
@@ -441,10 +446,7 @@ fn clients_leave_through_the_exit_while_multihop_is_on() {
     let phantom_private = wg_key(&["genkey"], None);
     let phantom_public = wg_key(&["pubkey"], Some(&phantom_private));
     let mut exit = ExitServer::new(&topo.exit, &phantom_public);
-    let provider_file = format!(
-        "# a provider's file\n[Interface]\nPrivateKey = {phantom_private}\nAddress = {EXIT_TUNNEL_PHANTOM}/32\nDNS = 198.18.66.1\n\n[Peer]\nPublicKey = {}\nAllowedIPs = 0.0.0.0/0, ::/0\nEndpoint = {EXIT_ENDPOINT}\n",
-        exit.public_key
-    );
+    let provider_file = provider_file(&phantom_private, &exit);
 
     let bpffs = BpffsDir::new();
     let mut daemon = topo.daemon(&bpffs, &iface);
@@ -947,4 +949,97 @@ fn clients_leave_through_the_exit_while_multihop_is_on() {
             .iter()
             .any(|l| l.as_str().unwrap().contains(" leftovers_removed "))
     );
+}
+
+/// The provider's wg-quick file for Phantom's side of `exit`.
+fn provider_file(phantom_private: &str, exit: &ExitServer) -> String {
+    format!(
+        "# a provider's file\n[Interface]\nPrivateKey = {phantom_private}\nAddress = {EXIT_TUNNEL_PHANTOM}/32\nDNS = 198.18.66.1\n\n[Peer]\nPublicKey = {}\nAllowedIPs = 0.0.0.0/0, ::/0\nEndpoint = {EXIT_ENDPOINT}\n",
+        exit.public_key
+    )
+}
+
+#[test]
+fn enable_starts_the_exit_handshake_itself_and_reports_a_failed_echo_lookup_apart() {
+    if !require_root(
+        "enable_starts_the_exit_handshake_itself_and_reports_a_failed_echo_lookup_apart",
+    ) {
+        return;
+    }
+    let started = Instant::now();
+    let topo = Topology::new();
+    let files = tempfile::tempdir().unwrap();
+    let iface = unique_ifname("phv");
+    let phantom_private = wg_key(&["genkey"], None);
+    let phantom_public = wg_key(&["pubkey"], Some(&phantom_private));
+    let exit = ExitServer::new(&topo.exit, &phantom_public);
+    // The echo host's name does not resolve here (a new user without a working resolver):
+    // the exit itself is fine.
+    let bpffs = BpffsDir::new();
+    let daemon = Daemon::start(
+        &topo.server,
+        &topo.config(&bpffs, &iface, "http://echo.invalid:8080/ip"),
+    );
+    let path = write_file(
+        files.path(),
+        "provider.conf",
+        &provider_file(&phantom_private, &exit),
+    );
+    api(
+        &daemon,
+        &[
+            "multihop",
+            "import_vpn_config",
+            &format!("config_path={path}"),
+            "custom_name=exit-a",
+        ],
+    );
+    let on = api(
+        &daemon,
+        &["multihop", "enable_multihop", "exit_name=exit-a"],
+    );
+    // Enabling started the handshake itself (a datagram through the exit), so the exit is
+    // reported as answering; the probe's failure is reported on its own, as a warning.
+    assert_eq!(on["multihop_enabled"], true, "{on}");
+    assert_eq!(on["handshake_established"], true, "{on}");
+    assert_eq!(on["connection_verified"], false, "{on}");
+    let error = on["verification_error"].as_str().unwrap_or_default();
+    assert!(error.contains("cannot resolve echo.invalid"), "{on}");
+    let warning = on["warning"].as_str().unwrap_or_default();
+    assert!(
+        warning.contains("handshake with the exit is established") && warning.contains(error),
+        "{on}"
+    );
+    assert!(
+        !on.to_string()
+            .contains("did not complete a WireGuard handshake"),
+        "{on}"
+    );
+    assert_exactly_once(&topo.server, &iface);
+    let status = api(&daemon, &["multihop", "status"]);
+    assert_eq!(status["enabled"], true, "{status}");
+    assert!(
+        status["vpn_interface"]["latest_handshake_seconds_ago"]
+            .as_u64()
+            .is_some_and(|a| a <= 5),
+        "{status}"
+    );
+    // The monitor judges the exit by its handshake when the echo host cannot be looked up:
+    // reachable, and no re-establishing every round.
+    assert!(
+        eventually(Duration::from_secs(MONITOR_INTERVAL * 3), || {
+            api(&daemon, &["multihop", "status"])["monitor_status"]["checks"]["up"]
+                .as_u64()
+                .is_some_and(|n| n >= 1)
+        }),
+        "{}",
+        api(&daemon, &["multihop", "status"])
+    );
+    let monitor = api(&daemon, &["multihop", "status"])["monitor_status"].clone();
+    assert_eq!(monitor["exit_reachable"], true, "{monitor}");
+    assert_eq!(monitor["events"]["reestablished"], 0, "{monitor}");
+    api(&daemon, &["multihop", "disable_multihop"]);
+    assert_no_trace(&topo.server, &iface);
+    drop(exit);
+    eprintln!("test took {:?}", started.elapsed());
 }

@@ -301,3 +301,88 @@ fn sinkhole_answers_and_policy_survive_a_restart() {
         ("NOERROR", vec![CASINO.to_string()])
     );
 }
+
+/// `dig` with `extra` options: (the header's flags, the OPT record's flags), e.g.
+/// (`qr rd ra cd`, `do`).
+fn dig_flags(ns: &NetNs, server: &str, name: &str, extra: &[&str]) -> (String, String) {
+    let out = ns
+        .command("dig")
+        .arg(format!("@{server}"))
+        .args([name, "A", "+tries=1", "+time=2"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let after = |marker: &str| {
+        text.lines()
+            .find_map(|l| l.split(marker).nth(1))
+            .map(|rest| {
+                rest.split(';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            })
+            .unwrap_or_else(|| panic!("no {marker:?} in:\n{text}"))
+    };
+    (after(";; flags: "), after("; EDNS: version: 0, flags:"))
+}
+
+fn cache_counts(daemon: &Daemon) -> (u64, u64) {
+    let st = api(daemon, &["dns", "status"]);
+    let cache = &st["resolver"]["cache"];
+    (
+        cache["hits"].as_u64().unwrap(),
+        cache["misses"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn dnssec_ok_and_checking_disabled_queries_are_cached_apart() {
+    if !require_root("dnssec_ok_and_checking_disabled_queries_are_cached_apart") {
+        return;
+    }
+    let started = Instant::now();
+    let topo = Topology::new();
+    let _upstream = topo.dnsmasq();
+    let bpffs = BpffsDir::new();
+    let daemon = topo.start(&bpffs, &resolver_section(""));
+    let _alice = connect(&daemon, &topo.alice, "alice");
+    // A plain query (EDNS without DO, dig's default) fills the cache.
+    assert_eq!(
+        dig_ready(&topo.alice, RESOLVER, "fine.example").0,
+        "NOERROR"
+    );
+    let (hits, misses) = cache_counts(&daemon);
+
+    // DO: not the plain answer from the cache, but its own from the upstream, with DO back.
+    let (_, edns) = dig_flags(&topo.alice, RESOLVER, "fine.example", &["+dnssec"]);
+    assert_eq!(edns, "do", "a DO query's answer");
+    assert_eq!(
+        cache_counts(&daemon),
+        (hits, misses + 1),
+        "a DO query is a miss"
+    );
+    // Each kind is then served from its own entry.
+    let (_, edns) = dig_flags(&topo.alice, RESOLVER, "fine.example", &[]);
+    assert_eq!(edns, "", "a plain query's answer has no DO");
+    let (_, edns) = dig_flags(&topo.alice, RESOLVER, "fine.example", &["+dnssec"]);
+    assert_eq!(edns, "do");
+    assert_eq!(cache_counts(&daemon), (hits + 2, misses + 1), "two hits");
+
+    // CD likewise: its own entry, CD in the answer.
+    let (flags, _) = dig_flags(&topo.alice, RESOLVER, "fine.example", &["+cd"]);
+    assert!(flags.split(' ').any(|f| f == "cd"), "{flags}");
+    let (flags, _) = dig_flags(&topo.alice, RESOLVER, "fine.example", &["+cd"]);
+    assert!(flags.split(' ').any(|f| f == "cd"), "{flags}");
+    let (flags, _) = dig_flags(&topo.alice, RESOLVER, "fine.example", &[]);
+    assert!(!flags.split(' ').any(|f| f == "cd"), "{flags}");
+    assert_eq!(
+        cache_counts(&daemon),
+        (hits + 4, misses + 2),
+        "the CD query missed once, then hit; the plain one hit"
+    );
+    let st = api(&daemon, &["dns", "status"]);
+    assert_eq!(st["resolver"]["cache"]["entries"], 3, "{st}");
+    eprintln!("test took {:?}", started.elapsed());
+}

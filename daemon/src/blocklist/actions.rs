@@ -24,6 +24,8 @@ const INVALID_PATTERN: &str = "INVALID_PATTERN";
 const PATTERN_NOT_FOUND: &str = "PATTERN_NOT_FOUND";
 const BLOCKLIST_DISABLED: &str = "BLOCKLIST_DISABLED";
 const IMPORT_FAILED: &str = "IMPORT_FAILED";
+/// Another name holds the domain's key (the installation's domain hash): `add` refused it.
+const DOMAIN_KEY_CLASH: &str = "DOMAIN_KEY_CLASH";
 
 /// What the `blocklist` actions work with.
 pub struct Handles {
@@ -183,6 +185,9 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                 let e = entry.clone();
                 let applied =
                     run_blocking(move || list.upsert(vec![e]).map_err(ApiError::from)).await?;
+                if let Some(clash) = applied.refused.first() {
+                    return Err(ApiError::new(DOMAIN_KEY_CLASH, clash.to_string()));
+                }
                 Ok::<_, ApiError>(
                     json!({"domain": domain, "entry": entry, "version": applied.version}),
                 )
@@ -468,14 +473,23 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                         .map_err(|e| ApiError::new(IMPORT_FAILED, format!("{path}: {e}")))?;
                     let format = format.unwrap_or_else(|| Format::detect(&text));
                     let parsed = import::parse(&text, format, &reason, now());
-                    let imported = parsed.entries.len();
+                    let parsed_entries = parsed.entries.len();
                     let applied = list.upsert(parsed.entries).map_err(ApiError::from)?;
                     let skipped_total = parsed.skipped.len();
                     let skipped: Vec<_> = parsed.skipped.into_iter().take(100).collect();
+                    // Names whose key another name holds: left out, each with the reason.
+                    let refused: Vec<_> = applied
+                        .refused
+                        .iter()
+                        .take(100)
+                        .map(|c| json!({"domain": c.name, "reason": c.to_string()}))
+                        .collect();
                     Ok(json!({
-                        "imported": imported,
+                        "imported": parsed_entries - applied.refused.len(),
                         "skipped": skipped_total,
                         "skipped_lines": skipped,
+                        "refused": applied.refused.len(),
+                        "refused_entries": refused,
                         "format": format!("{format:?}").to_lowercase(),
                         "version": applied.version,
                         "entries": list.len(),

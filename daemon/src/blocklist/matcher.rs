@@ -1,13 +1,13 @@
 //! The matching engine: exact and subdomain rules by suffix lookup, `contains` with
 //! Aho-Corasick, `regex` with a RegexSet. Confidence is the strongest matching weight.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use aho_corasick::AhoCorasick;
 use regex::RegexSet;
 use serde::Serialize;
 
-use phantom_common::dns::{HASH_SEED, domain_hash, hash_step};
+use crate::domain_hash::DomainHasher;
 
 use super::{
     lookalike::Lookalikes,
@@ -23,8 +23,10 @@ pub struct Verdict {
     pub confidence: f64,
 }
 
-/// A `Hasher` for maps whose keys are already good 64-bit hashes (`domain_hash`, the
-/// resolver cache's keys): hashing them again would only cost time.
+/// A `Hasher` for maps whose keys are already good 64-bit hashes (the installation's domain
+/// hash, the resolver cache's keys): hashing them again would only cost time. The key is
+/// rotated by half: the table picks buckets by the low bits, and the domain hash mixes its
+/// high bits best (its low bits see only the low bits of each multiplier).
 #[derive(Clone, Copy, Default)]
 pub struct PrehashedKey(u64);
 
@@ -39,18 +41,27 @@ impl std::hash::Hasher for PrehashedKey {
         }
     }
     fn write_u64(&mut self, v: u64) {
-        self.0 = v;
+        self.0 = v.rotate_left(32);
     }
 }
 
 pub type Prehashed = std::hash::BuildHasherDefault<PrehashedKey>;
 
-/// Domain rules by `domain_hash` of the name (the kernel's hash): (exact weight, subdomain
-/// weight), 0 = none. The names themselves live once, in the list; a suffix of the queried
-/// name is all a match needs to report. Two names sharing a 64-bit hash among a million
-/// entries is a 1 in 10^13 event, the same odds the kernel layer accepts.
-/// Weights are kept in ten-thousandths (`Weight`): four bytes per rule instead of sixteen.
-type DomainRules = HashMap<u64, (Weight, Weight), Prehashed>;
+/// A domain rule: exact weight, subdomain weight (0 = none), and the tag of its name
+/// (`DomainHasher::tag`), which tells another name with the same key from this one. Weights
+/// are kept in ten-thousandths (`Weight`); with the tag a rule is 8 bytes, and with its key 16,
+/// what `(u64, (f64, f64))` would take without the tag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Rule {
+    exact: Weight,
+    sub: Weight,
+    tag: u32,
+}
+
+/// Domain rules by the installation's domain hash of the name (the kernel's key). The names
+/// themselves live once, in the list; a suffix of the queried name is all a match needs to
+/// report. Two names never share a key here: the second is refused (`upsert`).
+type DomainRules = HashMap<u64, Rule, Prehashed>;
 
 /// A weight in ten-thousandths: 0..=10_000. Weights have four decimal places; `n / 10_000`
 /// gives back exactly the `f64` that parsing the four-decimal text gives.
@@ -66,6 +77,7 @@ pub fn from_weight(w: Weight) -> f64 {
 
 pub struct Matcher {
     domains: DomainRules,
+    hasher: Arc<DomainHasher>,
     contains: Option<(AhoCorasick, Vec<Pattern>)>,
     regex: Option<(RegexSet, Vec<Pattern>)>,
     lookalikes: Lookalikes,
@@ -75,20 +87,21 @@ pub struct Matcher {
 const MAX_LABELS: usize = 127;
 
 /// Calls `f(suffix, hash, is_whole_name)` for the name and each parent, longest first, until
-/// `f` returns false. `domain_hash` runs over the name backwards, so one backward pass yields
+/// `f` returns false. The domain hash runs over the name backwards, so one backward pass yields
 /// the hash of every suffix at its label boundary.
 #[inline]
-fn for_each_suffix(name: &str, mut f: impl FnMut(&str, u64, bool) -> bool) {
+fn for_each_suffix(hasher: &DomainHasher, name: &str, mut f: impl FnMut(&str, u64, bool) -> bool) {
+    let key = hasher.key();
     let bytes = name.as_bytes();
     let mut suffixes = [(0usize, 0u64); MAX_LABELS + 1];
     let mut k = 0;
-    let mut hash = HASH_SEED;
-    for i in (0..bytes.len()).rev() {
+    let mut hash = 0;
+    for (position, i) in (0..bytes.len()).rev().enumerate() {
         if bytes[i] == b'.' && k < MAX_LABELS {
             suffixes[k] = (i + 1, hash);
             k += 1;
         }
-        hash = hash_step(hash, bytes[i]);
+        hash = key.step(hash, position, bytes[i]);
     }
     suffixes[k] = (0, hash);
     k += 1;
@@ -100,30 +113,41 @@ fn for_each_suffix(name: &str, mut f: impl FnMut(&str, u64, bool) -> bool) {
 }
 
 impl Matcher {
-    /// Builds the engine from `(domain, exact weight, subdomain weight)` rules. Patterns that
-    /// do not compile were refused when added; should one slip through (an imported list), it
-    /// is left out rather than failing the whole engine.
+    /// Builds the engine from `(domain, exact weight, subdomain weight)` rules, keyed by
+    /// `hasher` (of two names with one key, the first is kept). Patterns that do not compile
+    /// were refused when added; should one slip through (an imported list), it is left out
+    /// rather than failing the whole engine.
     pub fn new<'a>(
         rules: impl Iterator<Item = (&'a str, f64, f64)>,
         patterns: &[Pattern],
         lookalikes: Lookalikes,
+        hasher: Arc<DomainHasher>,
     ) -> Self {
-        let domains = rules
-            .map(|(d, exact, sub)| {
-                (
-                    domain_hash(d.as_bytes()),
-                    (to_weight(exact), to_weight(sub)),
-                )
-            })
-            .collect();
         let mut m = Self {
-            domains,
+            domains: DomainRules::default(),
+            hasher,
             contains: None,
             regex: None,
             lookalikes,
         };
+        for (d, exact, sub) in rules {
+            m.upsert(d, exact, sub);
+        }
         m.set_patterns(patterns);
         m
+    }
+
+    /// The domain hash the rules are keyed by.
+    pub fn hasher(&self) -> &Arc<DomainHasher> {
+        &self.hasher
+    }
+
+    /// Whether another name holds `domain`'s key (its `upsert` would be refused).
+    pub fn clashes(&self, domain: &str) -> bool {
+        let tag = self.hasher.tag(domain);
+        self.domains
+            .get(&self.hasher.hash(domain))
+            .is_some_and(|r| r.tag != tag)
     }
 
     pub fn set_patterns(&mut self, patterns: &[Pattern]) {
@@ -149,15 +173,39 @@ impl Matcher {
             .map(|set| (set, regexes));
     }
 
-    pub fn upsert(&mut self, domain: &str, exact: f64, sub: f64) {
-        self.domains.insert(
-            domain_hash(domain.as_bytes()),
-            (to_weight(exact), to_weight(sub)),
-        );
+    /// Adds or reweights a domain rule; false (nothing changed) when another name holds its
+    /// key.
+    pub fn upsert(&mut self, domain: &str, exact: f64, sub: f64) -> bool {
+        let tag = self.hasher.tag(domain);
+        let rule = Rule {
+            exact: to_weight(exact),
+            sub: to_weight(sub),
+            tag,
+        };
+        match self.domains.entry(self.hasher.hash(domain)) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                if e.get().tag != tag {
+                    return false;
+                }
+                e.insert(rule);
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(rule);
+            }
+        }
+        true
     }
 
+    /// Removes a domain's rule (not another name's with the same key).
     pub fn remove(&mut self, domain: &str) {
-        self.domains.remove(&domain_hash(domain.as_bytes()));
+        let hash = self.hasher.hash(domain);
+        if self
+            .domains
+            .get(&hash)
+            .is_some_and(|r| r.tag == self.hasher.tag(domain))
+        {
+            self.domains.remove(&hash);
+        }
     }
 
     pub fn set_lookalikes(&mut self, lookalikes: Lookalikes) {
@@ -171,9 +219,9 @@ impl Matcher {
     /// Whether a normalised name is blocked, without building a report: the resolver's path.
     pub fn is_blocked(&self, name: &str, threshold: f64) -> bool {
         let mut blocked = false;
-        for_each_suffix(name, |_, hash, whole| {
-            if let Some((exact, sub)) = self.domains.get(&hash) {
-                let w = from_weight(if whole { *exact } else { *sub });
+        for_each_suffix(&self.hasher, name, |_, hash, whole| {
+            if let Some(rule) = self.domains.get(&hash) {
+                let w = from_weight(if whole { rule.exact } else { rule.sub });
                 if w > 0.0 && w >= threshold {
                     blocked = true;
                     return false;
@@ -208,20 +256,20 @@ impl Matcher {
     pub fn check(&self, name: &str, threshold: f64) -> Verdict {
         let mut matched = Vec::new();
         // The name itself, then each parent: only subdomain rules reach down.
-        for_each_suffix(name, |suffix, hash, whole| {
-            if let Some((exact, sub)) = self.domains.get(&hash) {
-                if whole && *exact > 0 {
+        for_each_suffix(&self.hasher, name, |suffix, hash, whole| {
+            if let Some(rule) = self.domains.get(&hash) {
+                if whole && rule.exact > 0 {
                     matched.push(Matched {
                         pattern: suffix.to_string(),
                         kind: PatternType::Exact,
-                        weight: from_weight(*exact),
+                        weight: from_weight(rule.exact),
                     });
                 }
-                if !whole && *sub > 0 {
+                if !whole && rule.sub > 0 {
                     matched.push(Matched {
                         pattern: format!("*.{suffix}"),
                         kind: PatternType::Subdomain,
-                        weight: from_weight(*sub),
+                        weight: from_weight(rule.sub),
                     });
                 }
             }
@@ -280,6 +328,37 @@ pub fn compile_one(pattern: &str) -> Result<regex::Regex, regex::Error> {
 mod tests {
     use super::*;
 
+    fn hasher() -> Arc<DomainHasher> {
+        Arc::new(DomainHasher::from_seed(&[3; crate::domain_hash::SEED_LEN]))
+    }
+
+    /// Two names with one key: the second is refused and the first keeps working; the same
+    /// name again is an update. The pair is made the way the end-to-end test makes one: a
+    /// known key and a search for small letter differences that cancel.
+    #[test]
+    fn a_second_name_with_the_same_key_is_refused() {
+        let h = hasher();
+        let (a, b) = crate::domain_hash::colliding_pair(&h, "test").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(h.hash(&a), h.hash(&b));
+        let mut m = Matcher::new(std::iter::empty(), &[], Lookalikes::new([""; 0]), h);
+        assert!(m.upsert(&a, 1.0, 1.0));
+        assert!(m.clashes(&b));
+        assert!(!m.upsert(&b, 1.0, 1.0));
+        assert!(m.upsert(&a, 0.9, 0.0), "the same name again is an update");
+        assert!(m.is_blocked(&a, 0.5));
+        assert_eq!(
+            m.check(&b, 0.5).matched[0].pattern,
+            b,
+            "b's key matches a's rule"
+        );
+        // Removing b removes nothing; removing a frees the key for b.
+        m.remove(&b);
+        assert_eq!(m.domain_count(), 1);
+        m.remove(&a);
+        assert!(m.upsert(&b, 1.0, 1.0));
+    }
+
     fn pattern(p: &str, kind: PatternType, weight: f64) -> Pattern {
         Pattern {
             pattern: p.into(),
@@ -310,6 +389,7 @@ mod tests {
             entries.iter().copied(),
             &patterns,
             Lookalikes::new(["bet365"]),
+            hasher(),
         );
         for name in [
             "casino.example",

@@ -38,7 +38,8 @@ use self::{
 };
 use crate::{
     config::BlocklistConfig,
-    datapath::{Datapath, Owner},
+    datapath::{Datapath, KeyClash, Owner},
+    domain_hash::DomainHasher,
     error::Error,
     tasks::Shutdown,
 };
@@ -106,7 +107,9 @@ impl State {
         }
     }
 
-    /// Adds or updates entries in the table and in `matcher`.
+    /// Adds or updates entries in the table and in `matcher`. `apply` refuses a new name
+    /// whose key another holds before it gets here; at load (a stored list under a new seed)
+    /// such a name stays listed but unmatched, with a warning.
     fn insert(&mut self, entries: &[Entry], matcher: &mut Matcher) {
         let rows: Vec<(&str, Listed)> = entries
             .iter()
@@ -114,7 +117,12 @@ impl State {
             .collect();
         for (domain, listed) in &rows {
             let (exact, sub) = listed.weights();
-            matcher.upsert(domain, exact, sub);
+            if !matcher.upsert(domain, exact, sub) {
+                warn!(
+                    %domain,
+                    "listed domain shares its key with another under this installation's domain hash; not matched"
+                );
+            }
         }
         self.entries.upsert(rows);
     }
@@ -423,6 +431,8 @@ impl Serialize for FullListEntries<'_> {
 pub struct Applied {
     pub version: u64,
     pub changed: usize,
+    /// New names left out: another name holds their key (in the list, or in the kernel set).
+    pub refused: Vec<KeyClash>,
 }
 
 impl Blocklist {
@@ -459,10 +469,17 @@ impl Blocklist {
             }
             other => other?,
         };
+        // The kernel set's hash when there is a datapath (one key for both), else the same
+        // seed from the state directory.
+        let hasher = match &datapath {
+            Some(dp) => dp.domains.hasher(),
+            None => Arc::new(DomainHasher::load_or_create(state_dir)?.0),
+        };
         let mut matcher = Matcher::new(
             std::iter::empty(),
             &loaded.patterns,
             Lookalikes::new(brands.iter().map(String::as_str)),
+            hasher,
         );
         let mut state = State {
             entries: DomainTable::default(),
@@ -702,10 +719,12 @@ impl Blocklist {
         self.apply(entries, Vec::new())
     }
 
-    /// Adds or replaces `upserts` and removes `removals` (listed ones) in one version.
+    /// Adds or replaces `upserts` and removes `removals` (listed ones) in one version. A new
+    /// name whose key another name holds (listed, earlier in the batch, or in the kernel set)
+    /// is left out and returned in `refused`.
     pub fn apply(
         &self,
-        upserts: Vec<Entry>,
+        mut upserts: Vec<Entry>,
         removals: Vec<String>,
     ) -> Result<Applied, BlocklistError> {
         let mut state = self.write();
@@ -713,10 +732,15 @@ impl Blocklist {
             .into_iter()
             .filter(|d| state.entries.contains(d))
             .collect();
+        let refused = self.place_new(&state, &mut upserts);
+        for clash in &refused {
+            warn!(domain = %clash.name, other = %clash.other, "blocklist entry refused: its key is taken");
+        }
         if upserts.is_empty() && removals.is_empty() {
             return Ok(Applied {
                 version: state.version,
                 changed: 0,
+                refused,
             });
         }
         let version = now_ms().max(state.version + 1);
@@ -725,7 +749,12 @@ impl Blocklist {
             .map(Change::Upsert)
             .chain(removals.iter().map(|d| Change::Remove(d)))
             .collect();
-        self.store.commit(version, &changes)?;
+        if let Err(e) = self.store.commit(version, &changes) {
+            drop(changes);
+            self.unplace(&state, &upserts);
+            return Err(e);
+        }
+        drop(changes);
         {
             let mut matcher = self.engine_mut();
             state.insert(&upserts, &mut matcher);
@@ -751,7 +780,67 @@ impl Blocklist {
         if large {
             release_free_memory();
         }
-        Ok(Applied { version, changed })
+        Ok(Applied {
+            version,
+            changed,
+            refused,
+        })
+    }
+
+    /// Gives every new name of `upserts` its place in the matcher now (an update of a listed
+    /// name keeps its own) and takes out of `upserts`, in place, the new names whose key
+    /// another name holds: a listed one, one earlier in the batch (the matcher itself is the
+    /// check, so a million-name import needs no second table), or, for an entry that would be
+    /// a kernel rule, an operator's kernel rule. Returns those clashes. If the commit then
+    /// fails, `unplace` takes the new names out again.
+    fn place_new(&self, state: &State, upserts: &mut Vec<Entry>) -> Vec<KeyClash> {
+        let mut matcher = self.engine_mut();
+        let hasher = Arc::clone(matcher.hasher());
+        let mut refused = Vec::new();
+        upserts.retain(|e| {
+            if state.entries.contains(&e.domain) {
+                return true;
+            }
+            if matcher.clashes(&e.domain) {
+                refused.push(KeyClash {
+                    name: e.domain.clone(),
+                    other: String::new(),
+                });
+                return false;
+            }
+            let (exact, sub) = e.weights();
+            if self.kernel_flags(exact, sub).is_some()
+                && let Some(dp) = &self.datapath
+                && let Ok(Some(clash)) = dp.domains.clash(&e.domain)
+            {
+                refused.push(clash);
+                return false;
+            }
+            matcher.upsert(&e.domain, exact, sub)
+        });
+        drop(matcher);
+        // Name the other (a rare path: a scan of the list).
+        for clash in refused.iter_mut().filter(|c| c.other.is_empty()) {
+            let hash = hasher.hash(&clash.name);
+            clash.other = state
+                .entries
+                .iter()
+                .map(|(d, _)| d)
+                .chain(upserts.iter().map(|e| e.domain.as_str()))
+                .find(|d| *d != clash.name && hasher.hash(d) == hash)
+                .map_or_else(|| "a listed domain".to_string(), str::to_string);
+        }
+        refused
+    }
+
+    /// Takes the names `place_new` put in the matcher out again (the commit failed).
+    fn unplace(&self, state: &State, upserts: &[Entry]) {
+        let mut matcher = self.engine_mut();
+        for e in upserts {
+            if !state.entries.contains(&e.domain) {
+                matcher.remove(&e.domain);
+            }
+        }
     }
 
     /// Removes a domain; `Ok(None)` when it is not listed.
@@ -793,6 +882,7 @@ impl Blocklist {
         Ok(Applied {
             version,
             changed: 1,
+            refused: Vec::new(),
         })
     }
 
@@ -821,6 +911,7 @@ impl Blocklist {
         Ok(Some(Applied {
             version,
             changed: 1,
+            refused: Vec::new(),
         }))
     }
 
@@ -842,10 +933,15 @@ impl Blocklist {
     }
 
     fn sync_kernel(&self, added: &[(String, bool)], removed: &[String]) {
-        if let Some(dp) = &self.datapath
-            && let Err(e) = dp.domains.update(Owner::Blocklist, added, removed)
-        {
-            warn!(error = %e, "cannot update the kernel domain set");
+        if let Some(dp) = &self.datapath {
+            match dp.domains.update(Owner::Blocklist, added, removed) {
+                Ok(report) => {
+                    for clash in report.refused {
+                        warn!(domain = %clash.name, other = %clash.other, "not in the kernel set: its key is taken");
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot update the kernel domain set"),
+            }
         }
     }
 
@@ -861,12 +957,18 @@ impl Blocklist {
                 })
                 .collect();
             match dp.domains.replace(Owner::Blocklist, &rules) {
-                Ok(r) => info!(
-                    written = r.written,
-                    deleted = r.deleted,
-                    total = r.total,
-                    "kernel domain set synced"
-                ),
+                Ok(r) => {
+                    for clash in &r.refused {
+                        warn!(domain = %clash.name, other = %clash.other, "not in the kernel set: its key is taken");
+                    }
+                    info!(
+                        written = r.written,
+                        deleted = r.deleted,
+                        total = r.total,
+                        refused = r.refused.len(),
+                        "kernel domain set synced"
+                    )
+                }
                 Err(e) => warn!(error = %e, "cannot sync the kernel domain set"),
             }
         }

@@ -412,6 +412,9 @@ pub struct GhostConfig {
     pub acme_renew_before_days: u32,
     /// How often the certificate's expiry is looked at.
     pub acme_check_seconds: u64,
+    /// Open tunnels the secret may hold at once (every client shares the one secret); an
+    /// upgrade over it gets 503. At most 4096.
+    pub tunnels_per_secret: usize,
 }
 
 impl Default for GhostConfig {
@@ -428,6 +431,7 @@ impl Default for GhostConfig {
             acme_ca_root: String::new(),
             acme_renew_before_days: 30,
             acme_check_seconds: 6 * 3600,
+            tunnels_per_secret: 1024,
         }
     }
 }
@@ -761,6 +765,11 @@ impl Config {
                 "ghost.acme_check_seconds must be between 1 and 604800",
             ));
         }
+        if !(1..=4096).contains(&self.ghost.tunnels_per_secret) {
+            return Err(Error::config(
+                "ghost.tunnels_per_secret must be between 1 and 4096",
+            ));
+        }
         if self.ghost.tls == GhostTls::Files
             && (self.ghost.cert.is_empty() || self.ghost.key.is_empty())
         {
@@ -839,6 +848,8 @@ mod tests {
             "[multihop]\necho_url = \"https://example.com/\"",
             "[multihop]\ninterface = \"wg_main\"",
             "[sources]\nipv6_prefix = 16",
+            "[ghost]\ntunnels_per_secret = 0",
+            "[ghost]\ntunnels_per_secret = 4097",
         ] {
             assert!(Config::from_toml(text).is_err(), "accepted: {text}");
         }

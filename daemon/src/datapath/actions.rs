@@ -11,7 +11,7 @@ use phantom_common::xdp::DenyReason;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Datapath, List, MarkSettings, Owner, busiest};
+use super::{Datapath, DomainSetError, List, MarkSettings, Owner, busiest};
 use crate::{
     admin::{ApiError, NoParams, ParamKind, ParamSpec, Registry, run_blocking},
     config::DatapathConfig,
@@ -20,6 +20,9 @@ use crate::{
     protocol::codes,
     source::Source,
 };
+
+/// Another name holds the domain's key in the kernel set (`dns_block`).
+pub const DOMAIN_KEY_CLASH: &str = "DOMAIN_KEY_CLASH";
 
 /// What the `datapath` actions work with.
 pub struct Handles {
@@ -398,8 +401,20 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                 let name = kernel_domain(&p.domain)?;
                 let subdomains = p.subdomains.unwrap_or(true);
                 let n = name.clone();
-                let report = with_datapath(&c, move |dp| {
-                    dp.domains.add(Owner::Operator, &n, subdomains)
+                let Some(dp) = c.datapath.clone() else {
+                    return Err(ApiError::unavailable(
+                        "the datapath is disabled ([datapath] enabled = false)",
+                    ));
+                };
+                let report = run_blocking(move || {
+                    dp.domains
+                        .add(Owner::Operator, &n, subdomains)
+                        .map_err(|e| match e {
+                            DomainSetError::Clash(clash) => {
+                                ApiError::new(DOMAIN_KEY_CLASH, clash.to_string())
+                            }
+                            DomainSetError::Daemon(e) => e.into(),
+                        })
                 })
                 .await?;
                 Ok::<_, ApiError>(json!({

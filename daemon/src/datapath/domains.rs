@@ -1,20 +1,32 @@
 //! The kernel's blocked-domain set for `tc_dns_filter`.
 //!
-//! Several owners feed it (operator rules from the socket now; the blocklist's exact and
-//! subdomain rules later); the kernel map holds their union, keyed by `domain_hash`. A mirror of
-//! the kernel map in userspace makes every sync a diff: only changed keys are written.
+//! Several owners feed it (operator rules from the socket; the blocklist's exact and subdomain
+//! rules); the kernel map holds their union, keyed by the installation's domain hash
+//! (`crate::domain_hash`), whose key the kernel reads from `PH_DNS_KEY`. A mirror of the kernel
+//! map in userspace makes every sync a diff: only changed keys are written.
+//!
+//! Two different names never share a key in the set: the second of such a pair is refused
+//! (`add` answers [`KeyClash`], bulk changes skip it and list it in [`SyncReport::refused`]).
+//! Each rule keeps a tag of its name (`DomainHasher::tag`) to tell a different name from the
+//! same one again without holding a million names twice.
 
 use std::{
     collections::{BTreeMap, HashMap as StdHashMap},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
-use aya::maps::{HashMap, MapData};
-use phantom_common::dns::{DOMAIN_EXACT, DOMAIN_SUBDOMAINS, domain_hash};
+use aya::maps::{Array, HashMap, MapData};
+use phantom_common::dns::{DOMAIN_EXACT, DOMAIN_SUBDOMAINS, DomainKey};
 use serde::Serialize;
+use tracing::{info, warn};
 
-use crate::{error::Error, store};
+pub use crate::domain_hash::KeyClash;
+use crate::{
+    domain_hash::{DomainHasher, SeedOrigin},
+    error::Error,
+    store,
+};
 
 /// Who put a rule into the kernel set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -25,6 +37,15 @@ pub enum Owner {
     Blocklist,
 }
 
+impl Owner {
+    fn describe(self) -> &'static str {
+        match self {
+            Owner::Operator => "an operator's kernel rule",
+            Owner::Blocklist => "a blocklist entry",
+        }
+    }
+}
+
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
 pub struct SyncReport {
     /// Keys written to the kernel (new or changed flags).
@@ -33,14 +54,33 @@ pub struct SyncReport {
     pub deleted: usize,
     /// Keys in the kernel set after the sync.
     pub total: usize,
+    /// Names left out: another name holds their key.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<KeyClash>,
+}
+
+/// Why `add` changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainSetError {
+    #[error(transparent)]
+    Clash(#[from] KeyClash),
+    #[error(transparent)]
+    Daemon(#[from] Error),
+}
+
+/// One owner's rule for a key: its flags and its name's tag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Rule {
+    flags: u8,
+    tag: u32,
 }
 
 struct State {
     map: HashMap<MapData, u64, u8>,
     /// What the kernel map holds.
     kernel: StdHashMap<u64, u8>,
-    /// Each owner's rules: hash -> flags.
-    owners: BTreeMap<Owner, StdHashMap<u64, u8>>,
+    /// Each owner's rules by key.
+    owners: BTreeMap<Owner, StdHashMap<u64, Rule>>,
     /// Operator rules by name (for listing and persistence): name -> covers subdomains.
     operator_names: BTreeMap<String, bool>,
 }
@@ -48,6 +88,7 @@ struct State {
 pub struct DomainFilter {
     state: Mutex<State>,
     path: PathBuf,
+    hasher: Arc<DomainHasher>,
 }
 
 fn flags_for(subdomains: bool) -> u8 {
@@ -63,7 +104,15 @@ impl State {
         self.owners
             .values()
             .filter_map(|rules| rules.get(&hash))
-            .fold(0, |acc, f| acc | f)
+            .fold(0, |acc, r| acc | r.flags)
+    }
+
+    /// The owner and rule holding `hash` for a name other than the one tagged `tag`.
+    fn holder(&self, hash: u64, tag: u32) -> Option<Owner> {
+        self.owners
+            .iter()
+            .find(|(_, rules)| rules.get(&hash).is_some_and(|r| r.tag != tag))
+            .map(|(owner, _)| *owner)
     }
 
     /// Brings the kernel in line with the union for `hashes`.
@@ -98,10 +147,43 @@ impl State {
     }
 }
 
+/// Empties the kernel map (its keys were made with another key of the hash).
+fn clear(map: &mut HashMap<MapData, u64, u8>) -> Result<usize, Error> {
+    let keys: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+    for k in &keys {
+        match map.remove(k) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(keys.len())
+}
+
 impl DomainFilter {
-    /// Reads what the (pinned) kernel map holds, restores the operator rules, and removes keys
-    /// no owner claims.
-    pub fn open(map: HashMap<MapData, u64, u8>, state_dir: &Path) -> Result<Self, Error> {
+    /// Loads (or makes) the installation's hash key and hands it to the kernel, reads what the
+    /// (pinned) kernel map holds, restores the operator rules, and removes keys no owner
+    /// claims. When the kernel had another key (a new installation, a lost seed) the map is
+    /// emptied first: every rule is written again under this key by its owner.
+    pub fn open(
+        mut map: HashMap<MapData, u64, u8>,
+        mut key_map: Array<MapData, DomainKey>,
+        state_dir: &Path,
+    ) -> Result<Self, Error> {
+        let (hasher, origin) = DomainHasher::load_or_create(state_dir)?;
+        let hasher = Arc::new(hasher);
+        let in_kernel = key_map.get(&0, 0)?;
+        if in_kernel != *hasher.key() {
+            // Stale keys out first, then the key: the kernel never matches an old key's
+            // entries with the new key.
+            let cleared = clear(&mut map)?;
+            key_map.set(0, hasher.key(), 0)?;
+            if cleared > 0 || origin != SeedOrigin::Created {
+                info!(
+                    cleared,
+                    "the kernel domain set had another hash key; emptied, to be rebuilt under this one"
+                );
+            }
+        }
         let path = state_dir.join("datapath-domains.json");
         let operator_names: BTreeMap<String, bool> = store::read_json(&path)?;
         let kernel: StdHashMap<u64, u8> = map.iter().filter_map(Result::ok).collect();
@@ -111,10 +193,27 @@ impl DomainFilter {
             owners: BTreeMap::new(),
             operator_names: BTreeMap::new(),
         };
-        let rules: StdHashMap<u64, u8> = operator_names
-            .iter()
-            .map(|(n, sub)| (domain_hash(n.as_bytes()), flags_for(*sub)))
-            .collect();
+        let mut rules: StdHashMap<u64, Rule> = StdHashMap::new();
+        let mut first: StdHashMap<u64, &str> = StdHashMap::new();
+        for (name, sub) in &operator_names {
+            let hash = hasher.hash(name);
+            if let Some(other) = first.get(&hash) {
+                // Only possible when the seed changed under stored rules.
+                warn!(
+                    domain = %name, other = %other,
+                    "operator kernel rule shares its key with another under this installation's hash; not in force"
+                );
+                continue;
+            }
+            first.insert(hash, name);
+            rules.insert(
+                hash,
+                Rule {
+                    flags: flags_for(*sub),
+                    tag: hasher.tag(name),
+                },
+            );
+        }
         state.owners.insert(Owner::Operator, rules);
         state.operator_names = operator_names;
         let mut report = SyncReport::default();
@@ -128,7 +227,13 @@ impl DomainFilter {
         Ok(Self {
             state: Mutex::new(state),
             path,
+            hasher,
         })
+    }
+
+    /// The installation's domain hash (the blocklist's matcher keys its rules by it too).
+    pub fn hasher(&self) -> Arc<DomainHasher> {
+        Arc::clone(&self.hasher)
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, Error> {
@@ -137,27 +242,79 @@ impl DomainFilter {
             .map_err(|_| Error::Datapath("domain filter lock poisoned".into()))
     }
 
+    /// The clash `name` would meet: another name holding its key, in any owner's rules.
+    fn clash_in(&self, state: &State, name: &str, hash: u64, tag: u32) -> Option<KeyClash> {
+        let owner = state.holder(hash, tag)?;
+        let other = match owner {
+            Owner::Operator => state
+                .operator_names
+                .keys()
+                .find(|n| self.hasher.hash(n) == hash)
+                .cloned(),
+            Owner::Blocklist => None,
+        };
+        Some(KeyClash {
+            name: name.to_string(),
+            other: other.unwrap_or_else(|| owner.describe().to_string()),
+        })
+    }
+
+    /// Whether `name` would be refused: another name of any owner holds its key.
+    pub fn clash(&self, name: &str) -> Result<Option<KeyClash>, Error> {
+        let state = self.lock()?;
+        Ok(self.clash_in(&state, name, self.hasher.hash(name), self.hasher.tag(name)))
+    }
+
     /// Replaces all of `owner`'s rules with `rules` (normalised names, covers-subdomains).
+    /// A name whose key another name holds (of any owner, or earlier in `rules`) is left out
+    /// and listed in the report.
     pub fn replace(&self, owner: Owner, rules: &[(String, bool)]) -> Result<SyncReport, Error> {
         let mut state = self.lock()?;
-        let new: StdHashMap<u64, u8> = rules
-            .iter()
-            .map(|(n, sub)| (domain_hash(n.as_bytes()), flags_for(*sub)))
-            .collect();
-        let old = state.owners.insert(owner, new).unwrap_or_default();
-        let touched: Vec<u64> = old
-            .keys()
-            .copied()
-            .chain(rules.iter().map(|(n, _)| domain_hash(n.as_bytes())))
-            .collect();
+        let old = state.owners.remove(&owner).unwrap_or_default();
+        let mut new: StdHashMap<u64, Rule> = StdHashMap::with_capacity(rules.len());
         let mut report = SyncReport::default();
+        for (name, sub) in rules {
+            let hash = self.hasher.hash(name);
+            let tag = self.hasher.tag(name);
+            if let Some(clash) = self.clash_in(&state, name, hash, tag) {
+                report.refused.push(clash);
+                continue;
+            }
+            match new.get(&hash) {
+                Some(r) if r.tag != tag => {
+                    let other = rules
+                        .iter()
+                        .map(|(n, _)| n)
+                        .find(|n| *n != name && self.hasher.hash(n) == hash)
+                        .cloned()
+                        .unwrap_or_else(|| owner.describe().to_string());
+                    report.refused.push(KeyClash {
+                        name: name.clone(),
+                        other,
+                    });
+                }
+                _ => {
+                    new.insert(
+                        hash,
+                        Rule {
+                            flags: flags_for(*sub),
+                            tag,
+                        },
+                    );
+                }
+            }
+        }
+        let touched: Vec<u64> = old.keys().chain(new.keys()).copied().collect();
+        state.owners.insert(owner, new);
         state.apply(touched, &mut report)?;
         Ok(report)
     }
 
     /// Applies a change set to `owner`'s rules (the blocklist's journal deltas): cost follows
     /// the size of the change, not of the set. Not for `Owner::Operator`, whose rules are
-    /// persisted one by one through `add`/`remove`.
+    /// persisted one by one through `add`/`remove`. Added names whose key another name holds
+    /// are left out and listed in the report; a removed name whose key another name holds
+    /// removes nothing.
     pub fn update(
         &self,
         owner: Owner,
@@ -170,38 +327,63 @@ impl DomainFilter {
             ));
         }
         let mut state = self.lock()?;
-        let rules = state.owners.entry(owner).or_default();
+        let mut report = SyncReport::default();
         let mut touched = Vec::with_capacity(added.len() + removed.len());
         for name in removed {
-            let hash = domain_hash(name.as_bytes());
-            rules.remove(&hash);
-            touched.push(hash);
+            let hash = self.hasher.hash(name);
+            let tag = self.hasher.tag(name);
+            let rules = state.owners.entry(owner).or_default();
+            if rules.get(&hash).is_some_and(|r| r.tag == tag) {
+                rules.remove(&hash);
+                touched.push(hash);
+            }
         }
         for (name, subdomains) in added {
-            let hash = domain_hash(name.as_bytes());
-            rules.insert(hash, flags_for(*subdomains));
+            let hash = self.hasher.hash(name);
+            let tag = self.hasher.tag(name);
+            if let Some(clash) = self.clash_in(&state, name, hash, tag) {
+                report.refused.push(clash);
+                continue;
+            }
+            state.owners.entry(owner).or_default().insert(
+                hash,
+                Rule {
+                    flags: flags_for(*subdomains),
+                    tag,
+                },
+            );
             touched.push(hash);
         }
-        let mut report = SyncReport::default();
         state.apply(touched, &mut report)?;
         Ok(report)
     }
 
-    /// Adds or updates one of `owner`'s rules.
-    pub fn add(&self, owner: Owner, name: &str, subdomains: bool) -> Result<SyncReport, Error> {
+    /// Adds or updates one of `owner`'s rules; refused when another name holds its key.
+    pub fn add(
+        &self,
+        owner: Owner,
+        name: &str,
+        subdomains: bool,
+    ) -> Result<SyncReport, DomainSetError> {
         let mut state = self.lock()?;
+        let hash = self.hasher.hash(name);
+        let tag = self.hasher.tag(name);
+        if let Some(clash) = self.clash_in(&state, name, hash, tag) {
+            return Err(clash.into());
+        }
         if owner == Owner::Operator {
             let mut names = state.operator_names.clone();
             names.insert(name.to_string(), subdomains);
             store::write_json(&self.path, &names)?;
             state.operator_names = names;
         }
-        let hash = domain_hash(name.as_bytes());
-        state
-            .owners
-            .entry(owner)
-            .or_default()
-            .insert(hash, flags_for(subdomains));
+        state.owners.entry(owner).or_default().insert(
+            hash,
+            Rule {
+                flags: flags_for(subdomains),
+                tag,
+            },
+        );
         let mut report = SyncReport::default();
         state.apply([hash], &mut report)?;
         Ok(report)
@@ -210,20 +392,23 @@ impl DomainFilter {
     /// Removes one of `owner`'s rules; `Ok(None)` when it had no such rule.
     pub fn remove(&self, owner: Owner, name: &str) -> Result<Option<SyncReport>, Error> {
         let mut state = self.lock()?;
-        let hash = domain_hash(name.as_bytes());
-        let had = state
-            .owners
-            .get_mut(&owner)
-            .and_then(|r| r.remove(&hash))
-            .is_some();
-        if !had {
-            return Ok(None);
-        }
-        if owner == Owner::Operator {
+        let hash = self.hasher.hash(name);
+        let tag = self.hasher.tag(name);
+        let had = match state.owners.get_mut(&owner) {
+            Some(rules) if rules.get(&hash).is_some_and(|r| r.tag == tag) => {
+                rules.remove(&hash);
+                true
+            }
+            _ => false,
+        };
+        if owner == Owner::Operator && state.operator_names.contains_key(name) {
+            // Also a stored rule that was not in force (it clashed after a seed change).
             let mut names = state.operator_names.clone();
             names.remove(name);
             store::write_json(&self.path, &names)?;
             state.operator_names = names;
+        } else if !had {
+            return Ok(None);
         }
         let mut report = SyncReport::default();
         state.apply([hash], &mut report)?;

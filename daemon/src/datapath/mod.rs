@@ -45,7 +45,7 @@ use tracing::{info, warn};
 use self::links::{Hook, LinkStore};
 pub use self::{
     dns_policy::DnsPolicyMaps,
-    domains::{DomainFilter, Owner},
+    domains::{DomainFilter, DomainSetError, KeyClash, Owner},
     guard::{GuardMaps, SourceCount, VerdictCount, busiest},
     links::Attachment,
     multihop::{MarkSettings, MultihopMark},
@@ -236,6 +236,7 @@ impl Datapath {
         )?;
         let domains = DomainFilter::open(
             take_map(&mut ebpf, names::DOMAINS_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::DNS_KEY_MAP)?.try_into()?,
             state_dir,
         )?;
         let multihop = MultihopMark::new(

@@ -24,7 +24,7 @@ struct Cached {
     name: Box<str>,
     qtype: u16,
     qclass: u16,
-    edns: bool,
+    flags: QueryFlags,
     wire: Box<[u8]>,
     ttl_offsets: Box<[u32]>,
     stored: Instant,
@@ -34,6 +34,26 @@ struct Cached {
 }
 
 const NOT_VETTED: u64 = u64::MAX;
+
+/// What in a query besides its question shapes the answer: EDNS at all (an OPT record in the
+/// answer), DO (DNSSEC records wanted) and CD (validation off). An answer is served only to
+/// a query with the same three.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct QueryFlags {
+    edns: bool,
+    dnssec_ok: bool,
+    checking_disabled: bool,
+}
+
+impl QueryFlags {
+    fn of(q: &Question) -> Self {
+        Self {
+            edns: q.has_edns,
+            dnssec_ok: q.dnssec_ok,
+            checking_disabled: q.checking_disabled,
+        }
+    }
+}
 
 /// The shard maps' keys are already hashes.
 type Shard = HashMap<u64, Cached, Prehashed>;
@@ -68,7 +88,7 @@ impl Cache {
         q.name.hash(&mut h);
         q.qtype.hash(&mut h);
         q.qclass.hash(&mut h);
-        q.has_edns.hash(&mut h);
+        QueryFlags::of(q).hash(&mut h);
         h.finish()
     }
 
@@ -96,7 +116,7 @@ impl Cache {
                 if *c.name == q.name
                     && c.qtype == q.qtype
                     && c.qclass == q.qclass
-                    && c.edns == q.has_edns =>
+                    && c.flags == QueryFlags::of(q) =>
             {
                 let age = now.saturating_duration_since(c.stored).as_secs() as u32;
                 if age >= c.ttl {
@@ -172,7 +192,7 @@ impl Cache {
                 name: q.name.as_str().into(),
                 qtype: q.qtype,
                 qclass: q.qclass,
-                edns: q.has_edns,
+                flags: QueryFlags::of(q),
                 wire: answer.into(),
                 ttl_offsets: shape.ttl_offsets.into(),
                 stored: now,
@@ -216,5 +236,70 @@ impl Cache {
                     .unwrap_or(0)
             })
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use hickory_proto::{
+        op::{Edns, Message, MessageType, Query},
+        rr::{Name, RData, Record, RecordType, rdata::A},
+    };
+
+    use super::*;
+
+    /// A query for `a.example` A with EDNS, `dnssec_ok` and `checking_disabled` as given.
+    fn query(dnssec_ok: bool, checking_disabled: bool) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 7;
+        m.metadata.recursion_desired = true;
+        m.metadata.checking_disabled = checking_disabled;
+        m.add_query(Query::query(
+            Name::from_ascii("a.example.").unwrap(),
+            RecordType::A,
+        ));
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        e.set_dnssec_ok(dnssec_ok);
+        m.set_edns(e);
+        m.to_vec().unwrap()
+    }
+
+    fn answer(query: &[u8], last_octet: u8) -> Vec<u8> {
+        let mut m = Message::from_vec(query).unwrap();
+        m.metadata.message_type = MessageType::Response;
+        m.add_answer(Record::from_rdata(
+            Name::from_ascii("a.example.").unwrap(),
+            300,
+            RData::A(A::new(192, 0, 2, last_octet)),
+        ));
+        m.to_vec().unwrap()
+    }
+
+    /// Answers for DO, plain and CD queries of one name are kept apart: each is served only
+    /// to a query with the same flags.
+    #[test]
+    fn do_and_cd_are_part_of_the_key() {
+        let cache = Cache::new(64, 3600);
+        let kinds = [(false, false), (true, false), (false, true), (true, true)];
+        for (i, (dnssec_ok, cd)) in kinds.iter().enumerate() {
+            let b = query(*dnssec_ok, *cd);
+            let q = wire::parse_query(&b).unwrap();
+            assert!(cache.get(&b, &q, 0).is_none(), "{i}: nothing cached yet");
+            cache.put(&q, &answer(&b, i as u8), None);
+        }
+        assert_eq!(cache.len(), 4);
+        for (i, (dnssec_ok, cd)) in kinds.iter().enumerate() {
+            let b = query(*dnssec_ok, *cd);
+            let q = wire::parse_query(&b).unwrap();
+            let (got, _) = cache.get(&b, &q, 0).unwrap();
+            let m = Message::from_vec(&got).unwrap();
+            assert_eq!(
+                m.answers[0].data,
+                RData::A(A::new(192, 0, 2, i as u8)),
+                "query {i} gets its own answer"
+            );
+        }
     }
 }

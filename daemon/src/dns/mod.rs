@@ -55,6 +55,9 @@ use crate::{
 
 /// TTL of sinkhole answers.
 const SINKHOLE_TTL: u32 = 60;
+/// The largest UDP answer read from an upstream (the buffer of one forwarded query); a larger
+/// one is asked for again over TCP.
+const MAX_UPSTREAM_UDP: usize = 4096;
 
 /// What can go wrong with the upstream servers and the resolver's state.
 #[derive(Debug, thiserror::Error)]
@@ -436,8 +439,12 @@ async fn ask_upstream(
     }
     sock.connect(upstream).await?;
     sock.send(&out).await?;
-    let mut buf = vec![0u8; 65_535];
-    let answer = loop {
+    // Sized to what the client takes over UDP (its EDNS size, 512 without), at most
+    // MAX_UPSTREAM_UDP, plus one byte that tells a datagram that did not fit: a larger answer
+    // could not go back over UDP anyway, and is asked again over TCP like a truncated one.
+    let fits = q.udp_size.clamp(wire::CLASSIC_UDP_SIZE, MAX_UPSTREAM_UDP);
+    let mut buf = vec![0u8; fits + 1];
+    let n = loop {
         let n = sock.recv(&mut buf).await?;
         let a = &buf[..n];
         // Anything else arriving on this port is ignored (spoofing, stale answers).
@@ -446,12 +453,14 @@ async fn ask_upstream(
             && a[2] & 0x80 != 0
             && same_question(a, &out, q)
         {
-            break a.to_vec();
+            break n;
         }
     };
-    if answer[2] & 0x02 == 0 {
-        return Ok(answer);
+    if n <= fits && buf[2] & 0x02 == 0 {
+        buf.truncate(n);
+        return Ok(buf);
     }
+    drop(buf);
     let tcp_socket = if upstream.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {

@@ -32,6 +32,12 @@ pub struct Question {
     pub has_edns: bool,
     /// The RD flag the client sent.
     pub recursion_desired: bool,
+    /// CD (checking disabled, RFC 4035): the client validates DNSSEC itself and wants the
+    /// data even where validation fails. Answers differ, so it is part of the cache key.
+    pub checking_disabled: bool,
+    /// DO in the client's OPT record (RFC 3225): the client wants DNSSEC records (RRSIG,
+    /// NSEC) with the answer. Answers differ, so it is part of the cache key.
+    pub dnssec_ok: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -97,21 +103,35 @@ pub fn parse_query(b: &[u8]) -> Result<Question, QueryError> {
     let qtype = u16_at(b, at).ok_or(QueryError::Malformed)?;
     let qclass = u16_at(b, at + 2).ok_or(QueryError::Malformed)?;
     let end = at + 4;
-    let (has_edns, udp_size) = edns_size(b, end);
+    let edns = edns(b, end);
     Ok(Question {
         id: u16::from_be_bytes([b[0], b[1]]),
         name,
         qtype,
         qclass,
         end,
-        udp_size,
-        has_edns,
+        udp_size: edns.udp_size,
+        has_edns: edns.present,
         recursion_desired: b[2] & 0x01 != 0,
+        checking_disabled: b[3] & FLAG_CD != 0,
+        dnssec_ok: edns.dnssec_ok,
     })
 }
 
+/// CD in the header's second flags byte.
+const FLAG_CD: u8 = 0x10;
+/// DO in the OPT record's flags (the low half of its TTL field).
+const EDNS_FLAG_DO: u16 = 0x8000;
+
+/// What a query's OPT record says.
+struct Edns {
+    present: bool,
+    udp_size: usize,
+    dnssec_ok: bool,
+}
+
 /// Finds an OPT record among the additional records of a query (after the question).
-fn edns_size(b: &[u8], question_end: usize) -> (bool, usize) {
+fn edns(b: &[u8], question_end: usize) -> Edns {
     let arcount = u16_at(b, 10).unwrap_or(0);
     let mut at = question_end;
     for _ in 0..arcount {
@@ -126,11 +146,19 @@ fn edns_size(b: &[u8], question_end: usize) -> (bool, usize) {
             break;
         };
         if rtype == TYPE_OPT {
-            return (true, (class as usize).max(CLASSIC_UDP_SIZE));
+            return Edns {
+                present: true,
+                udp_size: (class as usize).max(CLASSIC_UDP_SIZE),
+                dnssec_ok: u16_at(b, name_end + 6).is_some_and(|f| f & EDNS_FLAG_DO != 0),
+            };
         }
         at = name_end + 10 + rdlen as usize;
     }
-    (false, CLASSIC_UDP_SIZE)
+    Edns {
+        present: false,
+        udp_size: CLASSIC_UDP_SIZE,
+        dnssec_ok: false,
+    }
 }
 
 /// The offset just past a (possibly compressed) name.
@@ -165,12 +193,16 @@ fn reply_head(query: &[u8], q: &Question, rcode: u8, answers: u16) -> Vec<u8> {
     out
 }
 
+/// Our OPT record when the client sent one, with DO copied from the query (RFC 3225).
 fn push_opt(out: &mut Vec<u8>, q: &Question) {
     if q.has_edns {
         out.push(0);
         out.extend_from_slice(&TYPE_OPT.to_be_bytes());
         out.extend_from_slice(&EDNS_UDP_SIZE.to_be_bytes());
-        out.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let flags = if q.dnssec_ok { EDNS_FLAG_DO } else { 0 };
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&flags.to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
     }
 }
 
@@ -307,6 +339,10 @@ mod tests {
     use super::*;
 
     fn query(name: &str, rtype: RecordType, edns: bool) -> Vec<u8> {
+        query_with(name, rtype, edns, false)
+    }
+
+    fn query_with(name: &str, rtype: RecordType, edns: bool, dnssec_ok: bool) -> Vec<u8> {
         let mut m = Message::query();
         m.metadata.id = 0x1234;
         m.metadata.recursion_desired = true;
@@ -314,9 +350,27 @@ mod tests {
         if edns {
             let mut e = Edns::new();
             e.set_max_payload(4096);
+            e.set_dnssec_ok(dnssec_ok);
             m.set_edns(e);
         }
         m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn reads_cd_and_do() {
+        let q = parse_query(&query("a.example.", RecordType::A, true)).unwrap();
+        assert_eq!((q.checking_disabled, q.dnssec_ok), (false, false));
+        let q = parse_query(&query_with("a.example.", RecordType::A, true, true)).unwrap();
+        assert_eq!((q.checking_disabled, q.dnssec_ok), (false, true));
+        let mut b = query("a.example.", RecordType::A, false);
+        b[3] |= FLAG_CD;
+        let q = parse_query(&b).unwrap();
+        assert_eq!((q.checking_disabled, q.dnssec_ok), (true, false));
+        // A blocked answer to a DO query says DO back.
+        let b = query_with("a.example.", RecordType::A, true, true);
+        let q = parse_query(&b).unwrap();
+        let m = Message::from_vec(&rcode_reply(&b, &q, RCODE_NXDOMAIN)).unwrap();
+        assert!(m.edns.unwrap().flags().dnssec_ok);
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::{
     config::{GhostConfig, GhostTls},
     core::Server,
     protocol,
+    source::SourcePrefix,
     wg::Subnet,
 };
 
@@ -117,6 +118,8 @@ pub struct GhostState {
 /// The ghost module: its persisted state, the relay while active, and its counters.
 pub struct Ghost {
     config: GhostConfig,
+    /// What one source is for the relay's caps and limiter (`[sources] ipv6_prefix`).
+    source_prefix: SourcePrefix,
     state_path: PathBuf,
     tls_dir: tls::TlsDir,
     pub(crate) wireguard: Arc<Server>,
@@ -183,6 +186,7 @@ impl Ghost {
     /// Loads the persisted state; `restore` brings an active relay back.
     pub fn open(
         config: &GhostConfig,
+        source_prefix: SourcePrefix,
         state_dir: &Path,
         wireguard: Arc<Server>,
     ) -> Result<Self, crate::error::Error> {
@@ -197,6 +201,7 @@ impl Ghost {
         let state: GhostState = crate::store::read_json_or_set_aside(&state_path, "ghost")?;
         Ok(Self {
             config: config.clone(),
+            source_prefix,
             state_path,
             tls_dir: tls::TlsDir {
                 dir: dir.join("tls"),
@@ -277,6 +282,8 @@ impl Ghost {
                 listen: self.listen_addr(),
                 secret: state.secret.clone(),
                 wireguard_port: self.wireguard.config.listen_port,
+                tunnels_per_secret: self.config.tunnels_per_secret,
+                source_prefix: self.source_prefix,
             },
             Arc::clone(&tls),
             Arc::clone(&self.stats),

@@ -4,10 +4,16 @@
 //!
 //! Rejections must be cheap: the stock client retries a refused upgrade in a tight loop, so a
 //! source whose upgrades keep failing is cut off right after `accept`, before any TLS work.
+//! Every accepted connection takes a token from its source's bucket at once and gets it back
+//! only when its upgrade succeeds, so a source opening connections it never upgrades runs dry
+//! as fast as one whose upgrades fail.
 //!
 //! Accept, the handshake caps and the timeouts are the HTTP layer's (`Limits::ghost_relay`):
-//! a connection holds its gate pass from accept to the end of the upgrade; an open tunnel
-//! counts against `MAX_TUNNELS` instead.
+//! a connection holds its gate pass from accept to the end of the upgrade (TLS within
+//! `TLS_HANDSHAKE_TIMEOUT`, the whole upgrade within the header-read timeout); an open tunnel
+//! counts against the secret's quota (`[ghost] tunnels_per_secret`) instead. A source is an
+//! IPv4 address or an IPv6 prefix (`[sources] ipv6_prefix`), for the gate and the limiter
+//! alike. Peer addresses appear in debug lines only.
 
 use std::{
     collections::HashMap,
@@ -24,7 +30,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
-    sync::{Semaphore, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
     task::JoinHandle,
 };
 use tokio_rustls::{TlsAcceptor, rustls::ServerConfig};
@@ -36,12 +42,16 @@ use tokio_tungstenite::tungstenite::{
 };
 use tracing::{debug, info, warn};
 
-use crate::http;
+use crate::{http, source::SourcePrefix};
 
 /// The largest frame accepted: a UDP datagram cannot be larger.
 pub const MAX_FRAME_BYTES: usize = 65_535;
-/// Open tunnels at once.
+/// The most open tunnels `[ghost] tunnels_per_secret` may allow.
 pub const MAX_TUNNELS: usize = 4096;
+/// From accept to the end of the TLS handshake: one or two round trips and a signature, so a
+/// few seconds cover a slow mobile link; a connection that sends no ClientHello gives its
+/// handshake slot back this soon instead of at the end of the whole upgrade's time.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A source may fail this many upgrades in a burst...
 const REJECT_BURST: f64 = 20.0;
 /// ...and one more per this many per second afterwards.
@@ -54,8 +64,10 @@ const LIMITER_MAX_SOURCES: usize = 65_536;
 pub enum Rejection {
     /// Too many failed upgrades from this source: closed before TLS.
     RateLimited,
-    /// Too many handshakes or tunnels in progress.
+    /// Too many handshakes in progress (in total or from this source).
     Busy,
+    /// The secret's tunnel quota is taken: answered 503.
+    Quota,
     /// Not TLS, or a TLS failure (plain HTTP lands here).
     Tls,
     /// TLS or upgrade did not finish in time.
@@ -71,9 +83,10 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 8] = [
+    pub const ALL: [Rejection; 9] = [
         Rejection::RateLimited,
         Rejection::Busy,
+        Rejection::Quota,
         Rejection::Tls,
         Rejection::Timeout,
         Rejection::NotWebsocket,
@@ -86,6 +99,7 @@ impl Rejection {
         match self {
             Rejection::RateLimited => "rate_limited",
             Rejection::Busy => "busy",
+            Rejection::Quota => "quota",
             Rejection::Tls => "tls",
             Rejection::Timeout => "timeout",
             Rejection::NotWebsocket => "not_websocket",
@@ -172,6 +186,10 @@ pub struct RelaySettings {
     pub secret: String,
     /// The local WireGuard UDP port: the only remote a tunnel may ask for.
     pub wireguard_port: u16,
+    /// Open tunnels the secret may hold at once (`[ghost] tunnels_per_secret`).
+    pub tunnels_per_secret: usize,
+    /// What one source is (`[sources] ipv6_prefix`).
+    pub source_prefix: SourcePrefix,
 }
 
 /// The TLS configuration in force; replaced in place when a certificate is renewed.
@@ -229,19 +247,22 @@ async fn serve(
     stats: Arc<Stats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let settings = Arc::new(settings);
-    let limits = http::Limits::ghost_relay();
-    let limiter = Arc::new(Limiter::default());
+    let limits = http::Limits::ghost_relay().with_source_prefix(settings.source_prefix);
+    let limiter = Arc::new(Limiter::new(settings.source_prefix));
     // TLS and upgrades in progress, in total and per source.
     let handshakes = Arc::new(http::Gate::new(&limits));
-    let tunnels = Arc::new(Semaphore::new(MAX_TUNNELS));
+    let quota = Arc::new(Semaphore::new(
+        settings.tunnels_per_secret.clamp(1, MAX_TUNNELS),
+    ));
+    let settings = Arc::new(settings);
     loop {
         let Some((tcp, peer)) =
             http::next_connection(&listener, &mut shutdown, "ghost relay").await
         else {
             break;
         };
-        if !limiter.allows(peer.ip()) {
+        // Charged now, refunded when the upgrade succeeds.
+        if !limiter.charge(peer.ip()) {
             stats.reject(Rejection::RateLimited);
             continue;
         }
@@ -249,36 +270,34 @@ async fn serve(
             stats.reject(Rejection::Busy);
             continue;
         };
-        let Ok(tunnel) = Arc::clone(&tunnels).try_acquire_owned() else {
-            stats.reject(Rejection::Busy);
-            continue;
-        };
         let acceptor = match tls.read() {
             Ok(c) => TlsAcceptor::from(Arc::clone(&c)),
             Err(poisoned) => TlsAcceptor::from(Arc::clone(&poisoned.into_inner())),
         };
-        let (settings, stats, limiter, shutdown) = (
+        let (settings, stats, limiter, quota, shutdown) = (
             Arc::clone(&settings),
             Arc::clone(&stats),
             Arc::clone(&limiter),
+            Arc::clone(&quota),
             shutdown.clone(),
         );
         tokio::spawn(async move {
-            let _tunnel = tunnel;
-            let ws = match upgrade(tcp, acceptor, &settings, limits.header_read_timeout).await {
-                Ok(ws) => ws,
+            let upgraded = upgrade(tcp, acceptor, &settings, &quota, limits.header_read_timeout);
+            let (ws, _tunnel) = match upgraded.await {
+                Ok(open) => open,
                 Err(reason) => {
                     drop(handshake);
                     debug!(peer = %peer, reason = reason.as_str(), "ghost upgrade refused");
                     stats.reject(reason);
-                    limiter.penalise(peer.ip());
                     return;
                 }
             };
             drop(handshake);
+            limiter.refund(peer.ip());
             stats.tunnels_open.fetch_add(1, Ordering::Relaxed);
             stats.tunnels_total.fetch_add(1, Ordering::Relaxed);
-            info!(peer = %peer, "ghost tunnel open");
+            // No address at info: the log is an operator's, the peer is a user.
+            info!("ghost tunnel open");
             let end = relay(
                 ws,
                 settings.wireguard_port,
@@ -288,7 +307,7 @@ async fn serve(
             )
             .await;
             stats.tunnels_open.fetch_sub(1, Ordering::Relaxed);
-            info!(peer = %peer, end, "ghost tunnel closed");
+            info!(end, "ghost tunnel closed");
         });
     }
     info!("ghost relay stopped");
@@ -296,19 +315,26 @@ async fn serve(
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>;
 
-/// TLS, then the WebSocket upgrade with the path and claims checked, both within `timeout`.
+/// TLS within `TLS_HANDSHAKE_TIMEOUT`, then the WebSocket upgrade with the path and claims
+/// checked and a place in the secret's `quota` taken, all within `timeout` of accept.
 async fn upgrade(
     tcp: TcpStream,
     acceptor: TlsAcceptor,
     settings: &RelaySettings,
+    quota: &Arc<Semaphore>,
     timeout: Duration,
-) -> Result<Ws, Rejection> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let tls = tokio::time::timeout_at(deadline, acceptor.accept(tcp))
-        .await
-        .map_err(|_| Rejection::Timeout)?
-        .map_err(|_| Rejection::Tls)?;
+) -> Result<(Ws, OwnedSemaphorePermit), Rejection> {
+    let start = tokio::time::Instant::now();
+    let deadline = start + timeout;
+    let tls = tokio::time::timeout_at(
+        (start + TLS_HANDSHAKE_TIMEOUT).min(deadline),
+        acceptor.accept(tcp),
+    )
+    .await
+    .map_err(|_| Rejection::Timeout)?
+    .map_err(|_| Rejection::Tls)?;
     let mut refused: Option<Rejection> = None;
+    let mut place: Option<OwnedSemaphorePermit> = None;
     let config = WebSocketConfig::default()
         // The stock client does not mask its frames.
         .accept_unmasked_frames(true)
@@ -316,22 +342,32 @@ async fn upgrade(
         .max_message_size(Some(MAX_FRAME_BYTES));
     // The error type is tungstenite's (an HTTP response); it is built once per refusal.
     #[allow(clippy::result_large_err)]
-    let check = |request: &Request, mut response: Response| match check_upgrade(
-        request,
-        &settings.secret,
-        settings.wireguard_port,
-    ) {
-        Ok(()) => {
-            response
-                .headers_mut()
-                .insert("sec-websocket-protocol", HeaderValue::from_static("v1"));
-            Ok(response)
-        }
-        Err(reason) => {
-            refused = Some(reason);
-            let mut error = ErrorResponse::new(None);
-            *error.status_mut() = StatusCode::BAD_REQUEST;
-            Err(error)
+    let check = |request: &Request, mut response: Response| {
+        let checked =
+            check_upgrade(request, &settings.secret, settings.wireguard_port).and_then(|()| {
+                // Only a request that knows the secret takes a place in its quota.
+                Arc::clone(quota)
+                    .try_acquire_owned()
+                    .map_err(|_| Rejection::Quota)
+            });
+        match checked {
+            Ok(permit) => {
+                place = Some(permit);
+                response
+                    .headers_mut()
+                    .insert("sec-websocket-protocol", HeaderValue::from_static("v1"));
+                Ok(response)
+            }
+            Err(reason) => {
+                refused = Some(reason);
+                let mut error = ErrorResponse::new(None);
+                *error.status_mut() = if reason == Rejection::Quota {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                Err(error)
+            }
         }
     };
     let accepted = tokio::time::timeout_at(
@@ -339,10 +375,12 @@ async fn upgrade(
         tokio_tungstenite::accept_hdr_async_with_config(tls, check, Some(config)),
     )
     .await;
-    match accepted {
-        Err(_) => Err(Rejection::Timeout),
-        Ok(Ok(ws)) => Ok(ws),
-        Ok(Err(_)) => Err(refused.unwrap_or(Rejection::NotWebsocket)),
+    match (accepted, place) {
+        (Err(_), _) => Err(Rejection::Timeout),
+        (Ok(Ok(ws)), Some(place)) => Ok((ws, place)),
+        // The callback accepts only with a place; no place means it never ran.
+        (Ok(Ok(_)), None) => Err(Rejection::NotWebsocket),
+        (Ok(Err(_)), _) => Err(refused.unwrap_or(Rejection::NotWebsocket)),
     }
 }
 
@@ -490,38 +528,57 @@ async fn relay(
     }
 }
 
-/// A token bucket of failed upgrades per source address.
-#[derive(Default)]
+/// A token bucket per source: every accepted connection takes a token, a successful upgrade
+/// gives it back, so what drains a bucket is connections that do not become tunnels (failed,
+/// timed out, refused as busy).
 struct Limiter {
     buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    source_prefix: SourcePrefix,
 }
 
 impl Limiter {
+    fn new(source_prefix: SourcePrefix) -> Self {
+        Self {
+            buckets: Mutex::new(HashMap::new()),
+            source_prefix,
+        }
+    }
+
     fn level(tokens: f64, since: Instant, now: Instant) -> f64 {
         (tokens + now.duration_since(since).as_secs_f64() * REJECT_REFILL_PER_SECOND)
             .min(REJECT_BURST)
     }
 
-    fn allows(&self, ip: IpAddr) -> bool {
-        let Ok(buckets) = self.buckets.lock() else {
-            return true;
-        };
-        buckets
-            .get(&ip)
-            .is_none_or(|(tokens, since)| Self::level(*tokens, *since, Instant::now()) >= 1.0)
-    }
-
-    fn penalise(&self, ip: IpAddr) {
+    /// Takes a token from the source's bucket; false (nothing taken) when it is empty.
+    fn charge(&self, ip: IpAddr) -> bool {
         let Ok(mut buckets) = self.buckets.lock() else {
-            return;
+            return true;
         };
         let now = Instant::now();
         if buckets.len() >= LIMITER_MAX_SOURCES {
             buckets.retain(|_, (t, s)| Self::level(*t, *s, now) < REJECT_BURST);
         }
-        let entry = buckets.entry(ip).or_insert((REJECT_BURST, now));
+        let entry = buckets
+            .entry(self.source_prefix.of(ip))
+            .or_insert((REJECT_BURST, now));
         let level = Self::level(entry.0, entry.1, now);
-        *entry = ((level - 1.0).max(0.0), now);
+        if level < 1.0 {
+            return false;
+        }
+        *entry = (level - 1.0, now);
+        true
+    }
+
+    /// Gives back the token of a connection that became a tunnel.
+    fn refund(&self, ip: IpAddr) {
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if let Some(entry) = buckets.get_mut(&self.source_prefix.of(ip)) {
+            let level = Self::level(entry.0, entry.1, now);
+            *entry = ((level + 1.0).min(REJECT_BURST), now);
+        }
     }
 }
 
@@ -605,14 +662,30 @@ mod tests {
 
     #[test]
     fn the_limiter_cuts_a_source_off_after_its_burst_and_spares_others() {
-        let l = Limiter::default();
+        let l = Limiter::new(SourcePrefix::DEFAULT);
         let bad: IpAddr = "192.0.2.3".parse().unwrap();
         let good: IpAddr = "192.0.2.2".parse().unwrap();
         for _ in 0..REJECT_BURST as usize {
-            assert!(l.allows(bad));
-            l.penalise(bad);
+            assert!(l.charge(bad));
         }
-        assert!(!l.allows(bad));
-        assert!(l.allows(good));
+        assert!(!l.charge(bad));
+        assert!(l.charge(good));
+        // Upgrades that succeed give their token back: a working client never runs dry.
+        for _ in 0..100 {
+            assert!(l.charge(good));
+            l.refund(good);
+        }
+    }
+
+    #[test]
+    fn the_limiter_counts_an_ipv6_prefix_as_one_source() {
+        let l = Limiter::new(SourcePrefix::DEFAULT);
+        for i in 0..REJECT_BURST as u16 {
+            let ip = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, i + 1));
+            assert!(l.charge(ip));
+        }
+        // Another address of the same /64 finds the bucket empty; another /64 does not.
+        assert!(!l.charge("2001:db8:0:1::ffff".parse().unwrap()));
+        assert!(l.charge("2001:db8:0:2::1".parse().unwrap()));
     }
 }

@@ -274,6 +274,11 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                     "handshake_established": outcome.handshake_established,
                     "connection_verified": outcome.connection_verified,
                     "verification_error": outcome.probe_error,
+                    // The exit is fine (handshake), only the probe beyond it failed.
+                    "warning": (!outcome.connection_verified).then(|| format!(
+                        "the WireGuard handshake with the exit is established, but the echo probe through it failed: {}",
+                        outcome.probe_error.clone().unwrap_or_default()
+                    )),
                     "monitor_started": monitor.running,
                     "traffic_flow": m.traffic_flow(Some(&p.exit_name)),
                     "peer_access": "Clients can access each other and the server directly",

@@ -99,6 +99,26 @@ pub async fn connect_marked(
     }
 }
 
+/// One empty UDP datagram to `to` from a socket marked `mark`: traffic the exit's WireGuard
+/// has to carry, so it starts a handshake when it has no session. Nothing is read back.
+pub async fn nudge(to: SocketAddr, mark: u32) -> Result<(), ProbeError> {
+    let bind = if to.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let socket = tokio::net::UdpSocket::bind(bind)
+        .await
+        .map_err(ProbeError::Socket)?;
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
+        .map_err(ProbeError::Mark)?;
+    socket
+        .send_to(&[], to)
+        .await
+        .map_err(|source| ProbeError::Connect { to, source })?;
+    Ok(())
+}
+
 /// Connects to the echo service through the exit and closes again: proves the whole path.
 /// When every address fails, the last one's error.
 pub async fn probe(url: &EchoUrl, mark: u32, timeout: Duration) -> Result<(), ProbeError> {
@@ -152,25 +172,29 @@ pub async fn external_ip(
 }
 
 /// The address in an HTTP answer: a plain-text body (`203.0.113.7`) or JSON with an `ip`
-/// field (`{"ip":"203.0.113.7"}`).
+/// field (`{"ip":"203.0.113.7"}`). The answer is taken apart as bytes (head, chunks) and only
+/// the body is read as text: a chunk size counts bytes, and a multi-byte character may span
+/// two chunks.
 pub fn parse_answer(answer: &[u8]) -> Result<IpAddr, ProbeError> {
-    let text = String::from_utf8_lossy(answer);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or(ProbeError::NotHttp)?;
+    let split = find(answer, b"\r\n\r\n").ok_or(ProbeError::NotHttp)?;
+    let head = String::from_utf8_lossy(&answer[..split]);
+    let body = &answer[split + 4..];
     let status = head.lines().next().unwrap_or("");
     if status.split_whitespace().nth(1) != Some("200") {
         return Err(ProbeError::Status {
             status: status.to_string(),
         });
     }
-    let body = if head
+    let chunked = head
         .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
         dechunk(body)
     } else {
-        body.to_string()
+        body.to_vec()
     };
-    let body = body.trim();
+    let text = String::from_utf8_lossy(&body);
+    let body = text.trim();
     if let Ok(ip) = body.parse::<IpAddr>() {
         return Ok(ip);
     }
@@ -187,15 +211,26 @@ pub fn parse_answer(answer: &[u8]) -> Result<IpAddr, ProbeError> {
     })
 }
 
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+/// Where `needle` first occurs in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The body of a chunked answer, chunk sizes counted in bytes; stops at the last chunk, a
+/// malformed size or a chunk cut short.
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(line_end) = find(body, b"\r\n") {
+        let size = std::str::from_utf8(&body[..line_end]).unwrap_or("");
+        // A size may carry extensions after ';' (RFC 9112 7.1.1).
+        let size = size.split(';').next().unwrap_or("").trim();
+        let n = usize::from_str_radix(size, 16).unwrap_or(0);
+        let rest = &body[line_end + 2..];
         if n == 0 || rest.len() < n {
             break;
         }
-        out.push_str(&rest[..n]);
-        body = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+        out.extend_from_slice(&rest[..n]);
+        body = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
     }
     out
 }
@@ -215,7 +250,32 @@ mod tests {
         )?;
         assert_eq!(ip.to_string(), "192.0.2.33");
         assert!(parse_answer(b"HTTP/1.1 500 Oops\r\n\r\n1.2.3.4").is_err());
+        assert!(parse_answer(b"no head end").is_err());
         assert!(parse_answer(b"HTTP/1.1 200 OK\r\n\r\nhello").is_err());
         Ok(())
+    }
+
+    /// A two-byte character split across two chunks: the first chunk ends after its first
+    /// byte. Sliced as `&str` at the chunk size this panicked; as bytes the body is whole.
+    #[test]
+    fn a_character_split_across_chunks_is_joined_not_a_panic() {
+        // "é" is 0xC3 0xA9; the JSON body is {"ip":"192.0.2.33","n":"é"}.
+        let body = "{\"ip\":\"192.0.2.33\",\"n\":\"\u{e9}\"}".as_bytes();
+        let cut = body.iter().position(|b| *b == 0xc3).unwrap_or(0) + 1;
+        let (first, second) = body.split_at(cut);
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut answer = head.to_vec();
+        for chunk in [first, second] {
+            answer.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            answer.extend_from_slice(chunk);
+            answer.extend_from_slice(b"\r\n");
+        }
+        answer.extend_from_slice(b"0\r\n\r\n");
+        assert_eq!(dechunk(&answer[head.len()..]), body);
+        let ip = parse_answer(&answer).map(|ip| ip.to_string());
+        assert_eq!(ip.ok().as_deref(), Some("192.0.2.33"));
+        // The same cut with a size that runs past the data, and invalid UTF-8: no panic.
+        let _ = parse_answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n\xc3\r\n");
+        let _ = parse_answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n\xc3\r\n1\r\n\xff\r\n0\r\n\r\n");
     }
 }

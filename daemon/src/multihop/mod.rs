@@ -32,7 +32,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{Config, MultihopConfig, WireguardBackend},
@@ -683,26 +683,68 @@ impl Multihop {
         Duration::from_secs(self.config.probe_timeout_seconds)
     }
 
-    /// Sends traffic through the exit (a connection to the echo service) and waits for a
-    /// handshake. Returns (handshake, connection, error).
-    async fn verify(&self) -> (bool, bool, Option<String>) {
-        let deadline = tokio::time::Instant::now() + self.probe_timeout();
-        let probe = echo::probe(&self.echo, self.mark, self.probe_timeout()).await;
-        let mut handshake = false;
+    /// Whether the exit has a fresh handshake, starting one if needed: until `deadline`, one
+    /// datagram a second goes through the exit to each of `nudge_targets` (WireGuard starts a
+    /// handshake for the first packet it has to send without a session), and the device is
+    /// asked for its handshake every 100 ms. Needs no name resolved and no echo service.
+    async fn handshake_through_exit(
+        &self,
+        exit: &ExitConfig,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let targets = nudge_targets(
+            exit,
+            &self.echo,
+            &crate::datapath::actions::local_addresses(),
+        );
+        let mut next_nudge = tokio::time::Instant::now();
         loop {
             if self
                 .handshake_age()
                 .is_some_and(|a| a <= HANDSHAKE_FRESH_SECONDS)
             {
-                handshake = true;
-                break;
+                return true;
             }
-            if tokio::time::Instant::now() >= deadline {
-                break;
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            if now >= next_nudge {
+                for to in &targets {
+                    if let Err(e) =
+                        echo::nudge(SocketAddr::new(IpAddr::V4(*to), 9), self.mark).await
+                    {
+                        debug!(error = %e, "multihop: datagram through the exit not sent");
+                    }
+                }
+                next_nudge = now + Duration::from_secs(1);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        (handshake, probe.is_ok(), probe.err().map(|e| e.to_string()))
+    }
+
+    /// Starts the exit's handshake itself and waits for it, then probes the echo service
+    /// through the exit on its own. Returns (handshake, connection, the probe's error): a
+    /// failed probe (a name that does not resolve, an echo service down) with a handshake is
+    /// reported as such, not as an exit that did not answer.
+    async fn verify(&self, exit: &ExitConfig) -> (bool, bool, Option<String>) {
+        let timeout = self.probe_timeout();
+        let deadline = tokio::time::Instant::now() + timeout;
+        if !self.handshake_through_exit(exit, deadline).await {
+            return (false, false, None);
+        }
+        // The lookup of the echo host is the system resolver's: bounded here.
+        let probe =
+            match tokio::time::timeout(timeout * 2, echo::probe(&self.echo, self.mark, timeout))
+                .await
+            {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(_) => Err(format!(
+                    "the echo probe did not finish within {} s",
+                    timeout.as_secs() * 2
+                )),
+            };
+        (true, probe.is_ok(), probe.err())
     }
 
     pub async fn enable(&self, exit_name: &str) -> Result<EnableOutcome, MultihopError> {
@@ -719,7 +761,7 @@ impl Multihop {
         }
         let result = async {
             self.setup_path(&exit).await.map_err(Some)?;
-            let (handshake, connected, probe_error) = self.verify().await;
+            let (handshake, connected, probe_error) = self.verify(&exit.config).await;
             if !handshake {
                 return Err(None);
             }
@@ -974,12 +1016,32 @@ impl Multihop {
         {
             return Err(PathError::InterfaceGone(self.config.interface.clone()));
         }
-        echo::probe(&self.echo, self.mark, self.probe_timeout())
+        let timeout = self.probe_timeout();
+        let probed = tokio::time::timeout(timeout * 2, echo::probe(&self.echo, self.mark, timeout))
             .await
-            .map_err(|source| PathError::Unreachable {
+            .unwrap_or(Err(ProbeError::AnswerTimeout));
+        match probed {
+            Ok(()) => Ok(()),
+            // The echo host's name does not resolve here: that says nothing about the exit,
+            // so its handshake decides (started by a datagram through it if need be).
+            Err(source @ (ProbeError::Resolve { .. } | ProbeError::NoIpv4Address { .. })) => {
+                let exit = lock(&self.live).exit.clone();
+                let deadline = tokio::time::Instant::now() + timeout;
+                match exit {
+                    Some(exit) if self.handshake_through_exit(&exit.config, deadline).await => {
+                        Ok(())
+                    }
+                    _ => Err(PathError::Unreachable {
+                        source,
+                        handshake_age: self.handshake_age(),
+                    }),
+                }
+            }
+            Err(source) => Err(PathError::Unreachable {
                 source,
                 handshake_age: self.handshake_age(),
-            })
+            }),
+        }
     }
 
     fn record_check(&self, exit: &str, result: &Result<(), PathError>) {
@@ -1110,6 +1172,51 @@ impl Multihop {
 }
 
 /// The errors of a teardown, for the session log.
+/// Where the datagrams that start an exit's handshake go (the discard port of each): the
+/// exit's own DNS servers (inside the provider, reached through the tunnel) and the echo host
+/// when it is an address; failing those, the first host of the exit's tunnel subnet, else
+/// TEST-NET-1 (never a real host). Only addresses the exit's AllowedIPs carry (an imported
+/// exit carries 0.0.0.0/0, so all of them) and none of this host's own (`local`: those never
+/// leave through the exit); at most three.
+fn nudge_targets(exit: &ExitConfig, echo: &EchoUrl, local: &[IpAddr]) -> Vec<std::net::Ipv4Addr> {
+    use std::net::Ipv4Addr;
+    let usable = |ip: &Ipv4Addr| {
+        let carried = exit.allowed_ips.iter().any(|(net, prefix)| match net {
+            IpAddr::V4(net) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(*prefix)).unwrap_or(0);
+                u32::from(*net) & mask == u32::from(*ip) & mask
+            }
+            IpAddr::V6(_) => false,
+        });
+        carried && !ip.is_loopback() && !ip.is_unspecified() && !local.contains(&IpAddr::V4(*ip))
+    };
+    let mut targets: Vec<Ipv4Addr> = exit
+        .dns
+        .iter()
+        .filter_map(|d| d.parse::<Ipv4Addr>().ok())
+        .chain(echo.host.parse::<Ipv4Addr>().ok())
+        .filter(usable)
+        .collect();
+    targets.dedup();
+    targets.truncate(3);
+    if targets.is_empty() {
+        let gateway = exit.ipv4().and_then(|(ip, prefix)| {
+            (prefix < 31).then(|| {
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                Ipv4Addr::from((u32::from(ip) & mask) + 1)
+            })
+        });
+        targets.extend(
+            gateway
+                .into_iter()
+                .chain([Ipv4Addr::new(192, 0, 2, 1)])
+                .filter(usable)
+                .take(1),
+        );
+    }
+    targets
+}
+
 fn joined(errors: &[PathError]) -> String {
     errors
         .iter()
@@ -1159,6 +1266,61 @@ mod tests {
         assert_eq!(
             failed.to_string(),
             "enabling failed: interface wg_vpn: ENODEV: No such device; everything it had set up was removed"
+        );
+    }
+
+    fn exit(text: &str) -> ExitConfig {
+        match wgconf::parse(text) {
+            Ok(parsed) => parsed.config,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    const KEY: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+    const PEER: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+
+    /// The datagrams that start a handshake go inside the provider: its DNS servers, the echo
+    /// address, the tunnel's gateway, and only where the exit carries them.
+    #[test]
+    fn nudges_go_where_the_exit_carries_them() {
+        let echo = |url: &str| match EchoUrl::parse(url) {
+            Ok(u) => u,
+            Err(e) => panic!("{e}"),
+        };
+        let full = |extra: &str| {
+            format!(
+                "[Interface]\nPrivateKey = {KEY}\nAddress = 10.64.0.7/24\n{extra}\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 0.0.0.0/0\nEndpoint = 198.18.0.2:51820\n"
+            )
+        };
+        let ips = |v: &[&str]| -> Vec<std::net::Ipv4Addr> {
+            v.iter().filter_map(|s| s.parse().ok()).collect()
+        };
+        let with_dns = exit(&full("DNS = 10.64.0.1"));
+        assert_eq!(
+            nudge_targets(&with_dns, &echo("http://echo.invalid/ip"), &[]),
+            ips(&["10.64.0.1"])
+        );
+        assert_eq!(
+            nudge_targets(&with_dns, &echo("http://203.0.113.10:8080/ip"), &[]),
+            ips(&["10.64.0.1", "203.0.113.10"])
+        );
+        // This host's own addresses never leave through the exit.
+        let local: Vec<IpAddr> = vec!["10.64.0.1".parse().unwrap_or(IpAddr::from([0; 4]))];
+        assert_eq!(
+            nudge_targets(&with_dns, &echo("http://echo.invalid/ip"), &local),
+            ips(&["192.0.2.1"])
+        );
+        // No DNS, a name for the echo host: the tunnel subnet's first host.
+        let plain = exit(&full(""));
+        assert_eq!(
+            nudge_targets(&plain, &echo("http://echo.invalid/ip"), &[]),
+            ips(&["10.64.0.1"])
+        );
+        // A /32 tunnel address and nothing else: TEST-NET-1.
+        let host = exit(&full("").replace("10.64.0.7/24", "10.64.0.7/32"));
+        assert_eq!(
+            nudge_targets(&host, &echo("http://echo.invalid/ip"), &[]),
+            ips(&["192.0.2.1"])
         );
     }
 }
