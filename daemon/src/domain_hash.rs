@@ -20,7 +20,7 @@ use std::{
 
 use phantom_common::dns::{DomainKey, KEY_POSITIONS};
 use sha2::{Digest, Sha256};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::{error::Error, store};
 
@@ -108,7 +108,7 @@ impl DomainHasher {
     }
 
     /// The installation's hasher: the seed in `state_dir`, made (0600, atomically) when there
-    /// is none. A file that does not hold a seed is moved aside (`.corrupt`) with a warning and
+    /// is none. A file that does not hold a seed is moved aside (`.corrupt-<unix>`) with an error and
     /// replaced: the key only decides how the kernel set is laid out, which is rebuilt at start.
     pub fn load_or_create(state_dir: &Path) -> Result<(Self, SeedOrigin), Error> {
         let path = seed_path(state_dir);
@@ -116,11 +116,13 @@ impl DomainHasher {
             Ok(text) => match parse_seed(&text) {
                 Some(seed) => return Ok((Self::from_seed(&seed), SeedOrigin::Loaded)),
                 None => {
-                    let aside = path.with_extension("key.corrupt");
-                    std::fs::rename(&path, &aside).map_err(|e| Error::io(&path, e))?;
-                    warn!(
-                        moved_to = %aside.display(),
-                        "the domain hash seed file does not hold a seed; moved aside, a new one is made"
+                    let moved = store::set_aside(&path)?;
+                    tracing::error!(
+                        module = "blocklist",
+                        file = %path.display(),
+                        moved_to = %moved.display(),
+                        "the domain hash seed file does not hold a seed: moved aside, a new one is made \
+                         (the kernel's domain set is rebuilt under it)"
                     );
                     SeedOrigin::Replaced
                 }
@@ -262,7 +264,16 @@ mod tests {
         std::fs::write(&path, "not a seed").unwrap();
         let (_, origin) = DomainHasher::load_or_create(dir.path()).unwrap();
         assert_eq!(origin, SeedOrigin::Replaced);
-        assert!(dir.path().join("domain-hash.key.corrupt").exists());
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("domain-hash.key.corrupt-")
+            })
+            .count();
+        assert_eq!(aside, 1);
     }
 
     #[test]

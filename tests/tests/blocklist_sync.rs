@@ -151,9 +151,16 @@ fn sources_sync_on_demand_and_bad_checksums_change_nothing() {
     for d in ["casino.example", "poker.example", "bet.example"] {
         api(&publisher, &["blocklist", "add", &format!("domain={d}")]);
     }
+    // Its public key, as an operator copies it into the subscriber's configuration: over
+    // plain http:// a source is accepted only with the publisher's key (or a pinned sha256).
+    let publisher_key = api(&publisher, &["blocklist", "status"])["publisher_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(publisher_key.starts_with("RW"), "{publisher_key}");
     let sources = format!(
         "[[blocklist.sources]]\nname = \"file\"\nurl = {:?}\nsha256_url = {:?}\n\
-         [[blocklist.sources]]\nname = \"fleet\"\nurl = \"http://127.0.0.1:3101/api/v1/blocklist?format=full\"\nformat = \"json\"\n",
+         [[blocklist.sources]]\nname = \"fleet\"\nurl = \"http://127.0.0.1:3101/api/v1/blocklist?format=full\"\nformat = \"json\"\nminisign_key = {publisher_key:?}\n",
         list.display().to_string(),
         list.with_extension("sha256").display().to_string(),
     );
@@ -176,8 +183,8 @@ fn sources_sync_on_demand_and_bad_checksums_change_nothing() {
     let fleet = source(&r, "fleet");
     assert_eq!(fleet["entries"], 3, "{r}");
     assert_eq!(
-        fleet["verified_by"], "embedded",
-        "the list's own checksum verified"
+        fleet["verified_by"], "minisign",
+        "the publisher's signature (at /api/v1/blocklist.minisig) verified"
     );
     for name in [
         "alpha.example",

@@ -864,7 +864,13 @@ fn a_damaged_state_file_of_an_optional_module_is_set_aside_and_the_vpn_still_sta
     }
     let topo = VpnTopology::new();
     let bpffs = BpffsDir::new();
-    let mut daemon = topo.start(&bpffs);
+    // With the sentry on too, so its store snapshot and key are among the files.
+    let mut settings = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
+    settings.wireguard = Some(WireguardSettings::new(VPN_SUBNET, GuardedLink::SERVER_V4));
+    settings.extra_toml = "[sentry]\nenabled = true\nlisten = \"127.0.0.1:18080\"\n\
+                           upstream = \"http://127.0.0.1:18000\"\n"
+        .into();
+    let mut daemon = Daemon::start(&topo.link.server, &settings);
     api(&daemon, &["core", "add_client", "client_name=alice"]);
     let config = api(&daemon, &["core", "export_client", "client_name=alice"])["config"]
         .as_str()
@@ -882,6 +888,10 @@ fn a_damaged_state_file_of_an_optional_module_is_set_aside_and_the_vpn_still_sta
         ("dns.json", &b"[1, 2"[..]),
         ("ghost/ghost-state.json", &b"\x00\x01\x02"[..]),
         ("multihop/state.json", &b"{\"enabled\": tru"[..]),
+        ("sentry-store.json", &b"{\"tickets\": {\"10.0.0"[..]),
+        ("sentry-ecdsa-p256.key", &b"truncated"[..]),
+        ("blocklist-publisher.key", &b"untrusted comment: \n"[..]),
+        ("domain-hash.key", &b"0123"[..]),
     ] {
         daemon.stop();
         let path = state.join(file);
@@ -925,4 +935,11 @@ fn a_damaged_state_file_of_an_optional_module_is_set_aside_and_the_vpn_still_sta
     api(&daemon, &["blocklist", "add", "domain=casino.example"]);
     assert_eq!(api(&daemon, &["blocklist", "status"])["entries"], 1);
     assert_eq!(api(&daemon, &["ghost", "status"])["enabled"], false);
+    assert!(
+        api(&daemon, &["blocklist", "status"])["publisher_key"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("RW"))
+    );
+    let sentry = api(&daemon, &["sentry", "status"]);
+    assert_eq!(sentry["store"]["healthy"], true, "{sentry}");
 }

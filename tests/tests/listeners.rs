@@ -85,7 +85,8 @@ const TARGETS: [Target; 4] = [
     Target {
         listener: "ghost_relay",
         addr: "192.0.2.1:443",
-        header_timeout: Duration::from_secs(10),
+        // The TLS handshake's own deadline, inside the 10 s for TLS and the upgrade.
+        header_timeout: Duration::from_secs(5),
         per_source: 16,
         slow_head: TLS_HEAD,
     },
@@ -543,7 +544,16 @@ fn idle_floods_and_slowloris_on_every_listener_leave_the_daemon_answering() {
             )
             .unwrap_or(-1.0)
         };
-        let refused = value("phantom_http_refused_total", ",reason=\"source_full\"");
+        let mut refused = value("phantom_http_refused_total", ",reason=\"source_full\"");
+        if t.listener == "ghost_relay" {
+            // The relay charges its failure limiter at accept, before the gate: most of a
+            // flood from one source is refused there, counted as ghost's own rejections.
+            refused += metric_value(
+                &metrics,
+                "phantom_ghost_rejected_upgrades_total{reason=\"rate_limited\"}",
+            )
+            .unwrap_or(0.0);
+        }
         assert!(
             refused >= (FLOOD - t.per_source - 50) as f64,
             "{}: {refused} refused at accept\n{metrics}",

@@ -397,6 +397,7 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                     "threshold": list.threshold(),
                     "lookalike_brands": brands,
                     "sources": sources,
+                    "publisher_key": list.publisher.public_key(),
                     "kernel_rules": list.kernel_rules(),
                     "kernel_entries": kernel,
                 }))

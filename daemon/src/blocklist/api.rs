@@ -10,6 +10,11 @@
 //! [`FULL_LIST_SLOTS`] full lists are on their way to clients at once; a request that finds
 //! no slot within [`FULL_LIST_WAIT`] gets `503` with `Retry-After`. Deltas are computed per
 //! request and serialised straight from the changed entries.
+//!
+//! `/api/v1/blocklist.minisig` is the minisign signature, by this host's publisher key
+//! ([`super::publisher`]), of the current version's full list as JSON (the identity bytes; a
+//! gzip transfer decompresses to them). It is made once per version from the shared body, so
+//! another host can sync this list over plain `http://` with `minisign_key` pinned.
 
 use std::{
     collections::HashMap,
@@ -174,6 +179,8 @@ struct Built {
 /// sending them.
 struct FullLists {
     bodies: [tokio::sync::Mutex<Option<Arc<Built>>>; 2],
+    /// The publisher's signature of one version's identity body.
+    signature: tokio::sync::Mutex<Option<(u64, Arc<str>)>>,
     slots: Arc<Semaphore>,
     wait: Duration,
 }
@@ -182,6 +189,7 @@ impl FullLists {
     fn new(slots: usize, wait: Duration) -> Self {
         Self {
             bodies: [tokio::sync::Mutex::new(None), tokio::sync::Mutex::new(None)],
+            signature: tokio::sync::Mutex::new(None),
             slots: Arc::new(Semaphore::new(slots)),
             wait,
         }
@@ -225,9 +233,46 @@ impl FullLists {
         Ok(built)
     }
 
+    /// The publisher's signature of the current version's full list, with that version. The
+    /// first request of a version signs the shared identity body (made now if need be);
+    /// concurrent ones wait for it.
+    async fn signature(&self, list: &Arc<Blocklist>) -> Result<(u64, Arc<str>), ()> {
+        let mut slot = self.signature.lock().await;
+        if let Some((version, text)) = &*slot
+            && *version == list.version()
+        {
+            return Ok((*version, Arc::clone(text)));
+        }
+        let built = self.body(list, Encoding::Identity).await?;
+        let signer = Arc::clone(list);
+        let version = built.version;
+        let signed = tokio::task::spawn_blocking(move || {
+            signer
+                .publisher
+                .sign(ChunkReader::new(&built.chunks), built.version)
+        })
+        .await;
+        let text: Arc<str> = match signed {
+            Ok(Ok(text)) => text.into(),
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot sign the full blocklist");
+                return Err(());
+            }
+            Err(_) => return Err(()),
+        };
+        *slot = Some((version, Arc::clone(&text)));
+        Ok((version, text))
+    }
+
     /// Drops the bodies of versions before `version` (they are freed once the transfers still
     /// sending them end).
     async fn drop_older(&self, version: u64) {
+        {
+            let mut signature = self.signature.lock().await;
+            if signature.as_ref().is_some_and(|(v, _)| *v < version) {
+                *signature = None;
+            }
+        }
         let mut dropped = false;
         for body in &self.bodies {
             let mut slot = body.lock().await;
@@ -283,6 +328,41 @@ impl ChunkWriter {
             self.done.push(Bytes::from(self.current));
         }
         (self.done.into(), self.len)
+    }
+}
+
+/// Reads a body's shared chunks in order, for signing.
+struct ChunkReader<'a> {
+    chunks: &'a [Bytes],
+    next: usize,
+    offset: usize,
+}
+
+impl<'a> ChunkReader<'a> {
+    fn new(chunks: &'a [Bytes]) -> Self {
+        Self {
+            chunks,
+            next: 0,
+            offset: 0,
+        }
+    }
+}
+
+impl std::io::Read for ChunkReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while let Some(chunk) = self.chunks.get(self.next) {
+            let rest = &chunk[self.offset..];
+            if rest.is_empty() {
+                self.next += 1;
+                self.offset = 0;
+                continue;
+            }
+            let n = rest.len().min(buf.len());
+            buf[..n].copy_from_slice(&rest[..n]);
+            self.offset += n;
+            return Ok(n);
+        }
+        Ok(0)
     }
 }
 
@@ -560,6 +640,31 @@ async fn full_list(state: &ApiState, encoding: Encoding) -> Response {
     response
 }
 
+/// The publisher's minisign signature of the current full list (text, as a `.minisig` file).
+async fn signature(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    if !state.limiter.allow(&peer) {
+        return too_many();
+    }
+    let Ok((version, text)) = state.full.signature(&state.list).await else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+    };
+    (
+        [
+            (header::ETAG, etag(version)),
+            (header::CACHE_CONTROL, "no-cache".to_string()),
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+        ],
+        text.to_string(),
+    )
+        .into_response()
+}
+
 #[derive(Deserialize)]
 struct VersionQuery {
     version: Option<String>,
@@ -665,6 +770,7 @@ fn app(list: Arc<Blocklist>, prefix: SourcePrefix, full: Arc<FullLists>) -> Rout
     };
     Router::new()
         .route("/api/v1/blocklist", get(blocklist))
+        .route("/api/v1/blocklist.minisig", get(signature))
         .route("/api/v1/patterns", get(patterns))
         .route("/api/v1/verify-domain", post(verify))
         .route("/health", get(health))
@@ -911,6 +1017,62 @@ mod tests {
         let c = s.full.body(&list, Encoding::Gzip).await.unwrap();
         assert_eq!(c.version, list.version());
         assert_eq!(gunzip(&bytes_of(&c)), value_reply(&list, None));
+    }
+
+    #[tokio::test]
+    async fn the_signature_covers_the_identity_body_of_its_version_and_moves_with_it() {
+        let (_dir, list) = open();
+        fill(&list);
+        let s = state(&list, 8, Duration::from_secs(5));
+        let key = minisign::PublicKey::from_base64(&list.publisher.public_key()).unwrap();
+        let verify = |text: &str, body: Vec<u8>| {
+            let signature = minisign::SignatureBox::from_string(text).unwrap();
+            minisign::verify(
+                &key,
+                &signature,
+                std::io::Cursor::new(body),
+                true,
+                false,
+                false,
+            )
+        };
+        let (version, text) = s.full.signature(&list).await.unwrap();
+        assert_eq!(version, list.version());
+        verify(&text, value_reply(&list, None)).unwrap();
+        let (_, again) = s.full.signature(&list).await.unwrap();
+        assert!(Arc::ptr_eq(&text, &again), "signed once per version");
+
+        list.upsert(vec![Entry::new("another.example", true, 1.0, "r", 7)])
+            .unwrap();
+        assert!(
+            verify(&text, value_reply(&list, None)).is_err(),
+            "the old signature does not cover the new version"
+        );
+        s.full.drop_older(list.version()).await;
+        assert!(s.full.signature.lock().await.is_none());
+        let (version, text) = s.full.signature(&list).await.unwrap();
+        assert_eq!(version, list.version());
+        verify(&text, value_reply(&list, None)).unwrap();
+    }
+
+    #[test]
+    fn the_chunk_reader_reads_every_byte_across_chunk_ends() {
+        let chunks: Vec<Bytes> = vec![
+            Bytes::from_static(b"abc"),
+            Bytes::new(),
+            Bytes::from_static(b"defgh"),
+        ];
+        let mut out = Vec::new();
+        let mut small = [0u8; 2];
+        let mut reader = ChunkReader::new(&chunks);
+        loop {
+            let n = reader.read(&mut small).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&small[..n]);
+        }
+        assert_eq!(out, b"abcdefgh");
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ pub mod lookalike;
 pub mod matcher;
 pub mod metrics;
 pub mod model;
+pub mod publisher;
 pub mod store;
 pub mod sync;
 pub mod table;
@@ -172,6 +173,8 @@ pub struct Blocklist {
     datapath: Option<Arc<Datapath>>,
     /// Sources synced by `blocklist sync` and the schedule.
     pub syncer: sync::Syncer,
+    /// This host's key for signing its full list for other hosts.
+    pub publisher: publisher::Publisher,
     /// Bumped on every change the engine sees (entries, patterns, brands): the resolver's
     /// cache remembers which generation vetted a name.
     generation: AtomicU64,
@@ -500,6 +503,7 @@ impl Blocklist {
             threshold,
             datapath,
             syncer: sync::Syncer::open(state_dir)?,
+            publisher: publisher::Publisher::load_or_create(state_dir)?,
             generation: AtomicU64::new(1),
             configured_brands: Mutex::new(brands.to_vec()),
             versions: watch::Sender::new(loaded.version),

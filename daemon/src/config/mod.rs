@@ -338,7 +338,9 @@ pub struct SyncSource {
     /// `RW...`): every download must carry a valid signature by it.
     #[serde(default)]
     pub minisign_key: Option<String>,
-    /// Where the signature is; default: `url` with `.minisig` appended.
+    /// Where the signature is; default: `url` with `.minisig` appended to its path (before a
+    /// query: another Phantom's `/api/v1/blocklist?format=full` is signed at
+    /// `/api/v1/blocklist.minisig?format=full`).
     #[serde(default)]
     pub minisign_url: Option<String>,
 }
@@ -346,9 +348,15 @@ pub struct SyncSource {
 impl SyncSource {
     /// Where this source's minisign signature is fetched from.
     pub fn signature_url(&self) -> String {
-        self.minisign_url
-            .clone()
-            .unwrap_or_else(|| format!("{}.minisig", self.url))
+        if let Some(url) = &self.minisign_url {
+            return url.clone();
+        }
+        match self.url.split_once('?') {
+            Some((path, query)) if self.url.contains("://") && !self.url.starts_with("file:") => {
+                format!("{path}.minisig?{query}")
+            }
+            _ => format!("{}.minisig", self.url),
+        }
     }
 }
 
@@ -682,6 +690,20 @@ impl Config {
                     source.name
                 )));
             }
+            // Over plain http:// anyone on the path can swap the list and any checksum file
+            // beside it; only what the configuration pins (the list's sha256, or the
+            // publisher's key) proves the download is the publisher's.
+            if source.url.starts_with("http://")
+                && source.sha256.is_none()
+                && source.minisign_key.is_none()
+            {
+                return Err(Error::config(format!(
+                    "blocklist.sources {:?}: an http:// source needs sha256 (the list's checksum, \
+                     pinned) or minisign_key (the publisher's key); a sha256_url or a list's own \
+                     checksum over plain http proves nothing. Use https:// otherwise",
+                    source.name
+                )));
+            }
             match (&source.minisign_key, &source.minisign_url) {
                 (Some(key), url) => {
                     minisign::PublicKey::from_base64(key.trim()).map_err(|e| {
@@ -853,6 +875,42 @@ mod tests {
         ] {
             assert!(Config::from_toml(text).is_err(), "accepted: {text}");
         }
+    }
+
+    #[test]
+    fn plain_http_sources_need_a_pinned_checksum_or_key() -> Result<(), Error> {
+        let source = |extra: &str| {
+            format!(
+                "[[blocklist.sources]]\nname = \"fleet\"\nurl = \"http://192.0.2.1:3000/api/v1/blocklist?format=full\"\n{extra}"
+            )
+        };
+        let refused = Config::from_toml(&source("")).map(|_| ()).err();
+        assert!(
+            refused.is_some_and(|e| e.to_string().contains("needs sha256")),
+            "a bare http:// source is refused"
+        );
+        assert!(
+            Config::from_toml(&source("sha256_url = \"http://192.0.2.1/list.sha256\"\n")).is_err(),
+            "a checksum from the same plain-http origin is not enough"
+        );
+        Config::from_toml(&source(&format!("sha256 = \"{}\"\n", "ab".repeat(32))))?;
+        let key = minisign::KeyPair::generate_unencrypted_keypair()
+            .map_err(|e| Error::config(e.to_string()))?
+            .pk
+            .to_base64();
+        let config = Config::from_toml(&source(&format!("minisign_key = \"{key}\"\n")))?;
+        assert_eq!(
+            config.blocklist.sources[0].signature_url(),
+            "http://192.0.2.1:3000/api/v1/blocklist.minisig?format=full",
+            "the signature of a URL with a query sits beside its path"
+        );
+        let https = "[[blocklist.sources]]\nname = \"a\"\nurl = \"https://lists.example/x.txt\"\n";
+        let config = Config::from_toml(https)?;
+        assert_eq!(
+            config.blocklist.sources[0].signature_url(),
+            "https://lists.example/x.txt.minisig"
+        );
+        Ok(())
     }
 
     #[test]

@@ -364,24 +364,32 @@ impl Signer {
     }
 
     /// Loads the key from `path` (32 raw scalar bytes, 0600) or creates it there, atomically
-    /// (temporary file, fsync, rename): a crash never leaves a short key file behind.
+    /// (temporary file, fsync, rename): a crash never leaves a short key file behind. A file
+    /// that is not a key is set aside (the error names it) and a new key made: challenges and
+    /// tickets signed with the old one are then refused and clients solve once more.
     pub fn load_or_create(path: &Path) -> Result<Self, SentryError> {
         match std::fs::read(path) {
-            Ok(bytes) => {
-                let key = SigningKey::from_slice(&bytes).map_err(|_| {
-                    SentryError::Crypto(format!("{} is not a P-256 private key", path.display()))
-                })?;
-                Self::from_key(key)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let signer = Self::generate()?;
-                let bytes = signer.key.to_bytes();
-                crate::store::write_atomic(path, &bytes)
-                    .map_err(|e| SentryError::Io(e.to_string()))?;
-                Ok(signer)
-            }
-            Err(e) => Err(SentryError::Io(format!("{}: {e}", path.display()))),
+            Ok(bytes) => match SigningKey::from_slice(&bytes) {
+                Ok(key) => return Self::from_key(key),
+                Err(_) => {
+                    let moved = crate::store::set_aside(path)
+                        .map_err(|e| SentryError::Io(e.to_string()))?;
+                    tracing::error!(
+                        module = "sentry",
+                        file = %path.display(),
+                        moved_to = %moved.display(),
+                        "the sentry key is not a P-256 private key: moved aside, a new key is made \
+                         (outstanding challenges and tickets are refused)"
+                    );
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SentryError::Io(format!("{}: {e}", path.display()))),
         }
+        let signer = Self::generate()?;
+        let bytes = signer.key.to_bytes();
+        crate::store::write_atomic(path, &bytes).map_err(|e| SentryError::Io(e.to_string()))?;
+        Ok(signer)
     }
 
     pub fn kid(&self) -> &str {

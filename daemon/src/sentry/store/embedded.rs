@@ -394,10 +394,14 @@ impl EmbeddedStore {
     /// snapshot so the next start reads one file.
     pub fn open(state_dir: &Path) -> Result<Self, SentryError> {
         let path = state_dir.join(SNAPSHOT);
+        // A snapshot that does not parse is set aside (the error names it) and the store
+        // starts from the journals alone: the sentry, and the VPN beside it, still start.
         let mut data: Data =
-            crate::store::read_json(&path).map_err(|source| SentryError::StoreFile {
-                path: path.clone(),
-                source: Box::new(source),
+            crate::store::read_json_or_set_aside(&path, "sentry").map_err(|source| {
+                SentryError::StoreFile {
+                    path: path.clone(),
+                    source: Box::new(source),
+                }
             })?;
         let found = journals(state_dir)?;
         let mut replayed = 0;
