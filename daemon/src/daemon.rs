@@ -204,11 +204,15 @@ fn descriptor_needs(
         });
     }
     if ghost_on {
-        // Each tunnel is a TCP connection and a UDP socket to WireGuard; the handshake cap is
-        // within the tunnel cap.
+        // Each open tunnel is a TCP connection and a UDP socket to WireGuard; connections
+        // still in TLS or the upgrade hold one each, up to the handshake cap.
         needs.push(Need {
             what: "ghost relay",
-            descriptors: 2 * ghost::relay::MAX_TUNNELS as u64,
+            descriptors: 2 * config
+                .ghost
+                .tunnels_per_secret
+                .min(ghost::relay::MAX_TUNNELS) as u64
+                + http::Limits::ghost_relay().max_connections as u64,
         });
     }
     if resolver_on {
@@ -544,8 +548,9 @@ async fn serve(
         // Traffic persisted, NAT removed, interface gone (the embedded device takes ~2 s).
         let _ = tokio::task::spawn_blocking(move || server.shutdown()).await;
     }
-    if let Some(sentry) = &sentry {
-        sentry.shutdown();
+    if let Some(sentry) = sentry.clone() {
+        // Flushing the embedded store waits on its journal writer: off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(move || sentry.shutdown()).await;
     }
     for task in listeners {
         if let Err(e) = task.await {

@@ -79,7 +79,8 @@ pub fn needed(needs: &[Need]) -> u64 {
 /// `None` when `needs` fit under `limit`; otherwise a line naming who needs what.
 pub fn shortfall(limit: u64, needs: &[Need]) -> Option<String> {
     let total = needed(needs);
-    if total <= limit {
+    // 0: the limit could not be read; nothing to compare against.
+    if limit == 0 || total <= limit {
         return None;
     }
     let parts: Vec<String> = needs

@@ -360,6 +360,19 @@ fn a_burst_of_full_lists_shares_one_body_per_encoding_and_memory_stays_flat() {
     config.blocklist_api = Some("0.0.0.0:3000".into());
     let daemon = Daemon::start(&link.server, &config);
     let pid = daemon.pid().unwrap();
+    // Sixteen sources for the burst: one source may have 4 full lists going at once.
+    let sources: Vec<String> = (0..BURST / 4)
+        .map(|i| format!("192.0.2.{}", 100 + i))
+        .collect();
+    for a in &sources {
+        link.peer.ip(&[
+            "addr",
+            "add",
+            &format!("{a}/24"),
+            "dev",
+            GuardedLink::PEER_DEV,
+        ]);
+    }
 
     // 200,000 domains through the socket, in one import.
     let file = daemon.dir().join("list.txt");
@@ -411,14 +424,12 @@ fn a_burst_of_full_lists_shares_one_body_per_encoding_and_memory_stays_flat() {
                 header(&head, "content-length"),
                 Some(gzip.len().to_string().as_str())
             );
-            // ...then 64 at once, half of each, from two sources (the per-source cap is 32).
+            // ...then 64 at once, half of each, four from each of sixteen sources (a source's
+            // share of the transfers).
             let (identity_ref, gzip_ref): (&[u8], &[u8]) = (&identity, &gzip);
+            let sources = &sources;
             let burst = (0..BURST).map(|i| async move {
-                let source = if i % 4 < 2 {
-                    GuardedLink::PEER_V4
-                } else {
-                    GuardedLink::PEER_V4_SECOND
-                };
+                let source = sources[i / 4].as_str();
                 let gz = i % 2 == 1;
                 let expected = if gz { gzip_ref } else { identity_ref };
                 let (status, head, same) = get_from(source, path, gz, Some(expected)).await;

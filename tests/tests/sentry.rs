@@ -418,7 +418,8 @@ fn redis_down_fails_open_by_default_and_closed_on_request() {
         redis.stop();
         let client = ip("203.0.113.50");
         // One failed call is not an outage: the request is decided on what the host knows.
-        // DEGRADE_AFTER_FAILURES in a row are; from then on the fail mode applies.
+        // DEGRADE_AFTER_FAILURES in a row over DEGRADE_AFTER are; from then on the fail mode
+        // applies.
         let first = open.decide(client, None, "/").await;
         assert!(
             matches!(first, Decision::Pass(phantom_daemon::sentry::Pass::Normal)),
@@ -427,15 +428,21 @@ fn redis_down_fails_open_by_default_and_closed_on_request() {
         assert!(open.healthy(), "one failure does not degrade the store");
         let mut calls = 1;
         while open.healthy() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
             let _ = open.decide(client, None, "/").await;
             calls += 1;
-            assert!(calls < 10, "never degraded");
+            assert!(calls < 40, "never degraded");
         }
+        assert!(
+            calls >= phantom_daemon::sentry::DEGRADE_AFTER_FAILURES as usize,
+            "degraded after {calls} calls"
+        );
         assert!(matches!(
             open.decide(client, None, "/").await,
             Decision::Pass(phantom_daemon::sentry::Pass::FailOpen)
         ));
         while closed.healthy() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
             let _ = closed.decide(client, None, "/").await;
         }
         assert!(matches!(

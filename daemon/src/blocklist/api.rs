@@ -13,7 +13,8 @@
 //!
 //! `/api/v1/blocklist.minisig` is the minisign signature, by this host's publisher key
 //! ([`super::publisher`]), of the current version's full list as JSON (the identity bytes; a
-//! gzip transfer decompresses to them). It is made once per version from the shared body, so
+//! gzip transfer decompresses to them). It is made once per version from the shared gzip body
+//! (decompressed as it is signed, so no identity copy is kept for it), so
 //! another host can sync this list over plain `http://` with `minisign_key` pinned.
 
 use std::{
@@ -57,6 +58,9 @@ const PER_CLIENT_PER_MINUTE: u32 = 120;
 /// heap of its own; what this bounds is the kernel's send buffers (up to a few MB per
 /// connection) and the copying.
 pub const FULL_LIST_SLOTS: usize = 64;
+/// Full lists on their way to one source at once (an IPv4 address or an IPv6 prefix): a few
+/// slow readers must not hold every slot for the response timeout.
+pub const FULL_LIST_SLOTS_PER_SOURCE: usize = 4;
 /// How long a full-list request waits for a slot before it is answered `503`.
 pub const FULL_LIST_WAIT: Duration = Duration::from_secs(10);
 /// The `Retry-After` of that `503`, in seconds.
@@ -182,7 +186,48 @@ struct FullLists {
     /// The publisher's signature of one version's identity body.
     signature: tokio::sync::Mutex<Option<(u64, Arc<str>)>>,
     slots: Arc<Semaphore>,
+    /// Transfers in progress per source key (the rate limiter's salted key).
+    per_source: Arc<Mutex<HashMap<u64, usize>>>,
     wait: Duration,
+}
+
+/// One source's share of the transfers, given back when the transfer ends.
+struct SourceSlot {
+    taken: Arc<Mutex<HashMap<u64, usize>>>,
+    key: u64,
+}
+
+impl SourceSlot {
+    /// A slot for `key`, unless it already has [`FULL_LIST_SLOTS_PER_SOURCE`].
+    fn take(taken: &Arc<Mutex<HashMap<u64, usize>>>, key: u64) -> Option<Self> {
+        let mut map = taken
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(key).or_insert(0);
+        if *n >= FULL_LIST_SLOTS_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            taken: Arc::clone(taken),
+            key,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .taken
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl FullLists {
@@ -191,6 +236,7 @@ impl FullLists {
             bodies: [tokio::sync::Mutex::new(None), tokio::sync::Mutex::new(None)],
             signature: tokio::sync::Mutex::new(None),
             slots: Arc::new(Semaphore::new(slots)),
+            per_source: Arc::new(Mutex::new(HashMap::new())),
             wait,
         }
     }
@@ -234,8 +280,8 @@ impl FullLists {
     }
 
     /// The publisher's signature of the current version's full list, with that version. The
-    /// first request of a version signs the shared identity body (made now if need be);
-    /// concurrent ones wait for it.
+    /// first request of a version signs the shared body's JSON (the gzip body, made now if
+    /// need be, read through a decoder); concurrent ones wait for it.
     async fn signature(&self, list: &Arc<Blocklist>) -> Result<(u64, Arc<str>), ()> {
         let mut slot = self.signature.lock().await;
         if let Some((version, text)) = &*slot
@@ -243,13 +289,14 @@ impl FullLists {
         {
             return Ok((*version, Arc::clone(text)));
         }
-        let built = self.body(list, Encoding::Identity).await?;
+        // The gzip body, decompressed as it is read: the signed bytes are the identity
+        // body's without keeping a 280 MB copy of a million-name list for it.
+        let built = self.body(list, Encoding::Gzip).await?;
         let signer = Arc::clone(list);
         let version = built.version;
         let signed = tokio::task::spawn_blocking(move || {
-            signer
-                .publisher
-                .sign(ChunkReader::new(&built.chunks), built.version)
+            let identity = flate2::read::GzDecoder::new(ChunkReader::new(&built.chunks));
+            signer.publisher.sign(identity, built.version)
         })
         .await;
         let text: Arc<str> = match signed {
@@ -437,6 +484,7 @@ struct FullListBody {
     next: usize,
     remaining: u64,
     _slot: OwnedSemaphorePermit,
+    _source_slot: SourceSlot,
 }
 
 impl Body for FullListBody {
@@ -572,7 +620,7 @@ async fn blocklist(
             Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
         }
     }
-    full_list(&state, Encoding::accepted(&headers)).await
+    full_list(&state, Encoding::accepted(&headers), peer.ip()).await
 }
 
 /// The delta since `since` as its JSON reply, with the version it leads to; `None` when the
@@ -602,8 +650,13 @@ fn delta_reply(list: &Blocklist, since: u64) -> Result<Option<(u64, Vec<u8>)>, B
     Ok(Some((version, body)))
 }
 
-/// The full list from its shared body, once a transfer slot is free.
-async fn full_list(state: &ApiState, encoding: Encoding) -> Response {
+/// The full list from its shared body, once a transfer slot is free; a source that already
+/// has [`FULL_LIST_SLOTS_PER_SOURCE`] transfers going gets `503` at once.
+async fn full_list(state: &ApiState, encoding: Encoding, peer: IpAddr) -> Response {
+    let Some(source_slot) = SourceSlot::take(&state.full.per_source, state.limiter.key(peer))
+    else {
+        return busy();
+    };
     let Ok(built) = state.full.body(&state.list, encoding).await else {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
     };
@@ -621,6 +674,7 @@ async fn full_list(state: &ApiState, encoding: Encoding) -> Response {
         next: 0,
         remaining: built.len,
         _slot: slot,
+        _source_slot: source_slot,
     };
     let mut response = Response::new(AxumBody::new(body));
     let headers = response.headers_mut();
@@ -698,7 +752,10 @@ async fn patterns(
     if current {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response();
     }
-    let patterns = state.list.patterns();
+    let list = Arc::clone(&state.list);
+    let Ok(patterns) = tokio::task::spawn_blocking(move || list.patterns()).await else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+    };
     let mut h = Sha256::new();
     for p in &patterns {
         if let Ok(line) = serde_json::to_vec(p) {
@@ -741,7 +798,10 @@ async fn verify(
     let Ok(name) = normalise(&req.domain) else {
         return error(StatusCode::BAD_REQUEST, "not a valid domain name");
     };
-    let v = state.list.verify(&name);
+    let list = Arc::clone(&state.list);
+    let Ok(v) = tokio::task::spawn_blocking(move || list.verify(&name)).await else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+    };
     Json(json!({
         "success": true, "domain": v.domain, "blocked": v.blocked,
         "matchedPatterns": v.matched, "confidence": v.confidence,
@@ -754,9 +814,14 @@ async fn health(State(state): State<ApiState>) -> Response {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    // The count takes the list's lock: off the runtime's threads (see `Blocklist::version`).
+    let list = Arc::clone(&state.list);
+    let Ok(count) = tokio::task::spawn_blocking(move || list.len()).await else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+    };
     Json(json!({
         "status": "ok", "timestamp": now, "version": crate::protocol::VERSION,
-        "blocklistCount": state.list.len(),
+        "blocklistCount": count,
     }))
     .into_response()
 }
@@ -996,14 +1061,14 @@ mod tests {
         let a = s.full.body(&list, Encoding::Gzip).await.unwrap();
         let b = s.full.body(&list, Encoding::Gzip).await.unwrap();
         assert!(Arc::ptr_eq(&a.chunks, &b.chunks), "made once, shared");
-        let reply = full_list(&s, Encoding::Gzip).await;
+        let reply = full_list(&s, Encoding::Gzip, ip(1)).await;
         assert_eq!(reply.headers()[header::CONTENT_ENCODING], "gzip");
         assert_eq!(
             reply.headers()[header::CONTENT_LENGTH],
             a.len.to_string().as_str()
         );
         assert_eq!(gunzip(&body_of(reply).await), value_reply(&list, None));
-        let reply = full_list(&s, Encoding::Identity).await;
+        let reply = full_list(&s, Encoding::Identity, ip(1)).await;
         assert!(reply.headers().get(header::CONTENT_ENCODING).is_none());
         assert_eq!(body_of(reply).await, value_reply(&list, None));
 
@@ -1075,22 +1140,52 @@ mod tests {
         assert_eq!(out, b"abcdefgh");
     }
 
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([192, 0, 2, n])
+    }
+
+    #[tokio::test]
+    async fn one_source_holds_at_most_its_share_of_the_transfers() {
+        let (_dir, list) = open();
+        fill(&list);
+        let s = state(&list, 64, Duration::from_millis(200));
+        let mut held = Vec::new();
+        for _ in 0..FULL_LIST_SLOTS_PER_SOURCE {
+            let reply = full_list(&s, Encoding::Gzip, ip(1)).await;
+            assert_eq!(reply.status(), StatusCode::OK);
+            held.push(reply);
+        }
+        let over = full_list(&s, Encoding::Gzip, ip(1)).await;
+        assert_eq!(over.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let other = full_list(&s, Encoding::Gzip, ip(2)).await;
+        assert_eq!(other.status(), StatusCode::OK, "another source is served");
+        held.pop();
+        let again = full_list(&s, Encoding::Gzip, ip(1)).await;
+        assert_eq!(
+            again.status(),
+            StatusCode::OK,
+            "a finished transfer frees its share"
+        );
+        drop((held, other, again));
+        assert!(s.full.per_source.lock().unwrap().is_empty());
+    }
+
     #[tokio::test]
     async fn a_full_list_waits_for_a_slot_then_gets_503_with_retry_after() {
         let (_dir, list) = open();
         fill(&list);
         let s = state(&list, 1, Duration::from_millis(200));
-        let first = full_list(&s, Encoding::Identity).await;
+        let first = full_list(&s, Encoding::Identity, ip(1)).await;
         assert_eq!(first.status(), StatusCode::OK);
         // The first transfer holds the only slot until its body is gone.
-        let second = full_list(&s, Encoding::Gzip).await;
+        let second = full_list(&s, Encoding::Gzip, ip(1)).await;
         assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             second.headers()[header::RETRY_AFTER],
             FULL_LIST_RETRY_AFTER.to_string().as_str()
         );
         drop(first);
-        let third = full_list(&s, Encoding::Gzip).await;
+        let third = full_list(&s, Encoding::Gzip, ip(1)).await;
         assert_eq!(third.status(), StatusCode::OK);
     }
 

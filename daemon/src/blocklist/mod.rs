@@ -566,8 +566,11 @@ impl Blocklist {
         self.len() == 0
     }
 
+    /// The committed version, without the list's lock (published under it by every
+    /// change): the API's handlers ask on the runtime's threads, where waiting behind a writer
+    /// that waits behind a long read (a full list being written out) would stall them.
     pub fn version(&self) -> u64 {
-        self.read().version
+        *self.versions.borrow()
     }
 
     /// The checksum of the current version (computed once per version).

@@ -29,8 +29,9 @@ use crate::{
     store,
 };
 
-/// Downloads larger than this are refused.
-const MAX_BYTES: u64 = 256 * 1024 * 1024;
+/// Downloads larger than this (decompressed) are refused: another Phantom's full list of a
+/// million names is about 280 MB as JSON.
+const MAX_BYTES: u64 = 512 * 1024 * 1024;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a source's download was rejected (and nothing changed).

@@ -192,6 +192,8 @@ impl PolicyMaps {
                 let _ = self.nets.remove(k);
             }
             self.net_entries = 0;
+            // The per-CPU deny cache may still hold verdicts of the dropped entries.
+            self.bump_generation()?;
         } else {
             self.net_entries = keys.len();
         }

@@ -365,8 +365,8 @@ impl Signer {
 
     /// Loads the key from `path` (32 raw scalar bytes, 0600) or creates it there, atomically
     /// (temporary file, fsync, rename): a crash never leaves a short key file behind. A file
-    /// that is not a key is set aside (the error names it) and a new key made: challenges and
-    /// tickets signed with the old one are then refused and clients solve once more.
+    /// that is not a key is set aside (the error names it) and a new key made; what the old
+    /// key signed verifies only while its public half is still in the store's key set.
     pub fn load_or_create(path: &Path) -> Result<Self, SentryError> {
         match std::fs::read(path) {
             Ok(bytes) => match SigningKey::from_slice(&bytes) {
@@ -378,8 +378,7 @@ impl Signer {
                         module = "sentry",
                         file = %path.display(),
                         moved_to = %moved.display(),
-                        "the sentry key is not a P-256 private key: moved aside, a new key is made \
-                         (outstanding challenges and tickets are refused)"
+                        "the sentry key is not a P-256 private key: moved aside, a new key is made"
                     );
                 }
             },
@@ -591,9 +590,9 @@ impl Signer {
         ))
     }
 
-    /// What a ticket cookie is worth to `source`. Expiry and subject are read first (a stale
-    /// cookie costs no verification and is held against nobody); then the signature, with
-    /// the key the cookie names only (cookies from before key ids: any key of the fleet).
+    /// What a ticket cookie is worth to `source`. Expiry, subject and key id are read first (a
+    /// stale cookie costs no verification and is held against nobody); then the signature,
+    /// with the key the cookie names only.
     pub fn check_cookie(&self, value: &str, source: Source, now: u64) -> CookieCheck {
         let parsed = (|| {
             if value.len() > 256 {
@@ -622,17 +621,13 @@ impl Signer {
         if exp <= now || !same_source(subject, source) {
             return CookieCheck::Stale;
         }
-        let verified = match kid {
-            Some(kid) => self.verify_with(kid, &body, &signature),
-            None => {
-                let points = match self.points.read() {
-                    Ok(p) => p,
-                    Err(p) => p.into_inner(),
-                };
-                points.values().any(|p| verify_sec1(p, &body, &signature))
-            }
+        // The key id is required and only that key is tried. A cookie without one (issued
+        // before key ids) or naming a key not learned yet (a new host of the fleet, before the
+        // next key refresh) is worth nothing but held against nobody: the client solves again.
+        let Some(kid) = kid.filter(|k| self.knows(k)) else {
+            return CookieCheck::Stale;
         };
-        if verified {
+        if self.verify_with(kid, &body, &signature) {
             CookieCheck::Valid(exp)
         } else {
             CookieCheck::Forged
@@ -763,9 +758,20 @@ mod tests {
             CookieCheck::Stale
         );
         assert_eq!(signer.check_cookie(&cookie, ip, 2_000), CookieCheck::Stale);
-        // A forged cookie: valid shape, another key's signature; and garbage.
-        let forged = stranger.ticket_cookie(ip, 2_000).unwrap();
+        // A forged cookie: this host's key id, another key's signature; and garbage.
+        let foreign = stranger.ticket_cookie(ip, 2_000).unwrap();
+        let (body, _) = cookie.split_once('.').unwrap();
+        let (_, foreign_signature) = foreign.split_once('.').unwrap();
+        let forged = format!("{body}.{foreign_signature}");
         assert_eq!(signer.check_cookie(&forged, ip, 1_500), CookieCheck::Forged);
+        // A key this host does not know (yet), or no key id at all: ignored, not forged.
+        assert_eq!(signer.check_cookie(&foreign, ip, 1_500), CookieCheck::Stale);
+        let unnamed = format!(
+            "{}.{}",
+            B64.encode(format!("{ip}|2000").as_bytes()),
+            foreign_signature
+        );
+        assert_eq!(signer.check_cookie(&unnamed, ip, 1_500), CookieCheck::Stale);
         assert_eq!(
             signer.check_cookie("bm90.aGluZw", ip, 1_500),
             CookieCheck::Forged

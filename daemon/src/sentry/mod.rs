@@ -138,9 +138,14 @@ pub struct TicketGrant {
 }
 
 /// Consecutive failed store calls after which the store is marked degraded and the proxy
-/// stops asking it (the fail mode applies). A single slow or lost answer (a Redis pause, a
-/// timeout) is not an outage: the request it hit is decided on what this host knows.
+/// stops asking it (the fail mode applies), once they span [`DEGRADE_AFTER`]. A single slow
+/// or lost answer (a Redis pause, a timeout) is not an outage: the request it hit is decided
+/// on what this host knows.
 pub const DEGRADE_AFTER_FAILURES: u64 = 3;
+/// How long failures must go on with no success in between before the store is degraded:
+/// many requests in flight all time out together in one stall, and that is one stall, not
+/// an outage.
+pub const DEGRADE_AFTER: Duration = Duration::from_secs(1);
 
 /// Counters for metrics and status.
 #[derive(Default)]
@@ -253,6 +258,8 @@ pub struct Sentry {
     healthy: AtomicBool,
     /// Store calls that failed in a row; `DEGRADE_AFTER_FAILURES` of them degrade the store.
     store_failures: AtomicU64,
+    /// When the current run of failures began (ms since the Unix epoch; 0: none).
+    failing_since_ms: AtomicU64,
     /// Last Unix second an incident was written to the store (one write per second).
     incident_written: AtomicU64,
     pub static_config: SentryConfig,
@@ -327,6 +334,7 @@ impl Sentry {
             fail_closed: config.redis_fail_mode == "closed",
             healthy: AtomicBool::new(true),
             store_failures: AtomicU64::new(0),
+            failing_since_ms: AtomicU64::new(0),
             incident_written: AtomicU64::new(0),
             static_config: config.clone(),
             trusted_proxies: config
@@ -382,7 +390,7 @@ impl Sentry {
     }
 
     /// Runs a store call unless the store is marked degraded. A failure counts toward
-    /// `DEGRADE_AFTER_FAILURES` in a row; a success resets the count.
+    /// `DEGRADE_AFTER_FAILURES` in a row over `DEGRADE_AFTER`; a success resets both.
     async fn store_call<T>(
         &self,
         f: impl std::future::Future<Output = Result<T, SentryError>>,
@@ -393,6 +401,7 @@ impl Sentry {
         match f.await {
             Ok(v) => {
                 self.store_failures.store(0, Ordering::Relaxed);
+                self.failing_since_ms.store(0, Ordering::Relaxed);
                 Ok(v)
             }
             Err(e) => {
@@ -405,7 +414,23 @@ impl Sentry {
     fn store_failed(&self, e: &SentryError) {
         self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
         let in_a_row = self.store_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if in_a_row >= DEGRADE_AFTER_FAILURES && self.healthy.swap(false, Ordering::Relaxed) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis().max(1) as u64);
+        let since = match self.failing_since_ms.compare_exchange(
+            0,
+            now_ms,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => now_ms,
+            Err(earlier) => earlier,
+        };
+        let lasted = Duration::from_millis(now_ms.saturating_sub(since));
+        if in_a_row >= DEGRADE_AFTER_FAILURES
+            && lasted >= DEGRADE_AFTER
+            && self.healthy.swap(false, Ordering::Relaxed)
+        {
             warn!(error = %e, backend = self.store.backend(), failures = in_a_row, "sentry store failed: degraded until it answers again");
         }
     }
@@ -1116,6 +1141,7 @@ impl Sentry {
                 match self.sync_from_store(false).await {
                     Ok(()) => {
                         self.store_failures.store(0, Ordering::Relaxed);
+                        self.failing_since_ms.store(0, Ordering::Relaxed);
                         self.healthy.store(true, Ordering::Relaxed);
                         info!(
                             backend = self.store.backend(),

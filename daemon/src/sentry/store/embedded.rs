@@ -252,12 +252,16 @@ fn create_journal(dir: &Path, seq: u64) -> Result<std::fs::File, String> {
 
 /// Writes a snapshot of `shared` that starts at journal `seq`, then deletes older journals.
 fn write_snapshot(shared: &Shared, seq: u64) -> Result<(), SentryError> {
-    let bytes = {
+    // A copy taken under the lock and encoded outside it: the proxy's store calls wait only
+    // for the copy.
+    let data = {
         let mut data = lock(&shared.data);
         expire(&mut data, unix_now());
         data.journal = seq;
-        serde_json::to_vec(&*data).map_err(SentryError::StoreEncode)?
+        data.clone()
     };
+    let bytes = serde_json::to_vec(&data).map_err(SentryError::StoreEncode)?;
+    drop(data);
     crate::store::write_atomic(&shared.dir.join(SNAPSHOT), &bytes)
         .map_err(|e| SentryError::StoreWrite(Box::new(e)))?;
     for (old, path) in journals(&shared.dir)?.range(..seq) {
