@@ -40,6 +40,11 @@ pub fn block_ttl(t: &Tunables, count: u64) -> Duration {
     Duration::from_secs(t.penalty_ttl_seconds.saturating_mul(count).max(1))
 }
 
+/// Sources whose last raise this host remembers, at most.
+const MAX_TRACKED: usize = 100_000;
+/// How long a raise's count is remembered (the fallback while the store fails).
+const KEEP_COUNTS: Duration = Duration::from_secs(60);
+
 /// This host's view of recent raises and of the blocks it put in the kernel.
 #[derive(Default)]
 pub struct PenaltyBox {
@@ -72,8 +77,19 @@ impl PenaltyBox {
 
     pub fn note_raise(&self, ip: Source, count: u64, now: Instant) {
         let mut raised = lock(&self.raised);
-        if raised.len() > 100_000 {
-            raised.retain(|_, (at, _)| now.duration_since(*at) < Duration::from_secs(60));
+        if raised.len() >= MAX_TRACKED {
+            // Every sweep leaves the table at most half full, so a flood of new sources
+            // costs one sweep per MAX_TRACKED / 2 raises, not one per raise. Counts are kept
+            // a minute (the fallback while the store fails); a flood wider than that keeps
+            // only what decides this second's raises, and a wider one still starts afresh
+            // (at worst one more raise for a source in this second).
+            raised.retain(|_, (at, _)| now.duration_since(*at) < KEEP_COUNTS);
+            if raised.len() >= MAX_TRACKED / 2 {
+                raised.retain(|_, (at, _)| now.duration_since(*at) < RAISE_INTERVAL);
+            }
+            if raised.len() >= MAX_TRACKED / 2 {
+                raised.clear();
+            }
         }
         raised.insert(ip, (now, count));
     }
@@ -134,5 +150,20 @@ mod tests {
         );
         assert!(!hard_blocked(&t, 3));
         assert!(hard_blocked(&t, 4));
+    }
+
+    #[test]
+    fn a_flood_of_new_sources_keeps_the_table_bounded_and_sweeps_rarely() {
+        let pb = PenaltyBox::default();
+        let now = Instant::now();
+        let source = |i: u32| Source::from(std::net::IpAddr::from(i.to_be_bytes()));
+        // Two and a half tables' worth of sources, all within one second.
+        for i in 0..(MAX_TRACKED as u32 * 5 / 2) {
+            pb.note_raise(source(i), 1, now);
+            assert!(lock(&pb.raised).len() <= MAX_TRACKED);
+        }
+        // The last source raised is remembered for this second.
+        let last = source(MAX_TRACKED as u32 * 5 / 2 - 1);
+        assert_eq!(pb.recent(last, now), Some(1));
     }
 }
