@@ -183,7 +183,7 @@ struct Built {
 /// sending them.
 struct FullLists {
     bodies: [tokio::sync::Mutex<Option<Arc<Built>>>; 2],
-    /// The publisher's signature of one version's identity body.
+    /// The publisher's signature of one version's full list (its JSON bytes).
     signature: tokio::sync::Mutex<Option<(u64, Arc<str>)>>,
     slots: Arc<Semaphore>,
     /// Transfers in progress per source key (the rate limiter's salted key).
