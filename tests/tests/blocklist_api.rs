@@ -144,8 +144,7 @@ fn public_api_serves_full_lists_deltas_and_verification() {
     api(&daemon, &["blocklist", "add", "domain=six-bet.example"]);
     api(&daemon, &["blocklist", "remove", "domain=two-bet.example"]);
     api(&daemon, &["blocklist", "remove", "domain=six-bet.example"]);
-    let (status, headers, body) =
-        curl(&link, &[&format!("{BASE}/api/v1/blocklist?version={v1}")]);
+    let (status, headers, body) = curl(&link, &[&format!("{BASE}/api/v1/blocklist?version={v1}")]);
     assert_eq!(status, 500, "{headers}");
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap(),

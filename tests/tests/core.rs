@@ -185,7 +185,11 @@ fn exported_config_connects_a_real_client_through_the_tunnel_and_nat() {
     );
     let firewall = api(&daemon, &["core", "get_firewall_status"]);
     assert_eq!(firewall["nat"]["enabled"], true, "{firewall}");
-    assert_eq!(firewall["nat"]["interface"], Value::Null, "no default route yet");
+    assert_eq!(
+        firewall["nat"]["interface"],
+        Value::Null,
+        "no default route yet"
+    );
     assert_eq!(firewall["ports"]["listening"], true);
     // `nat.interface` is where client traffic to the Internet leaves: the default route's.
     topo.link

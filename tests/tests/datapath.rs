@@ -1032,7 +1032,10 @@ fn dns_servers_change_persist_and_answer_live_tests() {
     );
     // Seed 000's result: `status` "OK"/"FAIL", `response` the address the name resolved to.
     assert_eq!(tested["results"][0]["status"], "OK", "{tested}");
-    assert_eq!(tested["results"][0]["response"], "203.0.113.105", "{tested}");
+    assert_eq!(
+        tested["results"][0]["response"], "203.0.113.105",
+        "{tested}"
+    );
     assert_eq!(tested["results"][0]["test_domain"], "fine.example");
     assert_eq!(tested["results"][0]["error"], Value::Null);
     let mixed = api(
