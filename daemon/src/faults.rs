@@ -1,4 +1,4 @@
-//! Fault injection for the rollback tests: `PHANTOM_FAIL_AT=<point>` in the daemon's
+//! Fault injection for the rollback and error-reply tests: `PHANTOM_FAIL_AT=<point>` in the daemon's
 //! environment makes that step fail once. Nothing sets it outside tests.
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,5 +1,6 @@
 //! The public blocklist API end to end: full list, deltas with removals, ETag/304, gzip, the
-//! checksum, verify-domain, health, rate limiting, and no client address or domain in the logs;
+//! checksum, the units of `version`/`lastUpdated`/`addedAt`, the 500 body with `retryAfter`,
+//! verify-domain, health, rate limiting, and no client address or domain in the logs;
 //! a burst of full-list downloads of a large list served from one shared body per encoding.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed expectation is a failed test
 
@@ -83,6 +84,10 @@ fn public_api_serves_full_lists_deltas_and_verification() {
     let bpffs = BpffsDir::new();
     let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
     config.blocklist_api = Some("0.0.0.0:3000".into());
+    // The first delta fails inside the daemon: the seed's 500 body, then a retry succeeds.
+    config
+        .env
+        .push(("PHANTOM_FAIL_AT".into(), "blocklist_api.delta".into()));
     let daemon = Daemon::start(&link.server, &config);
 
     for d in ["one-bet.example", "two-bet.example", "three-bet.example"] {
@@ -116,6 +121,22 @@ fn public_api_serves_full_lists_deltas_and_verification() {
         "the checksum verifies"
     );
     assert_eq!(full["entries"][0]["patterns"][1]["type"], "subdomain");
+    // Units: `lastUpdated` and `addedAt` are Unix seconds; `version` is the change's time in
+    // milliseconds (kept unique and increasing), so `lastUpdated` is `version / 1000`.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let last_updated = full["lastUpdated"].as_u64().unwrap();
+    assert_eq!(last_updated, v1 / 1000, "{full}");
+    assert!(last_updated <= now && now - last_updated < 120, "{full}");
+    for entry in full["entries"].as_array().unwrap() {
+        let added = entry["addedAt"].as_u64().unwrap();
+        assert!(
+            added <= last_updated && last_updated - added < 120,
+            "addedAt in the same unit as lastUpdated: {entry}"
+        );
+    }
 
     // Add three (one of them later removed) and remove one: the delta says exactly that.
     api(&daemon, &["blocklist", "add", "domain=four-bet.example"]);
@@ -123,6 +144,16 @@ fn public_api_serves_full_lists_deltas_and_verification() {
     api(&daemon, &["blocklist", "add", "domain=six-bet.example"]);
     api(&daemon, &["blocklist", "remove", "domain=two-bet.example"]);
     api(&daemon, &["blocklist", "remove", "domain=six-bet.example"]);
+    let (status, headers, body) = curl(&link, &[&format!("{BASE}/api/v1/blocklist?version={v1}")]);
+    assert_eq!(status, 500, "{headers}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        serde_json::json!({"success": false, "error": "internal error", "retryAfter": 60})
+    );
+    assert!(
+        headers.to_ascii_lowercase().contains("retry-after: 60"),
+        "{headers}"
+    );
     let (status, _, body) = curl(&link, &[&format!("{BASE}/api/v1/blocklist?version={v1}")]);
     assert_eq!(status, 200);
     let delta: Value = serde_json::from_str(&body).unwrap();
@@ -140,6 +171,7 @@ fn public_api_serves_full_lists_deltas_and_verification() {
     );
     let v2 = delta["version"].as_u64().unwrap();
     assert!(v2 > v1);
+    assert_eq!(delta["lastUpdated"].as_u64(), Some(v2 / 1000), "{delta}");
     assert_eq!(
         api(&daemon, &["blocklist", "status"])["checksum"],
         delta["checksum"]

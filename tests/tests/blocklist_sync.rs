@@ -209,6 +209,14 @@ fn sources_sync_on_demand_and_bad_checksums_change_nothing() {
     assert!(blocked(&d, "gamma.example"));
     let delta = api(&d, &["blocklist", "list", "search=delta"]);
     assert_eq!(delta["entries"][0]["reason"], "by hand", "{delta}");
+    // A synced entry's addedAt counts Unix seconds, as an operator's does.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let gamma = api(&d, &["blocklist", "list", "search=gamma"]);
+    let added = gamma["entries"][0]["addedAt"].as_u64().unwrap();
+    assert!(added <= now && now - added < 120, "{gamma}");
     // Unchanged content is recognised and nothing is rewritten.
     let v = api(&d, &["blocklist", "status"])["version"].clone();
     let r = api(&d, &["blocklist", "sync", "source=file"]);

@@ -115,6 +115,25 @@ fn exported_config_connects_a_real_client_through_the_tunnel_and_nat() {
         alice["rx_bytes"].as_u64().unwrap() > 0 && alice["tx_bytes"].as_u64().unwrap() > 0,
         "{alice}"
     );
+    // The contract's `connection`: handshake and traffic in `wg show`'s words.
+    let connection = &alice["connection"];
+    let handshake = connection["latest_handshake"].as_str().unwrap();
+    assert!(
+        handshake == "Now" || (handshake.ends_with(" ago") && handshake.contains("second")),
+        "{connection}"
+    );
+    for (field, bytes) in [("transfer_rx", "rx_bytes"), ("transfer_tx", "tx_bytes")] {
+        let text = connection[field].as_str().unwrap();
+        let (number, unit) = text.split_once(' ').unwrap();
+        assert!(
+            number.parse::<f64>().is_ok_and(|n| n > 0.0)
+                && ["B", "KiB", "MiB", "GiB", "TiB"].contains(&unit),
+            "{field}: {connection}"
+        );
+        if unit == "B" {
+            assert_eq!(number, alice[bytes].to_string(), "{alice}");
+        }
+    }
     // Per-client traffic totals survive a restart of the daemon (and of the interface).
     let (rx_before, tx_before) = (
         alice["rx_bytes"].as_u64().unwrap(),
@@ -138,6 +157,15 @@ fn exported_config_connects_a_real_client_through_the_tunnel_and_nat() {
     assert_eq!(status["interface"]["backend"], "userspace");
     assert_eq!(status["clients"]["total_configured"], 1);
     assert_eq!(status["clients"]["active_connections"], 1);
+    let peer = &status["interface"]["peers"][0];
+    assert_eq!(peer["name"], "alice", "{peer}");
+    assert!(
+        peer["latest_handshake"]
+            .as_str()
+            .is_some_and(|h| h == "Now" || h.ends_with(" ago")),
+        "{peer}"
+    );
+    assert!(peer["latest_handshake_seconds_ago"].is_u64(), "{peer}");
     let metrics = phantom_tests::http_get(&topo.link.server, "127.0.0.1:9469", "/metrics");
     assert_eq!(
         phantom_tests::metric_value(&metrics, "phantom_wireguard_up"),
@@ -157,7 +185,19 @@ fn exported_config_connects_a_real_client_through_the_tunnel_and_nat() {
     );
     let firewall = api(&daemon, &["core", "get_firewall_status"]);
     assert_eq!(firewall["nat"]["enabled"], true, "{firewall}");
+    assert_eq!(
+        firewall["nat"]["interface"],
+        Value::Null,
+        "no default route yet"
+    );
     assert_eq!(firewall["ports"]["listening"], true);
+    // `nat.interface` is where client traffic to the Internet leaves: the default route's.
+    topo.link
+        .server
+        .ip(&["route", "add", "default", "via", BEHIND, "dev", "lan0"]);
+    let firewall = api(&daemon, &["core", "get_firewall_status"]);
+    assert_eq!(firewall["nat"]["interface"], "lan0", "{firewall}");
+    assert_eq!(firewall["nat"]["masquerade"], "enabled", "{firewall}");
 
     // Disable takes the peer away; enable brings it back (the client re-handshakes).
     api(&daemon, &["core", "disable_client", "client_name=alice"]);
@@ -701,6 +741,10 @@ fn core_replies_carry_the_phantom_api_fields() {
             "config",
         ],
     );
+    assert_eq!(
+        api(&daemon, &["core", "export_client", "client_name=alice"])["ghost_mode"],
+        false
+    );
     // QR codes: a PNG in the reply on request, and a terminal rendering from the CLI.
     let png = check(
         &["core", "export_client", "client_name=alice", "qr=png"],
@@ -731,7 +775,7 @@ fn core_replies_carry_the_phantom_api_fields() {
     for f in ["name", "ip", "created"] {
         has(&latest["latest_clients"][0], f);
     }
-    check(
+    let status = check(
         &["core", "server_status"],
         &[
             "service.running",
@@ -758,6 +802,17 @@ fn core_replies_carry_the_phantom_api_fields() {
             "system",
         ],
     );
+    // Seed 000's `InterfaceStatistics` peer (no handshake yet: `latest_handshake` is null).
+    for f in [
+        "name",
+        "public_key",
+        "allowed_ips",
+        "latest_handshake",
+        "rx_bytes",
+        "tx_bytes",
+    ] {
+        has(&status["interface"]["peers"][0], f);
+    }
     check(&["core", "service_logs", "lines=10"], &["logs"]);
     check(
         &["core", "get_firewall_status"],
@@ -767,6 +822,8 @@ fn core_replies_carry_the_phantom_api_fields() {
             "iptables",
             "nat.enabled",
             "nat.rules",
+            "nat.masquerade",
+            "nat.interface",
             "ports.wireguard_port",
             "ports.listening",
         ],

@@ -1030,6 +1030,14 @@ fn dns_servers_change_persist_and_answer_live_tests() {
             .as_f64()
             .is_some_and(|t| t > 0.0)
     );
+    // Seed 000's result: `status` "OK"/"FAIL", `response` the address the name resolved to.
+    assert_eq!(tested["results"][0]["status"], "OK", "{tested}");
+    assert_eq!(
+        tested["results"][0]["response"], "203.0.113.105",
+        "{tested}"
+    );
+    assert_eq!(tested["results"][0]["test_domain"], "fine.example");
+    assert_eq!(tested["results"][0]["error"], Value::Null);
     let mixed = api(
         &daemon,
         &[
@@ -1041,6 +1049,9 @@ fn dns_servers_change_persist_and_answer_live_tests() {
     );
     assert_eq!(mixed["all_passed"], false);
     assert_eq!(mixed["results"][1]["success"], false);
+    assert_eq!(mixed["results"][1]["status"], "FAIL", "{mixed}");
+    assert_eq!(mixed["results"][1]["response"], Value::Null);
+    assert!(mixed["results"][1]["error"].is_string(), "{mixed}");
 
     let status = api(&daemon, &["dns", "status"]);
     assert_eq!(
@@ -1048,6 +1059,17 @@ fn dns_servers_change_persist_and_answer_live_tests() {
         "blocklist on and the kernel filter attached: {status}"
     );
     assert_eq!(status["health"]["status"], "healthy", "{status}");
+    let first = &status["health"]["test_results"][0];
+    assert_eq!(first["server"], RESOLVER_V4, "{status}");
+    assert_eq!(
+        (
+            first["tests"][0]["domain"].as_str(),
+            first["tests"][0]["success"].as_bool(),
+            first["tests"][0]["response"].as_str()
+        ),
+        (Some("google.com"), Some(true), Some("203.0.113.200")),
+        "{status}"
+    );
 
     for (args, code) in [
         (

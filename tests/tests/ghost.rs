@@ -264,6 +264,20 @@ fn stock_client_carries_wireguard_over_wss_and_refusals_leave_the_tunnel_running
     );
     let core_export = api(&daemon, &["core", "export_client", "client_name=alice"]);
     assert_eq!(core_export["config"].as_str(), Some(config.as_str()));
+    // The tunnelled config alone does not connect: the reply says how to start wstunnel.
+    assert_eq!(core_export["ghost_mode"], true, "{core_export}");
+    assert_eq!(
+        core_export["connection_command"],
+        enabled["connection_command"]
+    );
+    assert_eq!(core_export["steps"], export["steps"]);
+    assert!(
+        core_export["steps"][0]
+            .as_str()
+            .unwrap()
+            .contains(enabled["connection_command"].as_str().unwrap()),
+        "{core_export}"
+    );
     assert_eq!(
         api_err(&daemon, &["ghost", "export", "client_name=nobody"]),
         "CLIENT_NOT_FOUND"
@@ -491,6 +505,8 @@ fn stock_client_carries_wireguard_over_wss_and_refusals_leave_the_tunnel_running
             .unwrap()
             .contains("Endpoint = 192.0.2.1:51820\n")
     );
+    assert_eq!(direct["ghost_mode"], false, "{direct}");
+    assert!(direct.get("connection_command").is_none(), "{direct}");
     assert_eq!(
         api(&daemon, &["core", "get_subnet_info"])["can_change"],
         true

@@ -65,6 +65,8 @@ pub const FULL_LIST_SLOTS_PER_SOURCE: usize = 4;
 pub const FULL_LIST_WAIT: Duration = Duration::from_secs(10);
 /// The `Retry-After` of that `503`, in seconds.
 const FULL_LIST_RETRY_AFTER: u64 = 30;
+/// The `Retry-After` (and the body's `retryAfter`) of a `500`, in seconds: the seed's.
+const INTERNAL_RETRY_AFTER: u64 = 60;
 /// The size of the shared chunks a full list is kept and sent in.
 const CHUNK: usize = 1 << 20;
 
@@ -444,7 +446,7 @@ fn build(list: &Blocklist, encoding: Encoding) -> std::io::Result<Built> {
         checksum: full.checksum(),
         delta: false,
         entries: full.entries(),
-        last_updated: full.version(),
+        last_updated: last_updated(full.version()),
         patterns: full.patterns(),
         removed: &[],
         success: true,
@@ -531,6 +533,25 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({"success": false, "error": message}))).into_response()
 }
 
+/// A `500`: the seed's body, `{success: false, error, retryAfter}`, and `Retry-After`.
+fn internal_error() -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        [(header::RETRY_AFTER, INTERNAL_RETRY_AFTER.to_string())],
+        Json(json!({
+            "success": false, "error": "internal error", "retryAfter": INTERNAL_RETRY_AFTER,
+        })),
+    )
+        .into_response()
+}
+
+/// `lastUpdated`: the Unix second of the version's change, as `addedAt` counts. A version is
+/// the change's time in milliseconds, or one more than the version before when the clock has
+/// not moved past it (so a version stays unique and ordered).
+fn last_updated(version: u64) -> u64 {
+    version / 1000
+}
+
 fn too_many() -> Response {
     (
         StatusCode::TOO_MANY_REQUESTS,
@@ -608,6 +629,9 @@ async fn blocklist(
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response();
     }
     if let (Some(since), false) = (since, full) {
+        if crate::faults::fail_point("blocklist_api.delta").is_err() {
+            return internal_error();
+        }
         let list = Arc::clone(&state.list);
         match tokio::task::spawn_blocking(move || delta_reply(&list, since)).await {
             Ok(Ok(Some((version, body)))) => return json_bytes(body, etag(version)),
@@ -615,9 +639,9 @@ async fn blocklist(
             Ok(Ok(None)) => {}
             Ok(Err(e)) => {
                 warn!(error = %e, "cannot compute a blocklist delta");
-                return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+                return internal_error();
             }
-            Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+            Err(_) => return internal_error(),
         }
     }
     full_list(&state, Encoding::accepted(&headers), peer.ip()).await
@@ -640,7 +664,7 @@ fn delta_reply(list: &Blocklist, since: u64) -> Result<Option<(u64, Vec<u8>)>, B
         checksum: &checksum,
         delta: true,
         entries: CanonicalEntries(&entries),
-        last_updated: version,
+        last_updated: last_updated(version),
         patterns: &patterns,
         removed: &removed,
         success: true,
@@ -658,7 +682,7 @@ async fn full_list(state: &ApiState, encoding: Encoding, peer: IpAddr) -> Respon
         return busy();
     };
     let Ok(built) = state.full.body(&state.list, encoding).await else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+        return internal_error();
     };
     let slot = match tokio::time::timeout(
         state.full.wait,
@@ -703,7 +727,7 @@ async fn signature(
         return too_many();
     }
     let Ok((version, text)) = state.full.signature(&state.list).await else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+        return internal_error();
     };
     (
         [
@@ -754,7 +778,7 @@ async fn patterns(
     }
     let list = Arc::clone(&state.list);
     let Ok(patterns) = tokio::task::spawn_blocking(move || list.patterns()).await else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+        return internal_error();
     };
     let mut h = Sha256::new();
     for p in &patterns {
@@ -773,7 +797,7 @@ async fn patterns(
     };
     match serde_json::to_vec(&reply) {
         Ok(body) => json_bytes(body, tag),
-        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"),
+        Err(_) => internal_error(),
     }
 }
 
@@ -800,7 +824,7 @@ async fn verify(
     };
     let list = Arc::clone(&state.list);
     let Ok(v) = tokio::task::spawn_blocking(move || list.verify(&name)).await else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+        return internal_error();
     };
     Json(json!({
         "success": true, "domain": v.domain, "blocked": v.blocked,
@@ -817,7 +841,7 @@ async fn health(State(state): State<ApiState>) -> Response {
     // The count takes the list's lock: off the runtime's threads (see `Blocklist::version`).
     let list = Arc::clone(&state.list);
     let Ok(count) = tokio::task::spawn_blocking(move || list.len()).await else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+        return internal_error();
     };
     Json(json!({
         "status": "ok", "timestamp": now, "version": crate::protocol::VERSION,
@@ -947,7 +971,7 @@ mod tests {
         };
         let version = list.version();
         serde_json::to_vec(&json!({
-            "success": true, "version": version, "lastUpdated": version, "delta": is_delta,
+            "success": true, "version": version, "lastUpdated": version / 1000, "delta": is_delta,
             "entries": entries, "patterns": list.patterns(), "removed": removed,
             "checksum": list.checksum(),
         }))

@@ -185,6 +185,9 @@ pub struct Blocklist {
     versions: watch::Sender<u64>,
 }
 
+/// An `addedAt` at or above this is in milliseconds: in seconds it is the year 5138.
+const ADDED_AT_MILLISECONDS_FROM: u64 = 100_000_000_000;
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -514,7 +517,38 @@ impl Blocklist {
             version = loaded.version,
             "blocklist loaded"
         );
+        let repaired = list.added_at_to_seconds()?;
+        if repaired > 0 {
+            info!(
+                entries = repaired,
+                version = list.version(),
+                "blocklist: addedAt of synced entries set from milliseconds to seconds"
+            );
+        }
         Ok(list)
+    }
+
+    /// Entries whose `addedAt` a sync stored in milliseconds (before it counted seconds, as
+    /// every other entry does) set back to seconds, in one new version, so that a client
+    /// following deltas gets them too. Returns how many.
+    fn added_at_to_seconds(&self) -> Result<usize, BlocklistError> {
+        let fixed: Vec<Entry> = {
+            let state = self.read();
+            state
+                .entries
+                .iter()
+                .filter(|(_, l)| l.added_at >= ADDED_AT_MILLISECONDS_FROM)
+                .map(|(d, l)| {
+                    let mut e = state.entry(d, l);
+                    e.added_at /= 1000;
+                    e
+                })
+                .collect()
+        };
+        if fixed.is_empty() {
+            return Ok(0);
+        }
+        Ok(self.apply(fixed, Vec::new())?.changed)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -1045,5 +1079,54 @@ impl Blocklist {
                 self.kernel_flags(exact, sub).is_some()
             })
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn added_at_stored_in_milliseconds_is_set_to_seconds_in_a_new_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = {
+            let list = Blocklist::open(dir.path(), 0.5, &[], None).unwrap();
+            let ms = Entry::new("synced-bet.example", true, 1.0, "sync", 1_700_000_000_123);
+            let secs = Entry::new("added-bet.example", true, 1.0, "operator", 1_700_000_000);
+            list.apply(vec![ms, secs], Vec::new()).unwrap();
+            // Added again: the store keeps the new addedAt, as the list in memory does.
+            let again = Entry::new("added-bet.example", true, 1.0, "operator", 1_700_000_100);
+            list.apply(vec![again], Vec::new()).unwrap().version
+        };
+        let list = Blocklist::open(dir.path(), 0.5, &[], None).unwrap();
+        assert_eq!(
+            list.get("synced-bet.example").unwrap().added_at,
+            1_700_000_000
+        );
+        assert_eq!(
+            list.get("added-bet.example").unwrap().added_at,
+            1_700_000_100
+        );
+        assert!(list.version() > v1);
+        // A client at the old version gets the repaired entry as a change, and only it.
+        let (entries, removed) = list.delta(v1).unwrap().unwrap();
+        assert_eq!(
+            entries
+                .iter()
+                .map(|e| e.domain.as_str())
+                .collect::<Vec<_>>(),
+            vec!["synced-bet.example"]
+        );
+        assert!(removed.is_empty());
+        // Once repaired, a later open changes nothing.
+        let v2 = list.version();
+        drop(list);
+        assert_eq!(
+            Blocklist::open(dir.path(), 0.5, &[], None)
+                .unwrap()
+                .version(),
+            v2
+        );
     }
 }

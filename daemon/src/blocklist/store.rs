@@ -147,7 +147,7 @@ impl BlocklistStore {
             let mut upsert = tx
                 .prepare_cached(
                     "INSERT INTO entries (domain, patterns, added_at, reason) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(domain) DO UPDATE SET patterns = excluded.patterns, reason = excluded.reason",
+                     ON CONFLICT(domain) DO UPDATE SET patterns = excluded.patterns, added_at = excluded.added_at, reason = excluded.reason",
                 )
                 .map_err(BlocklistError::Store)?;
             let mut journal = tx

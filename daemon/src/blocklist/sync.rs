@@ -419,7 +419,7 @@ impl Syncer {
             });
         }
         let why = reason(source);
-        let parsed = import::parse(&text, format, &why, now_secs() * 1000);
+        let parsed = import::parse(&text, format, &why, now_secs());
         if parsed.entries.is_empty() {
             return Err(SyncError::NoUsableEntry {
                 skipped: parsed.skipped.len(),

@@ -30,9 +30,31 @@ pub struct SubnetHold {
     pub held: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
-/// Where client configurations point instead of the server's own endpoint: the Endpoint and
-/// AllowedIPs of a tunnel in front of WireGuard (ghost mode's local wstunnel client).
-pub type ExportRoute = Box<dyn Fn() -> Option<(String, String)> + Send + Sync>;
+/// A tunnel in front of WireGuard (ghost mode's local wstunnel client): the Endpoint and
+/// AllowedIPs client configurations carry instead of the server's own, and the command that
+/// starts the tunnel's client.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TunnelRoute {
+    pub endpoint: String,
+    pub allowed_ips: String,
+    pub connection_command: String,
+}
+
+impl TunnelRoute {
+    /// What a user does with an exported configuration, in order.
+    pub fn steps(&self) -> [String; 2] {
+        [
+            format!("run: {}", self.connection_command),
+            format!(
+                "then bring WireGuard up with the config (Endpoint {} is the local wstunnel client)",
+                self.endpoint
+            ),
+        ]
+    }
+}
+
+/// Where client configurations point instead of the server's own endpoint, while it holds.
+pub type ExportRoute = Box<dyn Fn() -> Option<TunnelRoute> + Send + Sync>;
 
 /// The daemon itself, for `server_status`.
 pub struct DaemonInfo {
@@ -67,7 +89,7 @@ impl Handles {
             .render(self.server.as_ref().map(|s| s.subnet()))
     }
 
-    fn route(&self) -> Option<(String, String)> {
+    fn route(&self) -> Option<TunnelRoute> {
         self.export_route.as_ref().and_then(|route| route())
     }
 }
@@ -252,8 +274,9 @@ pub async fn export_config(
     server: Arc<Server>,
     dns: Vec<String>,
     name: &str,
-    route: Option<(String, String)>,
+    route: Option<&TunnelRoute>,
 ) -> Result<(Client, String), ApiError> {
+    let route = route.map(|r| (r.endpoint.clone(), r.allowed_ips.clone()));
     let wanted = name.to_string();
     blocking(move || {
         let client = server.store.get(&wanted)?;
@@ -274,10 +297,53 @@ pub fn not_found(name: &str) -> ApiError {
     ApiError::new(CLIENT_NOT_FOUND, format!("no client named {name:?}"))
 }
 
-fn connection(live: Option<&Live>) -> Value {
+/// How long ago a handshake was, as `wg show` says it: `Now`, `1 minute, 5 seconds ago`.
+pub fn handshake_ago(seconds: u64) -> String {
+    if seconds == 0 {
+        return "Now".into();
+    }
+    let units = [
+        (365 * 24 * 3600, "year"),
+        (24 * 3600, "day"),
+        (3600, "hour"),
+        (60, "minute"),
+        (1, "second"),
+    ];
+    let mut left = seconds;
+    let mut parts = Vec::new();
+    for (size, name) in units {
+        let n = left / size;
+        left %= size;
+        if n > 0 {
+            parts.push(format!("{n} {name}{}", if n == 1 { "" } else { "s" }));
+        }
+    }
+    format!("{} ago", parts.join(", "))
+}
+
+/// A byte count as `wg show` says it: `512 B`, `1.50 KiB`, `3.20 GiB`.
+pub fn transfer_text(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.2} {}", UNITS[unit])
+}
+
+/// The contract's `connection` of a connected client (`null` otherwise): the handshake and
+/// the traffic totals in `wg show`'s words.
+fn connection(live: Option<&Live>, rx: u64, tx: u64) -> Value {
     match live {
         Some(l) if l.connected() => json!({
-            "latest_handshake_seconds_ago": l.handshake_age_seconds,
+            "latest_handshake": l.handshake_age_seconds.map(handshake_ago),
+            "transfer_rx": transfer_text(rx),
+            "transfer_tx": transfer_text(tx),
             "endpoint": l.endpoint,
         }),
         _ => Value::Null,
@@ -286,6 +352,7 @@ fn connection(live: Option<&Live>) -> Value {
 
 fn client_json(c: &Client, live: Option<&Live>) -> Value {
     let (rx, tx) = live.map_or((0, 0), |l| (l.rx_bytes, l.tx_bytes));
+    let (rx, tx) = (c.rx_total + rx, c.tx_total + tx);
     json!({
         "name": c.name,
         "ip": c.ip,
@@ -293,10 +360,10 @@ fn client_json(c: &Client, live: Option<&Live>) -> Value {
         "created": c.created,
         "enabled": c.enabled,
         "connected": live.is_some_and(Live::connected),
-        "connection": connection(live),
+        "connection": connection(live, rx, tx),
         "latest_handshake_seconds_ago": live.and_then(|l| l.handshake_age_seconds),
-        "rx_bytes": c.rx_total + rx,
-        "tx_bytes": c.tx_total + tx,
+        "rx_bytes": rx,
+        "tx_bytes": tx,
     })
 }
 
@@ -488,8 +555,9 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                 };
                 let server = server(&c)?;
                 // With ghost mode on, the config goes through the local wstunnel client.
+                let route = c.route();
                 let (client, config) =
-                    export_config(server, c.client_dns(), &p.client_name, c.route()).await?;
+                    export_config(server, c.client_dns(), &p.client_name, route.as_ref()).await?;
                 let mut reply = json!({
                     "client": {
                         "name": client.name,
@@ -501,7 +569,13 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                         "preshared_key": client.preshared_key,
                     },
                     "config": config,
+                    "ghost_mode": route.is_some(),
                 });
+                // The config alone does not connect: say how to start the tunnel's client.
+                if let Some(route) = &route {
+                    reply["connection_command"] = json!(route.connection_command);
+                    reply["steps"] = json!(route.steps());
+                }
                 if want_png {
                     use base64::Engine;
                     let png = crate::qr::png(&config, 8)
@@ -656,11 +730,13 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
             let c = Arc::clone(&c);
             async move {
                 let config = &c.wireguard;
-                let (ruleset, listening) = {
+                let (ruleset, listening, uplink) = {
                     let wg = c.server.clone();
                     blocking(move || {
                         let listening = wg.as_ref().and_then(|s| s.device_state().ok()).map(|d| d.listen_port);
-                        Ok((net::nat_ruleset()?, listening))
+                        // Client traffic to the Internet leaves (masqueraded) by the default route.
+                        let uplink = crate::datapath::default_route_interface().ok();
+                        Ok((net::nat_ruleset()?, listening, uplink))
                     })
                     .await?
                 };
@@ -680,6 +756,7 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                     "nat": {
                         "enabled": nat_enabled,
                         "masquerade": if nat_enabled { "enabled" } else { "disabled" },
+                        "interface": uplink,
                         "source": config.subnet,
                         "rules": rules.iter().filter(|r| r.to_string().contains("masquerade")).cloned().collect::<Vec<_>>(),
                     },
@@ -903,7 +980,21 @@ async fn server_status(c: &Handles) -> Result<Value, ApiError> {
         },
     });
     let Some(server) = c.server.clone() else {
-        status["interface"] = json!({"active": false, "interface": config.interface, "peers": []});
+        status["interface"] = json!({
+            "active": false,
+            "interface": config.interface,
+            "public_key": null,
+            "port": null,
+            "peers": [],
+            "rx_bytes": 0,
+            "tx_bytes": 0,
+        });
+        status["clients"] = json!({
+            "total_configured": 0,
+            "enabled_clients": 0,
+            "disabled_clients": 0,
+            "active_connections": 0,
+        });
         return Ok(status);
     };
     let (clients, state) = {
@@ -931,6 +1022,7 @@ async fn server_status(c: &Handles) -> Result<Value, ApiError> {
                         "public_key": p.public_key,
                         "allowed_ips": p.allowed_ips.join(", "),
                         "endpoint": p.endpoint,
+                        "latest_handshake": p.handshake_age_seconds.map(handshake_ago),
                         "latest_handshake_seconds_ago": p.handshake_age_seconds,
                         "connected": l.is_some_and(Live::connected),
                         "rx_bytes": client.map_or(0, |cl| cl.rx_total) + l.map_or(0, |l| l.rx_bytes),
@@ -962,4 +1054,32 @@ async fn server_status(c: &Handles) -> Result<Value, ApiError> {
         "active_connections": active,
     });
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_age_reads_as_wg_show_says_it() {
+        assert_eq!(handshake_ago(0), "Now");
+        assert_eq!(handshake_ago(1), "1 second ago");
+        assert_eq!(handshake_ago(65), "1 minute, 5 seconds ago");
+        assert_eq!(handshake_ago(3600), "1 hour ago");
+        assert_eq!(
+            handshake_ago(2 * 86_400 + 2 * 3600 + 120),
+            "2 days, 2 hours, 2 minutes ago"
+        );
+        assert_eq!(handshake_ago(365 * 86_400 + 1), "1 year, 1 second ago");
+    }
+
+    #[test]
+    fn transfer_reads_as_wg_show_says_it() {
+        assert_eq!(transfer_text(0), "0 B");
+        assert_eq!(transfer_text(1023), "1023 B");
+        assert_eq!(transfer_text(1536), "1.50 KiB");
+        assert_eq!(transfer_text(5 * 1024 * 1024), "5.00 MiB");
+        assert_eq!(transfer_text(1_288_490_189), "1.20 GiB");
+        assert_eq!(transfer_text(3 << 50), "3072.00 TiB");
+    }
 }

@@ -21,6 +21,8 @@ pub mod multihop;
 pub mod policy;
 mod uplink;
 
+pub use uplink::default_route_interface;
+
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},

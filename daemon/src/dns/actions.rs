@@ -169,7 +169,7 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                     tests.push(json!({
                         "domain": d,
                         "success": ok,
-                        "response": p.as_ref().map(|p| p.status.clone()),
+                        "response": p.as_ref().and_then(|p| p.response.clone()),
                         "response_time_ms": p.as_ref().and_then(|p| p.response_time_ms),
                         "error": p.and_then(|p| p.error),
                     }));

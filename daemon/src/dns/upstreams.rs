@@ -17,7 +17,7 @@ use std::{
 
 use hickory_proto::{
     op::{Message, Query, ResponseCode},
-    rr::{Name, RecordType},
+    rr::{Name, RData, RecordType},
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -26,6 +26,9 @@ use super::DnsError;
 use crate::{config::DnsConfig, core::ClientDns, error::Error, store};
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// A probe's `status`, as the original's test results say it.
+const STATUS_OK: &str = "OK";
+const STATUS_FAIL: &str = "FAIL";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Servers {
@@ -125,7 +128,10 @@ impl Upstreams {
 pub struct Probe {
     pub server: String,
     pub success: bool,
+    /// `OK` when the server answered NOERROR or NXDOMAIN, else `FAIL` (`error` says why).
     pub status: String,
+    /// The first address the answer resolved the name to (`null`: none, e.g. NXDOMAIN).
+    pub response: Option<String>,
     pub response_time_ms: Option<f64>,
     pub test_domain: String,
     pub answers: usize,
@@ -137,7 +143,8 @@ pub fn probe(server: IpAddr, domain: &str) -> Probe {
     let mut out = Probe {
         server: server.to_string(),
         success: false,
-        status: "error".into(),
+        status: STATUS_FAIL.into(),
+        response: None,
         response_time_ms: None,
         test_domain: domain.to_string(),
         answers: 0,
@@ -189,24 +196,18 @@ pub fn probe(server: IpAddr, domain: &str) -> Probe {
             let code = reply.metadata.response_code;
             out.response_time_ms = Some((took.as_secs_f64() * 1e5).round() / 100.0);
             out.answers = reply.answers.len();
+            out.response = reply.answers.iter().find_map(|r| match &r.data {
+                RData::A(a) => Some(a.0.to_string()),
+                _ => None,
+            });
             out.success = matches!(code, ResponseCode::NoError | ResponseCode::NXDomain);
-            out.status = if out.success {
-                "ok".into()
+            if out.success {
+                out.status = STATUS_OK.into();
             } else {
-                format!("{code}").to_lowercase()
-            };
-            if !out.success {
                 out.error = Some(format!("server answered {code}"));
             }
         }
-        Err(e) => {
-            out.status = if e == "timeout" {
-                "timeout".into()
-            } else {
-                "error".into()
-            };
-            out.error = Some(e);
-        }
+        Err(e) => out.error = Some(e),
     }
     out
 }

@@ -112,23 +112,19 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
             async move {
                 let g = ghost(&c)?;
                 core_actions::checked_name(&p.client_name)?;
-                let state = g.state();
                 let route = g
                     .client_route()
                     .ok_or_else(|| ApiError::new(GHOST_INACTIVE, "ghost mode is not active"))?;
                 let server = Arc::clone(&g.wireguard);
                 let dns = c.client_dns.borrow().render(Some(server.subnet()));
                 let (client, config) =
-                    core_actions::export_config(server, dns, &p.client_name, Some(route)).await?;
+                    core_actions::export_config(server, dns, &p.client_name, Some(&route)).await?;
                 Ok(json!({
                     "client_name": client.name,
                     "client_ip": client.ip,
-                    "connection_command": state.connection_command,
+                    "connection_command": route.connection_command,
                     "config": config,
-                    "steps": [
-                        format!("run: {}", state.connection_command),
-                        "then bring WireGuard up with the config (Endpoint 127.0.0.1:51820 is the local wstunnel client)".to_string(),
-                    ],
+                    "steps": route.steps(),
                 }))
             }
         },

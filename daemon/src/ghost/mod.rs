@@ -24,7 +24,7 @@ use self::relay::{Relay, RelaySettings, Stats, TlsConfig};
 use crate::{
     admin::ApiError,
     config::{GhostConfig, GhostTls},
-    core::Server,
+    core::{Server, actions::TunnelRoute},
     protocol,
     source::SourcePrefix,
     wg::Subnet,
@@ -526,17 +526,19 @@ impl Ghost {
         v
     }
 
-    /// With ghost on: the Endpoint and AllowedIPs a client config must carry.
-    pub fn client_route(&self) -> Option<(String, String)> {
+    /// With ghost on: the Endpoint and AllowedIPs a client config must carry, and the stock
+    /// wstunnel client's command that makes that Endpoint.
+    pub fn client_route(&self) -> Option<TunnelRoute> {
         let state = self.state();
         if !state.enabled {
             return None;
         }
         let server_ip: IpAddr = state.server_ip.parse().ok()?;
-        Some((
-            CLIENT_LOCAL_ENDPOINT.to_string(),
-            allowed_ips_excluding(server_ip),
-        ))
+        Some(TunnelRoute {
+            endpoint: CLIENT_LOCAL_ENDPOINT.to_string(),
+            allowed_ips: allowed_ips_excluding(server_ip),
+            connection_command: state.connection_command,
+        })
     }
 
     /// Daemon shutdown: close the relay and its tunnels.
