@@ -403,7 +403,7 @@ mod tests {
         assert_eq!(t.verify("nonsense").unwrap_err(), Refusal::Malformed);
         // A tampered payload.
         let mut parts: Vec<&str> = token2.split('.').collect();
-        let (_, forged) = t.create("other", &Scope::Write, 60).unwrap();
+        let (forged, _) = t.create("other", &Scope::Write, 60).unwrap();
         let forged_payload = forged.split('.').nth(1).unwrap().to_string();
         parts[1] = &forged_payload;
         assert_eq!(t.verify(&parts.join(".")).unwrap_err(), Refusal::BadSignature);

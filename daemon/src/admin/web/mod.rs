@@ -276,10 +276,9 @@ impl Web {
                     "token {:?} (scope {}) may not call {module} {action}, which {}",
                     grant.name,
                     grant.scope.as_string(),
-                    if read_only {
-                        "is outside its modules"
-                    } else {
-                        "changes state"
+                    match grant.scope {
+                        super::tokens::Scope::Modules(_) => "is outside its modules",
+                        _ => "changes state",
                     }
                 ),
             );
