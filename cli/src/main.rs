@@ -89,13 +89,12 @@ fn parse_args() -> Result<Args, String> {
                     Some((k, v)) => (k.to_string(), v.to_string()),
                     None => {
                         let key = s[2..].to_string();
-                        let value = it
-                            .next()
-                            .ok_or_else(|| format!("--{key} needs a value"))?;
+                        let value = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
                         (key, value)
                     }
                 };
-                args.positional.push(format!("{}={value}", key.replace('-', "_")));
+                args.positional
+                    .push(format!("{}={value}", key.replace('-', "_")));
             }
             s if s.starts_with("--") => return Err(format!("unknown option {s}")),
             _ => args.positional.push(arg),

@@ -446,7 +446,10 @@ async fn serve(
         }),
     );
     for (module, action) in registry.unknown_reads() {
-        warn!(module, action, "an action listed as read-only is not registered");
+        warn!(
+            module,
+            action, "an action listed as read-only is not registered"
+        );
     }
     let registry = Arc::new(registry);
 
@@ -520,9 +523,9 @@ async fn serve(
                 addr,
                 tls,
                 Arc::clone(&registry),
-                Arc::clone(&tokens),
-                Arc::clone(&audit),
                 admin::web::Settings {
+                    tokens: Arc::clone(&tokens),
+                    audit: Arc::clone(&audit),
                     allow: config.admin.http_allow_nets()?,
                     rate_per_token: config.admin.http_rate_per_token,
                     rate_per_source: config.admin.http_rate_per_source,

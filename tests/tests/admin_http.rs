@@ -237,12 +237,25 @@ fn admin_api_over_https_matches_the_socket_and_refuses_clearly() {
         Some(&walk),
         Some(r#"{"client_name":"web-ok"}"#),
     );
-    assert_eq!((status, again["code"].as_str()), (409, Some("CLIENT_EXISTS")));
+    assert_eq!(
+        (status, again["code"].as_str()),
+        (409, Some("CLIENT_EXISTS"))
+    );
 
     // The sentry aliases.
-    let (status, st) = https(&link.peer, OPERATOR, "GET", "/sentry/status", Some(&walk), None);
+    let (status, st) = https(
+        &link.peer,
+        OPERATOR,
+        "GET",
+        "/sentry/status",
+        Some(&walk),
+        None,
+    );
     assert_eq!(status, 200, "{st}");
-    assert_eq!(keys(&st["data"]), keys(&api(&daemon, &["sentry", "status"])));
+    assert_eq!(
+        keys(&st["data"]),
+        keys(&api(&daemon, &["sentry", "status"]))
+    );
     let (status, r) = https(
         &link.peer,
         OPERATOR,
@@ -252,7 +265,14 @@ fn admin_api_over_https_matches_the_socket_and_refuses_clearly() {
         Some(r#"{"ip":"203.0.113.9"}"#),
     );
     assert_eq!(status, 200, "{r}");
-    let (_, wl) = https(&link.peer, OPERATOR, "GET", "/sentry/whitelist", Some(&walk), None);
+    let (_, wl) = https(
+        &link.peer,
+        OPERATOR,
+        "GET",
+        "/sentry/whitelist",
+        Some(&walk),
+        None,
+    );
     assert!(wl["data"].to_string().contains("203.0.113.9"), "{wl}");
     let (status, r) = https(
         &link.peer,
@@ -277,7 +297,10 @@ fn admin_api_over_https_matches_the_socket_and_refuses_clearly() {
         Some(r#"{"mode":"DEFCON_1"}"#),
     );
     assert_eq!(status, 200, "{r}");
-    assert_eq!(api(&daemon, &["sentry", "status"])["current_mode"], "DEFCON_1");
+    assert_eq!(
+        api(&daemon, &["sentry", "status"])["current_mode"],
+        "DEFCON_1"
+    );
     let (status, r) = https(
         &link.peer,
         OPERATOR,
@@ -305,7 +328,13 @@ fn admin_api_over_https_matches_the_socket_and_refuses_clearly() {
     };
     std::thread::sleep(Duration::from_millis(2100)); // `expiring` is past its second
     let add = "/api/v1/core/add_client";
-    let refused = |who: &str, from: &str, token: Option<&str>, body: &str, status: u16, code: &str, says: &str| {
+    let refused = |who: &str,
+                   from: &str,
+                   token: Option<&str>,
+                   body: &str,
+                   status: u16,
+                   code: &str,
+                   says: &str| {
         let (got, reply) = https(&link.peer, from, "POST", add, token, Some(body));
         assert_eq!(got, status, "{who}: {reply}");
         assert_eq!(reply["success"], false, "{who}: {reply}");
@@ -314,23 +343,118 @@ fn admin_api_over_https_matches_the_socket_and_refuses_clearly() {
         assert!(error.contains(says), "{who}: {error:?} should say {says:?}");
     };
     let body = r#"{"client_name":"refused-1"}"#;
-    refused("no token", OPERATOR, None, body, 401, "UNAUTHORIZED", "no bearer token");
-    refused("expired", OPERATOR, Some(&expiring), body, 401, "UNAUTHORIZED", "expired");
-    refused("bad signature", OPERATOR, Some(&foreign), body, 401, "UNAUTHORIZED", "signature");
-    refused("revoked", OPERATOR, Some(&revoked), body, 401, "UNAUTHORIZED", "revoked");
-    refused("read scope", OPERATOR, Some(&reader), body, 403, "INSUFFICIENT_SCOPE", "changes state");
-    refused("module scope", OPERATOR, Some(&dns_only), body, 403, "INSUFFICIENT_SCOPE", "outside its modules");
-    refused("stranger", STRANGER, Some(&walk), body, 403, "SOURCE_NOT_ALLOWED", "allowlist");
-    refused("malformed JSON", OPERATOR, Some(&walk), r#"{"client_name":"#, 400, "INVALID_JSON", "malformed JSON");
-    refused("unknown field", OPERATOR, Some(&walk), r#"{"client_name":"refused-1","colour":"red"}"#, 400, "UNKNOWN_PARAMETER", "colour");
-    refused("wrong type", OPERATOR, Some(&walk), r#"{"client_name":["refused-1"]}"#, 400, "INVALID_PARAMETER", "client_name");
+    refused(
+        "no token",
+        OPERATOR,
+        None,
+        body,
+        401,
+        "UNAUTHORIZED",
+        "no bearer token",
+    );
+    refused(
+        "expired",
+        OPERATOR,
+        Some(&expiring),
+        body,
+        401,
+        "UNAUTHORIZED",
+        "expired",
+    );
+    refused(
+        "bad signature",
+        OPERATOR,
+        Some(&foreign),
+        body,
+        401,
+        "UNAUTHORIZED",
+        "signature",
+    );
+    refused(
+        "revoked",
+        OPERATOR,
+        Some(&revoked),
+        body,
+        401,
+        "UNAUTHORIZED",
+        "revoked",
+    );
+    refused(
+        "read scope",
+        OPERATOR,
+        Some(&reader),
+        body,
+        403,
+        "INSUFFICIENT_SCOPE",
+        "changes state",
+    );
+    refused(
+        "module scope",
+        OPERATOR,
+        Some(&dns_only),
+        body,
+        403,
+        "INSUFFICIENT_SCOPE",
+        "outside its modules",
+    );
+    refused(
+        "stranger",
+        STRANGER,
+        Some(&walk),
+        body,
+        403,
+        "SOURCE_NOT_ALLOWED",
+        "allowlist",
+    );
+    refused(
+        "malformed JSON",
+        OPERATOR,
+        Some(&walk),
+        r#"{"client_name":"#,
+        400,
+        "INVALID_JSON",
+        "malformed JSON",
+    );
+    refused(
+        "unknown field",
+        OPERATOR,
+        Some(&walk),
+        r#"{"client_name":"refused-1","colour":"red"}"#,
+        400,
+        "UNKNOWN_PARAMETER",
+        "colour",
+    );
+    refused(
+        "wrong type",
+        OPERATOR,
+        Some(&walk),
+        r#"{"client_name":["refused-1"]}"#,
+        400,
+        "INVALID_PARAMETER",
+        "client_name",
+    );
     // The read token reads; the dns token calls dns.
     assert_eq!(
-        https(&link.peer, OPERATOR, "POST", "/api/v1/core/list_clients", Some(&reader), None).0,
+        https(
+            &link.peer,
+            OPERATOR,
+            "POST",
+            "/api/v1/core/list_clients",
+            Some(&reader),
+            None
+        )
+        .0,
         200
     );
     // (The resolver is off here: the dns module answers for itself, not the scope.)
-    let (_, r) = https(&link.peer, OPERATOR, "POST", "/api/v1/dns/flush_cache", Some(&dns_only), None);
+    let (_, r) = https(
+        &link.peer,
+        OPERATOR,
+        "POST",
+        "/api/v1/dns/flush_cache",
+        Some(&dns_only),
+        None,
+    );
     assert_eq!(r["metadata"]["action"], "flush_cache");
     assert_ne!(r["code"], "INSUFFICIENT_SCOPE", "{r}");
     // Minting is socket only.
@@ -342,22 +466,51 @@ fn admin_api_over_https_matches_the_socket_and_refuses_clearly() {
         Some(&walk),
         Some(r#"{"name":"sneaky","scope":"write","ttl":"1h"}"#),
     );
-    assert_eq!((status, r["code"].as_str()), (403, Some("SOCKET_ONLY")), "{r}");
+    assert_eq!(
+        (status, r["code"].as_str()),
+        (403, Some("SOCKET_ONLY")),
+        "{r}"
+    );
 
     // Over the per-token rate, then over the per-source rate (from the namespace's loopback,
     // a source of its own, with several tokens).
     let burster = mint(&daemon, "burster", "read", "1h");
-    let statuses = burst(&link.peer, OPERATOR, "/api/v1/sentry/status", &burster, PER_TOKEN + 5);
+    let statuses = burst(
+        &link.peer,
+        OPERATOR,
+        "/api/v1/sentry/status",
+        &burster,
+        PER_TOKEN + 5,
+    );
     assert_eq!(statuses.len(), PER_TOKEN + 5);
-    assert!(statuses[..PER_TOKEN].iter().all(|s| *s == 200), "{statuses:?}");
-    assert!(statuses[PER_TOKEN..].iter().all(|s| *s == 429), "{statuses:?}");
-    let (status, r) = https(&link.peer, OPERATOR, "POST", "/api/v1/sentry/status", Some(&burster), None);
+    assert!(
+        statuses[..PER_TOKEN].iter().all(|s| *s == 200),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses[PER_TOKEN..].iter().all(|s| *s == 429),
+        "{statuses:?}"
+    );
+    let (status, r) = https(
+        &link.peer,
+        OPERATOR,
+        "POST",
+        "/api/v1/sentry/status",
+        Some(&burster),
+        None,
+    );
     assert_eq!((status, r["code"].as_str()), (429, Some("RATE_LIMITED")));
     assert!(r["error"].as_str().unwrap().contains("token"), "{r}");
     let mut from_loopback = Vec::new();
     for i in 0..4 {
         let t = mint(&daemon, &format!("src{i}"), "read", "1h");
-        from_loopback.extend(burst(&link.server, "127.0.0.1", "/api/v1/sentry/status", &t, 101));
+        from_loopback.extend(burst(
+            &link.server,
+            "127.0.0.1",
+            "/api/v1/sentry/status",
+            &t,
+            101,
+        ));
     }
     let ok = from_loopback.iter().filter(|s| **s == 200).count();
     assert_eq!(ok, PER_SOURCE, "per-source cap: {from_loopback:?}");
@@ -372,10 +525,28 @@ fn admin_api_over_https_matches_the_socket_and_refuses_clearly() {
     api(&daemon, &["admin", "token_revoke", "name=reader"]);
     daemon.kill9();
     daemon.restart();
-    let (status, r) = https(&link.peer, OPERATOR, "POST", "/api/v1/core/list_clients", Some(&reader), None);
-    assert_eq!((status, r["code"].as_str()), (401, Some("UNAUTHORIZED")), "{r}");
+    let (status, r) = https(
+        &link.peer,
+        OPERATOR,
+        "POST",
+        "/api/v1/core/list_clients",
+        Some(&reader),
+        None,
+    );
+    assert_eq!(
+        (status, r["code"].as_str()),
+        (401, Some("UNAUTHORIZED")),
+        "{r}"
+    );
     assert!(r["error"].as_str().unwrap().contains("revoked"));
-    let (status, _) = https(&link.peer, OPERATOR, "POST", "/api/v1/core/list_clients", Some(&walk), None);
+    let (status, _) = https(
+        &link.peer,
+        OPERATOR,
+        "POST",
+        "/api/v1/core/list_clients",
+        Some(&walk),
+        None,
+    );
     assert_eq!(status, 200, "the other tokens still work after the restart");
 
     // The audit log: each write of the test, newest first, nothing of a VPN client's.
@@ -387,9 +558,9 @@ fn admin_api_over_https_matches_the_socket_and_refuses_clearly() {
         .filter(|e| e["transport"] == "https")
         .collect();
     let has = |token: &str, action: &str, outcome: &str| {
-        https_writes.iter().any(|e| {
-            e["token"] == token && e["action"] == action && e["outcome"] == outcome
-        })
+        https_writes
+            .iter()
+            .any(|e| e["token"] == token && e["action"] == action && e["outcome"] == outcome)
     };
     assert!(has("walk", "add_client", "ok"), "{audit}");
     assert!(has("walk", "add_client", "CLIENT_EXISTS"));
@@ -397,28 +568,59 @@ fn admin_api_over_https_matches_the_socket_and_refuses_clearly() {
     assert!(has("walk", "whitelist_remove", "ok"));
     assert!(has("walk", "set_mode", "ok"));
     assert!(has("walk", "set_config", "ok"));
-    assert!(https_writes.iter().any(|e| e["token"] == "dns-only" && e["action"] == "flush_cache"));
-    assert!(has("walk", "unblock", "UNKNOWN_PARAMETER"), "the walk's writes too");
+    assert!(
+        https_writes
+            .iter()
+            .any(|e| e["token"] == "dns-only" && e["action"] == "flush_cache")
+    );
+    assert!(
+        has("walk", "unblock", "UNKNOWN_PARAMETER"),
+        "the walk's writes too"
+    );
     // The socket's writes: the tokens minted and revoked, the clients added.
-    assert!(entries.iter().any(|e| e["transport"] == "socket" && e["action"] == "token_revoke" && e["params"]["name"] == "reader"));
+    assert!(entries.iter().any(|e| e["transport"] == "socket"
+        && e["action"] == "token_revoke"
+        && e["params"]["name"] == "reader"));
     // Reads are not audited. Refusals by the transport (token, scope, source, JSON) never
     // reach the action; those the registry's validation made are audited with their code.
     assert!(!https_writes.iter().any(|e| e["action"] == "list_clients"));
     let refused: Vec<&&Value> = https_writes
         .iter()
-        .filter(|e| e["params"].to_string().contains("refused-1") || e["params"]["client_name"] == "[1 items]")
+        .filter(|e| {
+            e["params"].to_string().contains("refused-1")
+                || e["params"]["client_name"] == "[1 items]"
+        })
         .collect();
     assert_eq!(refused.len(), 2, "{refused:?}");
     assert!(refused.iter().all(|e| e["outcome"] != "ok"));
-    let times: Vec<&str> = entries.iter().map(|e| e["time"].as_str().unwrap()).collect();
+    let times: Vec<&str> = entries
+        .iter()
+        .map(|e| e["time"].as_str().unwrap())
+        .collect();
     assert!(times.windows(2).all(|w| w[0] >= w[1]), "newest first");
     let text = std::fs::read_to_string(daemon.dir().join("state/admin/audit.jsonl")).unwrap();
-    assert!(!text.contains(&alice_ip), "a VPN client's address in the audit log");
-    assert!(!text.contains("lookup-probe.example"), "a queried name in the audit log");
-    assert!(!text.contains(&walk[walk.len() - 20..]), "a token in the audit log");
+    assert!(
+        !text.contains(&alice_ip),
+        "a VPN client's address in the audit log"
+    );
+    assert!(
+        !text.contains("lookup-probe.example"),
+        "a queried name in the audit log"
+    );
+    assert!(
+        !text.contains(&walk[walk.len() - 20..]),
+        "a token in the audit log"
+    );
 
     // The OpenAPI document: every action but the socket-only module's.
-    let (status, doc) = https(&link.peer, OPERATOR, "GET", "/api/v1/openapi.json", None, None);
+    let (status, doc) = https(
+        &link.peer,
+        OPERATOR,
+        "GET",
+        "/api/v1/openapi.json",
+        None,
+        None,
+    );
     assert_eq!(status, 200);
     assert_eq!(doc["openapi"], "3.1.0");
     let paths = doc["paths"].as_object().unwrap();
@@ -437,5 +639,9 @@ fn admin_api_over_https_matches_the_socket_and_refuses_clearly() {
             }
         }
     }
+    assert!(
+        !daemon.log().contains("listed as read-only is not registered"),
+        "every read-only name is a registered action"
+    );
     eprintln!("admin API test took {:?}", started.elapsed());
 }

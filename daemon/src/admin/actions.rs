@@ -71,7 +71,10 @@ fn token_error(e: TokenError) -> ApiError {
 }
 
 pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
-    registry.module(MODULE, "the HTTPS admin API's tokens and the audit log (socket only)");
+    registry.module(
+        MODULE,
+        "the HTTPS admin API's tokens and the audit log (socket only)",
+    );
 
     let h = Arc::clone(&handles);
     registry.action(
@@ -179,7 +182,10 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
         "the audit log of state-changing actions, newest first",
         vec![ParamSpec::optional(
             "limit",
-            ParamKind::Integer { min: 1, max: 10_000 },
+            ParamKind::Integer {
+                min: 1,
+                max: 10_000,
+            },
             Some("50"),
             "how many entries",
         )],
@@ -187,10 +193,8 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
             let h = Arc::clone(&h);
             async move {
                 let limit = usize::try_from(p.limit).unwrap_or(50);
-                let entries = run_blocking(move || {
-                    h.audit.recent(limit).map_err(ApiError::from)
-                })
-                .await?;
+                let entries =
+                    run_blocking(move || h.audit.recent(limit).map_err(ApiError::from)).await?;
                 Ok(json!({ "total": entries.len(), "entries": entries }))
             }
         },

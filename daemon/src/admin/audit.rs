@@ -51,9 +51,7 @@ fn redact(params: &Map<String, Value>) -> Map<String, Value> {
                     Value::String(s) if s.chars().count() > MAX_VALUE_CHARS => {
                         Value::String(s.chars().take(MAX_VALUE_CHARS).collect::<String>() + "…")
                     }
-                    Value::String(_) | Value::Number(_) | Value::Bool(_) | Value::Null => {
-                        v.clone()
-                    }
+                    Value::String(_) | Value::Number(_) | Value::Bool(_) | Value::Null => v.clone(),
                     // Arrays and objects: their size only.
                     Value::Array(a) => Value::String(format!("[{} items]", a.len())),
                     Value::Object(o) => Value::String(format!("{{{} keys}}", o.len())),
@@ -182,7 +180,11 @@ mod tests {
                 module: "core",
                 action: "add_client",
                 params: &params,
-                code: if i % 2 == 0 { None } else { Some("CLIENT_EXISTS") },
+                code: if i % 2 == 0 {
+                    None
+                } else {
+                    Some("CLIENT_EXISTS")
+                },
             });
         }
         let recent = log.recent(10).unwrap();
@@ -193,7 +195,12 @@ mod tests {
         assert_eq!(recent[0]["params"]["private_key"], "[redacted]");
         let all = log.recent(1000).unwrap();
         assert!(all.len() < 100, "rotated: the oldest are gone");
-        assert!(std::fs::metadata(dir.path().join("audit.jsonl")).unwrap().len() <= 4096);
+        assert!(
+            std::fs::metadata(dir.path().join("audit.jsonl"))
+                .unwrap()
+                .len()
+                <= 4096
+        );
         assert!(
             std::fs::metadata(dir.path().join("audit.jsonl.1"))
                 .unwrap()

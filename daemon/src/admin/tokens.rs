@@ -406,7 +406,10 @@ mod tests {
         let (forged, _) = t.create("other", &Scope::Write, 60).unwrap();
         let forged_payload = forged.split('.').nth(1).unwrap().to_string();
         parts[1] = &forged_payload;
-        assert_eq!(t.verify(&parts.join(".")).unwrap_err(), Refusal::BadSignature);
+        assert_eq!(
+            t.verify(&parts.join(".")).unwrap_err(),
+            Refusal::BadSignature
+        );
     }
 
     #[test]

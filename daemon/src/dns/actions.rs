@@ -188,7 +188,12 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
     // The actions that change no state (a `read` token of the HTTPS API may call them).
     registry.reads(
         "dns",
-        &["get_dns_servers", "test_dns_servers", "status", "client_policies"],
+        &[
+            "get_dns_servers",
+            "test_dns_servers",
+            "status",
+            "client_policies",
+        ],
     );
 }
 

@@ -46,8 +46,10 @@ use crate::{
     source::SourcePrefix,
 };
 
-/// What the listener needs besides the registry.
+/// What the listener needs besides the registry and its TLS configuration.
 pub struct Settings {
+    pub tokens: Arc<Tokens>,
+    pub audit: Arc<AuditLog>,
     pub allow: Vec<ipnet::IpNet>,
     pub rate_per_token: u32,
     pub rate_per_source: u32,
@@ -71,8 +73,6 @@ pub async fn serve(
     addr: SocketAddr,
     tls: Arc<tokio_rustls::rustls::ServerConfig>,
     registry: Arc<Registry>,
-    tokens: Arc<Tokens>,
-    audit: Arc<AuditLog>,
     settings: Settings,
     limits: http::Limits,
     shutdown: watch::Receiver<bool>,
@@ -87,8 +87,8 @@ pub async fn serve(
     let openapi = Bytes::from(openapi::document(&registry).to_string());
     let web = Arc::new(Web {
         registry,
-        tokens,
-        audit,
+        tokens: settings.tokens,
+        audit: settings.audit,
         allow: settings.allow,
         source_prefix: settings.source_prefix,
         per_source: Limiter::new(settings.rate_per_source),
@@ -120,6 +120,9 @@ fn app(web: Arc<Web>) -> Router {
         .fallback(not_found)
         .with_state(web)
 }
+
+/// A refusal made before the action runs (boxed: a response is large).
+type Refusal = Box<HttpResponse>;
 
 /// An envelope with the status its code maps to.
 fn reply(resp: &Response) -> HttpResponse {
@@ -169,22 +172,22 @@ async fn not_found(method: Method) -> HttpResponse {
 
 impl Web {
     /// The source checks: allowlist, then per-source rate.
-    fn admit_source(&self, peer: SocketAddr, module: &str, action: &str) -> Result<(), HttpResponse> {
+    fn admit_source(&self, peer: SocketAddr, module: &str, action: &str) -> Result<(), Refusal> {
         let ip = match peer.ip() {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
         };
         if !self.allow.iter().any(|n| n.contains(&ip)) {
-            return Err(refuse(
+            return Err(Box::new(refuse(
                 module,
                 action,
                 codes::SOURCE_NOT_ALLOWED,
                 "this source address is not in the admin API's allowlist ([admin] http_allow)",
-            ));
+            )));
         }
         self.per_source
             .hit(&self.source_prefix.of(ip))
-            .map_err(|retry| rate_limited(module, action, "source", retry))
+            .map_err(|retry| Box::new(rate_limited(module, action, "source", retry)))
     }
 
     /// The token checks: present and valid, then per-token rate.
@@ -193,14 +196,14 @@ impl Web {
         headers: &HeaderMap,
         module: &str,
         action: &str,
-    ) -> Result<Grant, HttpResponse> {
+    ) -> Result<Grant, Refusal> {
         let unauthorized = |why: &str| {
             let mut r = refuse(module, action, codes::UNAUTHORIZED, why);
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"phantom\""),
             );
-            r
+            Box::new(r)
         };
         let Some(value) = headers.get(header::AUTHORIZATION) else {
             return Err(unauthorized(
@@ -227,7 +230,7 @@ impl Web {
             .map_err(|r| unauthorized(r.sentence()))?;
         self.per_token
             .hit(&grant.name)
-            .map_err(|retry| rate_limited(module, action, "token", retry))?;
+            .map_err(|retry| Box::new(rate_limited(module, action, "token", retry)))?;
         Ok(grant)
     }
 
@@ -238,14 +241,14 @@ impl Web {
         headers: &HeaderMap,
         module: &str,
         action: &str,
-        params: Result<Map<String, Value>, HttpResponse>,
+        params: Result<Map<String, Value>, Refusal>,
     ) -> HttpResponse {
         if let Err(r) = self.admit_source(peer, module, action) {
-            return r;
+            return *r;
         }
         let grant = match self.authenticate(headers, module, action) {
             Ok(g) => g,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         if module == super::actions::MODULE {
             return refuse(
@@ -285,7 +288,7 @@ impl Web {
         }
         let params = match params {
             Ok(p) => p,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         let audited = (!read_only).then(|| params.clone());
         let (resp, outcome) = self
@@ -321,11 +324,11 @@ async fn body_params(
     body: Body,
     module: &str,
     action: &str,
-) -> Result<Map<String, Value>, HttpResponse> {
+) -> Result<Map<String, Value>, Refusal> {
     let bytes = axum::body::to_bytes(body, protocol::MAX_FRAME_BYTES)
         .await
         .map_err(|_| {
-            refuse(
+            Box::new(refuse(
                 module,
                 action,
                 codes::BODY_TOO_LARGE,
@@ -333,25 +336,25 @@ async fn body_params(
                     "the request body is over {} bytes or was cut off",
                     protocol::MAX_FRAME_BYTES
                 ),
-            )
+            ))
         })?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(refuse(
+        Ok(_) => Err(Box::new(refuse(
             module,
             action,
             protocol::codes::INVALID_REQUEST,
             "the body must be a JSON object of the action's parameters",
-        )),
-        Err(e) => Err(refuse(
+        ))),
+        Err(e) => Err(Box::new(refuse(
             module,
             action,
             protocol::codes::INVALID_JSON,
             format!("malformed JSON body: {e}"),
-        )),
+        ))),
     }
 }
 
@@ -406,7 +409,7 @@ async fn openapi_doc(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> HttpResponse {
     if let Err(r) = web.admit_source(peer, "", "") {
-        return r;
+        return *r;
     }
     (
         [(header::CONTENT_TYPE, "application/json")],
