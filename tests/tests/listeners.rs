@@ -361,7 +361,13 @@ fn idle_floods_and_slowloris_on_every_listener_leave_the_daemon_answering() {
     let enabled = api(&daemon, &["ghost", "enable", &format!("domain={DOMAIN}")]);
     let admin_token = api(
         &daemon,
-        &["admin", "token_create", "name=probe", "scope=read", "ttl=1h"],
+        &[
+            "admin",
+            "token_create",
+            "name=probe",
+            "scope=read",
+            "ttl=1h",
+        ],
     )["token"]
         .as_str()
         .unwrap()
@@ -370,7 +376,15 @@ fn idle_floods_and_slowloris_on_every_listener_leave_the_daemon_answering() {
         let out = link
             .peer
             .command("curl")
-            .args(["-sk", "--max-time", "10", "--interface", CLIENT, "-X", "POST"])
+            .args([
+                "-sk",
+                "--max-time",
+                "10",
+                "--interface",
+                CLIENT,
+                "-X",
+                "POST",
+            ])
             .args(["-H", &format!("Authorization: Bearer {admin_token}")])
             .args(["-o", "/dev/null", "-w", "%{http_code}"])
             .arg("https://192.0.2.1:9443/api/v1/core/server_status")
