@@ -241,7 +241,7 @@ impl Web {
         headers: &HeaderMap,
         module: &str,
         action: &str,
-        params: Result<Map<String, Value>, Refusal>,
+        params: Params,
     ) -> HttpResponse {
         if let Err(r) = self.admit_source(peer, module, action) {
             return *r;
@@ -286,7 +286,8 @@ impl Web {
                 ),
             );
         }
-        let params = match params {
+        // The body is read only now: nobody without a valid token makes the daemon read one.
+        let params = match params.read(module, action).await {
             Ok(p) => p,
             Err(r) => return *r,
         };
@@ -316,6 +317,29 @@ impl Web {
             .await;
         }
         reply(&resp)
+    }
+}
+
+/// Where a request's parameters are, read once the request has passed its checks.
+enum Params {
+    /// A JSON object body (empty: none).
+    Body(Body),
+    /// The query string (the GET aliases).
+    Query(Option<String>),
+    /// The body, or the query string when the body is empty (`DELETE /sentry/whitelist?ip=`).
+    BodyOrQuery(Body, Option<String>),
+}
+
+impl Params {
+    async fn read(self, module: &str, action: &str) -> Result<Map<String, Value>, Refusal> {
+        match self {
+            Params::Body(body) => body_params(body, module, action).await,
+            Params::Query(query) => Ok(query_params(query.as_deref())),
+            Params::BodyOrQuery(body, query) => match body_params(body, module, action).await {
+                Ok(m) if m.is_empty() => Ok(query_params(query.as_deref())),
+                other => other,
+            },
+        }
     }
 }
 
@@ -400,8 +424,8 @@ async fn action(
     headers: HeaderMap,
     body: Body,
 ) -> HttpResponse {
-    let params = body_params(body, &module, &action).await;
-    web.call(peer, &headers, &module, &action, params).await
+    web.call(peer, &headers, &module, &action, Params::Body(body))
+        .await
 }
 
 async fn openapi_doc(
@@ -428,13 +452,9 @@ async fn alias(
     body: Body,
 ) -> HttpResponse {
     let params = if *method == Method::GET {
-        Ok(query_params(query.as_deref()))
+        Params::Query(query)
     } else {
-        match body_params(body, "sentry", action).await {
-            // DELETE /sentry/whitelist?ip=... as well as with a body.
-            Ok(m) if m.is_empty() => Ok(query_params(query.as_deref())),
-            other => other,
-        }
+        Params::BodyOrQuery(body, query)
     };
     web.call(peer, headers, "sentry", action, params).await
 }
