@@ -918,6 +918,26 @@ mod tests {
     }
 
     #[test]
+    fn admin_https_keys() -> Result<(), Error> {
+        let c = Config::from_toml(
+            "[admin]\nhttp_listen = \"127.0.0.1:9443\"\nhttp_allow = [\"192.0.2.7\", \"10.1.2.3/8\", \"::1/128\"]\n",
+        )?;
+        assert_eq!(
+            c.admin.http_listen_addr()?,
+            Some("127.0.0.1:9443".parse().unwrap())
+        );
+        let nets: Vec<String> = c
+            .admin
+            .http_allow_nets()?
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, ["192.0.2.7/32", "10.0.0.0/8", "::1/128"]);
+        assert_eq!(Config::from_toml("")?.admin.http_listen_addr()?, None);
+        Ok(())
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         for text in [
             "state_dir = \"relative\"",
@@ -935,6 +955,12 @@ mod tests {
             "[sources]\nipv6_prefix = 16",
             "[ghost]\ntunnels_per_secret = 0",
             "[ghost]\ntunnels_per_secret = 4097",
+            "[admin]\nhttp_listen = \"localhost\"",
+            "[admin]\nhttp_allow = [\"10.0.0.0/33\"]",
+            "[admin]\nhttp_allow = [\"anywhere\"]",
+            "[admin]\ntls_cert = \"/etc/phantom/admin.pem\"",
+            "[admin]\nhttp_rate_per_token = 0",
+            "[admin]\naudit_max_bytes = 100",
         ] {
             assert!(Config::from_toml(text).is_err(), "accepted: {text}");
         }
