@@ -12,8 +12,12 @@ BPF_LINKER_VERSION="0.13.0"
 APT_PACKAGES=(
   build-essential pkg-config iproute2 iputils-ping nftables wireguard-tools wireguard-go
   redis-server dnsutils dnsmasq-base dnsperf bpftool tcpdump curl ca-certificates pebble wrk
-  python3
+  python3 python3-venv
 )
+# openapi-spec-validator (the admin API test validates its OpenAPI document with it; no Debian
+# package has it), in a venv of its own.
+OPENAPI_VENV="/opt/phantom/openapi-venv"
+OPENAPI_VALIDATOR_VERSION="0.9.0"
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
@@ -79,6 +83,15 @@ install_bpf_linker() {
   touch "$stamp"
 }
 
+install_openapi_validator() {
+  if "$OPENAPI_VENV/bin/python" -c 'import openapi_spec_validator' >/dev/null 2>&1; then
+    return
+  fi
+  log "installing openapi-spec-validator $OPENAPI_VALIDATOR_VERSION in $OPENAPI_VENV"
+  $SUDO python3 -m venv "$OPENAPI_VENV"
+  $SUDO "$OPENAPI_VENV/bin/pip" install -q "openapi-spec-validator==$OPENAPI_VALIDATOR_VERSION"
+}
+
 ensure_bpffs() {
   if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
     log "mounting bpffs on /sys/fs/bpf"
@@ -90,4 +103,5 @@ ensure_bpffs() {
 install_apt_packages
 install_toolchains
 install_bpf_linker
+install_openapi_validator
 ensure_bpffs

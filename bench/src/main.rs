@@ -14,6 +14,7 @@
 //! - `resolver`: the real daemon's DNS resolver against dnsmasq (dnsperf).
 //! - `sentry`: the sentry proxy against its upstream (wrk), challenge issue and proof
 //!   verification per core, and the reference solver per difficulty.
+//! - `admin`: one action over the admin socket and over the HTTPS admin API, interleaved.
 //!
 //! `bpf` holds what the kernel-side subjects share (the object, test runs, crafted frames),
 //! `report` the table printing and the percentile, memory and CPU readings. Namespaces, pin
@@ -27,6 +28,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 
+mod admin;
 mod blocklist;
 mod bpf;
 mod core;
@@ -50,6 +52,7 @@ enum Suite {
     Blocklist,
     Resolver,
     Sentry,
+    Admin,
 }
 
 #[derive(Parser)]
@@ -100,6 +103,12 @@ struct Cli {
     /// Delta requests measured against the blocklist API.
     #[arg(long, default_value_t = 300)]
     api_deltas: usize,
+    /// Calls per transport and round of the admin benchmark.
+    #[arg(long, default_value_t = 1000)]
+    admin_calls: usize,
+    /// Interleaved rounds of the admin benchmark.
+    #[arg(long, default_value_t = 5)]
+    admin_rounds: usize,
 }
 
 fn main() -> ExitCode {
@@ -112,6 +121,7 @@ fn main() -> ExitCode {
         (Suite::Blocklist, blocklist::run),
         (Suite::Resolver, resolver::run),
         (Suite::Sentry, sentry::run),
+        (Suite::Admin, admin::run),
     ];
     for (suite, run) in suites {
         if cli.suite != Suite::All && cli.suite != *suite {

@@ -37,6 +37,8 @@ fn usage() -> String {
          usage: phantom-api [options] <module> <action> [key=value ...]\n\
          \x20      phantom-api --help                 list modules and actions\n\
          \x20      phantom-api <module> --help        list a module's actions and parameters\n\n\
+         parameters: key=value, or --key value / --key=value after the action;\n\
+         \x20 `admin token create --name N --scope read --ttl 30d` is `admin token_create name=N ...`\n\n\
          options:\n\
          \x20 --socket PATH    admin socket (default: ${env} or {DEFAULT_SOCKET})\n\
          \x20 --pretty         indent the JSON reply\n\
@@ -80,6 +82,20 @@ fn parse_args() -> Result<Args, String> {
                 std::process::exit(0);
             }
             s if s.starts_with("--socket=") => args.socket = s["--socket=".len()..].into(),
+            // After `<module> <action>`, `--key value` and `--key=value` are parameters
+            // (`admin token create --name ci --scope read --ttl 30d`).
+            s if s.starts_with("--") && s.len() > 2 && args.positional.len() >= 2 => {
+                let (key, value) = match s[2..].split_once('=') {
+                    Some((k, v)) => (k.to_string(), v.to_string()),
+                    None => {
+                        let key = s[2..].to_string();
+                        let value = it.next().ok_or_else(|| format!("--{key} needs a value"))?;
+                        (key, value)
+                    }
+                };
+                args.positional
+                    .push(format!("{}={value}", key.replace('-', "_")));
+            }
             s if s.starts_with("--") => return Err(format!("unknown option {s}")),
             _ => args.positional.push(arg),
         }
@@ -217,9 +233,18 @@ fn main() -> ExitCode {
         return print_help(&args);
     }
     let module = args.positional[0].clone();
-    let action = args.positional[1].clone();
+    let mut action = args.positional[1].clone();
+    let mut first_param = 2;
+    // `admin token create|list|revoke` is `admin token_create|token_list|token_revoke`.
+    if module == "admin"
+        && action == "token"
+        && let Some(sub) = args.positional.get(2).filter(|s| !s.contains('='))
+    {
+        action = format!("token_{sub}");
+        first_param = 3;
+    }
     let mut params = Map::new();
-    for kv in &args.positional[2..] {
+    for kv in &args.positional[first_param..] {
         let Some((key, value)) = kv.split_once('=') else {
             eprintln!("phantom-api: parameter {kv:?} is not key=value");
             return ExitCode::from(EXIT_USAGE);

@@ -19,7 +19,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{AdminMetrics, Registry, server::AdminServer},
+    admin::{self, AdminMetrics, Registry, server::AdminServer},
     blocklist::{self, Blocklist},
     config::{Config, parse_listen},
     core::{self, Server},
@@ -185,6 +185,12 @@ fn descriptor_needs(
         needs.push(Need {
             what: "metrics",
             descriptors: http::Limits::metrics().max_connections as u64,
+        });
+    }
+    if config.admin.http_listen_addr()?.is_some() {
+        needs.push(Need {
+            what: "admin API",
+            descriptors: http::Limits::admin_api().max_connections as u64,
         });
     }
     if config.blocklist.enabled
@@ -418,6 +424,33 @@ async fn serve(
             sentry: sentry.clone(),
         }),
     );
+    // The HTTPS API's tokens and the audit log (both transports' writes); the admin module.
+    let admin_dir = config.state_dir.join("admin");
+    let tokens = Arc::new(admin::tokens::Tokens::open(
+        &admin_dir,
+        registry
+            .module_names()
+            .into_iter()
+            .map(String::from)
+            .collect(),
+    )?);
+    let audit = Arc::new(admin::audit::AuditLog::open(
+        &admin_dir,
+        config.admin.audit_max_bytes,
+    )?);
+    admin::actions::register(
+        &mut registry,
+        Arc::new(admin::actions::Handles {
+            tokens: Arc::clone(&tokens),
+            audit: Arc::clone(&audit),
+        }),
+    );
+    for (module, action) in registry.unknown_reads() {
+        warn!(
+            module,
+            action, "an action listed as read-only is not registered"
+        );
+    }
     let registry = Arc::new(registry);
 
     // Metrics: every domain's collector.
@@ -460,7 +493,8 @@ async fn serve(
         Arc::clone(&registry),
         admin_metrics,
     )
-    .await?;
+    .await?
+    .with_audit(Arc::clone(&audit));
     let admin_task = tokio::spawn(admin.serve(shutdown.clone()));
     let mut listeners: Vec<JoinHandle<()>> = Vec::new();
     if let (Some(list), Some(addr)) = (
@@ -472,6 +506,32 @@ async fn serve(
                 addr,
                 list,
                 http::Limits::blocklist_api().with_source_prefix(config.sources.ipv6_prefix),
+                shutdown.clone(),
+            )
+            .await?,
+        );
+    }
+    if let Some(addr) = config.admin.http_listen_addr()? {
+        let tls = admin::web::tls::load(
+            &config.admin.tls_cert,
+            &config.admin.tls_key,
+            &admin_dir.join("tls"),
+            addr,
+        )?;
+        listeners.push(
+            admin::web::serve(
+                addr,
+                tls,
+                Arc::clone(&registry),
+                admin::web::Settings {
+                    tokens: Arc::clone(&tokens),
+                    audit: Arc::clone(&audit),
+                    allow: config.admin.http_allow_nets()?,
+                    rate_per_token: config.admin.http_rate_per_token,
+                    rate_per_source: config.admin.http_rate_per_source,
+                    source_prefix: config.sources.ipv6_prefix,
+                },
+                http::Limits::admin_api().with_source_prefix(config.sources.ipv6_prefix),
                 shutdown.clone(),
             )
             .await?,

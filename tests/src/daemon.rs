@@ -77,6 +77,8 @@ pub struct DaemonConfig {
     pub blocklist_extra: String,
     /// Whole sections appended to the file (`[[blocklist.sources]]` tables, ...).
     pub extra_toml: String,
+    /// More lines for the `[admin]` section (the HTTPS API's keys).
+    pub admin_extra: String,
 }
 
 impl DaemonConfig {
@@ -95,6 +97,7 @@ impl DaemonConfig {
                 .into(),
             blocklist_extra: String::new(),
             extra_toml: String::new(),
+            admin_extra: String::new(),
         }
     }
 
@@ -102,7 +105,7 @@ impl DaemonConfig {
         format!(
             "state_dir = {state:?}\n\
              [log]\nlevel = {level:?}\n\
-             [admin]\nsocket = {socket:?}\n\
+             [admin]\nsocket = {socket:?}\n{admin_extra}\
              [metrics]\nlisten = {metrics:?}\n\
              [datapath]\nenabled = {enabled}\nuplink = {uplink:?}\nbpffs = {bpffs:?}\n{vpn}\
              {wireguard}\
@@ -111,6 +114,7 @@ impl DaemonConfig {
             dns = self.dns_section,
             blocklist_extra = self.blocklist_extra,
             extra = self.extra_toml,
+            admin_extra = self.admin_extra,
             state = dir.join("state").display().to_string(),
             level = self.log_level,
             socket = dir.join("phantom.sock").display().to_string(),

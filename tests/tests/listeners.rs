@@ -1,6 +1,6 @@
 //! Every public TCP listener of the real daemon under an idle-connection flood and a slowloris
-//! at once: the blocklist API, `/metrics`, the sentry proxy and the ghost relay (enabled with a
-//! self-signed certificate). Meanwhile the admin socket, the resolver, WireGuard and every
+//! at once: the blocklist API, `/metrics`, the sentry proxy, the ghost relay (enabled with a
+//! self-signed certificate) and the HTTPS admin API (its own self-signed one). Meanwhile the admin socket, the resolver, WireGuard and every
 //! listener keep answering another client; the caps refuse most of the flood at accept (the
 //! `phantom_http_*` metrics say so), the timeouts close the rest, and the daemon's descriptors
 //! come back to where they were.
@@ -60,7 +60,7 @@ const TLS_HEAD: &[u8] = &[
     0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
 ];
 
-const TARGETS: [Target; 4] = [
+const TARGETS: [Target; 5] = [
     Target {
         listener: "blocklist_api",
         addr: "192.0.2.1:3000",
@@ -88,6 +88,14 @@ const TARGETS: [Target; 4] = [
         // The TLS handshake's own deadline, inside the 10 s for TLS and the upgrade.
         header_timeout: Duration::from_secs(5),
         per_source: 16,
+        slow_head: TLS_HEAD,
+    },
+    Target {
+        listener: "admin_api",
+        addr: "192.0.2.1:9443",
+        // The TLS handshake's deadline is the header-read timeout.
+        header_timeout: Duration::from_secs(10),
+        per_source: 32,
         slow_head: TLS_HEAD,
     },
 ];
@@ -334,6 +342,7 @@ fn idle_floods_and_slowloris_on_every_listener_leave_the_daemon_answering() {
     config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, GuardedLink::SERVER_V4));
     config.blocklist_api = Some("0.0.0.0:3000".into());
     config.metrics_listen = "0.0.0.0:9469".into();
+    config.admin_extra = "http_listen = \"0.0.0.0:9443\"\nhttp_allow = [\"192.0.2.0/24\"]\n".into();
     config.dns_section =
         "listen = \"192.0.2.1:53\"\nprimary = \"127.0.0.53\"\nsecondary = \"127.0.0.54\"\n".into();
     config.extra_toml = format!(
@@ -350,6 +359,39 @@ fn idle_floods_and_slowloris_on_every_listener_leave_the_daemon_answering() {
     );
     api(&daemon, &["core", "add_client", "client_name=alice"]);
     let enabled = api(&daemon, &["ghost", "enable", &format!("domain={DOMAIN}")]);
+    let admin_token = api(
+        &daemon,
+        &[
+            "admin",
+            "token_create",
+            "name=probe",
+            "scope=read",
+            "ttl=1h",
+        ],
+    )["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let admin_answers = || {
+        let out = link
+            .peer
+            .command("curl")
+            .args([
+                "-sk",
+                "--max-time",
+                "10",
+                "--interface",
+                CLIENT,
+                "-X",
+                "POST",
+            ])
+            .args(["-H", &format!("Authorization: Bearer {admin_token}")])
+            .args(["-o", "/dev/null", "-w", "%{http_code}"])
+            .arg("https://192.0.2.1:9443/api/v1/core/server_status")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
     let secret = enabled["secret"].as_str().unwrap().to_string();
 
     // The limit is raised as far as the hard limit allows, and server_status says so.
@@ -387,6 +429,7 @@ fn idle_floods_and_slowloris_on_every_listener_leave_the_daemon_answering() {
         assert_eq!(site.status, 200, "sentry proxy, {when}: {site:?}");
         assert!(site.body.starts_with(UpstreamSite::BODY_PREFIX), "{when}");
         assert_eq!(ghost_answers(), 101, "ghost relay, {when}");
+        assert_eq!(admin_answers(), "200", "admin API, {when}");
     };
     let export = api(&daemon, &["core", "export_client", "client_name=alice"]);
     // Straight to the server's WireGuard port (the exported config goes through ghost mode's

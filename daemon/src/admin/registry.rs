@@ -113,7 +113,20 @@ impl ParamSpec {
 struct Action {
     summary: &'static str,
     params: Vec<ParamSpec>,
+    /// Changes no state (a `read` token may call it; not audited). Set by
+    /// [`Registry::reads`]; an action is a write unless its module lists it.
+    read_only: bool,
     handler: Handler,
+}
+
+/// One registered action, as the HTTPS API's scopes and its OpenAPI document see it.
+pub struct ActionInfo<'a> {
+    pub module: &'static str,
+    pub module_summary: &'static str,
+    pub action: &'static str,
+    pub summary: &'static str,
+    pub params: &'a [ParamSpec],
+    pub read_only: bool,
 }
 
 struct Module {
@@ -132,6 +145,7 @@ pub struct Outcome {
 #[derive(Default)]
 pub struct Registry {
     modules: BTreeMap<&'static str, Module>,
+    unknown_reads: Vec<(&'static str, &'static str)>,
 }
 
 /// `page`, `per_page`, `search`: the paging parameters list actions share.
@@ -206,10 +220,67 @@ impl Registry {
             Action {
                 summary,
                 params,
+                read_only: false,
                 handler: erased,
             },
         );
         self
+    }
+
+    /// Marks `module`'s actions named in `actions` as read-only: they change no state. Every
+    /// module lists its own after registering them; a name that is not registered is kept in
+    /// [`Registry::unknown_reads`] (a unit test of the daemon's registry checks it is empty).
+    pub fn reads(&mut self, module: &'static str, actions: &[&'static str]) -> &mut Self {
+        for name in actions {
+            match self
+                .modules
+                .get_mut(module)
+                .and_then(|m| m.actions.get_mut(name))
+            {
+                Some(a) => a.read_only = true,
+                None => self.unknown_reads.push((module, name)),
+            }
+        }
+        self
+    }
+
+    /// Names given to [`Registry::reads`] that no action has.
+    pub fn unknown_reads(&self) -> &[(&'static str, &'static str)] {
+        &self.unknown_reads
+    }
+
+    /// Whether `module action` changes no state; `None` when it is not registered. The
+    /// describe action is a read.
+    pub fn is_read_only(&self, module: &str, action: &str) -> Option<bool> {
+        if module == protocol::DESCRIBE_MODULE && action == protocol::DESCRIBE_ACTION {
+            return Some(true);
+        }
+        self.modules
+            .get(module)
+            .and_then(|m| m.actions.get(action))
+            .map(|a| a.read_only)
+    }
+
+    /// Every registered action, by module then action name.
+    pub fn catalogue(&self) -> Vec<ActionInfo<'_>> {
+        self.modules
+            .iter()
+            .flat_map(|(m, module)| {
+                module.actions.iter().map(move |(a, action)| ActionInfo {
+                    module: m,
+                    module_summary: module.summary,
+                    action: a,
+                    summary: action.summary,
+                    params: &action.params,
+                    read_only: action.read_only,
+                })
+            })
+            .collect()
+    }
+
+    /// The registered module names.
+    pub fn module_names(&self) -> Vec<&'static str> {
+        self.modules.keys().copied().collect()
     }
 
     /// Validates and runs one request. Never panics on any input.
@@ -301,7 +372,11 @@ impl Registry {
                             .collect();
                         (
                             aname.to_string(),
-                            json!({"summary": a.summary, "params": params}),
+                            json!({
+                                "summary": a.summary,
+                                "params": params,
+                                "read_only": a.read_only,
+                            }),
                         )
                     })
                     .collect();

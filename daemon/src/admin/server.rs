@@ -16,6 +16,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use super::{
+    audit::{AuditLog, Entry},
     metrics::AdminMetrics,
     registry::{Outcome, Registry},
 };
@@ -32,6 +33,7 @@ pub struct AdminServer {
     admin_gid: Option<u32>,
     limit: Arc<Semaphore>,
     idle_timeout: Duration,
+    audit: Option<Arc<AuditLog>>,
 }
 
 /// Who may talk to the socket.
@@ -83,7 +85,14 @@ impl AdminServer {
             admin_gid,
             limit: Arc::new(Semaphore::new(max_connections)),
             idle_timeout,
+            audit: None,
         })
+    }
+
+    /// Records every state-changing action in `audit` (token `"socket"`).
+    pub fn with_audit(mut self, audit: Arc<AuditLog>) -> Self {
+        self.audit = Some(audit);
+        self
     }
 
     /// Serves until `shutdown` turns true, then removes the socket file.
@@ -106,11 +115,12 @@ impl AdminServer {
                     };
                     let Ok(permit) = Arc::clone(&self.limit).acquire_owned().await else { break };
                     let registry = Arc::clone(&self.registry);
+                    let audit = self.audit.clone();
                     let metrics = self.metrics.clone();
                     let idle = self.idle_timeout;
                     let shutdown = shutdown.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve_connection(stream, access, registry, metrics, idle, shutdown).await {
+                        if let Err(e) = serve_connection(stream, access, registry, audit, metrics, idle, shutdown).await {
                             debug!(error = %e, "admin connection ended with an error");
                         }
                         drop(permit);
@@ -263,6 +273,7 @@ async fn serve_connection(
     stream: UnixStream,
     access: Access,
     registry: Arc<Registry>,
+    audit: Option<Arc<AuditLog>>,
     metrics: AdminMetrics,
     idle: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -305,8 +316,31 @@ async fn serve_connection(
         }
         let reply = match parse_request(&line) {
             Ok(request) => {
+                let audited = match &audit {
+                    Some(log)
+                        if registry.is_read_only(&request.module, &request.action)
+                            == Some(false) =>
+                    {
+                        Some((Arc::clone(log), request.params.clone()))
+                    }
+                    _ => None,
+                };
                 let (reply, outcome) = registry.dispatch(request).await;
                 metrics.record(outcome);
+                if let (Some((log, params)), Some((module, action))) = (audited, outcome.target) {
+                    let code = reply.code.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        log.record(&Entry {
+                            transport: "socket",
+                            token: "socket",
+                            module,
+                            action,
+                            params: &params,
+                            code: code.as_deref(),
+                        })
+                    })
+                    .await;
+                }
                 reply
             }
             Err(reply) => {

@@ -500,4 +500,7 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
             }
         },
     );
+
+    // The actions that change no state (a `read` token of the HTTPS API may call them).
+    registry.reads("blocklist", &["list", "verify", "status"]);
 }

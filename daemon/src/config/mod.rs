@@ -100,6 +100,47 @@ pub struct AdminConfig {
     pub max_connections: usize,
     /// An idle connection is closed after this many seconds.
     pub idle_timeout_seconds: u64,
+    /// The HTTPS admin API (every socket action, `POST /api/v1/<module>/<action>`), e.g.
+    /// "127.0.0.1:9443"; "off" disables. docs/admin-api.md.
+    pub http_listen: String,
+    /// Certificate chain and key (PEM files) of the HTTPS admin API; both empty: a
+    /// self-signed certificate made at first start and kept in `<state_dir>/admin/tls/`.
+    pub tls_cert: String,
+    pub tls_key: String,
+    /// Sources (CIDR blocks or addresses) the HTTPS admin API answers; others get 403.
+    pub http_allow: Vec<String>,
+    /// Requests one token may make per minute over HTTPS.
+    pub http_rate_per_token: u32,
+    /// Requests one source (an IPv4 address or an IPv6 prefix) may make per minute over HTTPS.
+    pub http_rate_per_source: u32,
+    /// The audit log (`<state_dir>/admin/audit.jsonl`) is rotated past this size; one
+    /// rotated file is kept.
+    pub audit_max_bytes: u64,
+}
+
+impl AdminConfig {
+    /// `http_listen` as an address, `None` when off.
+    pub fn http_listen_addr(&self) -> Result<Option<SocketAddr>, Error> {
+        parse_listen("admin.http_listen", &self.http_listen)
+    }
+
+    /// `http_allow` as networks (a bare address is a /32 or /128).
+    pub fn http_allow_nets(&self) -> Result<Vec<ipnet::IpNet>, Error> {
+        self.http_allow
+            .iter()
+            .map(|s| {
+                let s = s.trim();
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map(|n| n.trunc())
+                    .map_err(|_| {
+                        Error::config(format!(
+                            "admin.http_allow: {s:?} is neither an address nor a CIDR block"
+                        ))
+                    })
+            })
+            .collect()
+    }
 }
 
 impl Default for AdminConfig {
@@ -109,6 +150,13 @@ impl Default for AdminConfig {
             group: "phantom".into(),
             max_connections: 64,
             idle_timeout_seconds: 300,
+            http_listen: "off".into(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            http_allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            http_rate_per_token: 600,
+            http_rate_per_source: 1200,
+            audit_max_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -550,6 +598,21 @@ impl Config {
         if self.admin.max_connections == 0 {
             return Err(Error::config("admin.max_connections must be at least 1"));
         }
+        self.admin.http_listen_addr()?;
+        self.admin.http_allow_nets()?;
+        if self.admin.tls_cert.is_empty() != self.admin.tls_key.is_empty() {
+            return Err(Error::config(
+                "admin.tls_cert and admin.tls_key go together (both empty: self-signed)",
+            ));
+        }
+        if self.admin.http_rate_per_token == 0 || self.admin.http_rate_per_source == 0 {
+            return Err(Error::config(
+                "admin.http_rate_per_token and admin.http_rate_per_source must be at least 1",
+            ));
+        }
+        if self.admin.audit_max_bytes < 4096 {
+            return Err(Error::config("admin.audit_max_bytes must be at least 4096"));
+        }
         if self.log.keep_lines == 0 || self.log.keep_lines > 1_000_000 {
             return Err(Error::config(
                 "log.keep_lines must be between 1 and 1000000",
@@ -855,6 +918,26 @@ mod tests {
     }
 
     #[test]
+    fn admin_https_keys() -> Result<(), Error> {
+        let c = Config::from_toml(
+            "[admin]\nhttp_listen = \"127.0.0.1:9443\"\nhttp_allow = [\"192.0.2.7\", \"10.1.2.3/8\", \"::1/128\"]\n",
+        )?;
+        assert_eq!(
+            c.admin.http_listen_addr()?,
+            Some("127.0.0.1:9443".parse().unwrap())
+        );
+        let nets: Vec<String> = c
+            .admin
+            .http_allow_nets()?
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, ["192.0.2.7/32", "10.0.0.0/8", "::1/128"]);
+        assert_eq!(Config::from_toml("")?.admin.http_listen_addr()?, None);
+        Ok(())
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         for text in [
             "state_dir = \"relative\"",
@@ -872,6 +955,12 @@ mod tests {
             "[sources]\nipv6_prefix = 16",
             "[ghost]\ntunnels_per_secret = 0",
             "[ghost]\ntunnels_per_secret = 4097",
+            "[admin]\nhttp_listen = \"localhost\"",
+            "[admin]\nhttp_allow = [\"10.0.0.0/33\"]",
+            "[admin]\nhttp_allow = [\"anywhere\"]",
+            "[admin]\ntls_cert = \"/etc/phantom/admin.pem\"",
+            "[admin]\nhttp_rate_per_token = 0",
+            "[admin]\naudit_max_bytes = 100",
         ] {
             assert!(Config::from_toml(text).is_err(), "accepted: {text}");
         }

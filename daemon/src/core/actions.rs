@@ -938,6 +938,22 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
             }
         },
     );
+
+    // The actions that change no state (a `read` token of the HTTPS API may call them).
+    registry.reads(
+        "core",
+        &[
+            "list_clients",
+            "export_client",
+            "latest_clients",
+            "server_status",
+            "service_logs",
+            "get_tweak_settings",
+            "get_firewall_status",
+            "get_subnet_info",
+            "validate_subnet_change",
+        ],
+    );
 }
 
 async fn server_status(c: &Handles) -> Result<Value, ApiError> {

@@ -537,4 +537,17 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
             }
         },
     );
+
+    // The actions that change no state (a `read` token of the HTTPS API may call them).
+    registry.reads(
+        "datapath",
+        &[
+            "status",
+            "top_sources",
+            "counters",
+            "list_denied",
+            "list_allowed",
+            "dns_rules",
+        ],
+    );
 }

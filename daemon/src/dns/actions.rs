@@ -184,6 +184,17 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
             }))
         }
     });
+
+    // The actions that change no state (a `read` token of the HTTPS API may call them).
+    registry.reads(
+        "dns",
+        &[
+            "get_dns_servers",
+            "test_dns_servers",
+            "status",
+            "client_policies",
+        ],
+    );
 }
 
 /// The resolver's settings and totals (no names, no addresses of clients other than the

@@ -139,8 +139,8 @@ impl Limits {
         }
     }
 
-    /// The admin HTTPS API (`[sentry] admin_listen`, a later issue): a dashboard in a
-    /// browser and scripts, behind the API's own authentication.
+    /// The admin HTTPS API (`[admin] http_listen`): scripts and a browser, behind the API's
+    /// own allowlist, tokens and rate limits (admin/web).
     pub const fn admin_api() -> Self {
         Self {
             listener: "admin_api",

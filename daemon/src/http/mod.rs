@@ -7,7 +7,8 @@
 //! - [`next_connection`] / [`next_admitted`]: accept until shutdown, with a back-off after a
 //!   failed accept.
 //! - [`Server::serve`]: hyper HTTP/1.1 on a listener with all of the above, for any hyper
-//!   service (or an axum router through [`router`]).
+//!   service (or an axum router through [`router`]); [`Server::serve_tls`] the same over
+//!   rustls, the handshake within the header-read timeout.
 //! - [`listeners`]: every listener's connection counters (open, admitted, refused by reason),
 //!   by the name in its `Limits`, for the metrics.
 

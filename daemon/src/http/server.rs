@@ -78,7 +78,7 @@ impl Server {
     pub async fn serve<F, S, B>(
         &self,
         listener: TcpListener,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
         make_service: F,
     ) where
         F: Fn(SocketAddr) -> S,
@@ -87,6 +87,71 @@ impl Server {
         S::Error: Into<BoxError>,
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
+    {
+        self.serve_io(listener, shutdown, make_service, |tcp| {
+            std::future::ready(Some(tcp))
+        })
+        .await
+    }
+
+    /// [`Server::serve`] over TLS: each admitted connection's handshake must end within the
+    /// header-read timeout (a failed or slow one is closed without an answer); the request
+    /// heads then get the header-read timeout of their own.
+    pub async fn serve_tls<F, S, B>(
+        &self,
+        listener: TcpListener,
+        shutdown: watch::Receiver<bool>,
+        tls: Arc<tokio_rustls::rustls::ServerConfig>,
+        make_service: F,
+    ) where
+        F: Fn(SocketAddr) -> S,
+        S: hyper::service::Service<Request<RequestBody>, Response = Response<B>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let deadline = self.limits.header_read_timeout;
+        let what = self.what;
+        self.serve_io(listener, shutdown, make_service, move |tcp| {
+            let acceptor = acceptor.clone();
+            async move {
+                match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => Some(tls),
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "{what} TLS handshake failed");
+                        None
+                    }
+                    Err(_) => {
+                        debug!("{what} TLS handshake not done within the header-read timeout");
+                        None
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Serves connections made by `handshake` from each admitted TCP stream (the stream
+    /// itself, or TLS over it); the handshake runs in the connection's task, holding its
+    /// place in the gate.
+    async fn serve_io<F, S, B, H, HF, IO>(
+        &self,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+        make_service: F,
+        handshake: H,
+    ) where
+        F: Fn(SocketAddr) -> S,
+        S: hyper::service::Service<Request<RequestBody>, Response = Response<B>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+        H: Fn(tokio::net::TcpStream) -> HF,
+        HF: Future<Output = Option<IO>> + Send + 'static,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
@@ -106,9 +171,9 @@ impl Server {
                 max_body: self.limits.max_body_bytes,
                 state: Arc::clone(&state),
             };
-            let connection = graceful
-                .watcher()
-                .watch(http.serve_connection(TokioIo::new(stream), service));
+            let io = handshake(stream);
+            let watcher = graceful.watcher();
+            let http = http.clone();
             let (idle_timeout, response_timeout, what) = (
                 self.limits.idle_timeout,
                 self.limits.response_timeout,
@@ -116,6 +181,10 @@ impl Server {
             );
             connections.spawn(async move {
                 let _pass = pass;
+                let Some(io) = io.await else {
+                    return;
+                };
+                let connection = watcher.watch(http.serve_connection(TokioIo::new(io), service));
                 tokio::select! {
                     ended = connection => if let Err(e) = ended {
                         debug!(error = %e, "{what} connection ended with an error");

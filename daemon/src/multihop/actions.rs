@@ -387,4 +387,10 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
             }
         },
     );
+
+    // The actions that change no state (a `read` token of the HTTPS API may call them).
+    registry.reads(
+        "multihop",
+        &["list_exits", "status", "test_vpn", "get_session_log"],
+    );
 }

@@ -447,4 +447,10 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
             }
         },
     );
+
+    // The actions that change no state (a `read` token of the HTTPS API may call them).
+    registry.reads(
+        "sentry",
+        &["status", "get_config", "whitelist_list", "penalties"],
+    );
 }
