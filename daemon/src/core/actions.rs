@@ -939,12 +939,12 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
         },
     );
 
-    // The actions that change no state (a `read` token of the HTTPS API may call them).
+    // The actions that change no state and return no secret (a `read` token of the HTTPS API
+    // may call them). `export_client` returns the client's private key: write scope, audited.
     registry.reads(
         "core",
         &[
             "list_clients",
-            "export_client",
             "latest_clients",
             "server_status",
             "service_logs",

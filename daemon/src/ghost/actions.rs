@@ -131,5 +131,6 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
     );
 
     // The actions that change no state (a `read` token of the HTTPS API may call them).
-    registry.reads("ghost", &["status", "export"]);
+    // `export` returns a client's private key and the secret path: write scope, audited.
+    registry.reads("ghost", &["status"]);
 }
