@@ -108,9 +108,9 @@ fn app(web: Arc<Web>) -> Router {
     Router::new()
         .route("/api/v1/openapi.json", get(openapi_doc))
         .route("/api/v1/{module}/{action}", post(action))
-        .route("/sentry/config", post(alias_config))
-        .route("/sentry/status", get(alias_status))
-        .route("/sentry/mode", post(alias_mode))
+        .route("/sentry/config", post(alias_to("set_config")))
+        .route("/sentry/status", get(alias_to("status")))
+        .route("/sentry/mode", post(alias_to("set_mode")))
         .route(
             "/sentry/whitelist",
             get(alias_whitelist)
@@ -459,37 +459,20 @@ async fn alias(
     web.call(peer, headers, "sentry", action, params).await
 }
 
-async fn alias_config(
-    State(web): State<Arc<Web>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    body: Body,
-) -> HttpResponse {
-    alias(&web, peer, &headers, "set_config", &method, query, body).await
-}
+/// What an alias handler returns.
+type AliasReply = std::pin::Pin<Box<dyn std::future::Future<Output = HttpResponse> + Send>>;
 
-async fn alias_status(
-    State(web): State<Arc<Web>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    body: Body,
-) -> HttpResponse {
-    alias(&web, peer, &headers, "status", &method, query, body).await
-}
-
-async fn alias_mode(
-    State(web): State<Arc<Web>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    body: Body,
-) -> HttpResponse {
-    alias(&web, peer, &headers, "set_mode", &method, query, body).await
+/// The handler of a seed route that is one sentry action whatever the method.
+fn alias_to(
+    action: &'static str,
+) -> impl Fn(State<Arc<Web>>, ConnectInfo<SocketAddr>, Method, RawQuery, HeaderMap, Body) -> AliasReply
++ Clone
++ Send
++ Sync
++ 'static {
+    move |State(web), ConnectInfo(peer), method, RawQuery(query), headers, body| {
+        Box::pin(async move { alias(&web, peer, &headers, action, &method, query, body).await })
+    }
 }
 
 async fn alias_whitelist(
