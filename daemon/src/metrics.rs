@@ -185,13 +185,7 @@ pub async fn serve(
     limits: http::Limits,
     shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Listen {
-            what: "metrics",
-            addr,
-            source,
-        })?;
+    let listener = http::bind("metrics", addr).await?;
     let app = Router::new().route(
         "/metrics",
         get(move || {

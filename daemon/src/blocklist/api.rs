@@ -901,13 +901,7 @@ pub async fn serve(
     limits: http::Limits,
     shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Listen {
-            what: "the blocklist API",
-            addr,
-            source,
-        })?;
+    let listener = http::bind("the blocklist API", addr).await?;
     let full = Arc::new(FullLists::new(FULL_LIST_SLOTS, FULL_LIST_WAIT));
     let dropper = drop_bodies_on_change(&list, Arc::clone(&full), shutdown.clone());
     let app = app(list, limits.source_prefix, full);

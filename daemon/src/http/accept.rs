@@ -10,6 +10,14 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{Gate, Pass};
+use crate::error::Error;
+
+/// Binds a listener's address; the error names the listener (`what`) and the address.
+pub async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen { what, addr, source })
+}
 
 /// How long to wait after a failed accept before trying again.
 const ACCEPT_BACK_OFF: Duration = Duration::from_millis(50);

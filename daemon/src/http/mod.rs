@@ -20,7 +20,7 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
-pub use accept::{next_admitted, next_connection};
+pub use accept::{bind, next_admitted, next_connection};
 pub use gate::{Gate, GateCounts, Pass, Refusal};
 pub use limits::Limits;
 pub use server::{BoxError, RequestBody, ResponseBody, Server, router, too_large};

@@ -77,13 +77,7 @@ pub async fn serve(
     limits: http::Limits,
     shutdown: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Listen {
-            what: "admin API",
-            addr,
-            source,
-        })?;
+    let listener = http::bind("admin API", addr).await?;
     let openapi = Bytes::from(openapi::document(&registry).to_string());
     let web = Arc::new(Web {
         registry,
