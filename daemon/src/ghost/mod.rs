@@ -44,19 +44,9 @@ const ACME_RENEW_AFTER: Duration = Duration::from_secs(60 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GhostError {
-    /// The certificate chain's PEM text does not parse.
-    #[error("TLS: certificate: {0}")]
-    Certificate(#[source] tokio_rustls::rustls::pki_types::pem::Error),
-    #[error("TLS: no certificate in the PEM text")]
-    NoCertificate,
-    #[error("TLS: private key: {0}")]
-    PrivateKey(#[source] tokio_rustls::rustls::pki_types::pem::Error),
-    /// rustls refused the protocol versions.
+    /// The certificate and key give no TLS configuration.
     #[error("TLS: {0}")]
-    Rustls(#[source] tokio_rustls::rustls::Error),
-    /// rustls refused the certificate with that key.
-    #[error("TLS: certificate and key: {0}")]
-    CertificateAndKey(#[source] tokio_rustls::rustls::Error),
+    Tls(#[from] crate::http::TlsConfigError),
     /// A certificate or key file (`[ghost] tls = "files"`) does not read.
     #[error("TLS: {path}: {source}")]
     ReadFile {

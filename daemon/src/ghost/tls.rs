@@ -20,15 +20,12 @@ use tokio::{
 };
 use tokio_rustls::rustls::{
     ServerConfig,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    pki_types::{CertificateDer, pem::PemObject},
 };
 use tracing::{info, warn};
 
 use super::GhostError;
 use crate::store;
-
-/// The only application protocol the stock client speaks over wss (it never offers h2).
-const ALPN_HTTP11: &[u8] = b"http/1.1";
 
 /// How long the CA may take to validate the HTTP-01 challenge and issue: within phantom-api's
 /// default 60 s reply timeout, so `ghost enable` answers rather than leaving the CLI waiting
@@ -41,25 +38,9 @@ pub struct CertPem {
     pub key: String,
 }
 
-/// Builds the rustls server configuration from PEM text.
+/// Builds the rustls server configuration from PEM text (the HTTP layer's, as the admin API's).
 pub fn server_config(pem: &CertPem) -> Result<Arc<ServerConfig>, GhostError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.cert.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(GhostError::Certificate)?;
-    if certs.is_empty() {
-        return Err(GhostError::NoCertificate);
-    }
-    let key = PrivateKeyDer::from_pem_slice(pem.key.as_bytes()).map_err(GhostError::PrivateKey)?;
-    let mut config = ServerConfig::builder_with_provider(Arc::new(
-        tokio_rustls::rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(GhostError::Rustls)?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(GhostError::CertificateAndKey)?;
-    config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
-    Ok(Arc::new(config))
+    Ok(crate::http::tls_server_config(&pem.cert, &pem.key)?)
 }
 
 /// Reads a certificate chain and key from files (`[ghost] tls = "files"`).

@@ -19,9 +19,11 @@ mod server;
 mod stats;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 pub use accept::{bind, next_admitted, next_connection};
 pub use gate::{Gate, GateCounts, Pass, Refusal};
 pub use limits::Limits;
 pub use server::{BoxError, RequestBody, ResponseBody, Server, router, too_large};
 pub use stats::{ListenerCounts, listeners};
+pub use tls::{TlsConfigError, server_config as tls_server_config};

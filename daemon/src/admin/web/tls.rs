@@ -5,10 +5,7 @@
 
 use std::{net::SocketAddr, path::Path, sync::Arc};
 
-use tokio_rustls::rustls::{
-    ServerConfig,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-};
+use tokio_rustls::rustls::ServerConfig;
 use tracing::{info, warn};
 
 use crate::{error::Error, store};
@@ -17,26 +14,9 @@ fn tls_error(what: impl std::fmt::Display) -> Error {
     Error::config(format!("admin TLS: {what}"))
 }
 
-/// Builds the rustls configuration from PEM text.
+/// Builds the rustls configuration from PEM text (the HTTP layer's, as the ghost relay's).
 pub fn server_config(cert: &str, key: &str) -> Result<Arc<ServerConfig>, Error> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| tls_error(format!("certificate: {e}")))?;
-    if certs.is_empty() {
-        return Err(tls_error("no certificate in the certificate file"));
-    }
-    let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
-        .map_err(|e| tls_error(format!("private key: {e}")))?;
-    let mut config = ServerConfig::builder_with_provider(Arc::new(
-        tokio_rustls::rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(tls_error)?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| tls_error(format!("certificate and key: {e}")))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    crate::http::tls_server_config(cert, key).map_err(tls_error)
 }
 
 /// The configuration for the listener: from `cert`/`key` when given, else the self-signed
