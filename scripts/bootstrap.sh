@@ -13,6 +13,9 @@ APT_PACKAGES=(
   build-essential pkg-config iproute2 iputils-ping nftables wireguard-tools wireguard-go
   redis-server dnsutils dnsmasq-base dnsperf bpftool tcpdump curl ca-certificates pebble wrk
   python3 python3-venv
+  # The dashboard test drives Debian's Chromium over WebDriver (fonts-liberation: Chromium
+  # only recommends it, and without a font its screenshots are boxes).
+  chromium chromium-driver fonts-liberation
 )
 # openapi-spec-validator (the admin API test validates its OpenAPI document with it; no Debian
 # package has it), in a venv of its own.

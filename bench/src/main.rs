@@ -15,6 +15,7 @@
 //! - `sentry`: the sentry proxy against its upstream (wrk), challenge issue and proof
 //!   verification per core, and the reference solver per difficulty.
 //! - `admin`: one action over the admin socket and over the HTTPS admin API, interleaved.
+//! - `dashboard`: the daemon's CPU idle and with the dashboard open in headless Chromium.
 //!
 //! `bpf` holds what the kernel-side subjects share (the object, test runs, crafted frames),
 //! `report` the table printing and the percentile, memory and CPU readings. Namespaces, pin
@@ -32,6 +33,7 @@ mod admin;
 mod blocklist;
 mod bpf;
 mod core;
+mod dashboard;
 mod dns;
 mod flood;
 mod report;
@@ -53,6 +55,7 @@ enum Suite {
     Resolver,
     Sentry,
     Admin,
+    Dashboard,
 }
 
 #[derive(Parser)]
@@ -109,6 +112,12 @@ struct Cli {
     /// Interleaved rounds of the admin benchmark.
     #[arg(long, default_value_t = 5)]
     admin_rounds: usize,
+    /// Seconds of each stretch (idle, dashboard open) of the dashboard benchmark.
+    #[arg(long, default_value_t = 60)]
+    dashboard_seconds: u64,
+    /// WireGuard clients of the dashboard benchmark's daemon (rows of its client table).
+    #[arg(long, default_value_t = 100)]
+    dashboard_clients: usize,
 }
 
 fn main() -> ExitCode {
@@ -122,6 +131,7 @@ fn main() -> ExitCode {
         (Suite::Resolver, resolver::run),
         (Suite::Sentry, sentry::run),
         (Suite::Admin, admin::run),
+        (Suite::Dashboard, dashboard::run),
     ];
     for (suite, run) in suites {
         if cli.suite != Suite::All && cli.suite != *suite {

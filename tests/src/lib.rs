@@ -14,6 +14,8 @@
 //! - `dnsmasq.rs` — [`dnsmasq`] (and [`dnsmasq_with`] for other options) and [`dig`]. `redis.rs` — [`RedisServer`].
 //! - `upstream.rs` — [`UpstreamSite`] and [`http_from`] (the sentry's two sides).
 //!   `http.rs` — [`http_get`] and [`metric_value`].
+//! - [`browser`]: headless Chromium over WebDriver (chromedriver) inside a namespace, and
+//!   screenshots.
 //! - [`wstunnel`]: a client reproducing the stock `wstunnel client` (ghost mode).
 //!
 //! Tests that need root call [`require_root`] first; without root they print why and return
@@ -21,6 +23,7 @@
 //! `$PHANTOM_SKIPPED_TESTS` and counts them as skipped).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
+pub mod browser;
 mod daemon;
 mod dnsmasq;
 mod http;

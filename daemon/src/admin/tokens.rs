@@ -136,6 +136,8 @@ impl Refusal {
 pub struct Grant {
     pub name: String,
     pub scope: Scope,
+    /// Unix seconds.
+    pub expires: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -336,6 +338,7 @@ impl Tokens {
         Ok(Grant {
             name: record.name.clone(),
             scope,
+            expires: record.expires,
         })
     }
 }

@@ -185,6 +185,20 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
         }
     });
 
+    // `status` asks the upstreams live; a dashboard polling every few seconds wants only the
+    // resolver's own counters.
+    let c = Arc::clone(&handles);
+    registry.action(
+        "dns",
+        "stats",
+        "the resolver's counters (queries, blocked, cache), without testing the upstreams",
+        vec![],
+        move |_: NoParams| {
+            let c = Arc::clone(&c);
+            async move { resolver(&c).map(|r| resolver_status(&r)) }
+        },
+    );
+
     // The actions that change no state (a `read` token of the HTTPS API may call them).
     registry.reads(
         "dns",
@@ -192,6 +206,7 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
             "get_dns_servers",
             "test_dns_servers",
             "status",
+            "stats",
             "client_policies",
         ],
     );

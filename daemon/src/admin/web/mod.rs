@@ -10,6 +10,7 @@
 //! the parameters (400 naming the field) and runs the action. Writes are audited.
 //! docs/admin-api.md.
 
+pub mod dashboard;
 mod limiter;
 pub mod openapi;
 pub mod status;
@@ -66,6 +67,7 @@ struct Web {
     per_token: Limiter<String>,
     /// Made once at start; the registry does not change while the daemon runs.
     openapi: Bytes,
+    dashboard: dashboard::Dashboard,
 }
 
 /// Binds `addr` and serves until `shutdown`.
@@ -88,6 +90,7 @@ pub async fn serve(
         per_source: Limiter::new(settings.rate_per_source),
         per_token: Limiter::new(settings.rate_per_token),
         openapi,
+        dashboard: dashboard::Dashboard::new(),
     });
     info!(%addr, "admin API listening (HTTPS)");
     let server = http::Server::new("admin API", limits);
@@ -100,6 +103,10 @@ pub async fn serve(
 
 fn app(web: Arc<Web>) -> Router {
     Router::new()
+        .route("/", get(dashboard_asset))
+        .route("/index.html", get(dashboard_asset))
+        .route("/dashboard/{file}", get(dashboard_asset))
+        .route("/api/v1/dashboard", get(dashboard_snapshot))
         .route("/api/v1/openapi.json", get(openapi_doc))
         .route("/api/v1/{module}/{action}", post(action))
         .route("/sentry/config", post(alias_to("set_config")))
@@ -434,6 +441,38 @@ async fn openapi_doc(
         web.openapi.clone(),
     )
         .into_response()
+}
+
+/// The dashboard's page, script and style sheet: no token needed (they hold no data), but the
+/// allowlist and the per-source rate apply.
+async fn dashboard_asset(
+    State(web): State<Arc<Web>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> HttpResponse {
+    if let Err(r) = web.admit_source(peer, "", "") {
+        return *r;
+    }
+    match dashboard::asset(uri.path(), headers.get(header::IF_NONE_MATCH)) {
+        Some(r) => r,
+        None => not_found(Method::GET).await,
+    }
+}
+
+/// What the dashboard's panels show, as the token may see it.
+async fn dashboard_snapshot(
+    State(web): State<Arc<Web>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> HttpResponse {
+    if let Err(r) = web.admit_source(peer, "dashboard", "snapshot") {
+        return *r;
+    }
+    match web.authenticate(&headers, "dashboard", "snapshot") {
+        Ok(grant) => web.dashboard.reply(&web.registry, &grant).await,
+        Err(r) => *r,
+    }
 }
 
 async fn alias(

@@ -121,7 +121,35 @@ pub fn document(registry: &Registry) -> Value {
             json!({ "post": op }),
         );
     }
-    let tags: Vec<Value> = registry
+    paths.insert(
+        "/api/v1/dashboard".into(),
+        json!({"get": {
+            "operationId": "dashboard_snapshot",
+            "summary": "what the dashboard's panels show: one shared snapshot of read actions, at most a second old",
+            "tags": ["dashboard"],
+            "description": "Any valid token; panels of modules outside its scope are left out and named in `hidden`. docs/dashboard.md.",
+            "responses": {
+                "200": {
+                    "description": "the snapshot",
+                    "content": {"application/json": {"schema": {
+                        "type": "object",
+                        "required": ["generated_at", "refresh_ms", "token", "panels", "hidden"],
+                        "properties": {
+                            "generated_at": {"type": "integer", "description": "Unix seconds"},
+                            "refresh_ms": {"type": "integer"},
+                            "token": {"type": "object"},
+                            "panels": {"type": "object", "description": "panel name -> part -> the read action's data (or its error and code)"},
+                            "hidden": {"type": "array", "items": {"type": "string"}},
+                        },
+                    }}},
+                },
+                "401": failure("no valid bearer token"),
+                "403": failure("source not allowed"),
+                "429": failure("over the per-token or per-source rate"),
+            },
+        }}),
+    );
+    let mut tags: Vec<Value> = registry
         .catalogue()
         .iter()
         .filter(|a| a.module != crate::admin::actions::MODULE)
@@ -130,6 +158,7 @@ pub fn document(registry: &Registry) -> Value {
         .into_iter()
         .map(|(name, description)| json!({"name": name, "description": description}))
         .collect();
+    tags.push(json!({"name": "dashboard", "description": "the dashboard at `/`"}));
     json!({
         "openapi": "3.1.0",
         "info": {
