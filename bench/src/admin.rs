@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use phantom_tests::{
-    ApiClient, BpffsDir, Daemon, DaemonConfig, NetNs, api,
+    ApiClient, BpffsDir, Daemon, DaemonConfig, NetNs, mint_token,
     wstunnel::{WstunnelOptions, connect_tls},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -65,19 +65,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         "http_listen = {ADMIN:?}\nhttp_rate_per_token = 100000000\nhttp_rate_per_source = 100000000\n"
     );
     let daemon = Daemon::start(&ns, &config);
-    let token = api(
-        &daemon,
-        &[
-            "admin",
-            "token_create",
-            "name=bench",
-            "scope=read",
-            "ttl=1h",
-        ],
-    )["token"]
-        .as_str()
-        .ok_or("no token")?
-        .to_string();
+    let token = mint_token(&daemon, "bench", "read", "1h");
     let per_round = cli.admin_calls;
     let rounds = cli.admin_rounds;
     let socket_path = daemon.socket();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use fantoccini::Locator;
 use phantom_tests::{
-    BpffsDir, Daemon, DaemonConfig, NetNs, WireguardSettings, api, browser::Browser,
+    BpffsDir, Daemon, DaemonConfig, NetNs, WireguardSettings, api, browser::Browser, mint_token,
     wstunnel::block_on_in,
 };
 
@@ -45,19 +45,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
             &["core", "add_client", &format!("client_name=bench-{i:03}")],
         );
     }
-    let token = api(
-        &daemon,
-        &[
-            "admin",
-            "token_create",
-            "name=bench",
-            "scope=write",
-            "ttl=1h",
-        ],
-    )["token"]
-        .as_str()
-        .ok_or("no token")?
-        .to_string();
+    let token = mint_token(&daemon, "bench", "write", "1h");
     let pid = daemon.pid().ok_or("the daemon is not running")?;
     let seconds = cli.dashboard_seconds;
 

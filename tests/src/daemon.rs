@@ -380,6 +380,21 @@ pub fn api(daemon: &Daemon, args: &[&str]) -> Value {
     reply["data"].clone()
 }
 
+/// A bearer token of the HTTPS admin API (`admin token_create`), minted over the socket.
+pub fn mint_token(daemon: &Daemon, name: &str, scope: &str, ttl: &str) -> String {
+    let data = api(
+        daemon,
+        &[
+            "admin",
+            "token_create",
+            &format!("name={name}"),
+            &format!("scope={scope}"),
+            &format!("ttl={ttl}"),
+        ],
+    );
+    data["token"].as_str().unwrap().to_string()
+}
+
 /// `phantom-api <args>` against `daemon`, which must fail; returns the error code.
 pub fn api_err(daemon: &Daemon, args: &[&str]) -> String {
     let (code, reply, out) = phantom_api(&daemon.socket(), args);

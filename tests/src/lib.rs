@@ -35,7 +35,8 @@ mod wg_client;
 pub mod wstunnel;
 
 pub use daemon::{
-    ApiClient, Daemon, DaemonConfig, WireguardSettings, api, api_err, bin_dir, phantom_api,
+    ApiClient, Daemon, DaemonConfig, WireguardSettings, api, api_err, bin_dir, mint_token,
+    phantom_api,
 };
 pub use dnsmasq::{DnsmasqOptions, dig, dnsmasq, dnsmasq_with};
 pub use http::{http_get, metric_value};

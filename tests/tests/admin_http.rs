@@ -9,7 +9,7 @@ use std::{collections::BTreeSet, time::Duration};
 
 use phantom_tests::{
     ApiClient, BpffsDir, Daemon, DaemonConfig, GuardedLink, NetNs, WireguardSettings, api,
-    phantom_api, require_root,
+    mint_token, phantom_api, require_root,
 };
 use serde_json::{Value, json};
 
@@ -65,20 +65,6 @@ fn burst(ns: &NetNs, from: &str, path: &str, token: &str, n: usize) -> Vec<u16> 
         .lines()
         .map(|l| l.trim().parse().unwrap_or(0))
         .collect()
-}
-
-fn mint(daemon: &Daemon, name: &str, scope: &str, ttl: &str) -> String {
-    let data = api(
-        daemon,
-        &[
-            "admin",
-            "token_create",
-            &format!("name={name}"),
-            &format!("scope={scope}"),
-            &format!("ttl={ttl}"),
-        ],
-    );
-    data["token"].as_str().unwrap().to_string()
 }
 
 /// The parts of an envelope that must match across transports (the timestamp differs).
@@ -375,10 +361,10 @@ fn admin_api_over_https_matches_the_socket_and_refuses_clearly() {
     assert_eq!(status, 200, "{r}");
 
     // Refusals: each a 4xx with a clear code and sentence, and no client made.
-    let reader = mint(&daemon, "reader", "read", "1h");
-    let dns_only = mint(&daemon, "dns-only", "dns", "1h");
-    let expiring = mint(&daemon, "expiring", "write", "1");
-    let revoked = mint(&daemon, "revoked", "write", "1h");
+    let reader = mint_token(&daemon, "reader", "read", "1h");
+    let dns_only = mint_token(&daemon, "dns-only", "dns", "1h");
+    let expiring = mint_token(&daemon, "expiring", "write", "1");
+    let revoked = mint_token(&daemon, "revoked", "write", "1h");
     api(&daemon, &["admin", "token_revoke", "name=revoked"]);
     let foreign = {
         // Same claims, another key: the signature does not verify.
@@ -537,7 +523,7 @@ fn admin_api_over_https_matches_the_socket_and_refuses_clearly() {
 
     // Over the per-token rate, then over the per-source rate (from the namespace's loopback,
     // a source of its own, with several tokens).
-    let burster = mint(&daemon, "burster", "read", "1h");
+    let burster = mint_token(&daemon, "burster", "read", "1h");
     let statuses = burst(
         &link.peer,
         OPERATOR,
@@ -566,7 +552,7 @@ fn admin_api_over_https_matches_the_socket_and_refuses_clearly() {
     assert!(r["error"].as_str().unwrap().contains("token"), "{r}");
     let mut from_loopback = Vec::new();
     for i in 0..4 {
-        let t = mint(&daemon, &format!("src{i}"), "read", "1h");
+        let t = mint_token(&daemon, &format!("src{i}"), "read", "1h");
         from_loopback.extend(burst(
             &link.server,
             "127.0.0.1",

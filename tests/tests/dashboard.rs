@@ -16,7 +16,7 @@ use phantom_tests::{
     BpffsDir, Daemon, DaemonConfig, GuardedLink, Process, UpstreamSite, WgQuickClient,
     WireguardSettings, api,
     browser::{Browser, screenshot},
-    http_from, require_root,
+    http_from, mint_token, require_root,
     wstunnel::block_on_in,
 };
 use serde_json::Value;
@@ -29,20 +29,6 @@ const SITE: &str = "192.0.2.1:8080";
 const OPERATOR: &str = GuardedLink::PEER_V4;
 /// The source of the burst on the sentry.
 const BURSTER: &str = GuardedLink::PEER_V4_SECOND;
-
-fn mint(daemon: &Daemon, name: &str, scope: &str) -> String {
-    let data = api(
-        daemon,
-        &[
-            "admin",
-            "token_create",
-            &format!("name={name}"),
-            &format!("scope={scope}"),
-            "ttl=1h",
-        ],
-    );
-    data["token"].as_str().unwrap().to_string()
-}
 
 async fn text(c: &Client, id: &str) -> String {
     c.find(Locator::Id(id)).await.unwrap().text().await.unwrap()
@@ -115,8 +101,8 @@ fn dashboard_in_chromium_signs_in_watches_live_panels_and_runs_the_usual_tasks()
          activation_cpu_threshold = 0.0\nip_static_threshold = 200\nstats_interval_seconds = 1\n"
     );
     let daemon = Daemon::start(&link.server, &config);
-    let write = mint(&daemon, "ops-alice", "write");
-    let read = mint(&daemon, "ops-viewer", "read");
+    let write = mint_token(&daemon, "ops-alice", "write", "1h");
+    let read = mint_token(&daemon, "ops-viewer", "read", "1h");
 
     // The VPN client that will move the WireGuard, datapath and DNS panels.
     api(&daemon, &["core", "add_client", "client_name=alice"]);

@@ -272,22 +272,23 @@
     if (!previous || seconds >= 1) previous = snap;
   }
 
+  // The snapshot with `withToken`: {status, body}; status 0 when the daemon is unreachable.
+  async function snapshot(withToken) {
+    try {
+      const r = await fetch("/api/v1/dashboard", { headers: { Authorization: "Bearer " + withToken }, cache: "no-store" });
+      return { status: r.status, body: await r.json().catch(() => ({})) };
+    } catch {
+      return { status: 0, body: {} };
+    }
+  }
+
   async function refresh() {
     if (!token) return;
-    let r;
-    try {
-      r = await fetch("/api/v1/dashboard", { headers: { Authorization: "Bearer " + token }, cache: "no-store" });
-    } catch (e) {
-      text("updated", "the daemon is unreachable; retrying");
-      return;
-    }
-    if (r.status === 401) {
-      const body = await r.json().catch(() => ({}));
-      signOut("Your token was refused: " + (body.error || "unauthorized"));
-      return;
-    }
-    if (!r.ok) { text("updated", `HTTP ${r.status}; retrying`); return; }
-    render(await r.json());
+    const { status, body } = await snapshot(token);
+    if (status === 0) text("updated", "the daemon is unreachable; retrying");
+    else if (status === 401) signOut("Your token was refused: " + (body.error || "unauthorized"));
+    else if (status !== 200) text("updated", `HTTP ${status}; retrying`);
+    else render(body);
   }
 
   // ---- sign-in ------------------------------------------------------------------------------
@@ -317,16 +318,9 @@
 
   async function signIn(candidate) {
     text("sign-in-error", "");
-    let r;
-    try {
-      r = await fetch("/api/v1/dashboard", { headers: { Authorization: "Bearer " + candidate }, cache: "no-store" });
-    } catch (e) {
-      text("sign-in-error", "The daemon is unreachable.");
-      return;
-    }
-    const body = await r.json().catch(() => ({}));
-    if (!r.ok) {
-      text("sign-in-error", body.error || `HTTP ${r.status}`);
+    const { status, body } = await snapshot(candidate);
+    if (status !== 200) {
+      text("sign-in-error", status === 0 ? "The daemon is unreachable." : body.error || `HTTP ${status}`);
       return;
     }
     token = candidate;
