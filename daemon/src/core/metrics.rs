@@ -3,7 +3,11 @@
 
 use std::sync::{Arc, atomic::Ordering};
 
-use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::counter::ConstCounter,
+};
 use tracing::warn;
 
 use super::{Server, store::Client};
@@ -59,12 +63,13 @@ impl Collector for WireguardCollector {
             ]
             .into_iter(),
         )?;
-        counter_family(
-            &mut encoder,
+        let expired_total = ConstCounter::new(self.server.expired_total.load(Ordering::Relaxed));
+        expired_total.encode(encoder.encode_descriptor(
             "phantom_wireguard_clients_expired",
             "Clients disabled at their expiry (peer removed) since the daemon started",
-            std::iter::once((vec![], self.server.expired_total.load(Ordering::Relaxed))),
-        )?;
+            None,
+            expired_total.metric_type(),
+        )?)?;
         let label = |name: &str| vec![("client", name.to_string())];
         gauge_family(
             &mut encoder,
