@@ -144,7 +144,7 @@ pub fn unix_now() -> i64 {
 const EXPIRY_RECHECK: Duration = Duration::from_secs(30);
 
 /// Every client by name and the subnet in force: an immutable snapshot, replaced after every
-/// change (start, add, remove, enable, disable, subnet change).
+/// change (start, add, remove, enable, disable, expiry set or come, subnet change).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClientTable {
     /// `None` without a WireGuard server.
@@ -553,6 +553,8 @@ impl Server {
         expires_at: Option<i64>,
     ) -> Result<Client, AddError> {
         let _alloc = self.alloc.lock().await;
+        // No await from here on: an expiry sweep cannot run between the insert and the peer.
+        let _changes = lock(&self.changes)?;
         if self.store.get(name)?.is_some() {
             return Err(AddError::Exists);
         }
