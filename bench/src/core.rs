@@ -30,7 +30,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
             for i in 0..n {
                 let started = Instant::now();
                 server
-                    .add_client(&format!("client{i:05}"))
+                    .add_client(&format!("client{i:05}"), None)
                     .await
                     .map_err(|e| format!("add_client: {e:?}"))?;
                 add.push(started.elapsed().as_secs_f64() * 1e3);

@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::{
-    AddError, ClientDns, CoreError, Live, Server, TWEAK_RESTART_AFTER_ADD, store::Client,
-    valid_client_name,
+    AddError, ChangeError, ClientDns, CoreError, Live, Server, TWEAK_RESTART_AFTER_ADD,
+    store::Client, unix_now, valid_client_name,
 };
 use crate::{
     admin::{ApiError, NoParams, PageParams, ParamKind, ParamSpec, Registry, run_blocking},
@@ -103,6 +103,70 @@ const INVALID_SUBNET: &str = "INVALID_SUBNET";
 const SUBNET_CHANGE_REFUSED: &str = "SUBNET_CHANGE_REFUSED";
 const CONFIRMATION_REQUIRED: &str = "CONFIRMATION_REQUIRED";
 const SUBNET_CHANGE_FAILED: &str = "SUBNET_CHANGE_FAILED";
+const INVALID_EXPIRY: &str = "INVALID_EXPIRY";
+const CLIENT_EXPIRED: &str = "CLIENT_EXPIRED";
+
+/// The latest expiry accepted: the end of year 9999 (RFC 3339's four-digit years).
+const MAX_EXPIRY: i64 = 253_402_300_799;
+
+/// Reads an `expires_at` parameter: Unix seconds, an RFC 3339 time, or `never` (`None`). A
+/// time not after `now` is refused: an expiry is set ahead of time (`disable_client` cuts a
+/// client at once).
+fn parse_expiry(raw: &str, now: i64) -> Result<Option<i64>, ApiError> {
+    let text = raw.trim();
+    if text.eq_ignore_ascii_case("never") {
+        return Ok(None);
+    }
+    let shown = || text.chars().take(64).collect::<String>();
+    let at = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        text.parse::<i64>().ok().filter(|at| *at <= MAX_EXPIRY)
+    } else {
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .map(time::OffsetDateTime::unix_timestamp)
+    }
+    .ok_or_else(|| {
+        ApiError::new(
+            INVALID_EXPIRY,
+            format!(
+                "expires_at {:?}: expected Unix seconds (1767225599), an RFC 3339 time (2025-12-31T23:59:59Z) or never",
+                shown()
+            ),
+        )
+    })?;
+    if at <= now {
+        return Err(ApiError::new(
+            INVALID_EXPIRY,
+            format!(
+                "expires_at {:?} ({at}) is not in the future (now {now}); use disable_client to cut a client at once",
+                shown()
+            ),
+        ));
+    }
+    Ok(Some(at))
+}
+
+/// The `expires_at` parameter of `add_client` and `set_client_expiry`.
+const EXPIRES_AT_HELP: &str =
+    "Unix seconds, an RFC 3339 time (2026-12-31T23:59:59Z) or never; must be in the future";
+
+/// `CLIENT_EXPIRED` for a client whose expiry has come.
+fn expired(name: &str, expires_at: i64) -> ApiError {
+    ApiError::new(
+        CLIENT_EXPIRED,
+        format!(
+            "client {name:?} expired at {expires_at} ({}); extend it first: core set_client_expiry client_name={name} expires_at=<a future time>|never",
+            rfc3339_of(expires_at)
+        ),
+    )
+}
+
+/// Unix seconds as RFC 3339 (UTC), for messages.
+fn rfc3339_of(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .map(protocol::rfc3339)
+        .unwrap_or_else(|_| unix.to_string())
+}
 
 /// The outcome of checking a subnet change, in the reply shape of `validate_subnet_change`.
 struct SubnetCheck {
@@ -183,6 +247,20 @@ fn mapping_json(mapping: &[(String, std::net::Ipv4Addr, std::net::Ipv4Addr)]) ->
 #[serde(deny_unknown_fields)]
 struct NameParams {
     client_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddParams {
+    client_name: String,
+    expires_at: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpiryParams {
+    client_name: String,
+    expires_at: String,
 }
 
 #[derive(Deserialize)]
@@ -350,7 +428,7 @@ fn connection(live: Option<&Live>, rx: u64, tx: u64) -> Value {
     }
 }
 
-fn client_json(c: &Client, live: Option<&Live>) -> Value {
+fn client_json(c: &Client, live: Option<&Live>, now: i64) -> Value {
     let (rx, tx) = live.map_or((0, 0), |l| (l.rx_bytes, l.tx_bytes));
     let (rx, tx) = (c.rx_total + rx, c.tx_total + tx);
     json!({
@@ -359,6 +437,8 @@ fn client_json(c: &Client, live: Option<&Live>) -> Value {
         "public_key": c.public_key,
         "created": c.created,
         "enabled": c.enabled,
+        "expires_at": c.expires_at,
+        "expired": c.expired_at(now),
         "connected": live.is_some_and(Live::connected),
         "connection": connection(live, rx, tx),
         "latest_handshake_seconds_ago": live.and_then(|l| l.handshake_age_seconds),
@@ -378,14 +458,26 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
     registry.action(
         "core",
         "add_client",
-        "create a client: next free address, fresh keys, live peer",
-        vec![CLIENT_NAME],
-        move |p: NameParams| {
+        "create a client: next free address, fresh keys, live peer; expires_at to make it expire",
+        vec![
+            CLIENT_NAME,
+            ParamSpec::optional(
+                "expires_at",
+                ParamKind::String { max_len: 64 },
+                None,
+                EXPIRES_AT_HELP,
+            ),
+        ],
+        move |p: AddParams| {
             let c = Arc::clone(&c);
             async move {
                 checked_name(&p.client_name)?;
+                let expires_at = match p.expires_at.as_deref() {
+                    Some(raw) => parse_expiry(raw, unix_now())?,
+                    None => None,
+                };
                 let server = server(&c)?;
-                let client = match server.add_client(&p.client_name).await {
+                let client = match server.add_client(&p.client_name, expires_at).await {
                     Ok(client) => client,
                     Err(AddError::Exists) => {
                         return Err(ApiError::new(
@@ -415,6 +507,7 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                         "public_key": client.public_key,
                         "created": client.created,
                         "enabled": client.enabled,
+                        "expires_at": client.expires_at,
                     },
                     "message": format!("client {} added with address {}", client.name, client.ip),
                     "service_restarted": restart,
@@ -470,18 +563,93 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                     checked_name(&p.client_name)?;
                     let server = server(&c)?;
                     let name = p.client_name.clone();
-                    let client = blocking(move || server.set_enabled(&name, enabled))
-                        .await?
-                        .ok_or_else(|| not_found(&p.client_name))?;
+                    let client = run_blocking(move || {
+                        server.set_enabled(&name, enabled).map_err(|e| match e {
+                            ChangeError::NotFound => not_found(&name),
+                            ChangeError::Expired { expires_at } => expired(&name, expires_at),
+                            ChangeError::Internal(e) => e.into(),
+                        })
+                    })
+                    .await?;
                     Ok::<_, ApiError>(json!({
                         "client_name": client.name,
                         "client_ip": client.ip,
                         "enabled": client.enabled,
+                        "expires_at": client.expires_at,
                     }))
                 }
             },
         );
     }
+
+    let c = Arc::clone(&handles);
+    registry.action(
+        "core",
+        "set_client_expiry",
+        "set when a client expires (or never); at its expiry its peer is removed and it stays disabled until extended",
+        vec![
+            CLIENT_NAME,
+            ParamSpec::required("expires_at", ParamKind::String { max_len: 64 }, EXPIRES_AT_HELP),
+        ],
+        move |p: ExpiryParams| {
+            let c = Arc::clone(&c);
+            async move {
+                checked_name(&p.client_name)?;
+                let expires_at = parse_expiry(&p.expires_at, unix_now())?;
+                let server = server(&c)?;
+                let name = p.client_name.clone();
+                let (before, client) = run_blocking(move || {
+                    let before = server.store.get(&name).map_err(ApiError::from)?;
+                    let after = server.set_expiry(&name, expires_at).map_err(|e| match e {
+                        ChangeError::NotFound => not_found(&name),
+                        ChangeError::Expired { expires_at } => ApiError::new(
+                            INVALID_EXPIRY,
+                            format!("expires_at {expires_at} is not in the future"),
+                        ),
+                        ChangeError::Internal(e) => e.into(),
+                    })?;
+                    Ok((before, after))
+                })
+                .await?;
+                let reenabled = client.enabled && before.is_some_and(|b| !b.enabled);
+                let message = match client.expires_at {
+                    Some(at) => format!("client {} expires at {}", client.name, rfc3339_of(at)),
+                    None => format!("client {} never expires", client.name),
+                };
+                Ok::<_, ApiError>(json!({
+                    "client_name": client.name,
+                    "client_ip": client.ip,
+                    "expires_at": client.expires_at,
+                    "expired": false,
+                    "enabled": client.enabled,
+                    "reenabled": reenabled,
+                    "message": if reenabled { format!("{message}; enabled again") } else { message },
+                }))
+            }
+        },
+    );
+
+    let c = Arc::clone(&handles);
+    registry.action(
+        "core",
+        "get_client",
+        "one client, with live connection state, traffic and expiry",
+        vec![CLIENT_NAME],
+        move |p: NameParams| {
+            let c = Arc::clone(&c);
+            async move {
+                checked_name(&p.client_name)?;
+                let server = server(&c)?;
+                let name = p.client_name.clone();
+                let (client, live) =
+                    blocking(move || Ok((server.store.get(&name)?, server.live()))).await?;
+                let client = client.ok_or_else(|| not_found(&p.client_name))?;
+                Ok::<_, ApiError>(json!({
+                    "client": client_json(&client, live.get(&client.public_key), unix_now()),
+                }))
+            }
+        },
+    );
 
     let c = Arc::clone(&handles);
     registry.action(
@@ -510,7 +678,7 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                 let showing_from = if clients.is_empty() { 0 } else { (page - 1) * per_page + 1 };
                 Ok::<_, ApiError>(json!({
                     "total": total,
-                    "clients": clients.iter().map(|cl| client_json(cl, live.get(&cl.public_key))).collect::<Vec<_>>(),
+                    "clients": clients.iter().map(|cl| client_json(cl, live.get(&cl.public_key), unix_now())).collect::<Vec<_>>(),
                     "pagination": {
                         "page": page,
                         "per_page": per_page,
@@ -564,6 +732,7 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                         "ip": client.ip,
                         "created": client.created,
                         "enabled": client.enabled,
+                        "expires_at": client.expires_at,
                         "private_key": client.private_key,
                         "public_key": client.public_key,
                         "preshared_key": client.preshared_key,
@@ -600,7 +769,7 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                 let n = usize::try_from(p.count).unwrap_or(5);
                 let (clients, live) = blocking(move || Ok((server.store.latest(n)?, server.live()))).await?;
                 Ok::<_, ApiError>(json!({
-                    "latest_clients": clients.iter().map(|cl| client_json(cl, live.get(&cl.public_key))).collect::<Vec<_>>(),
+                    "latest_clients": clients.iter().map(|cl| client_json(cl, live.get(&cl.public_key), unix_now())).collect::<Vec<_>>(),
                     "count": clients.len(),
                 }))
             }
@@ -945,6 +1114,7 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
         "core",
         &[
             "list_clients",
+            "get_client",
             "latest_clients",
             "server_status",
             "service_logs",
@@ -1097,5 +1267,41 @@ mod tests {
         assert_eq!(transfer_text(5 * 1024 * 1024), "5.00 MiB");
         assert_eq!(transfer_text(1_288_490_189), "1.20 GiB");
         assert_eq!(transfer_text(3 << 50), "3072.00 TiB");
+    }
+
+    #[test]
+    fn expiry_reads_unix_seconds_rfc3339_and_never() {
+        let now = 1_700_000_000;
+        assert_eq!(parse_expiry("1700000060", now), Ok(Some(1_700_000_060)));
+        assert_eq!(
+            parse_expiry("2023-11-14T22:14:20Z", now),
+            Ok(Some(1_700_000_060))
+        );
+        assert_eq!(
+            parse_expiry("2023-11-15T00:14:20+02:00", now),
+            Ok(Some(1_700_000_060))
+        );
+        assert_eq!(parse_expiry("never", now), Ok(None));
+        assert_eq!(parse_expiry("NEVER", now), Ok(None));
+        for bad in [
+            "",
+            "tomorrow",
+            "-5",
+            "17e8",
+            "2023-11-14 22:14:20",
+            "99999999999999999999",
+            "253402300800",
+        ] {
+            let err = parse_expiry(bad, now).err();
+            assert_eq!(err.map(|e| e.code), Some(INVALID_EXPIRY), "{bad:?}");
+        }
+        for past in ["1700000000", "1", "2023-11-14T22:13:20Z"] {
+            let err = parse_expiry(past, now).err();
+            assert!(
+                err.as_ref()
+                    .is_some_and(|e| e.code == INVALID_EXPIRY && e.message.contains("future")),
+                "{past:?}: {err:?}"
+            );
+        }
     }
 }

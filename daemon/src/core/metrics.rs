@@ -1,9 +1,13 @@
 //! The WireGuard server's collector: interface, clients by state, and per-client handshake age
 //! and traffic.
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::Ordering};
 
-use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::counter::ConstCounter,
+};
 use tracing::warn;
 
 use super::{Server, store::Client};
@@ -37,7 +41,9 @@ impl Collector for WireguardCollector {
             }
         };
         let live = self.server.live();
+        let now = super::unix_now();
         let enabled = clients.iter().filter(|c| c.enabled).count() as i64;
+        let expired = clients.iter().filter(|c| c.expired_at(now)).count() as i64;
         let connected = clients
             .iter()
             .filter(|c| live.get(&c.public_key).is_some_and(|l| l.connected()))
@@ -45,7 +51,7 @@ impl Collector for WireguardCollector {
         gauge_family(
             &mut encoder,
             "phantom_wireguard_clients",
-            "Clients by state (connected = handshake within 180 s)",
+            "Clients by state (connected = handshake within 180 s; expired = expiry come, so disabled)",
             [
                 (vec![("state", "enabled".to_string())], enabled),
                 (
@@ -53,9 +59,17 @@ impl Collector for WireguardCollector {
                     clients.len() as i64 - enabled,
                 ),
                 (vec![("state", "connected".to_string())], connected),
+                (vec![("state", "expired".to_string())], expired),
             ]
             .into_iter(),
         )?;
+        let expired_total = ConstCounter::new(self.server.expired_total.load(Ordering::Relaxed));
+        expired_total.encode(encoder.encode_descriptor(
+            "phantom_wireguard_clients_expired",
+            "Clients disabled at their expiry (peer removed) since the daemon started",
+            None,
+            expired_total.metric_type(),
+        )?)?;
         let label = |name: &str| vec![("client", name.to_string())];
         gauge_family(
             &mut encoder,

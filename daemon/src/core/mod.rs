@@ -10,8 +10,11 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::{sync::watch, task::JoinHandle};
@@ -93,13 +96,28 @@ pub enum AddError {
     Internal(#[from] CoreError),
 }
 
+/// Why `enable_client` or `set_client_expiry` did not change the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error("no such client")]
+    NotFound,
+    /// The client's expiry has come: it stays disabled until the expiry is moved.
+    #[error("the client expired at {expires_at} (Unix seconds)")]
+    Expired { expires_at: i64 },
+    #[error(transparent)]
+    Internal(#[from] CoreError),
+}
+
 /// One client as the other domains see it: no keys beyond the public one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientEntry {
     pub name: String,
     pub ip: Ipv4Addr,
     pub public_key: String,
+    /// False while disabled, by the operator or at its expiry.
     pub enabled: bool,
+    /// When the client expires (Unix seconds); `None`: never.
+    pub expires_at: Option<i64>,
 }
 
 impl From<&Client> for ClientEntry {
@@ -109,12 +127,24 @@ impl From<&Client> for ClientEntry {
             ip: c.ip,
             public_key: c.public_key.clone(),
             enabled: c.enabled,
+            expires_at: c.expires_at,
         }
     }
 }
 
+/// The current time in Unix seconds.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The longest the expiry task sleeps while a client has an expiry, so a jump of the wall
+/// clock is noticed well within a minute.
+const EXPIRY_RECHECK: Duration = Duration::from_secs(30);
+
 /// Every client by name and the subnet in force: an immutable snapshot, replaced after every
-/// change (start, add, remove, enable, disable, subnet change).
+/// change (start, add, remove, enable, disable, expiry set or come, subnet change).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ClientTable {
     /// `None` without a WireGuard server.
@@ -187,6 +217,12 @@ pub struct Server {
     pub started_at: time::OffsetDateTime,
     /// The client table other domains subscribe to.
     table: watch::Sender<Arc<ClientTable>>,
+    /// Serialises the changes of a client's state (enable, disable, expiry, removal) across
+    /// the store and the device, so an expiry and an extension at the same moment cannot leave
+    /// the store and the peers apart.
+    changes: Mutex<()>,
+    /// Clients disabled at their expiry since the daemon started.
+    pub expired_total: AtomicU64,
 }
 
 /// Loads the server key from the state directory, creating it (0600) on first start: the
@@ -239,7 +275,11 @@ impl Server {
             live_cache: Mutex::new(None),
             started_at: time::OffsetDateTime::now_utc(),
             table: watch::Sender::new(Arc::new(ClientTable::default())),
+            changes: Mutex::new(()),
+            expired_total: AtomicU64::new(0),
         };
+        // Clients whose expiry came while the daemon was down never get their peer back.
+        server.expire_due(unix_now())?;
         server.publish_all()?;
         server.bring_up().await?;
         Ok(server)
@@ -279,19 +319,111 @@ impl Server {
     }
 
     /// Starts core's background work: client traffic added to the stored totals every 30 s,
-    /// so totals survive restarts.
+    /// so totals survive restarts, and the expiry of clients at their time.
     pub fn start_tasks(self: &Arc<Self>, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
         let server = Arc::clone(self);
-        vec![tasks::every(
-            "persisting client traffic",
-            Duration::from_secs(30),
-            shutdown.clone(),
-            move || {
-                if let Err(e) = server.persist_traffic() {
-                    warn!(error = %e, "cannot persist client traffic");
+        vec![
+            tasks::every(
+                "persisting client traffic",
+                Duration::from_secs(30),
+                shutdown.clone(),
+                move || {
+                    if let Err(e) = server.persist_traffic() {
+                        warn!(error = %e, "cannot persist client traffic");
+                    }
+                },
+            ),
+            tokio::spawn(Arc::clone(self).expire_at_their_time(shutdown.clone())),
+        ]
+    }
+
+    /// Sleeps until the earliest expiry of an enabled client in the client table (woken early
+    /// by every change of the table, at most `EXPIRY_RECHECK` while an expiry is pending, not
+    /// at all while none is), then expires whoever is due.
+    async fn expire_at_their_time(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut table = self.clients();
+        let mut last_sweep: Option<tokio::time::Instant> = None;
+        loop {
+            let next = table
+                .borrow_and_update()
+                .clients
+                .values()
+                .filter(|c| c.enabled)
+                .filter_map(|c| c.expires_at)
+                .min();
+            let wait = next.map(|at| {
+                let due = UNIX_EPOCH + Duration::from_secs(u64::try_from(at).unwrap_or(0));
+                let wait = due
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+                    .min(EXPIRY_RECHECK);
+                // Never two sweeps within a second: an entry the store does not agree is due
+                // must not spin the task.
+                let earliest = last_sweep.map_or(Duration::ZERO, |t| {
+                    Duration::from_secs(1).saturating_sub(t.elapsed())
+                });
+                wait.max(earliest)
+            });
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                changed = table.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
                 }
-            },
-        )]
+                _ = async {
+                    match wait {
+                        Some(wait) => tokio::time::sleep(wait).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+            last_sweep = Some(tokio::time::Instant::now());
+            let server = Arc::clone(&self);
+            match tokio::task::spawn_blocking(move || server.expire_due(unix_now())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!(error = %e, "cannot expire clients"),
+                Err(e) => warn!(error = %e, "expiring clients failed"),
+            }
+        }
+    }
+
+    /// Disables every enabled client whose expiry has come at `now` (durably, marked as
+    /// disabled by expiry), takes its peer off the interface and publishes the change.
+    /// Returns the clients expired.
+    pub fn expire_due(&self, now: i64) -> Result<Vec<Client>, CoreError> {
+        let _changes = lock(&self.changes)?;
+        let expired = self.store.expire_due(now)?;
+        if expired.is_empty() {
+            return Ok(expired);
+        }
+        // The traffic up to the cut is kept, as when the operator disables a client.
+        if let Err(e) = self.persist_traffic()
+            && !matches!(e, CoreError::InterfaceDown)
+        {
+            warn!(error = %e, "cannot persist client traffic");
+        }
+        for client in &expired {
+            self.publish(&client.name, Some(ClientEntry::from(client)));
+            match self.with_device(|d| d.remove_peer(&client.public_key)) {
+                // At start the interface is not up yet and the peer is never added.
+                Ok(()) | Err(CoreError::InterfaceDown) => {}
+                Err(e) => {
+                    warn!(client = %client.name, error = %e, "cannot remove an expired client's peer")
+                }
+            }
+            lock(&self.persisted)?.remove(&client.public_key);
+            self.expired_total.fetch_add(1, Ordering::Relaxed);
+            info!(
+                client = %client.name,
+                ip = %client.ip,
+                expires_at = client.expires_at.unwrap_or_default(),
+                "client expired: peer removed, client disabled until its expiry is extended"
+            );
+        }
+        self.invalidate_live();
+        Ok(expired)
     }
 
     /// Creates (or recreates) the interface from the store: every enabled client a peer.
@@ -326,11 +458,13 @@ impl Server {
     }
 
     fn peers(&self) -> Result<Vec<PeerSpec>, CoreError> {
+        let now = unix_now();
         Ok(self
             .store
             .all()?
             .into_iter()
-            .filter(|c| c.enabled)
+            // A client due to expire is left out even before the expiry task has run.
+            .filter(|c| c.enabled && !c.expired_at(now))
             .map(|c| peer_of(&c))
             .collect())
     }
@@ -412,9 +546,15 @@ impl Server {
     }
 
     /// Adds a client: next free address, fresh keys, stored (durably) before the peer goes
-    /// live.
-    pub async fn add_client(&self, name: &str) -> Result<Client, AddError> {
+    /// live; `expires_at` (Unix seconds) when it should expire.
+    pub async fn add_client(
+        &self,
+        name: &str,
+        expires_at: Option<i64>,
+    ) -> Result<Client, AddError> {
         let _alloc = self.alloc.lock().await;
+        // No await from here on: an expiry sweep cannot run between the insert and the peer.
+        let _changes = lock(&self.changes)?;
         if self.store.get(name)?.is_some() {
             return Err(AddError::Exists);
         }
@@ -435,6 +575,8 @@ impl Server {
             enabled: true,
             rx_total: 0,
             tx_total: 0,
+            expires_at,
+            expiry_disabled: false,
         };
         match self.store.insert(&client)? {
             Ok(()) => {}
@@ -453,6 +595,7 @@ impl Server {
     }
 
     pub fn remove_client(&self, name: &str) -> Result<Option<Client>, CoreError> {
+        let _changes = lock(&self.changes)?;
         let Some(client) = self.store.remove(name)? else {
             return Ok(None);
         };
@@ -464,16 +607,26 @@ impl Server {
     }
 
     /// Enables or disables a client: the peer leaves or rejoins the interface, the client stays.
-    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<Option<Client>, CoreError> {
-        let Some(before) = self.store.get(name)? else {
-            return Ok(None);
-        };
-        if before.enabled == enabled {
-            return Ok(Some(before));
+    /// A client whose expiry has come is not enabled (`ChangeError::Expired`).
+    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<Client, ChangeError> {
+        let _changes = lock(&self.changes)?;
+        let before = self.store.get(name)?.ok_or(ChangeError::NotFound)?;
+        if enabled
+            && let Some(expires_at) = before.expires_at.filter(|_| before.expired_at(unix_now()))
+        {
+            return Err(ChangeError::Expired { expires_at });
         }
-        let Some(client) = self.store.set_enabled(name, enabled)? else {
-            return Ok(None);
-        };
+        if before.enabled == enabled {
+            if !enabled && before.expiry_disabled {
+                // The operator's disable outlasts an extension of the expiry.
+                self.store.set_enabled(name, false)?;
+            }
+            return Ok(before);
+        }
+        let client = self
+            .store
+            .set_enabled(name, enabled)?
+            .ok_or(ChangeError::NotFound)?;
         self.publish(&client.name, Some(ClientEntry::from(&client)));
         if enabled {
             self.with_device(|d| d.add_peer(&peer_of(&client)))?;
@@ -483,7 +636,31 @@ impl Server {
             lock(&self.persisted)?.remove(&client.public_key);
         }
         self.invalidate_live();
-        Ok(Some(client))
+        Ok(client)
+    }
+
+    /// Moves a client's expiry (`None`: never). A client disabled at its expiry is enabled
+    /// again (its peer back on the interface) when the new expiry is in the future; one the
+    /// operator disabled stays disabled. A time already come is refused
+    /// (`ChangeError::Expired`): `disable_client` cuts a client at once.
+    pub fn set_expiry(&self, name: &str, expires_at: Option<i64>) -> Result<Client, ChangeError> {
+        let _changes = lock(&self.changes)?;
+        let now = unix_now();
+        if let Some(at) = expires_at.filter(|at| *at <= now) {
+            return Err(ChangeError::Expired { expires_at: at });
+        }
+        let before = self.store.get(name)?.ok_or(ChangeError::NotFound)?;
+        let client = self
+            .store
+            .set_expiry(name, expires_at, now)?
+            .ok_or(ChangeError::NotFound)?;
+        self.publish(&client.name, Some(ClientEntry::from(&client)));
+        if client.enabled && !before.enabled {
+            self.with_device(|d| d.add_peer(&peer_of(&client)))?;
+            self.invalidate_live();
+            info!(client = %client.name, ip = %client.ip, expires_at = ?client.expires_at, "expiry extended: client enabled again");
+        }
+        Ok(client)
     }
 
     /// Live handshake age, endpoint and traffic per public key, at most `LIVE_MAX_AGE` old:

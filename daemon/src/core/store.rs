@@ -25,6 +25,18 @@ pub struct Client {
     /// Traffic totals across interface restarts (bytes).
     pub rx_total: u64,
     pub tx_total: u64,
+    /// When the client expires (Unix seconds); `None`: never.
+    pub expires_at: Option<i64>,
+    /// The daemon disabled the client at its expiry (not the operator): extending the expiry
+    /// into the future enables it again.
+    pub expiry_disabled: bool,
+}
+
+impl Client {
+    /// Whether `expires_at` has come (at Unix second `now`).
+    pub fn expired_at(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
 }
 
 /// Why an insert was refused.
@@ -39,8 +51,31 @@ pub struct ClientStore {
     conn: Mutex<Connection>,
 }
 
-const COLUMNS: &str =
-    "name, ip, private_key, public_key, preshared_key, created, enabled, rx_total, tx_total";
+const COLUMNS: &str = "name, ip, private_key, public_key, preshared_key, created, enabled, \
+     rx_total, tx_total, expires_at, expiry_disabled";
+
+/// The schema changes after the first version, in order; `PRAGMA user_version` counts those
+/// applied. Each runs in one transaction with its version bump, so a crash leaves the store
+/// before or after a step, never in between. An older daemon still reads a newer store (it
+/// names its columns).
+const MIGRATIONS: &[&str] = &[
+    // 1: client expiry.
+    "ALTER TABLE clients ADD COLUMN expires_at INTEGER;
+     ALTER TABLE clients ADD COLUMN expiry_disabled INTEGER NOT NULL DEFAULT 0;
+     CREATE INDEX IF NOT EXISTS clients_expiry ON clients (expires_at) WHERE expires_at IS NOT NULL;",
+];
+
+/// Brings the store's schema to the newest version.
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
 
 fn row_to_client(row: &rusqlite::Row<'_>) -> rusqlite::Result<Client> {
     let ip: String = row.get(1)?;
@@ -54,12 +89,14 @@ fn row_to_client(row: &rusqlite::Row<'_>) -> rusqlite::Result<Client> {
         enabled: row.get(6)?,
         rx_total: row.get::<_, i64>(7)? as u64,
         tx_total: row.get::<_, i64>(8)? as u64,
+        expires_at: row.get(9)?,
+        expiry_disabled: row.get(10)?,
     })
 }
 
 impl ClientStore {
     pub fn open(path: &Path) -> Result<Self, CoreError> {
-        let conn = crate::store::open_sqlite(path)?;
+        let mut conn = crate::store::open_sqlite(path)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS clients (
                  name TEXT PRIMARY KEY,
@@ -77,6 +114,7 @@ impl ClientStore {
              CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
         )
         .map_err(CoreError::ClientStore)?;
+        migrate(&mut conn).map_err(CoreError::ClientStore)?;
         // The integrity check doubles as "the store opens cleanly" after a crash.
         let ok: String = conn
             .query_row("PRAGMA quick_check", [], |r| r.get(0))
@@ -117,8 +155,8 @@ impl ClientStore {
             return Ok(Err(Conflict::Key));
         }
         conn.execute(
-            "INSERT INTO clients (name, ip, private_key, public_key, preshared_key, created, enabled, rx_total, tx_total, seq)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, (SELECT COALESCE(MAX(seq), 0) + 1 FROM clients))",
+            "INSERT INTO clients (name, ip, private_key, public_key, preshared_key, created, enabled, rx_total, tx_total, expires_at, expiry_disabled, seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, (SELECT COALESCE(MAX(seq), 0) + 1 FROM clients))",
             params![
                 c.name,
                 c.ip.to_string(),
@@ -128,7 +166,9 @@ impl ClientStore {
                 c.created,
                 c.enabled,
                 c.rx_total as i64,
-                c.tx_total as i64
+                c.tx_total as i64,
+                c.expires_at,
+                c.expiry_disabled
             ],
         )
         .map_err(CoreError::ClientStore)?;
@@ -156,11 +196,13 @@ impl ClientStore {
         Ok(client)
     }
 
+    /// Enables or disables a client by the operator's word: either way the client is no longer
+    /// one the daemon disabled at its expiry.
     pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<Option<Client>, CoreError> {
         let n = self
             .conn()?
             .execute(
-                "UPDATE clients SET enabled = ?2 WHERE name = ?1",
+                "UPDATE clients SET enabled = ?2, expiry_disabled = 0 WHERE name = ?1",
                 params![name, enabled],
             )
             .map_err(CoreError::ClientStore)?;
@@ -168,6 +210,66 @@ impl ClientStore {
             return Ok(None);
         }
         self.get(name)
+    }
+
+    /// Sets a client's expiry (`None`: never). A client the daemon disabled at its expiry is
+    /// enabled again when the new expiry is not due at `now`.
+    pub fn set_expiry(
+        &self,
+        name: &str,
+        expires_at: Option<i64>,
+        now: i64,
+    ) -> Result<Option<Client>, CoreError> {
+        let due = expires_at.is_some_and(|at| at <= now);
+        let n = self
+            .conn()?
+            .execute(
+                "UPDATE clients SET expires_at = ?2,
+                     enabled = CASE WHEN expiry_disabled = 1 AND NOT ?3 THEN 1 ELSE enabled END,
+                     expiry_disabled = CASE WHEN ?3 THEN expiry_disabled ELSE 0 END
+                 WHERE name = ?1",
+                params![name, expires_at, due],
+            )
+            .map_err(CoreError::ClientStore)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        self.get(name)
+    }
+
+    /// Disables every enabled client whose expiry is due at `now`, marking it disabled by
+    /// expiry, in one transaction; returns them as they are now.
+    pub fn expire_due(&self, now: i64) -> Result<Vec<Client>, CoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction().map_err(CoreError::ClientStore)?;
+        let due = {
+            let mut stmt = tx
+                .prepare(&format!(
+                    "SELECT {COLUMNS} FROM clients
+                     WHERE enabled = 1 AND expires_at IS NOT NULL AND expires_at <= ?1 ORDER BY seq"
+                ))
+                .map_err(CoreError::ClientStore)?;
+            let rows = stmt
+                .query_map([now], row_to_client)
+                .map_err(CoreError::ClientStore)?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(CoreError::ClientStore)?
+        };
+        tx.execute(
+            "UPDATE clients SET enabled = 0, expiry_disabled = 1
+             WHERE enabled = 1 AND expires_at IS NOT NULL AND expires_at <= ?1",
+            [now],
+        )
+        .map_err(CoreError::ClientStore)?;
+        tx.commit().map_err(CoreError::ClientStore)?;
+        Ok(due
+            .into_iter()
+            .map(|c| Client {
+                enabled: false,
+                expiry_disabled: true,
+                ..c
+            })
+            .collect())
     }
 
     /// Every address in use.
@@ -336,6 +438,8 @@ mod tests {
             enabled: true,
             rx_total: 0,
             tx_total: 0,
+            expires_at: None,
+            expiry_disabled: false,
         }
     }
 
@@ -385,6 +489,98 @@ mod tests {
             Some(Ipv4Addr::new(10, 8, 0, 4))
         );
         assert_eq!(store.all()?.len(), 2);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod expiry_tests {
+    use super::*;
+
+    fn client(name: &str, ip: [u8; 4], expires_at: Option<i64>) -> Client {
+        Client {
+            name: name.into(),
+            ip: Ipv4Addr::from(ip),
+            private_key: "priv".into(),
+            public_key: format!("key-{name}"),
+            preshared_key: "psk".into(),
+            created: "2026-11-23T00:00:00Z".into(),
+            enabled: true,
+            rx_total: 0,
+            tx_total: 0,
+            expires_at,
+            expiry_disabled: false,
+        }
+    }
+
+    /// A store written before expiry existed opens, keeps its clients, and gains the columns.
+    #[test]
+    fn a_store_of_the_first_schema_is_migrated() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("clients.db");
+        {
+            let conn = Connection::open(&path)?;
+            conn.execute_batch(
+                "CREATE TABLE clients (
+                     name TEXT PRIMARY KEY, ip TEXT NOT NULL UNIQUE, private_key TEXT NOT NULL,
+                     public_key TEXT NOT NULL UNIQUE, preshared_key TEXT NOT NULL,
+                     created TEXT NOT NULL, enabled INTEGER NOT NULL DEFAULT 1,
+                     rx_total INTEGER NOT NULL DEFAULT 0, tx_total INTEGER NOT NULL DEFAULT 0,
+                     seq INTEGER NOT NULL DEFAULT 0);
+                 INSERT INTO clients VALUES ('old', '10.8.0.2', 'p', 'k', 's', 'c', 0, 5, 6, 1);",
+            )?;
+        }
+        for _ in 0..2 {
+            // Twice: the second open finds the store at the newest version already.
+            let store = ClientStore::open(&path)?;
+            let old = store.get("old")?.ok_or("lost")?;
+            assert_eq!(
+                (
+                    old.enabled,
+                    old.rx_total,
+                    old.expires_at,
+                    old.expiry_disabled
+                ),
+                (false, 5, None, false)
+            );
+        }
+        let store = ClientStore::open(&path)?;
+        assert_eq!(
+            store.insert(&client("new", [10, 8, 0, 3], Some(100)))?,
+            Ok(())
+        );
+        assert_eq!(store.get("new")?.and_then(|c| c.expires_at), Some(100));
+        Ok(())
+    }
+
+    #[test]
+    fn expiry_disables_and_extending_enables_again() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = ClientStore::open(&dir.path().join("clients.db"))?;
+        store.insert(&client("due", [10, 8, 0, 2], Some(100)))?.ok();
+        store
+            .insert(&client("later", [10, 8, 0, 3], Some(200)))?
+            .ok();
+        store.insert(&client("never", [10, 8, 0, 4], None))?.ok();
+        store.insert(&client("off", [10, 8, 0, 5], Some(50)))?.ok();
+        store.set_enabled("off", false)?;
+        let expired = store.expire_due(100)?;
+        assert_eq!(
+            expired.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            ["due"],
+            "only enabled clients whose time has come"
+        );
+        assert!(expired[0].expiry_disabled && !expired[0].enabled);
+        assert!(store.expire_due(100)?.is_empty(), "once");
+        // A new time still due changes nothing else; one in the future enables it again.
+        let still = store.set_expiry("due", Some(90), 100)?.ok_or("lost")?;
+        assert!(!still.enabled && still.expiry_disabled);
+        let back = store.set_expiry("due", Some(300), 100)?.ok_or("lost")?;
+        assert!(back.enabled && !back.expiry_disabled);
+        // The operator's disable is not undone by an extension.
+        let off = store.set_expiry("off", None, 100)?.ok_or("lost")?;
+        assert!(!off.enabled && off.expires_at.is_none());
+        assert!(store.set_expiry("nobody", None, 100)?.is_none());
         Ok(())
     }
 }
