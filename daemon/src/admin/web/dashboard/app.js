@@ -156,10 +156,11 @@
   function clientRow(c) {
     const tr = document.createElement("tr");
     const conn = c.connection || {};
-    const state = !c.enabled ? "disabled" : c.connected ? "connected" : "idle";
+    const state = c.expired ? "expired" : !c.enabled ? "disabled" : c.connected ? "connected" : "idle";
     const st = cell(state, c.connected ? "state-on" : "state-off");
+    const expires = c.expires_at ? new Date(c.expires_at * 1000).toLocaleString() : "never";
     tr.append(cell(c.name), cell(c.ip), st, cell(conn.latest_handshake || "never"),
-      cell(bytes(c.rx_bytes), "num"), cell(bytes(c.tx_bytes), "num"));
+      cell(bytes(c.rx_bytes), "num"), cell(bytes(c.tx_bytes), "num"), cell(expires));
     const actions = document.createElement("td");
     actions.className = "write";
     const button = (label, fn) => {
@@ -193,7 +194,7 @@
     showRate("wg-tx", tx, bytes);
     if (typeof rx === "number") { push(series.wgRx, rx); push(series.wgTx, tx); }
     chart("wg-chart", [series.wgRx, series.wgTx], (n) => bytes(n) + "/s");
-    rows($("wg-table"), list.clients || [], clientRow, "no clients yet", 7);
+    rows($("wg-table"), list.clients || [], clientRow, "no clients yet", 8);
     text("wg-more", list.total > (list.clients || []).length
       ? `Showing ${(list.clients || []).length} of ${num(list.total)} clients; phantom-api core list_clients search=... finds the rest.` : "");
   }
