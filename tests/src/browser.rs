@@ -108,8 +108,10 @@ pub fn screenshot_dir() -> PathBuf {
     dir
 }
 
-/// Saves the page as `<name>.png` in [`screenshot_dir`] and says where.
+/// Saves the page, scrolled to its top, as `<name>.png` in [`screenshot_dir`] and says where.
 pub async fn screenshot(client: &Client, name: &str) -> PathBuf {
+    // A form the test typed into may have scrolled the page.
+    let _ = client.execute("window.scrollTo(0, 0)", vec![]).await;
     let png = client.screenshot().await.unwrap();
     let path = screenshot_dir().join(format!("{name}.png"));
     std::fs::write(&path, png).unwrap();

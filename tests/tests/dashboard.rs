@@ -98,7 +98,8 @@ fn dashboard_in_chromium_signs_in_watches_live_panels_and_runs_the_usual_tasks()
         format!("http_listen = \"0.0.0.0:9443\"\nhttp_allow = [\"{OPERATOR}/32\"]\n");
     config.extra_toml = format!(
         "[sentry]\nenabled = true\nlisten = \"{SITE}\"\nupstream = \"http://127.0.0.1:18000\"\n\
-         activation_cpu_threshold = 0.0\nip_static_threshold = 200\nstats_interval_seconds = 1\n"
+         activation_cpu_threshold = 0.0\nip_static_threshold = 200\nstats_interval_seconds = 1\n\
+         hard_block_after = 1000\n"
     );
     let daemon = Daemon::start(&link.server, &config);
     let write = mint_token(&daemon, "ops-alice", "write", "1h");
@@ -117,7 +118,7 @@ fn dashboard_in_chromium_signs_in_watches_live_panels_and_runs_the_usual_tasks()
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         block_on_in(&link.peer, || async {
-            let c = browser.session(1400, 1700).await;
+            let c = browser.session(1400, 1300).await;
             c.goto(&format!("{ADMIN}/")).await.unwrap();
             c.wait()
                 .for_element(Locator::Id("sign-in-form"))
