@@ -248,6 +248,33 @@ fn dashboard_in_chromium_signs_in_watches_live_panels_and_runs_the_usual_tasks()
             until(&c, "mode", Duration::from_secs(10), |t| t == "DOOMSDAY").await;
             screenshot(&c, "dashboard-doomsday").await;
 
+            // Whitelist an address, deny another, disable and remove the new client.
+            type_into(&c, "whitelist-ip", "203.0.113.7").await;
+            click(&c, "#whitelist-form button[value=add]").await;
+            until(&c, "whitelist-size", Duration::from_secs(10), |t| {
+                t.starts_with("1 ")
+            })
+            .await;
+            type_into(&c, "address-ip", "198.18.0.66").await;
+            click(&c, "#address-form button[value=deny]").await;
+            until(&c, "toast", Duration::from_secs(10), |t| {
+                t.contains("datapath deny")
+            })
+            .await;
+            click(&c, "button[data-client='bob-phone']:nth-of-type(2)").await;
+            until(&c, "wg-table", Duration::from_secs(10), |t| {
+                t.lines()
+                    .any(|l| l.contains("bob-phone") && l.contains("disabled"))
+            })
+            .await;
+            let remove = c
+                .find_all(Locator::Css("button[data-client='bob-phone']"))
+                .await
+                .unwrap();
+            remove.last().unwrap().click().await.unwrap();
+            c.accept_alert().await.unwrap();
+            until(&c, "wg-clients", Duration::from_secs(10), |t| t == "1").await;
+
             // A read token sees the panels and no write forms.
             click(&c, "#sign-out").await;
             sign_in(&c, &read).await;
@@ -278,7 +305,14 @@ fn dashboard_in_chromium_signs_in_watches_live_panels_and_runs_the_usual_tasks()
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert!(names.contains(&"bob-phone"), "{clients}");
+    assert!(
+        !names.contains(&"bob-phone"),
+        "removed from the page: {clients}"
+    );
+    let denied = api(&daemon, &["datapath", "list_denied"]).to_string();
+    assert!(denied.contains("198.18.0.66"), "{denied}");
+    let whitelist = api(&daemon, &["sentry", "whitelist_list"]).to_string();
+    assert!(whitelist.contains("203.0.113.7"), "{whitelist}");
     assert_eq!(
         api(&daemon, &["sentry", "status"])["current_mode"],
         "DOOMSDAY"
@@ -294,7 +328,16 @@ fn dashboard_in_chromium_signs_in_watches_live_panels_and_runs_the_usual_tasks()
     // name is in the log.
     let audit = api(&daemon, &["admin", "audit", "limit=1000"]);
     let entries = audit["entries"].as_array().unwrap();
-    for action in ["add_client", "export_client", "add", "set_mode"] {
+    for action in [
+        "add_client",
+        "export_client",
+        "add",
+        "set_mode",
+        "whitelist_add",
+        "deny",
+        "disable_client",
+        "remove_client",
+    ] {
         assert!(
             entries.iter().any(|e| e["transport"] == "https"
                 && e["token"] == "ops-alice"

@@ -1,7 +1,8 @@
 //! The HTTPS admin API (`[admin] http_listen`): every action of the socket's registry as
 //! `POST /api/v1/<module>/<action>` with a JSON object of the same parameters, answered with
 //! the same envelope (the registry's own dispatch), plus the seed's sentry routes as aliases
-//! and `GET /api/v1/openapi.json`. On the HTTP layer (`Limits::admin_api`) over TLS.
+//! and `GET /api/v1/openapi.json`, and the dashboard at `/` with its snapshot route
+//! (`dashboard.rs`). On the HTTP layer (`Limits::admin_api`) over TLS.
 //!
 //! Each request, in order: the source must be in `[admin] http_allow` (403), within the
 //! per-source rate (429); a bearer token of this daemon, valid and not revoked (401), within
