@@ -7,8 +7,9 @@
 use std::time::{Duration, Instant};
 
 use phantom_tests::{
-    BpffsDir, Daemon, DaemonConfig, NetNs, Process, WgQuickClient, WireguardSettings, api, api_err,
-    dig, dnsmasq, require_root, veth,
+    BpffsDir, Daemon, DaemonConfig, DnsmasqOptions, NetNs, Process, WgQuickClient,
+    WireguardSettings, api, api_err, dig, dnsmasq, dnsmasq_with, http_get, metric_value,
+    require_root, veth,
 };
 
 const VPN_SUBNET: &str = "198.51.100.0/24";
@@ -385,4 +386,116 @@ fn dnssec_ok_and_checking_disabled_queries_are_cached_apart() {
     let st = api(&daemon, &["dns", "status"]);
     assert_eq!(st["resolver"]["cache"]["entries"], 3, "{st}");
     eprintln!("test took {:?}", started.elapsed());
+}
+
+/// `dig @server name qtype` from `ns`: the whole printed answer.
+fn dig_text(ns: &NetNs, server: &str, name: &str, qtype: &str) -> String {
+    let out = ns
+        .command("dig")
+        .arg(format!("@{server}"))
+        .args([name, qtype, "+tries=1", "+time=2"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn bypass_names_and_ech_keep_clients_on_the_resolver() {
+    if !require_root("bypass_names_and_ech_keep_clients_on_the_resolver") {
+        return;
+    }
+    let topo = Topology::new();
+    // The upstream answers every special name, so each refusal below is the resolver's.
+    let options = DnsmasqOptions {
+        args: vec![
+            // HTTPS 1 . alpn="h2" ech=3q2+7w==
+            "--dns-rr=ech.example,65,0001000001000302683200050004deadbeef".into(),
+            // SVCB 1 dot.example. alpn="dot": a designated DoT resolver.
+            "--dns-rr=_dns.resolver.arpa,64,000103646f74076578616d706c65000001000403646f74".into(),
+        ],
+        ..DnsmasqOptions::default()
+    };
+    let _upstream = dnsmasq_with(
+        &topo.upstream,
+        &[UPSTREAM],
+        &[
+            "fine.example,203.0.113.105",
+            "use-application-dns.net,203.0.113.150",
+            "mask.icloud.com,203.0.113.151",
+            "mask-h2.icloud.com,203.0.113.152",
+        ],
+        "fine.example",
+        &options,
+    );
+    let bpffs = BpffsDir::new();
+    let daemon = topo.start(&bpffs, &resolver_section(""));
+    let _alice = connect(&daemon, &topo.alice, "alice");
+    assert_eq!(
+        dig_ready(&topo.alice, RESOLVER, "fine.example").0,
+        "NOERROR"
+    );
+
+    // The set-up is real: asked directly, the upstream answers every one of them.
+    assert_eq!(
+        status(&topo.server, UPSTREAM, "use-application-dns.net"),
+        "NOERROR"
+    );
+    let direct = dig_text(&topo.server, UPSTREAM, "ech.example", "HTTPS");
+    assert!(direct.contains("ech="), "{direct}");
+    let direct = dig_text(&topo.server, UPSTREAM, "_dns.resolver.arpa", "SVCB");
+    assert!(direct.contains("dot.example"), "{direct}");
+
+    // Through the tunnel, to Phantom's resolver.
+    assert_eq!(
+        status(&topo.alice, RESOLVER, "use-application-dns.net"),
+        "NXDOMAIN"
+    );
+    assert_eq!(status(&topo.alice, RESOLVER, "mask.icloud.com"), "NXDOMAIN");
+    assert_eq!(
+        dig(&topo.alice, RESOLVER, "mask-h2.icloud.com", "AAAA", &[]).0,
+        "NXDOMAIN"
+    );
+    let ddr = dig_text(&topo.alice, RESOLVER, "_dns.resolver.arpa", "SVCB");
+    assert!(
+        ddr.contains("status: NOERROR") && ddr.contains("ANSWER: 0"),
+        "DDR designates nothing:\n{ddr}"
+    );
+    for _ in 0..2 {
+        // The second answer comes from the cache, stripped as well.
+        let https = dig_text(&topo.alice, RESOLVER, "ech.example", "HTTPS");
+        assert!(https.contains("status: NOERROR"), "{https}");
+        assert!(
+            https.contains("alpn=\"h2\""),
+            "the rest of the record stays:\n{https}"
+        );
+        assert!(!https.contains("ech="), "ECH removed:\n{https}");
+    }
+
+    // Dry run answers them normally, as it does blocked names.
+    api(&daemon, &["dns", "set_dry_run", "enabled=true"]);
+    assert_eq!(
+        status(&topo.alice, RESOLVER, "use-application-dns.net"),
+        "NOERROR"
+    );
+    api(&daemon, &["dns", "set_dry_run", "enabled=false"]);
+
+    let st = api(&daemon, &["dns", "stats"]);
+    let bypass = &st["bypass"];
+    assert_eq!(bypass["firefox_canary"], 1, "{st}");
+    assert_eq!(bypass["private_relay"], 2, "{st}");
+    assert_eq!(bypass["ddr"], 1, "{st}");
+    assert_eq!(
+        bypass["ech_stripped"], 1,
+        "one upstream answer, then the cache: {st}"
+    );
+    let metrics = http_get(&topo.server, "127.0.0.1:9469", "/metrics");
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "phantom_dns_bypass_answers_total{reason=\"private_relay\"}"
+        ),
+        Some(2.0)
+    );
+    let log = daemon.log();
+    assert!(!log.contains("use-application-dns") && !log.contains("192.0.2.2"));
 }

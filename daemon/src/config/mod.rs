@@ -299,6 +299,14 @@ pub struct DnsConfig {
     pub answer_mark: u32,
     /// UDP worker threads per address (0 = half the CPUs, at least one).
     pub udp_workers: usize,
+    /// Answer `use-application-dns.net` NXDOMAIN: Firefox keeps automatic DoH off.
+    pub answer_firefox_canary: bool,
+    /// Answer Apple Private Relay's `mask.icloud.com` and `mask-h2.icloud.com` NXDOMAIN.
+    pub block_private_relay: bool,
+    /// Answer `_dns.resolver.arpa` (DDR) with no records: no other resolver to upgrade to.
+    pub answer_ddr: bool,
+    /// Remove the `ech` parameter from HTTPS/SVCB answers, so the server name stays visible.
+    pub strip_ech: bool,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -321,6 +329,10 @@ impl Default for DnsConfig {
             upstream_timeout_ms: 2_000,
             answer_mark: 0x7068,
             udp_workers: 0,
+            answer_firefox_canary: true,
+            block_private_relay: true,
+            answer_ddr: true,
+            strip_ech: true,
         }
     }
 }

@@ -238,6 +238,9 @@ fn resolver_status(r: &Resolver) -> serde_json::Value {
             "hits": n(&r.cache.hits),
             "misses": n(&r.cache.misses),
         },
+        "bypass": r.bypass_stats.by_reason().into_iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect::<serde_json::Map<_, _>>(),
     })
 }
 

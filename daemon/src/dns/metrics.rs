@@ -50,6 +50,15 @@ impl Collector for ResolverCollector {
             .into_iter()
             .map(|(o, v)| (vec![("outcome", o.to_string())], v)),
         )?;
+        counter_family(
+            &mut encoder,
+            "phantom_dns_bypass_answers",
+            "Answers that keep clients on this resolver, by reason: the Firefox DoH canary, Private Relay, DDR (answered here), ECH removed from HTTPS/SVCB answers",
+            r.bypass_stats
+                .by_reason()
+                .into_iter()
+                .map(|(reason, v)| (vec![("reason", reason.to_string())], v)),
+        )?;
         gauge(
             &mut encoder,
             "phantom_dns_cache_entries",

@@ -12,6 +12,7 @@
 //! counters are totals.
 
 pub mod actions;
+pub mod bypass;
 pub mod cache;
 pub mod metrics;
 pub mod server;
@@ -38,6 +39,7 @@ use tokio::{
 use tracing::warn;
 
 use self::{
+    bypass::{Bypass, BypassStats, Special},
     cache::Cache,
     upstreams::Upstreams,
     wire::{QueryError, Question},
@@ -118,6 +120,9 @@ pub struct Resolver {
     /// Addresses of clients with blocking off, resolved from their names.
     exempt: RwLock<Arc<HashSet<IpAddr>>>,
     pub stats: Stats,
+    /// The answers to names and records that would route clients around the resolver.
+    bypass: Bypass,
+    pub bypass_stats: BypassStats,
     /// What the listeners are bound to right now.
     pub listening: Mutex<Vec<SocketAddr>>,
 }
@@ -170,6 +175,8 @@ impl Resolver {
             policy_path,
             exempt: RwLock::new(Arc::new(HashSet::new())),
             stats: Stats::default(),
+            bypass: Bypass::from_config(config),
+            bypass_stats: BypassStats::default(),
             listening: Mutex::new(Vec::new()),
         };
         resolver.refresh_clients();
@@ -334,6 +341,20 @@ impl Resolver {
         if let Some((answer, true)) = hit {
             return Local::Reply(answer, Some(q));
         }
+        // Only a filtering resolver keeps clients on itself; an exempt client or dry run gets
+        // the upstream's answer, as for blocked names.
+        if self.blocklist.is_some()
+            && let Some(special) = self.bypass.special(&q.name)
+            && !self.dry_run.load(Ordering::Relaxed)
+            && !self.is_exempt(client)
+        {
+            self.bypass_stats.count(special);
+            let rcode = match special {
+                Special::FirefoxCanary | Special::PrivateRelay => wire::RCODE_NXDOMAIN,
+                Special::Ddr => wire::RCODE_NOERROR,
+            };
+            return Local::Reply(wire::rcode_reply(query, &q, rcode), None);
+        }
         let blocked = match &self.blocklist {
             Some(list) => !q.name.is_empty() && list.is_blocked(&q.name),
             None => false,
@@ -390,6 +411,16 @@ impl Resolver {
                     if hickory_proto::op::Message::from_vec(&answer).is_err() {
                         self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
                         continue;
+                    }
+                    // Stripped before it is cached: the cached path never sees ECH again.
+                    if self.blocklist.is_some()
+                        && self.bypass.strips(q.qtype)
+                        && let Some(stripped) = bypass::strip_ech(&answer)
+                    {
+                        self.bypass_stats
+                            .ech_stripped
+                            .fetch_add(1, Ordering::Relaxed);
+                        answer = stripped;
                     }
                     self.cache.put(q, &answer, vetted);
                     wire::set_id(&mut answer, q.id);

@@ -9,6 +9,7 @@ const TYPE_AAAA: u16 = 28;
 const TYPE_OPT: u16 = 41;
 const TYPE_SOA: u16 = 6;
 const CLASS_IN: u16 = 1;
+pub const RCODE_NOERROR: u8 = 0;
 pub const RCODE_SERVFAIL: u8 = 2;
 pub const RCODE_NXDOMAIN: u8 = 3;
 pub const RCODE_REFUSED: u8 = 5;
