@@ -15,11 +15,28 @@
 //! Every check is a hash lookup: brand skeletons and their one-deletion variants are indexed up
 //! front (symmetric deletion), and the few candidates it yields are confirmed with
 //! Damerau-Levenshtein. No per-brand scan happens per name.
+//!
+//! Mirror detection adds two kinds, from vocabulary shipped as data
+//! (`daemon/data/mirror-vocabulary.txt`): a brand inside a longer label whose rest is only
+//! mirror affixes and digits (`bet365giris`, `yeni-bet365`, `bet365mobil12`): 0.85; and a
+//! one-edit typo of a brand that also carries a gambling word (`bet366` carries `bet`): 0.85.
+//! The gambling words are weighted patterns of their own, below the default threshold. No
+//! heuristic blocks a domain of the shipped list of popular legitimate domains
+//! (`daemon/data/legitimate-domains.txt`); the operator's explicit rules still do.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+
+use aho_corasick::{AhoCorasick, MatchKind};
 
 use super::model::{Matched, PatternType};
 pub use crate::config::DEFAULT_BRANDS;
+
+/// Shipped data: the mirror vocabulary, and the domains the heuristics stand aside for.
+const VOCABULARY: &str = include_str!("../../data/mirror-vocabulary.txt");
+const LEGITIMATE: &str = include_str!("../../data/legitimate-domains.txt");
+
+pub const WEIGHT_AFFIXED: f64 = 0.85;
+pub const WEIGHT_EDIT_WITH_SIGNAL: f64 = 0.85;
 
 pub const WEIGHT_OTHER_SUFFIX: f64 = 0.9;
 pub const WEIGHT_PUNYCODE: f64 = 0.9;
@@ -73,6 +90,93 @@ struct Brand {
     skeleton: String,
 }
 
+/// The shipped vocabulary, parsed.
+struct Vocabulary {
+    affixes: HashSet<String>,
+    longest_affix: usize,
+    /// Gambling words and their weights, found anywhere in a name.
+    signals: Option<AhoCorasick>,
+    signal_words: Vec<(String, f64)>,
+    strongest_signal: f64,
+}
+
+impl Vocabulary {
+    fn shipped() -> Self {
+        let mut affixes = HashSet::new();
+        let mut signal_words = Vec::new();
+        for line in VOCABULARY.lines().map(str::trim) {
+            let mut parts = line.split_whitespace();
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("affix"), Some(word), None) => {
+                    affixes.insert(word.to_string());
+                }
+                (Some("signal"), Some(word), Some(weight)) => {
+                    if let Ok(w) = weight.parse::<f64>() {
+                        signal_words.push((word.to_string(), w));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let signals = AhoCorasick::builder()
+            .match_kind(MatchKind::Standard)
+            .build(signal_words.iter().map(|(w, _)| w.as_str()))
+            .ok();
+        Self {
+            longest_affix: affixes.iter().map(String::len).max().unwrap_or(0),
+            affixes,
+            strongest_signal: signal_words.iter().map(|(_, w)| *w).fold(0.0, f64::max),
+            signals,
+            signal_words,
+        }
+    }
+
+    /// Whether `s` (ASCII) is only affixes and digits, in any order.
+    fn only_affixes(&self, s: &str) -> bool {
+        let b = s.as_bytes();
+        // reach[i]: the first i bytes split into affixes and digit runs.
+        let mut reach = vec![false; b.len() + 1];
+        reach[0] = true;
+        for i in 0..b.len() {
+            if !reach[i] {
+                continue;
+            }
+            if b[i].is_ascii_digit() {
+                reach[i + 1] = true;
+                continue;
+            }
+            for len in 2..=self.longest_affix.min(b.len() - i) {
+                if s.get(i..i + len).is_some_and(|w| self.affixes.contains(w)) {
+                    reach[i + len] = true;
+                }
+            }
+        }
+        reach[b.len()]
+    }
+
+    /// The strongest gambling word in `name`, if any.
+    fn strongest_in(&self, name: &str) -> Option<&(String, f64)> {
+        let ac = self.signals.as_ref()?;
+        ac.find_overlapping_iter(name)
+            .map(|m| &self.signal_words[m.pattern().as_usize()])
+            // Equal weights: the longer word says more (`canlibahis` over `bahis`).
+            .max_by(|a, b| a.1.total_cmp(&b.1).then(a.0.len().cmp(&b.0.len())))
+    }
+}
+
+/// Turkish letters as the affixes are written (`giriş` is `giris`).
+fn fold_turkish(c: char) -> char {
+    match c {
+        'ş' => 's',
+        'ı' => 'i',
+        'ğ' => 'g',
+        'ü' => 'u',
+        'ö' => 'o',
+        'ç' => 'c',
+        c => c,
+    }
+}
+
 pub struct Lookalikes {
     brands: Vec<Brand>,
     /// Brand name -> index (the brand itself on another suffix).
@@ -81,6 +185,11 @@ pub struct Lookalikes {
     by_skeleton: HashMap<String, Vec<usize>>,
     /// One-deletion variants of the skeletons of brands long enough for edit matching.
     by_deletion: HashMap<String, Vec<usize>>,
+    /// The brand names, found inside longer labels.
+    inside: Option<AhoCorasick>,
+    vocabulary: Vocabulary,
+    /// Registrable domains no heuristic blocks.
+    legitimate: HashSet<String>,
 }
 
 fn deletions(s: &str) -> impl Iterator<Item = String> + '_ {
@@ -99,6 +208,14 @@ impl Lookalikes {
             by_name: HashMap::new(),
             by_skeleton: HashMap::new(),
             by_deletion: HashMap::new(),
+            inside: None,
+            vocabulary: Vocabulary::shipped(),
+            legitimate: LEGITIMATE
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string)
+                .collect(),
         };
         for name in brands {
             let name = name.trim().to_ascii_lowercase();
@@ -116,7 +233,48 @@ impl Lookalikes {
             }
             l.brands.push(Brand { name, skeleton });
         }
+        l.inside = AhoCorasick::builder()
+            .match_kind(MatchKind::Standard)
+            .build(l.brands.iter().map(|b| b.name.as_str()))
+            .ok();
         l
+    }
+
+    /// Whether `registrable` is on the shipped list of popular legitimate domains.
+    pub fn is_legitimate(&self, registrable: &str) -> bool {
+        self.legitimate.contains(registrable)
+    }
+
+    /// The strongest gambling word of the shipped vocabulary in `name`, as a match.
+    pub fn vocabulary(&self, name: &str) -> Option<Matched> {
+        let (word, weight) = self.vocabulary.strongest_in(name)?;
+        if psl::domain_str(name).is_some_and(|r| self.is_legitimate(r)) {
+            return None;
+        }
+        Some(Matched {
+            pattern: format!("vocabulary:{word}"),
+            kind: PatternType::Vocabulary,
+            weight: *weight,
+        })
+    }
+
+    /// The weight of the strongest word the vocabulary has (the resolver skips the scan when
+    /// it cannot reach the threshold).
+    pub fn strongest_vocabulary_weight(&self) -> f64 {
+        self.vocabulary.strongest_signal
+    }
+
+    /// A brand inside `bare` (the label without hyphens, Turkish letters folded) with nothing
+    /// but affixes and digits around it.
+    fn affixed(&self, bare: &str) -> Option<usize> {
+        let ac = self.inside.as_ref()?;
+        ac.find_overlapping_iter(bare).find_map(|m| {
+            let (before, after) = (&bare[..m.start()], &bare[m.end()..]);
+            ((!before.is_empty() || !after.is_empty())
+                && self.vocabulary.only_affixes(before)
+                && self.vocabulary.only_affixes(after))
+            .then(|| m.pattern().as_usize())
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -145,6 +303,9 @@ impl Lookalikes {
             return None;
         }
         let registrable = psl::domain_str(name)?;
+        if self.is_legitimate(registrable) {
+            return None;
+        }
         let label = registrable.split('.').next()?;
         if let Some(&i) = self.by_name.get(label) {
             return Some(self.matched(i, "brand on another suffix", WEIGHT_OTHER_SUFFIX));
@@ -178,8 +339,28 @@ impl Lookalikes {
         {
             return Some(self.matched(i, "numbered mirror", WEIGHT_SUBSTITUTION));
         }
-        self.edit_match(&skel)
-            .map(|i| self.matched(i, "one edit away", WEIGHT_EDIT))
+        let bare: String = unicode
+            .chars()
+            .filter(|c| *c != '-' && *c != '_')
+            .map(fold_turkish)
+            .collect();
+        if let Some(i) = self.affixed(&bare) {
+            return Some(self.matched(i, "brand with mirror affixes", WEIGHT_AFFIXED));
+        }
+        // `rn` read as `m` turns a swap inside `grandpashabet` into two edits: the typo is
+        // also compared letter for letter.
+        let plain: String = unicode.chars().filter_map(fold).collect();
+        let i = self
+            .edit_match(&skel)
+            .or_else(|| (plain != skel).then(|| self.edit_match(&plain)).flatten())?;
+        Some(match self.vocabulary.strongest_in(&bare) {
+            Some((word, _)) => self.matched(
+                i,
+                &format!("one edit away, with the gambling word \"{word}\""),
+                WEIGHT_EDIT_WITH_SIGNAL,
+            ),
+            None => self.matched(i, "one edit away", WEIGHT_EDIT),
+        })
     }
 
     /// A brand whose skeleton is one edit from `skel` (symmetric deletion, then confirmed).
@@ -236,9 +417,31 @@ mod tests {
         assert_eq!(kind(&l, "b3t365.com").unwrap().1, WEIGHT_SUBSTITUTION);
         assert_eq!(kind(&l, "jojobet1045.com").unwrap().1, WEIGHT_SUBSTITUTION);
         assert_eq!(kind(&l, "jojo-bet.com").unwrap().1, WEIGHT_SUBSTITUTION);
-        assert_eq!(kind(&l, "bettway.com").unwrap().1, WEIGHT_EDIT);
-        assert_eq!(kind(&l, "betwya.com").unwrap().1, WEIGHT_EDIT);
-        assert_eq!(kind(&l, "bet365x.co.uk").unwrap().1, WEIGHT_EDIT);
+        // One edit alone, and one edit with a gambling word (the brand's own `bet` counts).
+        assert_eq!(kind(&l, "unibez.com").unwrap().1, WEIGHT_EDIT);
+        assert_eq!(kind(&l, "ladbrokez.com").unwrap().1, WEIGHT_EDIT);
+        assert_eq!(kind(&l, "bettway.com").unwrap().1, WEIGHT_EDIT_WITH_SIGNAL);
+        assert_eq!(kind(&l, "betwya.com").unwrap().1, WEIGHT_EDIT_WITH_SIGNAL);
+        assert_eq!(kind(&l, "bet366.com").unwrap().1, WEIGHT_EDIT_WITH_SIGNAL);
+        assert_eq!(
+            kind(&l, "bet365x.co.uk").unwrap().1,
+            WEIGHT_EDIT_WITH_SIGNAL
+        );
+        // Brands with mirror affixes.
+        for mirror in [
+            "bet365giris.com",
+            "bet365-tr.com",
+            "yeni-bet365.net",
+            "bet365mobil12.com",
+            "jojobetguncelgiris.com",
+            "www.casibom-yeni-adres.org",
+        ] {
+            let (p, w) = kind(&l, mirror).unwrap_or_else(|| panic!("{mirror}"));
+            assert_eq!(w, WEIGHT_AFFIXED, "{mirror}: {p}");
+        }
+        // giriş, Turkish ş: punycode in the name.
+        let puny = idna::domain_to_ascii("bet365giriş.com").unwrap();
+        assert_eq!(kind(&l, &puny).unwrap().1, WEIGHT_AFFIXED);
         // Cyrillic е in bеt365.
         let puny = idna::domain_to_ascii("b\u{435}t365.com").unwrap();
         assert!(puny.starts_with("xn--"));
@@ -261,8 +464,35 @@ mod tests {
             "xn--bcher-kva.example",
             "stakes.com",
             "mistake.com",
+            "stakeholder.com",
+            "bestway.com",
         ] {
             assert_eq!(kind(&l, name), None, "{name}");
         }
+    }
+
+    #[test]
+    fn the_shipped_legitimate_domains_are_never_caught() {
+        let l = Lookalikes::new(DEFAULT_BRANDS.iter().copied());
+        for name in LEGITIMATE
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            assert!(l.is_legitimate(name), "{name} is not a registrable domain");
+            assert_eq!(kind(&l, name), None, "{name}");
+            assert_eq!(kind(&l, &format!("www.{name}")), None, "www.{name}");
+            assert!(l.vocabulary(name).is_none(), "{name}");
+        }
+    }
+
+    #[test]
+    fn vocabulary_words_are_weighted_below_the_default_threshold() {
+        let l = Lookalikes::new(DEFAULT_BRANDS.iter().copied());
+        let m = l.vocabulary("canlibahis-tahmin.example").unwrap();
+        assert_eq!(m.kind, PatternType::Vocabulary);
+        assert_eq!(m.pattern, "vocabulary:canlibahis");
+        assert!(l.strongest_vocabulary_weight() < 0.5);
+        assert!(l.vocabulary("example.com").is_none());
     }
 }

@@ -21,6 +21,9 @@ pub struct Verdict {
     #[serde(rename = "matchedPatterns")]
     pub matched: Vec<Matched>,
     pub confidence: f64,
+    /// The verdict in a sentence: the strongest match against the threshold, or why nothing
+    /// matched.
+    pub reason: String,
 }
 
 /// A `Hasher` for maps whose keys are already good 64-bit hashes (the installation's domain
@@ -247,9 +250,20 @@ impl Matcher {
         {
             return true;
         }
-        self.lookalikes
+        if self
+            .lookalikes
             .check(name)
             .is_some_and(|m| m.weight >= threshold)
+        {
+            return true;
+        }
+        // Gambling words alone weigh less than the default threshold: the scan runs only
+        // where an operator lowered it far enough for one to count.
+        self.lookalikes.strongest_vocabulary_weight() >= threshold
+            && self
+                .lookalikes
+                .vocabulary(name)
+                .is_some_and(|m| m.weight >= threshold)
     }
 
     /// Matches a normalised name.
@@ -301,12 +315,43 @@ impl Matcher {
         if let Some(m) = self.lookalikes.check(name) {
             matched.push(m);
         }
+        if let Some(m) = self.lookalikes.vocabulary(name) {
+            matched.push(m);
+        }
         let confidence = matched.iter().map(|m| m.weight).fold(0.0, f64::max);
+        let blocked = !matched.is_empty() && confidence >= threshold;
+        let strongest = matched.iter().max_by(|a, b| a.weight.total_cmp(&b.weight));
+        // `exact bet365.com`, `lookalike:bet365 (numbered mirror)`.
+        let named = |m: &Matched| {
+            let kind = m.kind.as_str();
+            if m.pattern.starts_with(kind) {
+                m.pattern.clone()
+            } else {
+                format!("{kind} {}", m.pattern)
+            }
+        };
+        let reason = match strongest {
+            Some(m) if blocked => format!(
+                "blocked: {} weighs {} (threshold {threshold})",
+                named(m),
+                m.weight
+            ),
+            Some(m) => format!(
+                "not blocked: the strongest match, {}, weighs {}, below the threshold {threshold}",
+                named(m),
+                m.weight
+            ),
+            None if psl::domain_str(name).is_some_and(|r| self.lookalikes.is_legitimate(r)) => {
+                "not blocked: no rule names it, and it is on the shipped list of popular legitimate domains, which lookalike and mirror detection never block".to_string()
+            }
+            None => "not blocked: no rule, pattern, lookalike or gambling word matches".to_string(),
+        };
         Verdict {
             domain: name.to_string(),
-            blocked: !matched.is_empty() && confidence >= threshold,
+            blocked,
             matched,
             confidence,
+            reason,
         }
     }
 

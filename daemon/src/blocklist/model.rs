@@ -13,6 +13,8 @@ pub enum PatternType {
     Regex,
     /// A match of lookalike detection (never stored in the list).
     Lookalike,
+    /// A gambling word of the shipped vocabulary (never stored in the list).
+    Vocabulary,
 }
 
 impl PatternType {
@@ -33,6 +35,7 @@ impl PatternType {
             Self::Contains => "contains",
             Self::Regex => "regex",
             Self::Lookalike => "lookalike",
+            Self::Vocabulary => "vocabulary",
         }
     }
 }
