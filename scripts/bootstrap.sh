@@ -16,6 +16,9 @@ APT_PACKAGES=(
   # The dashboard test drives Debian's Chromium over WebDriver (fonts-liberation: Chromium
   # only recommends it, and without a font its screenshots are boxes).
   chromium chromium-driver fonts-liberation
+  # promtool checks the alert rules and the dashboard's queries in ops/ (Debian ships it in
+  # the prometheus package; the server is never started).
+  prometheus
 )
 # openapi-spec-validator (the admin API test validates its OpenAPI document with it; no Debian
 # package has it), in a venv of its own.

@@ -13,6 +13,8 @@ use prometheus_client::{
 };
 use tracing::warn;
 
+use phantom_common::names;
+
 use super::{Datapath, SourceCount, VerdictCount, busiest};
 use crate::metrics::{counter_family, gauge, gauge_family};
 
@@ -69,8 +71,10 @@ impl Collector for DatapathCollector {
             Err(e) => warn!(error = %e, "cannot read the verdict map for metrics"),
         }
         let top = self.top_sources.load(Ordering::Relaxed);
+        let mut map_entries = Vec::new();
         match dp.guard.sources() {
             Ok(sources) => {
+                map_entries.push((names::SOURCES_MAP, sources.len()));
                 let gauge = ConstGauge::new(sources.len() as i64);
                 let metric = encoder.encode_descriptor(
                     "phantom_datapath_tracked_sources",
@@ -137,6 +141,32 @@ impl Collector for DatapathCollector {
                 n as i64,
             )?;
         }
+        // How full each kernel map is (an LRU map evicts the oldest source when full; the
+        // others refuse new entries).
+        if let Ok([addrs, nets]) = dp.policy.counts_by_map() {
+            map_entries.push((names::POLICY_MAP, addrs.0 + addrs.1));
+            map_entries.push((names::POLICY_NET_MAP, nets.0 + nets.1));
+        }
+        if let Ok(n) = dp.domains.kernel_len() {
+            map_entries.push((names::DOMAINS_MAP, n));
+        }
+        let label = |map: &str| vec![("map", map.to_string())];
+        gauge_family(
+            &mut encoder,
+            "phantom_datapath_map_entries",
+            "Entries in each of the datapath's kernel maps",
+            map_entries
+                .iter()
+                .map(|(m, n)| (label(m), i64::try_from(*n).unwrap_or(i64::MAX))),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "phantom_datapath_map_capacity",
+            "The most entries each of the datapath's kernel maps holds",
+            dp.map_capacities()
+                .into_iter()
+                .map(|(m, n)| (label(m), i64::from(n))),
+        )?;
         match dp.multihop.status() {
             Ok(status) => {
                 gauge(

@@ -358,6 +358,16 @@ impl Datapath {
             .collect()
     }
 
+    /// Each map's capacity, as configured (the maps are created with it).
+    pub fn map_capacities(&self) -> [(&'static str, u32); 4] {
+        [
+            (names::SOURCES_MAP, self.config.max_sources),
+            (names::POLICY_MAP, self.config.max_policies),
+            (names::POLICY_NET_MAP, self.config.max_policies),
+            (names::DOMAINS_MAP, self.config.max_domains),
+        ]
+    }
+
     pub fn maps(&self) -> Result<Vec<MapSummary>, Error> {
         let [addrs, nets] = self.policy.counts_by_map()?;
         let summary = |name, kind, max_entries, entries| MapSummary {
