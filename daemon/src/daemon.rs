@@ -464,7 +464,10 @@ async fn serve(
         }));
     }
     if let Some(s) = server.clone() {
-        metrics.add_collector(Box::new(core::metrics::WireguardCollector { server: s }));
+        metrics.add_collector(Box::new(core::metrics::WireguardCollector {
+            server: s,
+            max_clients: config.metrics.client_series,
+        }));
     }
     if let Some(r) = resolver.clone() {
         metrics.add_collector(Box::new(dns::metrics::ResolverCollector { resolver: r }));

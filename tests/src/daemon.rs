@@ -79,6 +79,8 @@ pub struct DaemonConfig {
     pub extra_toml: String,
     /// More lines for the `[admin]` section (the HTTPS API's keys).
     pub admin_extra: String,
+    /// More lines for the `[metrics]` section.
+    pub metrics_extra: String,
 }
 
 impl DaemonConfig {
@@ -98,6 +100,7 @@ impl DaemonConfig {
             blocklist_extra: String::new(),
             extra_toml: String::new(),
             admin_extra: String::new(),
+            metrics_extra: String::new(),
         }
     }
 
@@ -106,7 +109,7 @@ impl DaemonConfig {
             "state_dir = {state:?}\n\
              [log]\nlevel = {level:?}\n\
              [admin]\nsocket = {socket:?}\n{admin_extra}\
-             [metrics]\nlisten = {metrics:?}\n\
+             [metrics]\nlisten = {metrics:?}\n{metrics_extra}\
              [datapath]\nenabled = {enabled}\nuplink = {uplink:?}\nbpffs = {bpffs:?}\n{vpn}\
              {wireguard}\
              [dns]\n{dns}\
@@ -115,6 +118,7 @@ impl DaemonConfig {
             blocklist_extra = self.blocklist_extra,
             extra = self.extra_toml,
             admin_extra = self.admin_extra,
+            metrics_extra = self.metrics_extra,
             state = dir.join("state").display().to_string(),
             level = self.log_level,
             socket = dir.join("phantom.sock").display().to_string(),

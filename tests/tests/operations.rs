@@ -1,7 +1,7 @@
 //! The operator's kit in `ops/`: the Prometheus alert rules pass `promtool check rules` and
 //! their unit tests (`promtool test rules`), every query of the Grafana dashboard is valid
 //! PromQL, and every Phantom metric the rules and the dashboard name is one the real daemon
-//! exports.
+//! exports; the per-client series stop at `[metrics] client_series`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
 use std::{
@@ -11,7 +11,8 @@ use std::{
 };
 
 use phantom_tests::{
-    BpffsDir, Daemon, DaemonConfig, GuardedLink, WireguardSettings, http_get, require_root,
+    BpffsDir, Daemon, DaemonConfig, GuardedLink, WireguardSettings, api, http_get, metric_value,
+    require_root,
 };
 use serde_json::Value;
 
@@ -107,8 +108,25 @@ fn alert_rules_and_dashboard_check_with_promtool_and_name_real_metrics() {
     config.dns_section =
         "listen = \"auto\"\nprimary = \"127.0.0.53\"\nsecondary = \"127.0.0.54\"\n".into();
     config.extra_toml = "[sentry]\nenabled = true\nlisten = \"127.0.0.1:18080\"\nupstream = \"http://127.0.0.1:18000\"\n".into();
+    // Two clients, one series each allowed: the cardinality guard sums the other.
+    config.metrics_extra = "client_series = 1\n".into();
     let daemon = Daemon::start(&link.server, &config);
+    for name in ["alice", "bob"] {
+        api(
+            &daemon,
+            &["core", "add_client", &format!("client_name={name}")],
+        );
+    }
     let exposition = http_get(&link.server, "127.0.0.1:9469", "/metrics");
+    let client_series = exposition
+        .lines()
+        .filter(|l| l.starts_with("phantom_wireguard_received_bytes_total{"))
+        .count();
+    assert_eq!(client_series, 1, "{exposition}");
+    assert_eq!(
+        metric_value(&exposition, "phantom_wireguard_unlisted_clients"),
+        Some(1.0)
+    );
     let exported: BTreeSet<String> = exposition
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))

@@ -168,6 +168,9 @@ pub struct MetricsConfig {
     pub listen: String,
     /// How many of the busiest sources are exported with a `source` label.
     pub top_sources: usize,
+    /// How many WireGuard clients get series of their own (the busiest by traffic); the rest
+    /// are summed.
+    pub client_series: usize,
 }
 
 impl Default for MetricsConfig {
@@ -175,6 +178,7 @@ impl Default for MetricsConfig {
         Self {
             listen: "127.0.0.1:9469".into(),
             top_sources: 10,
+            client_series: 1_000,
         }
     }
 }
@@ -635,6 +639,11 @@ impl Config {
         self.metrics.listen_addr()?;
         if self.metrics.top_sources > 1_000 {
             return Err(Error::config("metrics.top_sources must be at most 1000"));
+        }
+        if self.metrics.client_series > 100_000 {
+            return Err(Error::config(
+                "metrics.client_series must be at most 100000",
+            ));
         }
         if self.datapath.uplink != "auto" && !is_ifname(&self.datapath.uplink) {
             return Err(Error::config(format!(
