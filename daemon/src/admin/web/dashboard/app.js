@@ -238,7 +238,9 @@
     text("dns-hits", `${num(s.cache.hits)}${lookups ? " (" + Math.round((100 * s.cache.hits) / lookups) + " %)" : ""}`);
     if (typeof qps === "number") push(series.dns, qps);
     chart("dns-chart", [series.dns]);
-    text("dns-note", `${s.filtering ? "Filtering" : "Not filtering"}${s.dry_run ? " (dry run)" : ""}; cache ${num(s.cache.entries)} of ${num(s.cache.capacity)}; ${num(s.upstream_failures)} upstream failures.`);
+    const b = s.bypass || {};
+    text("dns-note", `${s.filtering ? "Filtering" : "Not filtering"}${s.dry_run ? " (dry run)" : ""}; cache ${num(s.cache.entries)} of ${num(s.cache.capacity)}; ${num(s.upstream_failures)} upstream failures. ` +
+      `Kept on this resolver: DoH canary ${num(b.firefox_canary)}, Private Relay ${num(b.private_relay)}, DDR ${num(b.ddr)}, ECH removed ${num(b.ech_stripped)}.`);
   }
 
   function showBlocklist(p) {
