@@ -285,9 +285,12 @@
     }
   }
 
+  let inFlight = false;
   async function refresh() {
-    if (!token) return;
-    const { status, body } = await snapshot(token);
+    // A slow daemon never gets a second poll on top of the first.
+    if (!token || inFlight) return;
+    inFlight = true;
+    const { status, body } = await snapshot(token).finally(() => { inFlight = false; });
     if (status === 0) text("updated", "the daemon is unreachable; retrying");
     else if (status === 401) signOut("Your token was refused: " + (body.error || "unauthorized"));
     else if (status !== 200) text("updated", `HTTP ${status}; retrying`);
