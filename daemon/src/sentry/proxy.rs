@@ -1,6 +1,7 @@
 //! The reverse proxy on `[sentry] listen`: streams requests and responses between clients
 //! and `[sentry] upstream`, asks the sentry about each request first, and serves the
-//! challenge endpoints (`/.sentry/jwks.json`, `/.sentry/proof`).
+//! challenge endpoints (`/.sentry/jwks.json`, `/.sentry/proof`, the challenge page's files under
+//! `/.sentry/static/`).
 
 use std::{convert::Infallible, net::IpAddr, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -23,6 +24,7 @@ use crate::config::sentry::Upstream;
 
 use super::{
     Decision, ProofError, Sentry, SentryError, TICKET_COOKIE,
+    page,
     challenge::{JWKS_PATH, PROOF_PATH, Package, Proof, Rejection},
 };
 use crate::http::{self, RequestBody};
@@ -104,30 +106,82 @@ fn proof_error(e: ProofError) -> Response<ProxyBody> {
     }
 }
 
-/// The 429 answer: the package as JSON, or an HTML page that embeds the same object.
-fn challenge_reply(package: &Package, json: bool) -> Response<ProxyBody> {
+/// The 429 answer: the package as JSON, or the challenge page that embeds the same object
+/// (in the client's language, under the page's CSP).
+fn challenge_reply(package: &Package, json: bool, accept_language: Option<&str>) -> Response<ProxyBody> {
     let body = serde_json::to_string(package).unwrap_or_default();
     let mut r = if json {
         full(StatusCode::TOO_MANY_REQUESTS, "application/json", body)
     } else {
-        // `<` cannot appear in the JSON (b64url values, fixed keys), so the script block is
-        // safe to embed as is.
-        let page = format!(
-            "<!doctype html><html><head><meta charset=\"utf-8\"><title>Checking your browser</title>\
-             <script type=\"application/json\" id=\"sentry-challenge\">{body}</script></head>\
-             <body><p>This site is under heavy load. Your browser must solve a short puzzle \
-             before the page is shown.</p><noscript>Enable JavaScript to continue.</noscript>\
-             </body></html>"
-        );
-        full(
+        let lang = page::Language::from_accept_language(accept_language);
+        let mut r = full(
             StatusCode::TOO_MANY_REQUESTS,
             "text/html; charset=utf-8",
-            page,
-        )
+            page::page(&body, lang),
+        );
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(page::CSP),
+        );
+        h.insert(
+            header::CONTENT_LANGUAGE,
+            HeaderValue::from_static(lang.tag()),
+        );
+        h.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("same-origin"),
+        );
+        h.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        r
     };
+    r.headers_mut().insert(
+        header::VARY,
+        HeaderValue::from_static("Accept, Accept-Language"),
+    );
     r.headers_mut().insert(
         HeaderName::from_static("x-sentry-challenge"),
         HeaderValue::from_static("1"),
+    );
+    r
+}
+
+/// A file of the challenge page (`/.sentry/static/<version>/<name>`): cached for a year when
+/// the path names this build's version, revalidated by ETag otherwise.
+fn static_reply(path: &str, if_none_match: Option<&HeaderValue>) -> Response<ProxyBody> {
+    let Some(asset) = page::asset(path) else {
+        return full(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n");
+    };
+    let etag = HeaderValue::from_str(&format!("\"{}\"", page::version()))
+        .unwrap_or(HeaderValue::from_static("\"0\""));
+    let mut r = if if_none_match.is_some_and(|v| v == etag) {
+        let mut r = full(StatusCode::NOT_MODIFIED, asset.content_type, Bytes::new());
+        r.headers_mut().remove(header::CONTENT_TYPE);
+        r
+    } else {
+        full(StatusCode::OK, asset.content_type, asset.body)
+    };
+    let h = r.headers_mut();
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(if asset.current {
+            "public, max-age=31536000, immutable"
+        } else {
+            "no-cache"
+        }),
+    );
+    h.insert(header::ETAG, etag);
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    // The worker runs under its own script's policy.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(page::CSP),
     );
     r
 }
@@ -203,6 +257,11 @@ impl Proxy {
         if path == PROOF_PATH {
             return self.proof(req, client).await;
         }
+        if path.starts_with(page::STATIC_PREFIX)
+            && matches!(*req.method(), Method::GET | Method::HEAD)
+        {
+            return static_reply(path, req.headers().get(header::IF_NONE_MATCH));
+        }
         let cookie = cookie(req.headers(), TICKET_COOKIE);
         let path_and_query = req
             .uri()
@@ -215,7 +274,13 @@ impl Proxy {
             .await
         {
             Decision::Pass(_) => self.forward(req, client).await,
-            Decision::Challenge(package) => challenge_reply(&package, wants_json(req.headers())),
+            Decision::Challenge(package) => challenge_reply(
+                &package,
+                wants_json(req.headers()),
+                req.headers()
+                    .get(header::ACCEPT_LANGUAGE)
+                    .and_then(|v| v.to_str().ok()),
+            ),
             Decision::Blocked => full(
                 StatusCode::FORBIDDEN,
                 "text/plain; charset=utf-8",
