@@ -28,8 +28,8 @@ async function subtleSearch(job, report) {
         }));
     }
     const found = (await Promise.all(jobs)).find((x) => x >= 0);
-    if (found !== undefined) return found;
     report(jobs.length);
+    if (found !== undefined) return found;
   }
   return -1;
 }
@@ -39,7 +39,10 @@ function jsSearch(job, report) {
   const chunk = 4096;
   for (let n = job.start; n < job.limit; n += chunk * job.step) {
     const found = search(n, job.step, chunk, job.limit);
-    if (found >= 0) return found;
+    if (found >= 0) {
+      report((found - n) / job.step + 1);
+      return found;
+    }
     report(chunk);
   }
   return -1;
@@ -47,7 +50,8 @@ function jsSearch(job, report) {
 
 self.onmessage = async (ev) => {
   const job = ev.data;
-  let tried = 0, last = Date.now();
+  // The first chunk is reported at once: the page shows a rate within milliseconds.
+  let tried = 0, last = 0;
   const report = (count) => {
     tried += count;
     const now = Date.now();
