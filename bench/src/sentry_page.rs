@@ -99,7 +99,10 @@ async fn visit(c: &Client, url: &str, path: &str) -> Result<(f64, Value), BoxErr
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let text = c
-            .execute("return document.body ? document.body.innerText : ''", vec![])
+            .execute(
+                "return document.body ? document.body.innerText : ''",
+                vec![],
+            )
             .await
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
@@ -219,9 +222,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
                 let ip = sources.fresh(&ns)?;
                 let r = rate(
                     &c,
-                    &format!(
-                        "http://{ip}:{PORT}/rate#sentry-sha={sha}&sentry-workers={workers}"
-                    ),
+                    &format!("http://{ip}:{PORT}/rate#sentry-sha={sha}&sentry-workers={workers}"),
                     seconds,
                 )
                 .await?;
@@ -263,10 +264,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     let mut rows: Vec<String> = rates
         .iter()
         .map(|(label, workers, r)| {
-            format!(
-                "| page, {label} SHA-256 | {workers} | {:.3} |",
-                r / 1e6
-            )
+            format!("| page, {label} SHA-256 | {workers} | {:.3} |", r / 1e6)
         })
         .collect();
     rows.push(format!(

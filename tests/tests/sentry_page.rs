@@ -68,11 +68,14 @@ async fn attr(c: &Client, id: &str, name: &str) -> Option<String> {
 
 /// The page's text (empty while the browser is between two documents).
 async fn body_text(c: &Client) -> String {
-    c.execute("return document.body ? document.body.innerText : ''", vec![])
-        .await
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
+    c.execute(
+        "return document.body ? document.body.innerText : ''",
+        vec![],
+    )
+    .await
+    .ok()
+    .and_then(|v| v.as_str().map(str::to_string))
+    .unwrap_or_default()
 }
 
 /// Waits until the browser shows the upstream's answer for `path_and_query`; panics with
@@ -320,7 +323,10 @@ fn the_challenge_page_passes_chromium_in_a_secure_and_an_insecure_context() {
             );
             screenshot(&c, "sentry-challenge-solving").await;
             let bar = c.find(Locator::Id("sentry-bar")).await.unwrap();
-            assert_eq!(bar.attr("role").await.unwrap().as_deref(), Some("progressbar"));
+            assert_eq!(
+                bar.attr("role").await.unwrap().as_deref(),
+                Some("progressbar")
+            );
             let now: u64 = bar
                 .attr("aria-valuenow")
                 .await
@@ -469,8 +475,7 @@ fn tamper(page: &str) -> String {
 
 #[test]
 fn a_package_altered_on_the_way_is_refused_by_the_page_and_nothing_is_posted() {
-    if !require_root("a_package_altered_on_the_way_is_refused_by_the_page_and_nothing_is_posted")
-    {
+    if !require_root("a_package_altered_on_the_way_is_refused_by_the_page_and_nothing_is_posted") {
         return;
     }
     let started = Instant::now();

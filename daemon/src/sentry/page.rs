@@ -219,7 +219,10 @@ mod tests {
     fn languages_from_accept_language() {
         use Language::*;
         assert_eq!(Language::from_accept_language(None), English);
-        assert_eq!(Language::from_accept_language(Some("tr-TR,tr;q=0.9")), Turkish);
+        assert_eq!(
+            Language::from_accept_language(Some("tr-TR,tr;q=0.9")),
+            Turkish
+        );
         assert_eq!(
             Language::from_accept_language(Some("de-DE,tr;q=0.8,en;q=0.7")),
             Turkish
@@ -228,10 +231,7 @@ mod tests {
             Language::from_accept_language(Some("en-US,en;q=0.9,tr;q=0.8")),
             English
         );
-        assert_eq!(
-            Language::from_accept_language(Some("tr;q=0, fr")),
-            English
-        );
+        assert_eq!(Language::from_accept_language(Some("tr;q=0, fr")), English);
         assert_eq!(Language::from_accept_language(Some("TR")), Turkish);
         assert_eq!(Language::from_accept_language(Some(";;;,q=,")), English);
     }
@@ -276,6 +276,8 @@ mod tests {
         assert!(!asset("/.sentry/static/0/worker.js").unwrap().current);
         assert!(asset(&format!("/.sentry/static/{v}/nope.js")).is_none());
         assert!(asset("/.sentry/static/worker.js").is_none());
-        assert!(page("{}", Language::English).contains(&format!("/.sentry/static/{v}/challenge.js")));
+        assert!(
+            page("{}", Language::English).contains(&format!("/.sentry/static/{v}/challenge.js"))
+        );
     }
 }

@@ -24,8 +24,8 @@ use crate::config::sentry::Upstream;
 
 use super::{
     Decision, ProofError, Sentry, SentryError, TICKET_COOKIE,
-    page,
     challenge::{JWKS_PATH, PROOF_PATH, Package, Proof, Rejection},
+    page,
 };
 use crate::http::{self, RequestBody};
 
@@ -108,7 +108,11 @@ fn proof_error(e: ProofError) -> Response<ProxyBody> {
 
 /// The 429 answer: the package as JSON, or the challenge page that embeds the same object
 /// (in the client's language, under the page's CSP).
-fn challenge_reply(package: &Package, json: bool, accept_language: Option<&str>) -> Response<ProxyBody> {
+fn challenge_reply(
+    package: &Package,
+    json: bool,
+    accept_language: Option<&str>,
+) -> Response<ProxyBody> {
     let body = serde_json::to_string(package).unwrap_or_default();
     let mut r = if json {
         full(StatusCode::TOO_MANY_REQUESTS, "application/json", body)
@@ -153,7 +157,11 @@ fn challenge_reply(package: &Package, json: bool, accept_language: Option<&str>)
 /// the path names this build's version, revalidated by ETag otherwise.
 fn static_reply(path: &str, if_none_match: Option<&HeaderValue>) -> Response<ProxyBody> {
     let Some(asset) = page::asset(path) else {
-        return full(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n");
+        return full(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found\n",
+        );
     };
     let etag = HeaderValue::from_str(&format!("\"{}\"", page::version()))
         .unwrap_or(HeaderValue::from_static("\"0\""));
@@ -579,5 +587,50 @@ mod tests {
         assert_eq!(client_addr(&trusted, other, xff), other);
         assert_eq!(client_addr(&trusted, peer, Some("garbage")), peer);
         assert_eq!(client_addr(&trusted, peer, None), peer);
+    }
+
+    #[test]
+    fn page_files_are_cached_for_good_and_revalidated_by_etag() {
+        let v = page::version();
+        let r = static_reply(&format!("/.sentry/static/{v}/challenge.js"), None);
+        assert_eq!(r.status(), StatusCode::OK);
+        let h = r.headers();
+        assert_eq!(
+            h[header::CACHE_CONTROL],
+            "public, max-age=31536000, immutable"
+        );
+        assert_eq!(h[header::CONTENT_TYPE], "text/javascript; charset=utf-8");
+        assert_eq!(h[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        let etag = h[header::ETAG].clone();
+        let again = static_reply(&format!("/.sentry/static/{v}/challenge.js"), Some(&etag));
+        assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+        // Another build's page gets this build's file, revalidated each time.
+        let other = static_reply("/.sentry/static/0123456789abcdef/worker.js", None);
+        assert_eq!(other.status(), StatusCode::OK);
+        assert_eq!(other.headers()[header::CACHE_CONTROL], "no-cache");
+        let missing = static_reply(&format!("/.sentry/static/{v}/nope.js"), None);
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn the_html_challenge_carries_its_csp_and_language() {
+        let signer = crate::sentry::challenge::Signer::generate().unwrap();
+        let pkg = signer
+            .issue("198.51.100.7".parse().unwrap(), 4, 60, b"x", 1_000)
+            .unwrap();
+        let r = challenge_reply(&pkg, false, Some("tr,en;q=0.5"));
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        let h = r.headers();
+        assert_eq!(h[header::CONTENT_SECURITY_POLICY], page::CSP);
+        assert!(!page::CSP.contains("blob:") && !page::CSP.contains("unsafe"));
+        assert_eq!(h[header::CONTENT_LANGUAGE], "tr");
+        assert_eq!(h["x-sentry-challenge"], "1");
+        let json = challenge_reply(&pkg, true, None);
+        assert_eq!(json.headers()[header::CONTENT_TYPE], "application/json");
+        assert!(
+            json.headers()
+                .get(header::CONTENT_SECURITY_POLICY)
+                .is_none()
+        );
     }
 }

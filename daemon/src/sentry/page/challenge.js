@@ -41,7 +41,10 @@
   }
 
   function duration(seconds) {
-    return seconds < 1 ? say("under_a_second") : say("seconds", { n: numbers.format(Math.ceil(seconds)) });
+    if (seconds < 1) return say("under_a_second");
+    const s = Math.ceil(seconds);
+    if (s < 90) return say("seconds", { n: numbers.format(s) });
+    return say("minutes", { m: numbers.format(Math.floor(s / 60)), s: numbers.format(s % 60) });
   }
 
   function progress(tried, limit, rate, workers) {
