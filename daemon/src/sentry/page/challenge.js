@@ -48,10 +48,9 @@
   }
 
   function progress(tried, limit, rate, workers) {
-    const pct = Math.min(100, Math.floor((tried / limit) * 100));
-    const bar = $("sentry-bar");
-    bar.setAttribute("aria-valuenow", String(pct));
-    $("sentry-fill").style.width = pct + "%";
+    const share = Math.min(100, (tried / limit) * 100);
+    $("sentry-bar").setAttribute("aria-valuenow", String(Math.floor(share)));
+    $("sentry-fill").style.width = share.toFixed(2) + "%";
     if (rate > 0) {
       // The nonce is uniform in [0, limit): with `tried` ruled out, half the rest is expected.
       const left = (limit - tried) / 2 / rate;
