@@ -123,7 +123,10 @@ async fn visit(c: &Client, url: &str, path: &str) -> Result<(f64, Value), BoxErr
         )
         .await?;
     let arrived = v[0].as_f64().ok_or("no navigation timing")?;
-    let record: Value = serde_json::from_str(v[1].as_str().ok_or("no record")?)?;
+    let record: Value = serde_json::from_str(
+        v[1].as_str()
+            .ok_or_else(|| format!("{url}: reached the upstream without a challenge"))?,
+    )?;
     let first_byte = record["first_byte_at"]
         .as_f64()
         .ok_or("no first byte time")?;
@@ -151,7 +154,8 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     config.metrics_listen = "off".into();
     config.extra_toml = format!(
         "[sentry]\nenabled = true\nlisten = \"0.0.0.0:{PORT}\"\nupstream = \"http://127.0.0.1:18000\"\n\
-         activation_cpu_threshold = 0.0\nip_static_threshold = 1\nhard_block_after = 1000\n"
+         activation_cpu_threshold = 0.0\nip_static_threshold = 1\nhard_block_after = 1000\n\
+         calm_seconds = 86400\n"
     );
     let daemon = Daemon::start(&ns, &config);
     api(&daemon, &["sentry", "set_mode", "mode=DEFCON_1"]);

@@ -30,8 +30,8 @@ const SENTRY_PORT: u16 = 18080;
 const UPSTREAM: &str = "127.0.0.1:18000";
 
 /// phantomd in the server namespace with the sentry on every address of port 18080 (IPv4 and
-/// IPv6), in
-/// DEFCON_1 by hand, challenging a source past 2 requests in 5 s at 12 to 14 bits.
+/// IPv6), in DEFCON_1 by hand (kept for an hour: no calm period ends it mid-test), challenging
+/// a source past 2 requests in 5 s at 12 to 14 bits.
 fn daemon(link: &GuardedLink, bpffs: &BpffsDir) -> Daemon {
     let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
     config.datapath_enabled = false;
@@ -39,7 +39,7 @@ fn daemon(link: &GuardedLink, bpffs: &BpffsDir) -> Daemon {
         "[sentry]\nenabled = true\nlisten = \"[::]:{SENTRY_PORT}\"\n\
          upstream = \"http://{UPSTREAM}\"\nactivation_cpu_threshold = 0.0\n\
          ip_static_threshold = 2\nbase_difficulty = 12\nmax_difficulty = 14\n\
-         hard_block_after = 100\n"
+         hard_block_after = 100\ncalm_seconds = 3600\n"
     );
     let daemon = Daemon::start(&link.server, &config);
     api(&daemon, &["sentry", "set_mode", "mode=DEFCON_1"]);
