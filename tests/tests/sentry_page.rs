@@ -350,6 +350,24 @@ fn the_challenge_page_passes_chromium_in_a_secure_and_an_insecure_context() {
                 detail.contains("left at") && detail.contains("tries per second"),
                 "{detail}"
             );
+            // The policy the page solves under is in force: a blob: worker is refused here
+            // (a CSP violation on worker-src), while the page's own workers run.
+            let blob = c
+                .execute_async(
+                    "const done = arguments[arguments.length - 1];
+                     document.addEventListener('securitypolicyviolation',
+                       (e) => done('refused: ' + e.effectiveDirective), { once: true });
+                     setTimeout(() => done('nothing happened'), 5000);
+                     try {
+                       const url = URL.createObjectURL(new Blob(['postMessage(1)'], { type: 'text/javascript' }));
+                       const w = new Worker(url);
+                       w.onmessage = () => done('ran');
+                     } catch (e) { done('refused: ' + e.name); }",
+                    vec![],
+                )
+                .await
+                .unwrap();
+            assert_eq!(blob, "refused: worker-src", "{blob}");
             // The page, its files and its key set never reach the upstream.
             assert_eq!(
                 site.requests.load(std::sync::atomic::Ordering::Relaxed),
