@@ -16,6 +16,9 @@
 //!   verification per core, and the reference solver per difficulty.
 //! - `admin`: one action over the admin socket and over the HTTPS admin API, interleaved.
 //! - `dashboard`: the daemon's CPU idle and with the dashboard open in headless Chromium.
+//! - `sentry-page`: the challenge page in headless Chromium: its workers' hashes per second
+//!   (pure-JS and WebCrypto, one and all workers) beside the Rust solver, the time from the 429
+//!   to the upstream's content per difficulty, and the page's weight.
 //!
 //! `bpf` holds what the kernel-side subjects share (the object, test runs, crafted frames),
 //! `report` the table printing and the percentile, memory and CPU readings. Namespaces, pin
@@ -39,6 +42,7 @@ mod flood;
 mod report;
 mod resolver;
 mod sentry;
+mod sentry_page;
 mod xdp;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -56,6 +60,7 @@ enum Suite {
     Sentry,
     Admin,
     Dashboard,
+    SentryPage,
 }
 
 #[derive(Parser)]
@@ -118,6 +123,12 @@ struct Cli {
     /// WireGuard clients of the dashboard benchmark's daemon (rows of its client table).
     #[arg(long, default_value_t = 100)]
     dashboard_clients: usize,
+    /// Seconds each hash-rate measurement of the challenge page runs.
+    #[arg(long, default_value_t = 5)]
+    page_seconds: u64,
+    /// Visits per difficulty of the challenge page's time to content.
+    #[arg(long, default_value_t = 7)]
+    page_runs: usize,
 }
 
 fn main() -> ExitCode {
@@ -132,6 +143,7 @@ fn main() -> ExitCode {
         (Suite::Sentry, sentry::run),
         (Suite::Admin, admin::run),
         (Suite::Dashboard, dashboard::run),
+        (Suite::SentryPage, sentry_page::run),
     ];
     for (suite, run) in suites {
         if cli.suite != Suite::All && cli.suite != *suite {

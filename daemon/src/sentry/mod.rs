@@ -8,6 +8,7 @@ pub mod actions;
 pub mod challenge;
 pub mod detector;
 pub mod metrics;
+pub mod page;
 pub mod penalty;
 pub mod proxy;
 pub mod solver;
@@ -210,7 +211,7 @@ pub fn same_origin_target(raw: &str) -> &str {
 
 /// The continuation document a challenge carries: after solving, the page shows it and
 /// reloads the original URL (only ever on this origin), which now passes on the ticket.
-fn continuation(path: &str) -> Vec<u8> {
+pub(crate) fn continuation(path: &str) -> Vec<u8> {
     let escaped: String = same_origin_target(path)
         .chars()
         .flat_map(|c| match c {

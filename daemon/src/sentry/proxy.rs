@@ -1,6 +1,7 @@
 //! The reverse proxy on `[sentry] listen`: streams requests and responses between clients
 //! and `[sentry] upstream`, asks the sentry about each request first, and serves the
-//! challenge endpoints (`/.sentry/jwks.json`, `/.sentry/proof`).
+//! challenge endpoints (`/.sentry/jwks.json`, `/.sentry/proof`, the challenge page's files under
+//! `/.sentry/static/`).
 
 use std::{convert::Infallible, net::IpAddr, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -24,6 +25,7 @@ use crate::config::sentry::Upstream;
 use super::{
     Decision, ProofError, Sentry, SentryError, TICKET_COOKIE,
     challenge::{JWKS_PATH, PROOF_PATH, Package, Proof, Rejection},
+    page,
 };
 use crate::http::{self, RequestBody};
 
@@ -104,30 +106,90 @@ fn proof_error(e: ProofError) -> Response<ProxyBody> {
     }
 }
 
-/// The 429 answer: the package as JSON, or an HTML page that embeds the same object.
-fn challenge_reply(package: &Package, json: bool) -> Response<ProxyBody> {
+/// The 429 answer: the package as JSON, or the challenge page that embeds the same object
+/// (in the client's language, under the page's CSP).
+fn challenge_reply(
+    package: &Package,
+    json: bool,
+    accept_language: Option<&str>,
+) -> Response<ProxyBody> {
     let body = serde_json::to_string(package).unwrap_or_default();
     let mut r = if json {
         full(StatusCode::TOO_MANY_REQUESTS, "application/json", body)
     } else {
-        // `<` cannot appear in the JSON (b64url values, fixed keys), so the script block is
-        // safe to embed as is.
-        let page = format!(
-            "<!doctype html><html><head><meta charset=\"utf-8\"><title>Checking your browser</title>\
-             <script type=\"application/json\" id=\"sentry-challenge\">{body}</script></head>\
-             <body><p>This site is under heavy load. Your browser must solve a short puzzle \
-             before the page is shown.</p><noscript>Enable JavaScript to continue.</noscript>\
-             </body></html>"
-        );
-        full(
+        let lang = page::Language::from_accept_language(accept_language);
+        let mut r = full(
             StatusCode::TOO_MANY_REQUESTS,
             "text/html; charset=utf-8",
-            page,
-        )
+            page::page(&body, lang),
+        );
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(page::CSP),
+        );
+        h.insert(
+            header::CONTENT_LANGUAGE,
+            HeaderValue::from_static(lang.tag()),
+        );
+        h.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("same-origin"),
+        );
+        h.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        r
     };
+    r.headers_mut().insert(
+        header::VARY,
+        HeaderValue::from_static("Accept, Accept-Language"),
+    );
     r.headers_mut().insert(
         HeaderName::from_static("x-sentry-challenge"),
         HeaderValue::from_static("1"),
+    );
+    r
+}
+
+/// A file of the challenge page (`/.sentry/static/<version>/<name>`): cached for a year when
+/// the path names this build's version, revalidated by ETag otherwise.
+fn static_reply(path: &str, if_none_match: Option<&HeaderValue>) -> Response<ProxyBody> {
+    let Some(asset) = page::asset(path) else {
+        return full(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found\n",
+        );
+    };
+    let etag = HeaderValue::from_str(&format!("\"{}\"", page::version()))
+        .unwrap_or(HeaderValue::from_static("\"0\""));
+    let mut r = if if_none_match.is_some_and(|v| v == etag) {
+        let mut r = full(StatusCode::NOT_MODIFIED, asset.content_type, Bytes::new());
+        r.headers_mut().remove(header::CONTENT_TYPE);
+        r
+    } else {
+        full(StatusCode::OK, asset.content_type, asset.body)
+    };
+    let h = r.headers_mut();
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(if asset.current {
+            "public, max-age=31536000, immutable"
+        } else {
+            "no-cache"
+        }),
+    );
+    h.insert(header::ETAG, etag);
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    // The worker runs under its own script's policy.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(page::CSP),
     );
     r
 }
@@ -203,6 +265,11 @@ impl Proxy {
         if path == PROOF_PATH {
             return self.proof(req, client).await;
         }
+        if path.starts_with(page::STATIC_PREFIX)
+            && matches!(*req.method(), Method::GET | Method::HEAD)
+        {
+            return static_reply(path, req.headers().get(header::IF_NONE_MATCH));
+        }
         let cookie = cookie(req.headers(), TICKET_COOKIE);
         let path_and_query = req
             .uri()
@@ -215,7 +282,13 @@ impl Proxy {
             .await
         {
             Decision::Pass(_) => self.forward(req, client).await,
-            Decision::Challenge(package) => challenge_reply(&package, wants_json(req.headers())),
+            Decision::Challenge(package) => challenge_reply(
+                &package,
+                wants_json(req.headers()),
+                req.headers()
+                    .get(header::ACCEPT_LANGUAGE)
+                    .and_then(|v| v.to_str().ok()),
+            ),
             Decision::Blocked => full(
                 StatusCode::FORBIDDEN,
                 "text/plain; charset=utf-8",
@@ -514,5 +587,50 @@ mod tests {
         assert_eq!(client_addr(&trusted, other, xff), other);
         assert_eq!(client_addr(&trusted, peer, Some("garbage")), peer);
         assert_eq!(client_addr(&trusted, peer, None), peer);
+    }
+
+    #[test]
+    fn page_files_are_cached_for_good_and_revalidated_by_etag() {
+        let v = page::version();
+        let r = static_reply(&format!("/.sentry/static/{v}/challenge.js"), None);
+        assert_eq!(r.status(), StatusCode::OK);
+        let h = r.headers();
+        assert_eq!(
+            h[header::CACHE_CONTROL],
+            "public, max-age=31536000, immutable"
+        );
+        assert_eq!(h[header::CONTENT_TYPE], "text/javascript; charset=utf-8");
+        assert_eq!(h[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        let etag = h[header::ETAG].clone();
+        let again = static_reply(&format!("/.sentry/static/{v}/challenge.js"), Some(&etag));
+        assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+        // Another build's page gets this build's file, revalidated each time.
+        let other = static_reply("/.sentry/static/0123456789abcdef/worker.js", None);
+        assert_eq!(other.status(), StatusCode::OK);
+        assert_eq!(other.headers()[header::CACHE_CONTROL], "no-cache");
+        let missing = static_reply(&format!("/.sentry/static/{v}/nope.js"), None);
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn the_html_challenge_carries_its_csp_and_language() {
+        let signer = crate::sentry::challenge::Signer::generate().unwrap();
+        let pkg = signer
+            .issue("198.51.100.7".parse().unwrap(), 4, 60, b"x", 1_000)
+            .unwrap();
+        let r = challenge_reply(&pkg, false, Some("tr,en;q=0.5"));
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        let h = r.headers();
+        assert_eq!(h[header::CONTENT_SECURITY_POLICY], page::CSP);
+        assert!(!page::CSP.contains("blob:") && !page::CSP.contains("unsafe"));
+        assert_eq!(h[header::CONTENT_LANGUAGE], "tr");
+        assert_eq!(h["x-sentry-challenge"], "1");
+        let json = challenge_reply(&pkg, true, None);
+        assert_eq!(json.headers()[header::CONTENT_TYPE], "application/json");
+        assert!(
+            json.headers()
+                .get(header::CONTENT_SECURITY_POLICY)
+                .is_none()
+        );
     }
 }

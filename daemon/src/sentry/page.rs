@@ -1,0 +1,283 @@
+//! The challenge page a browser passes (the HTML 429, docs/sentry.md): a small HTML document
+//! with the package in `<script type="application/json" id="sentry-challenge">` and the
+//! language's texts in `#sentry-text`, and four files the sentry serves itself under
+//! `/.sentry/static/<version>/`: the page script, the solver worker, the pure-JS crypto both
+//! load, and a style sheet. All of it is compiled into the binary (`page/`), plain JavaScript
+//! without a build step; `<version>` is a digest of the files, so they are cached for a year
+//! and a new build is a new URL. Every visible text is in `page/strings.json` (English and
+//! Turkish, chosen by `Accept-Language`).
+
+use std::sync::LazyLock;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Where the page's files are served: `/.sentry/static/<version>/<name>`.
+pub const STATIC_PREFIX: &str = "/.sentry/static/";
+
+const TEMPLATE: &str = include_str!("page/challenge.html");
+const STRINGS: &str = include_str!("page/strings.json");
+const CHALLENGE_JS: &str = include_str!("page/challenge.js");
+const CRYPTO_JS: &str = include_str!("page/crypto.js");
+const WORKER_JS: &str = include_str!("page/worker.js");
+const STYLE_CSS: &str = include_str!("page/challenge.css");
+
+const JS: &str = "text/javascript; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
+
+/// The files under [`STATIC_PREFIX`] as written: name, source, content type.
+const SOURCES: [(&str, &str, &str); 4] = [
+    ("challenge.js", CHALLENGE_JS, JS),
+    ("crypto.js", CRYPTO_JS, JS),
+    ("worker.js", WORKER_JS, JS),
+    ("challenge.css", STYLE_CSS, CSS),
+];
+
+/// The page's Content-Security-Policy: scripts, the worker, styles and requests from this
+/// origin only; no inline script (the two JSON blocks are data, never executed), no eval, no
+/// `blob:` worker, no framing.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; worker-src 'self'; connect-src 'self'; style-src 'self'; img-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+/// The page's languages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Language {
+    English,
+    Turkish,
+}
+
+impl Language {
+    pub const ALL: [Language; 2] = [Language::English, Language::Turkish];
+
+    pub fn tag(self) -> &'static str {
+        match self {
+            Language::English => "en",
+            Language::Turkish => "tr",
+        }
+    }
+
+    /// The client's preferred language of ours by `Accept-Language` (highest q, the header's
+    /// order between equals); English when it names neither.
+    pub fn from_accept_language(header: Option<&str>) -> Self {
+        let mut best: Option<(f32, Language)> = None;
+        for item in header.unwrap_or("").split(',').take(32) {
+            let mut parts = item.split(';');
+            let tag = parts.next().unwrap_or("").trim();
+            let primary = tag.split('-').next().unwrap_or("").to_ascii_lowercase();
+            let Some(lang) = Self::ALL.into_iter().find(|l| l.tag() == primary) else {
+                continue;
+            };
+            let q = parts
+                .find_map(|p| p.trim().strip_prefix("q="))
+                .map_or(Some(1.0), |v| v.trim().parse::<f32>().ok())
+                .unwrap_or(0.0);
+            if q > 0.0 && best.is_none_or(|(bq, _)| q > bq) {
+                best = Some((q, lang));
+            }
+        }
+        best.map_or(Language::English, |(_, l)| l)
+    }
+}
+
+/// The files as served: each line's indentation and every whole-line `//` comment left out
+/// (the sources hold neither a multi-line string nor a template literal, so nothing else
+/// changes). About a fifth of the bytes; the sources stay readable and no build tool is
+/// involved.
+fn compact(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    for line in source.lines().map(str::trim_start) {
+        if !line.is_empty() && !line.starts_with("//") {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The page around the package, per language, the files and their version.
+struct Pages {
+    /// (name, served body, content type)
+    files: Vec<(&'static str, String, &'static str)>,
+    version: String,
+    /// (before the package, after it) for each of [`Language::ALL`].
+    parts: Vec<(String, String)>,
+}
+
+fn escape_html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+static PAGES: LazyLock<Pages> = LazyLock::new(|| {
+    let files: Vec<_> = SOURCES
+        .iter()
+        .map(|(name, source, kind)| (*name, compact(source), *kind))
+        .collect();
+    let mut h = Sha256::new();
+    for (name, body, _) in &files {
+        h.update(name.as_bytes());
+        h.update(body.as_bytes());
+    }
+    let version: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let strings: Value = serde_json::from_str(STRINGS).unwrap_or_default();
+    let parts = Language::ALL
+        .iter()
+        .map(|lang| {
+            let table = &strings[lang.tag()];
+            // Data for the script; `<` escaped so the block can never close early.
+            let text = table.to_string().replace('<', "\\u003c");
+            let mut page = TEMPLATE
+                .replace("{{lang}}", lang.tag())
+                .replace("{{version}}", &version)
+                .replace("{{text}}", &text);
+            if let Some(map) = table.as_object() {
+                for (key, value) in map {
+                    page = page.replace(
+                        &format!("{{{{{key}}}}}"),
+                        &escape_html(value.as_str().unwrap_or("")),
+                    );
+                }
+            }
+            match page.split_once("{{package}}") {
+                Some((before, after)) => (before.to_string(), after.to_string()),
+                None => (page, String::new()),
+            }
+        })
+        .collect();
+    Pages {
+        files,
+        version,
+        parts,
+    }
+});
+
+/// The digest of the page's files that names their directory.
+pub fn version() -> &'static str {
+    &PAGES.version
+}
+
+/// The HTML 429 for a package (its JSON: b64url values and fixed keys, so no `<` can end the
+/// data block early).
+pub fn page(package_json: &str, lang: Language) -> String {
+    let i = Language::ALL.iter().position(|l| *l == lang).unwrap_or(0);
+    let (before, after) = PAGES
+        .parts
+        .get(i)
+        .map_or(("", ""), |(b, a)| (b.as_str(), a.as_str()));
+    let mut out = String::with_capacity(before.len() + package_json.len() + after.len());
+    out.push_str(before);
+    out.push_str(package_json);
+    out.push_str(after);
+    out
+}
+
+/// A file of the page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Asset {
+    pub body: &'static str,
+    pub content_type: &'static str,
+    /// The path names this build's version: cacheable for good. A page of another build (a
+    /// fleet in the middle of an upgrade) gets this build's file, revalidated every time.
+    pub current: bool,
+}
+
+/// The file at `path` (under [`STATIC_PREFIX`]), if there is one.
+pub fn asset(path: &str) -> Option<Asset> {
+    let rest = path.strip_prefix(STATIC_PREFIX)?;
+    let (version, name) = rest.split_once('/')?;
+    let (_, body, content_type) = PAGES.files.iter().find(|(n, _, _)| *n == name)?;
+    Some(Asset {
+        body: body.as_str(),
+        content_type,
+        current: version == PAGES.version,
+    })
+}
+
+/// The bytes a browser loads for the page besides the HTML itself.
+pub fn files_bytes() -> usize {
+    PAGES.files.iter().map(|(_, body, _)| body.len()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn languages_from_accept_language() {
+        use Language::*;
+        assert_eq!(Language::from_accept_language(None), English);
+        assert_eq!(
+            Language::from_accept_language(Some("tr-TR,tr;q=0.9")),
+            Turkish
+        );
+        assert_eq!(
+            Language::from_accept_language(Some("de-DE,tr;q=0.8,en;q=0.7")),
+            Turkish
+        );
+        assert_eq!(
+            Language::from_accept_language(Some("en-US,en;q=0.9,tr;q=0.8")),
+            English
+        );
+        assert_eq!(Language::from_accept_language(Some("tr;q=0, fr")), English);
+        assert_eq!(Language::from_accept_language(Some("TR")), Turkish);
+        assert_eq!(Language::from_accept_language(Some(";;;,q=,")), English);
+    }
+
+    #[test]
+    fn every_text_in_both_languages_and_no_placeholder_left() {
+        let strings: Value = serde_json::from_str(STRINGS).unwrap();
+        let en = strings["en"].as_object().unwrap();
+        let tr = strings["tr"].as_object().unwrap();
+        let keys = |m: &serde_json::Map<String, Value>| m.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(en), keys(tr));
+        for lang in Language::ALL {
+            let html = page("{}", lang);
+            assert!(!html.contains("{{"), "{html}");
+            assert!(html.contains(&format!("<html lang=\"{}\">", lang.tag())));
+            assert!(html.contains("id=\"sentry-challenge\">{}</script>"));
+        }
+        assert!(page("{}", Language::Turkish).contains("Tarayıcınız denetleniyor"));
+    }
+
+    #[test]
+    fn the_page_and_its_files_weigh_at_most_24_kib() {
+        let signer = crate::sentry::challenge::Signer::generate().unwrap();
+        let content = crate::sentry::continuation("/some/page?with=a&query=string");
+        let pkg = signer
+            .issue("198.51.100.7".parse().unwrap(), 20, 300, &content, 1_000)
+            .unwrap();
+        let json = serde_json::to_string(&pkg).unwrap();
+        for lang in Language::ALL {
+            let total = page(&json, lang).len() + files_bytes();
+            eprintln!("{lang:?}: {total} bytes");
+            assert!(total <= 24 * 1024, "{lang:?}: {total} bytes");
+        }
+    }
+
+    #[test]
+    fn files_by_version() {
+        let v = version();
+        assert_eq!(v.len(), 16);
+        let a = asset(&format!("/.sentry/static/{v}/worker.js")).unwrap();
+        assert!(a.current && a.body.contains("importScripts"));
+        assert!(!asset("/.sentry/static/0/worker.js").unwrap().current);
+        assert!(asset(&format!("/.sentry/static/{v}/nope.js")).is_none());
+        assert!(asset("/.sentry/static/worker.js").is_none());
+        assert!(
+            page("{}", Language::English).contains(&format!("/.sentry/static/{v}/challenge.js"))
+        );
+    }
+}
