@@ -31,7 +31,16 @@ const OPERATOR: &str = GuardedLink::PEER_V4;
 const BURSTER: &str = GuardedLink::PEER_V4_SECOND;
 
 async fn text(c: &Client, id: &str) -> String {
-    c.find(Locator::Id(id)).await.unwrap().text().await.unwrap()
+    for _ in 0..10 {
+        // An element of a panel may be redrawn between finding and reading it.
+        if let Ok(e) = c.find(Locator::Id(id)).await
+            && let Ok(t) = e.text().await
+        {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot read #{id}");
 }
 
 /// A displayed number ("1,234", "12.5 KiB", "–") as a float; `None` when it is not one.
@@ -60,13 +69,21 @@ async fn until(c: &Client, id: &str, within: Duration, ok: impl Fn(&str) -> bool
     }
 }
 
+/// Clicks the element; again if the page re-rendered it between finding and clicking (the
+/// panels redraw every poll).
 async fn click(c: &Client, css: &str) {
-    c.find(Locator::Css(css))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    let mut last = None;
+    for _ in 0..10 {
+        match c.find(Locator::Css(css)).await {
+            Ok(e) => match e.click().await {
+                Ok(()) => return,
+                Err(err) => last = Some(err.to_string()),
+            },
+            Err(err) => last = Some(err.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot click {css}: {last:?}");
 }
 
 async fn type_into(c: &Client, id: &str, value: &str) {
@@ -237,6 +254,22 @@ fn dashboard_in_chromium_signs_in_watches_live_panels_and_runs_the_usual_tasks()
             click(&c, "#qr-dialog form button").await;
             until(&c, "wg-clients", Duration::from_secs(10), |t| t == "2").await;
 
+            // A client with an expiry date from the picker: cut off at the end of that day.
+            type_into(&c, "client-name", "guest-2099").await;
+            c.execute(
+                "document.getElementById('client-expires').value = '2099-12-31'",
+                vec![],
+            )
+            .await
+            .unwrap();
+            click(&c, "#add-client-form button").await;
+            c.wait()
+                .for_element(Locator::Css("#qr-dialog[open]"))
+                .await
+                .unwrap();
+            click(&c, "#qr-dialog form button").await;
+            until(&c, "wg-clients", Duration::from_secs(10), |t| t == "3").await;
+
             // Switch the sentry's mode (the burst may have raised it to DEFCON_1 on its own).
             c.find(Locator::Id("mode-select"))
                 .await
@@ -267,13 +300,9 @@ fn dashboard_in_chromium_signs_in_watches_live_panels_and_runs_the_usual_tasks()
                     .any(|l| l.contains("bob-phone") && l.contains("disabled"))
             })
             .await;
-            let remove = c
-                .find_all(Locator::Css("button[data-client='bob-phone']"))
-                .await
-                .unwrap();
-            remove.last().unwrap().click().await.unwrap();
+            click(&c, "button[data-client='bob-phone']:nth-of-type(3)").await;
             c.accept_alert().await.unwrap();
-            until(&c, "wg-clients", Duration::from_secs(10), |t| t == "1").await;
+            until(&c, "wg-clients", Duration::from_secs(10), |t| t == "2").await;
 
             // A read token sees the panels and no write forms.
             click(&c, "#sign-out").await;
@@ -309,6 +338,8 @@ fn dashboard_in_chromium_signs_in_watches_live_panels_and_runs_the_usual_tasks()
         !names.contains(&"bob-phone"),
         "removed from the page: {clients}"
     );
+    let guest = api(&daemon, &["core", "get_client", "client_name=guest-2099"]);
+    assert_eq!(guest["client"]["expires_at"], 4_102_444_799_i64, "{guest}");
     let denied = api(&daemon, &["datapath", "list_denied"]).to_string();
     assert!(denied.contains("198.18.0.66"), "{denied}");
     let whitelist = api(&daemon, &["sentry", "whitelist_list"]).to_string();

@@ -364,7 +364,10 @@
     });
     onSubmit("add-client-form", async (v, _op, form) => {
       const name = v.client_name.trim();
-      const r = await act("core", "add_client", { client_name: name }, `Client ${name} added`);
+      const params = { client_name: name };
+      // A date from the picker: the end of that day, UTC (RFC 3339, as add_client takes it).
+      if (v.expires) params.expires_at = `${v.expires}T23:59:59Z`;
+      const r = await act("core", "add_client", params, `Client ${name} added`);
       if (r.success) { form.reset(); showQr(name); }
     });
     onSubmit("address-form", (v, op, form) => {
