@@ -69,12 +69,9 @@ impl Default for SentryConfig {
 }
 
 /// `[sentry] open_paths` when the file does not set it.
-pub const DEFAULT_OPEN_PATHS: [&str; 4] = [
-    "/robots.txt",
-    "/sitemap.xml",
-    "/favicon.ico",
-    "/.well-known/",
-];
+/// Not `/favicon.ico`: a browser asks for it by itself, and a challenged browser must
+/// reach nothing of the upstream before it solves.
+pub const DEFAULT_OPEN_PATHS: [&str; 3] = ["/robots.txt", "/sitemap.xml", "/.well-known/"];
 
 /// Most networks one good bot may list (inline and from its file together).
 pub const MAX_BOT_RANGES: usize = 100_000;
