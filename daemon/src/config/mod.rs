@@ -19,7 +19,7 @@ pub mod sentry;
 pub use brands::DEFAULT_BRANDS;
 pub use echo_url::EchoUrl;
 pub use location::Location;
-pub use sentry::{SentryConfig, Tunables};
+pub use sentry::{GoodBot, SentryConfig, Tunables};
 
 use crate::{error::Error, source::SourcePrefix};
 

@@ -30,6 +30,13 @@ pub struct SentryConfig {
     /// How long the upstream may take to start its answer, and to send each next piece of
     /// it: past that the client gets 504 (or the answer is cut off).
     pub upstream_timeout_seconds: u64,
+    /// Paths a challenged source may still fetch (robots.txt, `/.well-known/`, feeds): an
+    /// entry ending in `/` covers everything under it, any other entry that exact path (the
+    /// query string aside). Still counted; see docs/sentry.md "Good bots and open paths".
+    pub open_paths: Vec<String>,
+    /// Crawlers let through without a challenge when both their user agent and their
+    /// address match (`[[sentry.good_bots]]`).
+    pub good_bots: Vec<GoodBot>,
     /// The defence's tunables: the first values of the store's `sentry:config`;
     /// `sentry set_config` changes them at run time (and in the store, for the whole fleet).
     /// Written as plain keys of `[sentry]`.
@@ -53,9 +60,137 @@ impl Default for SentryConfig {
             trusted_proxies: Vec::new(),
             max_body_bytes: 10 * 1024 * 1024,
             upstream_timeout_seconds: 60,
+            open_paths: DEFAULT_OPEN_PATHS.iter().map(|p| p.to_string()).collect(),
+            good_bots: Vec::new(),
             tunables: Tunables::default(),
             unknown: BTreeMap::new(),
         }
+    }
+}
+
+/// `[sentry] open_paths` when the file does not set it.
+/// Not `/favicon.ico`: a browser asks for it by itself, and a challenged browser must
+/// reach nothing of the upstream before it solves.
+pub const DEFAULT_OPEN_PATHS: [&str; 3] = ["/robots.txt", "/sitemap.xml", "/.well-known/"];
+
+/// Most networks one good bot may list (inline and from its file together).
+pub const MAX_BOT_RANGES: usize = 100_000;
+
+/// One `[[sentry.good_bots]]` entry: a crawler passes only when its `User-Agent` matches
+/// `user_agent` (a regular expression, unanchored: `Googlebot` matches anywhere in the
+/// header) **and** its address lies in one of its networks (`ranges`, and the lines of
+/// `ranges_file`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GoodBot {
+    /// The bot's name in status and metrics.
+    pub name: String,
+    /// A regular expression (Rust `regex` syntax) matched against the `User-Agent` header.
+    pub user_agent: String,
+    /// Networks written inline (`66.249.64.0/27`, `2001:4860:4801:10::/64`, or a bare address).
+    pub ranges: Vec<String>,
+    /// An absolute path to a file of networks, one a line; `#` starts a comment. Empty = none.
+    pub ranges_file: String,
+}
+
+impl GoodBot {
+    /// The bot's networks: `ranges` and the lines of `ranges_file`. The message names the
+    /// bot, the file and the line.
+    pub fn networks(&self) -> Result<Vec<ipnet::IpNet>, InvalidValue> {
+        let bot = &self.name;
+        let parse = |text: &str, at: &dyn Fn() -> String| {
+            text.parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| {
+                    InvalidValue(format!(
+                        "sentry.good_bots {bot:?}: {text:?} ({}) is not a network (address/prefix) or an address",
+                        at()
+                    ))
+                })
+        };
+        let mut nets = Vec::new();
+        for r in &self.ranges {
+            nets.push(parse(r.trim(), &|| "in ranges".to_string())?);
+        }
+        if !self.ranges_file.is_empty() {
+            let path = std::path::Path::new(&self.ranges_file);
+            if !path.is_absolute() {
+                return Err(InvalidValue(format!(
+                    "sentry.good_bots {bot:?}: ranges_file {:?} must be an absolute path",
+                    self.ranges_file
+                )));
+            }
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                InvalidValue(format!(
+                    "sentry.good_bots {bot:?}: cannot read ranges_file {:?}: {e}",
+                    self.ranges_file
+                ))
+            })?;
+            for (i, line) in text.lines().enumerate() {
+                let line = line.split('#').next().unwrap_or("").trim();
+                if line.is_empty() {
+                    continue;
+                }
+                nets.push(parse(line, &|| {
+                    format!("{} line {}", self.ranges_file, i + 1)
+                })?);
+                if nets.len() > MAX_BOT_RANGES {
+                    break;
+                }
+            }
+        }
+        if nets.len() > MAX_BOT_RANGES {
+            return Err(InvalidValue(format!(
+                "sentry.good_bots {bot:?}: more than {MAX_BOT_RANGES} networks"
+            )));
+        }
+        if nets.is_empty() {
+            return Err(InvalidValue(format!(
+                "sentry.good_bots {bot:?}: no networks (set ranges or ranges_file): a good bot is matched by user agent and address together, never by user agent alone"
+            )));
+        }
+        Ok(nets)
+    }
+
+    fn validate(&self) -> Result<(), InvalidValue> {
+        if self.name.is_empty() || self.name.len() > 64 {
+            return Err(InvalidValue(
+                "sentry.good_bots: every bot needs a name of 1 to 64 characters".into(),
+            ));
+        }
+        if self.user_agent.is_empty() {
+            return Err(InvalidValue(format!(
+                "sentry.good_bots {:?}: user_agent must not be empty",
+                self.name
+            )));
+        }
+        regex::Regex::new(&self.user_agent).map_err(|e| {
+            InvalidValue(format!(
+                "sentry.good_bots {:?}: user_agent {:?} is not a valid regular expression: {e}",
+                self.name, self.user_agent
+            ))
+        })?;
+        self.networks().map(|_| ())
+    }
+}
+
+/// Checks one `open_paths` entry: an absolute path without a query, `..` or `%`.
+fn validate_open_path(p: &str) -> Result<(), InvalidValue> {
+    let ok = p.starts_with('/')
+        && !p.contains("..")
+        && !p.contains("//")
+        && !p.bytes().any(|b| {
+            matches!(b, b'?' | b'#' | b'%' | b'\\')
+                || b.is_ascii_whitespace()
+                || b.is_ascii_control()
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidValue(format!(
+            "sentry.open_paths: {p:?} must be an absolute path (starting with /) without a query, \"..\", \"//\", \"%\", a backslash or spaces"
+        )))
     }
 }
 
@@ -236,6 +371,27 @@ impl SentryConfig {
             return Err(InvalidValue(
                 "sentry.upstream_timeout_seconds must be between 1 and 3600".into(),
             ));
+        }
+        if self.open_paths.len() > 1_000 {
+            return Err(InvalidValue(
+                "sentry.open_paths: at most 1000 entries".into(),
+            ));
+        }
+        for p in &self.open_paths {
+            validate_open_path(p)?;
+        }
+        if self.good_bots.len() > 100 {
+            return Err(InvalidValue("sentry.good_bots: at most 100 bots".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for bot in &self.good_bots {
+            bot.validate()?;
+            if !names.insert(bot.name.as_str()) {
+                return Err(InvalidValue(format!(
+                    "sentry.good_bots: the name {:?} is used twice",
+                    bot.name
+                )));
+            }
         }
         self.tunables
             .validate()

@@ -105,6 +105,9 @@ pub fn status(s: &Sentry) -> Value {
         "hard_blocks": c.hard_blocks.load(load),
         "kernel_blocks_live": s.penalties.blocked_count(now),
         "whitelist_size": s.whitelist_local().len(),
+        "good_bots": s.good_bots.passes().into_iter()
+            .map(|(name, n)| (name.to_string(), json!({"passed": n})))
+            .collect::<serde_json::Map<String, Value>>(),
         "key_id": s.signer.kid(),
         "top_talkers": top.iter().map(|(ip, n)| {
             let k = kernel.get(ip);

@@ -108,6 +108,15 @@ impl Collector for SentryCollector {
             "Proxied requests by outcome",
             requests.into_iter(),
         )?;
+        counter_family(
+            &mut encoder,
+            "phantom_sentry_good_bot_passes",
+            "Requests of a good bot (user agent and address matched) let through instead of a challenge, by bot",
+            s.good_bots
+                .passes()
+                .into_iter()
+                .map(|(name, n)| (vec![("bot", name.to_string())], n)),
+        )?;
         counter(
             &mut encoder,
             "phantom_sentry_challenges_issued",

@@ -5,6 +5,7 @@
 //! and ends in kernel drops. See docs/sentry.md.
 
 pub mod actions;
+pub mod allow;
 pub mod challenge;
 pub mod detector;
 pub mod metrics;
@@ -118,6 +119,10 @@ pub enum Pass {
     Normal,
     /// The store is down and the sentry fails open.
     FailOpen,
+    /// Would have been challenged; a good bot (user agent and address both match).
+    GoodBot,
+    /// Would have been challenged; an open path, under the ticket ceiling.
+    OpenPath,
 }
 
 /// What the proxy does with one request.
@@ -151,7 +156,7 @@ pub const DEGRADE_AFTER: Duration = Duration::from_secs(1);
 /// Counters for metrics and status.
 #[derive(Default)]
 pub struct Counters {
-    pub passed: [AtomicU64; 4],
+    pub passed: [AtomicU64; 6],
     pub challenged: AtomicU64,
     pub blocked: AtomicU64,
     pub unavailable: AtomicU64,
@@ -176,6 +181,8 @@ pub fn pass_index(p: Pass) -> usize {
         Pass::Ticket => 1,
         Pass::Normal => 2,
         Pass::FailOpen => 3,
+        Pass::GoodBot => 4,
+        Pass::OpenPath => 5,
     }
 }
 
@@ -187,7 +194,14 @@ pub fn authenticated_index(a: Authenticated) -> usize {
     Authenticated::ALL.iter().position(|x| *x == a).unwrap_or(0)
 }
 
-pub const PASS_NAMES: [&str; 4] = ["whitelisted", "ticket", "normal", "fail_open"];
+pub const PASS_NAMES: [&str; 6] = [
+    "whitelisted",
+    "ticket",
+    "normal",
+    "fail_open",
+    "good_bot",
+    "open_path",
+];
 
 /// The name of the signed ticket cookie.
 pub const TICKET_COOKIE: &str = "sentry_ticket";
@@ -250,6 +264,10 @@ pub struct Sentry {
     state: RwLock<ModeState>,
     /// The whitelisted sources: each listed address's source (its IPv6 prefix).
     whitelist: RwLock<HashSet<Source>>,
+    /// `[sentry] good_bots`: asked only for a request that would be challenged.
+    pub good_bots: allow::GoodBots,
+    /// `[sentry] open_paths`: asked only for a request that would be challenged.
+    open_paths: allow::OpenPaths,
     /// source -> what this host knows of its ticket.
     tickets: Mutex<HashMap<Source, Held>>,
     datapath: Option<Arc<Datapath>>,
@@ -329,6 +347,8 @@ impl Sentry {
             tunables: RwLock::new(config.tunables.clone()),
             state: RwLock::new(ModeState::default()),
             whitelist: RwLock::new(HashSet::new()),
+            good_bots: allow::GoodBots::new(&config.good_bots)?,
+            open_paths: allow::OpenPaths::new(&config.open_paths),
             tickets: Mutex::new(HashMap::new()),
             datapath,
             prefix,
@@ -635,8 +655,21 @@ impl Sentry {
         self.challenge(source, t, true, doomsday, now, path).await
     }
 
-    /// The per-request flow of SPEC 7, for the source the client address stands for.
+    /// The per-request flow of SPEC 7, for the source the client address stands for, of a
+    /// request without a `User-Agent` header.
     pub async fn decide(&self, peer: IpAddr, cookie: Option<&str>, path: &str) -> Decision {
+        self.decide_request(peer, cookie, path, None).await
+    }
+
+    /// The per-request flow of SPEC 7 (docs/sentry.md "Per request"): `peer` is the client
+    /// address, `path` the request target, `user_agent` its `User-Agent` header.
+    pub async fn decide_request(
+        &self,
+        peer: IpAddr,
+        cookie: Option<&str>,
+        path: &str,
+        user_agent: Option<&str>,
+    ) -> Decision {
         let source = self.source_of(peer);
         let now = unix_now();
         self.detector.count_global();
@@ -676,6 +709,22 @@ impl Sentry {
         }
         let mode = self.mode_state().current_mode;
         let over = count > t.ip_static_threshold;
+        // A request that would now be challenged (unless a ticket turns up in the store):
+        // good bots and open paths pass here, and only here, so an ordinary request never
+        // pays for the match, and the store round trip is saved for them.
+        let challenge_due = match mode {
+            Mode::Doomsday => true,
+            Mode::Defcon1 => over,
+            Mode::Normal => false,
+        };
+        if challenge_due {
+            if self.good_bots.pass(user_agent, peer).is_some() {
+                return self.pass(Pass::GoodBot);
+            }
+            if count <= t.effective_ticket_ceiling() && self.open_paths.matches(path) {
+                return self.pass(Pass::OpenPath);
+            }
+        }
         // Only while armed does the store get asked for a ticket (another host may have
         // issued it): one round trip, none on the embedded backend. A request that will be
         // challenged unless it holds one has its package made first, and the fleet's record

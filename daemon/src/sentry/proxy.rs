@@ -276,9 +276,13 @@ impl Proxy {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
+        let user_agent = req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok());
         match self
             .sentry
-            .decide(client, cookie.as_deref(), &path_and_query)
+            .decide_request(client, cookie.as_deref(), &path_and_query, user_agent)
             .await
         {
             Decision::Pass(_) => self.forward(req, client).await,
