@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use phantom_daemon::{
     config::{Config, DEFAULT_CONFIG_PATH},
     daemon::{Options, run},
@@ -27,10 +27,43 @@ struct Cli {
     /// Print the default configuration and exit.
     #[arg(long)]
     print_default_config: bool,
+    /// Print this man page (roff) and exit; the package build uses it.
+    #[arg(long, hide = true)]
+    print_man_page: bool,
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell) and exit;
+    /// the package build uses it.
+    #[arg(long, hide = true, value_name = "SHELL")]
+    print_completions: Option<clap_complete::Shell>,
+}
+
+/// Writes the man page or a completion script for this command line to stdout.
+fn print_docs(cli: &Cli) -> Option<std::process::ExitCode> {
+    let mut cmd = Cli::command();
+    let mut out = std::io::stdout();
+    if let Some(shell) = cli.print_completions {
+        clap_complete::generate(shell, &mut cmd, "phantomd", &mut out);
+        return Some(std::process::ExitCode::SUCCESS);
+    }
+    if cli.print_man_page {
+        let man = clap_mangen::Man::new(cmd)
+            .section("8")
+            .manual("System Administration");
+        return Some(match man.render(&mut out) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("phantomd: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        });
+    }
+    None
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(code) = print_docs(&cli) {
+        return code;
+    }
     if cli.print_default_config {
         return match Config::default().to_toml() {
             Ok(text) => {
