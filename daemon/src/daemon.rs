@@ -31,6 +31,7 @@ use crate::{
     logging::{self, LogControl},
     metrics::{self, Metrics},
     multihop::{self, EgressMark, Multihop},
+    notify,
     open_files::{self, OpenFiles},
     protocol,
     sentry::{self, Sentry},
@@ -576,6 +577,8 @@ async fn serve(
         tasks.extend(m.start_tasks(&shutdown));
     }
     info!("phantomd ready");
+    notify::ready();
+    tasks.extend(notify::start_watchdog(&shutdown));
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Socket)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Socket)?;
@@ -590,6 +593,7 @@ async fn serve(
             }
         }
     }
+    notify::stopping();
     let _ = shutdown_tx.send(true);
     if let Err(e) = admin_task.await {
         warn!(error = %e, "admin server task failed");
