@@ -69,7 +69,10 @@ mod tests {
     #[test]
     fn watchdog_interval_reads_systemds_variables() {
         let d = Duration::from_micros;
-        assert_eq!(watchdog_interval(Some("30000000"), Some("7"), 7), Some(d(30_000_000)));
+        assert_eq!(
+            watchdog_interval(Some("30000000"), Some("7"), 7),
+            Some(d(30_000_000))
+        );
         assert_eq!(watchdog_interval(Some("400000"), None, 7), Some(d(400_000)));
         // Meant for another process (a parent that did not clear its environment).
         assert_eq!(watchdog_interval(Some("400000"), Some("8"), 7), None);

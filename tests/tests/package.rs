@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use phantom_tests::{BpffsDir, DaemonConfig, Daemon, GuardedLink, bin_dir, require_root};
+use phantom_tests::{BpffsDir, Daemon, DaemonConfig, GuardedLink, bin_dir, require_root};
 
 /// What every test here inspects: the .deb and the tree it extracts to.
 struct Built {
@@ -42,7 +42,11 @@ fn built() -> &'static Built {
             .arg("--out-dir")
             .arg(&out_dir));
         let deb = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-        eprintln!("package built in {:?}: {}", started.elapsed(), deb.display());
+        eprintln!(
+            "package built in {:?}: {}",
+            started.elapsed(),
+            deb.display()
+        );
         let root = out_dir.join("root");
         run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
         Built { deb, root }
@@ -90,7 +94,10 @@ fn package_holds_the_binaries_unit_config_man_pages_and_completions() {
             .lines()
             .find(|l| l.ends_with(&format!(" {path}")))
             .unwrap_or_else(|| panic!("{path} is not in the package:\n{listing}"));
-        assert!(line.contains("root/root"), "{path} is not owned by root: {line}");
+        assert!(
+            line.contains("root/root"),
+            "{path} is not owned by root: {line}"
+        );
         if path.contains("/sbin/") || path.contains("/bin/") {
             assert!(line.starts_with("-rwxr-xr-x"), "{path} is not 0755: {line}");
         }
@@ -114,10 +121,7 @@ fn package_holds_the_binaries_unit_config_man_pages_and_completions() {
         .args(["-I"])
         .arg(&b.deb)
         .arg("postinst")));
-    assert!(
-        postinst.contains("groupadd --system phantom"),
-        "{postinst}"
-    );
+    assert!(postinst.contains("groupadd --system phantom"), "{postinst}");
     // The packaged default configuration names that group for the socket.
     let config = std::fs::read_to_string(b.root.join("etc/phantom/phantom.toml")).unwrap();
     assert!(config.contains("group = \"phantom\""), "{config}");
@@ -234,13 +238,27 @@ fn render_man(page: &Path) -> String {
 fn man_pages_render() {
     let b = built();
     let phantomd = render_man(&b.root.join("usr/share/man/man8/phantomd.8.gz"));
-    for word in ["phantomd", "--check-config", "--print-default-config", "--config"] {
-        assert!(phantomd.contains(word), "phantomd(8) lacks {word}:\n{phantomd}");
+    for word in [
+        "phantomd",
+        "--check-config",
+        "--print-default-config",
+        "--config",
+    ] {
+        assert!(
+            phantomd.contains(word),
+            "phantomd(8) lacks {word}:\n{phantomd}"
+        );
     }
     // The hidden flags the package build uses are not part of the documented interface.
     assert!(!phantomd.contains("--print-man-page"), "{phantomd}");
     let api = render_man(&b.root.join("usr/share/man/man1/phantom-api.1.gz"));
-    for word in ["phantom-api", "--socket", "PHANTOM_SOCKET", "EXIT STATUS", "--qr"] {
+    for word in [
+        "phantom-api",
+        "--socket",
+        "PHANTOM_SOCKET",
+        "EXIT STATUS",
+        "--qr",
+    ] {
         assert!(api.contains(word), "phantom-api(1) lacks {word}:\n{api}");
     }
 }
@@ -344,5 +362,46 @@ fn daemon_tells_systemd_ready_watchdog_and_stopping() {
     assert!(
         rest.iter().any(|m| m == "STOPPING=1\n"),
         "no STOPPING=1 after SIGTERM: {rest:?}"
+    );
+}
+
+/// With a daemon answering on the socket, the packaged phantom-api completion offers its
+/// modules, then the chosen module's actions, as `phantom-api --help` lists them.
+#[test]
+fn phantom_api_completion_offers_the_running_daemons_modules_and_actions() {
+    if !require_root("phantom_api_completion_offers_the_running_daemons_modules_and_actions") {
+        return;
+    }
+    let b = built();
+    let link = GuardedLink::new();
+    let bpffs = BpffsDir::new();
+    let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
+    config.datapath_enabled = false;
+    let daemon = Daemon::start(&link.server, &config);
+    let socket = daemon.socket().display().to_string();
+    let words = |w: &[&str]| -> Vec<String> {
+        let mut all = vec!["phantom-api", "--socket", socket.as_str()];
+        all.extend_from_slice(w);
+        complete(b, "phantom-api", "_phantom_api", &all)
+    };
+    let modules = words(&[""]);
+    for m in ["core", "datapath", "blocklist", "dns"] {
+        assert!(
+            modules.iter().any(|x| x == m),
+            "modules {modules:?} lack {m}"
+        );
+    }
+    assert_eq!(words(&["da"]), ["datapath"]);
+    let actions = words(&["core", ""]);
+    assert!(
+        actions.iter().any(|a| a == "server_status"),
+        "core's actions: {actions:?}"
+    );
+    assert_eq!(words(&["core", "server_sta"]), ["server_status"]);
+    // Past the action only options complete (parameters are key=value, free text).
+    assert!(
+        words(&["core", "server_status", ""])
+            .iter()
+            .all(String::is_empty)
     );
 }

@@ -143,13 +143,20 @@ pub fn build(root: &Path, opts: &Options) -> Result<PathBuf> {
 
     // Control files.
     let conffiles = ["/etc/phantom/phantom.toml"];
-    put("DEBIAN/conffiles", format!("{}\n", conffiles.join("\n")).as_bytes(), 0o644)?;
+    put(
+        "DEBIAN/conffiles",
+        format!("{}\n", conffiles.join("\n")).as_bytes(),
+        0o644,
+    )?;
     for script in ["postinst", "prerm", "postrm"] {
         put(&format!("DEBIAN/{script}"), &read(script)?, 0o755)?;
     }
     let files = payload_files(&stage)?;
     let mut md5sums = String::new();
-    for rel in files.iter().filter(|f| !conffiles.contains(&format!("/{f}").as_str())) {
+    for rel in files
+        .iter()
+        .filter(|f| !conffiles.contains(&format!("/{f}").as_str()))
+    {
         let sum = output(Command::new("md5sum").arg(rel).current_dir(&stage))?;
         md5sums.push_str(&sum);
     }
@@ -178,9 +185,7 @@ pub fn build(root: &Path, opts: &Options) -> Result<PathBuf> {
     );
     put("DEBIAN/control", control.as_bytes(), 0o644)?;
 
-    let deb = opts
-        .out_dir
-        .join(format!("{PACKAGE}_{version}_{arch}.deb"));
+    let deb = opts.out_dir.join(format!("{PACKAGE}_{version}_{arch}.deb"));
     let compression: &[&str] = if opts.fast {
         &["-Zgzip", "-z1"]
     } else {

@@ -12,14 +12,24 @@ use phantom_daemon::{
 #[command(
     name = "phantomd",
     version,
-    about = "Phantom: WireGuard VPN host daemon"
+    about = "Phantom: WireGuard VPN host daemon",
+    long_about = "Phantom: WireGuard VPN host daemon. One process runs the WireGuard server, its \
+eBPF data plane (an XDP guard and TC programs), the DNS resolver that blocks gambling domains \
+for every client, the sentry reverse proxy, ghost mode, multihop, the admin socket that \
+phantom-api(1) speaks, and Prometheus metrics.\n\n\
+SIGHUP re-reads the configuration file (log settings, blocklist sources and brands; an invalid \
+file changes nothing). SIGTERM shuts down cleanly and detaches the XDP guard.\n\n\
+Files: /etc/phantom/phantom.toml (the configuration), /var/lib/phantom (state_dir), \
+/run/phantom/phantom.sock (the admin socket, for root and the phantom group).\n\n\
+Under systemd (phantomd.service, Type=notify) it sends READY=1 once every listener is up, \
+WATCHDOG=1 at half of WatchdogSec=, and STOPPING=1 on shutdown."
 )]
 struct Cli {
     /// Configuration file; written with the defaults when it does not exist.
-    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
     /// Overrides `state_dir` from the configuration.
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// Validate the configuration file and exit.
     #[arg(long)]
