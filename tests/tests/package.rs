@@ -174,7 +174,8 @@ fn systemd_analyze_verify_accepts_the_unit() {
     // (sysinit.target, ...) and /bin/kill (ExecReload). Copied from the host, read only.
     let root = b.root.parent().unwrap().join("verify-root");
     let _ = std::fs::remove_dir_all(&root);
-    run(Command::new("cp").arg("-a").arg(&b.root).arg(&root));
+    // Hard links: the same files, without another copy of the binaries on disk.
+    run(Command::new("cp").arg("-al").arg(&b.root).arg(&root));
     let units = root.join("usr/lib/systemd/system");
     run(Command::new("cp")
         .args(["-a", "-n", "/lib/systemd/system/."])
@@ -404,4 +405,43 @@ fn phantom_api_completion_offers_the_running_daemons_modules_and_actions() {
             .iter()
             .all(String::is_empty)
     );
+}
+
+/// `[log] format = "json"`: every line the daemon writes to stderr is one JSON object with a
+/// time stamp, a level and the message, for log shippers; `core service_logs` keeps text.
+#[test]
+fn daemon_logs_one_json_object_a_line_when_asked() {
+    if !require_root("daemon_logs_one_json_object_a_line_when_asked") {
+        return;
+    }
+    let link = GuardedLink::new();
+    let bpffs = BpffsDir::new();
+    let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
+    config.datapath_enabled = false;
+    config.log_extra = "format = \"json\"\n".into();
+    let mut daemon = Daemon::start(&link.server, &config);
+    // The ring behind `core service_logs` keeps plain text.
+    let data = daemon
+        .client()
+        .ok("core", "service_logs", serde_json::json!({}));
+    let kept = data["logs"].as_array().unwrap();
+    assert!(
+        kept.iter().any(|l| l
+            .as_str()
+            .is_some_and(|l| l.contains("phantomd ready") && !l.starts_with('{'))),
+        "{data}"
+    );
+    assert!(daemon.stop().success());
+    let log = daemon.log();
+    let mut messages = Vec::new();
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(v["timestamp"].is_string(), "{line}");
+        assert!(v["level"].is_string(), "{line}");
+        messages.push(v["fields"]["message"].as_str().unwrap_or("").to_string());
+    }
+    for m in ["phantomd ready", "SIGTERM: shutting down"] {
+        assert!(messages.iter().any(|x| x == m), "no {m:?} in {messages:?}");
+    }
 }

@@ -198,6 +198,8 @@ pub fn build(root: &Path, opts: &Options) -> Result<PathBuf> {
         .arg(&stage)
         .arg(&deb)
         .stdout(Stdio::null()))?;
+    // The staging tree is a second copy of the binaries: not worth the disk.
+    fs::remove_dir_all(&stage).with_context(|| format!("cannot remove {}", stage.display()))?;
     Ok(deb)
 }
 
