@@ -19,6 +19,9 @@ APT_PACKAGES=(
   # promtool checks the alert rules and the dashboard's queries in ops/ (Debian ships it in
   # the prometheus package; the server is never started).
   prometheus
+  # The package test (tests/tests/package.rs): lintian checks the .deb, man renders its pages;
+  # dpkg-deb and dpkg-shlibdeps come with build-essential (dpkg-dev).
+  lintian man-db
 )
 # openapi-spec-validator (the admin API test validates its OpenAPI document with it; no Debian
 # package has it), in a venv of its own.

@@ -31,6 +31,7 @@ use crate::{
     logging::{self, LogControl},
     metrics::{self, Metrics},
     multihop::{self, EgressMark, Multihop},
+    notify,
     open_files::{self, OpenFiles},
     protocol,
     sentry::{self, Sentry},
@@ -104,7 +105,11 @@ fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Daemon
 /// Runs the daemon until SIGTERM/SIGINT.
 pub fn run(opts: Options) -> Result<(), DaemonError> {
     let (config, created) = load_config(&opts)?;
-    let logs = logging::init(&config.log.level, config.log.keep_lines)?;
+    let logs = logging::init(
+        &config.log.level,
+        config.log.keep_lines,
+        config.log.format == crate::config::LogFormat::Json,
+    )?;
     if created {
         info!(path = %opts.config_path.display(), "wrote the default configuration");
     }
@@ -576,6 +581,8 @@ async fn serve(
         tasks.extend(m.start_tasks(&shutdown));
     }
     info!("phantomd ready");
+    notify::ready();
+    tasks.extend(notify::start_watchdog(&shutdown));
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Socket)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Socket)?;
@@ -590,6 +597,7 @@ async fn serve(
             }
         }
     }
+    notify::stopping();
     let _ = shutdown_tx.send(true);
     if let Err(e) = admin_task.await {
         warn!(error = %e, "admin server task failed");
@@ -670,7 +678,8 @@ fn reload(
     if let Some(list) = blocklist {
         list.apply_live(&new.blocklist);
     }
-    running.log = new.log.clone();
+    running.log.level = new.log.level.clone();
+    running.log.keep_lines = new.log.keep_lines;
     running.metrics.top_sources = new.metrics.top_sources;
     running.blocklist.sources = new.blocklist.sources.clone();
     running.blocklist.sync_interval_seconds = new.blocklist.sync_interval_seconds;
@@ -678,7 +687,8 @@ fn reload(
     running.blocklist.brands = new.blocklist.brands.clone();
     // Everything else needs a restart; say which sections differ.
     let mut rest = new;
-    rest.log = old.log.clone();
+    rest.log.level = old.log.level.clone();
+    rest.log.keep_lines = old.log.keep_lines;
     rest.metrics.top_sources = old.metrics.top_sources;
     rest.blocklist.sources = old.blocklist.sources.clone();
     rest.blocklist.sync_interval_seconds = old.blocklist.sync_interval_seconds;
@@ -686,6 +696,7 @@ fn reload(
     rest.blocklist.brands = old.blocklist.brands.clone();
     let pending: Vec<&str> = [
         ("state_dir", rest.state_dir != old.state_dir),
+        ("log", rest.log != old.log),
         ("admin", rest.admin != old.admin),
         ("metrics", rest.metrics != old.metrics),
         ("datapath", rest.datapath != old.datapath),

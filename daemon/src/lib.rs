@@ -17,6 +17,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod multihop;
+pub mod notify;
 pub mod open_files;
 pub mod qr;
 pub mod sentry;

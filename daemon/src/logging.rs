@@ -139,21 +139,40 @@ impl LogControl {
 }
 
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over the configured level.
-pub fn init(level: &str, keep_lines: usize) -> Result<LogControl, LogError> {
+/// Lines go to stderr as text, or as JSON objects when `json`; text written to the journal
+/// (systemd's `JOURNAL_STREAM` names stderr) carries no time stamp of its own and no colour,
+/// since the journal stamps every line. The in-memory ring (`core service_logs`) always keeps
+/// stamped text.
+pub fn init(level: &str, keep_lines: usize, json: bool) -> Result<LogControl, LogError> {
     let directive = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_string());
     let filter = EnvFilter::try_new(with_privacy(&directive))
         .map_err(|e| Error::config(format!("log level {directive:?}: {e}")))?;
     let (filter, handle) = reload::Layer::new(filter);
     let recent = RecentLogs::new(keep_lines);
+    let journal = is_journal_stream(
+        std::env::var("JOURNAL_STREAM").ok().as_deref(),
+        stderr_dev_ino(),
+    );
+    let ansi =
+        !journal && std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::registry()
         .with(filter)
-        .with(
+        .with(json.then(|| {
             tracing_subscriber::fmt::layer()
-                .with_ansi(
-                    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
-                )
-                .with_writer(std::io::stderr),
-        )
+                .json()
+                .with_writer(std::io::stderr)
+        }))
+        .with((!json && journal).then(|| {
+            tracing_subscriber::fmt::layer()
+                .without_time()
+                .with_ansi(false)
+                .with_writer(std::io::stderr)
+        }))
+        .with((!json && !journal).then(|| {
+            tracing_subscriber::fmt::layer()
+                .with_ansi(ansi)
+                .with_writer(std::io::stderr)
+        }))
         .with(
             tracing_subscriber::fmt::layer()
                 .with_ansi(false)
@@ -162,6 +181,25 @@ pub fn init(level: &str, keep_lines: usize) -> Result<LogControl, LogError> {
         .try_init()
         .map_err(LogError::Install)?;
     Ok(LogControl { handle, recent })
+}
+
+/// The device and inode of stderr, as systemd writes them into `JOURNAL_STREAM`.
+fn stderr_dev_ino() -> Option<(u64, u64)> {
+    let st = nix::sys::stat::fstat(std::io::stderr()).ok()?;
+    Some((st.st_dev as u64, st.st_ino as u64))
+}
+
+/// Whether `journal_stream` (`JOURNAL_STREAM`, "<device>:<inode>") names `stderr`: systemd's
+/// documented test that stderr is still the journal and not a file the variable was inherited
+/// past.
+fn is_journal_stream(journal_stream: Option<&str>, stderr: Option<(u64, u64)>) -> bool {
+    let (Some(var), Some((dev, ino))) = (journal_stream, stderr) else {
+        return false;
+    };
+    let Some((d, i)) = var.trim().split_once(':') else {
+        return false;
+    };
+    d.parse::<u64>().ok() == Some(dev) && i.parse::<u64>().ok() == Some(ino)
 }
 
 #[cfg(test)]
@@ -181,5 +219,17 @@ mod tests {
         assert_eq!(logs.tail(10), vec!["line 3", "line 4", "partial"]);
         assert_eq!(logs.tail(1), vec!["partial"]);
         Ok(())
+    }
+
+    #[test]
+    fn journal_stream_must_name_stderr_itself() {
+        assert!(is_journal_stream(Some("8:1234"), Some((8, 1234))));
+        // Inherited by a process whose stderr is now a file or a terminal.
+        assert!(!is_journal_stream(Some("8:1234"), Some((8, 999))));
+        assert!(!is_journal_stream(Some("8:1234"), None));
+        assert!(!is_journal_stream(None, Some((8, 1234))));
+        for bad in ["", "8", "8:", ":1234", "x:y"] {
+            assert!(!is_journal_stream(Some(bad), Some((8, 1234))), "{bad:?}");
+        }
     }
 }

@@ -18,7 +18,7 @@ use std::{
 const LAYERS: &[&[&str]] = &[
     // What everything may use.
     &["faults", "open_files", "protocol", "source", "tasks"],
-    &["error"],
+    &["error", "notify"],
     &["config", "domain_name", "store", "logging", "qr"],
     // Shared machinery, no domain knowledge.
     &["http", "wg", "domain_hash"],

@@ -71,6 +71,8 @@ pub struct DaemonConfig {
     /// `[blocklist] api_listen`; `None` = off.
     pub blocklist_api: Option<String>,
     pub log_level: String,
+    /// More lines for the `[log]` section (e.g. `format = "json"`).
+    pub log_extra: String,
     /// The body of the `[dns]` section (the resolver is off by default).
     pub dns_section: String,
     /// More lines for the `[blocklist]` section.
@@ -95,6 +97,7 @@ impl DaemonConfig {
             env: Vec::new(),
             blocklist_api: None,
             log_level: "info".into(),
+            log_extra: String::new(),
             dns_section: "listen = \"off\"\nprimary = \"127.0.0.53\"\nsecondary = \"127.0.0.54\"\n"
                 .into(),
             blocklist_extra: String::new(),
@@ -107,7 +110,7 @@ impl DaemonConfig {
     fn toml(&self, dir: &Path) -> String {
         format!(
             "state_dir = {state:?}\n\
-             [log]\nlevel = {level:?}\n\
+             [log]\nlevel = {level:?}\n{log_extra}\
              [admin]\nsocket = {socket:?}\n{admin_extra}\
              [metrics]\nlisten = {metrics:?}\n{metrics_extra}\
              [datapath]\nenabled = {enabled}\nuplink = {uplink:?}\nbpffs = {bpffs:?}\n{vpn}\
@@ -121,6 +124,7 @@ impl DaemonConfig {
             metrics_extra = self.metrics_extra,
             state = dir.join("state").display().to_string(),
             level = self.log_level,
+            log_extra = self.log_extra,
             socket = dir.join("phantom.sock").display().to_string(),
             metrics = self.metrics_listen,
             enabled = self.datapath_enabled,

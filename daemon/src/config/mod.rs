@@ -78,6 +78,17 @@ pub struct LogConfig {
     pub level: String,
     /// How many recent log lines `core service_logs` can return.
     pub keep_lines: usize,
+    /// How lines reach stderr: `text` (without its own time stamp when stderr is the
+    /// journal, which stamps every line) or `json` (one object a line). Read at start.
+    pub format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 impl Default for LogConfig {
@@ -85,6 +96,7 @@ impl Default for LogConfig {
         Self {
             level: "info".into(),
             keep_lines: 5_000,
+            format: LogFormat::Text,
         }
     }
 }
