@@ -97,20 +97,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// `phantomd` and `phantom-api`, release build.
+fn build_release_daemon() -> Result<()> {
+    step(
+        "build phantomd and phantom-api (release)",
+        cargo().args([
+            "build",
+            "--release",
+            "--bin",
+            "phantomd",
+            "--bin",
+            "phantom-api",
+        ]),
+    )
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Run { args } => {
-            step(
-                "build phantomd",
-                cargo().args([
-                    "build",
-                    "--release",
-                    "--bin",
-                    "phantomd",
-                    "--bin",
-                    "phantom-api",
-                ]),
-            )?;
+            build_release_daemon()?;
             let bin = target_dir().join("release/phantomd");
             eprintln!("==> {} {}", bin.display(), args.join(" "));
             // Replace this process so signals (SIGTERM, SIGHUP, Ctrl-C) reach phantomd itself.
@@ -157,17 +162,7 @@ fn run(cli: Cli) -> Result<()> {
             let bin_dir = match bin_dir {
                 Some(dir) => dir,
                 None => {
-                    step(
-                        "build release binaries",
-                        cargo().args([
-                            "build",
-                            "--release",
-                            "--bin",
-                            "phantomd",
-                            "--bin",
-                            "phantom-api",
-                        ]),
-                    )?;
+                    build_release_daemon()?;
                     target_dir().join("release")
                 }
             };
