@@ -80,7 +80,15 @@ fn fold(c: char) -> Option<char> {
 /// The brand-comparable form of a label: homoglyphs and digits folded to letters, hyphens
 /// dropped, `rn` read as `m` and `vv` as `w`.
 pub fn skeleton(label: &str) -> String {
-    let folded: String = label.chars().filter_map(fold).collect();
+    skeleton_of_folded(&folded(label))
+}
+
+/// Homoglyphs and digits folded to letters, hyphens dropped; no `rn`/`vv` reading.
+fn folded(label: &str) -> String {
+    label.chars().filter_map(fold).collect()
+}
+
+fn skeleton_of_folded(folded: &str) -> String {
     folded.replace("rn", "m").replace("vv", "w")
 }
 
@@ -320,7 +328,8 @@ impl Lookalikes {
             }
             None => (label.to_string(), false),
         };
-        let skel = skeleton(&unicode);
+        let plain = folded(&unicode);
+        let skel = skeleton_of_folded(&plain);
         if let Some(i) = self.by_skeleton.get(&skel).and_then(|v| v.first()) {
             return Some(if punycode {
                 self.matched(*i, "punycode lookalike", WEIGHT_PUNYCODE)
@@ -349,7 +358,6 @@ impl Lookalikes {
         }
         // `rn` read as `m` turns a swap inside `grandpashabet` into two edits: the typo is
         // also compared letter for letter.
-        let plain: String = unicode.chars().filter_map(fold).collect();
         let i = self
             .edit_match(&skel)
             .or_else(|| (plain != skel).then(|| self.edit_match(&plain)).flatten())?;
