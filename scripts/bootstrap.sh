@@ -16,6 +16,8 @@ APT_PACKAGES=(
   # The dashboard test drives Debian's Chromium over WebDriver (fonts-liberation: Chromium
   # only recommends it, and without a font its screenshots are boxes).
   chromium chromium-driver fonts-liberation
+  # libnss3-tools: certutil puts a test CA in the browser's trust store (the sentry TLS test).
+  libnss3-tools
   # promtool checks the alert rules and the dashboard's queries in ops/ (Debian ships it in
   # the prometheus package; the server is never started).
   prometheus

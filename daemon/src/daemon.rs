@@ -574,6 +574,10 @@ async fn serve(
         tasks.extend(list.start_tasks(&shutdown));
     }
     if let Some(g) = &ghost {
+        // A relay for the sentry's TLS port joins it rather than binding its own.
+        if let Some(port) = sentry.as_ref().and_then(|s| s.shared_port.get()) {
+            g.share_port(Arc::clone(port));
+        }
         // An acknowledged enable survives restarts and kill -9.
         g.restore().await;
     }

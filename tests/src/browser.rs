@@ -22,24 +22,81 @@ const DRIVER_PORT: u16 = 9515;
 pub struct Browser {
     _driver: Process,
     profile: tempfile::TempDir,
+    /// Started with a test CA in its trust store: certificate errors are errors.
+    trusts_ca: bool,
 }
 
+/// NSS's certutil (libnss3-tools): Chromium on Linux trusts the roots of `$HOME/.pki/nssdb`.
+pub const CERTUTIL: &str = "/usr/bin/certutil";
+
 impl Browser {
-    /// Starts chromedriver inside `ns`; [`Browser::session`] opens the browser.
+    /// Starts chromedriver inside `ns`; [`Browser::session`] opens the browser, which accepts
+    /// any certificate.
     pub fn start(ns: &NetNs) -> Self {
+        Self::launch(ns, None)
+    }
+
+    /// As [`Browser::start`], but the browser trusts the root certificate `ca_pem` (a test
+    /// CA, added to the NSS database of the browser's own `$HOME`) and nothing else: a
+    /// certificate it cannot verify fails the navigation, and a page served with one the CA
+    /// issued is a secure context.
+    pub fn start_trusting(ns: &NetNs, ca_pem: &str) -> Self {
+        Self::launch(ns, Some(ca_pem))
+    }
+
+    fn launch(ns: &NetNs, ca_pem: Option<&str>) -> Self {
         for tool in [CHROMIUM, CHROMEDRIVER] {
             assert!(
                 Path::new(tool).exists(),
                 "{tool} is missing: scripts/bootstrap.sh installs Debian's chromium and chromium-driver"
             );
         }
+        let profile = tempfile::tempdir().unwrap();
+        let home = profile.path().join("home");
+        if let Some(ca) = ca_pem {
+            assert!(
+                Path::new(CERTUTIL).exists(),
+                "{CERTUTIL} is missing: scripts/bootstrap.sh installs libnss3-tools"
+            );
+            let db = home.join(".pki/nssdb");
+            std::fs::create_dir_all(&db).unwrap();
+            let ca_file = profile.path().join("test-ca.pem");
+            std::fs::write(&ca_file, ca).unwrap();
+            let db_arg = format!("sql:{}", db.display());
+            for args in [
+                vec!["-N", "-d", &db_arg, "--empty-password"],
+                vec![
+                    "-A",
+                    "-d",
+                    &db_arg,
+                    "-t",
+                    "C,,",
+                    "-n",
+                    "phantom-test-ca",
+                    "-i",
+                    ca_file.to_str().unwrap(),
+                ],
+            ] {
+                let out = std::process::Command::new(CERTUTIL)
+                    .args(&args)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "certutil {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        } else {
+            std::fs::create_dir_all(&home).unwrap();
+        }
         let driver = Process::spawn(
             "chromedriver",
             ns.command(CHROMEDRIVER)
+                .env("HOME", &home)
                 .arg(format!("--port={DRIVER_PORT}"))
                 .arg("--allowed-ips=127.0.0.1"),
         );
-        let profile = tempfile::tempdir().unwrap();
         // Wait for the driver's port inside the namespace.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -59,16 +116,17 @@ impl Browser {
         Self {
             _driver: driver,
             profile,
+            trusts_ca: ca_pem.is_some(),
         }
     }
 
     /// A new headless Chromium session (call inside the namespace's runtime, e.g. from
-    /// `wstunnel::block_on_in`). Self-signed certificates are accepted: the daemon's admin
-    /// listener makes one at first start.
+    /// `wstunnel::block_on_in`). Self-signed certificates are accepted (the daemon's admin
+    /// listener makes one at first start) unless the browser was started trusting a CA.
     pub async fn session(&self, width: u32, height: u32) -> Client {
         let caps = json!({
             "browserName": "chrome",
-            "acceptInsecureCerts": true,
+            "acceptInsecureCerts": !self.trusts_ca,
             "goog:chromeOptions": {
                 "binary": CHROMIUM,
                 "args": [

@@ -121,7 +121,8 @@ pub fn http_from(
 }
 
 /// A plain HTTP/1.1 site inside a namespace: answers every request with 200 and a body
-/// naming the path (and echoing `X-Forwarded-For`), and counts requests. Stops on drop.
+/// naming the path (and echoing `X-Forwarded-For` and `X-Forwarded-Proto`), and counts
+/// requests. Stops on drop.
 pub struct UpstreamSite {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -167,7 +168,8 @@ fn serve_upstream(stream: TcpStream, requests: &std::sync::atomic::AtomicU64) {
             return;
         }
         let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-        let (mut length, mut xff, mut close) = (0usize, String::new(), false);
+        let (mut length, mut xff, mut proto, mut close) =
+            (0usize, String::new(), String::new(), false);
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h).unwrap_or(0) == 0 {
@@ -181,6 +183,7 @@ fn serve_upstream(stream: TcpStream, requests: &std::sync::atomic::AtomicU64) {
                 match k.trim().to_ascii_lowercase().as_str() {
                     "content-length" => length = v.trim().parse().unwrap_or(0),
                     "x-forwarded-for" => xff = v.trim().to_string(),
+                    "x-forwarded-proto" => proto = v.trim().to_string(),
                     "connection" => close = v.trim().eq_ignore_ascii_case("close"),
                     _ => {}
                 }
@@ -192,7 +195,7 @@ fn serve_upstream(stream: TcpStream, requests: &std::sync::atomic::AtomicU64) {
         }
         requests.fetch_add(1, Ordering::Relaxed);
         let text = format!(
-            "{} {path} xff={xff} body={}",
+            "{} {path} xff={xff} proto={proto} body={}",
             UpstreamSite::BODY_PREFIX,
             body.len()
         );

@@ -37,6 +37,22 @@ pub struct SentryConfig {
     /// Crawlers let through without a challenge when both their user agent and their
     /// address match (`[[sentry.good_bots]]`).
     pub good_bots: Vec<GoodBot>,
+    /// TLS on `listen`: `off` (plain HTTP), `files`, `self_signed` or `acme`.
+    pub tls: SentryTls,
+    /// `tls = "files"`: the PEM certificate chain and key.
+    pub tls_cert: String,
+    pub tls_key: String,
+    /// The site's name (a host name, or an address for a self-signed certificate): the
+    /// subject of a self-signed certificate (empty: the listen address, or `localhost`) and
+    /// of the ACME order (required).
+    pub tls_domain: String,
+    /// `tls = "acme"`: the CA's directory, the account's contact, where the HTTP-01
+    /// responder listens while the CA validates, and a private CA's root (empty: the public
+    /// web roots).
+    pub tls_acme_directory: String,
+    pub tls_acme_email: String,
+    pub tls_acme_http_port: u16,
+    pub tls_acme_ca_root: String,
     /// The defence's tunables: the first values of the store's `sentry:config`;
     /// `sentry set_config` changes them at run time (and in the store, for the whole fleet).
     /// Written as plain keys of `[sentry]`.
@@ -62,8 +78,39 @@ impl Default for SentryConfig {
             upstream_timeout_seconds: 60,
             open_paths: DEFAULT_OPEN_PATHS.iter().map(|p| p.to_string()).collect(),
             good_bots: Vec::new(),
+            tls: SentryTls::Off,
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_domain: String::new(),
+            tls_acme_directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
+            tls_acme_email: String::new(),
+            tls_acme_http_port: 80,
+            tls_acme_ca_root: String::new(),
             tunables: Tunables::default(),
             unknown: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where the sentry's certificate comes from (`[sentry] tls`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SentryTls {
+    /// Plain HTTP (a TLS terminator in front, or none).
+    #[default]
+    Off,
+    Files,
+    SelfSigned,
+    Acme,
+}
+
+impl SentryTls {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Files => "files",
+            Self::SelfSigned => "self_signed",
+            Self::Acme => "acme",
         }
     }
 }
@@ -393,9 +440,49 @@ impl SentryConfig {
                 )));
             }
         }
+        self.validate_tls()?;
         self.tunables
             .validate()
             .map_err(|e| InvalidValue(format!("sentry.{e}")))
+    }
+
+    fn validate_tls(&self) -> Result<(), InvalidValue> {
+        if self.tls == SentryTls::Files && (self.tls_cert.is_empty() || self.tls_key.is_empty()) {
+            return Err(InvalidValue(
+                "sentry.tls = \"files\" needs sentry.tls_cert and sentry.tls_key".into(),
+            ));
+        }
+        let name_ok = |n: &str| {
+            n.parse::<IpAddr>().is_ok()
+                || (n.len() <= 253
+                    && n.split('.').all(|l| {
+                        !l.is_empty()
+                            && l.len() <= 63
+                            && !l.starts_with('-')
+                            && !l.ends_with('-')
+                            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    }))
+        };
+        if !self.tls_domain.is_empty() && !name_ok(&self.tls_domain) {
+            return Err(InvalidValue(format!(
+                "sentry.tls_domain = {:?} is not a domain name",
+                self.tls_domain
+            )));
+        }
+        if self.tls == SentryTls::Acme {
+            if self.tls_domain.is_empty() {
+                return Err(InvalidValue(
+                    "sentry.tls = \"acme\" needs sentry.tls_domain (the name to certify)".into(),
+                ));
+            }
+            if !self.tls_acme_directory.starts_with("https://") {
+                return Err(InvalidValue(format!(
+                    "sentry.tls_acme_directory = {:?} must be an https:// URL",
+                    self.tls_acme_directory
+                )));
+            }
+        }
+        Ok(())
     }
 }
 

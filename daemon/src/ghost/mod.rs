@@ -6,7 +6,6 @@ pub mod actions;
 pub mod domain;
 pub mod metrics;
 pub mod relay;
-pub mod tls;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -21,6 +20,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use self::relay::{Relay, RelaySettings, Stats, TlsConfig};
+use crate::http::certs as tls;
 use crate::{
     admin::ApiError,
     config::{GhostConfig, GhostTls},
@@ -44,43 +44,9 @@ const ACME_RENEW_AFTER: Duration = Duration::from_secs(60 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GhostError {
-    /// The certificate and key give no TLS configuration.
-    #[error("TLS: {0}")]
-    Tls(#[from] crate::http::TlsConfigError),
-    /// A certificate or key file (`[ghost] tls = "files"`) does not read.
-    #[error("TLS: {path}: {source}")]
-    ReadFile {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("TLS: cannot make a self-signed certificate: {0}")]
-    SelfSigned(#[source] rcgen::Error),
-    /// A step of the ACME exchange (`new order`, `validation`...) failed.
-    #[error("ACME: {step}: {source}")]
-    Acme {
-        step: &'static str,
-        #[source]
-        source: Box<instant_acme::Error>,
-    },
-    /// Port 80 (or the configured address) is not ours for the HTTP-01 challenge.
-    #[error("ACME: cannot listen on {addr} for the HTTP-01 challenge: {source}")]
-    AcmeListen {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("ACME: authorization is {0:?}")]
-    AcmeAuthorization(instant_acme::AuthorizationStatus),
-    #[error("ACME: the CA offers no http-01 challenge")]
-    AcmeNoHttp01,
-    #[error("ACME: the CA did not validate {domain}: order is {status:?}")]
-    AcmeNotValidated {
-        domain: String,
-        status: instant_acme::OrderStatus,
-    },
-    #[error("ACME: the CA did not finish in time")]
-    AcmeTimeout,
+    /// No certificate, or no TLS configuration from it.
+    #[error(transparent)]
+    Cert(#[from] crate::http::CertError),
     #[error(transparent)]
     Daemon(#[from] crate::error::Error),
 }
@@ -122,6 +88,9 @@ pub struct Ghost {
     /// (an ACME issuance can take minutes).
     relay_running: std::sync::atomic::AtomicBool,
     pub stats: Arc<Stats>,
+    /// The sentry's TLS port, when it listens on one: a relay configured for the same port
+    /// joins it instead of binding its own (docs/ghost.md, "Sharing the sentry's port").
+    shared_port: std::sync::OnceLock<Arc<crate::http::SharedPort>>,
 }
 
 struct Active {
@@ -202,11 +171,18 @@ impl Ghost {
             restore_error: Mutex::new(None),
             relay_running: std::sync::atomic::AtomicBool::new(false),
             stats: Arc::default(),
+            shared_port: std::sync::OnceLock::new(),
         })
     }
 
     pub fn state(&self) -> GhostState {
         lock(&self.state)
+    }
+
+    /// The sentry listens over TLS on `port`: a relay for the same port joins it. Called
+    /// before [`Ghost::restore`].
+    pub fn share_port(&self, port: Arc<crate::http::SharedPort>) {
+        let _ = self.shared_port.set(port);
     }
 
     pub fn is_active(&self) -> bool {
@@ -234,16 +210,19 @@ impl Ghost {
             "files" => tls::read_files(Path::new(&self.config.cert), Path::new(&self.config.key)),
             _ => self.tls_dir.load(),
         };
-        let started = match pem.and_then(|p| Ok((tls::server_config(&p)?, tls::not_after(&p)))) {
-            Ok((config, expires)) => {
+        let started = match pem.and_then(|p| {
+            tls::server_config(&p)?;
+            Ok(p)
+        }) {
+            Ok(pem) => {
                 let mut current = state.clone();
-                current.certificate_expires_at = expires.unwrap_or(0);
+                current.certificate_expires_at = tls::not_after(&pem).unwrap_or(0);
                 if current != state
                     && let Err(e) = self.persist(&current)
                 {
                     warn!(error = %e, "cannot record the certificate's expiry");
                 }
-                self.start_relay(&current, config).await
+                self.start_relay(&current, &pem).await
             }
             Err(e) => Err(ApiError::new(TLS_FAILED, e.to_string())),
         };
@@ -264,27 +243,40 @@ impl Ghost {
     async fn start_relay(
         self: &Arc<Self>,
         state: &GhostState,
-        config: Arc<tokio_rustls::rustls::ServerConfig>,
+        pem: &tls::CertPem,
     ) -> Result<Active, ApiError> {
-        let tls: TlsConfig = Arc::new(RwLock::new(config));
-        let relay = Relay::start(
-            RelaySettings {
-                listen: self.listen_addr(),
-                secret: state.secret.clone(),
-                wireguard_port: self.wireguard.config.listen_port,
-                tunnels_per_secret: self.config.tunnels_per_secret,
-                source_prefix: self.source_prefix,
-            },
-            Arc::clone(&tls),
-            Arc::clone(&self.stats),
-        )
-        .await
-        .map_err(|e| {
+        let tls_failed = |e: crate::http::CertError| ApiError::new(TLS_FAILED, e.to_string());
+        let tls: TlsConfig = Arc::new(RwLock::new(tls::server_config(pem).map_err(tls_failed)?));
+        let settings = RelaySettings {
+            listen: self.listen_addr(),
+            secret: state.secret.clone(),
+            wireguard_port: self.wireguard.config.listen_port,
+            tunnels_per_secret: self.config.tunnels_per_secret,
+            source_prefix: self.source_prefix,
+        };
+        let unavailable = |e: &dyn std::fmt::Display| {
             ApiError::new(
                 PORT_UNAVAILABLE,
                 format!("cannot listen on {}: {e}", self.listen_addr()),
             )
-        })?;
+        };
+        let relay = match self.shared_port.get() {
+            Some(port) if port.covers(self.listen_addr()) => {
+                let key = crate::http::certified_key(&pem.cert, &pem.key)
+                    .map_err(|e| tls_failed(e.into()))?;
+                Relay::join(
+                    settings,
+                    Arc::clone(port),
+                    &state.domain,
+                    key,
+                    Arc::clone(&self.stats),
+                )
+                .map_err(|e| unavailable(&e))?
+            }
+            _ => Relay::start(settings, Arc::clone(&tls), Arc::clone(&self.stats))
+                .await
+                .map_err(|e| unavailable(&e))?,
+        };
         let renew_stop = (state.tls_source == "acme").then(|| {
             let (tx, rx) = watch::channel(false);
             tokio::spawn(Arc::clone(self).renew_loop(Arc::clone(&tls), rx));
@@ -300,15 +292,16 @@ impl Ghost {
     /// Certificate for `domain` per `[ghost] tls`, and where it came from.
     async fn certificate(&self, domain: &str) -> Result<(tls::CertPem, &'static str), ApiError> {
         let tls_err = |e: GhostError| ApiError::new(TLS_FAILED, e.to_string());
+        let cert_err = |e: crate::http::CertError| tls_err(e.into());
         match self.config.tls {
             GhostTls::Files => Ok((
                 tls::read_files(Path::new(&self.config.cert), Path::new(&self.config.key))
-                    .map_err(tls_err)?,
+                    .map_err(cert_err)?,
                 "files",
             )),
             GhostTls::SelfSigned => {
-                let pem = tls::self_signed(domain).map_err(tls_err)?;
-                self.tls_dir.save(&pem).map_err(tls_err)?;
+                let pem = tls::self_signed(domain).map_err(cert_err)?;
+                self.tls_dir.save(&pem).map_err(cert_err)?;
                 Ok((pem, "self_signed"))
             }
             GhostTls::Acme => {
@@ -360,15 +353,22 @@ impl Ghost {
             if !state.enabled || !self.renewal_due(&state, now) {
                 continue;
             }
-            let renewed = self
-                .acme(&state.domain)
-                .await
-                .and_then(|p| Ok((tls::server_config(&p)?, tls::not_after(&p))));
+            let renewed = self.acme(&state.domain).await.and_then(|p| {
+                Ok((
+                    tls::server_config(&p)?,
+                    tls::not_after(&p),
+                    crate::http::certified_key(&p.cert, &p.key).map_err(tls::CertError::from)?,
+                ))
+            });
             match renewed {
-                Ok((config, expires)) => {
+                Ok((config, expires, key)) => {
                     match tls.write() {
                         Ok(mut c) => *c = config,
                         Err(poisoned) => *poisoned.into_inner() = config,
+                    }
+                    // A relay on the sentry's port serves its certificate from there.
+                    if let Some(port) = self.shared_port.get() {
+                        port.set_certificate(&state.domain, key);
                     }
                     let mut current = self.state();
                     current.certificate_issued_at = now;
@@ -418,8 +418,6 @@ impl Ghost {
                 )
             })?;
         let (pem, source) = self.certificate(&domain).await?;
-        let config =
-            tls::server_config(&pem).map_err(|e| ApiError::new(TLS_FAILED, e.to_string()))?;
         let secret = new_secret()?;
         let port = self.config.port;
         let now = time::OffsetDateTime::now_utc();
@@ -441,7 +439,7 @@ impl Ghost {
             certificate_issued_at: now.unix_timestamp(),
             certificate_expires_at: tls::not_after(&pem).unwrap_or(0),
         };
-        let active = self.start_relay(&state, config).await?;
+        let active = self.start_relay(&state, &pem).await?;
         if let Err(e) = self.persist(&state) {
             active.stop().await;
             return Err(e.into());
@@ -501,6 +499,8 @@ impl Ghost {
             "relay": {
                 "running": running,
                 "listen": self.listen_addr().to_string(),
+                "shares_sentry_port": self.shared_port.get()
+                    .is_some_and(|p| p.covers(self.listen_addr())),
                 "tunnels_open": self.stats.tunnels_open.load(Ordering::Relaxed),
                 "error": lock(&self.restore_error),
             },

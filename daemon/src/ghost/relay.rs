@@ -195,10 +195,12 @@ pub struct RelaySettings {
 /// The TLS configuration in force; replaced in place when a certificate is renewed.
 pub type TlsConfig = Arc<RwLock<Arc<ServerConfig>>>;
 
-/// A running relay; `stop` ends the listener and every tunnel.
+/// A running relay; `stop` ends the listener (or leaves the shared port) and every tunnel.
 pub struct Relay {
     shutdown: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    /// The relay's own listener; `None` when it joined the sentry's port.
+    task: Option<JoinHandle<()>>,
+    shared: Option<Arc<http::SharedPort>>,
     pub local_addr: SocketAddr,
 }
 
@@ -217,16 +219,105 @@ impl Relay {
         info!(listen = %local_addr, "ghost relay listening");
         Ok(Self {
             shutdown,
-            task,
+            task: Some(task),
+            shared: None,
             local_addr,
         })
     }
 
-    /// Closes the listener and every tunnel, and waits for the listener to be gone.
-    pub async fn stop(self) {
-        let _ = self.shutdown.send(true);
-        let _ = self.task.await;
+    /// Joins the sentry's TLS port instead of listening: connections whose first request
+    /// starts `GET /<secret>/` are the relay's, every other one stays the sentry's (a probe of
+    /// the port sees the site); clients asking for `name` get `key`. Upgrades and tunnels then
+    /// run as on the relay's own port, on the sentry's threads; the rejection limiter does not
+    /// apply, since a request without the secret never reaches the relay.
+    pub fn join(
+        settings: RelaySettings,
+        share: Arc<http::SharedPort>,
+        name: &str,
+        key: Arc<tokio_rustls::rustls::sign::CertifiedKey>,
+        stats: Arc<Stats>,
+    ) -> Result<Self, http::share::ShareError> {
+        let (shutdown, rx) = watch::channel(false);
+        let limits = http::Limits::ghost_relay().with_source_prefix(settings.source_prefix);
+        let quota = Arc::new(Semaphore::new(
+            settings.tunnels_per_secret.clamp(1, MAX_TUNNELS),
+        ));
+        let prefix = format!("GET /{}/", settings.secret).into_bytes();
+        let local_addr = settings.listen;
+        let settings = Arc::new(settings);
+        let tunnel_stats = Arc::clone(&stats);
+        let take = move |stream: http::share::BoxStream, peer: SocketAddr| {
+            let (settings, stats, quota, shutdown) = (
+                Arc::clone(&settings),
+                Arc::clone(&tunnel_stats),
+                Arc::clone(&quota),
+                rx.clone(),
+            );
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+                match upgrade_stream(stream, &settings, &quota, deadline).await {
+                    Ok((ws, _place)) => {
+                        run_tunnel(ws, &settings, &stats, shutdown, limits.idle_timeout).await;
+                    }
+                    Err(reason) => {
+                        debug!(peer = %peer, reason = reason.as_str(), "ghost upgrade refused");
+                        stats.reject(reason);
+                    }
+                }
+            });
+        };
+        share.join(
+            name,
+            key,
+            http::Joiner {
+                prefix,
+                take: Box::new(take),
+            },
+        )?;
+        info!(listen = %local_addr, "ghost relay sharing the sentry's TLS port");
+        Ok(Self {
+            shutdown,
+            task: None,
+            shared: Some(share),
+            local_addr,
+        })
     }
+
+    /// A renewed certificate, when the relay shares the sentry's port.
+    pub fn renewed(&self, name: &str, key: Arc<tokio_rustls::rustls::sign::CertifiedKey>) {
+        if let Some(share) = &self.shared {
+            share.set_certificate(name, key);
+        }
+    }
+
+    /// Closes the listener (or leaves the shared port) and every tunnel, and waits for the
+    /// listener to be gone.
+    pub async fn stop(self) {
+        if let Some(share) = &self.shared {
+            share.leave();
+        }
+        let _ = self.shutdown.send(true);
+        if let Some(task) = self.task {
+            let _ = task.await;
+        }
+    }
+}
+
+/// An open tunnel, counted while it lasts.
+async fn run_tunnel<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    ws: Ws<S>,
+    settings: &RelaySettings,
+    stats: &Stats,
+    shutdown: watch::Receiver<bool>,
+    idle: Duration,
+) {
+    stats.tunnels_open.fetch_add(1, Ordering::Relaxed);
+    stats.tunnels_total.fetch_add(1, Ordering::Relaxed);
+    // No address at info: the log is an operator's, the peer is a user.
+    info!("ghost tunnel open");
+    let end = relay(ws, settings.wireguard_port, stats, shutdown, idle).await;
+    stats.tunnels_open.fetch_sub(1, Ordering::Relaxed);
+    info!(end, "ghost tunnel closed");
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -294,26 +385,13 @@ async fn serve(
             };
             drop(handshake);
             limiter.refund(peer.ip());
-            stats.tunnels_open.fetch_add(1, Ordering::Relaxed);
-            stats.tunnels_total.fetch_add(1, Ordering::Relaxed);
-            // No address at info: the log is an operator's, the peer is a user.
-            info!("ghost tunnel open");
-            let end = relay(
-                ws,
-                settings.wireguard_port,
-                &stats,
-                shutdown,
-                limits.idle_timeout,
-            )
-            .await;
-            stats.tunnels_open.fetch_sub(1, Ordering::Relaxed);
-            info!(end, "ghost tunnel closed");
+            run_tunnel(ws, &settings, &stats, shutdown, limits.idle_timeout).await;
         });
     }
     info!("ghost relay stopped");
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>;
+type Ws<S> = tokio_tungstenite::WebSocketStream<S>;
 
 /// TLS within `TLS_HANDSHAKE_TIMEOUT`, then the WebSocket upgrade with the path and claims
 /// checked and a place in the secret's `quota` taken, all within `timeout` of accept.
@@ -323,7 +401,13 @@ async fn upgrade(
     settings: &RelaySettings,
     quota: &Arc<Semaphore>,
     timeout: Duration,
-) -> Result<(Ws, OwnedSemaphorePermit), Rejection> {
+) -> Result<
+    (
+        Ws<tokio_rustls::server::TlsStream<TcpStream>>,
+        OwnedSemaphorePermit,
+    ),
+    Rejection,
+> {
     let start = tokio::time::Instant::now();
     let deadline = start + timeout;
     let tls = tokio::time::timeout_at(
@@ -333,6 +417,16 @@ async fn upgrade(
     .await
     .map_err(|_| Rejection::Timeout)?
     .map_err(|_| Rejection::Tls)?;
+    upgrade_stream(tls, settings, quota, deadline).await
+}
+
+/// The WebSocket upgrade on a decrypted stream, by `deadline`.
+async fn upgrade_stream<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    tls: S,
+    settings: &RelaySettings,
+    quota: &Arc<Semaphore>,
+    deadline: tokio::time::Instant,
+) -> Result<(Ws<S>, OwnedSemaphorePermit), Rejection> {
     let mut refused: Option<Rejection> = None;
     let mut place: Option<OwnedSemaphorePermit> = None;
     let config = WebSocketConfig::default()
@@ -449,8 +543,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Relays until either side ends, or no frame came for `idle`; returns why it ended.
-async fn relay(
-    ws: Ws,
+async fn relay<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    ws: Ws<S>,
     wireguard_port: u16,
     stats: &Stats,
     mut shutdown: watch::Receiver<bool>,

@@ -9,21 +9,28 @@
 //! - [`Server::serve`]: hyper HTTP/1.1 on a listener with all of the above, for any hyper
 //!   service (or an axum router through [`router`]); [`Server::serve_tls`] the same over
 //!   rustls, the handshake within the header-read timeout.
+//! - [`certs`]: certificates for the TLS listeners: files, self-signed, ACME (HTTP-01).
+//! - [`SharedPort`]: one TLS port for two services (the sentry's, joined by ghost), told
+//!   apart by the first request's prefix; [`Server::serve_tls_shared`] serves the owner's side.
 //! - [`listeners`]: every listener's connection counters (open, admitted, refused by reason),
 //!   by the name in its `Limits`, for the metrics.
 
 mod accept;
+pub mod certs;
 mod gate;
 mod limits;
 mod server;
+pub mod share;
 mod stats;
 #[cfg(test)]
 mod tests;
 mod tls;
 
 pub use accept::{bind, next_admitted, next_connection};
+pub use certs::CertError;
 pub use gate::{Gate, GateCounts, Pass, Refusal};
 pub use limits::Limits;
 pub use server::{BoxError, RequestBody, ResponseBody, Server, router, too_large};
+pub use share::{Joiner, SharedPort};
 pub use stats::{ListenerCounts, listeners};
-pub use tls::{TlsConfigError, server_config as tls_server_config};
+pub use tls::{CertSlot, TlsConfigError, certified_key, server_config as tls_server_config};

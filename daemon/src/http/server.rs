@@ -28,7 +28,7 @@ use hyper_util::{
 use tokio::{net::TcpListener, sync::watch, task::JoinSet, time::Instant};
 use tracing::{debug, info};
 
-use super::{Gate, Limits, accept::next_admitted};
+use super::{Gate, Limits, SharedPort, accept::next_admitted};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -88,7 +88,7 @@ impl Server {
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
-        self.serve_io(listener, shutdown, make_service, |tcp| {
+        self.serve_io(listener, shutdown, make_service, |tcp, _| {
             std::future::ready(Some(tcp))
         })
         .await
@@ -114,7 +114,7 @@ impl Server {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let deadline = self.limits.header_read_timeout;
         let what = self.what;
-        self.serve_io(listener, shutdown, make_service, move |tcp| {
+        self.serve_io(listener, shutdown, make_service, move |tcp, _| {
             let acceptor = acceptor.clone();
             async move {
                 match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
@@ -125,6 +125,47 @@ impl Server {
                     }
                     Err(_) => {
                         debug!("{what} TLS handshake not done within the header-read timeout");
+                        None
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// [`Server::serve_tls`] on a port another service may join ([`SharedPort`]): after the
+    /// handshake, a connection whose first bytes are the joiner's prefix goes to the joiner;
+    /// the handshake and that first look together end within the header-read timeout.
+    pub async fn serve_tls_shared<F, S, B>(
+        &self,
+        listener: TcpListener,
+        shutdown: watch::Receiver<bool>,
+        tls: Arc<tokio_rustls::rustls::ServerConfig>,
+        share: Arc<SharedPort>,
+        make_service: F,
+    ) where
+        F: Fn(SocketAddr) -> S,
+        S: hyper::service::Service<Request<RequestBody>, Response = Response<B>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let deadline = self.limits.header_read_timeout;
+        let what = self.what;
+        self.serve_io(listener, shutdown, make_service, move |tcp, peer| {
+            let (acceptor, share) = (acceptor.clone(), Arc::clone(&share));
+            async move {
+                let looked = tokio::time::timeout(deadline, async {
+                    let tls = acceptor.accept(tcp).await.ok()?;
+                    share.divert(tls, peer).await
+                })
+                .await;
+                match looked {
+                    Ok(owner) => owner,
+                    Err(_) => {
+                        debug!("{what} TLS handshake or first bytes not in within the header-read timeout");
                         None
                     }
                 }
@@ -149,7 +190,7 @@ impl Server {
         S::Error: Into<BoxError>,
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
-        H: Fn(tokio::net::TcpStream) -> HF,
+        H: Fn(tokio::net::TcpStream, SocketAddr) -> HF,
         HF: Future<Output = Option<IO>> + Send + 'static,
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
@@ -171,7 +212,7 @@ impl Server {
                 max_body: self.limits.max_body_bytes,
                 state: Arc::clone(&state),
             };
-            let io = handshake(stream);
+            let io = handshake(stream, peer);
             let watcher = graceful.watcher();
             let http = http.clone();
             let (idle_timeout, response_timeout, what) = (

@@ -109,6 +109,13 @@ pub fn status(s: &Sentry) -> Value {
             .map(|(name, n)| (name.to_string(), json!({"passed": n})))
             .collect::<serde_json::Map<String, Value>>(),
         "key_id": s.signer.kid(),
+        "tls": match s.listener_tls.get() {
+            Some(tls) => json!({"mode": s.static_config.tls.as_str(),
+                                "domain": s.static_config.tls_domain,
+                                "certificate_expires_at": tls.expires_at(),
+                                "awaiting_acme": tls.stand_in()}),
+            None => json!({"mode": "off"}),
+        },
         "top_talkers": top.iter().map(|(ip, n)| {
             let k = kernel.get(ip);
             json!({"address": ip, "requests_5s": n,

@@ -14,6 +14,7 @@ pub mod penalty;
 pub mod proxy;
 pub mod solver;
 pub mod store;
+pub mod tls;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -65,6 +66,9 @@ pub enum SentryError {
     Crypto(String),
     #[error("sentry: {0}")]
     Io(String),
+    /// `[sentry] tls`: no certificate, or none rustls accepts.
+    #[error("sentry {0}")]
+    Tls(String),
 }
 
 impl From<crate::error::InvalidValue> for SentryError {
@@ -283,6 +287,12 @@ pub struct Sentry {
     incident_written: AtomicU64,
     pub static_config: SentryConfig,
     pub trusted_proxies: Vec<IpAddr>,
+    /// Where TLS material is kept (`None` for a sentry assembled from parts).
+    state_dir: Option<std::path::PathBuf>,
+    /// The listener's TLS once it listens with `[sentry] tls` on.
+    pub listener_tls: std::sync::OnceLock<Arc<tls::ListenerTls>>,
+    /// The listener's port as ghost may join it (with TLS on).
+    pub shared_port: std::sync::OnceLock<Arc<crate::http::SharedPort>>,
 }
 
 fn read<T: Clone>(l: &RwLock<T>) -> T {
@@ -327,7 +337,15 @@ impl Sentry {
             Store::Redis(store::redis::RedisStore::connect(&config.redis_url)?)
         };
         let signer = Signer::load_or_create(&state_dir.join("sentry-ecdsa-p256.key"))?;
-        Self::with_parts(config, store, signer, datapath, prefix).await
+        Self::assemble(
+            config,
+            store,
+            signer,
+            datapath,
+            prefix,
+            Some(state_dir.to_path_buf()),
+        )
+        .await
     }
 
     /// Assembles a sentry from parts (tests and benches use an in-memory store and key).
@@ -337,6 +355,17 @@ impl Sentry {
         signer: Signer,
         datapath: Option<Arc<Datapath>>,
         prefix: SourcePrefix,
+    ) -> Result<Arc<Self>, SentryError> {
+        Self::assemble(config, store, signer, datapath, prefix, None).await
+    }
+
+    async fn assemble(
+        config: &SentryConfig,
+        store: Store,
+        signer: Signer,
+        datapath: Option<Arc<Datapath>>,
+        prefix: SourcePrefix,
+        state_dir: Option<std::path::PathBuf>,
     ) -> Result<Arc<Self>, SentryError> {
         let sentry = Arc::new(Self {
             store,
@@ -364,6 +393,9 @@ impl Sentry {
                 .filter_map(|p| p.parse().ok())
                 .map(canonical)
                 .collect(),
+            state_dir,
+            listener_tls: std::sync::OnceLock::new(),
+            shared_port: std::sync::OnceLock::new(),
         });
         if let Err(e) = sentry.sync_from_store(true).await {
             warn!(error = %e, "sentry store not reachable at start; running on the file's values until it is");
@@ -1110,6 +1142,22 @@ impl Sentry {
         let listen = crate::config::parse_listen("sentry.listen", &self.static_config.listen)
             .map_err(|e| SentryError::Config(e.to_string()))?;
         if let Some(addr) = listen {
+            if let Some(tls) = tls::prepare(&self.static_config, addr, self.state_dir.as_deref())? {
+                let _ = self.listener_tls.set(Arc::clone(&tls));
+                let port = crate::http::SharedPort::new(addr);
+                port.open(Arc::clone(&tls.slot));
+                let _ = self.shared_port.set(port);
+                if let (crate::config::sentry::SentryTls::Acme, Some(dir)) =
+                    (self.static_config.tls, &self.state_dir)
+                {
+                    tasks.push(tokio::spawn(tls::renew_loop(
+                        self.static_config.clone(),
+                        dir.clone(),
+                        tls,
+                        shutdown.clone(),
+                    )));
+                }
+            }
             tasks.push(proxy::serve(addr, Arc::clone(self), shutdown.clone()).await?);
         }
         Ok(tasks)

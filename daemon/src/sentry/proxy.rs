@@ -228,6 +228,8 @@ pub struct Proxy {
     client: UpstreamClient,
     /// `[sentry] upstream_timeout_seconds`: for the answer's head, and between its pieces.
     upstream_timeout: Duration,
+    /// The listener speaks TLS: the ticket cookie is `Secure`, the upstream is told `https`.
+    tls: bool,
 }
 
 impl Proxy {
@@ -242,11 +244,13 @@ impl Proxy {
             .pool_max_idle_per_host(256)
             .build(connector);
         let upstream_timeout = Duration::from_secs(sentry.static_config.upstream_timeout_seconds);
+        let tls = sentry.listener_tls.get().is_some();
         Ok(Self {
             sentry,
             upstream,
             client,
             upstream_timeout,
+            tls,
         })
     }
 
@@ -285,7 +289,13 @@ impl Proxy {
             .decide_request(client, cookie.as_deref(), &path_and_query, user_agent)
             .await
         {
-            Decision::Pass(_) => self.forward(req, client).await,
+            Decision::Pass(_) => {
+                let via_trusted = self
+                    .sentry
+                    .trusted_proxies
+                    .contains(&super::canonical(peer.ip()));
+                self.forward(req, client, via_trusted).await
+            }
             Decision::Challenge(package) => challenge_reply(
                 &package,
                 wants_json(req.headers()),
@@ -375,8 +385,9 @@ impl Proxy {
                     &json!({"success": true, "ticket_expires_at": grant.expires_at}),
                 );
                 if let Ok(v) = HeaderValue::from_str(&format!(
-                    "{TICKET_COOKIE}={}; Max-Age={ttl}; Path=/; HttpOnly; SameSite=Lax",
-                    grant.cookie
+                    "{TICKET_COOKIE}={}; Max-Age={ttl}; Path=/; HttpOnly; SameSite=Lax{}",
+                    grant.cookie,
+                    if self.tls { "; Secure" } else { "" }
                 )) {
                     r.headers_mut().insert(header::SET_COOKIE, v);
                 }
@@ -386,7 +397,12 @@ impl Proxy {
         }
     }
 
-    async fn forward(&self, req: Request<RequestBody>, client: IpAddr) -> Response<ProxyBody> {
+    async fn forward(
+        &self,
+        req: Request<RequestBody>,
+        client: IpAddr,
+        via_trusted: bool,
+    ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         let path_and_query = parts
             .uri
@@ -422,6 +438,13 @@ impl Proxy {
         };
         if let Ok(v) = HeaderValue::from_str(&xff) {
             parts.headers.insert("x-forwarded-for", v);
+        }
+        // What the client spoke to us; a trusted proxy in front has said it already.
+        if !via_trusted || !parts.headers.contains_key("x-forwarded-proto") {
+            parts.headers.insert(
+                "x-forwarded-proto",
+                HeaderValue::from_static(if self.tls { "https" } else { "http" }),
+            );
         }
         let body: ProxyBody = body.boxed();
         let upstream_req = Request::from_parts(parts, body);
@@ -500,12 +523,23 @@ pub async fn serve(
             .with_source_prefix(sentry.source_prefix()),
         sentry.trusted_proxies.clone(),
     );
+    let tls = sentry
+        .listener_tls
+        .get()
+        .map(|t| Arc::clone(&t.server_config));
     if let Some(p) = proxies.first() {
-        info!(%addr, upstream = %p.upstream.authority, threads, "sentry proxy listening");
+        info!(
+            %addr,
+            upstream = %p.upstream.authority,
+            threads,
+            tls = sentry.static_config.tls.as_str(),
+            "sentry proxy listening"
+        );
     }
     let mut stopped = Vec::with_capacity(threads);
     for (i, (listener, proxy)) in listeners.into_iter().zip(proxies).enumerate() {
-        let (shutdown, server) = (shutdown.clone(), server.clone());
+        let (shutdown, server, tls) = (shutdown.clone(), server.clone(), tls.clone());
+        let share = sentry.shared_port.get().cloned();
         let (done, stopped_rx) = tokio::sync::oneshot::channel::<()>();
         stopped.push(stopped_rx);
         std::thread::Builder::new()
@@ -521,7 +555,14 @@ pub async fn serve(
                         return;
                     }
                 };
-                runtime.block_on(accept_loop(listener, Arc::new(proxy), server, shutdown));
+                runtime.block_on(accept_loop(
+                    listener,
+                    Arc::new(proxy),
+                    server,
+                    tls,
+                    share,
+                    shutdown,
+                ));
                 let _ = done.send(());
             })
             .map_err(|e| SentryError::Io(format!("cannot start a sentry proxy thread: {e}")))?;
@@ -553,6 +594,8 @@ async fn accept_loop(
     listener: std::net::TcpListener,
     proxy: Arc<Proxy>,
     server: http::Server,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    share: Option<Arc<http::SharedPort>>,
     shutdown: watch::Receiver<bool>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -562,15 +605,22 @@ async fn accept_loop(
             return;
         }
     };
-    server
-        .serve(listener, shutdown, move |peer| {
+    let service = move |peer| {
+        let proxy = Arc::clone(&proxy);
+        service_fn(move |req| {
             let proxy = Arc::clone(&proxy);
-            service_fn(move |req| {
-                let proxy = Arc::clone(&proxy);
-                async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
-            })
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
         })
-        .await;
+    };
+    match (tls, share) {
+        (Some(config), Some(share)) => {
+            server
+                .serve_tls_shared(listener, shutdown, config, share, service)
+                .await
+        }
+        (Some(config), None) => server.serve_tls(listener, shutdown, config, service).await,
+        (None, _) => server.serve(listener, shutdown, service).await,
+    }
 }
 
 #[cfg(test)]

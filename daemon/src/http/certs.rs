@@ -1,6 +1,6 @@
-//! TLS material for the ghost relay: certificate files named in the configuration, a
-//! self-signed certificate made at enable, or one issued by an ACME CA (Let's Encrypt) over
-//! HTTP-01, with port 80 listening only while the CA validates.
+//! TLS material for the public TLS listeners (the ghost relay, the sentry proxy): certificate
+//! files named in the configuration, a self-signed certificate, or one issued by an ACME CA
+//! (Let's Encrypt) over HTTP-01, with port 80 listening only while the CA validates.
 
 use std::{
     collections::HashMap,
@@ -24,8 +24,51 @@ use tokio_rustls::rustls::{
 };
 use tracing::{info, warn};
 
-use super::GhostError;
 use crate::store;
+
+/// Why no certificate, or no TLS configuration from one.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// The certificate and key give no TLS configuration.
+    #[error("TLS: {0}")]
+    Tls(#[from] super::TlsConfigError),
+    /// A certificate or key file does not read.
+    #[error("TLS: {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS: cannot make a self-signed certificate: {0}")]
+    SelfSigned(#[source] rcgen::Error),
+    /// A step of the ACME exchange (`new order`, `validation`...) failed.
+    #[error("ACME: {step}: {source}")]
+    Acme {
+        step: &'static str,
+        #[source]
+        source: Box<instant_acme::Error>,
+    },
+    /// Port 80 (or the configured address) is not ours for the HTTP-01 challenge.
+    #[error("ACME: cannot listen on {addr} for the HTTP-01 challenge: {source}")]
+    AcmeListen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ACME: authorization is {0:?}")]
+    AcmeAuthorization(instant_acme::AuthorizationStatus),
+    #[error("ACME: the CA offers no http-01 challenge")]
+    AcmeNoHttp01,
+    #[error("ACME: the CA did not validate {domain}: order is {status:?}")]
+    AcmeNotValidated {
+        domain: String,
+        status: instant_acme::OrderStatus,
+    },
+    #[error("ACME: the CA did not finish in time")]
+    AcmeTimeout,
+    #[error(transparent)]
+    Daemon(#[from] crate::error::Error),
+}
 
 /// How long the CA may take to validate the HTTP-01 challenge and issue: within phantom-api's
 /// default 60 s reply timeout, so `ghost enable` answers rather than leaving the CLI waiting
@@ -39,14 +82,14 @@ pub struct CertPem {
 }
 
 /// Builds the rustls server configuration from PEM text (the HTTP layer's, as the admin API's).
-pub fn server_config(pem: &CertPem) -> Result<Arc<ServerConfig>, GhostError> {
-    Ok(crate::http::tls_server_config(&pem.cert, &pem.key)?)
+pub fn server_config(pem: &CertPem) -> Result<Arc<ServerConfig>, CertError> {
+    Ok(super::tls_server_config(&pem.cert, &pem.key)?)
 }
 
-/// Reads a certificate chain and key from files (`[ghost] tls = "files"`).
-pub fn read_files(cert: &Path, key: &Path) -> Result<CertPem, GhostError> {
+/// Reads a certificate chain and key from files (`tls = "files"`).
+pub fn read_files(cert: &Path, key: &Path) -> Result<CertPem, CertError> {
     let read = |p: &Path| {
-        std::fs::read_to_string(p).map_err(|source| GhostError::ReadFile {
+        std::fs::read_to_string(p).map_err(|source| CertError::ReadFile {
             path: p.to_path_buf(),
             source,
         })
@@ -57,10 +100,11 @@ pub fn read_files(cert: &Path, key: &Path) -> Result<CertPem, GhostError> {
     })
 }
 
-/// A self-signed certificate for `domain` (the stock client does not verify by default).
-pub fn self_signed(domain: &str) -> Result<CertPem, GhostError> {
+/// A self-signed certificate for `domain` (the stock wstunnel client does not verify by
+/// default; browsers need the operator to trust it).
+pub fn self_signed(domain: &str) -> Result<CertPem, CertError> {
     let made = rcgen::generate_simple_self_signed(vec![domain.to_string()])
-        .map_err(GhostError::SelfSigned)?;
+        .map_err(CertError::SelfSigned)?;
     Ok(CertPem {
         cert: made.cert.pem(),
         key: made.signing_key.serialize_pem(),
@@ -131,7 +175,8 @@ fn not_after_der(der: &[u8]) -> Option<i64> {
     )
 }
 
-/// Where issued or generated material is kept: `<state>/ghost/tls/{cert,key}.pem` (0600).
+/// Where issued or generated material is kept: `<dir>/{cert,key}.pem` (0600), e.g.
+/// `<state>/ghost/tls/` or `<state>/sentry/tls/`.
 pub struct TlsDir {
     pub dir: PathBuf,
 }
@@ -149,7 +194,7 @@ impl TlsDir {
         self.dir.join("acme-account.json")
     }
 
-    pub fn save(&self, pem: &CertPem) -> Result<(), GhostError> {
+    pub fn save(&self, pem: &CertPem) -> Result<(), CertError> {
         std::fs::create_dir_all(&self.dir).map_err(|e| crate::error::Error::io(&self.dir, e))?;
         // Key first: a crash in between leaves the old certificate with a key that does not
         // match, which read-back catches, rather than a new certificate with an old key.
@@ -158,7 +203,7 @@ impl TlsDir {
         Ok(())
     }
 
-    pub fn load(&self) -> Result<CertPem, GhostError> {
+    pub fn load(&self) -> Result<CertPem, CertError> {
         read_files(&self.cert(), &self.key())
     }
 }
@@ -176,12 +221,12 @@ pub struct AcmeRequest<'a> {
 
 /// Issues a certificate for `req.domain` from the ACME CA over HTTP-01. Port 80 is bound only
 /// for the duration of this call.
-pub async fn acme_issue(req: &AcmeRequest<'_>, tls_dir: &TlsDir) -> Result<CertPem, GhostError> {
+pub async fn acme_issue(req: &AcmeRequest<'_>, tls_dir: &TlsDir) -> Result<CertPem, CertError> {
     let tokens: Arc<Mutex<HashMap<String, String>>> = Arc::default();
     let listener =
         TcpListener::bind(req.http_listen)
             .await
-            .map_err(|source| GhostError::AcmeListen {
+            .map_err(|source| CertError::AcmeListen {
                 addr: req.http_listen,
                 source,
             })?;
@@ -199,11 +244,11 @@ pub async fn acme_issue(req: &AcmeRequest<'_>, tls_dir: &TlsDir) -> Result<CertP
             match authz.status {
                 AuthorizationStatus::Pending => {}
                 AuthorizationStatus::Valid => continue,
-                other => return Err(GhostError::AcmeAuthorization(other)),
+                other => return Err(CertError::AcmeAuthorization(other)),
             }
             let mut challenge = authz
                 .challenge(ChallengeType::Http01)
-                .ok_or(GhostError::AcmeNoHttp01)?;
+                .ok_or(CertError::AcmeNoHttp01)?;
             if let Ok(mut map) = tokens.lock() {
                 map.insert(
                     challenge.token.clone(),
@@ -218,7 +263,7 @@ pub async fn acme_issue(req: &AcmeRequest<'_>, tls_dir: &TlsDir) -> Result<CertP
         let retry = RetryPolicy::new().timeout(ACME_TIMEOUT);
         let status = order.poll_ready(&retry).await.map_err(acme("validation"))?;
         if status != OrderStatus::Ready {
-            return Err(GhostError::AcmeNotValidated {
+            return Err(CertError::AcmeNotValidated {
                 domain: req.domain.to_string(),
                 status,
             });
@@ -233,21 +278,21 @@ pub async fn acme_issue(req: &AcmeRequest<'_>, tls_dir: &TlsDir) -> Result<CertP
     .await;
     responder.abort();
     let _ = responder.await;
-    let pem = result.map_err(|_| GhostError::AcmeTimeout)??;
+    let pem = result.map_err(|_| CertError::AcmeTimeout)??;
     info!(domain = req.domain, "ACME certificate issued");
     Ok(pem)
 }
 
 /// The error of the ACME step `step`.
-fn acme(step: &'static str) -> impl Fn(instant_acme::Error) -> GhostError {
-    move |source| GhostError::Acme {
+fn acme(step: &'static str) -> impl Fn(instant_acme::Error) -> CertError {
+    move |source| CertError::Acme {
         step,
         source: Box::new(source),
     }
 }
 
 /// The ACME account, created once and kept (0600) so renewals reuse it.
-async fn acme_account(req: &AcmeRequest<'_>, tls_dir: &TlsDir) -> Result<Account, GhostError> {
+async fn acme_account(req: &AcmeRequest<'_>, tls_dir: &TlsDir) -> Result<Account, CertError> {
     let path = tls_dir.account();
     let builder = match req.ca_root {
         Some(root) => Account::builder_with_root(root),
