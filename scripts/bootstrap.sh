@@ -18,6 +18,8 @@ APT_PACKAGES=(
   chromium chromium-driver fonts-liberation
   # libnss3-tools: certutil puts a test CA in the browser's trust store (the sentry TLS test).
   libnss3-tools
+  # A real DoT/DoH server and a DoT client for the encrypted-DNS test (tests/tests/encrypted_dns.rs).
+  dnsdist knot-dnsutils
   # promtool checks the alert rules and the dashboard's queries in ops/ (Debian ships it in
   # the prometheus package; the server is never started).
   prometheus

@@ -203,8 +203,65 @@ impl MarkVerdict {
     }
 }
 
+/// `tc_encrypted_dns`'s switches (index 0 of `PH_ENC_DNS`), written by the daemon from `[dns]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EncryptedDnsConfig {
+    /// 1 = drop VPN clients' TCP/853 (DoT) and UDP/853 (DoQ) to anyone but the resolver.
+    pub drop_dot_doq: u32,
+    /// 1 = drop VPN clients' TCP/443 and UDP/443 to the known DoH resolvers' prefixes.
+    pub drop_doh: u32,
+}
+
+/// Most prefixes of known DoH resolvers, per address family.
+pub const MAX_DOH_PREFIXES: u32 = 16_384;
+/// Most addresses of Phantom's own resolver (the one DoT/DoQ may still reach).
+pub const MAX_RESOLVER_ADDRS: u32 = 64;
+
+/// What `tc_encrypted_dns` did with a VPN client's packet. The discriminant is the slot.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EncryptedDnsVerdict {
+    /// Not encrypted DNS by port and address (or not parsable): left alone.
+    Passed = 0,
+    /// TCP/853 to another resolver: dropped.
+    DotDropped = 1,
+    /// UDP/853 to another resolver: dropped.
+    DoqDropped = 2,
+    /// TCP/443 to a known DoH resolver: dropped.
+    DohTcpDropped = 3,
+    /// UDP/443 (HTTP/3) to a known DoH resolver: dropped.
+    DohUdpDropped = 4,
+    /// Port 853 to Phantom's own resolver: passed.
+    ToResolver = 5,
+}
+
+impl EncryptedDnsVerdict {
+    pub const ALL: [EncryptedDnsVerdict; 6] = [
+        EncryptedDnsVerdict::Passed,
+        EncryptedDnsVerdict::DotDropped,
+        EncryptedDnsVerdict::DoqDropped,
+        EncryptedDnsVerdict::DohTcpDropped,
+        EncryptedDnsVerdict::DohUdpDropped,
+        EncryptedDnsVerdict::ToResolver,
+    ];
+    pub const SLOTS: u32 = 8;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            EncryptedDnsVerdict::Passed => "passed",
+            EncryptedDnsVerdict::DotDropped => "dot_dropped",
+            EncryptedDnsVerdict::DoqDropped => "doq_dropped",
+            EncryptedDnsVerdict::DohTcpDropped => "doh_tcp_dropped",
+            EncryptedDnsVerdict::DohUdpDropped => "doh_udp_dropped",
+            EncryptedDnsVerdict::ToResolver => "to_resolver",
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::EncryptedDnsConfig {}
     // SAFETY: #[repr(C)], integers only, no padding (sizes checked in the tests).
     unsafe impl aya::Pod for super::IfaceInfo {}
     unsafe impl aya::Pod for super::MultihopConfig {}
@@ -276,6 +333,7 @@ mod tests {
     fn layouts() {
         assert_eq!(core::mem::size_of::<IfaceInfo>(), 4);
         assert_eq!(core::mem::size_of::<MultihopConfig>(), 40);
+        assert_eq!(core::mem::size_of::<EncryptedDnsConfig>(), 8);
         assert_eq!(core::mem::size_of::<DnsPolicy>(), 8);
         assert_eq!(core::mem::size_of::<DomainKey>(), 8 * KEY_POSITIONS);
     }

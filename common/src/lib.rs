@@ -54,4 +54,11 @@ pub mod names {
     pub const TC_DNS_FILTER: &str = "tc_dns_filter";
     /// Multihop mark, TC ingress on the VPN interface.
     pub const TC_MULTIHOP_MARK: &str = "tc_multihop_mark";
+    /// Encrypted DNS to other resolvers dropped, TC ingress on the VPN interface.
+    pub const TC_ENCRYPTED_DNS: &str = "tc_encrypted_dns";
+    pub const ENC_DNS_MAP: &str = "PH_ENC_DNS";
+    pub const ENC_DNS_RESOLVERS_MAP: &str = "PH_ENC_DNS_RESOLVERS";
+    pub const DOH_V4_MAP: &str = "PH_DOH_V4";
+    pub const DOH_V6_MAP: &str = "PH_DOH_V6";
+    pub const ENC_DNS_STATS_MAP: &str = "PH_ENC_DNS_STATS";
 }

@@ -2,6 +2,7 @@
 #![no_main]
 
 mod dns_filter;
+mod encrypted_dns;
 mod guard;
 mod multihop;
 

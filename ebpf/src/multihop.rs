@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{__sk_buff, TC_ACT_OK},
+    bindings::{__sk_buff, TC_ACT_UNSPEC},
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
@@ -39,7 +39,9 @@ pub fn tc_multihop_mark(ctx: TcContext) -> i32 {
             (*counter).bytes += ctx.len() as u64;
         }
     }
-    TC_ACT_OK as i32
+    // TCX_NEXT: the mark is set; the other programs on the hook still see the packet (and
+    // the last one's "next" lets it pass).
+    TC_ACT_UNSPEC
 }
 
 #[inline(always)]

@@ -323,6 +323,16 @@ pub struct DnsConfig {
     pub answer_ddr: bool,
     /// Remove the `ech` parameter from HTTPS/SVCB answers, so the server name stays visible.
     pub strip_ech: bool,
+    /// Drop VPN clients' DoT (TCP/853) and DoQ (UDP/853) to anyone but this resolver, in the
+    /// kernel on the WireGuard interface.
+    pub drop_dot_doq: bool,
+    /// Drop VPN clients' TCP/443 and UDP/443 to known DoH resolvers (the shipped list, plus
+    /// `doh_resolvers` and the lines of `doh_resolvers_file`).
+    pub drop_doh: bool,
+    /// More DoH resolvers: addresses or CIDR prefixes.
+    pub doh_resolvers: Vec<String>,
+    /// A file of more DoH resolvers, one address or prefix per line (`#` comments).
+    pub doh_resolvers_file: String,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -349,6 +359,10 @@ impl Default for DnsConfig {
             block_private_relay: true,
             answer_ddr: true,
             strip_ech: true,
+            drop_dot_doq: true,
+            drop_doh: true,
+            doh_resolvers: Vec::new(),
+            doh_resolvers_file: String::new(),
         }
     }
 }
@@ -737,6 +751,13 @@ impl Config {
                 "dns.upstream_timeout_ms must be between 100 and 30000",
             ));
         }
+        for r in &self.dns.doh_resolvers {
+            parse_net(r).ok_or_else(|| {
+                Error::config(format!(
+                    "dns.doh_resolvers: {r:?} is not an address or CIDR prefix"
+                ))
+            })?;
+        }
         for brand in &self.blocklist.brands {
             let b = brand.trim();
             if b.is_empty()
@@ -913,6 +934,14 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// An address (a /32 or /128) or a CIDR prefix.
+pub fn parse_net(s: &str) -> Option<ipnet::IpNet> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
 fn validate_cidr(key: &str, value: &str) -> Result<(), Error> {

@@ -187,6 +187,18 @@ impl Collector for DatapathCollector {
             }
             Err(e) => warn!(error = %e, "cannot read the multihop counters for metrics"),
         }
+        match dp.encrypted_dns.status() {
+            Ok(status) => counter_family(
+                &mut encoder,
+                "phantom_datapath_encrypted_dns_packets",
+                "VPN clients' packets seen by the encrypted-DNS filter, by verdict (dot_dropped, doq_dropped, doh_tcp_dropped, doh_udp_dropped, to_resolver, passed)",
+                status
+                    .counters
+                    .iter()
+                    .map(|c| (vec![("verdict", c.verdict.to_string())], c.packets)),
+            )?,
+            Err(e) => warn!(error = %e, "cannot read the encrypted-DNS counters for metrics"),
+        }
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ pub mod actions;
 mod bpffs;
 pub mod dns_policy;
 pub mod domains;
+pub mod encrypted_dns;
 pub mod guard;
 mod links;
 pub mod metrics;
@@ -85,9 +86,10 @@ pub struct DnsCount {
 }
 
 /// The TC programs that belong on the VPN interface.
-const VPN_PROGRAMS: [(&str, Hook); 2] = [
+const VPN_PROGRAMS: [(&str, Hook); 3] = [
     (names::TC_DNS_FILTER, Hook::TcEgress),
     (names::TC_MULTIHOP_MARK, Hook::TcIngress),
+    (names::TC_ENCRYPTED_DNS, Hook::TcIngress),
 ];
 
 pub struct Datapath {
@@ -99,6 +101,7 @@ pub struct Datapath {
     pub domains: DomainFilter,
     pub dns_policy: DnsPolicyMaps,
     pub multihop: MultihopMark,
+    pub encrypted_dns: encrypted_dns::EncryptedDnsFilter,
     dns_verdicts: Mutex<PerCpuArray<MapData, TrafficCounter>>,
     ifaces: Mutex<HashMap<MapData, u32, IfaceInfo>>,
     vpn_interface: String,
@@ -152,7 +155,11 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
         .ok_or_else(|| Error::Datapath("no xdp_guard in the object".into()))?
         .try_into()?;
     guard.load()?;
-    for name in [names::TC_DNS_FILTER, names::TC_MULTIHOP_MARK] {
+    for name in [
+        names::TC_DNS_FILTER,
+        names::TC_MULTIHOP_MARK,
+        names::TC_ENCRYPTED_DNS,
+    ] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or_else(|| Error::Datapath(format!("no {name} in the object")))?
@@ -246,6 +253,13 @@ impl Datapath {
             take_map(&mut ebpf, "PH_MH_LOCAL")?.try_into()?,
             take_map(&mut ebpf, names::MULTIHOP_STATS_MAP)?.try_into()?,
         );
+        let encrypted_dns = encrypted_dns::EncryptedDnsFilter::new(
+            take_map(&mut ebpf, names::ENC_DNS_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::ENC_DNS_RESOLVERS_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::DOH_V4_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::DOH_V6_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::ENC_DNS_STATS_MAP)?.try_into()?,
+        );
         let dns_policy = DnsPolicyMaps::new(
             take_map(&mut ebpf, names::DNS_POLICY_MAP)?.try_into()?,
             take_map(&mut ebpf, names::DNS_EXEMPT_MAP)?.try_into()?,
@@ -264,6 +278,7 @@ impl Datapath {
             domains,
             dns_policy,
             multihop,
+            encrypted_dns,
             dns_verdicts: Mutex::new(dns_verdicts),
             ifaces: Mutex::new(ifaces),
             vpn_interface: vpn_interface.to_string(),

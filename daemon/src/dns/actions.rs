@@ -241,6 +241,7 @@ fn resolver_status(r: &Resolver) -> serde_json::Value {
         "bypass": r.bypass_stats.by_reason().into_iter()
             .map(|(k, v)| (k.to_string(), json!(v)))
             .collect::<serde_json::Map<_, _>>(),
+        "encrypted_dns": r.encrypted_dns_status(),
     })
 }
 

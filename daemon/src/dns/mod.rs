@@ -14,6 +14,7 @@
 pub mod actions;
 pub mod bypass;
 pub mod cache;
+pub mod encrypted;
 pub mod metrics;
 pub mod server;
 pub mod upstreams;
@@ -125,6 +126,8 @@ pub struct Resolver {
     pub bypass_stats: BypassStats,
     /// What the listeners are bound to right now.
     pub listening: Mutex<Vec<SocketAddr>>,
+    /// The DoH resolvers' prefixes the kernel drops clients' HTTPS to (`[dns] drop_doh`).
+    doh_resolvers: Vec<ipnet::IpNet>,
 }
 
 /// The outcome of answering from what the resolver holds.
@@ -178,8 +181,10 @@ impl Resolver {
             bypass: Bypass::from_config(config),
             bypass_stats: BypassStats::default(),
             listening: Mutex::new(Vec::new()),
+            doh_resolvers: encrypted::doh_resolvers(config)?,
         };
         resolver.refresh_clients();
+        resolver.push_encrypted_dns();
         Ok(resolver)
     }
 
@@ -284,6 +289,36 @@ impl Resolver {
         match self.exempt.write() {
             Ok(mut e) => *e = Arc::new(exempt),
             Err(p) => *p.into_inner() = Arc::new(exempt),
+        }
+    }
+
+    /// Writes the encrypted-DNS switches, the DoH list and the addresses the resolver listens
+    /// on into the kernel. Run at start and whenever the listeners move.
+    pub fn push_encrypted_dns(&self) {
+        let Some(dp) = &self.datapath else {
+            return;
+        };
+        let resolvers: BTreeSet<IpAddr> = self.listening().iter().map(|a| a.ip()).collect();
+        let settings = encrypted::settings(&self.config, &self.doh_resolvers, resolvers);
+        if let Err(e) = dp.encrypted_dns.set(&settings) {
+            warn!(error = %e, "cannot write the encrypted-DNS filter into the kernel");
+        }
+    }
+
+    /// What the kernel's encrypted-DNS filter holds and stopped: switches, list sizes and
+    /// packets per verdict (no addresses of clients; `null` without a datapath).
+    pub fn encrypted_dns_status(&self) -> serde_json::Value {
+        match self.datapath.as_ref().map(|dp| dp.encrypted_dns.status()) {
+            Some(Ok(st)) => serde_json::json!({
+                "drop_dot_doq": st.drop_dot_doq,
+                "drop_doh": st.drop_doh,
+                "doh_prefixes": {"ipv4": st.doh_prefixes_v4, "ipv6": st.doh_prefixes_v6},
+                "packets": st.counters.iter()
+                    .map(|c| (c.verdict.to_string(), serde_json::json!(c.packets)))
+                    .collect::<serde_json::Map<_, _>>(),
+            }),
+            Some(Err(e)) => serde_json::json!({"error": e.to_string()}),
+            None => serde_json::Value::Null,
         }
     }
 

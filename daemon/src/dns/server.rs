@@ -424,4 +424,6 @@ fn set_listening(resolver: &Resolver, addrs: Vec<SocketAddr>) {
         Ok(mut l) => *l = addrs,
         Err(p) => *p.into_inner() = addrs,
     }
+    // DoT/DoQ to these addresses stay allowed.
+    resolver.push_encrypted_dns();
 }
