@@ -37,6 +37,8 @@ pub struct SentryConfig {
     /// Crawlers let through without a challenge when both their user agent and their
     /// address match (`[[sentry.good_bots]]`).
     pub good_bots: Vec<GoodBot>,
+    /// `[sentry.nojs]`: the challenge page's path for browsers without JavaScript.
+    pub nojs: NoJsConfig,
     /// The defence's tunables: the first values of the store's `sentry:config`;
     /// `sentry set_config` changes them at run time (and in the store, for the whole fleet).
     /// Written as plain keys of `[sentry]`.
@@ -62,9 +64,49 @@ impl Default for SentryConfig {
             upstream_timeout_seconds: 60,
             open_paths: DEFAULT_OPEN_PATHS.iter().map(|p| p.to_string()).collect(),
             good_bots: Vec::new(),
+            nojs: NoJsConfig::default(),
             tunables: Tunables::default(),
             unknown: BTreeMap::new(),
         }
+    }
+}
+
+/// `[sentry.nojs]`: what the challenge page offers a browser without JavaScript
+/// (docs/sentry.md "Without JavaScript"): a delay at low penalty levels, the command-line
+/// solver above them.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NoJsConfig {
+    /// A challenge at this penalty level or below (the source's violations; its first
+    /// challenge is level 1) offers the delay; above it, and always in DOOMSDAY, the command.
+    /// 0 = never the delay.
+    pub delay_max_penalty: u64,
+    /// How long a delay token waits before it can be redeemed.
+    pub delay_seconds: u64,
+}
+
+impl Default for NoJsConfig {
+    fn default() -> Self {
+        Self {
+            delay_max_penalty: 2,
+            delay_seconds: 5,
+        }
+    }
+}
+
+impl NoJsConfig {
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        if self.delay_max_penalty > 1_000 {
+            return Err(InvalidValue(
+                "sentry.nojs.delay_max_penalty must be between 0 and 1000".into(),
+            ));
+        }
+        if !(1..=60).contains(&self.delay_seconds) {
+            return Err(InvalidValue(
+                "sentry.nojs.delay_seconds must be between 1 and 60".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -393,6 +435,7 @@ impl SentryConfig {
                 )));
             }
         }
+        self.nojs.validate()?;
         self.tunables
             .validate()
             .map_err(|e| InvalidValue(format!("sentry.{e}")))
@@ -410,6 +453,19 @@ mod tests {
         assert!(Upstream::parse("https://127.0.0.1:8000").is_err());
         assert!(Upstream::parse("http://127.0.0.1:8000/app").is_err());
         assert!(Upstream::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn the_nojs_table() {
+        let c: SentryConfig =
+            toml::from_str("[nojs]\ndelay_max_penalty = 0\ndelay_seconds = 3").unwrap();
+        assert_eq!(c.nojs.delay_max_penalty, 0);
+        assert_eq!(c.nojs.delay_seconds, 3);
+        assert!(c.validate().is_ok());
+        assert_eq!(SentryConfig::default().nojs, NoJsConfig::default());
+        let bad: SentryConfig = toml::from_str("[nojs]\ndelay_seconds = 0").unwrap();
+        assert!(bad.validate().unwrap_err().0.contains("delay_seconds"));
+        assert!(toml::from_str::<SentryConfig>("[nojs]\ndelay = 3").is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod allow;
 pub mod challenge;
 pub mod detector;
 pub mod metrics;
+pub mod nojs;
 pub mod page;
 pub mod penalty;
 pub mod proxy;
@@ -143,6 +144,30 @@ pub struct TicketGrant {
     pub cookie: String,
 }
 
+impl TicketGrant {
+    /// The `Set-Cookie` value that hands the ticket to the client.
+    pub fn set_cookie(&self) -> String {
+        let ttl = self.expires_at.saturating_sub(unix_now());
+        format!(
+            "{TICKET_COOKIE}={}; Max-Age={ttl}; Path=/; HttpOnly; SameSite=Lax",
+            self.cookie
+        )
+    }
+}
+
+/// What the challenge page offers a browser without JavaScript (`[sentry.nojs]`,
+/// docs/sentry.md "Without JavaScript").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoJsOffer {
+    /// A signed delay token, redeemable after `seconds` (low penalty levels).
+    Delay { token: String, seconds: u64 },
+    /// The command-line solver and a form for its answer (higher levels, DOOMSDAY).
+    Command,
+}
+
+/// The longest request target a delay token carries; a longer one sends the browser to `/`.
+const MAX_DELAY_TARGET: usize = 2048;
+
 /// Consecutive failed store calls after which the store is marked degraded and the proxy
 /// stops asking it (the fail mode applies), once they span [`DEGRADE_AFTER`]. A single slow
 /// or lost answer (a Redis pause, a timeout) is not an outage: the request it hit is decided
@@ -161,7 +186,9 @@ pub struct Counters {
     pub blocked: AtomicU64,
     pub unavailable: AtomicU64,
     pub solved: AtomicU64,
-    pub failed: [AtomicU64; 8],
+    pub failed: [AtomicU64; Rejection::ALL.len()],
+    /// Delay tokens redeemed (the page without JavaScript).
+    pub delays_redeemed: AtomicU64,
     /// Ticket cookies whose signature did not verify.
     pub forged_cookies: AtomicU64,
     /// Tickets taken away from holders past the ticket ceiling.
@@ -1017,6 +1044,14 @@ impl Sentry {
             Ok(false) => return Err(self.proof_failed(peer, Rejection::Replayed).await),
             Err(e) => return Err(ProofError::Store(e)),
         }
+        let grant = self.new_ticket(source).await?;
+        self.counters.solved.fetch_add(1, Ordering::Relaxed);
+        Ok(grant)
+    }
+
+    /// A ticket for a source that earned it: in the store, in this host's memory, and as the
+    /// signed cookie.
+    async fn new_ticket(&self, source: Source) -> Result<TicketGrant, ProofError> {
         let t = self.tunables();
         let expires_at = match self
             .store_call(self.store.set_ticket(source, t.ticket_ttl_seconds))
@@ -1026,13 +1061,107 @@ impl Sentry {
             Err(e) => return Err(ProofError::Store(e)),
         };
         self.grant_ticket(source, expires_at);
-        self.counters.solved.fetch_add(1, Ordering::Relaxed);
         self.counters.tickets.fetch_add(1, Ordering::Relaxed);
         let cookie = self
             .signer
             .ticket_cookie(source, expires_at)
             .map_err(ProofError::Store)?;
         Ok(TicketGrant { expires_at, cookie })
+    }
+
+    /// What the challenge page just issued to `peer` offers without JavaScript: the delay
+    /// while the source's penalty level (its violations, as this host last raised them) is
+    /// at most `[sentry.nojs] delay_max_penalty`, else — and always in DOOMSDAY — the
+    /// command-line solver. `target` is the challenged request target.
+    pub fn nojs_offer(&self, peer: IpAddr, target: &str) -> NoJsOffer {
+        let source = self.source_of(peer);
+        let cfg = &self.static_config.nojs;
+        let level = self.penalties.last(source);
+        if self.mode_state().current_mode == Mode::Doomsday
+            || cfg.delay_max_penalty == 0
+            || level > cfg.delay_max_penalty
+        {
+            return NoJsOffer::Command;
+        }
+        let now = unix_now();
+        let t = self.tunables();
+        let target = Some(same_origin_target(target))
+            .filter(|t| t.len() <= MAX_DELAY_TARGET)
+            .unwrap_or("/");
+        let expires_at = now + t.challenge_ttl_seconds.max(cfg.delay_seconds + 30);
+        match self
+            .signer
+            .delay_token(source, now + cfg.delay_seconds, expires_at, target)
+        {
+            Ok(token) => NoJsOffer::Delay {
+                token,
+                seconds: cfg.delay_seconds,
+            },
+            Err(e) => {
+                warn!(error = %e, "cannot sign a delay token; offering the command");
+                NoJsOffer::Command
+            }
+        }
+    }
+
+    /// The pass endpoint's work for a delay token: checked (not before its time, signature,
+    /// expiry, subject), used once, and a ticket. Returns the ticket and where the browser
+    /// goes next (a path of this origin).
+    pub async fn redeem_delay(
+        &self,
+        peer: IpAddr,
+        token: &str,
+    ) -> Result<(TicketGrant, String), ProofError> {
+        let source = self.source_of(peer);
+        self.proof_gate(peer).await?;
+        let now = unix_now();
+        let checked = match self.signer.check_delay_token(token, source, now) {
+            Ok(d) => d,
+            Err(r) => return Err(self.proof_failed(peer, r).await),
+        };
+        let ttl = checked.expires_at.saturating_sub(now);
+        match self
+            .store_call(
+                self.store
+                    .use_nonce(&format!("delay:{}", checked.nonce), ttl),
+            )
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return Err(self.proof_failed(peer, Rejection::Replayed).await),
+            Err(e) => return Err(ProofError::Store(e)),
+        }
+        let grant = self.new_ticket(source).await?;
+        self.counters
+            .delays_redeemed
+            .fetch_add(1, Ordering::Relaxed);
+        Ok((grant, same_origin_target(&checked.target).to_string()))
+    }
+
+    /// A package for the command-line solver (`GET /.sentry/challenge`, always JSON): at the
+    /// difficulty a challenge to this source has now (`max_difficulty` in DOOMSDAY, else by
+    /// its penalty level, at least the first one's). Counted in the source's 5-second
+    /// window; past the ticket ceiling it is a violation like any challenged request.
+    pub async fn solver_challenge(&self, peer: IpAddr) -> Decision {
+        let source = self.source_of(peer);
+        let instant = Instant::now();
+        if self.penalties.is_blocked(source, instant) {
+            self.counters.blocked.fetch_add(1, Ordering::Relaxed);
+            return Decision::Blocked;
+        }
+        let t = self.tunables();
+        let now = unix_now();
+        let doomsday = self.mode_state().current_mode == Mode::Doomsday;
+        let count = self.detector.count_ip(source, instant);
+        if count > t.effective_ticket_ceiling() {
+            return self.challenge(source, &t, true, doomsday, now, "/").await;
+        }
+        let difficulty = if doomsday {
+            t.max_difficulty
+        } else {
+            penalty::difficulty(&t, self.penalties.last(source).max(1))
+        };
+        self.issue(source, &t, difficulty, now, "/").await
     }
 
     pub fn reject(&self, r: Rejection) -> ProofError {

@@ -5,7 +5,8 @@
 //! load, and a style sheet. All of it is compiled into the binary (`page/`), plain JavaScript
 //! without a build step; `<version>` is a digest of the files, so they are cached for a year
 //! and a new build is a new URL. Every visible text is in `page/strings.json` (English and
-//! Turkish, chosen by `Accept-Language`).
+//! Turkish, chosen by `Accept-Language`). Without JavaScript the page's `<noscript>` parts
+//! carry what [`super::nojs`] offers instead (a delay, or the command-line solver).
 
 use std::sync::LazyLock;
 
@@ -98,11 +99,26 @@ struct Pages {
     /// (name, served body, content type)
     files: Vec<(&'static str, String, &'static str)>,
     version: String,
-    /// (before the package, after it) for each of [`Language::ALL`].
-    parts: Vec<(String, String)>,
+    /// For each of [`Language::ALL`], the template's text around its three slots: before the
+    /// package, before the `<noscript>` part of the head, before that of the body, after it.
+    parts: Vec<[String; 4]>,
+    /// The texts of the path without JavaScript, for each of [`Language::ALL`].
+    nojs: Vec<serde_json::Map<String, Value>>,
 }
 
-fn escape_html(s: &str) -> String {
+/// The slots of the template, in order.
+const SLOTS: [&str; 3] = ["{{package}}", "{{nojs_head}}", "{{nojs_body}}"];
+
+/// What goes into the page's two `<noscript>` elements: HTML, already escaped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NoScript {
+    /// Inside `<head>` (a `<meta http-equiv="refresh">`, say).
+    pub head: String,
+    /// Inside `<main>`.
+    pub body: String,
+}
+
+pub fn escape_html(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -150,18 +166,46 @@ static PAGES: LazyLock<Pages> = LazyLock::new(|| {
                     );
                 }
             }
-            match page.split_once("{{package}}") {
-                Some((before, after)) => (before.to_string(), after.to_string()),
-                None => (page, String::new()),
+            let mut parts: [String; 4] = Default::default();
+            let mut rest = page.as_str();
+            for (i, slot) in SLOTS.iter().enumerate() {
+                let (before, after) = rest.split_once(slot).unwrap_or((rest, ""));
+                parts[i] = before.to_string();
+                rest = after;
             }
+            parts[3] = rest.to_string();
+            parts
+        })
+        .collect();
+    let nojs = Language::ALL
+        .iter()
+        .map(|lang| {
+            strings["nojs"][lang.tag()]
+                .as_object()
+                .cloned()
+                .unwrap_or_default()
         })
         .collect();
     Pages {
         files,
         version,
         parts,
+        nojs,
     }
 });
+
+/// A text of the path without JavaScript in `lang` (`page/strings.json`, `nojs`), with
+/// `{n}` replaced by `n`; not escaped.
+pub fn nojs_text(lang: Language, key: &str, n: u64) -> String {
+    let i = Language::ALL.iter().position(|l| *l == lang).unwrap_or(0);
+    PAGES
+        .nojs
+        .get(i)
+        .and_then(|m| m.get(key))
+        .and_then(Value::as_str)
+        .unwrap_or(key)
+        .replace("{n}", &n.to_string())
+}
 
 /// The digest of the page's files that names their directory.
 pub fn version() -> &'static str {
@@ -169,17 +213,21 @@ pub fn version() -> &'static str {
 }
 
 /// The HTML 429 for a package (its JSON: b64url values and fixed keys, so no `<` can end the
-/// data block early).
-pub fn page(package_json: &str, lang: Language) -> String {
+/// data block early), with what it offers a browser without JavaScript.
+pub fn page(package_json: &str, lang: Language, nojs: &NoScript) -> String {
     let i = Language::ALL.iter().position(|l| *l == lang).unwrap_or(0);
-    let (before, after) = PAGES
-        .parts
-        .get(i)
-        .map_or(("", ""), |(b, a)| (b.as_str(), a.as_str()));
-    let mut out = String::with_capacity(before.len() + package_json.len() + after.len());
-    out.push_str(before);
-    out.push_str(package_json);
-    out.push_str(after);
+    let Some(parts) = PAGES.parts.get(i) else {
+        return String::new();
+    };
+    let fills = [package_json, nojs.head.as_str(), nojs.body.as_str()];
+    let mut out = String::with_capacity(
+        parts.iter().map(String::len).sum::<usize>() + fills.iter().map(|f| f.len()).sum::<usize>(),
+    );
+    for (part, fill) in parts.iter().zip(fills) {
+        out.push_str(part);
+        out.push_str(fill);
+    }
+    out.push_str(&parts[3]);
     out
 }
 
@@ -243,13 +291,36 @@ mod tests {
         let tr = strings["tr"].as_object().unwrap();
         let keys = |m: &serde_json::Map<String, Value>| m.keys().cloned().collect::<Vec<_>>();
         assert_eq!(keys(en), keys(tr));
+        let nojs = strings["nojs"].as_object().unwrap();
+        assert_eq!(
+            keys(nojs["en"].as_object().unwrap()),
+            keys(nojs["tr"].as_object().unwrap())
+        );
+        let none = NoScript::default();
         for lang in Language::ALL {
-            let html = page("{}", lang);
+            let html = page("{}", lang, &none);
             assert!(!html.contains("{{"), "{html}");
             assert!(html.contains(&format!("<html lang=\"{}\">", lang.tag())));
             assert!(html.contains("id=\"sentry-challenge\">{}</script>"));
         }
-        assert!(page("{}", Language::Turkish).contains("Tarayıcınız denetleniyor"));
+        assert!(page("{}", Language::Turkish, &none).contains("Tarayıcınız denetleniyor"));
+        let filled = page(
+            "{}",
+            Language::English,
+            &NoScript {
+                head: "<meta x>".into(),
+                body: "<p>y</p>".into(),
+            },
+        );
+        assert!(
+            filled.contains("<noscript><meta x></noscript>\n</head>"),
+            "{filled}"
+        );
+        assert!(
+            filled.contains("<noscript><p>y</p></noscript>\n</main>"),
+            "{filled}"
+        );
+        assert!(nojs_text(Language::Turkish, "delay", 5).contains("5 sn"));
     }
 
     #[test]
@@ -260,10 +331,28 @@ mod tests {
             .issue("198.51.100.7".parse().unwrap(), 20, 300, &content, 1_000)
             .unwrap();
         let json = serde_json::to_string(&pkg).unwrap();
+        // The page as sent with either offer for browsers without JavaScript (a browser
+        // with it parses neither).
+        let source = "198.51.100.7".parse().unwrap();
+        let token = signer
+            .delay_token(source, 1_005, 1_300, "/some/page?with=a&query=string")
+            .unwrap();
+        let offers = [
+            crate::sentry::NoJsOffer::Delay { token, seconds: 5 },
+            crate::sentry::NoJsOffer::Command,
+        ];
         for lang in Language::ALL {
-            let total = page(&json, lang).len() + files_bytes();
-            eprintln!("{lang:?}: {total} bytes");
-            assert!(total <= 24 * 1024, "{lang:?}: {total} bytes");
+            for offer in &offers {
+                let nojs = crate::sentry::nojs::noscript(
+                    offer,
+                    lang,
+                    "https://www.example.com:8443",
+                    "/some/page?with=a&query=string",
+                );
+                let total = page(&json, lang, &nojs).len() + files_bytes();
+                eprintln!("{lang:?}, {offer:?}: {total} bytes");
+                assert!(total <= 24 * 1024, "{lang:?}: {total} bytes");
+            }
         }
     }
 
@@ -277,7 +366,8 @@ mod tests {
         assert!(asset(&format!("/.sentry/static/{v}/nope.js")).is_none());
         assert!(asset("/.sentry/static/worker.js").is_none());
         assert!(
-            page("{}", Language::English).contains(&format!("/.sentry/static/{v}/challenge.js"))
+            page("{}", Language::English, &NoScript::default())
+                .contains(&format!("/.sentry/static/{v}/challenge.js"))
         );
     }
 }

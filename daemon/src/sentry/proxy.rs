@@ -1,7 +1,8 @@
 //! The reverse proxy on `[sentry] listen`: streams requests and responses between clients
 //! and `[sentry] upstream`, asks the sentry about each request first, and serves the
 //! challenge endpoints (`/.sentry/jwks.json`, `/.sentry/proof`, the challenge page's files under
-//! `/.sentry/static/`).
+//! `/.sentry/static/`, and for browsers without JavaScript `/.sentry/pass` and
+//! `/.sentry/challenge`, see `nojs`).
 
 use std::{convert::Infallible, net::IpAddr, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -24,8 +25,8 @@ use crate::config::sentry::Upstream;
 
 use super::{
     Decision, ProofError, Sentry, SentryError, TICKET_COOKIE,
-    challenge::{JWKS_PATH, PROOF_PATH, Package, Proof, Rejection},
-    page,
+    challenge::{JWKS_PATH, PASS_PATH, PROOF_PATH, Package, Proof, Rejection, SOLVER_PATH},
+    nojs, page,
 };
 use crate::http::{self, RequestBody};
 
@@ -107,40 +108,24 @@ fn proof_error(e: ProofError) -> Response<ProxyBody> {
 }
 
 /// The 429 answer: the package as JSON, or the challenge page that embeds the same object
-/// (in the client's language, under the page's CSP).
+/// (in the client's language, under the page's CSP) with `nojs`'s offer for a browser
+/// without JavaScript (asked for only when the page is sent).
 fn challenge_reply(
     package: &Package,
     json: bool,
     accept_language: Option<&str>,
+    nojs: impl FnOnce(page::Language) -> page::NoScript,
 ) -> Response<ProxyBody> {
     let body = serde_json::to_string(package).unwrap_or_default();
     let mut r = if json {
         full(StatusCode::TOO_MANY_REQUESTS, "application/json", body)
     } else {
         let lang = page::Language::from_accept_language(accept_language);
-        let mut r = full(
+        html_reply(
             StatusCode::TOO_MANY_REQUESTS,
-            "text/html; charset=utf-8",
-            page::page(&body, lang),
-        );
-        let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static(page::CSP),
-        );
-        h.insert(
-            header::CONTENT_LANGUAGE,
-            HeaderValue::from_static(lang.tag()),
-        );
-        h.insert(
-            header::REFERRER_POLICY,
-            HeaderValue::from_static("same-origin"),
-        );
-        h.insert(
-            header::X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
-        );
-        r
+            page::page(&body, lang, &nojs(lang)),
+            lang,
+        )
     };
     r.headers_mut().insert(
         header::VARY,
@@ -150,6 +135,50 @@ fn challenge_reply(
         HeaderName::from_static("x-sentry-challenge"),
         HeaderValue::from_static("1"),
     );
+    r
+}
+
+/// A page of the sentry's own (the challenge page, the pages without JavaScript): under the
+/// page's CSP, in `lang`, never cached.
+fn html_reply(status: StatusCode, body: String, lang: page::Language) -> Response<ProxyBody> {
+    let mut r = full(status, "text/html; charset=utf-8", body);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(page::CSP),
+    );
+    h.insert(
+        header::CONTENT_LANGUAGE,
+        HeaderValue::from_static(lang.tag()),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+/// The pass endpoint's answer as HTTP.
+fn pass_reply(reply: nojs::Reply, lang: page::Language) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut r = html_reply(status, reply.body, lang);
+    let h = r.headers_mut();
+    if let Some(v) = reply.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        h.insert(header::LOCATION, v);
+    }
+    if let Some(v) = reply
+        .set_cookie
+        .and_then(|c| HeaderValue::from_str(&c).ok())
+    {
+        h.insert(header::SET_COOKIE, v);
+    }
+    if let Some(s) = reply.retry_after {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
     r
 }
 
@@ -265,6 +294,12 @@ impl Proxy {
         if path == PROOF_PATH {
             return self.proof(req, client).await;
         }
+        if path == PASS_PATH {
+            return self.pass(req, client).await;
+        }
+        if path == SOLVER_PATH && matches!(*req.method(), Method::GET | Method::HEAD) {
+            return self.solver_package(client).await;
+        }
         if path.starts_with(page::STATIC_PREFIX)
             && matches!(*req.method(), Method::GET | Method::HEAD)
         {
@@ -286,13 +321,25 @@ impl Proxy {
             .await
         {
             Decision::Pass(_) => self.forward(req, client).await,
-            Decision::Challenge(package) => challenge_reply(
-                &package,
-                wants_json(req.headers()),
-                req.headers()
-                    .get(header::ACCEPT_LANGUAGE)
-                    .and_then(|v| v.to_str().ok()),
-            ),
+            Decision::Challenge(package) => {
+                let headers = req.headers();
+                challenge_reply(
+                    &package,
+                    wants_json(headers),
+                    headers
+                        .get(header::ACCEPT_LANGUAGE)
+                        .and_then(|v| v.to_str().ok()),
+                    |lang| {
+                        let origin = nojs::origin(
+                            req.uri().scheme_str().unwrap_or("http"),
+                            headers.get(header::HOST).and_then(|v| v.to_str().ok()),
+                            &self.sentry.static_config.listen,
+                        );
+                        let offer = self.sentry.nojs_offer(client, &path_and_query);
+                        nojs::noscript(&offer, lang, &origin, &path_and_query)
+                    },
+                )
+            }
             Decision::Blocked => full(
                 StatusCode::FORBIDDEN,
                 "text/plain; charset=utf-8",
@@ -369,20 +416,91 @@ impl Proxy {
         };
         match self.sentry.redeem(client, &proof).await {
             Ok(grant) => {
-                let ttl = grant.expires_at.saturating_sub(super::store::unix_now());
                 let mut r = json_reply(
                     StatusCode::OK,
                     &json!({"success": true, "ticket_expires_at": grant.expires_at}),
                 );
-                if let Ok(v) = HeaderValue::from_str(&format!(
-                    "{TICKET_COOKIE}={}; Max-Age={ttl}; Path=/; HttpOnly; SameSite=Lax",
-                    grant.cookie
-                )) {
+                if let Ok(v) = HeaderValue::from_str(&grant.set_cookie()) {
                     r.headers_mut().insert(header::SET_COOKIE, v);
                 }
                 r
             }
             Err(e) => proof_error(e),
+        }
+    }
+
+    /// `/.sentry/pass` (a browser without JavaScript): a delay token in the query (the page's
+    /// refresh) or a form (POST, at most 16 KiB, within 10 s), redeemed for the ticket cookie
+    /// and a 303 to the challenged URL; refusals are pages that say why.
+    async fn pass(&self, req: Request<RequestBody>, client: IpAddr) -> Response<ProxyBody> {
+        let lang = page::Language::from_accept_language(
+            req.headers()
+                .get(header::ACCEPT_LANGUAGE)
+                .and_then(|v| v.to_str().ok()),
+        );
+        if let Err(e) = self.sentry.proof_gate(client).await {
+            return pass_reply(nojs::refusal_page(lang, e), lang);
+        }
+        let fields = match *req.method() {
+            Method::GET => nojs::form(req.uri().query().unwrap_or("").as_bytes()),
+            Method::POST => {
+                let declared = req
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if declared.is_some_and(|n| n > MAX_PROOF_BYTES as u64) {
+                    self.sentry.proof_failed(client, Rejection::Malformed).await;
+                    return pass_reply(nojs::body_refused(lang, 413), lang);
+                }
+                let read = tokio::time::timeout(
+                    PROOF_BODY_TIMEOUT,
+                    Limited::new(req.into_body(), MAX_PROOF_BYTES).collect(),
+                )
+                .await;
+                match read {
+                    Ok(Ok(b)) => nojs::form(&b.to_bytes()),
+                    Ok(Err(_)) => {
+                        self.sentry.proof_failed(client, Rejection::Malformed).await;
+                        return pass_reply(nojs::body_refused(lang, 413), lang);
+                    }
+                    Err(_) => {
+                        self.sentry.proof_failed(client, Rejection::Malformed).await;
+                        return pass_reply(nojs::body_refused(lang, 408), lang);
+                    }
+                }
+            }
+            _ => {
+                let mut r = pass_reply(nojs::body_refused(lang, 405), lang);
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
+                return r;
+            }
+        };
+        pass_reply(nojs::pass(&self.sentry, client, &fields, lang).await, lang)
+    }
+
+    /// `/.sentry/challenge`: a package for the command-line solver, always JSON.
+    async fn solver_package(&self, client: IpAddr) -> Response<ProxyBody> {
+        match self.sentry.solver_challenge(client).await {
+            Decision::Challenge(package) => {
+                let mut r = json_reply(StatusCode::OK, &json!(*package));
+                r.headers_mut().insert(
+                    HeaderName::from_static("x-sentry-challenge"),
+                    HeaderValue::from_static("1"),
+                );
+                r
+            }
+            Decision::Blocked => full(
+                StatusCode::FORBIDDEN,
+                "text/plain; charset=utf-8",
+                "blocked: too many unanswered challenges\n",
+            ),
+            Decision::Pass(_) | Decision::Unavailable => full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                "temporarily unavailable\n",
+            ),
         }
     }
 
@@ -622,14 +740,16 @@ mod tests {
         let pkg = signer
             .issue("198.51.100.7".parse().unwrap(), 4, 60, b"x", 1_000)
             .unwrap();
-        let r = challenge_reply(&pkg, false, Some("tr,en;q=0.5"));
+        let r = challenge_reply(&pkg, false, Some("tr,en;q=0.5"), |_| {
+            page::NoScript::default()
+        });
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         let h = r.headers();
         assert_eq!(h[header::CONTENT_SECURITY_POLICY], page::CSP);
         assert!(!page::CSP.contains("blob:") && !page::CSP.contains("unsafe"));
         assert_eq!(h[header::CONTENT_LANGUAGE], "tr");
         assert_eq!(h["x-sentry-challenge"], "1");
-        let json = challenge_reply(&pkg, true, None);
+        let json = challenge_reply(&pkg, true, None, |_| unreachable!("JSON has no page"));
         assert_eq!(json.headers()[header::CONTENT_TYPE], "application/json");
         assert!(
             json.headers()
