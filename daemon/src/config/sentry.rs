@@ -39,6 +39,8 @@ pub struct SentryConfig {
     pub good_bots: Vec<GoodBot>,
     /// `[sentry.nojs]`: the challenge page's path for browsers without JavaScript.
     pub nojs: NoJsConfig,
+    /// `[sentry.doomsday]`: the DOOMSDAY loader's snapshots of the site.
+    pub doomsday: DoomsdayConfig,
     /// The defence's tunables: the first values of the store's `sentry:config`;
     /// `sentry set_config` changes them at run time (and in the store, for the whole fleet).
     /// Written as plain keys of `[sentry]`.
@@ -65,6 +67,7 @@ impl Default for SentryConfig {
             open_paths: DEFAULT_OPEN_PATHS.iter().map(|p| p.to_string()).collect(),
             good_bots: Vec::new(),
             nojs: NoJsConfig::default(),
+            doomsday: DoomsdayConfig::default(),
             tunables: Tunables::default(),
             unknown: BTreeMap::new(),
         }
@@ -104,6 +107,51 @@ impl NoJsConfig {
         if !(1..=60).contains(&self.delay_seconds) {
             return Err(InvalidValue(
                 "sentry.nojs.delay_seconds must be between 1 and 60".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[sentry.doomsday]`: the snapshots of the site the DOOMSDAY loader renders
+/// (docs/sentry.md "DOOMSDAY: the loader"). A snapshot is fetched from the upstream by the
+/// sentry, at most once per `snapshot_refresh_seconds` per path, never per request.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DoomsdayConfig {
+    /// How old a snapshot may get before a request for its path refreshes it.
+    pub snapshot_refresh_seconds: u64,
+    /// The largest upstream answer kept as a snapshot; a larger one is not snapshotted.
+    pub snapshot_max_bytes: u64,
+    /// How many paths have a snapshot at once; 0 = none (the loader goes on to the URL).
+    pub snapshot_max_entries: usize,
+}
+
+impl Default for DoomsdayConfig {
+    fn default() -> Self {
+        Self {
+            snapshot_refresh_seconds: 30,
+            snapshot_max_bytes: 128 * 1024,
+            snapshot_max_entries: 128,
+        }
+    }
+}
+
+impl DoomsdayConfig {
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        if !(1..=3_600).contains(&self.snapshot_refresh_seconds) {
+            return Err(InvalidValue(
+                "sentry.doomsday.snapshot_refresh_seconds must be between 1 and 3600".into(),
+            ));
+        }
+        if !(1024..=4 * 1024 * 1024).contains(&self.snapshot_max_bytes) {
+            return Err(InvalidValue(
+                "sentry.doomsday.snapshot_max_bytes must be between 1024 and 4194304".into(),
+            ));
+        }
+        if self.snapshot_max_entries > 10_000 {
+            return Err(InvalidValue(
+                "sentry.doomsday.snapshot_max_entries must be between 0 and 10000".into(),
             ));
         }
         Ok(())
@@ -436,6 +484,7 @@ impl SentryConfig {
             }
         }
         self.nojs.validate()?;
+        self.doomsday.validate()?;
         self.tunables
             .validate()
             .map_err(|e| InvalidValue(format!("sentry.{e}")))
@@ -466,6 +515,20 @@ mod tests {
         let bad: SentryConfig = toml::from_str("[nojs]\ndelay_seconds = 0").unwrap();
         assert!(bad.validate().unwrap_err().0.contains("delay_seconds"));
         assert!(toml::from_str::<SentryConfig>("[nojs]\ndelay = 3").is_err());
+    }
+
+    #[test]
+    fn the_doomsday_table() {
+        let c: SentryConfig =
+            toml::from_str("[doomsday]\nsnapshot_refresh_seconds = 5\nsnapshot_max_entries = 0")
+                .unwrap();
+        assert_eq!(c.doomsday.snapshot_refresh_seconds, 5);
+        assert_eq!(c.doomsday.snapshot_max_entries, 0);
+        assert_eq!(c.doomsday.snapshot_max_bytes, 128 * 1024);
+        assert!(c.validate().is_ok());
+        let bad: SentryConfig = toml::from_str("[doomsday]\nsnapshot_max_bytes = 10").unwrap();
+        assert!(bad.validate().unwrap_err().0.contains("snapshot_max_bytes"));
+        assert!(toml::from_str::<SentryConfig>("[doomsday]\nrefresh = 3").is_err());
     }
 
     #[test]

@@ -97,6 +97,7 @@ pub fn status(s: &Sentry) -> Value {
                        "failed": failed, "authenticated_by": authenticated,
                        "forged_cookies": c.forged_cookies.load(load),
                        "delays_redeemed": c.delays_redeemed.load(load)},
+        "snapshots": {"held": s.snapshots.len(), "fetches": s.snapshots.fetches()},
         "tickets_issued": c.tickets.load(load),
         "tickets_cached": s.tickets_cached(),
         "tickets_revoked": c.tickets_revoked.load(load),

@@ -13,6 +13,7 @@ pub mod nojs;
 pub mod page;
 pub mod penalty;
 pub mod proxy;
+pub mod snapshot;
 pub mod solver;
 pub mod store;
 
@@ -271,6 +272,38 @@ pub(crate) fn continuation(path: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// What a challenge carries: the continuation to the request's target, or — in DOOMSDAY,
+/// when the proxy made one — the loader's content (`proxy`'s `loader_content`).
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub path: &'a str,
+    pub doomsday: Option<&'a [u8]>,
+}
+
+impl<'a> Target<'a> {
+    pub fn path(path: &'a str) -> Self {
+        Self {
+            path,
+            doomsday: None,
+        }
+    }
+
+    /// The loader's content only for a DOOMSDAY challenge.
+    fn only_if(self, doomsday: bool) -> Self {
+        Self {
+            doomsday: self.doomsday.filter(|_| doomsday),
+            ..self
+        }
+    }
+
+    fn content(&self) -> Vec<u8> {
+        match self.doomsday {
+            Some(c) => c.to_vec(),
+            None => continuation(self.path),
+        }
+    }
+}
+
 /// What this host knows of a source's ticket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Held {
@@ -295,6 +328,8 @@ pub struct Sentry {
     pub good_bots: allow::GoodBots,
     /// `[sentry] open_paths`: asked only for a request that would be challenged.
     open_paths: allow::OpenPaths,
+    /// The DOOMSDAY loader's snapshots of the site (`[sentry.doomsday]`).
+    pub snapshots: snapshot::Snapshots,
     /// source -> what this host knows of its ticket.
     tickets: Mutex<HashMap<Source, Held>>,
     datapath: Option<Arc<Datapath>>,
@@ -376,6 +411,7 @@ impl Sentry {
             whitelist: RwLock::new(HashSet::new()),
             good_bots: allow::GoodBots::new(&config.good_bots)?,
             open_paths: allow::OpenPaths::new(&config.open_paths),
+            snapshots: snapshot::Snapshots::new(&config.doomsday),
             tickets: Mutex::new(HashMap::new()),
             datapath,
             prefix,
@@ -672,14 +708,14 @@ impl Sentry {
         armed: bool,
         count: u64,
         now: u64,
-        path: &str,
+        target: Target<'_>,
     ) -> Decision {
         if !armed || count <= t.effective_ticket_ceiling() {
             return self.pass(Pass::Ticket);
         }
         self.revoke_ticket(source, now).await;
         let doomsday = self.mode_state().current_mode == Mode::Doomsday;
-        self.challenge(source, t, true, doomsday, now, path).await
+        self.challenge(source, t, true, doomsday, now, target).await
     }
 
     /// The per-request flow of SPEC 7, for the source the client address stands for, of a
@@ -697,6 +733,20 @@ impl Sentry {
         path: &str,
         user_agent: Option<&str>,
     ) -> Decision {
+        self.decide_target(peer, cookie, Target::path(path), user_agent)
+            .await
+    }
+
+    /// [`Sentry::decide_request`] with what a DOOMSDAY challenge carries instead of the
+    /// continuation (`target.doomsday`, the loader's content; other challenges ignore it).
+    pub async fn decide_target(
+        &self,
+        peer: IpAddr,
+        cookie: Option<&str>,
+        target: Target<'_>,
+        user_agent: Option<&str>,
+    ) -> Decision {
+        let path = target.path;
         let source = self.source_of(peer);
         let now = unix_now();
         self.detector.count_global();
@@ -721,7 +771,9 @@ impl Sentry {
         // Everyone but the whitelist is counted, ticket holders included.
         let count = self.detector.count_ip(source, instant);
         if self.local_ticket(source, cookie, now, &t).await {
-            return self.ticket_pass(source, &t, armed, count, now, path).await;
+            return self
+                .ticket_pass(source, &t, armed, count, now, target)
+                .await;
         }
         if !armed {
             return self.pass(Pass::Normal);
@@ -758,19 +810,30 @@ impl Sentry {
         // of that package rides in the same round trip.
         if let Some(difficulty) = self.speculative_challenge(source, &t, mode, over) {
             return self
-                .challenge_unless_ticket(source, &t, difficulty, count, now, path)
+                .challenge_unless_ticket(
+                    source,
+                    &t,
+                    difficulty,
+                    count,
+                    now,
+                    target.only_if(mode == Mode::Doomsday),
+                )
                 .await;
         }
         match self.store_ticket(source).await {
-            Ok(true) => return self.ticket_pass(source, &t, armed, count, now, path).await,
+            Ok(true) => {
+                return self
+                    .ticket_pass(source, &t, armed, count, now, target)
+                    .await;
+            }
             Ok(false) => {}
             Err(decision) => return decision,
         }
         match mode {
             // Everyone solves the hardest puzzle; only sources over the static threshold also
             // collect penalties (a visitor busy solving is not a violator).
-            Mode::Doomsday => self.challenge(source, &t, over, true, now, path).await,
-            Mode::Defcon1 if over => self.challenge(source, &t, true, false, now, path).await,
+            Mode::Doomsday => self.challenge(source, &t, over, true, now, target).await,
+            Mode::Defcon1 if over => self.challenge(source, &t, true, false, now, target).await,
             Mode::Defcon1 | Mode::Normal => self.pass(Pass::Normal),
         }
     }
@@ -815,13 +878,13 @@ impl Sentry {
         difficulty: u32,
         count: u64,
         now: u64,
-        path: &str,
+        target: Target<'_>,
     ) -> Decision {
         let package = match self.signer.issue(
             source,
             difficulty,
             t.challenge_ttl_seconds,
-            &continuation(path),
+            &target.content(),
             now,
         ) {
             Ok(p) => p,
@@ -842,7 +905,7 @@ impl Sentry {
             .await
         {
             Ok(Some(exp)) if self.cache_ticket(source, exp) => {
-                return self.ticket_pass(source, t, true, count, now, path).await;
+                return self.ticket_pass(source, t, true, count, now, target).await;
             }
             Ok(_) => {}
             // A single failure: no ticket known, the challenge stands.
@@ -897,10 +960,11 @@ impl Sentry {
         violation: bool,
         doomsday: bool,
         now: u64,
-        path: &str,
+        target: Target<'_>,
     ) -> Decision {
+        let target = target.only_if(doomsday);
         if !violation {
-            return self.issue(source, t, t.max_difficulty, now, path).await;
+            return self.issue(source, t, t.max_difficulty, now, target).await;
         }
         let count = match self.raise(source, t).await {
             Ok(c) => c,
@@ -915,7 +979,7 @@ impl Sentry {
         } else {
             penalty::difficulty(t, count)
         };
-        self.issue(source, t, difficulty, now, path).await
+        self.issue(source, t, difficulty, now, target).await
     }
 
     async fn issue(
@@ -924,13 +988,13 @@ impl Sentry {
         t: &Tunables,
         difficulty: u32,
         now: u64,
-        path: &str,
+        target: Target<'_>,
     ) -> Decision {
         match self.signer.issue(
             source,
             difficulty,
             t.challenge_ttl_seconds,
-            &continuation(path),
+            &target.content(),
             now,
         ) {
             Ok(p) => {
@@ -1069,6 +1133,21 @@ impl Sentry {
         Ok(TicketGrant { expires_at, cookie })
     }
 
+    /// Whether this host already knows `peer` passes without a challenge: its source is
+    /// whitelisted or holds a ticket this host has in memory (no store call, no cookie
+    /// check). The proxy asks before it makes the DOOMSDAY loader's snapshot, so a ticket
+    /// holder's navigation causes no upstream fetch of its own.
+    pub fn known_to_pass(&self, peer: IpAddr) -> bool {
+        let source = self.source_of(peer);
+        let whitelisted = match self.whitelist.read() {
+            Ok(w) => w.contains(&source),
+            Err(p) => p.into_inner().contains(&source),
+        };
+        let now = unix_now();
+        whitelisted
+            || matches!(lock(&self.tickets).get(&source), Some(Held::Valid(exp)) if *exp > now)
+    }
+
     /// What the challenge page just issued to `peer` offers without JavaScript: the delay
     /// while the source's penalty level (its violations, as this host last raised them) is
     /// at most `[sentry.nojs] delay_max_penalty`, else — and always in DOOMSDAY — the
@@ -1154,14 +1233,17 @@ impl Sentry {
         let doomsday = self.mode_state().current_mode == Mode::Doomsday;
         let count = self.detector.count_ip(source, instant);
         if count > t.effective_ticket_ceiling() {
-            return self.challenge(source, &t, true, doomsday, now, "/").await;
+            return self
+                .challenge(source, &t, true, doomsday, now, Target::path("/"))
+                .await;
         }
         let difficulty = if doomsday {
             t.max_difficulty
         } else {
             penalty::difficulty(&t, self.penalties.last(source).max(1))
         };
-        self.issue(source, &t, difficulty, now, "/").await
+        self.issue(source, &t, difficulty, now, Target::path("/"))
+            .await
     }
 
     pub fn reject(&self, r: Rejection) -> ProofError {

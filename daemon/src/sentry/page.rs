@@ -22,6 +22,8 @@ const CHALLENGE_JS: &str = include_str!("page/challenge.js");
 const CRYPTO_JS: &str = include_str!("page/crypto.js");
 const WORKER_JS: &str = include_str!("page/worker.js");
 const STYLE_CSS: &str = include_str!("page/challenge.css");
+const LOADER_TEMPLATE: &str = include_str!("page/loader.html");
+const LOADER_JS: &str = include_str!("page/loader.js");
 
 const JS: &str = "text/javascript; charset=utf-8";
 const CSS: &str = "text/css; charset=utf-8";
@@ -151,29 +153,11 @@ static PAGES: LazyLock<Pages> = LazyLock::new(|| {
     let parts = Language::ALL
         .iter()
         .map(|lang| {
-            let table = &strings[lang.tag()];
-            // Data for the script; `<` escaped so the block can never close early.
-            let text = table.to_string().replace('<', "\\u003c");
-            let mut page = TEMPLATE
-                .replace("{{lang}}", lang.tag())
-                .replace("{{version}}", &version)
-                .replace("{{text}}", &text);
-            if let Some(map) = table.as_object() {
-                for (key, value) in map {
-                    page = page.replace(
-                        &format!("{{{{{key}}}}}"),
-                        &escape_html(value.as_str().unwrap_or("")),
-                    );
-                }
-            }
+            let page = with_texts(TEMPLATE, &strings[lang.tag()], *lang, &version);
             let mut parts: [String; 4] = Default::default();
-            let mut rest = page.as_str();
-            for (i, slot) in SLOTS.iter().enumerate() {
-                let (before, after) = rest.split_once(slot).unwrap_or((rest, ""));
-                parts[i] = before.to_string();
-                rest = after;
+            for (slot, part) in parts.iter_mut().zip(split_slots(&page, &SLOTS)) {
+                *slot = part;
             }
-            parts[3] = rest.to_string();
             parts
         })
         .collect();
@@ -205,6 +189,123 @@ pub fn nojs_text(lang: Language, key: &str, n: u64) -> String {
         .and_then(Value::as_str)
         .unwrap_or(key)
         .replace("{n}", &n.to_string())
+}
+
+/// The template with the language's texts put in (`{{key}}` for each key of its table, and
+/// `{{text}}` for the table itself, as data for the script).
+fn with_texts(template: &str, table: &Value, lang: Language, version: &str) -> String {
+    // Data for the script; `<` escaped so the block can never close early.
+    let text = table.to_string().replace('<', "\\u003c");
+    let mut page = template
+        .replace("{{lang}}", lang.tag())
+        .replace("{{version}}", version)
+        .replace("{{text}}", &text);
+    if let Some(map) = table.as_object() {
+        for (key, value) in map {
+            page = page.replace(
+                &format!("{{{{{key}}}}}"),
+                &escape_html(value.as_str().unwrap_or("")),
+            );
+        }
+    }
+    page
+}
+
+/// Splits a filled template at its slots, in order: one more part than slots.
+fn split_slots(page: &str, slots: &[&str]) -> Vec<String> {
+    let mut parts = Vec::with_capacity(slots.len() + 1);
+    let mut rest = page;
+    for slot in slots {
+        let (before, after) = rest.split_once(slot).unwrap_or((rest, ""));
+        parts.push(before.to_string());
+        rest = after;
+    }
+    parts.push(rest.to_string());
+    parts
+}
+
+/// The DOOMSDAY loader: one document with all its script and style inline, per language,
+/// and the policy that admits exactly those (by hash) and its blob: workers.
+struct Loader {
+    /// For each of [`Language::ALL`], the text around [`LOADER_SLOTS`].
+    parts: Vec<Vec<String>>,
+    csp: String,
+}
+
+/// The loader's slots, in order.
+const LOADER_SLOTS: [&str; 5] = [
+    "{{package}}",
+    "{{keys}}",
+    "{{snapshot}}",
+    "{{nojs_head}}",
+    "{{nojs_body}}",
+];
+
+static LOADER: LazyLock<Loader> = LazyLock::new(|| {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    // One script: the pure-JS crypto and the loader, which is also its workers' source.
+    let script = compact(CRYPTO_JS) + &compact(LOADER_JS);
+    let style = compact(STYLE_CSS);
+    let hash = |s: &str| STANDARD.encode(Sha256::digest(s.as_bytes()));
+    let csp = format!(
+        "default-src 'self'; script-src 'sha256-{}'; style-src 'self' 'sha256-{}'; \
+         img-src 'self' data:; worker-src blob:; connect-src 'self'; base-uri 'self'; \
+         form-action 'self'; frame-ancestors 'none'",
+        hash(&script),
+        hash(&style)
+    );
+    let strings: Value = serde_json::from_str(STRINGS).unwrap_or_default();
+    let parts = Language::ALL
+        .iter()
+        .map(|lang| {
+            let page = with_texts(LOADER_TEMPLATE, &strings[lang.tag()], *lang, version())
+                .replace("{{style}}", &style)
+                .replace("{{script}}", &script);
+            split_slots(&page, &LOADER_SLOTS)
+        })
+        .collect();
+    Loader { parts, csp }
+});
+
+/// The loader's Content-Security-Policy: its own inline script and style by their SHA-256,
+/// its workers from `blob:` URLs (made from that script), everything else from this origin —
+/// the rendered snapshot loads the site's own files under it (its inline scripts do not run).
+pub fn loader_csp() -> &'static str {
+    &LOADER.csp
+}
+
+/// The loader for a package: `keys_json` the JWK set, `snapshot_json` the sealed snapshot
+/// (`{"iv", "data", "html"}`) or `null`; all JSON of b64url values and fixed keys.
+pub fn loader(
+    package_json: &str,
+    keys_json: &str,
+    snapshot_json: &str,
+    lang: Language,
+    nojs: &NoScript,
+) -> String {
+    let i = Language::ALL.iter().position(|l| *l == lang).unwrap_or(0);
+    let Some(parts) = LOADER.parts.get(i) else {
+        return String::new();
+    };
+    let safe = |json: &str| json.replace('<', "\\u003c");
+    let fills = [
+        safe(package_json),
+        safe(keys_json),
+        safe(snapshot_json),
+        nojs.head.clone(),
+        nojs.body.clone(),
+    ];
+    let mut out = String::with_capacity(
+        parts.iter().map(String::len).sum::<usize>() + fills.iter().map(String::len).sum::<usize>(),
+    );
+    for (part, fill) in parts.iter().zip(&fills) {
+        out.push_str(part);
+        out.push_str(fill);
+    }
+    if let Some(last) = parts.last() {
+        out.push_str(last);
+    }
+    out
 }
 
 /// The digest of the page's files that names their directory.
@@ -354,6 +455,42 @@ mod tests {
                 assert!(total <= 24 * 1024, "{lang:?}: {total} bytes");
             }
         }
+    }
+
+    #[test]
+    fn the_loader_is_one_document_under_a_policy_of_hashes() {
+        let html = loader(
+            "{\"v\":1}",
+            "{\"keys\":[]}",
+            "null",
+            Language::Turkish,
+            &NoScript::default(),
+        );
+        assert!(!html.contains("{{"), "no placeholder left");
+        assert!(html.contains("<html lang=\"tr\">"));
+        assert!(html.contains("id=\"sentry-challenge\">{\"v\":1}</script>"));
+        assert!(html.contains("id=\"sentry-snapshot\">null</script>"));
+        // Nothing loaded from elsewhere: no src, no stylesheet link.
+        assert!(!html.contains(" src=") && !html.contains("<link"), "{html}");
+        let script = html
+            .rsplit_once("<script>")
+            .and_then(|(_, rest)| rest.split_once("</script>"))
+            .unwrap()
+            .0;
+        assert!(script.contains("SentryCrypto") && script.contains("createObjectURL"));
+        use base64::{Engine, engine::general_purpose::STANDARD};
+        let hash = STANDARD.encode(Sha256::digest(script.as_bytes()));
+        assert!(loader_csp().contains(&format!("script-src 'sha256-{hash}'")));
+        assert!(!loader_csp().contains("unsafe"));
+        // A block's data cannot close it early.
+        let hostile = loader(
+            "</script><script>x",
+            "{}",
+            "null",
+            Language::English,
+            &NoScript::default(),
+        );
+        assert!(!hostile.contains("</script><script>x"));
     }
 
     #[test]

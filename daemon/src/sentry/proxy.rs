@@ -24,9 +24,10 @@ use tracing::{debug, info, warn};
 use crate::config::sentry::Upstream;
 
 use super::{
-    Decision, ProofError, Sentry, SentryError, TICKET_COOKIE,
+    Decision, Mode, NoJsOffer, ProofError, Sentry, SentryError, TICKET_COOKIE, Target,
     challenge::{JWKS_PATH, PASS_PATH, PROOF_PATH, Package, Proof, Rejection, SOLVER_PATH},
     nojs, page,
+    snapshot::{self, Fetched, Snapshot},
 };
 use crate::http::{self, RequestBody};
 
@@ -136,6 +137,52 @@ fn challenge_reply(
         HeaderValue::from_static("1"),
     );
     r
+}
+
+/// The DOOMSDAY loader (a 429, like the challenge page): the package, the key set and the
+/// path's sealed snapshot in one document with its script and style inline, under the
+/// loader's own policy; without JavaScript, the command-line solver.
+fn loader_reply(
+    package: &Package,
+    jwks: &serde_json::Value,
+    snapshot: Option<&Snapshot>,
+    lang: page::Language,
+    nojs: &page::NoScript,
+) -> Response<ProxyBody> {
+    let body = page::loader(
+        &serde_json::to_string(package).unwrap_or_default(),
+        &jwks.to_string(),
+        &snapshot::loader_json(snapshot),
+        lang,
+        nojs,
+    );
+    let mut r = html_reply(StatusCode::TOO_MANY_REQUESTS, body, lang);
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(page::loader_csp()) {
+        h.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    h.insert(
+        header::VARY,
+        HeaderValue::from_static("Accept, Accept-Language"),
+    );
+    h.insert(
+        HeaderName::from_static("x-sentry-challenge"),
+        HeaderValue::from_static("1"),
+    );
+    h.insert(
+        HeaderName::from_static("x-sentry-loader"),
+        HeaderValue::from_static("1"),
+    );
+    r
+}
+
+/// Whether a request is a navigation that takes HTML (a snapshot is made only for those: a
+/// browser's own requests for icons and the like never cause an upstream fetch).
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
 }
 
 /// A page of the sentry's own (the challenge page, the pages without JavaScript): under the
@@ -315,12 +362,62 @@ impl Proxy {
             .headers()
             .get(header::USER_AGENT)
             .and_then(|v| v.to_str().ok());
+        // DOOMSDAY: a browser gets the loader, whose package carries the page's snapshot key
+        // (the snapshot is looked up, and fetched at most once per refresh period, first).
+        let loader =
+            self.sentry.mode_state().current_mode == Mode::Doomsday && !wants_json(req.headers());
+        let (snapshot, content) = if loader {
+            let snapshot = if req.method() == Method::GET
+                && wants_html(req.headers())
+                && !self.sentry.known_to_pass(client)
+                && super::same_origin_target(&path_and_query) == path_and_query
+            {
+                let host = req.headers().get(header::HOST).cloned();
+                self.sentry
+                    .snapshots
+                    .get(&path_and_query, || {
+                        self.fetch_snapshot(&path_and_query, host)
+                    })
+                    .await
+            } else {
+                None
+            };
+            let content = snapshot::loader_content(&path_and_query, snapshot.as_deref());
+            (snapshot, Some(content))
+        } else {
+            (None, None)
+        };
+        let target = Target {
+            path: &path_and_query,
+            doomsday: content.as_deref(),
+        };
         match self
             .sentry
-            .decide_request(client, cookie.as_deref(), &path_and_query, user_agent)
+            .decide_target(client, cookie.as_deref(), target, user_agent)
             .await
         {
             Decision::Pass(_) => self.forward(req, client).await,
+            Decision::Challenge(package) if loader => {
+                let headers = req.headers();
+                let lang = page::Language::from_accept_language(
+                    headers
+                        .get(header::ACCEPT_LANGUAGE)
+                        .and_then(|v| v.to_str().ok()),
+                );
+                let origin = nojs::origin(
+                    req.uri().scheme_str().unwrap_or("http"),
+                    headers.get(header::HOST).and_then(|v| v.to_str().ok()),
+                    &self.sentry.static_config.listen,
+                );
+                let nojs = nojs::noscript(&NoJsOffer::Command, lang, &origin, &path_and_query);
+                loader_reply(
+                    &package,
+                    &self.sentry.signer.jwks(),
+                    snapshot.as_deref(),
+                    lang,
+                    &nojs,
+                )
+            }
             Decision::Challenge(package) => {
                 let headers = req.headers();
                 challenge_reply(
@@ -501,6 +598,72 @@ impl Proxy {
                 "text/plain; charset=utf-8",
                 "temporarily unavailable\n",
             ),
+        }
+    }
+
+    /// A snapshot of `path_and_query` for the DOOMSDAY loader: one GET to the upstream by the
+    /// sentry itself (`X-Sentry-Snapshot: 1`, the client's `Host`, no cookie, no client
+    /// address), kept when it answers 200 with `text/html` or `text/plain` of at most
+    /// `snapshot_max_bytes`.
+    async fn fetch_snapshot(&self, path_and_query: &str, host: Option<HeaderValue>) -> Fetched {
+        let Ok(uri) = hyper::Uri::builder()
+            .scheme("http")
+            .authority(self.upstream.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+        else {
+            return Fetched::NotAPage;
+        };
+        let mut req = Request::new(
+            Full::new(Bytes::new())
+                .map_err(|never: Infallible| match never {})
+                .boxed(),
+        );
+        *req.uri_mut() = uri;
+        let h = req.headers_mut();
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("text/html, text/plain;q=0.9"),
+        );
+        h.insert(
+            HeaderName::from_static("x-sentry-snapshot"),
+            HeaderValue::from_static("1"),
+        );
+        if let Some(host) = host {
+            h.insert(header::HOST, host);
+        }
+        let answer =
+            match tokio::time::timeout(self.upstream_timeout, self.client.request(req)).await {
+                Ok(Ok(a)) => a,
+                _ => return Fetched::Failed,
+            };
+        let kind = answer
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_ascii_lowercase());
+        let html = match kind.as_deref() {
+            Some(k) if k.starts_with("text/html") => true,
+            Some(k) if k.starts_with("text/plain") => false,
+            _ => return Fetched::NotAPage,
+        };
+        if answer.status() != StatusCode::OK {
+            return Fetched::NotAPage;
+        }
+        let limit = self.sentry.snapshots.max_bytes;
+        match tokio::time::timeout(
+            self.upstream_timeout,
+            Limited::new(answer.into_body(), limit).collect(),
+        )
+        .await
+        {
+            Ok(Ok(body)) => Fetched::Page {
+                html,
+                body: body.to_bytes().to_vec(),
+            },
+            // Over the limit, or cut short.
+            Ok(Err(_)) => Fetched::NotAPage,
+            Err(_) => Fetched::Failed,
         }
     }
 
