@@ -13,6 +13,7 @@ use phantom_protocol::{self as protocol, Request, Response};
 use serde_json::{Map, Value};
 
 mod qr;
+mod solve;
 
 const DEFAULT_SOCKET: &str = "/run/phantom/phantom.sock";
 
@@ -36,7 +37,9 @@ fn usage() -> String {
         "phantom-api {version}: drive phantomd over its admin socket\n\n\
          usage: phantom-api [options] <module> <action> [key=value ...]\n\
          \x20      phantom-api --help                 list modules and actions\n\
-         \x20      phantom-api <module> --help        list a module's actions and parameters\n\n\
+         \x20      phantom-api <module> --help        list a module's actions and parameters\n\
+         \x20      phantom-api sentry solve <url>     solve a sentry challenge for a browser without\n\
+         \x20                                         JavaScript; prints the line to paste into its page\n\n\
          parameters: key=value, or --key value / --key=value after the action;\n\
          \x20 `admin token create --name N --scope read --ttl 30d` is `admin token_create name=N ...`\n\n\
          options:\n\
@@ -225,6 +228,27 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // A local command: the challenge comes from the site, not from the admin socket.
+    if !args.help
+        && args.positional.first().map(String::as_str) == Some("sentry")
+        && args.positional.get(1).map(String::as_str) == Some("solve")
+    {
+        let [_, _, url] = args.positional.as_slice() else {
+            eprintln!("phantom-api: usage: phantom-api sentry solve <url>");
+            return ExitCode::from(EXIT_USAGE);
+        };
+        return match solve::solve(url, args.timeout) {
+            Ok(solved) => {
+                eprintln!("{}", solved.summary);
+                println!("{}", solved.answer);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("phantom-api: sentry solve: {e}");
+                ExitCode::from(EXIT_FAILURE_REPLY)
+            }
+        };
+    }
     if args.help || args.positional.len() < 2 {
         if !args.help {
             eprint!("{}", usage());

@@ -124,7 +124,18 @@ impl Browser {
     /// `wstunnel::block_on_in`). Self-signed certificates are accepted (the daemon's admin
     /// listener makes one at first start) unless the browser was started trusting a CA.
     pub async fn session(&self, width: u32, height: u32) -> Client {
-        let caps = json!({
+        self.open(width, height, true).await
+    }
+
+    /// Like [`Browser::session`], with JavaScript turned off for every site (Chromium's
+    /// content setting, as a user or a policy turns it off): pages' scripts never run, while
+    /// WebDriver can still read and drive the page.
+    pub async fn session_without_javascript(&self, width: u32, height: u32) -> Client {
+        self.open(width, height, false).await
+    }
+
+    async fn open(&self, width: u32, height: u32, javascript: bool) -> Client {
+        let mut caps = json!({
             "browserName": "chrome",
             "acceptInsecureCerts": !self.trusts_ca,
             "goog:chromeOptions": {
@@ -145,6 +156,10 @@ impl Browser {
                 ],
             },
         });
+        if !javascript {
+            caps["goog:chromeOptions"]["prefs"] =
+                json!({"profile.managed_default_content_settings.javascript": 2});
+        }
         let Value::Object(caps) = caps else {
             unreachable!()
         };

@@ -122,10 +122,11 @@ pub fn http_from(
 
 /// A plain HTTP/1.1 site inside a namespace: answers every request with 200 and a body
 /// naming the path (and echoing `X-Forwarded-For` and `X-Forwarded-Proto`), and counts
-/// requests. Stops on drop.
+/// requests; `log` has each request as `<path> xff=<X-Forwarded-For>`. Stops on drop.
 pub struct UpstreamSite {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -138,13 +139,14 @@ impl UpstreamSite {
         listener.set_nonblocking(true).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (s, r) = (stop.clone(), requests.clone());
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, r, l) = (stop.clone(), requests.clone(), log.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let r = r.clone();
-                        std::thread::spawn(move || serve_upstream(stream, &r));
+                        let (r, l) = (r.clone(), l.clone());
+                        std::thread::spawn(move || serve_upstream(stream, &r, &l));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
@@ -153,12 +155,17 @@ impl UpstreamSite {
         Self {
             stop,
             requests,
+            log,
             thread: Some(thread),
         }
     }
 }
 
-fn serve_upstream(stream: TcpStream, requests: &std::sync::atomic::AtomicU64) {
+fn serve_upstream(
+    stream: TcpStream,
+    requests: &std::sync::atomic::AtomicU64,
+    log: &std::sync::Mutex<Vec<String>>,
+) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut reader = BufReader::new(stream);
@@ -192,6 +199,9 @@ fn serve_upstream(stream: TcpStream, requests: &std::sync::atomic::AtomicU64) {
         let mut body = vec![0u8; length];
         if reader.read_exact(&mut body).is_err() {
             return;
+        }
+        if let Ok(mut log) = log.lock() {
+            log.push(format!("{path} xff={xff}"));
         }
         requests.fetch_add(1, Ordering::Relaxed);
         let text = format!(

@@ -53,6 +53,10 @@ pub struct SentryConfig {
     pub tls_acme_email: String,
     pub tls_acme_http_port: u16,
     pub tls_acme_ca_root: String,
+    /// `[sentry.nojs]`: the challenge page's path for browsers without JavaScript.
+    pub nojs: NoJsConfig,
+    /// `[sentry.doomsday]`: the DOOMSDAY loader's snapshots of the site.
+    pub doomsday: DoomsdayConfig,
     /// The defence's tunables: the first values of the store's `sentry:config`;
     /// `sentry set_config` changes them at run time (and in the store, for the whole fleet).
     /// Written as plain keys of `[sentry]`.
@@ -86,6 +90,8 @@ impl Default for SentryConfig {
             tls_acme_email: String::new(),
             tls_acme_http_port: 80,
             tls_acme_ca_root: String::new(),
+            nojs: NoJsConfig::default(),
+            doomsday: DoomsdayConfig::default(),
             tunables: Tunables::default(),
             unknown: BTreeMap::new(),
         }
@@ -112,6 +118,90 @@ impl SentryTls {
             Self::SelfSigned => "self_signed",
             Self::Acme => "acme",
         }
+    }
+}
+
+/// `[sentry.nojs]`: what the challenge page offers a browser without JavaScript
+/// (docs/sentry.md "Without JavaScript"): a delay at low penalty levels, the command-line
+/// solver above them.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NoJsConfig {
+    /// A challenge at this penalty level or below (the source's violations; its first
+    /// challenge is level 1) offers the delay; above it, and always in DOOMSDAY, the command.
+    /// 0 = never the delay.
+    pub delay_max_penalty: u64,
+    /// How long a delay token waits before it can be redeemed.
+    pub delay_seconds: u64,
+}
+
+impl Default for NoJsConfig {
+    fn default() -> Self {
+        Self {
+            delay_max_penalty: 2,
+            delay_seconds: 5,
+        }
+    }
+}
+
+impl NoJsConfig {
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        if self.delay_max_penalty > 1_000 {
+            return Err(InvalidValue(
+                "sentry.nojs.delay_max_penalty must be between 0 and 1000".into(),
+            ));
+        }
+        if !(1..=60).contains(&self.delay_seconds) {
+            return Err(InvalidValue(
+                "sentry.nojs.delay_seconds must be between 1 and 60".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[sentry.doomsday]`: the snapshots of the site the DOOMSDAY loader renders
+/// (docs/sentry.md "DOOMSDAY: the loader"). A snapshot is fetched from the upstream by the
+/// sentry, at most once per `snapshot_refresh_seconds` per path, never per request.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DoomsdayConfig {
+    /// How old a snapshot may get before a request for its path refreshes it.
+    pub snapshot_refresh_seconds: u64,
+    /// The largest upstream answer kept as a snapshot; a larger one is not snapshotted.
+    pub snapshot_max_bytes: u64,
+    /// How many paths have a snapshot at once; 0 = none (the loader goes on to the URL).
+    pub snapshot_max_entries: usize,
+}
+
+impl Default for DoomsdayConfig {
+    fn default() -> Self {
+        Self {
+            snapshot_refresh_seconds: 30,
+            snapshot_max_bytes: 128 * 1024,
+            snapshot_max_entries: 128,
+        }
+    }
+}
+
+impl DoomsdayConfig {
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        if !(1..=3_600).contains(&self.snapshot_refresh_seconds) {
+            return Err(InvalidValue(
+                "sentry.doomsday.snapshot_refresh_seconds must be between 1 and 3600".into(),
+            ));
+        }
+        if !(1024..=4 * 1024 * 1024).contains(&self.snapshot_max_bytes) {
+            return Err(InvalidValue(
+                "sentry.doomsday.snapshot_max_bytes must be between 1024 and 4194304".into(),
+            ));
+        }
+        if self.snapshot_max_entries > 10_000 {
+            return Err(InvalidValue(
+                "sentry.doomsday.snapshot_max_entries must be between 0 and 10000".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -441,6 +531,8 @@ impl SentryConfig {
             }
         }
         self.validate_tls()?;
+        self.nojs.validate()?;
+        self.doomsday.validate()?;
         self.tunables
             .validate()
             .map_err(|e| InvalidValue(format!("sentry.{e}")))
@@ -497,6 +589,33 @@ mod tests {
         assert!(Upstream::parse("https://127.0.0.1:8000").is_err());
         assert!(Upstream::parse("http://127.0.0.1:8000/app").is_err());
         assert!(Upstream::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn the_nojs_table() {
+        let c: SentryConfig =
+            toml::from_str("[nojs]\ndelay_max_penalty = 0\ndelay_seconds = 3").unwrap();
+        assert_eq!(c.nojs.delay_max_penalty, 0);
+        assert_eq!(c.nojs.delay_seconds, 3);
+        assert!(c.validate().is_ok());
+        assert_eq!(SentryConfig::default().nojs, NoJsConfig::default());
+        let bad: SentryConfig = toml::from_str("[nojs]\ndelay_seconds = 0").unwrap();
+        assert!(bad.validate().unwrap_err().0.contains("delay_seconds"));
+        assert!(toml::from_str::<SentryConfig>("[nojs]\ndelay = 3").is_err());
+    }
+
+    #[test]
+    fn the_doomsday_table() {
+        let c: SentryConfig =
+            toml::from_str("[doomsday]\nsnapshot_refresh_seconds = 5\nsnapshot_max_entries = 0")
+                .unwrap();
+        assert_eq!(c.doomsday.snapshot_refresh_seconds, 5);
+        assert_eq!(c.doomsday.snapshot_max_entries, 0);
+        assert_eq!(c.doomsday.snapshot_max_bytes, 128 * 1024);
+        assert!(c.validate().is_ok());
+        let bad: SentryConfig = toml::from_str("[doomsday]\nsnapshot_max_bytes = 10").unwrap();
+        assert!(bad.validate().unwrap_err().0.contains("snapshot_max_bytes"));
+        assert!(toml::from_str::<SentryConfig>("[doomsday]\nrefresh = 3").is_err());
     }
 
     #[test]

@@ -31,6 +31,17 @@ use crate::source::Source;
 
 pub const PROOF_PATH: &str = "/.sentry/proof";
 pub const JWKS_PATH: &str = "/.sentry/jwks.json";
+/// Where a browser without JavaScript redeems a delay token or a pasted answer.
+pub const PASS_PATH: &str = "/.sentry/pass";
+/// Where the command-line solver fetches a package for its address (always JSON).
+pub const SOLVER_PATH: &str = "/.sentry/challenge";
+/// Longest answer (`Proof::to_answer`) the pass endpoint reads; a real one is about 1,100
+/// characters.
+pub const MAX_ANSWER_BYTES: usize = 4096;
+/// Longest delay token the pass endpoint reads.
+pub const MAX_DELAY_TOKEN_BYTES: usize = 4096;
+/// The first field of a delay token's body: its kind and format version.
+const DELAY_TOKEN_TAG: &str = "d1";
 pub const WIRE_VERSION: u32 = 1;
 /// Highest difficulty the wire format allows (the nonce space must fit the 8-byte counter
 /// and stay searchable); defined with the tunables it bounds.
@@ -78,6 +89,94 @@ pub struct Proof {
     pub kid: String,
 }
 
+impl Proof {
+    /// The proof as one line to copy and paste (the command-line solver prints it; the
+    /// page's form takes it back): `<payload>.<signature>.<pow_nonce>.<kid>`. The first two
+    /// are b64url and the third decimal, none holds a `.`; the key id is the rest.
+    pub fn to_answer(&self) -> String {
+        format!(
+            "{}.{}.{}.{}",
+            self.payload, self.signature, self.pow_nonce, self.kid
+        )
+    }
+
+    /// Reads an answer back; whitespace anywhere (a pasted line broken by a terminal) is
+    /// ignored. `None`: not of that shape.
+    pub fn from_answer(answer: &str) -> Option<Proof> {
+        let compact: String = answer
+            .chars()
+            .filter(|c| !c.is_ascii_whitespace())
+            .collect();
+        let mut parts = compact.splitn(4, '.');
+        let (payload, signature, nonce, kid) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if payload.is_empty() || signature.is_empty() || kid.is_empty() {
+            return None;
+        }
+        Some(Proof {
+            payload: payload.to_string(),
+            signature: signature.to_string(),
+            pow_nonce: nonce.parse().ok()?,
+            kid: kid.to_string(),
+        })
+    }
+}
+
+/// A delay token that passed every check but the used-nonce one: what the page without
+/// JavaScript redeems after `not_before` (docs/sentry.md "Without JavaScript").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DelayToken {
+    pub nonce: String,
+    pub not_before: u64,
+    pub expires_at: u64,
+    /// Where the browser goes once it holds the ticket: a path of this origin.
+    pub target: String,
+}
+
+/// The fields of a delay token, unverified: (subject, not_before, expires_at, nonce, kid,
+/// target) and the signed bytes and signature.
+struct DelayFields<'a> {
+    subject: &'a str,
+    not_before: u64,
+    expires_at: u64,
+    nonce: &'a str,
+    kid: &'a str,
+    target: &'a str,
+}
+
+fn delay_fields(body: &str) -> Option<DelayFields<'_>> {
+    let mut f = body.splitn(7, '|');
+    if f.next()? != DELAY_TOKEN_TAG {
+        return None;
+    }
+    Some(DelayFields {
+        subject: f.next()?,
+        not_before: f.next()?.parse().ok()?,
+        expires_at: f.next()?.parse().ok()?,
+        nonce: f.next()?,
+        kid: f.next()?,
+        target: f.next()?,
+    })
+}
+
+/// Splits a token into its body (text) and signature bytes.
+fn delay_parts(token: &str) -> Option<(String, Vec<u8>)> {
+    if token.len() > MAX_DELAY_TOKEN_BYTES {
+        return None;
+    }
+    let (body, sig) = token.split_once('.')?;
+    let body = String::from_utf8(B64.decode(body).ok()?).ok()?;
+    Some((body, B64.decode(sig).ok()?))
+}
+
+/// Seconds until a delay token may be redeemed (0: now), read without verifying it: for
+/// the "too early" page only.
+pub fn delay_wait(token: &str, now: u64) -> u64 {
+    delay_parts(token)
+        .and_then(|(body, _)| delay_fields(&body).map(|f| f.not_before.saturating_sub(now)))
+        .unwrap_or(0)
+}
+
 /// Why a proof was refused; `code()` is the wire reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Rejection {
@@ -91,13 +190,15 @@ pub enum Rejection {
     RateLimited,
     /// The source is past `hard_block_after`: refused without a look.
     Blocked,
+    /// A delay token redeemed before its time (the page without JavaScript).
+    TooEarly,
 }
 
 /// Failed proofs a source may post in 5 s before its proofs are refused unverified.
 pub const FAILED_PROOFS_PER_WINDOW: u64 = 8;
 
 impl Rejection {
-    pub const ALL: [Rejection; 8] = [
+    pub const ALL: [Rejection; 9] = [
         Rejection::Malformed,
         Rejection::BadSignature,
         Rejection::Expired,
@@ -106,13 +207,18 @@ impl Rejection {
         Rejection::Replayed,
         Rejection::RateLimited,
         Rejection::Blocked,
+        Rejection::TooEarly,
     ];
 
     /// Whether this failure counts against the source (and raises its penalty): forged,
     /// altered, unsolved or replayed proofs. An expired package or one posted from another
-    /// address (a client whose address changed) is an honest client's mishap.
+    /// address (a client whose address changed) is an honest client's mishap, and so is a
+    /// delay token sent before its time (a person who pressed the button early).
     pub fn penalised(self) -> bool {
-        !matches!(self, Rejection::Expired | Rejection::WrongSubject)
+        !matches!(
+            self,
+            Rejection::Expired | Rejection::WrongSubject | Rejection::TooEarly
+        )
     }
 
     pub fn code(self) -> &'static str {
@@ -125,6 +231,7 @@ impl Rejection {
             Rejection::Replayed => "REPLAYED",
             Rejection::RateLimited => "RATE_LIMITED",
             Rejection::Blocked => "BLOCKED",
+            Rejection::TooEarly => "TOO_EARLY",
         }
     }
 
@@ -137,6 +244,7 @@ impl Rejection {
             Rejection::Replayed => 409,
             Rejection::RateLimited => 429,
             Rejection::Blocked => 403,
+            Rejection::TooEarly => 429,
         }
     }
 
@@ -156,6 +264,7 @@ impl Rejection {
                 "too many failed proofs from this address; wait a few seconds"
             }
             Rejection::Blocked => "this address is blocked: too many unanswered challenges",
+            Rejection::TooEarly => "the delay has not passed yet; wait and send it again",
         }
     }
 }
@@ -635,6 +744,66 @@ impl Signer {
     }
 }
 
+impl Signer {
+    /// A delay token for `subject`: redeemable from `not_before` until `expires_at`, once
+    /// (its random nonce goes into the used-nonce set), sending the browser to `target`
+    /// (a path of this origin). b64url(`d1|<subject>|<not_before>|<expires_at>|<nonce>|<kid>|<target>`)
+    /// "." b64url(ECDSA P-256 signature, r‖s): any host of the fleet that knows the key
+    /// verifies it.
+    pub fn delay_token(
+        &self,
+        subject: Source,
+        not_before: u64,
+        expires_at: u64,
+        target: &str,
+    ) -> Result<String, SentryError> {
+        let nonce: [u8; NONCE_BYTES] = random_bytes()?;
+        let body = format!(
+            "{DELAY_TOKEN_TAG}|{subject}|{not_before}|{expires_at}|{}|{}|{target}",
+            B64.encode(nonce),
+            self.kid
+        );
+        let signature = self.sign(body.as_bytes())?;
+        Ok(format!(
+            "{}.{}",
+            B64.encode(body.as_bytes()),
+            B64.encode(signature)
+        ))
+    }
+
+    /// Every check of a delay token but the used-nonce one. Too early is answered first,
+    /// without the signature (redeeming early gains nothing, so nothing is masked); then the
+    /// signature with the key the token names, expiry and subject.
+    pub fn check_delay_token(
+        &self,
+        token: &str,
+        client: Source,
+        now: u64,
+    ) -> Result<DelayToken, Rejection> {
+        let (body, signature) = delay_parts(token).ok_or(Rejection::Malformed)?;
+        let f = delay_fields(&body).ok_or(Rejection::Malformed)?;
+        if now < f.not_before {
+            return Err(Rejection::TooEarly);
+        }
+        if !self.knows(f.kid) || !self.verify_with(f.kid, body.as_bytes(), &signature) {
+            return Err(Rejection::BadSignature);
+        }
+        if f.expires_at <= now {
+            return Err(Rejection::Expired);
+        }
+        let subject: Source = f.subject.parse().map_err(|_| Rejection::Malformed)?;
+        if !same_source(subject, client) {
+            return Err(Rejection::WrongSubject);
+        }
+        Ok(DelayToken {
+            nonce: f.nonce.to_string(),
+            not_before: f.not_before,
+            expires_at: f.expires_at,
+            target: f.target.to_string(),
+        })
+    }
+}
+
 /// Whether a package or cookie issued to `subject` belongs to `client`: the same source, or
 /// (issued before addresses were grouped into prefixes) one address of the client's prefix.
 fn same_source(subject: Source, client: Source) -> bool {
@@ -776,6 +945,77 @@ mod tests {
             signer.check_cookie("bm90.aGluZw", ip, 1_500),
             CookieCheck::Forged
         );
+    }
+
+    #[test]
+    fn delay_tokens_wait_verify_and_name_their_subject() {
+        let signer = Signer::generate().unwrap();
+        let ip: Source = "198.51.100.7".parse().unwrap();
+        let token = signer.delay_token(ip, 1_005, 1_300, "/a?b=c|d").unwrap();
+        assert_eq!(delay_wait(&token, 1_001), 4);
+        assert_eq!(
+            signer.check_delay_token(&token, ip, 1_004).unwrap_err(),
+            Rejection::TooEarly
+        );
+        let ok = signer.check_delay_token(&token, ip, 1_005).unwrap();
+        assert_eq!(ok.target, "/a?b=c|d");
+        assert_eq!(ok.not_before, 1_005);
+        assert_eq!(
+            signer.check_delay_token(&token, ip, 1_300).unwrap_err(),
+            Rejection::Expired
+        );
+        let other: Source = "198.51.100.8".parse().unwrap();
+        assert_eq!(
+            signer.check_delay_token(&token, other, 1_100).unwrap_err(),
+            Rejection::WrongSubject
+        );
+        // The body changed (an earlier time, another subject): the signature no longer fits.
+        let (body, sig) = token.split_once('.').unwrap();
+        let text = String::from_utf8(B64.decode(body).unwrap()).unwrap();
+        let forged = format!(
+            "{}.{sig}",
+            B64.encode(text.replace("|1005|", "|1000|").as_bytes())
+        );
+        assert_eq!(
+            signer.check_delay_token(&forged, ip, 1_002).unwrap_err(),
+            Rejection::BadSignature
+        );
+        // Another key (not known here), garbage, an oversized token.
+        let stranger = Signer::generate().unwrap();
+        let foreign = stranger.delay_token(ip, 1_000, 1_300, "/").unwrap();
+        assert_eq!(
+            signer.check_delay_token(&foreign, ip, 1_100).unwrap_err(),
+            Rejection::BadSignature
+        );
+        for bad in [
+            "",
+            "x",
+            "bm90.aGluZw",
+            &"A".repeat(MAX_DELAY_TOKEN_BYTES + 1),
+        ] {
+            assert_eq!(
+                signer.check_delay_token(bad, ip, 1_100).unwrap_err(),
+                Rejection::Malformed,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_answer_is_the_proof_on_one_line() {
+        let proof = Proof {
+            payload: "eyJhIjoxfQ".into(),
+            signature: "c2ln".into(),
+            pow_nonce: 12_345,
+            kid: "abc-_x".into(),
+        };
+        let answer = proof.to_answer();
+        assert_eq!(answer, "eyJhIjoxfQ.c2ln.12345.abc-_x");
+        let back = Proof::from_answer("  eyJhIjox\nfQ.c2ln.12345.abc-_x \r\n").unwrap();
+        assert_eq!(back.to_answer(), answer);
+        for bad in ["", "a.b.c", "a.b.x.k", ".b.1.k", "a.b.1."] {
+            assert!(Proof::from_answer(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

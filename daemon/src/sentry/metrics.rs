@@ -129,6 +129,12 @@ impl Collector for SentryCollector {
             "Proofs accepted",
             load(&c.solved),
         )?;
+        counter(
+            &mut encoder,
+            "phantom_sentry_delays_redeemed",
+            "Delay tokens redeemed by browsers without JavaScript",
+            load(&c.delays_redeemed),
+        )?;
         counter_family(
             &mut encoder,
             "phantom_sentry_challenges_failed",

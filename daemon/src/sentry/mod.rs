@@ -9,9 +9,11 @@ pub mod allow;
 pub mod challenge;
 pub mod detector;
 pub mod metrics;
+pub mod nojs;
 pub mod page;
 pub mod penalty;
 pub mod proxy;
+pub mod snapshot;
 pub mod solver;
 pub mod store;
 pub mod tls;
@@ -147,6 +149,32 @@ pub struct TicketGrant {
     pub cookie: String,
 }
 
+impl TicketGrant {
+    /// The `Set-Cookie` value that hands the ticket to the client.
+    /// The `Set-Cookie` value; `secure` on a TLS listener.
+    pub fn set_cookie(&self, secure: bool) -> String {
+        let ttl = self.expires_at.saturating_sub(unix_now());
+        format!(
+            "{TICKET_COOKIE}={}; Max-Age={ttl}; Path=/; HttpOnly; SameSite=Lax{}",
+            self.cookie,
+            if secure { "; Secure" } else { "" }
+        )
+    }
+}
+
+/// What the challenge page offers a browser without JavaScript (`[sentry.nojs]`,
+/// docs/sentry.md "Without JavaScript").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoJsOffer {
+    /// A signed delay token, redeemable after `seconds` (low penalty levels).
+    Delay { token: String, seconds: u64 },
+    /// The command-line solver and a form for its answer (higher levels, DOOMSDAY).
+    Command,
+}
+
+/// The longest request target a delay token carries; a longer one sends the browser to `/`.
+const MAX_DELAY_TARGET: usize = 2048;
+
 /// Consecutive failed store calls after which the store is marked degraded and the proxy
 /// stops asking it (the fail mode applies), once they span [`DEGRADE_AFTER`]. A single slow
 /// or lost answer (a Redis pause, a timeout) is not an outage: the request it hit is decided
@@ -165,7 +193,9 @@ pub struct Counters {
     pub blocked: AtomicU64,
     pub unavailable: AtomicU64,
     pub solved: AtomicU64,
-    pub failed: [AtomicU64; 8],
+    pub failed: [AtomicU64; Rejection::ALL.len()],
+    /// Delay tokens redeemed (the page without JavaScript).
+    pub delays_redeemed: AtomicU64,
     /// Ticket cookies whose signature did not verify.
     pub forged_cookies: AtomicU64,
     /// Tickets taken away from holders past the ticket ceiling.
@@ -248,6 +278,38 @@ pub(crate) fn continuation(path: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// What a challenge carries: the continuation to the request's target, or — in DOOMSDAY,
+/// when the proxy made one — the loader's content (`proxy`'s `loader_content`).
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub path: &'a str,
+    pub doomsday: Option<&'a [u8]>,
+}
+
+impl<'a> Target<'a> {
+    pub fn path(path: &'a str) -> Self {
+        Self {
+            path,
+            doomsday: None,
+        }
+    }
+
+    /// The loader's content only for a DOOMSDAY challenge.
+    fn only_if(self, doomsday: bool) -> Self {
+        Self {
+            doomsday: self.doomsday.filter(|_| doomsday),
+            ..self
+        }
+    }
+
+    fn content(&self) -> Vec<u8> {
+        match self.doomsday {
+            Some(c) => c.to_vec(),
+            None => continuation(self.path),
+        }
+    }
+}
+
 /// What this host knows of a source's ticket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Held {
@@ -272,6 +334,8 @@ pub struct Sentry {
     pub good_bots: allow::GoodBots,
     /// `[sentry] open_paths`: asked only for a request that would be challenged.
     open_paths: allow::OpenPaths,
+    /// The DOOMSDAY loader's snapshots of the site (`[sentry.doomsday]`).
+    pub snapshots: snapshot::Snapshots,
     /// source -> what this host knows of its ticket.
     tickets: Mutex<HashMap<Source, Held>>,
     datapath: Option<Arc<Datapath>>,
@@ -378,6 +442,7 @@ impl Sentry {
             whitelist: RwLock::new(HashSet::new()),
             good_bots: allow::GoodBots::new(&config.good_bots)?,
             open_paths: allow::OpenPaths::new(&config.open_paths),
+            snapshots: snapshot::Snapshots::new(&config.doomsday),
             tickets: Mutex::new(HashMap::new()),
             datapath,
             prefix,
@@ -677,14 +742,14 @@ impl Sentry {
         armed: bool,
         count: u64,
         now: u64,
-        path: &str,
+        target: Target<'_>,
     ) -> Decision {
         if !armed || count <= t.effective_ticket_ceiling() {
             return self.pass(Pass::Ticket);
         }
         self.revoke_ticket(source, now).await;
         let doomsday = self.mode_state().current_mode == Mode::Doomsday;
-        self.challenge(source, t, true, doomsday, now, path).await
+        self.challenge(source, t, true, doomsday, now, target).await
     }
 
     /// The per-request flow of SPEC 7, for the source the client address stands for, of a
@@ -702,6 +767,20 @@ impl Sentry {
         path: &str,
         user_agent: Option<&str>,
     ) -> Decision {
+        self.decide_target(peer, cookie, Target::path(path), user_agent)
+            .await
+    }
+
+    /// [`Sentry::decide_request`] with what a DOOMSDAY challenge carries instead of the
+    /// continuation (`target.doomsday`, the loader's content; other challenges ignore it).
+    pub async fn decide_target(
+        &self,
+        peer: IpAddr,
+        cookie: Option<&str>,
+        target: Target<'_>,
+        user_agent: Option<&str>,
+    ) -> Decision {
+        let path = target.path;
         let source = self.source_of(peer);
         let now = unix_now();
         self.detector.count_global();
@@ -726,7 +805,9 @@ impl Sentry {
         // Everyone but the whitelist is counted, ticket holders included.
         let count = self.detector.count_ip(source, instant);
         if self.local_ticket(source, cookie, now, &t).await {
-            return self.ticket_pass(source, &t, armed, count, now, path).await;
+            return self
+                .ticket_pass(source, &t, armed, count, now, target)
+                .await;
         }
         if !armed {
             return self.pass(Pass::Normal);
@@ -763,19 +844,30 @@ impl Sentry {
         // of that package rides in the same round trip.
         if let Some(difficulty) = self.speculative_challenge(source, &t, mode, over) {
             return self
-                .challenge_unless_ticket(source, &t, difficulty, count, now, path)
+                .challenge_unless_ticket(
+                    source,
+                    &t,
+                    difficulty,
+                    count,
+                    now,
+                    target.only_if(mode == Mode::Doomsday),
+                )
                 .await;
         }
         match self.store_ticket(source).await {
-            Ok(true) => return self.ticket_pass(source, &t, armed, count, now, path).await,
+            Ok(true) => {
+                return self
+                    .ticket_pass(source, &t, armed, count, now, target)
+                    .await;
+            }
             Ok(false) => {}
             Err(decision) => return decision,
         }
         match mode {
             // Everyone solves the hardest puzzle; only sources over the static threshold also
             // collect penalties (a visitor busy solving is not a violator).
-            Mode::Doomsday => self.challenge(source, &t, over, true, now, path).await,
-            Mode::Defcon1 if over => self.challenge(source, &t, true, false, now, path).await,
+            Mode::Doomsday => self.challenge(source, &t, over, true, now, target).await,
+            Mode::Defcon1 if over => self.challenge(source, &t, true, false, now, target).await,
             Mode::Defcon1 | Mode::Normal => self.pass(Pass::Normal),
         }
     }
@@ -820,13 +912,13 @@ impl Sentry {
         difficulty: u32,
         count: u64,
         now: u64,
-        path: &str,
+        target: Target<'_>,
     ) -> Decision {
         let package = match self.signer.issue(
             source,
             difficulty,
             t.challenge_ttl_seconds,
-            &continuation(path),
+            &target.content(),
             now,
         ) {
             Ok(p) => p,
@@ -847,7 +939,7 @@ impl Sentry {
             .await
         {
             Ok(Some(exp)) if self.cache_ticket(source, exp) => {
-                return self.ticket_pass(source, t, true, count, now, path).await;
+                return self.ticket_pass(source, t, true, count, now, target).await;
             }
             Ok(_) => {}
             // A single failure: no ticket known, the challenge stands.
@@ -902,10 +994,11 @@ impl Sentry {
         violation: bool,
         doomsday: bool,
         now: u64,
-        path: &str,
+        target: Target<'_>,
     ) -> Decision {
+        let target = target.only_if(doomsday);
         if !violation {
-            return self.issue(source, t, t.max_difficulty, now, path).await;
+            return self.issue(source, t, t.max_difficulty, now, target).await;
         }
         let count = match self.raise(source, t).await {
             Ok(c) => c,
@@ -920,7 +1013,7 @@ impl Sentry {
         } else {
             penalty::difficulty(t, count)
         };
-        self.issue(source, t, difficulty, now, path).await
+        self.issue(source, t, difficulty, now, target).await
     }
 
     async fn issue(
@@ -929,13 +1022,13 @@ impl Sentry {
         t: &Tunables,
         difficulty: u32,
         now: u64,
-        path: &str,
+        target: Target<'_>,
     ) -> Decision {
         match self.signer.issue(
             source,
             difficulty,
             t.challenge_ttl_seconds,
-            &continuation(path),
+            &target.content(),
             now,
         ) {
             Ok(p) => {
@@ -1049,6 +1142,14 @@ impl Sentry {
             Ok(false) => return Err(self.proof_failed(peer, Rejection::Replayed).await),
             Err(e) => return Err(ProofError::Store(e)),
         }
+        let grant = self.new_ticket(source).await?;
+        self.counters.solved.fetch_add(1, Ordering::Relaxed);
+        Ok(grant)
+    }
+
+    /// A ticket for a source that earned it: in the store, in this host's memory, and as the
+    /// signed cookie.
+    async fn new_ticket(&self, source: Source) -> Result<TicketGrant, ProofError> {
         let t = self.tunables();
         let expires_at = match self
             .store_call(self.store.set_ticket(source, t.ticket_ttl_seconds))
@@ -1058,13 +1159,125 @@ impl Sentry {
             Err(e) => return Err(ProofError::Store(e)),
         };
         self.grant_ticket(source, expires_at);
-        self.counters.solved.fetch_add(1, Ordering::Relaxed);
         self.counters.tickets.fetch_add(1, Ordering::Relaxed);
         let cookie = self
             .signer
             .ticket_cookie(source, expires_at)
             .map_err(ProofError::Store)?;
         Ok(TicketGrant { expires_at, cookie })
+    }
+
+    /// Whether this host already knows `peer` passes without a challenge: its source is
+    /// whitelisted or holds a ticket this host has in memory (no store call, no cookie
+    /// check). The proxy asks before it makes the DOOMSDAY loader's snapshot, so a ticket
+    /// holder's navigation causes no upstream fetch of its own.
+    pub fn known_to_pass(&self, peer: IpAddr) -> bool {
+        let source = self.source_of(peer);
+        let whitelisted = match self.whitelist.read() {
+            Ok(w) => w.contains(&source),
+            Err(p) => p.into_inner().contains(&source),
+        };
+        let now = unix_now();
+        whitelisted
+            || matches!(lock(&self.tickets).get(&source), Some(Held::Valid(exp)) if *exp > now)
+    }
+
+    /// What the challenge page just issued to `peer` offers without JavaScript: the delay
+    /// while the source's penalty level (its violations, as this host last raised them) is
+    /// at most `[sentry.nojs] delay_max_penalty`, else — and always in DOOMSDAY — the
+    /// command-line solver. `target` is the challenged request target.
+    pub fn nojs_offer(&self, peer: IpAddr, target: &str) -> NoJsOffer {
+        let source = self.source_of(peer);
+        let cfg = &self.static_config.nojs;
+        let level = self.penalties.last(source);
+        if self.mode_state().current_mode == Mode::Doomsday
+            || cfg.delay_max_penalty == 0
+            || level > cfg.delay_max_penalty
+        {
+            return NoJsOffer::Command;
+        }
+        let now = unix_now();
+        let t = self.tunables();
+        let target = Some(same_origin_target(target))
+            .filter(|t| t.len() <= MAX_DELAY_TARGET)
+            .unwrap_or("/");
+        let expires_at = now + t.challenge_ttl_seconds.max(cfg.delay_seconds + 30);
+        match self
+            .signer
+            .delay_token(source, now + cfg.delay_seconds, expires_at, target)
+        {
+            Ok(token) => NoJsOffer::Delay {
+                token,
+                seconds: cfg.delay_seconds,
+            },
+            Err(e) => {
+                warn!(error = %e, "cannot sign a delay token; offering the command");
+                NoJsOffer::Command
+            }
+        }
+    }
+
+    /// The pass endpoint's work for a delay token: checked (not before its time, signature,
+    /// expiry, subject), used once, and a ticket. Returns the ticket and where the browser
+    /// goes next (a path of this origin).
+    pub async fn redeem_delay(
+        &self,
+        peer: IpAddr,
+        token: &str,
+    ) -> Result<(TicketGrant, String), ProofError> {
+        let source = self.source_of(peer);
+        self.proof_gate(peer).await?;
+        let now = unix_now();
+        let checked = match self.signer.check_delay_token(token, source, now) {
+            Ok(d) => d,
+            Err(r) => return Err(self.proof_failed(peer, r).await),
+        };
+        let ttl = checked.expires_at.saturating_sub(now);
+        match self
+            .store_call(
+                self.store
+                    .use_nonce(&format!("delay:{}", checked.nonce), ttl),
+            )
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return Err(self.proof_failed(peer, Rejection::Replayed).await),
+            Err(e) => return Err(ProofError::Store(e)),
+        }
+        let grant = self.new_ticket(source).await?;
+        self.counters
+            .delays_redeemed
+            .fetch_add(1, Ordering::Relaxed);
+        Ok((grant, same_origin_target(&checked.target).to_string()))
+    }
+
+    /// A package for the command-line solver (`GET /.sentry/challenge`, always JSON): at the
+    /// difficulty a challenge to this source has now (`max_difficulty` in DOOMSDAY, else by
+    /// its penalty level, at least the first one's). Counted in the source's 5-second
+    /// window; past the ticket ceiling it is a violation like any challenged request.
+    pub async fn solver_challenge(&self, peer: IpAddr) -> Decision {
+        let source = self.source_of(peer);
+        let instant = Instant::now();
+        if self.penalties.is_blocked(source, instant) {
+            self.counters.blocked.fetch_add(1, Ordering::Relaxed);
+            return Decision::Blocked;
+        }
+        let t = self.tunables();
+        let now = unix_now();
+        let doomsday = self.mode_state().current_mode == Mode::Doomsday;
+        let count = self.detector.count_ip(source, instant);
+        if count > t.effective_ticket_ceiling() {
+            return self
+                .challenge(source, &t, true, doomsday, now, Target::path("/"))
+                .await;
+        }
+        let difficulty = if doomsday {
+            t.max_difficulty
+        } else {
+            penalty::difficulty(&t, self.penalties.last(source).max(1))
+        };
+        self.issue(source, &t, difficulty, now, Target::path("/"))
+            .await
     }
 
     pub fn reject(&self, r: Rejection) -> ProofError {

@@ -5,7 +5,8 @@
 //! load, and a style sheet. All of it is compiled into the binary (`page/`), plain JavaScript
 //! without a build step; `<version>` is a digest of the files, so they are cached for a year
 //! and a new build is a new URL. Every visible text is in `page/strings.json` (English and
-//! Turkish, chosen by `Accept-Language`).
+//! Turkish, chosen by `Accept-Language`). Without JavaScript the page's `<noscript>` parts
+//! carry what [`super::nojs`] offers instead (a delay, or the command-line solver).
 
 use std::sync::LazyLock;
 
@@ -21,6 +22,8 @@ const CHALLENGE_JS: &str = include_str!("page/challenge.js");
 const CRYPTO_JS: &str = include_str!("page/crypto.js");
 const WORKER_JS: &str = include_str!("page/worker.js");
 const STYLE_CSS: &str = include_str!("page/challenge.css");
+const LOADER_TEMPLATE: &str = include_str!("page/loader.html");
+const LOADER_JS: &str = include_str!("page/loader.js");
 
 const JS: &str = "text/javascript; charset=utf-8";
 const CSS: &str = "text/css; charset=utf-8";
@@ -98,11 +101,26 @@ struct Pages {
     /// (name, served body, content type)
     files: Vec<(&'static str, String, &'static str)>,
     version: String,
-    /// (before the package, after it) for each of [`Language::ALL`].
-    parts: Vec<(String, String)>,
+    /// For each of [`Language::ALL`], the template's text around its three slots: before the
+    /// package, before the `<noscript>` part of the head, before that of the body, after it.
+    parts: Vec<[String; 4]>,
+    /// The texts of the path without JavaScript, for each of [`Language::ALL`].
+    nojs: Vec<serde_json::Map<String, Value>>,
 }
 
-fn escape_html(s: &str) -> String {
+/// The slots of the template, in order.
+const SLOTS: [&str; 3] = ["{{package}}", "{{nojs_head}}", "{{nojs_body}}"];
+
+/// What goes into the page's two `<noscript>` elements: HTML, already escaped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NoScript {
+    /// Inside `<head>` (a `<meta http-equiv="refresh">`, say).
+    pub head: String,
+    /// Inside `<main>`.
+    pub body: String,
+}
+
+pub fn escape_html(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -135,33 +153,160 @@ static PAGES: LazyLock<Pages> = LazyLock::new(|| {
     let parts = Language::ALL
         .iter()
         .map(|lang| {
-            let table = &strings[lang.tag()];
-            // Data for the script; `<` escaped so the block can never close early.
-            let text = table.to_string().replace('<', "\\u003c");
-            let mut page = TEMPLATE
-                .replace("{{lang}}", lang.tag())
-                .replace("{{version}}", &version)
-                .replace("{{text}}", &text);
-            if let Some(map) = table.as_object() {
-                for (key, value) in map {
-                    page = page.replace(
-                        &format!("{{{{{key}}}}}"),
-                        &escape_html(value.as_str().unwrap_or("")),
-                    );
-                }
+            let page = with_texts(TEMPLATE, &strings[lang.tag()], *lang, &version);
+            let mut parts: [String; 4] = Default::default();
+            for (slot, part) in parts.iter_mut().zip(split_slots(&page, &SLOTS)) {
+                *slot = part;
             }
-            match page.split_once("{{package}}") {
-                Some((before, after)) => (before.to_string(), after.to_string()),
-                None => (page, String::new()),
-            }
+            parts
+        })
+        .collect();
+    let nojs = Language::ALL
+        .iter()
+        .map(|lang| {
+            strings["nojs"][lang.tag()]
+                .as_object()
+                .cloned()
+                .unwrap_or_default()
         })
         .collect();
     Pages {
         files,
         version,
         parts,
+        nojs,
     }
 });
+
+/// A text of the path without JavaScript in `lang` (`page/strings.json`, `nojs`), with
+/// `{n}` replaced by `n`; not escaped.
+pub fn nojs_text(lang: Language, key: &str, n: u64) -> String {
+    let i = Language::ALL.iter().position(|l| *l == lang).unwrap_or(0);
+    PAGES
+        .nojs
+        .get(i)
+        .and_then(|m| m.get(key))
+        .and_then(Value::as_str)
+        .unwrap_or(key)
+        .replace("{n}", &n.to_string())
+}
+
+/// The template with the language's texts put in (`{{key}}` for each key of its table, and
+/// `{{text}}` for the table itself, as data for the script).
+fn with_texts(template: &str, table: &Value, lang: Language, version: &str) -> String {
+    // Data for the script; `<` escaped so the block can never close early.
+    let text = table.to_string().replace('<', "\\u003c");
+    let mut page = template
+        .replace("{{lang}}", lang.tag())
+        .replace("{{version}}", version)
+        .replace("{{text}}", &text);
+    if let Some(map) = table.as_object() {
+        for (key, value) in map {
+            page = page.replace(
+                &format!("{{{{{key}}}}}"),
+                &escape_html(value.as_str().unwrap_or("")),
+            );
+        }
+    }
+    page
+}
+
+/// Splits a filled template at its slots, in order: one more part than slots.
+fn split_slots(page: &str, slots: &[&str]) -> Vec<String> {
+    let mut parts = Vec::with_capacity(slots.len() + 1);
+    let mut rest = page;
+    for slot in slots {
+        let (before, after) = rest.split_once(slot).unwrap_or((rest, ""));
+        parts.push(before.to_string());
+        rest = after;
+    }
+    parts.push(rest.to_string());
+    parts
+}
+
+/// The DOOMSDAY loader: one document with all its script and style inline, per language,
+/// and the policy that admits exactly those (by hash) and its blob: workers.
+struct Loader {
+    /// For each of [`Language::ALL`], the text around [`LOADER_SLOTS`].
+    parts: Vec<Vec<String>>,
+    csp: String,
+}
+
+/// The loader's slots, in order.
+const LOADER_SLOTS: [&str; 5] = [
+    "{{package}}",
+    "{{keys}}",
+    "{{snapshot}}",
+    "{{nojs_head}}",
+    "{{nojs_body}}",
+];
+
+static LOADER: LazyLock<Loader> = LazyLock::new(|| {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    // One script: the pure-JS crypto and the loader, which is also its workers' source.
+    let script = compact(CRYPTO_JS) + &compact(LOADER_JS);
+    let style = compact(STYLE_CSS);
+    let hash = |s: &str| STANDARD.encode(Sha256::digest(s.as_bytes()));
+    let csp = format!(
+        "default-src 'self'; script-src 'sha256-{}'; style-src 'self' 'sha256-{}'; \
+         img-src 'self' data:; worker-src blob:; connect-src 'self'; base-uri 'self'; \
+         form-action 'self'; frame-ancestors 'none'",
+        hash(&script),
+        hash(&style)
+    );
+    let strings: Value = serde_json::from_str(STRINGS).unwrap_or_default();
+    let parts = Language::ALL
+        .iter()
+        .map(|lang| {
+            let page = with_texts(LOADER_TEMPLATE, &strings[lang.tag()], *lang, version())
+                .replace("{{style}}", &style)
+                .replace("{{script}}", &script);
+            split_slots(&page, &LOADER_SLOTS)
+        })
+        .collect();
+    Loader { parts, csp }
+});
+
+/// The loader's Content-Security-Policy: its own inline script and style by their SHA-256,
+/// its workers from `blob:` URLs (made from that script), everything else from this origin —
+/// the rendered snapshot loads the site's own files under it (its inline scripts do not run).
+pub fn loader_csp() -> &'static str {
+    &LOADER.csp
+}
+
+/// The loader for a package: `keys_json` the JWK set, `snapshot_json` the sealed snapshot
+/// (`{"iv", "data", "html"}`) or `null`; all JSON of b64url values and fixed keys.
+pub fn loader(
+    package_json: &str,
+    keys_json: &str,
+    snapshot_json: &str,
+    lang: Language,
+    nojs: &NoScript,
+) -> String {
+    let i = Language::ALL.iter().position(|l| *l == lang).unwrap_or(0);
+    let Some(parts) = LOADER.parts.get(i) else {
+        return String::new();
+    };
+    let safe = |json: &str| json.replace('<', "\\u003c");
+    let fills = [
+        safe(package_json),
+        safe(keys_json),
+        safe(snapshot_json),
+        nojs.head.clone(),
+        nojs.body.clone(),
+    ];
+    let mut out = String::with_capacity(
+        parts.iter().map(String::len).sum::<usize>() + fills.iter().map(String::len).sum::<usize>(),
+    );
+    for (part, fill) in parts.iter().zip(&fills) {
+        out.push_str(part);
+        out.push_str(fill);
+    }
+    if let Some(last) = parts.last() {
+        out.push_str(last);
+    }
+    out
+}
 
 /// The digest of the page's files that names their directory.
 pub fn version() -> &'static str {
@@ -169,17 +314,21 @@ pub fn version() -> &'static str {
 }
 
 /// The HTML 429 for a package (its JSON: b64url values and fixed keys, so no `<` can end the
-/// data block early).
-pub fn page(package_json: &str, lang: Language) -> String {
+/// data block early), with what it offers a browser without JavaScript.
+pub fn page(package_json: &str, lang: Language, nojs: &NoScript) -> String {
     let i = Language::ALL.iter().position(|l| *l == lang).unwrap_or(0);
-    let (before, after) = PAGES
-        .parts
-        .get(i)
-        .map_or(("", ""), |(b, a)| (b.as_str(), a.as_str()));
-    let mut out = String::with_capacity(before.len() + package_json.len() + after.len());
-    out.push_str(before);
-    out.push_str(package_json);
-    out.push_str(after);
+    let Some(parts) = PAGES.parts.get(i) else {
+        return String::new();
+    };
+    let fills = [package_json, nojs.head.as_str(), nojs.body.as_str()];
+    let mut out = String::with_capacity(
+        parts.iter().map(String::len).sum::<usize>() + fills.iter().map(|f| f.len()).sum::<usize>(),
+    );
+    for (part, fill) in parts.iter().zip(fills) {
+        out.push_str(part);
+        out.push_str(fill);
+    }
+    out.push_str(&parts[3]);
     out
 }
 
@@ -243,13 +392,36 @@ mod tests {
         let tr = strings["tr"].as_object().unwrap();
         let keys = |m: &serde_json::Map<String, Value>| m.keys().cloned().collect::<Vec<_>>();
         assert_eq!(keys(en), keys(tr));
+        let nojs = strings["nojs"].as_object().unwrap();
+        assert_eq!(
+            keys(nojs["en"].as_object().unwrap()),
+            keys(nojs["tr"].as_object().unwrap())
+        );
+        let none = NoScript::default();
         for lang in Language::ALL {
-            let html = page("{}", lang);
+            let html = page("{}", lang, &none);
             assert!(!html.contains("{{"), "{html}");
             assert!(html.contains(&format!("<html lang=\"{}\">", lang.tag())));
             assert!(html.contains("id=\"sentry-challenge\">{}</script>"));
         }
-        assert!(page("{}", Language::Turkish).contains("Tarayıcınız denetleniyor"));
+        assert!(page("{}", Language::Turkish, &none).contains("Tarayıcınız denetleniyor"));
+        let filled = page(
+            "{}",
+            Language::English,
+            &NoScript {
+                head: "<meta x>".into(),
+                body: "<p>y</p>".into(),
+            },
+        );
+        assert!(
+            filled.contains("<noscript><meta x></noscript>\n</head>"),
+            "{filled}"
+        );
+        assert!(
+            filled.contains("<noscript><p>y</p></noscript>\n</main>"),
+            "{filled}"
+        );
+        assert!(nojs_text(Language::Turkish, "delay", 5).contains("5 sn"));
     }
 
     #[test]
@@ -260,11 +432,65 @@ mod tests {
             .issue("198.51.100.7".parse().unwrap(), 20, 300, &content, 1_000)
             .unwrap();
         let json = serde_json::to_string(&pkg).unwrap();
+        // The page as sent with either offer for browsers without JavaScript (a browser
+        // with it parses neither).
+        let source = "198.51.100.7".parse().unwrap();
+        let token = signer
+            .delay_token(source, 1_005, 1_300, "/some/page?with=a&query=string")
+            .unwrap();
+        let offers = [
+            crate::sentry::NoJsOffer::Delay { token, seconds: 5 },
+            crate::sentry::NoJsOffer::Command,
+        ];
         for lang in Language::ALL {
-            let total = page(&json, lang).len() + files_bytes();
-            eprintln!("{lang:?}: {total} bytes");
-            assert!(total <= 24 * 1024, "{lang:?}: {total} bytes");
+            for offer in &offers {
+                let nojs = crate::sentry::nojs::noscript(
+                    offer,
+                    lang,
+                    "https://www.example.com:8443",
+                    "/some/page?with=a&query=string",
+                );
+                let total = page(&json, lang, &nojs).len() + files_bytes();
+                eprintln!("{lang:?}, {offer:?}: {total} bytes");
+                assert!(total <= 24 * 1024, "{lang:?}: {total} bytes");
+            }
         }
+    }
+
+    #[test]
+    fn the_loader_is_one_document_under_a_policy_of_hashes() {
+        let html = loader(
+            "{\"v\":1}",
+            "{\"keys\":[]}",
+            "null",
+            Language::Turkish,
+            &NoScript::default(),
+        );
+        assert!(!html.contains("{{"), "no placeholder left");
+        assert!(html.contains("<html lang=\"tr\">"));
+        assert!(html.contains("id=\"sentry-challenge\">{\"v\":1}</script>"));
+        assert!(html.contains("id=\"sentry-snapshot\">null</script>"));
+        // Nothing loaded from elsewhere: no src, no stylesheet link.
+        assert!(!html.contains(" src=") && !html.contains("<link"), "{html}");
+        let script = html
+            .rsplit_once("<script>")
+            .and_then(|(_, rest)| rest.split_once("</script>"))
+            .unwrap()
+            .0;
+        assert!(script.contains("SentryCrypto") && script.contains("createObjectURL"));
+        use base64::{Engine, engine::general_purpose::STANDARD};
+        let hash = STANDARD.encode(Sha256::digest(script.as_bytes()));
+        assert!(loader_csp().contains(&format!("script-src 'sha256-{hash}'")));
+        assert!(!loader_csp().contains("unsafe"));
+        // A block's data cannot close it early.
+        let hostile = loader(
+            "</script><script>x",
+            "{}",
+            "null",
+            Language::English,
+            &NoScript::default(),
+        );
+        assert!(!hostile.contains("</script><script>x"));
     }
 
     #[test]
@@ -277,7 +503,8 @@ mod tests {
         assert!(asset(&format!("/.sentry/static/{v}/nope.js")).is_none());
         assert!(asset("/.sentry/static/worker.js").is_none());
         assert!(
-            page("{}", Language::English).contains(&format!("/.sentry/static/{v}/challenge.js"))
+            page("{}", Language::English, &NoScript::default())
+                .contains(&format!("/.sentry/static/{v}/challenge.js"))
         );
     }
 }

@@ -1,7 +1,8 @@
 //! The reverse proxy on `[sentry] listen`: streams requests and responses between clients
 //! and `[sentry] upstream`, asks the sentry about each request first, and serves the
 //! challenge endpoints (`/.sentry/jwks.json`, `/.sentry/proof`, the challenge page's files under
-//! `/.sentry/static/`).
+//! `/.sentry/static/`, and for browsers without JavaScript `/.sentry/pass` and
+//! `/.sentry/challenge`, see `nojs`).
 
 use std::{convert::Infallible, net::IpAddr, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -23,9 +24,10 @@ use tracing::{debug, info, warn};
 use crate::config::sentry::Upstream;
 
 use super::{
-    Decision, ProofError, Sentry, SentryError, TICKET_COOKIE,
-    challenge::{JWKS_PATH, PROOF_PATH, Package, Proof, Rejection},
-    page,
+    Decision, Mode, NoJsOffer, ProofError, Sentry, SentryError, TICKET_COOKIE, Target,
+    challenge::{JWKS_PATH, PASS_PATH, PROOF_PATH, Package, Proof, Rejection, SOLVER_PATH},
+    nojs, page,
+    snapshot::{self, Fetched, Snapshot},
 };
 use crate::http::{self, RequestBody};
 
@@ -107,40 +109,24 @@ fn proof_error(e: ProofError) -> Response<ProxyBody> {
 }
 
 /// The 429 answer: the package as JSON, or the challenge page that embeds the same object
-/// (in the client's language, under the page's CSP).
+/// (in the client's language, under the page's CSP) with `nojs`'s offer for a browser
+/// without JavaScript (asked for only when the page is sent).
 fn challenge_reply(
     package: &Package,
     json: bool,
     accept_language: Option<&str>,
+    nojs: impl FnOnce(page::Language) -> page::NoScript,
 ) -> Response<ProxyBody> {
     let body = serde_json::to_string(package).unwrap_or_default();
     let mut r = if json {
         full(StatusCode::TOO_MANY_REQUESTS, "application/json", body)
     } else {
         let lang = page::Language::from_accept_language(accept_language);
-        let mut r = full(
+        html_reply(
             StatusCode::TOO_MANY_REQUESTS,
-            "text/html; charset=utf-8",
-            page::page(&body, lang),
-        );
-        let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static(page::CSP),
-        );
-        h.insert(
-            header::CONTENT_LANGUAGE,
-            HeaderValue::from_static(lang.tag()),
-        );
-        h.insert(
-            header::REFERRER_POLICY,
-            HeaderValue::from_static("same-origin"),
-        );
-        h.insert(
-            header::X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
-        );
-        r
+            page::page(&body, lang, &nojs(lang)),
+            lang,
+        )
     };
     r.headers_mut().insert(
         header::VARY,
@@ -150,6 +136,96 @@ fn challenge_reply(
         HeaderName::from_static("x-sentry-challenge"),
         HeaderValue::from_static("1"),
     );
+    r
+}
+
+/// The DOOMSDAY loader (a 429, like the challenge page): the package, the key set and the
+/// path's sealed snapshot in one document with its script and style inline, under the
+/// loader's own policy; without JavaScript, the command-line solver.
+fn loader_reply(
+    package: &Package,
+    jwks: &serde_json::Value,
+    snapshot: Option<&Snapshot>,
+    lang: page::Language,
+    nojs: &page::NoScript,
+) -> Response<ProxyBody> {
+    let body = page::loader(
+        &serde_json::to_string(package).unwrap_or_default(),
+        &jwks.to_string(),
+        &snapshot::loader_json(snapshot),
+        lang,
+        nojs,
+    );
+    let mut r = html_reply(StatusCode::TOO_MANY_REQUESTS, body, lang);
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(page::loader_csp()) {
+        h.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    h.insert(
+        header::VARY,
+        HeaderValue::from_static("Accept, Accept-Language"),
+    );
+    h.insert(
+        HeaderName::from_static("x-sentry-challenge"),
+        HeaderValue::from_static("1"),
+    );
+    h.insert(
+        HeaderName::from_static("x-sentry-loader"),
+        HeaderValue::from_static("1"),
+    );
+    r
+}
+
+/// Whether a request is a navigation that takes HTML (a snapshot is made only for those: a
+/// browser's own requests for icons and the like never cause an upstream fetch).
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"))
+}
+
+/// A page of the sentry's own (the challenge page, the pages without JavaScript): under the
+/// page's CSP, in `lang`, never cached.
+fn html_reply(status: StatusCode, body: String, lang: page::Language) -> Response<ProxyBody> {
+    let mut r = full(status, "text/html; charset=utf-8", body);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(page::CSP),
+    );
+    h.insert(
+        header::CONTENT_LANGUAGE,
+        HeaderValue::from_static(lang.tag()),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+/// The pass endpoint's answer as HTTP.
+fn pass_reply(reply: nojs::Reply, lang: page::Language) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut r = html_reply(status, reply.body, lang);
+    let h = r.headers_mut();
+    if let Some(v) = reply.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        h.insert(header::LOCATION, v);
+    }
+    if let Some(v) = reply
+        .set_cookie
+        .and_then(|c| HeaderValue::from_str(&c).ok())
+    {
+        h.insert(header::SET_COOKIE, v);
+    }
+    if let Some(s) = reply.retry_after {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
     r
 }
 
@@ -269,6 +345,12 @@ impl Proxy {
         if path == PROOF_PATH {
             return self.proof(req, client).await;
         }
+        if path == PASS_PATH {
+            return self.pass(req, client).await;
+        }
+        if path == SOLVER_PATH && matches!(*req.method(), Method::GET | Method::HEAD) {
+            return self.solver_package(client).await;
+        }
         if path.starts_with(page::STATIC_PREFIX)
             && matches!(*req.method(), Method::GET | Method::HEAD)
         {
@@ -284,9 +366,38 @@ impl Proxy {
             .headers()
             .get(header::USER_AGENT)
             .and_then(|v| v.to_str().ok());
+        // DOOMSDAY: a browser gets the loader, whose package carries the page's snapshot key
+        // (the snapshot is looked up, and fetched at most once per refresh period, first).
+        let loader =
+            self.sentry.mode_state().current_mode == Mode::Doomsday && !wants_json(req.headers());
+        let (snapshot, content) = if loader {
+            let snapshot = if req.method() == Method::GET
+                && wants_html(req.headers())
+                && !self.sentry.known_to_pass(client)
+                && super::same_origin_target(&path_and_query) == path_and_query
+            {
+                let host = req.headers().get(header::HOST).cloned();
+                self.sentry
+                    .snapshots
+                    .get(&path_and_query, || {
+                        self.fetch_snapshot(&path_and_query, host)
+                    })
+                    .await
+            } else {
+                None
+            };
+            let content = snapshot::loader_content(&path_and_query, snapshot.as_deref());
+            (snapshot, Some(content))
+        } else {
+            (None, None)
+        };
+        let target = Target {
+            path: &path_and_query,
+            doomsday: content.as_deref(),
+        };
         match self
             .sentry
-            .decide_request(client, cookie.as_deref(), &path_and_query, user_agent)
+            .decide_target(client, cookie.as_deref(), target, user_agent)
             .await
         {
             Decision::Pass(_) => {
@@ -296,13 +407,46 @@ impl Proxy {
                     .contains(&super::canonical(peer.ip()));
                 self.forward(req, client, via_trusted).await
             }
-            Decision::Challenge(package) => challenge_reply(
-                &package,
-                wants_json(req.headers()),
-                req.headers()
-                    .get(header::ACCEPT_LANGUAGE)
-                    .and_then(|v| v.to_str().ok()),
-            ),
+            Decision::Challenge(package) if loader => {
+                let headers = req.headers();
+                let lang = page::Language::from_accept_language(
+                    headers
+                        .get(header::ACCEPT_LANGUAGE)
+                        .and_then(|v| v.to_str().ok()),
+                );
+                let origin = nojs::origin(
+                    self.scheme(),
+                    headers.get(header::HOST).and_then(|v| v.to_str().ok()),
+                    &self.sentry.static_config.listen,
+                );
+                let nojs = nojs::noscript(&NoJsOffer::Command, lang, &origin, &path_and_query);
+                loader_reply(
+                    &package,
+                    &self.sentry.signer.jwks(),
+                    snapshot.as_deref(),
+                    lang,
+                    &nojs,
+                )
+            }
+            Decision::Challenge(package) => {
+                let headers = req.headers();
+                challenge_reply(
+                    &package,
+                    wants_json(headers),
+                    headers
+                        .get(header::ACCEPT_LANGUAGE)
+                        .and_then(|v| v.to_str().ok()),
+                    |lang| {
+                        let origin = nojs::origin(
+                            self.scheme(),
+                            headers.get(header::HOST).and_then(|v| v.to_str().ok()),
+                            &self.sentry.static_config.listen,
+                        );
+                        let offer = self.sentry.nojs_offer(client, &path_and_query);
+                        nojs::noscript(&offer, lang, &origin, &path_and_query)
+                    },
+                )
+            }
             Decision::Blocked => full(
                 StatusCode::FORBIDDEN,
                 "text/plain; charset=utf-8",
@@ -379,22 +523,168 @@ impl Proxy {
         };
         match self.sentry.redeem(client, &proof).await {
             Ok(grant) => {
-                let ttl = grant.expires_at.saturating_sub(super::store::unix_now());
                 let mut r = json_reply(
                     StatusCode::OK,
                     &json!({"success": true, "ticket_expires_at": grant.expires_at}),
                 );
-                if let Ok(v) = HeaderValue::from_str(&format!(
-                    "{TICKET_COOKIE}={}; Max-Age={ttl}; Path=/; HttpOnly; SameSite=Lax{}",
-                    grant.cookie,
-                    if self.tls { "; Secure" } else { "" }
-                )) {
+                if let Ok(v) = HeaderValue::from_str(&grant.set_cookie(self.tls)) {
                     r.headers_mut().insert(header::SET_COOKIE, v);
                 }
                 r
             }
             Err(e) => proof_error(e),
         }
+    }
+
+    /// `/.sentry/pass` (a browser without JavaScript): a delay token in the query (the page's
+    /// refresh) or a form (POST, at most 16 KiB, within 10 s), redeemed for the ticket cookie
+    /// and a 303 to the challenged URL; refusals are pages that say why.
+    async fn pass(&self, req: Request<RequestBody>, client: IpAddr) -> Response<ProxyBody> {
+        let lang = page::Language::from_accept_language(
+            req.headers()
+                .get(header::ACCEPT_LANGUAGE)
+                .and_then(|v| v.to_str().ok()),
+        );
+        if let Err(e) = self.sentry.proof_gate(client).await {
+            return pass_reply(nojs::refusal_page(lang, e), lang);
+        }
+        let fields = match *req.method() {
+            Method::GET => nojs::form(req.uri().query().unwrap_or("").as_bytes()),
+            Method::POST => {
+                let declared = req
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if declared.is_some_and(|n| n > MAX_PROOF_BYTES as u64) {
+                    self.sentry.proof_failed(client, Rejection::Malformed).await;
+                    return pass_reply(nojs::body_refused(lang, 413), lang);
+                }
+                let read = tokio::time::timeout(
+                    PROOF_BODY_TIMEOUT,
+                    Limited::new(req.into_body(), MAX_PROOF_BYTES).collect(),
+                )
+                .await;
+                match read {
+                    Ok(Ok(b)) => nojs::form(&b.to_bytes()),
+                    Ok(Err(_)) => {
+                        self.sentry.proof_failed(client, Rejection::Malformed).await;
+                        return pass_reply(nojs::body_refused(lang, 413), lang);
+                    }
+                    Err(_) => {
+                        self.sentry.proof_failed(client, Rejection::Malformed).await;
+                        return pass_reply(nojs::body_refused(lang, 408), lang);
+                    }
+                }
+            }
+            _ => {
+                let mut r = pass_reply(nojs::body_refused(lang, 405), lang);
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
+                return r;
+            }
+        };
+        pass_reply(
+            nojs::pass(&self.sentry, client, &fields, lang, self.tls).await,
+            lang,
+        )
+    }
+
+    /// `/.sentry/challenge`: a package for the command-line solver, always JSON.
+    async fn solver_package(&self, client: IpAddr) -> Response<ProxyBody> {
+        match self.sentry.solver_challenge(client).await {
+            Decision::Challenge(package) => {
+                let mut r = json_reply(StatusCode::OK, &json!(*package));
+                r.headers_mut().insert(
+                    HeaderName::from_static("x-sentry-challenge"),
+                    HeaderValue::from_static("1"),
+                );
+                r
+            }
+            Decision::Blocked => full(
+                StatusCode::FORBIDDEN,
+                "text/plain; charset=utf-8",
+                "blocked: too many unanswered challenges\n",
+            ),
+            Decision::Pass(_) | Decision::Unavailable => full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                "temporarily unavailable\n",
+            ),
+        }
+    }
+
+    /// A snapshot of `path_and_query` for the DOOMSDAY loader: one GET to the upstream by the
+    /// sentry itself (`X-Sentry-Snapshot: 1`, the client's `Host`, no cookie, no client
+    /// address), kept when it answers 200 with `text/html` or `text/plain` of at most
+    /// `snapshot_max_bytes`.
+    async fn fetch_snapshot(&self, path_and_query: &str, host: Option<HeaderValue>) -> Fetched {
+        let Ok(uri) = hyper::Uri::builder()
+            .scheme("http")
+            .authority(self.upstream.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+        else {
+            return Fetched::NotAPage;
+        };
+        let mut req = Request::new(
+            Full::new(Bytes::new())
+                .map_err(|never: Infallible| match never {})
+                .boxed(),
+        );
+        *req.uri_mut() = uri;
+        let h = req.headers_mut();
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("text/html, text/plain;q=0.9"),
+        );
+        h.insert(
+            HeaderName::from_static("x-sentry-snapshot"),
+            HeaderValue::from_static("1"),
+        );
+        // The page is for visitors on this listener's scheme (absolute links the site makes).
+        h.insert("x-forwarded-proto", HeaderValue::from_static(self.scheme()));
+        if let Some(host) = host {
+            h.insert(header::HOST, host);
+        }
+        let answer =
+            match tokio::time::timeout(self.upstream_timeout, self.client.request(req)).await {
+                Ok(Ok(a)) => a,
+                _ => return Fetched::Failed,
+            };
+        let kind = answer
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_ascii_lowercase());
+        let html = match kind.as_deref() {
+            Some(k) if k.starts_with("text/html") => true,
+            Some(k) if k.starts_with("text/plain") => false,
+            _ => return Fetched::NotAPage,
+        };
+        if answer.status() != StatusCode::OK {
+            return Fetched::NotAPage;
+        }
+        let limit = self.sentry.snapshots.max_bytes;
+        match tokio::time::timeout(
+            self.upstream_timeout,
+            Limited::new(answer.into_body(), limit).collect(),
+        )
+        .await
+        {
+            Ok(Ok(body)) => Fetched::Page {
+                html,
+                body: body.to_bytes().to_vec(),
+            },
+            // Over the limit, or cut short.
+            Ok(Err(_)) => Fetched::NotAPage,
+            Err(_) => Fetched::Failed,
+        }
+    }
+
+    /// The scheme clients reach this listener with (the command the page shows names it).
+    fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
     }
 
     async fn forward(
@@ -672,14 +962,16 @@ mod tests {
         let pkg = signer
             .issue("198.51.100.7".parse().unwrap(), 4, 60, b"x", 1_000)
             .unwrap();
-        let r = challenge_reply(&pkg, false, Some("tr,en;q=0.5"));
+        let r = challenge_reply(&pkg, false, Some("tr,en;q=0.5"), |_| {
+            page::NoScript::default()
+        });
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         let h = r.headers();
         assert_eq!(h[header::CONTENT_SECURITY_POLICY], page::CSP);
         assert!(!page::CSP.contains("blob:") && !page::CSP.contains("unsafe"));
         assert_eq!(h[header::CONTENT_LANGUAGE], "tr");
         assert_eq!(h["x-sentry-challenge"], "1");
-        let json = challenge_reply(&pkg, true, None);
+        let json = challenge_reply(&pkg, true, None, |_| unreachable!("JSON has no page"));
         assert_eq!(json.headers()[header::CONTENT_TYPE], "application/json");
         assert!(
             json.headers()
