@@ -122,7 +122,7 @@ fn curl_doh(ns: &NetNs, doh: &str) -> (i32, String) {
         .args([
             "-sS",
             "--max-time",
-            "6",
+            "4",
             "--doh-insecure",
             "--doh-url",
             &format!("https://{doh}/dns-query"),
@@ -195,9 +195,15 @@ fn dot_doq_and_listed_doh_from_vpn_clients_are_dropped_in_the_kernel() {
     let bpffs = BpffsDir::new();
     let mut config = DaemonConfig::new("a0", bpffs.path());
     config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, ENDPOINT));
+    // A DoH list the team follows (a file source here; http(s) sources take the same
+    // checks as the blocklist's): nothing of ours on it yet.
+    let team_list = files.path().join("team-doh.txt");
+    std::fs::write(&team_list, "# the team's DoH resolvers\n192.0.2.250\n").unwrap();
     config.dns_section = format!(
         "listen = \"auto\"\nprimary = \"{UPSTREAM}\"\nsecondary = \"{UPSTREAM}\"\n\
-         doh_resolvers = [\"{LISTED}/32\"]\n"
+         doh_resolvers = [\"{LISTED}/32\"]\ndoh_sync_interval_seconds = 0\n\
+         [[dns.doh_sources]]\nname = \"team\"\nurl = \"{}\"\n",
+        team_list.display()
     );
     let daemon = Daemon::start(&topo.server, &config);
     api(&daemon, &["core", "add_client", "client_name=alice"]);
@@ -254,6 +260,33 @@ fn dot_doq_and_listed_doh_from_vpn_clients_are_dropped_in_the_kernel() {
     let (code, body) = curl_doh(&topo.alice, UNLISTED);
     assert_eq!((code, body.as_str()), (0, "hello world"));
 
+    // The team's list now names the other resolver: after `dns sync_doh` it is held too. A
+    // list that then arrives broken is rejected and the accepted one stays.
+    let sources = &api(&daemon, &["dns", "status"])["resolver"]["encrypted_dns"]["doh_sources"];
+    assert_eq!(sources[0]["prefixes"], 1, "synced at start: {sources}");
+    std::fs::write(&team_list, format!("{UNLISTED}\n")).unwrap();
+    let synced = api(&daemon, &["dns", "sync_doh"]);
+    assert_eq!(
+        synced["sources"][0]["error"],
+        serde_json::Value::Null,
+        "{synced}"
+    );
+    assert_eq!(synced["sources"][0]["prefixes"], 1, "{synced}");
+    let (code, body) = curl_doh(&topo.alice, UNLISTED);
+    assert!(
+        matches!(code, 6 | 28) && body.is_empty(),
+        "DoH to a synced resolver must fail: exit {code}, {body:?}"
+    );
+    std::fs::write(&team_list, "not an address\n").unwrap();
+    let rejected = api(&daemon, &["dns", "sync_doh"]);
+    let source = &rejected["sources"][0];
+    assert!(
+        source["error"].as_str().unwrap().contains("no usable"),
+        "{rejected}"
+    );
+    assert_eq!(source["prefixes"], 1, "{rejected}");
+    assert!(!curl_doh(&topo.alice, UNLISTED).1.contains("hello"));
+
     // DoQ (UDP/853) and HTTP/3 to the listed resolver (UDP/443) never arrive; UDP to another
     // port of the same address does.
     let listener = |port: u16| {
@@ -279,7 +312,23 @@ fn dot_doq_and_listed_doh_from_vpn_clients_are_dropped_in_the_kernel() {
     assert!(packets(&daemon, "doq_dropped") > 0);
     assert!(packets(&daemon, "doh_udp_dropped") > 0);
 
+    // The same counts in the per-layer summary: what each layer of the block stopped.
+    let status = api(&daemon, &["dns", "status"]);
+    let stopped = &status["resolver"]["stopped"];
+    for layer in ["resolver", "kernel_answer_rewrite", "kernel_encrypted_dns"] {
+        assert!(stopped[layer].is_object(), "{layer}: {stopped}");
+    }
+    assert_eq!(
+        stopped["kernel_encrypted_dns"]["dot"].as_u64(),
+        Some(packets(&daemon, "dot_dropped")),
+        "{stopped}"
+    );
     let metrics = http_get(&topo.server, "127.0.0.1:9469", "/metrics");
+    let dot = metric_value(
+        &metrics,
+        "phantom_dns_stopped_total{layer=\"kernel_encrypted_dns\",reason=\"dot\"}",
+    );
+    assert!(dot.is_some_and(|v| v > 0.0), "{dot:?}");
     for verdict in [
         "dot_dropped",
         "doq_dropped",

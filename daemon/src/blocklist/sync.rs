@@ -171,6 +171,62 @@ fn sha256_hex(b: &[u8]) -> String {
         .collect()
 }
 
+/// A download that passed every check its source configures.
+pub struct Verified {
+    pub body: Vec<u8>,
+    /// Its SHA-256, hex.
+    pub sha256: String,
+    /// Every check that vouched for it (`pinned`, `sha256_url`, `minisign`), strongest last.
+    pub verified_by: Vec<&'static str>,
+}
+
+/// Fetches `source` and checks it against what its configuration pins or points at (its
+/// SHA-256, the published checksum, the publisher's minisign signature). Anything that fails
+/// is an error and nothing is returned. Blocking: call it off the runtime's workers. Shared by
+/// every list Phantom follows (the blocklist's sources, the DoH resolver list's).
+pub fn fetch_verified(source: &SyncSource) -> Result<Verified, SyncError> {
+    let location = Location::parse(&source.url)?;
+    let body = fetch(&location)?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(SyncError::Empty);
+    }
+    let sha = sha256_hex(&body);
+    // Every check that vouched for the download, strongest last.
+    let mut verified: Vec<&'static str> = Vec::new();
+    if let Some(pinned) = &source.sha256 {
+        if !pinned.eq_ignore_ascii_case(&sha) {
+            return Err(SyncError::PinnedChecksumMismatch {
+                expected: pinned.clone(),
+                computed: sha,
+            });
+        }
+        verified.push("pinned");
+    }
+    if let Some(url) = &source.sha256_url {
+        let text = fetch(&Location::parse(url)?)?;
+        let text = String::from_utf8_lossy(&text);
+        let claimed = text.split_whitespace().next().unwrap_or("");
+        if !claimed.eq_ignore_ascii_case(&sha) {
+            return Err(SyncError::PublishedChecksumMismatch {
+                url: url.clone(),
+                claimed: claimed.to_string(),
+                computed: sha,
+            });
+        }
+        verified.push("sha256_url");
+    }
+    if let Some(key) = &source.minisign_key {
+        let url = source.signature_url();
+        verify_signature(key, &url, &body)?;
+        verified.push("minisign");
+    }
+    Ok(Verified {
+        body,
+        sha256: sha,
+        verified_by: verified,
+    })
+}
+
 /// What a source's last sync did, kept in the state directory.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct SourceState {
@@ -351,41 +407,12 @@ impl Syncer {
         source: &SyncSource,
         last_sha: Option<&str>,
     ) -> Result<Outcome, SyncError> {
-        let location = Location::parse(&source.url)?;
-        let body = fetch(&location)?;
-        if body.iter().all(u8::is_ascii_whitespace) {
-            return Err(SyncError::Empty);
-        }
-        let sha = sha256_hex(&body);
-        // Every check that vouched for the download, strongest last.
-        let mut verified: Vec<&'static str> = Vec::new();
-        if let Some(pinned) = &source.sha256 {
-            if !pinned.eq_ignore_ascii_case(&sha) {
-                return Err(SyncError::PinnedChecksumMismatch {
-                    expected: pinned.clone(),
-                    computed: sha,
-                });
-            }
-            verified.push("pinned");
-        }
-        if let Some(url) = &source.sha256_url {
-            let text = fetch(&Location::parse(url)?)?;
-            let text = String::from_utf8_lossy(&text);
-            let claimed = text.split_whitespace().next().unwrap_or("");
-            if !claimed.eq_ignore_ascii_case(&sha) {
-                return Err(SyncError::PublishedChecksumMismatch {
-                    url: url.clone(),
-                    claimed: claimed.to_string(),
-                    computed: sha,
-                });
-            }
-            verified.push("sha256_url");
-        }
-        if let Some(key) = &source.minisign_key {
-            let url = source.signature_url();
-            verify_signature(key, &url, &body)?;
-            verified.push("minisign");
-        }
+        let Verified {
+            body,
+            sha256: sha,
+            verified_by: checks,
+        } = fetch_verified(source)?;
+        let mut verified = checks;
         let text = String::from_utf8(body).map_err(|_| SyncError::NotText)?;
         let format = match source.format.as_str() {
             "auto" => Format::detect(&text),

@@ -333,6 +333,11 @@ pub struct DnsConfig {
     pub doh_resolvers: Vec<String>,
     /// A file of more DoH resolvers, one address or prefix per line (`#` comments).
     pub doh_resolvers_file: String,
+    /// Lists of DoH resolvers followed like the blocklist's sources (same locations, pins and
+    /// signatures; one address or prefix per line).
+    pub doh_sources: Vec<SyncSource>,
+    /// How often `doh_sources` are synced (0 = only on `dns sync_doh`).
+    pub doh_sync_interval_seconds: u64,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -363,6 +368,8 @@ impl Default for DnsConfig {
             drop_doh: true,
             doh_resolvers: Vec::new(),
             doh_resolvers_file: String::new(),
+            doh_sources: Vec::new(),
+            doh_sync_interval_seconds: 86_400,
         }
     }
 }
@@ -769,84 +776,12 @@ impl Config {
                 )));
             }
         }
-        let mut names = std::collections::BTreeSet::new();
-        for source in &self.blocklist.sources {
-            if source.name.is_empty()
-                || !source
-                    .name
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'))
-            {
-                return Err(Error::config(format!(
-                    "blocklist.sources: name {:?} must be letters, digits, '-' or '_'",
-                    source.name
-                )));
-            }
-            if !names.insert(source.name.as_str()) {
-                return Err(Error::config(format!(
-                    "blocklist.sources: the name {:?} is used twice",
-                    source.name
-                )));
-            }
-            Location::parse(&source.url)
-                .map_err(|e| Error::config(format!("blocklist.sources {:?}: {e}", source.name)))?;
-            if !matches!(
-                source.format.as_str(),
-                "auto" | "hosts" | "adblock" | "plain" | "json"
-            ) {
-                return Err(Error::config(format!(
-                    "blocklist.sources {:?}: format must be auto, hosts, adblock, plain or json",
-                    source.name
-                )));
-            }
-            if let Some(sum) = &source.sha256
-                && (sum.len() != 64 || !sum.bytes().all(|c| c.is_ascii_hexdigit()))
-            {
-                return Err(Error::config(format!(
-                    "blocklist.sources {:?}: sha256 must be 64 hex digits",
-                    source.name
-                )));
-            }
-            // Over plain http:// anyone on the path can swap the list and any checksum file
-            // beside it; only what the configuration pins (the list's sha256, or the
-            // publisher's key) proves the download is the publisher's.
-            if source.url.starts_with("http://")
-                && source.sha256.is_none()
-                && source.minisign_key.is_none()
-            {
-                return Err(Error::config(format!(
-                    "blocklist.sources {:?}: an http:// source needs sha256 (the list's checksum, \
-                     pinned) or minisign_key (the publisher's key); a sha256_url or a list's own \
-                     checksum over plain http proves nothing. Use https:// otherwise",
-                    source.name
-                )));
-            }
-            match (&source.minisign_key, &source.minisign_url) {
-                (Some(key), url) => {
-                    minisign::PublicKey::from_base64(key.trim()).map_err(|e| {
-                        Error::config(format!(
-                            "blocklist.sources {:?}: minisign_key is not a minisign public key ({e})",
-                            source.name
-                        ))
-                    })?;
-                    if let Some(url) = url {
-                        Location::parse(url).map_err(|e| {
-                            Error::config(format!(
-                                "blocklist.sources {:?}: minisign_url: {e}",
-                                source.name
-                            ))
-                        })?;
-                    }
-                }
-                (None, Some(_)) => {
-                    return Err(Error::config(format!(
-                        "blocklist.sources {:?}: minisign_url needs minisign_key",
-                        source.name
-                    )));
-                }
-                (None, None) => {}
-            }
-        }
+        validate_sync_sources(
+            "blocklist.sources",
+            &self.blocklist.sources,
+            &["auto", "hosts", "adblock", "plain", "json"],
+        )?;
+        validate_sync_sources("dns.doh_sources", &self.dns.doh_sources, &["auto", "plain"])?;
         parse_listen("blocklist.api_listen", &self.blocklist.api_listen)?;
         if !(0.0..=1.0).contains(&self.blocklist.threshold) {
             return Err(Error::config("blocklist.threshold must be between 0 and 1"));
@@ -934,6 +869,85 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Checks `[[<key>]]` sync sources (the blocklist's, the DoH resolver list's): names,
+/// locations, formats among `formats`, and the pins an http:// source needs.
+fn validate_sync_sources(key: &str, sources: &[SyncSource], formats: &[&str]) -> Result<(), Error> {
+    let mut names = std::collections::BTreeSet::new();
+    for source in sources {
+        if source.name.is_empty()
+            || !source
+                .name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'))
+        {
+            return Err(Error::config(format!(
+                "{key}: name {:?} must be letters, digits, '-' or '_'",
+                source.name
+            )));
+        }
+        if !names.insert(source.name.as_str()) {
+            return Err(Error::config(format!(
+                "{key}: the name {:?} is used twice",
+                source.name
+            )));
+        }
+        Location::parse(&source.url)
+            .map_err(|e| Error::config(format!("{key} {:?}: {e}", source.name)))?;
+        if !formats.contains(&source.format.as_str()) {
+            return Err(Error::config(format!(
+                "{key} {:?}: format must be one of {}",
+                source.name,
+                formats.join(", ")
+            )));
+        }
+        if let Some(sum) = &source.sha256
+            && (sum.len() != 64 || !sum.bytes().all(|c| c.is_ascii_hexdigit()))
+        {
+            return Err(Error::config(format!(
+                "{key} {:?}: sha256 must be 64 hex digits",
+                source.name
+            )));
+        }
+        // Over plain http:// anyone on the path can swap the list and any checksum file
+        // beside it; only what the configuration pins (the list's sha256, or the
+        // publisher's key) proves the download is the publisher's.
+        if source.url.starts_with("http://")
+            && source.sha256.is_none()
+            && source.minisign_key.is_none()
+        {
+            return Err(Error::config(format!(
+                "{key} {:?}: an http:// source needs sha256 (the list's checksum, \
+                 pinned) or minisign_key (the publisher's key); a sha256_url or a list's own \
+                 checksum over plain http proves nothing. Use https:// otherwise",
+                source.name
+            )));
+        }
+        match (&source.minisign_key, &source.minisign_url) {
+            (Some(key), url) => {
+                minisign::PublicKey::from_base64(key.trim()).map_err(|e| {
+                    Error::config(format!(
+                        "{key} {:?}: minisign_key is not a minisign public key ({e})",
+                        source.name
+                    ))
+                })?;
+                if let Some(url) = url {
+                    Location::parse(url).map_err(|e| {
+                        Error::config(format!("{key} {:?}: minisign_url: {e}", source.name))
+                    })?;
+                }
+            }
+            (None, Some(_)) => {
+                return Err(Error::config(format!(
+                    "{key} {:?}: minisign_url needs minisign_key",
+                    source.name
+                )));
+            }
+            (None, None) => {}
+        }
+    }
+    Ok(())
 }
 
 /// An address (a /32 or /128) or a CIDR prefix.

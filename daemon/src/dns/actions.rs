@@ -242,7 +242,23 @@ fn resolver_status(r: &Resolver) -> serde_json::Value {
             .map(|(k, v)| (k.to_string(), json!(v)))
             .collect::<serde_json::Map<_, _>>(),
         "encrypted_dns": r.encrypted_dns_status(),
+        "stopped": stopped_by_layer(r),
     })
+}
+
+/// `Resolver::stopped` as `{layer: {reason: count}}`.
+fn stopped_by_layer(r: &Resolver) -> serde_json::Map<String, serde_json::Value> {
+    let mut layers = serde_json::Map::new();
+    for (layer, reason, n) in r.stopped() {
+        if let Some(m) = layers
+            .entry(layer.to_string())
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+        {
+            m.insert(reason.to_string(), json!(n));
+        }
+    }
+    layers
 }
 
 fn resolver(h: &Handles) -> Result<Arc<Resolver>, ApiError> {
@@ -268,6 +284,28 @@ struct ClientPolicyParams {
 
 /// The resolver's actions: dry run, per-client blocking, cache.
 fn register_resolver(registry: &mut Registry, handles: Arc<Handles>) {
+    let c = Arc::clone(&handles);
+    registry.action(
+        "dns",
+        "sync_doh",
+        "sync the DoH resolver lists of [[dns.doh_sources]] now (each download checked like the blocklist's sources; a rejected one changes nothing) and write them into the kernel",
+        vec![],
+        move |_: NoParams| {
+            let c = Arc::clone(&c);
+            async move {
+                let r = resolver(&c)?;
+                if r.config().doh_sources.is_empty() {
+                    return Err(ApiError::new(
+                        "NO_SOURCES",
+                        "no [[dns.doh_sources]] in the configuration",
+                    ));
+                }
+                r.sync_doh().await;
+                Ok(json!({"success": true, "sources": r.doh_sources_status()}))
+            }
+        },
+    );
+
     let c = Arc::clone(&handles);
     registry.action(
         "dns",

@@ -59,6 +59,17 @@ impl Collector for ResolverCollector {
                 .into_iter()
                 .map(|(reason, v)| (vec![("reason", reason.to_string())], v)),
         )?;
+        counter_family(
+            &mut encoder,
+            "phantom_dns_stopped",
+            "What each layer of the block stopped, by reason: resolver (blocked, bypass answers), kernel_answer_rewrite (answers of other resolvers rewritten to NXDOMAIN, packets), kernel_encrypted_dns (DoT, DoQ, DoH packets dropped)",
+            r.stopped().into_iter().map(|(layer, reason, v)| {
+                (
+                    vec![("layer", layer.to_string()), ("reason", reason.to_string())],
+                    v,
+                )
+            }),
+        )?;
         gauge(
             &mut encoder,
             "phantom_dns_cache_entries",

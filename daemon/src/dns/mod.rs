@@ -126,8 +126,11 @@ pub struct Resolver {
     pub bypass_stats: BypassStats,
     /// What the listeners are bound to right now.
     pub listening: Mutex<Vec<SocketAddr>>,
-    /// The DoH resolvers' prefixes the kernel drops clients' HTTPS to (`[dns] drop_doh`).
+    /// The DoH resolvers' prefixes from the shipped list and the configuration; the synced
+    /// ones (`doh_sync`) are added when the kernel is written (`[dns] drop_doh`).
     doh_resolvers: Vec<ipnet::IpNet>,
+    /// `[[dns.doh_sources]]`: DoH resolver lists followed like the blocklist's sources.
+    pub doh_sync: encrypted::DohSync,
 }
 
 /// The outcome of answering from what the resolver holds.
@@ -182,6 +185,7 @@ impl Resolver {
             bypass_stats: BypassStats::default(),
             listening: Mutex::new(Vec::new()),
             doh_resolvers: encrypted::doh_resolvers(config)?,
+            doh_sync: encrypted::DohSync::open(state_dir)?,
         };
         resolver.refresh_clients();
         resolver.push_encrypted_dns();
@@ -256,7 +260,39 @@ impl Resolver {
                 let _ = tokio::task::spawn_blocking(move || r.refresh_clients()).await;
             }
         });
-        vec![listeners, policy]
+        let doh = tokio::spawn(Arc::clone(self).run_doh_sync(shutdown.clone()));
+        vec![listeners, policy, doh]
+    }
+
+    /// Syncs `[[dns.doh_sources]]` now and writes the result into the kernel (blocking work
+    /// off the runtime's workers); the states.
+    pub async fn sync_doh(self: &Arc<Self>) -> Vec<encrypted::DohSourceState> {
+        let r = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let states = r.doh_sync.sync_all(&r.config.doh_sources);
+            r.push_encrypted_dns();
+            states
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    /// At start and every `doh_sync_interval_seconds` (0: only on `dns sync_doh`).
+    async fn run_doh_sync(self: Arc<Self>, mut shutdown: Shutdown) {
+        if self.config.doh_sources.is_empty() {
+            return;
+        }
+        loop {
+            self.sync_doh().await;
+            let interval = self.config.doh_sync_interval_seconds;
+            if interval == 0 {
+                return;
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(interval)) => {}
+            }
+        }
     }
 
     /// Resolves client names to addresses and writes the policy into the kernel filter. Run at
@@ -299,7 +335,9 @@ impl Resolver {
             return;
         };
         let resolvers: BTreeSet<IpAddr> = self.listening().iter().map(|a| a.ip()).collect();
-        let settings = encrypted::settings(&self.config, &self.doh_resolvers, resolvers);
+        let mut doh = self.doh_resolvers.clone();
+        doh.extend(self.doh_sync.prefixes(&self.config.doh_sources));
+        let settings = encrypted::settings(&self.config, &doh, resolvers);
         if let Err(e) = dp.encrypted_dns.set(&settings) {
             warn!(error = %e, "cannot write the encrypted-DNS filter into the kernel");
         }
@@ -316,10 +354,68 @@ impl Resolver {
                 "packets": st.counters.iter()
                     .map(|c| (c.verdict.to_string(), serde_json::json!(c.packets)))
                     .collect::<serde_json::Map<_, _>>(),
+                "doh_sources": self.doh_sources_status(),
             }),
             Some(Err(e)) => serde_json::json!({"error": e.to_string()}),
             None => serde_json::Value::Null,
         }
+    }
+
+    /// What each layer of the block stopped, by reason, as (layer, reason, count): the
+    /// resolver's blocked answers and its bypass answers, the kernel's rewritten answers
+    /// (clients asking another resolver over plain DNS), and the kernel's encrypted-DNS drops.
+    /// Totals only: never a client or a name.
+    pub fn stopped(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut out = vec![(
+            "resolver",
+            "blocked",
+            self.stats.blocked.load(Ordering::Relaxed),
+        )];
+        out.extend(
+            self.bypass_stats
+                .by_reason()
+                .into_iter()
+                .map(|(reason, n)| ("resolver", reason, n)),
+        );
+        if let Some(dp) = &self.datapath {
+            if let Ok(verdicts) = dp.dns_verdicts() {
+                let rewritten = verdicts
+                    .iter()
+                    .filter(|c| c.verdict == "nxdomain")
+                    .map(|c| c.packets)
+                    .sum();
+                out.push(("kernel_answer_rewrite", "nxdomain", rewritten));
+            }
+            if let Ok(st) = dp.encrypted_dns.status() {
+                for c in st.counters {
+                    let reason = match c.verdict {
+                        "dot_dropped" => "dot",
+                        "doq_dropped" => "doq",
+                        "doh_tcp_dropped" => "doh_tcp",
+                        "doh_udp_dropped" => "doh_udp",
+                        _ => continue,
+                    };
+                    out.push(("kernel_encrypted_dns", reason, c.packets));
+                }
+            }
+        }
+        out
+    }
+
+    /// The DoH list sources' states, each with its prefix count instead of the list.
+    pub fn doh_sources_status(&self) -> Vec<serde_json::Value> {
+        self.doh_sync
+            .states(&self.config.doh_sources)
+            .into_iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name, "url": s.url, "last_attempt": s.last_attempt,
+                    "last_success": s.last_success, "sha256": s.sha256,
+                    "verified_by": s.verified_by, "prefixes": s.prefixes.len(),
+                    "skipped": s.skipped, "error": s.error,
+                })
+            })
+            .collect()
     }
 
     /// Addresses with blocking off right now, by client name.
