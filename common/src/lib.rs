@@ -6,6 +6,7 @@
 
 pub mod dns;
 pub mod net;
+pub mod policy;
 pub mod xdp;
 
 /// Map and program names, shared so the daemon never spells them differently from the object.
@@ -61,4 +62,9 @@ pub mod names {
     pub const DOH_V4_MAP: &str = "PH_DOH_V4";
     pub const DOH_V6_MAP: &str = "PH_DOH_V6";
     pub const ENC_DNS_STATS_MAP: &str = "PH_ENC_DNS_STATS";
+    /// Per-client rules and isolation, TC ingress on the VPN interface.
+    pub const TC_CLIENT_POLICY: &str = "tc_client_policy";
+    pub const CLIENT_ACL_MAP: &str = "PH_CLIENT_ACL";
+    pub const CLIENT_POLICY_CONFIG_MAP: &str = "PH_CP_CONFIG";
+    pub const CLIENT_POLICY_STATS_MAP: &str = "PH_CP_STATS";
 }

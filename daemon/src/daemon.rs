@@ -33,7 +33,7 @@ use crate::{
     multihop::{self, EgressMark, Multihop},
     notify,
     open_files::{self, OpenFiles},
-    protocol,
+    policy, protocol,
     sentry::{self, Sentry},
 };
 
@@ -313,6 +313,14 @@ async fn serve(
             egress_mark.clone(),
         )?))
     };
+    let client_policy = match server {
+        Some(_) => Some(policy::ClientPolicy::open(
+            &config.state_dir,
+            clients.clone(),
+            datapath.clone(),
+        )?),
+        None => None,
+    };
     let ghost = match server.clone() {
         Some(server) => Some(Arc::new(Ghost::open(
             &config.ghost,
@@ -383,6 +391,12 @@ async fn serve(
             export_route: ghost
                 .clone()
                 .map(|g| -> core::actions::ExportRoute { Box::new(move || g.client_route()) }),
+        }),
+    );
+    policy::actions::register(
+        &mut registry,
+        Arc::new(policy::actions::Handles {
+            policy: client_policy.clone(),
         }),
     );
     datapath::actions::register(
@@ -569,6 +583,9 @@ async fn serve(
     }
     if let Some(r) = &resolver {
         tasks.extend(r.start_tasks(&shutdown));
+    }
+    if let Some(p) = &client_policy {
+        tasks.extend(p.start_tasks(&shutdown));
     }
     if let Some(list) = &blocklist {
         tasks.extend(list.start_tasks(&shutdown));

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod multihop;
 pub mod notify;
 pub mod open_files;
+pub mod policy;
 pub mod qr;
 pub mod sentry;
 pub mod source;

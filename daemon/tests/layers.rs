@@ -27,7 +27,7 @@ const LAYERS: &[&[&str]] = &[
     // The domains, each built on the ones below it.
     &["datapath"],
     &["core", "blocklist"],
-    &["ghost", "multihop", "sentry"],
+    &["ghost", "multihop", "policy", "sentry"],
     &["dns"],
     // Builds the domains in order and wires their handles.
     &["daemon"],

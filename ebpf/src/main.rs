@@ -1,6 +1,7 @@
 #![no_std]
 #![no_main]
 
+mod client_policy;
 mod dns_filter;
 mod encrypted_dns;
 mod guard;

@@ -91,6 +91,8 @@ fn read_param(name: &str) -> Value {
         "new_subnet" => json!("10.99.0.0/24"),
         "domain" => json!("lookup-probe.example"),
         "ip" => json!("203.0.113.77"),
+        "destination" => json!("203.0.113.77"),
+        "protocol" => json!("tcp"),
         other => panic!("no walk value for the read parameter {other}"),
     }
 }

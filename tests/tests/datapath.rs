@@ -654,7 +654,10 @@ fn dns_answers_for_blocked_names_become_nxdomain_in_the_kernel() {
     // The kernel keeps 15 characters of a program's name; each ingress program once.
     let mut ingress = topo.router.tcx_programs("vpn0", false);
     ingress.sort();
-    assert_eq!(ingress, vec!["tc_encrypted_dn", "tc_multihop_mar"]);
+    assert_eq!(
+        ingress,
+        vec!["tc_client_polic", "tc_encrypted_dn", "tc_multihop_mar"]
+    );
 
     // Removing the rule restores the real answers; bad rules are refused.
     assert_eq!(

@@ -199,6 +199,17 @@ impl Collector for DatapathCollector {
             )?,
             Err(e) => warn!(error = %e, "cannot read the encrypted-DNS counters for metrics"),
         }
+        match dp.client_policy.counts() {
+            Ok(counts) => counter_family(
+                &mut encoder,
+                "phantom_client_policy_packets",
+                "VPN clients' packets seen by the client policy (rules and isolation), by verdict (allowed, denied, no_match, isolated, not_inspected)",
+                counts
+                    .iter()
+                    .map(|c| (vec![("verdict", c.verdict.to_string())], c.packets)),
+            )?,
+            Err(e) => warn!(error = %e, "cannot read the client policy counters for metrics"),
+        }
         Ok(())
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod actions;
 mod bpffs;
+pub mod client_policy;
 pub mod dns_policy;
 pub mod domains;
 pub mod encrypted_dns;
@@ -86,10 +87,11 @@ pub struct DnsCount {
 }
 
 /// The TC programs that belong on the VPN interface.
-const VPN_PROGRAMS: [(&str, Hook); 3] = [
+const VPN_PROGRAMS: [(&str, Hook); 4] = [
     (names::TC_DNS_FILTER, Hook::TcEgress),
     (names::TC_MULTIHOP_MARK, Hook::TcIngress),
     (names::TC_ENCRYPTED_DNS, Hook::TcIngress),
+    (names::TC_CLIENT_POLICY, Hook::TcIngress),
 ];
 
 pub struct Datapath {
@@ -102,6 +104,7 @@ pub struct Datapath {
     pub dns_policy: DnsPolicyMaps,
     pub multihop: MultihopMark,
     pub encrypted_dns: encrypted_dns::EncryptedDnsFilter,
+    pub client_policy: client_policy::ClientPolicyMaps,
     dns_verdicts: Mutex<PerCpuArray<MapData, TrafficCounter>>,
     ifaces: Mutex<HashMap<MapData, u32, IfaceInfo>>,
     vpn_interface: String,
@@ -159,6 +162,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
         names::TC_DNS_FILTER,
         names::TC_MULTIHOP_MARK,
         names::TC_ENCRYPTED_DNS,
+        names::TC_CLIENT_POLICY,
     ] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
@@ -260,6 +264,11 @@ impl Datapath {
             take_map(&mut ebpf, names::DOH_V6_MAP)?.try_into()?,
             take_map(&mut ebpf, names::ENC_DNS_STATS_MAP)?.try_into()?,
         );
+        let client_policy = client_policy::ClientPolicyMaps::new(
+            take_map(&mut ebpf, names::CLIENT_ACL_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::CLIENT_POLICY_CONFIG_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::CLIENT_POLICY_STATS_MAP)?.try_into()?,
+        );
         let dns_policy = DnsPolicyMaps::new(
             take_map(&mut ebpf, names::DNS_POLICY_MAP)?.try_into()?,
             take_map(&mut ebpf, names::DNS_EXEMPT_MAP)?.try_into()?,
@@ -279,6 +288,7 @@ impl Datapath {
             dns_policy,
             multihop,
             encrypted_dns,
+            client_policy,
             dns_verdicts: Mutex::new(dns_verdicts),
             ifaces: Mutex::new(ifaces),
             vpn_interface: vpn_interface.to_string(),

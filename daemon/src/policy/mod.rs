@@ -1,0 +1,459 @@
+//! Per-client traffic policy: each client's ordered allow/deny rules (destination network,
+//! protocol, port range) and a switch that isolates clients from each other, enforced in the
+//! kernel on WireGuard ingress by `tc_client_policy`. The rules belong to the client's name
+//! and follow it to its address (a subnet change moves them); a removed client's rules go with
+//! it. `core test_policy` answers with the kernel's own decision function
+//! (`phantom_common::policy::decide`). See docs/policy.md.
+
+pub mod actions;
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use ipnet::Ipv4Net;
+use phantom_common::policy::{
+    ACTION_ALLOW, ACTION_DENY, AclRule, ClientAcl, MAX_ACL_RULES, PROTO_ANY, PROTO_ICMP, PROTO_TCP,
+    PROTO_UDP, PolicyConfig, PolicyVerdict, decide,
+};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::{core::ClientChanges, datapath::Datapath, error::Error, store, tasks::Shutdown};
+
+/// Why a policy change was refused (nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("rule {index}: {reason}")]
+    Rule { index: usize, reason: String },
+    #[error("at most {MAX_ACL_RULES} rules per client")]
+    TooManyRules,
+    #[error("no client named {0:?}")]
+    NoClient(String),
+    #[error(transparent)]
+    Store(#[from] Error),
+}
+
+/// `allow` or `deny`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// `any`, `tcp`, `udp` or `icmp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl Protocol {
+    fn number(self) -> u8 {
+        match self {
+            Protocol::Any => PROTO_ANY,
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+            Protocol::Icmp => PROTO_ICMP,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "any" | "all" | "ip" => Some(Protocol::Any),
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            "icmp" => Some(Protocol::Icmp),
+            _ => None,
+        }
+    }
+}
+
+/// One rule, written `<allow|deny> <any|tcp|udp|icmp> <address or CIDR> [port or lo-hi]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub action: Action,
+    pub protocol: Protocol,
+    pub destination: Ipv4Net,
+    /// `None`: every port (and portless ICMP).
+    pub ports: Option<(u16, u16)>,
+}
+
+impl Rule {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        if !(3..=4).contains(&words.len()) {
+            return Err(format!(
+                "{text:?} is not \"<allow|deny> <any|tcp|udp|icmp> <address or CIDR> [port or lo-hi]\""
+            ));
+        }
+        let action = match words[0].to_ascii_lowercase().as_str() {
+            "allow" | "accept" => Action::Allow,
+            "deny" | "drop" => Action::Deny,
+            other => return Err(format!("{other:?} is not allow or deny")),
+        };
+        let protocol = Protocol::parse(words[1])
+            .ok_or_else(|| format!("{:?} is not any, tcp, udp or icmp", words[1]))?;
+        let destination = words[2]
+            .parse::<Ipv4Net>()
+            .or_else(|_| words[2].parse::<Ipv4Addr>().map(Ipv4Net::from))
+            .map_err(|_| format!("{:?} is not an IPv4 address or CIDR", words[2]))?
+            .trunc();
+        let ports = match words.get(3) {
+            None => None,
+            Some(p) => {
+                if matches!(protocol, Protocol::Icmp) {
+                    return Err("icmp has no ports".into());
+                }
+                let (lo, hi) = p.split_once('-').unwrap_or((p, p));
+                let port = |s: &str| {
+                    s.parse::<u16>()
+                        .map_err(|_| format!("{p:?} is not a port or a range lo-hi"))
+                };
+                let (lo, hi) = (port(lo)?, port(hi)?);
+                if lo > hi {
+                    return Err(format!("{p:?}: the range is reversed"));
+                }
+                Some((lo, hi))
+            }
+        };
+        Ok(Self {
+            action,
+            protocol,
+            destination,
+            ports,
+        })
+    }
+
+    fn kernel(&self) -> AclRule {
+        let (port_lo, port_hi) = self.ports.unwrap_or((0, u16::MAX));
+        AclRule {
+            net: self.destination.network().octets(),
+            mask: self.destination.netmask().octets(),
+            port_lo,
+            port_hi,
+            proto: self.protocol.number(),
+            action: match self.action {
+                Action::Allow => ACTION_ALLOW,
+                Action::Deny => ACTION_DENY,
+            },
+            _pad: [0; 2],
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let action = match self.action {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        };
+        let protocol = match self.protocol {
+            Protocol::Any => "any",
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+        };
+        write!(f, "{action} {protocol} {}", self.destination)?;
+        match self.ports {
+            Some((lo, hi)) if lo == hi => write!(f, " {lo}"),
+            Some((lo, hi)) => write!(f, " {lo}-{hi}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Serialize for Rule {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Rule {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Rule::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses an ordered rule list; errors name the rule.
+pub fn parse_rules(texts: &[String]) -> Result<Vec<Rule>, PolicyError> {
+    if texts.len() > MAX_ACL_RULES {
+        return Err(PolicyError::TooManyRules);
+    }
+    texts
+        .iter()
+        .enumerate()
+        .map(|(index, t)| Rule::parse(t).map_err(|reason| PolicyError::Rule { index, reason }))
+        .collect()
+}
+
+fn kernel_acl(rules: &[Rule]) -> ClientAcl {
+    let mut acl = ClientAcl::default();
+    for (slot, rule) in acl.rules.iter_mut().zip(rules) {
+        *slot = rule.kernel();
+    }
+    acl.count = rules.len().min(MAX_ACL_RULES) as u32;
+    acl
+}
+
+/// What is kept in `state_dir/client-policy.json`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PolicyState {
+    /// Client-to-client traffic dropped.
+    pub isolate: bool,
+    /// Client name -> its rules, in order.
+    pub rules: BTreeMap<String, Vec<Rule>>,
+}
+
+/// What `test_policy` found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tested {
+    pub verdict: PolicyVerdict,
+    /// The deciding rule: its position and text.
+    pub rule: Option<(usize, String)>,
+}
+
+pub struct ClientPolicy {
+    path: PathBuf,
+    state: Mutex<PolicyState>,
+    clients: ClientChanges,
+    datapath: Option<Arc<Datapath>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl ClientPolicy {
+    /// Reads the kept policy (a damaged file is set aside) and writes it into the kernel.
+    pub fn open(
+        state_dir: &Path,
+        clients: ClientChanges,
+        datapath: Option<Arc<Datapath>>,
+    ) -> Result<Arc<Self>, Error> {
+        let path = state_dir.join("client-policy.json");
+        let state: PolicyState = store::read_json_or_set_aside(&path, "client policy")?;
+        let policy = Arc::new(Self {
+            path,
+            state: Mutex::new(state),
+            clients,
+            datapath,
+        });
+        policy.push();
+        Ok(policy)
+    }
+
+    pub fn state(&self) -> PolicyState {
+        lock(&self.state).clone()
+    }
+
+    /// Applies `f` to a copy, keeps it on disk, then puts it in force.
+    fn change(&self, f: impl FnOnce(&mut PolicyState)) -> Result<PolicyState, PolicyError> {
+        let mut guard = lock(&self.state);
+        let mut next = guard.clone();
+        f(&mut next);
+        // Durable before it is in force.
+        store::write_json(&self.path, &next)?;
+        *guard = next.clone();
+        drop(guard);
+        self.push();
+        Ok(next)
+    }
+
+    /// Replaces `name`'s rules (an empty list removes them).
+    pub fn set_rules(&self, name: &str, rules: Vec<Rule>) -> Result<PolicyState, PolicyError> {
+        if rules.len() > MAX_ACL_RULES {
+            return Err(PolicyError::TooManyRules);
+        }
+        if !self.clients.borrow().clients.contains_key(name) {
+            return Err(PolicyError::NoClient(name.to_string()));
+        }
+        self.change(|s| {
+            if rules.is_empty() {
+                s.rules.remove(name);
+            } else {
+                s.rules.insert(name.to_string(), rules);
+            }
+        })
+    }
+
+    pub fn set_isolation(&self, on: bool) -> Result<PolicyState, PolicyError> {
+        self.change(|s| s.isolate = on)
+    }
+
+    /// What the kernel would do with a packet from `name` to `dst` (protocol, port), and by
+    /// which rule: the kernel's own function on the same inputs.
+    pub fn test(
+        &self,
+        name: &str,
+        dst: Ipv4Addr,
+        protocol: Protocol,
+        port: u16,
+    ) -> Result<Tested, PolicyError> {
+        if !self.clients.borrow().clients.contains_key(name) {
+            return Err(PolicyError::NoClient(name.to_string()));
+        }
+        let state = self.state();
+        let rules = state.rules.get(name).cloned().unwrap_or_default();
+        let acl = (!rules.is_empty()).then(|| kernel_acl(&rules));
+        let (verdict, index) = decide(
+            &self.kernel_config(state.isolate),
+            acl.as_ref(),
+            dst.octets(),
+            protocol.number(),
+            port,
+        );
+        let rule = rules
+            .get(index as usize)
+            .map(|r| (index as usize, r.to_string()));
+        Ok(Tested { verdict, rule })
+    }
+
+    fn kernel_config(&self, isolate: bool) -> PolicyConfig {
+        let mut cfg = PolicyConfig {
+            isolate: u32::from(isolate),
+            ..PolicyConfig::default()
+        };
+        if let Some(subnet) = self.clients.borrow().subnet {
+            let net = Ipv4Net::new(subnet.network, subnet.prefix).map(|n| n.trunc());
+            if let Ok(net) = net {
+                cfg.v4_net = net.network().octets();
+                cfg.v4_mask = net.netmask().octets();
+                cfg.server = subnet.server_ip().octets();
+            }
+        }
+        cfg
+    }
+
+    /// Writes the rules of every present client, at its current address, and the switches.
+    pub fn push(&self) {
+        let Some(dp) = &self.datapath else {
+            return;
+        };
+        let state = self.state();
+        let table = self.clients.borrow().clone();
+        let acls: BTreeMap<Ipv4Addr, ClientAcl> = state
+            .rules
+            .iter()
+            .filter_map(|(name, rules)| {
+                let client = table.clients.get(name)?;
+                Some((client.ip, kernel_acl(rules)))
+            })
+            .collect();
+        // Rules first: isolation switched on never runs ahead of a client's allow rules.
+        if let Err(e) = dp.client_policy.set_acls(&acls) {
+            warn!(error = %e, "cannot write the client rules into the kernel");
+        }
+        if let Err(e) = dp
+            .client_policy
+            .set_config(&self.kernel_config(state.isolate))
+        {
+            warn!(error = %e, "cannot write the client isolation switch into the kernel");
+        }
+    }
+
+    /// Follows the client table: rules move with their client's address, and a removed
+    /// client's rules go.
+    pub fn start_tasks(self: &Arc<Self>, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
+        let policy = Arc::clone(self);
+        let mut clients = self.clients.clone();
+        let mut stop = shutdown.clone();
+        vec![tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    changed = clients.changed() => if changed.is_err() { return },
+                }
+                let p = Arc::clone(&policy);
+                let _ = tokio::task::spawn_blocking(move || p.follow_clients()).await;
+            }
+        })]
+    }
+
+    fn follow_clients(&self) {
+        let table = self.clients.borrow().clone();
+        let gone: Vec<String> = self
+            .state()
+            .rules
+            .keys()
+            .filter(|n| !table.clients.contains_key(*n))
+            .cloned()
+            .collect();
+        // Without a server (no table at all) nothing is pruned.
+        if table.subnet.is_some() && !gone.is_empty() {
+            if let Err(e) = self.change(|s| {
+                for n in &gone {
+                    s.rules.remove(n);
+                }
+            }) {
+                warn!(error = %e, "cannot drop the rules of removed clients");
+            }
+        } else {
+            self.push();
+        }
+    }
+
+    /// Packets per verdict since the program was loaded (`None` without a datapath).
+    pub fn counts(&self) -> Option<Vec<(&'static str, u64)>> {
+        let dp = self.datapath.as_ref()?;
+        dp.client_policy
+            .counts()
+            .ok()
+            .map(|c| c.into_iter().map(|c| (c.verdict, c.packets)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn rules_parse_print_and_refuse_clearly() {
+        for text in [
+            "deny tcp 203.0.113.0/24 22",
+            "allow udp 198.51.100.7/32 1000-2000",
+            "deny icmp 0.0.0.0/0",
+            "allow any 10.0.0.0/8",
+        ] {
+            assert_eq!(Rule::parse(text).unwrap().to_string(), text);
+        }
+        assert_eq!(
+            Rule::parse("DROP TCP 203.0.113.9 443").unwrap().to_string(),
+            "deny tcp 203.0.113.9/32 443"
+        );
+        for (bad, says) in [
+            ("deny tcp", "is not"),
+            ("maybe tcp 1.2.3.4", "allow or deny"),
+            ("deny sctp 1.2.3.4", "any, tcp, udp or icmp"),
+            ("deny tcp 1.2.3.400", "IPv4 address"),
+            ("deny tcp 2001:db8::/32", "IPv4 address"),
+            ("deny icmp 1.2.3.4 7", "no ports"),
+            ("deny tcp 1.2.3.4 90-80", "reversed"),
+            ("deny tcp 1.2.3.4 70000", "not a port"),
+        ] {
+            let e = Rule::parse(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let many: Vec<String> = (0..=MAX_ACL_RULES)
+            .map(|_| "allow any 0.0.0.0/0".to_string())
+            .collect();
+        assert!(matches!(parse_rules(&many), Err(PolicyError::TooManyRules)));
+        let e = parse_rules(&["allow any 0.0.0.0/0".into(), "nope".into()]).unwrap_err();
+        assert!(e.to_string().starts_with("rule 1:"), "{e}");
+    }
+}
