@@ -53,6 +53,9 @@ pub struct PolicyConfig {
     pub v4_mask: [u8; 4],
     /// The server's own address in the subnet: always reachable.
     pub server: [u8; 4],
+    /// The VPN interface's link-layer header length (0 for WireGuard): one lookup fewer per
+    /// packet than the shared per-interface map.
+    pub l2_len: u32,
 }
 
 /// What the policy did. The discriminant is the counter slot.
@@ -179,7 +182,7 @@ mod tests {
     fn layouts() {
         assert_eq!(core::mem::size_of::<AclRule>(), 16);
         assert_eq!(core::mem::size_of::<ClientAcl>(), 8 + 16 * MAX_ACL_RULES);
-        assert_eq!(core::mem::size_of::<PolicyConfig>(), 16);
+        assert_eq!(core::mem::size_of::<PolicyConfig>(), 20);
     }
 
     #[test]
@@ -194,6 +197,7 @@ mod tests {
             v4_net: [198, 51, 100, 0],
             v4_mask: [255, 255, 255, 0],
             server: [198, 51, 100, 1],
+            l2_len: 0,
         };
         let d = |dst, proto, port| decide(&cfg, Some(&acl), dst, proto, port);
         assert_eq!(

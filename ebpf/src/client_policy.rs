@@ -11,13 +11,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use phantom_common::{
-    dns::IfaceInfo,
     net::{ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
     policy::{ClientAcl, MAX_ACL_CLIENTS, PolicyConfig, PolicyVerdict, decide},
     xdp::TrafficCounter,
 };
 
-use crate::dns_filter::{IFACES, load};
+use crate::dns_filter::load;
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -48,6 +47,18 @@ pub fn tc_client_policy(ctx: TcContext) -> i32 {
     }
 }
 
+/// `N` bytes at `offset` of the packet: straight from its linear part when they are there
+/// (the common case: headers), else through the helper.
+#[inline(always)]
+fn read<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if offset <= 128 && start + offset + N <= end {
+        // SAFETY: bounds checked against data_end just above.
+        return Some(unsafe { *((start + offset) as *const [u8; N]) });
+    }
+    load::<N>(ctx, offset)
+}
+
 #[inline(always)]
 fn inspect(ctx: &TcContext) -> PolicyVerdict {
     let Some(cfg) = CONFIG.get(0) else {
@@ -55,19 +66,11 @@ fn inspect(ctx: &TcContext) -> PolicyVerdict {
     };
     // SAFETY: the context pointer of a TC program is its __sk_buff.
     let skb = unsafe { &*(ctx.as_ptr() as *const __sk_buff) };
-    if u16::from_be(skb.protocol as u16) != ETH_P_IP {
+    if u16::from_be(skb.protocol as u16) != ETH_P_IP || cfg.l2_len > 64 {
         return PolicyVerdict::NotInspected;
     }
-    let ifindex = skb.ifindex;
-    let l3 = match IFACES.get_ptr(&ifindex) {
-        // SAFETY: a value pointer from a successful lookup.
-        Some(info) => match unsafe { *info } {
-            IfaceInfo { l2_len } if l2_len <= 64 => l2_len as usize,
-            _ => return PolicyVerdict::NotInspected,
-        },
-        None => return PolicyVerdict::NotInspected,
-    };
-    let Some(ip) = load::<20>(ctx, l3) else {
+    let l3 = cfg.l2_len as usize;
+    let Some(ip) = read::<20>(ctx, l3) else {
         return PolicyVerdict::NotInspected;
     };
     let src = [ip[12], ip[13], ip[14], ip[15]];
@@ -83,7 +86,7 @@ fn inspect(ctx: &TcContext) -> PolicyVerdict {
         let first_fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff == 0;
         let ihl = ((ip[0] & 0x0f) as usize) * 4;
         if first_fragment && ihl >= 20 {
-            if let Some(ports) = load::<4>(ctx, (l3 + ihl) & 0xfff) {
+            if let Some(ports) = read::<4>(ctx, (l3 + ihl) & 0xff) {
                 dport = u16::from_be_bytes([ports[2], ports[3]]);
             }
         }

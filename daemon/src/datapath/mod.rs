@@ -315,6 +315,11 @@ impl Datapath {
         &self.vpn_interface
     }
 
+    /// The VPN interface's link-layer header length (0 for WireGuard), when it exists.
+    pub fn vpn_l2_len(&self) -> Result<u32, Error> {
+        l2_len(&self.vpn_interface)
+    }
+
     /// Attaches the TC programs to the VPN interface when it exists (again, after it was
     /// recreated), and forgets attachments whose interface is gone. Idempotent; run at start
     /// and periodically.

@@ -326,6 +326,10 @@ impl ClientPolicy {
     fn kernel_config(&self, isolate: bool) -> PolicyConfig {
         let mut cfg = PolicyConfig {
             isolate: u32::from(isolate),
+            l2_len: self
+                .datapath
+                .as_ref()
+                .map_or(0, |dp| dp.vpn_l2_len().unwrap_or(0)),
             ..PolicyConfig::default()
         };
         if let Some(subnet) = self.clients.borrow().subnet {

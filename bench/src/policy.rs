@@ -1,0 +1,141 @@
+//! `policy`: the per-packet cost of `tc_client_policy` (BPF_PROG_TEST_RUN) with 10,000 clients
+//! holding 16 rules each, beside the same program for a client without rules and beside
+//! `tc_multihop_mark` switched off (a TC program that returns at once), same run.
+
+use aya::{
+    maps::{Array, HashMap},
+    programs::SchedClassifier,
+};
+use phantom_common::{
+    dns::IfaceInfo,
+    names,
+    policy::{
+        ACTION_ALLOW, ACTION_DENY, AclRule, ClientAcl, MAX_ACL_RULES, PROTO_ANY, PROTO_UDP,
+        PolicyConfig,
+    },
+};
+
+use crate::{
+    BoxError, Cli,
+    bpf::{ipv4_frame, leak, load_object, mac, median_ns, pin_dir, program},
+    report::table,
+};
+
+/// Clients with rules in the map.
+const CLIENTS: u32 = 10_000;
+
+/// 16 rules: 15 allowing one address of 192.0.2.0/24 each, then one denying UDP ports 1-100
+/// to 203.0.113.0/24 (a UDP packet to 203.0.113.80 port 9 walks all 16).
+fn worst_case_rules() -> ClientAcl {
+    let mut acl = ClientAcl::default();
+    for (i, r) in acl.rules.iter_mut().enumerate() {
+        *r = AclRule {
+            net: [192, 0, 2, i as u8],
+            mask: [255, 255, 255, 255],
+            port_lo: 0,
+            port_hi: u16::MAX,
+            proto: PROTO_ANY,
+            action: ACTION_ALLOW,
+            _pad: [0; 2],
+        };
+    }
+    acl.rules[MAX_ACL_RULES - 1] = AclRule {
+        net: [203, 0, 113, 0],
+        mask: [255, 255, 255, 0],
+        port_lo: 1,
+        port_hi: 100,
+        proto: PROTO_UDP,
+        action: ACTION_DENY,
+        _pad: [0; 2],
+    };
+    acl.count = MAX_ACL_RULES as u32;
+    acl
+}
+
+fn client(i: u32) -> [u8; 4] {
+    let [_, b, c, d] = (0x0a00_0000u32 + i + 2).to_be_bytes();
+    [10, b, c, d]
+}
+
+pub fn run(cli: &Cli) -> Result<(), BoxError> {
+    let pins = pin_dir("policy")?;
+    let mut ebpf = load_object(pins.path(), cli)?;
+    program::<SchedClassifier>(&mut ebpf, names::TC_CLIENT_POLICY)?.load()?;
+    program::<SchedClassifier>(&mut ebpf, names::TC_MULTIHOP_MARK)?.load()?;
+    // BPF_PROG_TEST_RUN hands skb programs an Ethernet frame on the loopback device.
+    let mut ifaces: HashMap<_, u32, IfaceInfo> =
+        HashMap::try_from(ebpf.map_mut(names::IFACES_MAP).ok_or("no ifaces map")?)?;
+    ifaces.insert(&1, &IfaceInfo { l2_len: 14 }, 0)?;
+    {
+        let mut acls: HashMap<_, [u8; 4], ClientAcl> =
+            HashMap::try_from(ebpf.map_mut(names::CLIENT_ACL_MAP).ok_or("no ACL map")?)?;
+        let rules = worst_case_rules();
+        for i in 0..CLIENTS {
+            acls.insert(&client(i), &rules, 0)?;
+        }
+    }
+    let set_isolation = |ebpf: &mut aya::Ebpf, on: bool| -> Result<(), BoxError> {
+        let mut cfg: Array<_, PolicyConfig> = Array::try_from(
+            ebpf.map_mut(names::CLIENT_POLICY_CONFIG_MAP)
+                .ok_or("no policy config map")?,
+        )?;
+        cfg.set(
+            0,
+            &PolicyConfig {
+                isolate: u32::from(on),
+                v4_net: [10, 0, 0, 0],
+                v4_mask: [255, 0, 0, 0],
+                server: [10, 0, 0, 1],
+                // BPF_PROG_TEST_RUN hands skb programs an Ethernet frame.
+                l2_len: 14,
+            },
+            0,
+        )?;
+        Ok(())
+    };
+    set_isolation(&mut ebpf, false)?;
+
+    let service = [203, 0, 113, 80];
+    let with_rules = leak(ipv4_frame(mac(1), client(CLIENTS / 2), service));
+    let first_rule = leak(ipv4_frame(mac(1), client(7), [192, 0, 2, 0]));
+    let no_rules = leak(ipv4_frame(mac(1), [10, 200, 0, 9], service));
+    let to_client = leak(ipv4_frame(mac(1), [10, 200, 0, 9], client(3)));
+    let (repeat, rounds) = (cli.repeat, cli.rounds);
+
+    let baseline = median_ns(
+        program::<SchedClassifier>(&mut ebpf, names::TC_MULTIHOP_MARK)?,
+        no_rules,
+        repeat,
+        rounds,
+    )?;
+    let prog = program::<SchedClassifier>(&mut ebpf, names::TC_CLIENT_POLICY)?;
+    let mut rows = vec![format!(
+        "| `tc_multihop_mark` switched off (returns at once): the baseline | {baseline:.0} |"
+    )];
+    for (label, frame) in [
+        ("client without rules, isolation off (one lookup)", no_rules),
+        ("client with 16 rules, the first matches", first_rule),
+        (
+            "client with 16 rules, all 16 walked (the last denies)",
+            with_rules,
+        ),
+    ] {
+        rows.push(format!(
+            "| {label}, {CLIENTS} clients with rules | {:.0} |",
+            median_ns(prog, frame, repeat, rounds)?
+        ));
+    }
+    set_isolation(&mut ebpf, true)?;
+    let prog = program::<SchedClassifier>(&mut ebpf, names::TC_CLIENT_POLICY)?;
+    rows.push(format!(
+        "| isolation on, client to client (dropped), {CLIENTS} clients with rules | {:.0} |",
+        median_ns(prog, to_client, repeat, rounds)?
+    ));
+    table(
+        "Client policy per-packet cost (BPF_PROG_TEST_RUN)",
+        &format!("{repeat} runs per measurement, median of {rounds}; 64-byte IPv4/UDP frames"),
+        "| tc_client_policy input | ns/packet |\n| --- | ---: |",
+        &rows,
+    );
+    Ok(())
+}
