@@ -52,6 +52,38 @@ fn test_ca() -> (String, String, String) {
     (root_cert.pem(), leaf.pem(), leaf_key.serialize_pem())
 }
 
+/// The test CA and the server's certificate, written to files in a directory of their own.
+struct TestCa {
+    dir: tempfile::TempDir,
+    /// The root's PEM, for the browser's trust store.
+    ca: String,
+    ca_file: std::path::PathBuf,
+    cert_file: std::path::PathBuf,
+    key_file: std::path::PathBuf,
+}
+
+impl TestCa {
+    fn write() -> Self {
+        let (ca, cert, key) = test_ca();
+        let dir = tempfile::tempdir().unwrap();
+        let (ca_file, cert_file, key_file) = (
+            dir.path().join("ca.pem"),
+            dir.path().join("cert.pem"),
+            dir.path().join("key.pem"),
+        );
+        std::fs::write(&ca_file, &ca).unwrap();
+        std::fs::write(&cert_file, cert).unwrap();
+        std::fs::write(&key_file, key).unwrap();
+        Self {
+            dir,
+            ca,
+            ca_file,
+            cert_file,
+            key_file,
+        }
+    }
+}
+
 /// curl from `ns` (source `from`), verifying the server against `ca`: (status, body).
 fn curl(ns: &NetNs, from: &str, ca: &Path, path: &str) -> (u16, String) {
     let out = ns
@@ -95,16 +127,13 @@ fn the_challenge_page_passes_chromium_over_the_sentrys_own_tls() {
     let link = GuardedLink::new();
     let _site = UpstreamSite::start(&link.server, UPSTREAM);
     let bpffs = BpffsDir::new();
-    let (ca, cert, key) = test_ca();
-    let files = tempfile::tempdir().unwrap();
-    let (ca_file, cert_file, key_file) = (
-        files.path().join("ca.pem"),
-        files.path().join("cert.pem"),
-        files.path().join("key.pem"),
-    );
-    std::fs::write(&ca_file, &ca).unwrap();
-    std::fs::write(&cert_file, &cert).unwrap();
-    std::fs::write(&key_file, &key).unwrap();
+    let TestCa {
+        dir: _files,
+        ca,
+        ca_file,
+        cert_file,
+        key_file,
+    } = TestCa::write();
 
     let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
     config.datapath_enabled = false;
@@ -277,16 +306,13 @@ fn ghost_and_the_sentry_share_one_tls_port() {
     let link = GuardedLink::new();
     let _site = UpstreamSite::start(&link.server, UPSTREAM);
     let bpffs = BpffsDir::new();
-    let (ca, cert, key) = test_ca();
-    let files = tempfile::tempdir().unwrap();
-    let (ca_file, cert_file, key_file) = (
-        files.path().join("ca.pem"),
-        files.path().join("cert.pem"),
-        files.path().join("key.pem"),
-    );
-    std::fs::write(&ca_file, &ca).unwrap();
-    std::fs::write(&cert_file, &cert).unwrap();
-    std::fs::write(&key_file, &key).unwrap();
+    let TestCa {
+        dir: _files,
+        ca: _,
+        ca_file,
+        cert_file,
+        key_file,
+    } = TestCa::write();
     let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
     config.datapath_enabled = false;
     config.wireguard = Some(WireguardSettings::new(

@@ -8,16 +8,10 @@ use phantom_common::{
     policy::{ClientAcl, MAX_ACL_CLIENTS, PolicyConfig, PolicyVerdict},
     xdp::TrafficCounter,
 };
-use serde::Serialize;
 
 use crate::error::Error;
 
-#[derive(Clone, Debug, Serialize)]
-pub struct PolicyCount {
-    pub verdict: &'static str,
-    pub packets: u64,
-    pub bytes: u64,
-}
+pub type PolicyCount = super::counters::VerdictCount;
 
 pub struct ClientPolicyMaps {
     acls: Mutex<HashMap<MapData, [u8; 4], ClientAcl>>,
@@ -74,20 +68,9 @@ impl ClientPolicyMaps {
     }
 
     pub fn counts(&self) -> Result<Vec<PolicyCount>, Error> {
-        let stats = lock(&self.stats)?;
-        PolicyVerdict::ALL
-            .iter()
-            .map(|v| {
-                let per_cpu = stats.get(&(*v as u32), 0)?;
-                let (packets, bytes) = per_cpu
-                    .iter()
-                    .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-                Ok(PolicyCount {
-                    verdict: v.name(),
-                    packets,
-                    bytes,
-                })
-            })
-            .collect()
+        super::counters::verdict_counts(
+            &*lock(&self.stats)?,
+            PolicyVerdict::ALL.iter().map(|v| (*v as u32, v.name())),
+        )
     }
 }

@@ -39,12 +39,7 @@ pub struct EncryptedDnsStatus {
     pub counters: Vec<EncryptedDnsCount>,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct EncryptedDnsCount {
-    pub verdict: &'static str,
-    pub packets: u64,
-    pub bytes: u64,
-}
+pub type EncryptedDnsCount = super::counters::VerdictCount;
 
 pub struct EncryptedDnsFilter {
     config: Mutex<Array<MapData, EncryptedDnsConfig>>,
@@ -141,21 +136,12 @@ impl EncryptedDnsFilter {
             .collect();
         let doh_prefixes_v4 = lock(&self.v4)?.keys().filter_map(Result::ok).count();
         let doh_prefixes_v6 = lock(&self.v6)?.keys().filter_map(Result::ok).count();
-        let stats = lock(&self.stats)?;
-        let counters = EncryptedDnsVerdict::ALL
-            .iter()
-            .map(|v| {
-                let per_cpu = stats.get(&(*v as u32), 0)?;
-                let (packets, bytes) = per_cpu
-                    .iter()
-                    .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-                Ok(EncryptedDnsCount {
-                    verdict: v.name(),
-                    packets,
-                    bytes,
-                })
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
+        let counters = super::counters::verdict_counts(
+            &*lock(&self.stats)?,
+            EncryptedDnsVerdict::ALL
+                .iter()
+                .map(|v| (*v as u32, v.name())),
+        )?;
         Ok(EncryptedDnsStatus {
             drop_dot_doq: cfg.drop_dot_doq != 0,
             drop_doh: cfg.drop_doh != 0,

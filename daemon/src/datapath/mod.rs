@@ -13,6 +13,7 @@
 pub mod actions;
 mod bpffs;
 pub mod client_policy;
+pub mod counters;
 pub mod dns_policy;
 pub mod domains;
 pub mod encrypted_dns;
@@ -79,12 +80,7 @@ pub struct MapSummary {
     pub pinned_at: PathBuf,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct DnsCount {
-    pub verdict: &'static str,
-    pub packets: u64,
-    pub bytes: u64,
-}
+pub type DnsCount = counters::VerdictCount;
 
 /// The TC programs that belong on the VPN interface.
 const VPN_PROGRAMS: [(&str, Hook); 4] = [
@@ -371,21 +367,10 @@ impl Datapath {
     }
 
     pub fn dns_verdicts(&self) -> Result<Vec<DnsCount>, Error> {
-        let map = self.lock(&self.dns_verdicts)?;
-        DnsVerdict::ALL
-            .iter()
-            .map(|v| {
-                let per_cpu = map.get(&(*v as u32), 0)?;
-                let (packets, bytes) = per_cpu
-                    .iter()
-                    .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-                Ok(DnsCount {
-                    verdict: v.name(),
-                    packets,
-                    bytes,
-                })
-            })
-            .collect()
+        counters::verdict_counts(
+            &*self.lock(&self.dns_verdicts)?,
+            DnsVerdict::ALL.iter().map(|v| (*v as u32, v.name())),
+        )
     }
 
     /// Each map's capacity, as configured (the maps are created with it).

@@ -35,12 +35,7 @@ pub struct MarkStatus {
     pub counters: Vec<MarkCount>,
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct MarkCount {
-    pub verdict: &'static str,
-    pub packets: u64,
-    pub bytes: u64,
-}
+pub type MarkCount = super::counters::VerdictCount;
 
 pub struct MultihopMark {
     config: Mutex<Array<MapData, MultihopConfig>>,
@@ -134,21 +129,10 @@ impl MultihopMark {
             .filter_map(Result::ok)
             .map(|k| key_to_ip(&k))
             .collect();
-        let stats = lock(&self.stats)?;
-        let counters = MarkVerdict::ALL
-            .iter()
-            .map(|v| {
-                let per_cpu = stats.get(&(*v as u32), 0)?;
-                let (packets, bytes) = per_cpu
-                    .iter()
-                    .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-                Ok(MarkCount {
-                    verdict: v.name(),
-                    packets,
-                    bytes,
-                })
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
+        let counters = super::counters::verdict_counts(
+            &*lock(&self.stats)?,
+            MarkVerdict::ALL.iter().map(|v| (*v as u32, v.name())),
+        )?;
         Ok(MarkStatus {
             enabled: cfg.enabled != 0,
             mark: cfg.mark,

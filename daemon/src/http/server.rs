@@ -36,6 +36,26 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// `max_body_bytes` (a declared length over it never reaches the service: 413).
 pub type RequestBody = Limited<Incoming>;
 
+/// What a TLS listener's handshake step ended with (`Err`: the header-read timeout passed;
+/// `Ok(None)`: the handshake failed, or the connection went elsewhere or ended), logged at
+/// debug as the listener `what`.
+fn handshake_done<IO>(
+    what: &str,
+    result: Result<Option<IO>, tokio::time::error::Elapsed>,
+) -> Option<IO> {
+    match result {
+        Ok(Some(io)) => Some(io),
+        Ok(None) => {
+            debug!("{what} TLS handshake failed or the connection went to another service");
+            None
+        }
+        Err(_) => {
+            debug!("{what} TLS handshake not done within the header-read timeout");
+            None
+        }
+    }
+}
+
 /// One listener's HTTP front: its limits and its connection gate. Cheap to clone; clones share
 /// the gate, so a listener served by several threads has one set of caps.
 #[derive(Clone, Debug)]
@@ -117,17 +137,8 @@ impl Server {
         self.serve_io(listener, shutdown, make_service, move |tcp, _| {
             let acceptor = acceptor.clone();
             async move {
-                match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => Some(tls),
-                    Ok(Err(e)) => {
-                        debug!(error = %e, "{what} TLS handshake failed");
-                        None
-                    }
-                    Err(_) => {
-                        debug!("{what} TLS handshake not done within the header-read timeout");
-                        None
-                    }
-                }
+                let accepted = tokio::time::timeout(deadline, acceptor.accept(tcp)).await;
+                handshake_done(what, accepted.map(|r| r.ok()))
             }
         })
         .await
@@ -162,13 +173,7 @@ impl Server {
                     share.divert(tls, peer).await
                 })
                 .await;
-                match looked {
-                    Ok(owner) => owner,
-                    Err(_) => {
-                        debug!("{what} TLS handshake or first bytes not in within the header-read timeout");
-                        None
-                    }
-                }
+                handshake_done(what, looked)
             }
         })
         .await
