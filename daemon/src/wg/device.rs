@@ -35,7 +35,14 @@ pub struct PeerSpec {
     pub public_key: String,
     pub preshared_key: String,
     pub ip: Ipv4Addr,
+    /// Where the peer was last seen (remembered across restarts): the device can start a
+    /// handshake towards it instead of waiting for the peer to come.
+    pub endpoint: Option<std::net::SocketAddr>,
 }
+
+/// The port of the datagrams that start handshakes (RFC 863 discard): nothing answers there
+/// but the peer's own stack, and the payload is empty.
+const DISCARD_PORT: u16 = 9;
 
 enum Kind {
     Kernel,
@@ -314,6 +321,34 @@ impl WireGuardDevice {
         }
     }
 
+    /// Makes the device start a handshake with every peer in `peers` that has an endpoint,
+    /// now rather than when the peer's own timers fire: one empty UDP datagram to the discard
+    /// port of each peer's tunnel address, sent out of this interface. A WireGuard device
+    /// (kernel or boringtun) that has a packet for a peer without a session initiates a
+    /// handshake to the peer's endpoint and sends the packet once it completes; the
+    /// peer's answer confirms the new session on both sides. Returns how many were sent.
+    pub fn start_handshakes(&self, peers: &[PeerSpec]) -> Result<usize, WgError> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        // Out of this interface whatever the routing rules say (multihop's among them).
+        socket.bind_device(Some(self.iface.as_bytes()))?;
+        socket.set_nonblocking(true)?;
+        let mut sent = 0;
+        for p in peers.iter().filter(|p| p.endpoint.is_some()) {
+            let to = std::net::SocketAddrV4::new(p.ip, DISCARD_PORT);
+            match socket.send_to(&[], &to.into()) {
+                Ok(_) => sent += 1,
+                // A full socket buffer: the rest start on their own timers, as before.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(WgError::Io(e)),
+            }
+        }
+        Ok(sent)
+    }
+
     /// Live state: port, peers with handshake age and traffic.
     pub fn state(&self) -> Result<DeviceState, WgError> {
         match self.kind {
@@ -407,21 +442,28 @@ fn interface_name(iface: &str) -> Result<InterfaceName, WgError> {
 }
 
 fn uapi_peer(p: &PeerSpec) -> Result<String, WgError> {
-    Ok(format!(
+    let mut text = format!(
         "public_key={}\npreshared_key={}\nreplace_allowed_ips=true\nallowed_ip={}/32\n",
         uapi::key_hex(&p.public_key)?,
         uapi::key_hex(&p.preshared_key)?,
         p.ip
-    ))
+    );
+    if let Some(endpoint) = p.endpoint {
+        text.push_str(&format!("endpoint={endpoint}\n"));
+    }
+    Ok(text)
 }
 
 fn kernel_peer(p: &PeerSpec) -> Result<PeerConfigBuilder, WgError> {
-    Ok(
+    let mut builder =
         PeerConfigBuilder::new(&Key::from_base64(&p.public_key).map_err(WgError::InvalidKey)?)
             .set_preshared_key(Key::from_base64(&p.preshared_key).map_err(WgError::InvalidKey)?)
             .replace_allowed_ips()
-            .add_allowed_ip(p.ip.into(), 32),
-    )
+            .add_allowed_ip(p.ip.into(), 32);
+    if let Some(endpoint) = p.endpoint {
+        builder = builder.set_endpoint(endpoint);
+    }
+    Ok(builder)
 }
 
 async fn create_kernel_link(iface: &str) -> Result<(), WgError> {
