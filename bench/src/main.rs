@@ -19,6 +19,9 @@
 //! - `sentry-page`: the challenge page in headless Chromium: its workers' hashes per second
 //!   (pure-JS and WebCrypto, one and all workers) beside the Rust solver, the time from the 429
 //!   to the upstream's content per difficulty, and the page's weight.
+//! - `restart`: the time from a daemon restart to traffic for many connected WireGuard clients
+//!   (boringtun state machines pinging through the real daemon), with and without the
+//!   remembered endpoints.
 //!
 //! `bpf` holds what the kernel-side subjects share (the object, test runs, crafted frames),
 //! `report` the table printing and the percentile, memory and CPU readings. Namespaces, pin
@@ -41,6 +44,7 @@ mod dns;
 mod flood;
 mod report;
 mod resolver;
+mod restart;
 mod sentry;
 mod sentry_page;
 mod xdp;
@@ -61,6 +65,7 @@ enum Suite {
     Admin,
     Dashboard,
     SentryPage,
+    Restart,
 }
 
 #[derive(Parser)]
@@ -129,6 +134,12 @@ struct Cli {
     /// Visits per difficulty of the challenge page's time to content.
     #[arg(long, default_value_t = 7)]
     page_runs: usize,
+    /// Connected WireGuard clients of the restart benchmark.
+    #[arg(long, default_value_t = 1000)]
+    restart_clients: usize,
+    /// How often each client of the restart benchmark pings the server (milliseconds).
+    #[arg(long, default_value_t = 100)]
+    restart_ping_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -144,6 +155,7 @@ fn main() -> ExitCode {
         (Suite::Admin, admin::run),
         (Suite::Dashboard, dashboard::run),
         (Suite::SentryPage, sentry_page::run),
+        (Suite::Restart, restart::run),
     ];
     for (suite, run) in suites {
         if cli.suite != Suite::All && cli.suite != *suite {

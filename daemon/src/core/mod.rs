@@ -44,6 +44,12 @@ pub const CONNECTED_WITHIN_SECONDS: u64 = 180;
 /// knows where its clients were seconds before.
 const ENDPOINTS_EVERY: Duration = Duration::from_secs(5);
 
+/// When the handshakes started at start-up are tried again for the peers that have not
+/// answered (each wait counted from the previous retry). The first comes once the device has
+/// reset its per-second handshake budget and a client refused for load has its cookie; later
+/// ones catch late answers. Clients that are simply away are left to come back on their own.
+const HANDSHAKE_RETRIES: [Duration; 2] = [Duration::from_millis(1000), Duration::from_secs(3)];
+
 /// How old the live peer state shown by list/status may be.
 const LIVE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -328,7 +334,8 @@ impl Server {
 
     /// Starts core's background work: client traffic added to the stored totals every 30 s,
     /// so totals survive restarts, the endpoints that changed stored every few seconds, so a
-    /// restart can start the handshakes itself, and the expiry of clients at their time.
+    /// restart can start the handshakes itself, the retries of those handshakes, and the
+    /// expiry of clients at their time.
     pub fn start_tasks(self: &Arc<Self>, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
         let server = Arc::clone(self);
         vec![
@@ -356,7 +363,29 @@ impl Server {
                 )
             },
             tokio::spawn(Arc::clone(self).expire_at_their_time(shutdown.clone())),
+            tokio::spawn(Arc::clone(self).finish_handshakes(shutdown.clone())),
         ]
+    }
+
+    /// After a start, retries the handshakes that were started and not answered, at
+    /// `HANDSHAKE_RETRIES` (the device's own retry would come only after 5 s).
+    async fn finish_handshakes(self: Arc<Self>, mut shutdown: Shutdown) {
+        for after in HANDSHAKE_RETRIES {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(after) => {}
+            }
+            let server = Arc::clone(&self);
+            match tokio::task::spawn_blocking(move || server.retry_handshakes()).await {
+                Ok(Ok(0)) => return,
+                Ok(Ok(n)) => info!(
+                    peers = n,
+                    "handshakes started again with clients that had not answered"
+                ),
+                Ok(Err(e)) => warn!(error = %e, "cannot retry the handshakes"),
+                Err(e) => warn!(error = %e, "retrying the handshakes failed"),
+            }
+        }
     }
 
     /// Sleeps until the earliest expiry of an enabled client in the client table (woken early
@@ -534,6 +563,43 @@ impl Server {
         self.store.set_endpoints(&changed)?;
         known.extend(changed);
         Ok(())
+    }
+
+    /// Starts again the handshakes of the peers that have a remembered endpoint and still no
+    /// handshake: each peer is renewed (so its unanswered initiation is not waited on for the
+    /// device's 5 s retry) and gets a new datagram. Needed when many clients come back at
+    /// once: a device answers at most about 100 handshake messages a second without a cookie
+    /// (boringtun's limit; the kernel's is a queue length), and a client told to use a cookie
+    /// answers the next initiation with it, which passes at any load. Returns how many peers
+    /// were started again.
+    pub fn retry_handshakes(&self) -> Result<usize, CoreError> {
+        let state = self.device_state()?;
+        let waiting: std::collections::HashSet<String> = state
+            .peers
+            .into_iter()
+            .filter(|p| p.endpoint.is_some() && p.handshake_age_seconds.is_none())
+            .map(|p| p.public_key)
+            .collect();
+        if waiting.is_empty() {
+            return Ok(0);
+        }
+        // Under the lock of client changes: a client removed or disabled meanwhile is not
+        // brought back.
+        let _changes = lock(&self.changes)?;
+        let peers: Vec<PeerSpec> = self
+            .peers()?
+            .into_iter()
+            .filter(|p| p.endpoint.is_some() && waiting.contains(&p.public_key))
+            .collect();
+        self.with_device(|d| d.renew_peers(&peers))?;
+        {
+            let mut persisted = lock(&self.persisted)?;
+            for p in &peers {
+                persisted.remove(&p.public_key);
+            }
+        }
+        self.invalidate_live();
+        Ok(self.with_device(|d| d.start_handshakes(&peers))?)
     }
 
     /// Reads the device and stores the endpoints that changed.
@@ -901,13 +967,24 @@ impl Server {
         )
     }
 
-    /// Shutdown: traffic persisted, NAT removed, interface gone.
+    /// Shutdown: traffic and endpoints persisted, NAT removed, interface gone; with
+    /// `[wireguard] keep_interface` a kernel interface and the NAT table stay for the next
+    /// start (the clients' sessions survive the restart).
     pub fn shutdown(&self) {
+        let mut keep = false;
         if let Ok(mut guard) = lock(&self.device)
             && let Some(device) = guard.take()
         {
             self.persist_traffic_of(&device);
-            device.shutdown();
+            keep = self.config.keep_interface && device.backend() == "kernel";
+            if keep {
+                device.leave();
+            } else {
+                device.shutdown();
+            }
+        }
+        if keep {
+            return;
         }
         if let Err(e) = net::remove_nat() {
             warn!(error = %e, "cannot remove the NAT table");

@@ -165,16 +165,40 @@ impl WireGuardDevice {
     ) -> Result<(), WgError> {
         match self.kind {
             Kind::Kernel => {
+                // An interface kept across a restart keeps its peers' sessions: peers it has
+                // are updated in place (the same key and port change nothing, and the live
+                // endpoint is fresher than the stored one), the others added, strangers
+                // removed. A new interface gets every peer with its remembered endpoint.
+                let name = self.iface_name()?;
+                let existing: std::collections::HashSet<String> =
+                    wireguard_control::Device::get(&name, Backend::Kernel)?
+                        .peers
+                        .iter()
+                        .map(|p| p.config.public_key.to_base64())
+                        .collect();
                 let mut update = DeviceUpdate::new()
                     .set_private_key(Key::from_base64(private_key).map_err(WgError::InvalidKey)?)
-                    .set_listen_port(port)
-                    .replace_peers();
-                for p in peers {
-                    update = update.add_peer(kernel_peer(p)?);
+                    .set_listen_port(port);
+                if existing.is_empty() {
+                    update = update.replace_peers();
                 }
-                update
-                    .apply(&self.iface_name()?, Backend::Kernel)
-                    .map_err(WgError::Io)
+                for p in peers {
+                    if existing.contains(&p.public_key) {
+                        update = update.add_peer(kernel_peer(&PeerSpec {
+                            endpoint: None,
+                            ..p.clone()
+                        })?);
+                    } else {
+                        update = update.add_peer(kernel_peer(p)?);
+                    }
+                }
+                let wanted: std::collections::HashSet<&str> =
+                    peers.iter().map(|p| p.public_key.as_str()).collect();
+                for key in existing.iter().filter(|k| !wanted.contains(k.as_str())) {
+                    update = update
+                        .remove_peer_by_key(&Key::from_base64(key).map_err(WgError::InvalidKey)?);
+                }
+                update.apply(&name, Backend::Kernel).map_err(WgError::Io)
             }
             Kind::Embedded { .. } => {
                 let mut body = format!(
@@ -307,6 +331,43 @@ impl WireGuardDevice {
         }
     }
 
+    /// Removes and adds these peers again, so each starts with no handshake in progress (a
+    /// device retries an unanswered initiation only after 5 s). Their sessions, if any, go.
+    pub fn renew_peers(&self, peers: &[PeerSpec]) -> Result<(), WgError> {
+        if peers.is_empty() {
+            return Ok(());
+        }
+        match self.kind {
+            Kind::Kernel => {
+                let mut removes = DeviceUpdate::new();
+                let mut adds = DeviceUpdate::new();
+                for p in peers {
+                    removes = removes.remove_peer_by_key(
+                        &Key::from_base64(&p.public_key).map_err(WgError::InvalidKey)?,
+                    );
+                    adds = adds.add_peer(kernel_peer(p)?);
+                }
+                let name = self.iface_name()?;
+                removes.apply(&name, Backend::Kernel).map_err(WgError::Io)?;
+                adds.apply(&name, Backend::Kernel).map_err(WgError::Io)
+            }
+            Kind::Embedded { .. } => {
+                // Two transactions: boringtun ignores a re-add of a key removed in the same one.
+                let mut removes = String::new();
+                let mut adds = String::new();
+                for p in peers {
+                    removes.push_str(&format!(
+                        "public_key={}\nremove=true\n",
+                        uapi::key_hex(&p.public_key)?
+                    ));
+                    adds.push_str(&uapi_peer(p)?);
+                }
+                uapi::set(&*self.control()?, &self.iface, &removes)?;
+                uapi::set(&*self.control()?, &self.iface, &adds)
+            }
+        }
+    }
+
     pub fn remove_peer(&self, public_key: &str) -> Result<(), WgError> {
         match self.kind {
             Kind::Kernel => DeviceUpdate::new()
@@ -396,6 +457,19 @@ impl WireGuardDevice {
 
     fn iface_name(&self) -> Result<InterfaceName, WgError> {
         interface_name(&self.iface)
+    }
+
+    /// Lets go of a kernel interface without removing it: it keeps its peers and sessions
+    /// (and forwards their traffic) until the next start takes it over. An embedded device
+    /// cannot outlive the process; it is shut down as by `shutdown`.
+    pub fn leave(self) {
+        match self.kind {
+            Kind::Kernel => info!(
+                interface = %self.iface,
+                "WireGuard: kernel interface kept with its peers and sessions"
+            ),
+            Kind::Embedded { .. } => self.shutdown(),
+        }
     }
 
     /// Removes the interface (the embedded device takes a couple of seconds to stop).
