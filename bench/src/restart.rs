@@ -327,7 +327,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     let bpffs = BpffsDir::new();
     let mut config = DaemonConfig::new(GuardedLink::SERVER_DEV, bpffs.path());
     config.wireguard = Some(WireguardSettings::new(SUBNET, GuardedLink::SERVER_V4));
-    config.log_level = "warn".into();
+    config.log_level = "info".into();
     let mut daemon = Daemon::start(&link.server, &config);
     let mut api = daemon.client();
     let mut clients = Vec::with_capacity(n);
@@ -416,6 +416,27 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         }
         measured
     });
+    if cli.restart_log {
+        // Where the stop and the start spend their time, from the daemon's own lines.
+        const STEPS: [&str; 9] = [
+            "SIGTERM",
+            "detached",
+            "stopped",
+            "starting",
+            "attached",
+            "server up",
+            "ready",
+            "andshake",
+            "blocklist loaded",
+        ];
+        for l in daemon
+            .log()
+            .lines()
+            .filter(|l| STEPS.iter().any(|w| l.contains(w)))
+        {
+            eprintln!("{l}");
+        }
+    }
     let rows = result?;
     table(
         &format!("Restart to traffic with {n} connected clients (embedded userspace device)"),

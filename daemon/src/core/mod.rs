@@ -45,10 +45,15 @@ pub const CONNECTED_WITHIN_SECONDS: u64 = 180;
 const ENDPOINTS_EVERY: Duration = Duration::from_secs(5);
 
 /// When the handshakes started at start-up are tried again for the peers that have not
-/// answered (each wait counted from the previous retry). The first comes once the device has
-/// reset its per-second handshake budget and a client refused for load has its cookie; later
-/// ones catch late answers. Clients that are simply away are left to come back on their own.
-const HANDSHAKE_RETRIES: [Duration; 2] = [Duration::from_millis(1000), Duration::from_secs(3)];
+/// answered (each wait counted from the previous retry). The first comes once a client refused
+/// for load has its cookie (a round trip after its answer); later ones catch answers lost or
+/// late. Clients that are simply away are left to come back on their own.
+const HANDSHAKE_RETRIES: [Duration; 4] = [
+    Duration::from_millis(500),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+];
 
 /// How old the live peer state shown by list/status may be.
 const LIVE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -497,14 +502,17 @@ impl Server {
         net::install_nat(&self.config.interface, &subnet)?;
         lock(&self.persisted)?.clear();
         // Clients connected before a restart get their handshake now, not on their own retry
-        // timer (~15 s with traffic, longer without).
-        let handshakes = match device.start_handshakes(&peers) {
-            Ok(n) => n,
-            Err(e) => {
-                warn!(error = %e, "cannot start handshakes with the known endpoints; clients reconnect on their own timers");
-                0
-            }
-        };
+        // timer (~15 s with traffic, longer without); paced, so on a thread of its own while
+        // the start goes on.
+        let handshakes = peers.iter().filter(|p| p.endpoint.is_some()).count();
+        if handshakes > 0 {
+            let (iface, peers) = (self.config.interface.clone(), peers.clone());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = crate::wg::device::start_handshakes(&iface, &peers) {
+                    warn!(error = %e, "cannot start handshakes with the known endpoints; clients reconnect on their own timers");
+                }
+            });
+        }
         info!(
             interface = %self.config.interface,
             backend = device.backend(),
@@ -583,23 +591,27 @@ impl Server {
         if waiting.is_empty() {
             return Ok(0);
         }
-        // Under the lock of client changes: a client removed or disabled meanwhile is not
-        // brought back.
-        let _changes = lock(&self.changes)?;
-        let peers: Vec<PeerSpec> = self
-            .peers()?
-            .into_iter()
-            .filter(|p| p.endpoint.is_some() && waiting.contains(&p.public_key))
-            .collect();
-        self.with_device(|d| d.renew_peers(&peers))?;
-        {
+        let peers: Vec<PeerSpec> = {
+            // Under the lock of client changes: a client removed or disabled meanwhile is not
+            // brought back.
+            let _changes = lock(&self.changes)?;
+            let peers: Vec<PeerSpec> = self
+                .peers()?
+                .into_iter()
+                .filter(|p| p.endpoint.is_some() && waiting.contains(&p.public_key))
+                .collect();
+            self.with_device(|d| d.renew_peers(&peers))?;
             let mut persisted = lock(&self.persisted)?;
             for p in &peers {
                 persisted.remove(&p.public_key);
             }
-        }
+            peers
+        };
         self.invalidate_live();
-        self.with_device(|d| d.start_handshakes(&peers))
+        Ok(crate::wg::device::start_handshakes(
+            &self.config.interface,
+            &peers,
+        )?)
     }
 
     /// Reads the device and stores the endpoints that changed.
