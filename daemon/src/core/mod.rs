@@ -49,7 +49,7 @@ const ENDPOINTS_EVERY: Duration = Duration::from_secs(5);
 /// for load has its cookie (a round trip after its answer); later ones catch answers lost or
 /// late. Clients that are simply away are left to come back on their own.
 const HANDSHAKE_RETRIES: [Duration; 4] = [
-    Duration::from_millis(500),
+    Duration::from_millis(300),
     Duration::from_millis(500),
     Duration::from_secs(1),
     Duration::from_secs(3),
