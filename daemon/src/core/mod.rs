@@ -875,7 +875,10 @@ impl Server {
     }
 
     fn persist(&self, state: &DeviceState) -> Result<(), CoreError> {
-        self.remember_endpoints(state)?;
+        // The endpoints ride along; failing to store them does not hold back the traffic.
+        if let Err(e) = self.remember_endpoints(state) {
+            warn!(error = %e, "cannot store client endpoints");
+        }
         let by_key: HashMap<String, String> = self
             .store
             .all()?
