@@ -19,6 +19,9 @@
 //! - `sentry-page`: the challenge page in headless Chromium: its workers' hashes per second
 //!   (pure-JS and WebCrypto, one and all workers) beside the Rust solver, the time from the 429
 //!   to the upstream's content per difficulty, and the page's weight.
+//! - `restart`: the time from a daemon restart to traffic for many connected WireGuard clients
+//!   (boringtun state machines pinging through the real daemon), with and without the
+//!   remembered endpoints.
 //!
 //! - `policy`: BPF_PROG_TEST_RUN per-packet cost of `tc_client_policy` with 10,000 clients
 //!   holding 16 rules each, beside a TC program that returns at once.
@@ -45,6 +48,7 @@ mod flood;
 mod policy;
 mod report;
 mod resolver;
+mod restart;
 mod sentry;
 mod sentry_page;
 mod xdp;
@@ -66,6 +70,7 @@ enum Suite {
     Dashboard,
     SentryPage,
     Policy,
+    Restart,
 }
 
 #[derive(Parser)]
@@ -134,6 +139,15 @@ struct Cli {
     /// Visits per difficulty of the challenge page's time to content.
     #[arg(long, default_value_t = 7)]
     page_runs: usize,
+    /// Connected WireGuard clients of the restart benchmark.
+    #[arg(long, default_value_t = 1000)]
+    restart_clients: usize,
+    /// How often each client of the restart benchmark pings the server (milliseconds).
+    #[arg(long, default_value_t = 100)]
+    restart_ping_ms: u64,
+    /// Print the daemon's start and stop lines of the restart benchmark (to stderr).
+    #[arg(long)]
+    restart_log: bool,
 }
 
 fn main() -> ExitCode {
@@ -150,6 +164,7 @@ fn main() -> ExitCode {
         (Suite::Dashboard, dashboard::run),
         (Suite::SentryPage, sentry_page::run),
         (Suite::Policy, policy::run),
+        (Suite::Restart, restart::run),
     ];
     for (suite, run) in suites {
         if cli.suite != Suite::All && cli.suite != *suite {

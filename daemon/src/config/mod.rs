@@ -274,6 +274,10 @@ pub struct WireguardConfig {
     pub endpoint: String,
     pub backend: WireguardBackend,
     pub mtu: u16,
+    /// Kernel backend: leave the interface, its peers and sessions and the NAT table in place
+    /// at a clean stop, so a restart does not interrupt the clients (the embedded device
+    /// always goes with the process).
+    pub keep_interface: bool,
 }
 
 impl Default for WireguardConfig {
@@ -286,6 +290,7 @@ impl Default for WireguardConfig {
             endpoint: "auto".into(),
             backend: WireguardBackend::Auto,
             mtu: 1420,
+            keep_interface: false,
         }
     }
 }

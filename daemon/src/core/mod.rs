@@ -8,7 +8,7 @@ pub mod store;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -38,6 +38,22 @@ use crate::{
 
 /// A handshake younger than this means connected (WireGuard rekeys every 2 minutes).
 pub const CONNECTED_WITHIN_SECONDS: u64 = 180;
+
+/// How often the peers' endpoints are read from the device and the changed ones stored (also
+/// at every traffic persist and at shutdown), so that even after `kill -9` a restarted daemon
+/// knows where its clients were seconds before.
+const ENDPOINTS_EVERY: Duration = Duration::from_secs(5);
+
+/// When the handshakes started at start-up are tried again for the peers that have not
+/// answered (each wait counted from the previous retry). The first comes once a client refused
+/// for load has its cookie (a round trip after its answer); later ones catch answers lost or
+/// late. Clients that are simply away are left to come back on their own.
+const HANDSHAKE_RETRIES: [Duration; 4] = [
+    Duration::from_millis(300),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+];
 
 /// How old the live peer state shown by list/status may be.
 const LIVE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -213,6 +229,8 @@ pub struct Server {
     alloc: tokio::sync::Mutex<()>,
     /// Per public key, the device counters already added to the store.
     persisted: Mutex<HashMap<String, (u64, u64)>>,
+    /// Per public key, the endpoint the store holds.
+    endpoints: Mutex<HashMap<String, SocketAddr>>,
     live_cache: Mutex<Option<(std::time::Instant, HashMap<String, Live>)>>,
     pub started_at: time::OffsetDateTime,
     /// The client table other domains subscribe to.
@@ -272,6 +290,7 @@ impl Server {
             public_key,
             alloc: tokio::sync::Mutex::new(()),
             persisted: Mutex::new(HashMap::new()),
+            endpoints: Mutex::new(HashMap::new()),
             live_cache: Mutex::new(None),
             started_at: time::OffsetDateTime::now_utc(),
             table: watch::Sender::new(Arc::new(ClientTable::default())),
@@ -319,7 +338,9 @@ impl Server {
     }
 
     /// Starts core's background work: client traffic added to the stored totals every 30 s,
-    /// so totals survive restarts, and the expiry of clients at their time.
+    /// so totals survive restarts, the endpoints that changed stored every few seconds, so a
+    /// restart can start the handshakes itself, the retries of those handshakes, and the
+    /// expiry of clients at their time.
     pub fn start_tasks(self: &Arc<Self>, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
         let server = Arc::clone(self);
         vec![
@@ -333,8 +354,43 @@ impl Server {
                     }
                 },
             ),
+            {
+                let server = Arc::clone(self);
+                tasks::every(
+                    "remembering client endpoints",
+                    ENDPOINTS_EVERY,
+                    shutdown.clone(),
+                    move || {
+                        if let Err(e) = server.persist_endpoints() {
+                            warn!(error = %e, "cannot store client endpoints");
+                        }
+                    },
+                )
+            },
             tokio::spawn(Arc::clone(self).expire_at_their_time(shutdown.clone())),
+            tokio::spawn(Arc::clone(self).finish_handshakes(shutdown.clone())),
         ]
+    }
+
+    /// After a start, retries the handshakes that were started and not answered, at
+    /// `HANDSHAKE_RETRIES` (the device's own retry would come only after 5 s).
+    async fn finish_handshakes(self: Arc<Self>, mut shutdown: Shutdown) {
+        for after in HANDSHAKE_RETRIES {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(after) => {}
+            }
+            let server = Arc::clone(&self);
+            match tokio::task::spawn_blocking(move || server.retry_handshakes()).await {
+                Ok(Ok(0)) => return,
+                Ok(Ok(n)) => info!(
+                    peers = n,
+                    "handshakes started again with clients that had not answered"
+                ),
+                Ok(Err(e)) => warn!(error = %e, "cannot retry the handshakes"),
+                Err(e) => warn!(error = %e, "retrying the handshakes failed"),
+            }
+        }
     }
 
     /// Sleeps until the earliest expiry of an enabled client in the client table (woken early
@@ -445,10 +501,23 @@ impl Server {
         net::enable_forwarding()?;
         net::install_nat(&self.config.interface, &subnet)?;
         lock(&self.persisted)?.clear();
+        // Clients connected before a restart get their handshake now, not on their own retry
+        // timer (~15 s with traffic, longer without); paced, so on a thread of its own while
+        // the start goes on.
+        let handshakes = peers.iter().filter(|p| p.endpoint.is_some()).count();
+        if handshakes > 0 {
+            let (iface, peers) = (self.config.interface.clone(), peers.clone());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = crate::wg::device::start_handshakes(&iface, &peers) {
+                    warn!(error = %e, "cannot start handshakes with the known endpoints; clients reconnect on their own timers");
+                }
+            });
+        }
         info!(
             interface = %self.config.interface,
             backend = device.backend(),
             peers = peers.len(),
+            handshakes,
             subnet = %subnet,
             "WireGuard server up"
         );
@@ -457,16 +526,98 @@ impl Server {
         Ok(())
     }
 
+    /// Every enabled client's peer, with the endpoint it was last seen at.
     fn peers(&self) -> Result<Vec<PeerSpec>, CoreError> {
         let now = unix_now();
-        Ok(self
+        let endpoints = self.store.endpoints()?;
+        let peers: Vec<PeerSpec> = self
             .store
             .all()?
             .into_iter()
             // A client due to expire is left out even before the expiry task has run.
             .filter(|c| c.enabled && !c.expired_at(now))
-            .map(|c| peer_of(&c))
-            .collect())
+            .map(|c| {
+                let endpoint = endpoints.get(&c.public_key).copied();
+                peer_of(&c, endpoint)
+            })
+            .collect();
+        *lock(&self.endpoints)? = endpoints;
+        Ok(peers)
+    }
+
+    /// The endpoint a client was last seen at, as stored.
+    fn endpoint_of(&self, c: &Client) -> Option<SocketAddr> {
+        lock(&self.endpoints)
+            .ok()
+            .and_then(|e| e.get(&c.public_key).copied())
+    }
+
+    /// Stores the endpoints in `state` that differ from those stored (a client that roamed, or
+    /// connected for the first time): only those rows are written.
+    fn remember_endpoints(&self, state: &DeviceState) -> Result<(), CoreError> {
+        let mut known = lock(&self.endpoints)?;
+        let changed: Vec<(String, SocketAddr)> = state
+            .peers
+            .iter()
+            .filter_map(|p| {
+                let endpoint: SocketAddr = p.endpoint.as_deref()?.parse().ok()?;
+                (known.get(&p.public_key) != Some(&endpoint))
+                    .then(|| (p.public_key.clone(), endpoint))
+            })
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        self.store.set_endpoints(&changed)?;
+        known.extend(changed);
+        Ok(())
+    }
+
+    /// Starts again the handshakes of the peers that have a remembered endpoint and still no
+    /// handshake: each peer is renewed (so its unanswered initiation is not waited on for the
+    /// device's 5 s retry) and gets a new datagram. Needed when many clients come back at
+    /// once: a device answers at most about 100 handshake messages a second without a cookie
+    /// (boringtun's limit; the kernel's is a queue length), and a client told to use a cookie
+    /// answers the next initiation with it, which passes at any load. Returns how many peers
+    /// were started again.
+    pub fn retry_handshakes(&self) -> Result<usize, CoreError> {
+        let state = self.device_state()?;
+        let waiting: std::collections::HashSet<String> = state
+            .peers
+            .into_iter()
+            .filter(|p| p.endpoint.is_some() && p.handshake_age_seconds.is_none())
+            .map(|p| p.public_key)
+            .collect();
+        if waiting.is_empty() {
+            return Ok(0);
+        }
+        let peers: Vec<PeerSpec> = {
+            // Under the lock of client changes: a client removed or disabled meanwhile is not
+            // brought back.
+            let _changes = lock(&self.changes)?;
+            let peers: Vec<PeerSpec> = self
+                .peers()?
+                .into_iter()
+                .filter(|p| p.endpoint.is_some() && waiting.contains(&p.public_key))
+                .collect();
+            self.with_device(|d| d.renew_peers(&peers))?;
+            let mut persisted = lock(&self.persisted)?;
+            for p in &peers {
+                persisted.remove(&p.public_key);
+            }
+            peers
+        };
+        self.invalidate_live();
+        Ok(crate::wg::device::start_handshakes(
+            &self.config.interface,
+            &peers,
+        )?)
+    }
+
+    /// Reads the device and stores the endpoints that changed.
+    pub fn persist_endpoints(&self) -> Result<(), CoreError> {
+        let state = self.device_state()?;
+        self.remember_endpoints(&state)
     }
 
     fn with_device<T>(
@@ -587,7 +738,7 @@ impl Server {
         }
         self.invalidate_live();
         self.publish(&client.name, Some(ClientEntry::from(&client)));
-        if let Err(e) = self.with_device(|d| d.add_peer(&peer_of(&client))) {
+        if let Err(e) = self.with_device(|d| d.add_peer(&peer_of(&client, None))) {
             // The client is stored; the next start or restart_service will add the peer.
             warn!(error = %e, "client stored but the peer could not be added live");
         }
@@ -629,7 +780,7 @@ impl Server {
             .ok_or(ChangeError::NotFound)?;
         self.publish(&client.name, Some(ClientEntry::from(&client)));
         if enabled {
-            self.with_device(|d| d.add_peer(&peer_of(&client)))?;
+            self.with_device(|d| d.add_peer(&peer_of(&client, self.endpoint_of(&client))))?;
         } else {
             self.persist_traffic()?;
             self.with_device(|d| d.remove_peer(&client.public_key))?;
@@ -656,7 +807,7 @@ impl Server {
             .ok_or(ChangeError::NotFound)?;
         self.publish(&client.name, Some(ClientEntry::from(&client)));
         if client.enabled && !before.enabled {
-            self.with_device(|d| d.add_peer(&peer_of(&client)))?;
+            self.with_device(|d| d.add_peer(&peer_of(&client, self.endpoint_of(&client))))?;
             self.invalidate_live();
             info!(client = %client.name, ip = %client.ip, expires_at = ?client.expires_at, "expiry extended: client enabled again");
         }
@@ -724,6 +875,10 @@ impl Server {
     }
 
     fn persist(&self, state: &DeviceState) -> Result<(), CoreError> {
+        // The endpoints ride along; failing to store them does not hold back the traffic.
+        if let Err(e) = self.remember_endpoints(state) {
+            warn!(error = %e, "cannot store client endpoints");
+        }
         let by_key: HashMap<String, String> = self
             .store
             .all()?
@@ -827,13 +982,24 @@ impl Server {
         )
     }
 
-    /// Shutdown: traffic persisted, NAT removed, interface gone.
+    /// Shutdown: traffic and endpoints persisted, NAT removed, interface gone; with
+    /// `[wireguard] keep_interface` a kernel interface and the NAT table stay for the next
+    /// start (the clients' sessions survive the restart).
     pub fn shutdown(&self) {
+        let mut keep = false;
         if let Ok(mut guard) = lock(&self.device)
             && let Some(device) = guard.take()
         {
             self.persist_traffic_of(&device);
-            device.shutdown();
+            keep = self.config.keep_interface && device.backend() == "kernel";
+            if keep {
+                device.leave();
+            } else {
+                device.shutdown();
+            }
+        }
+        if keep {
+            return;
         }
         if let Err(e) = net::remove_nat() {
             warn!(error = %e, "cannot remove the NAT table");
@@ -841,11 +1007,12 @@ impl Server {
     }
 }
 
-fn peer_of(c: &Client) -> PeerSpec {
+fn peer_of(c: &Client, endpoint: Option<SocketAddr>) -> PeerSpec {
     PeerSpec {
         public_key: c.public_key.clone(),
         preshared_key: c.preshared_key.clone(),
         ip: c.ip,
+        endpoint,
     }
 }
 

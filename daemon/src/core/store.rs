@@ -63,6 +63,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE clients ADD COLUMN expires_at INTEGER;
      ALTER TABLE clients ADD COLUMN expiry_disabled INTEGER NOT NULL DEFAULT 0;
      CREATE INDEX IF NOT EXISTS clients_expiry ON clients (expires_at) WHERE expires_at IS NOT NULL;",
+    // 2: each peer's last endpoint, so a restarted daemon can start the handshakes itself.
+    "ALTER TABLE clients ADD COLUMN endpoint TEXT;",
 ];
 
 /// Brings the store's schema to the newest version.
@@ -388,6 +390,51 @@ impl ClientStore {
         tx.commit().map_err(CoreError::ClientStore)
     }
 
+    /// The last endpoint seen of each client that had one, by public key.
+    pub fn endpoints(
+        &self,
+    ) -> Result<std::collections::HashMap<String, std::net::SocketAddr>, CoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn
+            .prepare("SELECT public_key, endpoint FROM clients WHERE endpoint IS NOT NULL")
+            .map_err(CoreError::ClientStore)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(CoreError::ClientStore)?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let (key, endpoint) = row.map_err(CoreError::ClientStore)?;
+            // A value this daemon did not write is ignored, not trusted.
+            if let Ok(addr) = endpoint.parse() {
+                out.insert(key, addr);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records clients' endpoints (by public key), in one transaction.
+    pub fn set_endpoints(
+        &self,
+        endpoints: &[(String, std::net::SocketAddr)],
+    ) -> Result<(), CoreError> {
+        if endpoints.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn()?;
+        let tx = conn.transaction().map_err(CoreError::ClientStore)?;
+        {
+            let mut update = tx
+                .prepare_cached("UPDATE clients SET endpoint = ?2 WHERE public_key = ?1")
+                .map_err(CoreError::ClientStore)?;
+            for (key, endpoint) in endpoints {
+                update
+                    .execute(params![key, endpoint.to_string()])
+                    .map_err(CoreError::ClientStore)?;
+            }
+        }
+        tx.commit().map_err(CoreError::ClientStore)
+    }
+
     /// Adds traffic seen since the last call to the persisted totals.
     pub fn add_traffic(&self, deltas: &[(String, u64, u64)]) -> Result<(), CoreError> {
         let mut conn = self.conn()?;
@@ -581,6 +628,33 @@ mod expiry_tests {
         let off = store.set_expiry("off", None, 100)?.ok_or("lost")?;
         assert!(!off.enabled && off.expires_at.is_none());
         assert!(store.set_expiry("nobody", None, 100)?.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn endpoints_are_kept_per_key_and_go_with_their_client()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("clients.db");
+        let store = ClientStore::open(&path)?;
+        let a = client("a", [10, 8, 0, 2], None);
+        let b = client("b", [10, 8, 0, 3], None);
+        store.insert(&a)?.ok();
+        store.insert(&b)?.ok();
+        assert!(store.endpoints()?.is_empty(), "none before a handshake");
+        let at: std::net::SocketAddr = "192.0.2.7:40000".parse()?;
+        let v6: std::net::SocketAddr = "[2001:db8::7]:51000".parse()?;
+        store.set_endpoints(&[(a.public_key.clone(), at), ("unknown key".into(), at)])?;
+        store.set_endpoints(&[(b.public_key.clone(), v6)])?;
+        drop(store);
+        // Durable: a new open (the next start) reads them back.
+        let store = ClientStore::open(&path)?;
+        let endpoints = store.endpoints()?;
+        assert_eq!(endpoints.len(), 2);
+        assert_eq!(endpoints.get(&a.public_key), Some(&at));
+        assert_eq!(endpoints.get(&b.public_key), Some(&v6));
+        store.remove("a")?;
+        assert_eq!(store.endpoints()?.len(), 1);
         Ok(())
     }
 }

@@ -35,7 +35,14 @@ pub struct PeerSpec {
     pub public_key: String,
     pub preshared_key: String,
     pub ip: Ipv4Addr,
+    /// Where the peer was last seen (remembered across restarts): the device can start a
+    /// handshake towards it instead of waiting for the peer to come.
+    pub endpoint: Option<std::net::SocketAddr>,
 }
+
+/// The port of the datagrams that start handshakes (RFC 863 discard): nothing answers there
+/// but the peer's own stack, and the payload is empty.
+const DISCARD_PORT: u16 = 9;
 
 enum Kind {
     Kernel,
@@ -158,16 +165,40 @@ impl WireGuardDevice {
     ) -> Result<(), WgError> {
         match self.kind {
             Kind::Kernel => {
+                // An interface kept across a restart keeps its peers' sessions: peers it has
+                // are updated in place (the same key and port change nothing, and the live
+                // endpoint is fresher than the stored one), the others added, strangers
+                // removed. A new interface gets every peer with its remembered endpoint.
+                let name = self.iface_name()?;
+                let existing: std::collections::HashSet<String> =
+                    wireguard_control::Device::get(&name, Backend::Kernel)?
+                        .peers
+                        .iter()
+                        .map(|p| p.config.public_key.to_base64())
+                        .collect();
                 let mut update = DeviceUpdate::new()
                     .set_private_key(Key::from_base64(private_key).map_err(WgError::InvalidKey)?)
-                    .set_listen_port(port)
-                    .replace_peers();
-                for p in peers {
-                    update = update.add_peer(kernel_peer(p)?);
+                    .set_listen_port(port);
+                if existing.is_empty() {
+                    update = update.replace_peers();
                 }
-                update
-                    .apply(&self.iface_name()?, Backend::Kernel)
-                    .map_err(WgError::Io)
+                for p in peers {
+                    if existing.contains(&p.public_key) {
+                        update = update.add_peer(kernel_peer(&PeerSpec {
+                            endpoint: None,
+                            ..p.clone()
+                        })?);
+                    } else {
+                        update = update.add_peer(kernel_peer(p)?);
+                    }
+                }
+                let wanted: std::collections::HashSet<&str> =
+                    peers.iter().map(|p| p.public_key.as_str()).collect();
+                for key in existing.iter().filter(|k| !wanted.contains(k.as_str())) {
+                    update = update
+                        .remove_peer_by_key(&Key::from_base64(key).map_err(WgError::InvalidKey)?);
+                }
+                update.apply(&name, Backend::Kernel).map_err(WgError::Io)
             }
             Kind::Embedded { .. } => {
                 let mut body = format!(
@@ -300,6 +331,43 @@ impl WireGuardDevice {
         }
     }
 
+    /// Removes and adds these peers again, so each starts with no handshake in progress (a
+    /// device retries an unanswered initiation only after 5 s). Their sessions, if any, go.
+    pub fn renew_peers(&self, peers: &[PeerSpec]) -> Result<(), WgError> {
+        if peers.is_empty() {
+            return Ok(());
+        }
+        match self.kind {
+            Kind::Kernel => {
+                let mut removes = DeviceUpdate::new();
+                let mut adds = DeviceUpdate::new();
+                for p in peers {
+                    removes = removes.remove_peer_by_key(
+                        &Key::from_base64(&p.public_key).map_err(WgError::InvalidKey)?,
+                    );
+                    adds = adds.add_peer(kernel_peer(p)?);
+                }
+                let name = self.iface_name()?;
+                removes.apply(&name, Backend::Kernel).map_err(WgError::Io)?;
+                adds.apply(&name, Backend::Kernel).map_err(WgError::Io)
+            }
+            Kind::Embedded { .. } => {
+                // Two transactions: boringtun ignores a re-add of a key removed in the same one.
+                let mut removes = String::new();
+                let mut adds = String::new();
+                for p in peers {
+                    removes.push_str(&format!(
+                        "public_key={}\nremove=true\n",
+                        uapi::key_hex(&p.public_key)?
+                    ));
+                    adds.push_str(&uapi_peer(p)?);
+                }
+                uapi::set(&*self.control()?, &self.iface, &removes)?;
+                uapi::set(&*self.control()?, &self.iface, &adds)
+            }
+        }
+    }
+
     pub fn remove_peer(&self, public_key: &str) -> Result<(), WgError> {
         match self.kind {
             Kind::Kernel => DeviceUpdate::new()
@@ -312,6 +380,20 @@ impl WireGuardDevice {
                 &format!("public_key={}\nremove=true\n", uapi::key_hex(public_key)?),
             ),
         }
+    }
+
+    /// Makes the device start a handshake with every peer in `peers` that has an endpoint,
+    /// now rather than when the peer's own timers fire: one empty UDP datagram to the discard
+    /// port of each peer's tunnel address, sent out of this interface. A WireGuard device
+    /// (kernel or boringtun) that has a packet for a peer without a session initiates a
+    /// handshake to the peer's endpoint and sends the packet once it completes; the
+    /// peer's answer confirms the new session on both sides. The datagrams go in batches of
+    /// `HANDSHAKE_BATCH` every `HANDSHAKE_BATCH_GAP`: the answers all come back to the
+    /// device's one listening socket, whose receive buffer holds a few hundred datagrams, so a
+    /// thousand at once would lose most answers. Blocks until the last batch is out (about
+    /// 10 ms per 50 peers); returns how many were sent.
+    pub fn start_handshakes(&self, peers: &[PeerSpec]) -> Result<usize, WgError> {
+        start_handshakes(&self.iface, peers)
     }
 
     /// Live state: port, peers with handshake age and traffic.
@@ -363,6 +445,19 @@ impl WireGuardDevice {
         interface_name(&self.iface)
     }
 
+    /// Lets go of a kernel interface without removing it: it keeps its peers and sessions
+    /// (and forwards their traffic) until the next start takes it over. An embedded device
+    /// cannot outlive the process; it is shut down as by `shutdown`.
+    pub fn leave(self) {
+        match self.kind {
+            Kind::Kernel => info!(
+                interface = %self.iface,
+                "WireGuard: kernel interface kept with its peers and sessions"
+            ),
+            Kind::Embedded { .. } => self.shutdown(),
+        }
+    }
+
     /// Removes the interface (the embedded device takes a couple of seconds to stop).
     pub fn shutdown(mut self) {
         match &mut self.kind {
@@ -399,6 +494,35 @@ impl WireGuardDevice {
     }
 }
 
+/// Handshakes started per batch, and the pause between batches: 5,000 a second, about what
+/// the embedded device answers on this class of machine (docs/core.md, "Restarts").
+const HANDSHAKE_BATCH: usize = 50;
+const HANDSHAKE_BATCH_GAP: Duration = Duration::from_millis(10);
+
+/// [`WireGuardDevice::start_handshakes`] by interface name, for a thread of its own.
+pub fn start_handshakes(iface: &str, peers: &[PeerSpec]) -> Result<usize, WgError> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Out of this interface whatever the routing rules say (multihop's among them).
+    socket.bind_device(Some(iface.as_bytes()))?;
+    let mut sent = 0;
+    let with_endpoint: Vec<&PeerSpec> = peers.iter().filter(|p| p.endpoint.is_some()).collect();
+    for (i, batch) in with_endpoint.chunks(HANDSHAKE_BATCH).enumerate() {
+        if i > 0 {
+            std::thread::sleep(HANDSHAKE_BATCH_GAP);
+        }
+        for p in batch {
+            let to = std::net::SocketAddrV4::new(p.ip, DISCARD_PORT);
+            socket.send_to(&[], &to.into()).map_err(WgError::Io)?;
+            sent += 1;
+        }
+    }
+    Ok(sent)
+}
+
 fn interface_name(iface: &str) -> Result<InterfaceName, WgError> {
     iface.parse().map_err(|source| WgError::InterfaceName {
         iface: iface.to_string(),
@@ -407,21 +531,28 @@ fn interface_name(iface: &str) -> Result<InterfaceName, WgError> {
 }
 
 fn uapi_peer(p: &PeerSpec) -> Result<String, WgError> {
-    Ok(format!(
+    let mut text = format!(
         "public_key={}\npreshared_key={}\nreplace_allowed_ips=true\nallowed_ip={}/32\n",
         uapi::key_hex(&p.public_key)?,
         uapi::key_hex(&p.preshared_key)?,
         p.ip
-    ))
+    );
+    if let Some(endpoint) = p.endpoint {
+        text.push_str(&format!("endpoint={endpoint}\n"));
+    }
+    Ok(text)
 }
 
 fn kernel_peer(p: &PeerSpec) -> Result<PeerConfigBuilder, WgError> {
-    Ok(
+    let mut builder =
         PeerConfigBuilder::new(&Key::from_base64(&p.public_key).map_err(WgError::InvalidKey)?)
             .set_preshared_key(Key::from_base64(&p.preshared_key).map_err(WgError::InvalidKey)?)
             .replace_allowed_ips()
-            .add_allowed_ip(p.ip.into(), 32),
-    )
+            .add_allowed_ip(p.ip.into(), 32);
+    if let Some(endpoint) = p.endpoint {
+        builder = builder.set_endpoint(endpoint);
+    }
+    Ok(builder)
 }
 
 async fn create_kernel_link(iface: &str) -> Result<(), WgError> {
