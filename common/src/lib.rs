@@ -61,4 +61,8 @@ pub mod names {
     pub const DOH_V4_MAP: &str = "PH_DOH_V4";
     pub const DOH_V6_MAP: &str = "PH_DOH_V6";
     pub const ENC_DNS_STATS_MAP: &str = "PH_ENC_DNS_STATS";
+    /// The SNI filter inside `tc_encrypted_dns`: its switches, ECH front names and counters.
+    pub const SNI_MAP: &str = "PH_SNI";
+    pub const ECH_FRONTS_MAP: &str = "PH_ECH_FRONTS";
+    pub const SNI_STATS_MAP: &str = "PH_SNI_STATS";
 }

@@ -24,31 +24,33 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Blocked domains: `DomainKey::hash(name)` -> `DOMAIN_EXACT` | `DOMAIN_SUBDOMAINS`.
 #[map(name = "PH_DOMAINS")]
-static DOMAINS: HashMap<u64, u8> = HashMap::pinned(DEFAULT_MAX_DOMAINS, BPF_F_NO_PREALLOC);
+pub(crate) static DOMAINS: HashMap<u64, u8> =
+    HashMap::pinned(DEFAULT_MAX_DOMAINS, BPF_F_NO_PREALLOC);
 
 /// The installation's key of the domain hash (index 0), written by the daemon before it fills
 /// `PH_DOMAINS`.
 #[map(name = "PH_DNS_KEY")]
-static DNS_KEY: Array<DomainKey> = Array::pinned(1, 0);
+pub(crate) static DNS_KEY: Array<DomainKey> = Array::pinned(1, 0);
 
 #[map(name = "PH_DNS_VERDICTS")]
 static DNS_VERDICTS: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(DnsVerdict::SLOTS, 0);
 
 /// Dry run and the own resolver's mark (index 0), written by the daemon.
 #[map(name = "PH_DNS_POLICY")]
-static POLICY: Array<DnsPolicy> = Array::pinned(1, 0);
+pub(crate) static POLICY: Array<DnsPolicy> = Array::pinned(1, 0);
 
 /// Clients with blocking switched off: answers going to them pass.
 #[map(name = "PH_DNS_EXEMPT")]
-static EXEMPT: HashMap<ClientAddr, u8> = HashMap::pinned(MAX_EXEMPT_CLIENTS, BPF_F_NO_PREALLOC);
+pub(crate) static EXEMPT: HashMap<ClientAddr, u8> =
+    HashMap::pinned(MAX_EXEMPT_CLIENTS, BPF_F_NO_PREALLOC);
 
 /// ifindex -> link-layer header length, written by the daemon before it attaches.
 #[map(name = "PH_IFACES")]
 pub(crate) static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(256, 0);
 
-const SCRATCH_LEN: usize = 512;
+pub(crate) const SCRATCH_LEN: usize = 512;
 /// Where the name is copied (one wire-format name is at most 255 bytes).
-const NAME_AREA: usize = 256;
+pub(crate) const NAME_AREA: usize = 256;
 /// Where the pseudo-header is built for the checksum.
 const PSEUDO_AT: usize = 320;
 /// Where `launder` parks a value.
@@ -326,6 +328,18 @@ fn normalise_name(buf: &mut [u8; SCRATCH_LEN], copied: usize) -> Option<usize> {
 /// its case fold.
 #[inline(always)]
 fn is_blocked(buf: &mut [u8; SCRATCH_LEN], name_end: usize, key: *const DomainKey) -> bool {
+    matches(buf, name_end, key, &DOMAINS)
+}
+
+/// Whether the name `buf[1..name_end]` (text, lowercase) is in `set`, keyed as `PH_DOMAINS`
+/// is: the name itself, or a parent whose entry has `DOMAIN_SUBDOMAINS`.
+#[inline(always)]
+pub(crate) fn matches(
+    buf: &mut [u8; SCRATCH_LEN],
+    name_end: usize,
+    key: *const DomainKey,
+    set: &HashMap<u64, u8>,
+) -> bool {
     // The name's length comes through map memory (`launder`) and the hash from the key's map
     // value, so the verifier sees unknown values: with known constants every iteration's state
     // would differ (one per name length and hash value) and the loop could not be verified
@@ -344,7 +358,7 @@ fn is_blocked(buf: &mut [u8; SCRATCH_LEN], name_end: usize, key: *const DomainKe
         let idx = unsafe { core::ptr::read_volatile(&k) } & (NAME_AREA - 1);
         let b = buf[idx];
         if b == b'.' {
-            if let Some(flags) = DOMAINS.get_ptr(&hash) {
+            if let Some(flags) = set.get_ptr(&hash) {
                 // SAFETY: a value pointer from a successful lookup.
                 if unsafe { *flags } & DOMAIN_SUBDOMAINS != 0 {
                     return true;
@@ -356,12 +370,12 @@ fn is_blocked(buf: &mut [u8; SCRATCH_LEN], name_end: usize, key: *const DomainKe
         hash = hash.wrapping_add(mul.wrapping_mul(b as u64 + 1));
         steps += 1;
     }
-    DOMAINS.get_ptr(&hash).is_some()
+    set.get_ptr(&hash).is_some()
 }
 
 /// Returns `v` after a round trip through the scratch map, which the verifier does not track.
 #[inline(always)]
-fn launder(buf: &mut [u8; SCRATCH_LEN], v: u64) -> u64 {
+pub(crate) fn launder(buf: &mut [u8; SCRATCH_LEN], v: u64) -> u64 {
     let slot = buf[SEED_AT..SEED_AT + 8].as_mut_ptr() as *mut u64;
     // SAFETY: 8 bytes inside the scratch buffer; unaligned access is done bytewise by LLVM.
     unsafe {

@@ -333,6 +333,15 @@ pub struct DnsConfig {
     pub doh_resolvers: Vec<String>,
     /// A file of more DoH resolvers, one address or prefix per line (`#` comments).
     pub doh_resolvers_file: String,
+    /// Drop VPN clients' TLS ClientHellos (TCP/443) whose server name is blocked, in the
+    /// kernel on the WireGuard interface (the same rules as the kernel DNS filter).
+    pub sni_filter: bool,
+    /// Strict: also drop VPN clients' UDP/443 (QUIC), so browsers fall back to TCP where the
+    /// name is visible, and ClientHellos with ECH to a known ECH front name.
+    pub sni_strict: bool,
+    /// More ECH front names (the outer server name of ECH ClientHellos), beside the shipped
+    /// list.
+    pub ech_fronts: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -363,6 +372,9 @@ impl Default for DnsConfig {
             drop_doh: true,
             doh_resolvers: Vec::new(),
             doh_resolvers_file: String::new(),
+            sni_filter: true,
+            sni_strict: false,
+            ech_fronts: Vec::new(),
         }
     }
 }
@@ -757,6 +769,20 @@ impl Config {
                     "dns.doh_resolvers: {r:?} is not an address or CIDR prefix"
                 ))
             })?;
+        }
+        for name in &self.dns.ech_fronts {
+            let n = name.trim().trim_end_matches('.');
+            let label_ok = |l: &str| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            };
+            if n.len() > 253 || !n.split('.').all(label_ok) {
+                return Err(Error::config(format!(
+                    "dns.ech_fronts: {name:?} is not a domain name (ASCII, punycode for others)"
+                )));
+            }
         }
         for brand in &self.blocklist.brands {
             let b = brand.trim();

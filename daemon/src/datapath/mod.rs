@@ -20,6 +20,7 @@ mod links;
 pub mod metrics;
 pub mod multihop;
 pub mod policy;
+pub mod sni;
 mod uplink;
 
 pub use uplink::default_route_interface;
@@ -102,6 +103,7 @@ pub struct Datapath {
     pub dns_policy: DnsPolicyMaps,
     pub multihop: MultihopMark,
     pub encrypted_dns: encrypted_dns::EncryptedDnsFilter,
+    pub sni: sni::SniFilter,
     dns_verdicts: Mutex<PerCpuArray<MapData, TrafficCounter>>,
     ifaces: Mutex<HashMap<MapData, u32, IfaceInfo>>,
     vpn_interface: String,
@@ -260,6 +262,11 @@ impl Datapath {
             take_map(&mut ebpf, names::DOH_V6_MAP)?.try_into()?,
             take_map(&mut ebpf, names::ENC_DNS_STATS_MAP)?.try_into()?,
         );
+        let sni = sni::SniFilter::new(
+            take_map(&mut ebpf, names::SNI_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::ECH_FRONTS_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::SNI_STATS_MAP)?.try_into()?,
+        );
         let dns_policy = DnsPolicyMaps::new(
             take_map(&mut ebpf, names::DNS_POLICY_MAP)?.try_into()?,
             take_map(&mut ebpf, names::DNS_EXEMPT_MAP)?.try_into()?,
@@ -279,6 +286,7 @@ impl Datapath {
             dns_policy,
             multihop,
             encrypted_dns,
+            sni,
             dns_verdicts: Mutex::new(dns_verdicts),
             ifaces: Mutex::new(ifaces),
             vpn_interface: vpn_interface.to_string(),

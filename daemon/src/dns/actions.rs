@@ -242,6 +242,7 @@ fn resolver_status(r: &Resolver) -> serde_json::Value {
             .map(|(k, v)| (k.to_string(), json!(v)))
             .collect::<serde_json::Map<_, _>>(),
         "encrypted_dns": r.encrypted_dns_status(),
+        "sni": r.sni_status(),
     })
 }
 

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod encrypted;
 pub mod metrics;
 pub mod server;
+pub mod sni;
 pub mod upstreams;
 pub mod wire;
 
@@ -185,6 +186,7 @@ impl Resolver {
         };
         resolver.refresh_clients();
         resolver.push_encrypted_dns();
+        resolver.push_sni();
         Ok(resolver)
     }
 
@@ -302,6 +304,26 @@ impl Resolver {
         let settings = encrypted::settings(&self.config, &self.doh_resolvers, resolvers);
         if let Err(e) = dp.encrypted_dns.set(&settings) {
             warn!(error = %e, "cannot write the encrypted-DNS filter into the kernel");
+        }
+    }
+
+    /// Writes the SNI filter's switches and ECH front names into the kernel (`dns/sni.rs`).
+    pub fn push_sni(&self) {
+        let Some(dp) = &self.datapath else {
+            return;
+        };
+        let settings = sni::settings(&self.config, &dp.domains.hasher());
+        if let Err(e) = dp.sni.set(&settings) {
+            warn!(error = %e, "cannot write the SNI filter into the kernel");
+        }
+    }
+
+    /// What the kernel's SNI filter stopped (`null` without a datapath).
+    pub fn sni_status(&self) -> serde_json::Value {
+        match self.datapath.as_ref().map(|dp| dp.sni.status()) {
+            Some(Ok(st)) => sni::status(&st),
+            Some(Err(e)) => serde_json::json!({"error": e.to_string()}),
+            None => serde_json::Value::Null,
         }
     }
 
