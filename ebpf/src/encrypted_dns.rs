@@ -209,14 +209,14 @@ fn decide(ctx: &TcContext) -> Outcome {
         return pass;
     }
     // A ClientHello: TCP payload that starts a TLS handshake record with one.
-    let Some(offset) = load::<1>(ctx, (l4 + 12) & 0xfff) else {
+    let Some(offset) = sni::peek::<2>(ctx, l4 + 12) else {
         return pass;
     };
     let payload = l4 + ((offset[0] >> 4) as usize) * 4;
     if end <= payload + 6 {
         return pass;
     }
-    let Some(head) = load::<6>(ctx, payload & 0xfff) else {
+    let Some(head) = sni::peek::<6>(ctx, payload) else {
         return pass;
     };
     if !sni::is_client_hello(&head) {

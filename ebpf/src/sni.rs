@@ -84,6 +84,20 @@ pub(crate) fn is_client_hello(head: &[u8; 6]) -> bool {
     head[0] == RECORD_HANDSHAKE && head[1] == 3 && head[5] == CLIENT_HELLO
 }
 
+/// Exactly `N` bytes at `offset`: read straight from the packet when they lie in its linear
+/// part (no helper call: this is on the path of every TCP/443 segment), else through the
+/// helper.
+#[inline(always)]
+pub(crate) fn peek<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
+    let offset = offset & 0xfff;
+    let start = ctx.data();
+    if start + offset + N <= ctx.data_end() {
+        // SAFETY: inside [data, data_end), checked just above (and by the verifier).
+        return Some(unsafe { core::ptr::read_unaligned((start + offset) as *const [u8; N]) });
+    }
+    load::<N>(ctx, offset)
+}
+
 #[inline(always)]
 fn byte(h: &[u8; HELLO_AREA], i: usize) -> usize {
     h[i & (HELLO_AREA - 1)] as usize
