@@ -2,7 +2,8 @@
 //! interface), through a real WireGuard client (wg-quick + wireguard-go). From the VPN client:
 //! curl https to `openssl s_server` with an allowed name fetches the page, with a blocked name
 //! (`blocklist add`) fails; a hand-built ClientHello for a subdomain of the blocked name, in
-//! capitals, never reaches a TCP listener while one for an allowed name does. Then in strict
+//! capitals, never reaches a TCP listener while one for an allowed name does; in dry run, or
+//! for a client with blocking off, it does (and is counted so). Then in strict
 //! mode (`[dns] sni_strict`, after a restart): UDP/443 (QUIC) never arrives, UDP to another
 //! port does; a ClientHello with `encrypted_client_hello` to a shipped ECH front name never
 //! arrives, one with ECH to another name or without ECH to the front name does. `dns status`
@@ -283,6 +284,35 @@ fn client_hellos_with_blocked_names_quic_and_ech_fronts_are_dropped_in_the_kerne
         &arrivals,
         client_hello(&format!("WWW.{}", BLOCKED.to_uppercase()), false)
     ));
+    // The DNS filter's policy holds here too: dry run counts and passes, and so does a client
+    // with blocking switched off; back on, the name is dropped again.
+    let blocked_hello = || client_hello(&format!("www.{BLOCKED}"), false);
+    api(&daemon, &["dns", "set_dry_run", "enabled=true"]);
+    assert!(hello_arrives(&topo.alice, &arrivals, blocked_hello()));
+    assert!(packets(&daemon, "dry_run") > 0);
+    api(&daemon, &["dns", "set_dry_run", "enabled=false"]);
+    api(
+        &daemon,
+        &[
+            "dns",
+            "set_client_policy",
+            "client_name=alice",
+            "blocking=false",
+        ],
+    );
+    assert!(hello_arrives(&topo.alice, &arrivals, blocked_hello()));
+    assert!(packets(&daemon, "exempt_client") > 0);
+    api(
+        &daemon,
+        &[
+            "dns",
+            "set_client_policy",
+            "client_name=alice",
+            "blocking=true",
+        ],
+    );
+    assert!(!hello_arrives(&topo.alice, &arrivals, blocked_hello()));
+
     // Without strict mode, QUIC and ECH pass.
     let quic = topo
         .upstream

@@ -994,6 +994,16 @@ mod tests {
     }
 
     #[test]
+    fn sni_keys() -> Result<(), Error> {
+        let c = Config::from_toml(
+            "[dns]\nsni_strict = true\nech_fronts = [\"front.example.\", \"xn--bcher-kva.example\"]\n",
+        )?;
+        assert!(c.dns.sni_filter && c.dns.sni_strict);
+        assert_eq!(c.dns.ech_fronts.len(), 2);
+        Ok(())
+    }
+
+    #[test]
     fn empty_file_means_defaults() -> Result<(), Error> {
         assert_eq!(Config::from_toml("")?, Config::default());
         Ok(())
@@ -1034,6 +1044,8 @@ mod tests {
             "[datapath]\nuplink = \"this-name-is-far-too-long\"",
             "[wireguard]\nsubnet = \"10.8.0.0/33\"",
             "[dns]\nprimary = \"dns.google\"",
+            "[dns]\nech_fronts = [\"not a name\"]",
+            "[dns]\nech_fronts = [\"front..example\"]",
             "[log]\nlevel = \"[[[\"",
             "[multihop]\ntable = 254",
             "[multihop]\nmonitor_interval_seconds = 0",
