@@ -48,9 +48,9 @@ pub(crate) static EXEMPT: HashMap<ClientAddr, u8> =
 #[map(name = "PH_IFACES")]
 pub(crate) static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(256, 0);
 
-pub(crate) const SCRATCH_LEN: usize = 512;
+const SCRATCH_LEN: usize = 512;
 /// Where the name is copied (one wire-format name is at most 255 bytes).
-pub(crate) const NAME_AREA: usize = 256;
+const NAME_AREA: usize = 256;
 /// Where the pseudo-header is built for the checksum.
 const PSEUDO_AT: usize = 320;
 /// Where `launder` parks a value.
@@ -328,18 +328,6 @@ fn normalise_name(buf: &mut [u8; SCRATCH_LEN], copied: usize) -> Option<usize> {
 /// its case fold.
 #[inline(always)]
 fn is_blocked(buf: &mut [u8; SCRATCH_LEN], name_end: usize, key: *const DomainKey) -> bool {
-    matches(buf, name_end, key, &DOMAINS)
-}
-
-/// Whether the name `buf[1..name_end]` (text, lowercase) is in `set`, keyed as `PH_DOMAINS`
-/// is: the name itself, or a parent whose entry has `DOMAIN_SUBDOMAINS`.
-#[inline(always)]
-pub(crate) fn matches(
-    buf: &mut [u8; SCRATCH_LEN],
-    name_end: usize,
-    key: *const DomainKey,
-    set: &HashMap<u64, u8>,
-) -> bool {
     // The name's length comes through map memory (`launder`) and the hash from the key's map
     // value, so the verifier sees unknown values: with known constants every iteration's state
     // would differ (one per name length and hash value) and the loop could not be verified
@@ -358,7 +346,7 @@ pub(crate) fn matches(
         let idx = unsafe { core::ptr::read_volatile(&k) } & (NAME_AREA - 1);
         let b = buf[idx];
         if b == b'.' {
-            if let Some(flags) = set.get_ptr(&hash) {
+            if let Some(flags) = DOMAINS.get_ptr(&hash) {
                 // SAFETY: a value pointer from a successful lookup.
                 if unsafe { *flags } & DOMAIN_SUBDOMAINS != 0 {
                     return true;
@@ -370,12 +358,12 @@ pub(crate) fn matches(
         hash = hash.wrapping_add(mul.wrapping_mul(b as u64 + 1));
         steps += 1;
     }
-    set.get_ptr(&hash).is_some()
+    DOMAINS.get_ptr(&hash).is_some()
 }
 
 /// Returns `v` after a round trip through the scratch map, which the verifier does not track.
 #[inline(always)]
-pub(crate) fn launder(buf: &mut [u8; SCRATCH_LEN], v: u64) -> u64 {
+fn launder(buf: &mut [u8; SCRATCH_LEN], v: u64) -> u64 {
     let slot = buf[SEED_AT..SEED_AT + 8].as_mut_ptr() as *mut u64;
     // SAFETY: 8 bytes inside the scratch buffer; unaligned access is done bytewise by LLVM.
     unsafe {

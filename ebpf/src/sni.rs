@@ -19,10 +19,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use phantom_common::dns::{
-    ClientAddr, MAX_ECH_FRONTS, MAX_NAME_LEN, SniConfig, SniVerdict, TLS_EXT_ECH,
+    ClientAddr, DOMAIN_SUBDOMAINS, DomainKey, KEY_POSITIONS, MAX_ECH_FRONTS, MAX_NAME_LEN,
+    SniConfig, SniVerdict, TLS_EXT_ECH,
 };
 
-use crate::dns_filter::{DNS_KEY, EXEMPT, NAME_AREA, POLICY, SCRATCH_LEN, launder, load, matches};
+use crate::dns_filter::{DNS_KEY, DOMAINS, EXEMPT, POLICY, load};
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -47,9 +48,6 @@ const HOST_NAME: usize = 0;
 
 #[repr(C)]
 pub struct SniScratch {
-    /// The name, laid out as `tc_dns_filter`'s scratch (text at `[1..name_end]`), so the same
-    /// suffix walk reads it.
-    name: [u8; SCRATCH_LEN],
     /// The start of the TLS record.
     hello: [u8; HELLO_AREA],
     /// Values parked between the extension walk and the name (see [`park`]).
@@ -207,26 +205,15 @@ pub(crate) fn client_hello(
     if name_len == 0 || name_len > MAX_NAME_LEN {
         return SniVerdict::Unparsed;
     }
-    let name = &mut scratch.name;
-    let mut i = 0;
-    while i < NAME_AREA - 1 {
-        if i >= name_len {
-            break;
-        }
-        let b = h[(name_at + i) & (HELLO_AREA - 1)];
-        // ASCII capitals to lowercase, without a branch.
-        name[(i + 1) & (NAME_AREA - 1)] = b | (u8::from(b.wrapping_sub(b'A') < 26) << 5);
-        i += 1;
-    }
-    // One verifier path from here on, whatever the name's length.
-    let name_end = launder(name, (name_len + 1) as u64) as usize;
-    if name_end <= 1 || name_end >= NAME_AREA {
-        return SniVerdict::Unparsed;
-    }
+    // One verifier path from here on, whatever the name's length and wherever it was.
+    park(&mut scratch.parked[0], (name_at + name_len - 1) as u64);
+    park(&mut scratch.parked[1], name_len as u64);
+    let h = &scratch.hello;
+    let name = &scratch.parked;
     let Some(key) = DNS_KEY.get_ptr(0) else {
         return SniVerdict::Passed;
     };
-    if cfg.drop_blocked != 0 && matches(name, name_end, key, &crate::dns_filter::DOMAINS) {
+    if cfg.drop_blocked != 0 && in_set(h, name, key, &DOMAINS) {
         // SAFETY: a lookup by a stack key; the value is not read.
         if unsafe { EXEMPT.get(&source(ctx, l3, ipv6)) }.is_some() {
             return SniVerdict::Exempt;
@@ -236,10 +223,53 @@ pub(crate) fn client_hello(
         }
         return SniVerdict::Dropped;
     }
-    if strict && ech && matches(name, name_end, key, &ECH_FRONTS) {
+    if strict && ech && in_set(h, name, key, &ECH_FRONTS) {
         return SniVerdict::EchDropped;
     }
     SniVerdict::Passed
+}
+
+/// Whether the name ending at `h[name[0]]`, `name[1]` bytes long, is in `set`, keyed as
+/// `PH_DOMAINS` is: the name itself, or a parent whose entry has `DOMAIN_SUBDOMAINS`. The name is walked
+/// backwards in place, each byte lowercased as it is read, with exactly the steps of
+/// `DomainKey::hash` and of `tc_dns_filter`'s walk: at every dot the running hash is that
+/// suffix's key. (The DNS filter copies its name first because the wire format must become
+/// text; a server name is text already, so there is nothing to copy.)
+#[inline(always)]
+fn in_set(
+    h: &[u8; HELLO_AREA],
+    name: &[u64; 2],
+    key: *const DomainKey,
+    set: &HashMap<u64, u8>,
+) -> bool {
+    // Read from scratch memory at each call: after a first walk the verifier would know the
+    // length exactly (where that walk stopped), and a second walk would be verified once per
+    // length.
+    let last = read(&name[0]) as usize;
+    let len = read(&name[1]) as usize;
+    let mut hash: u64 = 0;
+    let mut steps = 0;
+    while steps < MAX_NAME_LEN {
+        if steps >= len {
+            break;
+        }
+        let b = h[last.wrapping_sub(steps) & (HELLO_AREA - 1)];
+        // ASCII capitals to lowercase, without a branch.
+        let b = b | (u8::from(b.wrapping_sub(b'A') < 26) << 5);
+        if b == b'.' {
+            if let Some(flags) = set.get_ptr(&hash) {
+                // SAFETY: a value pointer from a successful lookup.
+                if unsafe { *flags } & DOMAIN_SUBDOMAINS != 0 {
+                    return true;
+                }
+            }
+        }
+        // SAFETY: a value pointer from a successful lookup; the index is masked into the array.
+        let mul = unsafe { (*key).mul[steps & (KEY_POSITIONS - 1)] };
+        hash = hash.wrapping_add(mul.wrapping_mul(u64::from(b) + 1));
+        steps += 1;
+    }
+    set.get_ptr(&hash).is_some()
 }
 
 /// Copies up to `HELLO_AREA` bytes of the record at `offset` into `buf`; returns how many.
