@@ -84,6 +84,11 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         &client_hello("www.casino2.bet2.example", false),
     ));
     let ech = leak(tcp_frame(443, &client_hello("cloudflare-ech.com", true)));
+    let blocked_v6 = leak(tcp6_frame(&client_hello(
+        "WWW.Casino2.Bet2.Example.",
+        false,
+    )));
+    let allowed_v6 = leak(tcp6_frame(&client_hello("www.example.com", false)));
     let ack = leak(tcp_frame(443, &[]));
     let data = leak(tcp_frame(443, &[0x17; 512]));
     let other = leak(tcp_frame(8080, &client_hello("www.example.com", false)));
@@ -99,6 +104,16 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         (allowed, TC_ACT_UNSPEC, "an allowed ClientHello"),
         (blocked, TC_ACT_SHOT, "a blocked ClientHello"),
         (ech, TC_ACT_SHOT, "an ECH ClientHello to a front"),
+        (
+            blocked_v6,
+            TC_ACT_SHOT,
+            "a blocked ClientHello over IPv6, in capitals with a trailing dot",
+        ),
+        (
+            allowed_v6,
+            TC_ACT_UNSPEC,
+            "an allowed ClientHello over IPv6",
+        ),
         (ack, TC_ACT_UNSPEC, "an ACK"),
         (data, TC_ACT_UNSPEC, "application data"),
     ] {
@@ -205,6 +220,27 @@ fn tcp_frame(dport: u16, payload: &[u8]) -> Vec<u8> {
     f[46] = 5 << 4;
     f[47] = 0x18;
     f[48..50].copy_from_slice(&64240u16.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An Ethernet/IPv6/TCP segment (ACK|PSH) from a VPN client to 2001:db8::7, port 443.
+fn tcp6_frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 40 + 20];
+    f[0..6].copy_from_slice(&mac(1));
+    f[6..12].copy_from_slice(&mac(2));
+    f[12..14].copy_from_slice(&0x86DDu16.to_be_bytes());
+    f[14] = 0x60;
+    f[18..20].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    f[20] = 6;
+    f[21] = 64;
+    f[22..38].copy_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    f[38..54].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
+    f[54..56].copy_from_slice(&40000u16.to_be_bytes());
+    f[56..58].copy_from_slice(&443u16.to_be_bytes());
+    f[66] = 5 << 4;
+    f[67] = 0x18;
+    f[68..70].copy_from_slice(&64240u16.to_be_bytes());
     f.extend_from_slice(payload);
     f
 }

@@ -230,11 +230,11 @@ pub(crate) fn client_hello(
 }
 
 /// Whether the name ending at `h[name[0]]`, `name[1]` bytes long, is in `set`, keyed as
-/// `PH_DOMAINS` is: the name itself, or a parent whose entry has `DOMAIN_SUBDOMAINS`. The name is walked
-/// backwards in place, each byte lowercased as it is read, with exactly the steps of
-/// `DomainKey::hash` and of `tc_dns_filter`'s walk: at every dot the running hash is that
-/// suffix's key. (The DNS filter copies its name first because the wire format must become
-/// text; a server name is text already, so there is nothing to copy.)
+/// `PH_DOMAINS` is: the name itself, or a parent whose entry has `DOMAIN_SUBDOMAINS`. The
+/// name is walked backwards in place, each byte lowercased as it is read, with exactly the
+/// steps of `DomainKey::hash` and of `tc_dns_filter`'s walk: at every dot the running hash is
+/// that suffix's key. (The DNS filter copies its name first because the wire format must
+/// become text; a server name is text already, so there is nothing to copy.)
 #[inline(always)]
 fn in_set(
     h: &[u8; HELLO_AREA],
