@@ -20,6 +20,8 @@ APT_PACKAGES=(
   libnss3-tools
   # A real DoT/DoH server and a DoT client for the encrypted-DNS test (tests/tests/encrypted_dns.rs).
   dnsdist knot-dnsutils
+  # openssl s_server: the TLS server of the SNI test (tests/tests/sni.rs).
+  openssl
   # promtool checks the alert rules and the dashboard's queries in ops/ (Debian ships it in
   # the prometheus package; the server is never started).
   prometheus

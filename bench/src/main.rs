@@ -6,6 +6,8 @@
 //!   a loaded source map and deny list.
 //! - `dns`: BPF_PROG_TEST_RUN per-answer cost of `tc_dns_filter` with a million blocked
 //!   domains, and the time the daemon's handle takes to sync that set into the kernel.
+//! - `sni`: BPF_PROG_TEST_RUN per-ClientHello cost of the SNI filter in `tc_encrypted_dns`
+//!   with a million blocked domains, and what it adds to packets that are not a ClientHello.
 //! - `flood`: a flood from one source over veth, dropped by `xdp_guard`'s deny list against an
 //!   nftables drop rule for the same source on the same setup.
 //! - `core`: the WireGuard server's operations with many clients, in-process.
@@ -51,6 +53,7 @@ mod resolver;
 mod restart;
 mod sentry;
 mod sentry_page;
+mod sni;
 mod xdp;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -61,6 +64,7 @@ enum Suite {
     All,
     Xdp,
     Dns,
+    Sni,
     Flood,
     Core,
     Blocklist,
@@ -155,6 +159,7 @@ fn main() -> ExitCode {
     let suites: &[(Suite, BenchFn)] = &[
         (Suite::Xdp, xdp::run),
         (Suite::Dns, dns::run),
+        (Suite::Sni, sni::run),
         (Suite::Flood, flood::run),
         (Suite::Core, self::core::run),
         (Suite::Blocklist, blocklist::run),

@@ -259,9 +259,80 @@ impl EncryptedDnsVerdict {
     }
 }
 
+/// The SNI filter's switches (index 0 of `PH_SNI`), written by the daemon from `[dns]`. The
+/// filter runs inside `tc_encrypted_dns`, on VPN clients' TCP/443 and UDP/443.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SniConfig {
+    /// 1 = drop TLS ClientHellos whose server name is in `PH_DOMAINS` (as the DNS filter
+    /// matches it: the name, or a parent with `DOMAIN_SUBDOMAINS`).
+    pub drop_blocked: u32,
+    /// 1 = strict: drop UDP/443 (QUIC, whose name the kernel does not read) and ClientHellos
+    /// with `encrypted_client_hello` whose outer name is in `PH_ECH_FRONTS`.
+    pub strict: u32,
+}
+
+/// Most ECH front names (`PH_ECH_FRONTS`, keyed like `PH_DOMAINS`).
+pub const MAX_ECH_FRONTS: u32 = 1024;
+
+/// TLS extension number of `encrypted_client_hello` (RFC 9849 / draft-ietf-tls-esni).
+pub const TLS_EXT_ECH: u16 = 0xfe0d;
+
+/// What the SNI filter did with a VPN client's ClientHello or QUIC datagram. Packets that are
+/// neither are not counted here. The discriminant is the slot.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SniVerdict {
+    /// A ClientHello whose server name is not blocked: passed.
+    Passed = 0,
+    /// A ClientHello whose server name is blocked: dropped.
+    Dropped = 1,
+    /// Strict: a ClientHello with ECH to a known ECH front name: dropped.
+    EchDropped = 2,
+    /// Strict: UDP/443 (QUIC): dropped.
+    QuicDropped = 3,
+    /// A ClientHello without a server name: passed.
+    NoName = 4,
+    /// A ClientHello the filter could not read to its end within the packet (split over
+    /// segments, or malformed): passed.
+    Unparsed = 5,
+    /// Blocked, but the filter is in dry-run mode (`PH_DNS_POLICY`): counted, passed.
+    DryRun = 6,
+    /// Blocked, but the client has blocking switched off (`PH_DNS_EXEMPT`): passed.
+    Exempt = 7,
+}
+
+impl SniVerdict {
+    pub const ALL: [SniVerdict; 8] = [
+        SniVerdict::Passed,
+        SniVerdict::Dropped,
+        SniVerdict::EchDropped,
+        SniVerdict::QuicDropped,
+        SniVerdict::NoName,
+        SniVerdict::Unparsed,
+        SniVerdict::DryRun,
+        SniVerdict::Exempt,
+    ];
+    pub const SLOTS: u32 = 8;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            SniVerdict::Passed => "passed",
+            SniVerdict::Dropped => "blocked_dropped",
+            SniVerdict::EchDropped => "ech_dropped",
+            SniVerdict::QuicDropped => "quic_dropped",
+            SniVerdict::NoName => "no_name",
+            SniVerdict::Unparsed => "unparsed",
+            SniVerdict::DryRun => "dry_run",
+            SniVerdict::Exempt => "exempt_client",
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::EncryptedDnsConfig {}
+    unsafe impl aya::Pod for super::SniConfig {}
     // SAFETY: #[repr(C)], integers only, no padding (sizes checked in the tests).
     unsafe impl aya::Pod for super::IfaceInfo {}
     unsafe impl aya::Pod for super::MultihopConfig {}
@@ -334,6 +405,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<IfaceInfo>(), 4);
         assert_eq!(core::mem::size_of::<MultihopConfig>(), 40);
         assert_eq!(core::mem::size_of::<EncryptedDnsConfig>(), 8);
+        assert_eq!(core::mem::size_of::<SniConfig>(), 8);
         assert_eq!(core::mem::size_of::<DnsPolicy>(), 8);
         assert_eq!(core::mem::size_of::<DomainKey>(), 8 * KEY_POSITIONS);
     }

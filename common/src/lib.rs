@@ -67,4 +67,8 @@ pub mod names {
     pub const CLIENT_ACL_MAP: &str = "PH_CLIENT_ACL";
     pub const CLIENT_POLICY_CONFIG_MAP: &str = "PH_CP_CONFIG";
     pub const CLIENT_POLICY_STATS_MAP: &str = "PH_CP_STATS";
+    /// The SNI filter inside `tc_encrypted_dns`: its switches, ECH front names and counters.
+    pub const SNI_MAP: &str = "PH_SNI";
+    pub const ECH_FRONTS_MAP: &str = "PH_ECH_FRONTS";
+    pub const SNI_STATS_MAP: &str = "PH_SNI_STATS";
 }

@@ -24,23 +24,25 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Blocked domains: `DomainKey::hash(name)` -> `DOMAIN_EXACT` | `DOMAIN_SUBDOMAINS`.
 #[map(name = "PH_DOMAINS")]
-static DOMAINS: HashMap<u64, u8> = HashMap::pinned(DEFAULT_MAX_DOMAINS, BPF_F_NO_PREALLOC);
+pub(crate) static DOMAINS: HashMap<u64, u8> =
+    HashMap::pinned(DEFAULT_MAX_DOMAINS, BPF_F_NO_PREALLOC);
 
 /// The installation's key of the domain hash (index 0), written by the daemon before it fills
 /// `PH_DOMAINS`.
 #[map(name = "PH_DNS_KEY")]
-static DNS_KEY: Array<DomainKey> = Array::pinned(1, 0);
+pub(crate) static DNS_KEY: Array<DomainKey> = Array::pinned(1, 0);
 
 #[map(name = "PH_DNS_VERDICTS")]
 static DNS_VERDICTS: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(DnsVerdict::SLOTS, 0);
 
 /// Dry run and the own resolver's mark (index 0), written by the daemon.
 #[map(name = "PH_DNS_POLICY")]
-static POLICY: Array<DnsPolicy> = Array::pinned(1, 0);
+pub(crate) static POLICY: Array<DnsPolicy> = Array::pinned(1, 0);
 
 /// Clients with blocking switched off: answers going to them pass.
 #[map(name = "PH_DNS_EXEMPT")]
-static EXEMPT: HashMap<ClientAddr, u8> = HashMap::pinned(MAX_EXEMPT_CLIENTS, BPF_F_NO_PREALLOC);
+pub(crate) static EXEMPT: HashMap<ClientAddr, u8> =
+    HashMap::pinned(MAX_EXEMPT_CLIENTS, BPF_F_NO_PREALLOC);
 
 /// ifindex -> link-layer header length, written by the daemon before it attaches.
 #[map(name = "PH_IFACES")]

@@ -2,8 +2,9 @@
 //! to anyone but Phantom's resolver is dropped, so browsers and phones fall back to the
 //! resolver, where the blocklist applies: TCP/853 (DoT) and UDP/853 (DoQ) to any address but
 //! the resolver's, and TCP/443 and UDP/443 to the prefixes of known DoH resolvers (an LPM trie
-//! per family). Everything else goes on to the next program (`TCX_NEXT`), so the order of the
-//! programs on the hook does not matter.
+//! per family). TCP/443 segments that start a TLS ClientHello go to the SNI filter
+//! (`crate::sni`), and in strict mode UDP/443 (QUIC) is dropped. Everything else goes on to the
+//! next program (`TCX_NEXT`), so the order of the programs on the hook does not matter.
 
 use aya_ebpf::{
     EbpfContext,
@@ -18,12 +19,16 @@ use aya_ebpf::{
 use phantom_common::{
     dns::{
         EncryptedDnsConfig, EncryptedDnsVerdict, IfaceInfo, MAX_DOH_PREFIXES, MAX_RESOLVER_ADDRS,
+        SniConfig, SniVerdict,
     },
     net::{ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP},
     xdp::{SourceKey, TrafficCounter},
 };
 
-use crate::dns_filter::{IFACES, load};
+use crate::{
+    dns_filter::{IFACES, load},
+    sni,
+};
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 const DOT_PORT: u16 = 853;
@@ -47,19 +52,51 @@ static DOH_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(MAX_DOH_PREFIXES, BPF_F_N
 #[map(name = "PH_ENC_DNS_STATS")]
 static STATS: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(EncryptedDnsVerdict::SLOTS, 0);
 
-#[classifier]
-pub fn tc_encrypted_dns(ctx: TcContext) -> i32 {
-    let verdict = decide(&ctx);
-    if let Some(counter) = STATS.get_ptr_mut(verdict as u32) {
+/// The SNI filter's switches (index 0).
+#[map(name = "PH_SNI")]
+static SNI_CONFIG: Array<SniConfig> = Array::pinned(1, 0);
+
+/// ClientHellos and QUIC datagrams per SNI verdict.
+#[map(name = "PH_SNI_STATS")]
+static SNI_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(SniVerdict::SLOTS, 0);
+
+/// Which filter decided, and what.
+enum Outcome {
+    Dns(EncryptedDnsVerdict),
+    Sni(SniVerdict),
+}
+
+#[inline(always)]
+fn count(stats: &PerCpuArray<TrafficCounter>, slot: u32, len: u64) {
+    if let Some(counter) = stats.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, written only by this CPU.
         unsafe {
             (*counter).packets += 1;
-            (*counter).bytes += ctx.len() as u64;
+            (*counter).bytes += len;
         }
     }
-    match verdict {
-        EncryptedDnsVerdict::Passed | EncryptedDnsVerdict::ToResolver => TC_ACT_UNSPEC,
-        _ => TC_ACT_SHOT as i32,
+}
+
+#[classifier]
+pub fn tc_encrypted_dns(ctx: TcContext) -> i32 {
+    let len = ctx.len() as u64;
+    match decide(&ctx) {
+        Outcome::Dns(verdict) => {
+            count(&STATS, verdict as u32, len);
+            match verdict {
+                EncryptedDnsVerdict::Passed | EncryptedDnsVerdict::ToResolver => TC_ACT_UNSPEC,
+                _ => TC_ACT_SHOT as i32,
+            }
+        }
+        Outcome::Sni(verdict) => {
+            count(&SNI_STATS, verdict as u32, len);
+            match verdict {
+                SniVerdict::Dropped | SniVerdict::EchDropped | SniVerdict::QuicDropped => {
+                    TC_ACT_SHOT as i32
+                }
+                _ => TC_ACT_UNSPEC,
+            }
+        }
     }
 }
 
@@ -70,12 +107,12 @@ enum Dst {
 }
 
 #[inline(always)]
-fn decide(ctx: &TcContext) -> EncryptedDnsVerdict {
-    let Some(cfg) = CONFIG.get(0) else {
-        return EncryptedDnsVerdict::Passed;
-    };
-    if cfg.drop_dot_doq == 0 && cfg.drop_doh == 0 {
-        return EncryptedDnsVerdict::Passed;
+fn decide(ctx: &TcContext) -> Outcome {
+    let cfg = CONFIG.get(0).copied().unwrap_or_default();
+    let sni = SNI_CONFIG.get(0).copied().unwrap_or_default();
+    let pass = Outcome::Dns(EncryptedDnsVerdict::Passed);
+    if cfg.drop_dot_doq == 0 && cfg.drop_doh == 0 && sni.drop_blocked == 0 && sni.strict == 0 {
+        return pass;
     }
     // SAFETY: the context pointer of a TC program is its __sk_buff.
     let skb = unsafe { &*(ctx.as_ptr() as *const __sk_buff) };
@@ -84,41 +121,49 @@ fn decide(ctx: &TcContext) -> EncryptedDnsVerdict {
         // SAFETY: a value pointer from a successful lookup.
         Some(info) => match unsafe { *info } {
             IfaceInfo { l2_len } if l2_len <= 64 => l2_len as usize,
-            _ => return EncryptedDnsVerdict::Passed,
+            _ => return pass,
         },
-        None => return EncryptedDnsVerdict::Passed,
+        None => return pass,
     };
-    let (proto, l4, dst) = match u16::from_be(skb.protocol as u16) {
+    // `end`: where the IP packet ends (an Ethernet frame may be padded past it).
+    let (proto, l4, dst, end) = match u16::from_be(skb.protocol as u16) {
         ETH_P_IP => {
             let Some(ip) = load::<20>(ctx, l3) else {
-                return EncryptedDnsVerdict::Passed;
+                return pass;
             };
             // Later fragments carry no port.
             if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
-                return EncryptedDnsVerdict::Passed;
+                return pass;
             }
             let ihl = ((ip[0] & 0x0f) as usize) * 4;
             if ihl < 20 {
-                return EncryptedDnsVerdict::Passed;
+                return pass;
             }
-            (ip[9], l3 + ihl, Dst::V4([ip[16], ip[17], ip[18], ip[19]]))
+            let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+            (
+                ip[9],
+                l3 + ihl,
+                Dst::V4([ip[16], ip[17], ip[18], ip[19]]),
+                l3 + total,
+            )
         }
         ETH_P_IPV6 => {
             let Some(ip) = load::<40>(ctx, l3) else {
-                return EncryptedDnsVerdict::Passed;
+                return pass;
             };
             let mut dst = [0u8; 16];
             dst.copy_from_slice(&ip[24..40]);
+            let payload = u16::from_be_bytes([ip[4], ip[5]]) as usize;
             // Extension headers are not walked: TCP or UDP right after the fixed header.
-            (ip[6], l3 + 40, Dst::V6(dst))
+            (ip[6], l3 + 40, Dst::V6(dst), l3 + 40 + payload)
         }
-        _ => return EncryptedDnsVerdict::Passed,
+        _ => return pass,
     };
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return EncryptedDnsVerdict::Passed;
+        return pass;
     }
     let Some(ports) = load::<4>(ctx, l4 & 0xfff) else {
-        return EncryptedDnsVerdict::Passed;
+        return pass;
     };
     let dport = u16::from_be_bytes([ports[2], ports[3]]);
     let tcp = proto == IPPROTO_TCP;
@@ -128,26 +173,61 @@ fn decide(ctx: &TcContext) -> EncryptedDnsVerdict {
             Dst::V6(a) => SourceKey::from_ipv6(a),
         };
         if RESOLVERS.get_ptr(&key).is_some() {
-            return EncryptedDnsVerdict::ToResolver;
+            return Outcome::Dns(EncryptedDnsVerdict::ToResolver);
         }
-        return if tcp {
+        return Outcome::Dns(if tcp {
             EncryptedDnsVerdict::DotDropped
         } else {
             EncryptedDnsVerdict::DoqDropped
-        };
+        });
     }
-    if dport == HTTPS_PORT && cfg.drop_doh != 0 {
+    if dport != HTTPS_PORT {
+        return pass;
+    }
+    let ipv6 = matches!(dst, Dst::V6(_));
+    if cfg.drop_doh != 0 {
         let listed = match dst {
             Dst::V4(a) => DOH_V4.get(&Key::new(32, a)).is_some(),
             Dst::V6(a) => DOH_V6.get(&Key::new(128, a)).is_some(),
         };
         if listed {
-            return if tcp {
+            return Outcome::Dns(if tcp {
                 EncryptedDnsVerdict::DohTcpDropped
             } else {
                 EncryptedDnsVerdict::DohUdpDropped
-            };
+            });
         }
     }
-    EncryptedDnsVerdict::Passed
+    if !tcp {
+        return if sni.strict != 0 {
+            Outcome::Sni(SniVerdict::QuicDropped)
+        } else {
+            pass
+        };
+    }
+    if sni.drop_blocked == 0 && sni.strict == 0 {
+        return pass;
+    }
+    // A ClientHello: TCP payload that starts a TLS handshake record with one.
+    let Some(offset) = sni::peek::<2>(ctx, l4 + 12) else {
+        return pass;
+    };
+    let payload = l4 + ((offset[0] >> 4) as usize) * 4;
+    if end <= payload + 6 {
+        return pass;
+    }
+    let Some(head) = sni::peek::<6>(ctx, payload) else {
+        return pass;
+    };
+    if !sni::is_client_hello(&head) {
+        return pass;
+    }
+    Outcome::Sni(sni::client_hello(
+        ctx,
+        payload,
+        end - payload,
+        l3,
+        ipv6,
+        &sni,
+    ))
 }

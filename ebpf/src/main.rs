@@ -6,6 +6,7 @@ mod dns_filter;
 mod encrypted_dns;
 mod guard;
 mod multihop;
+mod sni;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -343,6 +343,15 @@ pub struct DnsConfig {
     pub doh_sources: Vec<SyncSource>,
     /// How often `doh_sources` are synced (0 = only on `dns sync_doh`).
     pub doh_sync_interval_seconds: u64,
+    /// Drop VPN clients' TLS ClientHellos (TCP/443) whose server name is blocked, in the
+    /// kernel on the WireGuard interface (the same rules as the kernel DNS filter).
+    pub sni_filter: bool,
+    /// Strict: also drop VPN clients' UDP/443 (QUIC), so browsers fall back to TCP where the
+    /// name is visible, and ClientHellos with ECH to a known ECH front name.
+    pub sni_strict: bool,
+    /// More ECH front names (the outer server name of ECH ClientHellos), beside the shipped
+    /// list.
+    pub ech_fronts: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -375,6 +384,9 @@ impl Default for DnsConfig {
             doh_resolvers_file: String::new(),
             doh_sources: Vec::new(),
             doh_sync_interval_seconds: 86_400,
+            sni_filter: true,
+            sni_strict: false,
+            ech_fronts: Vec::new(),
         }
     }
 }
@@ -770,6 +782,20 @@ impl Config {
                 ))
             })?;
         }
+        for name in &self.dns.ech_fronts {
+            let n = name.trim().trim_end_matches('.');
+            let label_ok = |l: &str| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            };
+            if n.len() > 253 || !n.split('.').all(label_ok) {
+                return Err(Error::config(format!(
+                    "dns.ech_fronts: {name:?} is not a domain name (ASCII, punycode for others)"
+                )));
+            }
+        }
         for brand in &self.blocklist.brands {
             let b = brand.trim();
             if b.is_empty()
@@ -987,6 +1013,16 @@ mod tests {
     }
 
     #[test]
+    fn sni_keys() -> Result<(), Error> {
+        let c = Config::from_toml(
+            "[dns]\nsni_strict = true\nech_fronts = [\"front.example.\", \"xn--bcher-kva.example\"]\n",
+        )?;
+        assert!(c.dns.sni_filter && c.dns.sni_strict);
+        assert_eq!(c.dns.ech_fronts.len(), 2);
+        Ok(())
+    }
+
+    #[test]
     fn empty_file_means_defaults() -> Result<(), Error> {
         assert_eq!(Config::from_toml("")?, Config::default());
         Ok(())
@@ -1027,6 +1063,8 @@ mod tests {
             "[datapath]\nuplink = \"this-name-is-far-too-long\"",
             "[wireguard]\nsubnet = \"10.8.0.0/33\"",
             "[dns]\nprimary = \"dns.google\"",
+            "[dns]\nech_fronts = [\"not a name\"]",
+            "[dns]\nech_fronts = [\"front..example\"]",
             "[log]\nlevel = \"[[[\"",
             "[multihop]\ntable = 254",
             "[multihop]\nmonitor_interval_seconds = 0",

@@ -210,6 +210,18 @@ impl Collector for DatapathCollector {
             )?,
             Err(e) => warn!(error = %e, "cannot read the client policy counters for metrics"),
         }
+        match dp.sni.status() {
+            Ok(status) => counter_family(
+                &mut encoder,
+                "phantom_datapath_sni_packets",
+                "VPN clients' TLS ClientHellos (TCP/443) and QUIC datagrams seen by the SNI filter, by verdict (blocked_dropped, ech_dropped, quic_dropped, passed, no_name, unparsed, dry_run, exempt_client)",
+                status
+                    .counters
+                    .iter()
+                    .map(|c| (vec![("verdict", c.verdict.to_string())], c.packets)),
+            )?,
+            Err(e) => warn!(error = %e, "cannot read the SNI filter's counters for metrics"),
+        }
         Ok(())
     }
 }

@@ -22,6 +22,7 @@ mod links;
 pub mod metrics;
 pub mod multihop;
 pub mod policy;
+pub mod sni;
 mod uplink;
 
 pub use uplink::default_route_interface;
@@ -101,6 +102,7 @@ pub struct Datapath {
     pub multihop: MultihopMark,
     pub encrypted_dns: encrypted_dns::EncryptedDnsFilter,
     pub client_policy: client_policy::ClientPolicyMaps,
+    pub sni: sni::SniFilter,
     dns_verdicts: Mutex<PerCpuArray<MapData, TrafficCounter>>,
     ifaces: Mutex<HashMap<MapData, u32, IfaceInfo>>,
     vpn_interface: String,
@@ -265,6 +267,11 @@ impl Datapath {
             take_map(&mut ebpf, names::CLIENT_POLICY_CONFIG_MAP)?.try_into()?,
             take_map(&mut ebpf, names::CLIENT_POLICY_STATS_MAP)?.try_into()?,
         );
+        let sni = sni::SniFilter::new(
+            take_map(&mut ebpf, names::SNI_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::ECH_FRONTS_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::SNI_STATS_MAP)?.try_into()?,
+        );
         let dns_policy = DnsPolicyMaps::new(
             take_map(&mut ebpf, names::DNS_POLICY_MAP)?.try_into()?,
             take_map(&mut ebpf, names::DNS_EXEMPT_MAP)?.try_into()?,
@@ -285,6 +292,7 @@ impl Datapath {
             multihop,
             encrypted_dns,
             client_policy,
+            sni,
             dns_verdicts: Mutex::new(dns_verdicts),
             ifaces: Mutex::new(ifaces),
             vpn_interface: vpn_interface.to_string(),

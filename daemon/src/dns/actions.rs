@@ -243,6 +243,7 @@ fn resolver_status(r: &Resolver) -> serde_json::Value {
             .collect::<serde_json::Map<_, _>>(),
         "encrypted_dns": r.encrypted_dns_status(),
         "stopped": stopped_by_layer(r),
+        "sni": r.sni_status(),
     })
 }
 

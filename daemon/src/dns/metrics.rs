@@ -62,7 +62,7 @@ impl Collector for ResolverCollector {
         counter_family(
             &mut encoder,
             "phantom_dns_stopped",
-            "What each layer of the block stopped, by reason: resolver (blocked, bypass answers), kernel_answer_rewrite (answers of other resolvers rewritten to NXDOMAIN, packets), kernel_encrypted_dns (DoT, DoQ, DoH packets dropped)",
+            "What each layer of the block stopped, by reason: resolver (blocked, bypass answers), kernel_answer_rewrite (answers of other resolvers rewritten to NXDOMAIN, packets), kernel_encrypted_dns (DoT, DoQ, DoH packets dropped), kernel_sni (ClientHellos with blocked names, ECH to known fronts, QUIC in strict mode)",
             r.stopped().into_iter().map(|(layer, reason, v)| {
                 (
                     vec![("layer", layer.to_string()), ("reason", reason.to_string())],

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod encrypted;
 pub mod metrics;
 pub mod server;
+pub mod sni;
 pub mod upstreams;
 pub mod wire;
 
@@ -189,6 +190,7 @@ impl Resolver {
         };
         resolver.refresh_clients();
         resolver.push_encrypted_dns();
+        resolver.push_sni();
         Ok(resolver)
     }
 
@@ -343,6 +345,26 @@ impl Resolver {
         }
     }
 
+    /// Writes the SNI filter's switches and ECH front names into the kernel (`dns/sni.rs`).
+    pub fn push_sni(&self) {
+        let Some(dp) = &self.datapath else {
+            return;
+        };
+        let settings = sni::settings(&self.config, &dp.domains.hasher());
+        if let Err(e) = dp.sni.set(&settings) {
+            warn!(error = %e, "cannot write the SNI filter into the kernel");
+        }
+    }
+
+    /// What the kernel's SNI filter stopped (`null` without a datapath).
+    pub fn sni_status(&self) -> serde_json::Value {
+        match self.datapath.as_ref().map(|dp| dp.sni.status()) {
+            Some(Ok(st)) => sni::status(&st),
+            Some(Err(e)) => serde_json::json!({"error": e.to_string()}),
+            None => serde_json::Value::Null,
+        }
+    }
+
     /// What the kernel's encrypted-DNS filter holds and stopped: switches, list sizes and
     /// packets per verdict (no addresses of clients; `null` without a datapath).
     pub fn encrypted_dns_status(&self) -> serde_json::Value {
@@ -363,7 +385,8 @@ impl Resolver {
 
     /// What each layer of the block stopped, by reason, as (layer, reason, count): the
     /// resolver's blocked answers and its bypass answers, the kernel's rewritten answers
-    /// (clients asking another resolver over plain DNS), and the kernel's encrypted-DNS drops.
+    /// (clients asking another resolver over plain DNS), the kernel's encrypted-DNS drops, and
+    /// the SNI filter's (blocked names, ECH to known fronts, QUIC in strict mode).
     /// Totals only: never a client or a name.
     pub fn stopped(&self) -> Vec<(&'static str, &'static str, u64)> {
         let mut out = vec![(
@@ -396,6 +419,17 @@ impl Resolver {
                         _ => continue,
                     };
                     out.push(("kernel_encrypted_dns", reason, c.packets));
+                }
+            }
+            if let Ok(st) = dp.sni.status() {
+                for c in st.counters {
+                    let reason = match c.verdict {
+                        "blocked_dropped" => "blocked_name",
+                        "ech_dropped" => "ech",
+                        "quic_dropped" => "quic",
+                        _ => continue,
+                    };
+                    out.push(("kernel_sni", reason, c.packets));
                 }
             }
         }
