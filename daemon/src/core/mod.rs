@@ -595,10 +595,27 @@ impl Server {
             // Under the lock of client changes: a client removed or disabled meanwhile is not
             // brought back.
             let _changes = lock(&self.changes)?;
+            // Read again right before renewing: a client that reached the device by itself
+            // meanwhile (its own handshake, or a new endpoint) keeps its fresh session; only
+            // peers still silent at the remembered endpoint are renewed.
+            let now: HashMap<String, (Option<String>, Option<u64>)> = self
+                .device_state()?
+                .peers
+                .into_iter()
+                .map(|p| (p.public_key, (p.endpoint, p.handshake_age_seconds)))
+                .collect();
+            let still_silent = |p: &PeerSpec| {
+                now.get(&p.public_key).is_some_and(|(endpoint, age)| {
+                    age.is_none()
+                        && endpoint.as_deref() == p.endpoint.map(|e| e.to_string()).as_deref()
+                })
+            };
             let peers: Vec<PeerSpec> = self
                 .peers()?
                 .into_iter()
-                .filter(|p| p.endpoint.is_some() && waiting.contains(&p.public_key))
+                .filter(|p| {
+                    p.endpoint.is_some() && waiting.contains(&p.public_key) && still_silent(p)
+                })
                 .collect();
             self.with_device(|d| d.renew_peers(&peers))?;
             let mut persisted = lock(&self.persisted)?;
