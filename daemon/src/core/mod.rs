@@ -48,8 +48,9 @@ const ENDPOINTS_EVERY: Duration = Duration::from_secs(5);
 /// answered (each wait counted from the previous retry). The first comes once a client refused
 /// for load has its cookie (a round trip after its answer); later ones catch answers lost or
 /// late. Clients that are simply away are left to come back on their own.
-const HANDSHAKE_RETRIES: [Duration; 4] = [
+const HANDSHAKE_RETRIES: [Duration; 5] = [
     Duration::from_millis(300),
+    Duration::from_millis(250),
     Duration::from_millis(500),
     Duration::from_secs(1),
     Duration::from_secs(3),
