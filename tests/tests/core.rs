@@ -960,8 +960,13 @@ fn a_damaged_state_file_of_an_optional_module_is_set_aside_and_the_vpn_still_sta
         assert_eq!(status["interface"]["active"], true, "{file}: {status}");
         {
             let _client = WgQuickClient::up(&topo.link.peer, &config);
+            // 20 s: a new client instance (same key, new port) connecting within a second of
+            // the start races the daemon's own start-up handshakes towards the previous
+            // instance's remembered endpoint; twice in CI it then needed the client's 15 s
+            // re-handshake (an open issue, see docs/core.md "Restarts"). What this test is
+            // about is that the VPN starts at all.
             assert!(
-                topo.reachable(VPN_SERVER, Duration::from_secs(10)),
+                topo.reachable(VPN_SERVER, Duration::from_secs(20)),
                 "{file}: the server through the tunnel"
             );
         }
