@@ -67,6 +67,10 @@ pub mod names {
     pub const CLIENT_ACL_MAP: &str = "PH_CLIENT_ACL";
     pub const CLIENT_POLICY_CONFIG_MAP: &str = "PH_CP_CONFIG";
     pub const CLIENT_POLICY_STATS_MAP: &str = "PH_CP_STATS";
+    /// Per-client rate limits and quotas (by client address): `tc_client_policy` meters what
+    /// clients send, `tc_client_limit` (TC egress on the VPN interface) what they receive.
+    pub const CLIENT_LIMIT_MAP: &str = "PH_CLIENT_LIMIT";
+    pub const TC_CLIENT_LIMIT: &str = "tc_client_limit";
     /// The SNI filter inside `tc_encrypted_dns`: its switches, ECH front names and counters.
     pub const SNI_MAP: &str = "PH_SNI";
     pub const ECH_FRONTS_MAP: &str = "PH_ECH_FRONTS";

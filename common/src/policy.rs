@@ -72,15 +72,21 @@ pub enum PolicyVerdict {
     Isolated = 3,
     /// Not IPv4 from a client, or not parsable: passed untouched.
     NotInspected = 4,
+    /// Over the client's rate limit (either direction): dropped.
+    RateLimited = 5,
+    /// The client's quota is used up and it is blocked (either direction): dropped.
+    OverQuota = 6,
 }
 
 impl PolicyVerdict {
-    pub const ALL: [PolicyVerdict; 5] = [
+    pub const ALL: [PolicyVerdict; 7] = [
         PolicyVerdict::Allowed,
         PolicyVerdict::Denied,
         PolicyVerdict::NoMatch,
         PolicyVerdict::Isolated,
         PolicyVerdict::NotInspected,
+        PolicyVerdict::RateLimited,
+        PolicyVerdict::OverQuota,
     ];
     pub const SLOTS: u32 = 8;
 
@@ -91,12 +97,20 @@ impl PolicyVerdict {
             PolicyVerdict::NoMatch => "no_match",
             PolicyVerdict::Isolated => "isolated",
             PolicyVerdict::NotInspected => "not_inspected",
+            PolicyVerdict::RateLimited => "rate_limited",
+            PolicyVerdict::OverQuota => "over_quota",
         }
     }
 
     /// Whether the packet is dropped.
     pub const fn drops(self) -> bool {
-        matches!(self, PolicyVerdict::Denied | PolicyVerdict::Isolated)
+        matches!(
+            self,
+            PolicyVerdict::Denied
+                | PolicyVerdict::Isolated
+                | PolicyVerdict::RateLimited
+                | PolicyVerdict::OverQuota
+        )
     }
 }
 
@@ -148,6 +162,124 @@ pub fn decide(
     (PolicyVerdict::NoMatch, u32::MAX)
 }
 
+/// Clients with a rate limit or a quota the kernel holds.
+pub const MAX_LIMIT_CLIENTS: u32 = 65_536;
+
+/// `ClientLimit::quota_action`: what happens once the quota is used up.
+pub const QUOTA_NONE: u32 = 0;
+/// Every packet of the client dropped until the period ends.
+pub const QUOTA_BLOCK: u32 = 1;
+/// The client held to the floor rate until the period ends.
+pub const QUOTA_THROTTLE: u32 = 2;
+
+/// Fixed-point shift of the nanoseconds-per-byte rates (no division per packet).
+pub const RATE_SHIFT: u32 = 16;
+
+/// Nanoseconds per byte at `kbps` kilobits per second, `<< RATE_SHIFT` (0 for 0: unlimited).
+pub const fn ns_per_byte_q16(kbps: u64) -> u64 {
+    if kbps == 0 {
+        0
+    } else {
+        // 8 bits per byte, 10^9 ns per s, 10^3 bits per kbit.
+        ((8_000_000u64) << RATE_SHIFT) / kbps
+    }
+}
+
+/// One direction of a client's limit. The daemon writes the settings (the first three
+/// fields); the kernel writes the rest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LimitDir {
+    /// Nanoseconds per byte at the limit, `<< RATE_SHIFT`; 0: unlimited.
+    pub ns_per_byte_q16: u64,
+    /// The same at the floor rate, used once a throttling quota is used up; 0: unlimited.
+    pub floor_ns_per_byte_q16: u64,
+    /// Bytes the client may send at once above the rate (the bucket's depth).
+    pub burst_bytes: u64,
+    /// Kernel: the theoretical arrival time of the next byte (GCRA), in `bpf_ktime_get_ns`.
+    pub tat: u64,
+    /// Kernel: bytes passed (IP packet lengths).
+    pub bytes: u64,
+    /// Kernel: packets dropped by the rate limit.
+    pub rate_dropped: u64,
+    /// Kernel: nanoseconds spent at the limit (the bucket more than half used).
+    pub throttled_ns: u64,
+    /// Kernel: when the last packet was seen.
+    pub last_ns: u64,
+}
+
+/// A client's limits and quota (`PH_CLIENT_LIMIT`, by client address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientLimit {
+    /// Client to the Internet (WireGuard ingress).
+    pub up: LimitDir,
+    /// Internet to the client (WireGuard egress).
+    pub down: LimitDir,
+    /// Bytes (both directions) allowed in the period; 0: no quota.
+    pub quota_bytes: u64,
+    /// `up.bytes + down.bytes` when the period started: the daemon moves it at each start.
+    pub quota_base: u64,
+    /// `QUOTA_*`.
+    pub quota_action: u32,
+    pub _pad: u32,
+    /// Kernel: packets dropped because the quota is used up (blocking quota).
+    pub quota_dropped: u64,
+}
+
+impl ClientLimit {
+    /// Bytes counted against the quota in this period.
+    #[inline(always)]
+    pub fn quota_used(&self) -> u64 {
+        self.up
+            .bytes
+            .wrapping_add(self.down.bytes)
+            .saturating_sub(self.quota_base)
+    }
+
+    #[inline(always)]
+    pub fn over_quota(&self) -> bool {
+        self.quota_bytes != 0 && self.quota_used() >= self.quota_bytes
+    }
+}
+
+/// The rate one packet meets: the floor once a throttling quota is used up (when that is
+/// lower), else the limit. 0: unlimited.
+#[inline(always)]
+pub fn effective_rate(dir: &LimitDir, throttled_by_quota: bool) -> u64 {
+    if throttled_by_quota
+        && dir.floor_ns_per_byte_q16 != 0
+        && (dir.ns_per_byte_q16 == 0 || dir.floor_ns_per_byte_q16 > dir.ns_per_byte_q16)
+    {
+        dir.floor_ns_per_byte_q16
+    } else {
+        dir.ns_per_byte_q16
+    }
+}
+
+/// The token bucket as a generic cell rate algorithm: `tat` is when the bucket would be
+/// full again. A packet of `len` bytes at `now` passes when the bucket holds it (`tat` no
+/// further ahead of `now` than the burst), and then moves `tat` by its length at the rate.
+/// Returns the new `tat`, or `None` (drop, `tat` unchanged). The products cannot overflow for
+/// the rates and bursts the daemon accepts (64 kbit/s .. 100 Gbit/s, at most 64 MiB: below
+/// 2^63); plain multiplications, since a checked one needs a 128-bit helper BPF lacks.
+#[inline(always)]
+pub fn gcra(tat: u64, now: u64, len: u64, q16: u64, burst_bytes: u64) -> Option<u64> {
+    let tat = if tat > now { tat } else { now };
+    let tolerance = burst_bytes.wrapping_mul(q16) >> RATE_SHIFT;
+    if tat - now > tolerance {
+        None
+    } else {
+        Some(tat + (len.wrapping_mul(q16) >> RATE_SHIFT))
+    }
+}
+
+/// Whether the bucket is more than half used at `now` (the time counts as throttled).
+#[inline(always)]
+pub fn at_limit(tat: u64, now: u64, q16: u64, burst_bytes: u64) -> bool {
+    tat > now && (tat - now) > (burst_bytes.wrapping_mul(q16) >> (RATE_SHIFT + 1))
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: #[repr(C)], integers and byte arrays only, no implicit padding (sizes checked in
@@ -155,6 +287,7 @@ mod pod {
     unsafe impl aya::Pod for super::AclRule {}
     unsafe impl aya::Pod for super::ClientAcl {}
     unsafe impl aya::Pod for super::PolicyConfig {}
+    unsafe impl aya::Pod for super::ClientLimit {}
 }
 
 #[cfg(test)]
@@ -183,6 +316,60 @@ mod tests {
         assert_eq!(core::mem::size_of::<AclRule>(), 16);
         assert_eq!(core::mem::size_of::<ClientAcl>(), 8 + 16 * MAX_ACL_RULES);
         assert_eq!(core::mem::size_of::<PolicyConfig>(), 20);
+        assert_eq!(core::mem::size_of::<LimitDir>(), 64);
+        assert_eq!(core::mem::size_of::<ClientLimit>(), 2 * 64 + 32);
+    }
+
+    #[test]
+    fn the_bucket_passes_the_rate_plus_the_burst() {
+        // 10 Mbit/s = 800 ns per byte; a 15,000-byte burst.
+        let q = ns_per_byte_q16(10_000);
+        assert_eq!(q >> RATE_SHIFT, 800);
+        let (burst, len) = (15_000u64, 1_500u64);
+        // One second of back-to-back 1,500-byte packets, offered at 100 Mbit/s.
+        let (mut tat, mut passed) = (0u64, 0u64);
+        let mut now = 1_000_000_000u64;
+        let end = now + 1_000_000_000;
+        while now < end {
+            if let Some(t) = gcra(tat, now, len, q, burst) {
+                tat = t;
+                passed += len;
+            }
+            now += 120_000;
+        }
+        // 1,250,000 bytes a second, plus the burst and one packet.
+        assert!(
+            passed >= 1_250_000 && passed <= 1_250_000 + burst + 2 * len,
+            "{passed}"
+        );
+        assert!(at_limit(tat, now, q, burst));
+        // Idle for a while: the bucket is full again.
+        assert!(!at_limit(tat, now + 1_000_000_000, q, burst));
+        assert_eq!(gcra(5, 10, 100, 0, 0), Some(10), "rate 0 never drops");
+    }
+
+    #[test]
+    fn a_used_up_quota_blocks_or_holds_to_the_floor() {
+        let mut l = ClientLimit {
+            quota_bytes: 1_000,
+            quota_base: 500,
+            ..ClientLimit::default()
+        };
+        l.up.bytes = 900;
+        l.down.bytes = 500;
+        assert_eq!(l.quota_used(), 900);
+        assert!(!l.over_quota());
+        l.down.bytes = 600;
+        assert!(l.over_quota());
+        l.up.ns_per_byte_q16 = ns_per_byte_q16(50_000);
+        l.up.floor_ns_per_byte_q16 = ns_per_byte_q16(1_000);
+        assert_eq!(effective_rate(&l.up, false), ns_per_byte_q16(50_000));
+        assert_eq!(effective_rate(&l.up, true), ns_per_byte_q16(1_000));
+        // A floor above the limit never raises it.
+        l.up.floor_ns_per_byte_q16 = ns_per_byte_q16(100_000);
+        assert_eq!(effective_rate(&l.up, true), ns_per_byte_q16(50_000));
+        l.quota_bytes = 0;
+        assert!(!l.over_quota());
     }
 
     #[test]

@@ -316,6 +316,7 @@ async fn serve(
     let client_policy = match server {
         Some(_) => Some(policy::ClientPolicy::open(
             &config.state_dir,
+            &config.limits,
             clients.clone(),
             datapath.clone(),
         )?),
@@ -485,6 +486,12 @@ async fn serve(
     if let Some(s) = server.clone() {
         metrics.add_collector(Box::new(core::metrics::WireguardCollector {
             server: s,
+            max_clients: config.metrics.client_series,
+        }));
+    }
+    if let Some(p) = client_policy.clone() {
+        metrics.add_collector(Box::new(policy::metrics::LimitsCollector {
+            policy: p,
             max_clients: config.metrics.client_series,
         }));
     }

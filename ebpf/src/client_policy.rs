@@ -2,17 +2,30 @@
 //! client traffic is dropped while isolation is on, and each client's ordered allow/deny rules
 //! decide the rest (`phantom_common::policy::decide`, the same function `core test_policy`
 //! answers with). Passed packets go on to the next program (`TCX_NEXT`).
+//!
+//! Rate limits and quotas: a client with an entry in `PH_CLIENT_LIMIT` has what it sends
+//! metered here (after its rules) and what it receives metered by `tc_client_limit` on the
+//! VPN interface's egress, each direction a token bucket (`phantom_common::policy::gcra`)
+//! that drops what exceeds the rate plus the burst; the bytes passed are counted for the
+//! quota, and a used-up quota drops everything (block) or holds the client to its floor rate
+//! (throttle). docs/policy.md says why a bucket and not EDT pacing.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{__sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
 };
 use phantom_common::{
     net::{ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
-    policy::{ClientAcl, MAX_ACL_CLIENTS, PolicyConfig, PolicyVerdict, decide},
+    policy::{
+        ClientAcl, ClientLimit, LimitDir, MAX_ACL_CLIENTS, MAX_LIMIT_CLIENTS, PolicyConfig,
+        PolicyVerdict, QUOTA_BLOCK, QUOTA_THROTTLE, at_limit, decide, effective_rate, gcra,
+    },
     xdp::TrafficCounter,
 };
 
@@ -30,20 +43,123 @@ static CONFIG: Array<PolicyConfig> = Array::pinned(1, 0);
 #[map(name = "PH_CP_STATS")]
 static STATS: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(PolicyVerdict::SLOTS, 0);
 
-#[classifier]
-pub fn tc_client_policy(ctx: TcContext) -> i32 {
-    let verdict = inspect(&ctx);
+/// Client address (network byte order) -> its limits, quota and their counters.
+#[map(name = "PH_CLIENT_LIMIT")]
+static LIMITS: HashMap<[u8; 4], ClientLimit> =
+    HashMap::pinned(MAX_LIMIT_CLIENTS, BPF_F_NO_PREALLOC);
+
+#[inline(always)]
+fn count(verdict: PolicyVerdict, len: u64) {
     if let Some(counter) = STATS.get_ptr_mut(verdict as u32) {
         // SAFETY: per-CPU slot, written only by this CPU.
         unsafe {
             (*counter).packets += 1;
-            (*counter).bytes += ctx.len() as u64;
+            (*counter).bytes += len;
         }
     }
+}
+
+#[inline(always)]
+fn add(field: *mut u64, n: u64) {
+    // SAFETY: a field of a map value, shared by every CPU: added atomically (BPF_ATOMIC add;
+    // the bpf target's core has no fetch_add on AtomicU64).
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n) };
+}
+
+/// Meters one packet of `len` bytes in one direction of a client's entry: `None` passes.
+#[inline(always)]
+fn meter(limit: *mut ClientLimit, up: bool, len: u64) -> Option<PolicyVerdict> {
+    // SAFETY: a value pointer from a successful lookup, alive while the program runs; the
+    // plain fields are read and written without locks (a lost update of `tat` or `last_ns`
+    // between two CPUs lets one packet through early: the bucket's usual imprecision).
+    unsafe {
+        let over = (*limit).over_quota();
+        let action = (*limit).quota_action;
+        let dir: *mut LimitDir = if up {
+            &raw mut (*limit).up
+        } else {
+            &raw mut (*limit).down
+        };
+        if over && action == QUOTA_BLOCK {
+            add(&raw mut (*limit).quota_dropped, 1);
+            return Some(PolicyVerdict::OverQuota);
+        }
+        let q = effective_rate(&*dir, over && action == QUOTA_THROTTLE);
+        if q != 0 {
+            let now = bpf_ktime_get_ns();
+            let tat = (*dir).tat;
+            let burst = (*dir).burst_bytes;
+            let last = (*dir).last_ns;
+            (*dir).last_ns = now;
+            if last != 0 && now > last && at_limit(tat, now, q, burst) {
+                let gap = now - last;
+                add(
+                    &raw mut (*dir).throttled_ns,
+                    if gap > 1_000_000_000 {
+                        1_000_000_000
+                    } else {
+                        gap
+                    },
+                );
+            }
+            match gcra(tat, now, len, q, burst) {
+                Some(next) => (*dir).tat = next,
+                None => {
+                    add(&raw mut (*dir).rate_dropped, 1);
+                    return Some(PolicyVerdict::RateLimited);
+                }
+            }
+        }
+        add(&raw mut (*dir).bytes, len);
+    }
+    None
+}
+
+#[classifier]
+pub fn tc_client_policy(ctx: TcContext) -> i32 {
+    let (mut verdict, src, len) = inspect(&ctx);
+    if !verdict.drops()
+        && let Some(src) = src
+        && let Some(limit) = LIMITS.get_ptr_mut(&src)
+        && let Some(dropped) = meter(limit, true, len)
+    {
+        verdict = dropped;
+    }
+    count(verdict, ctx.len() as u64);
     if verdict.drops() {
         TC_ACT_SHOT as i32
     } else {
         TC_ACT_UNSPEC
+    }
+}
+
+/// TC egress on the VPN interface: what a client receives, metered against its download limit
+/// and quota. Only drops are counted in `PH_CP_STATS` (the rest is counted on ingress).
+#[classifier]
+pub fn tc_client_limit(ctx: TcContext) -> i32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: the context pointer of a TC program is its __sk_buff.
+    let skb = unsafe { &*(ctx.as_ptr() as *const __sk_buff) };
+    if u16::from_be(skb.protocol as u16) != ETH_P_IP || cfg.l2_len > 64 {
+        return TC_ACT_UNSPEC;
+    }
+    let l3 = cfg.l2_len as usize;
+    let Some(ip) = read::<20>(&ctx, l3) else {
+        return TC_ACT_UNSPEC;
+    };
+    let dst = [ip[16], ip[17], ip[18], ip[19]];
+    let Some(limit) = LIMITS.get_ptr_mut(&dst) else {
+        return TC_ACT_UNSPEC;
+    };
+    let len = (skb.len as u64).saturating_sub(l3 as u64);
+    match meter(limit, false, len) {
+        None => TC_ACT_UNSPEC,
+        Some(verdict) => {
+            count(verdict, ctx.len() as u64);
+            TC_ACT_SHOT as i32
+        }
     }
 }
 
@@ -59,26 +175,29 @@ fn read<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
     load::<N>(ctx, offset)
 }
 
+/// The rules' verdict, the client's address and the IP packet's length (when IPv4).
 #[inline(always)]
-fn inspect(ctx: &TcContext) -> PolicyVerdict {
+fn inspect(ctx: &TcContext) -> (PolicyVerdict, Option<[u8; 4]>, u64) {
     let Some(cfg) = CONFIG.get(0) else {
-        return PolicyVerdict::NotInspected;
+        return (PolicyVerdict::NotInspected, None, 0);
     };
     // SAFETY: the context pointer of a TC program is its __sk_buff.
     let skb = unsafe { &*(ctx.as_ptr() as *const __sk_buff) };
     if u16::from_be(skb.protocol as u16) != ETH_P_IP || cfg.l2_len > 64 {
-        return PolicyVerdict::NotInspected;
+        return (PolicyVerdict::NotInspected, None, 0);
     }
     let l3 = cfg.l2_len as usize;
     let Some(ip) = read::<20>(ctx, l3) else {
-        return PolicyVerdict::NotInspected;
+        return (PolicyVerdict::NotInspected, None, 0);
     };
     let src = [ip[12], ip[13], ip[14], ip[15]];
     let dst = [ip[16], ip[17], ip[18], ip[19]];
     let proto = ip[9];
+    // The whole packet, every segment of a GSO one.
+    let len = (skb.len as u64).saturating_sub(l3 as u64);
     let acl = ACLS.get_ptr(&src);
     if acl.is_none() && cfg.isolate == 0 {
-        return PolicyVerdict::NoMatch;
+        return (PolicyVerdict::NoMatch, Some(src), len);
     }
     let mut dport = 0u16;
     if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
@@ -93,5 +212,5 @@ fn inspect(ctx: &TcContext) -> PolicyVerdict {
     }
     // SAFETY: a value pointer from a successful lookup, read while the program runs.
     let acl = acl.map(|p| unsafe { &*p });
-    decide(cfg, acl, dst, proto, dport).0
+    (decide(cfg, acl, dst, proto, dport).0, Some(src), len)
 }

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{__sk_buff, TC_ACT_OK},
+    bindings::{__sk_buff, TC_ACT_UNSPEC},
     cty::c_void,
     helpers::generated::{bpf_csum_diff, bpf_skb_load_bytes},
     macros::{classifier, map},
@@ -81,7 +81,8 @@ pub fn tc_dns_filter(ctx: TcContext) -> i32 {
             }
         }
     }
-    TC_ACT_OK as i32
+    // TCX_NEXT: the other programs on the hook (the download limit) still see the packet.
+    TC_ACT_UNSPEC
 }
 
 /// Where the headers are, once the packet is known to be UDP from port 53.

@@ -1,5 +1,8 @@
 #![no_std]
 #![no_main]
+// Atomic adds on shared map values (`client_policy`): the bpf target's core has no fetch_add.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod client_policy;
 mod dns_filter;

@@ -41,6 +41,84 @@ pub struct Config {
     pub ghost: GhostConfig,
     pub multihop: MultihopConfig,
     pub sources: SourcesConfig,
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`: every client's rate limits and quota unless `core set_client_policy` gives it
+/// its own (docs/policy.md). 0 = none.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// What a client may receive, kilobits per second.
+    pub download_kbps: u64,
+    /// What a client may send, kilobits per second.
+    pub upload_kbps: u64,
+    /// Bytes above the rate a client may send or receive at once, in KiB (0: 200 ms at the
+    /// rate, at least 512 KiB).
+    pub burst_kb: u64,
+    /// Bytes (both directions) per period, in MiB.
+    pub quota_mb: u64,
+    /// `monthly`, `weekly` or `daily` (UTC).
+    pub quota_period: String,
+    /// `block` or `throttle` once the quota is used up.
+    pub quota_action: String,
+    /// The rate a throttled client keeps, both directions, kilobits per second.
+    pub quota_floor_kbps: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            download_kbps: 0,
+            upload_kbps: 0,
+            burst_kb: 0,
+            quota_mb: 0,
+            quota_period: "monthly".into(),
+            quota_action: "throttle".into(),
+            quota_floor_kbps: 1_000,
+        }
+    }
+}
+
+/// Lowest and highest rate a limit may have, kilobits per second.
+pub const MIN_KBPS: u64 = 64;
+pub const MAX_KBPS: u64 = 100_000_000;
+/// Largest burst, KiB.
+pub const MAX_BURST_KB: u64 = 65_536;
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<(), Error> {
+        for (key, v) in [
+            ("limits.download_kbps", self.download_kbps),
+            ("limits.upload_kbps", self.upload_kbps),
+            ("limits.quota_floor_kbps", self.quota_floor_kbps),
+        ] {
+            if v != 0 && !(MIN_KBPS..=MAX_KBPS).contains(&v) {
+                return Err(Error::config(format!(
+                    "{key} must be 0 (none) or between {MIN_KBPS} and {MAX_KBPS}"
+                )));
+            }
+        }
+        if self.burst_kb > MAX_BURST_KB {
+            return Err(Error::config(format!(
+                "limits.burst_kb must be at most {MAX_BURST_KB}"
+            )));
+        }
+        if !["monthly", "weekly", "daily"].contains(&self.quota_period.as_str()) {
+            return Err(Error::config(
+                "limits.quota_period must be monthly, weekly or daily",
+            ));
+        }
+        if !["block", "throttle"].contains(&self.quota_action.as_str()) {
+            return Err(Error::config(
+                "limits.quota_action must be block or throttle",
+            ));
+        }
+        if self.quota_mb > 1 << 40 {
+            return Err(Error::config("limits.quota_mb is too large"));
+        }
+        Ok(())
+    }
 }
 
 /// `[sources]`: what one source is, wherever sources are counted, limited or blocked.
@@ -66,6 +144,7 @@ impl Default for Config {
             ghost: GhostConfig::default(),
             multihop: MultihopConfig::default(),
             sources: SourcesConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -690,6 +769,7 @@ impl Config {
         if self.metrics.top_sources > 1_000 {
             return Err(Error::config("metrics.top_sources must be at most 1000"));
         }
+        self.limits.validate()?;
         if self.metrics.client_series > 100_000 {
             return Err(Error::config(
                 "metrics.client_series must be at most 100000",

@@ -1,11 +1,14 @@
 //! The maps of `tc_client_policy`: each client's rules by address, the isolation switch with
-//! the client subnet, and the counters per verdict.
+//! the client subnet, the counters per verdict, and each limited client's buckets, quota and
+//! counters.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, sync::Mutex};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use phantom_common::{
-    policy::{ClientAcl, MAX_ACL_CLIENTS, PolicyConfig, PolicyVerdict},
+    policy::{
+        ClientAcl, ClientLimit, MAX_ACL_CLIENTS, MAX_LIMIT_CLIENTS, PolicyConfig, PolicyVerdict,
+    },
     xdp::TrafficCounter,
 };
 
@@ -17,6 +20,23 @@ pub struct ClientPolicyMaps {
     acls: Mutex<HashMap<MapData, [u8; 4], ClientAcl>>,
     config: Mutex<Array<MapData, PolicyConfig>>,
     stats: Mutex<PerCpuArray<MapData, TrafficCounter>>,
+    limits: Mutex<HashMap<MapData, [u8; 4], ClientLimit>>,
+}
+
+/// Copies the daemon's settings of `want` over `have`, keeping what the kernel counts (the
+/// buckets, the byte and drop counters) and where the quota period started.
+fn merged(have: Option<ClientLimit>, want: &ClientLimit) -> ClientLimit {
+    let Some(mut l) = have else {
+        return *want;
+    };
+    for (dir, w) in [(&mut l.up, &want.up), (&mut l.down, &want.down)] {
+        dir.ns_per_byte_q16 = w.ns_per_byte_q16;
+        dir.floor_ns_per_byte_q16 = w.floor_ns_per_byte_q16;
+        dir.burst_bytes = w.burst_bytes;
+    }
+    l.quota_bytes = want.quota_bytes;
+    l.quota_action = want.quota_action;
+    l
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, Error> {
@@ -29,12 +49,64 @@ impl ClientPolicyMaps {
         acls: HashMap<MapData, [u8; 4], ClientAcl>,
         config: Array<MapData, PolicyConfig>,
         stats: PerCpuArray<MapData, TrafficCounter>,
+        limits: HashMap<MapData, [u8; 4], ClientLimit>,
     ) -> Self {
         Self {
             acls: Mutex::new(acls),
             config: Mutex::new(config),
             stats: Mutex::new(stats),
+            limits: Mutex::new(limits),
         }
+    }
+
+    /// Makes the kernel hold a limit entry for exactly the clients of `limits` (client
+    /// address -> settings), changing only the settings of entries already there: their
+    /// counters and quota period go on. Too many clients is an error and changes nothing.
+    pub fn set_limits(&self, limits: &BTreeMap<Ipv4Addr, ClientLimit>) -> Result<(), Error> {
+        if limits.len() > MAX_LIMIT_CLIENTS as usize {
+            return Err(Error::Datapath(format!(
+                "{} clients have limits or quotas; the kernel holds {MAX_LIMIT_CLIENTS}",
+                limits.len()
+            )));
+        }
+        let mut map = lock(&self.limits)?;
+        let have: Vec<[u8; 4]> = map.keys().filter_map(Result::ok).collect();
+        for key in have {
+            if !limits.contains_key(&Ipv4Addr::from(key)) {
+                let _ = map.remove(&key);
+            }
+        }
+        for (ip, want) in limits {
+            let key = ip.octets();
+            let have = map.get(&key, 0).ok();
+            let next = merged(have, want);
+            if have != Some(next) {
+                map.insert(&key, &next, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every limit entry with its counters.
+    pub fn limits(&self) -> Result<Vec<(Ipv4Addr, ClientLimit)>, Error> {
+        let map = lock(&self.limits)?;
+        Ok(map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (Ipv4Addr::from(k), v))
+            .collect())
+    }
+
+    /// Starts a new quota period for `ip`: what it moved so far no longer counts. `used`
+    /// (bytes already used in the period, e.g. kept across a reboot) counts again.
+    pub fn start_quota_period(&self, ip: Ipv4Addr, used: u64) -> Result<(), Error> {
+        let mut map = lock(&self.limits)?;
+        let key = ip.octets();
+        if let Ok(mut l) = map.get(&key, 0) {
+            l.quota_base = l.up.bytes.wrapping_add(l.down.bytes).saturating_sub(used);
+            map.insert(&key, &l, 0)?;
+        }
+        Ok(())
     }
 
     /// Makes the kernel hold exactly `acls` (client address -> rules), touching only what

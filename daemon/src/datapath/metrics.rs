@@ -203,7 +203,7 @@ impl Collector for DatapathCollector {
             Ok(counts) => counter_family(
                 &mut encoder,
                 "phantom_client_policy_packets",
-                "VPN clients' packets seen by the client policy (rules and isolation), by verdict (allowed, denied, no_match, isolated, not_inspected)",
+                "VPN clients' packets seen by the client policy (rules, isolation, limits, quotas), by verdict (allowed, denied, no_match, isolated, not_inspected, rate_limited, over_quota)",
                 counts
                     .iter()
                     .map(|c| (vec![("verdict", c.verdict.to_string())], c.packets)),

@@ -84,11 +84,12 @@ pub struct MapSummary {
 pub type DnsCount = counters::VerdictCount;
 
 /// The TC programs that belong on the VPN interface.
-const VPN_PROGRAMS: [(&str, Hook); 4] = [
+const VPN_PROGRAMS: [(&str, Hook); 5] = [
     (names::TC_DNS_FILTER, Hook::TcEgress),
     (names::TC_MULTIHOP_MARK, Hook::TcIngress),
     (names::TC_ENCRYPTED_DNS, Hook::TcIngress),
     (names::TC_CLIENT_POLICY, Hook::TcIngress),
+    (names::TC_CLIENT_LIMIT, Hook::TcEgress),
 ];
 
 pub struct Datapath {
@@ -161,6 +162,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
         names::TC_MULTIHOP_MARK,
         names::TC_ENCRYPTED_DNS,
         names::TC_CLIENT_POLICY,
+        names::TC_CLIENT_LIMIT,
     ] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
@@ -266,6 +268,7 @@ impl Datapath {
             take_map(&mut ebpf, names::CLIENT_ACL_MAP)?.try_into()?,
             take_map(&mut ebpf, names::CLIENT_POLICY_CONFIG_MAP)?.try_into()?,
             take_map(&mut ebpf, names::CLIENT_POLICY_STATS_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::CLIENT_LIMIT_MAP)?.try_into()?,
         );
         let sni = sni::SniFilter::new(
             take_map(&mut ebpf, names::SNI_MAP)?.try_into()?,

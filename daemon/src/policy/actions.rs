@@ -1,12 +1,17 @@
 //! The client policy's socket actions, in the `core` module (they are about core's clients):
-//! `set_client_acl`, `get_client_acl`, `set_client_isolation`, `test_policy`, `policy_status`.
+//! `set_client_acl`, `get_client_acl`, `set_client_isolation`, `test_policy`, `policy_status`,
+//! `set_client_policy`, `get_client_policy` (rate limits and quotas).
 
 use std::{net::IpAddr, sync::Arc};
 
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ClientPolicy, PolicyError, Protocol, parse_rules};
+use super::{
+    ClientPolicy, LimitView, PolicyError, Protocol,
+    limits::{LimitSettings, Period, QuotaAction},
+    parse_rules,
+};
 use crate::admin::{ApiError, NoParams, ParamKind, ParamSpec, Registry, run_blocking};
 
 pub struct Handles {
@@ -21,6 +26,7 @@ impl From<PolicyError> for ApiError {
             PolicyError::Rule { .. } | PolicyError::TooManyRules => {
                 ApiError::new("INVALID_RULE", e.to_string())
             }
+            PolicyError::Limit(_) => ApiError::new("INVALID_LIMIT", e.to_string()),
             PolicyError::Store(e) => ApiError::from(e),
         }
     }
@@ -31,6 +37,66 @@ impl From<PolicyError> for ApiError {
 struct SetAclParams {
     client_name: String,
     rules: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetLimitParams {
+    client_name: String,
+    download_kbps: Option<i64>,
+    upload_kbps: Option<i64>,
+    burst_kb: Option<i64>,
+    quota_mb: Option<i64>,
+    quota_period: Option<String>,
+    quota_action: Option<String>,
+    quota_floor_kbps: Option<i64>,
+    use_defaults: Option<bool>,
+}
+
+impl SetLimitParams {
+    fn settings(&self) -> Result<LimitSettings, ApiError> {
+        let bad = |m: String| ApiError::new("INVALID_LIMIT", m);
+        let quota_period = match &self.quota_period {
+            None => None,
+            Some(p) => Some(Period::parse(p).ok_or_else(|| {
+                bad(format!(
+                    "quota_period {p:?} is not monthly, weekly or daily"
+                ))
+            })?),
+        };
+        let quota_action = match &self.quota_action {
+            None => None,
+            Some(a) => Some(
+                QuotaAction::parse(a)
+                    .ok_or_else(|| bad(format!("quota_action {a:?} is not block or throttle")))?,
+            ),
+        };
+        let n = |v: Option<i64>| v.map(|v| v.max(0) as u64);
+        Ok(LimitSettings {
+            download_kbps: n(self.download_kbps),
+            upload_kbps: n(self.upload_kbps),
+            burst_kb: n(self.burst_kb),
+            quota_mb: n(self.quota_mb),
+            quota_period,
+            quota_action,
+            quota_floor_kbps: n(self.quota_floor_kbps),
+        })
+    }
+}
+
+fn limit_json(name: &str, view: &LimitView) -> Value {
+    json!({
+        "client_name": name,
+        "download_kbps": view.effective.download_kbps,
+        "upload_kbps": view.effective.upload_kbps,
+        "burst_kb": view.effective.burst_kb,
+        "quota_mb": view.effective.quota_mb,
+        "quota_period": view.effective.quota_period.name(),
+        "quota_action": view.effective.quota_action.name(),
+        "quota_floor_kbps": view.effective.quota_floor_kbps,
+        "own": view.own,
+        "usage": view.usage,
+    })
 }
 
 #[derive(Deserialize)]
@@ -222,6 +288,100 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
         },
     );
 
+    let g = get.clone();
+    let kbps = |name: &'static str, what: &'static str| {
+        ParamSpec::optional(
+            name,
+            ParamKind::Integer {
+                min: 0,
+                max: crate::config::MAX_KBPS as i64,
+            },
+            None,
+            what,
+        )
+    };
+    registry.action(
+        "core",
+        "set_client_policy",
+        "set a client's rate limits and quota, enforced in the kernel at once (no reconnect); settings not given stay as they are, use_defaults=true first returns every one to the server's [limits]",
+        vec![
+            client_name(),
+            kbps("download_kbps", "what the client may receive, kbit/s (0 = unlimited; 64 at least otherwise)"),
+            kbps("upload_kbps", "what the client may send, kbit/s (0 = unlimited; 64 at least otherwise)"),
+            ParamSpec::optional(
+                "burst_kb",
+                ParamKind::Integer {
+                    min: 0,
+                    max: crate::config::MAX_BURST_KB as i64,
+                },
+                None,
+                "KiB the client may move at once above its rate, each way (0 = 200 ms at the rate, at least 512 KiB)",
+            ),
+            ParamSpec::optional(
+                "quota_mb",
+                ParamKind::Integer {
+                    min: 0,
+                    max: 1 << 40,
+                },
+                None,
+                "MiB per period, both directions (0 = no quota)",
+            ),
+            ParamSpec::optional(
+                "quota_period",
+                ParamKind::String { max_len: 16 },
+                None,
+                "monthly, weekly or daily (UTC)",
+            ),
+            ParamSpec::optional(
+                "quota_action",
+                ParamKind::String { max_len: 16 },
+                None,
+                "block or throttle, once the quota is used up",
+            ),
+            kbps("quota_floor_kbps", "the rate a throttled client keeps, each way, kbit/s"),
+            ParamSpec::optional(
+                "use_defaults",
+                ParamKind::Boolean,
+                None,
+                "true: drop the client's own settings first (the server's [limits] apply)",
+            ),
+        ],
+        move |p: SetLimitParams| {
+            let g = g.clone();
+            async move {
+                let policy = g()?;
+                let own = p.settings()?;
+                let reset = p.use_defaults.unwrap_or(false);
+                let name = p.client_name.clone();
+                let view = run_blocking(move || {
+                    policy
+                        .set_limits(&name, &own, reset)
+                        .map_err(ApiError::from)
+                })
+                .await?;
+                let mut reply = limit_json(&p.client_name, &view);
+                reply["success"] = json!(true);
+                Ok(reply)
+            }
+        },
+    );
+
+    let g = get.clone();
+    registry.action(
+        "core",
+        "get_client_policy",
+        "a client's rate limits and quota in force (its own and the server's), and what the kernel counted: bytes, drops, time at the limit, the quota used",
+        vec![client_name()],
+        move |p: NameParams| {
+            let g = g.clone();
+            async move {
+                let policy = g()?;
+                let view = policy.limit_view(&p.client_name)?;
+                Ok(limit_json(&p.client_name, &view))
+            }
+        },
+    );
+
     let g = get;
     registry.action(
         "core",
@@ -237,6 +397,10 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                     "isolation": state.isolate,
                     "clients_with_rules": state.rules.len(),
                     "rules": state.rules.values().map(Vec::len).sum::<usize>(),
+                    "clients_with_own_limits": state.limits.len(),
+                    "limited_clients": policy.kernel_limits().len(),
+                    "over_quota_clients": policy.kernel_limits().iter().filter(|(_, l)| l.over_quota()).count(),
+                    "limit_defaults": policy.defaults(),
                     "packets": policy.counts().map(|c| c.into_iter()
                         .map(|(v, n)| (v.to_string(), json!(n)))
                         .collect::<serde_json::Map<_, _>>()),
@@ -245,5 +409,13 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
         },
     );
 
-    registry.reads("core", &["get_client_acl", "test_policy", "policy_status"]);
+    registry.reads(
+        "core",
+        &[
+            "get_client_acl",
+            "test_policy",
+            "policy_status",
+            "get_client_policy",
+        ],
+    );
 }

@@ -6,13 +6,19 @@
 //! (`phantom_common::policy::decide`). See docs/policy.md.
 
 pub mod actions;
+pub mod limits;
+pub mod metrics;
 
 use std::{
     collections::BTreeMap,
     fmt,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use ipnet::Ipv4Net;
@@ -22,9 +28,13 @@ use phantom_common::policy::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
-use tracing::warn;
+use tracing::{info, warn};
 
-use crate::{core::ClientChanges, datapath::Datapath, error::Error, store, tasks::Shutdown};
+use self::limits::{Effective, LimitSettings, QuotaUsage};
+use crate::{
+    config::LimitsConfig, core::ClientChanges, datapath::Datapath, error::Error, store,
+    tasks::Shutdown,
+};
 
 /// Why a policy change was refused (nothing changed).
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +45,8 @@ pub enum PolicyError {
     TooManyRules,
     #[error("no client named {0:?}")]
     NoClient(String),
+    #[error("{0}")]
+    Limit(String),
     #[error(transparent)]
     Store(#[from] Error),
 }
@@ -214,6 +226,10 @@ pub struct PolicyState {
     pub isolate: bool,
     /// Client name -> its rules, in order.
     pub rules: BTreeMap<String, Vec<Rule>>,
+    /// Client name -> its own rate limits and quota (over the `[limits]` defaults).
+    pub limits: BTreeMap<String, LimitSettings>,
+    /// Client name -> its quota period and usage.
+    pub quota: BTreeMap<String, QuotaUsage>,
 }
 
 /// What `test_policy` found.
@@ -229,6 +245,38 @@ pub struct ClientPolicy {
     state: Mutex<PolicyState>,
     clients: ClientChanges,
     datapath: Option<Arc<Datapath>>,
+    /// `[limits]`: every client's limits unless it has its own.
+    defaults: Effective,
+    /// Clients that used up their quota since the daemon started.
+    pub quota_reached_total: AtomicU64,
+    last_save: Mutex<Instant>,
+}
+
+/// A client's limits and quota as `get_client_policy` shows them.
+#[derive(Clone, Debug, Serialize)]
+pub struct LimitView {
+    /// The settings in force.
+    pub effective: Effective,
+    /// The client's own settings (the rest are the server's).
+    pub own: LimitSettings,
+    /// From the kernel: `None` without a kernel entry.
+    pub usage: Option<Usage>,
+}
+
+/// What the kernel counted for one limited client.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Usage {
+    pub download_bytes: u64,
+    pub upload_bytes: u64,
+    pub download_rate_dropped: u64,
+    pub upload_rate_dropped: u64,
+    pub quota_dropped: u64,
+    pub download_throttled_seconds: f64,
+    pub upload_throttled_seconds: f64,
+    pub quota_used_bytes: u64,
+    pub quota_reached: bool,
+    /// Unix seconds.
+    pub quota_period_start: Option<i64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -242,6 +290,7 @@ impl ClientPolicy {
     /// Reads the kept policy (a damaged file is set aside) and writes it into the kernel.
     pub fn open(
         state_dir: &Path,
+        limits: &LimitsConfig,
         clients: ClientChanges,
         datapath: Option<Arc<Datapath>>,
     ) -> Result<Arc<Self>, Error> {
@@ -252,9 +301,181 @@ impl ClientPolicy {
             state: Mutex::new(state),
             clients,
             datapath,
+            defaults: Effective::from_config(limits),
+            quota_reached_total: AtomicU64::new(0),
+            last_save: Mutex::new(Instant::now()),
         });
         policy.push();
+        // Usage kept on disk counts again when the kernel lost it (a reboot emptied bpffs).
+        policy.quota_tick(unix_now());
         Ok(policy)
+    }
+
+    /// The server's defaults (`[limits]`).
+    pub fn defaults(&self) -> &Effective {
+        &self.defaults
+    }
+
+    /// Replaces the settings `own` gives for `name` (the others stay); `reset` first drops
+    /// every own setting (back to the server's). In force at once, without reconnecting.
+    pub fn set_limits(
+        &self,
+        name: &str,
+        own: &LimitSettings,
+        reset: bool,
+    ) -> Result<LimitView, PolicyError> {
+        own.check().map_err(PolicyError::Limit)?;
+        if !self.clients.borrow().clients.contains_key(name) {
+            return Err(PolicyError::NoClient(name.to_string()));
+        }
+        self.change(|s| {
+            let base = if reset {
+                LimitSettings::default()
+            } else {
+                s.limits.get(name).cloned().unwrap_or_default()
+            };
+            let next = base.updated(own);
+            if next.is_empty() {
+                s.limits.remove(name);
+            } else {
+                s.limits.insert(name.to_string(), next);
+            }
+        })?;
+        self.quota_tick(unix_now());
+        self.limit_view(name)
+    }
+
+    /// `name`'s limits, quota and what the kernel counted.
+    pub fn limit_view(&self, name: &str) -> Result<LimitView, PolicyError> {
+        let table = self.clients.borrow().clone();
+        let client = table
+            .clients
+            .get(name)
+            .ok_or_else(|| PolicyError::NoClient(name.to_string()))?;
+        let state = self.state();
+        let own = state.limits.get(name).cloned().unwrap_or_default();
+        let effective = own.over(&self.defaults);
+        let kernel = self
+            .kernel_limits()
+            .into_iter()
+            .find(|(ip, _)| *ip == client.ip);
+        let usage = kernel.map(|(_, k)| Usage {
+            download_bytes: k.down.bytes,
+            upload_bytes: k.up.bytes,
+            download_rate_dropped: k.down.rate_dropped,
+            upload_rate_dropped: k.up.rate_dropped,
+            quota_dropped: k.quota_dropped,
+            download_throttled_seconds: k.down.throttled_ns as f64 / 1e9,
+            upload_throttled_seconds: k.up.throttled_ns as f64 / 1e9,
+            quota_used_bytes: k.quota_used(),
+            quota_reached: k.over_quota(),
+            quota_period_start: state.quota.get(name).map(|q| q.period_start),
+        });
+        Ok(LimitView {
+            effective,
+            own,
+            usage,
+        })
+    }
+
+    /// Every kernel limit entry (empty without a datapath).
+    pub fn kernel_limits(&self) -> Vec<(Ipv4Addr, phantom_common::policy::ClientLimit)> {
+        self.datapath
+            .as_ref()
+            .and_then(|dp| dp.client_policy.limits().ok())
+            .unwrap_or_default()
+    }
+
+    /// Quota bookkeeping, every few seconds: a new period starts the count again; a quota
+    /// used up is logged once (and counted); the usage is kept on disk at most once a minute
+    /// (at once when a period starts or a cap is reached). Usage on disk above what the kernel
+    /// holds (the kernel's entry is new) counts again.
+    fn quota_tick(&self, now: i64) {
+        let Some(dp) = &self.datapath else {
+            return;
+        };
+        let table = self.clients.borrow().clone();
+        let kernel: BTreeMap<Ipv4Addr, phantom_common::policy::ClientLimit> =
+            self.kernel_limits().into_iter().collect();
+        let mut guard = lock(&self.state);
+        let mut next = guard.clone();
+        let mut urgent = false;
+        next.quota.retain(|name, _| {
+            table.clients.contains_key(name) && next_has_quota(&guard, name, &self.defaults)
+        });
+        if next.quota.len() != guard.quota.len() {
+            urgent = true;
+        }
+        for (name, client) in &table.clients {
+            let eff = guard
+                .limits
+                .get(name)
+                .cloned()
+                .unwrap_or_default()
+                .over(&self.defaults);
+            if eff.quota_mb == 0 {
+                continue;
+            }
+            let Some(k) = kernel.get(&client.ip) else {
+                continue;
+            };
+            let start = eff.quota_period.start(now);
+            let usage = next.quota.entry(name.clone()).or_default();
+            if usage.period_start != start {
+                if usage.period_start != 0 {
+                    info!(client = %name, period = eff.quota_period.name(), "quota period started: the count starts again");
+                }
+                if let Err(e) = dp.client_policy.start_quota_period(client.ip, 0) {
+                    warn!(error = %e, client = %name, "cannot start the quota period in the kernel");
+                    continue;
+                }
+                *usage = QuotaUsage {
+                    period_start: start,
+                    used_bytes: 0,
+                    reached: false,
+                };
+                urgent = true;
+                continue;
+            }
+            let mut used = k.quota_used();
+            if used < usage.used_bytes {
+                // The kernel's entry is younger than the period (a reboot, a new map).
+                if let Err(e) = dp
+                    .client_policy
+                    .start_quota_period(client.ip, usage.used_bytes)
+                {
+                    warn!(error = %e, client = %name, "cannot restore the quota usage in the kernel");
+                }
+                used = usage.used_bytes;
+            }
+            usage.used_bytes = used;
+            let reached = used >= eff.quota_bytes();
+            if reached && !usage.reached {
+                warn!(
+                    client = %name,
+                    used_bytes = used,
+                    quota_bytes = eff.quota_bytes(),
+                    action = eff.quota_action.name(),
+                    floor_kbps = eff.quota_floor_kbps,
+                    "client reached its quota"
+                );
+                self.quota_reached_total.fetch_add(1, Ordering::Relaxed);
+                urgent = true;
+            }
+            usage.reached = reached;
+        }
+        if next == *guard {
+            return;
+        }
+        let mut last = lock(&self.last_save);
+        if urgent || last.elapsed() >= Duration::from_secs(60) {
+            if let Err(e) = store::write_json(&self.path, &next) {
+                warn!(error = %e, "cannot keep the quota usage");
+                return;
+            }
+            *last = Instant::now();
+        }
+        *guard = next;
     }
 
     pub fn state(&self) -> PolicyState {
@@ -343,13 +564,30 @@ impl ClientPolicy {
         cfg
     }
 
-    /// Writes the rules of every present client, at its current address, and the switches.
+    /// Writes the rules and limits of every present client, at its current address, and the
+    /// switches.
     pub fn push(&self) {
         let Some(dp) = &self.datapath else {
             return;
         };
         let state = self.state();
         let table = self.clients.borrow().clone();
+        let limits: BTreeMap<Ipv4Addr, phantom_common::policy::ClientLimit> = table
+            .clients
+            .iter()
+            .filter_map(|(name, client)| {
+                let eff = state
+                    .limits
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_default()
+                    .over(&self.defaults);
+                eff.any().then(|| (client.ip, eff.kernel()))
+            })
+            .collect();
+        if let Err(e) = dp.client_policy.set_limits(&limits) {
+            warn!(error = %e, "cannot write the client limits into the kernel");
+        }
         let acls: BTreeMap<Ipv4Addr, ClientAcl> = state
             .rules
             .iter()
@@ -376,16 +614,26 @@ impl ClientPolicy {
         let policy = Arc::clone(self);
         let mut clients = self.clients.clone();
         let mut stop = shutdown.clone();
-        vec![tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => return,
-                    changed = clients.changed() => if changed.is_err() { return },
+        let quota = Arc::clone(self);
+        let quota_task = crate::tasks::every(
+            "client quota periods",
+            Duration::from_secs(5),
+            shutdown.clone(),
+            move || quota.quota_tick(unix_now()),
+        );
+        vec![
+            quota_task,
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        changed = clients.changed() => if changed.is_err() { return },
+                    }
+                    let p = Arc::clone(&policy);
+                    let _ = tokio::task::spawn_blocking(move || p.follow_clients()).await;
                 }
-                let p = Arc::clone(&policy);
-                let _ = tokio::task::spawn_blocking(move || p.follow_clients()).await;
-            }
-        })]
+            }),
+        ]
     }
 
     fn follow_clients(&self) {
@@ -397,11 +645,20 @@ impl ClientPolicy {
             .filter(|n| !table.clients.contains_key(*n))
             .cloned()
             .collect();
+        let gone_limits: Vec<String> = self
+            .state()
+            .limits
+            .keys()
+            .filter(|n| !table.clients.contains_key(*n))
+            .cloned()
+            .collect();
         // Without a server (no table at all) nothing is pruned.
-        if table.subnet.is_some() && !gone.is_empty() {
+        if table.subnet.is_some() && !(gone.is_empty() && gone_limits.is_empty()) {
             if let Err(e) = self.change(|s| {
-                for n in &gone {
+                for n in gone.iter().chain(&gone_limits) {
                     s.rules.remove(n);
+                    s.limits.remove(n);
+                    s.quota.remove(n);
                 }
             }) {
                 warn!(error = %e, "cannot drop the rules of removed clients");
@@ -419,6 +676,24 @@ impl ClientPolicy {
             .ok()
             .map(|c| c.into_iter().map(|c| (c.verdict, c.packets)).collect())
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Whether `name` has a quota under `state`'s settings and `defaults`.
+fn next_has_quota(state: &PolicyState, name: &str, defaults: &Effective) -> bool {
+    state
+        .limits
+        .get(name)
+        .cloned()
+        .unwrap_or_default()
+        .over(defaults)
+        .quota_mb
+        != 0
 }
 
 #[cfg(test)]

@@ -1,0 +1,297 @@
+//! Per-client rate limits and quotas in the kernel (`tc_client_policy` meters what a client
+//! sends on WireGuard ingress, `tc_client_limit` what it receives on WireGuard egress), with
+//! real WireGuard clients (wg-quick + wireguard-go) and iperf3 to a server in an upstream
+//! namespace: 10 and 50 Mbit/s limits hold within 10 % both ways, a change applies without
+//! reconnecting, an unlimited client on the same server is not held back, the limits survive
+//! `kill -9`; a quota used up holds the client to its floor rate (throttle) or cuts it off
+//! (block), also after a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use phantom_tests::{
+    BpffsDir, Daemon, DaemonConfig, NetNs, Process, WgQuickClient, WireguardSettings, api, api_err,
+    http_get, require_root, veth,
+};
+use serde_json::Value;
+
+const VPN_SUBNET: &str = "198.51.100.0/24";
+const ENDPOINT: &str = "192.0.2.1";
+const SERVICE: &str = "203.0.113.80";
+
+struct Topology {
+    server: NetNs,
+    alice: NetNs,
+    bob: NetNs,
+    upstream: NetNs,
+}
+
+impl Topology {
+    fn new() -> Self {
+        let t = Self {
+            server: NetNs::new("pls"),
+            alice: NetNs::new("pla"),
+            bob: NetNs::new("plb"),
+            upstream: NetNs::new("plu"),
+        };
+        veth(&t.server, "a0", &t.alice, "eth0");
+        veth(&t.server, "b0", &t.bob, "eth0");
+        veth(&t.server, "up0", &t.upstream, "srv0");
+        t.server.ip(&["addr", "add", "192.0.2.1/28", "dev", "a0"]);
+        t.server.ip(&["addr", "add", "192.0.2.17/28", "dev", "b0"]);
+        t.server
+            .ip(&["addr", "add", "203.0.113.1/24", "dev", "up0"]);
+        t.alice.ip(&["addr", "add", "192.0.2.2/28", "dev", "eth0"]);
+        t.alice.ip(&["route", "add", "default", "via", "192.0.2.1"]);
+        t.bob.ip(&["addr", "add", "192.0.2.18/28", "dev", "eth0"]);
+        t.bob.ip(&["route", "add", "default", "via", "192.0.2.17"]);
+        t.upstream
+            .ip(&["addr", "add", &format!("{SERVICE}/24"), "dev", "srv0"]);
+        t.upstream
+            .ip(&["route", "add", "default", "via", "203.0.113.1"]);
+        t
+    }
+
+    /// An iperf3 server on `port` in the upstream namespace.
+    fn iperf_server(&self, port: u16) -> Process {
+        let p = Process::spawn(
+            "iperf3 server",
+            self.upstream
+                .command("iperf3")
+                .args(["-s", "-B", SERVICE, "-p", &port.to_string()]),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        p
+    }
+}
+
+fn connect(daemon: &Daemon, ns: &NetNs, name: &str) -> WgQuickClient {
+    api(
+        daemon,
+        &["core", "add_client", &format!("client_name={name}")],
+    );
+    let export = api(
+        daemon,
+        &["core", "export_client", &format!("client_name={name}")],
+    );
+    WgQuickClient::up(ns, export["config"].as_str().unwrap())
+}
+
+fn ping(ns: &NetNs, to: &str) -> bool {
+    ns.command("ping")
+        .args(["-n", "-q", "-c", "1", "-W", "1", to])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn wait_ping(ns: &NetNs, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ping(ns, SERVICE) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the tunnel never carried a ping"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Mbit/s of one TCP stream through the tunnel from `ns` to the iperf3 server on `port`
+/// (download: the server sends), as the receiver counted it over `secs` seconds after a
+/// first second left out (slow start and the bucket's burst).
+fn iperf(ns: &NetNs, port: u16, download: bool, secs: u32) -> f64 {
+    let mut cmd: Command = ns.command("iperf3");
+    cmd.args([
+        "-c",
+        SERVICE,
+        "-p",
+        &port.to_string(),
+        "-t",
+        &secs.to_string(),
+        "-O",
+        "1",
+        "-J",
+        "--connect-timeout",
+        "3000",
+    ]);
+    if download {
+        cmd.arg("-R");
+    }
+    let out = cmd.output().unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "iperf3 output: {e}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let bps = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no receiver rate in {report}"));
+    bps / 1e6
+}
+
+fn set(daemon: &Daemon, client: &str, settings: &[&str]) -> Value {
+    let mut args = vec![
+        "core".to_string(),
+        "set_client_policy".to_string(),
+        format!("client_name={client}"),
+    ];
+    args.extend(settings.iter().map(ToString::to_string));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    api(daemon, &args)
+}
+
+fn within(measured: f64, limit: f64) -> bool {
+    (measured - limit).abs() <= limit * 0.10
+}
+
+#[test]
+fn rate_limits_hold_both_ways_change_live_and_leave_others_alone() {
+    if !require_root("rate_limits_hold_both_ways_change_live_and_leave_others_alone") {
+        return;
+    }
+    let started = Instant::now();
+    let topo = Topology::new();
+    let _alice_server = topo.iperf_server(5201);
+    let _bob_server = topo.iperf_server(5202);
+    let bpffs = BpffsDir::new();
+    let mut config = DaemonConfig::new("a0", bpffs.path());
+    let wg = WireguardSettings::new(VPN_SUBNET, ENDPOINT);
+    let wg_iface = wg.interface.clone();
+    config.wireguard = Some(wg);
+    let mut daemon = Daemon::start(&topo.server, &config);
+    let _alice = connect(&daemon, &topo.alice, "alice");
+    let _bob = connect(&daemon, &topo.bob, "bob");
+    wait_ping(&topo.alice, "alice");
+    wait_ping(&topo.bob, "bob");
+
+    let reply = set(
+        &daemon,
+        "alice",
+        &["download_kbps=10000", "upload_kbps=10000"],
+    );
+    assert_eq!(reply["download_kbps"], 10_000, "{reply}");
+    let mut measured = Vec::new();
+    for (limit, download) in [(10.0, true), (10.0, false)] {
+        let got = iperf(&topo.alice, 5201, download, 3);
+        measured.push(format!("{limit} {download}: {got:.2}"));
+        assert!(
+            within(got, limit),
+            "limit {limit} Mbit/s, download {download}: measured {got:.2}"
+        );
+    }
+    // Live: the same tunnel, no reconnect.
+    set(
+        &daemon,
+        "alice",
+        &["download_kbps=50000", "upload_kbps=50000"],
+    );
+    for (limit, download) in [(50.0, true), (50.0, false)] {
+        let got = iperf(&topo.alice, 5201, download, 3);
+        measured.push(format!("{limit} {download}: {got:.2}"));
+        assert!(
+            within(got, limit),
+            "limit {limit} Mbit/s, download {download}: measured {got:.2}"
+        );
+    }
+    // The unlimited client on the same server: well above the highest limit, no kernel entry.
+    for download in [true, false] {
+        let got = iperf(&topo.bob, 5202, download, 2);
+        measured.push(format!("unlimited {download}: {got:.2}"));
+        assert!(
+            got > 75.0,
+            "the unlimited client was held back: {got:.2} Mbit/s (download {download})"
+        );
+    }
+    let bob = api(&daemon, &["core", "get_client_policy", "client_name=bob"]);
+    assert!(bob["usage"].is_null() && bob["download_kbps"] == 0, "{bob}");
+    let alice = api(&daemon, &["core", "get_client_policy", "client_name=alice"]);
+    let usage = &alice["usage"];
+    assert!(
+        usage["download_bytes"].as_u64().unwrap() > 10_000_000,
+        "{alice}"
+    );
+    assert!(
+        usage["upload_bytes"].as_u64().unwrap() > 10_000_000,
+        "{alice}"
+    );
+    assert!(
+        usage["download_rate_dropped"].as_u64().unwrap() > 0,
+        "{alice}"
+    );
+    assert!(
+        usage["download_throttled_seconds"].as_f64().unwrap() > 1.0,
+        "{alice}"
+    );
+
+    // Bad input changes nothing.
+    assert_eq!(
+        api_err(
+            &daemon,
+            &[
+                "core",
+                "set_client_policy",
+                "client_name=alice",
+                "upload_kbps=10"
+            ]
+        ),
+        "INVALID_LIMIT"
+    );
+    assert_eq!(
+        api_err(
+            &daemon,
+            &[
+                "core",
+                "set_client_policy",
+                "client_name=alice",
+                "quota_action=maybe"
+            ]
+        ),
+        "INVALID_LIMIT"
+    );
+    assert_eq!(
+        api_err(
+            &daemon,
+            &[
+                "core",
+                "set_client_policy",
+                "client_name=nobody",
+                "upload_kbps=1000"
+            ]
+        ),
+        "CLIENT_NOT_FOUND"
+    );
+
+    // The limits survive kill -9 (settings on disk, counters in the pinned map).
+    set(&daemon, "alice", &["download_kbps=10000"]);
+    daemon.kill9();
+    daemon.restart();
+    wait_ping(&topo.alice, "alice after the restart");
+    let after = api(&daemon, &["core", "get_client_policy", "client_name=alice"]);
+    assert_eq!(after["download_kbps"], 10_000, "{after}");
+    assert_eq!(after["upload_kbps"], 50_000, "{after}");
+    assert!(
+        after["usage"]["download_bytes"].as_u64().unwrap()
+            >= usage["download_bytes"].as_u64().unwrap(),
+        "the kernel's counters went on: {after}"
+    );
+    let got = iperf(&topo.alice, 5201, true, 3);
+    measured.push(format!("10 after kill -9, download: {got:.2}"));
+    assert!(within(got, 10.0), "after kill -9: {got:.2} Mbit/s");
+    let metrics = http_get(&topo.server, "127.0.0.1:9469", "/metrics");
+    assert!(
+        metrics
+            .contains("phantom_client_limit_bytes_total{client=\"alice\",direction=\"download\"}"),
+        "{metrics}"
+    );
+    eprintln!("measured (Mbit/s): {}", measured.join("; "));
+    eprintln!(
+        "rate_limits_hold_both_ways_change_live_and_leave_others_alone: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
