@@ -218,7 +218,8 @@ pub struct ClientLimit {
     pub down: LimitDir,
     /// Bytes (both directions) allowed in the period; 0: no quota.
     pub quota_bytes: u64,
-    /// `up.bytes + down.bytes` when the period started: the daemon moves it at each start.
+    /// `up.bytes + down.bytes` when the period started, less usage carried over: the daemon
+    /// moves it at each start.
     pub quota_base: u64,
     /// `QUOTA_*`.
     pub quota_action: u32,
@@ -228,13 +229,14 @@ pub struct ClientLimit {
 }
 
 impl ClientLimit {
-    /// Bytes counted against the quota in this period.
+    /// Bytes counted against the quota in this period. Wrapping: a base "below zero" carries
+    /// usage the kernel's counters never saw (kept on disk across a reboot).
     #[inline(always)]
     pub fn quota_used(&self) -> u64 {
         self.up
             .bytes
             .wrapping_add(self.down.bytes)
-            .saturating_sub(self.quota_base)
+            .wrapping_sub(self.quota_base)
     }
 
     #[inline(always)]
@@ -361,6 +363,14 @@ mod tests {
         assert!(!l.over_quota());
         l.down.bytes = 600;
         assert!(l.over_quota());
+        // Usage carried over from before the counters: a base below zero.
+        let mut carried = ClientLimit {
+            quota_bytes: 1_000,
+            quota_base: 0u64.wrapping_sub(700),
+            ..ClientLimit::default()
+        };
+        carried.up.bytes = 200;
+        assert_eq!(carried.quota_used(), 900);
         l.up.ns_per_byte_q16 = ns_per_byte_q16(50_000);
         l.up.floor_ns_per_byte_q16 = ns_per_byte_q16(1_000);
         assert_eq!(effective_rate(&l.up, false), ns_per_byte_q16(50_000));

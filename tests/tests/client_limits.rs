@@ -161,9 +161,7 @@ fn rate_limits_hold_both_ways_change_live_and_leave_others_alone() {
     let _bob_server = topo.iperf_server(5202);
     let bpffs = BpffsDir::new();
     let mut config = DaemonConfig::new("a0", bpffs.path());
-    let wg = WireguardSettings::new(VPN_SUBNET, ENDPOINT);
-    let wg_iface = wg.interface.clone();
-    config.wireguard = Some(wg);
+    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, ENDPOINT));
     let mut daemon = Daemon::start(&topo.server, &config);
     let _alice = connect(&daemon, &topo.alice, "alice");
     let _bob = connect(&daemon, &topo.bob, "bob");
@@ -292,6 +290,111 @@ fn rate_limits_hold_both_ways_change_live_and_leave_others_alone() {
     eprintln!("measured (Mbit/s): {}", measured.join("; "));
     eprintln!(
         "rate_limits_hold_both_ways_change_live_and_leave_others_alone: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn reached_total(topo: &Topology) -> f64 {
+    let metrics = http_get(&topo.server, "127.0.0.1:9469", "/metrics");
+    phantom_tests::metric_value(&metrics, "phantom_client_quota_reached_total").unwrap_or(-1.0)
+}
+
+#[test]
+fn a_used_up_quota_throttles_or_blocks_also_after_a_restart() {
+    if !require_root("a_used_up_quota_throttles_or_blocks_also_after_a_restart") {
+        return;
+    }
+    let started = Instant::now();
+    let topo = Topology::new();
+    let _alice_server = topo.iperf_server(5201);
+    let bpffs = BpffsDir::new();
+    let mut config = DaemonConfig::new("a0", bpffs.path());
+    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, ENDPOINT));
+    let mut daemon = Daemon::start(&topo.server, &config);
+    let _alice = connect(&daemon, &topo.alice, "alice");
+    let _bob = connect(&daemon, &topo.bob, "bob");
+    wait_ping(&topo.alice, "alice");
+    wait_ping(&topo.bob, "bob");
+
+    // 20 MiB a month, then 5 Mbit/s each way; no rate limit before.
+    let reply = set(
+        &daemon,
+        "alice",
+        &[
+            "quota_mb=20",
+            "quota_action=throttle",
+            "quota_floor_kbps=5000",
+        ],
+    );
+    assert_eq!(reply["quota_period"], "monthly", "{reply}");
+    assert_eq!(reply["usage"]["quota_reached"], false, "{reply}");
+    // Over the quota at full speed (20 MiB take well under a second), then held to the floor.
+    iperf(&topo.alice, 5201, true, 1);
+    let state = api(&daemon, &["core", "get_client_policy", "client_name=alice"]);
+    assert!(
+        state["usage"]["quota_used_bytes"].as_u64().unwrap() >= 20 << 20,
+        "{state}"
+    );
+    assert_eq!(state["usage"]["quota_reached"], true, "{state}");
+    let floor = iperf(&topo.alice, 5201, true, 3);
+    assert!(within(floor, 5.0), "throttled download: {floor:.2} Mbit/s");
+    // The log line and the metric (the daemon looks every 5 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reached_total(&topo) < 1.0 {
+        assert!(Instant::now() < deadline, "no quota metric");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        daemon.log().contains("client reached its quota"),
+        "{}",
+        daemon.log()
+    );
+
+    // kill -9 and a start with the kernel's counters gone (as after a reboot: the pinned map
+    // removed): the usage kept on disk counts again, the client stays throttled.
+    daemon.kill9();
+    std::fs::remove_file(bpffs.path().join("PH_CLIENT_LIMIT")).unwrap();
+    daemon.restart();
+    wait_ping(&topo.alice, "alice after the restart");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = api(&daemon, &["core", "get_client_policy", "client_name=alice"]);
+        if state["usage"]["quota_reached"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the usage was not restored: {state}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let floor = iperf(&topo.alice, 5201, false, 3);
+    assert!(
+        within(floor, 5.0),
+        "throttled upload after the restart: {floor:.2} Mbit/s"
+    );
+
+    // Blocking: nothing passes; the other client is untouched; a larger quota lets it back.
+    set(&daemon, "alice", &["quota_action=block"]);
+    assert!(
+        !ping(&topo.alice, SERVICE),
+        "a blocked client still passes traffic"
+    );
+    assert!(ping(&topo.bob, SERVICE));
+    let state = api(&daemon, &["core", "get_client_policy", "client_name=alice"]);
+    assert!(
+        state["usage"]["quota_dropped"].as_u64().unwrap() > 0,
+        "{state}"
+    );
+    set(&daemon, "alice", &["quota_mb=100000"]);
+    wait_ping(&topo.alice, "alice with a larger quota");
+    let status = api(&daemon, &["core", "policy_status"]);
+    assert!(
+        status["packets"]["over_quota"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    eprintln!(
+        "a_used_up_quota_throttles_or_blocks_also_after_a_restart: {:.1} s (floor {floor:.2} Mbit/s)",
         started.elapsed().as_secs_f64()
     );
 }

@@ -103,7 +103,7 @@ impl ClientPolicyMaps {
         let mut map = lock(&self.limits)?;
         let key = ip.octets();
         if let Ok(mut l) = map.get(&key, 0) {
-            l.quota_base = l.up.bytes.wrapping_add(l.down.bytes).saturating_sub(used);
+            l.quota_base = l.up.bytes.wrapping_add(l.down.bytes).wrapping_sub(used);
             map.insert(&key, &l, 0)?;
         }
         Ok(())
