@@ -26,7 +26,10 @@
 //!   remembered endpoints.
 //!
 //! - `policy`: BPF_PROG_TEST_RUN per-packet cost of `tc_client_policy` with 10,000 clients
-//!   holding 16 rules each, beside a TC program that returns at once.
+//!   holding 16 rules each, beside a TC program that returns at once, and with limits
+//!   (`tc_client_limit` too).
+//! - `policy-tunnel`: an unlimited client's iperf3 throughput through the real daemon's tunnel
+//!   with the VPN-interface programs attached and without them, interleaved.
 //!
 //! `bpf` holds what the kernel-side subjects share (the object, test runs, crafted frames),
 //! `report` the table printing and the percentile, memory and CPU readings. Namespaces, pin
@@ -48,6 +51,7 @@ mod dashboard;
 mod dns;
 mod flood;
 mod policy;
+mod policy_tunnel;
 mod report;
 mod resolver;
 mod restart;
@@ -74,6 +78,7 @@ enum Suite {
     Dashboard,
     SentryPage,
     Policy,
+    PolicyTunnel,
     Restart,
 }
 
@@ -169,6 +174,7 @@ fn main() -> ExitCode {
         (Suite::Dashboard, dashboard::run),
         (Suite::SentryPage, sentry_page::run),
         (Suite::Policy, policy::run),
+        (Suite::PolicyTunnel, policy_tunnel::run),
         (Suite::Restart, restart::run),
     ];
     for (suite, run) in suites {

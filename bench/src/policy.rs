@@ -1,6 +1,8 @@
 //! `policy`: the per-packet cost of `tc_client_policy` (BPF_PROG_TEST_RUN) with 10,000 clients
 //! holding 16 rules each, beside the same program for a client without rules and beside
-//! `tc_multihop_mark` switched off (a TC program that returns at once), same run.
+//! `tc_multihop_mark` switched off (a TC program that returns at once), same run; then with
+//! 10,000 clients holding a rate limit and a quota as well (`tc_client_policy` metering the
+//! upload, `tc_client_limit` the download), for a limited and an unlimited client.
 
 use aya::{
     maps::{Array, HashMap},
@@ -10,8 +12,8 @@ use phantom_common::{
     dns::IfaceInfo,
     names,
     policy::{
-        ACTION_ALLOW, ACTION_DENY, AclRule, ClientAcl, MAX_ACL_RULES, PROTO_ANY, PROTO_UDP,
-        PolicyConfig,
+        ACTION_ALLOW, ACTION_DENY, AclRule, ClientAcl, ClientLimit, LimitDir, MAX_ACL_RULES,
+        PROTO_ANY, PROTO_UDP, PolicyConfig, QUOTA_THROTTLE, ns_per_byte_q16,
     },
 };
 
@@ -62,6 +64,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     let mut ebpf = load_object(pins.path(), cli)?;
     program::<SchedClassifier>(&mut ebpf, names::TC_CLIENT_POLICY)?.load()?;
     program::<SchedClassifier>(&mut ebpf, names::TC_MULTIHOP_MARK)?.load()?;
+    program::<SchedClassifier>(&mut ebpf, names::TC_CLIENT_LIMIT)?.load()?;
     // BPF_PROG_TEST_RUN hands skb programs an Ethernet frame on the loopback device.
     let mut ifaces: HashMap<_, u32, IfaceInfo> =
         HashMap::try_from(ebpf.map_mut(names::IFACES_MAP).ok_or("no ifaces map")?)?;
@@ -74,7 +77,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
             acls.insert(&client(i), &rules, 0)?;
         }
     }
-    let set_isolation = |ebpf: &mut aya::Ebpf, on: bool| -> Result<(), BoxError> {
+    let set_config = |ebpf: &mut aya::Ebpf, on: bool, limits: bool| -> Result<(), BoxError> {
         let mut cfg: Array<_, PolicyConfig> = Array::try_from(
             ebpf.map_mut(names::CLIENT_POLICY_CONFIG_MAP)
                 .ok_or("no policy config map")?,
@@ -88,11 +91,13 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
                 server: [10, 0, 0, 1],
                 // BPF_PROG_TEST_RUN hands skb programs an Ethernet frame.
                 l2_len: 14,
+                limits: u32::from(limits),
             },
             0,
         )?;
         Ok(())
     };
+    let set_isolation = |ebpf: &mut aya::Ebpf, on: bool| set_config(ebpf, on, false);
     set_isolation(&mut ebpf, false)?;
 
     let service = [203, 0, 113, 80];
@@ -131,10 +136,70 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         "| isolation on, client to client (dropped), {CLIENTS} clients with rules | {:.0} |",
         median_ns(prog, to_client, repeat, rounds)?
     ));
+    set_config(&mut ebpf, false, true)?;
+    // Every client limited (100 Gbit/s each way, never reached by the test run) with a quota
+    // far from used up: each packet runs the bucket and the counters.
+    {
+        let mut limits: HashMap<_, [u8; 4], ClientLimit> = HashMap::try_from(
+            ebpf.map_mut(names::CLIENT_LIMIT_MAP)
+                .ok_or("no limit map")?,
+        )?;
+        let dir = LimitDir {
+            ns_per_byte_q16: ns_per_byte_q16(100_000_000),
+            floor_ns_per_byte_q16: ns_per_byte_q16(1_000),
+            burst_bytes: 64 << 20,
+            ..LimitDir::default()
+        };
+        let limit = ClientLimit {
+            up: dir,
+            down: dir,
+            quota_bytes: u64::MAX / 2,
+            quota_action: QUOTA_THROTTLE,
+            ..ClientLimit::default()
+        };
+        for i in 0..CLIENTS - 1 {
+            limits.insert(&client(i), &limit, 0)?;
+        }
+        // One more limited client, without rules.
+        limits.insert(&[10, 200, 0, 9], &limit, 0)?;
+    }
+    let limited_down = leak(ipv4_frame(mac(1), service, client(CLIENTS / 3)));
+    let unlimited_down = leak(ipv4_frame(mac(1), service, [10, 201, 0, 9]));
+    let neither = leak(ipv4_frame(mac(1), [10, 201, 0, 9], service));
+    let prog = program::<SchedClassifier>(&mut ebpf, names::TC_CLIENT_POLICY)?;
+    for (label, frame) in [
+        (
+            "limited client with 16 rules, the first allows, upload metered",
+            first_rule,
+        ),
+        ("limited client without rules, upload metered", no_rules),
+        ("client without rules or limit (two lookups)", neither),
+    ] {
+        rows.push(format!(
+            "| {label}, {CLIENTS} clients with rules and limits | {:.0} |",
+            median_ns(prog, frame, repeat, rounds)?
+        ));
+    }
+    let prog = program::<SchedClassifier>(&mut ebpf, names::TC_CLIENT_LIMIT)?;
+    for (label, frame) in [
+        (
+            "`tc_client_limit`: limited client, download metered",
+            limited_down,
+        ),
+        (
+            "`tc_client_limit`: unlimited client (one lookup)",
+            unlimited_down,
+        ),
+    ] {
+        rows.push(format!(
+            "| {label}, {CLIENTS} clients with limits | {:.0} |",
+            median_ns(prog, frame, repeat, rounds)?
+        ));
+    }
     table(
         "Client policy per-packet cost (BPF_PROG_TEST_RUN)",
         &format!("{repeat} runs per measurement, median of {rounds}; 64-byte IPv4/UDP frames"),
-        "| tc_client_policy input | ns/packet |\n| --- | ---: |",
+        "| program and input | ns/packet |\n| --- | ---: |",
         &rows,
     );
     Ok(())

@@ -56,6 +56,9 @@ pub struct PolicyConfig {
     /// The VPN interface's link-layer header length (0 for WireGuard): one lookup fewer per
     /// packet than the shared per-interface map.
     pub l2_len: u32,
+    /// 1 while some client has a rate limit or a quota (`PH_CLIENT_LIMIT` not empty): without
+    /// any, neither direction looks a client up.
+    pub limits: u32,
 }
 
 /// What the policy did. The discriminant is the counter slot.
@@ -317,7 +320,7 @@ mod tests {
     fn layouts() {
         assert_eq!(core::mem::size_of::<AclRule>(), 16);
         assert_eq!(core::mem::size_of::<ClientAcl>(), 8 + 16 * MAX_ACL_RULES);
-        assert_eq!(core::mem::size_of::<PolicyConfig>(), 20);
+        assert_eq!(core::mem::size_of::<PolicyConfig>(), 24);
         assert_eq!(core::mem::size_of::<LimitDir>(), 64);
         assert_eq!(core::mem::size_of::<ClientLimit>(), 2 * 64 + 32);
     }
@@ -395,6 +398,7 @@ mod tests {
             v4_mask: [255, 255, 255, 0],
             server: [198, 51, 100, 1],
             l2_len: 0,
+            limits: 0,
         };
         let d = |dst, proto, port| decide(&cfg, Some(&acl), dst, proto, port);
         assert_eq!(

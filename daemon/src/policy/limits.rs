@@ -177,12 +177,12 @@ pub struct Effective {
     pub quota_floor_kbps: u64,
 }
 
-/// The bucket's depth when none is set: 200 ms at the rate, at least 512 KiB. A TCP sender
+/// The bucket's depth when none is set: 500 ms at the rate, at least 1 MiB. A TCP sender
 /// needs room for its window's bursts (and a forwarded GSO packet is up to 64 KiB at once)
-/// to reach the rate through a dropping bucket: with 64 KiB a 10 Mbit/s limit gave 3 Mbit/s,
-/// with 256 KiB 9.4, with 1 MiB 9.7 to 10.5 (docs/policy.md).
+/// to reach the rate through a dropping bucket: at 10 Mbit/s, 64 KiB gave 3 Mbit/s, 256 KiB
+/// 9.4, 1 MiB 9.7 to 10.5, 4 MiB 10.2 to 10.8 (docs/policy.md).
 fn auto_burst_bytes(kbps: u64) -> u64 {
-    (kbps * 1000 / 8 / 5).max(512 * 1024)
+    (kbps * 1000 / 8 / 2).max(1024 * 1024)
 }
 
 impl Effective {
@@ -300,9 +300,9 @@ mod tests {
         assert_eq!(k.quota_bytes, 100 << 20);
         assert_eq!(k.quota_action, QUOTA_THROTTLE);
         assert_eq!(k.up.floor_ns_per_byte_q16, ns_per_byte_q16(1_000));
-        // 200 ms at the floor rate (it is lower, so it sets the depth) is 25,000 bytes: the
-        // depth's own floor, 512 KiB.
-        assert_eq!(k.up.burst_bytes, 512 * 1024);
+        // 500 ms at the floor rate (it is lower, so it sets the depth) is 62,500 bytes: the
+        // depth's own floor, 1 MiB.
+        assert_eq!(k.up.burst_bytes, 1024 * 1024);
         let later = own.updated(&LimitSettings {
             upload_kbps: Some(50_000),
             burst_kb: Some(128),

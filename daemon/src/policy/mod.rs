@@ -585,6 +585,7 @@ impl ClientPolicy {
                 eff.any().then(|| (client.ip, eff.kernel()))
             })
             .collect();
+        let any_limits = !limits.is_empty();
         if let Err(e) = dp.client_policy.set_limits(&limits) {
             warn!(error = %e, "cannot write the client limits into the kernel");
         }
@@ -600,10 +601,11 @@ impl ClientPolicy {
         if let Err(e) = dp.client_policy.set_acls(&acls) {
             warn!(error = %e, "cannot write the client rules into the kernel");
         }
-        if let Err(e) = dp
-            .client_policy
-            .set_config(&self.kernel_config(state.isolate))
-        {
+        let cfg = PolicyConfig {
+            limits: u32::from(any_limits),
+            ..self.kernel_config(state.isolate)
+        };
+        if let Err(e) = dp.client_policy.set_config(&cfg) {
             warn!(error = %e, "cannot write the client isolation switch into the kernel");
         }
     }
