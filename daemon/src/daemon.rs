@@ -621,7 +621,14 @@ async fn serve(
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
             _ = sighup.recv() => {
-                reload(&opts, &mut running, &logs, &top_sources, blocklist.as_deref());
+                reload(
+                    &opts,
+                    &mut running,
+                    &logs,
+                    &top_sources,
+                    blocklist.as_deref(),
+                    client_policy.as_deref(),
+                );
             }
         }
     }
@@ -687,6 +694,7 @@ fn reload(
     logs: &LogControl,
     top_sources: &AtomicUsize,
     blocklist: Option<&Blocklist>,
+    client_policy: Option<&policy::ClientPolicy>,
 ) {
     let new = match load_config(opts) {
         Ok((config, _)) => config,
@@ -713,6 +721,11 @@ fn reload(
     running.blocklist.sync_interval_seconds = new.blocklist.sync_interval_seconds;
     running.blocklist.lookalike = new.blocklist.lookalike;
     running.blocklist.brands = new.blocklist.brands.clone();
+    // The clients' limit defaults apply at once.
+    if let Some(p) = client_policy {
+        p.set_defaults(&new.limits);
+    }
+    running.limits = new.limits.clone();
     // Everything else needs a restart; say which sections differ.
     let mut rest = new;
     rest.log.level = old.log.level.clone();
@@ -722,6 +735,7 @@ fn reload(
     rest.blocklist.sync_interval_seconds = old.blocklist.sync_interval_seconds;
     rest.blocklist.lookalike = old.blocklist.lookalike;
     rest.blocklist.brands = old.blocklist.brands.clone();
+    rest.limits = old.limits.clone();
     let pending: Vec<&str> = [
         ("state_dir", rest.state_dir != old.state_dir),
         ("log", rest.log != old.log),

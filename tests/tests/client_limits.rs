@@ -294,6 +294,29 @@ fn rate_limits_hold_both_ways_change_live_and_leave_others_alone() {
             .contains("phantom_client_limit_bytes_total{client=\"alice\",direction=\"download\"}"),
         "{metrics}"
     );
+    // Server defaults from the configuration, live on SIGHUP: bob (no own settings) follows,
+    // alice keeps her own download limit and takes the default upload only where she has none.
+    let path = daemon.config_path();
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("[limits]\ndownload_kbps = 20000\nquota_mb = 1000\n");
+    std::fs::write(&path, text).unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let bob = api(&daemon, &["core", "get_client_policy", "client_name=bob"]);
+        if bob["download_kbps"] == 20_000 && !bob["usage"].is_null() {
+            assert_eq!(bob["quota_mb"], 1000, "{bob}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the [limits] defaults never applied: {bob}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let alice = api(&daemon, &["core", "get_client_policy", "client_name=alice"]);
+    assert_eq!(alice["download_kbps"], 10_000, "{alice}");
+    assert_eq!(alice["quota_mb"], 1000, "{alice}");
     eprintln!("measured (Mbit/s): {}", measured.join("; "));
     eprintln!(
         "rate_limits_hold_both_ways_change_live_and_leave_others_alone: {:.1} s",

@@ -245,8 +245,8 @@ pub struct ClientPolicy {
     state: Mutex<PolicyState>,
     clients: ClientChanges,
     datapath: Option<Arc<Datapath>>,
-    /// `[limits]`: every client's limits unless it has its own.
-    defaults: Effective,
+    /// `[limits]`: every client's limits unless it has its own (SIGHUP replaces them).
+    defaults: Mutex<Effective>,
     /// Clients that used up their quota since the daemon started.
     pub quota_reached_total: AtomicU64,
     last_save: Mutex<Instant>,
@@ -301,7 +301,7 @@ impl ClientPolicy {
             state: Mutex::new(state),
             clients,
             datapath,
-            defaults: Effective::from_config(limits),
+            defaults: Mutex::new(Effective::from_config(limits)),
             quota_reached_total: AtomicU64::new(0),
             last_save: Mutex::new(Instant::now()),
         });
@@ -312,8 +312,21 @@ impl ClientPolicy {
     }
 
     /// The server's defaults (`[limits]`).
-    pub fn defaults(&self) -> &Effective {
-        &self.defaults
+    pub fn defaults(&self) -> Effective {
+        lock(&self.defaults).clone()
+    }
+
+    /// New server defaults (a SIGHUP with another `[limits]`, validated): every client without
+    /// its own settings follows at once.
+    pub fn set_defaults(&self, limits: &LimitsConfig) {
+        let next = Effective::from_config(limits);
+        if *lock(&self.defaults) == next {
+            return;
+        }
+        *lock(&self.defaults) = next;
+        info!("client limit defaults ([limits]) changed: applied to every client without its own");
+        self.push();
+        self.quota_tick(unix_now());
     }
 
     /// Replaces the settings `own` gives for `name` (the others stay); `reset` first drops
@@ -354,7 +367,7 @@ impl ClientPolicy {
             .ok_or_else(|| PolicyError::NoClient(name.to_string()))?;
         let state = self.state();
         let own = state.limits.get(name).cloned().unwrap_or_default();
-        let effective = own.over(&self.defaults);
+        let effective = own.over(&self.defaults());
         let kernel = self
             .kernel_limits()
             .into_iter()
@@ -397,11 +410,12 @@ impl ClientPolicy {
         let table = self.clients.borrow().clone();
         let kernel: BTreeMap<Ipv4Addr, phantom_common::policy::ClientLimit> =
             self.kernel_limits().into_iter().collect();
+        let defaults = self.defaults();
         let mut guard = lock(&self.state);
         let mut next = guard.clone();
         let mut urgent = false;
         next.quota.retain(|name, _| {
-            table.clients.contains_key(name) && next_has_quota(&guard, name, &self.defaults)
+            table.clients.contains_key(name) && next_has_quota(&guard, name, &defaults)
         });
         if next.quota.len() != guard.quota.len() {
             urgent = true;
@@ -412,7 +426,7 @@ impl ClientPolicy {
                 .get(name)
                 .cloned()
                 .unwrap_or_default()
-                .over(&self.defaults);
+                .over(&defaults);
             if eff.quota_mb == 0 {
                 continue;
             }
@@ -571,6 +585,7 @@ impl ClientPolicy {
             return;
         };
         let state = self.state();
+        let defaults = self.defaults();
         let table = self.clients.borrow().clone();
         let limits: BTreeMap<Ipv4Addr, phantom_common::policy::ClientLimit> = table
             .clients
@@ -581,7 +596,7 @@ impl ClientPolicy {
                     .get(name)
                     .cloned()
                     .unwrap_or_default()
-                    .over(&self.defaults);
+                    .over(&defaults);
                 eff.any().then(|| (client.ip, eff.kernel()))
             })
             .collect();
