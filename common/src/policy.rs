@@ -180,11 +180,10 @@ pub const RATE_SHIFT: u32 = 16;
 
 /// Nanoseconds per byte at `kbps` kilobits per second, `<< RATE_SHIFT` (0 for 0: unlimited).
 pub const fn ns_per_byte_q16(kbps: u64) -> u64 {
-    if kbps == 0 {
-        0
-    } else {
-        // 8 bits per byte, 10^9 ns per s, 10^3 bits per kbit.
-        ((8_000_000u64) << RATE_SHIFT) / kbps
+    // 8 bits per byte, 10^9 ns per s, 10^3 bits per kbit.
+    match (8_000_000u64 << RATE_SHIFT).checked_div(kbps) {
+        Some(q) => q,
+        None => 0,
     }
 }
 

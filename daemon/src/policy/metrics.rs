@@ -27,12 +27,12 @@ impl std::fmt::Debug for LimitsCollector {
     }
 }
 
+/// Limited clients by name, with their kernel entries.
+type Rows = Vec<(String, ClientLimit)>;
+
 /// The limited clients by name, the `max` busiest (bytes both ways; ties by name) first,
 /// and the rest.
-fn split(
-    mut rows: Vec<(String, ClientLimit)>,
-    max: usize,
-) -> (Vec<(String, ClientLimit)>, Vec<(String, ClientLimit)>) {
+fn split(mut rows: Rows, max: usize) -> (Rows, Rows) {
     if rows.len() > max {
         let weight = |l: &ClientLimit| l.up.bytes.saturating_add(l.down.bytes);
         rows.sort_by(|a, b| weight(&b.1).cmp(&weight(&a.1)).then_with(|| a.0.cmp(&b.0)));
