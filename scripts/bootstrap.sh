@@ -22,6 +22,8 @@ APT_PACKAGES=(
   dnsdist knot-dnsutils
   # openssl s_server: the TLS server of the SNI test (tests/tests/sni.rs).
   openssl
+  # iperf3: the rate-limit test and the policy-tunnel bench (tests/tests/client_limits.rs).
+  iperf3
   # promtool checks the alert rules and the dashboard's queries in ops/ (Debian ships it in
   # the prometheus package; the server is never started).
   prometheus

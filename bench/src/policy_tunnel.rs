@@ -19,18 +19,26 @@ use crate::{BoxError, Cli, report::table};
 
 const SERVICE: &str = "203.0.113.80";
 
+/// Mbit/s; retried while the server still winds the last test down ("busy").
 fn iperf(ns: &NetNs, download: bool, secs: u32) -> Result<f64, BoxError> {
-    let mut cmd: Command = ns.command("iperf3");
-    cmd.args(["-c", SERVICE, "-t", &secs.to_string(), "-O", "1", "-J"]);
-    if download {
-        cmd.arg("-R");
+    let mut tries = 0;
+    loop {
+        let mut cmd: Command = ns.command("iperf3");
+        cmd.args(["-c", SERVICE, "-t", &secs.to_string(), "-O", "1", "-J"]);
+        if download {
+            cmd.arg("-R");
+        }
+        let out = cmd.output()?;
+        let report: Value = serde_json::from_slice(&out.stdout)?;
+        if let Some(bps) = report["end"]["sum_received"]["bits_per_second"].as_f64() {
+            return Ok(bps / 1e6);
+        }
+        tries += 1;
+        if tries >= 10 {
+            return Err(format!("no receiver rate in {report}").into());
+        }
+        std::thread::sleep(Duration::from_secs(1));
     }
-    let out = cmd.output()?;
-    let report: Value = serde_json::from_slice(&out.stdout)?;
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e6)
-        .ok_or_else(|| format!("no receiver rate in {report}").into())
 }
 
 fn wait_ping(ns: &NetNs) -> Result<(), BoxError> {
