@@ -649,7 +649,7 @@ fn dns_answers_for_blocked_names_become_nxdomain_in_the_kernel() {
     );
     assert_eq!(
         topo.router.tcx_programs("vpn0", true),
-        vec!["tc_dns_filter"]
+        vec!["tc_dns_filter", "tc_client_limit"]
     );
     // The kernel keeps 15 characters of a program's name; each ingress program once.
     let mut ingress = topo.router.tcx_programs("vpn0", false);
