@@ -596,34 +596,19 @@ impl Server {
             // Under the lock of client changes: a client removed or disabled meanwhile is not
             // brought back.
             let _changes = lock(&self.changes)?;
-            // Read again right before renewing: a client that reached the device by itself
-            // meanwhile (its own handshake, or a new endpoint) keeps its fresh session; only
-            // peers still silent at the remembered endpoint are renewed.
-            let now: HashMap<String, (Option<String>, Option<u64>)> = self
-                .device_state()?
-                .peers
-                .into_iter()
-                .map(|p| (p.public_key, (p.endpoint, p.handshake_age_seconds)))
-                .collect();
-            let still_silent = |p: &PeerSpec| {
-                now.get(&p.public_key).is_some_and(|(endpoint, age)| {
-                    age.is_none()
-                        && endpoint.as_deref() == p.endpoint.map(|e| e.to_string()).as_deref()
-                })
-            };
-            let peers: Vec<PeerSpec> = self
+            let candidates: Vec<PeerSpec> = self
                 .peers()?
                 .into_iter()
-                .filter(|p| {
-                    p.endpoint.is_some() && waiting.contains(&p.public_key) && still_silent(p)
-                })
+                .filter(|p| p.endpoint.is_some() && waiting.contains(&p.public_key))
                 .collect();
-            self.with_device(|d| d.renew_peers(&peers))?;
+            // The device checks again right before renewing: a client that reached it by
+            // itself meanwhile (its own handshake, or a new endpoint) keeps its fresh session.
+            let renewed = self.with_device(|d| d.renew_silent_peers(&candidates))?;
             let mut persisted = lock(&self.persisted)?;
-            for p in &peers {
+            for p in &renewed {
                 persisted.remove(&p.public_key);
             }
-            peers
+            renewed
         };
         self.invalidate_live();
         Ok(crate::wg::device::start_handshakes(
