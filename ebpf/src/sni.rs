@@ -306,10 +306,10 @@ fn copy_hello(
 fn source(ctx: &TcContext, l3: usize, ipv6: bool) -> ClientAddr {
     let mut key: ClientAddr = [0; 16];
     if ipv6 {
-        if let Some(a) = load::<16>(ctx, l3 + 8) {
+        if let Some(a) = peek::<16>(ctx, l3 + 8) {
             key = a;
         }
-    } else if let Some(a) = load::<4>(ctx, l3 + 12) {
+    } else if let Some(a) = peek::<4>(ctx, l3 + 12) {
         key[10] = 0xff;
         key[11] = 0xff;
         key[12..].copy_from_slice(&a);
