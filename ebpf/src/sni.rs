@@ -213,7 +213,7 @@ pub(crate) fn client_hello(
     let Some(key) = DNS_KEY.get_ptr(0) else {
         return SniVerdict::Passed;
     };
-    if cfg.drop_blocked != 0 && in_set(h, name, key, &DOMAINS) {
+    if cfg.drop_blocked != 0 && in_set(h, name, key, &DOMAINS, true) {
         // SAFETY: a lookup by a stack key; the value is not read.
         if unsafe { EXEMPT.get(&source(ctx, l3, ipv6)) }.is_some() {
             return SniVerdict::Exempt;
@@ -223,14 +223,17 @@ pub(crate) fn client_hello(
         }
         return SniVerdict::Dropped;
     }
-    if strict && ech && in_set(h, name, key, &ECH_FRONTS) {
+    // Front names are exact (the daemon writes them with `DOMAIN_EXACT` alone): no parent
+    // of the name can match, so only the name itself is looked up.
+    if strict && ech && in_set(h, name, key, &ECH_FRONTS, false) {
         return SniVerdict::EchDropped;
     }
     SniVerdict::Passed
 }
 
 /// Whether the name ending at `h[name[0]]`, `name[1]` bytes long, is in `set`, keyed as
-/// `PH_DOMAINS` is: the name itself, or a parent whose entry has `DOMAIN_SUBDOMAINS`. The
+/// `PH_DOMAINS` is: the name itself, or (with `parents`) a parent whose entry has
+/// `DOMAIN_SUBDOMAINS`. The
 /// name is walked backwards in place, each byte lowercased as it is read, with exactly the
 /// steps of `DomainKey::hash` and of `tc_dns_filter`'s walk: at every dot the running hash is
 /// that suffix's key. (The DNS filter copies its name first because the wire format must
@@ -241,6 +244,7 @@ fn in_set(
     name: &[u64; 2],
     key: *const DomainKey,
     set: &HashMap<u64, u8>,
+    parents: bool,
 ) -> bool {
     // Read from scratch memory at each call: after a first walk the verifier would know the
     // length exactly (where that walk stopped), and a second walk would be verified once per
@@ -256,7 +260,7 @@ fn in_set(
         let b = h[last.wrapping_sub(steps) & (HELLO_AREA - 1)];
         // ASCII capitals to lowercase, without a branch.
         let b = b | (u8::from(b.wrapping_sub(b'A') < 26) << 5);
-        if b == b'.' {
+        if parents && b == b'.' {
             if let Some(flags) = set.get_ptr(&hash) {
                 // SAFETY: a value pointer from a successful lookup.
                 if unsafe { *flags } & DOMAIN_SUBDOMAINS != 0 {
