@@ -191,7 +191,7 @@ fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
     if !is_blocked(buf, name_end, key) {
         return Some(DnsVerdict::Passed);
     }
-    if is_exempt(ctx, &layout) {
+    if policy.exempt_clients != 0 && is_exempt(ctx, &layout) {
         return Some(DnsVerdict::Exempt);
     }
     if policy.dry_run != 0 {

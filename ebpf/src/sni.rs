@@ -214,11 +214,12 @@ pub(crate) fn client_hello(
         return SniVerdict::Passed;
     };
     if cfg.drop_blocked != 0 && in_set(h, name, key, &DOMAINS, true) {
+        let policy = POLICY.get(0).copied().unwrap_or_default();
         // SAFETY: a lookup by a stack key; the value is not read.
-        if unsafe { EXEMPT.get(&source(ctx, l3, ipv6)) }.is_some() {
+        if policy.exempt_clients != 0 && unsafe { EXEMPT.get(&source(ctx, l3, ipv6)) }.is_some() {
             return SniVerdict::Exempt;
         }
-        if POLICY.get(0).is_some_and(|p| p.dry_run != 0) {
+        if policy.dry_run != 0 {
             return SniVerdict::DryRun;
         }
         return SniVerdict::Dropped;
