@@ -213,7 +213,14 @@ pub(crate) fn client_hello(
     let Some(key) = DNS_KEY.get_ptr(0) else {
         return SniVerdict::Passed;
     };
-    if cfg.drop_blocked != 0 && in_set(h, name, key, &DOMAINS, true) {
+    // The whole name's key, once a walk has computed it.
+    let mut whole = None;
+    if cfg.drop_blocked != 0 {
+        let (blocked, hash) = in_set(h, name, key, &DOMAINS, true);
+        whole = Some(hash);
+        if !blocked {
+            return ech_verdict(h, name, key, strict && ech, whole);
+        }
         let policy = POLICY.get(0).copied().unwrap_or_default();
         // SAFETY: a lookup by a stack key; the value is not read.
         if policy.exempt_clients != 0 && unsafe { EXEMPT.get(&source(ctx, l3, ipv6)) }.is_some() {
@@ -224,12 +231,32 @@ pub(crate) fn client_hello(
         }
         return SniVerdict::Dropped;
     }
-    // Front names are exact (the daemon writes them with `DOMAIN_EXACT` alone): no parent
-    // of the name can match, so only the name itself is looked up.
-    if strict && ech && in_set(h, name, key, &ECH_FRONTS, false) {
-        return SniVerdict::EchDropped;
+    ech_verdict(h, name, key, strict && ech, whole)
+}
+
+/// `EchDropped` when `check` is set and the name is an ECH front, else `Passed`. Front names
+/// are exact (the daemon writes them with `DOMAIN_EXACT` alone): no parent of the name can
+/// match, so only the whole name's key is looked up, the one the domain walk left if it ran.
+#[inline(always)]
+fn ech_verdict(
+    h: &[u8; HELLO_AREA],
+    name: &[u64; 2],
+    key: *const DomainKey,
+    check: bool,
+    whole: Option<u64>,
+) -> SniVerdict {
+    if !check {
+        return SniVerdict::Passed;
     }
-    SniVerdict::Passed
+    let front = match whole {
+        Some(hash) => ECH_FRONTS.get_ptr(&hash).is_some(),
+        None => in_set(h, name, key, &ECH_FRONTS, false).0,
+    };
+    if front {
+        SniVerdict::EchDropped
+    } else {
+        SniVerdict::Passed
+    }
 }
 
 /// Whether the name ending at `h[name[0]]`, `name[1]` bytes long, is in `set`, keyed as
@@ -246,7 +273,7 @@ fn in_set(
     key: *const DomainKey,
     set: &HashMap<u64, u8>,
     parents: bool,
-) -> bool {
+) -> (bool, u64) {
     // Read from scratch memory at each call: after a first walk the verifier would know the
     // length exactly (where that walk stopped), and a second walk would be verified once per
     // length.
@@ -265,7 +292,7 @@ fn in_set(
             if let Some(flags) = set.get_ptr(&hash) {
                 // SAFETY: a value pointer from a successful lookup.
                 if unsafe { *flags } & DOMAIN_SUBDOMAINS != 0 {
-                    return true;
+                    return (true, hash);
                 }
             }
         }
@@ -274,7 +301,7 @@ fn in_set(
         hash = hash.wrapping_add(mul.wrapping_mul(u64::from(b) + 1));
         steps += 1;
     }
-    set.get_ptr(&hash).is_some()
+    (set.get_ptr(&hash).is_some(), hash)
 }
 
 /// Copies up to `HELLO_AREA` bytes of the record at `offset` into `buf`; returns how many.
