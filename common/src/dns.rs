@@ -142,6 +142,9 @@ pub struct DnsPolicy {
     /// Answers whose skb mark is this come from Phantom's own resolver, which has applied
     /// the policy (per-client exemptions, dry run, the full engine) already; 0 = none.
     pub resolver_mark: u32,
+    /// Entries in `PH_DNS_EXEMPT`, written after the map: while 0 the filters skip the
+    /// lookup (a hash of 16 bytes on every blocked name).
+    pub exempt_clients: u32,
 }
 
 /// Key of the exempt-client map: the client's address, IPv4 as `::ffff:a.b.c.d`.
@@ -406,7 +409,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<MultihopConfig>(), 40);
         assert_eq!(core::mem::size_of::<EncryptedDnsConfig>(), 8);
         assert_eq!(core::mem::size_of::<SniConfig>(), 8);
-        assert_eq!(core::mem::size_of::<DnsPolicy>(), 8);
+        assert_eq!(core::mem::size_of::<DnsPolicy>(), 12);
         assert_eq!(core::mem::size_of::<DomainKey>(), 8 * KEY_POSITIONS);
     }
 }

@@ -25,7 +25,11 @@ pub mod names {
     pub const GUARD_CONFIG_MAP: &str = "PH_GUARD_CFG";
     /// Per-CPU cache of live denies in front of the policy map.
     pub const DENY_CACHE_MAP: &str = "PH_DENY_CACHE";
-    /// Policy generation: bumped by the daemon after a write that can lift or change a deny.
+    /// Per-CPU cache of passed sources and their pending counts in front of the policy and
+    /// per-source maps.
+    pub const PASS_CACHE_MAP: &str = "PH_PASS_CACHE";
+    /// Policy generation: bumped by the daemon after every write to the policy maps or the
+    /// guard's settings (it retires cached denies and cached passes).
     pub const POLICY_GEN_MAP: &str = "PH_POLICY_GEN";
     /// Bitmap of protected TCP ports.
     pub const PORTS_MAP: &str = "PH_PORTS";

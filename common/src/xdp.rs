@@ -195,6 +195,66 @@ pub const fn deny_cache_slot(words: [u64; 2]) -> u32 {
     folded.wrapping_mul(0x9e37_79b1) >> (32 - DENY_CACHE_BITS)
 }
 
+/// Slots of the pass cache, per CPU (direct-mapped by `deny_cache_slot`, like the deny cache).
+pub const PASS_CACHE_SLOTS: u32 = DENY_CACHE_SLOTS;
+/// How long a pass-cache slot counts a source's packets before they go to `PH_SOURCES`: the
+/// shared entry (and its place in the LRU) is written at most this often for a busy source.
+pub const PASS_FLUSH_NS: u64 = 1_000_000_000;
+
+/// One slot of the guard's per-CPU pass cache: a source the guard passed, with the verdict,
+/// and its packets counted since they were last added to its `PH_SOURCES` entry. A packet
+/// from that source whose slot is still valid (same policy generation, before `until_ns`)
+/// passes with one array access: no policy lookup, no per-source map update. Any other
+/// packet takes the full path, which first adds what the slot holds to the entry of the
+/// slot's source (`SourceStats::add_pending`), so nothing counted is lost; readers of
+/// `PH_SOURCES` add what slots still hold (the same function), so counts stay exact.
+///
+/// Only passes are cached. The daemon bumps the policy generation after every write to the
+/// policy maps or the guard's settings, so a new deny applies to the next packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassCacheSlot {
+    /// `SourceKey::words` of the source.
+    pub addr: [u64; 2],
+    pub generation: u64,
+    /// The slot answers for packets before this time: the earliest of an allow entry's
+    /// expiry, the end of the window `window_epoch` and `PASS_FLUSH_NS` after the fill.
+    pub until_ns: u64,
+    /// The pass `Verdict` as u32.
+    pub verdict: u32,
+    /// 1 while the slot holds a source (its counts below belong to `addr`), 0 when empty.
+    pub filled: u32,
+    /// The window the pending packets count in (`now / WINDOW_NS` at the fill).
+    pub window_epoch: u64,
+    /// Pending counts, not yet in `PH_SOURCES`.
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_tcp: u64,
+    pub last_seen_ns: u64,
+}
+
+impl SourceStats {
+    /// Adds the counts a pass-cache slot holds for this source (the same CPU's copy).
+    #[inline(always)]
+    pub fn add_pending(&mut self, slot: &PassCacheSlot) {
+        if slot.packets == 0 {
+            return;
+        }
+        self.packets += slot.packets;
+        self.bytes += slot.bytes;
+        self.new_tcp += slot.new_tcp;
+        if slot.last_seen_ns > self.last_seen_ns {
+            self.last_seen_ns = slot.last_seen_ns;
+        }
+        if slot.window_epoch == self.window_epoch {
+            self.window_packets += slot.packets;
+        } else if slot.window_epoch > self.window_epoch {
+            self.window_epoch = slot.window_epoch;
+            self.window_packets = slot.packets;
+        }
+    }
+}
+
 /// One second of the global packet series, one copy per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -330,6 +390,7 @@ mod pod {
     unsafe impl aya::Pod for super::Policy {}
     unsafe impl aya::Pod for super::SecondSlot {}
     unsafe impl aya::Pod for super::DenyCacheSlot {}
+    unsafe impl aya::Pod for super::PassCacheSlot {}
     unsafe impl aya::Pod for super::GuardClock {}
     unsafe impl aya::Pod for super::GuardCounters {}
     unsafe impl aya::Pod for super::GuardConfig {}
@@ -366,6 +427,45 @@ mod tests {
     }
 
     #[test]
+    fn pending_counts_join_the_entry_and_its_window() {
+        let entry = SourceStats {
+            packets: 10,
+            bytes: 1000,
+            new_tcp: 1,
+            last_seen_ns: 50,
+            window_epoch: 7,
+            window_packets: 4,
+        };
+        let slot = PassCacheSlot {
+            filled: 1,
+            window_epoch: 7,
+            packets: 3,
+            bytes: 300,
+            new_tcp: 2,
+            last_seen_ns: 60,
+            ..Default::default()
+        };
+        let mut same = entry;
+        same.add_pending(&slot);
+        assert_eq!(
+            (same.packets, same.bytes, same.new_tcp, same.last_seen_ns),
+            (13, 1300, 3, 60)
+        );
+        assert_eq!((same.window_epoch, same.window_packets), (7, 7));
+        // Pending packets of a later window start that window.
+        let mut later = entry;
+        later.add_pending(&PassCacheSlot {
+            window_epoch: 8,
+            ..slot
+        });
+        assert_eq!((later.window_epoch, later.window_packets), (8, 3));
+        // An empty slot changes nothing.
+        let mut untouched = entry;
+        untouched.add_pending(&PassCacheSlot { packets: 0, ..slot });
+        assert_eq!(untouched, entry);
+    }
+
+    #[test]
     fn verdict_slots_are_dense_and_fit() {
         for (i, v) in Verdict::ALL.iter().enumerate() {
             assert_eq!(*v as u32, i as u32);
@@ -380,6 +480,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<TrafficCounter>(), 16);
         assert_eq!(core::mem::size_of::<Policy>(), 48);
         assert_eq!(core::mem::size_of::<DenyCacheSlot>(), 64);
+        assert_eq!(core::mem::size_of::<PassCacheSlot>(), 80);
         assert_eq!(
             core::mem::size_of::<GuardCounters>(),
             6 * 8 + 64 * 24 + 32 * 16

@@ -25,10 +25,7 @@ use phantom_common::{
     xdp::{SourceKey, TrafficCounter},
 };
 
-use crate::{
-    dns_filter::{IFACES, load},
-    sni,
-};
+use crate::{dns_filter::IFACES, sni};
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 const DOT_PORT: u16 = 853;
@@ -128,7 +125,7 @@ fn decide(ctx: &TcContext) -> Outcome {
     // `end`: where the IP packet ends (an Ethernet frame may be padded past it).
     let (proto, l4, dst, end) = match u16::from_be(skb.protocol as u16) {
         ETH_P_IP => {
-            let Some(ip) = load::<20>(ctx, l3) else {
+            let Some(ip) = sni::peek::<20>(ctx, l3) else {
                 return pass;
             };
             // Later fragments carry no port.
@@ -148,11 +145,12 @@ fn decide(ctx: &TcContext) -> Outcome {
             )
         }
         ETH_P_IPV6 => {
-            let Some(ip) = load::<40>(ctx, l3) else {
+            let Some(ip) = sni::peek::<8>(ctx, l3) else {
                 return pass;
             };
-            let mut dst = [0u8; 16];
-            dst.copy_from_slice(&ip[24..40]);
+            let Some(dst) = sni::peek::<16>(ctx, l3 + 24) else {
+                return pass;
+            };
             let payload = u16::from_be_bytes([ip[4], ip[5]]) as usize;
             // Extension headers are not walked: TCP or UDP right after the fixed header.
             (ip[6], l3 + 40, Dst::V6(dst), l3 + 40 + payload)
@@ -162,7 +160,7 @@ fn decide(ctx: &TcContext) -> Outcome {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return pass;
     }
-    let Some(ports) = load::<4>(ctx, l4 & 0xfff) else {
+    let Some(ports) = sni::peek::<4>(ctx, l4) else {
         return pass;
     };
     let dport = u16::from_be_bytes([ports[2], ports[3]]);

@@ -15,8 +15,9 @@ use phantom_common::net::{
 };
 use phantom_common::xdp::{
     BPF_F_NO_PREALLOC, DEFAULT_MAX_POLICIES, DEFAULT_MAX_SOURCES, DENY_CACHE_SLOTS, DenyCacheSlot,
-    GuardClock, GuardConfig, GuardCounters, POLICY_ALLOW, POLICY_DENY, PORT_WORDS, Policy,
-    SECOND_SLOTS, SourceKey, SourceStats, Verdict, WINDOW_NS, deny_cache_slot,
+    GuardClock, GuardConfig, GuardCounters, PASS_CACHE_SLOTS, PASS_FLUSH_NS, POLICY_ALLOW,
+    POLICY_DENY, PORT_WORDS, PassCacheSlot, Policy, SECOND_SLOTS, SourceKey, SourceStats, Verdict,
+    WINDOW_NS, deny_cache_slot,
 };
 
 // All maps are pinned by name under the daemon's bpffs directory, so counts and policies
@@ -44,6 +45,11 @@ static GUARD_CFG: Array<GuardConfig> = Array::pinned(1, 0);
 /// the drop path is one array access instead of a hash lookup (see `DenyCacheSlot`).
 #[map(name = "PH_DENY_CACHE")]
 static DENY_CACHE: PerCpuArray<DenyCacheSlot> = PerCpuArray::pinned(DENY_CACHE_SLOTS, 0);
+
+/// Sources that passed, with their counts not yet in `PH_SOURCES`: most packets of a busy
+/// source pass after one array access (see `PassCacheSlot`).
+#[map(name = "PH_PASS_CACHE")]
+static PASS_CACHE: PerCpuArray<PassCacheSlot> = PerCpuArray::pinned(PASS_CACHE_SLOTS, 0);
 
 #[map(name = "PH_POLICY_GEN")]
 static POLICY_GEN: Array<u64> = Array::pinned(1, 0);
@@ -209,19 +215,34 @@ fn is_new_protected_tcp(ctx: &XdpContext, l4: usize) -> bool {
 ///
 /// The most specific entry decides: the source address's own entry in `PH_POLICY` when it has
 /// a live flag, else (IPv6 only) its prefix's entry in `PH_POLICY_NET`. Within an entry, allow
-/// wins over deny.
+/// wins over deny. A source that passed recently on this CPU is answered from its pass-cache
+/// slot instead, and counted there.
 #[inline(always)]
 fn judge(ctx: &XdpContext, source: &Source, now: u64, clock: &mut GuardClock, len: u64) -> Verdict {
     // The generation is read before the policy map: a slot filled from a read that raced a
     // daemon write carries the generation that write's bump retires.
     let generation = POLICY_GEN.get(0).copied().unwrap_or(0);
     let words = source.words;
-    let slot = DENY_CACHE.get_ptr_mut(deny_cache_slot(words));
+    let index = deny_cache_slot(words);
+    let slot = DENY_CACHE.get_ptr_mut(index);
     if let Some(slot) = slot
         && let Some(v) = cached_drop(slot, words, 0, generation, now, len)
     {
         // The flood path.
         return v;
+    }
+    let pass = PASS_CACHE.get_ptr_mut(index);
+    if let Some(pass) = pass {
+        // SAFETY: this CPU's slot; only this CPU writes it, and XDP runs with preemption off.
+        let p = unsafe { &mut *pass };
+        if p.filled != 0 && p.generation == generation && p.addr == words && now < p.until_ns {
+            // The pass path of a busy source.
+            p.packets += 1;
+            p.bytes += len;
+            p.new_tcp += is_new_tcp(ctx, source) as u64;
+            p.last_seen_ns = now;
+            return pass_verdict(p.verdict);
+        }
     }
     let key = SourceKey::from_words(words);
     let mut verdict = if source.ipv6 {
@@ -229,12 +250,17 @@ fn judge(ctx: &XdpContext, source: &Source, now: u64, clock: &mut GuardClock, le
     } else {
         Verdict::PassIpv4
     };
+    // Until when the verdict stands by the policy (an allow entry's expiry).
+    let mut until = u64::MAX;
     let live = |until: u64| until == 0 || now < until;
     if let Some(policy) = POLICY.get_ptr_mut(&key) {
         // SAFETY: this CPU's copy of the value; only this CPU writes it.
         let p = unsafe { &mut *policy };
         if p.flags & POLICY_ALLOW != 0 && live(p.allow_until_ns) {
             verdict = Verdict::PassAllowed;
+            if p.allow_until_ns != 0 {
+                until = p.allow_until_ns;
+            }
         } else if p.flags & POLICY_DENY != 0 && live(p.deny_until_ns) {
             p.dropped_packets += 1;
             p.dropped_bytes += len;
@@ -248,44 +274,118 @@ fn judge(ctx: &XdpContext, source: &Source, now: u64, clock: &mut GuardClock, le
     }
     if source.ipv6
         && verdict != Verdict::PassAllowed
-        && let Some(v) = judge_prefix(words, generation, now, len)
+        && let Some((v, allow_until)) = judge_prefix(words, generation, now, len)
     {
         if v.is_drop() {
             return v;
         }
         verdict = v;
+        if allow_until != 0 {
+            until = allow_until;
+        }
     }
     let new_tcp = is_new_tcp(ctx, source);
     let epoch = current_epoch(clock, now);
+    // SAFETY: as above.
+    let mut pass = pass.map(|p| unsafe { &mut *p });
+    if let Some(p) = pass.as_deref_mut()
+        && p.filled != 0
+        && p.addr != words
+    {
+        flush(p);
+    }
+    // What the slot still counts for this very source joins the entry with this packet.
+    let pending = pass.as_deref().filter(|p| p.filled != 0 && p.addr == words);
     if let Some(stats) = SOURCES.get_ptr_mut(&key) {
         // SAFETY: per-CPU value: only this CPU writes it, and preemption is off in XDP.
-        unsafe {
-            let s = &mut *stats;
-            s.packets += 1;
-            s.bytes += len;
-            s.new_tcp += new_tcp as u64;
-            s.last_seen_ns = now;
-            if s.window_epoch == epoch {
-                s.window_packets += 1;
-            } else {
-                s.window_epoch = epoch;
-                s.window_packets = 1;
-            }
+        let s = unsafe { &mut *stats };
+        if let Some(p) = pending {
+            s.add_pending(p);
         }
-        return verdict;
+        s.packets += 1;
+        s.bytes += len;
+        s.new_tcp += new_tcp as u64;
+        s.last_seen_ns = now;
+        if s.window_epoch == epoch {
+            s.window_packets += 1;
+        } else {
+            s.window_epoch = epoch;
+            s.window_packets = 1;
+        }
+    } else {
+        let mut fresh = SourceStats {
+            packets: 1,
+            bytes: len,
+            new_tcp: new_tcp as u64,
+            last_seen_ns: now,
+            window_epoch: epoch,
+            window_packets: 1,
+        };
+        if let Some(p) = pending {
+            // Counts the slot still held for an entry the LRU dropped meanwhile.
+            fresh.add_pending(p);
+        }
+        if SOURCES.insert(&key, &fresh, 0).is_err() {
+            return Verdict::PassUntracked;
+        }
     }
-    let fresh = SourceStats {
-        packets: 1,
-        bytes: len,
-        new_tcp: new_tcp as u64,
-        last_seen_ns: now,
-        window_epoch: epoch,
-        window_packets: 1,
-    };
-    if SOURCES.insert(&key, &fresh, 0).is_err() {
-        return Verdict::PassUntracked;
+    if let Some(p) = pass {
+        // The next packets of this source pass from the slot until the policy changes, an
+        // allow lapses, the window ends or it is time to write the shared entry again.
+        let mut slot_until = now + PASS_FLUSH_NS;
+        if clock.epoch_end_ns < slot_until {
+            slot_until = clock.epoch_end_ns;
+        }
+        if until < slot_until {
+            slot_until = until;
+        }
+        *p = PassCacheSlot {
+            addr: words,
+            generation,
+            until_ns: slot_until,
+            verdict: verdict as u32,
+            filled: 1,
+            window_epoch: epoch,
+            packets: 0,
+            bytes: 0,
+            new_tcp: 0,
+            last_seen_ns: 0,
+        };
     }
     verdict
+}
+
+/// The verdict a pass-cache slot stores.
+#[inline(always)]
+fn pass_verdict(v: u32) -> Verdict {
+    if v == Verdict::PassAllowed as u32 {
+        Verdict::PassAllowed
+    } else if v == Verdict::PassIpv6 as u32 {
+        Verdict::PassIpv6
+    } else {
+        Verdict::PassIpv4
+    }
+}
+
+/// Adds what a pass-cache slot holds for its source to that source's entry, before the slot
+/// takes another source.
+#[inline(always)]
+fn flush(p: &mut PassCacheSlot) {
+    if p.packets == 0 {
+        return;
+    }
+    let key = SourceKey::from_words(p.addr);
+    if let Some(stats) = SOURCES.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value: only this CPU writes it, and preemption is off in XDP.
+        unsafe { (*stats).add_pending(p) };
+    } else {
+        let mut fresh = SourceStats::default();
+        fresh.add_pending(p);
+        // A full map drops the counts, as it drops an untracked packet's.
+        let _ = SOURCES.insert(&key, &fresh, 0);
+    }
+    p.filled = 0;
+    p.packets = 0;
 }
 
 /// A drop served from a cache slot holding a live deny for `addr` (of kind `net`).
@@ -318,9 +418,10 @@ fn cached_drop(
 }
 
 /// The verdict of the IPv6 source's prefix entry, if it has a live one: a drop, or
-/// `PassAllowed`. Nothing is looked up while `PH_POLICY_NET` is empty.
+/// `PassAllowed` with the allow's expiry (0: none). Nothing is looked up while
+/// `PH_POLICY_NET` is empty.
 #[inline(always)]
-fn judge_prefix(words: [u64; 2], generation: u64, now: u64, len: u64) -> Option<Verdict> {
+fn judge_prefix(words: [u64; 2], generation: u64, now: u64, len: u64) -> Option<(Verdict, u64)> {
     let cfg = GUARD_CFG.get(0)?;
     if cfg.prefix_lookup == 0 {
         return None;
@@ -330,14 +431,14 @@ fn judge_prefix(words: [u64; 2], generation: u64, now: u64, len: u64) -> Option<
     if let Some(slot) = slot
         && let Some(v) = cached_drop(slot, net, 1, generation, now, len)
     {
-        return Some(v);
+        return Some((v, 0));
     }
     let policy = POLICY_NET.get_ptr_mut(&SourceKey::from_words(net))?;
     // SAFETY: this CPU's copy of the value; only this CPU writes it.
     let p = unsafe { &mut *policy };
     let live = |until: u64| until == 0 || now < until;
     if p.flags & POLICY_ALLOW != 0 && live(p.allow_until_ns) {
-        return Some(Verdict::PassAllowed);
+        return Some((Verdict::PassAllowed, p.allow_until_ns));
     }
     if p.flags & POLICY_DENY != 0 && live(p.deny_until_ns) {
         p.dropped_packets += 1;
@@ -347,7 +448,7 @@ fn judge_prefix(words: [u64; 2], generation: u64, now: u64, len: u64) -> Option<
             // SAFETY: as above.
             refill(unsafe { &mut *slot }, net, 1, generation, p, verdict);
         }
-        return Some(verdict);
+        return Some((verdict, 0));
     }
     None
 }

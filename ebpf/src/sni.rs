@@ -213,24 +213,55 @@ pub(crate) fn client_hello(
     let Some(key) = DNS_KEY.get_ptr(0) else {
         return SniVerdict::Passed;
     };
-    if cfg.drop_blocked != 0 && in_set(h, name, key, &DOMAINS) {
+    // The whole name's key, once a walk has computed it.
+    let mut whole = None;
+    if cfg.drop_blocked != 0 {
+        let (blocked, hash) = in_set(h, name, key, &DOMAINS, true);
+        whole = Some(hash);
+        if !blocked {
+            return ech_verdict(h, name, key, strict && ech, whole);
+        }
+        let policy = POLICY.get(0).copied().unwrap_or_default();
         // SAFETY: a lookup by a stack key; the value is not read.
-        if unsafe { EXEMPT.get(&source(ctx, l3, ipv6)) }.is_some() {
+        if policy.exempt_clients != 0 && unsafe { EXEMPT.get(&source(ctx, l3, ipv6)) }.is_some() {
             return SniVerdict::Exempt;
         }
-        if POLICY.get(0).is_some_and(|p| p.dry_run != 0) {
+        if policy.dry_run != 0 {
             return SniVerdict::DryRun;
         }
         return SniVerdict::Dropped;
     }
-    if strict && ech && in_set(h, name, key, &ECH_FRONTS) {
-        return SniVerdict::EchDropped;
+    ech_verdict(h, name, key, strict && ech, whole)
+}
+
+/// `EchDropped` when `check` is set and the name is an ECH front, else `Passed`. Front names
+/// are exact (the daemon writes them with `DOMAIN_EXACT` alone): no parent of the name can
+/// match, so only the whole name's key is looked up, the one the domain walk left if it ran.
+#[inline(always)]
+fn ech_verdict(
+    h: &[u8; HELLO_AREA],
+    name: &[u64; 2],
+    key: *const DomainKey,
+    check: bool,
+    whole: Option<u64>,
+) -> SniVerdict {
+    if !check {
+        return SniVerdict::Passed;
     }
-    SniVerdict::Passed
+    let front = match whole {
+        Some(hash) => ECH_FRONTS.get_ptr(&hash).is_some(),
+        None => in_set(h, name, key, &ECH_FRONTS, false).0,
+    };
+    if front {
+        SniVerdict::EchDropped
+    } else {
+        SniVerdict::Passed
+    }
 }
 
 /// Whether the name ending at `h[name[0]]`, `name[1]` bytes long, is in `set`, keyed as
-/// `PH_DOMAINS` is: the name itself, or a parent whose entry has `DOMAIN_SUBDOMAINS`. The
+/// `PH_DOMAINS` is: the name itself, or (with `parents`) a parent whose entry has
+/// `DOMAIN_SUBDOMAINS`. The
 /// name is walked backwards in place, each byte lowercased as it is read, with exactly the
 /// steps of `DomainKey::hash` and of `tc_dns_filter`'s walk: at every dot the running hash is
 /// that suffix's key. (The DNS filter copies its name first because the wire format must
@@ -241,7 +272,8 @@ fn in_set(
     name: &[u64; 2],
     key: *const DomainKey,
     set: &HashMap<u64, u8>,
-) -> bool {
+    parents: bool,
+) -> (bool, u64) {
     // Read from scratch memory at each call: after a first walk the verifier would know the
     // length exactly (where that walk stopped), and a second walk would be verified once per
     // length.
@@ -256,11 +288,11 @@ fn in_set(
         let b = h[last.wrapping_sub(steps) & (HELLO_AREA - 1)];
         // ASCII capitals to lowercase, without a branch.
         let b = b | (u8::from(b.wrapping_sub(b'A') < 26) << 5);
-        if b == b'.' {
+        if parents && b == b'.' {
             if let Some(flags) = set.get_ptr(&hash) {
                 // SAFETY: a value pointer from a successful lookup.
                 if unsafe { *flags } & DOMAIN_SUBDOMAINS != 0 {
-                    return true;
+                    return (true, hash);
                 }
             }
         }
@@ -269,7 +301,7 @@ fn in_set(
         hash = hash.wrapping_add(mul.wrapping_mul(u64::from(b) + 1));
         steps += 1;
     }
-    set.get_ptr(&hash).is_some()
+    (set.get_ptr(&hash).is_some(), hash)
 }
 
 /// Copies up to `HELLO_AREA` bytes of the record at `offset` into `buf`; returns how many.
@@ -306,10 +338,10 @@ fn copy_hello(
 fn source(ctx: &TcContext, l3: usize, ipv6: bool) -> ClientAddr {
     let mut key: ClientAddr = [0; 16];
     if ipv6 {
-        if let Some(a) = load::<16>(ctx, l3 + 8) {
+        if let Some(a) = peek::<16>(ctx, l3 + 8) {
             key = a;
         }
-    } else if let Some(a) = load::<4>(ctx, l3 + 12) {
+    } else if let Some(a) = peek::<4>(ctx, l3 + 12) {
         key[10] = 0xff;
         key[11] = 0xff;
         key[12..].copy_from_slice(&a);

@@ -286,6 +286,85 @@ fn deny_cache_keeps_counts_exact_and_follows_every_change() {
     assert_eq!(verdict(&daemon, "denied_manual"), 36 + 3 + 2 + 2);
 }
 
+/// The guard passes repeat packets of a source from a per-CPU cache (no policy lookup, no
+/// per-source map update) and counts them there until they go to the per-source map. Two
+/// sources that share a cache slot must still be counted exactly, packets and bytes; a deny
+/// must apply to the very next packet of a source whose passes are cached, and an allow with
+/// a TTL must lapse on time even while its pass is cached.
+#[test]
+fn pass_cache_keeps_counts_exact_and_follows_every_change() {
+    if !require_root("pass_cache_keeps_counts_exact_and_follows_every_change") {
+        return;
+    }
+    use phantom_common::xdp::{SourceKey, deny_cache_slot};
+    // Per-CPU cache, and veth receives on the sending CPU: one CPU, so the sources meet.
+    let mut one_cpu = nix::sched::CpuSet::new();
+    one_cpu.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
+    let (link, _bpffs, daemon) = guarded_daemon();
+    let (a, server) = (GuardedLink::PEER_V4, GuardedLink::SERVER_V4);
+    // The pass cache is indexed like the deny cache: c shares a's slot.
+    let slot_of =
+        |ip: std::net::Ipv4Addr| deny_cache_slot(SourceKey::from_ipv4(ip.octets()).words());
+    let a_slot = slot_of(a.parse().unwrap());
+    let c = (0u32..1 << 17)
+        .map(|i| std::net::Ipv4Addr::from(0xc612_0000 + i))
+        .find(|ip| slot_of(*ip) == a_slot)
+        .expect("a colliding address in 198.18.0.0/15")
+        .to_string();
+    link.peer.ip(&[
+        "addr",
+        "add",
+        &format!("{c}/32"),
+        "dev",
+        GuardedLink::PEER_DEV,
+    ]);
+    let counts = |addr: &str| {
+        let s = source(&daemon, addr);
+        (s["packets"].as_u64(), s["bytes"].as_u64())
+    };
+
+    // Alternating bursts: each burst's first packet moves the other source's counts from the
+    // slot into its entry; the last burst's are still in the slot when read.
+    for _ in 0..3 {
+        link.send_udp(a, server, 5, 64);
+        link.send_udp(&c, server, 7, 64);
+    }
+    assert_eq!(counts(a), (Some(15), Some(15 * 106)));
+    assert_eq!(counts(&c), (Some(21), Some(21 * 106)));
+    assert_eq!(
+        source(&daemon, &c)["window_packets"]
+            .as_u64()
+            .map(|w| w <= 21),
+        Some(true)
+    );
+    assert_eq!(verdict(&daemon, "ipv4"), 36);
+
+    // Denied while its passes are cached: the next packet is dropped, counts stay.
+    link.send_udp(a, server, 3, 64);
+    api(&daemon, &["datapath", "deny", &format!("ip={a}")]);
+    link.send_udp(a, server, 4, 64);
+    assert_eq!(dropped(&daemon, a), Some(4));
+    assert_eq!(counts(a), (Some(18), Some(18 * 106)));
+
+    // Allowed for a second on top of the deny: passes (cached), then the deny is back.
+    api(
+        &daemon,
+        &["datapath", "allow", &format!("ip={a}"), "ttl_seconds=1"],
+    );
+    link.send_udp(a, server, 5, 64);
+    assert_eq!(counts(a), (Some(23), Some(23 * 106)));
+    std::thread::sleep(Duration::from_millis(1600));
+    link.send_udp(a, server, 2, 64);
+    assert_eq!(
+        dropped(&daemon, a),
+        Some(6),
+        "the allow lapsed under a cached pass"
+    );
+    assert_eq!(counts(a), (Some(23), Some(23 * 106)));
+    assert_eq!(counts(&c), (Some(21), Some(21 * 106)));
+}
+
 /// Pinned maps outlive the daemon; one whose shape no longer matches the program (here the
 /// capacity changed in the configuration; an upgrade that changes a layout is the same case)
 /// is replaced at start, and the operator's entries are written into the new one.

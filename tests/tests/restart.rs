@@ -92,6 +92,9 @@ fn a_client_pinging_every_100ms_loses_at_most_2s_through_a_restart_and_a_kill_9(
     config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, GuardedLink::SERVER_V4));
     let mut daemon = Daemon::start(&link.server, &config);
     api(&daemon, &["core", "add_client", "client_name=alice"]);
+    // A second client that never connects: no endpoint, and none borrowed from alice's when
+    // the device is configured with both (boringtun keeps a peer's fields for the next one).
+    api(&daemon, &["core", "add_client", "client_name=bob"]);
     let export = api(&daemon, &["core", "export_client", "client_name=alice"]);
     let _client = WgQuickClient::up(&link.peer, export["config"].as_str().unwrap());
     assert_eq!(
@@ -130,4 +133,12 @@ fn a_client_pinging_every_100ms_loses_at_most_2s_through_a_restart_and_a_kill_9(
     let list = api(&daemon, &["core", "list_clients"]);
     let alice = &list["clients"][0];
     assert_eq!(alice["connected"], true, "{alice}");
+    let status = api(&daemon, &["core", "server_status"]);
+    let peers = status["interface"]["peers"].as_array().unwrap();
+    let peer = |name: &str| peers.iter().find(|p| p["name"] == name).unwrap();
+    assert!(peer("alice")["endpoint"].is_string(), "{status}");
+    assert!(
+        peer("bob")["endpoint"].is_null(),
+        "bob has no endpoint: {status}"
+    );
 }

@@ -56,6 +56,10 @@ const HANDSHAKE_RETRIES: [Duration; 5] = [
     Duration::from_secs(3),
 ];
 
+/// How long the last start-up handshake retry is given before the peers still silent are
+/// renewed without one (an answer takes a round trip, or two with a cookie).
+const HANDSHAKE_LAST_WAIT: Duration = Duration::from_secs(3);
+
 /// How old the live peer state shown by list/status may be.
 const LIVE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -392,6 +396,21 @@ impl Server {
                 Err(e) => warn!(error = %e, "retrying the handshakes failed"),
             }
         }
+        // The clients still silent are away: stop initiating towards them (see
+        // `quiet_silent_peers`) once the last retry has had its time.
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(HANDSHAKE_LAST_WAIT) => {}
+        }
+        match tokio::task::spawn_blocking(move || self.quiet_silent_peers()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(
+                peers = n,
+                "clients that did not answer the start-up handshakes are left to come back by themselves"
+            ),
+            Ok(Err(e)) => warn!(error = %e, "cannot end the start-up handshakes"),
+            Err(e) => warn!(error = %e, "ending the start-up handshakes failed"),
+        }
     }
 
     /// Sleeps until the earliest expiry of an enabled client in the client table (woken early
@@ -582,6 +601,20 @@ impl Server {
     /// answers the next initiation with it, which passes at any load. Returns how many peers
     /// were started again.
     pub fn retry_handshakes(&self) -> Result<usize, CoreError> {
+        self.renew_silent(true)
+    }
+
+    /// Renews the peers still silent at their remembered endpoint, without a datagram: the
+    /// device then holds no initiation of its own and no packet queued for them. A client that
+    /// comes back later from another endpoint (a new instance, another network) finds a plain
+    /// responder: a queued packet would make boringtun start its own handshake right after
+    /// answering the client's, and those crossing handshakes can leave the two sides on
+    /// different sessions until the client's 15 s re-handshake.
+    pub fn quiet_silent_peers(&self) -> Result<usize, CoreError> {
+        self.renew_silent(false)
+    }
+
+    fn renew_silent(&self, start_again: bool) -> Result<usize, CoreError> {
         let state = self.device_state()?;
         let waiting: std::collections::HashSet<String> = state
             .peers
@@ -596,36 +629,24 @@ impl Server {
             // Under the lock of client changes: a client removed or disabled meanwhile is not
             // brought back.
             let _changes = lock(&self.changes)?;
-            // Read again right before renewing: a client that reached the device by itself
-            // meanwhile (its own handshake, or a new endpoint) keeps its fresh session; only
-            // peers still silent at the remembered endpoint are renewed.
-            let now: HashMap<String, (Option<String>, Option<u64>)> = self
-                .device_state()?
-                .peers
-                .into_iter()
-                .map(|p| (p.public_key, (p.endpoint, p.handshake_age_seconds)))
-                .collect();
-            let still_silent = |p: &PeerSpec| {
-                now.get(&p.public_key).is_some_and(|(endpoint, age)| {
-                    age.is_none()
-                        && endpoint.as_deref() == p.endpoint.map(|e| e.to_string()).as_deref()
-                })
-            };
-            let peers: Vec<PeerSpec> = self
+            let candidates: Vec<PeerSpec> = self
                 .peers()?
                 .into_iter()
-                .filter(|p| {
-                    p.endpoint.is_some() && waiting.contains(&p.public_key) && still_silent(p)
-                })
+                .filter(|p| p.endpoint.is_some() && waiting.contains(&p.public_key))
                 .collect();
-            self.with_device(|d| d.renew_peers(&peers))?;
+            // The device checks again right before renewing: a client that reached it by
+            // itself meanwhile (its own handshake, or a new endpoint) keeps its fresh session.
+            let renewed = self.with_device(|d| d.renew_silent_peers(&candidates))?;
             let mut persisted = lock(&self.persisted)?;
-            for p in &peers {
+            for p in &renewed {
                 persisted.remove(&p.public_key);
             }
-            peers
+            renewed
         };
         self.invalidate_live();
+        if !start_again {
+            return Ok(peers.len());
+        }
         Ok(crate::wg::device::start_handshakes(
             &self.config.interface,
             &peers,

@@ -35,6 +35,11 @@ impl DnsPolicyMaps {
     }
 
     pub fn set_policy(&self, dry_run: bool, resolver_mark: u32) -> Result<(), Error> {
+        // Lock order: the exempt set, then the policy (as `set_exempt`).
+        let exempt = self
+            .exempt
+            .lock()
+            .map_err(|_| Error::Datapath("dns exempt lock poisoned".into()))?;
         let mut map = self
             .policy
             .lock()
@@ -44,6 +49,7 @@ impl DnsPolicyMaps {
             &DnsPolicy {
                 dry_run: u32::from(dry_run),
                 resolver_mark,
+                exempt_clients: u32::try_from(exempt.1.len()).unwrap_or(u32::MAX),
             },
             0,
         )?;
@@ -78,6 +84,23 @@ impl DnsPolicyMaps {
                 Error::Datapath(format!("cannot write the exempt-client map (full?): {e}"))
             })?;
             have.insert(*new);
+        }
+        // The count after the map: the filters look clients up while it is not 0.
+        let mut policy = self
+            .policy
+            .lock()
+            .map_err(|_| Error::Datapath("dns policy lock poisoned".into()))?;
+        let current = policy.get(&0, 0).unwrap_or_default();
+        let count = u32::try_from(have.len()).unwrap_or(u32::MAX);
+        if current.exempt_clients != count {
+            policy.set(
+                0,
+                &DnsPolicy {
+                    exempt_clients: count,
+                    ..current
+                },
+                0,
+            )?;
         }
         Ok(())
     }

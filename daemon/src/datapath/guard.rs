@@ -2,13 +2,15 @@
 //! per-second series and the protected ports.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv6Addr},
     sync::Mutex,
 };
 
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap};
 use phantom_common::xdp::{
-    GuardCounters, PORT_WORDS, SECOND_SLOTS, SourceKey, SourceStats, Verdict, WINDOW_NS,
+    GuardCounters, PASS_CACHE_SLOTS, PORT_WORDS, PassCacheSlot, SECOND_SLOTS, SourceKey,
+    SourceStats, Verdict, WINDOW_NS,
 };
 use serde::Serialize;
 
@@ -45,8 +47,13 @@ pub struct SecondCount {
     pub bytes: u64,
 }
 
+/// Pass-cache slots holding counts, by `SourceKey::words`: (CPU, slot) pairs.
+type Pending = HashMap<[u64; 2], Vec<(usize, PassCacheSlot)>>;
+
 pub struct GuardMaps {
     sources: Mutex<PerCpuHashMap<MapData, SourceKey, SourceStats>>,
+    /// The guard's pass cache: counts of busy sources not yet in `sources`.
+    pass_cache: Mutex<PerCpuArray<MapData, PassCacheSlot>>,
     counters: Mutex<PerCpuArray<MapData, GuardCounters>>,
     ports: Mutex<Array<MapData, u32>>,
 }
@@ -84,11 +91,13 @@ pub fn monotonic_ns() -> u64 {
 impl GuardMaps {
     pub fn new(
         sources: PerCpuHashMap<MapData, SourceKey, SourceStats>,
+        pass_cache: PerCpuArray<MapData, PassCacheSlot>,
         counters: PerCpuArray<MapData, GuardCounters>,
         ports: Array<MapData, u32>,
     ) -> Self {
         Self {
             sources: Mutex::new(sources),
+            pass_cache: Mutex::new(pass_cache),
             counters: Mutex::new(counters),
             ports: Mutex::new(ports),
         }
@@ -114,19 +123,40 @@ impl GuardMaps {
             .collect())
     }
 
-    /// Every tracked source, summed over CPUs. Entries evicted by the LRU are gone.
+    /// The pass cache's slots that hold counts, by source.
+    fn pending(&self) -> Result<Pending, Error> {
+        let cache = lock(&self.pass_cache)?;
+        let mut out = Pending::new();
+        for index in 0..PASS_CACHE_SLOTS {
+            let slots = cache.get(&index, 0)?;
+            for (cpu, slot) in slots.iter().enumerate() {
+                if slot.filled != 0 && slot.packets != 0 {
+                    out.entry(slot.addr).or_default().push((cpu, *slot));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every tracked source, summed over CPUs, with the counts the guard's pass cache still
+    /// holds for it. Entries evicted by the LRU are gone.
     pub fn sources(&self) -> Result<Vec<SourceCount>, Error> {
         let now = monotonic_ns();
         let epoch = now / WINDOW_NS;
-        let map = lock(&self.sources)?;
-        let mut out = Vec::new();
-        for item in map.iter() {
-            let (key, per_cpu) = match item {
-                Ok(kv) => kv,
+        let mut entries = Vec::new();
+        for item in lock(&self.sources)?.iter() {
+            match item {
+                Ok(kv) => entries.push(kv),
                 // An entry evicted between get_next_key and lookup: skip it.
                 Err(aya::maps::MapError::KeyNotFound) => continue,
                 Err(e) => return Err(e.into()),
-            };
+            }
+        }
+        // The cache after the map: a slot the guard empties into its entry between the two
+        // reads is missed once, never counted twice.
+        let pending = self.pending()?;
+        let mut out = Vec::with_capacity(entries.len());
+        for (key, per_cpu) in entries {
             let mut c = SourceCount {
                 address: key_to_ip(&key),
                 packets: 0,
@@ -136,7 +166,12 @@ impl GuardMaps {
                 last_seen_seconds_ago: 0.0,
             };
             let mut last_seen = 0u64;
-            for s in per_cpu.iter() {
+            let slots = pending.get(&key.words());
+            for (cpu, s) in per_cpu.iter().enumerate() {
+                let mut s = *s;
+                for (_, slot) in slots.into_iter().flatten().filter(|(c, _)| *c == cpu) {
+                    s.add_pending(slot);
+                }
                 c.packets += s.packets;
                 c.bytes += s.bytes;
                 c.new_tcp += s.new_tcp;

@@ -232,6 +232,7 @@ impl Datapath {
 
         let guard = GuardMaps::new(
             take_map(&mut ebpf, names::SOURCES_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::PASS_CACHE_MAP)?.try_into()?,
             take_map(&mut ebpf, names::COUNTERS_MAP)?.try_into()?,
             take_map(&mut ebpf, names::PORTS_MAP)?.try_into()?,
         );

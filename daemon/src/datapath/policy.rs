@@ -74,7 +74,8 @@ impl Key {
 }
 
 /// The kernel side of the lists: the two policy maps, the guard's per-CPU deny cache in front
-/// of them, the generation that retires cached denies (see `DenyCacheSlot`), and the guard's
+/// of them, the generation that retires cached denies and passes (see `DenyCacheSlot` and
+/// `PassCacheSlot`), and the guard's
 /// settings (the IPv6 prefix and whether the prefix map holds anything).
 pub struct PolicyMaps {
     policy: PolicyMap,
@@ -229,24 +230,18 @@ impl PolicyMaps {
     }
 
     /// Writes an entry's settings to every CPU, keeping each CPU's counters and the entry's
-    /// serial, or deletes the entry when neither list holds the source any more. A write to an
-    /// entry that held a deny retires every cached deny, so the change applies to the next
-    /// packet; a new deny needs no such step (only denies are cached).
+    /// serial, or deletes the entry when neither list holds the source any more. Every write
+    /// retires what the guard cached (denies in the deny cache, passes in the pass cache), so
+    /// the change applies to the next packet: a new deny to a source whose passes are cached,
+    /// a lifted one to a source whose drops are.
     fn write(&mut self, key: &Key, p: Policy) -> Result<(), Error> {
         let current = self
             .map(key)
             .get(key.source_key(), 0)
             .ok()
             .map(|v| v.to_vec());
-        let had_deny = current
-            .as_ref()
-            .and_then(|c| c.first())
-            .is_some_and(|c| c.flags & POLICY_DENY != 0);
         self.write_values(key, p, current)?;
-        if had_deny {
-            self.bump_generation()?;
-        }
-        Ok(())
+        self.bump_generation()
     }
 
     fn write_values(

@@ -205,7 +205,7 @@ impl WireGuardDevice {
                     "private_key={}\nlisten_port={port}\nreplace_peers=true\n",
                     uapi::key_hex(private_key)?
                 );
-                for p in peers {
+                for p in endpointless_first(peers) {
                     body.push_str(&uapi_peer(p)?);
                 }
                 uapi::set(&*self.control()?, &self.iface, &body)
@@ -315,55 +315,94 @@ impl WireGuardDevice {
                 if peers.is_empty() {
                     return Ok(());
                 }
-                // Two transactions: boringtun ignores a re-add of a key removed in the same one.
-                let mut removes = String::new();
-                let mut adds = String::new();
-                for p in peers {
-                    removes.push_str(&format!(
-                        "public_key={}\nremove=true\n",
-                        uapi::key_hex(&p.public_key)?
+                // One transaction, so no packet finds the peer absent (`uapi_peer` sets
+                // `remove` back to false for the section that adds it again).
+                let mut body = String::new();
+                for p in endpointless_first(peers) {
+                    body.push_str(&format!(
+                        "public_key={}\nremove=true\n{}",
+                        uapi::key_hex(&p.public_key)?,
+                        uapi_peer(p)?
                     ));
-                    adds.push_str(&uapi_peer(p)?);
                 }
-                uapi::set(&*self.control()?, &self.iface, &removes)?;
-                uapi::set(&*self.control()?, &self.iface, &adds)
+                uapi::set(&*self.control()?, &self.iface, &body)
             }
         }
     }
 
-    /// Removes and adds these peers again, so each starts with no handshake in progress (a
-    /// device retries an unanswered initiation only after 5 s). Their sessions, if any, go.
-    pub fn renew_peers(&self, peers: &[PeerSpec]) -> Result<(), WgError> {
+    /// Renews those of `peers` that the device still shows silent at the endpoint given (no
+    /// session, same endpoint): each is removed and added again, so it starts with no
+    /// handshake in progress (a device retries an unanswered initiation only after 5 s).
+    /// Returns the peers renewed. A client that reached the device meanwhile (its own
+    /// handshake, or a new endpoint) keeps its session: renewing it would drop a session the
+    /// client goes on using until its 15 s re-handshake. So the check reads the device and the
+    /// renewal follows at once: the text is prepared beforehand, nothing else is read in
+    /// between, and on the embedded device both go over one held control stream, in one
+    /// transaction that never leaves the peer absent.
+    pub fn renew_silent_peers(&self, peers: &[PeerSpec]) -> Result<Vec<PeerSpec>, WgError> {
         if peers.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
+        let still_silent = |state: &DeviceState, p: &PeerSpec| {
+            let endpoint = p.endpoint.map(|e| e.to_string());
+            endpoint.is_some()
+                && state.peers.iter().any(|s| {
+                    s.public_key == p.public_key
+                        && s.handshake_age_seconds.is_none()
+                        && s.endpoint == endpoint
+                })
+        };
         match self.kind {
             Kind::Kernel => {
+                let keys = peers
+                    .iter()
+                    .map(|p| Key::from_base64(&p.public_key).map_err(WgError::InvalidKey))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let name = self.iface_name()?;
+                let state = self.state()?;
                 let mut removes = DeviceUpdate::new();
                 let mut adds = DeviceUpdate::new();
-                for p in peers {
-                    removes = removes.remove_peer_by_key(
-                        &Key::from_base64(&p.public_key).map_err(WgError::InvalidKey)?,
-                    );
-                    adds = adds.add_peer(kernel_peer(p)?);
+                let mut renewed = Vec::new();
+                for (p, key) in peers.iter().zip(keys) {
+                    if still_silent(&state, p) {
+                        removes = removes.remove_peer_by_key(&key);
+                        adds = adds.add_peer(kernel_peer(p)?);
+                        renewed.push(p.clone());
+                    }
                 }
-                let name = self.iface_name()?;
-                removes.apply(&name, Backend::Kernel).map_err(WgError::Io)?;
-                adds.apply(&name, Backend::Kernel).map_err(WgError::Io)
+                if !renewed.is_empty() {
+                    removes.apply(&name, Backend::Kernel).map_err(WgError::Io)?;
+                    adds.apply(&name, Backend::Kernel).map_err(WgError::Io)?;
+                }
+                Ok(renewed)
             }
             Kind::Embedded { .. } => {
-                // Two transactions: boringtun ignores a re-add of a key removed in the same one.
-                let mut removes = String::new();
-                let mut adds = String::new();
-                for p in peers {
-                    removes.push_str(&format!(
-                        "public_key={}\nremove=true\n",
-                        uapi::key_hex(&p.public_key)?
-                    ));
-                    adds.push_str(&uapi_peer(p)?);
+                // Remove and add in one transaction: boringtun carries `remove=true` over to
+                // the next section of the same key unless it is set back to false.
+                let texts = peers
+                    .iter()
+                    .map(|p| {
+                        Ok(format!(
+                            "public_key={}\nremove=true\n{}",
+                            uapi::key_hex(&p.public_key)?,
+                            uapi_peer(p)?
+                        ))
+                    })
+                    .collect::<Result<Vec<String>, WgError>>()?;
+                let control = self.control()?;
+                let state = uapi::get(&control, &self.iface)?;
+                let mut body = String::new();
+                let mut renewed = Vec::new();
+                for (p, text) in peers.iter().zip(&texts) {
+                    if still_silent(&state, p) {
+                        body.push_str(text);
+                        renewed.push(p.clone());
+                    }
                 }
-                uapi::set(&*self.control()?, &self.iface, &removes)?;
-                uapi::set(&*self.control()?, &self.iface, &adds)
+                if !body.is_empty() {
+                    uapi::set(&control, &self.iface, &body)?;
+                }
+                Ok(renewed)
             }
         }
     }
@@ -530,9 +569,19 @@ fn interface_name(iface: &str) -> Result<InterfaceName, WgError> {
     })
 }
 
+/// The peers in the order one UAPI transaction needs: boringtun keeps a section's `endpoint`
+/// (and `remove`) for the next section when that one sets none, so the peers without an
+/// endpoint go first, where there is none to inherit.
+fn endpointless_first(peers: &[PeerSpec]) -> impl Iterator<Item = &PeerSpec> {
+    let (without, with): (Vec<&PeerSpec>, Vec<&PeerSpec>) =
+        peers.iter().partition(|p| p.endpoint.is_none());
+    without.into_iter().chain(with)
+}
+
+/// One peer's section of a UAPI `set`, `remove` set back to false (see `endpointless_first`).
 fn uapi_peer(p: &PeerSpec) -> Result<String, WgError> {
     let mut text = format!(
-        "public_key={}\npreshared_key={}\nreplace_allowed_ips=true\nallowed_ip={}/32\n",
+        "public_key={}\nremove=false\npreshared_key={}\nreplace_allowed_ips=true\nallowed_ip={}/32\n",
         uapi::key_hex(&p.public_key)?,
         uapi::key_hex(&p.preshared_key)?,
         p.ip
