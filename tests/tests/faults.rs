@@ -1,0 +1,392 @@
+//! The fault suite: the real daemon under the faults a busy host meets (a broken config on
+//! SIGHUP, dead and slow DNS upstreams, ...). Each test asserts what an operator sees: the
+//! reason in the log, a reply code, a metric, and that nothing acknowledged is lost.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed expectation is a failed test
+
+use std::time::{Duration, Instant};
+
+use phantom_tests::{Daemon, DaemonConfig, NetNs, api, require_root};
+use serde_json::Value;
+
+/// A daemon without eBPF in `ns` (the faults here are above the data plane).
+fn plain_config() -> DaemonConfig {
+    let mut config = DaemonConfig::new("lo", std::path::Path::new("/nonexistent"));
+    config.datapath_enabled = false;
+    config.blocklist_extra = "sync_interval_seconds = 0\n".into();
+    config
+}
+
+/// Waits until the daemon's log holds `needle` `count` times or more; returns the log.
+fn wait_for_log(daemon: &Daemon, needle: &str, count: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = daemon.log();
+        if log.matches(needle).count() >= count {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "log lacks {needle:?} ({count} times):\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What SIGHUP may change that the daemon reports: the blocklist's sources and brands.
+fn reloadable(daemon: &Daemon) -> (Value, Value) {
+    let status = api(daemon, &["blocklist", "status"]);
+    (
+        status["sources"].clone(),
+        status["lookalike_brands"].clone(),
+    )
+}
+
+#[test]
+fn sighup_with_an_invalid_file_changes_nothing_and_logs_the_reason() {
+    if !require_root("sighup_with_an_invalid_file_changes_nothing_and_logs_the_reason") {
+        return;
+    }
+    let ns = NetNs::new("phf");
+    let mut config = plain_config();
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("list.txt");
+    std::fs::write(&list, "casino-a.example\n").unwrap();
+    config.extra_toml = format!(
+        "[[blocklist.sources]]\nname = \"local\"\nurl = {:?}\n",
+        list.display().to_string()
+    );
+    let daemon = Daemon::start(&ns, &config);
+    let good = std::fs::read_to_string(daemon.config_path()).unwrap();
+    let before = reloadable(&daemon);
+    assert_eq!(before.0.as_array().unwrap().len(), 1, "{before:?}");
+
+    // Each file also asks for changes SIGHUP would apply (log level, brands, sources): none
+    // of them may happen, and the log must say why the file was refused.
+    let wanted = good
+        .replace("level = \"info\"", "level = \"debug\"")
+        .replace(
+            "sync_interval_seconds = 0\n",
+            "sync_interval_seconds = 0\nbrands = [\"examplebet\"]\n",
+        )
+        + "[[blocklist.sources]]\nname = \"second\"\nurl = \"/nonexistent/second.txt\"\n";
+    let broken = [
+        // Not TOML at all.
+        (
+            format!("{wanted}\nthis is = not [valid toml\n"),
+            format!(
+                "invalid TOML at line {}, column",
+                wanted.lines().count() + 2
+            ),
+        ),
+        // TOML, but a value out of range.
+        (
+            wanted.replace("[dns]\n", "[dns]\nupstream_timeout_ms = 5\n"),
+            "dns.upstream_timeout_ms must be between 100 and 30000".to_string(),
+        ),
+        // TOML, but an http:// source without a pin.
+        (
+            format!(
+                "{wanted}[[blocklist.sources]]\nname = \"unpinned\"\nurl = \"http://127.0.0.1:9/list.txt\"\n"
+            ),
+            "unpinned".to_string(),
+        ),
+        // An unknown key (a typo must not be read as "use the default").
+        (
+            wanted.replace("[blocklist]\n", "[blocklist]\nsync_intervall_seconds = 5\n"),
+            "sync_intervall_seconds".to_string(),
+        ),
+        // A log filter the tracing layer cannot parse.
+        (
+            wanted.replace("level = \"debug\"", "level = \"info,[[[\""),
+            "[[[".to_string(),
+        ),
+    ];
+    for (n, (text, reason)) in broken.iter().enumerate() {
+        std::fs::write(daemon.config_path(), text).unwrap();
+        daemon.signal(nix::sys::signal::Signal::SIGHUP);
+        let log = wait_for_log(
+            &daemon,
+            "SIGHUP: configuration rejected, keeping the running one",
+            n + 1,
+        );
+        let line = log
+            .lines()
+            .filter(|l| l.contains("SIGHUP: configuration rejected"))
+            .nth(n)
+            .unwrap();
+        assert!(
+            line.contains(reason.as_str()),
+            "file {n}: the log line does not give the reason {reason:?}: {line}"
+        );
+        assert_eq!(reloadable(&daemon), before, "file {n} changed something");
+    }
+    // The running config kept the info level: no debug line was written meanwhile.
+    assert!(
+        !daemon.log().contains(" DEBUG "),
+        "debug lines appeared after a rejected reload"
+    );
+    // A missing file is refused the same way (not replaced by the defaults).
+    std::fs::remove_file(daemon.config_path()).unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let log = wait_for_log(
+        &daemon,
+        "SIGHUP: configuration rejected, keeping the running one",
+        broken.len() + 1,
+    );
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("SIGHUP: configuration rejected"))
+        .unwrap();
+    assert!(
+        line.contains(&daemon.config_path().display().to_string()),
+        "{line}"
+    );
+    assert!(
+        !daemon.config_path().exists(),
+        "SIGHUP wrote a default file"
+    );
+    assert_eq!(reloadable(&daemon), before);
+
+    // The daemon still reloads a good file afterwards, and that one does apply.
+    std::fs::write(daemon.config_path(), &wanted).unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for_log(&daemon, "SIGHUP: configuration reloaded", 1);
+    let after = api(&daemon, &["blocklist", "status"]);
+    assert_eq!(after["sources"].as_array().unwrap().len(), 2, "{after}");
+    assert!(
+        after["lookalike_brands"].as_u64().unwrap() > before.1.as_u64().unwrap(),
+        "{after}"
+    );
+}
+
+/// A DNS query for `name` (type A, RD set) with `id`.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::with_capacity(64);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// How the fake upstreams behave.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Upstream {
+    /// Read every query and never answer (a host that drops them).
+    Silent,
+    /// Answer every query (NOERROR, no records) two seconds late.
+    Slow,
+}
+
+/// Two upstream resolvers on the daemon's configured upstream addresses (`127.0.0.53:53` and
+/// `127.0.0.54:53` in a namespace) that answer as their mode says; stopped on drop.
+struct FakeUpstreams {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl FakeUpstreams {
+    fn start(ns: &NetNs, mode: Upstream) -> Self {
+        let socks = ns.run(|| {
+            ["127.0.0.53:53", "127.0.0.54:53"].map(|a| std::net::UdpSocket::bind(a).unwrap())
+        });
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for sock in socks {
+            sock.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let sock = std::sync::Arc::new(sock);
+            let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>, std::net::SocketAddr)>();
+            let sender = std::sync::Arc::clone(&sock);
+            // Answers go out in arrival order, each at its due time; the thread ends when the
+            // receiving one drops `tx`.
+            threads.push(std::thread::spawn(move || {
+                for (due, answer, to) in rx {
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                    let _ = sender.send_to(&answer, to);
+                }
+            }));
+            let stop = std::sync::Arc::clone(&stop);
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 1500];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    if mode == Upstream::Slow && n > 12 {
+                        let mut answer = buf[..n].to_vec();
+                        answer[2] |= 0x80; // QR
+                        answer[3] = 0x80; // RA, NOERROR
+                        let _ = tx.send((Instant::now() + Duration::from_secs(2), answer, from));
+                    }
+                }
+            }));
+        }
+        Self { stop, threads }
+    }
+}
+
+impl Drop for FakeUpstreams {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends `count` queries at `per_second` from one socket in `ns` to the resolver at
+/// `resolver`, polling the daemon's `forwards_in_flight` while they go; returns, per query,
+/// the reply's RCODE and how long it took (`None`: no reply within 5 s), and the largest
+/// in-flight count seen.
+fn query_load(
+    ns: &NetNs,
+    daemon: &Daemon,
+    resolver: &str,
+    count: u16,
+    per_second: u32,
+) -> (Vec<Option<(u8, Duration)>>, u64) {
+    let to: std::net::SocketAddr = resolver.parse().unwrap();
+    let sock = ns.run(|| std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let sock = std::sync::Arc::new(sock);
+    let sent: std::sync::Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
+        std::sync::Arc::new(std::sync::Mutex::new(vec![None; usize::from(count)]));
+    let sender = {
+        let (sock, sent) = (std::sync::Arc::clone(&sock), std::sync::Arc::clone(&sent));
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            for id in 0..count {
+                let due = start + Duration::from_secs(1) * u32::from(id) / per_second;
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                sent.lock().unwrap()[usize::from(id)] = Some(Instant::now());
+                sock.send_to(&dns_query(id, &format!("q{id}.fault.example")), to)
+                    .unwrap();
+            }
+        })
+    };
+    let receiver = {
+        let (sock, sent) = (std::sync::Arc::clone(&sock), std::sync::Arc::clone(&sent));
+        std::thread::spawn(move || {
+            let mut replies = vec![None; usize::from(count)];
+            let mut last = Instant::now();
+            let mut buf = [0u8; 1500];
+            while last.elapsed() < Duration::from_secs(5) && replies.iter().any(Option::is_none) {
+                let Ok((n, _)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                if n < 12 {
+                    continue;
+                }
+                let id = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
+                if let Some(Some(at)) = sent.lock().unwrap().get(id).copied() {
+                    replies[id] = Some((buf[3] & 0x0f, at.elapsed()));
+                }
+                last = Instant::now();
+            }
+            replies
+        })
+    };
+    let mut peak = 0;
+    while !sender.is_finished() {
+        peak = peak.max(in_flight(daemon));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sender.join().unwrap();
+    (receiver.join().unwrap(), peak)
+}
+
+/// The resolver's forwarded queries waiting on an upstream now.
+fn in_flight(daemon: &Daemon) -> u64 {
+    api(daemon, &["dns", "stats"])["forwards_in_flight"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn dead_then_slow_dns_upstreams_give_servfail_in_time_and_nothing_piles_up() {
+    if !require_root("dead_then_slow_dns_upstreams_give_servfail_in_time_and_nothing_piles_up") {
+        return;
+    }
+    const TIMEOUT_MS: u64 = 500;
+    const RESOLVER: &str = "127.0.0.1:53";
+    let ns = NetNs::new("phf");
+    let mut config = plain_config();
+    // Upstreams 127.0.0.53 and .54 (the harness's defaults), each given 500 ms.
+    config.dns_section = format!(
+        "listen = {RESOLVER:?}\nprimary = \"127.0.0.53\"\nsecondary = \"127.0.0.54\"\nupstream_timeout_ms = {TIMEOUT_MS}\n"
+    );
+    let daemon = Daemon::start(&ns, &config);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api(&daemon, &["dns", "stats"])["listening"]
+        .as_array()
+        .is_none_or(Vec::is_empty)
+    {
+        assert!(Instant::now() < deadline, "the resolver never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Both upstreams together may take two timeouts; allow a second for a busy machine.
+    let limit = Duration::from_millis(2 * TIMEOUT_MS + 1000);
+    let check = |phase: &str, replies: &[Option<(u8, Duration)>], peak: u64| {
+        let slowest = replies
+            .iter()
+            .enumerate()
+            .map(|(id, r)| {
+                let (rcode, took) = r.unwrap_or_else(|| panic!("{phase}: query {id} got no reply"));
+                assert_eq!(rcode, 2, "{phase}: query {id} is not SERVFAIL");
+                took
+            })
+            .max()
+            .unwrap();
+        assert!(
+            slowest <= limit,
+            "{phase}: slowest SERVFAIL after {slowest:?} (limit {limit:?})"
+        );
+        // 200 queries a second, each held at most two timeouts (1 s): about 200 at once; a
+        // build-up would reach the 600 sent.
+        assert!(peak <= 400, "{phase}: {peak} forwards in flight at once");
+        // Everything is answered: nothing is left waiting.
+        let deadline = Instant::now() + limit;
+        while in_flight(&daemon) != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{phase}: forwards still in flight"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("{phase}: slowest SERVFAIL {slowest:?}, at most {peak} in flight");
+    };
+
+    // Down: nothing listens on the upstreams' port (refused at once).
+    let (replies, peak) = query_load(&ns, &daemon, RESOLVER, 600, 200);
+    check("refused", &replies, peak);
+    // Down: the upstreams swallow every query.
+    let silent = FakeUpstreams::start(&ns, Upstream::Silent);
+    let (replies, peak) = query_load(&ns, &daemon, RESOLVER, 600, 200);
+    check("silent", &replies, peak);
+    let failures = api(&daemon, &["dns", "stats"])["upstream_failures"]
+        .as_u64()
+        .unwrap();
+    assert!(failures >= 2 * 2 * 600, "{failures} upstream failures");
+    drop(silent);
+
+    // Slow: both answer after 2 s, four times the timeout.
+    let _slow = FakeUpstreams::start(&ns, Upstream::Slow);
+    let (replies, peak) = query_load(&ns, &daemon, RESOLVER, 600, 200);
+    check("slow", &replies, peak);
+    // The late answers arrive to closed sockets and change nothing: still nothing in flight,
+    // no answer cached (the next query is a SERVFAIL again, not a cached NOERROR).
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(in_flight(&daemon), 0);
+    let (replies, _) = query_load(&ns, &daemon, RESOLVER, 5, 10);
+    check("slow, after the late answers", &replies, 0);
+    let metrics = phantom_tests::http_get(&ns, "127.0.0.1:9469", "/metrics");
+    assert_eq!(
+        phantom_tests::metric_value(&metrics, "phantom_dns_forwards_in_flight"),
+        Some(0.0)
+    );
+}
