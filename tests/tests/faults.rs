@@ -5,8 +5,15 @@
 
 use std::time::{Duration, Instant};
 
-use phantom_tests::{Daemon, DaemonConfig, NetNs, api, require_root};
-use serde_json::Value;
+use phantom_daemon::sentry::{
+    challenge::{Package, Proof},
+    solver,
+};
+use phantom_tests::{
+    Daemon, DaemonConfig, HttpReply, NetNs, SmallDisk, UpstreamSite, WireguardSettings, api,
+    http_from, phantom_api, require_root,
+};
+use serde_json::{Value, json};
 
 /// A daemon without eBPF in `ns` (the faults here are above the data plane).
 fn plain_config() -> DaemonConfig {
@@ -389,4 +396,245 @@ fn dead_then_slow_dns_upstreams_give_servfail_in_time_and_nothing_piles_up() {
         phantom_tests::metric_value(&metrics, "phantom_dns_forwards_in_flight"),
         Some(0.0)
     );
+}
+
+// ---------------------------------------------------------------- disk full
+
+const SITE: &str = "127.0.0.1:18080";
+const VPN_SUBNET: &str = "198.51.100.0/24";
+
+/// The sentry in front of an upstream site on 127.0.0.1:18000, challenging every source
+/// after one request (cheap proofs: difficulty 8).
+fn sentry_toml(extra: &str) -> String {
+    format!(
+        "[sentry]\nenabled = true\nlisten = {SITE:?}\nupstream = \"http://127.0.0.1:18000\"\n\
+         ip_static_threshold = 1\nbase_difficulty = 8\nmax_difficulty = 12\n{extra}\n"
+    )
+}
+
+fn get(ns: &NetNs, from: &str, path: &str) -> HttpReply {
+    http_from(
+        ns,
+        from,
+        SITE,
+        &format!("GET {path}"),
+        &["Accept: application/json".into()],
+        b"",
+        Duration::from_secs(5),
+    )
+    .unwrap_or_else(|e| panic!("GET {path} from {from}: {e}"))
+}
+
+/// A proof of work for a fresh challenge to `from` (requests until one is challenged).
+fn solved_proof(ns: &NetNs, from: &str) -> Proof {
+    for _ in 0..5 {
+        let r = get(ns, from, "/page");
+        if r.status == 429 {
+            let package: Package = serde_json::from_str(&r.body).unwrap();
+            let jwks = get(ns, from, "/.sentry/jwks.json").json();
+            return solver::solve_package(&package, &jwks).unwrap().1;
+        }
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    panic!("{from} was never challenged");
+}
+
+fn post_proof(ns: &NetNs, from: &str, proof: &Proof) -> HttpReply {
+    let body = json!({"payload": proof.payload, "signature": proof.signature, "pow_nonce": proof.pow_nonce, "kid": proof.kid});
+    http_from(
+        ns,
+        from,
+        SITE,
+        "POST /.sentry/proof",
+        &["Content-Type: application/json".into()],
+        body.to_string().as_bytes(),
+        Duration::from_secs(5),
+    )
+    .unwrap()
+}
+
+fn client_names(daemon: &Daemon) -> Vec<String> {
+    let mut names: Vec<String> = api(daemon, &["core", "list_clients", "per_page=1000"])["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// (version, checksum, entries) of the blocklist.
+fn list_state(daemon: &Daemon) -> (Value, Value, Value) {
+    let s = api(daemon, &["blocklist", "status"]);
+    (
+        s["version"].clone(),
+        s["checksum"].clone(),
+        s["entries"].clone(),
+    )
+}
+
+fn blocked(daemon: &Daemon, name: &str) -> bool {
+    api(daemon, &["blocklist", "verify", &format!("domain={name}")])["blocked"]
+        .as_bool()
+        .unwrap()
+}
+
+/// A failure reply of `phantom-api args`: (code, message).
+fn refused(daemon: &Daemon, args: &[&str]) -> (String, String) {
+    let (code, reply, out) = phantom_api(&daemon.socket(), args);
+    assert_ne!(code, 0, "phantom-api {args:?} should fail: {out}");
+    (
+        reply["code"].as_str().unwrap_or_default().to_string(),
+        reply["error"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[test]
+fn a_full_disk_refuses_changes_clearly_and_loses_nothing_acknowledged() {
+    if !require_root("a_full_disk_refuses_changes_clearly_and_loses_nothing_acknowledged") {
+        return;
+    }
+    // Declared first, dropped last: the daemon is gone before the disk is unmounted.
+    let disk = SmallDisk::new(16 * 1024);
+    let ns = NetNs::new("phf");
+    let _site = UpstreamSite::start(&ns, "127.0.0.1:18000");
+    let lists = tempfile::tempdir().unwrap();
+    let import = |name: &str, domains: &[&str]| {
+        let path = lists.path().join(name);
+        std::fs::write(&path, domains.join("\n")).unwrap();
+        format!("path={}", path.display())
+    };
+    let mut config = plain_config();
+    config.state_dir = Some(disk.path().join("state"));
+    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, "192.0.2.1"));
+    config.extra_toml = sentry_toml("");
+    let mut daemon = Daemon::start(&ns, &config);
+
+    // Acknowledged before the disk fills.
+    for name in ["early-a", "early-b"] {
+        api(
+            &daemon,
+            &["core", "add_client", &format!("client_name={name}")],
+        );
+    }
+    api(&daemon, &["blocklist", "add", "domain=before-full.example"]);
+    api(
+        &daemon,
+        &[
+            "blocklist",
+            "import",
+            &import("first.txt", &["first-a.example", "first-b.example"]),
+        ],
+    );
+    api(&daemon, &["sentry", "set_mode", "mode=DEFCON_1"]);
+    let redeemed = solved_proof(&ns, "127.0.0.1");
+    assert_eq!(post_proof(&ns, "127.0.0.1", &redeemed).status, 200);
+    let acknowledged = list_state(&daemon);
+
+    disk.fill();
+    // Every change is refused with a reply that says the disk is full, and nothing of it
+    // stays behind.
+    let said_full = |(code, message): (String, String), what: &str| {
+        eprintln!("{what} on a full disk: {code}: {message}");
+        assert_eq!(code, "DISK_FULL", "{what}: {message}");
+        assert!(
+            message.contains("disk is full"),
+            "{what}: the error does not say the disk is full: {message}"
+        );
+    };
+    said_full(
+        refused(&daemon, &["core", "add_client", "client_name=while-full"]),
+        "add_client",
+    );
+    assert_eq!(client_names(&daemon), ["early-a", "early-b"]);
+    said_full(
+        refused(
+            &daemon,
+            &[
+                "blocklist",
+                "import",
+                &import("second.txt", &["second-a.example", "second-b.example"]),
+            ],
+        ),
+        "blocklist import",
+    );
+    said_full(
+        refused(&daemon, &["blocklist", "add", "domain=while-full.example"]),
+        "blocklist add",
+    );
+    assert_eq!(list_state(&daemon), acknowledged);
+    assert!(!blocked(&daemon, "second-a.example") && !blocked(&daemon, "while-full.example"));
+    // A proof is answered 200 only once its nonce is in the journal. The journal's last page
+    // still has room for a few lines (a full tmpfs refuses new pages, not the rest of one);
+    // once a line needs a new page, the proof gets 503 (its replay could not be refused after
+    // a crash) and the client may send it again.
+    let mut redeemed = vec![("127.0.0.1".to_string(), redeemed)];
+    let pending = (1..=200)
+        .find_map(|n| {
+            let from = format!("127.0.1.{n}");
+            let proof = solved_proof(&ns, &from);
+            let r = post_proof(&ns, &from, &proof);
+            match r.status {
+                200 => {
+                    redeemed.push((from, proof));
+                    None
+                }
+                503 => Some((from, proof)),
+                _ => panic!("proof from {from}: {r:?}"),
+            }
+        })
+        .expect("every proof was answered 200 on a full disk");
+    eprintln!(
+        "{} proofs fitted in the journal's last page",
+        redeemed.len() - 1
+    );
+    // Still serving: reads, the site for a ticket holder, new challenges.
+    api(&daemon, &["core", "server_status"]);
+    assert!(blocked(&daemon, "first-a.example"));
+    assert!(
+        (0..3).any(|_| get(&ns, "127.0.0.3", "/page").status == 429),
+        "no challenge while the disk is full"
+    );
+    api(&daemon, &["sentry", "status"]);
+
+    // Space again: the same changes go through, the refused proof is accepted.
+    disk.free();
+    api(&daemon, &["core", "add_client", "client_name=while-full"]);
+    api(
+        &daemon,
+        &[
+            "blocklist",
+            "import",
+            &import("second.txt", &["second-a.example", "second-b.example"]),
+        ],
+    );
+    api(&daemon, &["blocklist", "add", "domain=while-full.example"]);
+    let r = post_proof(&ns, &pending.0, &pending.1);
+    assert_eq!(r.status, 200, "{r:?}");
+    redeemed.push(pending);
+    let after = list_state(&daemon);
+    assert_eq!(after.2, 6, "{after:?}");
+
+    // Everything acknowledged survives kill -9.
+    daemon.kill9();
+    daemon.restart();
+    assert_eq!(client_names(&daemon), ["early-a", "early-b", "while-full"]);
+    assert_eq!(list_state(&daemon), after);
+    for name in [
+        "before-full.example",
+        "first-b.example",
+        "second-b.example",
+        "while-full.example",
+    ] {
+        assert!(blocked(&daemon, name), "{name} lost");
+    }
+    assert_eq!(
+        api(&daemon, &["sentry", "status"])["current_mode"],
+        "DEFCON_1"
+    );
+    for (from, proof) in &redeemed {
+        let again = post_proof(&ns, from, proof);
+        assert_eq!(again.status, 409, "{from}: {again:?}");
+    }
 }

@@ -38,7 +38,7 @@ pub struct Handles {
 /// A failure of the list's store: `INTERNAL_ERROR`, like every daemon error.
 impl From<BlocklistError> for ApiError {
     fn from(e: BlocklistError) -> Self {
-        ApiError::internal(e.to_string())
+        ApiError::of_host(&e)
     }
 }
 
