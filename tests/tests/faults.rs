@@ -11,7 +11,7 @@ use phantom_daemon::sentry::{
 };
 use phantom_tests::{
     Daemon, DaemonConfig, HttpReply, NetNs, SmallDisk, UpstreamSite, WireguardSettings, api,
-    http_from, phantom_api, require_root,
+    http_from, http_get, phantom_api, require_root,
 };
 use serde_json::{Value, json};
 
@@ -637,4 +637,380 @@ fn a_full_disk_refuses_changes_clearly_and_loses_nothing_acknowledged() {
         let again = post_proof(&ns, from, proof);
         assert_eq!(again.status, 409, "{from}: {again:?}");
     }
+}
+
+// ---------------------------------------------------------------- kill -9 at random points
+
+/// A small xorshift generator; the seed is printed (and read from `PHANTOM_FAULT_SEED`) so a
+/// failing run can be repeated.
+struct Rng(u64);
+
+impl Rng {
+    fn new(test: &str) -> Self {
+        let seed = std::env::var("PHANTOM_FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        eprintln!("{test}: PHANTOM_FAULT_SEED={seed}");
+        Self(seed)
+    }
+
+    /// Uniform in `0..=max`.
+    fn below(&mut self, max: Duration) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        let micros = max.as_micros() as u64;
+        Duration::from_micros(self.0 % (micros + 1))
+    }
+}
+
+/// Runs `phantom-api args` in the background, `kill -9`s the daemon after `delay` and
+/// restarts it; returns whether the action was acknowledged (a success reply reached the CLI
+/// before the kill).
+fn kill_during(daemon: &mut Daemon, args: &[&str], delay: Duration) -> bool {
+    let child = std::process::Command::new(phantom_tests::bin_dir().join("phantom-api"))
+        .arg("--socket")
+        .arg(daemon.socket())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    daemon.kill9();
+    let out = child.wait_with_output().unwrap();
+    daemon.restart();
+    out.status.success()
+}
+
+/// How long `phantom-api args` takes on a healthy daemon (the window the kills aim at).
+fn timed(daemon: &Daemon, args: &[&str]) -> Duration {
+    let started = Instant::now();
+    api(daemon, args);
+    started.elapsed()
+}
+
+/// The public API's full list, checked against itself and against `blocklist status`: the
+/// checksum recomputed from the entries and patterns equals the one published and the one
+/// the admin socket reports, for the same version. Returns the listed domains.
+fn consistent_list(ns: &NetNs, daemon: &Daemon) -> std::collections::BTreeSet<String> {
+    use sha2::{Digest, Sha256};
+    // The public API binds just after the admin socket answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ns
+        .run(|| std::net::TcpStream::connect("127.0.0.1:3000"))
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the blocklist API never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let body: Value =
+        serde_json::from_str(&http_get(ns, "127.0.0.1:3000", "/api/v1/blocklist")).unwrap();
+    let status = api(daemon, &["blocklist", "status"]);
+    let mut h = Sha256::new();
+    let mut entries: Vec<&Value> = body["entries"].as_array().unwrap().iter().collect();
+    entries.sort_by_key(|e| e["domain"].as_str().unwrap().to_string());
+    for e in &entries {
+        h.update(serde_json::to_vec(e).unwrap());
+        h.update(b"\n");
+    }
+    let mut patterns: Vec<&Value> = body["patterns"].as_array().unwrap().iter().collect();
+    patterns.sort_by_key(|p| {
+        (
+            p["type"].as_str().unwrap().to_string(),
+            p["pattern"].as_str().unwrap().to_string(),
+        )
+    });
+    for p in patterns {
+        h.update(serde_json::to_vec(p).unwrap());
+        h.update(b"\n");
+    }
+    let recomputed = format!(
+        "sha256:{}",
+        h.finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    assert_eq!(body["checksum"], recomputed.as_str(), "published checksum");
+    assert_eq!(status["checksum"], recomputed.as_str(), "status checksum");
+    assert_eq!(body["version"], status["version"], "version");
+    assert_eq!(status["entries"], entries.len(), "status entries");
+    entries
+        .iter()
+        .map(|e| e["domain"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// How many of `domains` are listed.
+fn listed_of(list: &std::collections::BTreeSet<String>, domains: &[String]) -> usize {
+    domains.iter().filter(|d| list.contains(*d)).count()
+}
+
+const ROUNDS: usize = 20;
+
+const PER_LIST: usize = 1_000;
+
+/// `PER_LIST` names `<prefix><round>-<i>.example`.
+fn names(prefix: &str, round: usize) -> Vec<String> {
+    (0..PER_LIST)
+        .map(|i| format!("{prefix}{round}-{i}.example"))
+        .collect()
+}
+
+/// A daemon with the public blocklist API on 127.0.0.1:3000 and one source, `feed`: the file
+/// `source` with its SHA-256 beside it (`write_source`).
+fn blocklist_daemon(ns: &NetNs, source: &std::path::Path) -> Daemon {
+    let mut config = plain_config();
+    config.blocklist_api = Some("127.0.0.1:3000".into());
+    config.extra_toml = format!(
+        "[[blocklist.sources]]\nname = \"feed\"\nurl = {:?}\nsha256_url = {:?}\n",
+        source.display().to_string(),
+        source.with_extension("sha256").display().to_string()
+    );
+    Daemon::start(ns, &config)
+}
+
+/// Writes `domains` to the source file and its `sha256sum` line beside it.
+fn write_source(source: &std::path::Path, domains: &[String]) {
+    use sha2::Digest;
+    let text = domains.join("\n") + "\n";
+    std::fs::write(source, &text).unwrap();
+    let sum: String = sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let name = source.file_name().unwrap().to_string_lossy();
+    std::fs::write(source.with_extension("sha256"), format!("{sum}  {name}\n")).unwrap();
+}
+
+/// Imports: each round a new file of 1,000 names, `kill -9` at a random point; after the
+/// restart the round's names are all listed or none (all when acknowledged), every earlier
+/// round that made it stays, and the list's version and checksum agree.
+#[test]
+fn kill_9_during_blocklist_imports_leaves_whole_versions() {
+    if !require_root("kill_9_during_blocklist_imports_leaves_whole_versions") {
+        return;
+    }
+    let mut rng = Rng::new("kill_9_during_blocklist_imports_leaves_whole_versions");
+    let ns = NetNs::new("phf");
+    let files = tempfile::tempdir().unwrap();
+    let mut daemon = blocklist_daemon(&ns, &files.path().join("source.txt"));
+    let path = files.path().join("import.txt");
+    let import_arg = format!("path={}", path.display());
+    std::fs::write(&path, names("warm", 0).join("\n")).unwrap();
+    // The CLI's own start comes first: aim past the measured time.
+    let window = timed(&daemon, &["blocklist", "import", &import_arg]).mul_f32(3.0);
+    eprintln!("import: kills within {window:?}");
+    let mut kept: Vec<Vec<String>> = vec![names("warm", 0)];
+    let (mut acked_imports, mut applied_imports) = (0, 0);
+    for round in 0..ROUNDS {
+        let round_names = names("import", round);
+        std::fs::write(&path, round_names.join("\n")).unwrap();
+        let acked = kill_during(
+            &mut daemon,
+            &["blocklist", "import", &import_arg],
+            rng.below(window),
+        );
+        let list = consistent_list(&ns, &daemon);
+        let n = listed_of(&list, &round_names);
+        assert!(
+            n == 0 || n == PER_LIST,
+            "import round {round}: {n} of {PER_LIST} names listed (half an import)"
+        );
+        assert!(
+            !acked || n == PER_LIST,
+            "import round {round}: acknowledged, lost"
+        );
+        if n == PER_LIST {
+            acked_imports += usize::from(acked);
+            applied_imports += 1;
+            kept.push(round_names);
+        }
+        for earlier in &kept {
+            assert_eq!(
+                listed_of(&list, earlier),
+                PER_LIST,
+                "round {round}: an earlier import lost"
+            );
+        }
+    }
+    eprintln!("imports: {applied_imports} of {ROUNDS} applied, {acked_imports} acknowledged");
+}
+
+/// Syncs: each round the source holds a new set of 1,000 names (it drops the last round's),
+/// `kill -9` at a random point; after the restart exactly one whole set is listed, the new
+/// one when acknowledged, the operator's own entries stay, and version and checksum agree.
+#[test]
+fn kill_9_during_blocklist_syncs_leaves_whole_versions() {
+    if !require_root("kill_9_during_blocklist_syncs_leaves_whole_versions") {
+        return;
+    }
+    let mut rng = Rng::new("kill_9_during_blocklist_syncs_leaves_whole_versions");
+    let ns = NetNs::new("phf");
+    let files = tempfile::tempdir().unwrap();
+    let source = files.path().join("source.txt");
+    write_source(&source, &names("sync", 0));
+    let mut daemon = blocklist_daemon(&ns, &source);
+    let path = files.path().join("import.txt");
+    std::fs::write(&path, names("operator", 0).join("\n")).unwrap();
+    api(
+        &daemon,
+        &["blocklist", "import", &format!("path={}", path.display())],
+    );
+    api(&daemon, &["blocklist", "sync"]);
+    assert_eq!(
+        listed_of(&consistent_list(&ns, &daemon), &names("sync", 0)),
+        PER_LIST
+    );
+    write_source(&source, &names("sync", 1000));
+    let window = timed(&daemon, &["blocklist", "sync"]).mul_f32(1.5);
+    eprintln!("sync: kills within {window:?}");
+    let mut current = names("sync", 1000);
+    let (mut acked_syncs, mut applied_syncs) = (0, 0);
+    for round in 1..=ROUNDS {
+        let round_names = names("sync", round);
+        write_source(&source, &round_names);
+        let acked = kill_during(&mut daemon, &["blocklist", "sync"], rng.below(window));
+        let list = consistent_list(&ns, &daemon);
+        let (new, old) = (listed_of(&list, &round_names), listed_of(&list, &current));
+        assert!(
+            (new, old) == (PER_LIST, 0) || (new, old) == (0, PER_LIST),
+            "sync round {round}: {new} new and {old} old names listed (half a sync)"
+        );
+        assert!(
+            !acked || new == PER_LIST,
+            "sync round {round}: acknowledged, lost"
+        );
+        if new == PER_LIST {
+            acked_syncs += usize::from(acked);
+            applied_syncs += 1;
+            current = round_names;
+        }
+        assert_eq!(
+            listed_of(&list, &names("operator", 0)),
+            PER_LIST,
+            "sync round {round}: the operator's import lost"
+        );
+    }
+    eprintln!("syncs: {applied_syncs} of {ROUNDS} applied, {acked_syncs} acknowledged");
+}
+
+#[test]
+fn kill_9_during_change_subnet_keeps_every_client_in_one_subnet() {
+    if !require_root("kill_9_during_change_subnet_keeps_every_client_in_one_subnet") {
+        return;
+    }
+    const SUBNETS: [&str; 2] = ["10.77.0.0/24", "10.78.0.0/24"];
+    let mut rng = Rng::new("kill_9_during_change_subnet_keeps_every_client_in_one_subnet");
+    let ns = NetNs::new("phf");
+    let mut config = plain_config();
+    let wireguard = WireguardSettings::new(SUBNETS[0], "192.0.2.1");
+    let iface = wireguard.interface.clone();
+    config.wireguard = Some(wireguard);
+    let mut daemon = Daemon::start(&ns, &config);
+    let mut acknowledged = vec!["first".to_string()];
+    api(&daemon, &["core", "add_client", "client_name=first"]);
+    let window = {
+        let t = timed(
+            &daemon,
+            &[
+                "core",
+                "change_subnet",
+                &format!("new_subnet={}", SUBNETS[1]),
+                "confirm=true",
+            ],
+        );
+        timed(
+            &daemon,
+            &[
+                "core",
+                "change_subnet",
+                &format!("new_subnet={}", SUBNETS[0]),
+                "confirm=true",
+            ],
+        );
+        // The CLI's start is part of the measured time: most kills land inside the change.
+        t
+    };
+    eprintln!("change_subnet: kills within {window:?}");
+    let mut moved = 0;
+    for round in 0..ROUNDS {
+        let name = format!("client-{round}");
+        api(
+            &daemon,
+            &["core", "add_client", &format!("client_name={name}")],
+        );
+        acknowledged.push(name);
+        let before = api(&daemon, &["core", "get_subnet_info"])["current_subnet"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let target = SUBNETS.iter().find(|s| **s != before).unwrap();
+        let acked = kill_during(
+            &mut daemon,
+            &[
+                "core",
+                "change_subnet",
+                &format!("new_subnet={target}"),
+                "confirm=true",
+            ],
+            rng.below(window),
+        );
+        let now = api(&daemon, &["core", "get_subnet_info"])["current_subnet"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            now == before || now == *target,
+            "round {round}: subnet {now}"
+        );
+        assert!(
+            !acked || now == *target,
+            "round {round}: an acknowledged change lost"
+        );
+        moved += usize::from(now == *target);
+        // Both subnets are /24s: the first three octets say which.
+        let network = now.trim_end_matches("0/24");
+        let clients = api(&daemon, &["core", "list_clients", "per_page=1000"])["clients"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let mut names: Vec<String> = clients
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        let mut want = acknowledged.clone();
+        want.sort();
+        assert_eq!(names, want, "round {round}: clients");
+        for c in &clients {
+            let ip = c["ip"].as_str().unwrap();
+            assert!(ip.starts_with(network), "round {round}: {c} outside {now}");
+        }
+        // The interface carries the server's address in that subnet and no other.
+        let out = ns.ip(&["-4", "-o", "addr", "show", "dev", &iface]);
+        let addrs: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+            .collect();
+        assert_eq!(
+            addrs,
+            [format!("{network}1/24")],
+            "round {round}: interface"
+        );
+    }
+    eprintln!("{moved} of {ROUNDS} subnet changes done before the kill");
+    // Afterwards the daemon still adds clients in the subnet it is on.
+    api(&daemon, &["core", "add_client", "client_name=last"]);
 }
