@@ -10,8 +10,8 @@ use phantom_daemon::sentry::{
     solver,
 };
 use phantom_tests::{
-    Daemon, DaemonConfig, HttpReply, NetNs, SmallDisk, UpstreamSite, WireguardSettings, api,
-    http_from, http_get, phantom_api, require_root,
+    Daemon, DaemonConfig, HttpReply, NetNs, RedisServer, SmallDisk, UpstreamSite,
+    WireguardSettings, api, http_from, http_get, metric_value, phantom_api, require_root,
 };
 use serde_json::{Value, json};
 
@@ -1013,4 +1013,161 @@ fn kill_9_during_change_subnet_keeps_every_client_in_one_subnet() {
     eprintln!("{moved} of {ROUNDS} subnet changes done before the kill");
     // Afterwards the daemon still adds clients in the subnet it is on.
     api(&daemon, &["core", "add_client", "client_name=last"]);
+}
+
+// ---------------------------------------------------------------- Redis under sentry load
+
+/// Sets the flag when dropped: the load threads of a scope stop even when an assertion fails.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+type Counts = std::sync::Mutex<std::collections::BTreeMap<u16, u64>>;
+
+/// Takes the replies counted so far by status (0: none within 5 s), leaving none.
+fn take(counts: &Counts) -> std::collections::BTreeMap<u16, u64> {
+    std::mem::take(&mut *counts.lock().unwrap())
+}
+
+/// Redis stalls (SIGSTOP) for 300 ms, then for 3 s, dies and comes back, while four clients
+/// load the sentry with `redis_fail_mode = "closed"`: every request is answered (none hangs
+/// on the frozen Redis); a short stall degrades nothing; a long one and the death are an
+/// outage (503, `phantom_sentry_store_up 0`); the sentry recovers on its own each time.
+#[test]
+fn redis_paused_and_killed_under_load_fails_closed_and_recovers() {
+    if !require_root("redis_paused_and_killed_under_load_fails_closed_and_recovers") {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let ns = NetNs::new("phf");
+    let _site = UpstreamSite::start(&ns, "127.0.0.1:18000");
+    let mut config = plain_config();
+    // The gate always open: every request asks Redis for a ticket.
+    config.extra_toml = format!(
+        "[sentry]\nenabled = true\nlisten = {SITE:?}\nupstream = \"http://127.0.0.1:18000\"\n\
+         redis_url = {:?}\nactivation_cpu_threshold = 0.0\nredis_fail_mode = \"closed\"\n",
+        redis.url()
+    );
+    let daemon = Daemon::start(&ns, &config);
+    let store = |healthy: bool| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let st = api(&daemon, &["sentry", "status"]);
+            if st["store"]["healthy"] == healthy {
+                let metrics = http_get(&ns, "127.0.0.1:9469", "/metrics");
+                assert_eq!(
+                    metric_value(&metrics, "phantom_sentry_store_up{backend=\"redis\"}"),
+                    Some(f64::from(u8::from(healthy)))
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "store never healthy={healthy}: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let counts: Counts = Counts::default();
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        for _ in 0..4 {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let status = http_from(
+                        &ns,
+                        "127.0.0.1",
+                        SITE,
+                        "GET /load",
+                        &[],
+                        b"",
+                        Duration::from_secs(5),
+                    )
+                    .map_or(0, |r| r.status);
+                    *counts.lock().unwrap().entry(status).or_default() += 1;
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        let phase = take(&counts);
+        eprintln!("replies by status: {phase:?}");
+        assert!(
+            phase.get(&200).copied().unwrap_or(0) > 10 && phase.len() == 1,
+            "warm: {phase:?}"
+        );
+
+        // A short stall: answered and checked, not an outage.
+        redis.pause();
+        std::thread::sleep(Duration::from_millis(300));
+        redis.unpause();
+        std::thread::sleep(Duration::from_millis(700));
+        let phase = take(&counts);
+        eprintln!("replies by status: {phase:?}");
+        assert_eq!(
+            phase.keys().collect::<Vec<_>>(),
+            [&200],
+            "short stall: {phase:?}"
+        );
+        store(true);
+
+        // A long stall: an outage, failing closed, every request still answered.
+        redis.pause();
+        std::thread::sleep(Duration::from_millis(1_000));
+        store(false);
+        std::thread::sleep(Duration::from_millis(2_000));
+        redis.unpause();
+        store(true);
+        let phase = take(&counts);
+        eprintln!("replies by status: {phase:?}");
+        assert!(
+            phase.get(&503).is_some_and(|n| *n > 0),
+            "long stall: {phase:?}"
+        );
+        assert!(
+            !phase.contains_key(&0),
+            "long stall: requests went unanswered: {phase:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        take(&counts);
+        std::thread::sleep(Duration::from_millis(700));
+        let phase = take(&counts);
+        eprintln!("replies by status: {phase:?}");
+        assert_eq!(
+            phase.keys().collect::<Vec<_>>(),
+            [&200],
+            "after the stall: {phase:?}"
+        );
+
+        // Dead, then back.
+        redis.stop();
+        store(false);
+        take(&counts);
+        std::thread::sleep(Duration::from_millis(500));
+        let phase = take(&counts);
+        eprintln!("replies by status: {phase:?}");
+        assert!(phase.get(&503).is_some_and(|n| *n > 0), "dead: {phase:?}");
+        assert!(
+            !phase.contains_key(&200) && !phase.contains_key(&0),
+            "dead: {phase:?}"
+        );
+        redis.resume();
+        store(true);
+        std::thread::sleep(Duration::from_millis(500));
+        take(&counts);
+        std::thread::sleep(Duration::from_millis(700));
+        let phase = take(&counts);
+        eprintln!("replies by status: {phase:?}");
+        assert_eq!(phase.keys().collect::<Vec<_>>(), [&200], "back: {phase:?}");
+    });
+    let unavailable = api(&daemon, &["sentry", "status"])["requests"]["unavailable"]
+        .as_u64()
+        .unwrap();
+    assert!(unavailable > 0);
+    // Admin changes work again too.
+    api(&daemon, &["sentry", "whitelist_add", "ip=198.51.100.9"]);
 }
