@@ -1015,6 +1015,101 @@ fn kill_9_during_change_subnet_keeps_every_client_in_one_subnet() {
     api(&daemon, &["core", "add_client", "client_name=last"]);
 }
 
+// ---------------------------------------------------------------- a damaged client store
+
+/// The newest `clients-<unix>.db` in the state's `backups/`.
+fn newest_backup(state: &std::path::Path) -> std::path::PathBuf {
+    let mut found: Vec<_> = std::fs::read_dir(state.join("backups"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("clients-")
+        })
+        .collect();
+    found.sort();
+    found.pop().expect("no client store backup")
+}
+
+#[test]
+fn a_damaged_client_store_stops_the_start_naming_the_file_and_the_newest_good_backup() {
+    if !require_root(
+        "a_damaged_client_store_stops_the_start_naming_the_file_and_the_newest_good_backup",
+    ) {
+        return;
+    }
+    let ns = NetNs::new("phf");
+    let state = tempfile::tempdir().unwrap();
+    let mut config = plain_config();
+    config.state_dir = Some(state.path().to_path_buf());
+    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, "192.0.2.1"));
+    let mut daemon = Daemon::start(&ns, &config);
+    api(&daemon, &["core", "add_client", "client_name=alice"]);
+    api(&daemon, &["core", "add_client", "client_name=bob"]);
+    daemon.stop();
+    // This start backs up alice and bob; carol comes after the backup.
+    daemon.restart();
+    let backup = newest_backup(state.path());
+    api(&daemon, &["core", "add_client", "client_name=carol"]);
+    daemon.stop();
+    let db = state.path().join("clients.db");
+    let good = std::fs::read(&db).unwrap();
+
+    let damages: [(&str, Box<dyn Fn(&mut Vec<u8>)>); 3] = [
+        ("header overwritten", Box::new(|b| b[..100].fill(0x5a))),
+        (
+            "a page overwritten",
+            Box::new(|b| {
+                let page = usize::from(u16::from_be_bytes([b[16], b[17]]));
+                b[page..2 * page].fill(0xa5);
+            }),
+        ),
+        ("emptied", Box::new(Vec::clear)),
+    ];
+    for (what, damage) in &damages {
+        let mut bytes = good.clone();
+        damage(&mut bytes);
+        std::fs::write(&db, &bytes).unwrap();
+        let before = daemon.log().len();
+        let status = daemon.restart_refused();
+        assert!(!status.success(), "{what}: {status}");
+        let log = daemon.log()[before..].to_string();
+        eprintln!(
+            "{what}: {}",
+            log.lines()
+                .find(|l| l.contains("damaged"))
+                .unwrap_or_default()
+        );
+        for needle in [
+            db.display().to_string(),
+            backup.display().to_string(),
+            "damaged".to_string(),
+            "nothing reset".to_string(),
+        ] {
+            assert!(
+                log.contains(&needle),
+                "{what}: the message lacks {needle:?}:\n{log}"
+            );
+        }
+        // No silent reset: the damaged file is left exactly as it was.
+        assert_eq!(
+            std::fs::read(&db).unwrap(),
+            bytes,
+            "{what}: the file changed"
+        );
+    }
+
+    // Following the message brings back what the backup holds.
+    std::fs::copy(&backup, &db).unwrap();
+    for side in ["clients.db-wal", "clients.db-shm"] {
+        let _ = std::fs::remove_file(state.path().join(side));
+    }
+    daemon.restart();
+    assert_eq!(client_names(&daemon), ["alice", "bob"]);
+}
+
 // ---------------------------------------------------------------- Redis under sentry load
 
 /// Sets the flag when dropped: the load threads of a scope stop even when an assertion fails.
