@@ -85,6 +85,8 @@ pub struct DaemonConfig {
     pub metrics_extra: String,
     /// The state directory; `None` = `state` in the daemon's temp dir.
     pub state_dir: Option<PathBuf>,
+    /// More lines for the `[datapath]` section (map capacities, ...).
+    pub datapath_extra: String,
 }
 
 impl DaemonConfig {
@@ -107,6 +109,7 @@ impl DaemonConfig {
             admin_extra: String::new(),
             metrics_extra: String::new(),
             state_dir: None,
+            datapath_extra: String::new(),
         }
     }
 
@@ -116,11 +119,12 @@ impl DaemonConfig {
              [log]\nlevel = {level:?}\n{log_extra}\
              [admin]\nsocket = {socket:?}\n{admin_extra}\
              [metrics]\nlisten = {metrics:?}\n{metrics_extra}\
-             [datapath]\nenabled = {enabled}\nuplink = {uplink:?}\nbpffs = {bpffs:?}\n{vpn}\
+             [datapath]\nenabled = {enabled}\nuplink = {uplink:?}\nbpffs = {bpffs:?}\n{vpn}{datapath_extra}\
              {wireguard}\
              [dns]\n{dns}\
              [blocklist]\napi_listen = {blocklist_api:?}\n{blocklist_extra}{extra}",
             dns = self.dns_section,
+            datapath_extra = self.datapath_extra,
             blocklist_extra = self.blocklist_extra,
             extra = self.extra_toml,
             admin_extra = self.admin_extra,

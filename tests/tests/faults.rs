@@ -1266,3 +1266,286 @@ fn redis_paused_and_killed_under_load_fails_closed_and_recovers() {
     // Admin changes work again too.
     api(&daemon, &["sentry", "whitelist_add", "ip=198.51.100.9"]);
 }
+
+// ---------------------------------------------------------------- kernel maps full
+
+/// The entry of `map` in `datapath status`.
+fn map_status(daemon: &Daemon, map: &str) -> Value {
+    api(daemon, &["datapath", "status"])["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == map)
+        .unwrap_or_else(|| panic!("no map {map}"))
+        .clone()
+}
+
+/// `datapath list_denied`: (address, reason) of each live deny.
+fn denies(daemon: &Daemon) -> Vec<(String, String)> {
+    api(daemon, &["datapath", "list_denied"])["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["address"].as_str().unwrap().to_string(),
+                e["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The kernel maps at small capacities (policy 8, domain set 16, per-source 4), filled by the
+/// sentry's penalties, operator denies, a blocklist import, operator DNS rules and traffic
+/// from six sources: each full map says so in `datapath status` and `/metrics`, refuses or
+/// evicts as docs/datapath.md says, and no operator entry is ever lost, silently or not.
+#[test]
+fn full_kernel_maps_refuse_or_evict_as_documented_and_keep_operator_entries() {
+    if !require_root("full_kernel_maps_refuse_or_evict_as_documented_and_keep_operator_entries") {
+        return;
+    }
+    let link = phantom_tests::GuardedLink::new();
+    let bpffs = phantom_tests::BpffsDir::new();
+    let ns = &link.server;
+    let _site = UpstreamSite::start(ns, "127.0.0.1:18000");
+    let mut config = DaemonConfig::new(phantom_tests::GuardedLink::SERVER_DEV, bpffs.path());
+    config.datapath_extra = "max_policies = 8\nmax_domains = 16\nmax_sources = 4\n".into();
+    config.blocklist_extra = "sync_interval_seconds = 0\n".into();
+    config.extra_toml = sentry_toml("hard_block_after = 1\nactivation_cpu_threshold = 0.0\n");
+    let mut daemon = Daemon::start(ns, &config);
+    let metric = |name: &str| {
+        metric_value(&http_get(ns, "127.0.0.1:9469", "/metrics"), name).unwrap_or(-1.0)
+    };
+
+    // The policy map: six penalty denies from the sentry (sources hammering through their
+    // challenges), then two operator denies fill it.
+    api(&daemon, &["sentry", "set_mode", "mode=DEFCON_1"]);
+    let penalized: Vec<String> = (11..17).map(|n| format!("127.0.0.{n}")).collect();
+    std::thread::scope(|s| {
+        for from in &penalized {
+            s.spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while get(ns, from, "/page").status != 403 {
+                    assert!(Instant::now() < deadline, "{from} never hard-blocked");
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            });
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while denies(&daemon)
+        .iter()
+        .filter(|(_, r)| r == "penalty")
+        .count()
+        < penalized.len()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "penalties: {:?}",
+            denies(&daemon)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let operator: Vec<String> = std::iter::once(phantom_tests::GuardedLink::PEER_V4.to_string())
+        .chain((1..=7).map(|n| format!("198.51.100.{n}")))
+        .collect();
+    for ip in &operator[..2] {
+        api(&daemon, &["datapath", "deny", &format!("ip={ip}")]);
+    }
+    let policy = map_status(&daemon, "PH_POLICY");
+    assert_eq!(
+        (policy["held"].as_u64(), policy["full"].as_bool()),
+        (Some(8), Some(true)),
+        "{policy}"
+    );
+    assert!(
+        policy["when_full"]
+            .as_str()
+            .unwrap()
+            .contains("never another operator entry")
+    );
+    assert_eq!(metric("phantom_datapath_map_full{map=\"PH_POLICY\"}"), 1.0);
+    // Each further operator deny takes the place of a penalty deny.
+    for ip in &operator[2..] {
+        api(&daemon, &["datapath", "deny", &format!("ip={ip}")]);
+    }
+    let listed = denies(&daemon);
+    assert_eq!(listed.len(), 8, "{listed:?}");
+    assert!(listed.iter().all(|(_, r)| r == "manual"), "{listed:?}");
+    // Full of operator entries: the next one is refused, clearly, and changes nothing.
+    let (code, message) = refused(&daemon, &["datapath", "deny", "ip=198.51.100.99"]);
+    assert_eq!(code, "MAP_FULL", "{message}");
+    assert!(
+        message.contains("PH_POLICY is full") && message.contains("max_policies"),
+        "{message}"
+    );
+    assert!(!denies(&daemon).iter().any(|(a, _)| a == "198.51.100.99"));
+    let policy = map_status(&daemon, "PH_POLICY");
+    assert_eq!(
+        (policy["refused"].as_u64(), policy["evicted"].as_u64()),
+        (Some(1), Some(6)),
+        "{policy}"
+    );
+    assert_eq!(
+        metric("phantom_datapath_map_refused_total{map=\"PH_POLICY\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric("phantom_datapath_map_evicted_total{map=\"PH_POLICY\"}"),
+        6.0
+    );
+    // The peer's deny is in force.
+    link.send_udp(
+        phantom_tests::GuardedLink::PEER_V4,
+        phantom_tests::GuardedLink::SERVER_V4,
+        5,
+        64,
+    );
+    let dropped = api(&daemon, &["datapath", "list_denied"])["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == phantom_tests::GuardedLink::PEER_V4)
+        .and_then(|e| e["dropped_packets"].as_u64())
+        .unwrap();
+    assert_eq!(dropped, 5);
+
+    // The domain set: 30 blocklist rules into 16 places: 16 in the kernel, 14 left out and
+    // reported; the resolver's engine still blocks all 30.
+    let lists = tempfile::tempdir().unwrap();
+    let file = lists.path().join("list.txt");
+    let listed: Vec<String> = (0..30).map(|i| format!("full-{i}.example")).collect();
+    std::fs::write(&file, listed.join("\n")).unwrap();
+    api(
+        &daemon,
+        &["blocklist", "import", &format!("path={}", file.display())],
+    );
+    let status = api(&daemon, &["blocklist", "status"]);
+    assert_eq!(
+        (
+            status["kernel_rules"].as_u64(),
+            status["kernel_entries"].as_u64(),
+            status["kernel_left_out"].as_u64()
+        ),
+        (Some(30), Some(16), Some(14)),
+        "{status}"
+    );
+    assert!(listed.iter().all(|d| blocked(&daemon, d)));
+    let domains = map_status(&daemon, "PH_DOMAINS");
+    assert_eq!(domains["full"], true, "{domains}");
+    assert!(domains["refused"].as_u64().unwrap() >= 14, "{domains}");
+    assert_eq!(metric("phantom_dns_filter_rules_left_out"), 14.0);
+    assert_eq!(metric("phantom_datapath_map_full{map=\"PH_DOMAINS\"}"), 1.0);
+    // Operator rules take the places of blocklist rules, one each, until only operator
+    // rules are left; then the next is refused and not kept.
+    for i in 0..16 {
+        api(
+            &daemon,
+            &[
+                "datapath",
+                "dns_block",
+                &format!("domain=operator-{i}.example"),
+            ],
+        );
+    }
+    let status = api(&daemon, &["blocklist", "status"]);
+    assert_eq!(status["kernel_left_out"], 30, "{status}");
+    assert_eq!(map_status(&daemon, "PH_DOMAINS")["evicted"], 16);
+    let (code, message) = refused(
+        &daemon,
+        &["datapath", "dns_block", "domain=operator-16.example"],
+    );
+    assert_eq!(code, "MAP_FULL", "{message}");
+    assert!(
+        message.contains("PH_DOMAINS is full") && message.contains("max_domains"),
+        "{message}"
+    );
+    let rules = api(&daemon, &["datapath", "dns_rules"]);
+    assert_eq!(rules["count"], 16, "{rules}");
+    // Room again: removing operator rules lets left-out blocklist rules back in at once.
+    for i in 0..4 {
+        api(
+            &daemon,
+            &[
+                "datapath",
+                "dns_unblock",
+                &format!("domain=operator-{i}.example"),
+            ],
+        );
+    }
+    assert_eq!(
+        api(&daemon, &["blocklist", "status"])["kernel_left_out"],
+        26
+    );
+
+    // The per-source map: six sources through a map of four; the least recently seen go.
+    for n in 4..=7 {
+        link.peer.ip(&[
+            "addr",
+            "add",
+            &format!("192.0.2.{n}/24"),
+            "dev",
+            phantom_tests::GuardedLink::PEER_DEV,
+        ]);
+    }
+    for n in 3..=7 {
+        link.send_udp(
+            &format!("192.0.2.{n}"),
+            phantom_tests::GuardedLink::SERVER_V4,
+            3,
+            64,
+        );
+    }
+    let sources = map_status(&daemon, "PH_SOURCES");
+    assert_eq!(
+        (sources["held"].as_u64(), sources["full"].as_bool()),
+        (Some(4), Some(true)),
+        "{sources}"
+    );
+    assert!(
+        sources["when_full"]
+            .as_str()
+            .unwrap()
+            .contains("least recently seen")
+    );
+    let top = api(&daemon, &["datapath", "top_sources", "count=10"])["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["address"].as_str().unwrap().to_string())
+        .collect::<Vec<_>>();
+    assert!(
+        top.contains(&"192.0.2.7".to_string()) && !top.contains(&"192.0.2.3".to_string()),
+        "{top:?}"
+    );
+    assert_eq!(metric("phantom_datapath_map_full{map=\"PH_SOURCES\"}"), 1.0);
+    // The churn touched no deny: the peer is still dropped.
+    link.send_udp(
+        phantom_tests::GuardedLink::PEER_V4,
+        phantom_tests::GuardedLink::SERVER_V4,
+        5,
+        64,
+    );
+    let entry = api(&daemon, &["datapath", "list_denied"])["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == phantom_tests::GuardedLink::PEER_V4)
+        .cloned()
+        .unwrap();
+    assert_eq!(entry["dropped_packets"], 10, "{entry}");
+
+    // After kill -9 every operator entry is back: the eight denies and the twelve rules.
+    daemon.kill9();
+    daemon.restart();
+    let mut after: Vec<String> = denies(&daemon).into_iter().map(|(a, _)| a).collect();
+    after.sort();
+    let mut want = operator.clone();
+    want.sort();
+    assert_eq!(after, want);
+    assert_eq!(api(&daemon, &["datapath", "dns_rules"])["count"], 12);
+    assert_eq!(
+        api(&daemon, &["blocklist", "status"])["kernel_left_out"],
+        26
+    );
+}

@@ -68,9 +68,15 @@ fn caused_by_full_disk(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// The code of an entry a full kernel map refused.
+pub const MAP_FULL: &str = "MAP_FULL";
+
 impl From<crate::error::Error> for ApiError {
     fn from(e: crate::error::Error) -> Self {
-        ApiError::of_host(&e)
+        match e {
+            crate::error::Error::MapFull { .. } => ApiError::new(MAP_FULL, e.to_string()),
+            e => ApiError::of_host(&e),
+        }
     }
 }
 
