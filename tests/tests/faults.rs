@@ -1057,7 +1057,8 @@ fn a_damaged_client_store_stops_the_start_naming_the_file_and_the_newest_good_ba
     let db = state.path().join("clients.db");
     let good = std::fs::read(&db).unwrap();
 
-    let damages: [(&str, Box<dyn Fn(&mut Vec<u8>)>); 3] = [
+    type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+    let damages: [(&str, Damage); 3] = [
         ("header overwritten", Box::new(|b| b[..100].fill(0x5a))),
         (
             "a page overwritten",
