@@ -598,6 +598,15 @@ fn a_full_disk_refuses_changes_clearly_and_loses_nothing_acknowledged() {
     );
     api(&daemon, &["sentry", "status"]);
 
+    // A crash on the full disk: the daemon starts again and serves what it has.
+    daemon.kill9();
+    daemon.restart();
+    assert_eq!(client_names(&daemon), ["early-a", "early-b"]);
+    assert_eq!(list_state(&daemon), acknowledged);
+    assert!(
+        (0..3).any(|_| get(&ns, "127.0.0.4", "/page").status == 429),
+        "no challenge after a start on the full disk"
+    );
     // Space again: the same changes go through, the refused proof is accepted.
     disk.free();
     api(&daemon, &["core", "add_client", "client_name=while-full"]);
