@@ -70,12 +70,25 @@ pub enum DaemonError {
 }
 
 fn load_config(opts: &Options) -> Result<(Config, bool), Error> {
-    let (mut config, created) = Config::load_or_create(&opts.config_path)?;
+    let (config, created) = Config::load_or_create(&opts.config_path)?;
+    Ok((with_state_dir(opts, config)?, created))
+}
+
+/// The `--state-dir` override over a loaded file.
+fn with_state_dir(opts: &Options, mut config: Config) -> Result<Config, Error> {
     if let Some(dir) = &opts.state_dir {
         config.state_dir = dir.clone();
         config.validate()?;
     }
-    Ok((config, created))
+    Ok(config)
+}
+
+/// The file again for SIGHUP: a missing file is refused like an invalid one (never replaced
+/// by the defaults, which would drop the sources and, at the next start, the state directory).
+fn reload_config(opts: &Options) -> Result<Config, Error> {
+    let text =
+        std::fs::read_to_string(&opts.config_path).map_err(|e| Error::io(&opts.config_path, e))?;
+    with_state_dir(opts, Config::from_toml(&text)?)
 }
 
 /// Creates the state directory (0700) and takes an exclusive lock on it, so two daemons can
@@ -696,8 +709,8 @@ fn reload(
     blocklist: Option<&Blocklist>,
     client_policy: Option<&policy::ClientPolicy>,
 ) {
-    let new = match load_config(opts) {
-        Ok((config, _)) => config,
+    let new = match reload_config(opts) {
+        Ok(config) => config,
         Err(e) => {
             error!(error = %e, "SIGHUP: configuration rejected, keeping the running one");
             return;

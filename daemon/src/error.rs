@@ -59,6 +59,14 @@ pub enum Error {
     Fault(#[from] crate::faults::InjectedFault),
     #[error("datapath: {0}")]
     Datapath(String),
+    /// A kernel hash map is full: the insert was refused, the entries in it stay.
+    #[error(
+        "the kernel map {map} is full: the new entry is refused and the existing ones stay (raise [datapath] {setting}, or remove entries)"
+    )]
+    MapFull {
+        map: &'static str,
+        setting: &'static str,
+    },
     /// A TCP listener (metrics, the blocklist API) cannot bind; `what` names it.
     #[error("cannot listen for {what} on {addr}: {source}")]
     Listen {

@@ -83,6 +83,10 @@ pub struct DaemonConfig {
     pub admin_extra: String,
     /// More lines for the `[metrics]` section.
     pub metrics_extra: String,
+    /// The state directory; `None` = `state` in the daemon's temp dir.
+    pub state_dir: Option<PathBuf>,
+    /// More lines for the `[datapath]` section (map capacities, ...).
+    pub datapath_extra: String,
 }
 
 impl DaemonConfig {
@@ -104,6 +108,8 @@ impl DaemonConfig {
             extra_toml: String::new(),
             admin_extra: String::new(),
             metrics_extra: String::new(),
+            state_dir: None,
+            datapath_extra: String::new(),
         }
     }
 
@@ -113,16 +119,22 @@ impl DaemonConfig {
              [log]\nlevel = {level:?}\n{log_extra}\
              [admin]\nsocket = {socket:?}\n{admin_extra}\
              [metrics]\nlisten = {metrics:?}\n{metrics_extra}\
-             [datapath]\nenabled = {enabled}\nuplink = {uplink:?}\nbpffs = {bpffs:?}\n{vpn}\
+             [datapath]\nenabled = {enabled}\nuplink = {uplink:?}\nbpffs = {bpffs:?}\n{vpn}{datapath_extra}\
              {wireguard}\
              [dns]\n{dns}\
              [blocklist]\napi_listen = {blocklist_api:?}\n{blocklist_extra}{extra}",
             dns = self.dns_section,
+            datapath_extra = self.datapath_extra,
             blocklist_extra = self.blocklist_extra,
             extra = self.extra_toml,
             admin_extra = self.admin_extra,
             metrics_extra = self.metrics_extra,
-            state = dir.join("state").display().to_string(),
+            state = self
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| dir.join("state"))
+                .display()
+                .to_string(),
             level = self.log_level,
             log_extra = self.log_extra,
             socket = dir.join("phantom.sock").display().to_string(),
@@ -294,6 +306,44 @@ impl Daemon {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the daemon first");
         self.spawn();
+    }
+
+    /// Starts the daemon again on the same config and state when it must refuse to start:
+    /// waits for it to exit (panicking if it becomes ready instead) and returns the status.
+    pub fn restart_refused(&mut self) -> std::process::ExitStatus {
+        assert!(self.child.is_none(), "stop or kill the daemon first");
+        self.starts += 1;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", self.ns_path.display()))
+            .arg("--")
+            .arg(bin_dir().join("phantomd"))
+            .arg("--config")
+            .arg(self.config_path())
+            .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn phantomd");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline || UnixStream::connect(self.socket()).is_ok() {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("phantomd started where it must refuse:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn is_running(&mut self) -> bool {

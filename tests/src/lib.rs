@@ -11,6 +11,8 @@
 //!   state dir with its own socket; stopped with SIGTERM or `kill -9`, always killed on
 //!   `Drop`. [`ApiClient`] and [`phantom_api`]: the admin socket, raw and through the real CLI.
 //! - `wg_client.rs` — [`WgQuickClient`]: a stock `wg-quick` client in a namespace.
+//! - `disk.rs` — [`SmallDisk`]: a small tmpfs for a state directory, filled on demand and
+//!   always unmounted on `Drop` (the disk-full faults).
 //! - `dnsmasq.rs` — [`dnsmasq`] (and [`dnsmasq_with`] for other options) and [`dig`]. `redis.rs` — [`RedisServer`].
 //! - `upstream.rs` — [`UpstreamSite`] and [`http_from`] (the sentry's two sides).
 //!   `http.rs` — [`http_get`] and [`metric_value`].
@@ -25,6 +27,7 @@
 
 pub mod browser;
 mod daemon;
+mod disk;
 mod dnsmasq;
 mod http;
 mod netns;
@@ -38,6 +41,7 @@ pub use daemon::{
     ApiClient, Daemon, DaemonConfig, WireguardSettings, api, api_err, bin_dir, mint_token,
     phantom_api,
 };
+pub use disk::SmallDisk;
 pub use dnsmasq::{DnsmasqOptions, dig, dnsmasq, dnsmasq_with};
 pub use http::{http_get, metric_value};
 pub use netns::{

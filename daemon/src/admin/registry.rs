@@ -31,11 +31,52 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(codes::UNAVAILABLE, message)
     }
+
+    /// A failure of the host: `DISK_FULL` when a full disk caused it (anywhere in its chain of
+    /// sources), else `INTERNAL_ERROR`; the sentence is the error's.
+    pub fn of_host(e: &(dyn std::error::Error + 'static)) -> Self {
+        if caused_by_full_disk(e) {
+            Self::new(
+                DISK_FULL,
+                format!("{e} (the disk of the state directory is full: free space and try again)"),
+            )
+        } else {
+            Self::internal(e.to_string())
+        }
+    }
 }
+
+/// The code of a change refused because the state directory's disk is full (`ENOSPC`,
+/// `EDQUOT`, SQLite's `SQLITE_FULL`).
+pub const DISK_FULL: &str = "DISK_FULL";
+
+fn caused_by_full_disk(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        {
+            return true;
+        }
+        if let Some(db) = e.downcast_ref::<rusqlite::Error>()
+            && db.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// The code of an entry a full kernel map refused.
+pub const MAP_FULL: &str = "MAP_FULL";
 
 impl From<crate::error::Error> for ApiError {
     fn from(e: crate::error::Error) -> Self {
-        ApiError::internal(e.to_string())
+        match e {
+            crate::error::Error::MapFull { .. } => ApiError::new(MAP_FULL, e.to_string()),
+            e => ApiError::of_host(&e),
+        }
     }
 }
 
@@ -514,6 +555,25 @@ fn coerce(spec: &ParamSpec, raw: Value) -> Result<Value, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_anywhere_in_the_chain_is_disk_full() {
+        let path = std::path::Path::new("/state/x.json");
+        let full = crate::error::Error::io(path, std::io::Error::from_raw_os_error(libc::ENOSPC));
+        let e = ApiError::from(full);
+        assert_eq!(e.code, DISK_FULL);
+        assert!(e.message.starts_with("/state/x.json: "), "{}", e.message);
+        let db = crate::error::Error::Sqlite {
+            path: path.into(),
+            source: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+                None,
+            ),
+        };
+        assert_eq!(ApiError::from(db).code, DISK_FULL);
+        let denied = crate::error::Error::io(path, std::io::Error::from_raw_os_error(libc::EACCES));
+        assert_eq!(ApiError::from(denied).code, codes::INTERNAL_ERROR);
+    }
 
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]

@@ -38,7 +38,7 @@ pub struct Handles {
 /// A failure of the list's store: `INTERNAL_ERROR`, like every daemon error.
 impl From<BlocklistError> for ApiError {
     fn from(e: BlocklistError) -> Self {
-        ApiError::internal(e.to_string())
+        ApiError::of_host(&e)
     }
 }
 
@@ -377,6 +377,12 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                     .datapath
                     .as_ref()
                     .and_then(|d| d.domains.kernel_len().ok());
+                // Rules the full kernel set could not take (the resolver still blocks them).
+                let left_out = c
+                    .datapath
+                    .as_ref()
+                    .and_then(|d| d.domains.fill().ok())
+                    .map(|f| f.left_out);
                 let sources = list.syncer.schedule().sources;
                 let status = run_blocking(move || {
                     Ok((
@@ -400,6 +406,7 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                     "publisher_key": list.publisher.public_key(),
                     "kernel_rules": list.kernel_rules(),
                     "kernel_entries": kernel,
+                    "kernel_left_out": left_out,
                 }))
             }
         },

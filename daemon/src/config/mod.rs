@@ -698,11 +698,27 @@ impl DatapathConfig {
     }
 }
 
+/// A TOML error on one line (the toml crate's own text spans several, with a drawing of the
+/// line; a log line or a journal entry would keep only the first, without the reason):
+/// `invalid TOML at line L, column C: <reason>`.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let reason = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.chars().rev().take_while(|c| *c != '\n').count() + 1;
+            format!("invalid TOML at line {line}, column {column}: {reason}")
+        }
+        None => format!("invalid TOML: {reason}"),
+    }
+}
+
 impl Config {
     /// Parses and validates a configuration text.
     pub fn from_toml(text: &str) -> Result<Self, Error> {
         let config: Config =
-            toml::from_str(text).map_err(|e| Error::config(format!("invalid TOML: {e}")))?;
+            toml::from_str(text).map_err(|e| Error::config(toml_error(text, &e)))?;
         config.validate()?;
         Ok(config)
     }
@@ -1112,6 +1128,22 @@ mod tests {
     fn unknown_keys_are_refused() {
         let err = Config::from_toml("[admin]\nsockett = \"/x\"\n");
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn a_toml_error_is_one_line_with_its_place_and_reason() {
+        let Err(e) = Config::from_toml("[log]\nlevel = \"info\"\n[admin]\n  sockett = \"/x\"\n")
+        else {
+            panic!("accepted an unknown key");
+        };
+        let text = e.to_string();
+        assert!(!text.contains('\n'), "{text}");
+        assert!(
+            text.starts_with(
+                "configuration: invalid TOML at line 4, column 3: unknown field `sockett`"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -320,7 +320,7 @@ fn server(h: &Handles) -> Result<Arc<Server>, ApiError> {
 /// A failure of the server or its store: `INTERNAL_ERROR`, like every daemon error.
 impl From<CoreError> for ApiError {
     fn from(e: CoreError) -> Self {
-        ApiError::internal(e.to_string())
+        ApiError::of_host(&e)
     }
 }
 

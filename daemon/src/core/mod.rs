@@ -98,12 +98,35 @@ pub enum CoreError {
     /// The client store opened but does not pass `PRAGMA quick_check`.
     #[error("client store {path}: integrity check: {result}")]
     IntegrityCheck { path: PathBuf, result: String },
+    /// The client store is damaged: nothing is reset, the operator restores a backup.
+    #[error(
+        "{detail}: the client store {path} is damaged and was left as it is (nothing reset); {}",
+        match backup {
+            Some((b, made)) => format!("the newest good backup is {} (made {}): stop phantomd, keep the damaged file for inspection, copy the backup over {} (removing {}-wal and {}-shm) and start again; clients added after the backup was made must be added again", b.display(), backup_time(*made), path.display(), path.display(), path.display()),
+            None => format!("there is no good backup in {}: restore {} from your own backups, or move it away to start with no clients", backups_dir.display(), path.display()),
+        }
+    )]
+    Damaged {
+        path: PathBuf,
+        detail: String,
+        /// The newest good backup and when it was made (Unix seconds).
+        backup: Option<(PathBuf, u64)>,
+        backups_dir: PathBuf,
+    },
     #[error(transparent)]
     Wg(#[from] WgError),
     #[error(transparent)]
     Fault(#[from] InjectedFault),
     #[error(transparent)]
     Daemon(#[from] Error),
+}
+
+/// When a backup was made, as RFC 3339 (its Unix seconds when out of range).
+fn backup_time(unix: u64) -> String {
+    i64::try_from(unix)
+        .ok()
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .map_or_else(|| unix.to_string(), crate::protocol::rfc3339)
 }
 
 /// Why `add_client` did not add the client.
@@ -280,6 +303,11 @@ impl Server {
     /// Opens the store, brings the interface up with every enabled client, NAT on.
     pub async fn start(config: &WireguardConfig, state_dir: &Path) -> Result<Self, CoreError> {
         let store = ClientStore::open(&state_dir.join("clients.db"))?;
+        // A good copy at every start: what a damaged store is restored from.
+        match store.backup(&state_dir.join("backups")) {
+            Ok(path) => info!(backup = %path.display(), "client store backed up"),
+            Err(e) => warn!(error = %e, "cannot back up the client store"),
+        }
         let subnet_text = store
             .setting(SUBNET_SETTING)?
             .unwrap_or_else(|| config.subnet.clone());

@@ -1,7 +1,11 @@
 //! The client store: SQLite (WAL, synchronous=FULL) in the state directory. A client whose
 //! `add_client` was acknowledged is on disk; `kill -9` cannot lose it.
 
-use std::{net::Ipv4Addr, path::Path, sync::Mutex};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
@@ -96,8 +100,118 @@ fn row_to_client(row: &rusqlite::Row<'_>) -> rusqlite::Result<Client> {
     })
 }
 
+/// Backups of the client store kept in `state_dir/backups` (the newest; older ones go).
+pub const BACKUPS_KEPT: usize = 5;
+
+/// Whether an error opening the store means the file itself is damaged (not a database, a
+/// corrupt page, a failed integrity check), as opposed to a full disk or a permission.
+fn is_damage(e: &CoreError) -> bool {
+    let sqlite = match e {
+        CoreError::IntegrityCheck { .. } => return true,
+        CoreError::ClientStore(e) | CoreError::Daemon(Error::Sqlite { source: e, .. }) => e,
+        _ => return false,
+    };
+    matches!(
+        sqlite.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
+}
+
+/// The store's backups in `dir` (`clients-<unix seconds>.db`), newest first.
+fn backups(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let stamp = name.strip_prefix("clients-")?.strip_suffix(".db")?;
+                    Some((stamp.parse().ok()?, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort_by(|a, b| b.cmp(a));
+    found
+}
+
+/// The newest backup in `dir` that opens read-only and passes `PRAGMA quick_check`, with
+/// when it was made (Unix seconds).
+pub fn newest_good_backup(dir: &Path) -> Option<(PathBuf, u64)> {
+    backups(dir)
+        .into_iter()
+        .map(|(t, p)| (p, t))
+        .find(|(p, _)| {
+            Connection::open_with_flags(p, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .and_then(|c| {
+                    let ok: String = c.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+                    let clients: i64 =
+                        c.query_row("SELECT count(*) FROM clients", [], |r| r.get(0))?;
+                    Ok(ok == "ok" && clients >= 0)
+                })
+                .unwrap_or(false)
+        })
+}
+
 impl ClientStore {
+    /// Opens the store. A damaged file is never replaced by an empty store: the error names
+    /// the file and the newest good backup in `backups/` beside it, and the daemon stops
+    /// there. A zero-length file while a good backup exists counts as damaged too (SQLite
+    /// would read it as a fresh, empty store).
     pub fn open(path: &Path) -> Result<Self, CoreError> {
+        let dir = path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join("backups");
+        let emptied = std::fs::metadata(path).is_ok_and(|m| m.len() == 0);
+        let opened = if emptied && newest_good_backup(&dir).is_some() {
+            Err(CoreError::IntegrityCheck {
+                path: path.to_path_buf(),
+                result: "the file is empty".into(),
+            })
+        } else {
+            Self::open_checked(path)
+        };
+        match opened {
+            Err(e) if is_damage(&e) => Err(CoreError::Damaged {
+                path: path.to_path_buf(),
+                // One line: SQLite's integrity report spans several.
+                detail: e.to_string().replace('\n', " "),
+                backup: newest_good_backup(&dir),
+                backups_dir: dir,
+            }),
+            other => other,
+        }
+    }
+
+    /// Writes a consistent copy of the store to `dir/clients-<unix seconds>.db` (`VACUUM
+    /// INTO` a temporary name, synced, renamed) and keeps the newest [`BACKUPS_KEPT`].
+    pub fn backup(&self, dir: &Path) -> Result<PathBuf, CoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let path = dir.join(format!("clients-{stamp}.db"));
+        let tmp = dir.join(format!("clients-{stamp}.db.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        self.conn()?
+            .execute("VACUUM INTO ?1", params![tmp.to_string_lossy()])
+            .map_err(CoreError::ClientStore)?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| Error::io(&tmp, e))?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        for (_, old) in backups(dir).into_iter().skip(BACKUPS_KEPT) {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(path)
+    }
+
+    fn open_checked(path: &Path) -> Result<Self, CoreError> {
         let mut conn = crate::store::open_sqlite(path)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS clients (
@@ -488,6 +602,51 @@ mod tests {
             expires_at: None,
             expiry_disabled: false,
         }
+    }
+
+    #[test]
+    fn backups_rotate_and_a_damaged_store_names_the_newest_good_one()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("clients.db");
+        let backups_dir = dir.path().join("backups");
+        // An empty file with no backup is a fresh store (a new installation).
+        std::fs::write(&path, b"")?;
+        let store = ClientStore::open(&path)?;
+        store.insert(&client("alice", [10, 8, 0, 2], "ka"))?.ok();
+        let first = store.backup(&backups_dir)?;
+        // Older backups go past BACKUPS_KEPT; a damaged one is never named.
+        for stamp in 1..=BACKUPS_KEPT as u64 + 2 {
+            std::fs::copy(&first, backups_dir.join(format!("clients-{stamp}.db")))?;
+        }
+        std::fs::write(
+            backups_dir.join("clients-99999999999.db"),
+            b"not a database",
+        )?;
+        store.backup(&backups_dir)?;
+        assert_eq!(backups(&backups_dir).len(), BACKUPS_KEPT);
+        let newest = newest_good_backup(&backups_dir).map(|(p, _)| p);
+        assert!(
+            newest
+                .as_ref()
+                .is_some_and(|p| p != &backups_dir.join("clients-99999999999.db"))
+        );
+        drop(store);
+        for damage in [
+            &b"garbage, not SQLite at all, long enough for a header.."[..],
+            b"",
+        ] {
+            std::fs::write(&path, damage)?;
+            let _ = std::fs::remove_file(dir.path().join("clients.db-wal"));
+            match ClientStore::open(&path) {
+                Err(CoreError::Damaged { backup, .. }) => {
+                    assert_eq!(backup.map(|(p, _)| p), newest)
+                }
+                other => panic!("{:?}", other.err()),
+            }
+            assert_eq!(std::fs::read(&path)?, damage, "left as it was");
+        }
+        Ok(())
     }
 
     #[test]

@@ -57,6 +57,30 @@ pub struct SyncReport {
     /// Names left out: another name holds their key.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<KeyClash>,
+    /// Keys the full kernel map refused in this sync.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub refused_full: usize,
+    /// Blocklist keys taken out of the full map to make room for an operator's rule.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub evicted: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// How full the kernel domain set is and what it turned away.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct DomainFill {
+    /// Keys in the kernel map.
+    pub held: usize,
+    /// Rules owed to the kernel that are not in it because the map is full (the resolver
+    /// still blocks their names; clients asking other resolvers are not rewritten for them).
+    pub left_out: usize,
+    /// Inserts the full map refused, since start.
+    pub refused: u64,
+    /// Blocklist keys taken out for operator rules, since start.
+    pub evicted: u64,
 }
 
 /// Why `add` changed nothing.
@@ -83,6 +107,11 @@ struct State {
     owners: BTreeMap<Owner, StdHashMap<u64, Rule>>,
     /// Operator rules by name (for listing and persistence): name -> covers subdomains.
     operator_names: BTreeMap<String, bool>,
+    /// Keys some owner wants in the kernel that the full map refused; tried again whenever
+    /// keys are deleted.
+    left_out: std::collections::HashSet<u64>,
+    refused_full: u64,
+    evicted: u64,
 }
 
 pub struct DomainFilter {
@@ -115,36 +144,105 @@ impl State {
             .map(|(owner, _)| *owner)
     }
 
-    /// Brings the kernel in line with the union for `hashes`.
+    /// Brings the kernel in line with the union for `hashes`. When the map is full, a key is
+    /// left out (`left_out`, counted) and the rest go on: an operator's rule takes the place
+    /// of a blocklist-only key (which is left out instead), a blocklist rule waits for room.
+    /// Keys deleted make room for left-out ones at once.
     fn apply(
         &mut self,
         hashes: impl IntoIterator<Item = u64>,
         report: &mut SyncReport,
     ) -> Result<(), Error> {
         for hash in hashes {
-            let want = self.union(hash);
-            let have = self.kernel.get(&hash).copied().unwrap_or(0);
-            if want == have {
-                continue;
-            }
-            if want == 0 {
-                match self.map.remove(&hash) {
-                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => return Err(e.into()),
+            self.apply_one(hash, report)?;
+        }
+        if report.deleted > 0 && !self.left_out.is_empty() {
+            let waiting: Vec<u64> = self.left_out.iter().copied().collect();
+            for hash in waiting {
+                if !self.apply_one(hash, report)? {
+                    break;
                 }
-                self.kernel.remove(&hash);
-                report.deleted += 1;
-            } else {
-                self.map.insert(&hash, &want, 0).map_err(|e| {
-                    Error::Datapath(format!("cannot write the domain map (full?): {e}"))
-                })?;
-                self.kernel.insert(hash, want);
-                report.written += 1;
             }
         }
         report.total = self.kernel.len();
         Ok(())
     }
+
+    /// One key; false when the full map refused it.
+    fn apply_one(&mut self, hash: u64, report: &mut SyncReport) -> Result<bool, Error> {
+        let want = self.union(hash);
+        let have = self.kernel.get(&hash).copied().unwrap_or(0);
+        if want == 0 {
+            self.left_out.remove(&hash);
+        }
+        if want == have {
+            return Ok(true);
+        }
+        if want == 0 {
+            match self.map.remove(&hash) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.kernel.remove(&hash);
+            report.deleted += 1;
+            return Ok(true);
+        }
+        let mut inserted = self.map.insert(&hash, &want, 0);
+        if inserted.as_ref().is_err_and(is_full) && self.make_room(hash)? {
+            report.evicted += 1;
+            inserted = self.map.insert(&hash, &want, 0);
+        }
+        match inserted {
+            Ok(()) => {
+                self.left_out.remove(&hash);
+                self.kernel.insert(hash, want);
+                report.written += 1;
+                Ok(true)
+            }
+            Err(e) if is_full(&e) => {
+                self.left_out.insert(hash);
+                self.refused_full += 1;
+                report.refused_full += 1;
+                Ok(false)
+            }
+            Err(e) => Err(Error::Datapath(format!("cannot write the domain map: {e}"))),
+        }
+    }
+
+    /// The map is full and `hash` is to go in: when an operator's rule wants it, one key only
+    /// the blocklist wants leaves the kernel (and waits in `left_out`). Operator keys never
+    /// leave for anything.
+    fn make_room(&mut self, hash: u64) -> Result<bool, Error> {
+        let operator_wants = self
+            .owners
+            .get(&Owner::Operator)
+            .is_some_and(|r| r.contains_key(&hash));
+        if !operator_wants {
+            return Ok(false);
+        }
+        let operator = self.owners.get(&Owner::Operator);
+        let Some(victim) = self
+            .kernel
+            .keys()
+            .copied()
+            .find(|k| !operator.is_some_and(|r| r.contains_key(k)))
+        else {
+            return Ok(false);
+        };
+        match self.map.remove(&victim) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.kernel.remove(&victim);
+        self.left_out.insert(victim);
+        self.evicted += 1;
+        Ok(true)
+    }
+}
+
+/// Whether the kernel refused an insert because the map is full (`E2BIG`).
+fn is_full(e: &aya::maps::MapError) -> bool {
+    matches!(e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG))
 }
 
 /// Empties the kernel map (its keys were made with another key of the hash).
@@ -192,6 +290,9 @@ impl DomainFilter {
             kernel,
             owners: BTreeMap::new(),
             operator_names: BTreeMap::new(),
+            left_out: Default::default(),
+            refused_full: 0,
+            evicted: 0,
         };
         let mut rules: StdHashMap<u64, Rule> = StdHashMap::new();
         let mut first: StdHashMap<u64, &str> = StdHashMap::new();
@@ -371,13 +472,7 @@ impl DomainFilter {
         if let Some(clash) = self.clash_in(&state, name, hash, tag) {
             return Err(clash.into());
         }
-        if owner == Owner::Operator {
-            let mut names = state.operator_names.clone();
-            names.insert(name.to_string(), subdomains);
-            store::write_json(&self.path, &names)?;
-            state.operator_names = names;
-        }
-        state.owners.entry(owner).or_default().insert(
+        let previous = state.owners.entry(owner).or_default().insert(
             hash,
             Rule {
                 flags: flags_for(subdomains),
@@ -386,6 +481,31 @@ impl DomainFilter {
         );
         let mut report = SyncReport::default();
         state.apply([hash], &mut report)?;
+        let refused = state.left_out.contains(&hash);
+        let persisted = if owner == Owner::Operator && !refused {
+            let mut names = state.operator_names.clone();
+            names.insert(name.to_string(), subdomains);
+            store::write_json(&self.path, &names).map(|()| names)
+        } else {
+            Ok(state.operator_names.clone())
+        };
+        if owner == Owner::Operator && (refused || persisted.is_err()) {
+            // Refused or not durable: the rule goes again, and the kernel with it.
+            let rules = state.owners.entry(owner).or_default();
+            match previous {
+                Some(rule) => rules.insert(hash, rule),
+                None => rules.remove(&hash),
+            };
+            let mut undo = SyncReport::default();
+            state.apply([hash], &mut undo)?;
+            persisted?;
+            return Err(Error::MapFull {
+                map: phantom_common::names::DOMAINS_MAP,
+                setting: "max_domains",
+            }
+            .into());
+        }
+        state.operator_names = persisted?;
         Ok(report)
     }
 
@@ -423,5 +543,16 @@ impl DomainFilter {
     /// Keys in the kernel set.
     pub fn kernel_len(&self) -> Result<usize, Error> {
         Ok(self.lock()?.kernel.len())
+    }
+
+    /// How full the kernel set is, and what it refused and evicted.
+    pub fn fill(&self) -> Result<DomainFill, Error> {
+        let state = self.lock()?;
+        Ok(DomainFill {
+            held: state.kernel.len(),
+            left_out: state.left_out.len(),
+            refused: state.refused_full,
+            evicted: state.evicted,
+        })
     }
 }

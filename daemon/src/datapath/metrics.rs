@@ -167,6 +167,64 @@ impl Collector for DatapathCollector {
                 .into_iter()
                 .map(|(m, n)| (label(m), i64::from(n))),
         )?;
+        // Held keys against capacity, and what a full map turned away (read from the
+        // counts above and the maps' own tallies: no second pass over the source map).
+        let capacity = dp.map_capacities();
+        let cap = |map: &str| {
+            capacity
+                .iter()
+                .find(|(m, _)| *m == map)
+                .map_or(u32::MAX, |(_, n)| *n) as usize
+        };
+        let sources_held = map_entries
+            .iter()
+            .find(|(m, _)| *m == names::SOURCES_MAP)
+            .map(|(_, n)| *n);
+        let mut fills: Vec<(&str, super::policy::MapFill)> = Vec::new();
+        if let Ok([addrs, nets]) = dp.policy.fill() {
+            fills.push((names::POLICY_MAP, addrs));
+            fills.push((names::POLICY_NET_MAP, nets));
+        }
+        if let Ok(d) = dp.domains.fill() {
+            fills.push((
+                names::DOMAINS_MAP,
+                super::policy::MapFill {
+                    held: d.held,
+                    refused: d.refused,
+                    evicted: d.evicted,
+                },
+            ));
+        }
+        gauge_family(
+            &mut encoder,
+            "phantom_datapath_map_full",
+            "1 while a kernel map holds as many keys as it can (docs/datapath.md, \"When a map is full\")",
+            sources_held
+                .map(|n| (names::SOURCES_MAP, n))
+                .into_iter()
+                .chain(fills.iter().map(|(m, f)| (*m, f.held)))
+                .map(|(m, held)| (label(m), i64::from(held >= cap(m)))),
+        )?;
+        counter_family(
+            &mut encoder,
+            "phantom_datapath_map_refused",
+            "New entries a full kernel map refused",
+            fills.iter().map(|(m, f)| (label(m), f.refused)),
+        )?;
+        counter_family(
+            &mut encoder,
+            "phantom_datapath_map_evicted",
+            "Entries removed from a full kernel map to make room for an operator's",
+            fills.iter().map(|(m, f)| (label(m), f.evicted)),
+        )?;
+        if let Ok(fill) = dp.domains.fill() {
+            gauge(
+                &mut encoder,
+                "phantom_dns_filter_rules_left_out",
+                "Rules owed to the kernel DNS filter that its full domain set could not take",
+                fill.left_out as i64,
+            )?;
+        }
         match dp.multihop.status() {
             Ok(status) => {
                 gauge(

@@ -77,9 +77,26 @@ pub struct MapSummary {
     pub name: &'static str,
     pub kind: &'static str,
     pub max_entries: u32,
+    /// Live entries (the policy maps count allow and deny entries still in force).
     pub entries: usize,
     pub pinned_at: PathBuf,
+    /// Every key the map holds, what counts against `max_entries`.
+    pub held: usize,
+    /// `held` has reached `max_entries`.
+    pub full: bool,
+    /// What the map does when full (docs/datapath.md, "When a map is full").
+    pub when_full: &'static str,
+    /// New entries the full map refused, since start.
+    pub refused: u64,
+    /// Entries removed to make room, since start (the LRU's own evictions are not counted).
+    pub evicted: u64,
 }
+
+/// What each map does when it is full.
+pub const WHEN_FULL_SOURCES: &str =
+    "evicts the least recently seen source (its counts start again if it returns)";
+pub const WHEN_FULL_POLICY: &str = "refuses the new entry; an operator's allow or deny first evicts a lapsed entry or the penalty deny that lapses first, never another operator entry";
+pub const WHEN_FULL_DOMAINS: &str = "leaves the new blocklist rule out of the kernel (the resolver still blocks it); an operator's rule evicts a blocklist rule, never another operator rule";
 
 pub type DnsCount = counters::VerdictCount;
 
@@ -397,37 +414,61 @@ impl Datapath {
 
     pub fn maps(&self) -> Result<Vec<MapSummary>, Error> {
         let [addrs, nets] = self.policy.counts_by_map()?;
-        let summary = |name, kind, max_entries, entries| MapSummary {
-            name,
-            kind,
-            max_entries,
-            entries,
-            pinned_at: self.pin_dir.join(name),
-        };
+        let [addr_fill, net_fill] = self.policy.fill()?;
+        let domains = self.domains.fill()?;
+        let sources = self.guard.sources()?.len();
+        let summary =
+            |name, kind, max_entries: u32, entries, when_full, fill: policy::MapFill| MapSummary {
+                name,
+                kind,
+                max_entries,
+                entries,
+                pinned_at: self.pin_dir.join(name),
+                held: fill.held,
+                full: fill.held >= max_entries as usize,
+                when_full,
+                refused: fill.refused,
+                evicted: fill.evicted,
+            };
         Ok(vec![
             summary(
                 names::SOURCES_MAP,
                 "lru_percpu_hash",
                 self.config.max_sources,
-                self.guard.sources()?.len(),
+                sources,
+                WHEN_FULL_SOURCES,
+                policy::MapFill {
+                    held: sources,
+                    ..Default::default()
+                },
             ),
             summary(
                 names::POLICY_MAP,
                 "hash",
                 self.config.max_policies,
                 addrs.0 + addrs.1,
+                WHEN_FULL_POLICY,
+                addr_fill,
             ),
             summary(
                 names::POLICY_NET_MAP,
                 "hash",
                 self.config.max_policies,
                 nets.0 + nets.1,
+                WHEN_FULL_POLICY,
+                net_fill,
             ),
             summary(
                 names::DOMAINS_MAP,
                 "hash",
                 self.config.max_domains,
-                self.domains.kernel_len()?,
+                domains.held,
+                WHEN_FULL_DOMAINS,
+                policy::MapFill {
+                    held: domains.held,
+                    refused: domains.refused,
+                    evicted: domains.evicted,
+                },
             ),
         ])
     }

@@ -32,6 +32,17 @@ use crate::{
     store,
 };
 
+/// How full a kernel map is and what it turned away.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct MapFill {
+    /// Keys in the map (what counts against its capacity).
+    pub held: usize,
+    /// New entries refused because the map was full.
+    pub refused: u64,
+    /// Entries removed to make room for new ones.
+    pub evicted: u64,
+}
+
 /// One live entry as reported to admins.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct PolicyView {
@@ -87,6 +98,11 @@ pub struct PolicyMaps {
     /// Entries in `nets`, so the guard's second lookup is switched on only while it is useful.
     net_entries: usize,
     last_serial: u64,
+    /// Per map (`PH_POLICY`, `PH_POLICY_NET`): new entries refused because the map was full.
+    refused: [u64; 2],
+    /// Per map: entries removed to make room (lapsed ones, and penalty denies for an
+    /// operator's entry).
+    evicted: [u64; 2],
 }
 
 impl PolicyMaps {
@@ -107,6 +123,8 @@ impl PolicyMaps {
             prefix,
             net_entries: 0,
             last_serial: 0,
+            refused: [0; 2],
+            evicted: [0; 2],
         }
     }
 
@@ -289,14 +307,25 @@ impl PolicyMaps {
                 ..p
             })
             .collect();
-        let values = PerCpuValues::try_from(values)
-            .map_err(|e| Error::Datapath(format!("per-CPU policy value: {e}")))?;
-        let inserted = match key {
-            Key::Addr(_) => self.policy.insert(k, values, 0),
-            Key::Net(_) => self.nets.insert(k, values, 0),
-        };
-        inserted
-            .map_err(|e| Error::Datapath(format!("cannot update the policy map (full?): {e}")))?;
+        let mut inserted = self.insert(key, &values);
+        if inserted.as_ref().is_err_and(is_full) && new && self.make_room(key, &p)? {
+            inserted = self.insert(key, &values);
+        }
+        match inserted {
+            Ok(()) => {}
+            Err(e) if is_full(&e) => {
+                self.refused[key.net_tag() as usize] += 1;
+                return Err(Error::MapFull {
+                    map: map_name(key),
+                    setting: "max_policies",
+                });
+            }
+            Err(e) => {
+                return Err(Error::Datapath(format!(
+                    "cannot update the policy map: {e}"
+                )));
+            }
+        }
         if net && new {
             // Switched on after the entry exists, so the guard never looks into an empty map
             // on its account; off again when the last one goes.
@@ -306,6 +335,74 @@ impl PolicyMaps {
             }
         }
         Ok(())
+    }
+
+    fn insert(&mut self, key: &Key, values: &[Policy]) -> Result<(), aya::maps::MapError> {
+        let values = PerCpuValues::try_from(values.to_vec())?;
+        match key {
+            Key::Addr(k) => self.policy.insert(k, values, 0),
+            Key::Net(k) => self.nets.insert(k, values, 0),
+        }
+    }
+
+    /// The map of `key` is full and `p` is to go in: removes one entry to make room, if one
+    /// may go: an entry whose every flag has lapsed (waiting for the sweeper), else, for an
+    /// operator's entry (an allow or a manual deny), the penalty deny that lapses first.
+    /// Operator entries are never removed for anything. Returns whether room was made.
+    fn make_room(&mut self, key: &Key, p: &Policy) -> Result<bool, Error> {
+        let now = monotonic_ns();
+        let operator = p.flags & POLICY_ALLOW != 0 || p.deny_reason == DenyReason::Manual as u32;
+        let live =
+            |flag: u32, until: u64, q: &Policy| q.flags & flag != 0 && (until == 0 || until > now);
+        let candidates: Vec<(Key, Policy)> = self
+            .entries()
+            .into_iter()
+            .filter(|(k, _)| k.net_tag() == key.net_tag())
+            .collect();
+        let lapsed = candidates.iter().find(|(_, q)| {
+            !live(POLICY_ALLOW, q.allow_until_ns, q) && !live(POLICY_DENY, q.deny_until_ns, q)
+        });
+        let victim = lapsed.or_else(|| {
+            if !operator {
+                return None;
+            }
+            candidates
+                .iter()
+                .filter(|(_, q)| {
+                    q.flags & POLICY_ALLOW == 0 && q.deny_reason != DenyReason::Manual as u32
+                })
+                .min_by_key(|(_, q)| {
+                    if q.deny_until_ns == 0 {
+                        u64::MAX
+                    } else {
+                        q.deny_until_ns
+                    }
+                })
+        });
+        let Some((victim, q)) = victim.cloned() else {
+            return Ok(false);
+        };
+        let removed = match victim {
+            Key::Addr(k) => self.policy.remove(&k),
+            Key::Net(k) => self.nets.remove(&k),
+        };
+        match removed {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if matches!(victim, Key::Net(_)) {
+            self.net_entries = self.net_entries.saturating_sub(1);
+        }
+        self.evicted[key.net_tag() as usize] += 1;
+        warn!(
+            map = map_name(key),
+            evicted = %self.source_of(&victim),
+            penalty_deny = q.flags & POLICY_DENY != 0 && live(POLICY_DENY, q.deny_until_ns, &q),
+            "kernel policy map full: an entry made room for a new one"
+        );
+        // A deny the guard may have cached must not outlive its entry.
+        self.bump_generation()?;
+        Ok(true)
     }
 
     /// A serial no entry had before: the monotonic clock, which outlives daemon restarts (and
@@ -351,6 +448,18 @@ pub struct PolicyTable {
     persisted: Mutex<Persisted>,
 }
 
+/// Whether the kernel refused an insert because the map is full (`E2BIG`).
+fn is_full(e: &aya::maps::MapError) -> bool {
+    matches!(e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG))
+}
+
+fn map_name(key: &Key) -> &'static str {
+    match key {
+        Key::Addr(_) => phantom_common::names::POLICY_MAP,
+        Key::Net(_) => phantom_common::names::POLICY_NET_MAP,
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -361,6 +470,23 @@ fn unix_now() -> u64 {
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, Error> {
     m.lock()
         .map_err(|_| Error::Datapath("policy lock poisoned".into()))
+}
+
+/// Writes a restored operator entry. A map full even after evicting what may go (a capacity
+/// lowered below the operator's own entries) leaves the entry out of the kernel with an error
+/// naming it, and keeps it in the file for a start with room: never lost, never silent.
+fn restore(map: &mut PolicyMaps, key: &Key, p: Policy, source: &Source) -> Result<(), Error> {
+    match map.write(key, p) {
+        Err(Error::MapFull { map: name, .. }) => {
+            tracing::error!(
+                entry = %source,
+                map = name,
+                "operator policy entry not in the kernel: the map is full of operator entries (raise [datapath] max_policies); kept in the state file"
+            );
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 impl PolicyTable {
@@ -414,7 +540,7 @@ impl PolicyTable {
                 let mut p = map.read(&key).unwrap_or_default();
                 p.flags |= POLICY_ALLOW;
                 p.allow_until_ns = to_mono(*until);
-                map.write(&key, p)?;
+                restore(&mut map, &key, p, source)?;
             }
             for (source, until) in &persisted.deny {
                 let Some(key) = usable(&map, source) else {
@@ -424,7 +550,7 @@ impl PolicyTable {
                 p.flags |= POLICY_DENY;
                 p.deny_until_ns = to_mono(*until);
                 p.deny_reason = DenyReason::Manual as u32;
-                map.write(&key, p)?;
+                restore(&mut map, &key, p, source)?;
             }
             // Whatever the guard cached before this start is retired.
             map.bump_generation()?;
@@ -449,19 +575,13 @@ impl PolicyTable {
         reason: DenyReason,
     ) -> Result<PolicyView, Error> {
         let mut persisted = lock(&self.persisted)?;
-        let key = lock(&self.map)?.key(source)?;
+        let mut map = lock(&self.map)?;
+        let key = map.key(source)?;
         let until_unix = ttl.map(|t| unix_now() + t.as_secs().max(1));
         let operator = list == List::Allow || reason == DenyReason::Manual;
-        if operator {
-            match list {
-                List::Allow => persisted.allow.insert(source, until_unix),
-                List::Deny => persisted.deny.insert(source, until_unix),
-            };
-            store::write_json(&self.path, &*persisted)?;
-        }
         let until_ns = ttl.map_or(0, |t| monotonic_ns() + t.as_secs().max(1) * 1_000_000_000);
-        let mut map = lock(&self.map)?;
-        let mut p = map.read(&key).unwrap_or_default();
+        let before = map.read(&key);
+        let mut p = before.unwrap_or_default();
         match list {
             List::Allow => {
                 p.flags |= POLICY_ALLOW;
@@ -473,7 +593,28 @@ impl PolicyTable {
                 p.deny_reason = reason as u32;
             }
         }
+        // The kernel first: a full map refuses the entry before anything is promised, so the
+        // file never holds an entry the operator was told failed.
         map.write(&key, p)?;
+        if operator {
+            let previous = match list {
+                List::Allow => persisted.allow.insert(source, until_unix),
+                List::Deny => persisted.deny.insert(source, until_unix),
+            };
+            if let Err(e) = store::write_json(&self.path, &*persisted) {
+                // Not durable, so not done: the kernel goes back to what it had.
+                let side = match list {
+                    List::Allow => &mut persisted.allow,
+                    List::Deny => &mut persisted.deny,
+                };
+                match previous {
+                    Some(until) => side.insert(source, until),
+                    None => side.remove(&source),
+                };
+                let _ = map.write(&key, before.unwrap_or_default());
+                return Err(e);
+            }
+        }
         Ok(
             view(&map, &key, &p, list, monotonic_ns()).unwrap_or(PolicyView {
                 address: source,
@@ -549,6 +690,19 @@ impl PolicyTable {
             c.1 += usize::from(view(&map, &key, &p, List::Deny, now).is_some());
         }
         Ok(counts)
+    }
+
+    /// Per map (`PH_POLICY`, `PH_POLICY_NET`): every key the kernel holds (live or lapsed,
+    /// what counts against the capacity), entries refused because the map was full, and
+    /// entries evicted to make room.
+    pub fn fill(&self) -> Result<[MapFill; 2], Error> {
+        let map = lock(&self.map)?;
+        let held = [map.policy.keys().count(), map.nets.keys().count()];
+        Ok([0, 1].map(|i| MapFill {
+            held: held[i],
+            refused: map.refused[i],
+            evicted: map.evicted[i],
+        }))
     }
 
     /// Drops lapsed entries from the map and the file; returns how many flags were cleared.

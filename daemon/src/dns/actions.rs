@@ -229,6 +229,7 @@ fn resolver_status(r: &Resolver) -> serde_json::Value {
         "dry_run_matches": n(&st.dry_run_matches),
         "exempt_matches": n(&st.exempt_matches),
         "forwarded": n(&st.forwarded),
+        "forwards_in_flight": n(&st.forwards_in_flight),
         "upstream_failures": n(&st.upstream_failures),
         "malformed": n(&st.malformed),
         "truncated": n(&st.truncated),

@@ -78,6 +78,12 @@ impl Collector for ResolverCollector {
         )?;
         gauge(
             &mut encoder,
+            "phantom_dns_forwards_in_flight",
+            "Queries waiting on an upstream now (each for at most upstream_timeout_ms per upstream)",
+            i64::try_from(n(&st.forwards_in_flight)).unwrap_or(i64::MAX),
+        )?;
+        gauge(
+            &mut encoder,
             "phantom_dns_dry_run",
             "1 while dry run is on",
             i64::from(r.policy().dry_run),

@@ -91,6 +91,26 @@ pub struct Stats {
     pub upstream_failures: AtomicU64,
     pub malformed: AtomicU64,
     pub truncated: AtomicU64,
+    /// Queries waiting on an upstream right now (a gauge: each is at most the upstream
+    /// timeout per upstream old, so a dead or slow upstream never builds up work).
+    pub forwards_in_flight: AtomicU64,
+}
+
+/// Counts one forwarded query in `forwards_in_flight` for as long as it lives (also when the
+/// future is dropped half-way).
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What survives restarts: dry run and the clients with blocking off.
@@ -556,6 +576,7 @@ impl Resolver {
     /// client's ID; SERVFAIL when none answers.
     pub async fn forward(&self, query: &[u8], q: &Question, vetted: Option<u64>) -> Vec<u8> {
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight::enter(&self.stats.forwards_in_flight);
         let servers = self.upstreams.servers();
         let own = self.listening.lock().map(|l| l.clone()).unwrap_or_default();
         let timeout = Duration::from_millis(self.config.upstream_timeout_ms);

@@ -430,7 +430,11 @@ impl EmbeddedStore {
             last_expire: Mutex::new(Instant::now()),
         });
         let file = create_journal(state_dir, next).map_err(SentryError::Io)?;
-        write_snapshot(&shared, next)?;
+        // Only a shortcut for the next start: on a full disk the journals stay (they are
+        // deleted only after a snapshot is on disk) and the sentry, and the VPN, still start.
+        if let Err(e) = write_snapshot(&shared, next) {
+            warn!(error = %e, "cannot write the sentry store snapshot at start; the journals are kept");
+        }
         let (tx, rx) = mpsc::channel();
         let writer_shared = Arc::clone(&shared);
         std::thread::Builder::new()
