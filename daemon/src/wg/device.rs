@@ -40,6 +40,9 @@ pub struct PeerSpec {
     pub endpoint: Option<std::net::SocketAddr>,
 }
 
+/// How long a start waits for the TUN device of a killed predecessor to go.
+const TUN_RELEASE_WAIT: Duration = Duration::from_secs(2);
+
 /// The port of the datagrams that start handshakes (RFC 863 discard): nothing answers there
 /// but the peer's own stack, and the payload is empty.
 const DISCARD_PORT: u16 = 9;
@@ -88,10 +91,17 @@ impl WireGuardDevice {
     }
 
     fn create_embedded(iface: &str) -> Result<Self, WgError> {
-        if nix::net::if_::if_nametoindex(iface).is_ok() {
-            return Err(WgError::InterfaceTaken {
-                iface: iface.to_string(),
-            });
+        // The TUN device of a daemon just killed (`kill -9`, then a start at once) goes only
+        // a moment after the kernel has closed its descriptors: wait that moment out before
+        // calling the name taken.
+        let gone_by = Instant::now() + TUN_RELEASE_WAIT;
+        while nix::net::if_::if_nametoindex(iface).is_ok() {
+            if Instant::now() >= gone_by {
+                return Err(WgError::InterfaceTaken {
+                    iface: iface.to_string(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         let (control, device_end) = UnixStream::pair()?;
         let device_fd = device_end.into_raw_fd();
