@@ -157,8 +157,13 @@ fn within(measured: f64, limit: f64) -> bool {
     (measured - expected).abs() <= expected * 0.10
 }
 
+/// The tests of this file measure rates: they run one at a time, not beside each other on the
+/// same CPUs (the harness runs a file's tests in parallel).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn rate_limits_hold_both_ways_change_live_and_leave_others_alone() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if !require_root("rate_limits_hold_both_ways_change_live_and_leave_others_alone") {
         return;
     }
@@ -331,6 +336,7 @@ fn reached_total(topo: &Topology) -> f64 {
 
 #[test]
 fn a_used_up_quota_throttles_or_blocks_also_after_a_restart() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if !require_root("a_used_up_quota_throttles_or_blocks_also_after_a_restart") {
         return;
     }
