@@ -604,8 +604,10 @@ impl Resolver {
     }
 }
 
-/// Does `answer` answer `q` (the same question, any letter case)?
-fn same_question(answer: &[u8], query: &[u8], q: &Question) -> bool {
+/// Does `answer` answer `q` (the same question, any letter case)? Public (hidden) for the
+/// fuzz crate only.
+#[doc(hidden)]
+pub fn same_question(answer: &[u8], query: &[u8], q: &Question) -> bool {
     answer.len() >= q.end
         && answer[4..6] == [0, 1]
         && answer[wire::HEADER_LEN..q.end].eq_ignore_ascii_case(&query[wire::HEADER_LEN..q.end])
