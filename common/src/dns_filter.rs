@@ -83,14 +83,25 @@ pub fn normalise_name(buf: &mut [u8; SCRATCH_LEN], copied: usize) -> Option<usiz
 /// Walks the text `buf[1..name_end]` backwards: at each dot the running hash is that
 /// suffix's key (a parent domain: blocked only with `DOMAIN_SUBDOMAINS`); at the start it is
 /// the whole name's (blocked with any flag). The text is lowercase already
-/// ([`normalise_name`]), so each step is `DomainKey::step` without its case fold. `lookup`:
-/// the blocked-domain map (`PH_DOMAINS`), hash to flags.
+/// ([`normalise_name`]), so each step is `DomainKey::step` without its case fold.
+///
+/// The blocked-domain map (`PH_DOMAINS`, hash to flags) is asked through two closures, each
+/// answering a plain `bool` (an `Option<u8>` from a map lookup leaves an undefined register
+/// on its `None` path, which the verifier refuses to read): `blocks_subdomains(hash)`, an
+/// entry with `DOMAIN_SUBDOMAINS`; `has(hash)`, an entry at all. `buf` is taken `&mut` and
+/// `key` as a raw pointer (the map value's) as the program had them: with a shared reference
+/// LLVM reshapes the loop until the verifier can no longer follow it.
+///
+/// # Safety
+///
+/// `key` points to a live `DomainKey`.
 #[inline(always)]
-pub fn is_blocked(
-    buf: &[u8; SCRATCH_LEN],
+pub unsafe fn is_blocked(
+    buf: &mut [u8; SCRATCH_LEN],
     name_end: usize,
-    key: &DomainKey,
-    lookup: impl Fn(u64) -> Option<u8>,
+    key: *const DomainKey,
+    blocks_subdomains: impl Fn(u64) -> bool,
+    has: impl Fn(u64) -> bool,
 ) -> bool {
     // The name's length comes through map memory (the kernel program launders it) and the
     // hash from the key's map value, so the verifier sees unknown values: with known constants
@@ -109,18 +120,20 @@ pub fn is_blocked(
         // SAFETY: reading a local.
         let idx = unsafe { core::ptr::read_volatile(&k) } & (NAME_AREA - 1);
         let b = buf[idx];
-        if b == b'.' {
-            if let Some(flags) = lookup(hash) {
-                if flags & DOMAIN_SUBDOMAINS != 0 {
-                    return true;
-                }
-            }
+        if b == b'.' && blocks_subdomains(hash) {
+            return true;
         }
-        let mul = key.mul[steps & (KEY_POSITIONS - 1)];
+        // Read the same way as k: seen through, the mask goes and LLVM walks a pointer along
+        // the key instead, whose offset differs at every iteration, so the verifier can no
+        // longer merge them.
+        // SAFETY: reading a local.
+        let position = unsafe { core::ptr::read_volatile(&steps) } & (KEY_POSITIONS - 1);
+        // SAFETY: the caller's promise; the index is masked into the array.
+        let mul = unsafe { (*key).mul[position] };
         hash = hash.wrapping_add(mul.wrapping_mul(b as u64 + 1));
         steps += 1;
     }
-    lookup(hash).is_some()
+    has(hash)
 }
 
 /// The rewritten header: QR, opcode and RD kept, AA and TC cleared; RA kept, Z/AD/CD
@@ -181,7 +194,14 @@ pub fn decide(
     if payload.len() < dns_len {
         return (DnsVerdict::Unparsable, None);
     }
-    if !is_blocked(buf, name_end, key, lookup) {
+    let blocks_subdomains = |hash| lookup(hash).is_some_and(|f| f & DOMAIN_SUBDOMAINS != 0);
+    // SAFETY: `key` is a reference.
+    let blocked = unsafe {
+        is_blocked(buf, name_end, key, blocks_subdomains, |hash| {
+            lookup(hash).is_some()
+        })
+    };
+    if !blocked {
         return (DnsVerdict::Passed, None);
     }
     (DnsVerdict::Rewritten, Some(dns_len))

@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use phantom_common::{
     dns::{
-        ClientAddr, DEFAULT_MAX_DOMAINS, DnsPolicy, DnsVerdict, DomainKey, IfaceInfo,
-        MAX_EXEMPT_CLIENTS,
+        ClientAddr, DEFAULT_MAX_DOMAINS, DOMAIN_SUBDOMAINS, DnsPolicy, DnsVerdict, DomainKey,
+        IfaceInfo, MAX_EXEMPT_CLIENTS,
     },
     dns_filter::{
         DNS_HLEN, NAME_AREA, SCRATCH_LEN, header_verdict, is_blocked, normalise_name,
@@ -181,13 +181,17 @@ fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
     let Some(key) = DNS_KEY.get_ptr(0) else {
         return Some(DnsVerdict::Passed);
     };
-    // SAFETY: a value pointer from a successful lookup.
-    let key = unsafe { &*key };
-    let lookup = |hash: u64| {
-        // SAFETY: a value pointer from a successful lookup.
-        DOMAINS.get_ptr(&hash).map(|flags| unsafe { *flags })
+    let blocks_subdomains = |hash: u64| match DOMAINS.get_ptr(&hash) {
+        Some(flags) => {
+            // SAFETY: a value pointer from a successful lookup.
+            let flags = unsafe { *flags };
+            flags & DOMAIN_SUBDOMAINS != 0
+        }
+        None => false,
     };
-    if !is_blocked(buf, name_end, key, lookup) {
+    let has = |hash: u64| DOMAINS.get_ptr(&hash).is_some();
+    // SAFETY: a value pointer from a successful lookup.
+    if !unsafe { is_blocked(buf, name_end, key, blocks_subdomains, has) } {
         return Some(DnsVerdict::Passed);
     }
     if is_exempt(ctx, &layout) {
