@@ -148,7 +148,7 @@ struct Reference {
 /// read, the root name, or a name that uses compression -> `Unparsable`; then the name in text
 /// form (its labels joined by dots, ASCII lowercase) is blocked when a rule names it or, with
 /// `DOMAIN_SUBDOMAINS`, a suffix after one of its dots.
-fn reference(payload: &[u8], rules: &HashMap<String, u8>) -> Reference {
+fn reference(payload: &[u8], rules: &HashMap<Vec<u8>, u8>) -> Reference {
     let unparsable = Reference {
         verdict: DnsVerdict::Unparsable,
         rewrite: None,
@@ -209,9 +209,10 @@ fn reference(payload: &[u8], rules: &HashMap<String, u8>) -> Reference {
     }
 }
 
-/// The question's name in text form; `None` for the root or a name that took `consumed`
-/// bytes other than its own length plus QTYPE and QCLASS (a compression pointer).
-fn text_name(query: &Query, consumed: usize) -> Option<String> {
+/// The question's name in text form (bytes: a label may hold any byte); `None` for the root
+/// or a name that took `consumed` bytes other than its own length plus QTYPE and QCLASS (a
+/// compression pointer).
+fn text_name(query: &Query, consumed: usize) -> Option<Vec<u8>> {
     let labels: Vec<&[u8]> = query.name().iter().collect();
     if labels.is_empty() {
         return None;
@@ -220,21 +221,16 @@ fn text_name(query: &Query, consumed: usize) -> Option<String> {
     if consumed != wire_len + 4 {
         return None;
     }
-    let joined: Vec<u8> = labels.join(&b'.');
-    Some(
-        joined
-            .iter()
-            .map(|b| char::from(b.to_ascii_lowercase()))
-            .collect(),
-    )
+    Some(labels.join(&b'.').to_ascii_lowercase())
 }
 
-fn blocked(text: &str, rules: &HashMap<String, u8>) -> bool {
+fn blocked(text: &[u8], rules: &HashMap<Vec<u8>, u8>) -> bool {
     if rules.contains_key(text) {
         return true;
     }
-    text.char_indices()
-        .filter(|&(_, c)| c == '.')
+    text.iter()
+        .enumerate()
+        .filter(|&(_, &c)| c == b'.')
         .any(|(i, _)| {
             rules
                 .get(&text[i + 1..])
@@ -250,7 +246,10 @@ pub fn dns_filter(data: &[u8]) {
     let Some((&wants, payload)) = data.split_first() else {
         return;
     };
-    let mut rules: HashMap<String, u8> = RULES.iter().map(|(n, f)| (n.to_string(), *f)).collect();
+    let mut rules: HashMap<Vec<u8>, u8> = RULES
+        .iter()
+        .map(|(n, f)| (n.as_bytes().to_vec(), *f))
+        .collect();
     // The question's name as hickory reads it, for the rules the input asks for.
     let mut d = BinDecoder::new(payload);
     if Header::read(&mut d).is_ok() {
@@ -261,8 +260,8 @@ pub fn dns_filter(data: &[u8]) {
                     *rules.entry(text.clone()).or_default() |= DOMAIN_EXACT;
                 }
                 if wants & 2 != 0 {
-                    if let Some((_, parent)) = text.split_once('.') {
-                        *rules.entry(parent.to_string()).or_default() |= DOMAIN_SUBDOMAINS;
+                    if let Some(dot) = text.iter().position(|&b| b == b'.') {
+                        *rules.entry(text[dot + 1..].to_vec()).or_default() |= DOMAIN_SUBDOMAINS;
                     }
                 }
                 if wants & 4 != 0 {
@@ -274,7 +273,7 @@ pub fn dns_filter(data: &[u8]) {
     let key = key();
     let map: HashMap<u64, u8> = rules
         .iter()
-        .map(|(name, flags)| (key.hash(name.as_bytes()), *flags))
+        .map(|(name, flags)| (key.hash(name), *flags))
         .collect();
     let mut buf = [0u8; SCRATCH_LEN];
     let (verdict, len) = dns_filter::decide(payload, key, |h| map.get(&h).copied(), &mut buf);
