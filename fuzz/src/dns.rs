@@ -24,9 +24,9 @@ use phantom_daemon::dns::{
 ///   resolver sends for its error (header only, which hickory parses);
 /// - every reply the resolver builds itself (NXDOMAIN, SERVFAIL, the sinkhole, truncated)
 ///   parses with hickory, keeps the client's ID and answers the client's question;
-/// - an upstream answer that passes the resolver's checks and is cached comes back from the
-///   cache with the client's ID and question bytes, and its record walk (`answer_shape`) never
-///   points outside it.
+/// - an upstream answer that passes the resolver's checks (the question, hickory's parse, the
+///   record walk `answer_shape`, whose TTL offsets lie inside it) and is cached comes back from
+///   the cache with the client's ID and question bytes, and still parses.
 pub fn dns_wire(data: &[u8]) {
     let (query, answer) = crate::split2(data);
     let q = match wire::parse_query(query) {
@@ -65,14 +65,14 @@ pub fn dns_wire(data: &[u8]) {
     if !same_question(answer, query, &q) || Message::from_vec(answer).is_err() {
         return;
     }
-    let shape = wire::answer_shape(answer);
-    if let Some(shape) = &shape {
-        for &at in &shape.ttl_offsets {
-            assert!(
-                at as usize + 4 <= answer.len(),
-                "a TTL offset inside the answer"
-            );
-        }
+    let Some(shape) = wire::answer_shape(answer) else {
+        return;
+    };
+    for &at in &shape.ttl_offsets {
+        assert!(
+            at as usize + 4 <= answer.len(),
+            "a TTL offset inside the answer"
+        );
     }
     let cache = Cache::new(64, 3600);
     cache.put(&q, answer, Some(1));

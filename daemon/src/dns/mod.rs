@@ -573,7 +573,11 @@ impl Resolver {
             .await
             {
                 Ok(Ok(mut answer)) => {
-                    if hickory_proto::op::Message::from_vec(&answer).is_err() {
+                    // hickory reads what it can; `answer_shape` also refuses names pointing
+                    // into the header, which the client's ID would change under them.
+                    if hickory_proto::op::Message::from_vec(&answer).is_err()
+                        || wire::answer_shape(&answer).is_none()
+                    {
                         self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
