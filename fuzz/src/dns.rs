@@ -254,19 +254,19 @@ pub fn dns_filter(data: &[u8]) {
     let mut d = BinDecoder::new(payload);
     if Header::read(&mut d).is_ok() {
         let start = d.index();
-        if let Ok(query) = Query::read(&mut d) {
-            if let Some(text) = text_name(&query, d.index() - start) {
-                if wants & 1 != 0 {
-                    *rules.entry(text.clone()).or_default() |= DOMAIN_EXACT;
-                }
-                if wants & 2 != 0 {
-                    if let Some(dot) = text.iter().position(|&b| b == b'.') {
-                        *rules.entry(text[dot + 1..].to_vec()).or_default() |= DOMAIN_SUBDOMAINS;
-                    }
-                }
-                if wants & 4 != 0 {
-                    *rules.entry(text).or_default() |= DOMAIN_SUBDOMAINS;
-                }
+        if let Ok(query) = Query::read(&mut d)
+            && let Some(text) = text_name(&query, d.index() - start)
+        {
+            if wants & 1 != 0 {
+                *rules.entry(text.clone()).or_default() |= DOMAIN_EXACT;
+            }
+            if wants & 2 != 0
+                && let Some(dot) = text.iter().position(|&b| b == b'.')
+            {
+                *rules.entry(text[dot + 1..].to_vec()).or_default() |= DOMAIN_SUBDOMAINS;
+            }
+            if wants & 4 != 0 {
+                *rules.entry(text).or_default() |= DOMAIN_SUBDOMAINS;
             }
         }
     }

@@ -20,8 +20,11 @@ pub use ghost::ghost_upgrade;
 pub use sentry::sentry_proof;
 pub use wg::wg_import;
 
+/// A target: arbitrary bytes in, a panic when an invariant breaks.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its binary and corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("admin_frame", admin_frame),
     ("blocklist_api", blocklist_api),
     ("blocklist_import", blocklist_import),

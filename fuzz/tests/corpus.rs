@@ -1,5 +1,6 @@
 //! Replays every committed corpus file through its target on stable Rust (what libFuzzer runs
 //! under `cargo xtask fuzz`): a crash once found stays fixed. One test per target.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed expectation is a failed test
 
 use std::path::{Path, PathBuf};
 
