@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod dns;
+pub mod dns_filter;
 pub mod net;
 pub mod policy;
 pub mod xdp;

@@ -14,7 +14,11 @@ use aya_ebpf::{
 use phantom_common::{
     dns::{
         ClientAddr, DEFAULT_MAX_DOMAINS, DOMAIN_SUBDOMAINS, DnsPolicy, DnsVerdict, DomainKey,
-        IfaceInfo, KEY_POSITIONS, MAX_EXEMPT_CLIENTS, MAX_NAME_LEN,
+        IfaceInfo, MAX_EXEMPT_CLIENTS,
+    },
+    dns_filter::{
+        DNS_HLEN, NAME_AREA, SCRATCH_LEN, header_verdict, is_blocked, normalise_name,
+        nxdomain_header, rewritten_len,
     },
     net::{ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, UDP_HLEN},
     xdp::TrafficCounter,
@@ -48,15 +52,10 @@ pub(crate) static EXEMPT: HashMap<ClientAddr, u8> =
 #[map(name = "PH_IFACES")]
 pub(crate) static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(256, 0);
 
-const SCRATCH_LEN: usize = 512;
-/// Where the name is copied (one wire-format name is at most 255 bytes).
-const NAME_AREA: usize = 256;
 /// Where the pseudo-header is built for the checksum.
 const PSEUDO_AT: usize = 320;
 /// Where `launder` parks a value.
 const SEED_AT: usize = 480;
-/// Where the label counter of `normalise_name` lives.
-const REMAINING_AT: usize = 496;
 
 #[repr(C)]
 pub struct Scratch {
@@ -67,7 +66,6 @@ pub struct Scratch {
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 const DNS_PORT: u16 = 53;
-const DNS_HLEN: usize = 12;
 
 #[classifier]
 pub fn tc_dns_filter(ctx: TcContext) -> i32 {
@@ -159,12 +157,11 @@ fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
     let Some(header) = load::<DNS_HLEN>(ctx, dns) else {
         return Some(DnsVerdict::Unparsable);
     };
-    // QR must be set (a response) and the opcode QUERY.
-    if header[2] & 0x80 == 0 || (header[2] >> 3) & 0x0f != 0 {
-        return Some(DnsVerdict::NotResponse);
-    }
-    if header[4] != 0 || header[5] != 1 {
-        return Some(DnsVerdict::QuestionCount);
+    // QR must be set (a response), the opcode QUERY, and exactly one question. The steps
+    // from here on are phantom_common::dns_filter's, in the order of its `decide` (the
+    // userspace model the fuzz crate checks).
+    if let Some(verdict) = header_verdict(&header) {
+        return Some(verdict);
     }
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: the per-CPU scratch value lives as long as this program run, on this CPU only.
@@ -182,14 +179,24 @@ fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
         return Some(DnsVerdict::Unparsable);
     }
     // QTYPE and QCLASS must follow the name.
-    let dns_len = DNS_HLEN + name_end + 1 + 4;
+    let dns_len = rewritten_len(name_end);
     if (ctx.len() as usize) < dns + dns_len {
         return Some(DnsVerdict::Unparsable);
     }
     let Some(key) = DNS_KEY.get_ptr(0) else {
         return Some(DnsVerdict::Passed);
     };
-    if !is_blocked(buf, name_end, key) {
+    let blocks_subdomains = |hash: u64| match DOMAINS.get_ptr(&hash) {
+        Some(flags) => {
+            // SAFETY: a value pointer from a successful lookup.
+            let flags = unsafe { *flags };
+            flags & DOMAIN_SUBDOMAINS != 0
+        }
+        None => false,
+    };
+    let has = |hash: u64| DOMAINS.get_ptr(&hash).is_some();
+    // SAFETY: a value pointer from a successful lookup.
+    if !unsafe { is_blocked(buf, name_end, key, blocks_subdomains, has) } {
         return Some(DnsVerdict::Passed);
     }
     if policy.exempt_clients != 0 && is_exempt(ctx, &layout) {
@@ -279,93 +286,6 @@ fn locate(ctx: &TcContext) -> Option<Layout> {
     }
 }
 
-/// Turns the wire-format name at the start of `buf` into text in place: the length bytes
-/// after the first become dots and letters are lowercased, so the text is
-/// `buf[1..name_end]`. Returns the index of the terminating zero, or `None` for anything
-/// unusual (compression pointers, labels over 63, names over 253, running off the copy).
-#[inline(always)]
-fn normalise_name(buf: &mut [u8; SCRATCH_LEN], copied: usize) -> Option<usize> {
-    // `remaining` (bytes left in the current label) lives in scratch memory, read and written
-    // every iteration, so the verifier sees one state per position instead of one per
-    // (position, label length) pair.
-    let remaining_at = buf[REMAINING_AT..REMAINING_AT + 1].as_mut_ptr();
-    // SAFETY: one byte inside the scratch buffer.
-    unsafe { core::ptr::write_volatile(remaining_at, 0) };
-    let mut i: usize = 0;
-    while i < NAME_AREA {
-        if i >= copied {
-            return None;
-        }
-        let idx = i & (NAME_AREA - 1);
-        let b = buf[idx];
-        // SAFETY: as above.
-        let mut remaining = unsafe { core::ptr::read_volatile(remaining_at) };
-        if remaining == 0 {
-            if b == 0 {
-                // The root name alone (i == 0) asks about nothing we block.
-                return if i == 0 || i - 1 > MAX_NAME_LEN {
-                    None
-                } else {
-                    Some(i)
-                };
-            }
-            if b > 63 {
-                return None;
-            }
-            remaining = b;
-            if i != 0 {
-                buf[idx] = b'.';
-            }
-        } else {
-            buf[idx] = if b.is_ascii_uppercase() { b + 32 } else { b };
-            remaining -= 1;
-        }
-        // SAFETY: as above.
-        unsafe { core::ptr::write_volatile(remaining_at, remaining) };
-        i += 1;
-    }
-    None
-}
-
-/// Walks the text backwards: at each dot the running hash is that suffix's key (a parent
-/// domain: blocked only with `DOMAIN_SUBDOMAINS`); at the start it is the whole name's. The
-/// text is lowercase already (`normalise_name`), so each step is `DomainKey::step` without
-/// its case fold.
-#[inline(always)]
-fn is_blocked(buf: &mut [u8; SCRATCH_LEN], name_end: usize, key: *const DomainKey) -> bool {
-    // The name's length comes through map memory (`launder`) and the hash from the key's map
-    // value, so the verifier sees unknown values: with known constants every iteration's state
-    // would differ (one per name length and hash value) and the loop could not be verified
-    // within the instruction limit.
-    let mut hash: u64 = 0;
-    let mut k = name_end;
-    let mut steps = 0;
-    while steps < NAME_AREA {
-        if k <= 1 {
-            break;
-        }
-        k -= 1;
-        // The mask stays a mask for the verifier only if LLVM cannot see k's range (it would
-        // drop it, and the verifier then tracks k - 1 as possibly negative).
-        // SAFETY: reading a local.
-        let idx = unsafe { core::ptr::read_volatile(&k) } & (NAME_AREA - 1);
-        let b = buf[idx];
-        if b == b'.' {
-            if let Some(flags) = DOMAINS.get_ptr(&hash) {
-                // SAFETY: a value pointer from a successful lookup.
-                if unsafe { *flags } & DOMAIN_SUBDOMAINS != 0 {
-                    return true;
-                }
-            }
-        }
-        // SAFETY: a value pointer from a successful lookup; the index is masked into the array.
-        let mul = unsafe { (*key).mul[steps & (KEY_POSITIONS - 1)] };
-        hash = hash.wrapping_add(mul.wrapping_mul(b as u64 + 1));
-        steps += 1;
-    }
-    DOMAINS.get_ptr(&hash).is_some()
-}
-
 /// Returns `v` after a round trip through the scratch map, which the verifier does not track.
 #[inline(always)]
 fn launder(buf: &mut [u8; SCRATCH_LEN], v: u64) -> u64 {
@@ -388,13 +308,8 @@ fn rewrite(
     buf: &mut [u8; SCRATCH_LEN],
 ) -> Option<()> {
     let dns = layout.l4 + UDP_HLEN;
-    let mut new_header = header;
     // Keep QR, opcode and RD; clear AA and TC. Keep RA; clear Z/AD/CD; RCODE 3 (NXDOMAIN).
-    new_header[2] = header[2] & 0xF9;
-    new_header[3] = (header[3] & 0x80) | 0x03;
-    for b in &mut new_header[6..12] {
-        *b = 0;
-    }
+    let new_header = nxdomain_header(&header);
     ctx.store(dns, &new_header, 0).ok()?;
 
     let udp_len = (UDP_HLEN + dns_len) as u16;

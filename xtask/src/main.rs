@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
 mod package;
 
 #[derive(Parser)]
@@ -49,6 +50,18 @@ enum Cmd {
         /// Compress with gzip -1 instead of xz: a larger file, built in a fraction of the time.
         #[arg(long)]
         fast: bool,
+    },
+    /// Run fuzz targets (fuzz/, cargo-fuzz with libFuzzer on the pinned nightly) for a time
+    /// box each; prints execs/s and corpus size per target (docs/testing.md, "Fuzzing").
+    Fuzz {
+        /// A target (a file name of fuzz/fuzz_targets/ without `.rs`), or `all`.
+        target: String,
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Extra libFuzzer options (e.g. -max_len=4096).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Build and run the benchmarks; extra arguments go to phantom-bench.
     Bench {
@@ -128,7 +141,10 @@ fn run(cli: Cli) -> Result<()> {
                 step("format check", cargo().args(["fmt", "--all", "--check"]))?;
                 step(
                     "clippy",
-                    cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]),
+                    cargo()
+                        .args(["clippy", "--all-targets"])
+                        .args(WITH_FUZZ)
+                        .args(["--", "-D", "warnings"]),
                 )?;
             }
             // The end-to-end tests start the real binaries; build them first.
@@ -146,6 +162,7 @@ fn run(cli: Cli) -> Result<()> {
             let result = run_tests(
                 cargo()
                     .args(["test", "--no-fail-fast"])
+                    .args(WITH_FUZZ)
                     .args(&args)
                     .env("PHANTOM_BIN_DIR", &bin_dir)
                     .env(SKIPPED_TESTS_ENV, &skipped),
@@ -181,6 +198,11 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", deb.display());
             Ok(())
         }
+        Cmd::Fuzz {
+            target,
+            seconds,
+            args,
+        } => fuzz::run(&target, seconds, &args),
         Cmd::Bench { args } if args.first().map(String::as_str) == Some("ghost") => {
             // Ghost throughput needs namespaces, wg-quick and the wstunnel test client, which
             // live in the end-to-end test crate: an ignored test there is the bench.
@@ -231,6 +253,10 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
 }
+
+/// The default members and the fuzz crate (its targets' library and the replay of their
+/// corpora, on stable): every member but the eBPF crate, which builds only for BPF.
+const WITH_FUZZ: [&str; 3] = ["--workspace", "--exclude", "phantom-ebpf"];
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")

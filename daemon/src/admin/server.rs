@@ -164,14 +164,20 @@ fn peer_allowed(stream: &UnixStream, access: Access) -> bool {
         })
 }
 
-enum Frame {
+/// One frame as `read_frame` cut it. Public (hidden) for the fuzz crate only.
+#[doc(hidden)]
+pub enum Frame {
     Line(Vec<u8>),
     TooLarge,
     Eof,
 }
 
-/// Reads one newline-terminated frame without ever buffering more than the limit.
-async fn read_frame<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> std::io::Result<Frame> {
+/// Reads one newline-terminated frame without ever buffering more than the limit. Public
+/// (hidden) for the fuzz crate only.
+#[doc(hidden)]
+pub async fn read_frame<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+) -> std::io::Result<Frame> {
     let mut frame = Vec::new();
     loop {
         let available = reader.fill_buf().await?;
@@ -204,8 +210,10 @@ fn bad_request(code: &str, message: impl Into<String>) -> Box<Response> {
     Box::new(Response::fail("", "", code, message))
 }
 
-/// Boxed error: a reply is large and this path is the cold one.
-fn parse_request(frame: &[u8]) -> Result<Request, Box<Response>> {
+/// Boxed error: a reply is large and this path is the cold one. Public (hidden) for the fuzz
+/// crate only.
+#[doc(hidden)]
+pub fn parse_request(frame: &[u8]) -> Result<Request, Box<Response>> {
     let value: serde_json::Value = serde_json::from_slice(frame).map_err(|e| {
         bad_request(
             codes::INVALID_JSON,

@@ -850,6 +850,15 @@ async fn health(State(state): State<ApiState>) -> Response {
     .into_response()
 }
 
+/// The API's routes on `list` as `serve` builds them (the default source prefix), to call
+/// without a listener; a request needs `ConnectInfo<SocketAddr>` among its extensions. Public
+/// (hidden) for the fuzz crate only.
+#[doc(hidden)]
+pub fn router(list: Arc<Blocklist>) -> Router {
+    let full = Arc::new(FullLists::new(FULL_LIST_SLOTS, FULL_LIST_WAIT));
+    app(list, SourcePrefix::DEFAULT, full)
+}
+
 /// The API's routes on `list`; the rate limiter counts sources with `prefix`.
 fn app(list: Arc<Blocklist>, prefix: SourcePrefix, full: Arc<FullLists>) -> Router {
     let state = ApiState {

@@ -594,7 +594,11 @@ impl Resolver {
             .await
             {
                 Ok(Ok(mut answer)) => {
-                    if hickory_proto::op::Message::from_vec(&answer).is_err() {
+                    // hickory reads what it can; `answer_shape` also refuses names pointing
+                    // into the header, which the client's ID would change under them.
+                    if hickory_proto::op::Message::from_vec(&answer).is_err()
+                        || wire::answer_shape(&answer).is_none()
+                    {
                         self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -625,8 +629,10 @@ impl Resolver {
     }
 }
 
-/// Does `answer` answer `q` (the same question, any letter case)?
-fn same_question(answer: &[u8], query: &[u8], q: &Question) -> bool {
+/// Does `answer` answer `q` (the same question, any letter case)? Public (hidden) for the
+/// fuzz crate only.
+#[doc(hidden)]
+pub fn same_question(answer: &[u8], query: &[u8], q: &Question) -> bool {
     answer.len() >= q.end
         && answer[4..6] == [0, 1]
         && answer[wire::HEADER_LEN..q.end].eq_ignore_ascii_case(&query[wire::HEADER_LEN..q.end])

@@ -162,14 +162,19 @@ fn edns(b: &[u8], question_end: usize) -> Edns {
     }
 }
 
-/// The offset just past a (possibly compressed) name.
+/// The offset just past a (possibly compressed) name. `None` also for a compression pointer
+/// into the header: no name starts there, and the resolver rewrites the ID, so what such a
+/// pointer reads would change between the upstream's answer and the client's.
 fn skip_name(b: &[u8], mut at: usize) -> Option<usize> {
     for _ in 0..128 {
         let len = *b.get(at)?;
         match len {
             0 => return Some(at + 1),
             l if l & 0xc0 == 0xc0 => {
-                b.get(at + 1)?;
+                let target = usize::from(u16::from_be_bytes([l & 0x3f, *b.get(at + 1)?]));
+                if target < HEADER_LEN {
+                    return None;
+                }
                 return Some(at + 2);
             }
             l if l <= 63 => at += 1 + l as usize,
@@ -268,7 +273,8 @@ pub struct AnswerShape {
     pub ttl: Option<u32>,
 }
 
-/// Walks an upstream answer for its TTL fields. `None` when it does not parse.
+/// Walks an upstream answer for its TTL fields. `None` when it does not parse, or a name
+/// points into the header (such an answer is not forwarded: `Resolver::forward`).
 pub fn answer_shape(b: &[u8]) -> Option<AnswerShape> {
     if b.len() < HEADER_LEN {
         return None;
@@ -450,5 +456,25 @@ mod tests {
             assert!(ttl == 300 || ttl == 60);
         }
         assert!(answer_shape(&wire[..wire.len() - 3]).is_none());
+    }
+
+    /// Found by the fuzz crate (`dns_wire`): hickory reads a name pointing at the ID, which
+    /// the resolver then rewrites; such an answer is neither cached nor forwarded.
+    #[test]
+    fn a_name_pointing_into_the_header_is_refused() {
+        let mut wire = query("a.example.", RecordType::A, false);
+        wire[2] |= 0x80;
+        wire[7] = 1;
+        // An A record whose owner is a pointer to offset 0 (the ID).
+        wire.extend_from_slice(&[0xc0, 0x00, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 7]);
+        wire[0] = 0;
+        wire[1] = 0;
+        assert!(answer_shape(&wire).is_none());
+        let at = wire.len() - 16;
+        wire[at + 1] = 12;
+        assert!(
+            answer_shape(&wire).is_some(),
+            "a pointer to the question is fine"
+        );
     }
 }

@@ -391,7 +391,9 @@ async fn serve(
     info!("ghost relay stopped");
 }
 
-type Ws<S> = tokio_tungstenite::WebSocketStream<S>;
+/// A tunnel's WebSocket. Public (hidden) for the fuzz crate only.
+#[doc(hidden)]
+pub type Ws<S> = tokio_tungstenite::WebSocketStream<S>;
 
 /// TLS within `TLS_HANDSHAKE_TIMEOUT`, then the WebSocket upgrade with the path and claims
 /// checked and a place in the secret's `quota` taken, all within `timeout` of accept.
@@ -420,8 +422,10 @@ async fn upgrade(
     upgrade_stream(tls, settings, quota, deadline).await
 }
 
-/// The WebSocket upgrade on a decrypted stream, by `deadline`.
-async fn upgrade_stream<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+/// The WebSocket upgrade on a decrypted stream, by `deadline`. Public (hidden) for the fuzz
+/// crate only.
+#[doc(hidden)]
+pub async fn upgrade_stream<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     tls: S,
     settings: &RelaySettings,
     quota: &Arc<Semaphore>,
@@ -542,6 +546,45 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// What a frame read from a tunnel means: `None` to carry on (a datagram, a ping, a pong),
+/// else why the tunnel ends. Public (hidden) for the fuzz crate only.
+#[doc(hidden)]
+pub fn frame_ends_tunnel(
+    frame: Option<Result<Message, tungstenite::Error>>,
+    stats: &Stats,
+) -> Option<&'static str> {
+    match frame {
+        None => Some("client gone"),
+        Some(Ok(Message::Binary(datagram))) => {
+            stats
+                .bytes_in
+                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+            stats.datagrams_in.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+        // Pongs are queued by the WebSocket layer and flushed on the next poll.
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => None,
+        Some(Ok(Message::Close(_))) => Some("client closed"),
+        Some(Ok(Message::Text(_))) => {
+            stats.fault(FrameFault::Text);
+            Some("text frame")
+        }
+        Some(Err(e)) => {
+            let fault = match e {
+                tungstenite::Error::Capacity(_) => Some(FrameFault::Oversized),
+                tungstenite::Error::Protocol(_) => Some(FrameFault::Protocol),
+                _ => None,
+            };
+            if let Some(fault) = fault {
+                stats.fault(fault);
+                debug!(error = %e, "ghost tunnel closed on a bad frame");
+                return Some(fault.as_str());
+            }
+            Some("connection error")
+        }
+    }
+}
+
 /// Relays until either side ends, or no frame came for `idle`; returns why it ended.
 async fn relay<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     ws: Ws<S>,
@@ -575,37 +618,25 @@ async fn relay<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                 let _ = sink.send(Message::Close(None)).await;
                 return "relay stopped";
             }
-            frame = tokio::time::timeout(idle, stream.next()) => match frame {
-                Err(_) => return "idle",
-                Ok(None) => return "client gone",
-                Ok(Some(Ok(Message::Binary(datagram)))) => {
-                    stats.bytes_in.fetch_add(datagram.len() as u64, Ordering::Relaxed);
-                    stats.datagrams_in.fetch_add(1, Ordering::Relaxed);
+            frame = tokio::time::timeout(idle, stream.next()) => {
+                let Ok(frame) = frame else {
+                    return "idle";
+                };
+                let datagram = match &frame {
+                    Some(Ok(Message::Binary(datagram))) => Some(datagram.clone()),
+                    _ => None,
+                };
+                if let Some(why) = frame_ends_tunnel(frame, stats) {
+                    if why == "text frame" {
+                        let _ = sink.send(Message::Close(None)).await;
+                    }
+                    return why;
+                }
+                if let Some(datagram) = datagram {
                     // WireGuard not listening for a moment (restart) is not the tunnel's end.
                     let _ = udp.send(&datagram).await;
                 }
-                // Pongs are queued by the WebSocket layer and flushed on the next poll.
-                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => {}
-                Ok(Some(Ok(Message::Close(_)))) => return "client closed",
-                Ok(Some(Ok(Message::Text(_)))) => {
-                    stats.fault(FrameFault::Text);
-                    let _ = sink.send(Message::Close(None)).await;
-                    return "text frame";
-                }
-                Ok(Some(Err(e))) => {
-                    let fault = match e {
-                        tungstenite::Error::Capacity(_) => Some(FrameFault::Oversized),
-                        tungstenite::Error::Protocol(_) => Some(FrameFault::Protocol),
-                        _ => None,
-                    };
-                    if let Some(fault) = fault {
-                        stats.fault(fault);
-                        debug!(error = %e, "ghost tunnel closed on a bad frame");
-                        return fault.as_str();
-                    }
-                    return "connection error";
-                }
-            },
+            }
             received = udp.recv(&mut buf) => match received {
                 Ok(n) => {
                     stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
