@@ -11,6 +11,8 @@
 //!   state dir with its own socket; stopped with SIGTERM or `kill -9`, always killed on
 //!   `Drop`. [`ApiClient`] and [`phantom_api`]: the admin socket, raw and through the real CLI.
 //! - `wg_client.rs` — [`WgQuickClient`]: a stock `wg-quick` client in a namespace.
+//!   `two_clients.rs` — [`TwoClients`]: two clients on links of their own, a server and an
+//!   upstream behind it; [`connect_client`] adds a client and brings it up.
 //! - `disk.rs` — [`SmallDisk`]: a small tmpfs for a state directory, filled on demand and
 //!   always unmounted on `Drop` (the disk-full faults).
 //! - `dnsmasq.rs` — [`dnsmasq`] (and [`dnsmasq_with`] for other options) and [`dig`]. `redis.rs` — [`RedisServer`].
@@ -33,6 +35,7 @@ mod http;
 mod netns;
 mod process;
 mod redis;
+mod two_clients;
 mod upstream;
 mod wg_client;
 pub mod wstunnel;
@@ -50,5 +53,6 @@ pub use netns::{
 };
 pub use process::{Process, run};
 pub use redis::RedisServer;
+pub use two_clients::{TwoClients, connect_client};
 pub use upstream::{HttpReply, UpstreamSite, http_from};
 pub use wg_client::WgQuickClient;

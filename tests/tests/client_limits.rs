@@ -13,46 +13,27 @@ use std::{
 };
 
 use phantom_tests::{
-    BpffsDir, Daemon, DaemonConfig, NetNs, Process, WgQuickClient, WireguardSettings, api, api_err,
-    http_get, require_root, veth,
+    BpffsDir, Daemon, DaemonConfig, NetNs, Process, TwoClients, WireguardSettings, api, api_err,
+    connect_client, http_get, require_root,
 };
 use serde_json::Value;
 
 const VPN_SUBNET: &str = "198.51.100.0/24";
-const ENDPOINT: &str = "192.0.2.1";
 const SERVICE: &str = "203.0.113.80";
 
-struct Topology {
-    server: NetNs,
-    alice: NetNs,
-    bob: NetNs,
-    upstream: NetNs,
+/// The shared set-up, with this file's services added below.
+struct Topology(TwoClients);
+
+impl std::ops::Deref for Topology {
+    type Target = TwoClients;
+    fn deref(&self) -> &TwoClients {
+        &self.0
+    }
 }
 
 impl Topology {
     fn new() -> Self {
-        let t = Self {
-            server: NetNs::new("pls"),
-            alice: NetNs::new("pla"),
-            bob: NetNs::new("plb"),
-            upstream: NetNs::new("plu"),
-        };
-        veth(&t.server, "a0", &t.alice, "eth0");
-        veth(&t.server, "b0", &t.bob, "eth0");
-        veth(&t.server, "up0", &t.upstream, "srv0");
-        t.server.ip(&["addr", "add", "192.0.2.1/28", "dev", "a0"]);
-        t.server.ip(&["addr", "add", "192.0.2.17/28", "dev", "b0"]);
-        t.server
-            .ip(&["addr", "add", "203.0.113.1/24", "dev", "up0"]);
-        t.alice.ip(&["addr", "add", "192.0.2.2/28", "dev", "eth0"]);
-        t.alice.ip(&["route", "add", "default", "via", "192.0.2.1"]);
-        t.bob.ip(&["addr", "add", "192.0.2.18/28", "dev", "eth0"]);
-        t.bob.ip(&["route", "add", "default", "via", "192.0.2.17"]);
-        t.upstream
-            .ip(&["addr", "add", &format!("{SERVICE}/24"), "dev", "srv0"]);
-        t.upstream
-            .ip(&["route", "add", "default", "via", "203.0.113.1"]);
-        t
+        Self(TwoClients::new(SERVICE))
     }
 
     /// An iperf3 server on `port` in the upstream namespace.
@@ -66,18 +47,6 @@ impl Topology {
         std::thread::sleep(Duration::from_millis(300));
         p
     }
-}
-
-fn connect(daemon: &Daemon, ns: &NetNs, name: &str) -> WgQuickClient {
-    api(
-        daemon,
-        &["core", "add_client", &format!("client_name={name}")],
-    );
-    let export = api(
-        daemon,
-        &["core", "export_client", &format!("client_name={name}")],
-    );
-    WgQuickClient::up(ns, export["config"].as_str().unwrap())
 }
 
 fn ping(ns: &NetNs, to: &str) -> bool {
@@ -173,10 +142,10 @@ fn rate_limits_hold_both_ways_change_live_and_leave_others_alone() {
     let _bob_server = topo.iperf_server(5202);
     let bpffs = BpffsDir::new();
     let mut config = DaemonConfig::new("a0", bpffs.path());
-    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, ENDPOINT));
+    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, TwoClients::ENDPOINT));
     let mut daemon = Daemon::start(&topo.server, &config);
-    let _alice = connect(&daemon, &topo.alice, "alice");
-    let _bob = connect(&daemon, &topo.bob, "bob");
+    let _alice = connect_client(&daemon, &topo.alice, "alice");
+    let _bob = connect_client(&daemon, &topo.bob, "bob");
     wait_ping(&topo.alice, "alice");
     wait_ping(&topo.bob, "bob");
 
@@ -345,10 +314,10 @@ fn a_used_up_quota_throttles_or_blocks_also_after_a_restart() {
     let _alice_server = topo.iperf_server(5201);
     let bpffs = BpffsDir::new();
     let mut config = DaemonConfig::new("a0", bpffs.path());
-    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, ENDPOINT));
+    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, TwoClients::ENDPOINT));
     let mut daemon = Daemon::start(&topo.server, &config);
-    let _alice = connect(&daemon, &topo.alice, "alice");
-    let _bob = connect(&daemon, &topo.bob, "bob");
+    let _alice = connect_client(&daemon, &topo.alice, "alice");
+    let _bob = connect_client(&daemon, &topo.bob, "bob");
     wait_ping(&topo.alice, "alice");
     wait_ping(&topo.bob, "bob");
 

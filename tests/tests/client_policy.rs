@@ -12,61 +12,17 @@ use std::{
 };
 
 use phantom_tests::{
-    BpffsDir, Daemon, DaemonConfig, NetNs, WgQuickClient, WireguardSettings, api, api_err,
-    require_root, veth,
+    BpffsDir, Daemon, DaemonConfig, NetNs, TwoClients, WireguardSettings, api, api_err,
+    connect_client, require_root,
 };
 use serde_json::Value;
 
 const VPN_SUBNET: &str = "198.51.100.0/24";
 const SERVER_VPN: &str = "198.51.100.1";
-const ENDPOINT: &str = "192.0.2.1";
 const SERVICE: &str = "203.0.113.80";
 
-struct Topology {
-    server: NetNs,
-    alice: NetNs,
-    bob: NetNs,
-    upstream: NetNs,
-}
-
-impl Topology {
-    fn new() -> Self {
-        let t = Self {
-            server: NetNs::new("phs"),
-            alice: NetNs::new("pha"),
-            bob: NetNs::new("phb"),
-            upstream: NetNs::new("phu"),
-        };
-        veth(&t.server, "a0", &t.alice, "eth0");
-        veth(&t.server, "b0", &t.bob, "eth0");
-        veth(&t.server, "up0", &t.upstream, "srv0");
-        t.server.ip(&["addr", "add", "192.0.2.1/28", "dev", "a0"]);
-        t.server.ip(&["addr", "add", "192.0.2.17/28", "dev", "b0"]);
-        t.server
-            .ip(&["addr", "add", "203.0.113.1/24", "dev", "up0"]);
-        t.alice.ip(&["addr", "add", "192.0.2.2/28", "dev", "eth0"]);
-        t.alice.ip(&["route", "add", "default", "via", "192.0.2.1"]);
-        t.bob.ip(&["addr", "add", "192.0.2.18/28", "dev", "eth0"]);
-        t.bob.ip(&["route", "add", "default", "via", "192.0.2.17"]);
-        t.upstream
-            .ip(&["addr", "add", &format!("{SERVICE}/24"), "dev", "srv0"]);
-        t.upstream
-            .ip(&["route", "add", "default", "via", "203.0.113.1"]);
-        t
-    }
-}
-
-fn connect(daemon: &Daemon, ns: &NetNs, name: &str) -> WgQuickClient {
-    api(
-        daemon,
-        &["core", "add_client", &format!("client_name={name}")],
-    );
-    let export = api(
-        daemon,
-        &["core", "export_client", &format!("client_name={name}")],
-    );
-    WgQuickClient::up(ns, export["config"].as_str().unwrap())
-}
+/// The shared set-up, the service on the upstream.
+type Topology = TwoClients;
 
 fn tcp(ns: &NetNs, port: u16) -> bool {
     ns.run(move || {
@@ -119,7 +75,7 @@ fn client_rules_and_isolation_hold_in_the_kernel_and_test_policy_agrees() {
         return;
     }
     let started = Instant::now();
-    let topo = Topology::new();
+    let topo = Topology::new(SERVICE);
     // Services: TCP 22, 80 and 8080 (the listeners' backlogs accept without an accept call).
     let _listeners: Vec<std::net::TcpListener> = [22u16, 80, 8080]
         .iter()
@@ -131,10 +87,10 @@ fn client_rules_and_isolation_hold_in_the_kernel_and_test_policy_agrees() {
         .collect();
     let bpffs = BpffsDir::new();
     let mut config = DaemonConfig::new("a0", bpffs.path());
-    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, ENDPOINT));
+    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, TwoClients::ENDPOINT));
     let mut daemon = Daemon::start(&topo.server, &config);
-    let _alice = connect(&daemon, &topo.alice, "alice");
-    let _bob = connect(&daemon, &topo.bob, "bob");
+    let _alice = connect_client(&daemon, &topo.alice, "alice");
+    let _bob = connect_client(&daemon, &topo.bob, "bob");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !(ping(&topo.alice, SERVICE) && ping(&topo.bob, SERVICE)) {
         assert!(

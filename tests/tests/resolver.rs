@@ -7,51 +7,31 @@
 use std::time::{Duration, Instant};
 
 use phantom_tests::{
-    BpffsDir, Daemon, DaemonConfig, DnsmasqOptions, NetNs, Process, WgQuickClient,
+    BpffsDir, Daemon, DaemonConfig, DnsmasqOptions, NetNs, Process, TwoClients, WgQuickClient,
     WireguardSettings, api, api_err, dig, dnsmasq, dnsmasq_with, http_get, metric_value,
-    require_root, veth,
+    require_root,
 };
 
 const VPN_SUBNET: &str = "198.51.100.0/24";
 const RESOLVER: &str = "198.51.100.1";
 const UPSTREAM: &str = "203.0.113.53";
-const ENDPOINT: &str = "192.0.2.1";
 const CASINO: &str = "203.0.113.100";
 const WWW_CASINO: &str = "203.0.113.101";
 const FINE: &str = "203.0.113.105";
 
-/// The server (daemon), two client namespaces on their own links, and the upstream resolver.
-struct Topology {
-    server: NetNs,
-    alice: NetNs,
-    bob: NetNs,
-    upstream: NetNs,
+/// The shared set-up, with this file's services added below.
+struct Topology(TwoClients);
+
+impl std::ops::Deref for Topology {
+    type Target = TwoClients;
+    fn deref(&self) -> &TwoClients {
+        &self.0
+    }
 }
 
 impl Topology {
     fn new() -> Self {
-        let t = Self {
-            server: NetNs::new("phs"),
-            alice: NetNs::new("pha"),
-            bob: NetNs::new("phb"),
-            upstream: NetNs::new("phu"),
-        };
-        veth(&t.server, "a0", &t.alice, "eth0");
-        veth(&t.server, "b0", &t.bob, "eth0");
-        veth(&t.server, "up0", &t.upstream, "dns0");
-        t.server.ip(&["addr", "add", "192.0.2.1/28", "dev", "a0"]);
-        t.server.ip(&["addr", "add", "192.0.2.17/28", "dev", "b0"]);
-        t.server
-            .ip(&["addr", "add", "203.0.113.1/24", "dev", "up0"]);
-        t.alice.ip(&["addr", "add", "192.0.2.2/28", "dev", "eth0"]);
-        t.alice.ip(&["route", "add", "default", "via", "192.0.2.1"]);
-        t.bob.ip(&["addr", "add", "192.0.2.18/28", "dev", "eth0"]);
-        t.bob.ip(&["route", "add", "default", "via", "192.0.2.17"]);
-        t.upstream
-            .ip(&["addr", "add", "203.0.113.53/24", "dev", "dns0"]);
-        t.upstream
-            .ip(&["route", "add", "default", "via", "203.0.113.1"]);
-        t
+        Self(TwoClients::new(UPSTREAM))
     }
 
     fn dnsmasq(&self) -> Process {
@@ -73,7 +53,7 @@ impl Topology {
 
     fn start(&self, bpffs: &BpffsDir, dns: &str) -> Daemon {
         let mut config = DaemonConfig::new("a0", bpffs.path());
-        config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, ENDPOINT));
+        config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, TwoClients::ENDPOINT));
         config.dns_section = dns.into();
         Daemon::start(&self.server, &config)
     }
