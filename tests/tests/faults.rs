@@ -1524,10 +1524,10 @@ fn full_kernel_maps_refuse_or_evict_as_documented_and_keep_operator_entries() {
         .iter()
         .map(|s| s["address"].as_str().unwrap().to_string())
         .collect::<Vec<_>>();
-    assert!(
-        top.contains(&"192.0.2.7".to_string()) && !top.contains(&"192.0.2.3".to_string()),
-        "{top:?}"
-    );
+    // The newest source is held (the map holds four, above). Which older one went is the
+    // kernel's choice: its LRU is approximate (per-CPU free lists), and the pass cache's
+    // counts reach the map when a slot is taken over, which counts as a use.
+    assert!(top.contains(&"192.0.2.7".to_string()), "{top:?}");
     assert_eq!(metric("phantom_datapath_map_full{map=\"PH_SOURCES\"}"), 1.0);
     // The churn touched no deny: the peer is still dropped.
     link.send_udp(
