@@ -302,6 +302,11 @@ impl Daemon {
         child.wait().unwrap();
     }
 
+    /// The environment of the next start (replacing the config's).
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.env = env;
+    }
+
     /// Starts the daemon again on the same config and state.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the daemon first");
