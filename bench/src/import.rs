@@ -25,7 +25,13 @@ struct Memory {
 fn kib_field(text: &str, field: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim_start_matches(':').split_whitespace().next()?.parse().ok())
+        .and_then(|v| {
+            v.trim_start_matches(':')
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .map_or(0.0, |kib: f64| kib / 1024.0)
 }
 

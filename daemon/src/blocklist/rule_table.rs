@@ -219,10 +219,16 @@ mod tests {
         let mut table: RuleTable<u64> = RuleTable::default();
         let mut x: u64 = 1;
         for i in 0..1_000_000u64 {
-            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
             table.insert(x, i);
         }
         assert_eq!(table.len(), 1_000_000);
-        assert!(table.bytes() <= 16 * 1_000_000 * 4 / 3 + 16 * 2 * SPILL, "{}", table.bytes());
+        assert!(
+            table.bytes() <= 16 * 1_000_000 * 4 / 3 + 16 * 2 * SPILL,
+            "{}",
+            table.bytes()
+        );
     }
 }
