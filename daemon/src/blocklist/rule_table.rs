@@ -20,7 +20,7 @@ const TARGET_LOAD: f64 = 0.75;
 const MAX_LOAD: f64 = 0.9;
 const MIN_LOAD: f64 = 0.3;
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct RuleTable<V: Copy + Default> {
     /// `(key, value)` in key order, key 0 = empty; at least `homes + SPILL` long (or empty).
     slots: Vec<(u64, V)>,
@@ -30,17 +30,6 @@ pub struct RuleTable<V: Copy + Default> {
     len: usize,
     /// The value of key 0, which marks empty slots.
     zero: Option<V>,
-}
-
-impl<V: Copy + Default> Default for RuleTable<V> {
-    fn default() -> Self {
-        Self {
-            slots: Vec::new(),
-            homes: 0,
-            len: 0,
-            zero: None,
-        }
-    }
 }
 
 impl<V: Copy + Default> RuleTable<V> {
@@ -190,7 +179,7 @@ mod tests {
                 1 => u64::MAX - r % 64,
                 _ => next() % 20_000 * 922_337_203_685_477,
             };
-            if round < 20_000 && r % 3 != 0 || round >= 20_000 && r % 5 == 0 {
+            if (round < 20_000 && r % 3 != 0) || (round >= 20_000 && r % 5 == 0) {
                 assert_eq!(table.insert(key, round), model.insert(key, round));
             } else {
                 assert_eq!(table.remove(key), model.remove(&key));
