@@ -113,13 +113,16 @@ fn cases() -> Vec<Case> {
             "forwarded name the upstream refuses",
             query(0x1008, "elsewhere.example.net", A, None, false),
         ),
-        udp(
-            "blocked A",
-            query(0x2001, "casino.example", A, None, false),
-        ),
+        udp("blocked A", query(0x2001, "casino.example", A, None, false)),
         udp(
             "blocked subdomain AAAA with EDNS and DO",
-            query(0x2002, "WWW.Casino.example", AAAA, Some((1232, true)), false),
+            query(
+                0x2002,
+                "WWW.Casino.example",
+                AAAA,
+                Some((1232, true)),
+                false,
+            ),
         ),
         udp(
             "blocked MX",
