@@ -268,16 +268,19 @@ fn static_reply(path: &str, if_none_match: Option<&HeaderValue>) -> Response<Pro
     r
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Names made once, not parsed from text on every request.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in Connection are hop-by-hop too.
@@ -291,7 +294,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for h in HOP_BY_HOP {
+    for h in HOP_BY_HOP.iter() {
         headers.remove(h);
     }
 }
@@ -346,7 +349,7 @@ impl Proxy {
     pub async fn handle(&self, req: Request<RequestBody>, peer: &Peer) -> Response<ProxyBody> {
         let xff = req
             .headers()
-            .get("x-forwarded-for")
+            .get(&X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok());
         let client = self.sentry.client_addr(peer.addr, xff);
         let path = req.uri().path();
@@ -703,7 +706,7 @@ impl Proxy {
         // Our hop: append the address we saw (a trusted proxy's own entries stay before it).
         let xff = match parts
             .headers
-            .get("x-forwarded-for")
+            .get(&X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok())
         {
             Some(prev) => HeaderValue::from_str(&format!("{prev}, {client}")).ok(),
@@ -712,12 +715,12 @@ impl Proxy {
             None => peer.forwarded_for.clone(),
         };
         if let Some(v) = xff {
-            parts.headers.insert("x-forwarded-for", v);
+            parts.headers.insert(X_FORWARDED_FOR.clone(), v);
         }
         // What the client spoke to us; a trusted proxy in front has said it already.
-        if !peer.via_trusted || !parts.headers.contains_key("x-forwarded-proto") {
+        if !peer.via_trusted || !parts.headers.contains_key(&X_FORWARDED_PROTO) {
             parts.headers.insert(
-                "x-forwarded-proto",
+                X_FORWARDED_PROTO.clone(),
                 HeaderValue::from_static(if self.tls { "https" } else { "http" }),
             );
         }
