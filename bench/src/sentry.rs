@@ -306,8 +306,8 @@ impl Nginx {
     /// The `stat` files of the master and its workers.
     fn stats(&self) -> Vec<String> {
         let pid = self.child.id();
-        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .unwrap_or_default();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
         std::iter::once(pid.to_string())
             .chain(children.split_whitespace().map(str::to_string))
             .map(|p| format!("/proc/{p}/stat"))

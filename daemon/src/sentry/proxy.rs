@@ -389,9 +389,7 @@ impl Proxy {
                 let host = req.headers().get(header::HOST).cloned();
                 self.sentry
                     .snapshots
-                    .get(path_and_query, || {
-                        self.fetch_snapshot(path_and_query, host)
-                    })
+                    .get(path_and_query, || self.fetch_snapshot(path_and_query, host))
                     .await
             } else {
                 None

@@ -108,8 +108,9 @@ impl RedisStore {
     /// serves: its calls then never wait on another thread. Same timeouts and reconnection as
     /// the shared connection.
     pub fn attach_thread(&self) -> Result<Lane, SentryError> {
-        let conn = ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
-            .map_err(SentryError::Redis)?;
+        let conn =
+            ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+                .map_err(SentryError::Redis)?;
         LANES.with(|l| {
             let mut l = l.borrow_mut();
             l.retain(|(id, _)| *id != self.id);
