@@ -7,7 +7,7 @@
 use std::{convert::Infallible, net::IpAddr, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::{
     Method, Request, Response, StatusCode,
     header::{self, HeaderMap, HeaderName, HeaderValue},
@@ -28,8 +28,7 @@ use super::{
 };
 use crate::http::{self, RequestBody};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type ProxyBody = BoxBody<Bytes, BoxError>;
+pub use super::upstream::{BoxError, ProxyBody};
 
 /// Largest proof body accepted.
 pub const MAX_PROOF_BYTES: usize = 16 * 1024;

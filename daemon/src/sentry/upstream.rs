@@ -25,7 +25,9 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-use super::proxy::{BoxError, ProxyBody};
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body of what the proxy sends and answers.
+pub type ProxyBody = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;
 
 /// How long a new connection to the upstream may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
