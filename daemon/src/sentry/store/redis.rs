@@ -57,9 +57,9 @@ impl Drop for Lane {
 
 pub struct RedisStore {
     conn: ConnectionManager,
-    /// For the per-thread lanes: the same server and settings as `conn`.
-    client: Client,
-    config: ConnectionManagerConfig,
+    /// For the per-thread lanes: the same server and settings as `conn` (boxed: the store
+    /// enum stays small).
+    lane_source: Box<(Client, ConnectionManagerConfig)>,
     id: u64,
     penalty_script: redis::Script,
     /// Commands and pipelines sent (each one round trip), for the benchmarks.
@@ -90,8 +90,7 @@ impl RedisStore {
             .map_err(SentryError::Redis)?;
         Ok(Self {
             conn,
-            client,
-            config,
+            lane_source: Box::new((client, config)),
             id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             round_trips: AtomicU64::new(0),
             penalty_script: redis::Script::new(
@@ -108,9 +107,11 @@ impl RedisStore {
     /// serves: its calls then never wait on another thread. Same timeouts and reconnection as
     /// the shared connection.
     pub fn attach_thread(&self) -> Result<Lane, SentryError> {
-        let conn =
-            ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
-                .map_err(SentryError::Redis)?;
+        let conn = ConnectionManager::new_lazy_with_config(
+            self.lane_source.0.clone(),
+            self.lane_source.1.clone(),
+        )
+        .map_err(SentryError::Redis)?;
         LANES.with(|l| {
             let mut l = l.borrow_mut();
             l.retain(|(id, _)| *id != self.id);
