@@ -125,6 +125,9 @@ struct Cli {
     /// Interleaved rounds per sentry proxy scenario; the median is reported.
     #[arg(long, default_value_t = 3)]
     sentry_rounds: usize,
+    /// Only the sentry's proxy tables (no crypto, solver or redemption rows).
+    #[arg(long)]
+    sentry_proxy_only: bool,
     /// Seconds per full-list throughput run of the blocklist API.
     #[arg(long, default_value_t = 10)]
     api_seconds: u32,
