@@ -595,6 +595,10 @@ fn median(runs: Vec<WrkResult>) -> WrkResult {
     (pick(|r| r.0), pick(|r| r.1), pick(|r| r.2), pick(|r| r.3))
 }
 
+/// A scenario's rows, its Redis round trips per request, the requests challenged, and the
+/// load average before and after.
+type Scenario = (Vec<String>, f64, u64, (f64, f64));
+
 /// One scenario: the upstream directly, through the proxy on the embedded store, through the
 /// proxy on Redis with the gate forced open. Returns the rows and the Redis round trips per
 /// request.
@@ -606,7 +610,7 @@ fn proxy_scenario(
     seconds: u32,
     connections: u32,
     rounds: usize,
-) -> Result<(Vec<String>, f64, u64, (f64, f64)), BoxError> {
+) -> Result<Scenario, BoxError> {
     let load_before = load_average();
     let up = upstream(site, service_time)?;
     let nginx = match Nginx::binary() {
