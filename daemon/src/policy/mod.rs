@@ -263,6 +263,15 @@ pub struct PolicyDrops {
     pub isolated: u64,
 }
 
+impl From<phantom_common::policy::ClientDrops> for PolicyDrops {
+    fn from(d: phantom_common::policy::ClientDrops) -> Self {
+        Self {
+            denied: d.denied,
+            isolated: d.isolated,
+        }
+    }
+}
+
 /// A client's limits and quota as `get_client_policy` shows them.
 #[derive(Clone, Debug, Serialize)]
 pub struct LimitView {
@@ -662,13 +671,7 @@ impl ClientPolicy {
             .iter()
             .filter_map(|(name, c)| {
                 let d = dp.client_policy.drops(c.ip).ok()?;
-                Some((
-                    name.clone(),
-                    PolicyDrops {
-                        denied: d.denied,
-                        isolated: d.isolated,
-                    },
-                ))
+                Some((name.clone(), d.into()))
             })
             .collect()
     }
@@ -680,13 +683,11 @@ impl ClientPolicy {
             .clients
             .get(name)
             .ok_or_else(|| PolicyError::NoClient(name.to_string()))?;
-        Ok(self.datapath.as_ref().and_then(|dp| {
-            let d = dp.client_policy.drops(client.ip).ok()?;
-            Some(PolicyDrops {
-                denied: d.denied,
-                isolated: d.isolated,
-            })
-        }))
+        Ok(self
+            .datapath
+            .as_ref()
+            .and_then(|dp| dp.client_policy.drops(client.ip).ok())
+            .map(PolicyDrops::from))
     }
 
     /// Follows the client table: rules move with their client's address, and a removed
