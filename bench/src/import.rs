@@ -7,7 +7,10 @@ use std::{path::Path, time::Instant};
 
 use phantom_tests::{BpffsDir, Daemon, DaemonConfig, GuardedLink, NetNs, api};
 
-use crate::{BoxError, Cli, report::table};
+use crate::{
+    BoxError, Cli,
+    report::{settle, table},
+};
 
 /// The `n`th name of the list (the resolver bench's names).
 fn domain(i: usize) -> String {
@@ -17,6 +20,7 @@ fn domain(i: usize) -> String {
 /// Fields of `/proc/<pid>/status` and `/proc/<pid>/smaps_rollup`, MiB.
 struct Memory {
     rss: f64,
+    peak: f64,
     anon: f64,
     file: f64,
     private_dirty: f64,
@@ -35,11 +39,14 @@ fn kib_field(text: &str, field: &str) -> f64 {
         .map_or(0.0, |kib: f64| kib / 1024.0)
 }
 
+/// The daemon's memory once it is idle ([`settle`]), with its peak so far.
 fn memory(pid: u32) -> Memory {
+    settle(pid);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
     Memory {
         rss: kib_field(&status, "VmRSS"),
+        peak: kib_field(&status, "VmHWM"),
         anon: kib_field(&status, "RssAnon"),
         file: kib_field(&status, "RssFile"),
         private_dirty: kib_field(&rollup, "Private_Dirty"),
@@ -48,8 +55,8 @@ fn memory(pid: u32) -> Memory {
 
 fn memory_row(label: &str, m: &Memory) -> String {
     format!(
-        "| {label} | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB |",
-        m.rss, m.anon, m.file, m.private_dirty
+        "| {label} | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB | {:.0} MiB |",
+        m.rss, m.anon, m.file, m.private_dirty, m.peak
     )
 }
 
@@ -162,8 +169,8 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     );
     table(
         "Daemon memory with the list",
-        "/proc/<pid>/status (VmRSS, RssAnon, RssFile) and smaps_rollup (Private_Dirty) of the daemon at each point",
-        "| point | resident | anonymous | file-backed | private dirty |\n| --- | ---: | ---: | ---: | ---: |",
+        "/proc/<pid>/status (VmRSS, RssAnon, RssFile, VmHWM) and smaps_rollup (Private_Dirty) of the daemon at each point, read once the daemon is idle (no CPU time used for half a second)",
+        "| point | resident | anonymous | file-backed | private dirty | peak resident so far |\n| --- | ---: | ---: | ---: | ---: | ---: |",
         &memory_rows,
     );
     Ok(())

@@ -56,6 +56,22 @@ pub fn rss_of(pid: u32) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// Waits until `pid` is idle (no CPU time used across half a second, at most 10 s): memory read
+/// right after a reply would catch the work the reply started (a checksum, freed buffers not yet
+/// handed back) and vary from run to run.
+pub fn settle(pid: u32) {
+    let started = std::time::Instant::now();
+    let mut last = cpu_seconds(pid);
+    while started.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let now = cpu_seconds(pid);
+        if now - last < 0.005 {
+            return;
+        }
+        last = now;
+    }
+}
+
 /// CPU seconds a process has used (user + system), from /proc.
 pub fn cpu_seconds(pid: u32) -> f64 {
     cpu_seconds_of(&format!("/proc/{pid}/stat"))

@@ -13,7 +13,7 @@ use phantom_tests::{Daemon, DaemonConfig, DnsmasqOptions, NetNs, api, dnsmasq_wi
 
 use crate::{
     BoxError, Cli,
-    report::{percentile, rss_of, table},
+    report::{percentile, rss_of, settle, table},
 };
 
 /// Runs a command; its stdout, or an error with its stderr.
@@ -214,6 +214,9 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let phantom_pid = phantom.pid().ok_or("phantomd is not running")?;
+    // Both idle first: the reply to the import can come before the work it started ends.
+    settle(phantom_pid);
+    settle(dm.id());
     let (rss_phantom, rss_dnsmasq) = (rss_of(phantom_pid), rss_of(dm.id()));
 
     // Query files: blocked names (and subdomains) spread over the list; 5,000 cacheable names.

@@ -481,6 +481,9 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                         .map_err(|e| ApiError::new(IMPORT_FAILED, format!("{path}: {e}")))?;
                     let format = format.unwrap_or_else(|| Format::detect(&text));
                     let parsed = import::parse(&text, format, &reason, now());
+                    // The file's text before the batch: the memory the list hands back after a
+                    // large batch then includes it.
+                    drop(text);
                     let parsed_entries = parsed.entries.len();
                     let applied = list.upsert(parsed.entries).map_err(ApiError::from)?;
                     let skipped_total = parsed.skipped.len();

@@ -55,6 +55,9 @@ pub enum BlocklistError {
     /// An entry's patterns in the store do not parse, or cannot be written.
     #[error("blocklist store: {0}")]
     StoreJson(#[source] serde_json::Error),
+    /// An entry's column in the store is not in any form the store writes.
+    #[error("blocklist store: {0}")]
+    StoreColumn(String),
     #[error(transparent)]
     Daemon(#[from] Error),
 }
@@ -73,7 +76,7 @@ impl BlocklistError {
             BlocklistError::Store(e) | BlocklistError::Daemon(Error::Sqlite { source: e, .. }) => {
                 damaged(e)
             }
-            BlocklistError::StoreJson(_) => true,
+            BlocklistError::StoreJson(_) | BlocklistError::StoreColumn(_) => true,
             BlocklistError::Daemon(_) => false,
         }
     }
