@@ -11,6 +11,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
 };
+use aya_log_ebpf::{info, warn};
 use phantom_common::{
     dns::{
         ClientAddr, DEFAULT_MAX_DOMAINS, DOMAIN_SUBDOMAINS, DnsPolicy, DnsVerdict, DomainKey,
@@ -23,6 +24,8 @@ use phantom_common::{
     net::{ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, UDP_HLEN},
     xdp::TrafficCounter,
 };
+
+use crate::events;
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -77,6 +80,14 @@ pub fn tc_dns_filter(ctx: TcContext) -> i32 {
                 (*counter).packets += 1;
                 (*counter).bytes += len;
             }
+        }
+        if events::samples_on() && events::sample_gate(events::SAMPLE_DNS, verdict as u32) {
+            info!(
+                &ctx,
+                "tc_dns_filter sample: {} ({} bytes)",
+                verdict.name(),
+                len
+            );
         }
     }
     // TCX_NEXT: the other programs on the hook (the download limit) still see the packet.
@@ -155,7 +166,7 @@ fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
     }
     let dns = layout.l4 + UDP_HLEN;
     let Some(header) = load::<DNS_HLEN>(ctx, dns) else {
-        return Some(DnsVerdict::Unparsable);
+        return unparsable(ctx, "header cut short");
     };
     // QR must be set (a response), the opcode QUERY, and exactly one question. The steps
     // from here on are phantom_common::dns_filter's, in the order of its `decide` (the
@@ -168,20 +179,20 @@ fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
     let buf = unsafe { &mut (*scratch).buf };
     let qname = dns + DNS_HLEN;
     let Some(copied) = load_prefix(ctx, qname, buf, NAME_AREA) else {
-        return Some(DnsVerdict::Unparsable);
+        return unparsable(ctx, "no question");
     };
     let Some(name_end) = normalise_name(buf, copied) else {
-        return Some(DnsVerdict::Unparsable);
+        return unparsable(ctx, "question name");
     };
     // One verifier path from here on, whatever the name's length (see `launder`).
     let name_end = launder(buf, name_end as u64) as usize;
     if name_end == 0 || name_end >= NAME_AREA {
-        return Some(DnsVerdict::Unparsable);
+        return unparsable(ctx, "question name");
     }
     // QTYPE and QCLASS must follow the name.
     let dns_len = rewritten_len(name_end);
     if (ctx.len() as usize) < dns + dns_len {
-        return Some(DnsVerdict::Unparsable);
+        return unparsable(ctx, "question cut short");
     }
     let Some(key) = DNS_KEY.get_ptr(0) else {
         return Some(DnsVerdict::Passed);
@@ -207,8 +218,32 @@ fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
     }
     match rewrite(ctx, &layout, header, dns_len, buf) {
         Some(()) => Some(DnsVerdict::Rewritten),
-        None => Some(DnsVerdict::RewriteFailed),
+        None => {
+            if events::gate(events::DNS_REWRITE_FAILED) {
+                warn!(
+                    ctx,
+                    "tc_dns_filter: could not rewrite an answer to a blocked question ({} bytes); passed unchanged",
+                    ctx.len()
+                );
+            }
+            Some(DnsVerdict::RewriteFailed)
+        }
     }
+}
+
+/// A DNS answer skipped as malformed (`what` says where): passed untouched, and logged at most
+/// once a second per CPU.
+#[inline(always)]
+fn unparsable(ctx: &TcContext, what: &str) -> Option<DnsVerdict> {
+    if events::gate(events::DNS_UNPARSABLE) {
+        info!(
+            ctx,
+            "tc_dns_filter: malformed DNS answer skipped ({}, {} bytes); passed unchanged",
+            what,
+            ctx.len()
+        );
+    }
+    Some(DnsVerdict::Unparsable)
 }
 
 /// True when the answer goes to a client with blocking switched off.
