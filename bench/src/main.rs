@@ -165,6 +165,11 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.kernel_samples {
+        println!(
+            "Kernel programs loaded with their verdict samples on (--kernel-samples; the daemon's default is off).\n"
+        );
+    }
     let suites: &[(Suite, BenchFn)] = &[
         (Suite::Xdp, xdp::run),
         (Suite::Dns, dns::run),

@@ -133,3 +133,36 @@ pub fn spawn(logger: KernelLogger, mut shutdown: Shutdown) -> JoinHandle<()> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_counted_by_level() {
+        let counts = Arc::new(RecordCounts::default());
+        let forward = Forward {
+            counts: Arc::clone(&counts),
+        };
+        for level in [log::Level::Warn, log::Level::Info, log::Level::Info] {
+            log::Log::log(
+                &forward,
+                &log::Record::builder()
+                    .level(level)
+                    .target("phantom::guard")
+                    .args(format_args!("PH_SOURCES is full"))
+                    .build(),
+            );
+        }
+        assert_eq!(
+            counts.snapshot(),
+            [
+                ("error", 0),
+                ("warn", 1),
+                ("info", 2),
+                ("debug", 0),
+                ("trace", 0)
+            ]
+        );
+    }
+}
