@@ -81,6 +81,21 @@ pub fn tc_dns_filter(ctx: TcContext) -> i32 {
                 (*counter).bytes += len;
             }
         }
+        // The rare events, logged once for all the branches that give them: a log record on
+        // each of the walk's exits would be verified once per exit state (the start of the
+        // daemon slowed by seconds).
+        if verdict == DnsVerdict::Unparsable && events::gate(events::DNS_UNPARSABLE) {
+            info!(
+                &ctx,
+                "tc_dns_filter: malformed DNS answer skipped ({} bytes); passed unchanged", len
+            );
+        } else if verdict == DnsVerdict::RewriteFailed && events::gate(events::DNS_REWRITE_FAILED) {
+            warn!(
+                &ctx,
+                "tc_dns_filter: could not rewrite an answer to a blocked question ({} bytes); passed unchanged",
+                len
+            );
+        }
         if events::samples_on() && events::sample_gate(events::SAMPLE_DNS, verdict as u32) {
             info!(
                 &ctx,
@@ -166,7 +181,7 @@ fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
     }
     let dns = layout.l4 + UDP_HLEN;
     let Some(header) = load::<DNS_HLEN>(ctx, dns) else {
-        return unparsable(ctx, "header cut short");
+        return Some(DnsVerdict::Unparsable);
     };
     // QR must be set (a response), the opcode QUERY, and exactly one question. The steps
     // from here on are phantom_common::dns_filter's, in the order of its `decide` (the
@@ -179,20 +194,20 @@ fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
     let buf = unsafe { &mut (*scratch).buf };
     let qname = dns + DNS_HLEN;
     let Some(copied) = load_prefix(ctx, qname, buf, NAME_AREA) else {
-        return unparsable(ctx, "no question");
+        return Some(DnsVerdict::Unparsable);
     };
     let Some(name_end) = normalise_name(buf, copied) else {
-        return unparsable(ctx, "question name");
+        return Some(DnsVerdict::Unparsable);
     };
     // One verifier path from here on, whatever the name's length (see `launder`).
     let name_end = launder(buf, name_end as u64) as usize;
     if name_end == 0 || name_end >= NAME_AREA {
-        return unparsable(ctx, "question name");
+        return Some(DnsVerdict::Unparsable);
     }
     // QTYPE and QCLASS must follow the name.
     let dns_len = rewritten_len(name_end);
     if (ctx.len() as usize) < dns + dns_len {
-        return unparsable(ctx, "question cut short");
+        return Some(DnsVerdict::Unparsable);
     }
     let Some(key) = DNS_KEY.get_ptr(0) else {
         return Some(DnsVerdict::Passed);
@@ -218,32 +233,8 @@ fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
     }
     match rewrite(ctx, &layout, header, dns_len, buf) {
         Some(()) => Some(DnsVerdict::Rewritten),
-        None => {
-            if events::gate(events::DNS_REWRITE_FAILED) {
-                warn!(
-                    ctx,
-                    "tc_dns_filter: could not rewrite an answer to a blocked question ({} bytes); passed unchanged",
-                    ctx.len()
-                );
-            }
-            Some(DnsVerdict::RewriteFailed)
-        }
+        None => Some(DnsVerdict::RewriteFailed),
     }
-}
-
-/// A DNS answer skipped as malformed (`what` says where): passed untouched, and logged at most
-/// once a second per CPU.
-#[inline(always)]
-fn unparsable(ctx: &TcContext, what: &str) -> Option<DnsVerdict> {
-    if events::gate(events::DNS_UNPARSABLE) {
-        info!(
-            ctx,
-            "tc_dns_filter: malformed DNS answer skipped ({}, {} bytes); passed unchanged",
-            what,
-            ctx.len()
-        );
-    }
-    Some(DnsVerdict::Unparsable)
 }
 
 /// True when the answer goes to a client with blocking switched off.
