@@ -24,6 +24,9 @@ APT_PACKAGES=(
   openssl
   # iperf3: the rate-limit test and the policy-tunnel bench (tests/tests/client_limits.rs).
   iperf3
+  # libfaketime: the quota test starts the daemon a minute before a month ends, to see the
+  # period roll over (tests/tests/client_limits.rs).
+  faketime
   # promtool checks the alert rules and the dashboard's queries in ops/ (Debian ships it in
   # the prometheus package; the server is never started).
   prometheus

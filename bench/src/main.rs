@@ -13,6 +13,8 @@
 //! - `core`: the WireGuard server's operations with many clients, in-process.
 //! - `blocklist`: the matching engine's throughput, memory and deltas with a large list, and
 //!   the public API of the real daemon over HTTP (deltas, full-list throughput).
+//! - `import`: a large list imported through the admin socket into the real daemon (with and
+//!   without the kernel's domain set), and the daemon's memory with it.
 //! - `resolver`: the real daemon's DNS resolver against dnsmasq (dnsperf).
 //! - `sentry`: the sentry proxy against its upstream (wrk), challenge issue and proof
 //!   verification per core, and the reference solver per difficulty.
@@ -50,6 +52,7 @@ mod core;
 mod dashboard;
 mod dns;
 mod flood;
+mod import;
 mod policy;
 mod policy_tunnel;
 mod report;
@@ -72,6 +75,7 @@ enum Suite {
     Flood,
     Core,
     Blocklist,
+    Import,
     Resolver,
     Sentry,
     Admin,
@@ -125,6 +129,9 @@ struct Cli {
     /// Interleaved rounds per sentry proxy scenario; the median is reported.
     #[arg(long, default_value_t = 3)]
     sentry_rounds: usize,
+    /// Only the sentry's proxy tables (no crypto, solver or redemption rows).
+    #[arg(long)]
+    sentry_proxy_only: bool,
     /// Seconds per full-list throughput run of the blocklist API.
     #[arg(long, default_value_t = 10)]
     api_seconds: u32,
@@ -177,6 +184,7 @@ fn main() -> ExitCode {
         (Suite::Flood, flood::run),
         (Suite::Core, self::core::run),
         (Suite::Blocklist, blocklist::run),
+        (Suite::Import, import::run),
         (Suite::Resolver, resolver::run),
         (Suite::Sentry, sentry::run),
         (Suite::Admin, admin::run),

@@ -13,7 +13,7 @@ use phantom_tests::{Daemon, DaemonConfig, DnsmasqOptions, NetNs, api, dnsmasq_wi
 
 use crate::{
     BoxError, Cli,
-    report::{cpu_seconds, percentile, rss_of, table},
+    report::{percentile, rss_of, table},
 };
 
 /// Runs a command; its stdout, or an error with its stderr.
@@ -25,8 +25,50 @@ fn output(cmd: &mut Command) -> Result<String, BoxError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A server's counters over a run, per query.
+struct PerQuery {
+    /// CPU microseconds, user and system together.
+    cpu_us: f64,
+    user_us: f64,
+    system_us: f64,
+    /// Context switches (voluntary and not, all threads) per 1,000 queries.
+    switches_per_k: f64,
+}
+
+/// User and system CPU seconds of `pid` (all threads), and its context switches.
+fn counters(pid: u32) -> (f64, f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, r)| r)
+        .split_whitespace()
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / hz
+    };
+    let mut switches = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            switches += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    (field(11), field(12), switches)
+}
+
 /// One dnsperf run against the server process `pid`: (queries per second, p50 ms, p99 ms,
-/// share of the expected rcode, server CPU microseconds per query).
+/// share of the expected rcode, the server's counters per query).
 fn dnsperf_cpu(
     ns: &NetNs,
     server: &str,
@@ -34,12 +76,19 @@ fn dnsperf_cpu(
     queries: &Path,
     seconds: u32,
     expect: &str,
-) -> Result<(f64, f64, f64, f64, f64), BoxError> {
-    let cpu = cpu_seconds(pid);
+) -> Result<(f64, f64, f64, f64, PerQuery), BoxError> {
+    let (user, system, switches) = counters(pid);
     let (qps, p50, p99, share) = dnsperf(ns, server, queries, seconds, expect)?;
-    let used = cpu_seconds(pid) - cpu;
-    let per_query = used * 1e6 / (qps * f64::from(seconds)).max(1.0);
-    Ok((qps, p50, p99, share, per_query))
+    let (user2, system2, switches2) = counters(pid);
+    let answered = (qps * f64::from(seconds)).max(1.0);
+    let per = |d: f64| d * 1e6 / answered;
+    let counts = PerQuery {
+        cpu_us: per(user2 - user + system2 - system),
+        user_us: per(user2 - user),
+        system_us: per(system2 - system),
+        switches_per_k: switches2.saturating_sub(switches) as f64 * 1e3 / answered,
+    };
+    Ok((qps, p50, p99, share, counts))
 }
 
 /// One dnsperf run: (queries per second, p50 ms, p99 ms, share of the expected rcode).
@@ -194,36 +243,44 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         // Warm both caches with one pass over the names.
         let _ = dnsperf(&ns, "127.0.0.3", path, 2, expect);
         let _ = dnsperf(&ns, "127.0.0.4", path, 2, expect);
-        let (dq, d50, d99, dshare, dcpu) =
+        let (dq, d50, d99, dshare, d) =
             dnsperf_cpu(&ns, "127.0.0.3", dm.id(), path, seconds, expect)?;
-        let (pq, p50, p99, pshare, pcpu) =
+        let (pq, p50, p99, pshare, p) =
             dnsperf_cpu(&ns, "127.0.0.4", phantom_pid, path, seconds, expect)?;
         ratios.push(pq / dq);
         rows.push(format!(
-            "| {label} | dnsmasq | {dq:.0} | {d50:.3} | {d99:.3} | {:.1} % | {dcpu:.2} | {:.0} | |",
+            "| {label} | dnsmasq | {dq:.0} | {d50:.3} | {d99:.3} | {:.1} % | {:.2} | {:.2} / {:.2} | {:.0} | {:.0} | |",
             dshare * 100.0,
-            1e6 / dcpu.max(1e-9)
+            d.cpu_us,
+            d.user_us,
+            d.system_us,
+            d.switches_per_k,
+            1e6 / d.cpu_us.max(1e-9)
         ));
         rows.push(format!(
-            "| {label} | **phantom** | {pq:.0} | {p50:.3} | {p99:.3} | {:.1} % | {pcpu:.2} | {:.0} | **{:.2}x** queries/s, **{:.2}x** per CPU-second (goal >= 2x) |",
+            "| {label} | **phantom** | {pq:.0} | {p50:.3} | {p99:.3} | {:.1} % | {:.2} | {:.2} / {:.2} | {:.0} | {:.0} | **{:.2}x** queries/s, **{:.2}x** per CPU-second (goal >= 2x) |",
             pshare * 100.0,
-            1e6 / pcpu.max(1e-9),
+            p.cpu_us,
+            p.user_us,
+            p.system_us,
+            p.switches_per_k,
+            1e6 / p.cpu_us.max(1e-9),
             pq / dq,
-            dcpu / pcpu.max(1e-9)
+            d.cpu_us / p.cpu_us.max(1e-9)
         ));
     }
     rows.push(format!(
-        "| memory with {n} domains | dnsmasq {rss_dnsmasq:.0} MiB | phantom {rss_phantom:.0} MiB (goal <= 150 MB = 143 MiB) | | | | | | |"
+        "| memory with {n} domains | dnsmasq {rss_dnsmasq:.0} MiB | phantom {rss_phantom:.0} MiB (goal <= 150 MB = 143 MiB) | | | | | | | | |"
     ));
     rows.push(format!(
-        "| import {n} domains into phantom (socket call, one version) | {import_s:.1} s | | | | | | | |"
+        "| import {n} domains into phantom (socket call, one version) | {import_s:.1} s | | | | | | | | | |"
     ));
     table(
         "Resolver: Phantom against dnsmasq with the same 1,000,000-domain list",
         &format!(
-            "both forward to the same upstream dnsmasq on loopback inside a private namespace; dnsperf (4 clients, 200 outstanding, {seconds} s per run, after a warm-up pass) on 100,000 blocked names (half of them subdomains, A and AAAA) and on 5,000 cacheable names; latencies from dnsperf's per-query report; phantom is the real daemon with its default settings (lookalike detection on)"
+            "both forward to the same upstream dnsmasq on loopback inside a private namespace; dnsperf (4 clients, 200 outstanding, {seconds} s per run, after a warm-up pass) on 100,000 blocked names (half of them subdomains, A and AAAA) and on 5,000 cacheable names; latencies from dnsperf's per-query report; server CPU (user + system, all threads) and context switches from /proc over each run; phantom is the real daemon with its default settings (lookalike detection on)"
         ),
-        "| path | server | queries/s | p50 ms | p99 ms | expected answers | server CPU µs/query | queries per CPU-second | phantom / dnsmasq |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| path | server | queries/s | p50 ms | p99 ms | expected answers | server CPU µs/query | user / system µs/query | context switches per 1,000 queries | queries per CPU-second | phantom / dnsmasq |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         &rows,
     );
     Ok(())

@@ -161,6 +161,38 @@ fn wrk_answers(
     Ok((rps, p50, p99, requests))
 }
 
+/// The 1-minute load average (/proc/loadavg), to print next to figures from a shared machine.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+/// The `stat` files of this process's sentry proxy threads (named `sentry-proxy-<n>`), in the
+/// order they were started.
+fn proxy_thread_stats() -> Vec<String> {
+    let mut tids: Vec<u32> = std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    tids.retain(|t| {
+        std::fs::read_to_string(format!("/proc/self/task/{t}/comm"))
+            .is_ok_and(|c| c.starts_with("sentry-proxy"))
+    });
+    tids.sort_unstable();
+    tids.into_iter()
+        .map(|t| format!("/proc/self/task/{t}/stat"))
+        .collect()
+}
+
+/// CPU seconds so far of the processes or threads whose `stat` files are `stats`.
+fn cpu_of(stats: &[String]) -> f64 {
+    stats.iter().map(|s| cpu_seconds_of(s)).sum()
+}
+
 /// Calls of one command so far on `redis` (INFO commandstats, through redis-cli).
 fn redis_calls(redis: &RedisServer, command: &str) -> f64 {
     Command::new("redis-cli")
@@ -269,6 +301,17 @@ impl Nginx {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(nginx)
+    }
+
+    /// The `stat` files of the master and its workers.
+    fn stats(&self) -> Vec<String> {
+        let pid = self.child.id();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        std::iter::once(pid.to_string())
+            .chain(children.split_whitespace().map(str::to_string))
+            .map(|p| format!("/proc/{p}/stat"))
+            .collect()
     }
 
     fn version(binary: &std::path::Path) -> String {
@@ -536,6 +579,12 @@ fn per_second(seconds: f64, mut f: impl FnMut() -> Result<(), BoxError>) -> Resu
 /// wrk figures: (requests/s, p50 ms, p99 ms, requests).
 type WrkResult = (f64, f64, f64, f64);
 
+/// Median of one figure over rounds.
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// Median of each figure over rounds.
 fn median(runs: Vec<WrkResult>) -> WrkResult {
     let pick = |f: fn(&WrkResult) -> f64| {
@@ -545,6 +594,10 @@ fn median(runs: Vec<WrkResult>) -> WrkResult {
     };
     (pick(|r| r.0), pick(|r| r.1), pick(|r| r.2), pick(|r| r.3))
 }
+
+/// A scenario's rows, its Redis round trips per request, the requests challenged, and the
+/// load average before and after.
+type Scenario = (Vec<String>, f64, u64, (f64, f64));
 
 /// One scenario: the upstream directly, through the proxy on the embedded store, through the
 /// proxy on Redis with the gate forced open. Returns the rows and the Redis round trips per
@@ -557,7 +610,8 @@ fn proxy_scenario(
     seconds: u32,
     connections: u32,
     rounds: usize,
-) -> Result<(Vec<String>, f64, u64), BoxError> {
+) -> Result<Scenario, BoxError> {
+    let load_before = load_average();
     let up = upstream(site, service_time)?;
     let nginx = match Nginx::binary() {
         Some(bin) => Some((
@@ -572,11 +626,20 @@ fn proxy_scenario(
         }
     };
     let nginx_addr = nginx.as_ref().map(|(n, _)| n.addr);
-    let (direct, embedded, on_redis, by_nginx, ticket_calls, embedded_sentry) =
+    let nginx_stats = nginx.as_ref().map(|(n, _)| n.stats()).unwrap_or_default();
+    let already = proxy_thread_stats();
+    let (direct, embedded, on_redis, by_nginx, ticket_calls, embedded_sentry, cpu) =
         rt.block_on(async {
             let base = SentryConfig {
                 enabled: true,
                 upstream: format!("http://{up}"),
+                tunables: Tunables {
+                    // The state measured is NORMAL: each proxy sees traffic only during its own
+                    // runs, and a faster proxy's bursts would otherwise cross the learned
+                    // threshold and put it in DEFCON_1 (its requests then challenged).
+                    sensitivity_factor: 100.0,
+                    ..Tunables::default()
+                },
                 ..SentryConfig::default()
             };
             // NORMAL mode, the usual state.
@@ -601,22 +664,46 @@ fn proxy_scenario(
             )
             .await?;
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let run =
-                move |addr| tokio::task::spawn_blocking(move || wrk(addr, seconds, connections));
+            // The proxies' threads: the embedded one's started first (lower ids), then the
+            // Redis one's.
+            let mut started = proxy_thread_stats();
+            started.retain(|s| !already.contains(s));
+            let redis_threads = started.split_off(started.len() / 2);
+            let embedded_threads = started;
+            // One wrk run, with the CPU seconds `stats` used during it per request (µs).
+            let run = move |addr, stats: Vec<String>| {
+                tokio::task::spawn_blocking(move || {
+                    let cpu = cpu_of(&stats);
+                    let r = wrk(addr, seconds, connections)?;
+                    Ok::<_, BoxError>((r, (cpu_of(&stats) - cpu) / r.3.max(1.0) * 1e6))
+                })
+            };
             // Rounds interleave the three paths, so slow phases of a shared machine hit all
             // three alike; each figure is the median over the rounds.
             let (mut d, mut e, mut r, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut e_cpu, mut r_cpu, mut n_cpu) = (Vec::new(), Vec::new(), Vec::new());
             let mut ticket_calls = 0.0;
             for _ in 0..rounds {
-                d.push(run(up).await??);
-                e.push(run(embedded_addr).await??);
+                d.push(run(up, Vec::new()).await??.0);
+                let (x, c) = run(embedded_addr, embedded_threads.clone()).await??;
+                e.push(x);
+                e_cpu.push(c);
                 let before = redis_calls(redis, "ttl");
-                r.push(run(redis_addr).await??);
+                let (x, c) = run(redis_addr, redis_threads.clone()).await??;
+                r.push(x);
+                r_cpu.push(c);
                 ticket_calls += redis_calls(redis, "ttl") - before;
                 if let Some(addr) = nginx_addr {
-                    n.push(run(addr).await??);
+                    let (x, c) = run(addr, nginx_stats.clone()).await??;
+                    n.push(x);
+                    n_cpu.push(c);
                 }
             }
+            let cpu = (
+                median_of(e_cpu),
+                median_of(r_cpu),
+                (!n_cpu.is_empty()).then(|| median_of(n_cpu)),
+            );
             let requests: f64 = r.iter().map(|x| x.3).sum();
             let (direct, embedded, on_redis) = (median(d), median(e), median(r));
             let on_redis = (on_redis.0, on_redis.1, on_redis.2, requests);
@@ -628,6 +715,7 @@ fn proxy_scenario(
                 by_nginx,
                 ticket_calls,
                 embedded_sentry,
+                cpu,
             ))
         })?;
     let challenged = embedded_sentry.counters.challenged.load(Ordering::Relaxed);
@@ -636,28 +724,35 @@ fn proxy_scenario(
     } else {
         format!("upstream with {} ms service time", service_time.as_millis())
     };
-    let row = |name: &str, r: WrkResult| {
+    let row = |name: &str, r: WrkResult, cpu: Option<f64>| {
         format!(
-            "| {label}, c={connections} | {name} | {:.0} | {:.0}% | {:.3} | {:.3} | {:+.3} |",
+            "| {label}, c={connections} | {name} | {:.0} | {:.0}% | {:.3} | {:.3} | {:+.3} | {} |",
             r.0,
             100.0 * r.0 / direct.0,
             r.1,
             r.2,
-            r.2 - direct.2
+            r.2 - direct.2,
+            cpu.map_or("—".to_string(), |c| format!("{c:.1}"))
         )
     };
     let mut rows = vec![
-        row("upstream directly", direct),
-        row("sentry proxy, embedded store", embedded),
-        row("sentry proxy, Redis store, armed", on_redis),
+        row("upstream directly", direct, None),
+        row("sentry proxy, embedded store", embedded, Some(cpu.0)),
+        row("sentry proxy, Redis store, armed", on_redis, Some(cpu.1)),
     ];
     if let (Some(result), Some((_, version))) = (by_nginx, nginx.as_ref()) {
         rows.push(row(
             &format!("{version} reverse proxy (no defence; comparison)"),
             result,
+            cpu.2,
         ));
     }
-    Ok((rows, ticket_calls / on_redis.3.max(1.0), challenged))
+    Ok((
+        rows,
+        ticket_calls / on_redis.3.max(1.0),
+        challenged,
+        (load_before, load_average()),
+    ))
 }
 
 pub fn run(cli: &Cli) -> Result<(), BoxError> {
@@ -675,8 +770,9 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     let mut rows = Vec::new();
     let mut trips = Vec::new();
     let mut challenged = 0;
+    let mut loads = Vec::new();
     for (service_time, connections) in [(Duration::ZERO, 16), (Duration::from_millis(5), 64)] {
-        let (r, t, c) = proxy_scenario(
+        let (r, t, c, load) = proxy_scenario(
             &rt,
             &site,
             &redis,
@@ -688,6 +784,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         rows.extend(r);
         trips.push(format!("{t:.3}"));
         challenged += c;
+        loads.push(format!("{:.2} to {:.2}", load.0, load.1));
     }
     table(
         "Sentry proxy against the upstream directly (wrk, loopback)",
@@ -698,11 +795,17 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
              challenges issued), then through a proxy on a redis-server with the activation gate \
              forced open, then through nginx as a plain reverse proxy (2 workers, keep-alive \
              upstream); the rows of a scenario are one run. Store round trips per request on \
-             Redis (TTL calls / requests): {}; on the embedded store: none (in-process)",
+             Redis (TTL calls / requests): {}; on the embedded store: none (in-process). \
+             Load average (1 min) at the start and end of each scenario: {}. Proxy CPU: \
+             the proxy's own CPU time during its wrk runs per request answered (the sentry's \
+             proxy threads; nginx's master and workers; redis-server's not included), \
+             a figure the load of other processes on a shared machine moves far less than \
+             requests/s",
             cli.sentry_rounds.max(1),
-            trips.join(", ")
+            trips.join(", "),
+            loads.join("; ")
         ),
-        "| scenario | path | requests/s | vs direct | p50 ms | p99 ms | p99 added ms |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| scenario | path | requests/s | vs direct | p50 ms | p99 ms | p99 added ms | proxy CPU µs per request |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         &rows,
     );
 
@@ -729,6 +832,9 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         )],
     );
 
+    if cli.sentry_proxy_only {
+        return Ok(());
+    }
     // Crypto, one thread.
     let signer = Signer::generate()?;
     let subject: Source = "198.51.100.1".parse()?;

@@ -75,6 +75,8 @@ pub mod names {
     /// Per-client rate limits and quotas (by client address): `tc_client_policy` meters what
     /// clients send, `tc_client_limit` (TC egress on the VPN interface) what they receive.
     pub const CLIENT_LIMIT_MAP: &str = "PH_CLIENT_LIMIT";
+    pub const CLIENT_FLAGS_MAP: &str = "PH_CLIENT_FLAGS";
+    pub const CLIENT_DROPS_MAP: &str = "PH_CLIENT_DROPS";
     pub const TC_CLIENT_LIMIT: &str = "tc_client_limit";
     /// The SNI filter inside `tc_encrypted_dns`: its switches, ECH front names and counters.
     pub const SNI_MAP: &str = "PH_SNI";

@@ -165,6 +165,30 @@ pub fn decide(
     (PolicyVerdict::NoMatch, u32::MAX)
 }
 
+/// Slots of `PH_CLIENT_FLAGS` and `PH_CLIENT_DROPS`: one per value of an address's last two
+/// bytes. The client subnet is a /16 or smaller, so every address of it has a slot of its own.
+pub const CLIENT_SLOTS: u32 = 65_536;
+/// `PH_CLIENT_FLAGS`: some client whose address ends in this slot has rules in `PH_CLIENT_ACL`.
+pub const SLOT_HAS_RULES: u32 = 1;
+/// `PH_CLIENT_FLAGS`: some client whose address ends in this slot has an entry in
+/// `PH_CLIENT_LIMIT`.
+pub const SLOT_HAS_LIMIT: u32 = 2;
+
+/// The slot of a client address (network byte order).
+#[inline(always)]
+pub const fn client_slot(addr: [u8; 4]) -> u32 {
+    ((addr[2] as u32) << 8) | addr[3] as u32
+}
+
+/// Packets of one client dropped by its rules and by isolation (`PH_CLIENT_DROPS`, by slot;
+/// the kernel adds, the daemon zeroes a slot when a client takes its address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientDrops {
+    pub denied: u64,
+    pub isolated: u64,
+}
+
 /// Clients with a rate limit or a quota the kernel holds.
 pub const MAX_LIMIT_CLIENTS: u32 = 65_536;
 
@@ -292,6 +316,7 @@ mod pod {
     unsafe impl aya::Pod for super::ClientAcl {}
     unsafe impl aya::Pod for super::PolicyConfig {}
     unsafe impl aya::Pod for super::ClientLimit {}
+    unsafe impl aya::Pod for super::ClientDrops {}
 }
 
 #[cfg(test)]
@@ -322,6 +347,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<PolicyConfig>(), 24);
         assert_eq!(core::mem::size_of::<LimitDir>(), 64);
         assert_eq!(core::mem::size_of::<ClientLimit>(), 2 * 64 + 32);
+        assert_eq!(core::mem::size_of::<ClientDrops>(), 16);
+        assert_eq!(client_slot([10, 8, 1, 2]), 0x0102);
     }
 
     #[test]

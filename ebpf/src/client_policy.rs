@@ -24,8 +24,9 @@ use aya_log_ebpf::info;
 use phantom_common::{
     net::{ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
     policy::{
-        ClientAcl, ClientLimit, LimitDir, MAX_ACL_CLIENTS, MAX_LIMIT_CLIENTS, PolicyConfig,
-        PolicyVerdict, QUOTA_BLOCK, QUOTA_THROTTLE, at_limit, decide, effective_rate, gcra,
+        CLIENT_SLOTS, ClientAcl, ClientDrops, ClientLimit, LimitDir, MAX_ACL_CLIENTS,
+        MAX_LIMIT_CLIENTS, PolicyConfig, PolicyVerdict, QUOTA_BLOCK, QUOTA_THROTTLE,
+        SLOT_HAS_LIMIT, SLOT_HAS_RULES, at_limit, client_slot, decide, effective_rate, gcra,
     },
     xdp::TrafficCounter,
 };
@@ -48,6 +49,27 @@ static STATS: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(PolicyVerdict::S
 #[map(name = "PH_CLIENT_LIMIT")]
 static LIMITS: HashMap<[u8; 4], ClientLimit> =
     HashMap::pinned(MAX_LIMIT_CLIENTS, BPF_F_NO_PREALLOC);
+
+/// By the last two bytes of a client's address: whether a client there has rules or a limit.
+/// Most clients have neither, and an array lookup (inlined by the verifier: no hashing, no
+/// call) lets their packets skip both hash lookups. The daemon sets a bit before it inserts
+/// the entry and clears it after the entry is gone, so a clear bit always means "no entry".
+#[map(name = "PH_CLIENT_FLAGS")]
+static FLAGS: Array<u32> = Array::pinned(CLIENT_SLOTS, 0);
+
+/// By the same slot: the client's packets dropped by its rules and by isolation (only the
+/// drop path writes here).
+#[map(name = "PH_CLIENT_DROPS")]
+static DROPS: Array<ClientDrops> = Array::pinned(CLIENT_SLOTS, 0);
+
+/// The flags of `addr`'s slot; a missing value (never, for an array) means "look".
+#[inline(always)]
+fn flags(addr: [u8; 4]) -> u32 {
+    FLAGS
+        .get(client_slot(addr))
+        .copied()
+        .unwrap_or(SLOT_HAS_RULES | SLOT_HAS_LIMIT)
+}
 
 #[inline(always)]
 fn count(verdict: PolicyVerdict, len: u64) {
@@ -120,14 +142,20 @@ fn meter(limit: *mut ClientLimit, up: bool, len: u64) -> Option<PolicyVerdict> {
 
 #[classifier]
 pub fn tc_client_policy(ctx: TcContext) -> i32 {
-    let (mut verdict, src, len) = inspect(&ctx);
+    let (mut verdict, src, flags, len) = inspect(&ctx);
     if !verdict.drops()
+        && flags & SLOT_HAS_LIMIT != 0
         && CONFIG.get(0).is_some_and(|c| c.limits != 0)
         && let Some(src) = src
         && let Some(limit) = LIMITS.get_ptr_mut(&src)
         && let Some(dropped) = meter(limit, true, len)
     {
         verdict = dropped;
+    }
+    if let Some(src) = src
+        && matches!(verdict, PolicyVerdict::Denied | PolicyVerdict::Isolated)
+    {
+        count_client_drop(src, verdict);
     }
     count(verdict, ctx.len() as u64);
     if events::samples_on() && events::sample_gate(events::SAMPLE_POLICY, verdict as u32) {
@@ -162,6 +190,9 @@ pub fn tc_client_limit(ctx: TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     };
     let dst = [ip[16], ip[17], ip[18], ip[19]];
+    if flags(dst) & SLOT_HAS_LIMIT == 0 {
+        return TC_ACT_UNSPEC;
+    }
     let Some(limit) = LIMITS.get_ptr_mut(&dst) else {
         return TC_ACT_UNSPEC;
     };
@@ -183,6 +214,29 @@ pub fn tc_client_limit(ctx: TcContext) -> i32 {
     }
 }
 
+/// Counts a packet of a client of the subnet dropped by its rules or by isolation, in its slot.
+#[inline(always)]
+fn count_client_drop(src: [u8; 4], verdict: PolicyVerdict) {
+    let Some(cfg) = CONFIG.get(0) else {
+        return;
+    };
+    let mask = u32::from_ne_bytes(cfg.v4_mask);
+    if mask == 0 || u32::from_ne_bytes(src) & mask != u32::from_ne_bytes(cfg.v4_net) {
+        return;
+    }
+    if let Some(drops) = DROPS.get_ptr_mut(client_slot(src)) {
+        // SAFETY: a value pointer from a successful lookup; fields shared by every CPU.
+        let field = unsafe {
+            if verdict == PolicyVerdict::Denied {
+                &raw mut (*drops).denied
+            } else {
+                &raw mut (*drops).isolated
+            }
+        };
+        add(field, 1);
+    }
+}
+
 /// `N` bytes at `offset` of the packet: straight from its linear part when they are there
 /// (the common case: headers), else through the helper.
 #[inline(always)]
@@ -195,29 +249,35 @@ fn read<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
     load::<N>(ctx, offset)
 }
 
-/// The rules' verdict, the client's address and the IP packet's length (when IPv4).
+/// The rules' verdict, the client's address, its slot's flags and the IP packet's length (when
+/// IPv4).
 #[inline(always)]
-fn inspect(ctx: &TcContext) -> (PolicyVerdict, Option<[u8; 4]>, u64) {
+fn inspect(ctx: &TcContext) -> (PolicyVerdict, Option<[u8; 4]>, u32, u64) {
     let Some(cfg) = CONFIG.get(0) else {
-        return (PolicyVerdict::NotInspected, None, 0);
+        return (PolicyVerdict::NotInspected, None, 0, 0);
     };
     // SAFETY: the context pointer of a TC program is its __sk_buff.
     let skb = unsafe { &*(ctx.as_ptr() as *const __sk_buff) };
     if u16::from_be(skb.protocol as u16) != ETH_P_IP || cfg.l2_len > 64 {
-        return (PolicyVerdict::NotInspected, None, 0);
+        return (PolicyVerdict::NotInspected, None, 0, 0);
     }
     let l3 = cfg.l2_len as usize;
     let Some(ip) = read::<20>(ctx, l3) else {
-        return (PolicyVerdict::NotInspected, None, 0);
+        return (PolicyVerdict::NotInspected, None, 0, 0);
     };
     let src = [ip[12], ip[13], ip[14], ip[15]];
     let dst = [ip[16], ip[17], ip[18], ip[19]];
     let proto = ip[9];
     // The whole packet, every segment of a GSO one.
     let len = (skb.len as u64).saturating_sub(l3 as u64);
-    let acl = ACLS.get_ptr(&src);
+    let flags = flags(src);
+    let acl = if flags & SLOT_HAS_RULES != 0 {
+        ACLS.get_ptr(&src)
+    } else {
+        None
+    };
     if acl.is_none() && cfg.isolate == 0 {
-        return (PolicyVerdict::NoMatch, Some(src), len);
+        return (PolicyVerdict::NoMatch, Some(src), flags, len);
     }
     let mut dport = 0u16;
     if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
@@ -232,5 +292,5 @@ fn inspect(ctx: &TcContext) -> (PolicyVerdict, Option<[u8; 4]>, u64) {
     }
     // SAFETY: a value pointer from a successful lookup, read while the program runs.
     let acl = acl.map(|p| unsafe { &*p });
-    (decide(cfg, acl, dst, proto, dport).0, Some(src), len)
+    (decide(cfg, acl, dst, proto, dport).0, Some(src), flags, len)
 }

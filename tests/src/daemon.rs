@@ -217,7 +217,8 @@ impl Daemon {
         ApiClient::connect(&self.socket())
     }
 
-    fn spawn(&mut self) {
+    /// `phantomd` on this daemon's config, in its namespace, its output appended to the log.
+    fn phantomd_command(&mut self) -> Command {
         self.starts += 1;
         let log = fs::OpenOptions::new()
             .create(true)
@@ -236,7 +237,11 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        let child = cmd.spawn().expect("spawn phantomd");
+        cmd
+    }
+
+    fn spawn(&mut self) {
+        let child = self.phantomd_command().spawn().expect("spawn phantomd");
         self.child = Some(child);
         self.wait_ready();
     }
@@ -302,6 +307,11 @@ impl Daemon {
         child.wait().unwrap();
     }
 
+    /// The environment of the next start (replacing the config's).
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.env = env;
+    }
+
     /// Starts the daemon again on the same config and state.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the daemon first");
@@ -312,26 +322,7 @@ impl Daemon {
     /// waits for it to exit (panicking if it becomes ready instead) and returns the status.
     pub fn restart_refused(&mut self) -> std::process::ExitStatus {
         assert!(self.child.is_none(), "stop or kill the daemon first");
-        self.starts += 1;
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .unwrap();
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net={}", self.ns_path.display()))
-            .arg("--")
-            .arg(bin_dir().join("phantomd"))
-            .arg("--config")
-            .arg(self.config_path())
-            .env("NO_COLOR", "1")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn phantomd");
+        let mut child = self.phantomd_command().spawn().expect("spawn phantomd");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().unwrap() {

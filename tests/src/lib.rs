@@ -33,6 +33,7 @@ mod disk;
 mod dnsmasq;
 mod http;
 mod netns;
+mod one_client;
 mod process;
 mod redis;
 mod two_clients;
@@ -51,6 +52,7 @@ pub use netns::{
     BpffsDir, GuardedLink, NetNs, SKIPPED_TESTS_ENV, UdpListener, require_root, unique_ifname,
     unique_name, veth,
 };
+pub use one_client::OneClient;
 pub use process::{Process, run};
 pub use redis::RedisServer;
 pub use two_clients::{TwoClients, connect_client};

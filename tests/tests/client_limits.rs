@@ -403,3 +403,107 @@ fn a_used_up_quota_throttles_or_blocks_also_after_a_restart() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// libfaketime's preload library, where Debian's `faketime` package puts it.
+fn libfaketime() -> Option<std::path::PathBuf> {
+    std::fs::read_dir("/usr/lib")
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|d| d.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.exists())
+}
+
+/// 2027-01-01T00:00:00Z, the period the test's clock rolls into.
+const NEW_YEAR: u64 = 1_798_761_600;
+/// 2026-12-01T00:00:00Z, the period the daemon starts in.
+const DECEMBER: u64 = 1_796_083_200;
+
+/// The environment that starts the daemon's wall clock at `at` (UTC), running on from there
+/// (only the daemon's: its monotonic clock, the kernel's and the clients' are the real ones).
+fn clock_at(faketime: &std::path::Path, at: &str) -> Vec<(String, String)> {
+    vec![
+        ("LD_PRELOAD".into(), faketime.display().to_string()),
+        ("FAKETIME".into(), format!("@{at}")),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ("TZ".into(), "UTC".into()),
+    ]
+}
+
+#[test]
+fn a_used_up_quota_starts_again_when_its_period_does() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !require_root("a_used_up_quota_starts_again_when_its_period_does") {
+        return;
+    }
+    let faketime = libfaketime().expect(
+        "libfaketime is missing (Debian's faketime package; the README's test command installs it)",
+    );
+    let started = Instant::now();
+    let topo = Topology::new();
+    let bpffs = BpffsDir::new();
+    let mut config = DaemonConfig::new("a0", bpffs.path());
+    config.wireguard = Some(WireguardSettings::new(VPN_SUBNET, TwoClients::ENDPOINT));
+    config.env = clock_at(&faketime, "2026-12-31 12:00:00");
+    let mut daemon = Daemon::start(&topo.server, &config);
+    let _alice = connect_client(&daemon, &topo.alice, "alice");
+    wait_ping(&topo.alice, "alice");
+
+    // A 1 MiB monthly quota that blocks, used up at once.
+    let reply = set(&daemon, "alice", &["quota_mb=1", "quota_action=block"]);
+    assert_eq!(
+        reply["usage"]["quota_period_start"].as_u64(),
+        Some(DECEMBER),
+        "the daemon's clock is not the test's: {reply}"
+    );
+    // A bounded flood of large pings (about 2.8 MB both ways): iperf3 would hang once the
+    // block cuts its control connection.
+    let _ = topo
+        .alice
+        .command("ping")
+        .args([
+            "-n", "-q", "-c", "1000", "-i", "0.002", "-s", "1400", "-w", "10", SERVICE,
+        ])
+        .stdout(std::process::Stdio::null())
+        .status();
+    let state = api(&daemon, &["core", "get_client_policy", "client_name=alice"]);
+    assert_eq!(state["usage"]["quota_reached"], true, "{state}");
+    assert!(!ping(&topo.alice, SERVICE), "a blocked client still passes");
+
+    // kill -9, and a start 15 s before the month ends: still blocked, then at midnight the
+    // daemon (looking every 5 s) starts the new period, the count starts again and the client
+    // is back, without anyone touching it.
+    daemon.kill9();
+    daemon.set_env(clock_at(&faketime, "2026-12-31 23:59:45"));
+    daemon.restart();
+    let state = api(&daemon, &["core", "get_client_policy", "client_name=alice"]);
+    if state["usage"]["quota_period_start"].as_u64() == Some(DECEMBER) {
+        assert_eq!(state["usage"]["quota_reached"], true, "{state}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let state = api(&daemon, &["core", "get_client_policy", "client_name=alice"]);
+        if state["usage"]["quota_period_start"].as_u64() == Some(NEW_YEAR) {
+            assert_eq!(state["usage"]["quota_reached"], false, "{state}");
+            assert!(
+                state["usage"]["quota_used_bytes"].as_u64().unwrap() < 1 << 20,
+                "{state}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new period never started: {state}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    wait_ping(&topo.alice, "alice in the new period");
+    assert!(
+        daemon.log().contains("quota period started"),
+        "{}",
+        daemon.log()
+    );
+    eprintln!(
+        "a_used_up_quota_starts_again_when_its_period_does: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}

@@ -197,6 +197,37 @@ fn client_rules_and_isolation_hold_in_the_kernel_and_test_policy_agrees() {
     for verdict in ["denied", "isolated", "allowed"] {
         assert!(status["packets"][verdict].as_u64().unwrap() > 0, "{status}");
     }
+    // Each client's own drops, by reason: alice's rules denied hers, and both pinged the
+    // other under isolation; bob has no rules, so nothing of his was denied.
+    let drops = |name: &str| {
+        api(
+            &daemon,
+            &["core", "get_client_policy", &format!("client_name={name}")],
+        )["policy_drops"]
+            .clone()
+    };
+    let (alice_drops, bob_drops) = (drops("alice"), drops("bob"));
+    assert!(
+        alice_drops["denied"].as_u64().unwrap() >= 4,
+        "{alice_drops}"
+    );
+    assert!(
+        alice_drops["isolated"].as_u64().unwrap() > 0,
+        "{alice_drops}"
+    );
+    assert_eq!(bob_drops["denied"], 0, "{bob_drops}");
+    assert!(bob_drops["isolated"].as_u64().unwrap() > 0, "{bob_drops}");
+    let metrics = phantom_tests::http_get(&topo.server, "127.0.0.1:9469", "/metrics");
+    let series = |name: &str, reason: &str| {
+        phantom_tests::metric_value(
+            &metrics,
+            &format!(
+                "phantom_client_policy_dropped_packets_total{{client=\"{name}\",reason=\"{reason}\"}}"
+            ),
+        )
+    };
+    assert!(series("alice", "denied").unwrap_or(0.0) >= 4.0, "{metrics}");
+    assert!(series("bob", "isolated").unwrap_or(0.0) > 0.0, "{metrics}");
 
     // Acknowledged policy survives kill -9.
     daemon.kill9();

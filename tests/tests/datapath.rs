@@ -208,26 +208,20 @@ fn dropped(daemon: &Daemon, address: &str) -> Option<u64> {
         .and_then(|e| e["dropped_packets"].as_u64())
 }
 
-/// The guard answers repeat packets of a denied source from a per-CPU cache in front of the
-/// policy map. Two denied sources that share a cache slot, a source unblocked and denied
-/// again, and a deny shortened to a TTL must all still be dropped and counted exactly.
-#[test]
-fn deny_cache_keeps_counts_exact_and_follows_every_change() {
-    if !require_root("deny_cache_keeps_counts_exact_and_follows_every_change") {
-        return;
-    }
+/// The guarded daemon, with this thread pinned to one CPU and a second peer address (from the
+/// benchmarking range) whose slot in the guard's per-CPU caches (deny and pass, indexed alike)
+/// is the peer's: the caches are per CPU and veth receives on the sending CPU, so senders
+/// (threads spawned from here inherit the mask) stay on one CPU and the two sources really
+/// meet in one slot.
+fn guarded_daemon_with_slot_twin() -> (GuardedLink, BpffsDir, Daemon, String) {
     use phantom_common::xdp::{SourceKey, deny_cache_slot};
-    // The cache is per CPU and veth receives on the sending CPU: senders (threads spawned from
-    // here inherit the mask) stay on one CPU so the two sources really meet in one slot.
     let mut one_cpu = nix::sched::CpuSet::new();
     one_cpu.set(0).unwrap();
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
-    let (link, _bpffs, daemon) = guarded_daemon();
-    let (a, server) = (GuardedLink::PEER_V4, GuardedLink::SERVER_V4);
-    // A second peer address (benchmarking range) whose cache slot is the same as a's.
+    let (link, bpffs, daemon) = guarded_daemon();
     let slot_of =
         |ip: std::net::Ipv4Addr| deny_cache_slot(SourceKey::from_ipv4(ip.octets()).words());
-    let a_slot = slot_of(a.parse().unwrap());
+    let a_slot = slot_of(GuardedLink::PEER_V4.parse().unwrap());
     let c = (0u32..1 << 17)
         .map(|i| std::net::Ipv4Addr::from(0xc612_0000 + i))
         .find(|ip| slot_of(*ip) == a_slot)
@@ -240,6 +234,19 @@ fn deny_cache_keeps_counts_exact_and_follows_every_change() {
         "dev",
         GuardedLink::PEER_DEV,
     ]);
+    (link, bpffs, daemon, c)
+}
+
+/// The guard answers repeat packets of a denied source from a per-CPU cache in front of the
+/// policy map. Two denied sources that share a cache slot, a source unblocked and denied
+/// again, and a deny shortened to a TTL must all still be dropped and counted exactly.
+#[test]
+fn deny_cache_keeps_counts_exact_and_follows_every_change() {
+    if !require_root("deny_cache_keeps_counts_exact_and_follows_every_change") {
+        return;
+    }
+    let (link, _bpffs, daemon, c) = guarded_daemon_with_slot_twin();
+    let (a, server) = (GuardedLink::PEER_V4, GuardedLink::SERVER_V4);
 
     // Alternating bursts: every burst's first packet evicts the other source from the slot.
     api(&daemon, &["datapath", "deny", &format!("ip={a}")]);
@@ -296,29 +303,8 @@ fn pass_cache_keeps_counts_exact_and_follows_every_change() {
     if !require_root("pass_cache_keeps_counts_exact_and_follows_every_change") {
         return;
     }
-    use phantom_common::xdp::{SourceKey, deny_cache_slot};
-    // Per-CPU cache, and veth receives on the sending CPU: one CPU, so the sources meet.
-    let mut one_cpu = nix::sched::CpuSet::new();
-    one_cpu.set(0).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
-    let (link, _bpffs, daemon) = guarded_daemon();
+    let (link, _bpffs, daemon, c) = guarded_daemon_with_slot_twin();
     let (a, server) = (GuardedLink::PEER_V4, GuardedLink::SERVER_V4);
-    // The pass cache is indexed like the deny cache: c shares a's slot.
-    let slot_of =
-        |ip: std::net::Ipv4Addr| deny_cache_slot(SourceKey::from_ipv4(ip.octets()).words());
-    let a_slot = slot_of(a.parse().unwrap());
-    let c = (0u32..1 << 17)
-        .map(|i| std::net::Ipv4Addr::from(0xc612_0000 + i))
-        .find(|ip| slot_of(*ip) == a_slot)
-        .expect("a colliding address in 198.18.0.0/15")
-        .to_string();
-    link.peer.ip(&[
-        "addr",
-        "add",
-        &format!("{c}/32"),
-        "dev",
-        GuardedLink::PEER_DEV,
-    ]);
     let counts = |addr: &str| {
         let s = source(&daemon, addr);
         (s["packets"].as_u64(), s["bytes"].as_u64())

@@ -16,13 +16,13 @@ use std::{
 };
 
 use phantom_tests::{
-    BpffsDir, Daemon, DaemonConfig, NetNs, Process, WgQuickClient, WireguardSettings, api, dig,
-    dnsmasq, http_get, metric_value, require_root, veth,
+    BpffsDir, Daemon, DaemonConfig, NetNs, OneClient, Process, WgQuickClient, WireguardSettings,
+    api, dig, dnsmasq, http_get, metric_value, require_root,
 };
 
 const VPN_SUBNET: &str = "198.51.100.0/24";
 const RESOLVER: &str = "198.51.100.1";
-const ENDPOINT: &str = "192.0.2.1";
+const ENDPOINT: &str = OneClient::ENDPOINT;
 /// dnsmasq: the resolver's upstream.
 const UPSTREAM: &str = "203.0.113.53";
 /// dnsdist, listed as a DoH resolver.
@@ -32,34 +32,9 @@ const UNLISTED: &str = "203.0.113.61";
 /// What dnsdist answers every name with: the upstream namespace, where a web server listens.
 const WEB: &str = "203.0.113.62";
 
-struct Topology {
-    server: NetNs,
-    alice: NetNs,
-    upstream: NetNs,
-}
-
-impl Topology {
-    fn new() -> Self {
-        let t = Self {
-            server: NetNs::new("phs"),
-            alice: NetNs::new("pha"),
-            upstream: NetNs::new("phu"),
-        };
-        veth(&t.server, "a0", &t.alice, "eth0");
-        veth(&t.server, "up0", &t.upstream, "dns0");
-        t.server.ip(&["addr", "add", "192.0.2.1/28", "dev", "a0"]);
-        t.server
-            .ip(&["addr", "add", "203.0.113.1/24", "dev", "up0"]);
-        t.alice.ip(&["addr", "add", "192.0.2.2/28", "dev", "eth0"]);
-        t.alice.ip(&["route", "add", "default", "via", "192.0.2.1"]);
-        for a in [UPSTREAM, LISTED, UNLISTED, WEB] {
-            t.upstream
-                .ip(&["addr", "add", &format!("{a}/24"), "dev", "dns0"]);
-        }
-        t.upstream
-            .ip(&["route", "add", "default", "via", "203.0.113.1"]);
-        t
-    }
+/// The shared set-up, with this file's services' addresses on the upstream.
+fn topology() -> OneClient {
+    OneClient::new(&[UPSTREAM, LISTED, UNLISTED, WEB])
 }
 
 /// dnsdist serving DoT (853) and DoH (443, `/dns-query`) on both addresses, answering every
@@ -182,7 +157,7 @@ fn dot_doq_and_listed_doh_from_vpn_clients_are_dropped_in_the_kernel() {
         return;
     }
     let started = Instant::now();
-    let topo = Topology::new();
+    let topo = topology();
     let _upstream = dnsmasq(
         &topo.upstream,
         &[UPSTREAM],

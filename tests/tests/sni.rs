@@ -19,13 +19,13 @@ use std::{
 };
 
 use phantom_tests::{
-    BpffsDir, Daemon, DaemonConfig, NetNs, Process, WgQuickClient, WireguardSettings, api, dig,
-    dnsmasq, http_get, metric_value, require_root, veth,
+    BpffsDir, Daemon, DaemonConfig, NetNs, OneClient, Process, WgQuickClient, WireguardSettings,
+    api, dig, dnsmasq, http_get, metric_value, require_root,
 };
 
 const VPN_SUBNET: &str = "198.51.100.0/24";
 const RESOLVER: &str = "198.51.100.1";
-const ENDPOINT: &str = "192.0.2.1";
+const ENDPOINT: &str = OneClient::ENDPOINT;
 /// dnsmasq: the resolver's upstream.
 const UPSTREAM: &str = "203.0.113.53";
 /// `openssl s_server -www`.
@@ -37,34 +37,9 @@ const ALLOWED: &str = "fine-sni.example";
 /// In the shipped ECH front list (daemon/data/ech-fronts.txt).
 const ECH_FRONT: &str = "cloudflare-ech.com";
 
-struct Topology {
-    server: NetNs,
-    alice: NetNs,
-    upstream: NetNs,
-}
-
-impl Topology {
-    fn new() -> Self {
-        let t = Self {
-            server: NetNs::new("phs"),
-            alice: NetNs::new("pha"),
-            upstream: NetNs::new("phu"),
-        };
-        veth(&t.server, "a0", &t.alice, "eth0");
-        veth(&t.server, "up0", &t.upstream, "up0");
-        t.server.ip(&["addr", "add", "192.0.2.1/28", "dev", "a0"]);
-        t.server
-            .ip(&["addr", "add", "203.0.113.1/24", "dev", "up0"]);
-        t.alice.ip(&["addr", "add", "192.0.2.2/28", "dev", "eth0"]);
-        t.alice.ip(&["route", "add", "default", "via", "192.0.2.1"]);
-        for a in [UPSTREAM, TLS, RAW] {
-            t.upstream
-                .ip(&["addr", "add", &format!("{a}/24"), "dev", "up0"]);
-        }
-        t.upstream
-            .ip(&["route", "add", "default", "via", "203.0.113.1"]);
-        t
-    }
+/// The shared set-up, with this file's services' addresses on the upstream.
+fn topology() -> OneClient {
+    OneClient::new(&[UPSTREAM, TLS, RAW])
 }
 
 /// `openssl s_server -www` on `TLS:443` with a self-signed certificate for both names.
@@ -230,7 +205,7 @@ fn client_hellos_with_blocked_names_quic_and_ech_fronts_are_dropped_in_the_kerne
         return;
     }
     let started = Instant::now();
-    let topo = Topology::new();
+    let topo = topology();
     let _upstream = dnsmasq(
         &topo.upstream,
         &[UPSTREAM],

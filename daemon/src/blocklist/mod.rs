@@ -11,6 +11,7 @@ pub mod matcher;
 pub mod metrics;
 pub mod model;
 pub mod publisher;
+pub mod rule_table;
 pub mod store;
 pub mod sync;
 pub mod table;
@@ -223,7 +224,7 @@ impl<'a> From<&'a Entry> for CanonicalEntry<'a> {
 /// pattern vector) first.
 struct ListedJson<'a> {
     domain: &'a str,
-    listed: &'a Listed,
+    listed: Listed,
     reason: &'a str,
 }
 
@@ -236,7 +237,7 @@ impl Serialize for ListedJson<'_> {
             "patterns",
             &ListedPatterns {
                 domain: self.domain,
-                listed: self.listed,
+                listed: &self.listed,
             },
         )?;
         entry.serialize_field("reason", self.reason)?;
@@ -305,7 +306,7 @@ impl Serialize for RuleText<'_> {
 }
 
 impl State {
-    fn listed_json<'a>(&'a self, domain: &'a str, listed: &'a Listed) -> ListedJson<'a> {
+    fn listed_json<'a>(&'a self, domain: &'a str, listed: Listed) -> ListedJson<'a> {
         ListedJson {
             domain,
             listed,
@@ -539,7 +540,7 @@ impl Blocklist {
                 .iter()
                 .filter(|(_, l)| l.added_at >= ADDED_AT_MILLISECONDS_FROM)
                 .map(|(d, l)| {
-                    let mut e = state.entry(d, l);
+                    let mut e = state.entry(d, &l);
                     e.added_at /= 1000;
                     e
                 })
@@ -722,7 +723,7 @@ impl Blocklist {
 
     pub fn get(&self, domain: &str) -> Option<Entry> {
         let state = self.read();
-        state.entries.get(domain).map(|l| state.entry(domain, l))
+        state.entries.get(domain).map(|l| state.entry(domain, &l))
     }
 
     /// One page of entries by domain, with the total matching `search`.
@@ -741,7 +742,7 @@ impl Blocklist {
         let page = matching()
             .skip(offset)
             .take(limit)
-            .map(|(d, l)| state.entry(d, l))
+            .map(|(d, l)| state.entry(d, &l))
             .collect();
         (page, total)
     }
@@ -769,9 +770,14 @@ impl Blocklist {
         removals: Vec<String>,
     ) -> Result<Applied, BlocklistError> {
         let mut state = self.write();
+        let listed = {
+            let names: Vec<&str> = removals.iter().map(String::as_str).collect();
+            state.entries.contains_many(&names)
+        };
         let removals: Vec<String> = removals
             .into_iter()
-            .filter(|d| state.entries.contains(d))
+            .zip(listed)
+            .filter_map(|(d, listed)| listed.then_some(d))
             .collect();
         let refused = self.place_new(&state, &mut upserts);
         for clash in &refused {
@@ -785,6 +791,11 @@ impl Blocklist {
             });
         }
         let version = now_ms().max(state.version + 1);
+        // In domain order from here: the store's index and the table's merge take the names
+        // in sequence (the sort is stable: the last of a name's duplicates still wins).
+        if upserts.len() >= LARGE_BATCH {
+            upserts.sort_by(|a, b| a.domain.cmp(&b.domain));
+        }
         let changes: Vec<Change<'_>> = upserts
             .iter()
             .map(Change::Upsert)
@@ -807,17 +818,19 @@ impl Blocklist {
         self.set_version(&mut state, version);
         drop(state);
         let large = upserts.len() + removals.len() > LARGE_BATCH;
-        let rules: Vec<(String, bool)> =
-            upserts.iter().filter_map(|e| self.kernel_rule(e)).collect();
-        let gone: Vec<String> = upserts
-            .iter()
-            .filter(|e| self.kernel_rule(e).is_none())
-            .map(|e| e.domain.clone())
-            .chain(removals.iter().cloned())
-            .collect();
-        self.sync_kernel(&rules, &gone);
+        if self.datapath.is_some() {
+            let rules: Vec<(String, bool)> =
+                upserts.iter().filter_map(|e| self.kernel_rule(e)).collect();
+            let gone: Vec<String> = upserts
+                .iter()
+                .filter(|e| self.kernel_rule(e).is_none())
+                .map(|e| e.domain.clone())
+                .chain(removals.iter().cloned())
+                .collect();
+            self.sync_kernel(&rules, &gone);
+        }
         let changed = upserts.len() + removals.len();
-        drop((upserts, rules, gone));
+        drop(upserts);
         if large {
             release_free_memory();
         }
@@ -835,11 +848,17 @@ impl Blocklist {
     /// a kernel rule, an operator's kernel rule. Returns those clashes. If the commit then
     /// fails, `unplace` takes the new names out again.
     fn place_new(&self, state: &State, upserts: &mut Vec<Entry>) -> Vec<KeyClash> {
+        let listed = {
+            let names: Vec<&str> = upserts.iter().map(|e| e.domain.as_str()).collect();
+            state.entries.contains_many(&names)
+        };
+        let mut listed = listed.into_iter();
         let mut matcher = self.engine_mut();
         let hasher = Arc::clone(matcher.hasher());
         let mut refused = Vec::new();
         upserts.retain(|e| {
-            if state.entries.contains(&e.domain) {
+            // `retain` visits the entries in order, once each.
+            if listed.next().unwrap_or(false) {
                 return true;
             }
             if matcher.clashes(&e.domain) {
@@ -1021,7 +1040,7 @@ impl Blocklist {
         state
             .entries
             .iter()
-            .map(|(d, l)| state.entry(d, l))
+            .map(|(d, l)| state.entry(d, &l))
             .collect()
     }
 
@@ -1060,7 +1079,7 @@ impl Blocklist {
         let mut removed = Vec::new();
         for d in domains {
             match state.entries.get(&d) {
-                Some(l) => upserts.push(state.entry(&d, l)),
+                Some(l) => upserts.push(state.entry(&d, &l)),
                 None => removed.push(d),
             }
         }

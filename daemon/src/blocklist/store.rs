@@ -19,6 +19,13 @@ pub enum Change<'a> {
     RemovePattern(&'a str, PatternType),
 }
 
+/// Changes from which a commit gets the larger page cache.
+const LARGE_COMMIT: usize = 10_000;
+/// Page cache sizes in KiB (negative: SQLite's unit for a size in KiB): a large commit's, and
+/// SQLite's default.
+const LARGE_COMMIT_CACHE_KIB: i64 = -65_536;
+const DEFAULT_CACHE_KIB: i64 = -2_000;
+
 pub struct BlocklistStore {
     conn: Mutex<Connection>,
 }
@@ -139,9 +146,34 @@ impl BlocklistStore {
         ))
     }
 
-    /// Applies `changes` as version `version`, atomically.
+    /// Applies `changes` as version `version`, atomically. A large batch gets a larger page
+    /// cache for its transaction (SQLite's 2 MiB would spill pages to the WAL before the
+    /// commit, some of them more than once), handed back when it is done.
     pub fn commit(&self, version: u64, changes: &[Change<'_>]) -> Result<(), BlocklistError> {
         let mut conn = self.conn()?;
+        let large = changes.len() >= LARGE_COMMIT;
+        if large {
+            conn.pragma_update(None, "cache_size", LARGE_COMMIT_CACHE_KIB)
+                .map_err(BlocklistError::Store)?;
+        }
+        let committed = Self::commit_on(&mut conn, version, changes);
+        if large {
+            // The default again, and the pages back to the allocator.
+            let reset = conn
+                .pragma_update(None, "cache_size", DEFAULT_CACHE_KIB)
+                .and_then(|()| conn.execute_batch("PRAGMA shrink_memory"));
+            if let Err(e) = reset {
+                tracing::warn!(error = %e, "blocklist store: cannot shrink the page cache again");
+            }
+        }
+        committed
+    }
+
+    fn commit_on(
+        conn: &mut Connection,
+        version: u64,
+        changes: &[Change<'_>],
+    ) -> Result<(), BlocklistError> {
         let tx = conn.transaction().map_err(BlocklistError::Store)?;
         {
             let mut upsert = tx

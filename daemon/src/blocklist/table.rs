@@ -1,10 +1,11 @@
 //! The listed domains, sorted, in compact form. A list runs to millions of names, so they live
-//! back to back in one text arena and each row is 24 bytes (where it is, its weights, when it was
-//! added, its reason's index): about 50 bytes per domain instead of the ~130 a map of owned
-//! strings costs. Lookups are binary searches (the resolver's hot path uses the matcher's hash
-//! table, not this); changes arrive in batches and are merged in one pass.
+//! back to back in one text arena and each row is 16 bytes (where the name is, its weights, and
+//! the index of its stamp: when it was added and why, which most entries of a list share):
+//! about 42 bytes per domain instead of the ~130 a map of owned strings costs. Lookups are
+//! binary searches (the resolver's hot path uses the matcher's table, not this); changes arrive
+//! in batches and are merged in one pass.
 
-use std::cmp::Ordering;
+use std::{cmp::Ordering, collections::HashMap};
 
 use super::matcher::{Weight, from_weight};
 
@@ -27,8 +28,19 @@ impl Listed {
 #[derive(Clone, Copy, Debug)]
 struct Row {
     at: u32,
+    /// Index into `stamps`.
+    stamp: u32,
+    exact: Weight,
+    sub: Weight,
     len: u8,
-    listed: Listed,
+}
+
+/// When an entry was added and why (a reason's index): an import or a sync gives every entry
+/// of its batch the same one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Stamp {
+    added_at: u64,
+    reason: u32,
 }
 
 /// Below this many new names a batch is inserted in place; above, merged.
@@ -38,6 +50,9 @@ const MERGE_AT: usize = 64;
 pub struct DomainTable {
     text: String,
     rows: Vec<Row>,
+    /// Distinct stamps, shared by index (kept for the table's life, as the list's reasons).
+    stamps: Vec<Stamp>,
+    stamp_index: HashMap<Stamp, u32>,
     /// Arena bytes no row points at any more (removed names).
     garbage: usize,
 }
@@ -60,8 +75,44 @@ impl DomainTable {
         self.rows.is_empty()
     }
 
-    pub fn get(&self, name: &str) -> Option<&Listed> {
-        self.find(name).ok().map(|i| &self.rows[i].listed)
+    fn listed(&self, r: &Row) -> Listed {
+        let stamp = self.stamps.get(r.stamp as usize).copied().unwrap_or(Stamp {
+            added_at: 0,
+            reason: 0,
+        });
+        Listed {
+            added_at: stamp.added_at,
+            reason: stamp.reason,
+            exact: r.exact,
+            sub: r.sub,
+        }
+    }
+
+    /// Sets `r`'s data to `listed`.
+    fn set(&mut self, r: usize, listed: Listed) {
+        let stamp = self.stamp(listed);
+        let row = &mut self.rows[r];
+        row.stamp = stamp;
+        row.exact = listed.exact;
+        row.sub = listed.sub;
+    }
+
+    fn stamp(&mut self, listed: Listed) -> u32 {
+        let stamp = Stamp {
+            added_at: listed.added_at,
+            reason: listed.reason,
+        };
+        if let Some(&i) = self.stamp_index.get(&stamp) {
+            return i;
+        }
+        let i = self.stamps.len() as u32;
+        self.stamps.push(stamp);
+        self.stamp_index.insert(stamp, i);
+        i
+    }
+
+    pub fn get(&self, name: &str) -> Option<Listed> {
+        self.find(name).ok().map(|i| self.listed(&self.rows[i]))
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -69,8 +120,8 @@ impl DomainTable {
     }
 
     /// In domain order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Listed)> {
-        self.rows.iter().map(|r| (self.name(r), &r.listed))
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Listed)> {
+        self.rows.iter().map(|r| (self.name(r), self.listed(r)))
     }
 
     fn row(&mut self, name: &str, listed: Listed) -> Row {
@@ -78,25 +129,40 @@ impl DomainTable {
         self.text.push_str(name);
         Row {
             at,
+            stamp: self.stamp(listed),
+            exact: listed.exact,
+            sub: listed.sub,
             // Names are at most 253 bytes (normalised before they get here).
             len: name.len().min(255) as u8,
-            listed,
         }
     }
 
-    /// Adds or updates names (the last of duplicates in `items` wins).
-    pub fn upsert<'a>(&mut self, items: impl IntoIterator<Item = (&'a str, Listed)>) {
-        let mut new: Vec<(&str, Listed)> = Vec::new();
-        for (name, listed) in items {
-            match self.find(name) {
-                Ok(i) => self.rows[i].listed = listed,
-                Err(_) => new.push((name, listed)),
-            }
+    /// Whether each of `names` is listed: a binary search each for a few names, one pass
+    /// over the names in order beside the table's for many.
+    pub fn contains_many(&self, names: &[&str]) -> Vec<bool> {
+        if names.len() < MERGE_AT || names.len() < self.rows.len() / 16 {
+            return names.iter().map(|n| self.contains(n)).collect();
         }
+        let mut order: Vec<u32> = (0..names.len() as u32).collect();
+        order.sort_unstable_by(|&a, &b| names[a as usize].cmp(names[b as usize]));
+        let mut listed = vec![false; names.len()];
+        let mut rows = self.rows.iter().peekable();
+        for i in order {
+            let name = names[i as usize];
+            while rows.next_if(|r| self.name(r) < name).is_some() {}
+            listed[i as usize] = rows.peek().is_some_and(|r| self.name(r) == name);
+        }
+        listed
+    }
+
+    /// Adds or updates names (the last of duplicates in `items` wins). A large batch is sorted
+    /// (a batch in order already costs one pass) and merged with the table in one pass.
+    pub fn upsert<'a>(&mut self, items: impl IntoIterator<Item = (&'a str, Listed)>) {
+        let mut new: Vec<(&str, Listed)> = items.into_iter().collect();
         if new.len() < MERGE_AT {
             for (name, listed) in new {
                 match self.find(name) {
-                    Ok(i) => self.rows[i].listed = listed,
+                    Ok(i) => self.set(i, listed),
                     Err(i) => {
                         let row = self.row(name, listed);
                         self.rows.insert(i, row);
@@ -105,7 +171,7 @@ impl DomainTable {
             }
             return;
         }
-        // Sort the newcomers (stable, so the last duplicate can win), then merge.
+        // Stable, so the last duplicate can win.
         new.sort_by(|a, b| a.0.cmp(b.0));
         let mut deduped: Vec<(&str, Listed)> = Vec::with_capacity(new.len());
         for item in new {
@@ -117,14 +183,22 @@ impl DomainTable {
         let old = std::mem::take(&mut self.rows);
         let mut merged = Vec::with_capacity(old.len() + deduped.len());
         let mut incoming = deduped.into_iter().peekable();
-        for r in old {
+        for mut r in old {
             while let Some(&(name, listed)) = incoming.peek() {
-                if name.cmp(self.name(&r)) == Ordering::Less {
-                    let row = self.row(name, listed);
-                    merged.push(row);
-                    incoming.next();
-                } else {
-                    break;
+                match name.cmp(self.name(&r)) {
+                    Ordering::Less => {
+                        let row = self.row(name, listed);
+                        merged.push(row);
+                        incoming.next();
+                    }
+                    Ordering::Equal => {
+                        r.stamp = self.stamp(listed);
+                        r.exact = listed.exact;
+                        r.sub = listed.sub;
+                        incoming.next();
+                        break;
+                    }
+                    Ordering::Greater => break,
                 }
             }
             merged.push(r);
@@ -133,6 +207,7 @@ impl DomainTable {
             let row = self.row(name, listed);
             merged.push(row);
         }
+        merged.shrink_to_fit();
         self.rows = merged;
     }
 
@@ -186,6 +261,7 @@ impl DomainTable {
     pub fn shrink_to_fit(&mut self) {
         self.rows.shrink_to_fit();
         self.text.shrink_to_fit();
+        self.stamps.shrink_to_fit();
     }
 }
 
@@ -211,6 +287,7 @@ mod tests {
         t.upsert([("a.example", l(9)), ("zz.example", l(4))]);
         assert_eq!(t.len(), 503);
         assert_eq!(t.get("a.example").map(|x| x.added_at), Some(9));
+        assert_eq!(std::mem::size_of::<Row>(), 16);
         let names: Vec<&str> = t.iter().map(|(n, _)| n).collect();
         let mut sorted = names.clone();
         sorted.sort();

@@ -1,13 +1,15 @@
 //! The maps of `tc_client_policy`: each client's rules by address, the isolation switch with
 //! the client subnet, the counters per verdict, and each limited client's buckets, quota and
-//! counters.
+//! counters; the per-slot flags that let most packets skip the lookups, and each client's
+//! drops by its rules and by isolation.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, sync::Mutex};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use phantom_common::{
     policy::{
-        ClientAcl, ClientLimit, MAX_ACL_CLIENTS, MAX_LIMIT_CLIENTS, PolicyConfig, PolicyVerdict,
+        CLIENT_SLOTS, ClientAcl, ClientDrops, ClientLimit, MAX_ACL_CLIENTS, MAX_LIMIT_CLIENTS,
+        PolicyConfig, PolicyVerdict, SLOT_HAS_LIMIT, SLOT_HAS_RULES, client_slot,
     },
     xdp::TrafficCounter,
 };
@@ -21,6 +23,59 @@ pub struct ClientPolicyMaps {
     config: Mutex<Array<MapData, PolicyConfig>>,
     stats: Mutex<PerCpuArray<MapData, TrafficCounter>>,
     limits: Mutex<HashMap<MapData, [u8; 4], ClientLimit>>,
+    flags: Mutex<SlotFlags>,
+    drops: Mutex<Array<MapData, ClientDrops>>,
+}
+
+/// `PH_CLIENT_FLAGS` with the daemon's copy of it (read once at start, so a restart adopts
+/// what the pinned map holds and never clears a bit an entry still needs).
+struct SlotFlags {
+    map: Array<MapData, u32>,
+    have: Vec<u32>,
+}
+
+impl SlotFlags {
+    fn new(map: Array<MapData, u32>) -> Self {
+        let have = (0..CLIENT_SLOTS)
+            .map(|i| map.get(&i, 0).unwrap_or(SLOT_HAS_RULES | SLOT_HAS_LIMIT))
+            .collect();
+        Self { map, have }
+    }
+
+    /// Sets `bit` on the slots of `addrs` that lack it: before their entries go in.
+    fn raise<'a>(
+        &mut self,
+        bit: u32,
+        addrs: impl Iterator<Item = &'a Ipv4Addr>,
+    ) -> Result<(), Error> {
+        for ip in addrs {
+            let slot = client_slot(ip.octets());
+            let have = self.have[slot as usize];
+            if have & bit == 0 {
+                self.map.set(slot, &(have | bit), 0)?;
+                self.have[slot as usize] = have | bit;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears `bit` on every slot none of `addrs` is in: after the other entries are gone.
+    fn lower<'a>(
+        &mut self,
+        bit: u32,
+        addrs: impl Iterator<Item = &'a Ipv4Addr>,
+    ) -> Result<(), Error> {
+        let keep: std::collections::HashSet<u32> =
+            addrs.map(|ip| client_slot(ip.octets())).collect();
+        for slot in 0..CLIENT_SLOTS {
+            let have = self.have[slot as usize];
+            if have & bit != 0 && !keep.contains(&slot) {
+                self.map.set(slot, &(have & !bit), 0)?;
+                self.have[slot as usize] = have & !bit;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Copies the daemon's settings of `want` over `have`, keeping what the kernel counts (the
@@ -50,13 +105,29 @@ impl ClientPolicyMaps {
         config: Array<MapData, PolicyConfig>,
         stats: PerCpuArray<MapData, TrafficCounter>,
         limits: HashMap<MapData, [u8; 4], ClientLimit>,
+        flags: Array<MapData, u32>,
+        drops: Array<MapData, ClientDrops>,
     ) -> Self {
         Self {
             acls: Mutex::new(acls),
             config: Mutex::new(config),
             stats: Mutex::new(stats),
             limits: Mutex::new(limits),
+            flags: Mutex::new(SlotFlags::new(flags)),
+            drops: Mutex::new(drops),
         }
+    }
+
+    /// The packets of the client at `ip` dropped by its rules and by isolation since its slot
+    /// was last zeroed.
+    pub fn drops(&self, ip: Ipv4Addr) -> Result<ClientDrops, Error> {
+        Ok(lock(&self.drops)?.get(&client_slot(ip.octets()), 0)?)
+    }
+
+    /// Zeroes the drop counts of `ip`'s slot: a client took that address.
+    pub fn zero_drops(&self, ip: Ipv4Addr) -> Result<(), Error> {
+        lock(&self.drops)?.set(client_slot(ip.octets()), &ClientDrops::default(), 0)?;
+        Ok(())
     }
 
     /// Makes the kernel hold a limit entry for exactly the clients of `limits` (client
@@ -69,6 +140,8 @@ impl ClientPolicyMaps {
                 limits.len()
             )));
         }
+        let mut flags = lock(&self.flags)?;
+        flags.raise(SLOT_HAS_LIMIT, limits.keys())?;
         let mut map = lock(&self.limits)?;
         let have: Vec<[u8; 4]> = map.keys().filter_map(Result::ok).collect();
         for key in have {
@@ -84,7 +157,7 @@ impl ClientPolicyMaps {
                 map.insert(&key, &next, 0)?;
             }
         }
-        Ok(())
+        flags.lower(SLOT_HAS_LIMIT, limits.keys())
     }
 
     /// Every limit entry with its counters.
@@ -118,6 +191,8 @@ impl ClientPolicyMaps {
                 acls.len()
             )));
         }
+        let mut flags = lock(&self.flags)?;
+        flags.raise(SLOT_HAS_RULES, acls.keys())?;
         let mut map = lock(&self.acls)?;
         let have: Vec<[u8; 4]> = map.keys().filter_map(Result::ok).collect();
         for key in have {
@@ -131,7 +206,7 @@ impl ClientPolicyMaps {
                 map.insert(&key, acl, 0)?;
             }
         }
-        Ok(())
+        flags.lower(SLOT_HAS_RULES, acls.keys())
     }
 
     pub fn set_config(&self, cfg: &PolicyConfig) -> Result<(), Error> {

@@ -16,7 +16,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{Array, HashMap, IterableMap, MapData};
 use phantom_common::dns::{DOMAIN_EXACT, DOMAIN_SUBDOMAINS, DomainKey};
 use serde::Serialize;
 use tracing::{info, warn};
@@ -147,13 +147,30 @@ impl State {
     /// Brings the kernel in line with the union for `hashes`. When the map is full, a key is
     /// left out (`left_out`, counted) and the rest go on: an operator's rule takes the place
     /// of a blocklist-only key (which is left out instead), a blocklist rule waits for room.
-    /// Keys deleted make room for left-out ones at once.
+    /// Keys deleted make room for left-out ones at once. Deletions go first; a large set of
+    /// writes goes to the kernel in batches (`BPF_MAP_UPDATE_BATCH`), and what a batch does not
+    /// take (a full map, a kernel without batches) one key at a time as before.
     fn apply(
         &mut self,
         hashes: impl IntoIterator<Item = u64>,
         report: &mut SyncReport,
     ) -> Result<(), Error> {
+        let mut writes = Vec::new();
         for hash in hashes {
+            let want = self.union(hash);
+            if want == 0 {
+                self.apply_one(hash, report)?;
+            } else if self.kernel.get(&hash) != Some(&want) {
+                writes.push(hash);
+            }
+        }
+        if writes.len() >= BATCH_FROM {
+            writes.sort_unstable();
+            writes.dedup();
+            let done = self.write_batches(&writes, report);
+            writes.drain(..done);
+        }
+        for hash in writes {
             self.apply_one(hash, report)?;
         }
         if report.deleted > 0 && !self.left_out.is_empty() {
@@ -166,6 +183,27 @@ impl State {
         }
         report.total = self.kernel.len();
         Ok(())
+    }
+
+    /// Writes the union's flags of `hashes` (sorted, distinct, each wanted and not yet in the
+    /// kernel as wanted) in batches, until the first batch the kernel does not take whole;
+    /// returns how many of `hashes` are written.
+    fn write_batches(&mut self, hashes: &[u64], report: &mut SyncReport) -> usize {
+        let mut done = 0;
+        for chunk in hashes.chunks(BATCH_KEYS) {
+            let values: Vec<u8> = chunk.iter().map(|h| self.union(*h)).collect();
+            let written = update_batch(self.map.map(), chunk, &values);
+            for (hash, flags) in chunk.iter().zip(&values).take(written) {
+                self.left_out.remove(hash);
+                self.kernel.insert(*hash, *flags);
+            }
+            report.written += written;
+            done += written;
+            if written < chunk.len() {
+                break;
+            }
+        }
+        done
     }
 
     /// One key; false when the full map refused it.
@@ -237,6 +275,63 @@ impl State {
         self.left_out.insert(victim);
         self.evicted += 1;
         Ok(true)
+    }
+}
+
+/// Writes at or above this many keys go to the kernel in batches.
+const BATCH_FROM: usize = 64;
+/// Keys per batch call.
+const BATCH_KEYS: usize = 16_384;
+
+/// `bpf(2)`'s command for a batch of map updates (Linux 5.6).
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// The batch part of `union bpf_attr` (`struct { in_batch, out_batch, keys, values, count,
+/// map_fd, elem_flags, flags }`).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Writes `keys` with `values` (one byte each, the domain map's value) into `map` in one
+/// `BPF_MAP_UPDATE_BATCH` call; returns how many the kernel wrote, in order (all of them, or
+/// those before the first it refused: a full map; none on a kernel without batch updates).
+fn update_batch(map: &MapData, keys: &[u64], values: &[u8]) -> usize {
+    use std::os::fd::{AsFd, AsRawFd};
+    let count = keys.len().min(values.len());
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: count as u32,
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: `attr` points the kernel at `count` keys of the map's key size (8 bytes, u64)
+    // and `count` values of its value size (1 byte), both alive for the call; the kernel reads
+    // them and writes back only `attr.count`, inside `attr`, which outlives the call.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    if result == 0 {
+        count
+    } else {
+        // On an error the kernel reports how many it wrote before it; a kernel that does not
+        // know the command leaves `count` as it was (then nothing was written).
+        let written = attr.count as usize;
+        if written < count { written } else { 0 }
     }
 }
 

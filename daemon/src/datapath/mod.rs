@@ -296,6 +296,8 @@ impl Datapath {
             take_map(&mut ebpf, names::CLIENT_POLICY_CONFIG_MAP)?.try_into()?,
             take_map(&mut ebpf, names::CLIENT_POLICY_STATS_MAP)?.try_into()?,
             take_map(&mut ebpf, names::CLIENT_LIMIT_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::CLIENT_FLAGS_MAP)?.try_into()?,
+            take_map(&mut ebpf, names::CLIENT_DROPS_MAP)?.try_into()?,
         );
         let sni = sni::SniFilter::new(
             take_map(&mut ebpf, names::SNI_MAP)?.try_into()?,

@@ -1,15 +1,16 @@
 //! The answer cache: upstream answers as wire bytes, served until their TTL runs out, with
 //! the TTLs counted down on the way out.
 //!
-//! Sharded so the resolver's workers rarely meet on a lock; each shard is bounded, and a full
-//! shard first drops what has expired, then an arbitrary eighth of itself (hash order), which
-//! keeps inserts O(1) amortised without LRU bookkeeping on every hit.
+//! Sharded so the resolver's workers rarely meet on a lock, and a look-up only read-locks its
+//! shard (workers reading one shard never wait for each other); each shard is bounded, and a
+//! full shard first drops what has expired, then an arbitrary eighth of itself (hash order),
+//! which keeps inserts O(1) amortised without LRU bookkeeping on every hit.
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher, Hash, Hasher},
+    hash::{BuildHasher, Hasher},
     sync::{
-        Mutex,
+        RwLock, RwLockReadGuard, RwLockWriteGuard,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -35,10 +36,38 @@ struct Cached {
 
 const NOT_VETTED: u64 = u64::MAX;
 
+impl Cached {
+    /// Whether this is the answer to `q` (not another question under the same key).
+    fn answers(&self, q: &Question) -> bool {
+        *self.name == *q.name
+            && self.qtype == q.qtype
+            && self.qclass == q.qclass
+            && self.flags == QueryFlags::of(q)
+    }
+
+    /// Whole seconds since it was stored.
+    fn age(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.stored).as_secs() as u32
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        self.age(now) >= self.ttl
+    }
+}
+
+/// What a look-up found.
+enum Lookup {
+    /// The answer, copied out; whether the current blocklist generation vetted it.
+    Hit(bool),
+    /// An expired answer, or another question's under the same key.
+    Stale,
+    Absent,
+}
+
 /// What in a query besides its question shapes the answer: EDNS at all (an OPT record in the
 /// answer), DO (DNSSEC records wanted) and CD (validation off). An answer is served only to
 /// a query with the same three.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct QueryFlags {
     edns: bool,
     dnssec_ok: bool,
@@ -59,7 +88,7 @@ impl QueryFlags {
 type Shard = HashMap<u64, Cached, Prehashed>;
 
 pub struct Cache {
-    shards: Vec<Mutex<Shard>>,
+    shards: Vec<RwLock<Shard>>,
     per_shard: usize,
     max_ttl: u32,
     hasher: foldhash::fast::RandomState,
@@ -70,7 +99,7 @@ pub struct Cache {
 impl Cache {
     pub fn new(entries: usize, max_ttl: u32) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
             per_shard: entries.div_ceil(SHARDS),
             max_ttl,
             hasher: foldhash::fast::RandomState::default(),
@@ -84,18 +113,34 @@ impl Cache {
     }
 
     fn key(&self, q: &Question) -> u64 {
+        // One pass over the name, then the rest of the key in one word.
+        let flags = QueryFlags::of(q);
         let mut h = self.hasher.build_hasher();
-        q.name.hash(&mut h);
-        q.qtype.hash(&mut h);
-        q.qclass.hash(&mut h);
-        QueryFlags::of(q).hash(&mut h);
+        h.write(q.name.as_bytes());
+        h.write_u64(
+            (u64::from(q.qtype) << 32)
+                | (u64::from(q.qclass) << 16)
+                | (u64::from(flags.edns) << 2)
+                | (u64::from(flags.dnssec_ok) << 1)
+                | u64::from(flags.checking_disabled),
+        );
         h.finish()
     }
 
-    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, Shard> {
+    fn shard_of(&self, key: u64) -> &RwLock<Shard> {
         // The top bits pick the shard; the map uses the rest.
-        let m = &self.shards[(key >> 60) as usize % SHARDS];
-        match m.lock() {
+        &self.shards[(key >> 60) as usize % SHARDS]
+    }
+
+    fn read_shard(&self, key: u64) -> RwLockReadGuard<'_, Shard> {
+        match self.shard_of(key).read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn write_shard(&self, key: u64) -> RwLockWriteGuard<'_, Shard> {
+        match self.shard_of(key).write() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
@@ -105,50 +150,70 @@ impl Cache {
     /// the TTLs reduced by the time spent in the cache; and whether blocklist generation
     /// `generation` vetted the name.
     pub fn get(&self, query: &[u8], q: &Question, generation: u64) -> Option<(Vec<u8>, bool)> {
+        let mut out = Vec::new();
+        let vetted = self.get_into(query, q, generation, Instant::now(), &mut out)?;
+        Some((out, vetted))
+    }
+
+    /// [`Cache::get`] into `out` (its old content replaced, its allocation reused), at time
+    /// `now` (the resolver's workers read the clock once per batch of queries): the hot path
+    /// of a busy resolver. The name is hashed once, the shard is only read-locked (workers
+    /// answering from one shard do not wait for each other), and the answer is copied once,
+    /// into `out`. `None` on a miss (`out` then holds nothing useful).
+    pub fn get_into(
+        &self,
+        query: &[u8],
+        q: &Question,
+        generation: u64,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Option<bool> {
         if !self.enabled() {
             return None;
         }
         let key = self.key(q);
-        let now = Instant::now();
-        let mut shard = self.shard(key);
-        let hit = match shard.get(&key) {
-            Some(c)
-                if *c.name == q.name
-                    && c.qtype == q.qtype
-                    && c.qclass == q.qclass
-                    && c.flags == QueryFlags::of(q) =>
-            {
-                let age = now.saturating_duration_since(c.stored).as_secs() as u32;
-                if age >= c.ttl {
-                    None
-                } else {
-                    let vetted = c.vetted == generation;
-                    let mut out = c.wire.to_vec();
-                    for &at in c.ttl_offsets.iter() {
-                        let at = at as usize;
-                        if let Some(field) = out.get_mut(at..at + 4) {
-                            let ttl = u32::from_be_bytes([field[0], field[1], field[2], field[3]]);
-                            field.copy_from_slice(&ttl.saturating_sub(age).to_be_bytes());
-                        }
+        let found = match self.read_shard(key).get(&key) {
+            Some(c) if c.answers(q) && !c.expired(now) => {
+                let age = c.age(now);
+                out.clear();
+                out.extend_from_slice(&c.wire);
+                for &at in c.ttl_offsets.iter() {
+                    let at = at as usize;
+                    if let Some(field) = out.get_mut(at..at + 4) {
+                        let ttl = u32::from_be_bytes([field[0], field[1], field[2], field[3]]);
+                        field.copy_from_slice(&ttl.saturating_sub(age).to_be_bytes());
                     }
-                    Some((out, vetted))
                 }
+                Lookup::Hit(c.vetted == generation)
             }
-            _ => None,
+            Some(_) => Lookup::Stale,
+            None => Lookup::Absent,
         };
-        match hit {
-            Some((mut out, vetted)) => {
-                drop(shard);
-                wire::set_id(&mut out, q.id);
+        match found {
+            Lookup::Hit(vetted) => {
+                wire::set_id(out, q.id);
                 // The question as the client wrote it (0x20 letter-case randomisation).
                 if out.len() >= q.end && query.len() >= q.end {
                     out[wire::HEADER_LEN..q.end].copy_from_slice(&query[wire::HEADER_LEN..q.end]);
                 }
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                Some((out, vetted))
+                Some(vetted)
             }
-            None => {
-                shard.remove(&key);
+            Lookup::Stale => {
+                // Expired, or another question under the same key: dropped, unless a fresh
+                // answer took its place since the read.
+                let mut shard = self.write_shard(key);
+                if shard
+                    .get(&key)
+                    .is_some_and(|c| !c.answers(q) || c.expired(now))
+                {
+                    shard.remove(&key);
+                }
+                drop(shard);
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Lookup::Absent => {
                 self.misses.fetch_add(1, Ordering::Relaxed);
                 None
             }
@@ -173,7 +238,7 @@ impl Cache {
         }
         let key = self.key(q);
         let now = Instant::now();
-        let mut shard = self.shard(key);
+        let mut shard = self.write_shard(key);
         if shard.len() >= self.per_shard && !shard.contains_key(&key) {
             shard.retain(|_, c| {
                 now.saturating_duration_since(c.stored) < Duration::from_secs(u64::from(c.ttl))
@@ -205,8 +270,8 @@ impl Cache {
     /// Records that blocklist generation `generation` found `q`'s name unblocked.
     pub fn vet(&self, q: &Question, generation: u64) {
         let key = self.key(q);
-        if let Some(c) = self.shard(key).get_mut(&key)
-            && *c.name == q.name
+        if let Some(c) = self.write_shard(key).get_mut(&key)
+            && *c.name == *q.name
         {
             c.vetted = generation;
         }
@@ -215,7 +280,7 @@ impl Cache {
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().map(|g| g.len()).unwrap_or(0))
+            .map(|s| s.read().map(|g| g.len()).unwrap_or(0))
             .sum()
     }
 
@@ -227,7 +292,7 @@ impl Cache {
         self.shards
             .iter()
             .map(|s| {
-                s.lock()
+                s.write()
                     .map(|mut g| {
                         let n = g.len();
                         g.clear();

@@ -29,7 +29,7 @@ use std::{
         Arc, Mutex, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -156,8 +156,9 @@ pub struct Resolver {
 
 /// The outcome of answering from what the resolver holds.
 pub enum Local {
-    /// An answer, with the question it answers when there was one (UDP fits it to size).
-    Reply(Vec<u8>, Option<Question>),
+    /// An answer, written into the caller's buffer, with the question it answers when there
+    /// was one (UDP fits it to size).
+    Reply(Option<Question>),
     /// Needs the upstreams; the engine generation the name was found unblocked in, if it was.
     Forward(Question, Option<u64>),
     /// Not something to answer (a response, or less than a header).
@@ -502,29 +503,44 @@ impl Resolver {
         !set.is_empty() && set.contains(&client)
     }
 
-    /// Answers from the blocklist and the cache when it can; otherwise says what to forward.
-    pub fn answer_locally(&self, query: &[u8], client: IpAddr) -> Local {
+    /// Answers from the blocklist and the cache when it can, into `out` (its old content
+    /// replaced; the workers reuse one buffer per datagram of a batch, so an answer costs no
+    /// allocation); otherwise says what to forward. `now` is the time the query came in (the
+    /// UDP workers read the clock once per batch).
+    pub fn answer_locally(
+        &self,
+        query: &[u8],
+        client: IpAddr,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Local {
         let q = match wire::parse_query(query) {
             Ok(q) => q,
             Err(QueryError::TooShort | QueryError::NotQuery) => return Local::Ignore,
             Err(QueryError::Unsupported) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 // NOTIMP for other opcodes and question counts.
-                return wire::header_reply(query, 4)
-                    .map_or(Local::Ignore, |a| Local::Reply(a, None));
+                return if wire::write_header_reply(out, query, 4) {
+                    Local::Reply(None)
+                } else {
+                    Local::Ignore
+                };
             }
             Err(QueryError::Malformed) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                return wire::header_reply(query, 1)
-                    .map_or(Local::Ignore, |a| Local::Reply(a, None));
+                return if wire::write_header_reply(out, query, 1) {
+                    Local::Reply(None)
+                } else {
+                    Local::Ignore
+                };
             }
         };
         // A cached answer already vetted by this generation of the engine needs no check:
         // the common case of a busy resolver costs a parse and a cache lookup.
         let generation = self.blocklist.as_ref().map_or(0, |l| l.generation());
-        let hit = self.cache.get(query, &q, generation);
-        if let Some((answer, true)) = hit {
-            return Local::Reply(answer, Some(q));
+        let hit = self.cache.get_into(query, &q, generation, now, out);
+        if hit == Some(true) {
+            return Local::Reply(Some(q));
         }
         // Only a filtering resolver keeps clients on itself; an exempt client or dry run gets
         // the upstream's answer, as for blocked names.
@@ -538,7 +554,8 @@ impl Resolver {
                 Special::FirefoxCanary | Special::PrivateRelay => wire::RCODE_NXDOMAIN,
                 Special::Ddr => wire::RCODE_NOERROR,
             };
-            return Local::Reply(wire::rcode_reply(query, &q, rcode), None);
+            wire::write_rcode_reply(out, query, &q, rcode);
+            return Local::Reply(None);
         }
         let blocked = match &self.blocklist {
             Some(list) => !q.name.is_empty() && list.is_blocked(&q.name),
@@ -551,22 +568,27 @@ impl Resolver {
                 self.stats.dry_run_matches.fetch_add(1, Ordering::Relaxed);
             } else {
                 self.stats.blocked.fetch_add(1, Ordering::Relaxed);
-                let answer = match self.config.block_response {
-                    BlockResponse::Nxdomain => wire::rcode_reply(query, &q, wire::RCODE_NXDOMAIN),
-                    BlockResponse::Sinkhole => wire::sinkhole_reply(query, &q, SINKHOLE_TTL),
-                };
-                return Local::Reply(answer, None);
+                match self.config.block_response {
+                    BlockResponse::Nxdomain => {
+                        wire::write_rcode_reply(out, query, &q, wire::RCODE_NXDOMAIN);
+                    }
+                    BlockResponse::Sinkhole => {
+                        wire::write_sinkhole_reply(out, query, &q, SINKHOLE_TTL);
+                    }
+                }
+                return Local::Reply(None);
             }
         }
         // Names that matched but pass (exempt client, dry run) are never vetted: the next
         // client may be filtered.
         let vetted = (!blocked).then_some(generation);
         match hit {
-            Some((answer, _)) => {
+            // The answer is still in `out`.
+            Some(_) => {
                 if let Some(g) = vetted {
                     self.cache.vet(&q, g);
                 }
-                Local::Reply(answer, Some(q))
+                Local::Reply(Some(q))
             }
             None => Local::Forward(q, vetted),
         }

@@ -10,7 +10,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -88,12 +88,10 @@ fn tcp_listener(addr: SocketAddr, mark: u32) -> std::io::Result<TcpListener> {
 }
 
 /// Fits an answer to what a UDP client takes: too long means header and question with TC.
-fn fit_udp(resolver: &Resolver, answer: Vec<u8>, q: &wire::Question) -> Vec<u8> {
+fn fit_udp(resolver: &Resolver, answer: &mut Vec<u8>, q: &wire::Question) {
     if answer.len() > q.udp_size {
         resolver.stats.truncated.fetch_add(1, Ordering::Relaxed);
-        wire::truncated(&answer, q.end)
-    } else {
-        answer
+        wire::truncate_in_place(answer, q.end);
     }
 }
 
@@ -130,9 +128,19 @@ fn peer(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-/// One UDP worker thread (`[dns] udp_workers` of them per address): `recvmmsg` a batch, answer what can be answered locally (blocked
-/// names, cache hits), `sendmmsg` the answers; misses go to the async runtime. Batching keeps
-/// the system calls per query well under one when the resolver is busy.
+/// What a worker keeps of an answer buffer between batches: most answers are a few hundred
+/// bytes, and a rare large one (a cached answer fetched over TCP, up to 64 KiB, sent
+/// truncated) must not pin its size in every buffer.
+const ANSWER_KEPT: usize = 4096;
+/// An answer buffer's first size.
+const ANSWER_START: usize = 512;
+
+/// One UDP worker thread (`[dns] udp_workers` of them per address): `recvmmsg` a batch, answer
+/// what can be answered locally (blocked names, cache hits), `sendmmsg` the answers; misses go
+/// to the async runtime. Batching keeps the system calls per query well under one when the
+/// resolver is busy. Everything a batch needs is allocated once, when the worker starts: the
+/// query and answer buffers, the peer addresses and both system calls' headers; the clock is
+/// read once per batch.
 fn udp_worker(
     resolver: Arc<Resolver>,
     sock: Arc<std::net::UdpSocket>,
@@ -147,7 +155,13 @@ fn udp_worker(
     let mut addrs: Vec<libc::sockaddr_storage> = vec![unsafe { std::mem::zeroed() }; BATCH];
     let mut iovs: Vec<libc::iovec> = vec![unsafe { std::mem::zeroed() }; BATCH];
     let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
-    let mut answers: Vec<(Vec<u8>, usize)> = Vec::with_capacity(BATCH);
+    let mut out = SendBatch::new();
+    // One answer buffer per datagram of a batch, reused batch after batch.
+    let mut answers: Vec<Vec<u8>> = (0..BATCH)
+        .map(|_| Vec::with_capacity(ANSWER_START))
+        .collect();
+    // The datagrams of this batch answered here (their answers are in `answers`).
+    let mut answered: Vec<usize> = Vec::with_capacity(BATCH);
     while !stop.load(Ordering::Relaxed) {
         for i in 0..BATCH {
             iovs[i].iov_base = bufs[i * MAX_QUERY..].as_mut_ptr().cast();
@@ -158,7 +172,8 @@ fn udp_worker(
             hdrs[i].msg_hdr.msg_iovlen = 1;
             hdrs[i].msg_len = 0;
         }
-        // SAFETY: `hdrs` holds BATCH initialised headers whose buffers outlive the call.
+        // SAFETY: `hdrs` holds BATCH initialised headers whose buffers (`bufs`, `iovs`,
+        // `addrs`, allocated once above and never resized) outlive the call.
         let n = unsafe {
             libc::recvmmsg(
                 fd,
@@ -183,6 +198,7 @@ fn udp_worker(
             continue;
         }
         let n = n as usize;
+        let now = Instant::now();
         resolver
             .stats
             .queries_udp
@@ -193,25 +209,26 @@ fn udp_worker(
             let Some(from) = peer(&addrs[i]) else {
                 continue;
             };
-            match resolver.answer_locally(query, from.ip()) {
+            let answer = &mut answers[i];
+            match resolver.answer_locally(query, from.ip(), now, answer) {
                 Local::Ignore => {}
-                Local::Reply(answer, question) => {
-                    let answer = match question {
-                        Some(q) => fit_udp(&resolver, answer, &q),
-                        None => answer,
-                    };
-                    answers.push((answer, i));
+                Local::Reply(question) => {
+                    if let Some(q) = question {
+                        fit_udp(&resolver, answer, &q);
+                    }
+                    answered.push(i);
                 }
                 Local::Forward(q, vetted) => {
                     let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
-                        answers.push((wire::rcode_reply(query, &q, wire::RCODE_SERVFAIL), i));
+                        wire::write_rcode_reply(answer, query, &q, wire::RCODE_SERVFAIL);
+                        answered.push(i);
                         continue;
                     };
                     let (resolver, sock, query) =
                         (Arc::clone(&resolver), Arc::clone(&sock), query.to_vec());
                     runtime.spawn(async move {
-                        let answer = resolver.forward(&query, &q, vetted).await;
-                        let answer = fit_udp(&resolver, answer, &q);
+                        let mut answer = resolver.forward(&query, &q, vetted).await;
+                        fit_udp(&resolver, &mut answer, &q);
                         // A UDP send does not block for long; a full buffer drops it, as
                         // the network would.
                         let _ = sock.send_to(&answer, from);
@@ -220,43 +237,75 @@ fn udp_worker(
                 }
             }
         }
-        send_batch(fd, &mut answers, &mut addrs, &hdrs);
-        answers.clear();
+        out.send(fd, &answered, &mut answers, &mut addrs, &hdrs);
+        for &i in &answered {
+            if answers[i].capacity() > ANSWER_KEPT {
+                answers[i] = Vec::with_capacity(ANSWER_START);
+            }
+        }
+        answered.clear();
     }
 }
 
-/// Sends each answer to the address its query came from, in as few `sendmmsg` calls as the
-/// kernel allows.
-fn send_batch(
-    fd: std::os::fd::RawFd,
-    answers: &mut [(Vec<u8>, usize)],
-    addrs: &mut [libc::sockaddr_storage],
-    received: &[libc::mmsghdr],
-) {
-    if answers.is_empty() {
-        return;
+/// The `sendmmsg` headers of a worker, allocated once.
+struct SendBatch {
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+impl SendBatch {
+    fn new() -> Self {
+        Self {
+            // SAFETY: as in `udp_worker`, all-zero values are valid and overwritten before
+            // each use.
+            iovs: vec![unsafe { std::mem::zeroed() }; BATCH],
+            hdrs: vec![unsafe { std::mem::zeroed() }; BATCH],
+        }
     }
-    // SAFETY: as in `udp_worker`, all-zero values are valid and overwritten below.
-    let mut iovs: Vec<libc::iovec> = vec![unsafe { std::mem::zeroed() }; answers.len()];
-    let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; answers.len()];
-    for (j, (answer, i)) in answers.iter_mut().enumerate() {
-        iovs[j].iov_base = answer.as_mut_ptr().cast();
-        iovs[j].iov_len = answer.len();
-        hdrs[j].msg_hdr.msg_name = (&mut addrs[*i] as *mut libc::sockaddr_storage).cast();
-        hdrs[j].msg_hdr.msg_namelen = received[*i].msg_hdr.msg_namelen;
-        hdrs[j].msg_hdr.msg_iov = &mut iovs[j];
-        hdrs[j].msg_hdr.msg_iovlen = 1;
-    }
-    let mut sent = 0;
-    while sent < hdrs.len() {
-        // SAFETY: the headers point at answers and addresses that live until we return.
-        let n =
-            unsafe { libc::sendmmsg(fd, hdrs[sent..].as_mut_ptr(), (hdrs.len() - sent) as u32, 0) };
-        if n <= 0 {
-            // Skip the datagram the kernel refused (an unreachable peer) and go on.
-            sent += 1;
-        } else {
-            sent += n as usize;
+
+    /// Sends the answers of the datagrams `answered` (indices into the batch) each to the
+    /// address its query came from, in as few `sendmmsg` calls as the kernel allows.
+    fn send(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        answered: &[usize],
+        answers: &mut [Vec<u8>],
+        addrs: &mut [libc::sockaddr_storage],
+        received: &[libc::mmsghdr],
+    ) {
+        let count = answered.len();
+        if count == 0 {
+            return;
+        }
+        for (j, &i) in answered.iter().enumerate() {
+            let answer = &mut answers[i];
+            self.iovs[j].iov_base = answer.as_mut_ptr().cast();
+            self.iovs[j].iov_len = answer.len();
+            let hdr = &mut self.hdrs[j];
+            hdr.msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
+            hdr.msg_hdr.msg_namelen = received[i].msg_hdr.msg_namelen;
+            hdr.msg_hdr.msg_iov = &mut self.iovs[j];
+            hdr.msg_hdr.msg_iovlen = 1;
+            hdr.msg_len = 0;
+        }
+        let mut sent = 0;
+        while sent < count {
+            // SAFETY: the first `count` headers point at answers and addresses that live
+            // until we return (nothing resizes them meanwhile).
+            let n = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.hdrs[sent..count].as_mut_ptr(),
+                    (count - sent) as u32,
+                    0,
+                )
+            };
+            if n <= 0 {
+                // Skip the datagram the kernel refused (an unreachable peer) and go on.
+                sent += 1;
+            } else {
+                sent += n as usize;
+            }
         }
     }
 }
@@ -273,9 +322,10 @@ async fn serve_tcp_connection(resolver: Arc<Resolver>, mut stream: TcpStream, pe
             _ => return,
         }
         resolver.stats.queries_tcp.fetch_add(1, Ordering::Relaxed);
-        let answer = match resolver.answer_locally(&query, peer.ip()) {
+        let mut answer = Vec::new();
+        let answer = match resolver.answer_locally(&query, peer.ip(), Instant::now(), &mut answer) {
             Local::Ignore => return,
-            Local::Reply(a, _) => a,
+            Local::Reply(_) => answer,
             Local::Forward(q, vetted) => resolver.forward(&query, &q, vetted).await,
         };
         let Ok(n) = u16::try_from(answer.len()) else {

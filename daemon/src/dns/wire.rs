@@ -23,7 +23,7 @@ pub const EDNS_UDP_SIZE: u16 = 1232;
 pub struct Question {
     pub id: u16,
     /// Lowercase, dotted, no trailing dot; the root is "".
-    pub name: String,
+    pub name: QName,
     pub qtype: u16,
     pub qclass: u16,
     /// Where the question section ends (header + question bytes).
@@ -53,6 +53,69 @@ pub enum QueryError {
     Malformed,
 }
 
+/// The longest name in dotted form (RFC 1035: 255 bytes on the wire).
+pub const MAX_NAME: usize = 253;
+
+/// A queried name held inline (no allocation per query): lowercase printable ASCII, dotted,
+/// no trailing dot, at most [`MAX_NAME`] bytes. Reads as a `&str`.
+#[derive(Clone)]
+pub struct QName {
+    len: u8,
+    bytes: [u8; MAX_NAME],
+}
+
+impl QName {
+    const EMPTY: Self = Self {
+        len: 0,
+        bytes: [0; MAX_NAME],
+    };
+
+    pub fn as_str(&self) -> &str {
+        let bytes = &self.bytes[..usize::from(self.len)];
+        // SAFETY: `parse_query` is the only writer and pushes only bytes in 0x21..0x7f
+        // (printable ASCII), so the bytes are UTF-8; checking again would cost every query a
+        // scan of the name.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
+    }
+}
+
+impl std::ops::Deref for QName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for QName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl PartialEq for QName {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl PartialEq<str> for QName {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for QName {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::hash::Hash for QName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
 impl Question {
     pub fn is_address(&self) -> bool {
         self.qclass == CLASS_IN && (self.qtype == TYPE_A || self.qtype == TYPE_AAAA)
@@ -74,7 +137,8 @@ pub fn parse_query(b: &[u8]) -> Result<Question, QueryError> {
     if (b[2] >> 3) & 0x0f != 0 || u16_at(b, 4) != Some(1) || u16_at(b, 6) != Some(0) {
         return Err(QueryError::Unsupported);
     }
-    let mut name = String::with_capacity(64);
+    let mut name = QName::EMPTY;
+    let mut n = 0usize;
     let mut at = HEADER_LEN;
     loop {
         let len = *b.get(at).ok_or(QueryError::Malformed)? as usize;
@@ -87,20 +151,25 @@ pub fn parse_query(b: &[u8]) -> Result<Question, QueryError> {
             return Err(QueryError::Malformed);
         }
         let label = b.get(at..at + len).ok_or(QueryError::Malformed)?;
-        if !name.is_empty() {
-            name.push('.');
+        let dot = usize::from(n > 0);
+        if n + dot + len > MAX_NAME {
+            return Err(QueryError::Malformed);
         }
-        for &c in label {
+        if dot == 1 {
+            name.bytes[n] = b'.';
+        }
+        let out = &mut name.bytes[n + dot..n + dot + len];
+        for (o, &c) in out.iter_mut().zip(label) {
             if c == b'.' || !(0x21..0x7f).contains(&c) {
                 return Err(QueryError::Malformed);
             }
-            name.push(c.to_ascii_lowercase() as char);
+            *o = c.to_ascii_lowercase();
         }
-        if name.len() > 253 {
-            return Err(QueryError::Malformed);
-        }
+        n += dot + len;
         at += len;
     }
+    // At most MAX_NAME (253), checked above.
+    name.len = n as u8;
     let qtype = u16_at(b, at).ok_or(QueryError::Malformed)?;
     let qclass = u16_at(b, at + 2).ok_or(QueryError::Malformed)?;
     let end = at + 4;
@@ -186,8 +255,8 @@ fn skip_name(b: &[u8], mut at: usize) -> Option<usize> {
 
 /// A reply that repeats the query's header and question with `rcode`, no records but an OPT
 /// when the client sent one.
-fn reply_head(query: &[u8], q: &Question, rcode: u8, answers: u16) -> Vec<u8> {
-    let mut out = Vec::with_capacity(q.end + 32);
+fn reply_head(out: &mut Vec<u8>, query: &[u8], q: &Question, rcode: u8, answers: u16) {
+    out.clear();
     out.extend_from_slice(&query[..q.end]);
     // QR, the client's opcode (QUERY) and RD; RA set; AD/CD clear.
     out[2] = 0x80 | (query[2] & 0x01);
@@ -196,7 +265,6 @@ fn reply_head(query: &[u8], q: &Question, rcode: u8, answers: u16) -> Vec<u8> {
     out[6..8].copy_from_slice(&answers.to_be_bytes());
     out[8..10].copy_from_slice(&0u16.to_be_bytes());
     out[10..12].copy_from_slice(&u16::from(q.has_edns).to_be_bytes());
-    out
 }
 
 /// Our OPT record when the client sent one, with DO copied from the query (RFC 3225).
@@ -214,30 +282,53 @@ fn push_opt(out: &mut Vec<u8>, q: &Question) {
 
 /// An answer with only a response code (NXDOMAIN, SERVFAIL, REFUSED, FORMERR).
 pub fn rcode_reply(query: &[u8], q: &Question, rcode: u8) -> Vec<u8> {
-    let mut out = reply_head(query, q, rcode, 0);
-    push_opt(&mut out, q);
+    let mut out = Vec::with_capacity(q.end + 32);
+    write_rcode_reply(&mut out, query, q, rcode);
     out
+}
+
+/// [`rcode_reply`] into `out` (its old content replaced; its allocation reused).
+pub fn write_rcode_reply(out: &mut Vec<u8>, query: &[u8], q: &Question, rcode: u8) {
+    reply_head(out, query, q, rcode, 0);
+    push_opt(out, q);
 }
 
 /// A reply to a query that could not be parsed past the header: header only.
 pub fn header_reply(query: &[u8], rcode: u8) -> Option<Vec<u8>> {
-    let head = query.get(..HEADER_LEN)?;
-    let mut out = head.to_vec();
+    let mut out = Vec::with_capacity(HEADER_LEN);
+    write_header_reply(&mut out, query, rcode).then_some(out)
+}
+
+/// [`header_reply`] into `out` (its old content replaced); false (and `out` empty) when the
+/// query is shorter than a header.
+pub fn write_header_reply(out: &mut Vec<u8>, query: &[u8], rcode: u8) -> bool {
+    out.clear();
+    let Some(head) = query.get(..HEADER_LEN) else {
+        return false;
+    };
+    out.extend_from_slice(head);
     out[2] = 0x80 | (head[2] & 0x79);
     out[3] = 0x80 | (rcode & 0x0f);
     out[4..12].fill(0);
-    Some(out)
+    true
 }
 
 /// The sinkhole answer for a blocked name: `0.0.0.0` for A, `::` for AAAA, and no data (NOERROR,
 /// no records) for every other type, so clients do not retry elsewhere.
 pub fn sinkhole_reply(query: &[u8], q: &Question, ttl: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(q.end + 64);
+    write_sinkhole_reply(&mut out, query, q, ttl);
+    out
+}
+
+/// [`sinkhole_reply`] into `out` (its old content replaced; its allocation reused).
+pub fn write_sinkhole_reply(out: &mut Vec<u8>, query: &[u8], q: &Question, ttl: u32) {
     let address: &[u8] = match (q.qclass, q.qtype) {
         (CLASS_IN, TYPE_A) => &[0; 4],
         (CLASS_IN, TYPE_AAAA) => &[0; 16],
         _ => &[],
     };
-    let mut out = reply_head(query, q, 0, u16::from(!address.is_empty()));
+    reply_head(out, query, q, 0, u16::from(!address.is_empty()));
     if !address.is_empty() {
         // The name is a pointer to the question's.
         out.extend_from_slice(&[0xc0, 0x0c]);
@@ -247,18 +338,23 @@ pub fn sinkhole_reply(query: &[u8], q: &Question, ttl: u32) -> Vec<u8> {
         out.extend_from_slice(&(address.len() as u16).to_be_bytes());
         out.extend_from_slice(address);
     }
-    push_opt(&mut out, q);
-    out
+    push_opt(out, q);
 }
 
 /// The header and question of `answer` with TC set and no records: "ask again over TCP".
 pub fn truncated(answer: &[u8], question_end: usize) -> Vec<u8> {
     let mut out = answer[..question_end.min(answer.len())].to_vec();
-    if out.len() >= HEADER_LEN {
-        out[2] |= 0x02;
-        out[6..12].fill(0);
-    }
+    truncate_in_place(&mut out, question_end);
     out
+}
+
+/// [`truncated`] in place.
+pub fn truncate_in_place(answer: &mut Vec<u8>, question_end: usize) {
+    answer.truncate(question_end);
+    if answer.len() >= HEADER_LEN {
+        answer[2] |= 0x02;
+        answer[6..12].fill(0);
+    }
 }
 
 /// What the cache needs to know about an upstream answer.

@@ -370,14 +370,16 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
     registry.action(
         "core",
         "get_client_policy",
-        "a client's rate limits and quota in force (its own and the server's), and what the kernel counted: bytes, drops, time at the limit, the quota used",
+        "a client's rate limits and quota in force (its own and the server's), and what the kernel counted: bytes, drops, time at the limit, the quota used, packets dropped by its rules and by isolation",
         vec![client_name()],
         move |p: NameParams| {
             let g = g.clone();
             async move {
                 let policy = g()?;
                 let view = policy.limit_view(&p.client_name)?;
-                Ok(limit_json(&p.client_name, &view))
+                let mut reply = limit_json(&p.client_name, &view);
+                reply["policy_drops"] = json!(policy.drops_of(&p.client_name)?);
+                Ok(reply)
             }
         },
     );

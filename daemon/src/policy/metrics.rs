@@ -1,7 +1,8 @@
 //! Per-client series of the limits and quotas, from the kernel's counters at scrape time:
 //! bytes metered, drops by reason, time at the limit. Only the `[metrics] client_series`
 //! busiest limited clients get series of their own (the cardinality guard of
-//! docs/operations.md); the rest are summed in gauges.
+//! docs/operations.md); the rest are summed in gauges. The same for every client's packets
+//! dropped by its rules and by isolation: the clients with the most drops get series.
 
 use std::{net::Ipv4Addr, sync::Arc, sync::atomic::Ordering};
 
@@ -12,7 +13,7 @@ use prometheus_client::{
     metrics::counter::ConstCounter,
 };
 
-use super::ClientPolicy;
+use super::{ClientPolicy, PolicyDrops};
 use crate::metrics::{counter_family, gauge};
 
 pub struct LimitsCollector {
@@ -158,8 +159,46 @@ impl Collector for LimitsCollector {
                     .saturating_add(l.down.rate_dropped)
                     .saturating_add(l.quota_dropped)
             }),
+        )?;
+        let (listed, unlisted) = split_drops(self.policy.client_drops(), self.max_clients);
+        counter_family(
+            &mut encoder,
+            "phantom_client_policy_dropped_packets",
+            "Packets a client sent that its rules (denied) or client isolation (isolated) dropped, since it took its address or the daemon started",
+            listed.iter().flat_map(|(name, d)| {
+                [("denied", d.denied), ("isolated", d.isolated)]
+                    .into_iter()
+                    .map(move |(reason, n)| {
+                        (
+                            vec![("client", name.clone()), ("reason", reason.to_string())],
+                            n,
+                        )
+                    })
+            }),
+        )?;
+        let rest = unlisted
+            .iter()
+            .map(|(_, d)| d.denied.saturating_add(d.isolated))
+            .fold(0u64, u64::saturating_add);
+        gauge(
+            &mut encoder,
+            "phantom_client_policy_unlisted_dropped_packets",
+            "Packets dropped by rules and isolation of the clients without series of their own, summed",
+            i64::try_from(rest).unwrap_or(i64::MAX),
         )
     }
+}
+
+/// Clients by name, with their drops by rules and isolation.
+type DropRows = Vec<(String, PolicyDrops)>;
+
+/// The clients with drops, the `max` with the most (ties by name) first, and the rest.
+fn split_drops(rows: DropRows, max: usize) -> (DropRows, DropRows) {
+    let total = |d: &PolicyDrops| d.denied.saturating_add(d.isolated);
+    let mut rows: Vec<_> = rows.into_iter().filter(|(_, d)| total(d) > 0).collect();
+    rows.sort_by(|a, b| total(&b.1).cmp(&total(&a.1)).then_with(|| a.0.cmp(&b.0)));
+    let rest = rows.split_off(max.min(rows.len()));
+    (rows, rest)
 }
 
 #[cfg(test)]
@@ -177,5 +216,22 @@ mod tests {
         let names: Vec<&str> = listed.iter().map(|r| r.0.as_str()).collect();
         assert_eq!(names, ["b", "c"]);
         assert_eq!(rest.len(), 1);
+    }
+
+    #[test]
+    fn clients_without_drops_get_no_series() {
+        let row = |name: &str, denied: u64| {
+            (
+                name.to_string(),
+                PolicyDrops {
+                    denied,
+                    isolated: 0,
+                },
+            )
+        };
+        let (listed, rest) = split_drops(vec![row("a", 0), row("b", 3), row("c", 7)], 1);
+        let names: Vec<&str> = listed.iter().map(|r| r.0.as_str()).collect();
+        assert_eq!(names, ["c"]);
+        assert_eq!(rest.len(), 1, "a has no drops and is not counted at all");
     }
 }

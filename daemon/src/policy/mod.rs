@@ -250,6 +250,26 @@ pub struct ClientPolicy {
     /// Clients that used up their quota since the daemon started.
     pub quota_reached_total: AtomicU64,
     last_save: Mutex<Instant>,
+    /// Which client the kernel's drop counts of each address belong to: a client taking an
+    /// address (new, moved, or first seen since the start) has that slot zeroed.
+    drop_slots: Mutex<BTreeMap<Ipv4Addr, String>>,
+}
+
+/// A client's packets dropped by its rules and by isolation, as the kernel counted them since
+/// the client took its address or the daemon started.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct PolicyDrops {
+    pub denied: u64,
+    pub isolated: u64,
+}
+
+impl From<phantom_common::policy::ClientDrops> for PolicyDrops {
+    fn from(d: phantom_common::policy::ClientDrops) -> Self {
+        Self {
+            denied: d.denied,
+            isolated: d.isolated,
+        }
+    }
 }
 
 /// A client's limits and quota as `get_client_policy` shows them.
@@ -304,6 +324,7 @@ impl ClientPolicy {
             defaults: Mutex::new(Effective::from_config(limits)),
             quota_reached_total: AtomicU64::new(0),
             last_save: Mutex::new(Instant::now()),
+            drop_slots: Mutex::new(BTreeMap::new()),
         });
         policy.push();
         // Usage kept on disk counts again when the kernel lost it (a reboot emptied bpffs).
@@ -623,6 +644,50 @@ impl ClientPolicy {
         if let Err(e) = dp.client_policy.set_config(&cfg) {
             warn!(error = %e, "cannot write the client isolation switch into the kernel");
         }
+        let mut slots = lock(&self.drop_slots);
+        slots.retain(|ip, name| table.clients.get(name).is_some_and(|c| c.ip == *ip));
+        for (name, client) in &table.clients {
+            if slots.get(&client.ip) != Some(name) {
+                match dp.client_policy.zero_drops(client.ip) {
+                    Ok(()) => {
+                        slots.insert(client.ip, name.clone());
+                    }
+                    Err(e) => {
+                        warn!(error = %e, client = %name, "cannot zero a client's drop counts")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every present client's drops by its rules and by isolation (empty without a datapath).
+    pub fn client_drops(&self) -> Vec<(String, PolicyDrops)> {
+        let Some(dp) = &self.datapath else {
+            return Vec::new();
+        };
+        let table = self.clients.borrow().clone();
+        table
+            .clients
+            .iter()
+            .filter_map(|(name, c)| {
+                let d = dp.client_policy.drops(c.ip).ok()?;
+                Some((name.clone(), d.into()))
+            })
+            .collect()
+    }
+
+    /// `name`'s drops by its rules and by isolation (`None` without a datapath).
+    pub fn drops_of(&self, name: &str) -> Result<Option<PolicyDrops>, PolicyError> {
+        let table = self.clients.borrow().clone();
+        let client = table
+            .clients
+            .get(name)
+            .ok_or_else(|| PolicyError::NoClient(name.to_string()))?;
+        Ok(self
+            .datapath
+            .as_ref()
+            .and_then(|dp| dp.client_policy.drops(client.ip).ok())
+            .map(PolicyDrops::from))
     }
 
     /// Follows the client table: rules move with their client's address, and a removed

@@ -17,6 +17,7 @@ pub mod snapshot;
 pub mod solver;
 pub mod store;
 pub mod tls;
+pub mod upstream;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -706,9 +707,13 @@ impl Sentry {
         };
         // A revoked ticket's cookies are worth nothing (a new proof brings a new ticket), and
         // a source that keeps failing gets no more signature checks in this window.
-        let verify = !revoked
-            && self.detector.failures(source, Instant::now()) < challenge::FAILED_PROOFS_PER_WINDOW;
-        if let Some(c) = cookie.filter(|_| verify) {
+        // (The failure count is looked up only for a request that brings a cookie.)
+        let verify = |_: &&str| {
+            !revoked
+                && self.detector.failures(source, Instant::now())
+                    < challenge::FAILED_PROOFS_PER_WINDOW
+        };
+        if let Some(c) = cookie.filter(verify) {
             match self.signer.check_cookie(c, source, now) {
                 CookieCheck::Valid(exp) => return self.cache_ticket(source, exp),
                 CookieCheck::Stale => {}

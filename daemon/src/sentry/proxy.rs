@@ -7,39 +7,36 @@
 use std::{convert::Infallible, net::IpAddr, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::{
     Method, Request, Response, StatusCode,
     header::{self, HeaderMap, HeaderName, HeaderValue},
     service::service_fn,
 };
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::config::sentry::Upstream;
+use crate::config::sentry::Upstream as UpstreamUrl;
 
 use super::{
     Decision, Mode, NoJsOffer, ProofError, Sentry, SentryError, TICKET_COOKIE, Target,
     challenge::{JWKS_PATH, PASS_PATH, PROOF_PATH, Package, Proof, Rejection, SOLVER_PATH},
     nojs, page,
     snapshot::{self, Fetched, Snapshot},
+    upstream::Upstream,
 };
 use crate::http::{self, RequestBody};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type ProxyBody = BoxBody<Bytes, BoxError>;
-type UpstreamClient = Client<HttpConnector, ProxyBody>;
+pub use super::upstream::{BoxError, ProxyBody};
 
 /// Largest proof body accepted.
 pub const MAX_PROOF_BYTES: usize = 16 * 1024;
 /// How long a proof body may take to arrive (16 KiB at most: a slow client is still fast
 /// enough; a client that stalls holds a connection for nothing).
 pub const PROOF_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a proxy thread closes the upstream connections unused past their idle timeout.
+const REAP_EVERY: Duration = Duration::from_secs(5);
 
 /// The client address: the TCP peer, or — when the peer is a trusted proxy — the last
 /// `X-Forwarded-For` entry (the one that proxy added; earlier entries are client-supplied).
@@ -270,16 +267,19 @@ fn static_reply(path: &str, if_none_match: Option<&HeaderValue>) -> Response<Pro
     r
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Names made once, not parsed from text on every request.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in Connection are hop-by-hop too.
@@ -293,15 +293,35 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for h in HOP_BY_HOP {
+    for h in HOP_BY_HOP.iter() {
         headers.remove(h);
+    }
+}
+
+/// What every request of one connection shares, worked out once when it is accepted: the TCP
+/// peer, whether it is a trusted proxy, and the `X-Forwarded-For` value a request that brings
+/// none gets (the peer's address as text).
+pub struct Peer {
+    addr: SocketAddr,
+    via_trusted: bool,
+    forwarded_for: Option<HeaderValue>,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr, trusted: &[IpAddr]) -> Self {
+        let ip = super::canonical(addr.ip());
+        Self {
+            addr,
+            via_trusted: trusted.contains(&ip),
+            forwarded_for: HeaderValue::from_str(&ip.to_string()).ok(),
+        }
     }
 }
 
 pub struct Proxy {
     sentry: Arc<Sentry>,
+    /// This thread's connections to the upstream.
     upstream: Upstream,
-    client: UpstreamClient,
     /// `[sentry] upstream_timeout_seconds`: for the answer's head, and between its pieces.
     upstream_timeout: Duration,
     /// The listener speaks TLS: the ticket cookie is `Secure`, the upstream is told `https`.
@@ -310,21 +330,14 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(sentry: Arc<Sentry>) -> Result<Self, SentryError> {
-        let upstream = Upstream::parse(&sentry.static_config.upstream)
+        let upstream = UpstreamUrl::parse(&sentry.static_config.upstream)
             .map_err(|e| SentryError::Config(e.0))?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .build(connector);
+        let upstream = Upstream::new(upstream.authority);
         let upstream_timeout = Duration::from_secs(sentry.static_config.upstream_timeout_seconds);
         let tls = sentry.listener_tls.get().is_some();
         Ok(Self {
             sentry,
             upstream,
-            client,
             upstream_timeout,
             tls,
         })
@@ -332,12 +345,12 @@ impl Proxy {
 
     /// One request, start to end. The HTTP layer has already refused a declared body over
     /// `max_body_bytes` (413) and cuts a streamed one off there.
-    pub async fn handle(&self, req: Request<RequestBody>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<RequestBody>, peer: &Peer) -> Response<ProxyBody> {
         let xff = req
             .headers()
-            .get("x-forwarded-for")
+            .get(&X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok());
-        let client = self.sentry.client_addr(peer, xff);
+        let client = self.sentry.client_addr(peer.addr, xff);
         let path = req.uri().path();
         if path == JWKS_PATH && req.method() == Method::GET {
             return json_reply(StatusCode::OK, &self.sentry.signer.jwks());
@@ -357,11 +370,7 @@ impl Proxy {
             return static_reply(path, req.headers().get(header::IF_NONE_MATCH));
         }
         let cookie = cookie(req.headers(), TICKET_COOKIE);
-        let path_and_query = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
+        let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let user_agent = req
             .headers()
             .get(header::USER_AGENT)
@@ -374,25 +383,23 @@ impl Proxy {
             let snapshot = if req.method() == Method::GET
                 && wants_html(req.headers())
                 && !self.sentry.known_to_pass(client)
-                && super::same_origin_target(&path_and_query) == path_and_query
+                && super::same_origin_target(path_and_query) == path_and_query
             {
                 let host = req.headers().get(header::HOST).cloned();
                 self.sentry
                     .snapshots
-                    .get(&path_and_query, || {
-                        self.fetch_snapshot(&path_and_query, host)
-                    })
+                    .get(path_and_query, || self.fetch_snapshot(path_and_query, host))
                     .await
             } else {
                 None
             };
-            let content = snapshot::loader_content(&path_and_query, snapshot.as_deref());
+            let content = snapshot::loader_content(path_and_query, snapshot.as_deref());
             (snapshot, Some(content))
         } else {
             (None, None)
         };
         let target = Target {
-            path: &path_and_query,
+            path: path_and_query,
             doomsday: content.as_deref(),
         };
         match self
@@ -400,13 +407,7 @@ impl Proxy {
             .decide_target(client, cookie.as_deref(), target, user_agent)
             .await
         {
-            Decision::Pass(_) => {
-                let via_trusted = self
-                    .sentry
-                    .trusted_proxies
-                    .contains(&super::canonical(peer.ip()));
-                self.forward(req, client, via_trusted).await
-            }
+            Decision::Pass(_) => self.forward(req, client, peer).await,
             Decision::Challenge(package) if loader => {
                 let headers = req.headers();
                 let lang = page::Language::from_accept_language(
@@ -419,7 +420,7 @@ impl Proxy {
                     headers.get(header::HOST).and_then(|v| v.to_str().ok()),
                     &self.sentry.static_config.listen,
                 );
-                let nojs = nojs::noscript(&NoJsOffer::Command, lang, &origin, &path_and_query);
+                let nojs = nojs::noscript(&NoJsOffer::Command, lang, &origin, path_and_query);
                 loader_reply(
                     &package,
                     &self.sentry.signer.jwks(),
@@ -442,8 +443,8 @@ impl Proxy {
                             headers.get(header::HOST).and_then(|v| v.to_str().ok()),
                             &self.sentry.static_config.listen,
                         );
-                        let offer = self.sentry.nojs_offer(client, &path_and_query);
-                        nojs::noscript(&offer, lang, &origin, &path_and_query)
+                        let offer = self.sentry.nojs_offer(client, path_and_query);
+                        nojs::noscript(&offer, lang, &origin, path_and_query)
                     },
                 )
             }
@@ -619,12 +620,8 @@ impl Proxy {
     /// address), kept when it answers 200 with `text/html` or `text/plain` of at most
     /// `snapshot_max_bytes`.
     async fn fetch_snapshot(&self, path_and_query: &str, host: Option<HeaderValue>) -> Fetched {
-        let Ok(uri) = hyper::Uri::builder()
-            .scheme("http")
-            .authority(self.upstream.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-        else {
+        // Origin form; the upstream connection knows where it goes.
+        let Ok(uri) = hyper::Uri::try_from(path_and_query) else {
             return Fetched::NotAPage;
         };
         let mut req = Request::new(
@@ -648,7 +645,7 @@ impl Proxy {
             h.insert(header::HOST, host);
         }
         let answer =
-            match tokio::time::timeout(self.upstream_timeout, self.client.request(req)).await {
+            match tokio::time::timeout(self.upstream_timeout, self.upstream.send(req)).await {
                 Ok(Ok(a)) => a,
                 _ => return Fetched::Failed,
             };
@@ -691,7 +688,7 @@ impl Proxy {
         &self,
         req: Request<RequestBody>,
         client: IpAddr,
-        via_trusted: bool,
+        peer: &Peer,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         let path_and_query = parts
@@ -699,46 +696,34 @@ impl Proxy {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
-        let uri = match hyper::Uri::builder()
-            .scheme("http")
-            .authority(self.upstream.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-        {
-            Ok(u) => u,
-            Err(_) => {
-                return full(
-                    StatusCode::BAD_REQUEST,
-                    "text/plain",
-                    "bad request target\n",
-                );
-            }
-        };
-        parts.uri = uri;
+        // Origin form (`/path?query`), whatever form the client used.
+        parts.uri = hyper::Uri::from(path_and_query);
         parts.version = hyper::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         // Our hop: append the address we saw (a trusted proxy's own entries stay before it).
         let xff = match parts
             .headers
-            .get("x-forwarded-for")
+            .get(&X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok())
         {
-            Some(prev) => format!("{prev}, {client}"),
-            None => client.to_string(),
+            Some(prev) => HeaderValue::from_str(&format!("{prev}, {client}")).ok(),
+            // Without the header the client is the peer: its address, as text since the
+            // connection was accepted.
+            None => peer.forwarded_for.clone(),
         };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            parts.headers.insert("x-forwarded-for", v);
+        if let Some(v) = xff {
+            parts.headers.insert(X_FORWARDED_FOR.clone(), v);
         }
         // What the client spoke to us; a trusted proxy in front has said it already.
-        if !via_trusted || !parts.headers.contains_key("x-forwarded-proto") {
+        if !peer.via_trusted || !parts.headers.contains_key(&X_FORWARDED_PROTO) {
             parts.headers.insert(
-                "x-forwarded-proto",
+                X_FORWARDED_PROTO.clone(),
                 HeaderValue::from_static(if self.tls { "https" } else { "http" }),
             );
         }
         let body: ProxyBody = body.boxed();
         let upstream_req = Request::from_parts(parts, body);
-        match tokio::time::timeout(self.upstream_timeout, self.client.request(upstream_req)).await {
+        match tokio::time::timeout(self.upstream_timeout, self.upstream.send(upstream_req)).await {
             Ok(Ok(resp)) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -820,7 +805,7 @@ pub async fn serve(
     if let Some(p) = proxies.first() {
         info!(
             %addr,
-            upstream = %p.upstream.authority,
+            upstream = %p.upstream.authority(),
             threads,
             tls = sentry.static_config.tls.as_str(),
             "sentry proxy listening"
@@ -895,11 +880,29 @@ async fn accept_loop(
             return;
         }
     };
-    let service = move |peer| {
+    // This thread's own store connection (Redis): a request's ticket lookup then stays on the
+    // thread that serves it. Without one, the shared connection serves (slower, same answers).
+    let _lane = proxy.sentry.store.attach_thread().unwrap_or_else(|e| {
+        warn!(error = %e, "sentry proxy thread runs without a store connection of its own");
+        None
+    });
+    // Unused upstream connections are closed after their idle timeout even when no request
+    // comes to take one.
+    let reaper = {
         let proxy = Arc::clone(&proxy);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(REAP_EVERY).await;
+                proxy.upstream.reap();
+            }
+        })
+    };
+    let service = move |addr| {
+        let proxy = Arc::clone(&proxy);
+        let peer = Arc::new(Peer::new(addr, &proxy.sentry.trusted_proxies));
         service_fn(move |req| {
-            let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            let (proxy, peer) = (Arc::clone(&proxy), Arc::clone(&peer));
+            async move { Ok::<_, Infallible>(proxy.handle(req, &peer).await) }
         })
     };
     match (tls, share) {
@@ -911,6 +914,7 @@ async fn accept_loop(
         (Some(config), None) => server.serve_tls(listener, shutdown, config, service).await,
         (None, _) => server.serve(listener, shutdown, service).await,
     }
+    reaper.abort();
 }
 
 #[cfg(test)]

@@ -267,6 +267,16 @@ impl Store {
     }
 
     /// Round trips to the backend so far (Redis; 0 for the embedded store).
+    /// Gives the calling thread a store connection of its own while the lane is held (Redis;
+    /// the embedded store is in process and needs none). See
+    /// [`redis::RedisStore::attach_thread`].
+    pub fn attach_thread(&self) -> Result<Option<redis::Lane>, SentryError> {
+        match self {
+            Store::Embedded(_) => Ok(None),
+            Store::Redis(s) => s.attach_thread().map(Some),
+        }
+    }
+
     pub fn round_trips(&self) -> u64 {
         match self {
             Store::Embedded(_) => 0,

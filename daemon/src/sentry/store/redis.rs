@@ -4,7 +4,9 @@
 //! degraded (see `Sentry::store_call`).
 
 use std::{
+    cell::RefCell,
     collections::BTreeMap,
+    marker::PhantomData,
     net::IpAddr,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
@@ -27,8 +29,38 @@ use crate::{
 /// Keys read per pipelined round trip when listing penalties.
 const PIPELINE_CHUNK: usize = 1_000;
 
+/// Tells stores apart in a thread's lanes (tests and benches run several in one process).
+static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's own connections, by store: a thread that serves on a runtime of its own
+    /// (a proxy thread) talks to Redis without leaving the thread. Through the shared
+    /// connection, whose task lives on the daemon's main runtime, every call was two
+    /// hand-offs between threads (there and back), each a wake-up that waits for a CPU on a
+    /// busy host.
+    static LANES: RefCell<Vec<(u64, ConnectionManager)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A thread's own connection to the store's Redis, in use by that thread's calls while this
+/// is held (see [`RedisStore::attach_thread`]). Not `Send`: it belongs to the thread.
+pub struct Lane {
+    store: u64,
+    _thread: PhantomData<*const ()>,
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        // At thread exit the lanes may already be gone; nothing is left to remove then.
+        let _ = LANES.try_with(|l| l.borrow_mut().retain(|(id, _)| *id != self.store));
+    }
+}
+
 pub struct RedisStore {
     conn: ConnectionManager,
+    /// For the per-thread lanes: the same server and settings as `conn` (boxed: the store
+    /// enum stays small).
+    lane_source: Box<(Client, ConnectionManagerConfig)>,
+    id: u64,
     penalty_script: redis::Script,
     /// Commands and pipelines sent (each one round trip), for the benchmarks.
     round_trips: AtomicU64,
@@ -54,10 +86,12 @@ impl RedisStore {
             .set_response_timeout(Some(Duration::from_millis(500)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(SentryError::Redis)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+            .map_err(SentryError::Redis)?;
         Ok(Self {
             conn,
+            lane_source: Box::new((client, config)),
+            id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             round_trips: AtomicU64::new(0),
             penalty_script: redis::Script::new(
                 "local c = redis.call('INCR', KEYS[1]) \
@@ -67,8 +101,44 @@ impl RedisStore {
         })
     }
 
+    /// Gives the calling thread a connection of its own (made on first use, on the runtime
+    /// the thread is in, which must outlive the lane), used by this thread's calls until the
+    /// lane is dropped. For a thread that runs a current-thread runtime for as long as it
+    /// serves: its calls then never wait on another thread. Same timeouts and reconnection as
+    /// the shared connection.
+    pub fn attach_thread(&self) -> Result<Lane, SentryError> {
+        let conn = ConnectionManager::new_lazy_with_config(
+            self.lane_source.0.clone(),
+            self.lane_source.1.clone(),
+        )
+        .map_err(SentryError::Redis)?;
+        LANES.with(|l| {
+            let mut l = l.borrow_mut();
+            l.retain(|(id, _)| *id != self.id);
+            l.push((self.id, conn));
+        });
+        Ok(Lane {
+            store: self.id,
+            _thread: PhantomData,
+        })
+    }
+
+    /// The calling thread's lane, else the shared connection.
+    fn conn(&self) -> ConnectionManager {
+        LANES
+            .try_with(|l| {
+                l.borrow()
+                    .iter()
+                    .find(|(id, _)| *id == self.id)
+                    .map(|(_, c)| c.clone())
+            })
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| self.conn.clone())
+    }
+
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, SentryError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         cmd.query_async(&mut conn).await.map_err(SentryError::Redis)
     }
@@ -77,7 +147,7 @@ impl RedisStore {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, SentryError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         pipe.query_async(&mut conn)
             .await
@@ -207,7 +277,7 @@ impl RedisStore {
     }
 
     pub async fn penalty_incr(&self, source: Source, ttl_unit: u64) -> Result<u64, SentryError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         let n: i64 = self
             .penalty_script
