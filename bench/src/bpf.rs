@@ -11,7 +11,7 @@ use phantom_common::{
     names,
     xdp::{DenyReason, POLICY_DENY, Policy},
 };
-use phantom_daemon::datapath::ebpf_object;
+use phantom_daemon::datapath::{ebpf_object, kernel_log};
 use phantom_tests::BpffsDir;
 
 use crate::{BoxError, Cli};
@@ -29,13 +29,16 @@ pub fn pin_dir(tag: &str) -> Result<BpffsDir, BoxError> {
 }
 
 /// The daemon's eBPF object, its maps pinned in `pins` and sized for the sources and domains
-/// the command line asks for.
+/// the command line asks for, its log switches set as the daemon sets them (samples off
+/// unless `--kernel-samples`).
 pub fn load_object(pins: &Path, cli: &Cli) -> Result<Ebpf, BoxError> {
-    Ok(EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .default_map_pin_directory(pins)
         .map_max_entries(names::SOURCES_MAP, cli.sources.max(1).saturating_mul(2))
-        .map_max_entries(names::DOMAINS_MAP, cli.domains.max(1).saturating_mul(2))
-        .load(ebpf_object())?)
+        .map_max_entries(names::DOMAINS_MAP, cli.domains.max(1).saturating_mul(2));
+    kernel_log::configure(&mut loader, cli.kernel_samples);
+    Ok(loader.load(ebpf_object())?)
 }
 
 /// A locally administered MAC address ending in `a`.

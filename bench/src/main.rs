@@ -104,6 +104,10 @@ struct Cli {
     /// Sources pre-loaded into the per-source map.
     #[arg(long, default_value_t = 100_000)]
     sources: u32,
+    /// Load the kernel programs with their verdict samples on (`datapath.kernel_samples`),
+    /// to price them; off by default, as the daemon runs them.
+    #[arg(long)]
+    kernel_samples: bool,
     /// Sources pre-loaded into the deny list.
     #[arg(long, default_value_t = 10_000)]
     denied: u32,
@@ -168,6 +172,11 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.kernel_samples {
+        println!(
+            "Kernel programs loaded with their verdict samples on (--kernel-samples; the daemon's default is off).\n"
+        );
+    }
     let suites: &[(Suite, BenchFn)] = &[
         (Suite::Xdp, xdp::run),
         (Suite::Dns, dns::run),

@@ -20,6 +20,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
 };
+use aya_log_ebpf::info;
 use phantom_common::{
     net::{ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
     policy::{
@@ -30,7 +31,7 @@ use phantom_common::{
     xdp::TrafficCounter,
 };
 
-use crate::dns_filter::load;
+use crate::{dns_filter::load, events};
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -157,6 +158,14 @@ pub fn tc_client_policy(ctx: TcContext) -> i32 {
         count_client_drop(src, verdict);
     }
     count(verdict, ctx.len() as u64);
+    if events::samples_on() && events::sample_gate(events::SAMPLE_POLICY, verdict as u32) {
+        info!(
+            &ctx,
+            "tc_client_policy sample: {} ({} bytes)",
+            verdict.name(),
+            ctx.len()
+        );
+    }
     if verdict.drops() {
         TC_ACT_SHOT as i32
     } else {
@@ -192,6 +201,14 @@ pub fn tc_client_limit(ctx: TcContext) -> i32 {
         None => TC_ACT_UNSPEC,
         Some(verdict) => {
             count(verdict, ctx.len() as u64);
+            if events::samples_on() && events::sample_gate(events::SAMPLE_LIMIT, verdict as u32) {
+                info!(
+                    &ctx,
+                    "tc_client_limit sample: {} ({} bytes)",
+                    verdict.name(),
+                    ctx.len()
+                );
+            }
             TC_ACT_SHOT as i32
         }
     }

@@ -11,6 +11,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
 };
+use aya_log_ebpf::{info, warn};
 use phantom_common::{
     dns::{
         ClientAddr, DEFAULT_MAX_DOMAINS, DOMAIN_SUBDOMAINS, DnsPolicy, DnsVerdict, DomainKey,
@@ -23,6 +24,8 @@ use phantom_common::{
     net::{ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, UDP_HLEN},
     xdp::TrafficCounter,
 };
+
+use crate::events;
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -77,6 +80,29 @@ pub fn tc_dns_filter(ctx: TcContext) -> i32 {
                 (*counter).packets += 1;
                 (*counter).bytes += len;
             }
+        }
+        // The rare events, logged once for all the branches that give them: a log record on
+        // each of the walk's exits would be verified once per exit state (the start of the
+        // daemon slowed by seconds).
+        if verdict == DnsVerdict::Unparsable && events::gate(events::DNS_UNPARSABLE) {
+            info!(
+                &ctx,
+                "tc_dns_filter: malformed DNS answer skipped ({} bytes); passed unchanged", len
+            );
+        } else if verdict == DnsVerdict::RewriteFailed && events::gate(events::DNS_REWRITE_FAILED) {
+            warn!(
+                &ctx,
+                "tc_dns_filter: could not rewrite an answer to a blocked question ({} bytes); passed unchanged",
+                len
+            );
+        }
+        if events::samples_on() && events::sample_gate(events::SAMPLE_DNS, verdict as u32) {
+            info!(
+                &ctx,
+                "tc_dns_filter sample: {} ({} bytes)",
+                verdict.name(),
+                len
+            );
         }
     }
     // TCX_NEXT: the other programs on the hook (the download limit) still see the packet.

@@ -16,6 +16,7 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
+use aya_log_ebpf::info;
 use phantom_common::{
     dns::{
         EncryptedDnsConfig, EncryptedDnsVerdict, IfaceInfo, MAX_DOH_PREFIXES, MAX_RESOLVER_ADDRS,
@@ -25,7 +26,7 @@ use phantom_common::{
     xdp::{SourceKey, TrafficCounter},
 };
 
-use crate::{dns_filter::IFACES, sni};
+use crate::{dns_filter::IFACES, events, sni};
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 const DOT_PORT: u16 = 853;
@@ -80,6 +81,14 @@ pub fn tc_encrypted_dns(ctx: TcContext) -> i32 {
     match decide(&ctx) {
         Outcome::Dns(verdict) => {
             count(&STATS, verdict as u32, len);
+            if events::samples_on() && events::sample_gate(events::SAMPLE_ENC_DNS, verdict as u32) {
+                info!(
+                    &ctx,
+                    "tc_encrypted_dns sample: {} ({} bytes)",
+                    verdict.name(),
+                    len
+                );
+            }
             match verdict {
                 EncryptedDnsVerdict::Passed | EncryptedDnsVerdict::ToResolver => TC_ACT_UNSPEC,
                 _ => TC_ACT_SHOT as i32,
@@ -87,6 +96,14 @@ pub fn tc_encrypted_dns(ctx: TcContext) -> i32 {
         }
         Outcome::Sni(verdict) => {
             count(&SNI_STATS, verdict as u32, len);
+            if events::samples_on() && events::sample_gate(events::SAMPLE_SNI, verdict as u32) {
+                info!(
+                    &ctx,
+                    "tc_encrypted_dns SNI sample: {} ({} bytes)",
+                    verdict.name(),
+                    len
+                );
+            }
             match verdict {
                 SniVerdict::Dropped | SniVerdict::EchDropped | SniVerdict::QuicDropped => {
                     TC_ACT_SHOT as i32

@@ -9,6 +9,7 @@ use aya_ebpf::{
     maps::{Array, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
 };
+use aya_log_ebpf::{info, warn};
 use phantom_common::net::{
     ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPV4_HLEN_MIN,
     IPV6_HLEN, VLAN_HLEN,
@@ -19,6 +20,8 @@ use phantom_common::xdp::{
     POLICY_DENY, PORT_WORDS, PassCacheSlot, Policy, SECOND_SLOTS, SourceKey, SourceStats, Verdict,
     WINDOW_NS, deny_cache_slot,
 };
+
+use crate::events;
 
 // All maps are pinned by name under the daemon's bpffs directory, so counts and policies
 // survive a daemon restart and a second start reuses them instead of creating twins.
@@ -75,11 +78,29 @@ pub fn xdp_guard(ctx: XdpContext) -> u32 {
     let verdict = match parse(&ctx) {
         Parsed::Source(source) => judge(&ctx, &source, now, &mut counters.clock, len),
         Parsed::NonIp => Verdict::PassNonIp,
-        Parsed::Malformed => Verdict::PassMalformed,
+        Parsed::Malformed => {
+            if events::gate(events::GUARD_MALFORMED) {
+                info!(
+                    &ctx,
+                    "xdp_guard: malformed frame skipped ({} bytes, cut short inside its IP header); passed to the stack",
+                    len
+                );
+            }
+            Verdict::PassMalformed
+        }
     };
     let counter = &mut counters.verdicts[verdict as usize % Verdict::SLOTS as usize];
     counter.packets += 1;
     counter.bytes += len;
+    if events::samples_on() && events::sample_gate(events::SAMPLE_GUARD, verdict as u32) {
+        info!(
+            &ctx,
+            "xdp_guard sample: {} {} ({} bytes)",
+            verdict.action(),
+            verdict.reason(),
+            len
+        );
+    }
     if verdict.is_drop() {
         xdp_action::XDP_DROP
     } else {
@@ -292,7 +313,7 @@ fn judge(ctx: &XdpContext, source: &Source, now: u64, clock: &mut GuardClock, le
         && p.filled != 0
         && p.addr != words
     {
-        flush(p);
+        flush(ctx, p);
     }
     // What the slot still counts for this very source joins the entry with this packet.
     let pending = pass.as_deref().filter(|p| p.filled != 0 && p.addr == words);
@@ -322,10 +343,13 @@ fn judge(ctx: &XdpContext, source: &Source, now: u64, clock: &mut GuardClock, le
             window_packets: 1,
         };
         if let Some(p) = pending {
-            // Counts the slot still held for an entry the LRU dropped meanwhile.
+            // Counts the slot still held for an entry the LRU dropped meanwhile: the map is
+            // full (the daemon never deletes a source).
             fresh.add_pending(p);
+            evicted(ctx);
         }
-        if SOURCES.insert(&key, &fresh, 0).is_err() {
+        if let Err(e) = SOURCES.insert(&key, &fresh, 0) {
+            refused(ctx, e);
             return Verdict::PassUntracked;
         }
     }
@@ -367,10 +391,33 @@ fn pass_verdict(v: u32) -> Verdict {
     }
 }
 
+/// A full `PH_SOURCES` lost the entry of a source that is still sending (see `judge`). No
+/// address is logged (the no-logging policy, docs/dns.md "Privacy").
+#[inline(always)]
+fn evicted(ctx: &XdpContext) {
+    if events::gate(events::SOURCES_EVICTED) {
+        warn!(
+            ctx,
+            "PH_SOURCES is full: it evicted the entry of a source still sending (the least recently seen go; datapath.max_sources sets the size)"
+        );
+    }
+}
+
+/// `PH_SOURCES` refused a new entry: the packet passes uncounted (`untracked`).
+#[inline(always)]
+fn refused(ctx: &XdpContext, error: i32) {
+    if events::gate(events::SOURCES_REFUSED) {
+        warn!(
+            ctx,
+            "PH_SOURCES refused a new source's entry (error {}): its packets pass uncounted", error
+        );
+    }
+}
+
 /// Adds what a pass-cache slot holds for its source to that source's entry, before the slot
 /// takes another source.
 #[inline(always)]
-fn flush(p: &mut PassCacheSlot) {
+fn flush(ctx: &XdpContext, p: &mut PassCacheSlot) {
     if p.packets == 0 {
         return;
     }
@@ -379,10 +426,14 @@ fn flush(p: &mut PassCacheSlot) {
         // SAFETY: per-CPU value: only this CPU writes it, and preemption is off in XDP.
         unsafe { (*stats).add_pending(p) };
     } else {
+        // The entry was evicted since the slot was filled: the map is full.
+        evicted(ctx);
         let mut fresh = SourceStats::default();
         fresh.add_pending(p);
         // A full map drops the counts, as it drops an untracked packet's.
-        let _ = SOURCES.insert(&key, &fresh, 0);
+        if let Err(e) = SOURCES.insert(&key, &fresh, 0) {
+            refused(ctx, e);
+        }
     }
     p.filled = 0;
     p.packets = 0;

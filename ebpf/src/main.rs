@@ -7,6 +7,7 @@
 mod client_policy;
 mod dns_filter;
 mod encrypted_dns;
+mod events;
 mod guard;
 mod multihop;
 mod sni;

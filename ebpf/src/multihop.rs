@@ -11,13 +11,17 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
 };
+use aya_log_ebpf::info;
 use phantom_common::{
     dns::{IfaceInfo, MarkVerdict, MultihopConfig},
     net::{ETH_P_IP, ETH_P_IPV6},
     xdp::{SourceKey, TrafficCounter},
 };
 
-use crate::dns_filter::{IFACES, load};
+use crate::{
+    dns_filter::{IFACES, load},
+    events,
+};
 
 #[map(name = "PH_MULTIHOP")]
 static MULTIHOP: Array<MultihopConfig> = Array::pinned(1, 0);
@@ -38,6 +42,14 @@ pub fn tc_multihop_mark(ctx: TcContext) -> i32 {
             (*counter).packets += 1;
             (*counter).bytes += ctx.len() as u64;
         }
+    }
+    if events::samples_on() && events::sample_gate(events::SAMPLE_MULTIHOP, verdict as u32) {
+        info!(
+            &ctx,
+            "tc_multihop_mark sample: {} ({} bytes)",
+            verdict.name(),
+            ctx.len()
+        );
     }
     // TCX_NEXT: the mark is set; the other programs on the hook still see the packet (and
     // the last one's "next" lets it pass).

@@ -1305,6 +1305,65 @@ fn denies(daemon: &Daemon) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `count` UDP datagrams from `from` (an address of the peer) to the server, sent from CPU 0:
+/// veth runs the server side's XDP on the sending CPU, so the guard's per-CPU pass cache sees
+/// every round on the same CPU.
+fn send_udp_on_cpu0(link: &phantom_tests::GuardedLink, from: &str, count: usize) {
+    let from: std::net::IpAddr = from.parse().unwrap();
+    let to: std::net::IpAddr = phantom_tests::GuardedLink::SERVER_V4.parse().unwrap();
+    link.peer.run(move || {
+        let mut cpus = nix::sched::CpuSet::new();
+        cpus.set(0).unwrap();
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).unwrap();
+        let sock = std::net::UdpSocket::bind(std::net::SocketAddr::new(from, 0)).unwrap();
+        for _ in 0..count {
+            sock.send_to(&[0x5a; 64], std::net::SocketAddr::new(to, 9))
+                .unwrap();
+        }
+    });
+}
+
+/// A 20-byte frame from the peer to the server whose ethertype says IPv4 and whose IP header
+/// stops after six bytes (an AF_PACKET socket writes it as is).
+fn send_truncated_ipv4_frame(link: &phantom_tests::GuardedLink) {
+    let mac = |s: String| -> Vec<u8> {
+        s.split(':')
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect()
+    };
+    let dst = mac(link.server.mac(phantom_tests::GuardedLink::SERVER_DEV));
+    let src = mac(link.peer.mac(phantom_tests::GuardedLink::PEER_DEV));
+    let mut frame = [dst, src].concat();
+    frame.extend_from_slice(&[0x08, 0x00, 0x45, 0x00, 0x00, 0x14, 0x00, 0x00]);
+    link.peer.run(move || {
+        let ifindex = nix::net::if_::if_nametoindex(phantom_tests::GuardedLink::PEER_DEV).unwrap();
+        // SAFETY: plain socket calls on a descriptor owned here; the address is a zeroed
+        // sockaddr_ll with its family and interface set.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex as i32;
+            let sent = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let error = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(sent, frame.len() as isize, "sendto: {error}");
+        }
+    });
+}
+
 /// The kernel maps at small capacities (policy 8, domain set 16, per-source 4), filled by the
 /// sentry's penalties, operator denies, a blocklist import, operator DNS rules and traffic
 /// from six sources: each full map says so in `datapath status` and `/metrics`, refuses or
@@ -1499,12 +1558,7 @@ fn full_kernel_maps_refuse_or_evict_as_documented_and_keep_operator_entries() {
         ]);
     }
     for n in 3..=7 {
-        link.send_udp(
-            &format!("192.0.2.{n}"),
-            phantom_tests::GuardedLink::SERVER_V4,
-            3,
-            64,
-        );
+        send_udp_on_cpu0(&link, &format!("192.0.2.{n}"), 3);
     }
     let sources = map_status(&daemon, "PH_SOURCES");
     assert_eq!(
@@ -1529,6 +1583,54 @@ fn full_kernel_maps_refuse_or_evict_as_documented_and_keep_operator_entries() {
     // counts reach the map when a slot is taken over, which counts as a use.
     assert!(top.contains(&"192.0.2.7".to_string()), "{top:?}");
     assert_eq!(metric("phantom_datapath_map_full{map=\"PH_SOURCES\"}"), 1.0);
+    // The guard itself reports the full map through aya-log, into the daemon's log: a source
+    // that comes back (after its pass-cache slot lapsed, 1 s) and finds its entry evicted.
+    // Five sources never fit in four entries, so every round evicts one of them; all on CPU 0,
+    // where their slots are.
+    let evicted = "PH_SOURCES is full: it evicted the entry of a source still sending";
+    let mut rounds = 0;
+    while !daemon.log().contains(evicted) {
+        rounds += 1;
+        assert!(
+            rounds <= 5,
+            "no kernel event after {rounds} rounds:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(1100));
+        for n in 3..=7 {
+            send_udp_on_cpu0(&link, &format!("192.0.2.{n}"), 3);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = daemon.log();
+    let line = log.lines().find(|l| l.contains(evicted)).unwrap();
+    assert!(
+        line.contains("WARN") && line.contains("datapath.max_sources"),
+        "{line}"
+    );
+    // No address of any source in the kernel's lines (the no-logging policy).
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("datapath::kernel"))
+            .all(|l| !l.contains("192.0.2.")),
+        "{log}"
+    );
+    assert!(metric("phantom_datapath_kernel_log_records_total{level=\"warn\"}") >= 1.0);
+    // Malformed input is skipped and said so (at most once a second per CPU): a frame that
+    // claims IPv4 but ends inside the IP header.
+    send_truncated_ipv4_frame(&link);
+    wait_for_log(
+        &daemon,
+        "xdp_guard: malformed frame skipped (20 bytes, cut short inside its IP header)",
+        1,
+    );
+    assert!(metric("phantom_datapath_kernel_log_records_total{level=\"info\"}") >= 1.0);
+    // Verdict samples are off (`datapath.kernel_samples` defaults to false).
+    let log = daemon.log();
+    assert!(!log.contains("sample:"));
+    for l in log.lines().filter(|l| l.contains("datapath::kernel")) {
+        eprintln!("{l}");
+    }
     // The churn touched no deny: the peer is still dropped.
     link.send_udp(
         phantom_tests::GuardedLink::PEER_V4,
@@ -1545,8 +1647,15 @@ fn full_kernel_maps_refuse_or_evict_as_documented_and_keep_operator_entries() {
         .unwrap();
     assert_eq!(entry["dropped_packets"], 10, "{entry}");
 
-    // After kill -9 every operator entry is back: the eight denies and the twelve rules.
+    // After kill -9 every operator entry is back: the eight denies and the twelve rules. The
+    // start also turns the verdict samples on (`datapath.kernel_samples`, read at load).
     daemon.kill9();
+    let file = std::fs::read_to_string(daemon.config_path()).unwrap();
+    std::fs::write(
+        daemon.config_path(),
+        file.replacen("[datapath]\n", "[datapath]\nkernel_samples = true\n", 1),
+    )
+    .unwrap();
     daemon.restart();
     let mut after: Vec<String> = denies(&daemon).into_iter().map(|(a, _)| a).collect();
     after.sort();
@@ -1557,5 +1666,21 @@ fn full_kernel_maps_refuse_or_evict_as_documented_and_keep_operator_entries() {
     assert_eq!(
         api(&daemon, &["blocklist", "status"])["kernel_left_out"],
         26
+    );
+    // With samples on, a passed packet and a dropped one are each sampled, without addresses.
+    link.send_udp("192.0.2.4", phantom_tests::GuardedLink::SERVER_V4, 1, 64);
+    link.send_udp(
+        phantom_tests::GuardedLink::PEER_V4,
+        phantom_tests::GuardedLink::SERVER_V4,
+        1,
+        64,
+    );
+    wait_for_log(&daemon, "xdp_guard sample: pass ipv4", 1);
+    let log = wait_for_log(&daemon, "xdp_guard sample: drop denied_manual", 1);
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("datapath::kernel"))
+            .all(|l| !l.contains("192.0.2.")),
+        "{log}"
     );
 }

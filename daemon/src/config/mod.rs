@@ -314,6 +314,9 @@ pub struct DatapathConfig {
     pub dns_filter: bool,
     /// The skb mark the multihop program sets (matched by `ip rule fwmark`).
     pub multihop_mark: u32,
+    /// Log samples of the kernel programs' verdicts (at most one per verdict, CPU and second).
+    /// Fixed when the programs are loaded: a restart applies a change.
+    pub kernel_samples: bool,
 }
 
 impl Default for DatapathConfig {
@@ -330,6 +333,7 @@ impl Default for DatapathConfig {
             vpn_interface: "auto".into(),
             dns_filter: true,
             multihop_mark: 0x6d68,
+            kernel_samples: false,
         }
     }
 }

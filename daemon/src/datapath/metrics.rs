@@ -207,6 +207,15 @@ impl Collector for DatapathCollector {
         )?;
         counter_family(
             &mut encoder,
+            "phantom_datapath_kernel_log_records",
+            "Records the eBPF programs logged (rare events; verdict samples with datapath.kernel_samples), by level (docs/datapath.md, \"Kernel events\")",
+            dp.kernel_log_counts
+                .snapshot()
+                .into_iter()
+                .map(|(level, n)| (vec![("level", level.to_string())], n)),
+        )?;
+        counter_family(
+            &mut encoder,
             "phantom_datapath_map_refused",
             "New entries a full kernel map refused",
             fills.iter().map(|(m, f)| (label(m), f.refused)),

@@ -18,6 +18,7 @@ pub mod dns_policy;
 pub mod domains;
 pub mod encrypted_dns;
 pub mod guard;
+pub mod kernel_log;
 mod links;
 pub mod metrics;
 pub mod multihop;
@@ -122,6 +123,10 @@ pub struct Datapath {
     pub client_policy: client_policy::ClientPolicyMaps,
     pub sni: sni::SniFilter,
     dns_verdicts: Mutex<PerCpuArray<MapData, TrafficCounter>>,
+    /// The programs' log, until `start_tasks` starts forwarding it.
+    kernel_log: Mutex<Option<kernel_log::KernelLogger>>,
+    /// Records forwarded from the programs' log, by level (for /metrics).
+    pub kernel_log_counts: Arc<kernel_log::RecordCounts>,
     ifaces: Mutex<HashMap<MapData, u32, IfaceInfo>>,
     vpn_interface: String,
     dns_filter: bool,
@@ -142,13 +147,15 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, Error> {
 fn load_object(config: &DatapathConfig, pin_dir: &Path) -> Result<Ebpf, Error> {
     let mut replaced = std::collections::BTreeSet::new();
     loop {
-        let loaded = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(pin_dir)
             .map_max_entries(names::SOURCES_MAP, config.max_sources)
             .map_max_entries(names::POLICY_MAP, config.max_policies)
             .map_max_entries(names::POLICY_NET_MAP, config.max_policies)
-            .map_max_entries(names::DOMAINS_MAP, config.max_domains)
-            .load(EBPF_OBJECT);
+            .map_max_entries(names::DOMAINS_MAP, config.max_domains);
+        kernel_log::configure(&mut loader, config.kernel_samples);
+        let loaded = loader.load(EBPF_OBJECT);
         match loaded {
             Err(aya::EbpfError::MapError(aya::maps::MapError::IncompatiblePinnedMap {
                 name,
@@ -237,6 +244,8 @@ impl Datapath {
 
         let mut ebpf = load_object(config, &pin_dir)?;
         load_programs(&mut ebpf)?;
+        let kernel_log_counts = Arc::new(kernel_log::RecordCounts::default());
+        let kernel_log = kernel_log::open(&mut ebpf, Arc::clone(&kernel_log_counts))?;
 
         let links = LinkStore::new(&pin_dir, state_dir);
         let guard_attachment = links.attach(
@@ -317,6 +326,8 @@ impl Datapath {
             client_policy,
             sni,
             dns_verdicts: Mutex::new(dns_verdicts),
+            kernel_log: Mutex::new(Some(kernel_log)),
+            kernel_log_counts,
             ifaces: Mutex::new(ifaces),
             vpn_interface: vpn_interface.to_string(),
             dns_filter: config.dns_filter,
@@ -475,15 +486,22 @@ impl Datapath {
         ])
     }
 
-    /// Starts the datapath's background work: housekeeping every 2 s (see [`Self::tick`]).
+    /// Starts the datapath's background work: housekeeping every 2 s (see [`Self::tick`]),
+    /// and the programs' log forwarded into the daemon's (see [`kernel_log`]).
     pub fn start_tasks(self: &Arc<Self>, shutdown: &Shutdown) -> Vec<JoinHandle<()>> {
         let dp = Arc::clone(self);
-        vec![tasks::every(
+        let mut tasks = vec![tasks::every(
             "datapath housekeeping",
             Duration::from_secs(2),
             shutdown.clone(),
             move || dp.tick(),
-        )]
+        )];
+        match self.lock(&self.kernel_log).map(|mut l| l.take()) {
+            Ok(Some(logger)) => tasks.push(kernel_log::spawn(logger, shutdown.clone())),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "kernel events are not logged"),
+        }
+        tasks
     }
 
     /// Housekeeping, run every couple of seconds: VPN programs in place; every 15th call,
