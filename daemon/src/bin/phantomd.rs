@@ -69,7 +69,19 @@ fn print_docs(cli: &Cli) -> Option<std::process::ExitCode> {
     None
 }
 
+/// Allocations from this size up get pages of their own, handed back when freed.
+const MMAP_THRESHOLD_BYTES: libc::c_int = 256 * 1024;
+
 fn main() -> std::process::ExitCode {
+    // glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), so
+    // after a million-name import the list's big tables and the import's buffers land in the
+    // heap, and the heap keeps about 35 MiB it cannot give back. A fixed threshold turns the
+    // dynamic one off: resident memory after an import is then what a restart loads (79 against
+    // 117 MiB, docs/benchmarks.md).
+    // SAFETY: mallopt only sets the allocator's parameter; no thread has started yet.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+    }
     let cli = Cli::parse();
     if let Some(code) = print_docs(&cli) {
         return code;
