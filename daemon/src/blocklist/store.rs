@@ -3,9 +3,9 @@
 //!
 //! The journal keeps, for each version and kind of change (`upsert`, `remove`, `pattern`), the
 //! names it touched, one per line, up to 64 KiB a row: a million-name import is a few hundred
-//! rows, not a million rows and a million index entries (docs/blocklist.md, "On disk"). Names never hold
-//! a line break (they are normalised hostnames); pattern changes, which no delta reads, are
-//! journalled as `pattern:<text>` lines.
+//! rows, not a million rows and a million index entries (docs/blocklist.md, "On disk"). Names
+//! never hold a line break (they are normalised hostnames); pattern changes, which no delta
+//! reads, are journalled as `pattern:<text>` lines.
 
 use std::{collections::HashSet, path::Path, sync::Mutex};
 
