@@ -81,12 +81,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     veth(&sender, "snd0", &receiver, "rcv0");
     sender.ip(&["addr", "add", "198.51.100.7/24", "dev", "snd0"]);
     receiver.ip(&["addr", "add", "198.51.100.1/24", "dev", "rcv0"]);
-    let rcv_mac: Vec<u8> = receiver
-        .mac("rcv0")
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16))
-        .collect::<Result<_, _>>()?;
-    let rcv_mac: [u8; 6] = rcv_mac.try_into().map_err(|_| "bad MAC")?;
+    let rcv_mac = receiver.mac_bytes("rcv0");
     let gen_ifindex = sender.run(|| nix::net::if_::if_nametoindex("snd0"))?;
     let src = Ipv4Addr::new(198, 51, 100, 7);
     let frame = leak(ipv4_frame(rcv_mac, src.octets(), [198, 51, 100, 1]));

@@ -174,6 +174,18 @@ impl NetNs {
         let v: Value = serde_json::from_slice(&out.stdout).expect("ip -j link");
         v[0]["address"].as_str().expect("address").to_string()
     }
+
+    /// [`Self::mac`] as its six bytes.
+    pub fn mac_bytes(&self, dev: &str) -> [u8; 6] {
+        let mac = self.mac(dev);
+        let bytes: Vec<u8> = mac
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).expect("hex MAC byte"))
+            .collect();
+        bytes
+            .try_into()
+            .unwrap_or_else(|_| panic!("{dev}: MAC {mac} is not six bytes"))
+    }
 }
 
 impl Drop for NetNs {
@@ -285,9 +297,29 @@ impl GuardedLink {
     /// Sends `count` UDP datagrams of `payload` bytes from `from` (an address of the peer) to
     /// `to` port 9 (discard), inside the peer namespace.
     pub fn send_udp(&self, from: &str, to: &str, count: usize, payload: usize) {
+        self.send_udp_on(None, from, to, count, payload);
+    }
+
+    /// [`Self::send_udp`] from a thread bound to `cpu` when given: veth runs the receiving
+    /// side's XDP on the sending CPU, so per-CPU state (the guard's pass cache) sees every
+    /// datagram on that CPU.
+    pub fn send_udp_on(
+        &self,
+        cpu: Option<usize>,
+        from: &str,
+        to: &str,
+        count: usize,
+        payload: usize,
+    ) {
         let from: std::net::IpAddr = from.parse().unwrap();
         let to: std::net::IpAddr = to.parse().unwrap();
         self.peer.run(move || {
+            if let Some(cpu) = cpu {
+                let mut cpus = nix::sched::CpuSet::new();
+                cpus.set(cpu).expect("cpu set");
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)
+                    .expect("sched_setaffinity");
+            }
             let sock = std::net::UdpSocket::bind(SocketAddr::new(from, 0)).expect("bind");
             let data = vec![0x5au8; payload];
             for _ in 0..count {
