@@ -132,11 +132,18 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     );
     wait_ping(&client)?;
     let secs = 4;
-    let rounds = cli.rounds.clamp(1, 5);
+    let rounds = cli.rounds.clamp(1, 9);
     // [attached][download] samples.
     let mut samples = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
     for round in 0..rounds {
-        for attached in [true, false] {
+        // The order alternates (with, without; then without, with): a drift of the machine
+        // over the run then weighs on both alike.
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for attached in order {
             if round > 0 || !attached {
                 restart(&mut daemon, attached)?;
                 wait_ping(&client)?;
@@ -163,7 +170,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     table(
         "An unlimited client's tunnel throughput with the VPN-interface programs (iperf3)",
         &format!(
-            "the real daemon (embedded WireGuard) and a wg-quick (wireguard-go) client in namespaces, one TCP stream to iperf3 in an upstream namespace, {secs} s after a first second left out; another client holds a 10 Mbit/s limit and 16 rules; {rounds} rounds with and without the programs interleaved (a restart between), medians"
+            "the real daemon (embedded WireGuard) and a wg-quick (wireguard-go) client in namespaces, one TCP stream to iperf3 in an upstream namespace, {secs} s after a first second left out; another client holds a 10 Mbit/s limit and 16 rules; {rounds} rounds with and without the programs interleaved, in alternating order (a restart between), medians"
         ),
         "| direction | Mbit/s with | Mbit/s without | with / without |\n| --- | ---: | ---: | ---: |",
         &rows,

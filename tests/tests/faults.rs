@@ -1151,7 +1151,8 @@ fn redis_paused_and_killed_under_load_fails_closed_and_recovers() {
     let ns = NetNs::new("phf");
     let _site = UpstreamSite::start(&ns, "127.0.0.1:18000");
     let mut config = plain_config();
-    // The gate always open: every request asks Redis for a ticket.
+    // The gate always open and the load past the ticket ceiling: Redis is asked for a ticket
+    // (once a second while the answer is "none"; every time once it fails).
     config.extra_toml = format!(
         "[sentry]\nenabled = true\nlisten = {SITE:?}\nupstream = \"http://127.0.0.1:18000\"\n\
          redis_url = {:?}\nactivation_cpu_threshold = 0.0\nredis_fail_mode = \"closed\"\n",

@@ -616,7 +616,8 @@ fn redis_outage_fails_open_and_recovers() {
     let ns = NetNs::new("phsr");
     let _site = UpstreamSite::start(&ns, "127.0.0.1:18000");
     let bpffs = BpffsDir::new();
-    // The CPU gate is always open, so every request asks the store for a ticket.
+    // The CPU gate is always open and the load soon passes the ticket ceiling, so the store is
+    // asked for its ticket (once a second while the answer is "none"; every time once it fails).
     let daemon = sentry_daemon(
         &ns,
         &bpffs,
@@ -710,6 +711,81 @@ fn redis_outage_fails_open_and_recovers() {
 /// Two `phantomd`, each in its own namespace, on one redis-server: A challenges a client, the
 /// client solves with B's JWK set (B learned A's key through the store) and proves at B; then
 /// both hosts pass it on the ticket, and B lists the penalty A raised.
+/// Armed on Redis (the CPU gate open), a request whose decision the store's answer cannot change
+/// costs no round trip; one past the ticket ceiling asks, and "no ticket" then stands for a
+/// second, so a flooding source costs a round trip a second, not one a request. A ticket another
+/// host puts in the store is still found, and revoked past the ceiling, within that second.
+#[test]
+fn armed_on_redis_the_store_is_asked_only_when_its_answer_decides() {
+    let redis = RedisServer::start();
+    let rt = runtime();
+    rt.block_on(async {
+        let config = SentryConfig {
+            enabled: true,
+            redis_url: redis.url(),
+            tunables: Tunables {
+                activation_cpu_threshold: 0.0,
+                ip_static_threshold: 5,
+                ticket_ceiling: 10,
+                ..Tunables::default()
+            },
+            ..SentryConfig::default()
+        };
+        let connect = || Store::Redis(RedisStore::connect(&config.redis_url).unwrap());
+        let parts = |store| {
+            Sentry::with_parts(
+                &config,
+                store,
+                Signer::generate().unwrap(),
+                None,
+                SourcePrefix::DEFAULT,
+            )
+        };
+        let a = parts(connect()).await.unwrap();
+        let b = parts(connect()).await.unwrap();
+        let client = ip("203.0.113.60");
+        let normal =
+            |d: &Decision| matches!(d, Decision::Pass(phantom_daemon::sentry::Pass::Normal));
+
+        // Up to the ceiling: passed either way, so the store is not asked.
+        let trips = a.store.round_trips();
+        for _ in 0..10 {
+            let d = a.decide(client, None, "/page").await;
+            assert!(normal(&d), "{d:?}");
+        }
+        assert_eq!(a.store.round_trips(), trips, "no lookup under the ceiling");
+
+        // Past it: asked, and the answer stands for a second.
+        for _ in 0..100 {
+            let d = a.decide(client, None, "/page").await;
+            assert!(normal(&d), "{d:?}");
+        }
+        let asked = a.store.round_trips() - trips;
+        assert!(
+            (1..=5).contains(&asked),
+            "100 requests past the ceiling asked the store {asked} times"
+        );
+
+        // Another host's ticket for the source is found within the second and, the source
+        // being past the ceiling, revoked: the source is challenged.
+        b.store.set_ticket(Source::from(client), 600).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match a.decide(client, None, "/page").await {
+                Decision::Challenge(_) => break,
+                d => assert!(normal(&d), "{d:?}"),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the store's ticket was never seen"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(a.counters.tickets_revoked.load(Ordering::Relaxed), 1);
+        assert_eq!(b.store.ticket(Source::from(client)).await.unwrap(), None);
+    });
+}
+
 #[test]
 fn two_daemons_on_one_redis_honour_each_others_tickets_and_penalties() {
     if !require_root("two_daemons_on_one_redis_honour_each_others_tickets_and_penalties") {

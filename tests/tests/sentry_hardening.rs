@@ -768,7 +768,8 @@ fn redis_paused_killed_and_back_under_load() {
     let bpffs = BpffsDir::new();
     let mut config = DaemonConfig::new("lo", bpffs.path());
     config.datapath_enabled = false;
-    // The gate always open: every request asks Redis for a ticket.
+    // The gate always open and the load past the ticket ceiling: Redis is asked for a ticket
+    // (once a second while the answer is "none"; every time once it fails).
     config.extra_toml = sentry_toml(
         "127.0.0.1:18080",
         &format!(

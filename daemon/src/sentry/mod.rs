@@ -319,7 +319,31 @@ enum Held {
     /// Taken away: tickets expiring at or before this Unix second (the revoked one and the
     /// cookies that carry it) are not honoured any more; a new proof earns a new one.
     Revoked(u64),
+    /// The store held no ticket for the source when this host last asked, an answer taken
+    /// as good until this instant ([`NOT_IN_STORE_FOR`]).
+    NotInStore(Instant),
 }
+
+impl Held {
+    /// Whether the entry still says anything (else it can be dropped).
+    fn live(&self, now: u64, instant: Instant) -> bool {
+        match self {
+            Held::Valid(exp) | Held::Revoked(exp) => *exp > now,
+            Held::NotInStore(until) => *until > instant,
+        }
+    }
+}
+
+/// How long "the store holds no ticket for this source" stands before the store is asked
+/// again. A source past the ticket ceiling asks on every request while the defence is armed;
+/// with this, a busy source costs one round trip a second, not one a request. The price: a
+/// ticket another host issues meanwhile, to a client that does not bring its cookie, is seen
+/// here (and revoked, if the source is past the ceiling) up to this much later.
+const NOT_IN_STORE_FOR: Duration = Duration::from_secs(1);
+
+/// The most sources whose ticket state a host keeps; past it the lapsed entries are swept,
+/// and a "not in the store" answer that still finds no room is not kept.
+const MAX_TICKETS_HELD: usize = 200_000;
 
 pub struct Sentry {
     pub store: Store,
@@ -500,11 +524,9 @@ impl Sentry {
     }
 
     pub fn tickets_cached(&self) -> usize {
-        let now = unix_now();
+        let (now, instant) = (unix_now(), Instant::now());
         let mut t = lock(&self.tickets);
-        t.retain(|_, held| match held {
-            Held::Valid(exp) | Held::Revoked(exp) => *exp > now,
-        });
+        t.retain(|_, held| held.live(now, instant));
         t.values().filter(|h| matches!(h, Held::Valid(_))).count()
     }
 
@@ -647,14 +669,32 @@ impl Sentry {
         {
             return false;
         }
-        if t.len() > 200_000 {
-            let now = unix_now();
-            t.retain(|_, held| match held {
-                Held::Valid(e) | Held::Revoked(e) => *e > now,
-            });
+        if t.len() > MAX_TICKETS_HELD {
+            let (now, instant) = (unix_now(), Instant::now());
+            t.retain(|_, held| held.live(now, instant));
         }
         t.insert(source, Held::Valid(exp));
         true
+    }
+
+    /// Remembers that the store, asked at `asked`, held no ticket for the source — unless
+    /// this host knows more meanwhile (a ticket redeemed while the lookup was in flight, a
+    /// revocation).
+    fn note_not_in_store(&self, source: Source, asked: Instant) {
+        let mut t = lock(&self.tickets);
+        let (now, instant) = (unix_now(), Instant::now());
+        if t.get(&source)
+            .is_some_and(|held| !matches!(held, Held::NotInStore(_)) && held.live(now, instant))
+        {
+            return;
+        }
+        if t.len() > MAX_TICKETS_HELD {
+            t.retain(|_, held| held.live(now, instant));
+            if t.len() > MAX_TICKETS_HELD {
+                return;
+            }
+        }
+        t.insert(source, Held::NotInStore(asked + NOT_IN_STORE_FOR));
     }
 
     /// A new ticket from a proof: honoured whatever was taken away before.
@@ -668,7 +708,7 @@ impl Sentry {
             let mut t = lock(&self.tickets);
             let upto = match t.get(&source) {
                 Some(Held::Valid(exp) | Held::Revoked(exp)) => *exp,
-                None => now,
+                Some(Held::NotInStore(_)) | None => now,
             }
             // Any cookie of the ticket: at most one ticket lifetime from now.
             .max(now + self.tunables().ticket_ttl_seconds);
@@ -730,9 +770,20 @@ impl Sentry {
     /// `Err` = the store is down (the fail mode's decision); a single failed call is taken
     /// as "no ticket".
     async fn store_ticket(&self, source: Source) -> Result<bool, Decision> {
+        // The answer of a moment ago stands, unless the store is down: then the fail mode
+        // decides, as for any request that needs the store.
+        let asked = Instant::now();
+        if self.healthy()
+            && matches!(lock(&self.tickets).get(&source), Some(Held::NotInStore(until)) if *until > asked)
+        {
+            return Ok(false);
+        }
         match self.store_call(self.store.ticket(source)).await {
             Ok(Some(exp)) => Ok(self.cache_ticket(source, exp)),
-            Ok(None) => Ok(false),
+            Ok(None) => {
+                self.note_not_in_store(source, asked);
+                Ok(false)
+            }
             Err(_) if self.healthy() => Ok(false),
             Err(_) => Err(self.fail()),
         }
@@ -843,10 +894,16 @@ impl Sentry {
                 return self.pass(Pass::OpenPath);
             }
         }
-        // Only while armed does the store get asked for a ticket (another host may have
-        // issued it): one round trip, none on the embedded backend. A request that will be
-        // challenged unless it holds one has its package made first, and the fleet's record
-        // of that package rides in the same round trip.
+        // Only while armed, and only when the answer changes the decision, does the store get
+        // asked for a ticket (another host may have issued it): one round trip, none on the
+        // embedded backend. Without a ticket a request not due for a challenge passes; with
+        // one it passes too unless it is past the ticket ceiling (then the ticket is revoked).
+        // So an armed host under load spends no round trip on the requests it passes anyway.
+        if !challenge_due && count <= t.effective_ticket_ceiling() {
+            return self.pass(Pass::Normal);
+        }
+        // A request that will be challenged unless it holds a ticket has its package made
+        // first, and the fleet's record of that package rides in the same round trip.
         if let Some(difficulty) = self.speculative_challenge(source, &t, mode, over) {
             return self
                 .challenge_unless_ticket(
