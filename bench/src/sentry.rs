@@ -648,8 +648,10 @@ fn proxy_scenario(
                 Store::Embedded(Box::new(EmbeddedStore::in_memory())),
             )
             .await?;
-            // On Redis with the gate forced open, so every request takes the armed path and its
-            // one store round trip (the trust-ticket lookup).
+            // On Redis with the gate forced open, so every request takes the armed path: wrk's
+            // one source is soon past the ticket ceiling, where the trust-ticket lookup decides
+            // (a revocation), and its "no ticket" answer stands for a second
+            // (docs/sentry.md, step 7).
             let armed = SentryConfig {
                 redis_url: redis.url(),
                 tunables: Tunables {
@@ -793,7 +795,8 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
              upstream (its own runtime, as a separate server process; the 5 ms wait is a precise \
              sleep), then through the sentry proxy in NORMAL mode (embedded store; {challenged} \
              challenges issued), then through a proxy on a redis-server with the activation gate \
-             forced open, then through nginx as a plain reverse proxy (2 workers, keep-alive \
+             forced open (wrk's one source past the ticket ceiling: its ticket lookup's \
+             \"none\" stands for a second), then through nginx as a plain reverse proxy (2 workers, keep-alive \
              upstream); the rows of a scenario are one run. Store round trips per request on \
              Redis (TTL calls / requests): {}; on the embedded store: none (in-process). \
              Load average (1 min) at the start and end of each scenario: {}. Proxy CPU: \

@@ -363,6 +363,9 @@ pub struct Sentry {
     pub snapshots: snapshot::Snapshots,
     /// source -> what this host knows of its ticket.
     tickets: Mutex<HashMap<Source, Held>>,
+    /// The Unix second `tickets` was last swept because it was full: at most one sweep a
+    /// second, so a flood of sources that keeps it full never makes each request scan it.
+    tickets_swept_at: AtomicU64,
     datapath: Option<Arc<Datapath>>,
     /// What one source is (`[sources] ipv6_prefix`).
     prefix: SourcePrefix,
@@ -469,6 +472,7 @@ impl Sentry {
             open_paths: allow::OpenPaths::new(&config.open_paths),
             snapshots: snapshot::Snapshots::new(&config.doomsday),
             tickets: Mutex::new(HashMap::new()),
+            tickets_swept_at: AtomicU64::new(0),
             datapath,
             prefix,
             fail_closed: config.redis_fail_mode == "closed",
@@ -670,11 +674,19 @@ impl Sentry {
             return false;
         }
         if t.len() > MAX_TICKETS_HELD {
-            let (now, instant) = (unix_now(), Instant::now());
-            t.retain(|_, held| held.live(now, instant));
+            self.sweep_full(&mut t);
         }
         t.insert(source, Held::Valid(exp));
         true
+    }
+
+    /// Drops the lapsed entries of a full `tickets`, unless that was done this second.
+    fn sweep_full(&self, t: &mut HashMap<Source, Held>) {
+        let now = unix_now();
+        if self.tickets_swept_at.swap(now, Ordering::Relaxed) != now {
+            let instant = Instant::now();
+            t.retain(|_, held| held.live(now, instant));
+        }
     }
 
     /// Remembers that the store, asked at `asked`, held no ticket for the source — unless
@@ -689,7 +701,7 @@ impl Sentry {
             return;
         }
         if t.len() > MAX_TICKETS_HELD {
-            t.retain(|_, held| held.live(now, instant));
+            self.sweep_full(&mut t);
             if t.len() > MAX_TICKETS_HELD {
                 return;
             }
