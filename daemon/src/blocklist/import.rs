@@ -82,8 +82,7 @@ pub struct Parsed {
     pub skipped: Vec<Skipped>,
 }
 
-/// [`Parsed`] with its entries built as `Entry`s (what the tests read).
-#[cfg(test)]
+/// [`Parsed`] with its entries built as `Entry`s (for a small list: the tests, the fuzz target).
 pub struct ParsedEntries {
     pub entries: Vec<super::model::Entry>,
     pub skipped: Vec<Skipped>,
@@ -113,8 +112,7 @@ impl Parsed {
     }
 }
 
-/// [`parse_batch`], with the entries built.
-#[cfg(test)]
+/// [`parse_batch`], with the entries built as `Entry`s (a large list is better left a batch).
 pub fn parse(text: &str, format: Format, reason: &str, now: u64) -> ParsedEntries {
     let parsed = parse_batch(text, format, reason, now);
     ParsedEntries {

@@ -128,14 +128,21 @@ impl State {
                 (e.domain(), listed)
             })
             .collect();
-        for e in batch.iter().filter(|e| !e.placed()) {
-            let (exact, sub) = e.weights();
-            if !matcher.upsert(e.domain(), exact, sub) {
-                warn!(
-                    domain = %e.domain(),
-                    "listed domain shares its key with another under this installation's domain hash; not matched"
-                );
-            }
+        let unplaced = || batch.iter().filter(|e| !e.placed());
+        // A large batch (the load at start, an import of listed names) at once, a small one
+        // name by name: the same outcome.
+        let matched: Vec<bool> = if batch.len() >= LARGE_BATCH {
+            matcher.upsert_many(unplaced().map(|e| (e.domain(), e.weights().0, e.weights().1)))
+        } else {
+            unplaced()
+                .map(|e| matcher.upsert(e.domain(), e.weights().0, e.weights().1))
+                .collect()
+        };
+        for (e, _) in unplaced().zip(matched).filter(|(_, matched)| !matched) {
+            warn!(
+                domain = %e.domain(),
+                "listed domain shares its key with another under this installation's domain hash; not matched"
+            );
         }
         self.entries.upsert(rows);
     }
