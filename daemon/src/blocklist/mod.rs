@@ -110,18 +110,30 @@ impl State {
     /// holds before it gets here; at load (a stored list under a new seed) such a name stays
     /// listed but unmatched, with a warning.
     fn insert(&mut self, batch: &Batch, matcher: &mut Matcher) {
-        // The batch's few reasons as the list's indices, each looked up once.
+        // The batch's few reasons as the list's indices, each looked up once, when an entry
+        // first has it.
         let mut reasons: Vec<Option<u32>> = vec![None; batch.reasons().len()];
-        for (slot, reason) in reasons.iter_mut().zip(batch.reasons()) {
-            *slot = Some(self.reason_index(reason));
-        }
         let rows: Vec<(&str, Listed)> = batch
             .iter()
             .map(|e| {
                 let (exact, sub) = e.weights();
+                let local = e.reason_id();
+                let reason = match reasons.get(local).copied().flatten() {
+                    Some(i) => i,
+                    None => {
+                        let i = batch
+                            .reasons()
+                            .get(local)
+                            .map_or(0, |r| self.reason_index(r));
+                        if let Some(slot) = reasons.get_mut(local) {
+                            *slot = Some(i);
+                        }
+                        i
+                    }
+                };
                 let listed = Listed {
                     added_at: e.added_at(),
-                    reason: reasons.get(e.reason_id()).copied().flatten().unwrap_or(0),
+                    reason,
                     exact: to_weight(exact),
                     sub: to_weight(sub),
                 };
