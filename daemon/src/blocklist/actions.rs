@@ -480,12 +480,12 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                     let text = std::fs::read_to_string(&path)
                         .map_err(|e| ApiError::new(IMPORT_FAILED, format!("{path}: {e}")))?;
                     let format = format.unwrap_or_else(|| Format::detect(&text));
-                    let parsed = import::parse(&text, format, &reason, now());
+                    let parsed = import::parse_batch(&text, format, &reason, now());
                     // The file's text before the batch: the memory the list hands back after a
                     // large batch then includes it.
                     drop(text);
                     let parsed_entries = parsed.entries.len();
-                    let applied = list.upsert(parsed.entries).map_err(ApiError::from)?;
+                    let applied = list.upsert_batch(parsed.entries).map_err(ApiError::from)?;
                     let skipped_total = parsed.skipped.len();
                     let skipped: Vec<_> = parsed.skipped.into_iter().take(100).collect();
                     // Names whose key another name holds: left out, each with the reason.

@@ -3,7 +3,10 @@
 
 use serde::Serialize;
 
-use super::model::{Entry, NameError, rule_domain};
+use super::{
+    batch::{Batch, StampId},
+    model::{NameError, rule_domain},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -36,19 +39,33 @@ impl Format {
                 .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('!'))
         };
         let is_hosts_line = |l: &str| {
+            // An address is hex digits, `.` and `:` up to the whitespace before the name: most
+            // lines of other lists are told apart at their first letters.
+            let address = l
+                .bytes()
+                .take_while(|b| b.is_ascii_hexdigit() || matches!(b, b'.' | b':'))
+                .count();
+            if !l
+                .get(address..)
+                .is_some_and(|rest| rest.starts_with(char::is_whitespace))
+            {
+                return false;
+            }
             let mut fields = l.split_whitespace();
             fields
                 .next()
                 .is_some_and(|a| a.parse::<std::net::IpAddr>().is_ok())
                 && fields.next().is_some()
         };
-        if lines().any(|l| l.starts_with("||")) {
-            Self::Adblock
-        } else if lines().any(is_hosts_line) {
-            Self::Hosts
-        } else {
-            Self::Plain
+        // One pass: an AdBlock rule anywhere decides; else a hosts line anywhere.
+        let mut hosts = false;
+        for l in lines() {
+            if l.starts_with("||") {
+                return Self::Adblock;
+            }
+            hosts = hosts || is_hosts_line(l);
         }
+        if hosts { Self::Hosts } else { Self::Plain }
     }
 }
 
@@ -58,8 +75,16 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// What a list gave: its entries, in the file's order, as a compact batch (no `Entry` is built
+/// per name), and the lines skipped.
 pub struct Parsed {
-    pub entries: Vec<Entry>,
+    pub entries: Batch,
+    pub skipped: Vec<Skipped>,
+}
+
+/// [`Parsed`] with its entries built as `Entry`s (for a small list: the tests, the fuzz target).
+pub struct ParsedEntries {
+    pub entries: Vec<super::model::Entry>,
     pub skipped: Vec<Skipped>,
 }
 
@@ -70,9 +95,11 @@ fn name_error(e: NameError) -> String {
 }
 
 impl Parsed {
-    fn accept(&mut self, line: usize, raw: &str, reason: &str, now: u64) {
+    /// Adds `raw`'s domain with its subdomains at weight 1, as `Entry::new(domain, true, 1.0,
+    /// ..)` would.
+    fn accept(&mut self, line: usize, raw: &str, stamp: StampId) {
         match rule_domain(raw) {
-            Ok(d) => self.entries.push(Entry::new(&d, true, 1.0, reason, now)),
+            Ok(d) => self.entries.push(&d, true, 1.0, stamp),
             Err(e) => self.skip(line, name_error(e)),
         }
     }
@@ -85,12 +112,25 @@ impl Parsed {
     }
 }
 
-/// Parses `text`; every accepted domain becomes an entry (subdomains included) with `reason`.
-pub fn parse(text: &str, format: Format, reason: &str, now: u64) -> Parsed {
+/// [`parse_batch`], with the entries built as `Entry`s (a large list is better left a batch).
+pub fn parse(text: &str, format: Format, reason: &str, now: u64) -> ParsedEntries {
+    let parsed = parse_batch(text, format, reason, now);
+    ParsedEntries {
+        entries: parsed.entries.entries(),
+        skipped: parsed.skipped,
+    }
+}
+
+/// Parses `text`; every accepted domain becomes an entry (subdomains included, weight 1) added
+/// at `now` with `reason` (a seed-format JSON entry may carry its own reason).
+pub fn parse_batch(text: &str, format: Format, reason: &str, now: u64) -> Parsed {
     let mut out = Parsed {
-        entries: Vec::new(),
+        // At most an entry per line, and the names are shorter than the text (pages reserved
+        // and never written cost no memory).
+        entries: Batch::with_capacity(text.bytes().filter(|&b| b == b'\n').count() + 1, text.len()),
         skipped: Vec::new(),
     };
+    let stamp = out.entries.stamp(now, reason);
     if format == Format::Json {
         let value: serde_json::Value = match serde_json::from_str(text) {
             Ok(v) => v,
@@ -117,7 +157,8 @@ pub fn parse(text: &str, format: Format, reason: &str, now: u64) -> Parsed {
                         .get("reason")
                         .and_then(|r| r.as_str())
                         .unwrap_or(reason);
-                    out.accept(i + 1, d, why, now);
+                    let stamp = out.entries.stamp(now, why);
+                    out.accept(i + 1, d, stamp);
                 }
                 None => out.skip(i + 1, "entry without a domain"),
             }
@@ -152,7 +193,7 @@ pub fn parse(text: &str, format: Format, reason: &str, now: u64) -> Parsed {
                 ) {
                     continue;
                 }
-                out.accept(n, name, reason, now);
+                out.accept(n, name, stamp);
             }
             Format::Adblock => {
                 let Some(rule) = line.strip_prefix("||") else {
@@ -160,9 +201,9 @@ pub fn parse(text: &str, format: Format, reason: &str, now: u64) -> Parsed {
                     continue;
                 };
                 let domain = rule.split(['^', '$', '/']).next().unwrap_or("");
-                out.accept(n, domain, reason, now);
+                out.accept(n, domain, stamp);
             }
-            Format::Plain => out.accept(n, line, reason, now),
+            Format::Plain => out.accept(n, line, stamp),
             Format::Json => {}
         }
     }

@@ -80,6 +80,13 @@ pub fn from_weight(w: Weight) -> f64 {
     f64::from(w) / 10_000.0
 }
 
+/// A name's key in the matcher's table and its tag ([`Matcher::key`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RuleKey {
+    hash: u64,
+    tag: u32,
+}
+
 pub struct Matcher {
     domains: DomainRules,
     hasher: Arc<DomainHasher>,
@@ -149,10 +156,21 @@ impl Matcher {
 
     /// Whether another name holds `domain`'s key (its `upsert` would be refused).
     pub fn clashes(&self, domain: &str) -> bool {
-        let tag = self.hasher.tag(domain);
-        self.domains
-            .get(self.hasher.hash(domain))
-            .is_some_and(|r| r.tag != tag)
+        self.clashes_key(self.key(domain))
+    }
+
+    /// `domain`'s key and tag, for [`Matcher::clashes_key`] and [`Matcher::upsert_key`]: a
+    /// batch checks and inserts a name with one hashing.
+    pub fn key(&self, domain: &str) -> RuleKey {
+        RuleKey {
+            hash: self.hasher.hash(domain),
+            tag: self.hasher.tag(domain),
+        }
+    }
+
+    /// [`Matcher::clashes`] by the name's [`RuleKey`].
+    pub fn clashes_key(&self, key: RuleKey) -> bool {
+        self.domains.get(key.hash).is_some_and(|r| r.tag != key.tag)
     }
 
     pub fn set_patterns(&mut self, patterns: &[Pattern]) {
@@ -181,18 +199,72 @@ impl Matcher {
     /// Adds or reweights a domain rule; false (nothing changed) when another name holds its
     /// key.
     pub fn upsert(&mut self, domain: &str, exact: f64, sub: f64) -> bool {
-        let tag = self.hasher.tag(domain);
+        self.upsert_key(self.key(domain), exact, sub)
+    }
+
+    /// [`Matcher::upsert`] by the name's [`RuleKey`].
+    pub fn upsert_key(&mut self, key: RuleKey, exact: f64, sub: f64) -> bool {
         let rule = Rule {
             exact: to_weight(exact),
             sub: to_weight(sub),
-            tag,
+            tag: key.tag,
         };
-        let hash = self.hasher.hash(domain);
-        if self.domains.get(hash).is_some_and(|r| r.tag != tag) {
+        if self.clashes_key(key) {
             return false;
         }
-        self.domains.insert(hash, rule);
+        self.domains.insert(key.hash, rule);
         true
+    }
+
+    /// Gives new names their rules at once: for each of `names` (name, exact weight, subdomain
+    /// weight), in order, whether it got its rule, as [`Matcher::upsert`] of one after the other
+    /// says (a name whose key another holds, listed or earlier in `names`, is refused; of a name
+    /// given twice the last weights stay). One sort of the keys and one pass over the table,
+    /// instead of an insert at a random place per name.
+    pub fn upsert_many<'a>(
+        &mut self,
+        names: impl Iterator<Item = (&'a str, f64, f64)>,
+    ) -> Vec<bool> {
+        let mut keyed: Vec<(u64, u32, Rule)> = names
+            .enumerate()
+            .map(|(i, (domain, exact, sub))| {
+                let key = self.key(domain);
+                let rule = Rule {
+                    exact: to_weight(exact),
+                    sub: to_weight(sub),
+                    tag: key.tag,
+                };
+                (key.hash, i as u32, rule)
+            })
+            .collect();
+        keyed.sort_unstable_by_key(|&(hash, i, _)| (hash, i));
+        let mut placed = vec![false; keyed.len()];
+        let mut rules: Vec<(u64, Rule)> = Vec::with_capacity(keyed.len());
+        for group in keyed.chunk_by(|a, b| a.0 == b.0) {
+            let Some(&(hash, _, first)) = group.first() else {
+                continue;
+            };
+            // The name holding the key: the listed one, or the first of the batch.
+            let holder = self.domains.get(hash).map_or(first.tag, |r| r.tag);
+            let mut last = None;
+            for &(_, i, rule) in group.iter().filter(|g| g.2.tag == holder) {
+                if let Some(p) = placed.get_mut(i as usize) {
+                    *p = true;
+                }
+                last = Some(rule);
+            }
+            if let Some(rule) = last {
+                rules.push((hash, rule));
+            }
+        }
+        drop(keyed);
+        self.domains.merge(&rules);
+        placed
+    }
+
+    /// Makes room for `additional` more domain rules (a large batch of new names).
+    pub fn reserve(&mut self, additional: usize) {
+        self.domains.reserve(additional);
     }
 
     /// Removes a domain's rule (not another name's with the same key).
@@ -403,6 +475,55 @@ mod tests {
         assert_eq!(m.domain_count(), 1);
         m.remove(&a);
         assert!(m.upsert(&b, 1.0, 1.0));
+    }
+
+    /// Placing a batch at once says and leaves what upserting its names one after the other
+    /// does: the second name of a key refused (the first in the batch or a listed one holds
+    /// it), a name given twice keeps its last weights.
+    #[test]
+    fn a_batch_placed_at_once_is_its_upserts_in_order() {
+        let h = hasher();
+        let (a, b) = crate::domain_hash::colliding_pair(&h, "test").unwrap();
+        let mut names: Vec<(String, f64, f64)> = (0..3_000)
+            .map(|i| (format!("casino{i}.example"), 1.0, f64::from(i % 3) / 2.0))
+            .collect();
+        names.insert(10, (a.clone(), 1.0, 1.0));
+        names.insert(20, (b.clone(), 1.0, 1.0));
+        names.insert(30, (a.clone(), 0.75, 0.0));
+        names.push(("casino5.example".into(), 0.25, 0.25));
+        for listed in [None, Some(&b)] {
+            let fresh = || {
+                let mut m =
+                    Matcher::new(std::iter::empty(), &[], Lookalikes::new([""; 0]), h.clone());
+                if let Some(n) = listed {
+                    assert!(m.upsert(n, 1.0, 1.0));
+                }
+                m
+            };
+            let (mut one_by_one, mut at_once) = (fresh(), fresh());
+            let expected: Vec<bool> = names
+                .iter()
+                .map(|(n, x, s)| one_by_one.upsert(n, *x, *s))
+                .collect();
+            let placed = at_once.upsert_many(names.iter().map(|(n, x, s)| (n.as_str(), *x, *s)));
+            assert_eq!(placed, expected);
+            let refused = if listed.is_some() { 2 } else { 1 };
+            assert_eq!(
+                placed.iter().filter(|p| !**p).count(),
+                refused,
+                "{listed:?}"
+            );
+            assert_eq!(at_once.domain_count(), one_by_one.domain_count());
+            for (n, _, _) in &names {
+                assert_eq!(at_once.check(n, 0.5), one_by_one.check(n, 0.5), "{n}");
+                let sub = format!("www.{n}");
+                assert_eq!(
+                    at_once.check(&sub, 0.5),
+                    one_by_one.check(&sub, 0.5),
+                    "{sub}"
+                );
+            }
+        }
     }
 
     fn pattern(p: &str, kind: PatternType, weight: f64) -> Pattern {

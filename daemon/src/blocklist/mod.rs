@@ -5,6 +5,7 @@
 
 pub mod actions;
 pub mod api;
+pub mod batch;
 pub mod import;
 pub mod lookalike;
 pub mod matcher;
@@ -32,6 +33,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 use self::{
+    batch::Batch,
     lookalike::Lookalikes,
     matcher::{Matcher, Verdict, to_weight},
     model::{Entry, Pattern, PatternType},
@@ -92,42 +94,67 @@ struct State {
 }
 
 impl State {
-    fn listed(&mut self, e: &Entry) -> Listed {
-        let reason = match self.reason_index.get(e.reason.as_str()) {
-            Some(i) => *i,
-            None => {
-                let r: Arc<str> = Arc::from(e.reason.as_str());
-                let i = self.reasons.len() as u32;
-                self.reasons.push(Arc::clone(&r));
-                self.reason_index.insert(r, i);
-                i
-            }
-        };
-        let (exact, sub) = e.weights();
-        Listed {
-            added_at: e.added_at,
-            reason,
-            exact: to_weight(exact),
-            sub: to_weight(sub),
+    /// The list's index of `reason`, added when new.
+    fn reason_index(&mut self, reason: &Arc<str>) -> u32 {
+        if let Some(&i) = self.reason_index.get(reason) {
+            return i;
         }
+        let i = self.reasons.len() as u32;
+        self.reasons.push(Arc::clone(reason));
+        self.reason_index.insert(Arc::clone(reason), i);
+        i
     }
 
-    /// Adds or updates entries in the table and in `matcher`. `apply` refuses a new name
-    /// whose key another holds before it gets here; at load (a stored list under a new seed)
-    /// such a name stays listed but unmatched, with a warning.
-    fn insert(&mut self, entries: &[Entry], matcher: &mut Matcher) {
-        let rows: Vec<(&str, Listed)> = entries
+    /// Adds or updates a batch's entries in the table and in `matcher` (a name `place_new`
+    /// gave its rule already is not hashed again). `apply` refuses a new name whose key another
+    /// holds before it gets here; at load (a stored list under a new seed) such a name stays
+    /// listed but unmatched, with a warning.
+    fn insert(&mut self, batch: &Batch, matcher: &mut Matcher) {
+        // The batch's few reasons as the list's indices, each looked up once, when an entry
+        // first has it.
+        let mut reasons: Vec<Option<u32>> = vec![None; batch.reasons().len()];
+        let rows: Vec<(&str, Listed)> = batch
             .iter()
-            .map(|e| (e.domain.as_str(), self.listed(e)))
+            .map(|e| {
+                let (exact, sub) = e.weights();
+                let local = e.reason_id();
+                let reason = match reasons.get(local).copied().flatten() {
+                    Some(i) => i,
+                    None => {
+                        let i = batch
+                            .reasons()
+                            .get(local)
+                            .map_or(0, |r| self.reason_index(r));
+                        if let Some(slot) = reasons.get_mut(local) {
+                            *slot = Some(i);
+                        }
+                        i
+                    }
+                };
+                let listed = Listed {
+                    added_at: e.added_at(),
+                    reason,
+                    exact: to_weight(exact),
+                    sub: to_weight(sub),
+                };
+                (e.domain(), listed)
+            })
             .collect();
-        for (domain, listed) in &rows {
-            let (exact, sub) = listed.weights();
-            if !matcher.upsert(domain, exact, sub) {
-                warn!(
-                    %domain,
-                    "listed domain shares its key with another under this installation's domain hash; not matched"
-                );
-            }
+        let unplaced = || batch.iter().filter(|e| !e.placed());
+        // A large batch (the load at start, an import of listed names) at once, a small one
+        // name by name: the same outcome.
+        let matched: Vec<bool> = if batch.len() >= LARGE_BATCH {
+            matcher.upsert_many(unplaced().map(|e| (e.domain(), e.weights().0, e.weights().1)))
+        } else {
+            unplaced()
+                .map(|e| matcher.upsert(e.domain(), e.weights().0, e.weights().1))
+                .collect()
+        };
+        for (e, _) in unplaced().zip(matched).filter(|(_, matched)| !matched) {
+            warn!(
+                domain = %e.domain(),
+                "listed domain shares its key with another under this installation's domain hash; not matched"
+            );
         }
         self.entries.upsert(rows);
     }
@@ -764,12 +791,26 @@ impl Blocklist {
         self.apply(entries, Vec::new())
     }
 
+    /// [`Blocklist::upsert`] of a compact batch (an import's).
+    pub fn upsert_batch(&self, entries: Batch) -> Result<Applied, BlocklistError> {
+        self.apply_batch(entries, Vec::new())
+    }
+
     /// Adds or replaces `upserts` and removes `removals` (listed ones) in one version. A new
     /// name whose key another name holds (listed, earlier in the batch, or in the kernel set)
     /// is left out and returned in `refused`.
     pub fn apply(
         &self,
-        mut upserts: Vec<Entry>,
+        upserts: Vec<Entry>,
+        removals: Vec<String>,
+    ) -> Result<Applied, BlocklistError> {
+        self.apply_batch(upserts.into_iter().collect(), removals)
+    }
+
+    /// [`Blocklist::apply`] of a compact batch.
+    pub fn apply_batch(
+        &self,
+        mut upserts: Batch,
         removals: Vec<String>,
     ) -> Result<Applied, BlocklistError> {
         let mut state = self.write();
@@ -797,19 +838,12 @@ impl Blocklist {
         // In domain order from here: the store's index and the table's merge take the names
         // in sequence (the sort is stable: the last of a name's duplicates still wins).
         if upserts.len() >= LARGE_BATCH {
-            upserts.sort_by(|a, b| a.domain.cmp(&b.domain));
+            upserts.sort_by_domain();
         }
-        let changes: Vec<Change<'_>> = upserts
-            .iter()
-            .map(Change::Upsert)
-            .chain(removals.iter().map(|d| Change::Remove(d)))
-            .collect();
-        if let Err(e) = self.store.commit(version, &changes) {
-            drop(changes);
+        if let Err(e) = self.store.commit_batch(version, &upserts, &removals) {
             self.unplace(&state, &upserts);
             return Err(e);
         }
-        drop(changes);
         {
             let mut matcher = self.engine_mut();
             state.insert(&upserts, &mut matcher);
@@ -822,12 +856,14 @@ impl Blocklist {
         drop(state);
         let large = upserts.len() + removals.len() > LARGE_BATCH;
         if self.datapath.is_some() {
-            let rules: Vec<(String, bool)> =
-                upserts.iter().filter_map(|e| self.kernel_rule(e)).collect();
+            let rules: Vec<(String, bool)> = upserts
+                .iter()
+                .filter_map(|e| self.kernel_rule(e.domain(), e.weights()))
+                .collect();
             let gone: Vec<String> = upserts
                 .iter()
-                .filter(|e| self.kernel_rule(e).is_none())
-                .map(|e| e.domain.clone())
+                .filter(|e| self.kernel_rule(e.domain(), e.weights()).is_none())
+                .map(|e| e.domain().to_string())
                 .chain(removals.iter().cloned())
                 .collect();
             self.sync_kernel(&rules, &gone);
@@ -850,37 +886,43 @@ impl Blocklist {
     /// check, so a million-name import needs no second table), or, for an entry that would be
     /// a kernel rule, an operator's kernel rule. Returns those clashes. If the commit then
     /// fails, `unplace` takes the new names out again.
-    fn place_new(&self, state: &State, upserts: &mut Vec<Entry>) -> Vec<KeyClash> {
-        let listed = {
-            let names: Vec<&str> = upserts.iter().map(|e| e.domain.as_str()).collect();
+    fn place_new(&self, state: &State, upserts: &mut Batch) -> Vec<KeyClash> {
+        // Into an empty list every name is new (the first import): nothing to look up.
+        let listed = if state.entries.is_empty() {
+            vec![false; upserts.len()]
+        } else {
+            let names: Vec<&str> = upserts.iter().map(|e| e.domain()).collect();
             state.entries.contains_many(&names)
         };
-        let mut listed = listed.into_iter();
         let mut matcher = self.engine_mut();
         let hasher = Arc::clone(matcher.hasher());
         let mut refused = Vec::new();
-        upserts.retain(|e| {
-            // `retain` visits the entries in order, once each.
-            if listed.next().unwrap_or(false) {
-                return true;
-            }
-            if matcher.clashes(&e.domain) {
-                refused.push(KeyClash {
-                    name: e.domain.clone(),
-                    other: String::new(),
-                });
-                return false;
-            }
-            let (exact, sub) = e.weights();
-            if self.kernel_flags(exact, sub).is_some()
-                && let Some(dp) = &self.datapath
-                && let Ok(Some(clash)) = dp.domains.clash(&e.domain)
-            {
-                refused.push(clash);
-                return false;
-            }
-            matcher.upsert(&e.domain, exact, sub)
-        });
+        // A large batch with no kernel set to ask: the new names placed at once, with the same
+        // outcome per name as one after the other.
+        if self.datapath.is_none() && upserts.len() >= LARGE_BATCH {
+            let new = upserts
+                .iter()
+                .zip(&listed)
+                .filter(|(_, listed)| !**listed)
+                .map(|(e, _)| (e.domain(), e.weights().0, e.weights().1));
+            let mut placed_new = matcher.upsert_many(new).into_iter();
+            let mut listed = listed.into_iter();
+            upserts.retain(|domain, _, placed| {
+                if listed.next().unwrap_or(false) {
+                    return true;
+                }
+                *placed = placed_new.next().unwrap_or(false);
+                if !*placed {
+                    refused.push(KeyClash {
+                        name: domain.to_string(),
+                        other: String::new(),
+                    });
+                }
+                *placed
+            });
+        } else {
+            self.place_one_by_one(&mut matcher, upserts, listed, &mut refused);
+        }
         drop(matcher);
         // Name the other (a rare path: a scan of the list).
         for clash in refused.iter_mut().filter(|c| c.other.is_empty()) {
@@ -889,19 +931,56 @@ impl Blocklist {
                 .entries
                 .iter()
                 .map(|(d, _)| d)
-                .chain(upserts.iter().map(|e| e.domain.as_str()))
+                .chain(upserts.iter().map(|e| e.domain()))
                 .find(|d| *d != clash.name && hasher.hash(d) == hash)
                 .map_or_else(|| "a listed domain".to_string(), str::to_string);
         }
         refused
     }
 
+    /// [`Blocklist::place_new`] name after name: each new name checked against the matcher and,
+    /// when it would be a kernel rule, the kernel set, then placed.
+    fn place_one_by_one(
+        &self,
+        matcher: &mut Matcher,
+        upserts: &mut Batch,
+        listed: Vec<bool>,
+        refused: &mut Vec<KeyClash>,
+    ) {
+        matcher.reserve(listed.iter().filter(|l| !**l).count());
+        let mut listed = listed.into_iter();
+        upserts.retain(|domain, (exact, sub), placed| {
+            // `retain` visits the entries in order, once each.
+            if listed.next().unwrap_or(false) {
+                return true;
+            }
+            // The name's key and tag, computed once for the check and the insert.
+            let key = matcher.key(domain);
+            if matcher.clashes_key(key) {
+                refused.push(KeyClash {
+                    name: domain.to_string(),
+                    other: String::new(),
+                });
+                return false;
+            }
+            if self.kernel_flags(exact, sub).is_some()
+                && let Some(dp) = &self.datapath
+                && let Ok(Some(clash)) = dp.domains.clash(domain)
+            {
+                refused.push(clash);
+                return false;
+            }
+            *placed = matcher.upsert_key(key, exact, sub);
+            *placed
+        });
+    }
+
     /// Takes the names `place_new` put in the matcher out again (the commit failed).
-    fn unplace(&self, state: &State, upserts: &[Entry]) {
+    fn unplace(&self, state: &State, upserts: &Batch) {
         let mut matcher = self.engine_mut();
-        for e in upserts {
-            if !state.entries.contains(&e.domain) {
-                matcher.remove(&e.domain);
+        for e in upserts.iter() {
+            if !state.entries.contains(e.domain()) {
+                matcher.remove(e.domain());
             }
         }
     }
@@ -979,10 +1058,9 @@ impl Blocklist {
     }
 
     /// The kernel's rule for an entry: exact/subdomain rules at or above the threshold.
-    fn kernel_rule(&self, e: &Entry) -> Option<(String, bool)> {
-        let (exact, sub) = e.weights();
+    fn kernel_rule(&self, domain: &str, (exact, sub): (f64, f64)) -> Option<(String, bool)> {
         self.kernel_flags(exact, sub)
-            .map(|subdomains| (e.domain.clone(), subdomains))
+            .map(|subdomains| (domain.to_string(), subdomains))
     }
 
     fn kernel_flags(&self, exact: f64, sub: f64) -> Option<bool> {
@@ -1108,6 +1186,52 @@ impl Blocklist {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// The compact batch of an import lists, stores and sums exactly what the same list's
+    /// `Entry`s do (the checksum from the entries themselves), before and after a restart.
+    #[test]
+    fn an_import_batch_lists_what_its_entries_list() {
+        // Past LARGE_BATCH (sorted, merged), with names twice and lines that do not parse.
+        let text: String = (0..LARGE_BATCH + 2_000)
+            .map(|i| i % LARGE_BATCH)
+            .map(|i| format!("Casino{i}.bet{}.example\n", i % 7))
+            .chain(["not a name\n".to_string(), "co.uk\n".to_string()])
+            .collect();
+        let now = 1_700_000_000;
+        let parsed = import::parse(&text, import::Format::Plain, "imported", now);
+        assert_eq!(parsed.skipped.len(), 2);
+        let mut expected = std::collections::BTreeMap::new();
+        for e in &parsed.entries {
+            expected.insert(e.domain.clone(), e.clone());
+        }
+        let expected: Vec<Entry> = expected.into_values().collect();
+        let sum = list_checksum(expected.iter().cloned(), &[]);
+
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let by_entries = Blocklist::open(dirs[0].path(), 0.5, &[], None).unwrap();
+        by_entries.upsert(parsed.entries).unwrap();
+        let by_batch = Blocklist::open(dirs[1].path(), 0.5, &[], None).unwrap();
+        let batch = import::parse_batch(&text, import::Format::Plain, "imported", now);
+        assert_eq!(batch.entries.len(), LARGE_BATCH + 2_000);
+        let applied = by_batch.upsert_batch(batch.entries).unwrap();
+        assert!(applied.refused.is_empty());
+        assert_eq!(by_batch.entries(), expected);
+        assert_eq!(by_batch.checksum(), sum);
+        assert_eq!(by_entries.checksum(), sum);
+        assert!(by_batch.is_blocked("www.casino7.bet0.example"));
+        let version = by_batch.version();
+        drop(by_batch);
+        let reopened = Blocklist::open(dirs[1].path(), 0.5, &[], None).unwrap();
+        assert_eq!(reopened.version(), version);
+        assert_eq!(reopened.checksum(), sum);
+        assert_eq!(reopened.entries(), expected);
+        assert!(reopened.is_blocked("casino9999.bet3.example"));
+        // The same list again: every name listed, nothing new.
+        let again = import::parse_batch(&text, import::Format::Plain, "imported", now);
+        reopened.upsert_batch(again.entries).unwrap();
+        assert_eq!(reopened.checksum(), sum);
+        assert_eq!(reopened.len(), LARGE_BATCH);
+    }
 
     #[test]
     fn added_at_stored_in_milliseconds_is_set_to_seconds_in_a_new_version() {

@@ -105,6 +105,54 @@ impl<V: Copy + Default> RuleTable<V> {
         }
     }
 
+    /// Makes room for `additional` more keys at once (a large batch), so that inserting them
+    /// does not grow the table step by step.
+    pub fn reserve(&mut self, additional: usize) {
+        let len = self.len + additional;
+        if len as f64 > self.homes as f64 * MAX_LOAD {
+            self.rebuild(len);
+        }
+    }
+
+    /// Inserts or replaces `items` (keys ascending, each once) in one pass over the table, into
+    /// a new array sized for them: a large batch of keys costs a sort and a pass, not an insert
+    /// each at a random place.
+    pub fn merge(&mut self, mut items: &[(u64, V)]) {
+        if let Some((&(0, v), rest)) = items.split_first() {
+            self.zero = Some(v);
+            items = rest;
+        }
+        if items.is_empty() {
+            return;
+        }
+        let old = std::mem::take(&mut self.slots);
+        self.homes = (((self.len + items.len()) as f64 / TARGET_LOAD).ceil() as usize).max(16);
+        let mut slots = Vec::with_capacity(self.homes + SPILL);
+        let mut old = old.into_iter().filter(|s| s.0 != 0).peekable();
+        let mut new = items.iter().copied().peekable();
+        self.len = 0;
+        loop {
+            let next = match (old.peek(), new.peek()) {
+                (Some(&(a, _)), Some(&(b, _))) if a < b => old.next(),
+                (Some(&(a, _)), Some(&(b, _))) if a == b => {
+                    old.next();
+                    new.next()
+                }
+                (_, Some(_)) => new.next(),
+                (Some(_), None) => old.next(),
+                (None, None) => None,
+            };
+            let Some((k, v)) = next else { break };
+            let at = self.home(k).max(slots.len());
+            slots.resize(at, (0, V::default()));
+            slots.push((k, v));
+            self.len += 1;
+        }
+        let end = slots.len().max(self.homes) + SPILL;
+        slots.resize(end, (0, V::default()));
+        self.slots = slots;
+    }
+
     /// Removes `key`; its value.
     pub fn remove(&mut self, key: u64) -> Option<V> {
         if key == 0 {
@@ -201,6 +249,46 @@ mod tests {
             table.bytes(),
             table.len()
         );
+    }
+
+    /// A merge leaves what inserting the same keys one by one does.
+    #[test]
+    fn a_merge_is_the_inserts_in_one_pass() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut by_insert: RuleTable<u32> = RuleTable::default();
+        let mut by_merge: RuleTable<u32> = RuleTable::default();
+        for round in 0..4u32 {
+            // Some keys already there (replaced), key 0, and both ends of the key space.
+            let mut items: Vec<(u64, u32)> = (0..5_000u32)
+                .map(|i| match i % 50 {
+                    0 => (0, round),
+                    1 => (u64::MAX - u64::from(i % 7), round),
+                    _ => (next() % 400_000 * 46_116_860_184_273, round * 10_000 + i),
+                })
+                .collect();
+            items.sort_by_key(|&(k, _)| k);
+            items.dedup_by_key(|&mut (k, _)| k);
+            for &(k, v) in &items {
+                by_insert.insert(k, v);
+            }
+            by_merge.merge(&items);
+            assert_eq!(by_merge.len(), by_insert.len());
+            assert!(by_merge.iter().eq(by_insert.iter()));
+            for &(k, v) in &items {
+                assert_eq!(by_merge.get(k), Some(&v));
+            }
+            // It stays a table an insert and a removal work on.
+            by_merge.insert(12_345, 1);
+            by_insert.insert(12_345, 1);
+            assert_eq!(by_merge.remove(items[3].0), by_insert.remove(items[3].0));
+        }
+        assert!(by_merge.iter().eq(by_insert.iter()));
     }
 
     #[test]

@@ -7,12 +7,13 @@
 //! never hold a line break (they are normalised hostnames); pattern changes, which no delta
 //! reads, are journalled as `pattern:<text>` lines.
 
-use std::{collections::HashSet, path::Path, sync::Mutex};
+use std::{collections::HashSet, fmt::Write as _, path::Path, sync::Mutex};
 
 use rusqlite::{Connection, params};
 
 use super::{
     BlocklistError,
+    batch::{Batch, BatchEntry, Patterns},
     model::{Entry, Pattern, PatternType},
 };
 use crate::error::Error;
@@ -37,7 +38,8 @@ pub struct BlocklistStore {
 }
 
 pub struct Loaded {
-    pub entries: Vec<Entry>,
+    /// In the table's order.
+    pub entries: Batch,
     pub patterns: Vec<Pattern>,
     pub version: u64,
 }
@@ -70,27 +72,23 @@ impl BlocklistStore {
         let mut stmt = conn
             .prepare("SELECT domain, patterns, added_at, reason FROM entries")
             .map_err(BlocklistError::Store)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, String>(3)?,
-                ))
-            })
-            .map_err(BlocklistError::Store)?;
-        let mut entries = Vec::new();
-        for row in rows {
-            let (domain, patterns, added_at, reason) = row.map_err(BlocklistError::Store)?;
-            let patterns = read_patterns_column(&domain, &patterns)?;
-            entries.push(Entry {
-                domain,
-                patterns,
-                added_at: added_at as u64,
-                reason,
-            });
+        let mut rows = stmt.query([]).map_err(BlocklistError::Store)?;
+        // Read in place into the compact batch: no `Entry`, no pattern strings per row.
+        let mut entries = Batch::default();
+        while let Some(r) = rows.next().map_err(BlocklistError::Store)? {
+            let (domain, column, reason) = (text(r, 0)?, text(r, 1)?, text(r, 3)?);
+            let added_at: i64 = r.get(2).map_err(BlocklistError::Store)?;
+            let stamp = entries.stamp(added_at as u64, reason);
+            match read_weights(domain, column)? {
+                Some((exact, sub)) => entries.push_weights(domain, exact, sub, stamp),
+                None => entries.push_patterns(
+                    domain,
+                    serde_json::from_str(column).map_err(BlocklistError::StoreJson)?,
+                    stamp,
+                ),
+            }
         }
+        drop(rows);
         let mut stmt = conn
             .prepare("SELECT pattern, kind, weight FROM patterns ORDER BY kind, pattern")
             .map_err(BlocklistError::Store)?;
@@ -168,13 +166,36 @@ impl BlocklistStore {
     /// cache for its transaction (SQLite's 2 MiB would spill pages to the WAL before the
     /// commit, some of them more than once), handed back when it is done.
     pub fn commit(&self, version: u64, changes: &[Change<'_>]) -> Result<(), BlocklistError> {
+        self.commit_with(version, &Batch::default(), changes)
+    }
+
+    /// Writes `upserts` (in their order) and removes `removals`, as version `version`,
+    /// atomically: what [`BlocklistStore::commit`] of their changes in that order writes, the
+    /// same rows and journal rows, without an `Entry` per name.
+    pub fn commit_batch(
+        &self,
+        version: u64,
+        upserts: &Batch,
+        removals: &[String],
+    ) -> Result<(), BlocklistError> {
+        let removals: Vec<Change<'_>> = removals.iter().map(|d| Change::Remove(d)).collect();
+        self.commit_with(version, upserts, &removals)
+    }
+
+    /// `upserts`, then `changes`.
+    fn commit_with(
+        &self,
+        version: u64,
+        upserts: &Batch,
+        changes: &[Change<'_>],
+    ) -> Result<(), BlocklistError> {
         let mut conn = self.conn()?;
-        let large = changes.len() >= LARGE_COMMIT;
+        let large = upserts.len() + changes.len() >= LARGE_COMMIT;
         if large {
             conn.pragma_update(None, "cache_size", LARGE_COMMIT_CACHE_KIB)
                 .map_err(BlocklistError::Store)?;
         }
-        let committed = Self::commit_on(&mut conn, version, changes);
+        let committed = Self::commit_on(&mut conn, version, upserts, changes);
         if large {
             // The default again, and the pages back to the allocator.
             let reset = conn
@@ -190,6 +211,7 @@ impl BlocklistStore {
     fn commit_on(
         conn: &mut Connection,
         version: u64,
+        upserts: &Batch,
         changes: &[Change<'_>],
     ) -> Result<(), BlocklistError> {
         let tx = conn.transaction().map_err(BlocklistError::Store)?;
@@ -201,19 +223,49 @@ impl BlocklistStore {
                 )
                 .map_err(BlocklistError::Store)?,
             );
-            let mut upsert = tx
-                .prepare_cached(
-                    "INSERT INTO entries (domain, patterns, added_at, reason) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(domain) DO UPDATE SET patterns = excluded.patterns, added_at = excluded.added_at, reason = excluded.reason",
-                )
+            let mut one = tx
+                .prepare_cached(&upsert_sql(1))
                 .map_err(BlocklistError::Store)?;
+            let mut columns = Columns::default();
+            // Full runs of rows go in one statement each: SQLite's cost per statement run (its
+            // cursors, its reset) is then paid once per run, not once per row.
+            let mut many = None;
+            let mut run = Vec::with_capacity(ROWS_PER_INSERT);
+            let mut entries = upserts.iter();
+            loop {
+                run.clear();
+                run.extend(entries.by_ref().take(ROWS_PER_INSERT));
+                if run.is_empty() {
+                    break;
+                }
+                if run.len() == ROWS_PER_INSERT {
+                    let stmt = match &mut many {
+                        Some(stmt) => stmt,
+                        None => many.insert(
+                            tx.prepare_cached(&upsert_sql(ROWS_PER_INSERT))
+                                .map_err(BlocklistError::Store)?,
+                        ),
+                    };
+                    for (i, e) in run.iter().enumerate() {
+                        columns.bind(stmt, 4 * i, e)?;
+                    }
+                    stmt.raw_execute().map_err(BlocklistError::Store)?;
+                } else {
+                    for e in &run {
+                        columns.bind(&mut one, 0, e)?;
+                        one.raw_execute().map_err(BlocklistError::Store)?;
+                    }
+                }
+                for e in &run {
+                    journal.push(Op::Upsert, e.domain())?;
+                }
+            }
             for change in changes {
                 match change {
                     Change::Upsert(e) => {
                         let patterns = patterns_column(e)?;
-                        upsert
-                            .execute(params![e.domain, patterns, e.added_at as i64, e.reason])
-                            .map_err(BlocklistError::Store)?;
+                        bind_row(&mut one, 0, (&e.domain, &patterns, e.added_at, &e.reason))?;
+                        one.raw_execute().map_err(BlocklistError::Store)?;
                         journal.push(Op::Upsert, &e.domain)?;
                     }
                     Change::Remove(d) => {
@@ -252,6 +304,92 @@ impl BlocklistStore {
     }
 }
 
+/// A text column of a row, borrowed.
+fn text<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> Result<&'r str, BlocklistError> {
+    r.get_ref(i)
+        .and_then(|v| v.as_str().map_err(Into::into))
+        .map_err(BlocklistError::Store)
+}
+
+/// Rows a multi-row upsert of the entries table writes at once.
+const ROWS_PER_INSERT: usize = 64;
+
+/// The entries table's upsert of `rows` rows (as any number of single-row ones in order: a name
+/// twice in one statement is inserted, then updated).
+fn upsert_sql(rows: usize) -> String {
+    let values = vec!["(?, ?, ?, ?)"; rows].join(", ");
+    format!(
+        "INSERT INTO entries (domain, patterns, added_at, reason) VALUES {values}
+         ON CONFLICT(domain) DO UPDATE SET patterns = excluded.patterns, added_at = excluded.added_at, reason = excluded.reason"
+    )
+}
+
+/// The short form of the `patterns` column last written: an import's entries all have the same
+/// (`w:1,1`), formatted once.
+#[derive(Default)]
+struct Columns {
+    /// The weights' bits `column` was written for.
+    weights: Option<(u64, Option<u64>)>,
+    column: String,
+}
+
+impl Columns {
+    /// Binds an entry of a batch to the four parameters after `offset` of `stmt`.
+    fn bind(
+        &mut self,
+        stmt: &mut rusqlite::Statement<'_>,
+        offset: usize,
+        e: &BatchEntry<'_>,
+    ) -> Result<(), BlocklistError> {
+        match e.patterns() {
+            Patterns::Weights(exact, sub) => {
+                let bits = (exact.to_bits(), sub.map(f64::to_bits));
+                if self.weights != Some(bits) {
+                    self.column.clear();
+                    weights_column(&mut self.column, exact, sub);
+                    self.weights = Some(bits);
+                }
+                bind_row(
+                    stmt,
+                    offset,
+                    (e.domain(), &self.column, e.added_at(), e.reason()),
+                )
+            }
+            Patterns::Other(p) => {
+                let column = serde_json::to_string(p).map_err(BlocklistError::StoreJson)?;
+                bind_row(
+                    stmt,
+                    offset,
+                    (e.domain(), &column, e.added_at(), e.reason()),
+                )
+            }
+        }
+    }
+}
+
+/// Binds `(domain, patterns column, added_at, reason)` to the four parameters after
+/// `offset` (SQLite copies the text).
+fn bind_row(
+    stmt: &mut rusqlite::Statement<'_>,
+    offset: usize,
+    (domain, column, added_at, reason): (&str, &str, u64, &str),
+) -> Result<(), BlocklistError> {
+    stmt.raw_bind_parameter(offset + 1, domain)
+        .and_then(|()| stmt.raw_bind_parameter(offset + 2, column))
+        .and_then(|()| stmt.raw_bind_parameter(offset + 3, added_at as i64))
+        .and_then(|()| stmt.raw_bind_parameter(offset + 4, reason))
+        .map_err(BlocklistError::Store)
+}
+
+/// Writes the short form of the `patterns` column: `w:<exact>` or `w:<exact>,<subdomain>`.
+fn weights_column(out: &mut String, exact: f64, sub: Option<f64>) {
+    // Writing to a String cannot fail.
+    let _ = write!(out, "{WEIGHTS_PREFIX}{exact}");
+    if let Some(sub) = sub {
+        let _ = write!(out, ",{sub}");
+    }
+}
+
 /// Prefix of the short form of the `patterns` column.
 const WEIGHTS_PREFIX: &str = "w:";
 
@@ -264,19 +402,20 @@ fn patterns_column(e: &Entry) -> Result<String, BlocklistError> {
     let subdomain = |p: &Pattern| {
         p.kind == PatternType::Subdomain && p.pattern.strip_prefix("*.") == Some(&e.domain)
     };
+    let mut column = String::new();
     match e.patterns.as_slice() {
-        [x] if exact(x) => Ok(format!("{WEIGHTS_PREFIX}{}", x.weight)),
-        [x, s] if exact(x) && subdomain(s) => {
-            Ok(format!("{WEIGHTS_PREFIX}{},{}", x.weight, s.weight))
-        }
-        _ => serde_json::to_string(&e.patterns).map_err(BlocklistError::StoreJson),
+        [x] if exact(x) => weights_column(&mut column, x.weight, None),
+        [x, s] if exact(x) && subdomain(s) => weights_column(&mut column, x.weight, Some(s.weight)),
+        _ => return serde_json::to_string(&e.patterns).map_err(BlocklistError::StoreJson),
     }
+    Ok(column)
 }
 
-/// The patterns an entry's `patterns` column stands for (either form of [`patterns_column`]).
-fn read_patterns_column(domain: &str, column: &str) -> Result<Vec<Pattern>, BlocklistError> {
+/// The weights of a `patterns` column of the short form (exact, and the subdomain one when
+/// there is one); `None` when it is JSON.
+fn read_weights(domain: &str, column: &str) -> Result<Option<(f64, Option<f64>)>, BlocklistError> {
     let Some(weights) = column.strip_prefix(WEIGHTS_PREFIX) else {
-        return serde_json::from_str(column).map_err(BlocklistError::StoreJson);
+        return Ok(None);
     };
     let weight = |w: &str| {
         w.parse::<f64>().map_err(|_| {
@@ -285,9 +424,17 @@ fn read_patterns_column(domain: &str, column: &str) -> Result<Vec<Pattern>, Bloc
             ))
         })
     };
-    let (exact, subdomain) = match weights.split_once(',') {
+    Ok(Some(match weights.split_once(',') {
         Some((x, s)) => (weight(x)?, Some(weight(s)?)),
         None => (weight(weights)?, None),
+    }))
+}
+
+/// The patterns an entry's `patterns` column stands for (either form of [`patterns_column`]).
+#[cfg(test)]
+fn read_patterns_column(domain: &str, column: &str) -> Result<Vec<Pattern>, BlocklistError> {
+    let Some((exact, subdomain)) = read_weights(domain, column)? else {
+        return serde_json::from_str(column).map_err(BlocklistError::StoreJson);
     };
     let mut patterns = vec![Pattern {
         pattern: domain.to_string(),
@@ -540,5 +687,101 @@ mod tests {
         let bad = read_patterns_column("casino.example", "w:heavy").unwrap_err();
         assert!(bad.is_corrupt_store(), "{bad}");
         assert!(bad.to_string().contains("casino.example"), "{bad}");
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Every row of the store's tables, in the order written.
+    fn dump(store: &BlocklistStore) -> Vec<String> {
+        let conn = store.conn().unwrap();
+        let mut out = Vec::new();
+        for sql in [
+            "SELECT rowid, domain, patterns, added_at, reason FROM entries ORDER BY rowid",
+            "SELECT rowid, version, op, names FROM journal_batch ORDER BY rowid",
+            "SELECT key, value FROM meta ORDER BY key",
+        ] {
+            let mut stmt = conn.prepare(sql).unwrap();
+            let n = stmt.column_count();
+            let rows = stmt
+                .query_map([], |r| {
+                    (0..n)
+                        .map(|i| {
+                            r.get::<_, rusqlite::types::Value>(i)
+                                .map(|v| format!("{v:?}"))
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .unwrap();
+            for row in rows {
+                out.push(row.unwrap().join("|"));
+            }
+        }
+        out
+    }
+
+    /// Entries of every shape, with names twice (inside one multi-row run and across runs),
+    /// several reasons and times, more than three runs of rows and a tail.
+    fn entries(salt: usize) -> Vec<Entry> {
+        (0..3 * ROWS_PER_INSERT + 11)
+            .map(|i| {
+                let name = format!("casino{}.example", (i * 7 + salt) % 150);
+                let mut e = Entry::new(&name, i % 3 != 0, [1.0, 0.75, 0.5][i % 3], "", 0);
+                e.reason = format!("reason {}", i % 4);
+                e.added_at = 1_700_000_000 + (i % 5) as u64;
+                if i % 17 == 0 {
+                    e.patterns[0].weight = 0.25;
+                    e.patterns.push(Pattern {
+                        pattern: "casino".into(),
+                        kind: PatternType::Contains,
+                        weight: 0.3,
+                    });
+                }
+                if i % 23 == 0 {
+                    e.patterns.remove(0);
+                }
+                e
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_writes_the_rows_and_journal_its_entries_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let by_entry = BlocklistStore::open(&dir.path().join("a.db")).unwrap();
+        let by_batch = BlocklistStore::open(&dir.path().join("b.db")).unwrap();
+        let mut expected = std::collections::BTreeMap::new();
+        for (version, salt) in [(10, 0), (11, 5)] {
+            let entries = entries(salt);
+            let removals: Vec<String> = (0..20).map(|i| format!("casino{i}.example")).collect();
+            for e in &entries {
+                expected.insert(e.domain.clone(), e.clone());
+            }
+            for d in &removals {
+                expected.remove(d);
+            }
+            let changes: Vec<Change<'_>> = entries
+                .iter()
+                .map(Change::Upsert)
+                .chain(removals.iter().map(|d| Change::Remove(d)))
+                .collect();
+            by_entry.commit(version, &changes).unwrap();
+            let batch: Batch = entries.iter().cloned().collect();
+            by_batch.commit_batch(version, &batch, &removals).unwrap();
+        }
+        let (a, b) = (dump(&by_entry), dump(&by_batch));
+        assert!(a.len() > 100, "{}", a.len());
+        assert_eq!(a, b);
+        assert!(a.iter().any(|r| r.contains("w:0.75,0.75")), "{a:?}");
+        assert!(a.iter().any(|r| r.contains("contains")), "{a:?}");
+        // Loaded back into a batch: the last of each name's entries, as given.
+        let loaded = by_batch.load().unwrap();
+        let mut back = loaded.entries.entries();
+        back.sort_by(|a, b| a.domain.cmp(&b.domain));
+        assert_eq!(back, expected.into_values().collect::<Vec<_>>());
+        assert_eq!(loaded.version, 11);
     }
 }

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use super::{
     Blocklist, BlocklistError,
+    batch::Batch,
     import::{self, Format},
     model::{Entry, Pattern},
 };
@@ -446,32 +447,34 @@ impl Syncer {
             });
         }
         let why = reason(source);
-        let parsed = import::parse(&text, format, &why, now_secs());
+        let parsed = import::parse_batch(&text, format, &why, now_secs());
+        drop(text);
         if parsed.entries.is_empty() {
             return Err(SyncError::NoUsableEntry {
                 skipped: parsed.skipped.len(),
             });
         }
-        let mut upserts = Vec::new();
+        let mut upserts = Batch::default();
         let mut wanted = BTreeSet::new();
-        for mut e in parsed.entries {
+        for e in parsed.entries.iter() {
             // Operator entries win: a source never takes over a domain listed by hand.
-            if let Some(existing) = list.get(&e.domain)
+            if let Some(existing) = list.get(e.domain())
                 && existing.reason != why
             {
                 continue;
             }
-            if !wanted.insert(e.domain.clone()) {
+            if !wanted.insert(e.domain().to_string()) {
                 continue;
             }
-            e.reason = why.clone();
-            if !owned.contains(&e.domain) {
-                upserts.push(e);
+            if !owned.contains(e.domain()) {
+                // The source's reason, whatever a seed list's entry says.
+                let stamp = upserts.stamp(e.added_at(), &why);
+                upserts.push_from(e, stamp);
             }
         }
         let removals: Vec<String> = owned.difference(&wanted).cloned().collect();
         let (added, removed) = (upserts.len(), removals.len());
-        list.apply(upserts, removals)?;
+        list.apply_batch(upserts, removals)?;
         Ok(Outcome {
             sha256: sha,
             verified_by,
