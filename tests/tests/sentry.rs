@@ -246,10 +246,14 @@ fn sentry_config(redis_url: &str) -> SentryConfig {
 }
 
 async fn sentry_on(redis: &RedisServer) -> Arc<Sentry> {
-    let config = sentry_config(&redis.url());
+    sentry_with(&sentry_config(&redis.url())).await
+}
+
+/// A sentry of `config`, on the Redis `config.redis_url` names.
+async fn sentry_with(config: &SentryConfig) -> Arc<Sentry> {
     let store = Store::Redis(RedisStore::connect(&config.redis_url).unwrap());
     Sentry::with_parts(
-        &config,
+        config,
         store,
         Signer::generate().unwrap(),
         None,
@@ -731,18 +735,8 @@ fn armed_on_redis_the_store_is_asked_only_when_its_answer_decides() {
             },
             ..SentryConfig::default()
         };
-        let connect = || Store::Redis(RedisStore::connect(&config.redis_url).unwrap());
-        let parts = |store| {
-            Sentry::with_parts(
-                &config,
-                store,
-                Signer::generate().unwrap(),
-                None,
-                SourcePrefix::DEFAULT,
-            )
-        };
-        let a = parts(connect()).await.unwrap();
-        let b = parts(connect()).await.unwrap();
+        let a = sentry_with(&config).await;
+        let b = sentry_with(&config).await;
         let client = ip("203.0.113.60");
         let normal =
             |d: &Decision| matches!(d, Decision::Pass(phantom_daemon::sentry::Pass::Normal));
