@@ -209,10 +209,18 @@ fn the_challenge_page_passes_chromium_over_the_sentrys_own_tls() {
             .await
             .unwrap();
         assert_eq!(context, serde_json::json!([true, "object", "https:"]));
-        let record = c
-            .execute("return sessionStorage.getItem('sentry-challenge')", vec![])
-            .await
-            .unwrap();
+        // The page writes its record as it leaves for the site: wait for it, not just once.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let record = loop {
+            let record = c
+                .execute("return sessionStorage.getItem('sentry-challenge')", vec![])
+                .await
+                .unwrap();
+            if record.is_string() || std::time::Instant::now() > deadline {
+                break record;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
         let record: serde_json::Value =
             serde_json::from_str(record.as_str().expect("the page left its record")).unwrap();
         assert_eq!(record["verify"], "webcrypto", "{record}");
