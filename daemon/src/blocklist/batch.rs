@@ -239,16 +239,9 @@ impl Batch {
 
     /// Adds an entry with these patterns (of any shape).
     pub fn push_patterns(&mut self, domain: &str, patterns: Vec<Pattern>, stamp: StampId) {
-        let exact = |p: &Pattern| p.kind == PatternType::Exact && p.pattern == domain;
-        let subdomain = |p: &Pattern| {
-            p.kind == PatternType::Subdomain && p.pattern.strip_prefix("*.") == Some(domain)
-        };
-        match patterns.as_slice() {
-            [x] if exact(x) => self.push_weights(domain, x.weight, None, stamp),
-            [x, s] if exact(x) && subdomain(s) => {
-                self.push_weights(domain, x.weight, Some(s.weight), stamp)
-            }
-            _ => {
+        match usual_weights(domain, &patterns) {
+            Some((exact, sub)) => self.push_weights(domain, exact, sub, stamp),
+            None => {
                 let w = |k| {
                     patterns
                         .iter()
@@ -307,6 +300,20 @@ impl Batch {
     /// The entries as `Entry`s (built; for a few).
     pub fn entries(&self) -> Vec<Entry> {
         self.iter().map(|e| e.entry()).collect()
+    }
+}
+
+/// The weights of patterns of the usual shape (`domain` exact and, when there is one, `*.domain`
+/// as subdomain): the exact one's and the subdomain one's; `None` for any other shape.
+pub fn usual_weights(domain: &str, patterns: &[Pattern]) -> Option<(f64, Option<f64>)> {
+    let exact = |p: &Pattern| p.kind == PatternType::Exact && p.pattern == domain;
+    let subdomain = |p: &Pattern| {
+        p.kind == PatternType::Subdomain && p.pattern.strip_prefix("*.") == Some(domain)
+    };
+    match patterns {
+        [x] if exact(x) => Some((x.weight, None)),
+        [x, s] if exact(x) && subdomain(s) => Some((x.weight, Some(s.weight))),
+        _ => None,
     }
 }
 

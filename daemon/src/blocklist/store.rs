@@ -13,7 +13,7 @@ use rusqlite::{Connection, params};
 
 use super::{
     BlocklistError,
-    batch::{Batch, BatchEntry, Patterns},
+    batch::{self, Batch, BatchEntry, Patterns},
     model::{Entry, Pattern, PatternType},
 };
 use crate::error::Error;
@@ -398,16 +398,11 @@ const WEIGHTS_PREFIX: &str = "w:";
 /// alone, `w:<exact>` or `w:<exact>,<subdomain>`: serialising its patterns as JSON was a
 /// seventh of a million-name import. Any other shape keeps its JSON, which `load` still reads.
 fn patterns_column(e: &Entry) -> Result<String, BlocklistError> {
-    let exact = |p: &Pattern| p.kind == PatternType::Exact && p.pattern == e.domain;
-    let subdomain = |p: &Pattern| {
-        p.kind == PatternType::Subdomain && p.pattern.strip_prefix("*.") == Some(&e.domain)
+    let Some((exact, sub)) = batch::usual_weights(&e.domain, &e.patterns) else {
+        return serde_json::to_string(&e.patterns).map_err(BlocklistError::StoreJson);
     };
     let mut column = String::new();
-    match e.patterns.as_slice() {
-        [x] if exact(x) => weights_column(&mut column, x.weight, None),
-        [x, s] if exact(x) && subdomain(s) => weights_column(&mut column, x.weight, Some(s.weight)),
-        _ => return serde_json::to_string(&e.patterns).map_err(BlocklistError::StoreJson),
-    }
+    weights_column(&mut column, exact, sub);
     Ok(column)
 }
 
