@@ -59,6 +59,12 @@ pub(crate) static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(256, 0);
 const PSEUDO_AT: usize = 320;
 /// Where `launder` parks a value.
 const SEED_AT: usize = 480;
+/// Where `filter` parks the packet's layout across the walks over the name.
+const L3_AT: usize = 400;
+const L4_AT: usize = 408;
+const IPV6_AT: usize = 416;
+/// Where `filter` parks how much of the name was copied.
+const COPIED_AT: usize = 424;
 
 #[repr(C)]
 pub struct Scratch {
@@ -173,10 +179,12 @@ fn load_prefix(
 #[inline(always)]
 fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
     let layout = locate(ctx)?;
-    let policy = POLICY.get(0).copied().unwrap_or_default();
     // SAFETY: the context pointer of a TC program is its __sk_buff.
     let mark = unsafe { (*(ctx.as_ptr() as *const __sk_buff)).mark };
-    if policy.resolver_mark != 0 && mark == policy.resolver_mark {
+    if let Some(policy) = POLICY.get(0)
+        && policy.resolver_mark != 0
+        && mark == policy.resolver_mark
+    {
         return Some(DnsVerdict::OwnResolver);
     }
     let dns = layout.l4 + UDP_HLEN;
@@ -196,14 +204,30 @@ fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
     let Some(copied) = load_prefix(ctx, qname, buf, NAME_AREA) else {
         return Some(DnsVerdict::Unparsable);
     };
+    // The two walks over the name (`normalise_name`, `is_blocked`: 256 steps each) are
+    // verified once for every distinct state that reaches them, and the paths here differ in
+    // what the verifier knows (IPv4 or IPv6, the length copied, each a constant on some
+    // paths): over forty walks of each, 985,000 of the kernel's limit of 1,000,000 verified
+    // instructions and over a second of every start. Parked in the scratch map, which the
+    // verifier does not track, and read back after the walks, they reach them as one state.
+    let copied = launder_at(buf, COPIED_AT, copied as u64) as usize;
+    launder_at(buf, L3_AT, layout.l3 as u64);
+    launder_at(buf, L4_AT, layout.l4 as u64);
+    launder_at(buf, IPV6_AT, layout.ipv6 as u64);
     let Some(name_end) = normalise_name(buf, copied) else {
         return Some(DnsVerdict::Unparsable);
     };
-    // One verifier path from here on, whatever the name's length (see `launder`).
+    // One verifier path from here on, whatever the name's length (see `launder_at`).
     let name_end = launder(buf, name_end as u64) as usize;
     if name_end == 0 || name_end >= NAME_AREA {
         return Some(DnsVerdict::Unparsable);
     }
+    let layout = Layout {
+        l3: unpark(buf, L3_AT) as usize,
+        l4: unpark(buf, L4_AT) as usize,
+        ipv6: unpark(buf, IPV6_AT) != 0,
+    };
+    let dns = layout.l4 + UDP_HLEN;
     // QTYPE and QCLASS must follow the name.
     let dns_len = rewritten_len(name_end);
     if (ctx.len() as usize) < dns + dns_len {
@@ -225,6 +249,13 @@ fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
     if !unsafe { is_blocked(buf, name_end, key, blocks_subdomains, has) } {
         return Some(DnsVerdict::Passed);
     }
+    // The walk counted a copy of the name's length down, and the verifier narrowed the length
+    // with it: each of the walk's 256 exits would verify the rewrite with a length of its own.
+    // Read back as the walk got it (checked above, so the mask changes nothing), it is one.
+    let name_end = unpark(buf, SEED_AT) as usize & (NAME_AREA - 1);
+    let dns_len = rewritten_len(name_end);
+    // Read again rather than kept from the start: kept, it would be part of the walks' state.
+    let policy = POLICY.get(0).copied().unwrap_or_default();
     if policy.exempt_clients != 0 && is_exempt(ctx, &layout) {
         return Some(DnsVerdict::Exempt);
     }
@@ -315,12 +346,27 @@ fn locate(ctx: &TcContext) -> Option<Layout> {
 /// Returns `v` after a round trip through the scratch map, which the verifier does not track.
 #[inline(always)]
 fn launder(buf: &mut [u8; SCRATCH_LEN], v: u64) -> u64 {
-    let slot = buf[SEED_AT..SEED_AT + 8].as_mut_ptr() as *mut u64;
+    launder_at(buf, SEED_AT, v)
+}
+
+/// Writes `v` at `at` in the scratch map and returns it read back: the verifier knows nothing
+/// of the value read, so every path that gets here continues in the same state.
+#[inline(always)]
+fn launder_at(buf: &mut [u8; SCRATCH_LEN], at: usize, v: u64) -> u64 {
+    let slot = buf[at..at + 8].as_mut_ptr() as *mut u64;
     // SAFETY: 8 bytes inside the scratch buffer; unaligned access is done bytewise by LLVM.
     unsafe {
         core::ptr::write_unaligned(slot, v);
-        u64::from_ne_bytes(core::ptr::read_volatile(slot as *const [u8; 8]))
     }
+    unpark(buf, at)
+}
+
+/// The value `launder_at` parked at `at`.
+#[inline(always)]
+fn unpark(buf: &mut [u8; SCRATCH_LEN], at: usize) -> u64 {
+    let slot = buf[at..at + 8].as_ptr() as *const [u8; 8];
+    // SAFETY: 8 bytes inside the scratch buffer.
+    u64::from_ne_bytes(unsafe { core::ptr::read_volatile(slot) })
 }
 
 /// Rewrites the answer in place: NXDOMAIN, no records, trimmed after the question, with

@@ -1,8 +1,12 @@
-//! Restarts the VPN clients do not notice: a stock WireGuard client pinging the server every
+//! Restarts the VPN clients barely notice: a stock WireGuard client pinging the server every
 //! 100 ms through a clean restart (SIGTERM, then start again, as `systemctl restart` does) and
-//! through a `kill -9` and start loses at most 20 replies (2 s). The daemon remembers each
-//! peer's endpoint and starts the handshake itself; without that the client would wait for its
-//! own retry timer (about 14 s).
+//! through a `kill -9` and start is back as soon as the daemon is: it loses the replies of the
+//! daemon's stop and start and no more. The daemon remembers each peer's endpoint and starts
+//! the handshake itself; without that the client would wait for its own retry timer (about
+//! 14 s, over 100 replies lost).
+//!
+//! How fast a start is (most of it the kernel verifying the eBPF programs) is measured by
+//! `phantom-bench restart`, not asserted here: this test checks who starts the handshake.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
 use std::{
@@ -17,21 +21,30 @@ use phantom_tests::{
 
 const VPN_SUBNET: &str = "198.51.100.0/24";
 const VPN_SERVER: &str = "198.51.100.1";
-/// Replies a client may lose across one restart: 2 s of pings every 100 ms.
-const MAX_LOST: u32 = 20;
+/// Replies lost beyond the daemon's own downtime (stop plus start) before the client is back:
+/// the handshake the daemon starts and a ping's round, with room for a loaded machine. A
+/// client left to its own retry timer loses about 100 more.
+const MAX_LOST_AFTER_START: u32 = 20;
+// The window after the start (4 s) must hold more pings than that, or a client left to its
+// own timer would pass.
+const _: () = assert!(MAX_LOST_AFTER_START < 40);
 
-/// `ping -i 0.1` from the client's namespace for `seconds`; returns (sent, received).
+/// Pings (one every 100 ms) that fall into `downtime`.
+fn pings_in(downtime: Duration) -> u32 {
+    u32::try_from(downtime.as_millis() / 100).unwrap_or(u32::MAX)
+}
+
+/// `ping -i 0.1` from the client's namespace until `finish`; returns (sent, received).
 struct Pinger {
     child: std::process::Child,
 }
 
 impl Pinger {
-    fn start(link: &GuardedLink, seconds: u32) -> Self {
+    fn start(link: &GuardedLink) -> Self {
         let child = link
             .peer
             .command("ping")
-            .args(["-n", "-q", "-i", "0.1", "-W", "1", "-w"])
-            .arg(seconds.to_string())
+            .args(["-n", "-q", "-i", "0.1", "-W", "1", "-w", "120"])
             .arg(VPN_SERVER)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -41,8 +54,10 @@ impl Pinger {
         Self { child }
     }
 
-    /// Waits for ping to end; (transmitted, received) from its summary.
+    /// Stops ping as Ctrl-C does; (transmitted, received) from its summary.
     fn finish(self) -> (u32, u32) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
         let out = self.child.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let line = text
@@ -67,23 +82,25 @@ fn lost_through(
     daemon: &mut Daemon,
     restart: impl FnOnce(&mut Daemon) -> Duration,
 ) -> (u32, Duration, Duration) {
-    // One second before, the restart, and several seconds after: a client that comes back
-    // only on its own timer (~14 s) would lose far more than MAX_LOST.
-    let pinger = Pinger::start(link, 10);
+    // One second before, the restart, and four seconds after the daemon is up: a client that
+    // comes back only on its own timer (~14 s) loses all 40 of those.
+    let pinger = Pinger::start(link);
     std::thread::sleep(Duration::from_secs(1));
     let stop = restart(daemon);
     let started = Instant::now();
     daemon.restart();
     let start = started.elapsed();
+    std::thread::sleep(Duration::from_secs(4));
     let (sent, received) = pinger.finish();
-    assert!(sent >= 80, "ping sent only {sent}");
+    assert!(sent >= 45, "ping sent only {sent}");
     (sent - received, stop, start)
 }
 
 #[test]
-fn a_client_pinging_every_100ms_loses_at_most_2s_through_a_restart_and_a_kill_9() {
-    if !require_root("a_client_pinging_every_100ms_loses_at_most_2s_through_a_restart_and_a_kill_9")
-    {
+fn a_client_pinging_every_100ms_is_back_as_soon_as_the_daemon_after_a_restart_and_a_kill_9() {
+    if !require_root(
+        "a_client_pinging_every_100ms_is_back_as_soon_as_the_daemon_after_a_restart_and_a_kill_9",
+    ) {
         return;
     }
     let link = GuardedLink::new();
@@ -112,7 +129,7 @@ fn a_client_pinging_every_100ms_loses_at_most_2s_through_a_restart_and_a_kill_9(
     });
     eprintln!("clean restart: stop {stop:?}, start {start:?}, {lost} replies lost");
     assert!(
-        lost <= MAX_LOST,
+        lost <= pings_in(stop + start) + MAX_LOST_AFTER_START,
         "{lost} replies lost through a clean restart (stop {stop:?}, start {start:?}):\n{}",
         daemon.log()
     );
@@ -125,7 +142,7 @@ fn a_client_pinging_every_100ms_loses_at_most_2s_through_a_restart_and_a_kill_9(
     });
     eprintln!("kill -9 and start: kill {stop:?}, start {start:?}, {lost} replies lost");
     assert!(
-        lost <= MAX_LOST,
+        lost <= pings_in(stop + start) + MAX_LOST_AFTER_START,
         "{lost} replies lost through kill -9 and a start (start {start:?}):\n{}",
         daemon.log()
     );
