@@ -249,11 +249,6 @@ fn filter(ctx: &TcContext) -> Option<DnsVerdict> {
     if !unsafe { is_blocked(buf, name_end, key, blocks_subdomains, has) } {
         return Some(DnsVerdict::Passed);
     }
-    // The walk counted a copy of the name's length down, and the verifier narrowed the length
-    // with it: each of the walk's 256 exits would verify the rewrite with a length of its own.
-    // Read back as the walk got it (checked above, so the mask changes nothing), it is one.
-    let name_end = unpark(buf, SEED_AT) as usize & (NAME_AREA - 1);
-    let dns_len = rewritten_len(name_end);
     // Read again rather than kept from the start: kept, it would be part of the walks' state.
     let policy = POLICY.get(0).copied().unwrap_or_default();
     if policy.exempt_clients != 0 && is_exempt(ctx, &layout) {

@@ -216,10 +216,12 @@ fn the_challenge_page_passes_chromium_in_a_secure_and_an_insecure_context() {
     // IPv6 loopback, another source — with WebCrypto's.
     {
         let browser = Browser::start(&link.server);
-        warm_up(&link.server, "127.0.0.1", "127.0.0.1:18080");
-        warm_up(&link.server, "::1", "[::1]:18080");
         block_on_in(&link.server, || async {
             let c = browser.session(1000, 700).await;
+            // Each source goes over the threshold just before its page: the window is 5 s,
+            // and the browser's start or the page before can take longer on a loaded machine
+            // (the page would then pass to the upstream without a challenge).
+            warm_up(&link.server, "127.0.0.1", "127.0.0.1:18080");
             let rec = pass(
                 &c,
                 "http://127.0.0.1:18080/article?id=7&lang=en",
@@ -230,6 +232,7 @@ fn the_challenge_page_passes_chromium_in_a_secure_and_an_insecure_context() {
             assert_eq!(rec["verify"], "webcrypto", "{rec}");
             assert_eq!(rec["aes"], "webcrypto", "{rec}");
             assert_eq!(rec["sha"], "js", "{rec}");
+            warm_up(&link.server, "::1", "[::1]:18080");
             let rec = pass(
                 &c,
                 "http://[::1]:18080/search?q=phantom#sentry-sha=webcrypto",
@@ -259,9 +262,9 @@ fn the_challenge_page_passes_chromium_in_a_secure_and_an_insecure_context() {
     );
     {
         let browser = Browser::start(&link.peer);
-        warm_up(&link.peer, GuardedLink::PEER_V4, "192.0.2.1:18080");
         block_on_in(&link.peer, || async {
             let c = browser.session(1000, 700).await;
+            warm_up(&link.peer, GuardedLink::PEER_V4, "192.0.2.1:18080");
             let rec = pass(
                 &c,
                 "http://192.0.2.1:18080/news?page=2&sort=new",
@@ -507,7 +510,7 @@ fn a_package_altered_on_the_way_is_refused_by_the_page_and_nothing_is_posted() {
     let secure = Tamperer::start(&link.peer, "127.0.0.1:18081", "192.0.2.1:18080");
     let insecure = Tamperer::start(&link.peer, "192.0.2.2:18082", "192.0.2.1:18080");
     warm_up(&link.peer, GuardedLink::PEER_V4, "192.0.2.1:18080");
-    let upstream_before = site.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let upstream_before = site.log.lock().unwrap().len();
     let browser = Browser::start(&link.peer);
     block_on_in(&link.peer, || async {
         let c = browser.session(1000, 700).await;
@@ -515,6 +518,10 @@ fn a_package_altered_on_the_way_is_refused_by_the_page_and_nothing_is_posted() {
             ("http://127.0.0.1:18081/account?tab=1", "webcrypto", &secure),
             ("http://192.0.2.2:18082/account?tab=2", "js", &insecure),
         ] {
+            // Over the threshold again: the source's window is 5 s, and the browser's start
+            // or the page before can take longer than that on a loaded machine (the page then
+            // passes to the upstream, as a quiet source's request does in DEFCON_1).
+            warm_up(&link.peer, GuardedLink::PEER_V4, "192.0.2.1:18080");
             c.goto(url).await.unwrap();
             let deadline = Instant::now() + Duration::from_secs(30);
             while attr(&c, "sentry", "data-state").await.as_deref() != Some("error") {
@@ -564,12 +571,17 @@ fn a_package_altered_on_the_way_is_refused_by_the_page_and_nothing_is_posted() {
         }
         c.close().await.unwrap();
     });
-    // Nothing reached the daemon's proof endpoint, nor the upstream.
+    // Nothing reached the daemon's proof endpoint, nor the upstream: no request for a page.
+    // The warm-up's own requests and Chromium's `/favicon.ico` may pass: either can come after
+    // a 5-second window is over, and a quiet source's request passes in DEFCON_1.
     assert_eq!(solved(&daemon), 0);
     assert_eq!(failed(&daemon), 0);
-    assert_eq!(
-        site.requests.load(std::sync::atomic::Ordering::Relaxed),
-        upstream_before
+    let upstream = site.log.lock().unwrap()[upstream_before..].to_vec();
+    assert!(
+        upstream
+            .iter()
+            .all(|r| r.starts_with("/favicon.ico ") || r.starts_with("/warm-up ")),
+        "a request reached the upstream: {upstream:?}"
     );
     eprintln!("took {:?}", started.elapsed());
 }
