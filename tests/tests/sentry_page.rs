@@ -509,7 +509,6 @@ fn a_package_altered_on_the_way_is_refused_by_the_page_and_nothing_is_posted() {
     // (insecure: the pure-JS verification refuses).
     let secure = Tamperer::start(&link.peer, "127.0.0.1:18081", "192.0.2.1:18080");
     let insecure = Tamperer::start(&link.peer, "192.0.2.2:18082", "192.0.2.1:18080");
-    warm_up(&link.peer, GuardedLink::PEER_V4, "192.0.2.1:18080");
     let upstream_before = site.log.lock().unwrap().len();
     let browser = Browser::start(&link.peer);
     block_on_in(&link.peer, || async {
