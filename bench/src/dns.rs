@@ -48,7 +48,11 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         .map(|i| (format!("new{i}.example"), true))
         .collect();
     let started = Instant::now();
-    let delta_report = domains.update(Owner::Blocklist, &added, &removed)?;
+    let delta_report = domains.update(
+        Owner::Blocklist,
+        added.iter().map(|(n, s)| (n.as_str(), *s)),
+        removed.iter().map(String::as_str),
+    )?;
     let delta_sync = started.elapsed();
 
     let blocked = leak(dns_answer("www.casino2.bet2.example"));

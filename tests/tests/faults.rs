@@ -803,6 +803,107 @@ fn write_source(source: &std::path::Path, domains: &[String]) {
     std::fs::write(source.with_extension("sha256"), format!("{sum}  {name}\n")).unwrap();
 }
 
+/// The kernel's domain set, read from the pinned map itself (not the daemon's mirror): keys,
+/// and keys whose rule covers subdomains.
+fn kernel_domain_keys(bpffs: &phantom_tests::BpffsDir) -> (usize, usize) {
+    use phantom_common::dns::DOMAIN_SUBDOMAINS;
+    let pinned = aya::maps::MapData::from_pin(bpffs.path().join("PH_DOMAINS")).unwrap();
+    let map: aya::maps::HashMap<_, u64, u8> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(pinned)).unwrap();
+    let flags: Vec<u8> = map.iter().filter_map(Result::ok).map(|(_, f)| f).collect();
+    let subdomains = flags
+        .iter()
+        .filter(|f| **f & DOMAIN_SUBDOMAINS != 0)
+        .count();
+    (flags.len(), subdomains)
+}
+
+/// A large import writes the kernel's domain set while the store commits it; when the commit
+/// fails the import is refused, and the kernel set, the list and the resolver are as before.
+/// The same import then goes in whole, kernel set included, and stays after a kill -9.
+#[test]
+fn a_large_import_whose_commit_fails_leaves_the_kernel_set_as_it_was() {
+    if !require_root("a_large_import_whose_commit_fails_leaves_the_kernel_set_as_it_was") {
+        return;
+    }
+    let link = phantom_tests::GuardedLink::new();
+    let bpffs = phantom_tests::BpffsDir::new();
+    let mut config = DaemonConfig::new(phantom_tests::GuardedLink::SERVER_DEV, bpffs.path());
+    config.blocklist_extra = "sync_interval_seconds = 0\n".into();
+    config
+        .env
+        .push(("PHANTOM_FAIL_AT".into(), "blocklist.large_commit".into()));
+    let mut daemon = Daemon::start(&link.server, &config);
+    // A listed name without its subdomains; the import covers them (a changed kernel rule)
+    // and adds 20,000 names.
+    api(
+        &daemon,
+        &[
+            "blocklist",
+            "add",
+            "domain=kept-casino.example",
+            "subdomains=false",
+        ],
+    );
+    assert_eq!(kernel_domain_keys(&bpffs), (1, 0));
+    let names: Vec<String> = (0..20_000)
+        .map(|i| format!("casino{i}.import-fault.example"))
+        .chain(["kept-casino.example".to_string()])
+        .collect();
+    let file = daemon.dir().join("list.txt");
+    std::fs::write(&file, names.join("\n")).unwrap();
+    let import = |daemon: &Daemon| {
+        daemon.client().call(
+            "blocklist",
+            "import",
+            json!({"path": file.display().to_string(), "format": "plain"}),
+        )
+    };
+    let before = api(&daemon, &["blocklist", "status"]);
+
+    let reply = import(&daemon);
+    assert_eq!(reply["success"], false, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("blocklist.large_commit")),
+        "{reply}"
+    );
+    assert_eq!(
+        kernel_domain_keys(&bpffs),
+        (1, 0),
+        "the kernel set is put back: the added keys out, the changed rule as it was"
+    );
+    assert_eq!(
+        api(&daemon, &["datapath", "dns_rules"])["kernel_entries"],
+        1,
+        "and the daemon's view of it"
+    );
+    let after = api(&daemon, &["blocklist", "status"]);
+    for field in ["version", "entries", "checksum", "kernel_rules"] {
+        assert_eq!(after[field], before[field], "{field}: {before} / {after}");
+    }
+    let verdict = api(
+        &daemon,
+        &["blocklist", "verify", "domain=casino7.import-fault.example"],
+    );
+    assert_eq!(verdict["blocked"], false, "{verdict}");
+
+    // The fault fires once: the same import now goes in, the kernel set with it.
+    let reply = import(&daemon);
+    assert_eq!(reply["data"]["imported"], 20_001, "{reply}");
+    assert_eq!(kernel_domain_keys(&bpffs), (20_001, 20_001));
+    let verdict = api(
+        &daemon,
+        &["blocklist", "verify", "domain=casino7.import-fault.example"],
+    );
+    assert_eq!(verdict["blocked"], true, "{verdict}");
+    daemon.kill9();
+    daemon.restart();
+    assert_eq!(api(&daemon, &["blocklist", "status"])["entries"], 20_001);
+    assert_eq!(kernel_domain_keys(&bpffs), (20_001, 20_001));
+}
+
 /// Imports: each round a new file of 1,000 names, `kill -9` at a random point; after the
 /// restart the round's names are all listed or none (all when acknowledged), every earlier
 /// round that made it stays, and the list's version and checksum agree.

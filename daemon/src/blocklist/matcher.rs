@@ -87,6 +87,18 @@ pub struct RuleKey {
     tag: u32,
 }
 
+impl RuleKey {
+    /// The name's domain hash (the kernel set's key for it too).
+    pub fn hash(self) -> u64 {
+        self.hash
+    }
+
+    /// The name's tag, which tells another name on the same key.
+    pub fn tag(self) -> u32 {
+        self.tag
+    }
+}
+
 pub struct Matcher {
     domains: DomainRules,
     hasher: Arc<DomainHasher>,

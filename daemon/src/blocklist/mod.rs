@@ -42,7 +42,7 @@ use self::{
 };
 use crate::{
     config::BlocklistConfig,
-    datapath::{Datapath, KeyClash, Owner},
+    datapath::{Datapath, DomainSetUndo, KeyClash, Owner},
     domain_hash::DomainHasher,
     error::Error,
     tasks::Shutdown,
@@ -840,8 +840,32 @@ impl Blocklist {
         if upserts.len() >= LARGE_BATCH {
             upserts.sort_by_domain();
         }
-        if let Err(e) = self.store.commit_batch(version, &upserts, &removals) {
+        let large = upserts.len() + removals.len() > LARGE_BATCH;
+        // A large batch's kernel rules are written on a thread of their own while the store
+        // commits (the commit is SQLite's, on one CPU): if the commit fails, the kernel set is
+        // put back as it was. A crash in between is mended at the next start, when the kernel
+        // set is rebuilt from the store.
+        let (committed, kernel) = match &self.datapath {
+            Some(dp) if large => std::thread::scope(|scope| {
+                let kernel = scope.spawn(|| self.sync_kernel(dp, &upserts, &removals));
+                let committed = crate::faults::fail_point("blocklist.large_commit")
+                    .map_err(|f| BlocklistError::Daemon(f.into()))
+                    .and_then(|()| self.store.commit_batch(version, &upserts, &removals));
+                let kernel = kernel.join().unwrap_or_else(|_| {
+                    warn!("the kernel domain set's update failed");
+                    None
+                });
+                (committed, kernel)
+            }),
+            _ => (self.store.commit_batch(version, &upserts, &removals), None),
+        };
+        if let Err(e) = committed {
             self.unplace(&state, &upserts);
+            if let (Some(dp), Some(undo)) = (&self.datapath, kernel)
+                && let Err(e) = dp.domains.undo(undo)
+            {
+                warn!(error = %e, "cannot put the kernel domain set back after a failed commit");
+            }
             return Err(e);
         }
         {
@@ -854,19 +878,10 @@ impl Blocklist {
         state.entries.remove(&removals);
         self.set_version(&mut state, version);
         drop(state);
-        let large = upserts.len() + removals.len() > LARGE_BATCH;
-        if self.datapath.is_some() {
-            let rules: Vec<(String, bool)> = upserts
-                .iter()
-                .filter_map(|e| self.kernel_rule(e.domain(), e.weights()))
-                .collect();
-            let gone: Vec<String> = upserts
-                .iter()
-                .filter(|e| self.kernel_rule(e.domain(), e.weights()).is_none())
-                .map(|e| e.domain().to_string())
-                .chain(removals.iter().cloned())
-                .collect();
-            self.sync_kernel(&rules, &gone);
+        if let Some(dp) = &self.datapath
+            && !large
+        {
+            self.sync_kernel(dp, &upserts, &removals);
         }
         let changed = upserts.len() + removals.len();
         drop(upserts);
@@ -949,6 +964,8 @@ impl Blocklist {
     ) {
         matcher.reserve(listed.iter().filter(|l| !**l).count());
         let mut listed = listed.into_iter();
+        // The kernel set is held still for the whole batch: one lock, not one per name.
+        let kernel = self.datapath.as_ref().map(|dp| dp.domains.clash_check());
         upserts.retain(|domain, (exact, sub), placed| {
             // `retain` visits the entries in order, once each.
             if listed.next().unwrap_or(false) {
@@ -963,9 +980,10 @@ impl Blocklist {
                 });
                 return false;
             }
+            // The matcher's key is the kernel set's: both use the installation's hash.
             if self.kernel_flags(exact, sub).is_some()
-                && let Some(dp) = &self.datapath
-                && let Ok(Some(clash)) = dp.domains.clash(domain)
+                && let Some(Ok(kernel)) = &kernel
+                && let Some(clash) = kernel.clash(domain, key.hash(), key.tag())
             {
                 refused.push(clash);
                 return false;
@@ -1058,11 +1076,6 @@ impl Blocklist {
     }
 
     /// The kernel's rule for an entry: exact/subdomain rules at or above the threshold.
-    fn kernel_rule(&self, domain: &str, (exact, sub): (f64, f64)) -> Option<(String, bool)> {
-        self.kernel_flags(exact, sub)
-            .map(|subdomains| (domain.to_string(), subdomains))
-    }
-
     fn kernel_flags(&self, exact: f64, sub: f64) -> Option<bool> {
         if sub >= self.threshold {
             Some(true)
@@ -1073,15 +1086,38 @@ impl Blocklist {
         }
     }
 
-    fn sync_kernel(&self, added: &[(String, bool)], removed: &[String]) {
-        if let Some(dp) = &self.datapath {
-            match dp.domains.update(Owner::Blocklist, added, removed) {
-                Ok(report) => {
-                    for clash in report.refused {
-                        warn!(domain = %clash.name, other = %clash.other, "not in the kernel set: its key is taken");
-                    }
+    /// Brings the kernel set in line with a committed (or committing) batch: its entries at
+    /// or above the threshold in, the rest and `removals` out. Returns how to put the set back.
+    fn sync_kernel(
+        &self,
+        dp: &Datapath,
+        upserts: &Batch,
+        removals: &[String],
+    ) -> Option<DomainSetUndo> {
+        let mut rules: Vec<(&str, bool)> = Vec::with_capacity(upserts.len());
+        let mut gone: Vec<&str> = Vec::new();
+        for e in upserts.iter() {
+            let (exact, sub) = e.weights();
+            match self.kernel_flags(exact, sub) {
+                Some(subdomains) => rules.push((e.domain(), subdomains)),
+                None => gone.push(e.domain()),
+            }
+        }
+        gone.extend(removals.iter().map(String::as_str));
+        match dp.domains.update_undoable(
+            Owner::Blocklist,
+            rules.iter().copied(),
+            gone.iter().copied(),
+        ) {
+            Ok((report, undo)) => {
+                for clash in report.refused {
+                    warn!(domain = %clash.name, other = %clash.other, "not in the kernel set: its key is taken");
                 }
-                Err(e) => warn!(error = %e, "cannot update the kernel domain set"),
+                Some(undo)
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot update the kernel domain set");
+                None
             }
         }
     }

@@ -92,6 +92,12 @@ pub enum DomainSetError {
     Daemon(#[from] Error),
 }
 
+/// Maps keyed by a name's domain hash. The keys are already the output of a keyed hash, so a
+/// cheap hasher spreads them as well as SipHash does; a million-name import looks each one up
+/// several times.
+type KeyMap<V> = StdHashMap<u64, V, foldhash::fast::RandomState>;
+type KeySet = std::collections::HashSet<u64, foldhash::fast::RandomState>;
+
 /// One owner's rule for a key: its flags and its name's tag.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Rule {
@@ -102,14 +108,14 @@ struct Rule {
 struct State {
     map: HashMap<MapData, u64, u8>,
     /// What the kernel map holds.
-    kernel: StdHashMap<u64, u8>,
+    kernel: KeyMap<u8>,
     /// Each owner's rules by key.
-    owners: BTreeMap<Owner, StdHashMap<u64, Rule>>,
+    owners: BTreeMap<Owner, KeyMap<Rule>>,
     /// Operator rules by name (for listing and persistence): name -> covers subdomains.
     operator_names: BTreeMap<String, bool>,
     /// Keys some owner wants in the kernel that the full map refused; tried again whenever
     /// keys are deleted.
-    left_out: std::collections::HashSet<u64>,
+    left_out: KeySet,
     refused_full: u64,
     evicted: u64,
 }
@@ -161,16 +167,18 @@ impl State {
             if want == 0 {
                 self.apply_one(hash, report)?;
             } else if self.kernel.get(&hash) != Some(&want) {
-                writes.push(hash);
+                writes.push((hash, want));
             }
         }
         if writes.len() >= BATCH_FROM {
+            // A key touched twice has one union: the pairs of one key are equal.
             writes.sort_unstable();
             writes.dedup();
+            self.kernel.reserve(writes.len());
             let done = self.write_batches(&writes, report);
             writes.drain(..done);
         }
-        for hash in writes {
+        for (hash, _) in writes {
             self.apply_one(hash, report)?;
         }
         if report.deleted > 0 && !self.left_out.is_empty() {
@@ -185,17 +193,25 @@ impl State {
         Ok(())
     }
 
-    /// Writes the union's flags of `hashes` (sorted, distinct, each wanted and not yet in the
+    /// Writes `writes` (keys with their union's flags; sorted, distinct, each not yet in the
     /// kernel as wanted) in batches, until the first batch the kernel does not take whole;
-    /// returns how many of `hashes` are written.
-    fn write_batches(&mut self, hashes: &[u64], report: &mut SyncReport) -> usize {
+    /// returns how many of `writes` are written.
+    fn write_batches(&mut self, writes: &[(u64, u8)], report: &mut SyncReport) -> usize {
         let mut done = 0;
-        for chunk in hashes.chunks(BATCH_KEYS) {
-            let values: Vec<u8> = chunk.iter().map(|h| self.union(*h)).collect();
-            let written = update_batch(self.map.map(), chunk, &values);
-            for (hash, flags) in chunk.iter().zip(&values).take(written) {
-                self.left_out.remove(hash);
-                self.kernel.insert(*hash, *flags);
+        let mut keys = Vec::with_capacity(BATCH_KEYS.min(writes.len()));
+        let mut values = Vec::with_capacity(keys.capacity());
+        for chunk in writes.chunks(BATCH_KEYS) {
+            keys.clear();
+            values.clear();
+            keys.extend(chunk.iter().map(|(hash, _)| *hash));
+            values.extend(chunk.iter().map(|(_, flags)| *flags));
+            let written = update_batch(self.map.map(), &keys, &values);
+            let left_out = !self.left_out.is_empty();
+            for &(hash, flags) in chunk.iter().take(written) {
+                if left_out {
+                    self.left_out.remove(&hash);
+                }
+                self.kernel.insert(hash, flags);
             }
             report.written += written;
             done += written;
@@ -352,6 +368,28 @@ fn clear(map: &mut HashMap<MapData, u64, u8>) -> Result<usize, Error> {
     Ok(keys.len())
 }
 
+/// What [`DomainFilter::undo`] needs to take back one update: each key it changed with the
+/// owner's rule before.
+#[must_use]
+pub struct DomainSetUndo {
+    owner: Owner,
+    previous: Vec<(u64, Option<Rule>)>,
+}
+
+/// The kernel set held still (its lock taken) while a batch asks about its names.
+pub struct ClashCheck<'a> {
+    filter: &'a DomainFilter,
+    state: std::sync::MutexGuard<'a, State>,
+}
+
+impl ClashCheck<'_> {
+    /// The clash `name` would meet, by its key and tag under the installation's domain hash
+    /// ([`DomainFilter::hasher`]): another name of any owner holding its key.
+    pub fn clash(&self, name: &str, hash: u64, tag: u32) -> Option<KeyClash> {
+        self.filter.clash_in(&self.state, name, hash, tag)
+    }
+}
+
 impl DomainFilter {
     /// Loads (or makes) the installation's hash key and hands it to the kernel, reads what the
     /// (pinned) kernel map holds, restores the operator rules, and removes keys no owner
@@ -379,7 +417,7 @@ impl DomainFilter {
         }
         let path = state_dir.join("datapath-domains.json");
         let operator_names: BTreeMap<String, bool> = store::read_json(&path)?;
-        let kernel: StdHashMap<u64, u8> = map.iter().filter_map(Result::ok).collect();
+        let kernel: KeyMap<u8> = map.iter().filter_map(Result::ok).collect();
         let mut state = State {
             map,
             kernel,
@@ -389,7 +427,7 @@ impl DomainFilter {
             refused_full: 0,
             evicted: 0,
         };
-        let mut rules: StdHashMap<u64, Rule> = StdHashMap::new();
+        let mut rules: KeyMap<Rule> = KeyMap::default();
         let mut first: StdHashMap<u64, &str> = StdHashMap::new();
         for (name, sub) in &operator_names {
             let hash = hasher.hash(name);
@@ -457,8 +495,18 @@ impl DomainFilter {
 
     /// Whether `name` would be refused: another name of any owner holds its key.
     pub fn clash(&self, name: &str) -> Result<Option<KeyClash>, Error> {
-        let state = self.lock()?;
-        Ok(self.clash_in(&state, name, self.hasher.hash(name), self.hasher.tag(name)))
+        Ok(self
+            .clash_check()?
+            .clash(name, self.hasher.hash(name), self.hasher.tag(name)))
+    }
+
+    /// The set held still for many [`ClashCheck::clash`] questions: a large batch asks once
+    /// per name, and takes the lock once.
+    pub fn clash_check(&self) -> Result<ClashCheck<'_>, Error> {
+        Ok(ClashCheck {
+            filter: self,
+            state: self.lock()?,
+        })
     }
 
     /// Replaces all of `owner`'s rules with `rules` (normalised names, covers-subdomains).
@@ -467,7 +515,8 @@ impl DomainFilter {
     pub fn replace(&self, owner: Owner, rules: &[(String, bool)]) -> Result<SyncReport, Error> {
         let mut state = self.lock()?;
         let old = state.owners.remove(&owner).unwrap_or_default();
-        let mut new: StdHashMap<u64, Rule> = StdHashMap::with_capacity(rules.len());
+        let mut new: KeyMap<Rule> =
+            KeyMap::with_capacity_and_hasher(rules.len(), Default::default());
         let mut report = SyncReport::default();
         for (name, sub) in rules {
             let hash = self.hasher.hash(name);
@@ -511,46 +560,86 @@ impl DomainFilter {
     /// persisted one by one through `add`/`remove`. Added names whose key another name holds
     /// are left out and listed in the report; a removed name whose key another name holds
     /// removes nothing.
-    pub fn update(
+    pub fn update<'a>(
         &self,
         owner: Owner,
-        added: &[(String, bool)],
-        removed: &[String],
+        added: impl IntoIterator<Item = (&'a str, bool)>,
+        removed: impl IntoIterator<Item = &'a str>,
     ) -> Result<SyncReport, Error> {
+        self.update_undoable(owner, added, removed)
+            .map(|(report, _)| report)
+    }
+
+    /// [`DomainFilter::update`], with what [`DomainFilter::undo`] needs to put the owner's
+    /// rules (and the kernel) back as they were: the blocklist writes a large batch here while
+    /// its store commits, and a failed commit takes it back.
+    pub fn update_undoable<'a>(
+        &self,
+        owner: Owner,
+        added: impl IntoIterator<Item = (&'a str, bool)>,
+        removed: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(SyncReport, DomainSetUndo), Error> {
         if owner == Owner::Operator {
             return Err(Error::Datapath(
                 "operator rules change through add/remove".into(),
             ));
         }
+        let (added, removed) = (added.into_iter(), removed.into_iter());
         let mut state = self.lock()?;
         let mut report = SyncReport::default();
-        let mut touched = Vec::with_capacity(added.len() + removed.len());
+        // Each touched key with the owner's rule before this change, in the order of change.
+        let mut previous = Vec::with_capacity(added.size_hint().0 + removed.size_hint().0);
+        let mut rules = state.owners.remove(&owner).unwrap_or_default();
         for name in removed {
             let hash = self.hasher.hash(name);
-            let tag = self.hasher.tag(name);
-            let rules = state.owners.entry(owner).or_default();
-            if rules.get(&hash).is_some_and(|r| r.tag == tag) {
-                rules.remove(&hash);
-                touched.push(hash);
+            if rules
+                .get(&hash)
+                .is_some_and(|r| r.tag == self.hasher.tag(name))
+            {
+                previous.push((hash, rules.remove(&hash)));
             }
         }
+        rules.reserve(added.size_hint().0);
         for (name, subdomains) in added {
             let hash = self.hasher.hash(name);
             let tag = self.hasher.tag(name);
-            if let Some(clash) = self.clash_in(&state, name, hash, tag) {
+            // The owner's own rules are out of `state` while they change: a clash with one of
+            // them (another name of this owner on the key) is checked here.
+            let own_clash = rules.get(&hash).is_some_and(|r| r.tag != tag);
+            if let Some(clash) = self.clash_in(&state, name, hash, tag).or_else(|| {
+                own_clash.then(|| KeyClash {
+                    name: name.to_string(),
+                    other: owner.describe().to_string(),
+                })
+            }) {
                 report.refused.push(clash);
                 continue;
             }
-            state.owners.entry(owner).or_default().insert(
-                hash,
-                Rule {
-                    flags: flags_for(*subdomains),
-                    tag,
-                },
-            );
-            touched.push(hash);
+            let rule = Rule {
+                flags: flags_for(subdomains),
+                tag,
+            };
+            previous.push((hash, rules.insert(hash, rule)));
         }
-        state.apply(touched, &mut report)?;
+        state.owners.insert(owner, rules);
+        state.apply(previous.iter().map(|(hash, _)| *hash), &mut report)?;
+        Ok((report, DomainSetUndo { owner, previous }))
+    }
+
+    /// Puts an owner's rules back as they were before the [`DomainFilter::update_undoable`]
+    /// that returned `undo`, and the kernel with them.
+    pub fn undo(&self, undo: DomainSetUndo) -> Result<SyncReport, Error> {
+        let mut state = self.lock()?;
+        let rules = state.owners.entry(undo.owner).or_default();
+        // Newest first: a key changed twice ends with the rule it had before the first change.
+        for (hash, before) in undo.previous.iter().rev() {
+            match before {
+                Some(rule) => rules.insert(*hash, *rule),
+                None => rules.remove(hash),
+            };
+        }
+        let mut report = SyncReport::default();
+        state.apply(undo.previous.iter().map(|(hash, _)| *hash), &mut report)?;
         Ok(report)
     }
 
