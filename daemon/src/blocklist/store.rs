@@ -7,7 +7,15 @@
 //! never hold a line break (they are normalised hostnames); pattern changes, which no delta
 //! reads, are journalled as `pattern:<text>` lines.
 
-use std::{collections::HashSet, fmt::Write as _, path::Path, sync::Mutex};
+use std::{
+    collections::HashSet,
+    fmt::Write as _,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use rusqlite::{Connection, params};
 
@@ -32,9 +40,14 @@ const LARGE_COMMIT: usize = 10_000;
 /// SQLite's default.
 const LARGE_COMMIT_CACHE_KIB: i64 = -65_536;
 const DEFAULT_CACHE_KIB: i64 = -2_000;
+/// SQLite's default: a commit that leaves the WAL at this many pages or more checkpoints it.
+const WAL_AUTOCHECKPOINT: i64 = 1_000;
 
 pub struct BlocklistStore {
     conn: Mutex<Connection>,
+    path: std::path::PathBuf,
+    /// A checkpoint of a large commit is copying the WAL into the database file.
+    checkpointing: Arc<AtomicBool>,
 }
 
 pub struct Loaded {
@@ -58,7 +71,38 @@ impl BlocklistStore {
         migrate_journal(&conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+            checkpointing: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Copies the WAL into the database file on a thread of its own, with a connection of its
+    /// own: a large commit is durable once its WAL frames are synced, and the copy (about a
+    /// fifth of a million-name import) need not hold up the reply. A passive checkpoint waits
+    /// for no one; what it cannot copy now, the next checkpoint does. One at a time.
+    fn checkpoint_in_background(&self) {
+        if self.checkpointing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (path, running) = (self.path.clone(), Arc::clone(&self.checkpointing));
+        let spawned = std::thread::Builder::new()
+            .name("blocklist-checkpoint".into())
+            .spawn(move || {
+                let done = crate::store::open_sqlite(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|conn| {
+                        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                            .map_err(|e| e.to_string())
+                    });
+                if let Err(e) = done {
+                    // The WAL stays until the next checkpoint (SQLite's own, at 1,000 pages).
+                    tracing::warn!(error = %e, "blocklist store: background checkpoint failed");
+                }
+                running.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.checkpointing.store(false, Ordering::Release);
+        }
     }
 
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>, BlocklistError> {
@@ -192,17 +236,24 @@ impl BlocklistStore {
         let mut conn = self.conn()?;
         let large = upserts.len() + changes.len() >= LARGE_COMMIT;
         if large {
+            // No automatic checkpoint at the commit's end: it runs after, in the background.
             conn.pragma_update(None, "cache_size", LARGE_COMMIT_CACHE_KIB)
+                .and_then(|()| conn.pragma_update(None, "wal_autocheckpoint", 0))
                 .map_err(BlocklistError::Store)?;
         }
         let committed = Self::commit_on(&mut conn, version, upserts, changes);
         if large {
-            // The default again, and the pages back to the allocator.
+            // The defaults again, and the pages back to the allocator.
             let reset = conn
                 .pragma_update(None, "cache_size", DEFAULT_CACHE_KIB)
+                .and_then(|()| conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT))
                 .and_then(|()| conn.execute_batch("PRAGMA shrink_memory"));
             if let Err(e) = reset {
-                tracing::warn!(error = %e, "blocklist store: cannot shrink the page cache again");
+                tracing::warn!(error = %e, "blocklist store: cannot set the page cache and checkpoint back");
+            }
+            drop(conn);
+            if committed.is_ok() {
+                self.checkpoint_in_background();
             }
         }
         committed
