@@ -92,9 +92,13 @@ fn names_with_one_key_are_refused_and_the_key_is_the_installations() {
     );
     let status = api(&second, &["blocklist", "status"]);
     assert_eq!(status["entries"], 1, "{status}");
-    // An import skips it and says so; the other names of the file go in.
+    // An import skips it and says so; the other names of the file go in. The file is large
+    // enough (10,000 names and more) to take the batch path that places names at once.
     let file = second.dir().join("list.txt");
-    std::fs::write(&file, format!("{b}\nfine-casino.example\n")).unwrap();
+    let filler: String = (0..10_000)
+        .map(|i| format!("filler{i}.casino.example\n"))
+        .collect();
+    std::fs::write(&file, format!("{b}\nfine-casino.example\n{filler}")).unwrap();
     let imported = api(
         &second,
         &[
@@ -106,7 +110,7 @@ fn names_with_one_key_are_refused_and_the_key_is_the_installations() {
     );
     assert_eq!(
         (imported["imported"].as_u64(), imported["refused"].as_u64()),
-        (Some(1), Some(1)),
+        (Some(10_001), Some(1)),
         "{imported}"
     );
     assert_eq!(imported["refused_entries"][0]["domain"], b.as_str());
@@ -126,22 +130,46 @@ fn names_with_one_key_are_refused_and_the_key_is_the_installations() {
     );
     assert_eq!(code, "DOMAIN_KEY_CLASH", "{message}");
     assert!(message.contains(&b), "{message}");
-    assert_eq!(kernel_entries(&second), 2, "a and fine-casino.example");
+    assert_eq!(
+        kernel_entries(&second),
+        10_002,
+        "a, fine-casino.example and the filler"
+    );
     // The same name again is no clash: an update.
     api(&second, &["datapath", "dns_block", &format!("domain={a}")]);
     api(
         &second,
         &["blocklist", "add", &format!("domain={a}"), "weight=0.9"],
     );
-    assert_eq!(kernel_entries(&second), 2);
+    assert_eq!(kernel_entries(&second), 10_002);
 
     // After a restart (the list reloaded, the kernel set rebuilt) the same holds.
     second.kill9();
     second.restart();
-    assert_eq!(kernel_entries(&second), 2);
+    assert_eq!(kernel_entries(&second), 10_002);
     let (code, _) = refused(&second, "blocklist", "add", json!({"domain": b}));
     assert_eq!(code, "DOMAIN_KEY_CLASH");
     let v = api(&second, &["blocklist", "verify", &format!("domain={a}")]);
     assert_eq!(v["blocked"], true, "{v}");
     assert!(!second.log().contains(&seed_text.trim().to_string()));
+
+    // With a now only an operator's kernel rule, the large import still refuses b, naming a.
+    api(&second, &["blocklist", "remove", &format!("domain={a}")]);
+    let imported = api(
+        &second,
+        &[
+            "blocklist",
+            "import",
+            &format!("path={}", file.display()),
+            "format=plain",
+        ],
+    );
+    assert_eq!(imported["refused"], 1, "{imported}");
+    assert_eq!(imported["refused_entries"][0]["domain"], b.as_str());
+    assert!(
+        imported["refused_entries"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(&a)),
+        "{imported}"
+    );
 }

@@ -912,9 +912,51 @@ impl Blocklist {
         let mut matcher = self.engine_mut();
         let hasher = Arc::clone(matcher.hasher());
         let mut refused = Vec::new();
-        // A large batch with no kernel set to ask: the new names placed at once, with the same
-        // outcome per name as one after the other.
-        if self.datapath.is_none() && upserts.len() >= LARGE_BATCH {
+        // A large batch: first out, the new names an operator's kernel rule for another name
+        // refuses (that depends on the kernel set alone, not on the batch's other names; a
+        // listed name's kernel rule is in the matcher too, which refuses and names it below);
+        // then the rest placed at once, with the same outcome and message per name as one
+        // after the other.
+        let mut listed = listed;
+        if let Some(dp) = &self.datapath
+            && upserts.len() >= LARGE_BATCH
+        {
+            match dp.domains.clash_check() {
+                Ok(kernel) => {
+                    let mut kept = Vec::with_capacity(listed.len());
+                    let mut was_listed = listed.into_iter();
+                    upserts.retain(|domain, (exact, sub), _| {
+                        let is_listed = was_listed.next().unwrap_or(false);
+                        let clash = (!is_listed && self.kernel_flags(exact, sub).is_some())
+                            .then(|| {
+                                kernel.operator_clash(
+                                    domain,
+                                    hasher.hash(domain),
+                                    hasher.tag(domain),
+                                )
+                            })
+                            .flatten();
+                        match clash {
+                            Some(clash) => {
+                                refused.push(clash);
+                                false
+                            }
+                            None => {
+                                kept.push(is_listed);
+                                true
+                            }
+                        }
+                    });
+                    listed = kept;
+                }
+                Err(e) => {
+                    // The set's lock is poisoned: no kernel rule can be written either; the
+                    // names go to the resolver's matcher alone, as when the sync fails.
+                    warn!(error = %e, "cannot check a batch against the kernel domain set");
+                }
+            }
+        }
+        if upserts.len() >= LARGE_BATCH {
             let new = upserts
                 .iter()
                 .zip(&listed)

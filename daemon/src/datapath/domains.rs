@@ -388,6 +388,17 @@ impl ClashCheck<'_> {
     pub fn clash(&self, name: &str, hash: u64, tag: u32) -> Option<KeyClash> {
         self.filter.clash_in(&self.state, name, hash, tag)
     }
+
+    /// [`ClashCheck::clash`] with an operator's rule only (another owner's clash, such as a
+    /// listed blocklist name's, is the caller's own to find).
+    pub fn operator_clash(&self, name: &str, hash: u64, tag: u32) -> Option<KeyClash> {
+        self.state
+            .owners
+            .get(&Owner::Operator)?
+            .get(&hash)
+            .filter(|r| r.tag != tag)?;
+        self.filter.clash_in(&self.state, name, hash, tag)
+    }
 }
 
 impl DomainFilter {
