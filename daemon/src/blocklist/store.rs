@@ -242,7 +242,14 @@ impl BlocklistStore {
                 .and_then(|()| conn.pragma_update(None, "wal_autocheckpoint", 0))
                 .map_err(BlocklistError::Store)?;
         }
-        let committed = Self::commit_on(&mut conn, version, upserts, changes);
+        let committed = if large {
+            let wal = WalWriteback::start(&self.path);
+            let committed = Self::commit_on(&mut conn, version, upserts, changes);
+            drop(wal);
+            committed
+        } else {
+            Self::commit_on(&mut conn, version, upserts, changes)
+        };
         if large {
             // The defaults again, and the pages back to the allocator.
             let reset = conn
@@ -588,6 +595,60 @@ fn migrate_journal(conn: &Connection) -> Result<(), BlocklistError> {
          COMMIT;",
     )
     .map_err(BlocklistError::Store)
+}
+
+/// While a large commit writes its WAL, a thread asks the kernel every 50 ms to start
+/// writing the WAL's dirty pages to disk (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, as
+/// PostgreSQL's `*_flush_after` settings do). The commit's final fsync, which makes it durable,
+/// then finds most pages on their way or written, instead of writing the whole WAL while the
+/// caller waits. It changes nothing about durability: the fsync still decides.
+struct WalWriteback {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WalWriteback {
+    fn start(db: &Path) -> Self {
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal = std::path::PathBuf::from(wal);
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("blocklist-wal-writeback".into())
+            .spawn(move || {
+                use std::os::fd::AsRawFd;
+                // The WAL exists once the commit has written its first frames.
+                let mut file = None;
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(std::time::Duration::from_millis(50))
+                {
+                    if file.is_none() {
+                        file = std::fs::File::open(&wal).ok();
+                    }
+                    if let Some(f) = &file {
+                        // SAFETY: a valid descriptor the thread owns; the call only starts the
+                        // kernel's writeback of the file's dirty pages, whatever their range.
+                        unsafe {
+                            libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+                        }
+                    }
+                }
+            })
+            .ok();
+        Self {
+            stop: Some(stop),
+            thread,
+        }
+    }
+}
+
+impl Drop for WalWriteback {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Rebuilds a store's `entries` table of before 2026-12-02 (a rowid table with a separate index
