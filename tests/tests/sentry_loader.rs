@@ -70,15 +70,30 @@ async fn attr(c: &Client, id: &str, name: &str) -> Option<String> {
     c.find(Locator::Id(id)).await.ok()?.attr(name).await.ok()?
 }
 
-/// The loader element's attribute `name`, read again for up to 10 s while a read fails.
-async fn attr_soon(c: &Client, name: &str) -> Option<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+/// The loader element's `data-*` attributes, read in one script call. A read that fails
+/// (on a loaded machine, with the workers on every CPU, one WebDriver call may time out) is
+/// tried again for up to 30 s; the last error comes back if none answered.
+async fn loader_data(c: &Client) -> Result<Value, String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let v = attr(c, "sentry", name).await;
-        if v.is_some() || Instant::now() > deadline {
-            return v;
+        let read = c
+            .execute(
+                "const m = document.getElementById('sentry'); \
+                 return m ? Object.assign({}, m.dataset) : {missing: location.href};",
+                vec![],
+            )
+            .await
+            .map_err(|e| e.to_string());
+        match read {
+            Ok(v) if v.get("missing").is_none() => return Ok(v),
+            other if Instant::now() > deadline => {
+                return Err(format!(
+                    "{other:?}; the page shows {:?}",
+                    body_text(c).await
+                ));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -251,21 +266,13 @@ fn doomsday_the_loader_renders_the_site_from_a_snapshot_and_the_ticket_passes_af
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        // Read until answered: on a loaded machine, with the workers on every CPU, one
-        // WebDriver read may fail and come back empty.
-        assert_eq!(
-            attr_soon(&c, "data-state").await.as_deref(),
-            Some("solving")
-        );
-        assert_eq!(attr_soon(&c, "data-loader").await.as_deref(), Some("1"));
-        let workers: u64 = attr_soon(&c, "data-workers")
-            .await
-            .unwrap()
-            .parse()
-            .unwrap();
+        let data = loader_data(&c).await.expect("the loader's element");
+        assert_eq!(data["state"], "solving", "{data}");
+        assert_eq!(data["loader"], "1", "{data}");
+        let workers: u64 = data["workers"].as_str().unwrap_or("").parse().unwrap_or(0);
         assert!(
             workers >= 1,
-            "the loader's blob: workers run under its policy"
+            "the loader's blob: workers run under its policy: {data}"
         );
         screenshot(&c, "sentry-loader-solving").await;
         c.close().await.unwrap();
