@@ -297,6 +297,32 @@ impl Batch {
         self.rows.sort_by(|a, b| name(a).cmp(name(b)));
     }
 
+    /// [`Batch::sort_by_domain`], moving `side` (one item per entry, in the entries' order)
+    /// along with the entries.
+    pub fn sort_by_domain_with<T: Copy>(&mut self, side: &mut Vec<T>) {
+        if side.len() != self.rows.len() {
+            debug_assert!(
+                false,
+                "a side list of {} for {} entries",
+                side.len(),
+                self.rows.len()
+            );
+            self.sort_by_domain();
+            side.clear();
+            return;
+        }
+        let text = &self.text;
+        let name = |r: &Row| {
+            let at = r.at as usize;
+            text.get(at..at + r.len as usize).unwrap_or("")
+        };
+        let rows = &self.rows;
+        let mut order: Vec<u32> = (0..rows.len() as u32).collect();
+        order.sort_by(|&a, &b| name(&rows[a as usize]).cmp(name(&rows[b as usize])));
+        self.rows = order.iter().map(|&i| self.rows[i as usize]).collect();
+        *side = order.iter().map(|&i| side[i as usize]).collect();
+    }
+
     /// The entries as `Entry`s (built; for a few).
     pub fn entries(&self) -> Vec<Entry> {
         self.iter().map(|e| e.entry()).collect()
@@ -385,5 +411,31 @@ mod tests {
                 ("b.example", (0.25, 0.0))
             ]
         );
+    }
+
+    #[test]
+    fn a_side_list_moves_with_its_entries() {
+        let mut batch = Batch::default();
+        let stamp = batch.stamp(1, "r");
+        for (i, name) in ["c.example", "b.example", "a.example", "b.example"]
+            .iter()
+            .enumerate()
+        {
+            batch.push(name, true, i as f64, stamp);
+        }
+        let mut side = vec![0u32, 1, 2, 3];
+        batch.sort_by_domain_with(&mut side);
+        let rows: Vec<(&str, f64)> = batch.iter().map(|e| (e.domain(), e.weights().0)).collect();
+        assert_eq!(
+            rows,
+            vec![
+                ("a.example", 2.0),
+                ("b.example", 1.0),
+                ("b.example", 3.0),
+                ("c.example", 0.0)
+            ]
+        );
+        // Each item still beside the entry it was given with.
+        assert_eq!(side, vec![2, 1, 3, 0]);
     }
 }

@@ -237,10 +237,24 @@ impl Matcher {
         &mut self,
         names: impl Iterator<Item = (&'a str, f64, f64)>,
     ) -> Vec<bool> {
+        let hasher = Arc::clone(&self.hasher);
+        self.upsert_many_keyed(names.map(move |(domain, exact, sub)| {
+            let key = RuleKey {
+                hash: hasher.hash(domain),
+                tag: hasher.tag(domain),
+            };
+            (key, exact, sub)
+        }))
+    }
+
+    /// [`Matcher::upsert_many`] for names whose [`RuleKey`] the caller has computed already.
+    pub fn upsert_many_keyed(
+        &mut self,
+        names: impl Iterator<Item = (RuleKey, f64, f64)>,
+    ) -> Vec<bool> {
         let mut keyed: Vec<(u64, u32, Rule)> = names
             .enumerate()
-            .map(|(i, (domain, exact, sub))| {
-                let key = self.key(domain);
+            .map(|(i, (key, exact, sub))| {
                 let rule = Rule {
                     exact: to_weight(exact),
                     sub: to_weight(sub),

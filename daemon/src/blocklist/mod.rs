@@ -35,14 +35,14 @@ use tracing::{info, warn};
 use self::{
     batch::Batch,
     lookalike::Lookalikes,
-    matcher::{Matcher, Verdict, to_weight},
+    matcher::{Matcher, RuleKey, Verdict, to_weight},
     model::{Entry, Pattern, PatternType},
     store::{BlocklistStore, Change},
     table::{DomainTable, Listed},
 };
 use crate::{
     config::BlocklistConfig,
-    datapath::{Datapath, DomainSetUndo, KeyClash, Owner},
+    datapath::{Datapath, DomainSetUndo, KeyClash, NameKey, Owner},
     domain_hash::DomainHasher,
     error::Error,
     tasks::Shutdown,
@@ -386,6 +386,26 @@ fn checksum_of_lines(
 
 /// Past this many changes in one batch, the transient memory of the batch is handed back.
 const LARGE_BATCH: usize = 10_000;
+
+/// Names the holder of each refused name's key that `place_new` left unnamed (a rare path: a
+/// scan of the list).
+fn name_the_others(
+    hasher: &DomainHasher,
+    state: &State,
+    upserts: &Batch,
+    refused: &mut [KeyClash],
+) {
+    for clash in refused.iter_mut().filter(|c| c.other.is_empty()) {
+        let hash = hasher.hash(&clash.name);
+        clash.other = state
+            .entries
+            .iter()
+            .map(|(d, _)| d)
+            .chain(upserts.iter().map(|e| e.domain()))
+            .find(|d| *d != clash.name && hasher.hash(d) == hash)
+            .map_or_else(|| "a listed domain".to_string(), str::to_string);
+    }
+}
 
 /// Returns freed heap to the system. A million-entry import or load briefly holds the parsed
 /// entries next to the compact list (and the API a full list's bodies until the next version);
@@ -823,7 +843,7 @@ impl Blocklist {
             .zip(listed)
             .filter_map(|(d, listed)| listed.then_some(d))
             .collect();
-        let refused = self.place_new(&state, &mut upserts);
+        let (refused, mut keys) = self.place_new(&state, &mut upserts);
         for clash in &refused {
             warn!(domain = %clash.name, other = %clash.other, "blocklist entry refused: its key is taken");
         }
@@ -838,7 +858,10 @@ impl Blocklist {
         // In domain order from here: the store's index and the table's merge take the names
         // in sequence (the sort is stable: the last of a name's duplicates still wins).
         if upserts.len() >= LARGE_BATCH {
-            upserts.sort_by_domain();
+            match keys.as_mut() {
+                Some(keys) => upserts.sort_by_domain_with(keys),
+                None => upserts.sort_by_domain(),
+            }
         }
         let large = upserts.len() + removals.len() > LARGE_BATCH;
         // A large batch's kernel rules are written on a thread of their own while the store
@@ -847,7 +870,8 @@ impl Blocklist {
         // set is rebuilt from the store.
         let (committed, kernel) = match &self.datapath {
             Some(dp) if large => std::thread::scope(|scope| {
-                let kernel = scope.spawn(|| self.sync_kernel(dp, &upserts, &removals));
+                let kernel =
+                    scope.spawn(|| self.sync_kernel(dp, &upserts, keys.as_deref(), &removals));
                 let committed = crate::faults::fail_point("blocklist.large_commit")
                     .map_err(|f| BlocklistError::Daemon(f.into()))
                     .and_then(|()| self.store.commit_batch(version, &upserts, &removals));
@@ -881,7 +905,7 @@ impl Blocklist {
         if let Some(dp) = &self.datapath
             && !large
         {
-            self.sync_kernel(dp, &upserts, &removals);
+            self.sync_kernel(dp, &upserts, None, &removals);
         }
         let changed = upserts.len() + removals.len();
         drop(upserts);
@@ -899,9 +923,15 @@ impl Blocklist {
     /// name keeps its own) and takes out of `upserts`, in place, the new names whose key
     /// another name holds: a listed one, one earlier in the batch (the matcher itself is the
     /// check, so a million-name import needs no second table), or, for an entry that would be
-    /// a kernel rule, an operator's kernel rule. Returns those clashes. If the commit then
+    /// a kernel rule, an operator's kernel rule. Returns those clashes and, for a large batch
+    /// with the datapath on, each kept entry's key (in the entries' order), computed once here
+    /// for the operators' check, the matcher and the kernel set alike. If the commit then
     /// fails, `unplace` takes the new names out again.
-    fn place_new(&self, state: &State, upserts: &mut Batch) -> Vec<KeyClash> {
+    fn place_new(
+        &self,
+        state: &State,
+        upserts: &mut Batch,
+    ) -> (Vec<KeyClash>, Option<Vec<RuleKey>>) {
         // Into an empty list every name is new (the first import): nothing to look up.
         let listed = if state.entries.is_empty() {
             vec![false; upserts.len()]
@@ -912,29 +942,30 @@ impl Blocklist {
         let mut matcher = self.engine_mut();
         let hasher = Arc::clone(matcher.hasher());
         let mut refused = Vec::new();
+        if upserts.len() < LARGE_BATCH {
+            self.place_one_by_one(&mut matcher, upserts, listed, &mut refused);
+            drop(matcher);
+            name_the_others(&hasher, state, upserts, &mut refused);
+            return (refused, None);
+        }
         // A large batch: first out, the new names an operator's kernel rule for another name
         // refuses (that depends on the kernel set alone, not on the batch's other names; a
         // listed name's kernel rule is in the matcher too, which refuses and names it below);
         // then the rest placed at once, with the same outcome and message per name as one
         // after the other.
         let mut listed = listed;
-        if let Some(dp) = &self.datapath
-            && upserts.len() >= LARGE_BATCH
-        {
+        let mut keys = None;
+        if let Some(dp) = &self.datapath {
             match dp.domains.clash_check() {
                 Ok(kernel) => {
                     let mut kept = Vec::with_capacity(listed.len());
+                    let mut kept_keys = Vec::with_capacity(listed.len());
                     let mut was_listed = listed.into_iter();
                     upserts.retain(|domain, (exact, sub), _| {
                         let is_listed = was_listed.next().unwrap_or(false);
+                        let key = matcher.key(domain);
                         let clash = (!is_listed && self.kernel_flags(exact, sub).is_some())
-                            .then(|| {
-                                kernel.operator_clash(
-                                    domain,
-                                    hasher.hash(domain),
-                                    hasher.tag(domain),
-                                )
-                            })
+                            .then(|| kernel.operator_clash(domain, key.hash(), key.tag()))
                             .flatten();
                         match clash {
                             Some(clash) => {
@@ -943,11 +974,13 @@ impl Blocklist {
                             }
                             None => {
                                 kept.push(is_listed);
+                                kept_keys.push(key);
                                 true
                             }
                         }
                     });
                     listed = kept;
+                    keys = Some(kept_keys);
                 }
                 Err(e) => {
                     // The set's lock is poisoned: no kernel rule can be written either; the
@@ -956,18 +989,30 @@ impl Blocklist {
                 }
             }
         }
-        if upserts.len() >= LARGE_BATCH {
-            let new = upserts
-                .iter()
-                .zip(&listed)
-                .filter(|(_, listed)| !**listed)
-                .map(|(e, _)| (e.domain(), e.weights().0, e.weights().1));
-            let mut placed_new = matcher.upsert_many(new).into_iter();
-            let mut listed = listed.into_iter();
-            upserts.retain(|domain, _, placed| {
-                if listed.next().unwrap_or(false) {
-                    return true;
-                }
+        let mut placed_new = match &keys {
+            Some(keys) => matcher.upsert_many_keyed(
+                upserts
+                    .iter()
+                    .zip(keys)
+                    .zip(&listed)
+                    .filter(|(_, listed)| !**listed)
+                    .map(|((e, key), _)| (*key, e.weights().0, e.weights().1)),
+            ),
+            None => matcher.upsert_many(
+                upserts
+                    .iter()
+                    .zip(&listed)
+                    .filter(|(_, listed)| !**listed)
+                    .map(|(e, _)| (e.domain(), e.weights().0, e.weights().1)),
+            ),
+        }
+        .into_iter();
+        let mut listed = listed.into_iter();
+        let mut kept = Vec::with_capacity(upserts.len());
+        upserts.retain(|domain, _, placed| {
+            let keep = if listed.next().unwrap_or(false) {
+                true
+            } else {
                 *placed = placed_new.next().unwrap_or(false);
                 if !*placed {
                     refused.push(KeyClash {
@@ -976,23 +1021,18 @@ impl Blocklist {
                     });
                 }
                 *placed
-            });
-        } else {
-            self.place_one_by_one(&mut matcher, upserts, listed, &mut refused);
-        }
+            };
+            kept.push(keep);
+            keep
+        });
         drop(matcher);
-        // Name the other (a rare path: a scan of the list).
-        for clash in refused.iter_mut().filter(|c| c.other.is_empty()) {
-            let hash = hasher.hash(&clash.name);
-            clash.other = state
-                .entries
-                .iter()
-                .map(|(d, _)| d)
-                .chain(upserts.iter().map(|e| e.domain()))
-                .find(|d| *d != clash.name && hasher.hash(d) == hash)
-                .map_or_else(|| "a listed domain".to_string(), str::to_string);
+        // The keys follow their entries.
+        if let Some(keys) = keys.as_mut() {
+            let mut kept = kept.into_iter();
+            keys.retain(|_| kept.next().unwrap_or(false));
         }
-        refused
+        name_the_others(&hasher, state, upserts, &mut refused);
+        (refused, keys)
     }
 
     /// [`Blocklist::place_new`] name after name: each new name checked against the matcher and,
@@ -1130,23 +1170,42 @@ impl Blocklist {
 
     /// Brings the kernel set in line with a committed (or committing) batch: its entries at
     /// or above the threshold in, the rest and `removals` out. Returns how to put the set back.
+    /// Writes a batch's kernel rules (and takes out the removed names' and those no longer
+    /// kernel rules). `keys`, when given, holds each entry's key in the entries' order
+    /// ([`Blocklist::place_new`] computed them), so no entry is hashed again here.
     fn sync_kernel(
         &self,
         dp: &Datapath,
         upserts: &Batch,
+        keys: Option<&[RuleKey]>,
         removals: &[String],
     ) -> Option<DomainSetUndo> {
-        let mut rules: Vec<(&str, bool)> = Vec::with_capacity(upserts.len());
-        let mut gone: Vec<&str> = Vec::new();
+        let hasher = dp.domains.hasher();
+        let key_of = |name| NameKey {
+            name,
+            hash: hasher.hash(name),
+            tag: hasher.tag(name),
+        };
+        let mut rules: Vec<(NameKey<'_>, bool)> = Vec::with_capacity(upserts.len());
+        let mut gone: Vec<NameKey<'_>> = Vec::new();
+        let mut keys = keys.filter(|k| k.len() == upserts.len()).map(|k| k.iter());
         for e in upserts.iter() {
+            let key = match keys.as_mut().and_then(Iterator::next) {
+                Some(key) => NameKey {
+                    name: e.domain(),
+                    hash: key.hash(),
+                    tag: key.tag(),
+                },
+                None => key_of(e.domain()),
+            };
             let (exact, sub) = e.weights();
             match self.kernel_flags(exact, sub) {
-                Some(subdomains) => rules.push((e.domain(), subdomains)),
-                None => gone.push(e.domain()),
+                Some(subdomains) => rules.push((key, subdomains)),
+                None => gone.push(key),
             }
         }
-        gone.extend(removals.iter().map(String::as_str));
-        match dp.domains.update_undoable(
+        gone.extend(removals.iter().map(|d| key_of(d)));
+        match dp.domains.update_keyed(
             Owner::Blocklist,
             rules.iter().copied(),
             gone.iter().copied(),

@@ -368,6 +368,15 @@ fn clear(map: &mut HashMap<MapData, u64, u8>) -> Result<usize, Error> {
     Ok(keys.len())
 }
 
+/// A name with its key in the set and its tag ([`DomainHasher::hash`], [`DomainHasher::tag`]),
+/// computed once by a caller that needs them too.
+#[derive(Clone, Copy, Debug)]
+pub struct NameKey<'a> {
+    pub name: &'a str,
+    pub hash: u64,
+    pub tag: u32,
+}
+
 /// What [`DomainFilter::undo`] needs to take back one update: each key it changed with the
 /// owner's rule before.
 #[must_use]
@@ -582,13 +591,33 @@ impl DomainFilter {
     }
 
     /// [`DomainFilter::update`], with what [`DomainFilter::undo`] needs to put the owner's
-    /// rules (and the kernel) back as they were: the blocklist writes a large batch here while
-    /// its store commits, and a failed commit takes it back.
+    /// rules (and the kernel) back as they were.
     pub fn update_undoable<'a>(
         &self,
         owner: Owner,
         added: impl IntoIterator<Item = (&'a str, bool)>,
         removed: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(SyncReport, DomainSetUndo), Error> {
+        let key = |name: &'a str| NameKey {
+            name,
+            hash: self.hasher.hash(name),
+            tag: self.hasher.tag(name),
+        };
+        self.update_keyed(
+            owner,
+            added.into_iter().map(|(name, sub)| (key(name), sub)),
+            removed.into_iter().map(key),
+        )
+    }
+
+    /// [`DomainFilter::update_undoable`] for names whose key and tag the caller has computed
+    /// already, with this set's hasher (the blocklist's matcher shares it): the blocklist
+    /// writes a large batch here while its store commits, and a failed commit takes it back.
+    pub fn update_keyed<'a>(
+        &self,
+        owner: Owner,
+        added: impl IntoIterator<Item = (NameKey<'a>, bool)>,
+        removed: impl IntoIterator<Item = NameKey<'a>>,
     ) -> Result<(SyncReport, DomainSetUndo), Error> {
         if owner == Owner::Operator {
             return Err(Error::Datapath(
@@ -601,19 +630,13 @@ impl DomainFilter {
         // Each touched key with the owner's rule before this change, in the order of change.
         let mut previous = Vec::with_capacity(added.size_hint().0 + removed.size_hint().0);
         let mut rules = state.owners.remove(&owner).unwrap_or_default();
-        for name in removed {
-            let hash = self.hasher.hash(name);
-            if rules
-                .get(&hash)
-                .is_some_and(|r| r.tag == self.hasher.tag(name))
-            {
+        for NameKey { hash, tag, .. } in removed {
+            if rules.get(&hash).is_some_and(|r| r.tag == tag) {
                 previous.push((hash, rules.remove(&hash)));
             }
         }
         rules.reserve(added.size_hint().0);
-        for (name, subdomains) in added {
-            let hash = self.hasher.hash(name);
-            let tag = self.hasher.tag(name);
+        for (NameKey { name, hash, tag }, subdomains) in added {
             // The owner's own rules are out of `state` while they change: a clash with one of
             // them (another name of this owner on the key) is checked here.
             let own_clash = rules.get(&hash).is_some_and(|r| r.tag != tag);

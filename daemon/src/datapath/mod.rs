@@ -52,7 +52,7 @@ use tracing::{info, warn};
 use self::links::{Hook, LinkStore};
 pub use self::{
     dns_policy::DnsPolicyMaps,
-    domains::{DomainFilter, DomainSetError, DomainSetUndo, KeyClash, Owner},
+    domains::{DomainFilter, DomainSetError, DomainSetUndo, KeyClash, NameKey, Owner},
     guard::{GuardMaps, SourceCount, VerdictCount, busiest},
     links::Attachment,
     multihop::{MarkSettings, MultihopMark},
