@@ -1170,9 +1170,8 @@ impl Blocklist {
 
     /// Brings the kernel set in line with a committed (or committing) batch: its entries at
     /// or above the threshold in, the rest and `removals` out. Returns how to put the set back.
-    /// Writes a batch's kernel rules (and takes out the removed names' and those no longer
-    /// kernel rules). `keys`, when given, holds each entry's key in the entries' order
-    /// ([`Blocklist::place_new`] computed them), so no entry is hashed again here.
+    /// `keys`, when given, holds each entry's key in the entries' order (`place_new` computed
+    /// them with the same hasher), so no entry is hashed again here.
     fn sync_kernel(
         &self,
         dp: &Datapath,
