@@ -17,7 +17,7 @@ use std::{
     },
 };
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     BlocklistError,
@@ -242,14 +242,9 @@ impl BlocklistStore {
                 .and_then(|()| conn.pragma_update(None, "wal_autocheckpoint", 0))
                 .map_err(BlocklistError::Store)?;
         }
-        let committed = if large {
-            let wal = WalWriteback::start(&self.path);
-            let committed = Self::commit_on(&mut conn, version, upserts, changes);
-            drop(wal);
-            committed
-        } else {
-            Self::commit_on(&mut conn, version, upserts, changes)
-        };
+        let wal = large.then(|| WalWriteback::start(&self.path));
+        let committed = Self::commit_on(&mut conn, version, upserts, changes);
+        drop(wal);
         if large {
             // The defaults again, and the pages back to the allocator.
             let reset = conn
@@ -574,17 +569,22 @@ impl<'conn> JournalRows<'conn> {
     }
 }
 
+/// The statement that made table `name`, as SQLite keeps it; `None` when the store has no such
+/// table (what the migrations below look at).
+fn table_sql(conn: &Connection, name: &str) -> Result<Option<String>, BlocklistError> {
+    conn.query_row(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [name],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(BlocklistError::Store)
+}
+
 /// Moves a store's journal from its first shape (a row per name) to a row per version and kind
 /// of change, in one transaction, once: the same deltas are answered from either.
 fn migrate_journal(conn: &Connection) -> Result<(), BlocklistError> {
-    let old: bool = conn
-        .query_row(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'journal')",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(BlocklistError::Store)?;
-    if !old {
+    if table_sql(conn, "journal")?.is_none() {
         return Ok(());
     }
     conn.execute_batch(
@@ -656,13 +656,9 @@ impl Drop for WalWriteback {
 /// million-name import writes about 40% fewer pages. Once, in one transaction: a `kill -9`
 /// during it leaves the old table, and the next start does it again.
 fn migrate_entries_by_domain(conn: &Connection) -> Result<(), BlocklistError> {
-    let sql: String = conn
-        .query_row(
-            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'entries'",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(BlocklistError::Store)?;
+    // The schema has made the table before this runs.
+    let sql = table_sql(conn, "entries")?
+        .ok_or(BlocklistError::Store(rusqlite::Error::QueryReturnedNoRows))?;
     if sql.contains("WITHOUT ROWID") {
         return Ok(());
     }
@@ -705,14 +701,8 @@ mod tests {
             .unwrap();
         }
         let store = BlocklistStore::open(&path).unwrap();
-        let sql: String = store
-            .conn()
+        let sql = table_sql(&store.conn().unwrap(), "entries")
             .unwrap()
-            .query_row(
-                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'entries'",
-                [],
-                |r| r.get(0),
-            )
             .unwrap();
         assert!(sql.contains("WITHOUT ROWID"), "{sql}");
         let loaded = store.load().unwrap();
