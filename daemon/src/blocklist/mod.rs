@@ -1180,11 +1180,7 @@ impl Blocklist {
         removals: &[String],
     ) -> Option<DomainSetUndo> {
         let hasher = dp.domains.hasher();
-        let key_of = |name| NameKey {
-            name,
-            hash: hasher.hash(name),
-            tag: hasher.tag(name),
-        };
+        let key_of = |name| NameKey::new(&hasher, name);
         let mut rules: Vec<(NameKey<'_>, bool)> = Vec::with_capacity(upserts.len());
         let mut gone: Vec<NameKey<'_>> = Vec::new();
         let mut keys = keys.filter(|k| k.len() == upserts.len()).map(|k| k.iter());

@@ -377,6 +377,17 @@ pub struct NameKey<'a> {
     pub tag: u32,
 }
 
+impl<'a> NameKey<'a> {
+    /// `name` with its key and tag under `hasher`.
+    pub fn new(hasher: &DomainHasher, name: &'a str) -> Self {
+        Self {
+            name,
+            hash: hasher.hash(name),
+            tag: hasher.tag(name),
+        }
+    }
+}
+
 /// What [`DomainFilter::undo`] needs to take back one update: each key it changed with the
 /// owner's rule before.
 #[must_use]
@@ -598,11 +609,7 @@ impl DomainFilter {
         added: impl IntoIterator<Item = (&'a str, bool)>,
         removed: impl IntoIterator<Item = &'a str>,
     ) -> Result<(SyncReport, DomainSetUndo), Error> {
-        let key = |name: &'a str| NameKey {
-            name,
-            hash: self.hasher.hash(name),
-            tag: self.hasher.tag(name),
-        };
+        let key = |name: &'a str| NameKey::new(&self.hasher, name);
         self.update_keyed(
             owner,
             added.into_iter().map(|(name, sub)| (key(name), sub)),
