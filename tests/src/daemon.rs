@@ -257,14 +257,16 @@ impl Daemon {
                     self.log()
                 );
             }
+            // A connection closed without a reply (a daemon that exits just after binding its
+            // socket, say) is not ready yet: the next round reports an exit with its log.
             if let Ok(stream) = UnixStream::connect(self.socket()) {
                 let mut client = ApiClient::from_stream(stream);
-                if client
-                    .call("api", "describe", json!({}))
-                    .get("success")
-                    .and_then(Value::as_bool)
-                    == Some(true)
-                {
+                let frame = b"{\"module\":\"api\",\"action\":\"describe\",\"params\":{}}\n";
+                let ready = client
+                    .send_raw(frame)
+                    .and_then(|line| serde_json::from_str::<Value>(&line).ok())
+                    .and_then(|reply| reply.get("success").and_then(Value::as_bool));
+                if ready == Some(true) {
                     return;
                 }
             }
