@@ -159,8 +159,49 @@ impl Batch {
         }
     }
 
+    /// Room for `entries` more entries and `text` more bytes of names.
+    pub fn reserve(&mut self, entries: usize, text: usize) {
+        self.rows.reserve(entries);
+        self.text.reserve(text);
+    }
+
+    /// Moves `other`'s entries after this batch's, in their order, with their stamps and
+    /// patterns (a list parsed in chunks becomes one batch).
+    pub fn append(&mut self, other: Batch) {
+        let at = self.text.len() as u32;
+        self.text.push_str(&other.text);
+        let stamps: Vec<u32> = other
+            .stamps
+            .iter()
+            .map(|s| {
+                let reason = other
+                    .reasons
+                    .get(s.reason as usize)
+                    .map_or("", |r| r.as_ref());
+                self.stamp(s.added_at, reason).0
+            })
+            .collect();
+        let odd = self.odd.len() as u32;
+        self.odd.extend(other.odd);
+        self.rows.extend(other.rows.iter().map(|r| Row {
+            at: r.at + at,
+            stamp: stamps.get(r.stamp as usize).copied().unwrap_or(r.stamp),
+            shape: if r.shape >= ODD {
+                r.shape + odd
+            } else {
+                r.shape
+            },
+            ..*r
+        }));
+    }
+
     pub fn len(&self) -> usize {
         self.rows.len()
+    }
+
+    /// The bytes of the names, back to back.
+    pub fn text_len(&self) -> usize {
+        self.text.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -391,6 +432,31 @@ mod tests {
         );
         assert_eq!(batch.reasons.len(), 2);
         assert_eq!(std::mem::size_of::<Row>(), 32);
+    }
+
+    #[test]
+    fn an_appended_batch_keeps_its_entries_stamps_and_patterns() {
+        let mut odd = Entry::new("odd.example", true, 0.5, "r2", 3);
+        odd.patterns[1].weight = 0.25;
+        odd.patterns.push(Pattern {
+            pattern: "casino".into(),
+            kind: PatternType::Contains,
+            weight: 0.3,
+        });
+        let first = vec![Entry::new("casino.example", true, 1.0, "r", 1), odd.clone()];
+        let second = vec![
+            odd,
+            Entry::new("exact.example", false, 0.75, "r", 1),
+            Entry::new("new-reason.example", true, 1.0, "r3", 4),
+        ];
+        let mut batch: Batch = first.iter().cloned().collect();
+        batch.append(second.iter().cloned().collect());
+        assert_eq!(batch.entries(), [first, second].concat());
+        assert_eq!(
+            batch.reasons.len(),
+            3,
+            "a reason both batches hold is kept once"
+        );
     }
 
     #[test]

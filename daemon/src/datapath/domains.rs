@@ -11,7 +11,7 @@
 //! same one again without holding a million names twice.
 
 use std::{
-    collections::{BTreeMap, HashMap as StdHashMap},
+    collections::{BTreeMap, HashMap as StdHashMap, hash_map::Entry},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -161,24 +161,67 @@ impl State {
         hashes: impl IntoIterator<Item = u64>,
         report: &mut SyncReport,
     ) -> Result<(), Error> {
-        let mut writes = Vec::new();
-        for hash in hashes {
-            let want = self.union(hash);
+        self.apply_known(hashes.into_iter().map(|hash| (hash, None)), report)
+    }
+
+    /// [`State::apply`], for keys that may come with their owner's flags already known:
+    /// `(hash, Some((owner, flags)))` says `owner`'s rule for `hash` has `flags` (so the union
+    /// needs only the other owners' rules; a large import's keys are in no other owner's
+    /// table, and its own is the largest to look in again).
+    fn apply_known(
+        &mut self,
+        keys: impl Iterator<Item = (u64, Option<(Owner, u8)>)>,
+        report: &mut SyncReport,
+    ) -> Result<(), Error> {
+        // Each write with what the mirror held before it. The mirror takes the write at once,
+        // so a key touched twice is written once (the second time it is as wanted already);
+        // what the kernel does not take is put back before it goes one key at a time.
+        let mut writes: Vec<(u64, u8, Option<u8>)> = Vec::new();
+        let mut deletions = Vec::new();
+        let expected = keys.size_hint().0;
+        if expected >= BATCH_FROM {
+            self.kernel.reserve(expected);
+        }
+        for (hash, known) in keys {
+            let want = match known {
+                Some((owner, flags)) => flags | self.union_of_others(owner, hash),
+                None => self.union(hash),
+            };
             if want == 0 {
-                self.apply_one(hash, report)?;
-            } else if self.kernel.get(&hash) != Some(&want) {
-                writes.push((hash, want));
+                deletions.push(hash);
+                continue;
+            }
+            match self.kernel.entry(hash) {
+                Entry::Occupied(e) if *e.get() == want => {}
+                Entry::Occupied(mut e) => writes.push((hash, want, Some(e.insert(want)))),
+                Entry::Vacant(e) => {
+                    e.insert(want);
+                    writes.push((hash, want, None));
+                }
             }
         }
-        if writes.len() >= BATCH_FROM {
-            // A key touched twice has one union: the pairs of one key are equal.
-            writes.sort_unstable();
-            writes.dedup();
-            self.kernel.reserve(writes.len());
-            let done = self.write_batches(&writes, report);
-            writes.drain(..done);
+        let mut deleted = Ok(());
+        for hash in deletions {
+            deleted = self.apply_one(hash, report).map(drop);
+            if deleted.is_err() {
+                break;
+            }
         }
-        for (hash, _) in writes {
+        let done = if deleted.is_ok() && writes.len() >= BATCH_FROM {
+            self.write_batches(&writes, report)
+        } else {
+            0
+        };
+        let rest = &writes[done..];
+        // Newest first: a key written twice ends with what the mirror held before the first.
+        for &(hash, _, before) in rest.iter().rev() {
+            match before {
+                Some(flags) => self.kernel.insert(hash, flags),
+                None => self.kernel.remove(&hash),
+            };
+        }
+        deleted?;
+        for &(hash, _, _) in rest {
             self.apply_one(hash, report)?;
         }
         if report.deleted > 0 && !self.left_out.is_empty() {
@@ -193,25 +236,37 @@ impl State {
         Ok(())
     }
 
-    /// Writes `writes` (keys with their union's flags; sorted, distinct, each not yet in the
-    /// kernel as wanted) in batches, until the first batch the kernel does not take whole;
+    /// The union of every owner's flags for `hash` but `owner`'s.
+    fn union_of_others(&self, owner: Owner, hash: u64) -> u8 {
+        self.owners
+            .iter()
+            .filter(|(o, _)| **o != owner)
+            .filter_map(|(_, rules)| rules.get(&hash))
+            .fold(0, |acc, r| acc | r.flags)
+    }
+
+    /// Writes `writes` (keys with their union's flags, each in the mirror already and not yet
+    /// in the kernel as wanted; a key twice only where a later write overwrites an earlier
+    /// one) in batches, in order, until the first batch the kernel does not take whole;
     /// returns how many of `writes` are written.
-    fn write_batches(&mut self, writes: &[(u64, u8)], report: &mut SyncReport) -> usize {
+    fn write_batches(
+        &mut self,
+        writes: &[(u64, u8, Option<u8>)],
+        report: &mut SyncReport,
+    ) -> usize {
         let mut done = 0;
         let mut keys = Vec::with_capacity(BATCH_KEYS.min(writes.len()));
         let mut values = Vec::with_capacity(keys.capacity());
         for chunk in writes.chunks(BATCH_KEYS) {
             keys.clear();
             values.clear();
-            keys.extend(chunk.iter().map(|(hash, _)| *hash));
-            values.extend(chunk.iter().map(|(_, flags)| *flags));
+            keys.extend(chunk.iter().map(|(hash, _, _)| *hash));
+            values.extend(chunk.iter().map(|(_, flags, _)| *flags));
             let written = update_batch(self.map.map(), &keys, &values);
-            let left_out = !self.left_out.is_empty();
-            for &(hash, flags) in chunk.iter().take(written) {
-                if left_out {
-                    self.left_out.remove(&hash);
+            if !self.left_out.is_empty() {
+                for (hash, _, _) in chunk.iter().take(written) {
+                    self.left_out.remove(hash);
                 }
-                self.kernel.insert(hash, flags);
             }
             report.written += written;
             done += written;
@@ -636,10 +691,14 @@ impl DomainFilter {
         let mut report = SyncReport::default();
         // Each touched key with the owner's rule before this change, in the order of change.
         let mut previous = Vec::with_capacity(added.size_hint().0 + removed.size_hint().0);
+        // Beside each of `previous`: the owner's new flags for a key it had no rule for (the
+        // union then needs only the other owners' rules), `None` where the union is looked up.
+        let mut known = Vec::with_capacity(previous.capacity());
         let mut rules = state.owners.remove(&owner).unwrap_or_default();
         for NameKey { hash, tag, .. } in removed {
             if rules.get(&hash).is_some_and(|r| r.tag == tag) {
                 previous.push((hash, rules.remove(&hash)));
+                known.push(None);
             }
         }
         rules.reserve(added.size_hint().0);
@@ -660,10 +719,20 @@ impl DomainFilter {
                 flags: flags_for(subdomains),
                 tag,
             };
-            previous.push((hash, rules.insert(hash, rule)));
+            let before = rules.insert(hash, rule);
+            // A key added twice: its last rule is not known here, so the union is looked up
+            // (the earlier occurrence's write is then overwritten in order).
+            known.push(before.is_none().then_some((owner, rule.flags)));
+            previous.push((hash, before));
         }
         state.owners.insert(owner, rules);
-        state.apply(previous.iter().map(|(hash, _)| *hash), &mut report)?;
+        state.apply_known(
+            previous
+                .iter()
+                .zip(known)
+                .map(|((hash, _), known)| (*hash, known)),
+            &mut report,
+        )?;
         Ok((report, DomainSetUndo { owner, previous }))
     }
 
