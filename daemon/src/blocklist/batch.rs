@@ -400,15 +400,21 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn entries_of_every_shape_come_back_as_given() {
-        let mut other = Entry::new("odd.example", true, 0.5, "r2", 3);
-        other.patterns[1].weight = 0.25;
-        other.patterns.push(Pattern {
+    /// An entry whose patterns are not of the usual shape (reweighted, and a third one).
+    fn odd_entry() -> Entry {
+        let mut odd = Entry::new("odd.example", true, 0.5, "r2", 3);
+        odd.patterns[1].weight = 0.25;
+        odd.patterns.push(Pattern {
             pattern: "casino".into(),
             kind: PatternType::Contains,
             weight: 0.3,
         });
+        odd
+    }
+
+    #[test]
+    fn entries_of_every_shape_come_back_as_given() {
+        let other = odd_entry();
         let mut sub_only = Entry::new("sub-only.example", true, 0.9, "r", 2);
         sub_only.patterns.remove(0);
         let mut reweighted = Entry::new("mixed.example", true, 1.0, "r", 2);
@@ -436,13 +442,7 @@ mod tests {
 
     #[test]
     fn an_appended_batch_keeps_its_entries_stamps_and_patterns() {
-        let mut odd = Entry::new("odd.example", true, 0.5, "r2", 3);
-        odd.patterns[1].weight = 0.25;
-        odd.patterns.push(Pattern {
-            pattern: "casino".into(),
-            kind: PatternType::Contains,
-            weight: 0.3,
-        });
+        let odd = odd_entry();
         let first = vec![Entry::new("casino.example", true, 1.0, "r", 1), odd.clone()];
         let second = vec![
             odd,
