@@ -135,10 +135,17 @@ fn flags_for(subdomains: bool) -> u8 {
 }
 
 impl State {
+    /// The union of every owner's flags for `hash`.
     fn union(&self, hash: u64) -> u8 {
+        self.union_except(None, hash)
+    }
+
+    /// The union of the flags for `hash` of every owner but `except`.
+    fn union_except(&self, except: Option<Owner>, hash: u64) -> u8 {
         self.owners
-            .values()
-            .filter_map(|rules| rules.get(&hash))
+            .iter()
+            .filter(|(o, _)| Some(**o) != except)
+            .filter_map(|(_, rules)| rules.get(&hash))
             .fold(0, |acc, r| acc | r.flags)
     }
 
@@ -184,7 +191,7 @@ impl State {
         }
         for (hash, known) in keys {
             let want = match known {
-                Some((owner, flags)) => flags | self.union_of_others(owner, hash),
+                Some((owner, flags)) => flags | self.union_except(Some(owner), hash),
                 None => self.union(hash),
             };
             if want == 0 {
@@ -234,15 +241,6 @@ impl State {
         }
         report.total = self.kernel.len();
         Ok(())
-    }
-
-    /// The union of every owner's flags for `hash` but `owner`'s.
-    fn union_of_others(&self, owner: Owner, hash: u64) -> u8 {
-        self.owners
-            .iter()
-            .filter(|(o, _)| **o != owner)
-            .filter_map(|(_, rules)| rules.get(&hash))
-            .fold(0, |acc, r| acc | r.flags)
     }
 
     /// Writes `writes` (keys with their union's flags, each in the mirror already and not yet
