@@ -261,17 +261,16 @@ impl Daemon {
             // socket, say) is not ready yet: the next round reports an exit with its log.
             if let Ok(stream) = UnixStream::connect(self.socket()) {
                 let mut client = ApiClient::from_stream(stream);
-                let frame = b"{\"module\":\"api\",\"action\":\"describe\",\"params\":{}}\n";
                 let ready = client
-                    .send_raw(frame)
+                    .send("api", "describe", json!({}))
                     .and_then(|line| serde_json::from_str::<Value>(&line).ok())
                     .and_then(|reply| reply.get("success").and_then(Value::as_bool));
                 if ready == Some(true) {
                     return;
                 }
                 // Left in the test's output: a daemon that accepts and then closes without an
-                // answer is worth knowing about even when the next round finds it ready.
-                eprintln!("phantomd start-up probe: no answer ({ready:?}); trying again");
+                // answer (`None`) is worth knowing about even when the next round finds it ready.
+                eprintln!("phantomd start-up probe: not ready (success {ready:?}); trying again");
             }
             assert!(
                 Instant::now() < deadline,
@@ -395,13 +394,20 @@ impl ApiClient {
         }
     }
 
-    /// One request; returns the whole envelope.
-    pub fn call(&mut self, module: &str, action: &str, params: Value) -> Value {
+    /// One request; returns the reply's line, or `None` when the connection closed first.
+    pub fn send(&mut self, module: &str, action: &str, params: Value) -> Option<String> {
         let mut frame =
             serde_json::to_vec(&json!({"module": module, "action": action, "params": params}))
                 .unwrap();
         frame.push(b'\n');
-        let line = self.send_raw(&frame).expect("no reply from the daemon");
+        self.send_raw(&frame)
+    }
+
+    /// One request; returns the whole envelope.
+    pub fn call(&mut self, module: &str, action: &str, params: Value) -> Value {
+        let line = self
+            .send(module, action, params)
+            .expect("no reply from the daemon");
         serde_json::from_str(&line).expect("reply is not JSON")
     }
 
