@@ -418,8 +418,10 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     });
     if cli.restart_log {
         // Where the stop and the start spend their time, from the daemon's own lines.
-        const STEPS: [&str; 9] = [
+        const STEPS: [&str; 11] = [
             "SIGTERM",
+            "programs loaded",
+            "program",
             "detached",
             "stopped",
             "starting",

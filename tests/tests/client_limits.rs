@@ -361,6 +361,14 @@ fn a_used_up_quota_throttles_or_blocks_also_after_a_restart() {
     daemon.kill9();
     std::fs::remove_file(bpffs.path().join("PH_CLIENT_LIMIT")).unwrap();
     daemon.restart();
+    // The limit program kept from the first start counts into the old map: verified again.
+    assert!(
+        daemon
+            .log()
+            .contains("program=\"tc_client_limit\" error=datapath: it uses map PH_CLIENT_LIMIT"),
+        "{}",
+        daemon.log()
+    );
     wait_ping(&topo.alice, "alice after the restart");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -167,6 +167,14 @@ fn deny_allow_unblock_and_ttl_in_xdp() {
     // A deny survives kill -9 and restart (pinned map and the state file).
     daemon.kill9();
     daemon.restart();
+    // The restart took the programs the first start verified from their pins.
+    assert!(
+        daemon
+            .log()
+            .contains("programs loaded verified=\"\" adopted=6"),
+        "{}",
+        daemon.log()
+    );
     assert_eq!(
         api(&daemon, &["datapath", "list_denied"])["entries"][0]["address"],
         a6
@@ -383,6 +391,14 @@ fn a_pinned_map_of_another_shape_is_replaced_and_refilled() {
     );
     assert!(
         daemon.log().contains("pinned map has another shape"),
+        "{}",
+        daemon.log()
+    );
+    // The guard kept from the first start uses the old map, so it was verified again.
+    assert!(
+        daemon
+            .log()
+            .contains("program=\"xdp_guard\" error=datapath: it uses map PH_POLICY"),
         "{}",
         daemon.log()
     );

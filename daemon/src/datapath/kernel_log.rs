@@ -20,6 +20,14 @@ use crate::{error::Error, tasks::Shutdown};
 /// The read-only global of the eBPF object that switches the verdict samples on.
 const SAMPLES_GLOBAL: &str = "PH_KERNEL_SAMPLES";
 
+/// The ring buffer the programs log into.
+pub const RING_MAP: &str = "AYA_LOGS";
+
+/// The bytes [`configure`] writes into the object, for the key of a verified program.
+pub fn constants(samples: bool) -> [u8; 2] {
+    [aya_log::Level::Info as u8, u8::from(samples)]
+}
+
 /// Sets the object's log switches before it is loaded: aya-log's level (records up to `info`:
 /// the rare events are `warn` and `info`, the samples `info`) and the samples' switch. Both are
 /// read-only globals, so the verifier drops the code they switch off.

@@ -23,6 +23,7 @@ mod links;
 pub mod metrics;
 pub mod multihop;
 pub mod policy;
+mod program_pins;
 pub mod sni;
 mod uplink;
 
@@ -155,6 +156,9 @@ fn load_object(config: &DatapathConfig, pin_dir: &Path) -> Result<Ebpf, Error> {
             .map_max_entries(names::POLICY_NET_MAP, config.max_policies)
             .map_max_entries(names::DOMAINS_MAP, config.max_domains);
         kernel_log::configure(&mut loader, config.kernel_samples);
+        // Pinned like the object's own maps, so a program kept from an earlier start
+        // (program_pins) logs into the ring buffer this start reads.
+        loader.map_pin_path(kernel_log::RING_MAP, pin_dir.join(kernel_log::RING_MAP));
         let loaded = loader.load(EBPF_OBJECT);
         match loaded {
             Err(aya::EbpfError::MapError(aya::maps::MapError::IncompatiblePinnedMap {
@@ -185,11 +189,22 @@ const PROGRAMS: [&str; 6] = [
     names::TC_CLIENT_LIMIT,
 ];
 
-/// Loads every program, each on its own thread. The kernel's verifier is most of a start
-/// (`tc_dns_filter` alone takes over a second) and verifies privileged loads concurrently, so
-/// the start waits for the slowest program instead of for the sum of them: on a restart that
+/// Loads every program, each on its own thread, or adopts the one an earlier start verified
+/// (program_pins). The kernel's verifier is most of a start (`tc_dns_filter` alone takes over
+/// a second) and verifies privileged loads concurrently, so a first start waits for the
+/// slowest program instead of for the sum of them, and a restart for none: on a restart that
 /// is the time the VPN clients go without a tunnel.
-fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
+fn load_programs(ebpf: &mut Ebpf, pin_dir: &Path, samples: bool) -> Result<(), Error> {
+    let started = std::time::Instant::now();
+    let pins = program_pins::ProgramPins::new(
+        pin_dir,
+        EBPF_OBJECT,
+        &kernel_log::constants(samples),
+        ebpf.maps()
+            .map(|(name, _)| name)
+            .filter(|name| !name.starts_with('.'))
+            .map(|name| (name, pin_dir.join(name))),
+    )?;
     let programs: Vec<(&str, &mut Program)> = ebpf
         .programs_mut()
         .filter(|(name, _)| PROGRAMS.contains(name))
@@ -200,18 +215,20 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
     {
         return Err(Error::Datapath(format!("no {missing} in the object")));
     }
-    std::thread::scope(|scope| {
+    let pins = &pins;
+    let outcome: Result<Vec<&str>, Error> = std::thread::scope(|scope| {
         let loads: Vec<_> = programs
             .into_iter()
             .map(|(name, program)| {
                 let load = std::thread::Builder::new()
                     .name(format!("load {name}"))
-                    .spawn_scoped(scope, move || load_program(name, program));
+                    .spawn_scoped(scope, move || pins.load(name, program));
                 (name, load)
             })
             .collect();
         // Every thread is joined before the first error is returned: none outlives the scope.
         let mut first_error = None;
+        let mut verified = Vec::new();
         for (name, load) in loads {
             let result = match load {
                 Ok(thread) => thread
@@ -221,24 +238,23 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
                     "cannot start a thread to load {name}: {e}"
                 ))),
             };
-            if let Err(e) = result {
-                first_error.get_or_insert(e);
+            match result {
+                Ok(program_pins::Loaded::Verified) => verified.push(name),
+                Ok(program_pins::Loaded::Adopted) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        first_error.map_or(Ok(()), Err)
-    })
-}
-
-fn load_program(name: &str, program: &mut Program) -> Result<(), Error> {
-    match program {
-        Program::Xdp(p) => p.load()?,
-        Program::SchedClassifier(p) => p.load()?,
-        _ => {
-            return Err(Error::Datapath(format!(
-                "{name} in the object is neither XDP nor a TC classifier"
-            )));
-        }
-    }
+        first_error.map_or(Ok(verified), Err)
+    });
+    let verified = outcome?;
+    info!(
+        verified = verified.join(" "),
+        adopted = PROGRAMS.len() - verified.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "programs loaded"
+    );
     Ok(())
 }
 
@@ -288,7 +304,7 @@ impl Datapath {
         let ifindex = uplink::ifindex(&uplink)?;
 
         let mut ebpf = load_object(config, &pin_dir)?;
-        load_programs(&mut ebpf)?;
+        load_programs(&mut ebpf, &pin_dir, config.kernel_samples)?;
         let kernel_log_counts = Arc::new(kernel_log::RecordCounts::default());
         let kernel_log = kernel_log::open(&mut ebpf, Arc::clone(&kernel_log_counts))?;
 
