@@ -304,6 +304,20 @@ async fn serve(
     } else {
         None
     };
+    if let Some(dp) = datapath.clone() {
+        // Every owner of the kernel's domain set has synced: what none claimed goes.
+        match tokio::task::spawn_blocking(move || dp.domains.release_unclaimed()).await {
+            Ok(Ok(report)) if report.deleted > 0 => info!(
+                deleted = report.deleted,
+                "kernel domain set: rules no owner claimed since the start removed"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot remove the kernel domain set's unclaimed rules")
+            }
+            Err(e) => warn!(error = %e, "removing the kernel domain set's unclaimed rules failed"),
+        }
+    }
     let upstreams = Arc::new(Upstreams::open(&config.dns, &config.state_dir)?);
     let egress_mark = EgressMark::default();
     let resolver = if config.dns.listen_addrs()?.is_some_and(|l| l.is_empty())

@@ -1030,9 +1030,25 @@ fn blocklist_rules_reach_the_kernel_filter() {
     );
     let checksum = status["checksum"].clone();
     daemon.kill9();
+    // A rule in the kernel that no owner has (a name removed from the list while the daemon
+    // was down) goes at the start, once the blocklist has claimed its own; those stay.
+    let stray: u64 = 0x5eed_0000_0000_0001;
+    let pinned = aya::maps::MapData::from_pin(bpffs.path().join("PH_DOMAINS")).unwrap();
+    let mut domains: aya::maps::HashMap<_, u64, u8> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(pinned)).unwrap();
+    domains.insert(&stray, &1, 0).unwrap();
     daemon.restart();
     let status = api(&daemon, &["blocklist", "status"]);
     assert_eq!(status["checksum"], checksum);
+    assert_eq!(status["kernel_entries"].as_u64(), Some(3), "{status}");
+    assert!(domains.get(&stray, 0).is_err(), "the stray rule is gone");
+    assert!(
+        daemon
+            .log()
+            .contains("rules no owner claimed since the start removed deleted=1"),
+        "{}",
+        daemon.log()
+    );
     assert_eq!(
         topo.dig(RESOLVER_V4, "exact-only.example", "A", &[]).0,
         "NXDOMAIN"

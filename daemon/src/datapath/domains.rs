@@ -168,16 +168,20 @@ impl State {
         hashes: impl IntoIterator<Item = u64>,
         report: &mut SyncReport,
     ) -> Result<(), Error> {
-        self.apply_known(hashes.into_iter().map(|hash| (hash, None)), report)
+        self.apply_known(hashes.into_iter().map(|hash| (hash, None)), 0, report)
     }
 
     /// [`State::apply`], for keys that may come with their owner's flags already known:
     /// `(hash, Some((owner, flags)))` says `owner`'s rule for `hash` has `flags` (so the union
     /// needs only the other owners' rules; a large import's keys are in no other owner's
-    /// table, and its own is the largest to look in again).
+    /// table, and its own is the largest to look in again). `new_keys` is how many keys are
+    /// likely new to the mirror, the room reserved for them up front: not the count of `keys`,
+    /// which also holds keys being removed or already in the kernel (a start passes every key
+    /// twice), and reserving for those would double the mirror's memory.
     fn apply_known(
         &mut self,
         keys: impl Iterator<Item = (u64, Option<(Owner, u8)>)>,
+        new_keys: usize,
         report: &mut SyncReport,
     ) -> Result<(), Error> {
         // Each write with what the mirror held before it. The mirror takes the write at once,
@@ -185,9 +189,8 @@ impl State {
         // what the kernel does not take is put back before it goes one key at a time.
         let mut writes: Vec<(u64, u8, Option<u8>)> = Vec::new();
         let mut deletions = Vec::new();
-        let expected = keys.size_hint().0;
-        if expected >= BATCH_FROM {
-            self.kernel.reserve(expected);
+        if new_keys >= BATCH_FROM {
+            self.kernel.reserve(new_keys);
         }
         for (hash, known) in keys {
             let want = match known {
@@ -534,11 +537,15 @@ impl DomainFilter {
         }
         state.owners.insert(Owner::Operator, rules);
         state.operator_names = operator_names;
+        // Only the operator's keys now. The kernel's other keys stay as the last run left
+        // them until the blocklist, which owns nearly all of them, has claimed its own
+        // (`release_unclaimed`): removing them here would empty the set of a million names
+        // one key at a time before WireGuard is up, and write it again right after.
         let mut report = SyncReport::default();
         let keys: Vec<u64> = state
-            .kernel
-            .keys()
-            .chain(state.owners.values().flat_map(|r| r.keys()))
+            .owners
+            .values()
+            .flat_map(|r| r.keys())
             .copied()
             .collect();
         state.apply(keys, &mut report)?;
@@ -547,6 +554,22 @@ impl DomainFilter {
             path,
             hasher,
         })
+    }
+
+    /// Removes the keys the kernel kept from the last run that no owner has claimed since the
+    /// start. Called once every owner has synced (after the blocklist's start, or at once
+    /// without a blocklist); until then those keys go on blocking as before the restart.
+    pub fn release_unclaimed(&self) -> Result<SyncReport, Error> {
+        let mut state = self.lock()?;
+        let unclaimed: Vec<u64> = state
+            .kernel
+            .keys()
+            .copied()
+            .filter(|hash| state.union(*hash) == 0)
+            .collect();
+        let mut report = SyncReport::default();
+        state.apply(unclaimed, &mut report)?;
+        Ok(report)
     }
 
     /// The installation's domain hash (the blocklist's matcher keys its rules by it too).
@@ -724,11 +747,14 @@ impl DomainFilter {
             previous.push((hash, before));
         }
         state.owners.insert(owner, rules);
+        // The owner's new keys: in no other owner's table for a large import.
+        let new_keys = known.iter().filter(|k| k.is_some()).count();
         state.apply_known(
             previous
                 .iter()
                 .zip(known)
                 .map(|((hash, _), known)| (*hash, known)),
+            new_keys,
             &mut report,
         )?;
         Ok((report, DomainSetUndo { owner, previous }))
