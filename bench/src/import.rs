@@ -61,11 +61,11 @@ fn memory_row(label: &str, m: &Memory) -> String {
 }
 
 /// The daemon's settings: the resolver bench's (resolver on, datapath off) unless `bpffs`.
-fn config(uplink: &str, bpffs: Option<&Path>) -> DaemonConfig {
+fn config(uplink: &str, bpffs: Option<&Path>, log: bool) -> DaemonConfig {
     let mut config = DaemonConfig::new(uplink, bpffs.unwrap_or(Path::new("/nonexistent")));
     config.datapath_enabled = bpffs.is_some();
     config.metrics_listen = "off".into();
-    config.log_level = "warn".into();
+    config.log_level = if log { "info" } else { "warn" }.into();
     config.dns_section =
         "listen = \"127.0.0.4:53\"\nprimary = \"127.0.0.2\"\nsecondary = \"127.0.0.2\"\n".into();
     config.blocklist_extra = "sync_interval_seconds = 0\n".into();
@@ -105,7 +105,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
 
     // Without the datapath, as the resolver bench runs it.
     let ns = NetNs::new("phbench-imp");
-    let mut daemon = Daemon::start(&ns, &config("lo", None));
+    let mut daemon = Daemon::start(&ns, &config("lo", None, false));
     let pid = daemon.pid().ok_or("phantomd is not running")?;
     memory_rows.push(memory_row("started, empty list", &memory(pid)));
     let (seconds, reply) = import(&daemon, &list);
@@ -143,7 +143,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     let bpffs = BpffsDir::new();
     let daemon = Daemon::start(
         &link.server,
-        &config(GuardedLink::SERVER_DEV, Some(bpffs.path())),
+        &config(GuardedLink::SERVER_DEV, Some(bpffs.path()), cli.restart_log),
     );
     let pid = daemon.pid().ok_or("phantomd is not running")?;
     let (seconds, reply) = import(&daemon, &list);
@@ -170,6 +170,12 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         &format!("datapath on, after a restart with {n} domains"),
         &memory(pid),
     ));
+    if cli.restart_log {
+        // Where that restart spends its time, from the daemon's own lines.
+        for line in daemon.log().lines().filter(|l| l.contains(" INFO ")) {
+            eprintln!("{line}");
+        }
+    }
     drop(daemon);
 
     table(

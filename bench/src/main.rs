@@ -165,7 +165,8 @@ struct Cli {
     /// How often each client of the restart benchmark pings the server (milliseconds).
     #[arg(long, default_value_t = 100)]
     restart_ping_ms: u64,
-    /// Print the daemon's start and stop lines of the restart benchmark (to stderr).
+    /// Print the daemon's start and stop lines of the restart benchmark, and the info lines of
+    /// the import benchmark's daemon with the datapath (to stderr).
     #[arg(long)]
     restart_log: bool,
 }

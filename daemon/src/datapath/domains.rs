@@ -407,6 +407,69 @@ fn update_batch(map: &MapData, keys: &[u64], values: &[u8]) -> usize {
     }
 }
 
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Every (key, flags) of the domain map, `BATCH_KEYS` a system call (`BPF_MAP_LOOKUP_BATCH`,
+/// Linux 5.6): a start reads back a set of a million keys in about 60 calls instead of two
+/// million. `None` when the kernel cannot (no batch lookups, or a bucket larger than a batch):
+/// the caller then walks the map key by key.
+fn lookup_all(map: &MapData) -> Option<Vec<(u64, u8)>> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let mut keys = vec![0u64; BATCH_KEYS];
+    let mut values = vec![0u8; BATCH_KEYS];
+    let mut found = Vec::new();
+    // The hash map's position between calls is a bucket number (u32).
+    let mut position: u32 = 0;
+    let mut next: u32 = 0;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &position as *const u32 as u64
+            },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH_KEYS as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `keys` and `values` have room for `count` keys of the map's key size (8
+        // bytes) and values of its value size (1 byte); `position` and `next` are the u32
+        // the hash map's batch position is; all outlive the call, and the kernel writes only
+        // into them and `attr`.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as libc::c_uint,
+            )
+        };
+        let errno = (result != 0).then(|| std::io::Error::last_os_error().raw_os_error());
+        let got = (attr.count as usize).min(BATCH_KEYS);
+        match errno {
+            None => {}
+            // The end of the map, with its last keys.
+            Some(Some(libc::ENOENT)) => {}
+            Some(_) => return None,
+        }
+        found.extend(
+            keys[..got]
+                .iter()
+                .copied()
+                .zip(values[..got].iter().copied()),
+        );
+        if errno.is_some() {
+            return Some(found);
+        }
+        position = next;
+        first = false;
+    }
+}
+
 /// Whether the kernel refused an insert because the map is full (`E2BIG`).
 fn is_full(e: &aya::maps::MapError) -> bool {
     matches!(e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG))
@@ -504,7 +567,10 @@ impl DomainFilter {
         }
         let path = state_dir.join("datapath-domains.json");
         let operator_names: BTreeMap<String, bool> = store::read_json(&path)?;
-        let kernel: KeyMap<u8> = map.iter().filter_map(Result::ok).collect();
+        let kernel: KeyMap<u8> = match lookup_all(map.map()) {
+            Some(entries) => entries.into_iter().collect(),
+            None => map.iter().filter_map(Result::ok).collect(),
+        };
         let mut state = State {
             map,
             kernel,
