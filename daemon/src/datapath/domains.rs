@@ -355,8 +355,9 @@ const BATCH_FROM: usize = 64;
 /// Keys per batch call.
 const BATCH_KEYS: usize = 16_384;
 
-/// `bpf(2)`'s command for a batch of map updates (Linux 5.6).
+/// `bpf(2)`'s commands for a batch of map updates and of look-ups (Linux 5.6).
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// The batch part of `union bpf_attr` (`struct { in_batch, out_batch, keys, values, count,
 /// map_fd, elem_flags, flags }`).
@@ -371,6 +372,29 @@ struct BatchAttr {
     map_fd: u32,
     elem_flags: u64,
     flags: u64,
+}
+
+/// One batch command of the `bpf` system call on `attr`; the errno when it fails.
+///
+/// # Safety
+/// Every pointer in `attr` must be valid for what `command` reads or writes through it, for
+/// `attr.count` elements of the map's key and value sizes, for the whole call.
+unsafe fn batch_call(command: libc::c_long, attr: &mut BatchAttr) -> Result<(), Option<i32>> {
+    // SAFETY: the caller vouches for the pointers in `attr`; `attr` itself is a valid
+    // `bpf_attr` prefix of the size passed.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error())
+    }
 }
 
 /// Writes `keys` with `values` (one byte each, the domain map's value) into `map` in one
@@ -389,15 +413,8 @@ fn update_batch(map: &MapData, keys: &[u64], values: &[u8]) -> usize {
     // SAFETY: `attr` points the kernel at `count` keys of the map's key size (8 bytes, u64)
     // and `count` values of its value size (1 byte), both alive for the call; the kernel reads
     // them and writes back only `attr.count`, inside `attr`, which outlives the call.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as libc::c_uint,
-        )
-    };
-    if result == 0 {
+    let result = unsafe { batch_call(BPF_MAP_UPDATE_BATCH, &mut attr) };
+    if result.is_ok() {
         count
     } else {
         // On an error the kernel reports how many it wrote before it; a kernel that does not
@@ -406,8 +423,6 @@ fn update_batch(map: &MapData, keys: &[u64], values: &[u8]) -> usize {
         if written < count { written } else { 0 }
     }
 }
-
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// Every (key, flags) of the domain map, `BATCH_KEYS` a system call (`BPF_MAP_LOOKUP_BATCH`,
 /// Linux 5.6): a start reads back a set of a million keys in about 60 calls instead of two
@@ -440,22 +455,14 @@ fn lookup_all(map: &MapData) -> Option<Vec<(u64, u8)>> {
         // bytes) and values of its value size (1 byte); `position` and `next` are the u32
         // the hash map's batch position is; all outlive the call, and the kernel writes only
         // into them and `attr`.
-        let result = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as libc::c_uint,
-            )
-        };
-        let errno = (result != 0).then(|| std::io::Error::last_os_error().raw_os_error());
+        let result = unsafe { batch_call(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let got = (attr.count as usize).min(BATCH_KEYS);
-        match errno {
-            None => {}
+        let errno = match result {
+            Ok(()) => None,
             // The end of the map, with its last keys.
-            Some(Some(libc::ENOENT)) => {}
-            Some(_) => return None,
-        }
+            Err(Some(libc::ENOENT)) => Some(libc::ENOENT),
+            Err(_) => return None,
+        };
         found.extend(
             keys[..got]
                 .iter()
