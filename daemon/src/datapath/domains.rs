@@ -433,17 +433,12 @@ fn lookup_all(map: &MapData) -> Option<Vec<(u64, u8)>> {
     let mut keys = vec![0u64; BATCH_KEYS];
     let mut values = vec![0u8; BATCH_KEYS];
     let mut found = Vec::new();
-    // The hash map's position between calls is a bucket number (u32).
-    let mut position: u32 = 0;
+    // The hash map's position between calls is a bucket number (u32); none on the first.
+    let mut position: Option<u32> = None;
     let mut next: u32 = 0;
-    let mut first = true;
     loop {
         let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &position as *const u32 as u64
-            },
+            in_batch: position.as_ref().map_or(0, |p| p as *const u32 as u64),
             out_batch: &mut next as *mut u32 as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
@@ -457,10 +452,10 @@ fn lookup_all(map: &MapData) -> Option<Vec<(u64, u8)>> {
         // into them and `attr`.
         let result = unsafe { batch_call(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let got = (attr.count as usize).min(BATCH_KEYS);
-        let errno = match result {
-            Ok(()) => None,
+        let end = match result {
+            Ok(()) => false,
             // The end of the map, with its last keys.
-            Err(Some(libc::ENOENT)) => Some(libc::ENOENT),
+            Err(Some(libc::ENOENT)) => true,
             Err(_) => return None,
         };
         found.extend(
@@ -469,11 +464,10 @@ fn lookup_all(map: &MapData) -> Option<Vec<(u64, u8)>> {
                 .copied()
                 .zip(values[..got].iter().copied()),
         );
-        if errno.is_some() {
+        if end {
             return Some(found);
         }
-        position = next;
-        first = false;
+        position = Some(next);
     }
 }
 
