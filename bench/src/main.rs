@@ -15,7 +15,8 @@
 //!   the public API of the real daemon over HTTP (deltas, full-list throughput).
 //! - `import`: a large list imported through the admin socket into the real daemon (with and
 //!   without the kernel's domain set), and the daemon's memory with it.
-//! - `resolver`: the real daemon's DNS resolver against dnsmasq (dnsperf).
+//! - `resolver`: the real daemon's DNS resolver against dnsmasq (dnsperf), beside the floor
+//!   any socket server has on the machine (`udp_floor`).
 //! - `sentry`: the sentry proxy against its upstream (wrk), challenge issue and proof
 //!   verification per core, and the reference solver per difficulty.
 //! - `admin`: one action over the admin socket and over the HTTPS admin API, interleaved.
@@ -61,6 +62,7 @@ mod restart;
 mod sentry;
 mod sentry_page;
 mod sni;
+mod udp_floor;
 mod xdp;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -172,6 +174,10 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // The resolver table's floor server is this binary, started by the bench itself.
+    if let Ok(addr) = std::env::var(udp_floor::ENV) {
+        udp_floor::serve(&addr);
+    }
     let cli = Cli::parse();
     if cli.kernel_samples {
         println!(

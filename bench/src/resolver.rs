@@ -1,7 +1,9 @@
 //! `resolver`: Phantom's resolver (the real daemon) against dnsmasq, both holding the same
 //! 1,000,000 blocked domains and forwarding to the same upstream dnsmasq, in a private
 //! namespace on loopback: dnsperf on the blocked path and on the cached path, with each
-//! server's CPU time.
+//! server's CPU time. Beside them the floor (`udp_floor`): the same datagrams answered with no
+//! DNS work, which bounds the ratio any socket server can reach against dnsmasq per
+//! CPU-second on this machine.
 
 use std::{
     path::Path,
@@ -9,11 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use phantom_tests::{Daemon, DaemonConfig, DnsmasqOptions, NetNs, api, dnsmasq_with};
+use phantom_tests::{Daemon, DaemonConfig, DnsmasqOptions, NetNs, Process, api, dnsmasq_with};
 
 use crate::{
     BoxError, Cli,
     report::{percentile, rss_of, settle, table},
+    udp_floor,
 };
 
 /// Runs a command; its stdout, or an error with its stderr.
@@ -213,6 +216,18 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The floor: this binary answering every datagram with itself, no DNS work (udp_floor).
+    let floor = Process::spawn(
+        "udp floor",
+        ns.command(std::env::current_exe()?)
+            .env(udp_floor::ENV, "127.0.0.5:53"),
+    );
+    while dnsperf(&ns, "127.0.0.5", &probe, 1, "NOERROR").map_or(true, |r| r.3 < 1.0) {
+        if loading.elapsed() > Duration::from_secs(300) {
+            return Err("the floor server did not answer".into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let phantom_pid = phantom.pid().ok_or("phantomd is not running")?;
     // Both idle first: the reply to the import can come before the work it started ends.
     settle(phantom_pid);
@@ -250,6 +265,8 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
             dnsperf_cpu(&ns, "127.0.0.3", dm.id(), path, seconds, expect)?;
         let (pq, p50, p99, pshare, p) =
             dnsperf_cpu(&ns, "127.0.0.4", phantom_pid, path, seconds, expect)?;
+        let (fq, f50, f99, fshare, f) =
+            dnsperf_cpu(&ns, "127.0.0.5", floor.id(), path, seconds, "NOERROR")?;
         ratios.push(pq / dq);
         rows.push(format!(
             "| {label} | dnsmasq | {dq:.0} | {d50:.3} | {d99:.3} | {:.1} % | {:.2} | {:.2} / {:.2} | {:.0} | {:.0} | |",
@@ -271,6 +288,17 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
             pq / dq,
             d.cpu_us / p.cpu_us.max(1e-9)
         ));
+        rows.push(format!(
+            "| {label} | floor: datagrams echoed, no DNS work | {fq:.0} | {f50:.3} | {f99:.3} | {:.1} % | {:.2} | {:.2} / {:.2} | {:.0} | {:.0} | the most any socket server reaches: **{:.2}x** dnsmasq per CPU-second; phantom is at {:.0} % of the floor's queries per CPU-second |",
+            fshare * 100.0,
+            f.cpu_us,
+            f.user_us,
+            f.system_us,
+            f.switches_per_k,
+            1e6 / f.cpu_us.max(1e-9),
+            d.cpu_us / f.cpu_us.max(1e-9),
+            100.0 * f.cpu_us / p.cpu_us.max(1e-9)
+        ));
     }
     rows.push(format!(
         "| memory with {n} domains | dnsmasq {rss_dnsmasq:.0} MiB | phantom {rss_phantom:.0} MiB (goal <= 150 MB = 143 MiB) | | | | | | | | |"
@@ -281,7 +309,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     table(
         "Resolver: Phantom against dnsmasq with the same 1,000,000-domain list",
         &format!(
-            "both forward to the same upstream dnsmasq on loopback inside a private namespace; dnsperf (4 clients, 200 outstanding, {seconds} s per run, after a warm-up pass) on 100,000 blocked names (half of them subdomains, A and AAAA) and on 5,000 cacheable names; latencies from dnsperf's per-query report; server CPU (user + system, all threads) and context switches from /proc over each run; phantom is the real daemon with its default settings (lookalike detection on)"
+            "both forward to the same upstream dnsmasq on loopback inside a private namespace; dnsperf (4 clients, 200 outstanding, {seconds} s per run, after a warm-up pass) on 100,000 blocked names (half of them subdomains, A and AAAA) and on 5,000 cacheable names; latencies from dnsperf's per-query report; server CPU (user + system, all threads) and context switches from /proc over each run; phantom is the real daemon with its default settings (lookalike detection on); the floor is a server that sends each query back flagged as an answer through the same recvmmsg/sendmmsg batches of 64 as phantom's UDP worker, with no DNS work: what the kernel charges per datagram in and out"
         ),
         "| path | server | queries/s | p50 ms | p99 ms | expected answers | server CPU µs/query | user / system µs/query | context switches per 1,000 queries | queries per CPU-second | phantom / dnsmasq |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         &rows,
