@@ -10,6 +10,47 @@
 //! of one cache line on average. The whole table is in key order, so growing it is one pass.
 //! Key 0 marks an empty slot; a rule whose key is 0 is kept beside the slots.
 
+/// A table this large is kept on transparent huge pages: a look-up lands on a random slot, and
+/// with 4 KiB pages each one also misses the TLB (a page walk, two-dimensional in a virtual
+/// machine). A million rules take about 20 MiB: ten 2 MiB pages instead of 5,000 small ones.
+const HUGE_PAGES_FROM: usize = 4 << 20;
+const HUGE_PAGE: usize = 2 << 20;
+
+/// The whole 2 MiB pages inside `v`'s allocation, when `v` is large enough to want them.
+fn huge_range<T>(v: &Vec<T>) -> Option<(*mut libc::c_void, usize)> {
+    let bytes = v.capacity() * std::mem::size_of::<T>();
+    if bytes < HUGE_PAGES_FROM {
+        return None;
+    }
+    let start = (v.as_ptr() as usize).next_multiple_of(HUGE_PAGE);
+    let end = (v.as_ptr() as usize + bytes) / HUGE_PAGE * HUGE_PAGE;
+    (end > start).then_some((start as *mut libc::c_void, end - start))
+}
+
+/// Before `v` is written: its whole 2 MiB pages are to be huge ones. Memory the allocator maps
+/// afresh is then faulted in as huge pages.
+fn advise_huge_pages<T>(v: &Vec<T>) {
+    if let Some((start, len)) = huge_range(v) {
+        // SAFETY: the range lies inside `v`'s live allocation; the advice changes how the
+        // kernel backs those pages, never their contents.
+        unsafe {
+            libc::madvise(start, len, libc::MADV_HUGEPAGE);
+        }
+    }
+}
+
+/// After `v` is written: memory the allocator reused (already faulted in as small pages) is
+/// copied into huge pages now, not whenever the kernel's background scan gets to it; pages
+/// that are huge already are left as they are. Where the kernel cannot (older than 6.1,
+/// transparent huge pages off, no free 2 MiB page) the call fails and nothing changes: the
+/// table works the same, with more TLB misses. Whether the whole pages are huge now.
+fn collapse_huge_pages<T>(v: &Vec<T>) -> bool {
+    huge_range(v).is_some_and(|(start, len)| {
+        // SAFETY: as in `advise_huge_pages`; a collapse keeps the contents.
+        unsafe { libc::madvise(start, len, libc::MADV_COLLAPSE) == 0 }
+    })
+}
+
 /// Empty slots past the last home, where the last runs spill over (more are added when a run
 /// reaches the end).
 const SPILL: usize = 64;
@@ -128,6 +169,7 @@ impl<V: Copy + Default> RuleTable<V> {
         let old = std::mem::take(&mut self.slots);
         self.homes = (((self.len + items.len()) as f64 / TARGET_LOAD).ceil() as usize).max(16);
         let mut slots = Vec::with_capacity(self.homes + SPILL);
+        advise_huge_pages(&slots);
         let mut old = old.into_iter().filter(|s| s.0 != 0).peekable();
         let mut new = items.iter().copied().peekable();
         self.len = 0;
@@ -150,6 +192,7 @@ impl<V: Copy + Default> RuleTable<V> {
         }
         let end = slots.len().max(self.homes) + SPILL;
         slots.resize(end, (0, V::default()));
+        let _ = collapse_huge_pages(&slots);
         self.slots = slots;
     }
 
@@ -191,6 +234,7 @@ impl<V: Copy + Default> RuleTable<V> {
         let old = std::mem::take(&mut self.slots);
         self.homes = ((len as f64 / TARGET_LOAD).ceil() as usize).max(16);
         let mut slots = Vec::with_capacity(self.homes + SPILL);
+        advise_huge_pages(&slots);
         for (k, v) in old.into_iter().filter(|s| s.0 != 0) {
             let at = self.home(k).max(slots.len());
             slots.resize(at, (0, V::default()));
@@ -198,6 +242,7 @@ impl<V: Copy + Default> RuleTable<V> {
         }
         let end = slots.len().max(self.homes) + SPILL;
         slots.resize(end, (0, V::default()));
+        let _ = collapse_huge_pages(&slots);
         self.slots = slots;
     }
 }
@@ -307,5 +352,54 @@ mod tests {
             "{}",
             table.bytes()
         );
+    }
+
+    /// The `AnonHugePages` of the mapping holding `addr`, from /proc/self/smaps.
+    fn huge_kib_at(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((lo, hi)) = range.split_once('-')
+                && let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                inside = (lo..hi).contains(&addr);
+            } else if inside && let Some(v) = line.strip_prefix("AnonHugePages:") {
+                return v.trim().trim_end_matches(" kB").parse().unwrap();
+            }
+        }
+        0
+    }
+
+    /// A table of a million rules sits on huge pages once built, wherever the kernel can give
+    /// them (the collapse says so); a small one is left alone.
+    #[test]
+    fn a_large_table_is_on_huge_pages() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut keys: Vec<(u64, u32)> = (0..1_000_000u32)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x | 1, i)
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup_by_key(|k| k.0);
+        let mut table: RuleTable<u32> = RuleTable::default();
+        table.merge(&keys);
+        let (start, _) = huge_range(&table.slots).unwrap();
+        if collapse_huge_pages(&table.slots) {
+            assert!(huge_kib_at(start as usize) >= 2048);
+        } else {
+            eprintln!("the kernel gives no huge pages here (MADV_COLLAPSE failed): not checked");
+        }
+        for (k, v) in keys.iter().step_by(997) {
+            assert_eq!(table.get(*k), Some(v));
+        }
+        let mut small: RuleTable<u32> = RuleTable::default();
+        small.merge(&keys[..1000]);
+        assert!(huge_range(&small.slots).is_none());
     }
 }
