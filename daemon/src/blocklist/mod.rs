@@ -1220,16 +1220,23 @@ impl Blocklist {
 
     fn sync_kernel_full(&self) {
         if let Some(dp) = &self.datapath {
-            let rules: Vec<(String, bool)> = self
-                .read()
+            // The names are borrowed from the list (read-locked for the call): a copy of each
+            // would be a million small allocations at a start, freed right after.
+            let state = self.read();
+            let rules: Vec<(&str, bool)> = state
                 .entries
                 .iter()
                 .filter_map(|(d, l)| {
                     let (exact, sub) = l.weights();
-                    self.kernel_flags(exact, sub).map(|s| (d.to_string(), s))
+                    self.kernel_flags(exact, sub).map(|s| (d, s))
                 })
                 .collect();
-            match dp.domains.replace(Owner::Blocklist, &rules) {
+            let result = dp.domains.replace(Owner::Blocklist, &rules);
+            drop(rules);
+            drop(state);
+            // The kernel set's transient memory (the keys touched, the old rules) goes back.
+            release_free_memory();
+            match result {
                 Ok(r) => {
                     for clash in &r.refused {
                         warn!(domain = %clash.name, other = %clash.other, "not in the kernel set: its key is taken");

@@ -686,13 +686,18 @@ impl DomainFilter {
     /// Replaces all of `owner`'s rules with `rules` (normalised names, covers-subdomains).
     /// A name whose key another name holds (of any owner, or earlier in `rules`) is left out
     /// and listed in the report.
-    pub fn replace(&self, owner: Owner, rules: &[(String, bool)]) -> Result<SyncReport, Error> {
+    pub fn replace<N: AsRef<str>>(
+        &self,
+        owner: Owner,
+        rules: &[(N, bool)],
+    ) -> Result<SyncReport, Error> {
         let mut state = self.lock()?;
         let old = state.owners.remove(&owner).unwrap_or_default();
         let mut new: KeyMap<Rule> =
             KeyMap::with_capacity_and_hasher(rules.len(), Default::default());
         let mut report = SyncReport::default();
         for (name, sub) in rules {
+            let name = name.as_ref();
             let hash = self.hasher.hash(name);
             let tag = self.hasher.tag(name);
             if let Some(clash) = self.clash_in(&state, name, hash, tag) {
@@ -703,12 +708,11 @@ impl DomainFilter {
                 Some(r) if r.tag != tag => {
                     let other = rules
                         .iter()
-                        .map(|(n, _)| n)
+                        .map(|(n, _)| n.as_ref())
                         .find(|n| *n != name && self.hasher.hash(n) == hash)
-                        .cloned()
-                        .unwrap_or_else(|| owner.describe().to_string());
+                        .map_or_else(|| owner.describe().to_string(), str::to_string);
                     report.refused.push(KeyClash {
-                        name: name.clone(),
+                        name: name.to_string(),
                         other,
                     });
                 }
