@@ -197,6 +197,14 @@ pub enum Rejection {
 /// Failed proofs a source may post in 5 s before its proofs are refused unverified.
 pub const FAILED_PROOFS_PER_WINDOW: u64 = 8;
 
+/// Failures (failed or refused proofs, forged cookies) from one source in 5 s past which it is
+/// dropped in the kernel at once, not after the once-a-second escalation reaches
+/// `hard_block_after`: eight times what the gate lets through unverified, which no honest
+/// client comes near (a browser posts a proof once, and again only after a new challenge). A
+/// fast forger used to spend its thousands of proofs inside the two or three seconds the
+/// escalation takes, and stop before it arrived.
+pub const FLOOD_FAILURES_PER_WINDOW: u64 = 8 * FAILED_PROOFS_PER_WINDOW;
+
 impl Rejection {
     pub const ALL: [Rejection; 9] = [
         Rejection::Malformed,

@@ -1055,10 +1055,19 @@ impl Sentry {
         Ok(count)
     }
 
-    /// A failed proof or a forged cookie: counted against the source, and a violation.
+    /// A failed proof or a forged cookie: counted against the source, and a violation. A
+    /// source past `FLOOD_FAILURES_PER_WINDOW` in one window goes to the kernel now, for as
+    /// long as a penalty just past `hard_block_after` would keep it there.
     async fn failure(&self, source: Source, t: &Tunables) {
-        self.detector.count_failure(source, Instant::now());
+        let instant = Instant::now();
+        let failures = self.detector.count_failure(source, instant);
         let _ = self.raise(source, t).await;
+        if failures >= challenge::FLOOD_FAILURES_PER_WINDOW
+            && !self.penalties.is_blocked(source, instant)
+        {
+            let count = t.hard_block_after.saturating_add(1);
+            self.hard_block(source, penalty::block_ttl(t, count)).await;
+        }
     }
 
     async fn challenge(
