@@ -499,18 +499,22 @@ fn idle_floods_and_slowloris_on_every_listener_leave_the_daemon_answering() {
         "no ping through the WireGuard tunnel under the flood"
     );
     everyone_answers("under the flood");
-    // The caps hold: each listener has exactly the attacker's per-source share open (and, on
-    // /metrics, this scrape).
+    // The caps hold: no listener has more than the attacker's per-source share open (and, on
+    // /metrics, this scrape); exactly that share, where the listener's header deadline has not
+    // yet closed the first of them (a slow machine takes seconds to make the flood; the refusals
+    // checked below show every cap was full while it came).
     let metrics = scrape(&link);
+    let since_flood = started.elapsed();
     for t in TARGETS {
         let open = metric_value(
             &metrics,
             &format!("phantom_http_connections{{listener=\"{}\"}}", t.listener),
         )
         .unwrap();
+        let full = since_flood < t.header_timeout;
         assert!(
-            open >= t.per_source as f64 && open <= (t.per_source + 1) as f64,
-            "{}: {open} connections open (per-source cap {})\n{metrics}",
+            open <= (t.per_source + 1) as f64 && (!full || open >= t.per_source as f64),
+            "{}: {open} connections open (per-source cap {}) {since_flood:?} after the flood began\n{metrics}",
             t.listener,
             t.per_source
         );
