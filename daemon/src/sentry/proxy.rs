@@ -728,7 +728,7 @@ impl Proxy {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 // An upstream that stops sending mid-answer is cut off after the same wait.
-                let body = tower_http::timeout::TimeoutBody::new(self.upstream_timeout, body);
+                let body = super::upstream::StallTimeoutBody::new(self.upstream_timeout, body);
                 Response::from_parts(parts, body.boxed())
             }
             Err(_) => {

@@ -175,6 +175,76 @@ impl Upstream {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// The upstream's answer body, cut off with an error once the upstream has sent nothing
+    /// for `timeout` while the answer is unfinished. The timer is armed only while the body
+    /// has nothing to give: most answers arrive whole with their head, and their frames cost
+    /// no timer. (tower-http's `TimeoutBody` armed and cleared one before every frame, two or
+    /// three timers a request on the proxy's path; docs/benchmarks.md, fourteenth stop.)
+    pub struct StallTimeoutBody<B> {
+        timeout: Duration,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+        #[pin]
+        body: B,
+    }
+}
+
+impl<B> StallTimeoutBody<B> {
+    pub fn new(timeout: Duration, body: B) -> Self {
+        Self {
+            timeout,
+            sleep: None,
+            body,
+        }
+    }
+}
+
+impl<B> hyper::body::Body for StallTimeoutBody<B>
+where
+    B: hyper::body::Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, BoxError>>> {
+        use std::task::Poll;
+        let mut this = self.project();
+        if let Poll::Ready(frame) = this.body.poll_frame(cx) {
+            if this.sleep.is_some() {
+                this.sleep.set(None);
+            }
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        // Nothing to give: the wait counts from the first poll that found nothing.
+        if this.sleep.is_none() {
+            this.sleep.set(Some(tokio::time::sleep(*this.timeout)));
+        }
+        if let Some(sleep) = this.sleep.as_pin_mut()
+            && sleep.poll(cx).is_ready()
+        {
+            return Poll::Ready(Some(Err(format!(
+                "the upstream sent nothing for {} s in the middle of its answer",
+                this.timeout.as_secs_f64()
+            )
+            .into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -285,6 +355,47 @@ mod tests {
             body(up.send(get(Some("c"))).await.unwrap()).await;
         }
         assert_eq!(accepted.load(Ordering::Relaxed), 4);
+    }
+
+    /// An answer that arrives whole is passed through; one whose upstream stops half way is
+    /// cut off with an error after the wait, not held open.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_answer_that_stalls_half_way_is_cut_off() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = [0u8; 1024];
+                    let n = stream.read(&mut head).await.unwrap_or(0);
+                    let stall = head[..n].starts_with(b"GET /stall");
+                    let answer: &[u8] = if stall {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nwhole"
+                    };
+                    let _ = stream.write_all(answer).await;
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                });
+            }
+        });
+        let up = Upstream::new(addr.to_string().parse().unwrap());
+        let wait = Duration::from_millis(200);
+        let r = up.send(get(Some("a"))).await.unwrap();
+        let whole = StallTimeoutBody::new(wait, r.into_body()).collect().await;
+        assert_eq!(whole.unwrap().to_bytes().as_ref(), b"whole");
+
+        // A connection of its own: the site answers one request per connection.
+        let up = Upstream::new(addr.to_string().parse().unwrap());
+        let mut req = get(Some("a"));
+        *req.uri_mut() = "/stall".parse().unwrap();
+        let r = up.send(req).await.unwrap();
+        let started = Instant::now();
+        let cut = StallTimeoutBody::new(wait, r.into_body()).collect().await;
+        assert!(cut.is_err(), "a stalled answer ended without an error");
+        let took = started.elapsed();
+        assert!(took >= wait && took < Duration::from_secs(4), "{took:?}");
     }
 
     #[tokio::test(flavor = "current_thread")]
