@@ -304,6 +304,9 @@ fn reached_total(topo: &Topology) -> f64 {
     phantom_tests::metric_value(&metrics, "phantom_client_quota_reached_total").unwrap_or(-1.0)
 }
 
+/// Seconds a throttled client's rate is counted over (see where the download is measured).
+const FLOOR_SECS: u32 = 6;
+
 #[test]
 fn a_used_up_quota_throttles_or_blocks_also_after_a_restart() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -342,8 +345,12 @@ fn a_used_up_quota_throttles_or_blocks_also_after_a_restart() {
         "{state}"
     );
     assert_eq!(state["usage"]["quota_reached"], true, "{state}");
-    let floor = iperf(&topo.alice, 5201, true, 3);
-    assert!(within(floor, 5.0), "throttled download: {floor:.2} Mbit/s");
+    // Measured over 6 s, not 3: at the floor the bucket's least depth (1 MiB) is 1.7 s of
+    // the rate, and what it holds when the count starts and ends moves a 3 s average by up to
+    // a tenth (one CI run counted 5.31 Mbit/s, 10.2 % above).
+    let floor_down = iperf(&topo.alice, 5201, true, FLOOR_SECS);
+    eprintln!("throttled download: {floor_down:.2} Mbit/s");
+    assert!(within(floor_down, 5.0), "throttled download: {floor_down:.2} Mbit/s");
     // The log line and the metric (the daemon looks every 5 s).
     let deadline = Instant::now() + Duration::from_secs(10);
     while reached_total(&topo) < 1.0 {
@@ -382,7 +389,7 @@ fn a_used_up_quota_throttles_or_blocks_also_after_a_restart() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-    let floor = iperf(&topo.alice, 5201, false, 3);
+    let floor = iperf(&topo.alice, 5201, false, FLOOR_SECS);
     assert!(
         within(floor, 5.0),
         "throttled upload after the restart: {floor:.2} Mbit/s"
