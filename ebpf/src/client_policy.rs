@@ -110,7 +110,7 @@ fn meter(limit: *mut ClientLimit, up: bool, len: u64) -> Option<PolicyVerdict> {
         let q = effective_rate(&*dir, over && action == QUOTA_THROTTLE);
         if q != 0 {
             // The coarse clock (a tick, 1-10 ms) is 15 ns cheaper per packet than the exact
-            // one, and a tick is small against the bucket's depth (500 ms at the rate).
+            // one, and a tick is small against the bucket's depth (2 s at the rate, or more).
             let now = bpf_ktime_get_coarse_ns();
             let tat = (*dir).tat;
             let burst = (*dir).burst_bytes;

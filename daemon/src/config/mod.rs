@@ -53,7 +53,7 @@ pub struct LimitsConfig {
     pub download_kbps: u64,
     /// What a client may send, kilobits per second.
     pub upload_kbps: u64,
-    /// Bytes above the rate a client may send or receive at once, in KiB (0: 500 ms at the
+    /// Bytes above the rate a client may send or receive at once, in KiB (0: 2 s at the
     /// rate, at least 1 MiB).
     pub burst_kb: u64,
     /// Bytes (both directions) per period, in MiB.

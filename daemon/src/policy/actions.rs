@@ -315,7 +315,7 @@ pub fn register(registry: &mut Registry, handles: Arc<Handles>) {
                     max: crate::config::MAX_BURST_KB as i64,
                 },
                 None,
-                "KiB the client may move at once above its rate, each way (0 = 500 ms at the rate, at least 1 MiB)",
+                "KiB the client may move at once above its rate, each way (0 = 2 s at the rate, at least 1 MiB)",
             ),
             ParamSpec::optional(
                 "quota_mb",
