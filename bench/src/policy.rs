@@ -160,7 +160,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     // Every client limited (100 Gbit/s each way, never reached by the test run) with a quota
     // far from used up: each packet runs the bucket and the counters.
     {
-        let mut limits: HashMap<_, [u8; 4], ClientLimit> = HashMap::try_from(
+        let mut limits: Array<_, ClientLimit> = Array::try_from(
             ebpf.map_mut(names::CLIENT_LIMIT_MAP)
                 .ok_or("no limit map")?,
         )?;
@@ -177,11 +177,14 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
             quota_action: QUOTA_THROTTLE,
             ..ClientLimit::default()
         };
-        for i in 0..CLIENTS - 1 {
-            limits.insert(&client(i), &limit, 0)?;
+        // Each in its slot, as the daemon writes them.
+        for addr in (0..CLIENTS - 1)
+            .map(client)
+            // One more limited client, without rules.
+            .chain([[10, 0, 200, 9]])
+        {
+            limits.set(client_slot(addr), &ClientLimit { addr, ..limit }, 0)?;
         }
-        // One more limited client, without rules.
-        limits.insert(&[10, 0, 200, 9], &limit, 0)?;
     }
     for i in 0..CLIENTS - 1 {
         flag(&mut ebpf, client(i), SLOT_HAS_LIMIT)?;

@@ -165,8 +165,9 @@ pub fn decide(
     (PolicyVerdict::NoMatch, u32::MAX)
 }
 
-/// Slots of `PH_CLIENT_FLAGS` and `PH_CLIENT_DROPS`: one per value of an address's last two
-/// bytes. The client subnet is a /16 or smaller, so every address of it has a slot of its own.
+/// Slots of `PH_CLIENT_FLAGS`, `PH_CLIENT_DROPS` and `PH_CLIENT_LIMIT`: one per value of an address's last two bytes. The client subnet is a /16 or smaller (the
+/// configuration and `change_subnet` refuse larger ones), so every address of it has a slot of
+/// its own.
 pub const CLIENT_SLOTS: u32 = 65_536;
 /// `PH_CLIENT_FLAGS`: some client whose address ends in this slot has rules in `PH_CLIENT_ACL`.
 pub const SLOT_HAS_RULES: u32 = 1;
@@ -188,9 +189,6 @@ pub struct ClientDrops {
     pub denied: u64,
     pub isolated: u64,
 }
-
-/// Clients with a rate limit or a quota the kernel holds.
-pub const MAX_LIMIT_CLIENTS: u32 = 65_536;
 
 /// `ClientLimit::quota_action`: what happens once the quota is used up.
 pub const QUOTA_NONE: u32 = 0;
@@ -234,7 +232,7 @@ pub struct LimitDir {
     pub last_ns: u64,
 }
 
-/// A client's limits and quota (`PH_CLIENT_LIMIT`, by client address).
+/// A client's limits and quota (`PH_CLIENT_LIMIT`, in its client's slot).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientLimit {
@@ -249,7 +247,10 @@ pub struct ClientLimit {
     pub quota_base: u64,
     /// `QUOTA_*`.
     pub quota_action: u32,
-    pub _pad: u32,
+    /// The client's address (network byte order): the entry holds for it only, so an entry
+    /// left in a slot by a client of an earlier subnet never meters another. All zeros: the
+    /// slot is empty.
+    pub addr: [u8; 4],
     /// Kernel: packets dropped because the quota is used up (blocking quota).
     pub quota_dropped: u64,
 }

@@ -24,9 +24,9 @@ use aya_log_ebpf::info;
 use phantom_common::{
     net::{ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
     policy::{
-        CLIENT_SLOTS, ClientAcl, ClientDrops, ClientLimit, LimitDir, MAX_ACL_CLIENTS,
-        MAX_LIMIT_CLIENTS, PolicyConfig, PolicyVerdict, QUOTA_BLOCK, QUOTA_THROTTLE,
-        SLOT_HAS_LIMIT, SLOT_HAS_RULES, at_limit, client_slot, decide, effective_rate, gcra,
+        CLIENT_SLOTS, ClientAcl, ClientDrops, ClientLimit, LimitDir, MAX_ACL_CLIENTS, PolicyConfig,
+        PolicyVerdict, QUOTA_BLOCK, QUOTA_THROTTLE, SLOT_HAS_LIMIT, SLOT_HAS_RULES, at_limit,
+        client_slot, decide, effective_rate, gcra,
     },
     xdp::TrafficCounter,
 };
@@ -35,7 +35,10 @@ use crate::{dns_filter::load, events};
 
 const BPF_F_NO_PREALLOC: u32 = 1;
 
-/// Client address (network byte order) -> its rules.
+/// Client address (network byte order) -> its rules. A hash and not an array by slot like
+/// `PH_CLIENT_LIMIT`: the daemon's update of a hash entry swaps the whole value at once, while
+/// an array's value is copied over in place, and a packet that read half old and half new
+/// rules could pass what neither set passes.
 #[map(name = "PH_CLIENT_ACL")]
 static ACLS: HashMap<[u8; 4], ClientAcl> = HashMap::pinned(MAX_ACL_CLIENTS, BPF_F_NO_PREALLOC);
 
@@ -45,10 +48,13 @@ static CONFIG: Array<PolicyConfig> = Array::pinned(1, 0);
 #[map(name = "PH_CP_STATS")]
 static STATS: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(PolicyVerdict::SLOTS, 0);
 
-/// Client address (network byte order) -> its limits, quota and their counters.
+/// By client slot: the limits, quota and counters of the client there (when `addr` is its
+/// address). An array, not a hash by address: its lookup is inlined by the verifier, and the
+/// hash lookup it replaced was a third of a metered packet's cost (docs/benchmarks.md). A
+/// packet that reads an entry while the daemon copies new settings over it meets a mix of
+/// old and new rates once, which is harmless.
 #[map(name = "PH_CLIENT_LIMIT")]
-static LIMITS: HashMap<[u8; 4], ClientLimit> =
-    HashMap::pinned(MAX_LIMIT_CLIENTS, BPF_F_NO_PREALLOC);
+static LIMITS: Array<ClientLimit> = Array::pinned(CLIENT_SLOTS, 0);
 
 /// By the last two bytes of a client's address: whether a client there has rules or a limit.
 /// Most clients have neither, and an array lookup (inlined by the verifier: no hashing, no
@@ -61,6 +67,14 @@ static FLAGS: Array<u32> = Array::pinned(CLIENT_SLOTS, 0);
 /// drop path writes here).
 #[map(name = "PH_CLIENT_DROPS")]
 static DROPS: Array<ClientDrops> = Array::pinned(CLIENT_SLOTS, 0);
+
+/// The limit entry of the client at `addr`, if it has one.
+#[inline(always)]
+fn limit_of(addr: [u8; 4]) -> Option<*mut ClientLimit> {
+    let limit = LIMITS.get_ptr_mut(client_slot(addr))?;
+    // SAFETY: a value pointer of an array, alive while the program runs.
+    (unsafe { (*limit).addr } == addr).then_some(limit)
+}
 
 /// The flags of `addr`'s slot; a missing value (never, for an array) means "look".
 #[inline(always)]
@@ -147,7 +161,7 @@ pub fn tc_client_policy(ctx: TcContext) -> i32 {
         && flags & SLOT_HAS_LIMIT != 0
         && CONFIG.get(0).is_some_and(|c| c.limits != 0)
         && let Some(src) = src
-        && let Some(limit) = LIMITS.get_ptr_mut(&src)
+        && let Some(limit) = limit_of(src)
         && let Some(dropped) = meter(limit, true, len)
     {
         verdict = dropped;
@@ -193,7 +207,7 @@ pub fn tc_client_limit(ctx: TcContext) -> i32 {
     if flags(dst) & SLOT_HAS_LIMIT == 0 {
         return TC_ACT_UNSPEC;
     }
-    let Some(limit) = LIMITS.get_ptr_mut(&dst) else {
+    let Some(limit) = limit_of(dst) else {
         return TC_ACT_UNSPEC;
     };
     let len = (skb.len as u64).saturating_sub(l3 as u64);

@@ -846,6 +846,16 @@ impl Config {
             return Err(Error::config("wireguard.mtu must be between 1280 and 9000"));
         }
         validate_cidr("wireguard.subnet", &self.wireguard.subnet)?;
+        // The kernel keeps each client's policy in a slot named by the address's last two
+        // bytes (docs/policy.md): a larger subnet would put two clients in one slot.
+        if let Some((_, prefix)) = self.wireguard.subnet.split_once('/')
+            && prefix.trim().parse::<u8>().is_ok_and(|p| p < 16)
+        {
+            return Err(Error::config(format!(
+                "wireguard.subnet = {:?} is larger than a /16, the most clients one server holds",
+                self.wireguard.subnet
+            )));
+        }
         for (key, value) in [
             ("dns.primary", &self.dns.primary),
             ("dns.secondary", &self.dns.secondary),
@@ -1178,6 +1188,7 @@ mod tests {
             "[datapath]\nxdp_mode = \"turbo\"",
             "[datapath]\nuplink = \"this-name-is-far-too-long\"",
             "[wireguard]\nsubnet = \"10.8.0.0/33\"",
+            "[wireguard]\nsubnet = \"10.0.0.0/15\"",
             "[dns]\nprimary = \"dns.google\"",
             "[dns]\nech_fronts = [\"not a name\"]",
             "[dns]\nech_fronts = [\"front..example\"]",

@@ -1,15 +1,15 @@
 //! The maps of `tc_client_policy`: each client's rules by address, the isolation switch with
 //! the client subnet, the counters per verdict, and each limited client's buckets, quota and
-//! counters; the per-slot flags that let most packets skip the lookups, and each client's
-//! drops by its rules and by isolation.
+//! counters by slot; the per-slot flags that let most packets skip the lookups, and each
+//! client's drops by its rules and by isolation.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, sync::Mutex};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use phantom_common::{
     policy::{
-        CLIENT_SLOTS, ClientAcl, ClientDrops, ClientLimit, MAX_ACL_CLIENTS, MAX_LIMIT_CLIENTS,
-        PolicyConfig, PolicyVerdict, SLOT_HAS_LIMIT, SLOT_HAS_RULES, client_slot,
+        CLIENT_SLOTS, ClientAcl, ClientDrops, ClientLimit, MAX_ACL_CLIENTS, PolicyConfig,
+        PolicyVerdict, SLOT_HAS_LIMIT, SLOT_HAS_RULES, client_slot,
     },
     xdp::TrafficCounter,
 };
@@ -22,7 +22,7 @@ pub struct ClientPolicyMaps {
     acls: Mutex<HashMap<MapData, [u8; 4], ClientAcl>>,
     config: Mutex<Array<MapData, PolicyConfig>>,
     stats: Mutex<PerCpuArray<MapData, TrafficCounter>>,
-    limits: Mutex<HashMap<MapData, [u8; 4], ClientLimit>>,
+    limits: Mutex<Array<MapData, ClientLimit>>,
     flags: Mutex<SlotFlags>,
     drops: Mutex<Array<MapData, ClientDrops>>,
 }
@@ -57,6 +57,11 @@ impl SlotFlags {
             }
         }
         Ok(())
+    }
+
+    /// The slots whose `bit` is set: every slot with an entry, and perhaps a few more.
+    fn slots_with(&self, bit: u32) -> impl Iterator<Item = u32> + '_ {
+        (0..CLIENT_SLOTS).filter(move |slot| self.have[*slot as usize] & bit != 0)
     }
 
     /// Clears `bit` on every slot none of `addrs` is in: after the other entries are gone.
@@ -104,7 +109,7 @@ impl ClientPolicyMaps {
         acls: HashMap<MapData, [u8; 4], ClientAcl>,
         config: Array<MapData, PolicyConfig>,
         stats: PerCpuArray<MapData, TrafficCounter>,
-        limits: HashMap<MapData, [u8; 4], ClientLimit>,
+        limits: Array<MapData, ClientLimit>,
         flags: Array<MapData, u32>,
         drops: Array<MapData, ClientDrops>,
     ) -> Self {
@@ -131,30 +136,38 @@ impl ClientPolicyMaps {
     }
 
     /// Makes the kernel hold a limit entry for exactly the clients of `limits` (client
-    /// address -> settings), changing only the settings of entries already there: their
-    /// counters and quota period go on. Too many clients is an error and changes nothing.
+    /// address -> settings), each in its slot, changing only the settings of entries already
+    /// there for the same address: their counters and quota period go on. Two clients in one
+    /// slot (a subnet over /16, which the configuration refuses) is an error and changes
+    /// nothing.
     pub fn set_limits(&self, limits: &BTreeMap<Ipv4Addr, ClientLimit>) -> Result<(), Error> {
-        if limits.len() > MAX_LIMIT_CLIENTS as usize {
-            return Err(Error::Datapath(format!(
-                "{} clients have limits or quotas; the kernel holds {MAX_LIMIT_CLIENTS}",
-                limits.len()
-            )));
+        let mut wanted = std::collections::HashMap::with_capacity(limits.len());
+        for ip in limits.keys() {
+            if let Some(other) = wanted.insert(client_slot(ip.octets()), *ip) {
+                return Err(Error::Datapath(format!(
+                    "clients {other} and {ip} share a kernel slot: the client subnet must be a \
+                     /16 or smaller"
+                )));
+            }
         }
         let mut flags = lock(&self.flags)?;
         flags.raise(SLOT_HAS_LIMIT, limits.keys())?;
         let mut map = lock(&self.limits)?;
-        let have: Vec<[u8; 4]> = map.keys().filter_map(Result::ok).collect();
-        for key in have {
-            if !limits.contains_key(&Ipv4Addr::from(key)) {
-                let _ = map.remove(&key);
+        let empty = ClientLimit::default();
+        for slot in flags.slots_with(SLOT_HAS_LIMIT) {
+            if !wanted.contains_key(&slot) && map.get(&slot, 0)? != empty {
+                map.set(slot, &empty, 0)?;
             }
         }
         for (ip, want) in limits {
-            let key = ip.octets();
-            let have = map.get(&key, 0).ok();
-            let next = merged(have, want);
+            let slot = client_slot(ip.octets());
+            let have = Some(map.get(&slot, 0)?).filter(|l| l.addr == ip.octets());
+            let next = ClientLimit {
+                addr: ip.octets(),
+                ..merged(have, want)
+            };
             if have != Some(next) {
-                map.insert(&key, &next, 0)?;
+                map.set(slot, &next, 0)?;
             }
         }
         flags.lower(SLOT_HAS_LIMIT, limits.keys())
@@ -162,11 +175,13 @@ impl ClientPolicyMaps {
 
     /// Every limit entry with its counters.
     pub fn limits(&self) -> Result<Vec<(Ipv4Addr, ClientLimit)>, Error> {
+        let flags = lock(&self.flags)?;
         let map = lock(&self.limits)?;
-        Ok(map
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (Ipv4Addr::from(k), v))
+        Ok(flags
+            .slots_with(SLOT_HAS_LIMIT)
+            .filter_map(|slot| map.get(&slot, 0).ok())
+            .filter(|l| l.addr != [0; 4])
+            .map(|l| (Ipv4Addr::from(l.addr), l))
             .collect())
     }
 
@@ -174,10 +189,11 @@ impl ClientPolicyMaps {
     /// (bytes already used in the period, e.g. kept across a reboot) counts again.
     pub fn start_quota_period(&self, ip: Ipv4Addr, used: u64) -> Result<(), Error> {
         let mut map = lock(&self.limits)?;
-        let key = ip.octets();
-        if let Ok(mut l) = map.get(&key, 0) {
+        let slot = client_slot(ip.octets());
+        let mut l = map.get(&slot, 0)?;
+        if l.addr == ip.octets() {
             l.quota_base = l.up.bytes.wrapping_add(l.down.bytes).wrapping_sub(used);
-            map.insert(&key, &l, 0)?;
+            map.set(slot, &l, 0)?;
         }
         Ok(())
     }
