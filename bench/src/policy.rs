@@ -14,7 +14,7 @@ use phantom_common::{
     policy::{
         ACTION_ALLOW, ACTION_DENY, AclRule, ClientAcl, ClientLimit, LimitDir, MAX_ACL_RULES,
         PROTO_ANY, PROTO_UDP, PolicyConfig, QUOTA_THROTTLE, SLOT_HAS_LIMIT, SLOT_HAS_RULES,
-        client_slot, ns_per_byte_q16,
+        acl_entry, client_slot, ns_per_byte_q16,
     },
 };
 
@@ -84,11 +84,17 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         HashMap::try_from(ebpf.map_mut(names::IFACES_MAP).ok_or("no ifaces map")?)?;
     ifaces.insert(&1, &IfaceInfo { l2_len: 14 }, 0)?;
     {
-        let mut acls: HashMap<_, [u8; 4], ClientAcl> =
-            HashMap::try_from(ebpf.map_mut(names::CLIENT_ACL_MAP).ok_or("no ACL map")?)?;
+        // Each in the first entry of its slot, which its flags (side bit clear) point at.
+        let mut acls: Array<_, ClientAcl> =
+            Array::try_from(ebpf.map_mut(names::CLIENT_ACL_MAP).ok_or("no ACL map")?)?;
         let rules = worst_case_rules();
         for i in 0..CLIENTS {
-            acls.insert(&client(i), &rules, 0)?;
+            let addr = client(i);
+            acls.set(
+                acl_entry(client_slot(addr), SLOT_HAS_RULES),
+                &ClientAcl { addr, ..rules },
+                0,
+            )?;
         }
     }
     for i in 0..CLIENTS {

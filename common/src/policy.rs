@@ -5,8 +5,6 @@
 
 /// Rules one client may have.
 pub const MAX_ACL_RULES: usize = 16;
-/// Clients with rules the kernel holds.
-pub const MAX_ACL_CLIENTS: u32 = 65_536;
 
 pub const PROTO_ANY: u8 = 0;
 pub const PROTO_ICMP: u8 = 1;
@@ -38,7 +36,9 @@ pub struct AclRule {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientAcl {
     pub count: u32,
-    pub _pad: u32,
+    /// The client's address (network byte order): in `PH_CLIENT_ACL` an entry holds for this
+    /// address only.
+    pub addr: [u8; 4],
     pub rules: [AclRule; MAX_ACL_RULES],
 }
 
@@ -165,15 +165,33 @@ pub fn decide(
     (PolicyVerdict::NoMatch, u32::MAX)
 }
 
-/// Slots of `PH_CLIENT_FLAGS`, `PH_CLIENT_DROPS` and `PH_CLIENT_LIMIT`: one per value of an address's last two bytes. The client subnet is a /16 or smaller (the
+/// Slots of `PH_CLIENT_FLAGS`, `PH_CLIENT_DROPS`, `PH_CLIENT_LIMIT` and `PH_CLIENT_ACL` (two
+/// entries each there): one per value of an address's last two bytes. The client subnet is a /16 or smaller (the
 /// configuration and `change_subnet` refuse larger ones), so every address of it has a slot of
 /// its own.
 pub const CLIENT_SLOTS: u32 = 65_536;
-/// `PH_CLIENT_FLAGS`: some client whose address ends in this slot has rules in `PH_CLIENT_ACL`.
+/// `PH_CLIENT_FLAGS`: the client whose address ends in this slot has rules in `PH_CLIENT_ACL`.
 pub const SLOT_HAS_RULES: u32 = 1;
 /// `PH_CLIENT_FLAGS`: some client whose address ends in this slot has an entry in
 /// `PH_CLIENT_LIMIT`.
 pub const SLOT_HAS_LIMIT: u32 = 2;
+
+/// `PH_CLIENT_FLAGS`: which of the slot's two entries in `PH_CLIENT_ACL` holds its rules
+/// ([`acl_entry`]). The daemon writes new rules into the other one, then flips this bit.
+pub const SLOT_ACL_SIDE: u32 = 4;
+/// `PH_CLIENT_FLAGS`: a count the daemon adds one to whenever it flips [`SLOT_ACL_SIDE`] or
+/// sets or clears [`SLOT_HAS_RULES`] (bits 8-23). A packet reads the flags again after its
+/// rules: the same word means no entry it read was written meanwhile (docs/policy.md).
+pub const SLOT_ACL_GEN_SHIFT: u32 = 8;
+pub const SLOT_ACL_GEN_MASK: u32 = 0xffff << SLOT_ACL_GEN_SHIFT;
+/// Entries of `PH_CLIENT_ACL`: two per slot.
+pub const ACL_ENTRIES: u32 = 2 * CLIENT_SLOTS;
+
+/// The entry of `PH_CLIENT_ACL` that holds the rules of `slot` while its flags are `flags`.
+#[inline(always)]
+pub const fn acl_entry(slot: u32, flags: u32) -> u32 {
+    slot * 2 + ((flags & SLOT_ACL_SIDE) != 0) as u32
+}
 
 /// The slot of a client address (network byte order).
 #[inline(always)]
@@ -350,6 +368,12 @@ mod tests {
         assert_eq!(core::mem::size_of::<ClientLimit>(), 2 * 64 + 32);
         assert_eq!(core::mem::size_of::<ClientDrops>(), 16);
         assert_eq!(client_slot([10, 8, 1, 2]), 0x0102);
+        assert_eq!(acl_entry(0x0102, SLOT_HAS_RULES), 0x0204);
+        assert_eq!(acl_entry(0x0102, SLOT_HAS_RULES | SLOT_ACL_SIDE), 0x0205);
+        assert_eq!(
+            acl_entry(CLIENT_SLOTS - 1, SLOT_ACL_SIDE | SLOT_ACL_GEN_MASK),
+            ACL_ENTRIES - 1
+        );
     }
 
     #[test]

@@ -10,37 +10,40 @@
 //! quota, and a used-up quota drops everything (block) or holds the client to its floor rate
 //! (throttle). docs/policy.md says why a bucket and not EDT pacing.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    sync::atomic::{Ordering, compiler_fence},
+};
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{__sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_coarse_ns,
     macros::{classifier, map},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, PerCpuArray},
     programs::TcContext,
 };
 use aya_log_ebpf::info;
 use phantom_common::{
     net::{ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
     policy::{
-        CLIENT_SLOTS, ClientAcl, ClientDrops, ClientLimit, LimitDir, MAX_ACL_CLIENTS, PolicyConfig,
-        PolicyVerdict, QUOTA_BLOCK, QUOTA_THROTTLE, SLOT_HAS_LIMIT, SLOT_HAS_RULES, at_limit,
-        client_slot, decide, effective_rate, gcra,
+        ACL_ENTRIES, CLIENT_SLOTS, ClientAcl, ClientDrops, ClientLimit, LimitDir, PolicyConfig,
+        PolicyVerdict, QUOTA_BLOCK, QUOTA_THROTTLE, SLOT_HAS_LIMIT, SLOT_HAS_RULES, acl_entry,
+        at_limit, client_slot, decide, effective_rate, gcra,
     },
     xdp::TrafficCounter,
 };
 
 use crate::{dns_filter::load, events};
 
-const BPF_F_NO_PREALLOC: u32 = 1;
-
-/// Client address (network byte order) -> its rules. A hash and not an array by slot like
-/// `PH_CLIENT_LIMIT`: the daemon's update of a hash entry swaps the whole value at once, while
-/// an array's value is copied over in place, and a packet that read half old and half new
-/// rules could pass what neither set passes.
+/// By client slot, two entries each (`acl_entry`): the rules of the client there (when `addr`
+/// is its address), in the entry the slot's flags point at. An array, not a hash by address:
+/// the verifier inlines its lookup, which is 8 ns a packet less. An array's value is copied
+/// over in place while packets read it, so the daemon never writes the entry in use: it
+/// writes the other one, then flips the slot's side bit and adds one to its count, and a
+/// packet that finds the flags changed after reading the rules decides again (`rules_verdict`).
 #[map(name = "PH_CLIENT_ACL")]
-static ACLS: HashMap<[u8; 4], ClientAcl> = HashMap::pinned(MAX_ACL_CLIENTS, BPF_F_NO_PREALLOC);
+static ACLS: Array<ClientAcl> = Array::pinned(ACL_ENTRIES, 0);
 
 #[map(name = "PH_CP_CONFIG")]
 static CONFIG: Array<PolicyConfig> = Array::pinned(1, 0);
@@ -56,9 +59,10 @@ static STATS: PerCpuArray<TrafficCounter> = PerCpuArray::pinned(PolicyVerdict::S
 #[map(name = "PH_CLIENT_LIMIT")]
 static LIMITS: Array<ClientLimit> = Array::pinned(CLIENT_SLOTS, 0);
 
-/// By the last two bytes of a client's address: whether a client there has rules or a limit.
-/// Most clients have neither, and an array lookup (inlined by the verifier: no hashing, no
-/// call) lets their packets skip both hash lookups. The daemon sets a bit before it inserts
+/// By the last two bytes of a client's address: whether a client there has rules or a limit,
+/// and which of its two rule entries is in use (`SLOT_ACL_SIDE`, with a count of the flips).
+/// Most clients have neither, and this one lookup (inlined by the verifier: no hashing, no
+/// call) lets their packets skip the rest. The daemon sets the limit bit before it writes
 /// the entry and clears it after the entry is gone, so a clear bit always means "no entry".
 #[map(name = "PH_CLIENT_FLAGS")]
 static FLAGS: Array<u32> = Array::pinned(CLIENT_SLOTS, 0);
@@ -79,10 +83,54 @@ fn limit_of(addr: [u8; 4]) -> Option<*mut ClientLimit> {
 /// The flags of `addr`'s slot; a missing value (never, for an array) means "look".
 #[inline(always)]
 fn flags(addr: [u8; 4]) -> u32 {
-    FLAGS
-        .get(client_slot(addr))
-        .copied()
-        .unwrap_or(SLOT_HAS_RULES | SLOT_HAS_LIMIT)
+    match FLAGS.get_ptr(client_slot(addr)) {
+        // SAFETY: a value pointer of an array, alive while the program runs. Volatile: the
+        // second read in `rules_verdict` must load again, not reuse the first.
+        Some(p) => unsafe { core::ptr::read_volatile(p) },
+        None => SLOT_HAS_RULES | SLOT_HAS_LIMIT,
+    }
+}
+
+/// The verdict of `src`'s rules (and isolation) on a packet, read from the entry its slot's
+/// `flags` point at. The flags are read again afterwards: if they changed, the daemon may
+/// have started writing the entry that was read, and the packet is decided once more on the
+/// new flags; a second change in that time (two rule updates within one packet) drops it.
+#[inline(always)]
+fn rules_verdict(
+    cfg: &PolicyConfig,
+    src: [u8; 4],
+    mut flags: u32,
+    dst: [u8; 4],
+    proto: u8,
+    dport: u16,
+) -> PolicyVerdict {
+    let slot = client_slot(src);
+    let mut tries = 0;
+    while tries < 2 {
+        let acl = if flags & SLOT_HAS_RULES != 0 {
+            // SAFETY: a value pointer of an array, read while the program runs.
+            ACLS.get_ptr(acl_entry(slot, flags))
+                .map(|p| unsafe { &*p })
+                .filter(|acl| acl.addr == src)
+        } else {
+            None
+        };
+        let verdict = decide(cfg, acl, dst, proto, dport).0;
+        if acl.is_none() {
+            return verdict;
+        }
+        // The rules are read before the flags again, by the compiler too (the CPU does not
+        // reorder loads on x86-64, and on other CPUs a daemon's next write of this entry is
+        // two syscalls away: docs/policy.md).
+        compiler_fence(Ordering::SeqCst);
+        let again = self::flags(src);
+        if again == flags {
+            return verdict;
+        }
+        flags = again;
+        tries += 1;
+    }
+    PolicyVerdict::Denied
 }
 
 #[inline(always)]
@@ -285,12 +333,7 @@ fn inspect(ctx: &TcContext) -> (PolicyVerdict, Option<[u8; 4]>, u32, u64) {
     // The whole packet, every segment of a GSO one.
     let len = (skb.len as u64).saturating_sub(l3 as u64);
     let flags = flags(src);
-    let acl = if flags & SLOT_HAS_RULES != 0 {
-        ACLS.get_ptr(&src)
-    } else {
-        None
-    };
-    if acl.is_none() && cfg.isolate == 0 {
+    if flags & SLOT_HAS_RULES == 0 && cfg.isolate == 0 {
         return (PolicyVerdict::NoMatch, Some(src), flags, len);
     }
     let mut dport = 0u16;
@@ -304,7 +347,10 @@ fn inspect(ctx: &TcContext) -> (PolicyVerdict, Option<[u8; 4]>, u32, u64) {
             }
         }
     }
-    // SAFETY: a value pointer from a successful lookup, read while the program runs.
-    let acl = acl.map(|p| unsafe { &*p });
-    (decide(cfg, acl, dst, proto, dport).0, Some(src), flags, len)
+    (
+        rules_verdict(cfg, src, flags, dst, proto, dport),
+        Some(src),
+        flags,
+        len,
+    )
 }

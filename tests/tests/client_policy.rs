@@ -158,6 +158,38 @@ fn client_rules_and_isolation_hold_in_the_kernel_and_test_policy_agrees() {
         "no_match"
     );
 
+    // Live changes: each goes into the other of the client's two kernel entries, then its slot
+    // points there. Twenty changes back and forth, then a set that turns the first one's
+    // verdicts around, then the first set again.
+    let set_rules = |rules: &str| {
+        api(
+            &daemon,
+            &[
+                "core",
+                "set_client_acl",
+                "client_name=alice",
+                &format!("rules={rules}"),
+            ],
+        )
+    };
+    let opened = serde_json::json!([format!("allow tcp {SERVICE} 22"), "deny tcp 203.0.113.0/24",])
+        .to_string();
+    for _ in 0..10 {
+        set_rules(&opened);
+        set_rules(&rules);
+    }
+    assert!(!tcp(&topo.alice, 22) && tcp(&topo.alice, 80));
+    set_rules(&opened);
+    assert!(
+        tcp(&topo.alice, 22) && !tcp(&topo.alice, 80),
+        "the changed rules"
+    );
+    set_rules(&rules);
+    assert!(
+        !tcp(&topo.alice, 22) && tcp(&topo.alice, 80),
+        "the first rules again"
+    );
+
     // Isolation: client to client stops, the server and the rest stay reachable.
     api(&daemon, &["core", "set_client_isolation", "enabled=true"]);
     assert!(

@@ -1,15 +1,17 @@
-//! The maps of `tc_client_policy`: each client's rules by address, the isolation switch with
-//! the client subnet, the counters per verdict, and each limited client's buckets, quota and
-//! counters by slot; the per-slot flags that let most packets skip the lookups, and each
-//! client's drops by its rules and by isolation.
+//! The maps of `tc_client_policy`: each client's rules, the isolation switch with the client
+//! subnet, the counters per verdict, and each limited client's buckets, quota and counters,
+//! the last and the first by client slot; the per-slot flags that let most packets skip the
+//! lookups and say which of a slot's two rule entries is in use, and each client's drops by
+//! its rules and by isolation.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, sync::Mutex};
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, MapData, PerCpuArray};
 use phantom_common::{
     policy::{
-        CLIENT_SLOTS, ClientAcl, ClientDrops, ClientLimit, MAX_ACL_CLIENTS, PolicyConfig,
-        PolicyVerdict, SLOT_HAS_LIMIT, SLOT_HAS_RULES, client_slot,
+        CLIENT_SLOTS, ClientAcl, ClientDrops, ClientLimit, PolicyConfig, PolicyVerdict,
+        SLOT_ACL_GEN_MASK, SLOT_ACL_GEN_SHIFT, SLOT_ACL_SIDE, SLOT_HAS_LIMIT, SLOT_HAS_RULES,
+        acl_entry, client_slot,
     },
     xdp::TrafficCounter,
 };
@@ -19,7 +21,7 @@ use crate::error::Error;
 pub type PolicyCount = super::counters::VerdictCount;
 
 pub struct ClientPolicyMaps {
-    acls: Mutex<HashMap<MapData, [u8; 4], ClientAcl>>,
+    acls: Mutex<Array<MapData, ClientAcl>>,
     config: Mutex<Array<MapData, PolicyConfig>>,
     stats: Mutex<PerCpuArray<MapData, TrafficCounter>>,
     limits: Mutex<Array<MapData, ClientLimit>>,
@@ -64,6 +66,34 @@ impl SlotFlags {
         (0..CLIENT_SLOTS).filter(move |slot| self.have[*slot as usize] & bit != 0)
     }
 
+    /// Points `slot` at its other rule entry (`rules`: with rules) or at none, counting the
+    /// change; `tc_client_policy` rereads the flags after the rules, and a changed count tells
+    /// it that the entry it read may be being written.
+    fn switch_rules(&mut self, slot: u32, rules: bool) -> Result<(), Error> {
+        let have = self.have[slot as usize];
+        let generation = ((have >> SLOT_ACL_GEN_SHIFT).wrapping_add(1) << SLOT_ACL_GEN_SHIFT)
+            & SLOT_ACL_GEN_MASK;
+        let next = if rules {
+            ((have & !SLOT_ACL_GEN_MASK) ^ SLOT_ACL_SIDE) | SLOT_HAS_RULES | generation
+        } else {
+            (have & !(SLOT_ACL_GEN_MASK | SLOT_HAS_RULES)) | generation
+        };
+        self.map.set(slot, &next, 0)?;
+        self.have[slot as usize] = next;
+        Ok(())
+    }
+
+    /// The entry of `PH_CLIENT_ACL` that `slot`'s next rules go into: the one not in use.
+    fn spare_rules_entry(&self, slot: u32) -> u32 {
+        acl_entry(slot, self.have[slot as usize] ^ SLOT_ACL_SIDE)
+    }
+
+    /// The entry of `PH_CLIENT_ACL` holding `slot`'s rules, if it has rules.
+    fn rules_entry(&self, slot: u32) -> Option<u32> {
+        let have = self.have[slot as usize];
+        (have & SLOT_HAS_RULES != 0).then(|| acl_entry(slot, have))
+    }
+
     /// Clears `bit` on every slot none of `addrs` is in: after the other entries are gone.
     fn lower<'a>(
         &mut self,
@@ -106,7 +136,7 @@ fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, Error> {
 
 impl ClientPolicyMaps {
     pub fn new(
-        acls: HashMap<MapData, [u8; 4], ClientAcl>,
+        acls: Array<MapData, ClientAcl>,
         config: Array<MapData, PolicyConfig>,
         stats: PerCpuArray<MapData, TrafficCounter>,
         limits: Array<MapData, ClientLimit>,
@@ -199,30 +229,43 @@ impl ClientPolicyMaps {
     }
 
     /// Makes the kernel hold exactly `acls` (client address -> rules), touching only what
-    /// changed. More clients with rules than the map holds is an error and changes nothing.
+    /// changed. A client's new rules go into its slot's spare entry, and only then does its
+    /// slot point at them: a packet reads either the old rules or the new, never a mix. Two
+    /// clients in one slot is an error and changes nothing.
     pub fn set_acls(&self, acls: &BTreeMap<Ipv4Addr, ClientAcl>) -> Result<(), Error> {
-        if acls.len() > MAX_ACL_CLIENTS as usize {
-            return Err(Error::Datapath(format!(
-                "{} clients have rules; the kernel holds {MAX_ACL_CLIENTS}",
-                acls.len()
-            )));
+        let mut wanted = std::collections::HashMap::with_capacity(acls.len());
+        for (ip, acl) in acls {
+            let next = ClientAcl {
+                addr: ip.octets(),
+                ..*acl
+            };
+            if let Some(other) = wanted.insert(client_slot(ip.octets()), next) {
+                return Err(Error::Datapath(format!(
+                    "clients {} and {ip} share a kernel slot: the client subnet must be a /16 \
+                     or smaller",
+                    Ipv4Addr::from(other.addr)
+                )));
+            }
         }
         let mut flags = lock(&self.flags)?;
-        flags.raise(SLOT_HAS_RULES, acls.keys())?;
         let mut map = lock(&self.acls)?;
-        let have: Vec<[u8; 4]> = map.keys().filter_map(Result::ok).collect();
-        for key in have {
-            if !acls.contains_key(&Ipv4Addr::from(key)) {
-                let _ = map.remove(&key);
-            }
+        let gone: Vec<u32> = flags
+            .slots_with(SLOT_HAS_RULES)
+            .filter(|slot| !wanted.contains_key(slot))
+            .collect();
+        for slot in gone {
+            flags.switch_rules(slot, false)?;
         }
-        for (ip, acl) in acls {
-            let key = ip.octets();
-            if map.get(&key, 0).ok().as_ref() != Some(acl) {
-                map.insert(&key, acl, 0)?;
+        for (slot, next) in wanted {
+            if let Some(entry) = flags.rules_entry(slot)
+                && map.get(&entry, 0)? == next
+            {
+                continue;
             }
+            map.set(flags.spare_rules_entry(slot), &next, 0)?;
+            flags.switch_rules(slot, true)?;
         }
-        flags.lower(SLOT_HAS_RULES, acls.keys())
+        Ok(())
     }
 
     pub fn set_config(&self, cfg: &PolicyConfig) -> Result<(), Error> {
