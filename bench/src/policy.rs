@@ -55,6 +55,25 @@ fn worst_case_rules() -> ClientAcl {
     acl
 }
 
+/// The rules that cost the most to walk: the first 15 have the packet's network and protocol
+/// and fail only on the port (the network is checked first: docs/policy.md, "Speed"); the
+/// last denies.
+fn port_rules() -> ClientAcl {
+    let mut acl = worst_case_rules();
+    for (i, r) in acl.rules[..MAX_ACL_RULES - 1].iter_mut().enumerate() {
+        *r = AclRule {
+            net: [203, 0, 113, 0],
+            mask: [255, 255, 255, 0],
+            port_lo: 1000 + i as u16,
+            port_hi: 1000 + i as u16,
+            proto: PROTO_UDP,
+            action: ACTION_ALLOW,
+            _pad: [0; 2],
+        };
+    }
+    acl
+}
+
 /// Clients of 10.0.0.0/16 (a /16 is the largest client subnet: one flag slot per address).
 fn client(i: u32) -> [u8; 4] {
     let [_, _, c, d] = (i + 2).to_be_bytes();
@@ -96,6 +115,15 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
                 0,
             )?;
         }
+        let addr = client(CLIENTS / 2 + 1);
+        acls.set(
+            acl_entry(client_slot(addr), SLOT_HAS_RULES),
+            &ClientAcl {
+                addr,
+                ..port_rules()
+            },
+            0,
+        )?;
     }
     for i in 0..CLIENTS {
         flag(&mut ebpf, client(i), SLOT_HAS_RULES)?;
@@ -125,6 +153,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
 
     let service = [203, 0, 113, 80];
     let with_rules = leak(ipv4_frame(mac(1), client(CLIENTS / 2), service));
+    let port_walk = leak(ipv4_frame(mac(1), client(CLIENTS / 2 + 1), service));
     let first_rule = leak(ipv4_frame(mac(1), client(7), [192, 0, 2, 0]));
     let no_rules = leak(ipv4_frame(mac(1), [10, 0, 200, 9], service));
     let to_client = leak(ipv4_frame(mac(1), [10, 0, 200, 9], client(3)));
@@ -149,6 +178,10 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         (
             "client with 16 rules, all 16 walked (the last denies)",
             with_rules,
+        ),
+        (
+            "client with 16 rules, all 16 walked, 15 failing on the port only",
+            port_walk,
         ),
     ] {
         rows.push(format!(

@@ -16,7 +16,9 @@ pub const ACTION_ALLOW: u8 = 1;
 
 /// One rule: destination network, protocol, destination port range, action. A rule with a
 /// port range narrower than everything matches TCP and UDP only (ICMP has no port).
-#[repr(C)]
+/// Aligned to 4 so that the kernel program loads `net` and `mask` in one instruction each,
+/// not two halves (`AclRule` is 16 bytes either way).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AclRule {
     /// Network byte order.
@@ -150,10 +152,15 @@ pub fn decide(
             break;
         }
         let r = &acl.rules[i];
-        let proto_ok = r.proto == PROTO_ANY || r.proto == proto;
-        let all_ports = r.port_lo == 0 && r.port_hi == u16::MAX;
-        let port_ok = all_ports || (has_port && dport >= r.port_lo && dport <= r.port_hi);
-        if proto_ok && port_ok && in_net(dst, r.net, r.mask) {
+        // The network first (what most rules that do not match fail on), then the protocol,
+        // then the packet's port against the range before the "any port" test: same answer,
+        // fewer instructions for a rule that does not match (docs/benchmarks.md, "Rules by
+        // client slot").
+        if in_net(dst, r.net, r.mask)
+            && (r.proto == PROTO_ANY || r.proto == proto)
+            && ((has_port && dport >= r.port_lo && dport <= r.port_hi)
+                || (r.port_lo == 0 && r.port_hi == u16::MAX))
+        {
             return if r.action == ACTION_ALLOW {
                 (PolicyVerdict::Allowed, i as u32)
             } else {
@@ -490,5 +497,55 @@ mod tests {
             decide(&cfg, None, [192, 0, 2, 9], PROTO_UDP, 999).0,
             PolicyVerdict::NoMatch
         );
+    }
+    /// `decide` tests a rule's fields in the order that is fastest in the kernel; the answer
+    /// must be the rule's plain reading, checked here over every combination of the cases.
+    #[test]
+    fn the_order_of_the_tests_never_changes_the_answer() {
+        let plain = |r: &AclRule, dst: [u8; 4], proto: u8, dport: u16| {
+            let has_port = proto == PROTO_TCP || proto == PROTO_UDP;
+            let proto_ok = r.proto == PROTO_ANY || r.proto == proto;
+            let all_ports = r.port_lo == 0 && r.port_hi == u16::MAX;
+            let port_ok = all_ports || (has_port && dport >= r.port_lo && dport <= r.port_hi);
+            proto_ok && port_ok && in_net(dst, r.net, r.mask)
+        };
+        let cfg = PolicyConfig::default();
+        let protos = [PROTO_ANY, PROTO_ICMP, PROTO_TCP, PROTO_UDP, 47];
+        let ranges = [(0, u16::MAX), (1, 1000), (22, 22), (0, 0), (1000, u16::MAX)];
+        let nets = [
+            ([0, 0, 0, 0], 0),
+            ([203, 0, 113, 0], 24),
+            ([192, 0, 2, 7], 32),
+        ];
+        let dsts = [[203, 0, 113, 5], [192, 0, 2, 7], [198, 51, 100, 1]];
+        let ports = [0, 1, 22, 999, 1000, 1001, u16::MAX];
+        for &(net, bits) in &nets {
+            for &rp in &protos {
+                for &range in &ranges {
+                    let r = rule(net, bits, rp, range, ACTION_DENY);
+                    let acl = ClientAcl {
+                        count: 1,
+                        rules: [r; MAX_ACL_RULES],
+                        ..ClientAcl::default()
+                    };
+                    for &dst in &dsts {
+                        for &proto in &protos[1..] {
+                            for &dport in &ports {
+                                let want = if plain(&r, dst, proto, dport) {
+                                    (PolicyVerdict::Denied, 0)
+                                } else {
+                                    (PolicyVerdict::NoMatch, u32::MAX)
+                                };
+                                assert_eq!(
+                                    decide(&cfg, Some(&acl), dst, proto, dport),
+                                    want,
+                                    "{r:?} {dst:?} {proto} {dport}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
