@@ -204,10 +204,10 @@ fn meter(limit: *mut ClientLimit, up: bool, len: u64) -> Option<PolicyVerdict> {
 
 #[classifier]
 pub fn tc_client_policy(ctx: TcContext) -> i32 {
-    let (mut verdict, src, flags, len) = inspect(&ctx);
+    let (mut verdict, src, flags, len, limits) = inspect(&ctx);
     if !verdict.drops()
         && flags & SLOT_HAS_LIMIT != 0
-        && CONFIG.get(0).is_some_and(|c| c.limits != 0)
+        && limits
         && let Some(src) = src
         && let Some(limit) = limit_of(src)
         && let Some(dropped) = meter(limit, true, len)
@@ -312,20 +312,21 @@ fn read<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
 }
 
 /// The rules' verdict, the client's address, its slot's flags and the IP packet's length (when
-/// IPv4).
+/// IPv4), and whether any client has a limit or quota.
 #[inline(always)]
-fn inspect(ctx: &TcContext) -> (PolicyVerdict, Option<[u8; 4]>, u32, u64) {
+fn inspect(ctx: &TcContext) -> (PolicyVerdict, Option<[u8; 4]>, u32, u64, bool) {
     let Some(cfg) = CONFIG.get(0) else {
-        return (PolicyVerdict::NotInspected, None, 0, 0);
+        return (PolicyVerdict::NotInspected, None, 0, 0, false);
     };
+    let limits = cfg.limits != 0;
     // SAFETY: the context pointer of a TC program is its __sk_buff.
     let skb = unsafe { &*(ctx.as_ptr() as *const __sk_buff) };
     if u16::from_be(skb.protocol as u16) != ETH_P_IP || cfg.l2_len > 64 {
-        return (PolicyVerdict::NotInspected, None, 0, 0);
+        return (PolicyVerdict::NotInspected, None, 0, 0, false);
     }
     let l3 = cfg.l2_len as usize;
     let Some(ip) = read::<20>(ctx, l3) else {
-        return (PolicyVerdict::NotInspected, None, 0, 0);
+        return (PolicyVerdict::NotInspected, None, 0, 0, false);
     };
     let src = [ip[12], ip[13], ip[14], ip[15]];
     let dst = [ip[16], ip[17], ip[18], ip[19]];
@@ -334,7 +335,7 @@ fn inspect(ctx: &TcContext) -> (PolicyVerdict, Option<[u8; 4]>, u32, u64) {
     let len = (skb.len as u64).saturating_sub(l3 as u64);
     let flags = flags(src);
     if flags & SLOT_HAS_RULES == 0 && cfg.isolate == 0 {
-        return (PolicyVerdict::NoMatch, Some(src), flags, len);
+        return (PolicyVerdict::NoMatch, Some(src), flags, len, limits);
     }
     let mut dport = 0u16;
     if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
@@ -352,5 +353,6 @@ fn inspect(ctx: &TcContext) -> (PolicyVerdict, Option<[u8; 4]>, u32, u64) {
         Some(src),
         flags,
         len,
+        limits,
     )
 }
