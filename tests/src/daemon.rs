@@ -204,6 +204,20 @@ impl Daemon {
         self.dir.path().join("phantom.toml")
     }
 
+    /// Rewrites the daemon's configuration file with the first `from` replaced by `to`, for
+    /// the next start or SIGHUP. Panics when the file has no `from`: an edit that cannot
+    /// apply would leave the test checking the old settings.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let path = self.config_path();
+        let text = fs::read_to_string(&path).expect("the daemon's configuration file");
+        assert!(
+            text.contains(from),
+            "{from:?} is not in {}:\n{text}",
+            path.display()
+        );
+        fs::write(&path, text.replacen(from, to, 1)).expect("the configuration file written");
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

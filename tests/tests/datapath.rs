@@ -373,9 +373,7 @@ fn a_pinned_map_of_another_shape_is_replaced_and_refilled() {
     assert_eq!(ping_from(&link, a, server, 2), 0);
     daemon.stop();
 
-    let config = std::fs::read_to_string(daemon.config_path()).unwrap();
-    let config = config.replace("[datapath]\n", "[datapath]\nmax_policies = 4096\n");
-    std::fs::write(daemon.config_path(), config).unwrap();
+    daemon.edit_config("[datapath]\n", "[datapath]\nmax_policies = 4096\n");
     daemon.restart();
     // The kernel's map, not the configuration, has the new capacity.
     let pinned = aya::maps::MapData::from_pin(bpffs.path().join("PH_POLICY")).unwrap();

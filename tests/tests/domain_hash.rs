@@ -162,12 +162,7 @@ fn names_with_one_key_are_refused_and_the_key_is_the_installations() {
     // The blocklist switched off: at the next start nobody claims its 10,001 kernel keys and
     // they go (in batches where the kernel has them); the operator's rule for a stays.
     second.stop();
-    let config_text = std::fs::read_to_string(second.config_path()).unwrap();
-    std::fs::write(
-        second.config_path(),
-        config_text.replace("[blocklist]\n", "[blocklist]\nenabled = false\n"),
-    )
-    .unwrap();
+    second.edit_config("[blocklist]\n", "[blocklist]\nenabled = false\n");
     second.restart();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while kernel_entries(&second) != 1 && std::time::Instant::now() < deadline {

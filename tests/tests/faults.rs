@@ -1745,12 +1745,7 @@ fn full_kernel_maps_refuse_or_evict_as_documented_and_keep_operator_entries() {
     // After kill -9 every operator entry is back: the eight denies and the twelve rules. The
     // start also turns the verdict samples on (`datapath.kernel_samples`, read at load).
     daemon.kill9();
-    let file = std::fs::read_to_string(daemon.config_path()).unwrap();
-    std::fs::write(
-        daemon.config_path(),
-        file.replacen("[datapath]\n", "[datapath]\nkernel_samples = true\n", 1),
-    )
-    .unwrap();
+    daemon.edit_config("[datapath]\n", "[datapath]\nkernel_samples = true\n");
     daemon.restart();
     let mut after: Vec<String> = denies(&daemon).into_iter().map(|(a, _)| a).collect();
     after.sort();

@@ -458,13 +458,7 @@ fn sighup_reloads_and_rejects_a_broken_config() {
     let link = GuardedLink::new();
     let bpffs = BpffsDir::new();
     let daemon = start(&link, &bpffs);
-    let config = std::fs::read_to_string(daemon.config_path()).unwrap();
-
-    std::fs::write(
-        daemon.config_path(),
-        config.replace("level = \"info\"", "level = \"debug\""),
-    )
-    .unwrap();
+    daemon.edit_config("level = \"info\"", "level = \"debug\"");
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
     wait_for_log(&daemon, "SIGHUP: configuration reloaded");
 

@@ -303,12 +303,7 @@ fn client_hellos_with_blocked_names_quic_and_ech_fronts_are_dropped_in_the_kerne
     ));
 
     // Strict mode.
-    let toml = std::fs::read_to_string(daemon.config_path()).unwrap();
-    std::fs::write(
-        daemon.config_path(),
-        toml.replace("sni_strict = false", "sni_strict = true"),
-    )
-    .unwrap();
+    daemon.edit_config("sni_strict = false", "sni_strict = true");
     daemon.stop();
     daemon.restart();
     wait_for_resolver(&topo.alice);
