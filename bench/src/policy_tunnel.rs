@@ -5,40 +5,25 @@
 //! attached (`[datapath] vpn_interface` naming no interface; the XDP guard stays), rounds
 //! interleaved, medians compared.
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use phantom_tests::{
-    BpffsDir, Daemon, DaemonConfig, NetNs, Process, WgQuickClient, WireguardSettings, api, veth,
+    BpffsDir, Daemon, DaemonConfig, NetNs, Process, WgQuickClient, WireguardSettings, api,
+    iperf3_mbits, veth,
 };
-use serde_json::Value;
 
 use crate::{BoxError, Cli, report::table};
 
 const SERVICE: &str = "203.0.113.80";
 
-/// Mbit/s; retried while the server still winds the last test down ("busy").
+/// Mbit/s (`iperf3_mbits`: a run the server was still too busy for is tried again).
 fn iperf(ns: &NetNs, download: bool, secs: u32) -> Result<f64, BoxError> {
-    let mut tries = 0;
-    loop {
-        let mut cmd: Command = ns.command("iperf3");
-        cmd.args(["-c", SERVICE, "-t", &secs.to_string(), "-O", "1", "-J"]);
-        if download {
-            cmd.arg("-R");
-        }
-        let out = cmd.output()?;
-        let report: Value = serde_json::from_slice(&out.stdout)?;
-        if let Some(bps) = report["end"]["sum_received"]["bits_per_second"].as_f64() {
-            return Ok(bps / 1e6);
-        }
-        tries += 1;
-        if tries >= 10 {
-            return Err(format!("no receiver rate in {report}").into());
-        }
-        std::thread::sleep(Duration::from_secs(1));
+    let secs = secs.to_string();
+    let mut args = vec!["-c", SERVICE, "-t", &secs, "-O", "1"];
+    if download {
+        args.push("-R");
     }
+    Ok(iperf3_mbits(ns, &args, 10)?)
 }
 
 fn wait_ping(ns: &NetNs) -> Result<(), BoxError> {

@@ -32,6 +32,7 @@ mod daemon;
 mod disk;
 mod dnsmasq;
 mod http;
+mod iperf;
 mod netns;
 mod one_client;
 mod process;
@@ -48,6 +49,7 @@ pub use daemon::{
 pub use disk::SmallDisk;
 pub use dnsmasq::{DnsmasqOptions, dig, dnsmasq, dnsmasq_with};
 pub use http::{http_get, metric_value};
+pub use iperf::iperf3_mbits;
 pub use netns::{
     BpffsDir, GuardedLink, NetNs, SKIPPED_TESTS_ENV, UdpListener, require_root, unique_ifname,
     unique_name, veth,

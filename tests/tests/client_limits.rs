@@ -7,14 +7,11 @@
 //! (block), also after a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use phantom_tests::{
     BpffsDir, Daemon, DaemonConfig, NetNs, Process, TwoClients, WireguardSettings, api, api_err,
-    connect_client, http_get, require_root,
+    connect_client, http_get, iperf3_mbits, require_root,
 };
 use serde_json::Value;
 
@@ -74,59 +71,23 @@ fn wait_ping(ns: &NetNs, what: &str) {
 /// first two left out (slow start and the bucket's burst: a full bucket holds at least 1 MiB,
 /// which a slow start on a busy machine did not always spend within one second).
 fn iperf(ns: &NetNs, port: u16, download: bool, secs: u32) -> f64 {
-    // iperf3's server takes a moment to tear a test down; a client that comes in meanwhile
-    // can have its control connection reset before any data flows. That is no measurement:
-    // tried again (up to three times) after a pause. A rate, once measured, is never retried.
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        let report = iperf_once(ns, port, download, secs);
-        if let Some(bps) = report["end"]["sum_received"]["bits_per_second"].as_f64() {
-            return bps / 1e6;
-        }
-        let control_failed = report["intervals"].as_array().is_some_and(Vec::is_empty)
-            && report["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("control"));
-        assert!(
-            control_failed && tries < 3,
-            "no receiver rate (try {tries}) in {report}"
-        );
-        eprintln!(
-            "iperf3 to port {port}, try {tries}: {}; again",
-            report["error"]
-        );
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
-
-/// One iperf3 run's JSON report.
-fn iperf_once(ns: &NetNs, port: u16, download: bool, secs: u32) -> Value {
-    let mut cmd: Command = ns.command("iperf3");
-    cmd.args([
+    let (port, secs) = (port.to_string(), secs.to_string());
+    let mut args = vec![
         "-c",
         SERVICE,
         "-p",
-        &port.to_string(),
+        &port,
         "-t",
-        &secs.to_string(),
+        &secs,
         "-O",
         "2",
-        "-J",
         "--connect-timeout",
         "3000",
-    ]);
+    ];
     if download {
-        cmd.arg("-R");
+        args.push("-R");
     }
-    let out = cmd.output().unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "iperf3 output: {e}\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    iperf3_mbits(ns, &args, 3).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn set(daemon: &Daemon, client: &str, settings: &[&str]) -> Value {
