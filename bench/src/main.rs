@@ -206,7 +206,15 @@ fn main() -> ExitCode {
             continue;
         }
         if let Err(e) = run(&cli) {
-            eprintln!("phantom-bench: {e}");
+            // The causes too: aya's "`bpf_map_update_elem` failed" says which call, its source
+            // says why (the errno).
+            let mut message = e.to_string();
+            let mut cause = e.source();
+            while let Some(c) = cause {
+                message.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            eprintln!("phantom-bench: {message}");
             return ExitCode::FAILURE;
         }
     }

@@ -301,6 +301,57 @@ fn deny_cache_keeps_counts_exact_and_follows_every_change() {
     assert_eq!(verdict(&daemon, "denied_manual"), 36 + 3 + 2 + 2);
 }
 
+/// After a reboot bpffs is empty and the daemon writes every persisted deny into a new map.
+/// Prefix denies live in a map the kernel allocates an element for on each insert, which can
+/// answer `ENOMEM` to inserts made back to back (seen in `phantom-bench xdp`, which writes
+/// 1,000 prefixes in a loop: `map_memory`). 1,000 prefixes are denied here and the daemon
+/// restarted three times, each time on a new map: every start must restore all of them, and
+/// the peer's own prefix among them must still drop its packets.
+#[test]
+fn a_thousand_prefix_denies_come_back_after_every_restart() {
+    if !require_root("a_thousand_prefix_denies_come_back_after_every_restart") {
+        return;
+    }
+    let (link, bpffs, mut daemon) = guarded_daemon();
+    let (peer, server) = (GuardedLink::PEER_V6, GuardedLink::SERVER_V6);
+    assert_eq!(ping_from(&link, peer, server, 2), 2);
+    let mut client = daemon.client();
+    for i in 0..999u32 {
+        let prefix = format!("2001:db8:ff{:02x}:{:x}::/64", i >> 8, i & 0xff);
+        client.ok("datapath", "deny", serde_json::json!({ "ip": prefix }));
+    }
+    // The peer's own /64.
+    client.ok(
+        "datapath",
+        "deny",
+        serde_json::json!({ "ip": "2001:db8::/64" }),
+    );
+    drop(client);
+    assert_eq!(
+        ping_from(&link, peer, server, 2),
+        0,
+        "the peer's prefix is denied"
+    );
+    for round in 0..3 {
+        daemon.stop();
+        // A reboot empties bpffs: the daemon then writes every entry into a new map.
+        std::fs::remove_file(bpffs.path().join("PH_POLICY_NET")).unwrap();
+        daemon.restart();
+        let listed = api(&daemon, &["datapath", "list_denied"]);
+        assert_eq!(listed["count"], 1000, "restart {round}: {}", daemon.log());
+        assert_eq!(
+            ping_from(&link, peer, server, 2),
+            0,
+            "restart {round}: the peer's prefix still drops"
+        );
+        assert_eq!(
+            ping_from(&link, GuardedLink::PEER_V4, GuardedLink::SERVER_V4, 2),
+            2,
+            "restart {round}: IPv4 is untouched"
+        );
+    }
+}
+
 /// The guard passes repeat packets of a source from a per-CPU cache (no policy lookup, no
 /// per-source map update) and counts them there until they go to the per-source map. Two
 /// sources that share a cache slot must still be counted exactly, packets and bytes; a deny

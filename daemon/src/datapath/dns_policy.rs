@@ -7,6 +7,7 @@ use std::{collections::BTreeSet, net::IpAddr, sync::Mutex};
 use aya::maps::{Array, HashMap, MapData};
 use phantom_common::dns::{ClientAddr, DnsPolicy};
 
+use super::map_memory::retrying_out_of_memory;
 use crate::error::Error;
 
 pub struct DnsPolicyMaps {
@@ -80,7 +81,7 @@ impl DnsPolicyMaps {
             have.remove(&gone);
         }
         for new in want.difference(&have.clone()) {
-            map.insert(new, &1, 0).map_err(|e| {
+            retrying_out_of_memory(|| map.insert(new, &1, 0)).map_err(|e| {
                 Error::Datapath(format!("cannot write the exempt-client map (full?): {e}"))
             })?;
             have.insert(*new);

@@ -21,6 +21,7 @@ use phantom_common::dns::{DOMAIN_EXACT, DOMAIN_SUBDOMAINS, DomainKey};
 use serde::Serialize;
 use tracing::{info, warn};
 
+use super::map_memory::retrying_out_of_memory;
 pub use crate::domain_hash::KeyClash;
 use crate::{
     domain_hash::{DomainHasher, SeedOrigin},
@@ -334,10 +335,10 @@ impl State {
             report.deleted += 1;
             return Ok(true);
         }
-        let mut inserted = self.map.insert(&hash, &want, 0);
+        let mut inserted = retrying_out_of_memory(|| self.map.insert(&hash, &want, 0));
         if inserted.as_ref().is_err_and(is_full) && self.make_room(hash)? {
             report.evicted += 1;
-            inserted = self.map.insert(&hash, &want, 0);
+            inserted = retrying_out_of_memory(|| self.map.insert(&hash, &want, 0));
         }
         match inserted {
             Ok(()) => {

@@ -15,6 +15,7 @@ use phantom_common::{
 use serde::Serialize;
 
 use super::guard::{ip_to_key, key_to_ip};
+use super::map_memory::retrying_out_of_memory;
 use crate::error::Error;
 
 /// What the kernel is told.
@@ -168,7 +169,7 @@ where
         }
     }
     for (len, net) in want {
-        trie.insert(&Key::new(u32::from(*len), *net), &1, 0)?;
+        retrying_out_of_memory(|| trie.insert(&Key::new(u32::from(*len), *net), &1, 0))?;
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ pub mod encrypted_dns;
 pub mod guard;
 pub mod kernel_log;
 mod links;
+pub mod map_memory;
 pub mod metrics;
 pub mod multihop;
 pub mod policy;

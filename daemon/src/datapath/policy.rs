@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use super::guard::{ip_to_key, key_to_ip, monotonic_ns};
+use super::map_memory::retrying_out_of_memory;
 use crate::{
     error::Error,
     source::{Source, SourcePrefix},
@@ -338,11 +339,13 @@ impl PolicyMaps {
     }
 
     fn insert(&mut self, key: &Key, values: &[Policy]) -> Result<(), aya::maps::MapError> {
-        let values = PerCpuValues::try_from(values.to_vec())?;
-        match key {
-            Key::Addr(k) => self.policy.insert(k, values, 0),
-            Key::Net(k) => self.nets.insert(k, values, 0),
-        }
+        retrying_out_of_memory(|| {
+            let values = PerCpuValues::try_from(values.to_vec())?;
+            match key {
+                Key::Addr(k) => self.policy.insert(k, values, 0),
+                Key::Net(k) => self.nets.insert(k, values, 0),
+            }
+        })
     }
 
     /// The map of `key` is full and `p` is to go in: removes one entry to make room, if one

@@ -12,6 +12,7 @@ use phantom_common::{
 };
 use serde::Serialize;
 
+use super::map_memory::retrying_out_of_memory;
 use crate::error::Error;
 
 /// What the kernel is told.
@@ -75,7 +76,7 @@ impl SniFilter {
                 let _ = map.remove(key);
             }
             for key in &want {
-                map.insert(key, &DOMAIN_EXACT, 0)?;
+                retrying_out_of_memory(|| map.insert(key, &DOMAIN_EXACT, 0))?;
             }
         }
         let cfg = SniConfig {
