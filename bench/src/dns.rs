@@ -10,7 +10,7 @@ use phantom_daemon::datapath::{DomainFilter, Owner};
 
 use crate::{
     BoxError, Cli,
-    bpf::{dns_answer, leak, load_object, median_ns, pin_dir, program},
+    bpf::{PER_RUN_TIME, dns_answer, leak, load_object, median_ns, pin_dir, program},
     report::table,
 };
 
@@ -76,14 +76,14 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         ),
     ] {
         rows.push(format!(
-            "| {label} | {:.0} |",
+            "| {label} | {:.1} |",
             median_ns(prog, frame, cli.repeat / 4, cli.rounds)?
         ));
     }
     table(
         "DNS answer filter per-answer cost (BPF_PROG_TEST_RUN)",
         &format!(
-            "{} runs per measurement, median of {}; the rewrite rows run the rewrite on every repeat",
+            "{} runs per measurement, median of {}; the rewrite rows run the rewrite on every repeat; {PER_RUN_TIME}",
             cli.repeat / 4,
             cli.rounds
         ),

@@ -20,7 +20,7 @@ use phantom_common::{
 
 use crate::{
     BoxError, Cli,
-    bpf::{ipv4_frame, leak, load_object, mac, median_ns, pin_dir, program},
+    bpf::{PER_RUN_TIME, ipv4_frame, leak, load_object, mac, median_ns, pin_dir, program},
     report::table,
 };
 
@@ -167,7 +167,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     )?;
     let prog = program::<SchedClassifier>(&mut ebpf, names::TC_CLIENT_POLICY)?;
     let mut rows = vec![format!(
-        "| `tc_multihop_mark` switched off (returns at once): the baseline | {baseline:.0} |"
+        "| `tc_multihop_mark` switched off (returns at once): the baseline | {baseline:.1} |"
     )];
     for (label, frame) in [
         (
@@ -185,14 +185,14 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         ),
     ] {
         rows.push(format!(
-            "| {label}, {CLIENTS} clients with rules | {:.0} |",
+            "| {label}, {CLIENTS} clients with rules | {:.1} |",
             median_ns(prog, frame, repeat, rounds)?
         ));
     }
     set_isolation(&mut ebpf, true)?;
     let prog = program::<SchedClassifier>(&mut ebpf, names::TC_CLIENT_POLICY)?;
     rows.push(format!(
-        "| isolation on, client to client (dropped), {CLIENTS} clients with rules | {:.0} |",
+        "| isolation on, client to client (dropped), {CLIENTS} clients with rules | {:.1} |",
         median_ns(prog, to_client, repeat, rounds)?
     ));
     set_config(&mut ebpf, false, true)?;
@@ -245,7 +245,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         ),
     ] {
         rows.push(format!(
-            "| {label}, {CLIENTS} clients with rules and limits | {:.0} |",
+            "| {label}, {CLIENTS} clients with rules and limits | {:.1} |",
             median_ns(prog, frame, repeat, rounds)?
         ));
     }
@@ -261,13 +261,15 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         ),
     ] {
         rows.push(format!(
-            "| {label}, {CLIENTS} clients with limits | {:.0} |",
+            "| {label}, {CLIENTS} clients with limits | {:.1} |",
             median_ns(prog, frame, repeat, rounds)?
         ));
     }
     table(
         "Client policy per-packet cost (BPF_PROG_TEST_RUN)",
-        &format!("{repeat} runs per measurement, median of {rounds}; 64-byte IPv4/UDP frames"),
+        &format!(
+            "{repeat} runs per measurement, median of {rounds}; 64-byte IPv4/UDP frames; {PER_RUN_TIME}"
+        ),
         "| program and input | ns/packet |\n| --- | ---: |",
         &rows,
     );

@@ -15,7 +15,7 @@ use phantom_daemon::datapath::{DomainFilter, Owner};
 
 use crate::{
     BoxError, Cli,
-    bpf::{dns_answer, leak, load_object, mac, median_ns, pin_dir, program},
+    bpf::{PER_RUN_TIME, dns_answer, leak, load_object, mac, median_ns, pin_dir, program},
     report::table,
 };
 
@@ -149,12 +149,12 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
         ),
     ] {
         hello_rows.push(format!(
-            "| {label} | {:.0} |",
+            "| {label} | {:.1} |",
             median_ns(prog, frame, repeat, cli.rounds)?
         ));
     }
     hello_rows.push(format!(
-        "| reference: tc_dns_filter, an answer it passes (3 labels), {n} domains | {dns_ns:.0} |"
+        "| reference: tc_dns_filter, an answer it passes (3 labels), {n} domains | {dns_ns:.1} |"
     ));
     let mut added_rows = Vec::new();
     for (label, frame) in [
@@ -180,7 +180,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     table(
         "SNI filter per-ClientHello cost (tc_encrypted_dns, BPF_PROG_TEST_RUN)",
         &format!(
-            "{repeat} runs per measurement, median of {}; DoT/DoQ and DoH checks on, SNI filter and strict on",
+            "{repeat} runs per measurement, median of {}; DoT/DoQ and DoH checks on, SNI filter and strict on; {PER_RUN_TIME}",
             cli.rounds
         ),
         "| input | ns/packet |\n| --- | ---: |",
@@ -189,7 +189,7 @@ pub fn run(cli: &Cli) -> Result<(), BoxError> {
     table(
         "SNI filter cost on packets that are not a ClientHello",
         &format!(
-            "{repeat} runs per measurement, median of {} interleaved pairs; DoT/DoQ and DoH checks on in both columns",
+            "{repeat} runs per measurement, median of {} interleaved pairs; DoT/DoQ and DoH checks on in both columns; {PER_RUN_TIME}",
             cli.rounds
         ),
         "| input | SNI off (ns) | SNI and strict on (ns) | added (ns) |\n| --- | ---: | ---: | ---: |",
