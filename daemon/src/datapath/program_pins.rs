@@ -31,7 +31,12 @@ use crate::error::Error;
 /// Maps only the programs read and write, whose contents need not outlive one load: an adopted
 /// program keeps its own. Global sections (`.rodata` and the like) are frozen at load and
 /// covered by the key.
-const PROGRAM_PRIVATE_MAPS: [&str; 3] = ["PH_DNS_SCRATCH", "PH_SNI_SCRATCH", "PH_LOG_GATE"];
+const PROGRAM_PRIVATE_MAPS: [&str; 4] = [
+    "PH_DNS_SCRATCH",
+    "PH_SNI_SCRATCH",
+    "PH_LOG_GATE",
+    "PH_CP_CLOCK",
+];
 
 /// The kernel keeps 15 bytes of an object's name.
 const KERNEL_NAME_LEN: usize = 15;
