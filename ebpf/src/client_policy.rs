@@ -18,7 +18,7 @@ use core::{
 use aya_ebpf::{
     EbpfContext,
     bindings::{__sk_buff, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    helpers::generated::bpf_ktime_get_coarse_ns,
     macros::{classifier, map},
     maps::{Array, PerCpuArray},
     programs::TcContext,
@@ -34,7 +34,7 @@ use phantom_common::{
     xdp::TrafficCounter,
 };
 
-use crate::{dns_filter::load, events};
+use crate::{clock, dns_filter::load, events};
 
 /// By client slot, two entries each (`acl_entry`): the rules of the client there (when `addr`
 /// is its address), in the entry the slot's flags point at. An array, not a hash by address:
@@ -72,14 +72,13 @@ static FLAGS: Array<u32> = Array::pinned(CLIENT_SLOTS, 0);
 #[map(name = "PH_CLIENT_DROPS")]
 static DROPS: Array<ClientDrops> = Array::pinned(CLIENT_SLOTS, 0);
 
-/// Per CPU: `CLOCK_MONOTONIC_COARSE` as last read (index 1) and the jiffy it was read in
-/// (index 0), for `coarse_now`. Not pinned: a cache.
+/// Per CPU: the jiffies count and `CLOCK_MONOTONIC_COARSE` at the last read, for
+/// `clock::coarse_now`. Not pinned: a cache.
 #[map(name = "PH_CP_CLOCK")]
 static CLOCK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
-/// `CLOCK_MONOTONIC_COARSE` in ns, read from the helper once per tick and CPU, as the guard
-/// does: the coarse clock only moves at a tick, and the jiffies counter (inlined by the
-/// verifier) says when one has passed. A call less per metered packet.
+/// The coarse clock, read from the helper once per tick and CPU (`clock::coarse_now`): a
+/// call less per metered packet.
 #[inline(always)]
 fn coarse_now() -> u64 {
     let Some(clock) = CLOCK.get_ptr_mut(0) else {
@@ -87,14 +86,8 @@ fn coarse_now() -> u64 {
         return unsafe { bpf_ktime_get_coarse_ns() };
     };
     // SAFETY: this CPU's value; only this CPU writes it, and TC runs with preemption off.
-    let clock = unsafe { &mut *clock };
-    // SAFETY: neither helper has preconditions.
-    let jiffies = unsafe { bpf_jiffies64() };
-    if jiffies != clock[0] {
-        clock[0] = jiffies;
-        clock[1] = unsafe { bpf_ktime_get_coarse_ns() };
-    }
-    clock[1]
+    let [jiffies, now_ns] = unsafe { &mut *clock };
+    clock::coarse_now(jiffies, now_ns)
 }
 
 /// The limit entry of the client at `addr`, if it has one.

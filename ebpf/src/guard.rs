@@ -4,7 +4,6 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::{map, xdp},
     maps::{Array, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap},
     programs::XdpContext,
@@ -21,7 +20,7 @@ use phantom_common::xdp::{
     WINDOW_NS, deny_cache_slot,
 };
 
-use crate::events;
+use crate::{clock::coarse_now, events};
 
 // All maps are pinned by name under the daemon's bpffs directory, so counts and policies
 // survive a daemon restart and a second start reuses them instead of creating twins.
@@ -72,7 +71,7 @@ pub fn xdp_guard(ctx: XdpContext) -> u32 {
     };
     // SAFETY: this CPU's value; only this CPU writes it, and XDP runs with preemption off.
     let counters = unsafe { &mut *counters };
-    let now = coarse_now(&mut counters.clock);
+    let now = coarse_now(&mut counters.clock.jiffies, &mut counters.clock.now_ns);
     let second = current_second(&mut counters.clock, now);
     count_second(counters, second, len);
     let verdict = match parse(&ctx) {
@@ -549,19 +548,6 @@ fn refill(
     };
 }
 
-/// CLOCK_MONOTONIC_COARSE in nanoseconds (tick resolution: last-seen, windows and expiry need
-/// no better than milliseconds), read from the helper at most once per tick.
-#[inline(always)]
-fn coarse_now(clock: &mut GuardClock) -> u64 {
-    // SAFETY: neither helper has preconditions.
-    let jiffies = unsafe { bpf_jiffies64() };
-    if jiffies != clock.jiffies {
-        clock.jiffies = jiffies;
-        clock.now_ns = unsafe { bpf_ktime_get_coarse_ns() };
-    }
-    clock.now_ns
-}
-
 #[inline(always)]
 fn current_second(clock: &mut GuardClock, now: u64) -> u64 {
     period(&mut clock.second, &mut clock.second_end_ns, now, NS_PER_SEC)
@@ -574,7 +560,7 @@ fn current_epoch(clock: &mut GuardClock, now: u64) -> u64 {
 }
 
 /// `now / length`, divided afresh only once `now` passes the end of the period last computed
-/// (`now` never runs backwards on one CPU, see `coarse_now`).
+/// (`now` never runs backwards on one CPU, see `clock::coarse_now`).
 #[inline(always)]
 fn period(number: &mut u64, end_ns: &mut u64, now: u64, length: u64) -> u64 {
     if now >= *end_ns {

@@ -5,6 +5,7 @@
 #![allow(internal_features)]
 
 mod client_policy;
+mod clock;
 mod dns_filter;
 mod encrypted_dns;
 mod events;

@@ -1,6 +1,6 @@
 //! Writes into the kernel maps that allocate an element when it is inserted
 //! (`BPF_F_NO_PREALLOC`: the prefix deny list, the domain set, the DNS exemptions, the DoH
-//! address sets).
+//! address sets, the ECH fronts).
 //!
 //! Such a map takes each new element from the kernel's BPF memory allocator, whose per-CPU
 //! caches are refilled in the background (for per-CPU values by a work item that first has to
